@@ -1,0 +1,130 @@
+"""diffusers `transformer/` (SD3Transformer2DModel naming) -> original MMDiT keys, as a streaming plan.
+
+Loaders read one tensor at a time, so the mapping is a plan: for each original key, the diffusers
+keys it is built from and how (`apply_op`). The inverse of diffusers'
+`convert_sd3_transformer_checkpoint_to_diffusers`:
+- q, k, v are stored split (`to_q/to_k/to_v`, `add_{q,k,v}_proj` for the context stream): cat on dim 0;
+- the final layer's and the last (pre-only) context block's adaLN are stored as [scale; shift],
+  the original files as [shift; scale]: swap halves.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+
+from sd35fp8.errors import CheckpointError
+
+OPS = ("copy", "cat0", "swap_halves")
+
+Plan = dict[str, tuple[tuple[str, ...], str]]
+
+# whole-model keys: diffusers prefix -> original prefix (suffix .weight/.bias kept)
+_GLOBAL = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+}
+
+# per-block copies: diffusers module path -> original module path (inside joint_blocks.{i}.)
+_BLOCK_COPY = {
+    "attn.norm_q": "x_block.attn.ln_q",
+    "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn2.norm_q": "x_block.attn2.ln_q",
+    "attn2.norm_k": "x_block.attn2.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",  # swap_halves on the last block
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+}
+
+# per-block fused qkv: original module path -> diffusers (q, k, v) module paths
+_BLOCK_QKV = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+}
+_QKV_PART = {part: (orig, n) for orig, parts in _BLOCK_QKV.items() for n, part in enumerate(parts)}
+
+_BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"(.+)\.(weight|bias)$")
+
+
+def mmdit_plan_from_diffusers(diffusers_keys: Iterable[str], source: str = "diffusers transformer") -> Plan:
+    """Map every diffusers key to the original key it builds: {original: ((diffusers keys...), op)}.
+
+    Raises CheckpointError naming any diffusers key that is not part of an SD3 transformer, and any
+    q/k/v group with a missing part. Keys of the original model that are absent from the source
+    are not reported here: the loader compares the plan's keys with the model's.
+    """
+    keys = list(diffusers_keys)
+    blocks = [int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))]
+    last_block = max(blocks) if blocks else -1  # its context block is pre-only (diffusers: i == num_layers-1)
+
+    plan: Plan = {}
+    qkv_parts: dict[str, list[str | None]] = {}
+    unknown: list[str] = []
+    for key in keys:
+        if key == "pos_embed.pos_embed":
+            plan["pos_embed"] = ((key,), "copy")
+            continue
+        block = _BLOCK_RE.match(key)
+        if block is not None:
+            i, module, param = int(block.group(1)), block.group(2), block.group(3)
+            prefix = f"joint_blocks.{i}."
+            if module in _BLOCK_COPY:
+                op = "swap_halves" if module == "norm1_context.linear" and i == last_block else "copy"
+                plan[f"{prefix}{_BLOCK_COPY[module]}.{param}"] = ((key,), op)
+            elif module in _QKV_PART:
+                orig, n = _QKV_PART[module]
+                qkv_parts.setdefault(f"{prefix}{orig}.{param}", [None, None, None])[n] = key
+            else:
+                unknown.append(key)
+            continue
+        glob = _GLOBAL_RE.match(key)
+        if glob is not None and glob.group(1) in _GLOBAL:
+            plan[f"{_GLOBAL[glob.group(1)]}.{glob.group(2)}"] = ((key,), "copy")
+        elif glob is not None and glob.group(1) == "norm_out.linear":
+            plan[f"final_layer.adaLN_modulation.1.{glob.group(2)}"] = ((key,), "swap_halves")
+        else:
+            unknown.append(key)
+
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} unexpected keys in {source}: {', '.join(sorted(unknown)[:10])}"
+                              f"{' ...' if len(unknown) > 10 else ''}", source, sorted(unknown))
+    incomplete = sorted(orig for orig, parts in qkv_parts.items() if None in parts)
+    if incomplete:
+        missing = [f"{orig} needs q, k and v; found only {[p for p in qkv_parts[orig] if p]}" for orig in incomplete]
+        raise CheckpointError(f"incomplete q/k/v in {source}: {'; '.join(missing[:5])}", source, incomplete)
+    for orig, parts in qkv_parts.items():
+        plan[orig] = (tuple(p for p in parts if p is not None), "cat0")
+    return plan
+
+
+def apply_op(op: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Build one original tensor from its diffusers sources (see `mmdit_plan_from_diffusers`)."""
+    if op == "copy":
+        if len(tensors) != 1:
+            raise ValueError(f"op copy takes 1 tensor, got {len(tensors)}")
+        return tensors[0]
+    if op == "cat0":
+        return torch.cat(tensors, dim=0)  # [q; k; v]
+    if op == "swap_halves":
+        if len(tensors) != 1:
+            raise ValueError(f"op swap_halves takes 1 tensor, got {len(tensors)}")
+        first, second = tensors[0].chunk(2, dim=0)  # diffusers [scale; shift] -> original [shift; scale]
+        return torch.cat([second, first], dim=0)
+    raise ValueError(f"unknown op {op!r}; expected one of {OPS}")

@@ -1,0 +1,41 @@
+"""What a generation returns, and how it is written to PNG (parameters as tEXt metadata)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+
+def png_info(params: dict, extra: dict[str, str] | None = None) -> PngImagePlugin.PngInfo:
+    """tEXt chunks: `parameters` (A1111-style one-liner, read by most viewers) and
+    `sd35fp8` (the same as JSON), plus any extra chunks (ComfyUI's `prompt`/`workflow`)."""
+    info = PngImagePlugin.PngInfo()
+    line = f"{params.get('prompt', '')}\nNegative prompt: {params.get('negative_prompt', '')}\n" + ", ".join(
+        f"{k}: {v}" for k, v in params.items() if k not in ("prompt", "negative_prompt")
+    )
+    info.add_text("parameters", line)
+    info.add_text("sd35fp8", json.dumps(params))
+    for key, value in (extra or {}).items():
+        info.add_text(key, value)
+    return info
+
+
+@dataclass
+class GenerationOutput:
+    images: list[Image.Image]
+    latents: torch.Tensor  # [B, 16, H/8, W/8] raw VAE-space latents
+    params: list[dict] = field(default_factory=list)  # one dict per image
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Save every image; with several images `out.png` becomes `out_0.png`, `out_1.png`..."""
+        path = Path(path)
+        paths = [path] if len(self.images) == 1 else [
+            path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(self.images))
+        ]
+        for image, params, target in zip(self.images, self.params, paths):
+            image.save(target, pnginfo=png_info(params))
+        return paths

@@ -1,0 +1,278 @@
+"""SD35Pipeline: owns the loaded models and turns prompts into images, the way diffusers users
+call it and the way ComfyUI's KSampler computes it.
+
+Flow of one call: prompts -> SD3Tokenizer -> SD3TextEncoder -> (context, pooled)
+-> CPU noise from the seed -> sampler over CFGDenoiser(MMDiT) on the σ schedule
+-> VAE decode -> PIL images. The pipeline knows neither file formats nor model internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from .defaults import GenerationDefaults, defaults_for
+from .errors import InputError
+from .output import GenerationOutput
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("none", "model")
+FP8_CHOICES = (None, "none", "weight_only", "dynamic", "static")
+TILED_DECODE_PIXELS = 1536 * 1536  # decode larger images in tiles (bounded memory)
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised x0 [B,16,h,w])
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    table = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in table:
+        raise InputError(f"unknown dtype {name!r}; choose bf16, fp16 or fp32")
+    return table[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def shipped_model_path() -> Path:
+    """The small SD3.5-layout model that ships inside the package (the default model)."""
+    from .tiny import SHIPPED_CHECKPOINT
+
+    return SHIPPED_CHECKPOINT
+
+
+@dataclass
+class StageStats:
+    """Wall time and peak GPU memory of each stage of the last call (for benchmarks and logs)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class SD35Pipeline:
+    def __init__(self, mmdit, vae, text_encoder, defaults: GenerationDefaults, device: torch.device,
+                 dtype: torch.dtype, offload: str = "none", description: dict | None = None):
+        if offload not in OFFLOAD_MODES:
+            raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+        self.mmdit = mmdit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.defaults = defaults
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.offload = offload
+        self.description = dict(description or {})
+        self.stats = StageStats()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, *, clip_l: str | Path | None = None,
+                        clip_g: str | Path | None = None, t5xxl: str | Path | None = None,
+                        t5_tokenizer: str | Path | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, fp8: str | None = None,
+                        offload: str = "none", t5_min_length: int = 77) -> SD35Pipeline:
+        """Load everything a generation needs.
+
+        model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
+        None = the shipped small model. fp8: None keeps the file's precision (an fp8 file runs as
+        FP8), "none" forces --dtype, "weight_only" | "dynamic" | "static" quantise the MMDiT.
+        offload: "none" keeps every model on the device; "model" keeps the text encoders and the
+        VAE on the CPU and moves each to the device only while it runs.
+        """
+        from .checkpoints.load import load_mmdit, load_text_encoders, load_vae
+        from .checkpoints.sources import resolve
+        from .text import CLIPBPE, SD3TextEncoder, SD3Tokenizer, load_t5_tokenizer
+
+        if fp8 not in FP8_CHOICES:
+            raise InputError(f"unknown fp8 mode {fp8!r}; choose none, weight_only, dynamic or static")
+        if offload not in OFFLOAD_MODES:
+            raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = shipped_model_path() if model is None else model
+        comps = resolve(model, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl)
+        side = torch.device("cpu") if offload == "model" else device
+
+        mmdit = load_mmdit(comps, device=device, dtype=dtype, **({"fp8": fp8} if fp8 is not None else {}))
+        vae = load_vae(comps, device=side, dtype=dtype)
+        texts = load_text_encoders(comps, device=side, dtype=dtype)
+        t5_tok = None
+        if texts.t5xxl is not None:
+            near = [Path(f) for f in comps.t5xxl.files] + [Path(f) for f in comps.mmdit.files]
+            if "t5xxl" in comps.tokenizers:
+                near.insert(0, comps.tokenizers["t5xxl"])
+            t5_tok = load_t5_tokenizer(t5_tokenizer, near=near)
+        tokenizer = SD3Tokenizer(clip=CLIPBPE.default(), t5=t5_tok, t5_min_length=t5_min_length)
+        encoder = SD3TextEncoder(texts.clip_l, texts.clip_g, texts.t5xxl,
+                                 context_dim=mmdit.config.context_dim, tokenizer=tokenizer)
+
+        config = mmdit.config
+        mm_file = getattr(comps.mmdit, "file", None)
+        defaults = defaults_for(config.depth, bool(config.x_block_self_attn_layers),
+                                getattr(mm_file, "metadata", {}) or {}, Path(str(comps.mmdit.files[0])).name)
+        description = {"model": str(model), "components": comps.origins, "mmdit": config.describe(),
+                       "defaults": defaults.name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+        log.info("loaded %s on %s (%s)", defaults.name, device, description["dtype"])
+        return cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
+
+    # ------------------------------------------------------------------ helpers
+    @contextmanager
+    def _on_device(self, module: torch.nn.Module):
+        """With offload="model", move a side model to the device only while it runs."""
+        if self.offload == "none":
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+
+    @contextmanager
+    def _stage(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            self.stats.peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
+        self.stats.seconds[name] = time.perf_counter() - start
+
+    def encode_prompt(self, prompts: Sequence[str]):
+        """prompts -> Conditioning(context [B, L, C], pooled [B, P]) on the device."""
+        from .sampling import Conditioning
+
+        with self._on_device(self.text_encoder) as enc:
+            context, pooled = enc.encode_prompts(list(prompts))
+        return Conditioning(context.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+
+    def check_size(self, width: int, height: int) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % 16:
+                raise InputError(f"{name} must be a positive multiple of 16, got {value}")
+        limit = self.mmdit.config.max_pixels
+        if max(width, height) > limit:
+            raise InputError(f"{width}x{height} exceeds this model's position grid: at most {limit} pixels "
+                             f"per side ({self.defaults.name}, pos_embed {self.mmdit.config.pos_embed_max_size}²)")
+
+    def _slg(self, slg: bool | None):
+        from .sampling import SLGConfig
+
+        d = self.defaults
+        if slg is False or d.slg_scale <= 0 or not d.slg_layers:
+            return None
+        return SLGConfig(scale=d.slg_scale, start=d.slg_start, end=d.slg_end, layers=d.slg_layers)
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, seed: int = 0,
+                 sampler: str | None = None, scheduler: str | None = None, shift: float | None = None,
+                 denoise: float = 1.0, image: Image.Image | torch.Tensor | None = None,
+                 num_images_per_prompt: int = 1, callback: StepCallback | None = None,
+                 slg: bool | None = None, progress: bool = True) -> GenerationOutput:
+        """Generate images; missing parameters take the model's defaults (see defaults.py).
+
+        Seeds: the initial noise of the whole batch is one CPU draw from `seed`, as ComfyUI
+        does, so the same seed gives the same image on every device. `image` + `denoise` < 1 is
+        img2img. `callback(step, total, denoised)` runs after every step.
+        """
+        from .models.vae import image_to_uint8, to_model_space, to_vae_space
+        from .sampling import CFGDenoiser, FlowMatching, SAMPLERS, SCHEDULERS, get_sigmas, prepare_noise, sample
+
+        d = self.defaults
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        steps = num_inference_steps or d.steps
+        cfg = d.cfg if guidance_scale is None else float(guidance_scale)
+        sampler = sampler or d.sampler
+        scheduler = scheduler or d.scheduler
+        shift = d.shift if shift is None else float(shift)
+        width, height = width or d.width, height or d.height
+        if not prompts or len(negatives) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
+        if scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if cfg < 0 or steps < 1 or num_images_per_prompt < 1 or not 0 < denoise <= 1:
+            raise InputError(f"invalid cfg {cfg}, steps {steps}, batch {num_images_per_prompt} or denoise {denoise}")
+        if image is not None:
+            width, height = (image.width, image.height) if isinstance(image, Image.Image) else image.shape[-1:-3:-1]
+        self.check_size(width, height)
+
+        self.stats = StageStats()
+        n = num_images_per_prompt
+        with self._stage("encode"):
+            cond = self.encode_prompt(prompts)
+            uncond = self.encode_prompt(negatives) if abs(cfg - 1.0) > 1e-9 else None
+        from .sampling import Conditioning
+
+        def repeat(c):
+            return None if c is None else Conditioning(c.context.repeat_interleave(n, 0), c.pooled.repeat_interleave(n, 0))
+
+        cond, uncond = repeat(cond), repeat(uncond)
+        batch = len(prompts) * n
+        shape = (batch, self.mmdit.config.in_channels, height // 8, width // 8)
+        latent = torch.zeros(shape, dtype=torch.float32, device=self.device)  # ComfyUI: an empty latent stays 0
+        if image is not None:
+            with self._stage("vae_encode"), self._on_device(self.vae) as vae:
+                pixels = _image_tensor(image).to(self.device, self.dtype)
+                latent = to_model_space(vae.encode(pixels).float()).repeat(batch, 1, 1, 1)
+
+        ms = FlowMatching(shift)
+        sigmas = get_sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler).to(self.device)
+        noise = prepare_noise(seed, shape).to(self.device)
+        x = ms.noise_scaling(sigmas[0], noise, latent)
+        denoiser = CFGDenoiser(self.mmdit, cond, uncond, cfg=cfg, slg=self._slg(slg), steps=len(sigmas) - 1,
+                               model_sampling=ms, dtype=self.dtype)
+        total = len(sigmas) - 1
+
+        def on_step(info: dict) -> None:
+            if callback is not None:
+                callback(int(info["i"]) + 1, total, info["denoised"])
+
+        with self._stage("sampling"):
+            samples = sample(sampler, denoiser, x, sigmas, extra_args={"seed": seed}, callback=on_step,
+                             disable=not progress)
+            samples = ms.inverse_noise_scaling(sigmas[-1], samples)
+        z = to_vae_space(samples)
+        with self._stage("vae_decode"), self._on_device(self.vae) as vae:
+            decoded = vae.decode_tiled(z) if width * height > TILED_DECODE_PIXELS else vae.decode(z)
+        images = [Image.fromarray(a) for a in image_to_uint8(decoded)]
+        params = [dict(prompt=prompts[i // n], negative_prompt=negatives[i // n], steps=steps, cfg=cfg,
+                       sampler=sampler, scheduler=scheduler, shift=shift, seed=seed, batch_index=i,
+                       width=width, height=height, denoise=denoise, model=self.description.get("model", ""),
+                       mmdit=self.description.get("mmdit", ""), fp8=self.fp8_mode)
+                  for i in range(batch)]
+        return GenerationOutput(images=images, latents=z.cpu(), params=params)
+
+    @property
+    def fp8_mode(self) -> str:
+        from .fp8.linear import FP8Linear
+
+        modes = {m.effective_mode for m in self.mmdit.modules() if isinstance(m, FP8Linear)}
+        return ",".join(sorted(modes)) if modes else "none"
+
+
+def _image_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """PIL image or [B,3,H,W] tensor in [0,1] -> [1 or B, 3, H, W] in [-1, 1]."""
+    if isinstance(image, Image.Image):
+        import numpy as np
+
+        arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype="float32") / 255.0)
+        image = arr.permute(2, 0, 1)[None]
+    return image * 2.0 - 1.0

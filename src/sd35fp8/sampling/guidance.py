@@ -1,0 +1,166 @@
+"""Classifier-free guidance and skip-layer guidance: velocity model -> k-diffusion denoiser.
+
+The velocity model (our MMDiT, FP8 or not) follows `ModelFn`. `CFGDenoiser` turns it into
+`denoiser(x, sigma [B], seed=None) -> x0` for the samplers:
+- denoised = x - sigma*v (ComfyUI CONST), computed in float32 from the model's output;
+- cfg != 1: cond and uncond run as ONE batch [cond ; uncond] (2B), combined on x0 as
+  uncond + cfg*(cond - uncond) (ComfyUI cfg_function, sd3.5 CFGDenoiser);
+- cfg == 1: only the cond pass runs (ComfyUI's cfg1 optimisation);
+- skip-layer guidance (SD3.5 Medium): inside its window an extra cond pass with
+  `skip_layers` adds slg_scale*(cond - cond_skip) to the result.
+
+SLG window. The sd3.5 reference (sd3_impls.SkipLayerCFGDenoiser) counts denoiser calls and
+applies SLG when start*steps < call < end*steps (window="steps", needs `steps`). ComfyUI's
+SkipLayerGuidanceSD3 applies it when percent_to_sigma(end) <= sigma <= percent_to_sigma(start)
+(window="sigma"). Defaults follow the reference's sd3.5_medium config (scale 2.5, 0.01-0.20).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..errors import InputError
+from .model_sampling import FlowMatching
+
+
+class ModelFn(Protocol):
+    """Velocity model contract (models/mmdit.py MMDiT.forward)."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [B, 16, h, w]
+        sigma: torch.Tensor,  # [B] in [0, 1]
+        context: torch.Tensor,  # [B, L, 4096]
+        pooled: torch.Tensor,  # [B, 2048]
+        skip_layers: Sequence[int] = (),
+    ) -> torch.Tensor: ...  # v, shaped like x
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Encoded prompt: context [1 or B, L, C], pooled [1 or B, P]."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SLGConfig:
+    scale: float = 2.5
+    start: float = 0.01
+    end: float = 0.20
+    layers: tuple[int, ...] = (7, 8, 9)
+    window: str = "steps"  # "steps" (sd3.5 reference) | "sigma" (ComfyUI SkipLayerGuidanceSD3)
+
+    def __post_init__(self):
+        if self.window not in ("steps", "sigma"):
+            raise InputError(f"SLGConfig.window must be 'steps' or 'sigma', got {self.window!r}")
+        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
+            raise InputError(f"SLG start/end are fractions of the schedule in [0, 1], got {self.start}, {self.end}")
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
+    def describe(self) -> str:
+        return f"SLG scale {self.scale} layers {list(self.layers)} window {self.start}-{self.end} ({self.window})"
+
+
+def _batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
+    if t.shape[0] == b:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(b, *t.shape[1:])
+    raise InputError(f"{what} has batch {t.shape[0]}, expected 1 or {b}")
+
+
+def _match_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Repeat contexts of different lengths to their lcm (ComfyUI CONDCrossAttn.concat).
+
+    Repeating every key/value token the same number of times leaves attention unchanged.
+    None when ComfyUI would not batch them (lcm more than 4x the shorter one).
+    """
+    la, lb = a.shape[1], b.shape[1]
+    if la == lb:
+        return a, b
+    lcm = math.lcm(la, lb)
+    if lcm // min(la, lb) > 4:
+        return None
+    return a.repeat(1, lcm // la, 1), b.repeat(1, lcm // lb, 1)
+
+
+class CFGDenoiser:
+    """k-diffusion denoiser over a velocity model with CFG and optional SLG."""
+
+    def __init__(
+        self,
+        model: ModelFn,
+        cond: Conditioning,
+        uncond: Conditioning | None = None,
+        cfg: float = 1.0,
+        slg: SLGConfig | None = None,
+        steps: int | None = None,
+        model_sampling: FlowMatching | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        if not math.isfinite(cfg):
+            raise InputError(f"cfg must be a finite number, got {cfg!r}")
+        self.model = model
+        self.cond = cond
+        self.uncond = uncond
+        self.cfg = float(cfg)
+        self.use_uncond = not math.isclose(self.cfg, 1.0)
+        if self.use_uncond and uncond is None:
+            raise InputError(f"cfg {cfg} needs a negative conditioning (uncond)")
+        self.slg = slg if slg is not None and slg.scale > 0 and slg.layers else None
+        if self.slg is not None and self.slg.window == "steps" and steps is None:
+            raise InputError("SLG with window='steps' (sd3.5 reference) needs the number of steps")
+        self.model_sampling = model_sampling if model_sampling is not None else FlowMatching(3.0)
+        self.steps = steps
+        self.dtype = dtype  # compute dtype of the model (None: use the model's own)
+        self.calls = 0  # denoiser calls so far (the reference's SLG step counter)
+        if self.slg is not None and self.slg.window == "sigma":
+            self._sigma_hi = self.model_sampling.percent_to_sigma(self.slg.start)
+            self._sigma_lo = self.model_sampling.percent_to_sigma(self.slg.end)
+
+    def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, context, pooled, skip_layers=()) -> torch.Tensor:
+        dtype = self.dtype if self.dtype is not None else x.dtype
+        v = self.model(x.to(dtype), sigma.float(), context.to(dtype), pooled.to(dtype), skip_layers=skip_layers)
+        return v.float()
+
+    def _denoise(self, x, sigma, context, pooled, skip_layers=()) -> torch.Tensor:
+        v = self._velocity(x, sigma, context, pooled, skip_layers)  # [n, C, H, W] float32
+        return self.model_sampling.calculate_denoised(sigma, v, x.float())
+
+    def _slg_active(self, sigma: torch.Tensor) -> bool:
+        if self.slg is None:
+            return False
+        if self.slg.window == "steps":
+            return self.slg.start * self.steps < self.calls < self.slg.end * self.steps
+        s = float(sigma[0])
+        return self._sigma_lo <= s <= self._sigma_hi
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        B = x.shape[0]  # x: [B, C, H, W], sigma: [B]
+        c_ctx, c_pool = _batch(self.cond.context, B, "cond context"), _batch(self.cond.pooled, B, "cond pooled")
+        if not self.use_uncond:
+            cond_x0 = self._denoise(x, sigma, c_ctx, c_pool)
+            out = cond_x0
+        else:
+            u_ctx, u_pool = _batch(self.uncond.context, B, "uncond context"), _batch(self.uncond.pooled, B, "uncond pooled")
+            matched = _match_lengths(c_ctx, u_ctx)
+            if matched is not None:
+                ctx = torch.cat(matched)  # [2B, L, C]
+                both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, torch.cat([c_pool, u_pool]))
+                cond_x0, uncond_x0 = both.chunk(2)
+            else:  # ComfyUI runs them as separate batches too
+                cond_x0 = self._denoise(x, sigma, c_ctx, c_pool)
+                uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool)
+            out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
+        if self._slg_active(sigma):
+            skip_x0 = self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers)
+            out = out + (cond_x0 - skip_x0) * self.slg.scale
+        self.calls += 1
+        return out

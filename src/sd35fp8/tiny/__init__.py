@@ -1,0 +1,10 @@
+"""The small SD3.5-layout model that ships with the package, its procedural world and detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_CHECKPOINT = WEIGHTS_DIR / "sd35fp8_tiny.safetensors"  # ComfyUI all-in-one (MMDiT+VAE+3 encoders)
+SHIPPED_FP8_MMDIT = WEIGHTS_DIR / "sd35fp8_tiny_mmdit_fp8_scaled.safetensors"  # ComfyUI scaled fp8 MMDiT
+SHIPPED_T5_TOKENIZER = WEIGHTS_DIR / "spiece.model"

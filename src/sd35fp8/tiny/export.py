@@ -1,0 +1,94 @@
+"""Write the tiny model as a ComfyUI-style all-in-one SD3.5 checkpoint, and load it back with the
+project's own loaders to prove the layout.
+
+Key layout (the inverse of `checkpoints.sources` / `checkpoints.load`):
+  model.diffusion_model.<MMDiT key>             (joint_blocks.*, x_embedder.*, pos_embed, ...)
+  first_stage_model.<LDM VAE key>               (encoder.down.*, decoder.up.*, ...)
+  text_encoders.clip_l.transformer.<HF key>     (text_model.*, text_projection.weight)
+  text_encoders.clip_g.transformer.<HF key>
+  text_encoders.t5xxl.transformer.<HF key>      (shared.weight, encoder.block.*, encoder.final_layer_norm.*)
+Floats are stored as float16 (as the public all-in-ones). Generation defaults go to the metadata
+key `sd35fp8.defaults` (JSON); `spiece.model` is copied next to the file, where `SD3Tokenizer`'s
+search (`text.t5_tokenizer.find_t5_tokenizer(near=[file])`) finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..defaults import DEFAULTS_METADATA_KEY
+from ..errors import CheckpointError
+
+CHECKPOINT_NAME = "sd35fp8_tiny.safetensors"
+PREFIXES = {
+    "mmdit": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
+# T5's encoder.embed_tokens is tied to shared: one stored tensor (the loaders feed both names).
+_T5_TIED = "encoder.embed_tokens.weight"
+
+
+def component_state(name: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One component's tensors under its original keys, cast to `dtype` (floats only), contiguous, on CPU."""
+    out = {}
+    for key, tensor in module.state_dict().items():
+        if name == "t5xxl" and key == _T5_TIED:
+            continue
+        t = tensor.detach().to("cpu")
+        out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
+    return out
+
+
+def export_checkpoint(path: str | Path, mmdit: nn.Module, vae: nn.Module, clip_l: nn.Module, clip_g: nn.Module,
+                      t5: nn.Module, defaults: dict, info: dict | None = None, spiece: str | Path | None = None,
+                      dtype: torch.dtype = torch.float16) -> Path:
+    """Write the all-in-one file (and copy `spiece` beside it); returns the file path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in (("mmdit", mmdit), ("vae", vae), ("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5)):
+        for key, t in component_state(name, module, dtype).items():
+            tensors[PREFIXES[name] + key] = t
+    metadata = {DEFAULTS_METADATA_KEY: json.dumps(defaults, sort_keys=True),
+                "modelspec.title": "sd35fp8 tiny (procedural shapes world, 128 px)",
+                "modelspec.architecture": "stable-diffusion-v3.5-large (tiny width)"}
+    if info is not None:
+        metadata["sd35fp8.tiny"] = json.dumps(info, sort_keys=True)
+    save_file(tensors, str(path), metadata=metadata)
+    if spiece is not None and Path(spiece).resolve() != (path.parent / "spiece.model").resolve():
+        shutil.copyfile(spiece, path.parent / "spiece.model")
+    return path
+
+
+def load_back(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(mmdit, vae, text encoders, SD3Tokenizer) loaded by the project's loaders from an exported file.
+
+    Raises CheckpointError when a component is missing or spiece.model is not beside the file.
+    """
+    from ..checkpoints.load import load_mmdit, load_text_encoders, load_vae
+    from ..errors import InputError
+    from ..text.clip_tokenizer import CLIPBPE
+    from ..text.t5_tokenizer import T5Tokenizer, find_t5_tokenizer
+    from ..text.tokenizer import SD3Tokenizer
+
+    path = Path(path)
+    mmdit = load_mmdit(path, device, dtype)
+    vae = load_vae(path, device, dtype)
+    text = load_text_encoders(path, device, dtype)
+    if text.t5xxl is None:
+        raise CheckpointError(f"{path} has no T5 encoder", str(path))
+    try:
+        spiece = find_t5_tokenizer(near=[path], use_hf_cache=False)
+    except InputError as e:
+        raise CheckpointError(f"no spiece.model beside {path}: {e}", str(path)) from e
+    tokenizer = SD3Tokenizer(CLIPBPE.default(), T5Tokenizer(spiece))
+    return mmdit, vae, text, tokenizer

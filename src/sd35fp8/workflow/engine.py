@@ -1,0 +1,423 @@
+"""The engine calls behind the workflow nodes: load, encode, sample, decode, save.
+
+Every function here is the body of one node (or a piece of it), written against the package
+contracts (docs/ARCHITECTURE.md); the heavy modules are imported lazily so that validation and
+object_info never import the models. The lead can re-point these to `sd35fp8.pipeline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd35fp8.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SD3_LATENT_CHANNELS = 16
+DEFAULT_SHIFT = 3.0  # ComfyUI's SD3 model config: ModelSamplingDiscreteFlow shift 3.0, multiplier 1000
+
+
+def unsupported(message: str) -> InputError:
+    return InputError(message)
+
+
+# ---- values passed between nodes ------------------------------------------------------------
+@dataclass(frozen=True)
+class SLGSettings:
+    """SkipLayerGuidanceSD3 settings (ComfyUI comfy_extras/nodes_slg.py)."""
+
+    layers: tuple[int, ...]
+    scale: float
+    start_percent: float
+    end_percent: float
+
+
+@dataclass(frozen=True)
+class SD3Model:
+    """MODEL: the MMDiT plus its sampling patches (ModelSamplingSD3 shift, skip-layer guidance)."""
+
+    mmdit: Any
+    shift: float = DEFAULT_SHIFT
+    slg: SLGSettings | None = None
+    name: str = ""
+
+    def with_shift(self, shift: float) -> SD3Model:
+        return replace(self, shift=float(shift))
+
+
+@dataclass(frozen=True)
+class SD3Clip:
+    """CLIP: the SD3 text encoders (clip_l, clip_g, t5xxl; t5 may be absent)."""
+
+    encoder: Any
+    name: str = ""
+
+
+def sampler_names() -> list[str]:
+    from sd35fp8.sampling.samplers import SAMPLERS
+
+    return list(SAMPLERS)
+
+
+def scheduler_names() -> list[str]:
+    from sd35fp8.sampling.schedulers import SCHEDULERS
+
+    return list(SCHEDULERS)
+
+
+# ---- loaders --------------------------------------------------------------------------------
+def load_checkpoint(path: Path, device: Any, dtype: Any) -> tuple[SD3Model, SD3Clip | None, Any]:
+    """CheckpointLoaderSimple: MMDiT + VAE, and the text encoders when the file holds them.
+
+    A file without text encoders (the official sd3.5_large.safetensors) gives CLIP = None, as
+    ComfyUI does; a node that then uses that CLIP fails with ComfyUI's message.
+    """
+    from sd35fp8.checkpoints.load import load_mmdit, load_text_encoders, load_vae
+    from sd35fp8.checkpoints.sources import resolve
+
+    comps = resolve(str(path))
+    mmdit = load_mmdit(comps, device=device, dtype=dtype)
+    vae = load_vae(comps, device=device, dtype=dtype)
+    clip = None
+    if comps.clip_l is not None or comps.clip_g is not None:
+        models = load_text_encoders(comps, device=device, dtype=dtype)
+        clip = SD3Clip(_text_encoder(models, [path]), name=path.name)
+    return SD3Model(mmdit, name=path.name), clip, vae
+
+
+def load_diffusion_model(path: Path, device: Any, dtype: Any, weight_dtype: str) -> SD3Model:
+    """UNETLoader. 'default' keeps the engine's compute dtype; the fp8 choices quantise the linear
+    layers to E4M3 after loading: fp8_e4m3fn = weight-only, fp8_e4m3fn_fast = FP8 matmuls."""
+    from sd35fp8.checkpoints.load import load_mmdit
+
+    modes = {"default": None, "fp8_e4m3fn": "weight_only", "fp8_e4m3fn_fast": "dynamic"}
+    if weight_dtype not in modes:
+        raise unsupported(f"UNETLoader weight_dtype {weight_dtype!r} is not supported (E5M2 is not an inference "
+                          f"format here); use one of {', '.join(modes)}")
+    mmdit = load_mmdit(str(path), device=device, dtype=dtype)
+    if modes[weight_dtype] is not None:
+        from sd35fp8.fp8.quantize import quantize_model
+
+        report = quantize_model(mmdit, modes[weight_dtype])  # in place
+        log.info("UNETLoader %s: %s", weight_dtype, report)
+    return SD3Model(mmdit, name=path.name)
+
+
+def load_vae_file(path: Path, device: Any, dtype: Any) -> Any:
+    from sd35fp8.checkpoints.load import load_vae
+
+    return load_vae(str(path), device=device, dtype=dtype)
+
+
+def load_clip_files(paths: list[Path], device: Any, dtype: Any) -> SD3Clip:
+    """TripleCLIPLoader / CLIPLoader(sd3): each file is sorted into clip_l / clip_g / t5xxl by the
+    checkpoint layer, which tells them apart by their weights, never by the name."""
+    from sd35fp8.checkpoints.load import load_text_encoders
+    from sd35fp8.checkpoints.sources import open_components
+
+    slots: dict[str, Path] = {}
+    for p in paths:
+        found = [s for s in ("clip_l", "clip_g", "t5xxl") if open_components(str(p)).get(s) is not None]
+        if not found:
+            raise InputError(f"text encoder file {p} holds no CLIP-L, CLIP-G or T5-XXL weights")
+        for s in found:
+            if s in slots and slots[s] != p:
+                raise InputError(f"two files give the {s} text encoder: {slots[s].name} and {p.name}")
+            slots[s] = p
+    models = load_text_encoders(str(paths[0]), device=device, dtype=dtype, clip_l=slots.get("clip_l"),
+                                clip_g=slots.get("clip_g"), t5xxl=slots.get("t5xxl"))
+    return SD3Clip(_text_encoder(models, list(paths)), name=", ".join(p.name for p in paths))
+
+
+def _text_encoder(models: Any, near: list[Path]) -> Any:
+    """SD3TextEncoder + SD3Tokenizer over loaded TextEncoderModels (T5 tokenizer found near the files)."""
+    from sd35fp8.text.encoders import SD3TextEncoder
+    from sd35fp8.text.t5_tokenizer import load_t5_tokenizer
+    from sd35fp8.text.tokenizer import SD3Tokenizer
+
+    t5_tok = None
+    if models.t5xxl is not None:
+        t5_tok = load_t5_tokenizer(models.tokenizers.get("t5xxl"), near=[str(p) for p in near])
+    return SD3TextEncoder(models.clip_l, models.clip_g, models.t5xxl, tokenizer=SD3Tokenizer(t5=t5_tok))
+
+
+# ---- conditioning ---------------------------------------------------------------------------
+def _require_clip(clip: Any) -> SD3Clip:
+    if clip is None:
+        raise InputError(
+            "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your checkpoint "
+            "does not contain a valid clip or text encoder model.")
+    return clip
+
+
+def encode_text(clip: Any, text: str) -> list:
+    """CLIPTextEncode: the same text to clip_l, clip_g and t5xxl -> [[cond, {"pooled_output"}]]."""
+    enc = _require_clip(clip).encoder
+    context, pooled = enc.encode_prompts([text])  # [1, L, 4096], [1, 2048]
+    return [[context, {"pooled_output": pooled}]]
+
+
+def encode_text_sd3(clip: Any, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str) -> list:
+    """CLIPTextEncodeSD3 (ComfyUI nodes_sd3): separate texts; with empty_padding 'none' an empty
+    text leaves its encoder out (zero pooled part / no T5 tokens); CLIP-L and CLIP-G chunk
+    counts are evened out with empty-prompt chunks."""
+    from sd35fp8.text.encoders import SD3TextEncoder
+
+    enc = _require_clip(clip).encoder
+    tok = enc.tokenizer
+    no_padding = empty_padding == "none"
+    tokens = dict(tok.tokenize(clip_g))
+    use = {"l": enc.clip_l is not None, "g": enc.clip_g is not None, "t5": enc.t5 is not None}
+    if len(clip_g) == 0 and no_padding:
+        use["g"] = False
+    if len(clip_l) == 0 and no_padding:
+        use["l"] = False
+    else:
+        lt = tok.tokenize(clip_l)
+        tokens["l"], tokens["l_weights"] = lt["l"], lt["l_weights"]
+    if len(t5xxl) == 0 and no_padding:
+        use["t5"] = False
+    elif use["t5"]:
+        tt = tok.tokenize(t5xxl)
+        tokens["t5"], tokens["t5_weights"] = tt["t5"], tt["t5_weights"]
+    if use["l"] and use["g"] and len(tokens["l"]) != len(tokens["g"]):
+        empty = tok.tokenize("")
+        for short, long_ in (("l", "g"), ("g", "l")):
+            while len(tokens[short]) < len(tokens[long_]):
+                tokens[short] = tokens[short] + empty[short]
+                tokens[f"{short}_weights"] = tokens[f"{short}_weights"] + empty[f"{short}_weights"]
+    if not all(use[k] == (m is not None) for k, m in (("l", enc.clip_l), ("g", enc.clip_g), ("t5", enc.t5))):
+        # a view over the same modules without the left-out encoders
+        enc = SD3TextEncoder(enc.clip_l if use["l"] else None, enc.clip_g if use["g"] else None,
+                             enc.t5 if use["t5"] else None, context_dim=enc.context_dim, tokenizer=tok,
+                             out_dtype=enc.out_dtype)
+    context, pooled = enc.encode(tokens)  # [1, L, 4096], [1, 2048]
+    return [[context, {"pooled_output": pooled}]]
+
+
+def zero_out(conditioning: list) -> list:
+    """ConditioningZeroOut: zeros for the cond tensor and the pooled output."""
+    out = []
+    for cond, extra in conditioning:
+        d = dict(extra)
+        if d.get("pooled_output") is not None:
+            d["pooled_output"] = torch.zeros_like(d["pooled_output"])
+        out.append([torch.zeros_like(cond), d])
+    return out
+
+
+def _single_cond(conditioning: list, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(conditioning) != 1:
+        raise unsupported(f"{which} conditioning has {len(conditioning)} entries; combined/area "
+                          "conditioning is not supported, give one encoded prompt")
+    cond, extra = conditioning[0]
+    pooled = extra.get("pooled_output")
+    if pooled is None:
+        raise InputError(f"{which} conditioning has no pooled_output (SD3 needs the CLIP pooled vector)")
+    return cond, pooled
+
+
+# ---- latents and sampling -------------------------------------------------------------------
+def empty_latent(width: int, height: int, batch_size: int, channels: int) -> dict[str, torch.Tensor]:
+    """EmptyLatentImage (4 channels) / EmptySD3LatentImage (16): zeros [B, C, H/8, W/8]."""
+    return {"samples": torch.zeros([batch_size, channels, height // 8, width // 8])}
+
+
+def fix_empty_latent_channels(samples: torch.Tensor) -> torch.Tensor:
+    """ComfyUI comfy.sample.fix_empty_latent_channels: an all-zero latent with the wrong channel
+    count (EmptyLatentImage's 4) becomes zeros with the model's 16 channels."""
+    if samples.shape[1] != SD3_LATENT_CHANNELS and torch.count_nonzero(samples) == 0:
+        b, _, h, w = samples.shape
+        return torch.zeros([b, SD3_LATENT_CHANNELS, h, w], dtype=samples.dtype, device=samples.device)
+    if samples.shape[1] != SD3_LATENT_CHANNELS:
+        raise InputError(f"latent has {samples.shape[1]} channels; SD3 latents have {SD3_LATENT_CHANNELS}")
+    return samples
+
+
+def with_skip_layer_guidance(model: SD3Model, layers: str, scale: float, start_percent: float,
+                             end_percent: float) -> SD3Model:
+    """SkipLayerGuidanceSD3: layers is ComfyUI's comma list ("7, 8, 9")."""
+    try:
+        idx = tuple(int(x.strip()) for x in layers.split(",") if x.strip())
+    except ValueError as e:
+        raise InputError(f"SkipLayerGuidanceSD3 layers must be comma-separated integers, got {layers!r}") from e
+    return replace(model, slg=SLGSettings(idx, float(scale), float(start_percent), float(end_percent)))
+
+
+def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+           positive: list, negative: list, latent: dict, denoise: float = 1.0, disable_noise: bool = False,
+           start_step: int | None = None, last_step: int | None = None,
+           force_full_denoise: bool = False) -> dict[str, torch.Tensor]:
+    """KSampler / KSamplerAdvanced with ComfyUI's CONST (flow) model sampling, in float32."""
+    from sd35fp8 import sampling
+    from sd35fp8.models.vae import to_model_space, to_vae_space
+
+    if denoise <= 0.0:
+        return {"samples": latent["samples"]}  # ComfyUI: empty sigmas, the latent comes back as it was
+    samples = fix_empty_latent_channels(latent["samples"])  # [B, 16, h, w] raw VAE space
+    ms = sampling.FlowMatching(shift=model.shift)
+    sigmas = sampling.get_sigmas(scheduler, steps, denoise=denoise, sampler=sampler_name, model_sampling=ms)
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[: last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step >= len(sigmas) - 1:
+            return {"samples": latent["samples"]}  # ComfyUI: nothing left to sample
+        sigmas = sigmas[start_step:]
+
+    if disable_noise:
+        noise = torch.zeros(samples.shape, dtype=torch.float32)
+    else:
+        noise = sampling.prepare_noise(seed, tuple(samples.shape))  # CPU float32, whole batch
+    dev = torch.device(ctx.device)
+    x0 = to_model_space(samples.to(dev, torch.float32))
+    x = ms.noise_scaling(sigmas[0].to(dev), noise.to(dev), x0)  # sigma*noise + (1-sigma)*latent
+
+    cond, pooled = _single_cond(positive, "positive")
+    ucond, upooled = _single_cond(negative, "negative")
+    slg = None
+    if model.slg is not None:
+        slg = sampling.SLGConfig(scale=model.slg.scale, start=model.slg.start_percent, end=model.slg.end_percent,
+                                 layers=model.slg.layers, window="sigma")
+    denoiser = sampling.CFGDenoiser(
+        model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev)),
+        sampling.Conditioning(ucond.to(dev), upooled.to(dev)), cfg=cfg, slg=slg, steps=steps, model_sampling=ms,
+        dtype=ctx.dtype)
+    total = len(sigmas) - 1
+
+    def callback(info: dict) -> None:
+        ctx.check_interrupt()
+        ctx.progress(int(info["i"]) + 1, total)
+
+    ctx.check_interrupt()
+    out = sampling.sample(sampler_name, denoiser, x, sigmas.to(torch.float32), extra_args={"seed": seed},
+                          callback=callback, disable=True)
+    out = ms.inverse_noise_scaling(sigmas[-1].to(dev), out)  # identity when the last sigma is 0
+    return {"samples": to_vae_space(out).float().cpu()}
+
+
+# ---- VAE ------------------------------------------------------------------------------------
+def vae_decode(vae: Any, latent: dict) -> torch.Tensor:
+    """VAEDecode: raw latents -> IMAGE [B, H, W, 3] in 0..1 (ComfyUI clamp((x + 1) / 2))."""
+    z = latent["samples"]
+    p = next(vae.parameters())
+    with torch.inference_mode():
+        img = vae.decode(z.to(p.device, p.dtype))  # [B, 3, H, W] in [-1, 1]
+    return torch.clamp((img.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu()
+
+
+def vae_encode(vae: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """VAEEncode: IMAGE [B, H, W, C] 0..1 (cropped to multiples of 8) -> raw latents."""
+    h, w = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
+    x = pixels[:, :h, :w, :3].permute(0, 3, 1, 2)  # [B, 3, H, W]
+    p = next(vae.parameters())
+    with torch.inference_mode():
+        z = vae.encode(x.to(p.device, p.dtype) * 2.0 - 1.0)  # [B, 16, H/8, W/8]
+    return {"samples": z.float().cpu()}
+
+
+# ---- images ---------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoadImage: frames of one size -> IMAGE [B, H, W, 3] 0..1 and MASK [B, H, W] (1 - alpha)."""
+    import numpy as np
+    from PIL import Image, ImageOps, ImageSequence
+
+    images, masks = [], []
+    with Image.open(path) as img:
+        size = None
+        for frame in ImageSequence.Iterator(img):
+            frame = ImageOps.exif_transpose(frame)
+            if frame.mode == "I":
+                frame = frame.point(lambda i: i * (1 / 255))
+            rgb = frame.convert("RGB")
+            if size is None:
+                size = rgb.size
+            if rgb.size != size:
+                continue
+            images.append(torch.from_numpy(np.array(rgb).astype(np.float32) / 255.0))
+            if "A" in frame.getbands():
+                alpha = np.array(frame.getchannel("A")).astype(np.float32) / 255.0
+                masks.append(1.0 - torch.from_numpy(alpha))
+            else:
+                masks.append(torch.zeros((64, 64), dtype=torch.float32))
+    return torch.stack(images), torch.stack(masks) if len({m.shape for m in masks}) == 1 else masks[0][None]
+
+
+def random_suffix(n: int) -> str:
+    return "_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(n))
+
+
+def save_image_path(prefix: str, output_dir: Path, width: int = 0, height: int = 0) -> tuple[Path, str, int, str]:
+    """ComfyUI folder_paths.get_save_image_path: (folder, file base, next counter, subfolder).
+
+    The counter is one more than the largest `<base>_<NNNNN>_` already in the folder.
+    """
+    if "%" in prefix:
+        now = time.localtime()
+        for key, val in (("%width%", width), ("%height%", height), ("%year%", now.tm_year),
+                         ("%month%", f"{now.tm_mon:02}"), ("%day%", f"{now.tm_mday:02}"),
+                         ("%hour%", f"{now.tm_hour:02}"), ("%minute%", f"{now.tm_min:02}"),
+                         ("%second%", f"{now.tm_sec:02}")):
+            prefix = prefix.replace(key, str(val))
+    norm = os.path.normpath(prefix)
+    subfolder, filename = os.path.dirname(norm), os.path.basename(norm)
+    out_root = os.path.abspath(output_dir)
+    folder = os.path.abspath(os.path.join(out_root, subfolder))
+    if os.path.commonpath((out_root, folder)) != out_root:
+        raise InputError(f"Saving image outside the output folder is not allowed: prefix {prefix!r} "
+                         f"resolves to {folder}")
+    os.makedirs(folder, exist_ok=True)
+    plen = len(filename)
+    counter = 0
+    for name in os.listdir(folder):
+        head = name[: plen + 1]
+        if os.path.normcase(head[:-1]) != os.path.normcase(filename) or head[-1:] != "_":
+            continue
+        try:
+            counter = max(counter, int(name[plen + 1:].split("_")[0]))
+        except ValueError:
+            counter = max(counter, 0)
+    return Path(folder), filename, counter + 1, subfolder
+
+
+def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any,
+                folder_type: str, compress_level: int) -> list[dict[str, str]]:
+    """SaveImage: `{prefix}_{counter:05}_.png` with tEXt `prompt` and each extra_pnginfo key as JSON."""
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    folder, base, counter, subfolder = save_image_path(prefix, output_dir, images.shape[2], images.shape[1])
+    results = []
+    for batch_number, image in enumerate(images):  # [H, W, C]
+        arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+        meta = PngInfo()
+        if prompt is not None:
+            meta.add_text("prompt", json.dumps(prompt))
+        for key, value in (extra_pnginfo or {}).items():
+            meta.add_text(key, json.dumps(value))
+        file = f"{base.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+        Image.fromarray(arr).save(folder / file, pnginfo=meta, compress_level=compress_level)
+        results.append({"filename": file, "subfolder": subfolder, "type": folder_type})
+        counter += 1
+    return results
+

@@ -1,0 +1,540 @@
+"""ComfyUI node definitions: exact class names, inputs, defaults, ranges, outputs, categories.
+
+Each class mirrors ComfyUI's nodes.py / comfy_extras: `INPUT_TYPES(folders)` (ComfyUI's takes no
+argument and reads the global folder_paths; ours receives the ModelFolders so listings are per
+executor), RETURN_TYPES, RETURN_NAMES, FUNCTION, OUTPUT_NODE, CATEGORY, DESCRIPTION.
+Node bodies are thin: the engine work lives in `engine.py`.
+
+Value types between nodes (ComfyUI's shapes):
+  MODEL: engine.SD3Model       CLIP: engine.SD3Clip       VAE: the SD3VAE module
+  CONDITIONING: [[cond [B,L,C], {"pooled_output": [B,P]}], ...]
+  LATENT: {"samples": [B,C,H/8,W/8]} raw VAE-space latents
+  IMAGE: [B,H,W,C] float in 0..1        MASK: [B,H,W] float
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sd35fp8.workflow import engine
+
+if TYPE_CHECKING:
+    from sd35fp8.workflow.folders import ModelFolders
+
+MAX_RESOLUTION = 16384
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+CLIP_TYPES = [
+    "stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+    "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image",
+]
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+
+
+@dataclass
+class NodeContext:
+    """What a running node may use besides its inputs (set by the executor)."""
+
+    folders: ModelFolders
+    device: Any = "cpu"
+    dtype: Any = None
+    node_id: str = ""
+    progress: Callable[[int, int], None] = lambda value, total: None
+    check_interrupt: Callable[[], None] = lambda: None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Node:
+    """Base of every node: ComfyUI's class attributes with their defaults."""
+
+    RETURN_TYPES: tuple[str, ...] = ()
+    RETURN_NAMES: tuple[str, ...] | None = None
+    OUTPUT_TOOLTIPS: tuple[str, ...] | None = None
+    OUTPUT_IS_LIST: tuple[bool, ...] | None = None
+    FUNCTION = "run"
+    OUTPUT_NODE = False
+    CATEGORY = "sd"
+    DESCRIPTION = ""
+    DISPLAY_NAME: str | None = None
+    PYTHON_MODULE = "nodes"
+    EXPERIMENTAL = False
+    DEPRECATED = False
+
+    def __init__(self, ctx: NodeContext):
+        self.ctx = ctx
+
+    @classmethod
+    def INPUT_TYPES(cls, folders: ModelFolders | None) -> dict[str, dict[str, tuple]]:  # noqa: N802
+        return {"required": {}}
+
+    @classmethod
+    def IS_CHANGED(cls, folders: ModelFolders | None, **inputs: Any) -> Any:  # noqa: N802
+        """Extra part of the cache key (ComfyUI IS_CHANGED); None = inputs say it all."""
+        return None
+
+
+def _files(folders: ModelFolders | None, kind: str) -> list[str]:
+    return folders.get_filename_list(kind) if folders is not None else []
+
+
+def _tip(text: str) -> dict[str, str]:
+    return {"tooltip": text}
+
+
+# ---- loaders --------------------------------------------------------------------------------
+class CheckpointLoaderSimple(Node):
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = (
+        "The model used for denoising latents.",
+        "The CLIP model used for encoding text prompts.",
+        "The VAE model used for encoding and decoding images to and from latent space.",
+    )
+    FUNCTION = "load_checkpoint"
+    CATEGORY = "loaders"
+    DESCRIPTION = "Loads a diffusion model checkpoint, diffusion models are used to denoise latents."
+    DISPLAY_NAME = "Load Checkpoint"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "ckpt_name": (_files(folders, "checkpoints"), _tip("The name of the checkpoint (model) to load.")),
+        }}
+
+    def load_checkpoint(self, ckpt_name):
+        path = self.ctx.folders.get_full_path_or_raise("checkpoints", ckpt_name)
+        return engine.load_checkpoint(path, self.ctx.device, self.ctx.dtype)
+
+
+class UNETLoader(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_unet"
+    CATEGORY = "advanced/loaders"
+    DISPLAY_NAME = "Load Diffusion Model"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "unet_name": (_files(folders, "diffusion_models"),),
+            "weight_dtype": (list(WEIGHT_DTYPES),),
+        }}
+
+    def load_unet(self, unet_name, weight_dtype):
+        path = self.ctx.folders.get_full_path_or_raise("diffusion_models", unet_name)
+        return (engine.load_diffusion_model(path, self.ctx.device, self.ctx.dtype, weight_dtype),)
+
+
+class VAELoader(Node):
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load_vae"
+    CATEGORY = "loaders"
+    DISPLAY_NAME = "Load VAE"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"vae_name": (_files(folders, "vae"),)}}
+
+    def load_vae(self, vae_name):
+        path = self.ctx.folders.get_full_path_or_raise("vae", vae_name)
+        return (engine.load_vae_file(path, self.ctx.device, self.ctx.dtype),)
+
+
+class TripleCLIPLoader(Node):
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = "[Recipes]\n\nsd3: clip-l, clip-g, t5"
+    PYTHON_MODULE = "comfy_extras.nodes_sd3"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        names = _files(folders, "text_encoders")
+        return {"required": {"clip_name1": (names,), "clip_name2": (names,), "clip_name3": (names,)}}
+
+    def load_clip(self, clip_name1, clip_name2, clip_name3):
+        paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2, clip_name3)]
+        return (engine.load_clip_files(paths, self.ctx.device, self.ctx.dtype),)
+
+
+class CLIPLoader(Node):
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = (
+        "[Recipes]\n\nstable_diffusion: clip-l\nstable_cascade: clip-g\nsd3: t5 xxl/ clip-g / clip-l\n"
+        "stable_audio: t5 base\nmochi: t5 xxl\ncosmos: old t5 xxl\nlumina2: gemma 2 2B\nwan: umt5 xxl\n"
+        " hidream: llama-3.1 (Recommend) or t5"
+    )
+    DISPLAY_NAME = "Load CLIP"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {
+            "required": {"clip_name": (_files(folders, "text_encoders"),), "type": (list(CLIP_TYPES),)},
+            "optional": {"device": (["default", "cpu"], {"advanced": True})},
+        }
+
+    def load_clip(self, clip_name, type="stable_diffusion", device="default"):  # noqa: A002
+        if type != "sd3":
+            raise engine.unsupported(f"CLIPLoader type {type!r}: this engine runs SD3.5 only (use type 'sd3')")
+        path = self.ctx.folders.get_full_path_or_raise("text_encoders", clip_name)
+        dev = "cpu" if device == "cpu" else self.ctx.device
+        return (engine.load_clip_files([path], dev, self.ctx.dtype),)
+
+
+# ---- conditioning ---------------------------------------------------------------------------
+class CLIPTextEncode(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
+    FUNCTION = "encode"
+    CATEGORY = "conditioning"
+    DESCRIPTION = (
+        "Encodes a text prompt using a CLIP model into an embedding that can be used to guide the "
+        "diffusion model towards generating specific images."
+    )
+    DISPLAY_NAME = "CLIP Text Encode (Prompt)"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The text to be encoded."}),
+            "clip": ("CLIP", _tip("The CLIP model used for encoding the text.")),
+        }}
+
+    def encode(self, clip, text):
+        return (engine.encode_text(clip, text),)
+
+
+class CLIPTextEncodeSD3(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "advanced/conditioning"
+    PYTHON_MODULE = "comfy_extras.nodes_sd3"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        text = ("STRING", {"multiline": True, "dynamicPrompts": True})
+        return {"required": {
+            "clip": ("CLIP",), "clip_l": text, "clip_g": text, "t5xxl": text,
+            "empty_padding": (["none", "empty_prompt"],),
+        }}
+
+    def encode(self, clip, clip_l, clip_g, t5xxl, empty_padding):
+        return (engine.encode_text_sd3(clip, clip_l, clip_g, t5xxl, empty_padding),)
+
+
+class ConditioningZeroOut(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "zero_out"
+    CATEGORY = "advanced/conditioning"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def zero_out(self, conditioning):
+        return (engine.zero_out(conditioning),)
+
+
+# ---- latents --------------------------------------------------------------------------------
+class EmptyLatentImage(Node):
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The empty latent image batch.",)
+    FUNCTION = "generate"
+    CATEGORY = "latent"
+    DESCRIPTION = "Create a new batch of empty latent images to be denoised via sampling."
+    DISPLAY_NAME = "Empty Latent Image"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
+                              "tooltip": "The width of the latent images in pixels."}),
+            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
+                               "tooltip": "The height of the latent images in pixels."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
+                                   "tooltip": "The number of latent images in the batch."}),
+        }}
+
+    def generate(self, width, height, batch_size=1):
+        return (engine.empty_latent(width, height, batch_size, channels=4),)
+
+
+class EmptySD3LatentImage(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "generate"
+    CATEGORY = "latent/sd3"
+    PYTHON_MODULE = "comfy_extras.nodes_sd3"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+        }}
+
+    def generate(self, width, height, batch_size=1):
+        return (engine.empty_latent(width, height, batch_size, channels=16),)
+
+
+# ---- model patches --------------------------------------------------------------------------
+class ModelSamplingSD3(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "advanced/model"
+    PYTHON_MODULE = "comfy_extras.nodes_model_advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "shift": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+        }}
+
+    def patch(self, model, shift):
+        return (model.with_shift(shift),)
+
+
+class SkipLayerGuidanceSD3(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "skip_guidance_sd3"
+    CATEGORY = "advanced/guidance"
+    DESCRIPTION = "Generic version of SkipLayerGuidance node that can be used on every DiT model."
+    PYTHON_MODULE = "comfy_extras.nodes_sd3"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
+            "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1}),
+            "start_percent": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "end_percent": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001}),
+        }}
+
+    def skip_guidance_sd3(self, model, layers, scale, start_percent, end_percent):
+        return (engine.with_skip_layer_guidance(model, layers, scale, start_percent, end_percent),)
+
+
+# ---- sampling -------------------------------------------------------------------------------
+class KSampler(Node):
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+    CATEGORY = "sampling"
+    DESCRIPTION = "Uses the provided model, positive and negative conditioning to denoise the latent image."
+    DISPLAY_NAME = "KSampler"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL", _tip("The model used for denoising the input latent.")),
+            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                              "tooltip": "The number of steps used in the denoising process."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "The Classifier-Free Guidance scale balances creativity and adherence "
+                                         "to the prompt. Higher values result in images more closely matching "
+                                         "the prompt however too high values will negatively impact quality."}),
+            "sampler_name": (engine.sampler_names(), _tip(
+                "The algorithm used when sampling, this can affect the quality, speed, and style of the "
+                "generated output.")),
+            "scheduler": (engine.scheduler_names(), _tip(
+                "The scheduler controls how noise is gradually removed to form the image.")),
+            "positive": ("CONDITIONING", _tip(
+                "The conditioning describing the attributes you want to include in the image.")),
+            "negative": ("CONDITIONING", _tip(
+                "The conditioning describing the attributes you want to exclude from the image.")),
+            "latent_image": ("LATENT", _tip("The latent image to denoise.")),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "The amount of denoising applied, lower values will maintain the "
+                                             "structure of the initial image allowing for image to image "
+                                             "sampling."}),
+        }}
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+               denoise=1.0):
+        return (engine.sample(self.ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                              latent_image, denoise=denoise),)
+
+
+class KSamplerAdvanced(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = "sampling"
+    DISPLAY_NAME = "KSampler (Advanced)"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "add_noise": (["enable", "disable"],),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (engine.sampler_names(),),
+            "scheduler": (engine.scheduler_names(),),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+            "return_with_leftover_noise": (["disable", "enable"],),
+        }}
+
+    def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+               latent_image, start_at_step, end_at_step, return_with_leftover_noise, denoise=1.0):
+        return (engine.sample(
+            self.ctx, model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+            denoise=denoise, disable_noise=add_noise == "disable", start_step=start_at_step,
+            last_step=end_at_step, force_full_denoise=return_with_leftover_noise != "enable"),)
+
+
+# ---- VAE ------------------------------------------------------------------------------------
+class VAEDecode(Node):
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded image.",)
+    FUNCTION = "decode"
+    CATEGORY = "latent"
+    DESCRIPTION = "Decodes latent images back into pixel space images."
+    DISPLAY_NAME = "VAE Decode"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "samples": ("LATENT", _tip("The latent to be decoded.")),
+            "vae": ("VAE", _tip("The VAE model used for decoding the latent.")),
+        }}
+
+    def decode(self, vae, samples):
+        return (engine.vae_decode(vae, samples),)
+
+
+class VAEEncode(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = "latent"
+    DISPLAY_NAME = "VAE Encode"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
+
+    def encode(self, vae, pixels):
+        return (engine.vae_encode(vae, pixels),)
+
+
+# ---- images ---------------------------------------------------------------------------------
+class LoadImage(Node):
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+    CATEGORY = "image"
+    DISPLAY_NAME = "Load Image"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        files = folders.input_images() if folders is not None else []
+        return {"required": {"image": (files, {"image_upload": True})}}
+
+    @classmethod
+    def IS_CHANGED(cls, folders, image=None, **_):
+        return engine.file_sha256(folders.input_image_path(image))
+
+    def load_image(self, image):
+        return engine.load_image(self.ctx.folders.input_image_path(image))
+
+
+class SaveImage(Node):
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    CATEGORY = "image"
+    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    DISPLAY_NAME = "Save Image"
+    FOLDER_TYPE = "output"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {
+            "required": {
+                "images": ("IMAGE", _tip("The images to save.")),
+                "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": (
+                    "The prefix for the file to save. This may include formatting information such as "
+                    "%date:yyyy-MM-dd% or %Empty Latent Image.width% to include values from nodes.")}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        saved = engine.save_images(images, self.ctx.folders.output_dir, filename_prefix, prompt, extra_pnginfo,
+                                   folder_type="output", compress_level=4)
+        return {"ui": {"images": saved}}
+
+
+class PreviewImage(SaveImage):
+    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    DISPLAY_NAME = "Preview Image"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        prefix = "ComfyUI_temp_" + engine.random_suffix(5)
+        saved = engine.save_images(images, self.ctx.folders.temp_dir, prefix, prompt, extra_pnginfo,
+                                   folder_type="temp", compress_level=1)
+        return {"ui": {"images": saved}}
+
+
+NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
+    cls.__name__: cls
+    for cls in (
+        CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, CLIPLoader, CLIPTextEncode,
+        CLIPTextEncodeSD3, ConditioningZeroOut, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
+        SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, LoadImage, SaveImage,
+        PreviewImage,
+    )
+}
+
+
+def object_info(folders: ModelFolders | None = None,
+                classes: dict[str, type[Node]] | None = None) -> dict[str, dict[str, Any]]:
+    """ComfyUI's GET /object_info body, generated from the definitions (JSON-ready: lists, not tuples)."""
+    classes = NODE_CLASS_MAPPINGS if classes is None else classes
+    return {name: node_info(name, cls, folders) for name, cls in classes.items()}
+
+
+def node_info(name: str, cls: type[Node], folders: ModelFolders | None = None) -> dict[str, Any]:
+    inputs = cls.INPUT_TYPES(folders)
+    info: dict[str, Any] = {
+        "input": _jsonable(inputs),
+        "input_order": {section: list(spec) for section, spec in inputs.items()},
+        "output": list(cls.RETURN_TYPES),
+        "output_is_list": list(cls.OUTPUT_IS_LIST) if cls.OUTPUT_IS_LIST is not None
+        else [False] * len(cls.RETURN_TYPES),
+        "output_name": list(cls.RETURN_NAMES) if cls.RETURN_NAMES is not None else list(cls.RETURN_TYPES),
+        "name": name,
+        "display_name": cls.DISPLAY_NAME or name,
+        "description": cls.DESCRIPTION,
+        "python_module": cls.PYTHON_MODULE,
+        "category": cls.CATEGORY,
+        "output_node": bool(cls.OUTPUT_NODE),
+    }
+    if cls.OUTPUT_TOOLTIPS is not None:
+        info["output_tooltips"] = list(cls.OUTPUT_TOOLTIPS)
+    if cls.DEPRECATED:
+        info["deprecated"] = True
+    if cls.EXPERIMENTAL:
+        info["experimental"] = True
+    return info
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

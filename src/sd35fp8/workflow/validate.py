@@ -1,0 +1,219 @@
+"""Prompt validation before anything runs, with ComfyUI's error shapes (execution.py).
+
+`validate_prompt(prompt, ...) -> (ok, error, outputs_to_execute, node_errors)`:
+  error = {"type", "message", "details", "extra_info"} or None
+  node_errors = {node_id: {"errors": [...], "dependent_outputs": [...], "class_type": ...}}
+Literal inputs are coerced in place (INT/FLOAT/STRING/BOOLEAN), as ComfyUI does, so the executor
+receives typed values. Model file names are checked against the folder listing (value_not_in_list).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sd35fp8.workflow.graph import _id_key
+
+log = logging.getLogger(__name__)
+
+PRIMITIVE_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def full_type_name(klass: type) -> str:
+    module = klass.__module__
+    return klass.__qualname__ if module == "builtins" else f"{module}.{klass.__qualname__}"
+
+
+def types_compatible(received: str, expected: Any) -> bool:
+    """ComfyUI validate_node_input: equal names, '*' on either side, or comma-separated unions."""
+    if not isinstance(expected, str) or not isinstance(received, str):
+        return received == expected
+    if received == expected or "*" in (received, expected):
+        return True
+    got = {t.strip() for t in received.split(",")}
+    want = {t.strip() for t in expected.split(",")}
+    return bool(got & want)
+
+
+def _error(type_: str, message: str, details: str, **extra: Any) -> dict[str, Any]:
+    return {"type": type_, "message": message, "details": details, "extra_info": extra}
+
+
+class _Validator:
+    def __init__(self, prompt: dict, classes: Mapping[str, type], folders: Any):
+        self.prompt = prompt
+        self.classes = classes
+        self.folders = folders
+        self.validated: dict[str, tuple[bool, list, str]] = {}
+        self._input_types: dict[str, dict] = {}
+
+    def input_types(self, class_type: str) -> dict:
+        if class_type not in self._input_types:
+            self._input_types[class_type] = self.classes[class_type].INPUT_TYPES(self.folders)
+        return self._input_types[class_type]
+
+    def validate_inputs(self, unique_id: str) -> tuple[bool, list, str]:
+        if unique_id in self.validated:
+            return self.validated[unique_id]
+        node = self.prompt[unique_id]
+        inputs = node["inputs"]
+        class_inputs = self.input_types(node["class_type"])
+        errors: list[dict] = []
+        valid = True
+        sections = [("required", class_inputs.get("required", {})), ("optional", class_inputs.get("optional", {}))]
+        for category, spec in sections:
+            for x, info in spec.items():
+                input_type = info[0]
+                opts = info[1] if len(info) > 1 else {}
+                config = [input_type, opts]
+                if x not in inputs:
+                    if category == "required":
+                        errors.append(_error("required_input_missing", "Required input is missing", f"{x}",
+                                             input_name=x))
+                    continue
+                val = inputs[x]
+                if isinstance(val, list):
+                    if len(val) != 2:
+                        errors.append(_error(
+                            "bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                            f"{x}", input_name=x, input_config=config, received_value=val))
+                        continue
+                    o_id = str(val[0])
+                    if o_id not in self.prompt:
+                        raise KeyError(f"input {x!r} links to node {o_id!r}, which is not in the prompt")
+                    o_class = self.classes[self.prompt[o_id]["class_type"]]
+                    returns = o_class.RETURN_TYPES
+                    slot = val[1]
+                    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < len(returns):
+                        raise IndexError(f"input {x!r} links to output {slot!r} of node {o_id} "
+                                         f"({self.prompt[o_id]['class_type']}), which has {len(returns)} outputs")
+                    received_type = returns[slot]
+                    if not types_compatible(received_type, input_type):
+                        errors.append(_error(
+                            "return_type_mismatch", "Return type mismatch between linked nodes",
+                            f"{x}, received_type({received_type}) mismatch input_type({input_type})",
+                            input_name=x, input_config=config, received_type=received_type, linked_node=val))
+                        continue
+                    try:
+                        r = self.validate_inputs(o_id)
+                        if r[0] is False:
+                            valid = False  # the reasons are recorded on the upstream node itself
+                            continue
+                    except (KeyError, IndexError, TypeError, ValueError, OSError) as ex:
+                        valid = False
+                        reasons = [_error(
+                            "exception_during_inner_validation", "Exception when validating inner node", str(ex),
+                            input_name=x, input_config=config, exception_message=str(ex),
+                            exception_type=full_type_name(type(ex)),
+                            traceback=traceback.format_tb(ex.__traceback__), linked_node=val)]
+                        self.validated[o_id] = (False, reasons, o_id)
+                        continue
+                    continue
+                err = self._check_literal(x, val, input_type, opts, config, inputs)
+                if err is not None:
+                    errors.append(err)
+        ret = (False, errors, unique_id) if errors or not valid else (True, [], unique_id)
+        self.validated[unique_id] = ret
+        return ret
+
+    def _check_literal(self, x: str, val: Any, input_type: Any, opts: dict, config: list,
+                       inputs: dict) -> dict | None:
+        if isinstance(val, dict) and "__value__" in val:  # list widget values wrapped by the frontend
+            val = val["__value__"]
+            inputs[x] = val
+        if isinstance(input_type, str) and input_type not in PRIMITIVE_TYPES:
+            # ComfyUI lets this through and fails later; a literal can never be a MODEL, LATENT, ...
+            return _error("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
+                          f"{x}, {val}, {input_type} must be linked from another node's output",
+                          input_name=x, input_config=config, received_value=val,
+                          exception_message=f"{input_type} must be linked")
+        try:
+            if input_type == "INT":
+                if isinstance(val, float) and not val.is_integer():
+                    raise ValueError(f"{val} is not an integer")
+                val = int(val)
+            elif input_type == "FLOAT":
+                val = float(val)
+            elif input_type == "STRING":
+                val = str(val)
+            elif input_type == "BOOLEAN":
+                val = bool(val)
+            inputs[x] = val
+        except (TypeError, ValueError, OverflowError) as ex:
+            return _error("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
+                          f"{x}, {val}, {ex}", input_name=x, input_config=config, received_value=val,
+                          exception_message=str(ex))
+        if "min" in opts and val < opts["min"]:
+            return _error("value_smaller_than_min", f"Value {val} smaller than min of {opts['min']}", f"{x}",
+                          input_name=x, input_config=config, received_value=val)
+        if "max" in opts and val > opts["max"]:
+            return _error("value_bigger_than_max", f"Value {val} bigger than max of {opts['max']}", f"{x}",
+                          input_name=x, input_config=config, received_value=val)
+        if isinstance(input_type, (list, tuple)) and val not in input_type:
+            if len(input_type) > 20:  # ComfyUI: don't send back huge model lists
+                list_info, input_config = f"(list of length {len(input_type)})", None
+            else:
+                list_info, input_config = str(list(input_type)), config
+            return _error("value_not_in_list", "Value not in list", f"{x}: '{val}' not in {list_info}",
+                          input_name=x, input_config=input_config, received_value=val)
+        return None
+
+
+def validate_prompt(
+    prompt: dict[str, dict[str, Any]],
+    classes: Mapping[str, type] | None = None,
+    folders: Any = None,
+    partial_outputs: Iterable[str] | None = None,
+) -> tuple[bool, dict | None, list[str], dict[str, dict]]:
+    """ComfyUI validate_prompt: (ok, error, outputs_to_execute, node_errors)."""
+    if classes is None:
+        from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS as classes  # noqa: N811
+    outputs: set[str] = set()
+    for x, node in prompt.items():
+        if "class_type" not in node:
+            return (False, _error("invalid_prompt", "Cannot execute because a node is missing the class_type "
+                                  "property.", f"Node ID '#{x}'"), [], {})
+        class_type = node["class_type"]
+        cls = classes.get(class_type)
+        if cls is None:
+            return (False, _error("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
+                                  f"Node ID '#{x}'"), [], {})
+        if getattr(cls, "OUTPUT_NODE", False) is True:
+            outputs.add(x)
+    if partial_outputs is not None:
+        outputs &= {str(o) for o in partial_outputs}
+    if not outputs:
+        return (False, _error("prompt_no_outputs", "Prompt has no outputs", ""), [], {})
+
+    v = _Validator(prompt, classes, folders)
+    good: list[str] = []
+    failed: list[tuple[str, list]] = []
+    node_errors: dict[str, dict] = {}
+    for o in sorted(outputs, key=_id_key):
+        try:
+            ok, reasons, _ = v.validate_inputs(o)
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as ex:
+            ok = False
+            reasons = [_error("exception_during_validation", "Exception when validating node", str(ex),
+                              exception_type=full_type_name(type(ex)),
+                              traceback=traceback.format_tb(ex.__traceback__))]
+            v.validated[o] = (False, reasons, o)
+        if ok:
+            good.append(o)
+            continue
+        failed.append((o, reasons))
+        log.error("Failed to validate prompt for output %s", o)
+        for node_id, (nvalid, nreasons, _) in v.validated.items():
+            # downstream nodes of a failing node are invalid without reasons of their own: not reported
+            if nvalid is not True and nreasons:
+                entry = node_errors.setdefault(node_id, {
+                    "errors": nreasons, "dependent_outputs": [], "class_type": prompt[node_id]["class_type"]})
+                if o not in entry["dependent_outputs"]:
+                    entry["dependent_outputs"].append(o)
+    if not good:
+        details = "\n".join(f"{e['message']}: {e['details']}" for _, reasons in failed for e in reasons)
+        return (False, _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details),
+                good, node_errors)
+    return (True, None, good, node_errors)
