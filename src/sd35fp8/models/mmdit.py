@@ -359,8 +359,8 @@ class MMDiT(nn.Module):
 def init_random_(model: MMDiT, generator: torch.Generator | None = None) -> MMDiT:
     """Fill every parameter in place with random values shaped like a trained net's (tests, benchmarks).
 
-    Linear/conv weights ~ N(0, 1/fan_in) keep activations O(1); adaLN gets a visible but small
-    modulation (gates ~0.3) so every block matters; RMSNorm weights ~ 1. Works on any device: build
+    Linear/conv weights ~ N(0, 1/fan_in) keep activations O(1); adaLN gets a small but visible
+    modulation (shift/scale/gate ~ +-0.3) so every block matters; RMSNorm weights ~ 1. Works on any device: build
     on meta, `model.to_empty(device=...)`, then call this (the generator must be on that device).
     """
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
@@ -369,7 +369,7 @@ def init_random_(model: MMDiT, generator: torch.Generator | None = None) -> MMDi
         elif name.endswith(("ln_q.weight", "ln_k.weight")):
             std, mean = 0.1, 1.0
         elif name.endswith(".bias"):
-            std, mean = (0.15 if "adaLN_modulation" in name else 0.02), 0.0
+            std, mean = (0.1 if "adaLN_modulation" in name else 0.02), 0.0
         else:  # [out, in] or [out, in, kh, kw]
             fan_in = p[0].numel()
             std, mean = (0.25 if "adaLN_modulation" in name else 1.0) / math.sqrt(fan_in), 0.0

@@ -1,0 +1,289 @@
+"""ComfyUI's HTTP + WebSocket API on FastAPI (server.py's PromptServer routes), every route also under /api.
+
+    app = create_app("ComfyUI/models", "ComfyUI/output")   # then: uvicorn.run(app) or security.serve()
+
+One worker thread runs the prompts (queue.PromptWorker); its events reach the sockets through
+ws.WebSocketHub. Prompts are validated at POST time with the workflow validator, so a bad
+prompt gets ComfyUI's 400 `{error, node_errors}` and never enters the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+
+from sd35fp8.errors import InputError
+from sd35fp8.server import files
+from sd35fp8.server.frontend import UserStore, frontend_routes, frontend_version, mount_frontend
+from sd35fp8.server.jobs import jobs_routes
+from sd35fp8.server.queue import PromptQueue, PromptWorker, QueueFullError
+from sd35fp8.server.security import SecurityMiddleware
+from sd35fp8.server.ws import WebSocketHub
+from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
+from sd35fp8.workflow.nodes import node_info
+
+SERVER_VERSION = "0.1.0"
+DEFAULT_MAX_QUEUE = 100
+DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # ComfyUI's --max-upload-size default (100 MB)
+
+
+def _error(type_: str, message: str, details: str = "", status: int = 400, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message, "details": details, "extra_info": extra},
+                         "node_errors": {}}, status_code=status)
+
+
+def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
+               input_dir: str | os.PathLike | None = None, temp_dir: str | os.PathLike | None = None,
+               device: str | torch.device | None = None, auth_token: str | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               user_dir: str | os.PathLike | None = None, executor: Any = None,
+               extra_model_paths: str | os.PathLike | None = None, loopback: bool = True,
+               serve_frontend: bool = True) -> FastAPI:
+    """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
+
+    device: None = cuda when available, else cpu. auth_token: required on every request when set.
+    loopback: the server listens on 127.0.0.1 only (enables the browser Origin check).
+    """
+    if executor is None:
+        folders = ModelFolders(models_dir, output_dir=output_dir, input_dir=input_dir, temp_dir=temp_dir,
+                               extra_config=extra_model_paths)
+        dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        executor = PromptExecutor(folders, device=dev)
+    folders = executor.folders
+    hub = WebSocketHub()
+    queue = PromptQueue(max_queue=max_queue)
+    worker = PromptWorker(queue, executor, hub.send)
+    queue.on_change = lambda: hub.send("status", {"status": queue_info(queue)}, None)
+    store = UserStore(user_dir if user_dir is not None else folders.output_dir.parent / "user")
+    features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import asyncio
+
+        hub.bind(asyncio.get_running_loop())
+        worker.start()
+        yield
+        worker.stop(timeout=0)  # stop taking prompts; security.stop_app waits for the running one
+
+    app = FastAPI(title="sd35fp8 ComfyUI API", version=SERVER_VERSION, lifespan=lifespan)
+    app.state.queue, app.state.worker, app.state.hub, app.state.executor = queue, worker, hub, executor
+    app.state.folders, app.state.user_store = folders, store
+    app.add_middleware(SecurityMiddleware, auth_token=auth_token, loopback=loopback)
+    input_error_handler(app)
+
+    r = APIRouter()
+
+    @r.websocket("/ws")
+    async def ws_endpoint(ws: WebSocket) -> None:
+        await hub.serve(ws, ws.query_params.get("clientId"), {"status": queue_info(queue)}, features)
+
+    # ---- prompts ----------------------------------------------------------------------------
+    @r.get("/prompt")
+    async def get_prompt() -> dict:
+        return queue_info(queue)
+
+    @r.post("/prompt")
+    async def post_prompt(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _error("invalid_json", "Request body is not valid JSON", str(e))
+        if not isinstance(body, dict) or "prompt" not in body:
+            return _error("no_prompt", "No prompt provided", "No prompt provided")
+        try:
+            prompt = parse_prompt(body["prompt"])
+            number = queue.next_number(front=body.get("front") is True, number=body.get("number"))
+        except InputError as e:
+            return _error("invalid_prompt", "Invalid prompt", str(e))
+        extra_data = body.get("extra_data") or {}
+        if not isinstance(extra_data, dict):
+            return _error("invalid_prompt", "Invalid prompt", "extra_data must be an object")
+        extra_data = dict(extra_data)
+        if body.get("client_id") is not None:
+            extra_data["client_id"] = str(body["client_id"])
+        extra_data["create_time"] = _now_ms()
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        partial = body.get("partial_execution_targets")
+        ok, error, outputs, node_errors = validate_prompt(prompt, executor.classes, folders, partial)
+        if not ok:
+            return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
+        try:
+            queue.put([number, prompt_id, prompt, extra_data, outputs])
+        except QueueFullError as e:
+            return _error("queue_full", "Queue is full", str(e), status=429, max_queue=queue.max_queue)
+        return JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+
+    # ---- queue, history, interrupt, free ----------------------------------------------------
+    @r.get("/queue")
+    async def get_queue() -> dict:
+        running, pending = queue.current_queue()
+        return {"queue_running": running, "queue_pending": pending}
+
+    @r.post("/queue")
+    async def post_queue(request: Request) -> Response:
+        body = await _json_body(request)
+        if body.get("clear"):
+            queue.wipe_queue()
+        for prompt_id in body.get("delete") or []:
+            queue.delete_queue_item(str(prompt_id))
+        return Response(status_code=200)
+
+    @r.get("/history")
+    async def get_history(max_items: int | None = None, offset: int = -1) -> dict:
+        return queue.history(max_items=max_items, offset=offset)
+
+    @r.get("/history/{prompt_id}")
+    async def get_history_item(prompt_id: str) -> dict:
+        return queue.history(prompt_id)
+
+    @r.post("/history")
+    async def post_history(request: Request) -> Response:
+        body = await _json_body(request)
+        if body.get("clear"):
+            queue.wipe_history()
+        for prompt_id in body.get("delete") or []:
+            queue.delete_history_item(str(prompt_id))
+        return Response(status_code=200)
+
+    @r.post("/interrupt")
+    async def interrupt(request: Request) -> Response:
+        body = await _json_body(request)
+        worker.interrupt(body.get("prompt_id"))
+        return Response(status_code=200)
+
+    @r.post("/free")
+    async def free(request: Request) -> Response:
+        body = await _json_body(request)
+        worker.request_free(bool(body.get("unload_models")), bool(body.get("free_memory")))
+        return Response(status_code=200)
+
+    # ---- nodes and system -------------------------------------------------------------------
+    @r.get("/object_info")
+    async def get_object_info() -> dict:
+        return object_info(folders, executor.classes)
+
+    @r.get("/object_info/{node_class}")
+    async def get_object_info_node(node_class: str) -> dict:
+        cls = executor.classes.get(node_class)
+        return {node_class: node_info(node_class, cls, folders)} if cls is not None else {}
+
+    @r.get("/system_stats")
+    async def system_stats() -> dict:
+        return system_info(executor.device)
+
+    @r.get("/embeddings")
+    async def embeddings() -> list:
+        return []
+
+    @r.get("/extensions")
+    async def extensions() -> list:
+        return []  # the frontend package bundles its core extensions; there are no custom nodes
+
+    @r.get("/features")
+    async def get_features() -> dict:
+        return features
+
+    @r.get("/models")
+    async def model_kinds() -> list:
+        return list(folders.kinds)
+
+    @r.get("/models/{kind}")
+    async def model_files(kind: str) -> Any:
+        if kind not in folders.kinds:
+            return JSONResponse({"error": f"unknown model folder {kind!r}"}, status_code=404)
+        return folders.get_filename_list(kind)
+
+    @r.get("/experiment/models")
+    async def experiment_models() -> list:
+        return [{"name": k, "folders": [str(p) for p in folders.folders(k)]} for k in folders.kinds]
+
+    @r.get("/experiment/models/{kind}")
+    async def experiment_model_files(kind: str) -> Any:
+        if kind not in folders.kinds:
+            return JSONResponse({"error": f"unknown model folder {kind!r}"}, status_code=404)
+        return [{"name": n, "pathIndex": 0} for n in folders.get_filename_list(kind)]
+
+    files.add_routes(r, folders, max_upload_bytes)
+    r.include_router(jobs_routes(queue))
+    r.include_router(frontend_routes(store))
+    app.include_router(r)
+    app.include_router(r, prefix="/api")
+    if serve_frontend:
+        mount_frontend(app)
+    return app
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InputError(f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InputError("request body must be a JSON object")
+    return body
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def queue_info(queue: PromptQueue) -> dict:
+    """ComfyUI get_queue_info: the `status` payload."""
+    return {"exec_info": {"queue_remaining": queue.tasks_remaining()}}
+
+
+def _ram() -> tuple[int, int]:
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+
+
+def system_info(device: torch.device) -> dict:
+    """GET /system_stats: ComfyUI's {system, devices} shape."""
+    ram_total, ram_free = _ram()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        reserved = torch.cuda.memory_reserved(index)
+        allocated = torch.cuda.memory_allocated(index)
+        name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+        vram = (total, free, reserved, reserved - allocated)
+    else:
+        index, name, vram = 0, dev.type, (ram_total, ram_free, ram_total, ram_free)
+    return {
+        "system": {
+            "os": sys.platform, "python_version": sys.version, "embedded_python": False,
+            "comfyui_version": f"sd35fp8-{SERVER_VERSION}", "pytorch_version": torch.__version__,
+            "required_frontend_version": frontend_version() or "", "argv": sys.argv, "ram_total": ram_total,
+            "ram_free": ram_free, "platform": platform.platform(),
+        },
+        "devices": [{"name": name, "type": dev.type, "index": index, "vram_total": vram[0], "vram_free": vram[1],
+                     "torch_vram_total": vram[2], "torch_vram_free": vram[3]}],
+    }
+
+
+def input_error_handler(app: FastAPI) -> None:
+    """Answer InputError raised inside a route with a 400 in ComfyUI's error shape."""
+
+    @app.exception_handler(InputError)
+    async def _handle(request: Request, exc: InputError) -> JSONResponse:
+        return _error("invalid_request", "Invalid request", str(exc))
+

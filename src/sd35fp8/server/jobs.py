@@ -1,0 +1,114 @@
+"""GET /jobs, GET /jobs/{id}, POST /jobs/cancel: the newer ComfyUI jobs view of queue + history.
+
+The current frontend (comfyui-frontend-package >= 1.3x) builds its queue and history panels from
+these (ComfyUI comfy_execution/jobs.py): a job is {id, status, priority, create_time, outputs_count,
+execution_start_time?, execution_end_time?, execution_error?, preview_output?}; status is one of
+pending, in_progress, completed, failed, cancelled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from sd35fp8.server.queue import PromptQueue
+
+STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+PREVIEWABLE = ("images", "video", "audio", "3d")
+
+
+def queue_job(item: list, status: str) -> dict:
+    return {"id": item[1], "status": status, "priority": item[0],
+            "create_time": item[3].get("create_time", 0), "outputs_count": 0}
+
+
+def history_job(prompt_id: str, entry: dict, include_outputs: bool = False) -> dict:
+    item, status_info, outputs = entry["prompt"], entry["status"], entry["outputs"]
+    job: dict[str, Any] = {"id": prompt_id, "priority": item[0], "create_time": item[3].get("create_time", 0)}
+    interrupted = False
+    for event, data in status_info.get("messages", []):
+        if event == "execution_start":
+            job["execution_start_time"] = data.get("timestamp")
+        elif event in ("execution_success", "execution_error", "execution_interrupted"):
+            job["execution_end_time"] = data.get("timestamp")
+            if event == "execution_error":
+                job["execution_error"] = data
+            interrupted = interrupted or event == "execution_interrupted"
+    if status_info.get("status_str") == "success":
+        job["status"] = "completed"
+    else:
+        job["status"] = "cancelled" if interrupted else "failed"
+    count, preview = 0, None
+    for node_id, ui in outputs.items():
+        for media, items in ui.items():
+            if not isinstance(items, list):
+                continue
+            for it in items:
+                count += 1
+                if preview is None and isinstance(it, dict) and media in PREVIEWABLE:
+                    preview = {**it, "nodeId": node_id, "mediaType": media}
+    job["outputs_count"] = count
+    if preview is not None:
+        job["preview_output"] = preview
+    if include_outputs:
+        job["outputs"] = outputs
+        job["execution_status"] = status_info
+        job["workflow"] = {"prompt": item[2], "extra_data": item[3]}
+    return job
+
+
+def all_jobs(queue: PromptQueue) -> list[dict]:
+    running, pending = queue.current_queue()
+    jobs = [queue_job(i, "in_progress") for i in running] + [queue_job(i, "pending") for i in pending]
+    jobs += [history_job(pid, e) for pid, e in queue.history().items()]
+    return jobs
+
+
+def jobs_routes(queue: PromptQueue) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/jobs")
+    async def list_jobs(status: str = "", limit: int | None = None, offset: int = 0,
+                        sort_order: str = "desc") -> dict:
+        wanted = {s for s in status.split(",") if s} or set(STATUSES)
+        jobs = [j for j in all_jobs(queue) if j["status"] in wanted]
+        jobs.sort(key=lambda j: j.get("create_time", 0), reverse=sort_order != "asc")
+        total = len(jobs)
+        offset = max(offset, 0)
+        page = jobs[offset:] if limit is None else jobs[offset: offset + max(limit, 0)]
+        return {"jobs": page, "pagination": {"offset": offset, "limit": limit if limit is not None else total,
+                                             "total": total, "has_more": offset + len(page) < total}}
+
+    @r.get("/jobs/{job_id}")
+    async def get_job(job_id: str) -> Any:
+        entry = queue.history(job_id).get(job_id)
+        if entry is not None:
+            return history_job(job_id, entry, include_outputs=True)
+        running, pending = queue.current_queue()
+        for items, status in ((running, "in_progress"), (pending, "pending")):
+            for item in items:
+                if item[1] == job_id:
+                    return queue_job(item, status)
+        return JSONResponse({"error": f"no job {job_id!r}"}, status_code=404)
+
+    @r.post("/jobs/cancel")
+    async def cancel_jobs(request: Request) -> Response:
+        body = await request.json()
+        for job_id in body.get("job_ids", []) if isinstance(body, dict) else []:
+            _cancel(request, str(job_id))
+        return Response(status_code=200)
+
+    @r.post("/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str, request: Request) -> Response:
+        _cancel(request, job_id)
+        return Response(status_code=200)
+
+    return r
+
+
+def _cancel(request: Request, job_id: str) -> None:
+    state = request.app.state
+    if not state.queue.delete_queue_item(job_id):
+        state.worker.interrupt(job_id)

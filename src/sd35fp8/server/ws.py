@@ -1,0 +1,129 @@
+"""WebSocket hub: ComfyUI's /ws messages, sent from the worker thread into the asyncio loop.
+
+JSON messages are `{"type": event, "data": data}`. Binary messages are ComfyUI's preview frames:
+4-byte big-endian event type (1 = PREVIEW_IMAGE), 4-byte big-endian image type (1 = JPEG,
+2 = PNG), then the encoded image. `sid=None` broadcasts to every socket (ComfyUI send_sync).
+
+Each socket has its own outgoing asyncio.Queue drained by one writer task, so messages keep the
+order in which the worker produced them and a slow client never blocks the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import threading
+import uuid
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+log = logging.getLogger(__name__)
+
+PREVIEW_IMAGE = 1  # ComfyUI BinaryEventTypes.PREVIEW_IMAGE
+IMAGE_TYPES = {"JPEG": 1, "PNG": 2}
+_CLOSE = object()
+
+
+def encode_preview(image: bytes, image_format: str = "JPEG") -> bytes:
+    """ComfyUI encode_bytes(PREVIEW_IMAGE, (format, image)): two big-endian u32, then the bytes."""
+    fmt = image_format.upper()
+    if fmt not in IMAGE_TYPES:
+        raise ValueError(f"preview format must be JPEG or PNG, got {image_format!r}")
+    return struct.pack(">I", PREVIEW_IMAGE) + struct.pack(">I", IMAGE_TYPES[fmt]) + image
+
+
+class WebSocketHub:
+    """Connected sockets by client id (sid), and a thread-safe `send` for the worker."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._lock = threading.Lock()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    @property
+    def client_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._queues)
+
+    # ---- from any thread --------------------------------------------------------------------
+    def send(self, event: str, data: Any, sid: str | None = None) -> None:
+        """Queue a message for one client (sid) or all (None). Safe to call from the worker thread.
+
+        event "preview_image" with data {"image": bytes, "format": "JPEG"|"PNG"} goes out binary.
+        """
+        if event == "preview_image":
+            message: str | bytes = encode_preview(data["image"], data.get("format", "JPEG"))
+        else:
+            message = json.dumps({"type": event, "data": data})
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # no server loop yet: nobody can be listening
+        with self._lock:
+            targets = list(self._queues.items()) if sid is None else (
+                [(sid, self._queues[sid])] if sid in self._queues else [])
+        for _, q in targets:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, message)
+            except RuntimeError:  # the loop closed between the check and the call: server shut down
+                return
+
+    # ---- inside the loop --------------------------------------------------------------------
+    async def serve(self, ws: WebSocket, client_id: str | None, hello: dict, server_features: dict) -> None:
+        """Accept, send the status hello, then pump messages until the client leaves."""
+        sid = client_id or uuid.uuid4().hex
+        self.bind(asyncio.get_running_loop())
+        await ws.accept()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            old = self._queues.get(sid)
+            self._queues[sid] = q
+        if old is not None:
+            old.put_nowait(_CLOSE)  # a reconnect with the same id takes over
+        writer = asyncio.create_task(self._writer(ws, q))
+        try:
+            q.put_nowait(json.dumps({"type": "status", "data": {**hello, "sid": sid}}))
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                text = msg.get("text")
+                if text:
+                    self._on_client_message(q, text, server_features)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            with self._lock:
+                if self._queues.get(sid) is q:
+                    del self._queues[sid]
+            q.put_nowait(_CLOSE)
+            await writer
+
+    @staticmethod
+    def _on_client_message(q: asyncio.Queue, text: str, server_features: dict) -> None:
+        try:
+            msg = json.loads(text)
+        except json.JSONDecodeError:
+            log.warning("ignored a non-JSON websocket message")
+            return
+        if isinstance(msg, dict) and msg.get("type") == "feature_flags":
+            q.put_nowait(json.dumps({"type": "feature_flags", "data": server_features}))
+
+    @staticmethod
+    async def _writer(ws: WebSocket, q: asyncio.Queue) -> None:
+        while True:
+            message = await q.get()
+            if message is _CLOSE:
+                return
+            try:
+                if isinstance(message, bytes):
+                    await ws.send_bytes(message)
+                else:
+                    await ws.send_text(message)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                return  # the client went away; the reader side cleans up

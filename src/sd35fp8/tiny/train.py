@@ -1,0 +1,398 @@
+"""Train the shipped tiny SD3.5-layout model on the procedural world, export it, evaluate it.
+
+    python -m sd35fp8.tiny.train --out DIR --minutes-vae 1.5 --minutes-mmdit 4.5 --seed 0 --device cuda
+    python -m sd35fp8.tiny.train --out DIR --smoke          # CPU, tiny sizes, < 60 s
+
+Phases: (1) SentencePiece T5 vocabulary on the caption corpus; (2) render + tokenize the dataset in
+worker processes (before any CUDA work: workers are forked); (3) VAE: L1 + L2 reconstruction of
+latents perturbed by 10 % relative noise, then an exact affine fold of the measured per-channel
+latent mean/std into encoder.conv_out so `to_model_space(encode(x))` is ~N(0, 1) under SD3's fixed
+constants, then a decoder-only fine-tune on the folded latents (the fold is exact on the encoder,
+not on decoder.conv_in at the zero-padded border); (4) MMDiT + the three text towers jointly, SD3
+rectified flow (x_t = (1-s) x0 + s eps, target eps - x0, s = shift3(sigmoid(N(0,1)))), 10 % empty
+prompts, AdamW, bf16 autocast, EMA of every trained weight (shipped); (5) export + load back with
+the project's loaders; (6) held-out evaluation with the detector over a CFG grid, defaults = best.
+
+Step counts: --steps-* fix them; otherwise they come from --minutes-* and the speed of the first
+steps (recorded in train_log.json: rerun with those --steps-* to repeat a run exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.vae import image_to_uint8, to_model_space, to_vae_space
+from . import detector, world
+from .data import Dataset, make_tokenizer, render_dataset, train_spiece
+from .export import CHECKPOINT_NAME, export_checkpoint, load_back
+from .spec import TextTowers, TinySpec, build_mmdit, build_vae, param_count
+
+LATENT_NOISE = 0.1  # decoder robustness: latent noise, relative to the batch latent std
+CFG_GRID = (3.0, 5.0, 7.0)
+
+
+class Clock:
+    def __init__(self):
+        self.t0 = time.time()
+        self.marks: dict[str, float] = {}
+
+    def now(self) -> float:
+        return time.time() - self.t0
+
+    def mark(self, name: str, since: float) -> float:
+        self.marks[name] = round(time.time() - since, 2)
+        return time.time()
+
+
+def log(msg: str, clock: Clock) -> None:
+    print(f"[{clock.now():7.1f}s] {msg}", flush=True)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_steps(step_fn, steps: int | None, minutes: float, probe: int, device: torch.device, clock: Clock,
+              name: str, history: list) -> int:
+    """Call step_fn(step, total) -> loss; total is fixed after `probe` timed steps when steps is None."""
+    total = steps if steps is not None else 10**9
+    start, running, step = time.time(), [], 0
+    while step < total:
+        running.append(step_fn(step, total))
+        step += 1
+        if steps is None and step == probe:
+            _sync(device)
+            per = (time.time() - start) / probe
+            total = max(probe + 1, int(minutes * 60 / per))
+            log(f"{name}: {per * 1000:.1f} ms/step -> {total} steps", clock)
+        if step % 50 == 0 or step == total:
+            loss = float(torch.stack(running).mean())
+            running = []
+            history.append([step, round(time.time() - start, 2), round(loss, 6)])
+            if step % 500 == 0 or step == total:
+                log(f"{name} step {step}/{total} loss {loss:.5f}", clock)
+    return total
+
+
+# ---- VAE ------------------------------------------------------------------------------------------
+def _images(data_gpu: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return data_gpu[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
+
+
+def train_vae(spec: TinySpec, images: torch.Tensor, args, device: torch.device, clock: Clock, rec: dict):
+    vae = build_vae(spec).to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    n = images.shape[0]
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def make_step(params, encode_fn, finetune: bool):
+        opt = torch.optim.AdamW(params, lr=args.lr_vae, betas=(0.9, 0.99), weight_decay=0.0)
+
+        def step(i: int, total: int) -> torch.Tensor:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(i, total, args.lr_vae, 100 if not finetune else 20)
+            x = _images(images, torch.randint(0, n, (args.batch_vae,), device=device, generator=gen))
+            with autocast:
+                z = encode_fn(x)  # [B, 16, h, w]
+                z_std = z.detach().float().std()
+                noisy = z + LATENT_NOISE * z_std * torch.randn(z.shape, device=device, generator=gen).to(z.dtype)
+                y = vae.decoder(noisy)
+            y = y.float()
+            loss = F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-4 * z.float().pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            return loss.detach()
+
+        return step
+
+    main_steps = None if args.steps_vae is None else max(1, int(args.steps_vae * 0.8))
+    rec["vae_loss"] = []
+    rec["vae_steps_main"] = run_steps(make_step(list(vae.parameters()), vae.encode, False), main_steps,
+                                      args.minutes_vae * 0.8, 25, device, clock, "vae", rec["vae_loss"])
+    stats = fold_latent_stats(vae, images, device)
+    rec["vae_fold"] = stats
+    log(f"vae fold: raw latent mean {stats['raw_mean']:.4f} std {stats['raw_std']:.4f}", clock)
+    vae.encoder.requires_grad_(False)
+    ft_steps = None if args.steps_vae is None else max(1, args.steps_vae - main_steps)
+    rec["vae_finetune_loss"] = []
+    rec["vae_steps_finetune"] = run_steps(
+        make_step(list(vae.decoder.parameters()), lambda x: vae.encode(x).detach(), True), ft_steps,
+        args.minutes_vae * 0.2, 25, device, clock, "vae-decoder", rec["vae_finetune_loss"])
+    vae.requires_grad_(False).eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+    """Raw VAE latents (float32) of every image, on `device`."""
+    out = []
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        for i in range(0, images.shape[0], batch):
+            out.append(vae.encode(_images(images, torch.arange(i, min(i + batch, images.shape[0]),
+                                                                device=device))).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fold_latent_stats(vae, images: torch.Tensor, device: torch.device, n: int = 8192) -> dict:
+    """Fold z' = (z - m) / (s * 1.5305) + 0.0609 into encoder.conv_out (mean half; the log-variance
+    half gets zero weights and a constant 10 %-noise bias), and z = (z' - 0.0609) * 1.5305 * s + m into
+    decoder.conv_in, so that to_model_space(z') = (z - m) / s, per channel."""
+    from ..models.vae import LATENT_SCALE, LATENT_SHIFT
+
+    z = encode_all(vae, images[:n], device)  # [n, C, h, w]
+    m = z.mean(dim=(0, 2, 3)).double()  # [C]
+    s = z.std(dim=(0, 2, 3)).double().clamp_min(1e-4)  # [C]
+    a = 1.0 / (s * LATENT_SCALE)  # z' = a * z + b
+    b = LATENT_SHIFT - m * a
+    conv_out, conv_in = vae.encoder.conv_out, vae.decoder.conv_in
+    c = m.numel()
+    w, bias = conv_out.weight.double(), conv_out.bias.double()
+    w[:c] *= a[:, None, None, None]
+    bias[:c] = bias[:c] * a + b
+    w[c:] = 0.0
+    bias[c:] = 2.0 * math.log(LATENT_NOISE / LATENT_SCALE)
+    conv_out.weight.copy_(w.float())
+    conv_out.bias.copy_(bias.float())
+    # decoder.conv_in(z) = W * z + bias with z = (z' - b) / a: W' = W / a (per input channel), bias' = bias - W'.b
+    wi = conv_in.weight.double()  # [O, C, 3, 3]
+    wi_new = wi / a[None, :, None, None]
+    bias_new = conv_in.bias.double() - (wi_new * b[None, :, None, None]).sum(dim=(1, 2, 3))
+    conv_in.weight.copy_(wi_new.float())
+    conv_in.bias.copy_(bias_new.float())
+    zz = to_model_space(encode_all(vae, images[:n], device))
+    return {"raw_mean": float(m.mean()), "raw_std": float(s.mean()), "per_channel_mean": m.tolist(),
+            "per_channel_std": s.tolist(), "model_space_mean": float(zz.mean()), "model_space_std": float(zz.std())}
+
+
+# ---- MMDiT + text ---------------------------------------------------------------------------------
+def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tuple, args, device: torch.device,
+                clock: Clock, rec: dict):
+    torch.manual_seed(args.seed + 2)
+    mmdit = build_mmdit(spec, torch.Generator().manual_seed(args.seed + 2)).to(device)
+    towers = TextTowers(spec).to(device)
+    rec["params"] = {"mmdit": param_count(mmdit), "clip_l": param_count(towers.clip_l),
+                     "clip_g": param_count(towers.clip_g), "t5": param_count(towers.t5)}
+    params = [p for m in (mmdit, towers) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    ids = [torch.from_numpy(a).long().to(device) for a in (data.l_ids, data.g_ids, data.t5_ids)]
+    empty_ids = [torch.tensor(e, dtype=torch.long, device=device)[None] for e in empty]  # [1, 77] each
+    gen = torch.Generator(device=device).manual_seed(args.seed + 3)
+    n = latents.shape[0]
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    mmdit.train()
+    towers.train()
+
+    def step(i: int, total: int) -> torch.Tensor:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i, total, args.lr, args.warmup)
+        idx = torch.randint(0, n, (args.batch,), device=device, generator=gen)
+        drop = torch.rand(args.batch, device=device, generator=gen) < args.text_dropout  # [B]
+        toks = [torch.where(drop[:, None], e, t[idx]) for t, e in zip(ids, empty_ids)]  # 3 x [B, 77]
+        x0 = latents[idx]  # [B, 16, h, w] model space
+        eps = torch.randn(x0.shape, device=device, generator=gen)
+        t = torch.sigmoid(torch.randn(args.batch, device=device, generator=gen))
+        s = args.shift * t / (1 + (args.shift - 1) * t)  # [B] SD3 shifted sigma
+        xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
+        with autocast:
+            context, pooled = towers(*toks)
+            v = mmdit(xt, s, context, pooled)
+        loss = F.mse_loss(v.float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - min(args.ema, (1 + i) / (10 + i)))
+        return loss.detach()
+
+    rec["mmdit_loss"] = []
+    rec["mmdit_steps"] = run_steps(step, args.steps_mmdit, args.minutes_mmdit, 30, device, clock, "mmdit",
+                                   rec["mmdit_loss"])
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    mmdit.eval().requires_grad_(False)
+    towers.eval().requires_grad_(False)
+    return mmdit, towers
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+def _score_pool(images: list[np.ndarray], items: list, workers: int) -> list[dict]:
+    if workers <= 1:
+        return [detector.score(im, it) for im, it in zip(images, items)]
+    with mp.get_context("fork").Pool(workers) as pool:  # workers never touch CUDA
+        return pool.starmap(detector.score, list(zip(images, items)), chunksize=8)
+
+
+@torch.no_grad()
+def generate(mmdit, vae, text_encoder, prompts: list[str], seed: int, cfg: float, steps: int, size: int,
+             device: torch.device, sampler: str = "euler", scheduler: str = "normal", batch: int = 256):
+    """Images (uint8 list) through the pipeline's pieces: SD3TextEncoder, CFGDenoiser, ComfyUI noise/sigmas."""
+    from ..sampling import CFGDenoiser, Conditioning, get_sigmas, noise_scaling, prepare_noise, sample
+
+    sigmas = get_sigmas(scheduler, steps, shift=3.0)
+    u_ctx, u_pool = text_encoder.encode_prompts([""])
+    out = []
+    for i in range(0, len(prompts), batch):
+        part = prompts[i:i + batch]
+        ctx, pool = text_encoder.encode_prompts(part)
+        denoiser = CFGDenoiser(mmdit, Conditioning(ctx, pool), Conditioning(u_ctx, u_pool), cfg=cfg)
+        noise = prepare_noise(seed + i, (len(part), 16, size // 8, size // 8)).to(device)
+        x = noise_scaling(sigmas[0], noise, torch.zeros_like(noise))
+        z = sample(sampler, denoiser, x, sigmas.to(device), disable=True)
+        out += image_to_uint8(vae.decode(to_vae_space(z)).float())
+    return out
+
+
+def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.device, size: int,
+             clock: Clock) -> dict:
+    from ..text.encoders import SD3TextEncoder
+
+    text = SD3TextEncoder(towers.clip_l, towers.clip_g, towers.t5, tokenizer=make_tokenizer(spiece))
+    items = world.heldout_prompts(args.eval_items, seed=1000 + args.seed)
+    prompts = [it.caption for it in items]
+    res: dict = {"n_items": len(items), "steps": args.eval_steps, "sampler": "euler", "scheduler": "normal"}
+    # reference upper bounds: the renders themselves, and their VAE round trip
+    renders = [world.render(it.scene, size) for it in items]
+    res["detector_on_renders"] = detector.aggregate(_score_pool(renders, items, args.workers))
+    x = torch.from_numpy(np.stack(renders)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    recon = image_to_uint8(vae.decode(vae.encode(x)).float())
+    res["detector_on_vae_roundtrip"] = detector.aggregate(_score_pool(recon, items, args.workers))
+    res["cfg_grid"] = {}
+    best = None
+    for cfg in args.cfg_grid:
+        images = generate(mmdit, vae, text, prompts, args.seed, cfg, args.eval_steps, size, device)
+        agg = detector.aggregate(_score_pool(images, items, args.workers))
+        res["cfg_grid"][str(cfg)] = agg
+        pc = agg["per_category"]
+        key = pc.get("single", 0.0) + pc.get("two_relation", 0.0)
+        log(f"eval cfg {cfg}: single {pc.get('single', 0):.3f} two_relation {pc.get('two_relation', 0):.3f} "
+            f"overall {agg['overall']:.3f}", clock)
+        if best is None or key > best[0]:
+            best = (key, cfg, images)
+    res["best_cfg"] = best[1]
+    res["heldout"] = res["cfg_grid"][str(best[1])]
+    train_items = world.eval_items(max(5, args.eval_items // 2), seed=2000 + args.seed, split="train")
+    imgs = generate(mmdit, vae, text, [it.caption for it in train_items], args.seed, best[1], args.eval_steps,
+                    size, device)
+    res["in_distribution"] = detector.aggregate(_score_pool(imgs, train_items, args.workers))
+    res["samples"] = best[2][:16]
+    return res
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sd35fp8.tiny.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--minutes-vae", type=float, default=1.5)
+    p.add_argument("--minutes-mmdit", type=float, default=4.5)
+    p.add_argument("--steps-vae", type=int, default=None)
+    p.add_argument("--steps-mmdit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n-images", type=int, default=120_000)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--batch-vae", type=int, default=64)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--lr-vae", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--text-dropout", type=float, default=0.1)
+    p.add_argument("--eval-items", type=int, default=400)
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--cfg-grid", type=float, nargs="+", default=list(CFG_GRID))
+    p.add_argument("--smoke", action="store_true", help="CPU smoke run with tiny sizes (< 60 s)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.n_images, args.batch, args.batch_vae = "cpu", 64, 8, 4
+        args.steps_vae = args.steps_vae or 3
+        args.steps_mmdit = args.steps_mmdit or 3
+        args.warmup, args.eval_items, args.eval_steps, args.cfg_grid = 2, 5, 2, [4.0]
+        args.workers = min(args.workers, 2)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    clock = Clock()
+    spec = TinySpec.smoke() if args.smoke else TinySpec.full()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    rec: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                 "torch": torch.__version__}
+    t = time.time()
+    spiece = train_spiece(out, spec.t5_vocab, args.seed, 2000 if args.smoke else 20000)
+    import sentencepiece as spm
+    spec = spec.with_t5_vocab(spm.SentencePieceProcessor(model_file=str(spiece)).get_piece_size())
+    rec["spec"] = {k: v for k, v in spec.__dict__.items()}
+    t = clock.mark("spiece", t)
+    data = render_dataset(args.n_images, args.seed, spec.image_size, spiece, args.workers)
+    tok = make_tokenizer(spiece)
+    from .data import token_rows
+    empty = token_rows(tok, "")
+    t = clock.mark("render", t)
+    log(f"rendered {len(data)} images ({spec.image_size} px), T5 vocab {spec.t5_vocab}", clock)
+
+    device = torch.device(args.device)  # first CUDA use: after the forked render workers
+    rec["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    images = torch.from_numpy(data.images).to(device)  # uint8 [N, H, W, 3]
+    vae = train_vae(spec, images, args, device, clock, rec)
+    t = clock.mark("vae", t)
+    latents = to_model_space(encode_all(vae, images, device))  # [N, 16, h, w]
+    rec["latents_model_space"] = {"mean": float(latents.mean()), "std": float(latents.std())}
+    del images
+    t = clock.mark("encode", t)
+    mmdit, towers = train_mmdit(spec, latents, data, empty, args, device, clock, rec)
+    t = clock.mark("mmdit", t)
+
+    defaults = {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": "euler", "scheduler": "normal",
+                "shift": 3.0, "width": spec.image_size, "height": spec.image_size}
+    info = {"spec": rec["spec"], "seed": args.seed, "latent_fold": "per-channel affine folded into VAE"}
+    ckpt = export_checkpoint(out / CHECKPOINT_NAME, mmdit, vae, towers.clip_l, towers.clip_g, towers.t5,
+                             defaults, info, spiece)
+    load_back(ckpt)  # proves the layout with the project's loaders
+    t = clock.mark("export", t)
+    res = evaluate(mmdit, vae, towers, spiece, args, device, spec.image_size, clock)
+    t = clock.mark("eval", t)
+    defaults["cfg"] = res["best_cfg"]
+    samples = res.pop("samples")
+    info["eval_heldout"] = res["heldout"]["per_category"]
+    export_checkpoint(ckpt, mmdit, vae, towers.clip_l, towers.clip_g, towers.t5, defaults, info, spiece)
+    grid = np.concatenate([np.concatenate(samples[r * 4:(r + 1) * 4], axis=1)
+                           for r in range(len(samples) // 4)], axis=0) if len(samples) >= 4 else samples[0]
+    from PIL import Image
+    Image.fromarray(grid).save(out / "samples_heldout.png")
+    rec.update(defaults=defaults, eval=res, timings=clock.marks, total_s=round(clock.now(), 1),
+               files={p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()})
+    (out / "train_log.json").write_text(json.dumps(rec, indent=1))
+    log(f"done in {clock.now():.1f}s: held-out {res['heldout']['per_category']} (cfg {res['best_cfg']})", clock)
+    return rec
+
+
+if __name__ == "__main__":
+    main()
