@@ -155,7 +155,7 @@ def run_model(label: str, cfg: MMDiTConfig, args: argparse.Namespace, device: to
 
     with torch.inference_mode():
         ours = build_ours(cfg, dtype, device, args.seed)
-        row, outs["ours"] = measure("sd35fp8 eager", lambda: ours(x, sigma, context, pooled), device, args, flops)
+        row, outs["ours"] = measure("sd35fp8 eager", lambda m=ours: m(x, sigma, context, pooled), device, args, flops)
         rows.append(row)
         if args.compile:
             compiled = torch.compile(ours, mode=args.compile_mode)

@@ -338,21 +338,29 @@ def load_mmdit_fp8(source: str | Path | Components | TensorSource, device: str |
     return model.eval()
 
 
-class FP8T5DenseGatedActDense(nn.Module):
-    """Forward of transformers' T5DenseGatedActDense without its `hidden.to(wo.weight.dtype)` cast,
-    which would turn activations into unscaled float8 when `wo` is an FP8Linear."""
-
+class _NoCastGatedFF(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         h = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)  # [B, L, d_ff]
         return self.wo(self.dropout(h))
 
 
-def _patch_t5_ff(model: nn.Module) -> None:
-    from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
+class _NoCastFF(nn.Module):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.dropout(self.act(self.wi(hidden_states))))
 
-    for mod in model.modules():
-        if type(mod) is T5DenseGatedActDense and isinstance(mod.wo, FP8Linear):
-            mod.__class__ = type("FP8" + T5DenseGatedActDense.__name__, (FP8T5DenseGatedActDense, T5DenseGatedActDense), {})
+
+def patch_t5_for_fp8(model: nn.Module) -> nn.Module:
+    """Drop transformers' `hidden.to(wo.weight.dtype)` in T5's feed-forward (T5DenseGatedActDense /
+    T5DenseActDense): with an FP8Linear `wo` it would cast activations to unscaled float8. Same math
+    otherwise; harmless for nn.Linear. Needed by any FP8 pass over a T5 (also quantize_model)."""
+    from transformers.models.t5 import modeling_t5 as t5
+
+    for base, fix in ((t5.T5DenseGatedActDense, _NoCastGatedFF), (t5.T5DenseActDense, _NoCastFF)):
+        patched = type("FP8" + base.__name__, (fix, base), {})
+        for mod in model.modules():
+            if type(mod) is base:
+                mod.__class__ = patched
+    return model
 
 
 def load_t5_fp8(source: str | Path | Components | TensorSource, device: str | torch.device = "cpu",
@@ -378,7 +386,10 @@ def load_t5_fp8(source: str | Path | Components | TensorSource, device: str | to
     if mode == "none":
         plan, kept = {}, kept + list(plan)
     _swap_empty(model, plan, dtype)
-    _patch_t5_ff(model)
+    patch_t5_for_fp8(model)
     quantized = stream_into(model, src, device, dtype, plan, key_of=keys.source, ignore=ignore)
     _finish(model, mode, fmt, device, plan, kept, quantized)
     return model.eval()
+
+
+_patch_t5_ff = patch_t5_for_fp8  # earlier name, used by tests/test_offload.py

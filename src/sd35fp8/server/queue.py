@@ -271,7 +271,12 @@ class PromptWorker:
         messages: list[list] = []
         meta: dict[str, dict] = {}
 
+        done: list[dict] = []
+
         def hooks(event: str, data: Any) -> None:
+            if event == "executing" and data.get("node") is None:
+                done.append(data)  # ComfyUI sends this after the history is stored (prompt_worker)
+                return
             if event in STATUS_EVENTS:
                 messages.append([event, data])
             if event == "executing":
@@ -297,5 +302,6 @@ class PromptWorker:
         success = bool(result is not None and result.success)
         status = {"status_str": "success" if success else "error", "completed": success, "messages": messages}
         self.queue.task_done(task_id, dict(result.outputs) if result is not None else {}, status, meta)
+        self.send("executing", done[-1] if done else {"node": None, "prompt_id": prompt_id}, sid)
         log.info("Prompt %s (#%s) %s in %.2f s", prompt_id, number, status["status_str"],
                  time.perf_counter() - t0)

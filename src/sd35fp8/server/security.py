@@ -143,10 +143,10 @@ def serve(listen: str = "127.0.0.1", port: int = 8188, models_dir: str | os.Path
     shown = f"[{listen}]" if ":" in listen else listen
     print(f"sd35fp8 ComfyUI server: http://{shown}:{port}/" + ("  (auth token required)" if auth_token else ""))
     try:
-        server.run()  # returns after Ctrl-C: uvicorn has stopped accepting connections
-    finally:
-        pending = stop_app(app)
-    return pending
+        server.run()  # uvicorn stops accepting on Ctrl-C, then re-raises the KeyboardInterrupt
+    except KeyboardInterrupt:
+        print("Ctrl-C: the server stopped accepting requests")
+    return stop_app(app)
 
 
 def stop_app(app: Any, timeout: float | None = None) -> list[str]:

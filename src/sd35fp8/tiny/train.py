@@ -312,12 +312,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-mmdit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n-images", type=int, default=120_000)
+    p.add_argument("--n-images", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--batch-vae", type=int, default=64)
     p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--lr-vae", type=float, default=5e-4)
+    p.add_argument("--lr-vae", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--shift", type=float, default=3.0)
@@ -346,7 +346,7 @@ def main(argv=None) -> dict:
     rec: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "torch": torch.__version__}
     t = time.time()
-    spiece = train_spiece(out, spec.t5_vocab, args.seed, 2000 if args.smoke else 20000)
+    spiece = train_spiece(out, spec.t5_vocab, args.seed, 2000 if args.smoke else 5000)
     import sentencepiece as spm
     spec = spec.with_t5_vocab(spm.SentencePieceProcessor(model_file=str(spiece)).get_piece_size())
     rec["spec"] = {k: v for k, v in spec.__dict__.items()}
@@ -359,6 +359,8 @@ def main(argv=None) -> dict:
     log(f"rendered {len(data)} images ({spec.image_size} px), T5 vocab {spec.t5_vocab}", clock)
 
     device = torch.device(args.device)  # first CUDA use: after the forked render workers
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 evaluation passes
+    torch.backends.cudnn.allow_tf32 = True
     rec["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     images = torch.from_numpy(data.images).to(device)  # uint8 [N, H, W, 3]
     vae = train_vae(spec, images, args, device, clock, rec)

@@ -1,0 +1,237 @@
+"""Fused pre-matmul ops of the fast MMDiT step: each produces the *input of one linear layer*.
+
+    ln_modulate_act(x, shift, scale, mode)  LayerNorm -> modulate -> (per-token fp8 quantise)
+    gelu_act(h, mode)                        GELU(tanh) -> (per-token fp8 quantise)     (fc2 input)
+    plain_act(y, mode)                       (per-token fp8 quantise)                    (proj input)
+
+Each returns `(a, a_scale)`: for mode None / "weight_only" `a` is the activation in the compute
+dtype and `a_scale` is None; for "dynamic" `a` is float8_e4m3fn [M, K] with per-token scales
+[M, 1] fp32 (scale = amax / 448, fp8/scaling.py's convention); for "static" the scale is the
+calibrated fp32 scalar `static_scale` expanded to [M, 1].
+
+Two implementations of the same math, chosen by where the call runs (not a fallback):
+    eager on CUDA with Triton  -> one Triton kernel per op (one read, one write of the row);
+    under torch.compile, CPU   -> plain torch ops (Inductor fuses them into the same single pass).
+`act_impl(x)` says which one a call takes; tests check both agree on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sd35fp8.errors import InputError
+from sd35fp8.fp8.scaling import E4M3_MAX, EPS, FP8_DTYPE
+
+try:  # Triton ships with CUDA builds of torch; CPU builds have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+    tl = None
+
+NORM_EPS = 1e-6
+FP8_MODES = ("dynamic", "static")
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def act_impl(x: torch.Tensor) -> str:
+    """"triton" for an eager call on a CUDA tensor when Triton is present, else "torch"."""
+    if triton is not None and x.is_cuda and not torch.compiler.is_compiling():
+        return "triton"
+    return "torch"
+
+
+# ---------------------------------------------------------------------------------- torch reference
+def _quant_rows_torch(y: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y [M, K] (fp32) -> (fp8 [M, K], scale [M, 1] fp32)."""
+    if static_scale is None:
+        s = y.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / E4M3_MAX  # [M, 1]
+    else:
+        s = static_scale.reshape(1, 1).expand(y.shape[0], 1).contiguous()  # [M, 1]
+    return (y / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE), s
+
+
+def _finish(y32: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, dtype: torch.dtype):
+    if mode in FP8_MODES:
+        return _quant_rows_torch(y32, static_scale if mode == "static" else None)
+    return y32.to(dtype), None
+
+
+def _ln_modulate_torch(x, shift, scale, mode, static_scale):
+    B, L, C = x.shape
+    xf = x.float()
+    y = F.layer_norm(xf, (C,), eps=NORM_EPS)
+    y = y * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)  # [B, L, C]
+    return _finish(y.reshape(B * L, C), mode, static_scale, x.dtype)
+
+
+def _gelu_torch(h, mode, static_scale):
+    return _finish(F.gelu(h.float(), approximate="tanh"), mode, static_scale, h.dtype)
+
+
+def _plain_torch(y, mode, static_scale):
+    return _finish(y.float(), mode, static_scale, y.dtype)
+
+
+# ---------------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _store_row(Q, S, SSTATIC, row, cols, mask, y, N, MODE: tl.constexpr):
+        # MODE 0: store y in Q's dtype; 1: dynamic per-row fp8; 2: static scalar fp8
+        if MODE == 0:
+            tl.store(Q + row * N + cols, y.to(Q.dtype.element_ty), mask=mask)
+        else:
+            if MODE == 1:
+                amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+                s = tl.maximum(amax, 1e-12) / 448.0
+            else:
+                s = tl.load(SSTATIC)
+            q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
+            tl.store(Q + row * N + cols, q.to(tl.float8e4nv), mask=mask)
+            tl.store(S + row, s)
+
+    @triton.jit
+    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, stride_mod, eps,
+                            BLOCK: tl.constexpr, MODE: tl.constexpr):
+        row = tl.program_id(0)
+        b = row // L
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(X + row.to(tl.int64) * C + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / C
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        y = d * rstd * (1.0 + sc) + sh
+        _store_row(Q, S, SSTATIC, row.to(tl.int64), cols, mask, y, C, MODE)
+
+    @triton.jit
+    def _gelu_kernel(H, Q, S, SSTATIC, N, BLOCK: tl.constexpr, MODE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        h = tl.load(H + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        z = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        y = 0.5 * h * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))  # tanh(z) = 2 sigmoid(2z) - 1
+        _store_row(Q, S, SSTATIC, row, cols, mask, y, N, MODE)
+
+    @triton.jit
+    def _plain_kernel(Y, Q, S, SSTATIC, N, BLOCK: tl.constexpr, MODE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        y = tl.load(Y + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        _store_row(Q, S, SSTATIC, row, cols, mask, y, N, MODE)
+
+    @triton.jit
+    def _fp8_gemv_kernel(A, W, WS, BIAS, OUT, M, N, K, HAS_BIAS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+        # OUT[m, n] = sum_k A[m, k] * W[n, k] * WS[n] + BIAS[n]; W fp8 read once (M <= BLOCK_M)
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        nmask = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)  # [BN, BK]
+            for m in tl.static_range(BLOCK_M):
+                a = tl.load(A + m * K + rk, mask=kmask & (m < M), other=0.0).to(tl.float32)  # [BK]
+                part = tl.sum(w * a[None, :], axis=1)  # [BN]
+                acc += tl.where(rm[:, None] == m, part[None, :], 0.0)
+        ws = tl.load(WS + rn, mask=nmask, other=0.0)
+        out = acc * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + rm[:, None] * N + rn[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(rm[:, None] < M) & nmask[None, :])
+
+
+def _mode_code(mode: str | None) -> int:
+    return {None: 0, "weight_only": 0, "dynamic": 1, "static": 2}[mode]
+
+
+# ---------------------------------------------------------------------------------- public ops
+def _check_static(mode: str | None, static_scale: torch.Tensor | None, what: str) -> None:
+    if mode == "static" and static_scale is None:
+        raise InputError(f"fast/kernels.py {what}: static mode needs a calibrated input scale "
+                         "(FastMMDiT.calibrate or FP8Linear.input_scale)")
+
+
+def ln_modulate_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, mode: str | None,
+                    static_scale: torch.Tensor | None = None):
+    """x [B, L, C], shift/scale [B, C] (may be column slices) -> linear input [B*L, C] (+ scale [B*L, 1])."""
+    _check_static(mode, static_scale, "ln_modulate_act")
+    if act_impl(x) == "torch":
+        return _ln_modulate_torch(x, shift, scale, mode, static_scale)
+    B, L, C = x.shape
+    x = x.contiguous()
+    if shift.stride(1) != 1 or scale.stride(1) != 1 or shift.stride(0) != scale.stride(0):
+        shift, scale = shift.contiguous(), scale.contiguous()
+    code = _mode_code(mode)
+    q = torch.empty(B * L, C, device=x.device, dtype=FP8_DTYPE if code else x.dtype)
+    s = torch.empty(B * L, 1, device=x.device, dtype=torch.float32) if code else q
+    block = triton.next_power_of_2(C)
+    _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, shift.stride(0),
+                                  NORM_EPS, BLOCK=block, MODE=code, num_warps=4 if block <= 2048 else 8)
+    return q, (s if code else None)
+
+
+def gelu_act(h: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None):
+    """h [M, N] (fc1 output) -> GELU(tanh) as fc2 input (+ per-token scale [M, 1])."""
+    _check_static(mode, static_scale, "gelu_act")
+    if act_impl(h) == "torch":
+        return _gelu_torch(h, mode, static_scale)
+    h = h.contiguous()
+    return _rows(_gelu_kernel, h, mode, static_scale)
+
+
+def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None):
+    """y [M, K] -> linear input (quantised per token in fp8 modes)."""
+    _check_static(mode, static_scale, "plain_act")
+    if mode not in FP8_MODES:
+        return y, None
+    if act_impl(y) == "torch":
+        return _plain_torch(y, mode, static_scale)
+    return _rows(_plain_kernel, y.contiguous(), mode, static_scale)
+
+
+def _rows(kernel, y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None):
+    M, N = y.shape
+    code = _mode_code(mode)
+    q = torch.empty(M, N, device=y.device, dtype=FP8_DTYPE if code else y.dtype)
+    s = torch.empty(M, 1, device=y.device, dtype=torch.float32) if code else q
+    block = triton.next_power_of_2(N)
+    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, BLOCK=block, MODE=code, num_warps=warps)
+    return q, (s if code else None)
+
+
+def fp8_weight_gemv(a: torch.Tensor, w: torch.Tensor, w_scale_row: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """a [M, K] (M <= 8, e.g. the adaLN input) x fp8 weight [N, K] * scale [1, N] + bias -> [M, N].
+
+    Weight-only FP8 for the one big adaLN matmul: reads the fp8 weight once instead of writing a
+    bf16 copy of it (2.7 G elements on Large) every step. Torch ops on CPU / under compile.
+    """
+    M, K = a.shape
+    N = w.shape[0]
+    if act_impl(a) == "torch" or M > 8:
+        y = F.linear(a.float(), w.float()) * w_scale_row.float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(out_dtype)
+    out = torch.empty(M, N, device=a.device, dtype=out_dtype)
+    a = a.contiguous()
+    block_n = 64
+    _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
+        a, w, w_scale_row, bias if bias is not None else out, out, M, N, K, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=128, BLOCK_M=triton.next_power_of_2(max(M, 2)), num_warps=4)
+    return out

@@ -1,0 +1,313 @@
+"""FastMMDiT: the MMDiT forward restructured for speed, over the wrapped model's own parameters.
+
+    fast = FastMMDiT(model, fp8_mode="dynamic")           # compile + CUDA graphs on CUDA
+    v = fast(x, sigma, context, pooled, skip_layers=())    # same contract as MMDiT.forward
+
+What changes against models/mmdit.py (same math, see tests/test_fast.py):
+- adaLN: c is the same for every block, so the adaLN weights of all joint blocks live in ONE
+  contiguous [sum n_i*C, C] buffer and one matmul per step gives every block's shift/scale/gate.
+  The wrapped model's adaLN parameters are re-pointed at views of that buffer (values unchanged,
+  no second copy; the model still runs on its own).
+- LayerNorm + modulate (+ per-token fp8 quantise) is one pass producing the qkv / fc1 input;
+  GELU(tanh) (+ quantise) one pass producing the fc2 input (fast/kernels.py).
+- Per-block function `joint_block` takes its weights as a dict of tensors, so torch.compile
+  compiles it once per block *shape* (2 graphs for Large, 3 for Medium), not once per block.
+- CUDA graphs (fast/graphs.py) replay the whole step per fixed (shape, skip_layers).
+
+FP8 modes (fp8/linear.py's meaning): joint-block linears (qkv, proj, fc1, fc2, adaLN) run in fp8;
+FP8Linear weights of a model converted by fp8.quantize_model are used as they are (no copy),
+nn.Linear weights are quantised per output channel at wrap time (the only copy). Embedders and
+the final layer run through the model's own modules (whatever the policy left them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sd35fp8.errors import InputError
+from sd35fp8.fast.attention import backend_context, default_backend, sdpa
+from sd35fp8.fast.graphs import GraphCache
+from sd35fp8.fast.kernels import fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act
+from sd35fp8.fp8.linear import FP8Linear
+from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
+from sd35fp8.models.mmdit import MMDiT
+
+logger = logging.getLogger(__name__)
+
+FP8_MODES = ("weight_only", "dynamic", "static")
+MM_OUT_DTYPE = torch.bfloat16  # torch._scaled_mm output (and bias) dtype
+
+
+# ---------------------------------------------------------------------------------- matmul
+def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mode: str | None,
+           out_dtype: torch.dtype) -> torch.Tensor:
+    """a [M, K] -> [M, N] with the weights p[name + '.w' / '.ws' / '.b']."""
+    w, b = p[name + ".w"], p.get(name + ".b")
+    if mode is None:
+        return F.linear(a, w, b)
+    if mode == "weight_only":
+        return F.linear(a, w.to(a.dtype) * p[name + ".ws"].t().to(a.dtype), b)
+    y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE)
+    return y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
+
+
+def _record(rec: dict | None, name: str, a_scale: torch.Tensor | None) -> None:
+    if rec is not None and a_scale is not None:  # dynamic scales are amax / 448 per token
+        amax = a_scale.amax() * E4M3_MAX
+        rec[name] = amax if name not in rec else torch.maximum(rec[name], amax)
+
+
+def _linear_on(p, name, act, mode, dtype, rec):
+    a, s = act
+    _record(rec, name, s)
+    return matmul(p, name, a, s, mode, dtype)
+
+
+def _rms(t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return t if w is None else F.rms_norm(t, (t.shape[-1],), w, eps=1e-6)
+
+
+def _qkv(p, name, x, shift, scale, mode, heads, rec):
+    """modulate(LN(x)) -> qkv -> q, k, v [B, L, H, D] (q, k RMS-normed)."""
+    B, L, C = x.shape
+    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"))
+    qkv = _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3, heads, C // heads)
+    q, k, v = qkv.unbind(2)
+    stem = name.rsplit(".", 1)[0]
+    return _rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v
+
+
+def _proj_residual(p, name, x, gate, o, mode, rec):
+    """x + gate * proj(o); o [B, L, C]."""
+    B, L, C = x.shape
+    y = _linear_on(p, name, plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs")), mode, x.dtype, rec)
+    return torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))
+
+
+def _mlp_residual(p, s, x, shift, scale, gate, mode, rec):
+    B, L, C = x.shape
+    h = _linear_on(p, s + ".fc1", ln_modulate_act(x, shift, scale, mode, p.get(s + ".fc1.xs")), mode, x.dtype, rec)
+    y = _linear_on(p, s + ".fc2", gelu_act(h, mode, p.get(s + ".fc2.xs")), mode, x.dtype, rec)
+    return torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))
+
+
+def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tensor, mods_x: torch.Tensor,
+                mode: str | None, heads: int, rec: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One joint block. ctx [B, Lc, C], x [B, Lx, C]; mods_* [B, n*C] = this block's adaLN output.
+
+    Chunks as in the reference: shift, scale, gate (msa), shift, scale, gate (mlp)[, msa2 x3].
+    """
+    C = x.shape[-1]
+    m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
+    qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec)  # [B, Lc, H, D]
+    qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec)  # [B, Lx, H, D]
+    n_ctx = ctx.shape[1]
+    o = sdpa(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1))  # [B, Lc+Lx, C]
+    if "c.proj.w" in p:  # not the last (pre-only) context block
+        ctx = _proj_residual(p, "c.proj", ctx, m(mods_c, 2), o[:, :n_ctx], mode, rec)
+        ctx = _mlp_residual(p, "c", ctx, m(mods_c, 3), m(mods_c, 4), m(mods_c, 5), mode, rec)
+    x_in = x
+    x = _proj_residual(p, "x.proj", x, m(mods_x, 2), o[:, n_ctx:], mode, rec)
+    if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
+        o2 = sdpa(*_qkv(p, "x.attn2.qkv", x_in, m(mods_x, 6), m(mods_x, 7), mode, heads, rec))  # [B, Lx, C]
+        x = _proj_residual(p, "x.attn2.proj", x, m(mods_x, 8), o2, mode, rec)
+    x = _mlp_residual(p, "x", x, m(mods_x, 3), m(mods_x, 4), m(mods_x, 5), mode, rec)
+    return ctx, x
+
+
+# ---------------------------------------------------------------------------------- weights
+def _weights_of(mod: nn.Module, mode: str | None, dtype: torch.dtype, where: str) -> dict:
+    """{'w', 'ws'?, 'b'?, 'xs'?} of one linear for `mode` (no copy unless quantising an nn.Linear)."""
+    if mode is None:
+        if type(mod) is not nn.Linear:
+            raise InputError(f"FastMMDiT: {where} is {type(mod).__name__}; a model converted to fp8 needs fp8_mode")
+        return {"w": mod.weight, "b": mod.bias}
+    if isinstance(mod, FP8Linear):
+        w, ws, xs = mod.weight, mod.weight_scale, mod.input_scale
+    elif type(mod) is nn.Linear:
+        w, ws = quantize_rowwise(mod.weight.detach(), dim=-1)  # [N, K] fp8, [N, 1]
+        xs = None
+    else:
+        raise InputError(f"FastMMDiT: {where} is {type(mod).__name__}, expected nn.Linear or FP8Linear")
+    n = w.shape[0]
+    ws_row = (ws.reshape(1, 1).expand(1, n) if ws.numel() == 1 else ws.reshape(1, n)).float().contiguous()
+    bias = mod.bias
+    if bias is not None and mode != "weight_only" and bias.dtype != MM_OUT_DTYPE:
+        bias = bias.to(MM_OUT_DTYPE)
+    if bias is not None and mode == "weight_only" and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    out = {"w": w, "ws": ws_row, "b": bias}
+    if xs is not None and mode == "static":
+        out["xs"] = xs
+    return out
+
+
+def _put(p: dict, name: str, lin: dict) -> None:
+    for k, v in lin.items():
+        if v is not None:  # plain tensors (detach shares storage): dynamo then guards shapes, not identity
+            p[f"{name}.{k}"] = v.detach()
+
+
+class FastMMDiT(nn.Module):
+    """Speed wrapper with MMDiT's forward contract. See the module docstring."""
+
+    def __init__(self, model: MMDiT, fp8_mode: str | None = None, compile: bool = True, cuda_graphs: bool = True,
+                 attention_backend: str | None = "auto", compile_mode: str = "default"):
+        super().__init__()
+        if fp8_mode is not None and fp8_mode not in FP8_MODES:
+            raise InputError(f"FastMMDiT: fp8_mode {fp8_mode!r} not in {FP8_MODES} or None")
+        self.model = model
+        self.config = model.config
+        self.fp8_mode = fp8_mode
+        self.dtype = model.x_embedder.proj.weight.dtype
+        device = model.x_embedder.proj.weight.device
+        self.attention_backend = default_backend(device) if attention_backend == "auto" else attention_backend
+        self.compile_seconds = 0.0
+        with torch.no_grad():
+            self._build_weights()
+        self._compiled = compile
+        self._block_fn = joint_block
+        if compile:
+            import torch._dynamo as dynamo
+
+            # one graph per block shape and batch size; raise dynamo's per-function limit (default 8)
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            self._block_fn = torch.compile(joint_block, dynamic=False, mode=compile_mode, fullgraph=True)
+        self.graphs = GraphCache(self._forward) if cuda_graphs and device.type == "cuda" else None
+
+    # -------------------------------------------------------------- wrap-time weight layout
+    def _build_weights(self) -> None:
+        mode, dt = self.fp8_mode, self.dtype
+        self.blocks: list[dict] = []
+        ada = []  # (block index, stream, module)
+        for i, jb in enumerate(self.model.joint_blocks):
+            p: dict = {}
+            for s, db in (("c", jb.context_block), ("x", jb.x_block)):
+                where = f"joint_blocks.{i}.{'context_block' if s == 'c' else 'x_block'}"
+                attns = [("attn", db.attn)] + ([("attn2", db.attn2)] if db.attn2 is not None else [])
+                for an, attn in attns:
+                    stem = f"{s}.qkv" if an == "attn" else f"{s}.attn2.qkv"
+                    _put(p, stem, _weights_of(attn.qkv, mode, dt, f"{where}.{an}.qkv"))
+                    if attn.ln_q is not None:
+                        p[stem[:-4] + ".ln_q"] = attn.ln_q.weight.detach()  # "c.ln_q", "x.attn2.ln_q"
+                        p[stem[:-4] + ".ln_k"] = attn.ln_k.weight.detach()
+                    if attn.proj is not None:
+                        _put(p, stem[:-4] + ".proj", _weights_of(attn.proj, mode, dt, f"{where}.{an}.proj"))
+                if db.mlp is not None:
+                    _put(p, f"{s}.fc1", _weights_of(db.mlp.fc1, mode, dt, f"{where}.mlp.fc1"))
+                    _put(p, f"{s}.fc2", _weights_of(db.mlp.fc2, mode, dt, f"{where}.mlp.fc2"))
+                ada.append((i, s, db.adaLN_modulation[1], f"{where}.adaLN_modulation.1"))
+            self.blocks.append(p)
+        self._build_adaln(ada)
+
+    def _build_adaln(self, ada: list) -> None:
+        """Concatenate every joint block's adaLN linear into one weight; re-point the model's params."""
+        mode = self.fp8_mode
+        lins = [_weights_of(m, mode, self.dtype, where) for _, _, m, where in ada]
+        sizes = [lin["w"].shape[0] for lin in lins]
+        big_w = torch.cat([lin["w"] for lin in lins])  # [sum N, C]
+        self.ada = {"w": big_w}
+        if mode is not None:
+            self.ada["ws"] = torch.cat([lin["ws"] for lin in lins], dim=1)  # [1, sum N]
+        if all(lin["b"] is not None for lin in lins):
+            self.ada["b"] = torch.cat([lin["b"] for lin in lins])
+        self.ada_slices: list[dict[str, tuple[int, int]]] = [{} for _ in self.blocks]
+        off = 0
+        for (i, s, mod, _), n, lin in zip(ada, sizes, lins):
+            self.ada_slices[i][s] = (off, off + n)
+            if lin["w"] is mod.weight:  # same storage as the model's parameter: share it
+                mod.weight.data = big_w[off:off + n]
+            off += n
+        if mode == "static":  # every adaLN layer sees the same silu(c): one scale (max of calibrated ones)
+            xs = [lin.get("xs") for lin in lins]
+            self.ada["xs"] = None if any(v is None for v in xs) else torch.stack(xs).amax()
+
+    # -------------------------------------------------------------- calibration (static mode)
+    @torch.no_grad()
+    def calibrate(self, x, sigma, context, pooled, margin: float = 1.0) -> dict[str, float]:
+        """Static mode: activation amax of every fp8 linear over one dynamic-mode eager forward.
+
+        Sets each linear's input scale = amax * margin / 448. Returns {name: amax}.
+        """
+        if self.fp8_mode != "static":
+            raise InputError("FastMMDiT.calibrate: only for fp8_mode='static'")
+        rec_blocks = [dict() for _ in self.blocks]
+        rec_ada: dict = {}
+        self._forward(x, sigma, context, pooled, (), mode="dynamic", rec=(rec_ada, rec_blocks))
+        out = {}
+        for i, (p, rec) in enumerate(zip(self.blocks, rec_blocks)):
+            for name, amax in rec.items():
+                p[name + ".xs"] = amax_to_scale(amax * margin).reshape(())
+                out[f"{i}.{name}"] = float(amax)
+        self.ada["xs"] = amax_to_scale(rec_ada["ada"] * margin).reshape(())
+        out["adaLN"] = float(rec_ada["ada"])
+        if self.graphs is not None:
+            self.graphs.clear()
+        return out
+
+    # -------------------------------------------------------------- forward
+    def _adaln(self, c: torch.Tensor, mode: str | None, rec: dict | None) -> torch.Tensor:
+        """silu(c) [B, C] -> every block's modulation [B, sum n_i*C] in one matmul."""
+        a = F.silu(c)
+        w, b = self.ada["w"], self.ada.get("b")
+        if mode is None:
+            return F.linear(a, w, b)
+        if mode == "weight_only":
+            return fp8_weight_gemv(a, w, self.ada["ws"], b, c.dtype)
+        act = plain_act(a, mode, self.ada.get("xs"))
+        _record(rec, "ada", act[1])
+        return matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype)
+
+    def _forward(self, x, sigma, context, pooled, skip: tuple[int, ...], mode: str | None = "model",
+                 rec: tuple | None = None) -> torch.Tensor:
+        model, cfg = self.model, self.config
+        mode = self.fp8_mode if mode == "model" else mode
+        B, _, h, w = x.shape
+        p = cfg.patch_size
+        hp, wp = h // p, w // p
+        dt = self.dtype
+        t = (sigma.reshape(-1) * 1000).expand(B)
+        tokens = model.x_embedder(x.to(dt)) + model.cropped_pos_embed(hp, wp).to(dt)  # [B, hp*wp, C]
+        c = model.t_embedder(t, dt) + model.y_embedder(pooled.to(dt))  # [B, C]
+        ctx = model.context_embedder(context.to(dt))  # [B, L, C]
+        mods = self._adaln(c, mode, None if rec is None else rec[0])  # [B, sum n_i*C]
+        fn = self._block_fn if rec is None and mode == self.fp8_mode else joint_block
+        with backend_context(self.attention_backend):
+            for i, blk in enumerate(self.blocks):
+                if i in skip:
+                    continue
+                (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
+                ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
+                                 None if rec is None else rec[1][i])
+        out = model.final_layer(tokens, c)  # [B, hp*wp, p*p*out]
+        out = out.view(B, hp, wp, p, p, cfg.out_channels)
+        out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                skip_layers: Sequence[int] = ()) -> torch.Tensor:
+        """Same contract as MMDiT.forward. The first call per shape compiles / captures (slow)."""
+        self.model.check_inputs(x, context, pooled, skip_layers)
+        if self.fp8_mode == "static" and self.ada.get("xs") is None:
+            raise InputError("FastMMDiT: static mode needs calibrate(x, sigma, context, pooled) first")
+        skip = tuple(sorted(set(int(i) for i in skip_layers)))
+        sigma = sigma.reshape(-1).to(x.device)
+        t0 = time.perf_counter()
+        if self.graphs is not None:
+            out, fresh = self.graphs(x, sigma, context, pooled, skip)
+        else:
+            out, fresh = self._forward(x, sigma, context, pooled, skip), False
+        if fresh:
+            self.compile_seconds += time.perf_counter() - t0
+        return out
+
+    def describe(self) -> str:
+        return (f"FastMMDiT({self.fp8_mode or 'bf16'}, compile={self._compiled}, cuda_graphs={self.graphs is not None},"
+                f" attention={self.attention_backend or 'torch default'})")

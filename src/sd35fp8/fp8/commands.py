@@ -1,0 +1,154 @@
+"""`sd35fp8 calibrate` and `sd35fp8 quantize` (argparse builders + handlers), and the FP8 part of
+`sd35fp8 info`. cli.py wires them in:
+
+    handlers = fp8.commands.add_subcommands(sub)   # {"calibrate": fn(args) -> int, "quantize": ...}
+    info["fp8"] = fp8.commands.describe_fp8_layout(source)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from sd35fp8.checkpoints.sources import FP8_DTYPES, FP8_MARKER, TensorSource
+from sd35fp8.errors import InputError
+from sd35fp8.fp8.fp8_load import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, NATIVE_INPUT_SCALE, NATIVE_WEIGHT_SCALE,
+                                  fp8_format)
+
+log = logging.getLogger(__name__)
+
+
+def describe_fp8_layout(source: TensorSource) -> dict:
+    """Which layers are fp8, their scale granularity, static input scales, bytes (header only)."""
+    keys = source.keys()
+    present = set(keys)
+    fp8 = [k for k in keys if source.dtype(k) in FP8_DTYPES and k != FP8_MARKER]
+    gran = {"tensor": 0, "channel": 0, "none (scale 1)": 0}
+    static = 0
+    for k in fp8:
+        base = k[: -len(".weight")] if k.endswith(".weight") else k
+        sk = next((f"{base}.{s}" for s in (COMFY_WEIGHT_SCALE, NATIVE_WEIGHT_SCALE) if f"{base}.{s}" in present), None)
+        if sk is None:
+            gran["none (scale 1)"] += 1
+        else:
+            gran["tensor" if source.shape(sk) in ((), (1,)) else "channel"] += 1
+        static += any(f"{base}.{s}" in present for s in (COMFY_INPUT_SCALE, NATIVE_INPUT_SCALE))
+    total = sum(source.nbytes(k) for k in keys)
+    fp8_bytes = sum(source.nbytes(k) for k in fp8)
+    return {
+        "format": fp8_format(source),
+        "marker_dtype": str(source.dtype(FP8_MARKER)).replace("torch.", "") if FP8_MARKER in present else None,
+        "fp8_tensors": len(fp8),
+        "fp8_layers": [k[: -len(".weight")] for k in fp8 if k.endswith(".weight")],
+        "scale_granularity": {g: n for g, n in gran.items() if n},
+        "static_input_scales": static,
+        "bytes_total": total,
+        "bytes_fp8": fp8_bytes,
+    }
+
+
+# ---- calibrate -----------------------------------------------------------------------------------------
+def _add_calibrate(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("calibrate", help="calibrate static FP8 scales on real sampling trajectories",
+                       description="Run sampling trajectories with the high-precision MMDiT, record every "
+                       "Linear's input amax at every step, pick static input scales, tune weight clipping and "
+                       "(with --budget-db) keep sensitive layers 16-bit; writes a recipe JSON for "
+                       "`sd35fp8 quantize --recipe` and `load_mmdit_fp8(recipe=)`.")
+    p.add_argument("model", help="checkpoint file, folder or cached repo id (16-bit or fp8; fp8 is dequantised)")
+    p.add_argument("--out", required=True, help="recipe JSON to write")
+    p.add_argument("--prompts", default=None, help="text file, one prompt a line (default: 32 built-in prompts)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: per model)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: per model)")
+    p.add_argument("--calls", type=int, default=32, help="model calls kept for scoring and tuning (default 32)")
+    p.add_argument("--budget-db", type=float, default=None,
+                   help="keep the least robust layers 16-bit until the predicted output SQNR reaches this")
+    p.add_argument("--no-tune", action="store_true", help="skip the per-layer weight clipping search")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from sd35fp8.fp8.calibrate import PROMPTS, calibrate, record_trajectories
+    from sd35fp8.fp8.fp8_load import load_mmdit_fp8
+    from sd35fp8.fp8.linear import FP8Linear
+    from sd35fp8.pipeline import SD35Pipeline, dtype_from_name
+
+    if args.prompts:
+        prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise InputError(f"{args.prompts} holds no prompts")
+    else:
+        prompts = list(PROMPTS)
+    if args.num_prompts:
+        prompts = prompts[: args.num_prompts]
+    if args.calls < 1:
+        raise InputError(f"--calls must be >= 1, got {args.calls}")
+    pipe = SD35Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype_from_name(args.dtype))
+    if any(isinstance(m, FP8Linear) for m in pipe.mmdit.modules()):  # an fp8 file: calibrate its 16-bit version
+        log.info("calibrating the dequantised MMDiT of %s", args.model)
+        pipe.mmdit = load_mmdit_fp8(args.model, pipe.device, pipe.dtype, "none")
+    calls, amax = record_trajectories(pipe, prompts, args.steps, args.size, args.seed, args.calls)
+    with torch.no_grad():
+        recipe = calibrate(pipe.mmdit, calls, amax=amax, tune=not args.no_tune, budget_db=args.budget_db)
+    recipe.stats["prompts"] = len(prompts)
+    recipe.stats["model"] = str(args.model)
+    recipe.save(args.out)
+    s = recipe.stats
+    print(f"output SQNR vs {pipe.dtype}: dynamic {s['dynamic_db']:.2f} dB, static {s['static_db']:.2f} dB "
+          f"(margin {recipe.margin}), tuned {s.get('tuned_db', float('nan')):.2f} dB"
+          + (f", with policy {s['policy_db']:.2f} dB" if "policy_db" in s else ""))
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ---- quantize ------------------------------------------------------------------------------------------
+def _add_quantize(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("quantize", help="write an FP8 checkpoint (ComfyUI scaled fp8 or native)",
+                       description="Stream a checkpoint (any layout the loaders read) tensor by tensor into an "
+                       "FP8 file. comfy: ComfyUI scaled fp8 (loads in ComfyUI; all-in-ones stay all-in-ones). "
+                       "native: per-channel scales + static input scales + recipe in the metadata.")
+    p.add_argument("input", help="checkpoint file, folder or cached repo id")
+    p.add_argument("output", help=".safetensors to write")
+    p.add_argument("--format", dest="fmt", default="comfy", choices=["comfy", "native"])
+    p.add_argument("--recipe", default=None, help="recipe JSON from `sd35fp8 calibrate` (input scales, clipping, policy)")
+    p.add_argument("--mode", default=None, choices=["weight_only", "dynamic", "static"],
+                   help="static writes the recipe's input scales (required); weight_only/dynamic write none")
+    p.add_argument("--t5", action="store_true", help="also quantise the T5-XXL of an all-in-one")
+    return p
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from sd35fp8.fp8.export import export
+
+    if Path(args.output).exists():
+        raise InputError(f"{args.output} exists; remove it first")
+    report = export(args.input, args.output, args.fmt, args.recipe, args.mode, args.t5)
+    print(report.describe())
+    return 0
+
+
+def add_subcommands(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add `calibrate` and `quantize` to an argparse subparsers object -> {name: handler(args) -> exit code}."""
+    _add_calibrate(subparsers)
+    _add_quantize(subparsers)
+    return {"calibrate": run_calibrate, "quantize": run_quantize}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (for tests before cli.py wires these in)."""
+    parser = argparse.ArgumentParser(prog="sd35fp8-fp8")
+    handlers = add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

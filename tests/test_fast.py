@@ -1,0 +1,151 @@
+"""FastMMDiT (fast/step.py) against the reference MMDiT: eager path on CPU, GPU paths when CUDA exists."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from sd35fp8.fast import FastMMDiT, enable_compile_cache, joint_block
+from sd35fp8.fast import kernels
+from sd35fp8.fp8.quantize import quantize_model
+from sd35fp8.fp8.scaling import sqnr
+from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
+
+CUDA = torch.cuda.is_available()
+TINY_X = MMDiTConfig.tiny()  # MMDiT-X (attn2 in block 0)
+TINY = dataclasses.replace(TINY_X, depth=3, x_block_self_attn_layers=())  # plain MMDiT, 3 blocks
+
+
+def _model(cfg: MMDiTConfig, seed: int = 0) -> MMDiT:
+    torch.manual_seed(seed)
+    return init_random_(MMDiT(cfg), torch.Generator().manual_seed(seed)).eval().requires_grad_(False)
+
+
+def _inputs(cfg: MMDiTConfig, seed: int = 1, batch: int = 2, ctx_len: int = 21):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, cfg.in_channels, 16, 12, generator=g), torch.rand(batch, generator=g),
+            torch.randn(batch, ctx_len, cfg.context_dim, generator=g), torch.randn(batch, cfg.pooled_dim, generator=g))
+
+
+@pytest.mark.parametrize("cfg", [TINY_X, TINY], ids=["mmdit-x", "mmdit"])
+@pytest.mark.parametrize("skip", [(), (1,)])
+def test_high_precision_path_matches_reference(cfg, skip):
+    model = _model(cfg)
+    args = _inputs(cfg)
+    with torch.no_grad():
+        ref = model(*args, skip_layers=skip)
+        fast = FastMMDiT(model, None, compile=False, cuda_graphs=False)
+        out = fast(*args, skip_layers=skip)
+        again = model(*args, skip_layers=skip)  # adaLN weights re-pointed, values unchanged
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), (out - ref).abs().max()
+    assert torch.equal(again, ref)
+
+
+@pytest.mark.parametrize("cfg", [TINY_X, TINY], ids=["mmdit-x", "mmdit"])
+def test_dynamic_fp8_equals_quantized_reference(cfg):
+    """Over a model converted by fp8.quantize_model the fast path runs the same fp8 math (no weight copy)."""
+    model = _model(cfg)
+    args = _inputs(cfg)
+    with torch.no_grad():
+        ref32 = model(*args)
+        quantize_model(model, "dynamic")
+        ref8 = model(*args)
+        fast = FastMMDiT(model, "dynamic", compile=False, cuda_graphs=False)
+        ada = model.joint_blocks[0].x_block.adaLN_modulation[1].weight
+        assert ada.untyped_storage().data_ptr() == fast.ada["w"].untyped_storage().data_ptr()
+        out = fast(*args, skip_layers=(0,))
+        assert sqnr(model(*args, skip_layers=(0,)), out) > 40
+        out = fast(*args)
+    assert sqnr(ref8, out) > 40  # same quantisation, fp32-vs-fused rounding only
+    assert sqnr(ref32, out) > 25
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic", "static"])
+def test_fp8_modes_close_to_float(mode):
+    model = _model(TINY_X)
+    args = _inputs(TINY_X)
+    with torch.no_grad():
+        ref = model(*args)
+        fast = FastMMDiT(copy.deepcopy(model), mode, compile=False, cuda_graphs=False)
+        if mode == "static":
+            with pytest.raises(ValueError):
+                fast(*args)
+            amax = fast.calibrate(*args)
+            assert amax["adaLN"] > 0 and all(v > 0 for v in amax.values())
+        out = fast(*args)
+    assert sqnr(ref, out) > (35 if mode == "weight_only" else 25)
+
+
+@pytest.mark.parametrize("mode", [None, "weight_only", "dynamic", "static"])
+def test_block_traces_as_one_graph(mode):
+    """torch.compile(fullgraph=True) must see each block as one graph (dynamo only: backend eager)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    fast = FastMMDiT(_model(TINY_X), mode, compile=False, cuda_graphs=False)
+    args = _inputs(TINY_X)
+    if mode == "static":
+        fast.calibrate(*args)
+    fast._block_fn = torch.compile(joint_block, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        ref = FastMMDiT.forward(fast, *args)
+        fast._block_fn = joint_block
+        eager = fast(*args)
+    assert sqnr(eager, ref) > 60
+    dynamo.reset()
+
+
+def test_compile_cache_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("SD35FP8_CACHE_DIR", str(tmp_path))
+    folder = enable_compile_cache()
+    assert folder == tmp_path / "inductor" and folder.is_dir()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+
+
+# ------------------------------------------------------------------------------------ GPU only
+@pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("mode", [None, "dynamic", "static"])
+def test_triton_kernels_match_torch(mode):
+    dev = torch.device("cuda")
+    x = torch.randn(2, 300, 1536, device=dev, dtype=torch.bfloat16)
+    mods = torch.randn(2, 6 * 1536, device=dev, dtype=torch.bfloat16) * 0.3
+    shift, scale = mods[:, :1536], mods[:, 1536:3072]
+    h = torch.randn(600, 6144, device=dev, dtype=torch.bfloat16) * 2
+    st = torch.tensor(0.02, device=dev) if mode == "static" else None
+    pairs = ((kernels.ln_modulate_act, kernels._ln_modulate_torch, (x, shift, scale)),
+             (kernels.gelu_act, kernels._gelu_torch, (h,)), (kernels.plain_act, kernels._plain_torch, (h,)))
+    for fn, ref_fn, args in pairs:
+        if fn is kernels.plain_act and mode is None:
+            continue
+        q, s = fn(*args, mode, st)  # Triton (eager on CUDA)
+        qr, sr = ref_fn(*args, mode, st)  # torch ops (what Inductor fuses)
+        deq = q.float() * (s if s is not None else 1)
+        deq_r = qr.float() * (sr if sr is not None else 1)
+        assert sqnr(deq_r, deq) > 25
+    a = torch.randn(2, 1536, device=dev, dtype=torch.bfloat16)
+    w8 = (torch.randn(4096, 1536, device=dev) * 0.05).to(torch.float8_e4m3fn)
+    ws = torch.rand(1, 4096, device=dev) + 0.5
+    b = torch.randn(4096, device=dev, dtype=torch.bfloat16)
+    ref = (a.float() @ (w8.float() * ws.t()).t() + b.float())
+    assert sqnr(ref, kernels.fp8_weight_gemv(a, w8, ws, b, torch.bfloat16).float()) > 40
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", [None, "dynamic"])
+def test_compiled_graphed_matches_eager_gpu(mode):
+    dev = torch.device("cuda")
+    model = _model(TINY_X).to(dev, torch.bfloat16)
+    args = [t.to(dev) for t in _inputs(TINY_X)]
+    with torch.no_grad():
+        eager = FastMMDiT(model, mode, compile=False, cuda_graphs=False)(*args)
+        fast = FastMMDiT(model, mode, compile=True, cuda_graphs=True)
+        out = fast(*args)
+        out2 = fast(*args, skip_layers=(1,))
+        ref2 = FastMMDiT(model, mode, compile=False, cuda_graphs=False)(*args, skip_layers=(1,))
+    assert sqnr(eager.float(), out.float()) > 25 and sqnr(ref2.float(), out2.float()) > 25

@@ -1,0 +1,152 @@
+"""Offload: SequentialOffload / ModelOffload give the plain model's outputs; packing keeps every tensor."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from sd35fp8.fp8 import FP8Linear, Policy, quantize_model
+from sd35fp8.fp8.fp8_load import _patch_t5_ff
+from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
+from sd35fp8.offload import (
+    ModelOffload,
+    PackedWeights,
+    SequentialOffload,
+    StreamedBlock,
+    peak_memory_report,
+    stream_t5_blocks,
+    use_tiled_decode,
+)
+from sd35fp8.pipeline import StageStats
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="block streaming needs CUDA")
+
+
+def _mmdit(seed: int = 0) -> MMDiT:
+    model = MMDiT(MMDiTConfig.tiny()).eval()
+    init_random_(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def _inputs(cfg: MMDiTConfig, device="cpu", seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 8, 8, generator=g)  # [B, 16, h, w]
+    sigma = torch.tensor([0.9, 0.3])
+    ctx = torch.randn(2, 7, cfg.context_dim, generator=g)  # [B, L, C]
+    pooled = torch.randn(2, cfg.pooled_dim, generator=g)
+    return [t.to(device) for t in (x, sigma, ctx, pooled)]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("skip", [(), (1,)])
+def test_sequential_matches_plain_model(fp8, skip):
+    model = _mmdit()
+    if fp8:
+        report = quantize_model(model, "weight_only")
+        assert report.converted
+    ref_model = copy.deepcopy(model)
+    x, sigma, ctx, pooled = _inputs(model.config)
+    with torch.inference_mode():
+        ref = ref_model(x, sigma, ctx, pooled, skip_layers=skip)
+        wrapped = SequentialOffload(model, "cpu")
+        out = wrapped(x, sigma, ctx, pooled, skip_layers=skip)
+        again = wrapped(x, sigma, ctx, pooled, skip_layers=skip)
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    assert wrapped.config is model.config
+    if fp8:
+        assert any(isinstance(m, FP8Linear) for m in wrapped.modules())  # pipeline.fp8_mode still sees them
+
+
+def test_streamed_blocks_ignore_module_moves():
+    wrapped = SequentialOffload(_mmdit(), "cpu")
+    wrapped.double()
+    block = wrapped.model.joint_blocks[0]
+    assert isinstance(block, StreamedBlock)
+    assert block.block.x_block.attn.qkv.weight.dtype == torch.float32  # stays in its pinned home
+    assert wrapped.model.x_embedder.proj.weight.dtype == torch.float64  # resident parts follow .to()
+
+
+def test_packed_weights_round_trip_and_tied_tensors():
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(cfg).eval()
+    quantize_model(t5, "weight_only", policy=Policy(keep=()))
+    _patch_t5_ff(t5)  # T5's FF would cast activations to wo's fp8 dtype otherwise
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.inference_mode():
+        ref = t5(input_ids=ids).last_hidden_state
+    before = {k: v.clone() for k, v in t5.state_dict().items()}
+    pack = PackedWeights(t5, "t5")
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # still tied
+    assert all(torch.equal(before[k], v) for k, v in t5.state_dict().items())
+    flat = pack.cpu.clone()  # a "device copy" on the CPU
+    pack.swap_in(flat)
+    assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.untyped_storage().data_ptr() == flat.data_ptr()
+    with torch.inference_mode():
+        assert torch.equal(t5(input_ids=ids).last_hidden_state, ref)
+    pack.swap_out()
+    assert t5.shared.weight.untyped_storage().data_ptr() == pack.cpu.data_ptr()
+
+
+def test_t5_blocks_stream_and_model_offload_on_cpu():
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(cfg).eval()
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.inference_mode():
+        ref = t5(input_ids=ids).last_hidden_state
+        stream_t5_blocks(t5, "cpu")
+        offload = ModelOffload("cpu")
+        with offload.on_device(t5) as m:
+            out = m(input_ids=ids).last_hidden_state
+    assert torch.equal(out, ref)
+
+
+def test_peak_memory_report_and_tiled_decode_rule():
+    stats = StageStats(seconds={"encode": 0.1, "sampling": 1.5, "vae_decode": 0.2},
+                       peak_bytes={"encode": 2 << 30, "sampling": 9 << 30, "vae_decode": 3 << 30})
+    text = peak_memory_report(stats)
+    assert "sampling" in text and "9.00" in text and text.splitlines()[-1].split()[1:] == ["1.800", "9.00"]
+    assert not use_tiled_decode(1024, 1024)
+    assert use_tiled_decode(2048, 2048)
+    assert use_tiled_decode(1024, 1024, budget_bytes=1 << 30)
+
+
+@needs_cuda
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_cuda_streaming_matches_resident(prefetch):
+    model = _mmdit()
+    quantize_model(model, "weight_only")
+    ref_model = copy.deepcopy(model).cuda()
+    x, sigma, ctx, pooled = _inputs(model.config, "cuda")
+    with torch.inference_mode():
+        ref = ref_model(x, sigma, ctx, pooled)
+        wrapped = SequentialOffload(model, "cuda", prefetch=prefetch)
+        outs = [wrapped(x, sigma, ctx, pooled, skip_layers=s) for s in ((), (1,), ())]
+        ref_skip = ref_model(x, sigma, ctx, pooled, skip_layers=(1,))
+    torch.testing.assert_close(outs[0], ref, rtol=0, atol=0)
+    torch.testing.assert_close(outs[1], ref_skip, rtol=0, atol=0)
+    torch.testing.assert_close(outs[2], ref, rtol=0, atol=0)
+    assert wrapped.streamer.device_bytes() == (prefetch + 1) * wrapped.streamer.block_bytes()
+    assert wrapped.streamer.packs[0].cpu.is_pinned()
+
+
+@needs_cuda
+def test_cuda_model_offload_frees_memory():
+    model = _mmdit().cuda()
+    x, sigma, ctx, pooled = _inputs(model.config, "cuda")
+    with torch.inference_mode():
+        ref = model(x, sigma, ctx, pooled)
+        offload = ModelOffload("cuda")
+        offload.register(model)  # moves it to pinned CPU memory
+        base = torch.cuda.memory_allocated()
+        with offload.on_device(model) as m:
+            assert torch.cuda.memory_allocated() > base
+            out = m(x, sigma, ctx, pooled)
+        assert torch.cuda.memory_allocated() <= base + out.numel() * out.element_size()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -1,0 +1,98 @@
+"""End to end with a published ComfyUI client (PyPI `comfy-api-simplified`) against a real uvicorn server.
+
+The client queues the prompt (POST /prompt), follows it over /ws, reads /history and fetches the
+image with /view. Backend: the fake executor of test_server.py by default. Hook for the real model:
+set SD35FP8_SERVER_MODELS (a ComfyUI models folder) and SD35FP8_SERVER_WORKFLOW (an API-format
+workflow whose output node is titled "Save Image"); `real_backend` then runs the shipped model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+comfy_api = pytest.importorskip("comfy_api_simplified", reason="pip install comfy-api-simplified")
+pytest.importorskip("websockets", reason="uvicorn needs websockets for /ws")
+uvicorn = pytest.importorskip("uvicorn")
+
+from sd35fp8.server import create_app, stop_app  # noqa: E402
+from sd35fp8.workflow import ModelFolders, PromptExecutor  # noqa: E402
+from test_server import HOLD, HOLD_SEED, fake_prompt, make_fake_executor, wait_for  # noqa: E402
+
+
+def fake_backend(tmp_path: Path) -> tuple[PromptExecutor, dict, bool]:
+    """(executor, prompt, gated): the fake sampler holds until the client's socket is connected."""
+    return make_fake_executor(tmp_path), fake_prompt(seed=HOLD_SEED, steps=4), True
+
+
+def real_backend(tmp_path: Path) -> tuple[PromptExecutor, dict, bool]:
+    folders = ModelFolders(os.environ["SD35FP8_SERVER_MODELS"], output_dir=tmp_path / "output",
+                           input_dir=tmp_path / "input", temp_dir=tmp_path / "temp")
+    prompt = json.loads(Path(os.environ["SD35FP8_SERVER_WORKFLOW"]).read_text(encoding="utf-8"))
+    return PromptExecutor(folders, device=os.environ.get("SD35FP8_SERVER_DEVICE", "cpu")), prompt, False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path):
+    backend = real_backend if os.environ.get("SD35FP8_SERVER_MODELS") else fake_backend
+    executor, prompt, gated = backend(tmp_path)
+    app = create_app(tmp_path / "models", executor=executor)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    wait_for(lambda: srv.started, timeout=20)
+    HOLD.clear()
+    try:
+        yield app, f"http://127.0.0.1:{port}", prompt, gated
+    finally:
+        HOLD.set()
+        srv.should_exit = True
+        thread.join(20)
+        stop_app(app, timeout=20)
+
+
+def test_client_end_to_end(server, caplog):
+    app, url, prompt, gated = server
+    if gated:  # release the sampler once the client listens, so it sees every progress message
+        def release() -> None:
+            wait_for(lambda: app.state.hub.client_ids, timeout=20)
+            HOLD.set()
+        threading.Thread(target=release, daemon=True).start()
+
+    api = comfy_api.ComfyApiWrapper(url)
+    assert "FakeSampler" in api.get_object_info() or not gated
+    assert api.get_queue() == {"queue_running": [], "queue_pending": []}
+    with caplog.at_level(logging.DEBUG, logger="comfy_api_simplified.comfy_api_wrapper"):
+        t0 = time.time()
+        images = api.queue_and_wait_images(comfy_api.ComfyWorkflowWrapper(prompt), "Save Image")
+    messages = [r.msg for r in caplog.records if isinstance(r.msg, dict) and "type" in r.msg]
+    kinds = [m["type"] for m in messages]
+    assert "progress" in kinds and "executed" in kinds, kinds  # it connects after queueing
+    last = [m for m in messages if m["type"] == "progress"][-1]["data"]
+    assert last["value"] == last["max"]
+    assert len(images) == 1
+    name, data = next(iter(images.items()))
+    img = Image.open(io.BytesIO(data))
+    assert name.endswith(".png") and img.size[0] > 0 and "prompt" in img.info
+    assert time.time() - t0 < 600
+    history = requests.get(f"{url}/api/history", timeout=10).json()
+    assert [v["status"]["status_str"] for v in history.values()] == ["success"]
+    stats = api.get_system_stats()
+    assert stats["devices"][0]["type"] in ("cpu", "cuda")

@@ -1,0 +1,74 @@
+"""Tiny model training: smoke run writes a loadable all-in-one checkpoint in the original layout, and
+the training conditioning equals the pipeline's SD3TextEncoder on the same tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sd35fp8.defaults import DEFAULTS_METADATA_KEY
+from sd35fp8.tiny import data, export, spec, train
+from sd35fp8.tiny.export import PREFIXES
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_smoke")
+    rec = train.main(["--out", str(out), "--smoke", "--seed", "0"])
+    return out, rec
+
+
+def test_smoke_run_writes_loadable_checkpoint(smoke_run):
+    out, rec = smoke_run
+    ckpt = out / export.CHECKPOINT_NAME
+    assert ckpt.is_file() and (out / "spiece.model").is_file() and (out / "train_log.json").is_file()
+    with safe_open(str(ckpt), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        dtypes = {f.get_tensor(k).dtype for k in keys}
+    assert dtypes == {torch.float16}
+    for prefix in PREFIXES.values():
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert all(k.startswith(tuple(PREFIXES.values())) for k in keys)
+    assert "model.diffusion_model.joint_blocks.0.x_block.attn.ln_q.weight" in keys  # qk-norm
+    assert "text_encoders.clip_g.transformer.text_projection.weight" in keys
+    assert "text_encoders.t5xxl.transformer.shared.weight" in keys
+    defaults = json.loads(meta[DEFAULTS_METADATA_KEY])
+    assert defaults["sampler"] == "euler" and defaults["width"] == 32
+
+    mmdit, vae, text, tokenizer = export.load_back(ckpt)
+    s = spec.TinySpec.smoke()
+    assert mmdit.config.depth == s.depth and mmdit.config.qk_norm and not mmdit.config.x_block_self_attn_layers
+    assert mmdit.config.context_dim == s.t5_width and mmdit.config.pooled_dim == 2 * s.clip_width
+    assert vae.config.latent_channels == 16 and vae.config.downscale == 8
+    assert text.clip_l.config.hidden_act == "quick_gelu" and text.clip_g.config.hidden_act == "gelu"
+    assert tokenizer.t5 is not None and tokenizer.t5.eos_id == 1 and tokenizer.t5.pad_id == 0
+
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["mmdit_steps"] == 3 and log["mmdit_loss"] and "heldout" in log["eval"]
+    # the latent fold: to_model_space(encode(x)) is standardised over the training set
+    assert abs(log["latents_model_space"]["mean"]) < 0.05
+    assert abs(log["latents_model_space"]["std"] - 1.0) < 0.05
+
+
+def test_training_conditioning_equals_pipeline_encoder(smoke_run):
+    from sd35fp8.text.encoders import SD3TextEncoder
+
+    out, _ = smoke_run
+    tok = data.make_tokenizer(out / "spiece.model")
+    s = spec.TinySpec.smoke().with_t5_vocab(tok.t5.vocab_size)
+    torch.manual_seed(0)
+    towers = spec.TextTowers(s).eval()
+    prompts = ["a photo of a red star left of a blue ring", "", "three objects: a cyan heart, a pink cross and a"
+               " green square on a gray background"]
+    rows = [data.token_rows(tok, p) for p in prompts]
+    ids = [torch.tensor([r[i] for r in rows]) for i in range(3)]
+    with torch.no_grad():
+        ctx, pooled = towers(*ids)
+    ref_ctx, ref_pooled = SD3TextEncoder(towers.clip_l, towers.clip_g, towers.t5, tokenizer=tok).encode_prompts(prompts)
+    assert ctx.shape == ref_ctx.shape == (3, 154, s.t5_width)
+    torch.testing.assert_close(ctx, ref_ctx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-6)
