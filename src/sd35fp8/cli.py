@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tiny.evaluate import add_subcommand as add_eval
 
     COMMANDS["eval"] = add_eval(sub)
+    from .fp8.commands import add_subcommands as add_fp8
+
+    COMMANDS.update(add_fp8(sub))
     return parser
 
 
@@ -177,6 +180,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dtype=dtype_from_name(args.dtype),
         fp8=args.fp8,
     )
+    print(f"sd35fp8: {pipe.summary()}", file=sys.stderr)
     result = pipe(
         args.prompt,
         negative_prompt=args.negative,

@@ -260,6 +260,12 @@ class SD35Pipeline:
                   for i in range(batch)]
         return GenerationOutput(images=images, latents=z.cpu(), params=params)
 
+    def summary(self) -> str:
+        """One line: model, device, dtype and the MMDiT's compute mode (with the reason for FP8 choices)."""
+        report = getattr(self.mmdit, "fp8_report", None)
+        mode = report.describe() if report is not None else f"MMDiT in {self.description.get('dtype')}"
+        return f"{self.defaults.name} on {self.device}; {mode}"
+
     @property
     def fp8_mode(self) -> str:
         from .fp8.linear import FP8Linear

@@ -93,6 +93,11 @@ def describe_file(path: str | Path | Components, clip_l: str | Path | None = Non
         source = comps.require(comp)
         try:
             components[comp] = describe_source(source)
+            from sd35fp8.fp8.commands import describe_fp8_layout
+            from sd35fp8.fp8.fp8_load import fp8_format
+
+            if fp8_format(source) != "none":
+                components[comp]["fp8_layout"] = describe_fp8_layout(source)
         except CheckpointError as e:  # a recognised but inconsistent component: report it, keep the rest
             components[comp] = {"kind": "unreadable", "source": source.name, "error": str(e)}
         for f in source.files:
@@ -135,6 +140,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines += [f"  {comp}: {c['kind']}", f"    from: {c['source']}",
                   f"    {c['keys']} keys, {_size(c['bytes'])}; precision: {dtypes}; fp8 scaling: {scaling}",
                   f"    {c['config']}"]
+        layout = c.get("fp8_layout")
+        if layout:
+            gran = ", ".join(f"{n} {g}" for g, n in layout["scale_granularity"].items())
+            lines.append(f"    fp8 layout: {layout['format']}, {len(layout['fp8_layers'])} fp8 layers "
+                         f"(weight scales: {gran}; static input scales: {layout['static_input_scales']}), "
+                         f"{_size(layout['bytes_fp8'])} fp8 of {_size(layout['bytes_total'])}")
     for comp, folder in info["tokenizers"].items():
         lines.append(f"  tokenizer {comp}: {folder}")
     lines += [f"  note: {n}" for n in info["notes"]]

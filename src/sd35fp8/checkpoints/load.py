@@ -194,19 +194,25 @@ def _infer(source: TensorSource, infer) -> object:
 
 
 def load_mmdit(path: PathLike | Components | TensorSource, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.bfloat16, fp8: None = None) -> nn.Module:
+               dtype: torch.dtype = torch.bfloat16, fp8: str | None = None) -> nn.Module:
     """MMDiT from a file, folder, cached repo id, Components or TensorSource; config inferred from shapes.
 
-    `fp8` is where the FP8 engine hooks in (keeping fp8 weights and their scales instead of
-    dequantising); only None is accepted now: fp8 files are dequantised to `dtype`. To run fp8 math,
-    quantise the loaded model with `sd35fp8.fp8.quantize.quantize_model`.
+    fp8: None keeps the file's precision (an fp8 file loads straight into FP8 layers on the device,
+    no round trip through 16-bit memory); "none" dequantises to `dtype`; "weight_only" | "dynamic" |
+    "static" load or quantise into that FP8 mode (sd35fp8.fp8.fp8_load). The mode used is logged and
+    kept as `model.fp8_report`.
     """
-    if fp8 is not None:
-        raise InputError(f"load_mmdit(fp8={fp8!r}) is not supported: load, then quantise with "
-                         "sd35fp8.fp8.quantize.quantize_model")
     from sd35fp8.models.mmdit import MMDiT, MMDiTConfig
 
     source = _source(path, "mmdit")
+    if fp8 is not None:
+        from sd35fp8.fp8.fp8_load import load_mmdit_fp8
+
+        return load_mmdit_fp8(source, device, dtype, fp8)
+    from sd35fp8.fp8.fp8_load import fp8_format, load_mmdit_fp8
+
+    if fp8_format(source) != "none":
+        return load_mmdit_fp8(source, device, dtype, None)
     config = _infer(source, lambda shapes: MMDiTConfig.from_state_dict(shapes, source.name))
     with torch.device("meta"):
         model = MMDiT(config)
