@@ -190,8 +190,9 @@ class SD35Pipeline:
         does, so the same seed gives the same image on every device. `image` + `denoise` < 1 is
         img2img. `callback(step, total, denoised)` runs after every step.
         """
-        from .models.vae import image_to_uint8, to_model_space, to_vae_space
-        from .sampling import CFGDenoiser, FlowMatching, SAMPLERS, SCHEDULERS, get_sigmas, prepare_noise, sample
+        from .models.vae import image_to_uint8
+        from .sampling import SAMPLERS, SCHEDULERS
+        from .sampling.ksampler import ksample
 
         d = self.defaults
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -227,29 +228,16 @@ class SD35Pipeline:
         cond, uncond = repeat(cond), repeat(uncond)
         batch = len(prompts) * n
         shape = (batch, self.mmdit.config.in_channels, height // 8, width // 8)
-        latent = torch.zeros(shape, dtype=torch.float32, device=self.device)  # ComfyUI: an empty latent stays 0
+        latent = torch.zeros(shape, dtype=torch.float32, device=self.device)  # raw VAE space, as ComfyUI
         if image is not None:
             with self._stage("vae_encode"), self._on_device(self.vae) as vae:
                 pixels = _image_tensor(image).to(self.device, self.dtype)
-                latent = to_model_space(vae.encode(pixels).float()).repeat(batch, 1, 1, 1)
-
-        ms = FlowMatching(shift)
-        sigmas = get_sigmas(scheduler, steps, shift=shift, denoise=denoise, sampler=sampler).to(self.device)
-        noise = prepare_noise(seed, shape).to(self.device)
-        x = ms.noise_scaling(sigmas[0], noise, latent)
-        denoiser = CFGDenoiser(self.mmdit, cond, uncond, cfg=cfg, slg=self._slg(slg), steps=len(sigmas) - 1,
-                               model_sampling=ms, dtype=self.dtype)
-        total = len(sigmas) - 1
-
-        def on_step(info: dict) -> None:
-            if callback is not None:
-                callback(int(info["i"]) + 1, total, info["denoised"])
+                latent = vae.encode(pixels).float().repeat(batch, 1, 1, 1)
 
         with self._stage("sampling"):
-            samples = sample(sampler, denoiser, x, sigmas, extra_args={"seed": seed}, callback=on_step,
-                             disable=not progress)
-            samples = ms.inverse_noise_scaling(sigmas[-1], samples)
-        z = to_vae_space(samples)
+            z = ksample(self.mmdit, cond, uncond, latent, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
+                        scheduler=scheduler, shift=shift, denoise=denoise, slg=self._slg(slg), dtype=self.dtype,
+                        callback=callback, disable=not progress)
         with self._stage("vae_decode"), self._on_device(self.vae) as vae:
             decoded = vae.decode_tiled(z) if width * height > TILED_DECODE_PIXELS else vae.decode(z)
         images = [Image.fromarray(a) for a in image_to_uint8(decoded)]

@@ -69,6 +69,37 @@ def export_checkpoint(path: str | Path, mmdit: nn.Module, vae: nn.Module, clip_l
     return path
 
 
+def read_component(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """One component's tensors of an all-in-one written by `export_checkpoint`, under the module's own
+    keys (the prefix stripped; T5's tied `encoder.embed_tokens.weight` restored), for a strict
+    `load_state_dict` into a module built from the same spec. Raises CheckpointError when absent."""
+    from safetensors import safe_open
+
+    if name not in PREFIXES:
+        raise CheckpointError(f"unknown component {name!r}: one of {sorted(PREFIXES)}", str(path))
+    prefix, out = PREFIXES[name], {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.startswith(prefix):
+                out[key[len(prefix):]] = f.get_tensor(key)
+    if not out:
+        raise CheckpointError(f"{path} holds no {name} tensors (prefix {prefix})", str(path))
+    if name == "t5xxl" and "shared.weight" in out:
+        out[_T5_TIED] = out["shared.weight"]
+    return out
+
+
+def load_component_(module: nn.Module, path: str | Path, name: str) -> nn.Module:
+    """Copy a component of `path` into `module` in place (strict: every key, every shape)."""
+    sd = read_component(path, name)
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: {name} does not match the module built from the spec: {e}",
+                              str(path)) from e
+    return module
+
+
 def load_back(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(mmdit, vae, text encoders, SD3Tokenizer) loaded by the project's loaders from an exported file.
 

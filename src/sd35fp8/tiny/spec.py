@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, T5Config, T5EncoderModel
 
+from ..errors import CheckpointError
 from ..models.mmdit import HEAD_DIM, MMDiT, MMDiTConfig
 from ..models.vae import SD3VAE, VAEConfig
 from ..text.clip_tokenizer import VOCAB_SIZE as CLIP_VOCAB
@@ -63,6 +65,37 @@ class TinySpec:
 
     def with_t5_vocab(self, vocab: int) -> TinySpec:
         return replace(self, t5_vocab=vocab)
+
+    def with_vae_of(self, other: TinySpec) -> TinySpec:
+        return replace(self, vae_ch=other.vae_ch, vae_ch_mult=other.vae_ch_mult, vae_res_blocks=other.vae_res_blocks)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, image_size: int) -> TinySpec:
+        """The spec of an all-in-one written by `export.export_checkpoint`, read back from its shapes
+        through the loaders' own config inference (image_size is not stored in the weights)."""
+        from safetensors import safe_open
+
+        from .export import PREFIXES
+
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+        def part(name: str) -> dict[str, tuple[int, ...]]:
+            pre = PREFIXES[name]
+            out = {k[len(pre):]: v for k, v in shapes.items() if k.startswith(pre)}
+            if not out:
+                raise CheckpointError(f"{path} holds no {name} tensors (prefix {pre})", str(path))
+            return out
+
+        mm = MMDiTConfig.from_state_dict(part("mmdit"), str(path))
+        vae = VAEConfig.from_state_dict(part("vae"))
+        clip = clip_config_from_state_dict(part("clip_l"), "clip_l")
+        t5 = t5_config_from_state_dict(part("t5xxl"))
+        return cls(image_size=image_size, depth=mm.depth, pos_embed_max_size=mm.pos_embed_max_size,
+                   vae_ch=vae.ch, vae_ch_mult=tuple(vae.ch_mult), vae_res_blocks=vae.num_res_blocks,
+                   clip_width=clip.hidden_size, clip_layers=clip.num_hidden_layers, t5_width=t5.d_model,
+                   t5_heads=t5.num_heads, t5_layers=t5.num_layers, t5_ff=t5.d_ff,
+                   t5_buckets=t5.relative_attention_num_buckets, t5_vocab=t5.vocab_size)
 
 
 # ---- configs --------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Train the shipped tiny SD3.5-layout model on the procedural world, export it, evaluate it.
 
-    python -m sd35fp8.tiny.train --out DIR --minutes-vae 1.5 --minutes-mmdit 4.5 --seed 0 --device cuda
+    python -m sd35fp8.tiny.train --out DIR --minutes-vae 1.75 --minutes-mmdit 5.5 --seed 0 --device cuda
+    python -m sd35fp8.tiny.train --out DIR --vae-from OLD.safetensors --spiece-from OLD/spiece.model \
+        --init-from OLD.safetensors --minutes-mmdit 7.5           # reuse VAE + vocabulary, continue MMDiT
     python -m sd35fp8.tiny.train --out DIR --smoke          # CPU, tiny sizes, < 60 s
 
 Phases: (1) SentencePiece T5 vocabulary on the caption corpus; (2) render + tokenize the dataset in
@@ -9,9 +11,16 @@ latents perturbed by 10 % relative noise, then an exact affine fold of the measu
 latent mean/std into encoder.conv_out so `to_model_space(encode(x))` is ~N(0, 1) under SD3's fixed
 constants, then a decoder-only fine-tune on the folded latents (the fold is exact on the encoder,
 not on decoder.conv_in at the zero-padded border); (4) MMDiT + the three text towers jointly, SD3
-rectified flow (x_t = (1-s) x0 + s eps, target eps - x0, s = shift3(sigmoid(N(0,1)))), 10 % empty
-prompts, AdamW, bf16 autocast, EMA of every trained weight (shipped); (5) export + load back with
-the project's loaders; (6) held-out evaluation with the detector over a CFG grid, defaults = best.
+rectified flow (x_t = (1-s) x0 + s eps, target eps - x0, s = shift(t) with t = sigmoid(N(0,1)),
+a fraction --sigma-uniform of t uniform in [0, 1], shift --train-shift), 10 % empty prompts, AdamW,
+bf16 autocast, EMA of every trained weight (shipped); (5) export + load back with the project's
+loaders; (6) held-out evaluation with the detector over a CFG grid, defaults = best.
+
+Reuse: --spiece-from skips (1), --vae-from skips (3) (the file's VAE is already folded; the dataset
+latents are still encoded with it), --init-from starts (4) from a file's MMDiT and text towers. The
+model sizes then come from those files (`TinySpec.from_checkpoint`); their sha256 go to the log.
+--deadline (a time.time() value) is a hard guard: MMDiT training plans its steps to end by it and
+stops at the first 50-step mark past it.
 
 Step counts: --steps-* fix them; otherwise they come from --minutes-* and the speed of the first
 steps (recorded in train_log.json: rerun with those --steps-* to repeat a run exactly).
@@ -20,7 +29,9 @@ steps (recorded in train_log.json: rerun with those --steps-* to repeat a run ex
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import math
 import multiprocessing as mp
 import os
@@ -34,11 +45,11 @@ import torch.nn.functional as F
 from ..models.vae import image_to_uint8, to_model_space, to_vae_space
 from . import detector, world
 from .data import Dataset, make_tokenizer, render_dataset, train_spiece
-from .export import CHECKPOINT_NAME, export_checkpoint, load_back
+from .export import CHECKPOINT_NAME, export_checkpoint, load_back, load_component_
 from .spec import TextTowers, TinySpec, build_mmdit, build_vae, param_count
 
 LATENT_NOISE = 0.1  # decoder robustness: latent noise, relative to the batch latent std
-CFG_GRID = (3.0, 5.0, 7.0)
+CFG_GRID = (4.0, 6.0, 8.0)
 
 
 class Clock:
@@ -71,17 +82,26 @@ def _sync(device: torch.device) -> None:
 
 
 def run_steps(step_fn, steps: int | None, minutes: float, probe: int, device: torch.device, clock: Clock,
-              name: str, history: list) -> int:
-    """Call step_fn(step, total) -> loss; total is fixed after `probe` timed steps when steps is None."""
+              name: str, history: list, deadline: float | None = None, time_from: int = 10) -> tuple[int, int]:
+    """Call step_fn(step, total) -> loss; returns (steps run, steps planned).
+
+    When steps is None, total is fixed at step `probe` from the speed of steps time_from..probe (the
+    first steps pay for CUDA/cuBLAS warm-up) and the time left: the minutes, or less when `deadline`
+    (a time.time() value) comes first. `deadline` is also a hard guard, checked at every 50-step mark
+    (where the loss read synchronises the device): past it, training stops there."""
     total = steps if steps is not None else 10**9
-    start, running, step = time.time(), [], 0
+    start, running, step, t_from = time.time(), [], 0, None
+    end = start + minutes * 60 if deadline is None else min(start + minutes * 60, deadline)
     while step < total:
         running.append(step_fn(step, total))
         step += 1
+        if steps is None and step == time_from:
+            _sync(device)
+            t_from = time.time()
         if steps is None and step == probe:
             _sync(device)
-            per = (time.time() - start) / probe
-            total = max(probe + 1, int(minutes * 60 / per))
+            per = (time.time() - t_from) / (probe - time_from)
+            total = max(probe + 1, probe + int((end - time.time()) / per))
             log(f"{name}: {per * 1000:.1f} ms/step -> {total} steps", clock)
         if step % 50 == 0 or step == total:
             loss = float(torch.stack(running).mean())
@@ -89,7 +109,10 @@ def run_steps(step_fn, steps: int | None, minutes: float, probe: int, device: to
             history.append([step, round(time.time() - start, 2), round(loss, 6)])
             if step % 500 == 0 or step == total:
                 log(f"{name} step {step}/{total} loss {loss:.5f}", clock)
-    return total
+            if deadline is not None and step < total and time.time() > deadline:
+                log(f"{name}: deadline reached, stopping at step {step} of {total}", clock)
+                return step, total
+    return step, total
 
 
 # ---- VAE ------------------------------------------------------------------------------------------
@@ -128,7 +151,7 @@ def train_vae(spec: TinySpec, images: torch.Tensor, args, device: torch.device, 
     main_steps = None if args.steps_vae is None else max(1, int(args.steps_vae * 0.8))
     rec["vae_loss"] = []
     rec["vae_steps_main"] = run_steps(make_step(list(vae.parameters()), vae.encode, False), main_steps,
-                                      args.minutes_vae * 0.8, 25, device, clock, "vae", rec["vae_loss"])
+                                      args.minutes_vae * 0.8, 40, device, clock, "vae", rec["vae_loss"])[0]
     stats = fold_latent_stats(vae, images, device)
     rec["vae_fold"] = stats
     log(f"vae fold: raw latent mean {stats['raw_mean']:.4f} std {stats['raw_std']:.4f}", clock)
@@ -137,7 +160,7 @@ def train_vae(spec: TinySpec, images: torch.Tensor, args, device: torch.device, 
     rec["vae_finetune_loss"] = []
     rec["vae_steps_finetune"] = run_steps(
         make_step(list(vae.decoder.parameters()), lambda x: vae.encode(x).detach(), True), ft_steps,
-        args.minutes_vae * 0.2, 25, device, clock, "vae-decoder", rec["vae_finetune_loss"])
+        args.minutes_vae * 0.2, 40, device, clock, "vae-decoder", rec["vae_finetune_loss"])[0]
     vae.requires_grad_(False).eval()
     return vae
 
@@ -189,12 +212,18 @@ def fold_latent_stats(vae, images: torch.Tensor, device: torch.device, n: int = 
 def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tuple, args, device: torch.device,
                 clock: Clock, rec: dict):
     torch.manual_seed(args.seed + 2)
-    mmdit = build_mmdit(spec, torch.Generator().manual_seed(args.seed + 2)).to(device)
-    towers = TextTowers(spec).to(device)
+    mmdit = build_mmdit(spec, torch.Generator().manual_seed(args.seed + 2))
+    towers = TextTowers(spec)
+    if args.init_from is not None:  # continue from a file's MMDiT and text towers (same spec)
+        for module, name in ((mmdit, "mmdit"), (towers.clip_l, "clip_l"), (towers.clip_g, "clip_g"),
+                             (towers.t5, "t5xxl")):
+            load_component_(module, args.init_from, name)
+        rec["init_from"] = file_record(args.init_from)
+    mmdit, towers = mmdit.to(device), towers.to(device)
     rec["params"] = {"mmdit": param_count(mmdit), "clip_l": param_count(towers.clip_l),
                      "clip_g": param_count(towers.clip_g), "t5": param_count(towers.t5)}
     params = [p for m in (mmdit, towers) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.type == "cuda")
     ema = [p.detach().clone() for p in params]
     ids = [torch.from_numpy(a).long().to(device) for a in (data.l_ids, data.g_ids, data.t5_ids)]
     empty_ids = [torch.tensor(e, dtype=torch.long, device=device)[None] for e in empty]  # [1, 77] each
@@ -212,8 +241,10 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
         toks = [torch.where(drop[:, None], e, t[idx]) for t, e in zip(ids, empty_ids)]  # 3 x [B, 77]
         x0 = latents[idx]  # [B, 16, h, w] model space
         eps = torch.randn(x0.shape, device=device, generator=gen)
-        t = torch.sigmoid(torch.randn(args.batch, device=device, generator=gen))
-        s = args.shift * t / (1 + (args.shift - 1) * t)  # [B] SD3 shifted sigma
+        t = torch.sigmoid(torch.randn(args.batch, device=device, generator=gen))  # [B] logit-normal(0, 1)
+        u = torch.rand(args.batch, device=device, generator=gen)  # [B] uniform
+        t = torch.where(torch.rand(args.batch, device=device, generator=gen) < args.sigma_uniform, u, t)
+        s = args.train_shift * t / (1 + (args.train_shift - 1) * t)  # [B] SD3 shifted sigma
         xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
         with autocast:
             context, pooled = towers(*toks)
@@ -228,8 +259,11 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
         return loss.detach()
 
     rec["mmdit_loss"] = []
-    rec["mmdit_steps"] = run_steps(step, args.steps_mmdit, args.minutes_mmdit, 30, device, clock, "mmdit",
-                                   rec["mmdit_loss"])
+    probe, time_from = (200, 50) if args.steps_mmdit is None and not args.smoke else (40, 10)
+    rec["mmdit_steps"], rec["mmdit_planned_steps"] = run_steps(
+        step, args.steps_mmdit, args.minutes_mmdit, probe, device, clock, "mmdit", rec["mmdit_loss"],
+        deadline=args.deadline, time_from=time_from)
+    rec["mmdit_stopped_by_deadline"] = rec["mmdit_steps"] < rec["mmdit_planned_steps"]
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -288,8 +322,9 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
         res["cfg_grid"][str(cfg)] = agg
         pc = agg["per_category"]
         key = pc.get("single", 0.0) + pc.get("two_relation", 0.0)
-        log(f"eval cfg {cfg}: single {pc.get('single', 0):.3f} two_relation {pc.get('two_relation', 0):.3f} "
-            f"overall {agg['overall']:.3f}", clock)
+        log(f"eval cfg {cfg}: " + " ".join(f"{k} {v:.4f}" for k, v in pc.items())
+            + f" | aspects " + " ".join(f"{k} {v:.4f}" for k, v in agg["per_aspect"].items())
+            + f" | overall {agg['overall']:.4f}", clock)
         if best is None or key > best[0]:
             best = (key, cfg, images)
     res["best_cfg"] = best[1]
@@ -303,11 +338,26 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
 
 
 # ---- main -----------------------------------------------------------------------------------------
+def file_record(path: Path) -> dict:
+    """Where a reused file came from: path, size, sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"file": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def load_vae_from(spec: TinySpec, path: Path, device: torch.device):
+    """The (already folded) VAE of an all-in-one, frozen, in float32."""
+    vae = load_component_(build_vae(spec), path, "vae")
+    return vae.to(device).requires_grad_(False).eval()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd35fp8.tiny.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--minutes-vae", type=float, default=1.5)
-    p.add_argument("--minutes-mmdit", type=float, default=4.5)
+    p.add_argument("--minutes-vae", type=float, default=1.75)
+    p.add_argument("--minutes-mmdit", type=float, default=5.5)
     p.add_argument("--steps-vae", type=int, default=None)
     p.add_argument("--steps-mmdit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -316,11 +366,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--batch-vae", type=int, default=64)
-    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-vae", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--train-shift", type=float, default=1.0,
+                   help="shift of the training sigma distribution (1 = none; 3 = the sampler's, little low noise)")
+    p.add_argument("--sigma-uniform", type=float, default=0.15,
+                   help="fraction of training t drawn uniformly in [0, 1] instead of logit-normal(0, 1)")
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="all-in-one whose (already folded) VAE is reused: no VAE training, no fold")
+    p.add_argument("--spiece-from", type=Path, default=None, help="spiece.model to reuse instead of training one")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="all-in-one whose MMDiT and text towers initialise phase (4)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="time.time() by which MMDiT training must end (plans the steps, hard stop)")
     p.add_argument("--text-dropout", type=float, default=0.1)
     p.add_argument("--eval-items", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
@@ -340,13 +400,23 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     clock = Clock()
     spec = TinySpec.smoke() if args.smoke else TinySpec.full()
+    if args.init_from is not None:  # sizes of the model continued from
+        spec = TinySpec.from_checkpoint(args.init_from, spec.image_size)
+    if args.vae_from is not None:
+        spec = spec.with_vae_of(TinySpec.from_checkpoint(args.vae_from, spec.image_size))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     rec: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "torch": torch.__version__}
     t = time.time()
-    spiece = train_spiece(out, spec.t5_vocab, args.seed, 2000 if args.smoke else 5000)
+    if args.spiece_from is not None:
+        spiece = out / "spiece.model"
+        if args.spiece_from.resolve() != spiece.resolve():
+            shutil.copyfile(args.spiece_from, spiece)
+        rec["spiece_from"] = file_record(args.spiece_from)
+    else:
+        spiece = train_spiece(out, spec.t5_vocab, args.seed, 2000 if args.smoke else 5000)
     import sentencepiece as spm
     spec = spec.with_t5_vocab(spm.SentencePieceProcessor(model_file=str(spiece)).get_piece_size())
     rec["spec"] = {k: v for k, v in spec.__dict__.items()}
@@ -363,7 +433,11 @@ def main(argv=None) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     rec["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     images = torch.from_numpy(data.images).to(device)  # uint8 [N, H, W, 3]
-    vae = train_vae(spec, images, args, device, clock, rec)
+    if args.vae_from is not None:
+        vae = load_vae_from(spec, args.vae_from, device)
+        rec["vae_from"] = file_record(args.vae_from)
+    else:
+        vae = train_vae(spec, images, args, device, clock, rec)
     t = clock.mark("vae", t)
     latents = to_model_space(encode_all(vae, images, device))  # [N, 16, h, w]
     rec["latents_model_space"] = {"mean": float(latents.mean()), "std": float(latents.std())}
@@ -375,10 +449,14 @@ def main(argv=None) -> dict:
     defaults = {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": "euler", "scheduler": "normal",
                 "shift": 3.0, "width": spec.image_size, "height": spec.image_size}
     info = {"spec": rec["spec"], "seed": args.seed, "latent_fold": "per-channel affine folded into VAE"}
+    for key in ("vae_from", "spiece_from", "init_from"):
+        if key in rec:
+            info[key + "_sha256"] = rec[key]["sha256"]
     ckpt = export_checkpoint(out / CHECKPOINT_NAME, mmdit, vae, towers.clip_l, towers.clip_g, towers.t5,
                              defaults, info, spiece)
     load_back(ckpt)  # proves the layout with the project's loaders
     t = clock.mark("export", t)
+    (out / "train_log.json").write_text(json.dumps(rec, indent=1))  # rewritten with the evaluation below
     res = evaluate(mmdit, vae, towers, spiece, args, device, spec.image_size, clock)
     t = clock.mark("eval", t)
     defaults["cfg"] = res["best_cfg"]

@@ -260,51 +260,30 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
            force_full_denoise: bool = False) -> dict[str, torch.Tensor]:
     """KSampler / KSamplerAdvanced with ComfyUI's CONST (flow) model sampling, in float32."""
     from sd35fp8 import sampling
-    from sd35fp8.models.vae import to_model_space, to_vae_space
+    from sd35fp8.sampling.ksampler import ksample
 
-    if denoise <= 0.0:
-        return {"samples": latent["samples"]}  # ComfyUI: empty sigmas, the latent comes back as it was
-    samples = fix_empty_latent_channels(latent["samples"])  # [B, 16, h, w] raw VAE space
-    ms = sampling.FlowMatching(shift=model.shift)
-    sigmas = sampling.get_sigmas(scheduler, steps, denoise=denoise, sampler=sampler_name, model_sampling=ms)
-    if last_step is not None and last_step < len(sigmas) - 1:
-        sigmas = sigmas[: last_step + 1].clone()
-        if force_full_denoise:
-            sigmas[-1] = 0
-    if start_step is not None:
-        if start_step >= len(sigmas) - 1:
-            return {"samples": latent["samples"]}  # ComfyUI: nothing left to sample
-        sigmas = sigmas[start_step:]
-
-    if disable_noise:
-        noise = torch.zeros(samples.shape, dtype=torch.float32)
-    else:
-        noise = sampling.prepare_noise(seed, tuple(samples.shape))  # CPU float32, whole batch
     dev = torch.device(ctx.device)
-    x0 = to_model_space(samples.to(dev, torch.float32))
-    x = ms.noise_scaling(sigmas[0].to(dev), noise.to(dev), x0)  # sigma*noise + (1-sigma)*latent
-
+    samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)  # [B, 16, h, w] raw
     cond, pooled = _single_cond(positive, "positive")
     ucond, upooled = _single_cond(negative, "negative")
     slg = None
     if model.slg is not None:
         slg = sampling.SLGConfig(scale=model.slg.scale, start=model.slg.start_percent, end=model.slg.end_percent,
                                  layers=model.slg.layers, window="sigma")
-    denoiser = sampling.CFGDenoiser(
-        model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev)),
-        sampling.Conditioning(ucond.to(dev), upooled.to(dev)), cfg=cfg, slg=slg, steps=steps, model_sampling=ms,
-        dtype=ctx.dtype)
-    total = len(sigmas) - 1
 
-    def callback(info: dict) -> None:
+    def callback(step: int, total: int, _denoised: torch.Tensor) -> None:
         ctx.check_interrupt()
-        ctx.progress(int(info["i"]) + 1, total)
+        ctx.progress(step, total)
 
     ctx.check_interrupt()
-    out = sampling.sample(sampler_name, denoiser, x, sigmas.to(torch.float32), extra_args={"seed": seed},
-                          callback=callback, disable=True)
-    out = ms.inverse_noise_scaling(sigmas[-1].to(dev), out)  # identity when the last sigma is 0
-    return {"samples": to_vae_space(out).float().cpu()}
+    out = ksample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev)),
+                  sampling.Conditioning(ucond.to(dev), upooled.to(dev)), samples, seed=seed, steps=steps, cfg=cfg,
+                  sampler=sampler_name, scheduler=scheduler, shift=model.shift, denoise=denoise, slg=slg,
+                  dtype=ctx.dtype, callback=callback, disable=True, start_step=start_step, last_step=last_step,
+                  force_full_denoise=force_full_denoise, add_noise=not disable_noise)
+    if out is samples:
+        return {"samples": latent["samples"]}
+    return {"samples": out.float().cpu()}
 
 
 # ---- VAE ------------------------------------------------------------------------------------
