@@ -344,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(path.read_text())
         report["models"] = old.get("models", {})
         report["previous_runs"] = old.get("previous_runs", []) + [{k: old.get(k) for k in ("command", "date")}]
-    report["models"].update(results)
+    for label, res in results.items():  # merge per contender: a rerun replaces that contender's row
+        prev = report["models"].get(label)
+        if prev is None:
+            report["models"][label] = res
+            continue
+        names = {r["contender"] for r in res["timings"]}
+        timings = [r for r in prev["timings"] if r["contender"] not in names] + res["timings"]
+        report["models"][label] = prev | {k: v for k, v in res.items() if k != "timings"} | {"timings": timings}
     if args.e2e:
         e2e_path = Path(__file__).parent / "e2e.py"
         if not e2e_path.exists():

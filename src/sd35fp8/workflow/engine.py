@@ -120,23 +120,39 @@ def load_vae_file(path: Path, device: Any, dtype: Any) -> Any:
 
 
 def load_clip_files(paths: list[Path], device: Any, dtype: Any) -> SD3Clip:
-    """TripleCLIPLoader / CLIPLoader(sd3): each file is sorted into clip_l / clip_g / t5xxl by the
-    checkpoint layer, which tells them apart by their weights, never by the name."""
+    """TripleCLIPLoader / CLIPLoader(sd3): each file is sorted into clip_l / clip_g / t5xxl by its
+    weights (CLIP width 768 / 1280, or the narrower of two CLIPs is CLIP-L). Two CLIPs of the same
+    non-standard width cannot be told apart by weights: they then follow the node's documented
+    recipe order (sd3: clip-l, clip-g, t5), and the log says so."""
     from sd35fp8.checkpoints.load import load_text_encoders
-    from sd35fp8.checkpoints.sources import open_components
+    from sd35fp8.checkpoints.sources import Components, assign_clip_slots, clip_width, open_file
 
     slots: dict[str, Path] = {}
+    clips: list[tuple[Path, Any]] = []
     for p in paths:
-        found = [s for s in ("clip_l", "clip_g", "t5xxl") if open_components(str(p)).get(s) is not None]
-        if not found:
+        found = open_file(Path(p))
+        if not any(k in found for k in ("clip", "clip_l", "clip_g", "t5xxl")):
             raise InputError(f"text encoder file {p} holds no CLIP-L, CLIP-G or T5-XXL weights")
-        for s in found:
-            if s in slots and slots[s] != p:
-                raise InputError(f"two files give the {s} text encoder: {slots[s].name} and {p.name}")
-            slots[s] = p
-    models = load_text_encoders(str(paths[0]), device=device, dtype=dtype, clip_l=slots.get("clip_l"),
+        for slot, src in found.items():
+            if slot in ("clip", "clip_l", "clip_g"):
+                clips.append((Path(p), src))
+            elif slot == "t5xxl":
+                if "t5xxl" in slots and slots["t5xxl"] != p:
+                    raise InputError(f"two files give the t5xxl text encoder: {slots['t5xxl'].name} and {p.name}")
+                slots["t5xxl"] = Path(p)
+    if len(clips) == 2 and clip_width(clips[0][1]) == clip_width(clips[1][1]) and \
+            {s.component for _, s in clips} == {"clip"}:
+        log.info("CLIP files %s and %s have the same width %d: taken in recipe order as clip_l, clip_g",
+                 clips[0][0].name, clips[1][0].name, clip_width(clips[0][1]))
+        slots.update(clip_l=clips[0][0], clip_g=clips[1][0])
+    else:
+        by_source = {id(src): path for path, src in clips}
+        for slot, src in assign_clip_slots([src for _, src in clips], ", ".join(p.name for p in paths)).items():
+            slots[slot] = by_source[id(src)]
+    names = ", ".join(p.name for p in paths)
+    models = load_text_encoders(Components(root=names), device=device, dtype=dtype, clip_l=slots.get("clip_l"),
                                 clip_g=slots.get("clip_g"), t5xxl=slots.get("t5xxl"))
-    return SD3Clip(_text_encoder(models, list(paths)), name=", ".join(p.name for p in paths))
+    return SD3Clip(_text_encoder(models, list(paths)), name=names)
 
 
 def _text_encoder(models: Any, near: list[Path]) -> Any:

@@ -1,0 +1,103 @@
+"""The seed's two ComfyUI workflows on the shipped model: `sd35fp8 run`, the server and
+`sd35fp8 generate` with the same parameters give the same pixels."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_models import WORKFLOWS, build_models_folder
+from sd35fp8.pipeline import SD35Pipeline
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
+from sd35fp8.workflow import run_workflow
+from sd35fp8.workflow.executor import PromptExecutor
+
+pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
+SIZE = 128  # the shipped model's native size (its position grid covers at most 256 px)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models_folder(tmp_path_factory.mktemp("comfy"))
+
+
+def _prompt(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def _latent_node(prompt: dict) -> str:
+    return next(i for i, n in prompt.items() if n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"))
+
+
+def _generate(models, prompt: dict) -> np.ndarray:
+    """`sd35fp8 generate` with the workflow's parameters (Python API, same code path as the CLI)."""
+    nodes = {n["class_type"]: n["inputs"] for n in prompt.values()}
+    ks = nodes["KSampler"]
+    ckpt = models / "checkpoints" / nodes["CheckpointLoaderSimple"]["ckpt_name"]
+    extra = {}
+    if "TripleCLIPLoader" in nodes:
+        t = nodes["TripleCLIPLoader"]
+        extra = {k: models / "text_encoders" / t[f"clip_name{i}"] for i, k in enumerate(("clip_l", "clip_g", "t5xxl"), 1)}
+    texts = [prompt[ks[k][0]]["inputs"]["text"] for k in ("positive", "negative")]
+    pipe = SD35Pipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, **extra)
+    out = pipe(texts[0], negative_prompt=texts[1], num_inference_steps=ks["steps"], guidance_scale=ks["cfg"],
+               sampler=ks["sampler_name"], scheduler=ks["scheduler"], seed=ks["seed"], width=SIZE, height=SIZE,
+               denoise=ks["denoise"], progress=False)
+    return np.asarray(out.images[0])
+
+
+@pytest.mark.parametrize("name", ["seed-fp8-allinone.json", "seed-separate-encoders.json"])
+def test_run_equals_generate(models, tmp_path, name):
+    prompt = _prompt(name)
+    lat = _latent_node(prompt)
+    path = tmp_path / name
+    path.write_text(json.dumps(prompt))
+    result = run_workflow(path, models, output_dir=tmp_path / "out", sets=[f"{lat}.width={SIZE}", f"{lat}.height={SIZE}"])
+    assert result.success, result.error
+    (images,) = [ui["images"] for ui in result.outputs.values()]
+    png = Image.open(tmp_path / "out" / images[0]["subfolder"] / images[0]["filename"])
+    assert json.loads(png.text["prompt"])[lat]["inputs"]["width"] == SIZE
+    assert np.array_equal(np.asarray(png.convert("RGB")), _generate(models, prompt))
+
+
+def test_native_1024_fails_naming_the_limit(models, tmp_path):
+    result = run_workflow(WORKFLOWS / "seed-fp8-allinone.json", models, output_dir=tmp_path / "out")
+    assert not result.success
+    assert "256" in result.error["exception_message"] and "1024" in result.error["exception_message"]
+
+
+def test_server_equals_generate(models, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sd35fp8.server import create_app, stop_app
+
+    prompt = _prompt("seed-fp8-allinone.json")
+    lat = _latent_node(prompt)
+    prompt[lat]["inputs"].update(width=SIZE, height=SIZE)
+    app = create_app(models, output_dir=tmp_path / "out", device="cpu", serve_frontend=False)
+    try:
+        with TestClient(app) as client:
+            r = client.post("/prompt", json={"prompt": prompt, "client_id": "t"})
+            assert r.status_code == 200, r.text
+            pid = r.json()["prompt_id"]
+            for _ in range(600):
+                hist = client.get(f"/history/{pid}").json()
+                if pid in hist:
+                    break
+                time.sleep(0.1)
+            entry = hist[pid]
+            assert entry["status"]["completed"], entry["status"]
+            (img,) = [i for ui in entry["outputs"].values() for i in ui["images"]]
+            r = client.get("/view", params=img)
+            assert r.status_code == 200
+            import io
+
+            served = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    finally:
+        stop_app(app)
+    assert np.array_equal(served, _generate(models, prompt))
