@@ -110,3 +110,11 @@ def test_save_png_metadata(pipe, tmp_path):
     meta = Image.open(path).text
     params = json.loads(meta["sd35fp8"])
     assert params["seed"] == 11 and params["prompt"] == "a blue ring" and "Negative prompt" in meta["parameters"]
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_modes_same_image(tiny_random_checkpoint, pipe, offload):
+    path, _ = tiny_random_checkpoint
+    other = SD35Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32, offload=offload)
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, width=32, height=32, seed=5, progress=False)
+    assert torch.equal(other("a red circle", **kw).latents, pipe("a red circle", **kw).latents)

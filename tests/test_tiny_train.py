@@ -72,3 +72,26 @@ def test_training_conditioning_equals_pipeline_encoder(smoke_run):
     assert ctx.shape == ref_ctx.shape == (3, 154, s.t5_width)
     torch.testing.assert_close(ctx, ref_ctx, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_smoke_run_reuses_vae_spiece_and_init(tmp_path, smoke_run):
+    """--vae-from / --spiece-from / --init-from: the VAE comes over bit for bit (no training, no fold),
+    the vocabulary file is copied, the sizes come from the file, the sources' sha256 are logged."""
+    src, _ = smoke_run
+    ckpt = src / export.CHECKPOINT_NAME
+    out = tmp_path / "reuse"
+    rec = train.main(["--out", str(out), "--smoke", "--seed", "1", "--vae-from", str(ckpt),
+                      "--spiece-from", str(src / "spiece.model"), "--init-from", str(ckpt)])
+    assert "vae_loss" not in rec and "vae_fold" not in rec
+    assert rec["vae_from"]["sha256"] == rec["init_from"]["sha256"] and len(rec["spiece_from"]["sha256"]) == 64
+    assert (out / "spiece.model").read_bytes() == (src / "spiece.model").read_bytes()
+    new = out / export.CHECKPOINT_NAME
+    assert spec.TinySpec.from_checkpoint(new, 32) == spec.TinySpec.from_checkpoint(ckpt, 32)
+    old_vae, new_vae = export.read_component(ckpt, "vae"), export.read_component(new, "vae")
+    assert old_vae.keys() == new_vae.keys()
+    assert all(torch.equal(old_vae[k], new_vae[k]) for k in old_vae)
+    old_mm, new_mm = export.read_component(ckpt, "mmdit"), export.read_component(new, "mmdit")
+    assert any(not torch.equal(old_mm[k], new_mm[k]) for k in old_mm)  # trained on from the init
+    with safe_open(str(new), "pt") as f:
+        info = json.loads(f.metadata()["sd35fp8.tiny"])
+    assert info["init_from_sha256"] == rec["init_from"]["sha256"]

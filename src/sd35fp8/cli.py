@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fp8", default=None, choices=["none", "weight_only", "dynamic", "static"],
                    help="FP8 mode of the MMDiT (default: FP8 files run as FP8, others in --dtype)")
     s.add_argument("--no-slg", action="store_true", help="disable skip-layer guidance (Medium)")
+    s.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                   help="none: every model on the GPU; model: each model on the GPU only while it runs "
+                   "(12 GB cards); sequential: also stream MMDiT/T5 blocks with prefetch (8 GB cards)")
     gen.add_argument("-o", "--output", default="out.png",
                      help="output PNG; with --batch > 1, _0, _1, ... are added before the suffix")
 
@@ -179,6 +182,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=dtype_from_name(args.dtype),
         fp8=args.fp8,
+        offload=args.offload,
     )
     print(f"sd35fp8: {pipe.summary()}", file=sys.stderr)
     result = pipe(

@@ -34,11 +34,13 @@ log = logging.getLogger(__name__)
 ALIGN = 256  # byte alignment of each tensor inside a packed buffer (any dtype view is legal)
 GIB = 1024 ** 3
 
-# VAE decode of SD3's 16-channel VAE in bf16 (measured on H100, benchmarks/e2e.py --vae-sweep):
-# activation peak above the weights grows ~linearly with pixels. For an 8 GB card the decode
-# switches to tiles above this many pixels (see use_tiled_decode).
-VAE_DECODE_BYTES_PER_PIXEL = 2300  # bf16, full decode, measured peak / (W*H), rounded up
-TILED_DECODE_PIXELS_8GB = 1536 * 1536
+# Full VAE decode (SD3 VAE, bf16) activation peak above the weights, measured on H100 with
+# benchmarks/e2e.py --vae-sweep: 1024^2 2.47 GiB, 1536^2 11.88 GiB, 2048^2 36.88 GiB (the mid-block
+# attention over (H/8*W/8)^2 makes it quadratic); fit GiB = 0.209*MP + 2.047*MP^2 (MP = pixels/1e6).
+# decode_tiled (64-latent tiles) stays at 0.55-0.60 GiB at every size. On an 8 GB card the decode
+# goes tiled above 1024x1024 (1280^2 would already need ~6 GiB).
+VAE_DECODE_GIB_FIT = (0.209, 2.047)
+TILED_DECODE_PIXELS_8GB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -352,4 +354,11 @@ def use_tiled_decode(width: int, height: int, budget_bytes: int | None = None,
         raise InputError(f"invalid image size {width}x{height}")
     if budget_bytes is None:
         return width * height > TILED_DECODE_PIXELS_8GB
-    return resident_bytes + VAE_DECODE_BYTES_PER_PIXEL * width * height > budget_bytes
+    return resident_bytes + vae_decode_bytes(width, height) > budget_bytes
+
+
+def vae_decode_bytes(width: int, height: int) -> int:
+    """Estimated activation peak of a full bf16 VAE decode (fit to H100 measurements, see above)."""
+    mp = width * height / 1e6
+    a, b = VAE_DECODE_GIB_FIT
+    return int((a * mp + b * mp * mp) * GIB)

@@ -24,7 +24,7 @@ from .output import GenerationOutput
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("none", "model")
+OFFLOAD_MODES = ("none", "model", "sequential")
 FP8_CHOICES = (None, "none", "weight_only", "dynamic", "static")
 TILED_DECODE_PIXELS = 1536 * 1536  # decode larger images in tiles (bounded memory)
 
@@ -71,6 +71,11 @@ class SD35Pipeline:
         self.offload = offload
         self.description = dict(description or {})
         self.stats = StageStats()
+        self._offloader = None
+        if offload != "none":
+            from .offload import ModelOffload
+
+            self._offloader = ModelOffload(self.device)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -84,8 +89,9 @@ class SD35Pipeline:
         model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
         None = the shipped small model. fp8: None keeps the file's precision (an fp8 file runs as
         FP8), "none" forces --dtype, "weight_only" | "dynamic" | "static" quantise the MMDiT.
-        offload: "none" keeps every model on the device; "model" keeps the text encoders and the
-        VAE on the CPU and moves each to the device only while it runs.
+        offload: "none" keeps every model on the device; "model" keeps every model in pinned CPU
+        memory and moves each to the device only while it runs (a 12 GB card); "sequential" also
+        streams the MMDiT's and T5's blocks one by one with prefetch (an 8 GB card).
         """
         from .checkpoints.load import load_mmdit, load_text_encoders, load_vae
         from .checkpoints.sources import resolve
@@ -100,11 +106,20 @@ class SD35Pipeline:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = shipped_model_path() if model is None else model
         comps = resolve(model, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl)
-        side = torch.device("cpu") if offload == "model" else device
+        side = device if offload == "none" else torch.device("cpu")
+        if offload != "none" and fp8 not in (None, "none"):
+            from .fp8.device import choose_mode
 
-        mmdit = load_mmdit(comps, device=device, dtype=dtype, **({"fp8": fp8} if fp8 is not None else {}))
+            fp8, _ = choose_mode(fp8, device)  # decided for the GPU it will run on, not the CPU it loads on
+        mmdit = load_mmdit(comps, device=side, dtype=dtype, **({"fp8": fp8} if fp8 is not None else {}))
         vae = load_vae(comps, device=side, dtype=dtype)
         texts = load_text_encoders(comps, device=side, dtype=dtype)
+        if offload == "sequential":
+            from .offload import SequentialOffload, stream_t5_blocks
+
+            mmdit = SequentialOffload(mmdit, device)
+            if texts.t5xxl is not None:
+                stream_t5_blocks(texts.t5xxl, device)
         t5_tok = None
         if texts.t5xxl is not None:
             near = [Path(f) for f in comps.t5xxl.files] + [Path(f) for f in comps.mmdit.files]
@@ -127,15 +142,12 @@ class SD35Pipeline:
     # ------------------------------------------------------------------ helpers
     @contextmanager
     def _on_device(self, module: torch.nn.Module):
-        """With offload="model", move a side model to the device only while it runs."""
-        if self.offload == "none":
+        """With offload, a model is on the device only while it runs (sd35fp8.offload.ModelOffload)."""
+        if self._offloader is None:
             yield module
             return
-        module.to(self.device)
-        try:
+        with self._offloader.on_device(module):
             yield module
-        finally:
-            module.to("cpu")
 
     @contextmanager
     def _stage(self, name: str):
@@ -191,6 +203,7 @@ class SD35Pipeline:
         img2img. `callback(step, total, denoised)` runs after every step.
         """
         from .models.vae import image_to_uint8
+        from .offload import use_tiled_decode
         from .sampling import SAMPLERS, SCHEDULERS
         from .sampling.ksampler import ksample
 
@@ -234,12 +247,13 @@ class SD35Pipeline:
                 pixels = _image_tensor(image).to(self.device, self.dtype)
                 latent = vae.encode(pixels).float().repeat(batch, 1, 1, 1)
 
-        with self._stage("sampling"):
-            z = ksample(self.mmdit, cond, uncond, latent, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
+        with self._stage("sampling"), self._on_device(self.mmdit) as mmdit:
+            z = ksample(mmdit, cond, uncond, latent, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
                         scheduler=scheduler, shift=shift, denoise=denoise, slg=self._slg(slg), dtype=self.dtype,
                         callback=callback, disable=not progress)
         with self._stage("vae_decode"), self._on_device(self.vae) as vae:
-            decoded = vae.decode_tiled(z) if width * height > TILED_DECODE_PIXELS else vae.decode(z)
+            tiled = use_tiled_decode(width, height) if self.offload != "none" else width * height > TILED_DECODE_PIXELS
+            decoded = vae.decode_tiled(z) if tiled else vae.decode(z)
         images = [Image.fromarray(a) for a in image_to_uint8(decoded)]
         params = [dict(prompt=prompts[i // n], negative_prompt=negatives[i // n], steps=steps, cfg=cfg,
                        sampler=sampler, scheduler=scheduler, shift=shift, seed=seed, batch_index=i,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import InputError
 from .guidance import CFGDenoiser, Conditioning, ModelFn, SLGConfig
 from .model_sampling import FlowMatching
 from .noise import prepare_noise
@@ -22,7 +23,7 @@ def ksample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, lat
             denoise: float = 1.0, slg: SLGConfig | None = None, dtype: torch.dtype | None = None,
             callback: Callable[[int, int, torch.Tensor], None] | None = None, disable: bool = True,
             start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False,
-            add_noise: bool = True) -> torch.Tensor:
+            add_noise: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
     """latent [B, 16, h, w] raw (VAE space) on the device -> sampled latent, raw, float32.
 
     As ComfyUI: noise is one CPU draw for the whole batch from `seed`; an all-zero latent is not
@@ -30,6 +31,8 @@ def ksample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, lat
     the result goes back through inverse_noise_scaling and out of model space.
     `callback(step, total, denoised)` after every step. Returns `latent` unchanged when nothing
     is left to sample (denoise 0, start_step past the end), as ComfyUI does.
+    `noise` (CPU or device, shaped like `latent`) replaces the draw from `seed` (and add_noise):
+    cross-prompt batching concatenates each prompt's own prepare_noise(seed_i) draw.
     """
     from ..models.vae import to_model_space, to_vae_space
 
@@ -47,7 +50,10 @@ def ksample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, lat
         sigmas = sigmas[start_step:]
     device = latent.device
     sigmas = sigmas.to(device)
-    noise = prepare_noise(seed, tuple(latent.shape)) if add_noise else torch.zeros(latent.shape)
+    if noise is None:
+        noise = prepare_noise(seed, tuple(latent.shape)) if add_noise else torch.zeros(latent.shape)
+    elif tuple(noise.shape) != tuple(latent.shape):
+        raise InputError(f"ksample: noise shape {tuple(noise.shape)} does not match latent {tuple(latent.shape)}")
     x0 = latent.float()
     if torch.count_nonzero(x0) > 0:  # ComfyUI: "Don't shift the empty latent image"
         x0 = to_model_space(x0)

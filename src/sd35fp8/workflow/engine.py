@@ -270,6 +270,16 @@ def with_skip_layer_guidance(model: SD3Model, layers: str, scale: float, start_p
     return replace(model, slg=SLGSettings(idx, float(scale), float(start_percent), float(end_percent)))
 
 
+def slg_config(model: SD3Model) -> Any:
+    """The sampler's SLGConfig for a model patched by SkipLayerGuidanceSD3 (ComfyUI's sigma window)."""
+    from sd35fp8 import sampling
+
+    if model.slg is None:
+        return None
+    return sampling.SLGConfig(scale=model.slg.scale, start=model.slg.start_percent, end=model.slg.end_percent,
+                              layers=model.slg.layers, window="sigma")
+
+
 def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
            positive: list, negative: list, latent: dict, denoise: float = 1.0, disable_noise: bool = False,
            start_step: int | None = None, last_step: int | None = None,
@@ -282,10 +292,7 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)  # [B, 16, h, w] raw
     cond, pooled = _single_cond(positive, "positive")
     ucond, upooled = _single_cond(negative, "negative")
-    slg = None
-    if model.slg is not None:
-        slg = sampling.SLGConfig(scale=model.slg.scale, start=model.slg.start_percent, end=model.slg.end_percent,
-                                 layers=model.slg.layers, window="sigma")
+    slg = slg_config(model)
 
     def callback(step: int, total: int, _denoised: torch.Tensor) -> None:
         ctx.check_interrupt()

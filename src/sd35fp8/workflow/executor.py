@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,7 @@ class ExecutionResult:
     cached: list[str] = field(default_factory=list)  # served from the cache
     error: dict | None = None  # execution_error payload
     interrupted: bool = False
+    sampled_with: int = 1  # prompts in the sampling batch it ran in (cross-prompt batching; 1 = alone)
 
 
 def _now_ms() -> int:
@@ -87,18 +88,54 @@ class PromptExecutor:
         self.options = dict(options or {})
         self._cache: dict[str, tuple[tuple, dict | None]] = {}  # key -> (outputs, ui)
         self._interrupt = threading.Event()
+        self._interrupt_lock = threading.Lock()
+        self._interrupt_ids: set[str] | None = None  # None: every running prompt
 
     # ---- control ---------------------------------------------------------------------------
-    def interrupt(self) -> None:
-        """Ask the running prompt to stop at the next node or sampler step."""
-        self._interrupt.set()
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Ask the running prompt(s) to stop at the next node or sampler step. With `prompt_id`,
+        a cross-prompt batch stops only that prompt (the others go on); a lone prompt always stops."""
+        with self._interrupt_lock:
+            if prompt_id is None:
+                self._interrupt_ids = None
+            elif not self._interrupt.is_set():
+                self._interrupt_ids = {prompt_id}
+            elif self._interrupt_ids is not None:
+                self._interrupt_ids.add(prompt_id)
+            self._interrupt.set()
 
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    def _clear_interrupt(self) -> None:
+        with self._interrupt_lock:
+            self._interrupt.clear()
+            self._interrupt_ids = None
+
     def _check_interrupt(self) -> None:
         if self._interrupt.is_set():
-            self._interrupt.clear()
+            self._clear_interrupt()
+            raise InterruptProcessing("Processing interrupted")
+
+    def interrupted_among(self, prompt_ids: Iterable[str]) -> set[str]:
+        """Consume and return the pending interrupt requests that hit any of `prompt_ids`."""
+        ids = set(prompt_ids)
+        with self._interrupt_lock:
+            if not self._interrupt.is_set():
+                return set()
+            if self._interrupt_ids is None:
+                hit = ids
+                self._interrupt.clear()
+            else:
+                hit = ids & self._interrupt_ids
+                self._interrupt_ids -= hit
+                if not self._interrupt_ids:
+                    self._interrupt.clear()
+                    self._interrupt_ids = None
+        return hit
+
+    def _check_interrupt_for(self, prompt_id: str) -> None:
+        if self._interrupt.is_set() and self.interrupted_among([prompt_id]):
             raise InterruptProcessing("Processing interrupted")
 
     # ---- keys ------------------------------------------------------------------------------
@@ -120,79 +157,32 @@ class PromptExecutor:
             keys[nid] = hashlib.sha256(blob.encode()).hexdigest()
         return keys
 
+    def drop_cache_except(self, wanted: set[str]) -> None:
+        """Free cached outputs no running prompt needs (old models first, as ComfyUI does)."""
+        for k in [k for k in self._cache if k not in wanted]:
+            del self._cache[k]
+
     # ---- run -------------------------------------------------------------------------------
     def execute(self, prompt: dict, prompt_id: str = "", extra_data: dict | None = None,
                 hooks: Hooks | None = None, execute_outputs: list[str] | None = None) -> ExecutionResult:
         """Run the prompt. Validates first unless execute_outputs (from validate_prompt) is given."""
-        extra_data = extra_data or {}
-        send = hooks or (lambda event, data: None)
-        prompt = parse_prompt(prompt)
-        if execute_outputs is None:
-            ok, error, execute_outputs, node_errors = validate_prompt(prompt, self.classes, self.folders)
-            if not ok:
-                raise PromptValidationError(error, node_errors)
-        self._interrupt.clear()
-        result = ExecutionResult(prompt_id=prompt_id, success=False)
-        send("execution_start", {"prompt_id": prompt_id, "timestamp": _now_ms()})
-
-        order = execution_order(prompt, execute_outputs)
-        keys = self.node_keys(prompt, order)
-        wanted = set(keys.values())
-        for k in [k for k in self._cache if k not in wanted]:
-            del self._cache[k]
-        result.cached = [nid for nid in order if keys[nid] in self._cache]
-        send("execution_cached", {"nodes": list(result.cached), "prompt_id": prompt_id, "timestamp": _now_ms()})
-
+        run = PromptRun(self, prompt, prompt_id, extra_data, hooks, execute_outputs)
+        self._clear_interrupt()
+        run.begin()
+        self.drop_cache_except(run.wanted)
+        run.announce_cached()
         with torch.inference_mode():
-            for nid in order:
-                node = prompt[nid]
-                key = keys[nid]
-                if key in self._cache:
-                    ui = self._cache[key][1]
-                    if ui:
-                        result.outputs[nid] = ui
-                        send("executed", {"node": nid, "display_node": nid, "output": ui, "prompt_id": prompt_id})
-                    continue
-                inputs: dict[str, Any] | None = None
-                try:
-                    self._check_interrupt()
-                    send("executing", {"node": nid, "display_node": nid, "prompt_id": prompt_id})
-                    inputs = self._gather_inputs(prompt, nid, keys, extra_data)
-                    outputs, ui = self._run_node(nid, node["class_type"], inputs, prompt_id, send)
-                except InterruptProcessing:
-                    log.info("Processing interrupted")
-                    result.interrupted = True
-                    send("execution_interrupted", {"prompt_id": prompt_id, "node_id": nid,
-                                                   "node_type": node["class_type"], "executed": list(result.executed),
-                                                   "timestamp": _now_ms()})
+            for nid in run.order:
+                if not run.step(nid):
                     break
-                except Exception as ex:  # noqa: BLE001 - the node error boundary: reported, never swallowed
-                    log.error("!!! Exception during processing !!! node %s (%s): %s", nid, node["class_type"], ex)
-                    log.debug("%s", traceback.format_exc())
-                    result.error = {
-                        "prompt_id": prompt_id,
-                        "node_id": nid,
-                        "node_type": node["class_type"],
-                        "executed": list(result.executed),
-                        "exception_message": str(ex),
-                        "exception_type": full_type_name(type(ex)),
-                        "traceback": traceback.format_tb(ex.__traceback__),
-                        "current_inputs": {k: [format_value(v)] for k, v in (inputs or {}).items()},
-                        "current_outputs": [n for n in order if keys[n] in self._cache],
-                        "timestamp": _now_ms(),
-                    }
-                    send("execution_error", result.error)
-                    break
-                self._cache[key] = (outputs, ui)
-                result.executed.append(nid)
-                if ui:
-                    result.outputs[nid] = ui
-                    send("executed", {"node": nid, "display_node": nid, "output": ui, "prompt_id": prompt_id})
-            else:
-                result.success = True
-                send("execution_success", {"prompt_id": prompt_id, "timestamp": _now_ms()})
-        send("executing", {"node": None, "prompt_id": prompt_id})
-        return result
+        return run.finish()
+
+    def execute_batch(self, jobs: Sequence[PromptJob],
+                      on_result: Callable[[int, ExecutionResult], None] | None = None) -> list[ExecutionResult]:
+        """Run several prompts, sampling the compatible ones as one batch (workflow/batch.py)."""
+        from sd35fp8.workflow.batch import execute_batch
+
+        return execute_batch(self, jobs, on_result)
 
     def _gather_inputs(self, prompt: dict, nid: str, keys: dict[str, str], extra_data: dict) -> dict[str, Any]:
         node = prompt[nid]
@@ -216,15 +206,19 @@ class PromptExecutor:
                 out[name] = nid
         return out
 
-    def _run_node(self, nid: str, class_type: str, inputs: dict, prompt_id: str,
-                  send: Hooks) -> tuple[tuple, dict | None]:
-        cls = self.classes[class_type]
-
+    def node_context(self, nid: str, prompt_id: str, send: Hooks,
+                     check_interrupt: Callable[[], None] | None = None) -> NodeContext:
         def progress(value: int, total: int) -> None:
             send("progress", {"value": int(value), "max": int(total), "prompt_id": prompt_id, "node": nid})
 
-        ctx = NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid, progress=progress,
-                          check_interrupt=self._check_interrupt, options=self.options)
+        return NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid,
+                           progress=progress, check_interrupt=check_interrupt or self._check_interrupt,
+                           options=self.options)
+
+    def _run_node(self, nid: str, class_type: str, inputs: dict, prompt_id: str, send: Hooks,
+                  check_interrupt: Callable[[], None] | None = None) -> tuple[tuple, dict | None]:
+        cls = self.classes[class_type]
+        ctx = self.node_context(nid, prompt_id, send, check_interrupt)
         ret = getattr(cls(ctx), cls.FUNCTION)(**inputs)
         ui = None
         if isinstance(ret, dict):
@@ -235,3 +229,138 @@ class PromptExecutor:
             raise RuntimeError(f"node {nid} ({class_type}) returned {len(outputs)} outputs, "
                                f"declares {len(cls.RETURN_TYPES)}")
         return outputs, ui
+
+
+@dataclass
+class PromptJob:
+    """One queued prompt for `execute_batch` (same arguments as `execute`)."""
+
+    prompt: dict
+    prompt_id: str = ""
+    extra_data: dict | None = None
+    hooks: Hooks | None = None
+    execute_outputs: list[str] | None = None
+
+
+class PromptRun:
+    """One prompt's execution: its order, cache keys, events and result. `execute` steps through
+    every node; `execute_batch` steps several runs around one shared sampling call."""
+
+    def __init__(self, executor: PromptExecutor, prompt: dict, prompt_id: str = "", extra_data: dict | None = None,
+                 hooks: Hooks | None = None, execute_outputs: list[str] | None = None, batched: bool = False):
+        self.ex = executor
+        self.extra_data = extra_data or {}
+        self.send: Hooks = hooks or (lambda event, data: None)
+        self.prompt = parse_prompt(prompt)
+        if execute_outputs is None:
+            ok, error, execute_outputs, node_errors = validate_prompt(self.prompt, executor.classes, executor.folders)
+            if not ok:
+                raise PromptValidationError(error, node_errors)
+        self.execute_outputs = execute_outputs
+        self.prompt_id = prompt_id
+        self.result = ExecutionResult(prompt_id=prompt_id, success=False)
+        self.stopped = False  # an error or an interrupt ended it
+        self.order: list[str] = []
+        self.keys: dict[str, str] = {}
+        # in a batch an interrupt names the prompt it stops; alone, any interrupt stops it
+        self.check_interrupt = (lambda: executor._check_interrupt_for(prompt_id)) if batched else None
+
+    @property
+    def wanted(self) -> set[str]:
+        return set(self.keys.values())
+
+    def begin(self) -> None:
+        self.send("execution_start", {"prompt_id": self.prompt_id, "timestamp": _now_ms()})
+        self.order = execution_order(self.prompt, self.execute_outputs)
+        self.keys = self.ex.node_keys(self.prompt, self.order)
+
+    def announce_cached(self) -> None:
+        self.result.cached = [nid for nid in self.order if self.keys[nid] in self.ex._cache]
+        self.send("execution_cached", {"nodes": list(self.result.cached), "prompt_id": self.prompt_id,
+                                       "timestamp": _now_ms()})
+
+    def fail_early(self, ex: Exception) -> None:
+        """An error before any node ran (graph cycle, bad IS_CHANGED input): reported like a node error."""
+        self.stopped = True
+        self.result.error = {"prompt_id": self.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                             "exception_message": str(ex), "exception_type": type(ex).__name__, "traceback": [],
+                             "current_inputs": {}, "current_outputs": [], "timestamp": _now_ms()}
+        self.send("execution_error", self.result.error)
+
+    def cached(self, nid: str) -> bool:
+        return self.keys[nid] in self.ex._cache
+
+    def step(self, nid: str) -> bool:
+        """Run (or serve from the cache) one node. False when the prompt stopped (error, interrupt)."""
+        if self.stopped:
+            return False
+        if self.cached(nid):
+            self._done(nid, self.ex._cache[self.keys[nid]][1], executed=False)
+            return True
+        node = self.prompt[nid]
+        inputs: dict[str, Any] | None = None
+        try:
+            (self.check_interrupt or self.ex._check_interrupt)()
+            self.executing(nid)
+            inputs = self.inputs(nid)
+            outputs, ui = self.ex._run_node(nid, node["class_type"], inputs, self.prompt_id, self.send,
+                                            self.check_interrupt)
+        except InterruptProcessing:
+            self.interrupted(nid)
+            return False
+        except Exception as ex:  # noqa: BLE001 - the node error boundary: reported, never swallowed
+            self.fail(nid, ex, inputs)
+            return False
+        self.store(nid, outputs, ui)
+        return True
+
+    def executing(self, nid: str) -> None:
+        self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
+
+    def inputs(self, nid: str) -> dict[str, Any]:
+        return self.ex._gather_inputs(self.prompt, nid, self.keys, self.extra_data)
+
+    def store(self, nid: str, outputs: tuple, ui: dict | None) -> None:
+        self.ex._cache[self.keys[nid]] = (outputs, ui)
+        self._done(nid, ui, executed=True)
+
+    def _done(self, nid: str, ui: dict | None, executed: bool) -> None:
+        if executed:
+            self.result.executed.append(nid)
+        if ui:
+            self.result.outputs[nid] = ui
+            self.send("executed", {"node": nid, "display_node": nid, "output": ui, "prompt_id": self.prompt_id})
+
+    def interrupted(self, nid: str) -> None:
+        log.info("Processing interrupted")
+        self.stopped = True
+        self.result.interrupted = True
+        self.send("execution_interrupted", {"prompt_id": self.prompt_id, "node_id": nid,
+                                            "node_type": self.prompt[nid]["class_type"],
+                                            "executed": list(self.result.executed), "timestamp": _now_ms()})
+
+    def fail(self, nid: str, ex: BaseException, inputs: dict | None) -> None:
+        class_type = self.prompt[nid]["class_type"]
+        log.error("!!! Exception during processing !!! node %s (%s): %s", nid, class_type, ex)
+        log.debug("%s", traceback.format_exc())
+        self.stopped = True
+        self.result.error = {
+            "prompt_id": self.prompt_id,
+            "node_id": nid,
+            "node_type": class_type,
+            "executed": list(self.result.executed),
+            "exception_message": str(ex),
+            "exception_type": full_type_name(type(ex)),
+            "traceback": traceback.format_tb(ex.__traceback__),
+            "current_inputs": {k: [format_value(v)] for k, v in (inputs or {}).items()},
+            "current_outputs": [n for n in self.order if self.keys[n] in self.ex._cache],
+            "timestamp": _now_ms(),
+        }
+        self.send("execution_error", self.result.error)
+
+    def finish(self) -> ExecutionResult:
+        if not self.stopped:
+            self.result.success = True
+            self.send("execution_success", {"prompt_id": self.prompt_id, "timestamp": _now_ms()})
+        self.send("executing", {"node": None, "prompt_id": self.prompt_id})
+        return self.result

@@ -355,10 +355,16 @@ class KSampler(Node):
                                              "sampling."}),
         }}
 
-    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-               denoise=1.0):
-        return (engine.sample(self.ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                              latent_image, denoise=denoise),)
+    @staticmethod
+    def sample_args(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                    denoise=1.0) -> dict[str, Any]:
+        """The node's inputs as `engine.sample` keyword arguments (also used by cross-prompt batching)."""
+        return {"model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
+                "scheduler": scheduler, "positive": positive, "negative": negative, "latent": latent_image,
+                "denoise": denoise}
+
+    def sample(self, **inputs):
+        return (engine.sample(self.ctx, **self.sample_args(**inputs)),)
 
 
 class KSamplerAdvanced(Node):
@@ -385,12 +391,17 @@ class KSamplerAdvanced(Node):
             "return_with_leftover_noise": (["disable", "enable"],),
         }}
 
-    def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
-               latent_image, start_at_step, end_at_step, return_with_leftover_noise, denoise=1.0):
-        return (engine.sample(
-            self.ctx, model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-            denoise=denoise, disable_noise=add_noise == "disable", start_step=start_at_step,
-            last_step=end_at_step, force_full_denoise=return_with_leftover_noise != "enable"),)
+    @staticmethod
+    def sample_args(model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                    latent_image, start_at_step, end_at_step, return_with_leftover_noise,
+                    denoise=1.0) -> dict[str, Any]:
+        return {"model": model, "seed": noise_seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
+                "scheduler": scheduler, "positive": positive, "negative": negative, "latent": latent_image,
+                "denoise": denoise, "disable_noise": add_noise == "disable", "start_step": start_at_step,
+                "last_step": end_at_step, "force_full_denoise": return_with_leftover_noise != "enable"}
+
+    def sample(self, **inputs):
+        return (engine.sample(self.ctx, **self.sample_args(**inputs)),)
 
 
 # ---- VAE ------------------------------------------------------------------------------------

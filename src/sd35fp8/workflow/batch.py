@@ -1,0 +1,259 @@
+"""Cross-prompt batching: several queued prompts that differ only in texts and seeds share one
+sampling call on the GPU, and each still gets its own events, outputs and history entry.
+
+    results = executor.execute_batch([PromptJob(prompt, prompt_id, extra_data, hooks, outputs), ...])
+
+How one batch runs:
+1. every prompt's nodes before its sampler, one prompt after the other (loaders come from the
+   shared cache; text encoding runs per prompt);
+2. one `ksample` call on the concatenated latents: each prompt's initial noise is its own
+   `prepare_noise(seed_i, shape_i)` (what it would draw alone), conditionings are concatenated
+   along the batch; progress events go to every prompt of the batch;
+3. the result is split and every prompt runs its downstream nodes (VAEDecode, SaveImage) alone.
+
+Exactness. Results equal one-by-one runs because every row of the batch sees exactly what it
+would see alone: per-prompt noise, and only *deterministic* samplers (`BATCHABLE_SAMPLERS`): the
+ancestral, SDE and lcm samplers draw per-step noise from one seed for the whole batch, so they
+cannot reproduce several seeds at once and are never batched. Prompts whose contexts differ in
+length sample in separate sub-batches (ComfyUI's lcm-repeat would batch them but changes float
+rounding). Per-row arithmetic is batch-invariant except where a kernel picks a different blocking
+for a different batch size (GEMM); tests/test_server_load.py measures the difference.
+
+Interrupts: an interrupt naming one prompt of a batch stops that prompt; the others re-run the
+sampler without it (same results: the rows are independent). An interrupt without a prompt id
+stops every prompt of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sd35fp8.errors import SD35Error
+from sd35fp8.workflow.executor import ExecutionResult, InterruptProcessing, PromptJob, PromptRun
+
+if TYPE_CHECKING:
+    from sd35fp8.workflow.executor import PromptExecutor
+
+log = logging.getLogger(__name__)
+
+SAMPLER_CLASSES = ("KSampler", "KSamplerAdvanced")
+# samplers whose steps use no random numbers: a batch of seeds gives each row its lone result
+BATCHABLE_SAMPLERS = frozenset({"euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ddim",
+                                "uni_pc", "uni_pc_bh2"})
+# inputs that may differ between prompts of one batch (everything else must be identical)
+VARYING_INPUTS = {"KSampler": ("seed",), "KSamplerAdvanced": ("noise_seed",), "CLIPTextEncode": ("text",),
+                  "CLIPTextEncodeSD3": ("clip_l", "clip_g", "t5xxl"), "SaveImage": ("filename_prefix",)}
+# engine.sample arguments that must be equal for rows to share one ksample call
+_SHARED_ARGS = ("steps", "cfg", "sampler_name", "scheduler", "denoise", "disable_noise", "start_step",
+                "last_step", "force_full_denoise")
+
+
+class NotBatchable(SD35Error):
+    """The prompts' sampler inputs cannot share one sampling call (reason in the message)."""
+
+
+def sampler_node(prompt: dict) -> str | None:
+    """The id of the prompt's one KSampler / KSamplerAdvanced; None when there are none or several."""
+    found = [nid for nid, n in prompt.items() if n.get("class_type") in SAMPLER_CLASSES]
+    return found[0] if len(found) == 1 else None
+
+
+def batch_key(prompt: dict) -> str | None:
+    """Prompts with equal keys may share one sampling batch: the same graph with the same inputs
+    except texts, seeds and filename prefixes, one sampler, and a deterministic sampler.
+    None = never batched."""
+    nid = sampler_node(prompt)
+    if nid is None or prompt[nid].get("inputs", {}).get("sampler_name") not in BATCHABLE_SAMPLERS:
+        return None
+    canonical = {}
+    for i, node in prompt.items():
+        drop = VARYING_INPUTS.get(node.get("class_type"), ())
+        canonical[i] = [node.get("class_type"), {k: v for k, v in node.get("inputs", {}).items() if k not in drop}]
+    return json.dumps(canonical, sort_keys=True, default=str)
+
+
+# ---- sampling several prompts at once ---------------------------------------------------------
+def _conds(args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sd35fp8.workflow.engine import _single_cond
+
+    cond, pooled = _single_cond(args["positive"], "positive")  # [1, L, C], [1, P]
+    ucond, upooled = _single_cond(args["negative"], "negative")
+    return cond, pooled, ucond, upooled
+
+
+def check_batchable(calls: Sequence[dict]) -> None:
+    """Raise NotBatchable unless the engine.sample arguments differ only in seed and conditioning."""
+    first = calls[0]
+    if first["sampler_name"] not in BATCHABLE_SAMPLERS:
+        raise NotBatchable(f"sampler {first['sampler_name']!r} draws per-step noise from one seed")
+    for c in calls[1:]:
+        if c["model"] is not first["model"]:
+            raise NotBatchable("the prompts use different model objects")
+        for name in _SHARED_ARGS:
+            if c.get(name) != first.get(name):
+                raise NotBatchable(f"sampler input {name} differs ({first.get(name)!r} vs {c.get(name)!r})")
+        a, b = first["latent"]["samples"], c["latent"]["samples"]
+        if a.shape != b.shape or not torch.equal(a, b):
+            raise NotBatchable("the prompts' latent images differ")
+        if "batch_index" in first["latent"] or "batch_index" in c["latent"]:
+            raise NotBatchable("latents with batch_index are not batched")
+
+
+def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[int, int], None]],
+                 check_interrupt: Callable[[], None]) -> list[dict[str, torch.Tensor]]:
+    """One ksample call for rows whose contexts have equal shapes -> each call's {"samples"} (CPU)."""
+    from sd35fp8 import sampling
+    from sd35fp8.sampling.ksampler import ksample
+    from sd35fp8.workflow.engine import fix_empty_latent_channels, slg_config
+
+    first = calls[0]
+    dev = torch.device(ctx.device)
+    latents = [fix_empty_latent_channels(c["latent"]["samples"]).to(torch.float32) for c in calls]  # [b_i, 16, h, w]
+    sizes = [int(z.shape[0]) for z in latents]
+    noise = torch.cat([sampling.prepare_noise(c["seed"], tuple(z.shape)) if not c.get("disable_noise")
+                       else torch.zeros(z.shape) for c, z in zip(calls, latents)])  # [B, 16, h, w] CPU
+    parts = [_conds(c) for c in calls]
+
+    def rows(i: int) -> torch.Tensor:
+        return torch.cat([p[i].expand(b, *p[i].shape[1:]) for p, b in zip(parts, sizes)]).to(dev)  # [B, ...]
+
+    cond, uncond = sampling.Conditioning(rows(0), rows(1)), sampling.Conditioning(rows(2), rows(3))
+
+    def callback(step: int, total: int, _denoised: torch.Tensor) -> None:
+        check_interrupt()
+        for p in progress:
+            p(step, total)
+
+    samples = torch.cat(latents).to(dev)  # [B, 16, h, w] raw
+    check_interrupt()
+    out = ksample(first["model"].mmdit, cond, uncond, samples, seed=first["seed"], steps=first["steps"],
+                  cfg=first["cfg"], sampler=first["sampler_name"], scheduler=first["scheduler"],
+                  shift=first["model"].shift, denoise=first.get("denoise", 1.0), slg=slg_config(first["model"]),
+                  dtype=ctx.dtype, callback=callback, disable=True, start_step=first.get("start_step"),
+                  last_step=first.get("last_step"), force_full_denoise=first.get("force_full_denoise", False),
+                  noise=noise)
+    if out is samples:  # nothing left to sample: each prompt gets its latent back, as engine.sample
+        return [{"samples": c["latent"]["samples"]} for c in calls]
+    return [{"samples": part} for part in out.float().cpu().split(sizes)]
+
+
+def _context_shapes(args: dict) -> tuple:
+    cond, pooled, ucond, upooled = _conds(args)
+    return tuple(tuple(t.shape[1:]) for t in (cond, pooled, ucond, upooled))
+
+
+# ---- executing a batch ------------------------------------------------------------------------
+class _BatchInterrupt(Exception):
+    def __init__(self, prompt_ids: set[str]):
+        self.prompt_ids = prompt_ids
+
+
+def execute_batch(ex: PromptExecutor, jobs: Sequence[PromptJob],
+                  on_result: Callable[[int, ExecutionResult], None] | None = None) -> list[ExecutionResult]:
+    """Run `jobs`; see the module docstring. Validation errors raise before anything runs, like
+    `execute`. `on_result(index, result)` as soon as a prompt is finished."""
+    runs = [PromptRun(ex, j.prompt, j.prompt_id, j.extra_data, j.hooks, j.execute_outputs, batched=True)
+            for j in jobs]
+    ex._clear_interrupt()
+    for run in runs:
+        try:
+            run.begin()
+        except SD35Error as e:
+            run.fail_early(e)
+    ex.drop_cache_except(set().union(*(r.wanted for r in runs if not r.stopped)))
+    for run in runs:
+        if not run.stopped:
+            run.announce_cached()
+    results: list[ExecutionResult | None] = [None] * len(runs)
+
+    def finish(i: int) -> None:
+        results[i] = runs[i].finish()
+        if on_result is not None:
+            on_result(i, results[i])
+
+    with torch.inference_mode():
+        samplers = {i: sampler_node(r.prompt) for i, r in enumerate(runs)}
+        for i, run in enumerate(runs):  # 1. upstream of the sampler, per prompt
+            nid = samplers[i]
+            if run.stopped or nid is None or nid not in run.order:
+                continue
+            for n in run.order[: run.order.index(nid)]:
+                if not run.step(n):
+                    break
+        group = [i for i, r in enumerate(runs) if not r.stopped and samplers[i] in r.order
+                 and not r.cached(samplers[i])]
+        _sample_together(ex, [runs[i] for i in group], [samplers[i] for i in group])
+        for i, run in enumerate(runs):  # 3. the rest (downstream nodes; whole prompts that were not batched)
+            for n in run.order:
+                if n in run.result.executed or (n != samplers[i] and n in run.result.cached):
+                    continue
+                if not run.step(n):
+                    break
+            finish(i)
+    return [r for r in results if r is not None]
+
+
+def _sample_together(ex: PromptExecutor, runs: list[PromptRun], nids: list[str]) -> None:
+    """Step 2: the sampler nodes of `runs` in as few ksample calls as exactness allows."""
+    if len(runs) < 2:
+        return  # a lone prompt samples in step 3 like any node
+    calls: list[dict] = []
+    inputs: list[dict] = []
+    for run, nid in zip(runs, nids):
+        run.executing(nid)
+        inputs.append(run.inputs(nid))
+        calls.append(ex.classes[run.prompt[nid]["class_type"]].sample_args(**inputs[-1]))
+    try:
+        check_batchable(calls)
+    except NotBatchable as e:
+        log.info("prompts %s sample one by one: %s", ", ".join(r.prompt_id for r in runs), e)
+        return
+    groups: dict[tuple, list[int]] = {}
+    for k, c in enumerate(calls):
+        groups.setdefault(_context_shapes(c), []).append(k)
+    for members in groups.values():
+        _run_group(ex, runs, nids, inputs, calls, members)
+
+
+def _run_group(ex: PromptExecutor, runs: list[PromptRun], nids: list[str], inputs: list[dict], calls: list[dict],
+               members: list[int]) -> None:
+    if len(members) < 2:
+        return  # samples alone in step 3
+    ids = {runs[k].prompt_id: k for k in members}
+
+    def check_interrupt() -> None:
+        if ex._interrupt.is_set():
+            hit = ex.interrupted_among(ids)
+            if hit:
+                raise _BatchInterrupt(hit)
+
+    live = list(members)
+    while len(live) > 1:
+        first = runs[live[0]]
+        ctx = ex.node_context(nids[live[0]], first.prompt_id, first.send)
+        progress = [ex.node_context(nids[k], runs[k].prompt_id, runs[k].send).progress for k in live]
+        try:
+            outs = sample_group(ctx, [calls[k] for k in live], progress, check_interrupt)
+        except _BatchInterrupt as stop:
+            for k in [k for k in live if runs[k].prompt_id in stop.prompt_ids]:
+                runs[k].interrupted(nids[k])
+            live = [k for k in live if not runs[k].stopped]
+            continue  # the rest sample again without them
+        except InterruptProcessing:
+            for k in live:
+                runs[k].interrupted(nids[k])
+            return
+        except Exception as e:  # noqa: BLE001 - the node error boundary, as PromptRun.step: reported per prompt
+            for k in live:
+                runs[k].fail(nids[k], e, inputs[k])
+            return
+        for k, out in zip(live, outs):
+            runs[k].result.sampled_with = len(live)
+            runs[k].store(nids[k], (out,), None)
+        log.info("sampled %d prompts as one batch", len(live))
+        return
