@@ -89,9 +89,11 @@ def _conds(args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 def check_batchable(calls: Sequence[dict]) -> None:
     """Raise NotBatchable unless the engine.sample arguments differ only in seed and conditioning."""
     first = calls[0]
-    if first["sampler_name"] not in BATCHABLE_SAMPLERS:
-        raise NotBatchable(f"sampler {first['sampler_name']!r} draws per-step noise from one seed")
-    for c in calls[1:]:
+    for c in calls:
+        if c["sampler_name"] not in BATCHABLE_SAMPLERS:
+            raise NotBatchable(f"sampler {c['sampler_name']!r} draws per-step noise from one seed")
+        if "batch_index" in c["latent"]:
+            raise NotBatchable("latents with batch_index are not batched")
         if c["model"] is not first["model"]:
             raise NotBatchable("the prompts use different model objects")
         for name in _SHARED_ARGS:
@@ -100,8 +102,6 @@ def check_batchable(calls: Sequence[dict]) -> None:
         a, b = first["latent"]["samples"], c["latent"]["samples"]
         if a.shape != b.shape or not torch.equal(a, b):
             raise NotBatchable("the prompts' latent images differ")
-        if "batch_index" in first["latent"] or "batch_index" in c["latent"]:
-            raise NotBatchable("latents with batch_index are not batched")
 
 
 def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[int, int], None]],
@@ -190,7 +190,7 @@ def execute_batch(ex: PromptExecutor, jobs: Sequence[PromptJob],
         _sample_together(ex, [runs[i] for i in group], [samplers[i] for i in group])
         for i, run in enumerate(runs):  # 3. the rest (downstream nodes; whole prompts that were not batched)
             for n in run.order:
-                if n in run.result.executed or (n != samplers[i] and n in run.result.cached):
+                if n in run.visited:
                     continue
                 if not run.step(n):
                     break
@@ -199,24 +199,34 @@ def execute_batch(ex: PromptExecutor, jobs: Sequence[PromptJob],
 
 
 def _sample_together(ex: PromptExecutor, runs: list[PromptRun], nids: list[str]) -> None:
-    """Step 2: the sampler nodes of `runs` in as few ksample calls as exactness allows."""
-    if len(runs) < 2:
-        return  # a lone prompt samples in step 3 like any node
+    """Step 2: the sampler nodes of `runs` in as few exact ksample calls as possible. A prompt
+    that fits no group is left for step 3 (where it samples alone and reports its own errors)."""
+    if len(runs) < 2 or not all(hasattr(ex.classes[r.prompt[n]["class_type"]], "sample_args")
+                                for r, n in zip(runs, nids)):
+        return
     calls: list[dict] = []
     inputs: list[dict] = []
-    for run, nid in zip(runs, nids):
-        run.executing(nid)
+    groups: list[tuple[tuple, list[int]]] = []  # (context shapes, members); members[0] is the reference
+    for k, (run, nid) in enumerate(zip(runs, nids)):
         inputs.append(run.inputs(nid))
         calls.append(ex.classes[run.prompt[nid]["class_type"]].sample_args(**inputs[-1]))
-    try:
-        check_batchable(calls)
-    except NotBatchable as e:
-        log.info("prompts %s sample one by one: %s", ", ".join(r.prompt_id for r in runs), e)
-        return
-    groups: dict[tuple, list[int]] = {}
-    for k, c in enumerate(calls):
-        groups.setdefault(_context_shapes(c), []).append(k)
-    for members in groups.values():
+        try:
+            check_batchable([calls[k]])
+            shapes = _context_shapes(calls[k])
+        except SD35Error as e:  # NotBatchable, or bad conditioning: step 3 samples it alone and reports it
+            log.info("prompt %s samples alone: %s", run.prompt_id, e)
+            continue
+        for g_shapes, members in groups:
+            try:
+                if g_shapes == shapes:
+                    check_batchable([calls[members[0]], calls[k]])
+                    members.append(k)
+                    break
+            except NotBatchable:
+                continue
+        else:
+            groups.append((shapes, [k]))
+    for _, members in groups:
         _run_group(ex, runs, nids, inputs, calls, members)
 
 
@@ -233,6 +243,8 @@ def _run_group(ex: PromptExecutor, runs: list[PromptRun], nids: list[str], input
                 raise _BatchInterrupt(hit)
 
     live = list(members)
+    for k in live:
+        runs[k].executing(nids[k])
     while len(live) > 1:
         first = runs[live[0]]
         ctx = ex.node_context(nids[live[0]], first.prompt_id, first.send)

@@ -262,6 +262,7 @@ class PromptRun:
         self.stopped = False  # an error or an interrupt ended it
         self.order: list[str] = []
         self.keys: dict[str, str] = {}
+        self.visited: set[str] = set()  # nodes run or served from the cache
         # in a batch an interrupt names the prompt it stops; alone, any interrupt stops it
         self.check_interrupt = (lambda: executor._check_interrupt_for(prompt_id)) if batched else None
 
@@ -325,6 +326,7 @@ class PromptRun:
         self._done(nid, ui, executed=True)
 
     def _done(self, nid: str, ui: dict | None, executed: bool) -> None:
+        self.visited.add(nid)
         if executed:
             self.result.executed.append(nid)
         if ui:
