@@ -25,7 +25,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.server import files
 from sd35fp8.server.frontend import UserStore, frontend_routes, frontend_version, mount_frontend
 from sd35fp8.server.jobs import jobs_routes
-from sd35fp8.server.queue import PromptQueue, PromptWorker, QueueFullError
+from sd35fp8.server.queue import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, PromptQueue, PromptWorker, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
@@ -47,8 +47,13 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                max_queue: int = DEFAULT_MAX_QUEUE, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                user_dir: str | os.PathLike | None = None, executor: Any = None,
                extra_model_paths: str | os.PathLike | None = None, loopback: bool = True,
-               serve_frontend: bool = True) -> FastAPI:
+               serve_frontend: bool = True, max_batch: int = DEFAULT_MAX_BATCH,
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
+
+    max_batch / batch_wait_ms: cross-prompt batching (queue.PromptWorker): up to max_batch queued
+    prompts that differ only in texts and seeds sample as one batch; a taken prompt waits at most
+    batch_wait_ms for more. max_batch=1 disables it. GET /sd35fp8/worker reports the counts.
 
     device: None = cuda when available, else cpu. auth_token: required on every request when set.
     loopback: the server listens on 127.0.0.1 only (enables the browser Origin check).
@@ -61,7 +66,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     folders = executor.folders
     hub = WebSocketHub()
     queue = PromptQueue(max_queue=max_queue)
-    worker = PromptWorker(queue, executor, hub.send)
+    worker = PromptWorker(queue, executor, hub.send, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     queue.on_change = lambda: hub.send("status", {"status": queue_info(queue)}, None)
     store = UserStore(user_dir if user_dir is not None else folders.output_dir.parent / "user")
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
@@ -180,6 +185,10 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     @r.get("/system_stats")
     async def system_stats() -> dict:
         return system_info(executor.device)
+
+    @r.get("/sd35fp8/worker")
+    async def worker_stats() -> dict:
+        return {"max_batch": worker.max_batch, "batch_wait_ms": worker.batch_wait_ms, **worker.stats}
 
     @r.get("/embeddings")
     async def embeddings() -> list:

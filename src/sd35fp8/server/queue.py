@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sd35fp8.errors import InputError, SD35Error
+from sd35fp8.workflow.batch import batch_key
+from sd35fp8.workflow.executor import PromptJob, early_error
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ QueueItem = list  # [number, prompt_id, prompt, extra_data, outputs_to_execute]
 Send = Callable[[str, Any, "str | None"], None]
 
 MAX_HISTORY = 10000  # ComfyUI MAXIMUM_HISTORY_SIZE
+DEFAULT_MAX_BATCH = 8  # prompts sampled as one GPU batch at most
+DEFAULT_BATCH_WAIT_MS = 20.0  # how long a taken prompt waits for compatible ones
 # Events that ComfyUI keeps in history status.messages (execution.py add_message(broadcast=...)).
 STATUS_EVENTS = ("execution_start", "execution_cached", "execution_success", "execution_error",
                  "execution_interrupted")
@@ -53,6 +57,7 @@ class PromptQueue:
         self._task_ids = itertools.count()
         self._history: dict[str, dict] = {}
         self._number = 0
+        self._keys: dict[int, str | None] = {}  # heap tie -> batch_key of its prompt
 
     # ---- numbers (POST /prompt "front" / "number") ------------------------------------------
     def next_number(self, front: bool = False, number: Any = None) -> float | int:
@@ -73,19 +78,50 @@ class PromptQueue:
             if len(self._heap) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} prompts waiting); "
                                      "retry later or raise max_queue")
-            heapq.heappush(self._heap, (item[0], next(self._tie), item))
+            tie = next(self._tie)
+            self._keys[tie] = batch_key(item[2]) if isinstance(item[2], dict) else None
+            heapq.heappush(self._heap, (item[0], tie, item))
             self._cond.notify()
         self.on_change()
 
     def get(self, timeout: float | None = None) -> tuple[int, QueueItem] | None:
         """Pop the first pending item and mark it running; None on timeout."""
+        got = self.get_batch(timeout, max_batch=1)
+        return got[0] if got else None
+
+    def get_batch(self, timeout: float | None = None, max_batch: int = 1,
+                  wait_s: float = 0.0) -> list[tuple[int, QueueItem]] | None:
+        """Pop the first pending item and up to max_batch-1 pending items with its batch_key (in
+        queue order), waiting at most `wait_s` for more to arrive; all are marked running.
+        None on timeout. Compatible prompts may so run ahead of incompatible ones queued earlier."""
         with self._cond:
             if not self._cond.wait_for(lambda: bool(self._heap), timeout=timeout):
                 return None
-            item = heapq.heappop(self._heap)[2]
-            task_id = next(self._task_ids)
-            self._running[task_id] = item
+            _, tie, first = heapq.heappop(self._heap)
+            key = self._keys.pop(tie, None)
+            taken = [self._mark_running(first)]
+            if key is not None and max_batch > 1:
+                deadline = time.monotonic() + wait_s
+                while True:
+                    matches = [e for e in self._heap if self._keys.get(e[1]) == key]
+                    left = deadline - time.monotonic()
+                    if len(matches) >= max_batch - 1 or left <= 0:
+                        break
+                    self._cond.wait(left)
+                chosen = sorted(matches)[: max_batch - 1]
+                if chosen:
+                    gone = {e[1] for e in chosen}
+                    self._heap = [e for e in self._heap if e[1] not in gone]
+                    heapq.heapify(self._heap)
+                    for e in chosen:
+                        self._keys.pop(e[1], None)
+                        taken.append(self._mark_running(e[2]))
         self.on_change()
+        return taken
+
+    def _mark_running(self, item: QueueItem) -> tuple[int, QueueItem]:
+        task_id = next(self._task_ids)
+        self._running[task_id] = item
         return task_id, item
 
     def task_done(self, task_id: int, outputs: dict, status: dict, meta: dict | None = None) -> None:
@@ -122,6 +158,7 @@ class PromptQueue:
         with self._cond:
             ids = [e[2][1] for e in self._heap]
             self._heap = []
+            self._keys.clear()
         self.on_change()
         return ids
 
@@ -129,6 +166,9 @@ class PromptQueue:
         with self._cond:
             keep = [e for e in self._heap if e[2][1] != prompt_id]
             found = len(keep) != len(self._heap)
+            for e in self._heap:
+                if e[2][1] == prompt_id:
+                    self._keys.pop(e[1], None)
             heapq.heapify(keep)
             self._heap = keep
         if found:
@@ -158,27 +198,9 @@ class PromptQueue:
             return self._history.pop(prompt_id, None) is not None
 
 
-# ---- cross-prompt batching seam ---------------------------------------------------------------
-_SAMPLER_CLASSES = ("KSampler", "KSamplerAdvanced")
-_LATENT_CLASSES = ("EmptySD3LatentImage", "EmptyLatentImage")
-_LOADER_INPUTS = ("ckpt_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name")
-_SAMPLER_INPUTS = ("steps", "cfg", "sampler_name", "scheduler", "denoise", "add_noise", "start_at_step",
-                   "end_at_step", "return_with_leftover_noise")
-
-
-def batch_key(prompt: dict) -> tuple | None:
-    """What must match for two prompts to share one GPU batch: model files, latent size, sampler
-    settings. None when the prompt is not a plain text-to-image graph (never batched)."""
-    samplers = [n for n in prompt.values() if n.get("class_type") in _SAMPLER_CLASSES]
-    latents = [n for n in prompt.values() if n.get("class_type") in _LATENT_CLASSES]
-    if len(samplers) != 1 or len(latents) != 1:
-        return None
-    models = tuple(sorted((k, str(v)) for n in prompt.values() for k, v in n.get("inputs", {}).items()
-                          if k in _LOADER_INPUTS))
-    size = tuple(latents[0]["inputs"].get(k) for k in ("width", "height"))
-    sampler = tuple((k, samplers[0]["inputs"].get(k)) for k in _SAMPLER_INPUTS)
-    shapes = tuple(sorted(n.get("class_type", "") for n in prompt.values()))
-    return (models, size, sampler, shapes)
+# ---- cross-prompt batching -------------------------------------------------------------------
+# batch_key (sd35fp8.workflow.batch): prompts equal but for texts, seeds and filename prefixes,
+# one KSampler with a deterministic sampler. The worker takes such prompts together.
 
 
 def select_batch(first: QueueItem, pending: Sequence[QueueItem], max_batch: int) -> list[QueueItem]:
@@ -197,18 +219,29 @@ def select_batch(first: QueueItem, pending: Sequence[QueueItem], max_batch: int)
 
 # ---- worker -----------------------------------------------------------------------------------
 class PromptWorker:
-    """One thread: take the next item, run the executor, store history, report over `send`.
+    """One thread: take the next prompt (with compatible pending ones), run the executor, store
+    each prompt's history, report over `send`.
 
-    Batching: the workflow executor has no batched path yet, so every prompt runs alone (batch
-    size 1). The seam is `select_batch(first, queue.pending(), n)`: once the executor can run
-    several prompts as one GPU batch, the loop pops those items together and calls it once.
+    Cross-prompt batching: having taken a prompt, the worker waits up to `batch_wait_ms` for
+    pending prompts with the same `batch_key`, up to `max_batch` in all, and runs them with
+    `executor.execute_batch` (one sampling call; each prompt keeps its own events and history).
+    max_batch=1 disables batching; batch_wait_ms=0 batches only what is already pending.
+    `stats` counts runs, prompts, batched runs/prompts and the largest sampling batch.
     """
 
-    def __init__(self, queue: PromptQueue, executor: Any, send: Send):
+    def __init__(self, queue: PromptQueue, executor: Any, send: Send, max_batch: int = DEFAULT_MAX_BATCH,
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS):
+        if max_batch < 1:
+            raise InputError(f"max_batch must be at least 1, got {max_batch}")
+        if batch_wait_ms < 0:
+            raise InputError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
         self.queue = queue
         self.executor = executor
         self.send = send
+        self.max_batch = int(max_batch)
+        self.batch_wait_ms = float(batch_wait_ms)
         self.current: dict[str, str | None] = {}  # prompt_id -> node now executing
+        self.stats = {"runs": 0, "prompts": 0, "batched_runs": 0, "batched_prompts": 0, "largest_batch": 1}
         self._stop = threading.Event()
         self._free: dict[str, bool] = {}
         self._lock = threading.Lock()
@@ -221,7 +254,7 @@ class PromptWorker:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> list[str]:
-        """Stop taking prompts; wait for the running one. Returns the ids left pending."""
+        """Stop taking prompts; wait for the running ones. Returns the ids left pending."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -232,11 +265,11 @@ class PromptWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Interrupt the running prompt (only if it is `prompt_id`, when given)."""
+        """Interrupt the running prompt(s) (only `prompt_id`, when given: in a batch the others go on)."""
         running = self.queue.running_ids()
         if not running or (prompt_id is not None and prompt_id not in running):
             return False
-        self.executor.interrupt()
+        self.executor.interrupt(prompt_id)
         return True
 
     def request_free(self, unload_models: bool = False, free_memory: bool = False) -> None:
@@ -259,49 +292,98 @@ class PromptWorker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._apply_free()
-            got = self.queue.get(timeout=0.2)
-            if got is None:
+            got = self.queue.get_batch(timeout=0.2, max_batch=self.max_batch, wait_s=self.batch_wait_ms / 1000)
+            if not got:
                 continue
-            task_id, item = got
-            self.run_one(task_id, item)
+            if len(got) == 1:
+                self.run_one(*got[0])
+            else:
+                self.run_batch(got)
+
+    # ---- one prompt's events and history ------------------------------------------------------
+    def _tracker(self, item: QueueItem) -> _PromptTracker:
+        return _PromptTracker(self, item)
 
     def run_one(self, task_id: int, item: QueueItem) -> None:
-        number, prompt_id, prompt, extra_data, outputs = item
-        sid = extra_data.get("client_id")
-        messages: list[list] = []
-        meta: dict[str, dict] = {}
-
-        done: list[dict] = []
-
-        def hooks(event: str, data: Any) -> None:
-            if event == "executing" and data.get("node") is None:
-                done.append(data)  # ComfyUI sends this after the history is stored (prompt_worker)
-                return
-            if event in STATUS_EVENTS:
-                messages.append([event, data])
-            if event == "executing":
-                self.current[prompt_id] = data.get("node")
-            if event == "executed":
-                nid = data["node"]
-                meta[nid] = {"node_id": nid, "display_node": data.get("display_node", nid),
-                             "parent_node": None, "real_node_id": nid}
-            self.send(event, data, sid)
-
-        t0 = time.perf_counter()
+        _, prompt_id, prompt, extra_data, outputs = item
+        tr = self._tracker(item)
         result = None
         try:
-            result = self.executor.execute(prompt, prompt_id, extra_data, hooks=hooks, execute_outputs=outputs)
+            result = self.executor.execute(prompt, prompt_id, extra_data, hooks=tr.hooks, execute_outputs=outputs)
         except SD35Error as ex:  # errors before any node runs (graph cycle, ...): reported like a node error
-            err = {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
-                   "exception_message": str(ex), "exception_type": type(ex).__name__, "traceback": [],
-                   "current_inputs": {}, "current_outputs": [], "timestamp": int(time.time() * 1000)}
-            hooks("execution_error", err)
-            hooks("executing", {"node": None, "prompt_id": prompt_id})
-        finally:
-            self.current.pop(prompt_id, None)
+            tr.early_error(ex)
+        self._count([result])
+        tr.finish(task_id, result)
+
+    def run_batch(self, taken: list[tuple[int, QueueItem]]) -> None:
+        """Several compatible prompts through executor.execute_batch; history as each finishes."""
+        trackers = [self._tracker(item) for _, item in taken]
+        jobs = [PromptJob(item[2], item[1], item[3], tr.hooks, item[4]) for (_, item), tr in zip(taken, trackers)]
+        done: dict[int, Any] = {}
+
+        def on_result(i: int, result: Any) -> None:
+            done[i] = result
+            trackers[i].finish(taken[i][0], result)
+
+        try:
+            self.executor.execute_batch(jobs, on_result)
+        except SD35Error as ex:  # raised before anything ran (a prompt failed validation): run them alone
+            log.info("batch of %d prompts not run together (%s); running them one by one", len(taken), ex)
+            for i, (task_id, item) in enumerate(taken):
+                if i not in done:
+                    self.run_one(task_id, item)
+            return
+        self._count(list(done.values()))
+
+    def _count(self, results: list[Any]) -> None:
+        sizes = [getattr(r, "sampled_with", 1) for r in results if r is not None]
+        with self._lock:
+            self.stats["runs"] += 1
+            self.stats["prompts"] += len(results)
+            together = [n for n in sizes if n > 1]
+            if together:
+                self.stats["batched_runs"] += 1
+                self.stats["batched_prompts"] += len(together)
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], *together)
+
+
+class _PromptTracker:
+    """Collects one prompt's status messages and node meta, forwards its events to its client."""
+
+    def __init__(self, worker: PromptWorker, item: QueueItem):
+        self.worker = worker
+        self.item = item
+        self.prompt_id = item[1]
+        self.sid = item[3].get("client_id")
+        self.messages: list[list] = []
+        self.meta: dict[str, dict] = {}
+        self.done: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def hooks(self, event: str, data: Any) -> None:
+        if event == "executing" and data.get("node") is None:
+            self.done.append(data)  # ComfyUI sends this after the history is stored (prompt_worker)
+            return
+        if event in STATUS_EVENTS:
+            self.messages.append([event, data])
+        if event == "executing":
+            self.worker.current[self.prompt_id] = data.get("node")
+        if event == "executed":
+            nid = data["node"]
+            self.meta[nid] = {"node_id": nid, "display_node": data.get("display_node", nid),
+                              "parent_node": None, "real_node_id": nid}
+        self.worker.send(event, data, self.sid)
+
+    def early_error(self, ex: SD35Error) -> None:
+        self.hooks("execution_error", early_error(self.prompt_id, ex))
+        self.hooks("executing", {"node": None, "prompt_id": self.prompt_id})
+
+    def finish(self, task_id: int, result: Any) -> None:
+        self.worker.current.pop(self.prompt_id, None)
         success = bool(result is not None and result.success)
-        status = {"status_str": "success" if success else "error", "completed": success, "messages": messages}
-        self.queue.task_done(task_id, dict(result.outputs) if result is not None else {}, status, meta)
-        self.send("executing", done[-1] if done else {"node": None, "prompt_id": prompt_id}, sid)
-        log.info("Prompt %s (#%s) %s in %.2f s", prompt_id, number, status["status_str"],
-                 time.perf_counter() - t0)
+        status = {"status_str": "success" if success else "error", "completed": success, "messages": self.messages}
+        self.worker.queue.task_done(task_id, dict(result.outputs) if result is not None else {}, status, self.meta)
+        self.worker.send("executing", self.done[-1] if self.done else {"node": None, "prompt_id": self.prompt_id},
+                         self.sid)
+        log.info("Prompt %s (#%s) %s in %.2f s", self.prompt_id, self.item[0], status["status_str"],
+                 time.perf_counter() - self.t0)

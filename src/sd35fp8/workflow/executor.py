@@ -68,6 +68,13 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def early_error(prompt_id: str, ex: Exception) -> dict:
+    """execution_error payload for an error before any node ran (graph cycle, bad IS_CHANGED input)."""
+    return {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
+            "exception_message": str(ex), "exception_type": type(ex).__name__, "traceback": [],
+            "current_inputs": {}, "current_outputs": [], "timestamp": _now_ms()}
+
+
 def format_value(x: Any) -> Any:
     """ComfyUI format_value: plain values as they are, anything else as str()."""
     if x is None or isinstance(x, (int, float, bool, str)):
@@ -283,9 +290,7 @@ class PromptRun:
     def fail_early(self, ex: Exception) -> None:
         """An error before any node ran (graph cycle, bad IS_CHANGED input): reported like a node error."""
         self.stopped = True
-        self.result.error = {"prompt_id": self.prompt_id, "node_id": None, "node_type": None, "executed": [],
-                             "exception_message": str(ex), "exception_type": type(ex).__name__, "traceback": [],
-                             "current_inputs": {}, "current_outputs": [], "timestamp": _now_ms()}
+        self.result.error = early_error(self.prompt_id, ex)
         self.send("execution_error", self.result.error)
 
     def cached(self, nid: str) -> bool:
