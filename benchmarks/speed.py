@@ -108,7 +108,8 @@ def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None,
         print(f"  {name:<26} {row['error']}", flush=True)
         return row, None
     except RuntimeError as err:  # recorded in the table and JSON; the other contenders still run
-        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()] or [""]
+        row["error"] = f"{type(err).__name__}: {lines[0][:300]}" + (f" ... {lines[-1][:200]}" if len(lines) > 1 else "")
         print(f"  {name:<26} FAILED {row['error']}", flush=True)
         return row, None
     finally:

@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from PIL import Image
 from comfy_models import WORKFLOWS, build_models_folder
 from sd35fp8.server import PromptQueue, create_app, stop_app
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
-from sd35fp8.workflow import ModelFolders, PromptExecutor
+from sd35fp8.workflow import ModelFolders, PromptExecutor, execution_order
 from sd35fp8.workflow.executor import PromptJob
 
 pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
@@ -79,7 +78,9 @@ def image_of(folders: ModelFolders, result_outputs: dict) -> np.ndarray:
 
 
 def alone(ex: PromptExecutor, prompt: dict) -> np.ndarray:
-    ex.clear_cache()  # nothing shared with the batch but the weights files
+    """The prompt run by itself; only the loaded models (and the empty latent) stay cached."""
+    keys = ex.node_keys(prompt, execution_order(prompt, ["9"]))
+    ex.drop_cache_except({keys[nid] for nid in ("4", "11", "5")})
     result = ex.execute(copy.deepcopy(prompt), "alone")
     assert result.success, result.error
     return image_of(ex.folders, result.outputs)
@@ -139,7 +140,7 @@ def test_queue_takes_compatible_prompts_together():
     t0 = time.perf_counter()
     got = q.get_batch(timeout=0, max_batch=2, wait_s=5)  # waits for the second, not the full 5 s
     assert [item[1] for _, item in got] == ["p5", "p6"] and time.perf_counter() - t0 < 2
-    assert q.tasks_remaining() == 2 and len(q.running_ids()) == 2
+    assert q.pending() == [] and {"p5", "p6"} <= set(q.running_ids())
 
 
 # ---- load test ---------------------------------------------------------------------------------
