@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a token")
     srv.add_argument("--max-queue", type=int, default=100, help="pending prompts before /prompt answers 429")
     srv.add_argument("--max-upload-mb", type=int, default=100, help="largest accepted upload")
+    srv.add_argument("--max-batch", type=int, default=8,
+                     help="queued prompts differing only in texts/seeds sampled as one batch (1 disables)")
+    srv.add_argument("--batch-wait-ms", type=float, default=20.0,
+                     help="how long a taken prompt waits for compatible ones (0: only those already queued)")
     srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
 
     sub.add_parser("samplers", help="list sampler and scheduler names")
@@ -250,7 +254,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     pending = serve(listen=args.listen, port=args.port, models_dir=args.models, output_dir=args.output,
                     auth_token=args.auth_token, insecure=args.insecure, input_dir=args.input,
                     extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
-                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(args.device or default_device()))
+                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(args.device or default_device()),
+                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}", file=sys.stderr)
     return 0

@@ -1,0 +1,41 @@
+"""The README's two set-up commands: the first one's `sd35fp8 generate` runs as written (the
+install part is what CI itself does), the second one is exactly what .ci/run runs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sd35fp8.tiny.detector import score_caption_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_starts_with_two_commands():
+    run, test = _setup_commands()
+    assert "sd35fp8 generate" in run and "torch==2.13.0" in run
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_generate_command(tmp_path):
+    run, _ = _setup_commands()
+    generate = shlex.split(run.split("&&")[-1])
+    assert generate[:2] == ["sd35fp8", "generate"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(generate, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / generate[generate.index("-o") + 1]
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (128, 128, 3)
+    assert score_caption_image(image, generate[2])["correct"]
