@@ -287,6 +287,12 @@ def load_text_encoders(components_or_path: PathLike | Components, device: str | 
             log.info("no T5-XXL in %s: prompts are encoded with CLIP only", comps.root)
             models[slot] = None
             continue
+        if slot == "t5xxl":
+            from sd35fp8.fp8.fp8_load import fp8_format, load_t5_fp8
+
+            if fp8_format(source) != "none":  # t5xxl_fp8_e4m3fn(_scaled): straight into FP8 layers
+                models[slot] = load_t5_fp8(source, device, dtype, None)
+                continue
         shapes = model_shapes(source)
         try:
             if slot == "t5xxl":
