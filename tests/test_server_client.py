@@ -1,9 +1,11 @@
 """End to end with a published ComfyUI client (PyPI `comfy-api-simplified`) against a real uvicorn server.
 
 The client queues the prompt (POST /prompt), follows it over /ws, reads /history and fetches the
-image with /view. Backend: the fake executor of test_server.py by default. Hook for the real model:
-set SD35FP8_SERVER_MODELS (a ComfyUI models folder) and SD35FP8_SERVER_WORKFLOW (an API-format
-workflow whose output node is titled "Save Image"); `real_backend` then runs the shipped model.
+image with /view. Backend: the shipped model on the CPU running the seed's all-in-one FP8 workflow
+(tests/data/seed-fp8-allinone.json at 128x128, 4 steps); the fake executor of test_server.py when the
+shipped weights are missing. SD35FP8_SERVER_MODELS (a ComfyUI models folder) and
+SD35FP8_SERVER_WORKFLOW (an API-format workflow whose output node is titled "Save Image") point it at
+other files.
 """
 
 from __future__ import annotations
@@ -36,9 +38,21 @@ def fake_backend(tmp_path: Path) -> tuple[PromptExecutor, dict, bool]:
 
 
 def real_backend(tmp_path: Path) -> tuple[PromptExecutor, dict, bool]:
-    folders = ModelFolders(os.environ["SD35FP8_SERVER_MODELS"], output_dir=tmp_path / "output",
-                           input_dir=tmp_path / "input", temp_dir=tmp_path / "temp")
-    prompt = json.loads(Path(os.environ["SD35FP8_SERVER_WORKFLOW"]).read_text(encoding="utf-8"))
+    if os.environ.get("SD35FP8_SERVER_MODELS"):
+        models = Path(os.environ["SD35FP8_SERVER_MODELS"])
+        prompt = json.loads(Path(os.environ["SD35FP8_SERVER_WORKFLOW"]).read_text(encoding="utf-8"))
+    else:
+        from comfy_models import WORKFLOWS, build_models_folder
+
+        models = build_models_folder(tmp_path)
+        prompt = json.loads((WORKFLOWS / "seed-fp8-allinone.json").read_text(encoding="utf-8"))
+        for node in prompt.values():
+            if node["class_type"] == "EmptyLatentImage":
+                node["inputs"].update(width=128, height=128)
+            if node["class_type"] == "KSampler":
+                node["inputs"]["steps"] = 4
+    folders = ModelFolders(models, output_dir=tmp_path / "output", input_dir=tmp_path / "input",
+                           temp_dir=tmp_path / "temp")
     return PromptExecutor(folders, device=os.environ.get("SD35FP8_SERVER_DEVICE", "cpu")), prompt, False
 
 
@@ -50,7 +64,10 @@ def free_port() -> int:
 
 @pytest.fixture()
 def server(tmp_path):
-    backend = real_backend if os.environ.get("SD35FP8_SERVER_MODELS") else fake_backend
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT
+
+    real = os.environ.get("SD35FP8_SERVER_MODELS") or SHIPPED_CHECKPOINT.exists()
+    backend = real_backend if real else fake_backend
     executor, prompt, gated = backend(tmp_path)
     app = create_app(tmp_path / "models", executor=executor)
     port = free_port()
