@@ -39,3 +39,29 @@ def test_readme_generate_command(tmp_path):
     image = np.asarray(Image.open(out).convert("RGB"))
     assert image.shape == (128, 128, 3)
     assert score_caption_image(image, generate[2])["correct"]
+
+
+def _readme_cli_commands() -> list[list[str]]:
+    """Every `sd35fp8 ...` command in the README's code blocks (line continuations joined)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in text.split("```bash\n")[1:]:
+        body = block.split("```", 1)[0].replace("\\\n", " ")
+        for line in body.splitlines():
+            line = line.split("#", 1)[0].strip()
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith("sd35fp8 "):
+                    commands.append(shlex.split(part)[1:])
+    return commands
+
+
+def test_readme_cli_examples_parse():
+    """The README's command examples use real subcommands and flags (the shipped-model ones also run)."""
+    from sd35fp8.cli import build_parser
+
+    commands = _readme_cli_commands()
+    assert len(commands) >= 8
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv)  # exits (SystemExit) on an unknown subcommand or flag
