@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mmdit_parity_gpu import build_diffusers, build_ours, device_slug, step_flops  # noqa: E402
+from mmdit_parity_gpu import build_diffusers, build_ours, device_slug, step_flops, sync, time_ms  # noqa: E402
 
 from sd35fp8.fast import FastMMDiT, enable_compile_cache  # noqa: E402
 from sd35fp8.fast.attention import attention_flops, backend_context, probe_fp8_sdpa, sdpa  # noqa: E402
@@ -56,35 +56,10 @@ def _alarm(_sig, _frame):
     raise Timeout()
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def free(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def time_ms(fn: Callable[[], object], dev: torch.device, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    out = []
-    for _ in range(steps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
 
 
 def measure(name: str, fn: Callable[[], torch.Tensor], ref: torch.Tensor | None, dev, args, flops: float,
