@@ -203,6 +203,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         num_images_per_prompt=args.batch,
         slg=False if args.no_slg else None,
     )
+    if args.verbose:
+        from .offload import peak_memory_report
+
+        print(peak_memory_report(pipe.stats), file=sys.stderr)  # seconds and peak GPU memory per stage
     paths = result.save(args.output)
     for path in paths:
         print(path)
