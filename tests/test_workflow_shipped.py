@@ -15,7 +15,6 @@ from comfy_models import WORKFLOWS, build_models_folder
 from sd35fp8.pipeline import SD35Pipeline
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.workflow import run_workflow
-from sd35fp8.workflow.executor import PromptExecutor
 
 pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
 SIZE = 128  # the shipped model's native size (its position grid covers at most 256 px)

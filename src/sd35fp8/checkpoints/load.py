@@ -22,7 +22,7 @@ from torch import nn
 
 from sd35fp8.checkpoints.sources import (FP8_DTYPES, Components, Fp8Layout, PlannedSource, TensorSource, fp8_layout,
                                          open_component, open_components)
-from sd35fp8.errors import CheckpointError, InputError
+from sd35fp8.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -323,7 +323,7 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
         pc = agg["per_category"]
         key = pc.get("single", 0.0) + pc.get("two_relation", 0.0)
         log(f"eval cfg {cfg}: " + " ".join(f"{k} {v:.4f}" for k, v in pc.items())
-            + f" | aspects " + " ".join(f"{k} {v:.4f}" for k, v in agg["per_aspect"].items())
+            + " | aspects " + " ".join(f"{k} {v:.4f}" for k, v in agg["per_aspect"].items())
             + f" | overall {agg['overall']:.4f}", clock)
         if best is None or key > best[0]:
             best = (key, cfg, images)
