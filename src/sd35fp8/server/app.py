@@ -41,6 +41,15 @@ def _error(type_: str, message: str, details: str = "", status: int = 400, **ext
                          "node_errors": {}}, status_code=status)
 
 
+def _clear_or_delete(body: dict, wipe, delete) -> Response:
+    """ComfyUI's POST /queue and POST /history body: {"clear": true} and/or {"delete": [ids]}."""
+    if body.get("clear"):
+        wipe()
+    for prompt_id in body.get("delete") or []:
+        delete(str(prompt_id))
+    return Response(status_code=200)
+
+
 def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
                input_dir: str | os.PathLike | None = None, temp_dir: str | os.PathLike | None = None,
                device: str | torch.device | None = None, auth_token: str | None = None,
@@ -136,12 +145,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
-        body = await _json_body(request)
-        if body.get("clear"):
-            queue.wipe_queue()
-        for prompt_id in body.get("delete") or []:
-            queue.delete_queue_item(str(prompt_id))
-        return Response(status_code=200)
+        return _clear_or_delete(await _json_body(request), queue.wipe_queue, queue.delete_queue_item)
 
     @r.get("/history")
     async def get_history(max_items: int | None = None, offset: int = -1) -> dict:
@@ -153,12 +157,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/history")
     async def post_history(request: Request) -> Response:
-        body = await _json_body(request)
-        if body.get("clear"):
-            queue.wipe_history()
-        for prompt_id in body.get("delete") or []:
-            queue.delete_history_item(str(prompt_id))
-        return Response(status_code=200)
+        return _clear_or_delete(await _json_body(request), queue.wipe_history, queue.delete_history_item)
 
     @r.post("/interrupt")
     async def interrupt(request: Request) -> Response:
