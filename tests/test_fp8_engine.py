@@ -268,3 +268,19 @@ def test_cli_calibrate_then_quantize(tiny_random_checkpoint, tmp_path):
     assert layout["format"] == "comfy_scaled" and layout["static_input_scales"] == len(rec.input_scales)
     model = load_mmdit_fp8(out, "cpu", torch.float32, None)
     assert model.fp8_report.mode == "static"
+
+
+def test_t5_policy_fits_t5xxl_only_and_fp8_files_default_to_weight_only(tmp_path):
+    from sd35fp8.fp8.policy_sd35 import default_t5_policy, load_default_policy_data
+
+    data = load_default_policy_data("t5xxl_default.json")  # measured by benchmarks/fp8_accuracy.py on the GPU
+    assert data["num_layers"] == 24 and data["search"][-1]["measured_db"] >= 22
+    keep = default_t5_policy(24).keep
+    assert keep and all(k.startswith("encoder.block.") for k in keep)
+    assert default_t5_policy(2).keep == ()  # another depth: the T5-XXL measurement does not apply
+    t5 = _tiny_t5(3)
+    src, out = tmp_path / "t5.safetensors", tmp_path / "t5_fp8.safetensors"
+    save_file(_t5_state(t5), str(src))
+    export(src, out, "comfy", t5=True)
+    q = load_t5_fp8(out, "cpu", torch.float32)  # no mode: the file's precision, weight_only for T5
+    assert q.fp8_report.mode == "weight_only" and len(q.fp8_report.fp8_layers) == 2 * 7

@@ -36,7 +36,7 @@ from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.kernels import fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
-from sd35fp8.models.mmdit import MMDiT
+from sd35fp8.models.mmdit import MMDiT, batched
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class FastMMDiT(nn.Module):
                 (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
                 ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
                                  None if rec is None else rec[1][i])
-        out = model.final_layer(tokens, c)  # [B, hp*wp, p*p*out]
+        out = model.final_layer(tokens, c, batched)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
         return out.to(x.dtype)

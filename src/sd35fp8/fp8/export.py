@@ -135,6 +135,12 @@ def _high_precision(source: TensorSource, key: str) -> torch.Tensor:
     return t.float()
 
 
+def _t5_depth(source: TensorSource) -> int:
+    """Number of encoder blocks of a T5 file (transformers or ComfyUI key names)."""
+    blocks = {k.split("block.")[1].split(".")[0] for k in source.keys() if "block." in k}
+    return len(blocks)
+
+
 class _ComponentPlan:
     """Output entries of one component and how to produce each, under `prefix`."""
 
@@ -150,6 +156,10 @@ class _ComponentPlan:
                 from sd35fp8.fp8.policy_sd35 import default_policy
 
                 pol = default_policy()
+            elif pol is None and component == "t5xxl":
+                from sd35fp8.fp8.policy_sd35 import default_t5_policy
+
+                pol = default_t5_policy(_t5_depth(source))
             pol = pol or Policy(keep=())
             layers = [n for n in _linear_layers(component, source) if pol.decide(n) is None]
         self.fp8_layers = layers

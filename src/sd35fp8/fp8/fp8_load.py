@@ -257,14 +257,16 @@ def _swap_empty(model: nn.Module, plan: Mapping[str, str], dtype: torch.dtype) -
 
 
 def _finish(model: nn.Module, requested: str | None, fmt: str, device: torch.device, plan: Mapping[str, str],
-            kept: list[str], quantized: int) -> FP8LoadReport:
+            kept: list[str], quantized: int, unscaled: str | None = None) -> FP8LoadReport:
+    """Set every FP8 layer's mode. `requested` None: static when every layer has an input scale,
+    else `unscaled` (None: the fastest the device has)."""
     layers = {n: model.get_submodule(n) for n in plan}
     if not layers:
         report = FP8LoadReport(requested, "none", "no fp8 layers", fmt, kept=kept)
     else:
         want = requested
         if want is None:  # the file's precision: static where every layer carries an input scale
-            want = "static" if all(m.input_scale is not None for m in layers.values()) else None
+            want = "static" if all(m.input_scale is not None for m in layers.values()) else unscaled
         if want == "static":
             bare = [n for n, m in layers.items() if m.input_scale is None]
             if bare:
@@ -366,10 +368,14 @@ def patch_t5_for_fp8(model: nn.Module) -> nn.Module:
 def load_t5_fp8(source: str | Path | Components | TensorSource, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.bfloat16, mode: str | None = None, *, policy: Policy | None = None
                 ) -> nn.Module:
-    """T5-XXL encoder (transformers T5EncoderModel) with FP8Linear layers; modes as load_mmdit_fp8.
+    """T5-XXL encoder (transformers T5EncoderModel) with FP8Linear layers; modes as load_mmdit_fp8,
+    except that `mode=None` on a file without input scales runs weight_only (fp8 storage, 16-bit
+    matmuls) rather than dynamic: T5 runs once per prompt, so its speed hardly counts, and per-token
+    activation scaling costs it ~3 dB (benchmarks/fp8_accuracy.py).
 
-    Default policy for 16/32-bit files: every Linear of the encoder becomes FP8 (embedding, norms
-    and the relative attention bias stay in `dtype`).
+    Default policy for 16/32-bit files: the shipped T5-XXL policy (policies/t5xxl_default.json,
+    `default_t5_policy`) keeps the measured least robust Linears 16-bit; every other Linear becomes
+    FP8 (embedding, norms and the relative attention bias stay in `dtype`).
     """
     from sd35fp8.checkpoints.load import model_shapes
     from sd35fp8.text.encoders import build_t5, plan_text_encoder_keys, t5_config_from_state_dict
@@ -382,13 +388,17 @@ def load_t5_fp8(source: str | Path | Components | TensorSource, device: str | to
     model = build_t5(t5_config_from_state_dict(shapes))
     keys = plan_text_encoder_keys("t5xxl", src.keys(), list(model.state_dict(keep_vars=True)))
     ignore = set(keys.ignored) | IGNORED
-    plan, kept = _fp8_plan(model, src, fmt, policy or Policy(keep=()), mode not in (None, "none"), keys.source)
+    if policy is None:
+        from sd35fp8.fp8.policy_sd35 import default_t5_policy
+
+        policy = default_t5_policy(model.config.num_layers)
+    plan, kept = _fp8_plan(model, src, fmt, policy, mode not in (None, "none"), keys.source)
     if mode == "none":
         plan, kept = {}, kept + list(plan)
     _swap_empty(model, plan, dtype)
     patch_t5_for_fp8(model)
     quantized = stream_into(model, src, device, dtype, plan, key_of=keys.source, ignore=ignore)
-    _finish(model, mode, fmt, device, plan, kept, quantized)
+    _finish(model, mode, fmt, device, plan, kept, quantized, unscaled="weight_only")
     return model.eval()
 
 

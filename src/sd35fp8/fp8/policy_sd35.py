@@ -28,6 +28,7 @@ from sd35fp8.fp8.quantize import Policy
 from sd35fp8.fp8.scaling import sqnr
 
 DEFAULT_POLICY_FILE = "sd35_default.json"
+T5_POLICY_FILE = "t5xxl_default.json"
 _BLOCK = re.compile(r"^joint_blocks\.(\d+)\.")
 
 
@@ -36,9 +37,19 @@ def default_policy() -> Policy:
     return Policy(keep=tuple(load_default_policy_data()["keep"]))
 
 
-def load_default_policy_data() -> dict:
-    text = resources.files("sd35fp8.fp8").joinpath("policies", DEFAULT_POLICY_FILE).read_text()
+def load_default_policy_data(file: str = DEFAULT_POLICY_FILE) -> dict:
+    text = resources.files("sd35fp8.fp8").joinpath("policies", file).read_text()
     return json.loads(text)
+
+
+def default_t5_policy(num_layers: int | None = None) -> Policy:
+    """The shipped T5-XXL policy (fp8/policies/t5xxl_default.json): the Linear layers kept 16-bit.
+    It was measured on T5-XXL's 24 blocks and names blocks by index, so an encoder of another depth
+    (`num_layers`, when given) gets no kept layers rather than a policy that does not fit it."""
+    data = load_default_policy_data(T5_POLICY_FILE)
+    if num_layers is not None and num_layers != data.get("num_layers"):
+        return Policy(keep=())
+    return Policy(keep=tuple(data["keep"]))
 
 
 def generalize(name: str, depth: int | None = None) -> str:

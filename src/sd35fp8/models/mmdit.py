@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,24 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # x * (1 + scale) + shift
 
 
+def per_row(fn: Callable[..., torch.Tensor], *vs: torch.Tensor) -> torch.Tensor:
+    """fn(*vs) for conditioning batches vs [B, ...] whose rows are independent, computed so that a row's
+    result does not depend on B: GEMMs with few rows (M = B) pick their kernel by M and round
+    differently for another M (MKL on the CPU: M = 2 and M = 8 differ; M = 1 takes a GEMV whose
+    rounding even depends on the weight's alignment), so a prompt sampled in a cross-prompt batch
+    would not equal the same prompt sampled alone. Each row goes through fn as a pair of copies
+    (always M = 2, the shape of one CFG call). These are the vector paths only (timestep/pooled
+    embedders, adaLN), tiny next to the per-token GEMMs (M = B x tokens), which are measured
+    batch-invariant (tests/test_server_load.py)."""
+    return torch.cat([fn(*(v[i : i + 1].repeat(2, *[1] * (v.ndim - 1)) for v in vs))[:1]
+                      for i in range(vs[0].shape[0])])
+
+
+def batched(fn: Callable[..., torch.Tensor], *vs: torch.Tensor) -> torch.Tensor:
+    """fn(*vs) in one call (MMDiT.batch_invariant = False: training, large offline batches)."""
+    return fn(*vs)
+
+
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
 
@@ -212,14 +230,15 @@ class JointBlock(nn.Module):
         self.context_block = DismantledBlock(hidden, num_heads, qk_norm, pre_only=pre_only)
         self.x_block = DismantledBlock(hidden, num_heads, qk_norm, self_attn=x_self_attn)
 
-    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
+                vec: Callable[..., torch.Tensor] = per_row) -> tuple[torch.Tensor, torch.Tensor]:
+        """`vec` computes the adaLN modulations from c (per_row: batch-invariant; batched)."""
         cb, xb = self.context_block, self.x_block
         # context stream: adaLN chunks (shift, scale, gate)_msa, (shift, scale, gate)_mlp | pre-only: shift, scale
-        c_mods = cb.adaLN_modulation(c).chunk(cb.n_mods, dim=1)  # each [B, C]
+        c_mods = vec(cb.adaLN_modulation, c).chunk(cb.n_mods, dim=1)  # each [B, C]
         qc, kc, vc = cb.attn.qkv_heads(modulate(layer_norm(context), c_mods[0], c_mods[1]))  # [B, Lc, H, D]
         # x stream; MMDiT-X adds (shift, scale, gate)_msa2 for a self-attention on the same normed x
-        x_mods = xb.adaLN_modulation(c).chunk(xb.n_mods, dim=1)
+        x_mods = vec(xb.adaLN_modulation, c).chunk(xb.n_mods, dim=1)
         x_norm = layer_norm(x)
         qx, kx, vx = xb.attn.qkv_heads(modulate(x_norm, x_mods[0], x_mods[1]))  # [B, Lx, H, D]
 
@@ -278,8 +297,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # original layout: [shift; scale]
+    def forward(self, x: torch.Tensor, c: torch.Tensor, vec: Callable[..., torch.Tensor] = per_row) -> torch.Tensor:
+        shift, scale = vec(self.adaLN_modulation, c).chunk(2, dim=1)  # original layout: [shift; scale]
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
@@ -287,6 +306,9 @@ class MMDiT(nn.Module):
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.config = config
+        # conditioning vectors row by row (per_row), so a prompt's result does not depend on what else
+        # is in the batch; False computes them in one GEMM (training, large offline batches)
+        self.batch_invariant = True
         h = config.hidden_size
         self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size ** 2, h))
         self.x_embedder = PatchEmbed(config.in_channels, h, config.patch_size)
@@ -341,15 +363,16 @@ class MMDiT(nn.Module):
 
         t = (sigma.reshape(-1) * 1000).expand(B)  # timestep = sigma * 1000
         tokens = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(hp, wp).to(dtype)  # [B, hp*wp, C]
-        c = self.t_embedder(t, dtype) + self.y_embedder(pooled.to(dtype))  # [B, C]
+        vec = per_row if self.batch_invariant else batched
+        c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi.to(dtype)), t, pooled)  # [B, C]
         ctx = self.context_embedder(context.to(dtype))  # [B, L, C]
 
         skip = frozenset(skip_layers)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip:
-                ctx, tokens = block(ctx, tokens, c)
+                ctx, tokens = block(ctx, tokens, c, vec)
 
-        out = self.final_layer(tokens, c)  # [B, hp*wp, p*p*out]
+        out = self.final_layer(tokens, c, vec)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, self.config.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, self.config.out_channels, hp * p, wp * p)
         return out.to(x.dtype)

@@ -220,6 +220,7 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
             load_component_(module, args.init_from, name)
         rec["init_from"] = file_record(args.init_from)
     mmdit, towers = mmdit.to(device), towers.to(device)
+    mmdit.batch_invariant = False  # batch 512: conditioning vectors in one GEMM (models.mmdit.per_row)
     rec["params"] = {"mmdit": param_count(mmdit), "clip_l": param_count(towers.clip_l),
                      "clip_g": param_count(towers.clip_g), "t5": param_count(towers.t5)}
     params = [p for m in (mmdit, towers) for p in m.parameters()]

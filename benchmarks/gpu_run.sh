@@ -1,0 +1,8 @@
+#!/bin/bash
+# Device-machine preamble shared by the GPU benchmark calls: server wheels from carry/wheels (the
+# device image lacks fastapi/uvicorn/websockets), the package from src/ (pip install -e needs network).
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    $(ls carry/wheels/*.whl | grep -v -E "diffusers|torchao") >/dev/null 2>&1 || echo "wheel install failed"
+export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
