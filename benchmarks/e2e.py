@@ -32,6 +32,7 @@ from transformers import CLIPTextConfig, T5Config
 
 from sd35fp8.fp8 import Policy, quantize_model
 from sd35fp8.fp8.fp8_load import _patch_t5_ff
+from sd35fp8.fp8.policy_sd35 import default_t5_policy
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.models.vae import SD3VAE, VAEConfig, image_to_uint8, to_vae_space
 from sd35fp8.offload import (
@@ -125,7 +126,8 @@ def build_stack(args, device: torch.device, dtype: torch.dtype) -> dict:
         for n, b in ids.items():
             m.get_submodule(n.rpartition(".")[0]).position_ids = b
     t5.encoder.embed_tokens.weight = t5.shared.weight
-    q_t5 = quantize_model(t5, args.t5_fp8, policy=Policy(keep=()))
+    t5_policy = Policy(keep=()) if args.t5_all_fp8 else default_t5_policy(t5.config.num_layers)
+    q_t5 = quantize_model(t5, args.t5_fp8, policy=t5_policy)
     _patch_t5_ff(t5)
     encoder = SD3TextEncoder(clip_l, clip_g, t5, context_dim=cfgs["mmdit"].context_dim, out_dtype=torch.float32)
     if device.type == "cuda":
@@ -330,6 +332,8 @@ def parse_args(argv=None):
     ap.add_argument("--t5-len", type=int, default=77, help="T5 tokens: 77 (ComfyUI) or 256")
     ap.add_argument("--mmdit-fp8", default="dynamic", choices=("weight_only", "dynamic"))
     ap.add_argument("--t5-fp8", default="weight_only", choices=("weight_only", "dynamic"))
+    ap.add_argument("--t5-all-fp8", action="store_true",
+                    help="every T5 Linear FP8 (default: the shipped T5 policy keeps the measured least robust 16-bit)")
     ap.add_argument("--prefetch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
