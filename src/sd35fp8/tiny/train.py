@@ -231,6 +231,8 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
     n = latents.shape[0]
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    # --compile: the step is launch-bound at this size (62 ms at batch 1024 ~ 63 ms at 512 on the H100)
+    run_mmdit, run_towers = (torch.compile(mmdit), torch.compile(towers)) if args.compile else (mmdit, towers)
     mmdit.train()
     towers.train()
 
@@ -248,8 +250,8 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
         s = args.train_shift * t / (1 + (args.train_shift - 1) * t)  # [B] SD3 shifted sigma
         xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
         with autocast:
-            context, pooled = towers(*toks)
-            v = mmdit(xt, s, context, pooled)
+            context, pooled = run_towers(*toks)
+            v = run_mmdit(xt, s, context, pooled)
         loss = F.mse_loss(v.float(), eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -386,6 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-items", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--cfg-grid", type=float, nargs="+", default=list(CFG_GRID))
+    p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT and text towers for training")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run with tiny sizes (< 60 s)")
     args = p.parse_args(argv)
     if args.smoke:
