@@ -103,9 +103,11 @@ class ExportReport:
                 f"{self.bytes_out / 2**30:.2f} GiB")
 
 
-def _linear_layers(component: str, source: TensorSource) -> list[str]:
-    """Names of the nn.Linear modules of the component's model (built on meta from shapes)."""
+def _fp8_layers(component: str, source: TensorSource, policy: Policy | None) -> list[str]:
+    """Names of the nn.Linear modules of the component's model (built on meta from shapes) that
+    `policy` turns FP8; None: the shipped policy of the component (the T5 one fits its depth)."""
     from sd35fp8.checkpoints.load import model_shapes
+    from sd35fp8.fp8.policy_sd35 import default_policy, default_t5_policy
 
     shapes = {k: v for k, v in model_shapes(source).items() if k.rpartition(".")[2] not in SCALE_LEAVES}
     if component == "mmdit":
@@ -113,13 +115,16 @@ def _linear_layers(component: str, source: TensorSource) -> list[str]:
 
         with torch.device("meta"):
             model: nn.Module = MMDiT(MMDiTConfig.from_state_dict(shapes, source.name))
+        policy = policy or default_policy()
     elif component == "t5xxl":
         from sd35fp8.text.encoders import build_t5, t5_config_from_state_dict
 
         model = build_t5(t5_config_from_state_dict(shapes))
+        policy = policy or default_t5_policy(model.config.num_layers)
     else:
         raise InputError(f"export: cannot quantise component {component}")
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and f"{n}.weight" in shapes]
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and f"{n}.weight" in shapes and policy.decide(n) is None]
 
 
 def _high_precision(source: TensorSource, key: str) -> torch.Tensor:
@@ -135,12 +140,6 @@ def _high_precision(source: TensorSource, key: str) -> torch.Tensor:
     return t.float()
 
 
-def _t5_depth(source: TensorSource) -> int:
-    """Number of encoder blocks of a T5 file (transformers or ComfyUI key names)."""
-    blocks = {k.split("block.")[1].split(".")[0] for k in source.keys() if "block." in k}
-    return len(blocks)
-
-
 class _ComponentPlan:
     """Output entries of one component and how to produce each, under `prefix`."""
 
@@ -151,17 +150,7 @@ class _ComponentPlan:
         self.produce: dict[str, Callable[[], torch.Tensor]] = {}
         layers: list[str] = []
         if quantize:
-            pol = policy or (recipe.policy if recipe else None)
-            if pol is None and component == "mmdit":
-                from sd35fp8.fp8.policy_sd35 import default_policy
-
-                pol = default_policy()
-            elif pol is None and component == "t5xxl":
-                from sd35fp8.fp8.policy_sd35 import default_t5_policy
-
-                pol = default_t5_policy(_t5_depth(source))
-            pol = pol or Policy(keep=())
-            layers = [n for n in _linear_layers(component, source) if pol.decide(n) is None]
+            layers = _fp8_layers(component, source, policy or (recipe.policy if recipe else None))
         self.fp8_layers = layers
         scales = recipe.input_scales if (recipe and mode not in ("weight_only", "dynamic")) else {}
         clip = recipe.weight_clip if recipe else {}
