@@ -21,7 +21,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import platform
 import re
 import sys
@@ -33,7 +32,8 @@ from torch import nn
 
 from sd35fp8.fp8.calibrate import ActivationStats, fp8_swapped
 from sd35fp8.fp8.fp8_load import patch_t5_for_fp8
-from sd35fp8.fp8.policy_sd35 import default_policy, default_t5_policy, measure_sensitivity, policy_from_sensitivity, write_policy
+from sd35fp8.fp8.policy_sd35 import (default_policy, default_t5_policy, measure_sensitivity, policy_from_sensitivity,
+                                     predicted_sqnr, write_policy)
 from sd35fp8.fp8.quantize import Policy, model_weight_bytes
 from sd35fp8.fp8.scaling import amax_to_scale, sqnr
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
@@ -175,11 +175,10 @@ def bench_t5(device, dtype, tiny: bool, tokens: int, args) -> dict:
                 hi = mid
             else:
                 lo = mid + 1
-        pol, info = policy_from_sensitivity(sens, -math.inf)
         pol = Policy(keep=tuple(ranked[:hi]))
-        info["kept"] = list(pol.keep)
-        info.pop("predicted_sqnr_with_policy_db", None)
-        info["budget_db"], info["search"] = args.t5_budget_db, sorted(tries, key=lambda t: t["kept"])
+        info = {"budget_db": args.t5_budget_db, "predicted_sqnr_all_fp8_db": round(predicted_sqnr(sens), 2),
+                "kept": list(pol.keep), "per_layer_sqnr_db": {n: round(v, 2) for n, v in sorted(sens, key=lambda r: r[1])},
+                "search": sorted(tries, key=lambda t: t["kept"])}
         for mode in ("weight_only", "dynamic"):
             measure(f"{mode}+policy", mode, pol)
         row["policy"] = info
