@@ -24,11 +24,9 @@ import copy
 import datetime
 import json
 import re
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,8 +41,9 @@ from websockets.sync.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from comfy_models import WORKFLOWS, build_models_folder  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 
-from sd35fp8.server import create_app, stop_app  # noqa: E402
+from sd35fp8.server import create_app  # noqa: E402
 from sd35fp8.workflow import ModelFolders, PromptExecutor, execution_order  # noqa: E402
 
 WORDS = ["red", "blue", "green", "cube", "ball", "tree", "house", "cat", "dog", "star", "lamp", "boat"]
@@ -65,34 +64,14 @@ def make_prompt(args, seed: int, text: str) -> dict:
     return p
 
 
-class Server:
-    """create_app + uvicorn in a thread on a free loopback port."""
+class Server(LiveServer):
+    """create_app over a PromptExecutor, served on a free loopback port."""
 
     def __init__(self, models: Path, out: Path, device: str, max_batch: int, batch_wait_ms: float):
         self.executor = PromptExecutor(ModelFolders(models, output_dir=out, input_dir=out / "in", temp_dir=out / "t"),
                                        device=device)
-        self.app = create_app(models, executor=self.executor, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                              max_queue=1000, serve_frontend=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        end = time.time() + 30
-        while not self.server.started:
-            if time.time() > end:
-                raise RuntimeError("uvicorn did not start in 30 s")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        stop_app(self.app, timeout=30)
+        super().__init__(create_app(models, executor=self.executor, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                                    max_queue=1000, serve_frontend=False))
 
     def stats(self) -> dict:
         return requests.get(f"{self.url}/sd35fp8/worker", timeout=30).json()

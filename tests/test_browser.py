@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from live_server import LiveServer
 from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -99,38 +98,8 @@ def classic_default_graph() -> dict:
             "extra": {}, "version": 0.4}
 
 
-class Server:
-    """uvicorn in a thread on 127.0.0.1 and a free port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"uvicorn did not start on {self.url}")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from sd35fp8.server import stop_app
-
-        self.server.should_exit = True
-        self.thread.join(10)
-        stop_app(self.app, timeout=10)
+class Server(LiveServer):
+    """The app served on a free port, with a GET helper for the test's own checks."""
 
     def get(self, path: str, **params) -> bytes:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,9 +24,10 @@ from PIL import Image
 
 comfy_api = pytest.importorskip("comfy_api_simplified", reason="pip install comfy-api-simplified")
 pytest.importorskip("websockets", reason="uvicorn needs websockets for /ws")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
-from sd35fp8.server import create_app, stop_app  # noqa: E402
+from live_server import LiveServer  # noqa: E402
+from sd35fp8.server import create_app  # noqa: E402
 from sd35fp8.workflow import ModelFolders, PromptExecutor  # noqa: E402
 from test_server import HOLD, HOLD_SEED, fake_prompt, make_fake_executor, wait_for  # noqa: E402
 
@@ -56,12 +56,6 @@ def real_backend(tmp_path: Path) -> tuple[PromptExecutor, dict, bool]:
     return PromptExecutor(folders, device=os.environ.get("SD35FP8_SERVER_DEVICE", "cpu")), prompt, False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(tmp_path):
     from sd35fp8.tiny import SHIPPED_CHECKPOINT
@@ -70,19 +64,12 @@ def server(tmp_path):
     backend = real_backend if real else fake_backend
     executor, prompt, gated = backend(tmp_path)
     app = create_app(tmp_path / "models", executor=executor)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    wait_for(lambda: srv.started, timeout=20)
-    HOLD.clear()
-    try:
-        yield app, f"http://127.0.0.1:{port}", prompt, gated
-    finally:
-        HOLD.set()
-        srv.should_exit = True
-        thread.join(20)
-        stop_app(app, timeout=20)
+    with LiveServer(app, timeout=20) as srv:
+        HOLD.clear()
+        try:
+            yield app, srv.url, prompt, gated
+        finally:
+            HOLD.set()  # before the server stops: a held sampler would keep its worker busy
 
 
 def test_client_end_to_end(server, caplog):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +22,15 @@ import requests
 from PIL import Image
 
 from comfy_models import WORKFLOWS, build_models_folder
-from sd35fp8.server import PromptQueue, create_app, stop_app
+from live_server import LiveServer
+from sd35fp8.server import PromptQueue, create_app
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.workflow import ModelFolders, PromptExecutor, execution_order
 from sd35fp8.workflow.executor import PromptJob
 
 pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
 websockets_sync = pytest.importorskip("websockets.sync.client")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 SIZE, STEPS = 64, 4
 CLIENTS, PER_CLIENT = 8, 10
@@ -145,12 +145,6 @@ def test_queue_takes_compatible_prompts_together():
 
 
 # ---- load test ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def client(url: str, port: int, n: int) -> dict[str, dict]:
     """One client: listen on /ws, queue PER_CLIENT prompts, follow them to the end."""
     cid = f"client{n}"
@@ -182,15 +176,8 @@ def test_load_8_clients_x_10_prompts(models, tmp_path):
     ex = RecordingExecutor(ModelFolders(models, output_dir=tmp_path / "out", input_dir=tmp_path / "in",
                                         temp_dir=tmp_path / "temp"), device="cpu")
     app = create_app(models, executor=ex, max_batch=8, batch_wait_ms=20, serve_frontend=False)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        end = time.time() + 20
-        while not srv.started and time.time() < end:
-            time.sleep(0.01)
+    with LiveServer(app, timeout=20) as srv:
+        url, port = srv.url, srv.port
         t0 = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
             per_client = list(pool.map(lambda n: client(url, port, n), range(CLIENTS)))
@@ -209,10 +196,6 @@ def test_load_8_clients_x_10_prompts(models, tmp_path):
             v["image"] = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
         assert requests.get(f"{url}/queue", timeout=30).json() == {"queue_running": [], "queue_pending": []}
         stats = requests.get(f"{url}/sd35fp8/worker", timeout=30).json()
-    finally:
-        srv.should_exit = True
-        thread.join(20)
-        stop_app(app, timeout=20)
     assert stats["prompts"] == CLIENTS * PER_CLIENT and stats["batched_runs"] > 0, stats
     assert 1 < stats["largest_batch"] <= 8, stats
     batched = [pid for pid in runs if ex.sampled_with[pid] > 1]
