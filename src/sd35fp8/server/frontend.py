@@ -219,21 +219,12 @@ def frontend_routes(store: UserStore) -> APIRouter:
         path.unlink()
         return Response(status_code=204)
 
-    @r.get("/i18n")
-    async def i18n() -> dict:
+    async def nothing() -> dict:
         return {}
 
-    @r.get("/workflow_templates")
-    async def workflow_templates() -> dict:
-        return {}
-
-    @r.get("/global_subgraphs")
-    async def global_subgraphs() -> dict:
-        return {}
-
-    @r.get("/node_replacements")
-    async def node_replacements() -> dict:
-        return {}
+    # frontend catalogues this engine has none of: translations, templates, subgraphs, node replacements
+    for path in ("/i18n", "/workflow_templates", "/global_subgraphs", "/node_replacements"):
+        r.add_api_route(path, nothing, methods=["GET"], name=path.strip("/"))
 
     return r
 
