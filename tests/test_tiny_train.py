@@ -95,3 +95,17 @@ def test_smoke_run_reuses_vae_spiece_and_init(tmp_path, smoke_run):
     with safe_open(str(new), "pt") as f:
         info = json.loads(f.metadata()["sd35fp8.tiny"])
     assert info["init_from_sha256"] == rec["init_from"]["sha256"]
+
+
+def test_smoke_run_patch_1(tmp_path, smoke_run):
+    """--patch 1 (4x the image tokens): the loaders infer the patch size back from x_embedder, and
+    pos_embed still covers the same largest image (grid x2)."""
+    src, _ = smoke_run
+    out = tmp_path / "patch1"
+    train.main(["--out", str(out), "--smoke", "--patch", "1", "--vae-from", str(src / export.CHECKPOINT_NAME),
+                "--spiece-from", str(src / "spiece.model")])
+    got = spec.TinySpec.from_checkpoint(out / export.CHECKPOINT_NAME, 32)
+    s = spec.TinySpec.smoke()
+    assert got.patch == 1 and got.pos_embed_max_size == 2 * s.pos_embed_max_size
+    mmdit, *_ = export.load_back(out / export.CHECKPOINT_NAME)
+    assert mmdit.config.patch_size == 1 and mmdit.config.max_pixels == s.pos_embed_max_size * s.patch * 8

@@ -28,6 +28,7 @@ CLIP_POSITIONS = 77
 class TinySpec:
     image_size: int = 128
     depth: int = 3  # MMDiT: hidden = 64 * depth, heads = depth (the reference's rule)
+    patch: int = 2  # MMDiT patch size (latent cells per token side); the loaders infer it from x_embedder
     pos_embed_max_size: int = 16  # 16 patches of 16 px: up to 256 px
     vae_ch: int = 32
     vae_ch_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -63,6 +64,12 @@ class TinySpec:
     def pooled_dim(self) -> int:
         return 2 * self.clip_width  # CLIP-L pooled (unprojected) + CLIP-G projected (projection = width)
 
+    def with_patch(self, patch: int, pos_embed_max_size: int | None = None) -> TinySpec:
+        """Another MMDiT patch size; pos_embed keeps covering the same largest image by default."""
+        if pos_embed_max_size is None:
+            pos_embed_max_size = self.pos_embed_max_size * self.patch // patch
+        return replace(self, patch=patch, pos_embed_max_size=pos_embed_max_size)
+
     def with_t5_vocab(self, vocab: int) -> TinySpec:
         return replace(self, t5_vocab=vocab)
 
@@ -91,7 +98,7 @@ class TinySpec:
         vae = VAEConfig.from_state_dict(part("vae"))
         clip = clip_config_from_state_dict(part("clip_l"), "clip_l")
         t5 = t5_config_from_state_dict(part("t5xxl"))
-        return cls(image_size=image_size, depth=mm.depth, pos_embed_max_size=mm.pos_embed_max_size,
+        return cls(image_size=image_size, depth=mm.depth, patch=mm.patch_size, pos_embed_max_size=mm.pos_embed_max_size,
                    vae_ch=vae.ch, vae_ch_mult=tuple(vae.ch_mult), vae_res_blocks=vae.num_res_blocks,
                    clip_width=clip.hidden_size, clip_layers=clip.num_hidden_layers, t5_width=t5.d_model,
                    t5_heads=t5.num_heads, t5_layers=t5.num_layers, t5_ff=t5.d_ff,
@@ -100,7 +107,7 @@ class TinySpec:
 
 # ---- configs --------------------------------------------------------------------------------------
 def mmdit_config(spec: TinySpec) -> MMDiTConfig:
-    return MMDiTConfig(depth=spec.depth, hidden_size=spec.hidden, num_heads=spec.depth,
+    return MMDiTConfig(depth=spec.depth, hidden_size=spec.hidden, num_heads=spec.depth, patch_size=spec.patch,
                        pos_embed_max_size=spec.pos_embed_max_size, context_dim=spec.context_dim,
                        pooled_dim=spec.pooled_dim, qk_norm=True)
 

@@ -388,6 +388,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-items", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--cfg-grid", type=float, nargs="+", default=list(CFG_GRID))
+    p.add_argument("--patch", type=int, default=None,
+                   help="MMDiT patch size for a new model (default 2 as SD3.5; 1: 4x the image tokens)")
     p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT and text towers for training")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run with tiny sizes (< 60 s)")
     args = p.parse_args(argv)
@@ -404,6 +406,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     clock = Clock()
     spec = TinySpec.smoke() if args.smoke else TinySpec.full()
+    if args.patch is not None:
+        spec = spec.with_patch(args.patch)
     if args.init_from is not None:  # sizes of the model continued from
         spec = TinySpec.from_checkpoint(args.init_from, spec.image_size)
     if args.vae_from is not None:
