@@ -205,11 +205,19 @@ def run_mode(mode: str, stack: dict, args, device, dtype) -> dict:
 
         runner = FastMMDiT(stack["mmdit"], fp8_mode=args.mmdit_fp8, compile=True, cuda_graphs=True)
         note = "sd35fp8.fast.step.FastMMDiT(compile=True, cuda_graphs=True)"
-    tiled = use_tiled_decode(args.size, args.size) if mode == "sequential" else False
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if mode == "sequential":
+        tiled = use_tiled_decode(args.size, args.size)
+    elif mode.startswith("none") and args.card_gib:  # decode as the pipeline would on that card
+        tiled = use_tiled_decode(args.size, args.size, budget_bytes=int(0.9 * args.card_gib * GIB),
+                                 resident_bytes=resident)
+        note = (note + "; " if note else "") + (f"decode as on a {args.card_gib:g} GiB card: "
+                                                 f"{'tiled' if tiled else 'full'}")
+    else:
+        tiled = False
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         one_image(stack, runner, offload, args, device, dtype, tiled)
@@ -334,6 +342,9 @@ def parse_args(argv=None):
     ap.add_argument("--t5-fp8", default="weight_only", choices=("weight_only", "dynamic"))
     ap.add_argument("--t5-all-fp8", action="store_true",
                     help="every T5 Linear FP8 (default: the shipped T5 policy keeps the measured least robust 16-bit)")
+    ap.add_argument("--card-gib", type=float, default=0,
+                    help="none modes: choose full or tiled VAE decode as the pipeline would on a card with this "
+                         "much memory (90 %% usable); 0: always full")
     ap.add_argument("--prefetch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)

@@ -119,6 +119,26 @@ def test_peak_memory_report_and_tiled_decode_rule():
     assert use_tiled_decode(1024, 1024, budget_bytes=1 << 30)
 
 
+def test_pipeline_decode_policy(monkeypatch):
+    """Offload none: full decode while it fits the device's free memory, tiles beyond (CPU: pixel rule);
+    offload model/sequential: the 8 GB-card rule."""
+    from types import SimpleNamespace
+
+    from sd35fp8 import offload as off
+    from sd35fp8.pipeline import TILED_DECODE_PIXELS, SD35Pipeline
+
+    pipe = SimpleNamespace(offload="none", device=torch.device("cpu"))
+    assert off.free_device_bytes(torch.device("cpu")) is None
+    side = int(TILED_DECODE_PIXELS ** 0.5)
+    assert not SD35Pipeline._tiled_decode(pipe, side, side) and SD35Pipeline._tiled_decode(pipe, side + 16, side)
+    monkeypatch.setattr(off, "free_device_bytes", lambda device: 3 << 30)  # a card with 3 GiB free
+    assert not SD35Pipeline._tiled_decode(pipe, 1024, 1024)  # ~2.5 GiB fits
+    assert SD35Pipeline._tiled_decode(pipe, 1024, 1024, batch=2) and SD35Pipeline._tiled_decode(pipe, 1280, 1280)
+    for mode in ("model", "sequential"):
+        pipe.offload = mode
+        assert not SD35Pipeline._tiled_decode(pipe, 1024, 1024) and SD35Pipeline._tiled_decode(pipe, 1280, 1280)
+
+
 @needs_cuda
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_cuda_streaming_matches_resident(prefetch):

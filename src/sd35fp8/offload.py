@@ -357,6 +357,15 @@ def use_tiled_decode(width: int, height: int, budget_bytes: int | None = None,
     return resident_bytes + vae_decode_bytes(width, height) > budget_bytes
 
 
+def free_device_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get on a CUDA device: the driver's free memory plus what
+    torch's caching allocator holds unused. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def vae_decode_bytes(width: int, height: int) -> int:
     """Estimated activation peak of a full bf16 VAE decode (fit to H100 measurements, see above)."""
     mp = width * height / 1e6

@@ -179,6 +179,23 @@ class SD35Pipeline:
             raise InputError(f"{width}x{height} exceeds this model's position grid: at most {limit} pixels "
                              f"per side ({self.defaults.name}, pos_embed {self.mmdit.config.pos_embed_max_size}²)")
 
+    def _tiled_decode(self, width: int, height: int, batch: int = 1) -> bool:
+        """Tiled VAE decode (bounded memory, not bit-equal to a full decode) only when needed.
+
+        Offload model/sequential: the 8 GB-card rule of `offload.use_tiled_decode`. Offload none on
+        CUDA: full decode when its estimated activations fit the device's free memory (with 10 %
+        margin), as ComfyUI falls back to tiles only when a full decode does not fit. CPU: tiles
+        above TILED_DECODE_PIXELS.
+        """
+        from .offload import free_device_bytes, use_tiled_decode, vae_decode_bytes
+
+        if self.offload != "none":
+            return use_tiled_decode(width, height)
+        free = free_device_bytes(self.device)
+        if free is None:
+            return width * height > TILED_DECODE_PIXELS
+        return batch * vae_decode_bytes(width, height) > 0.9 * free
+
     def _slg(self, slg: bool | None):
         from .sampling import SLGConfig
 
@@ -203,7 +220,6 @@ class SD35Pipeline:
         img2img. `callback(step, total, denoised)` runs after every step.
         """
         from .models.vae import image_to_uint8
-        from .offload import use_tiled_decode
         from .sampling import SAMPLERS, SCHEDULERS
         from .sampling.ksampler import ksample
 
@@ -252,7 +268,7 @@ class SD35Pipeline:
                         scheduler=scheduler, shift=shift, denoise=denoise, slg=self._slg(slg), dtype=self.dtype,
                         callback=callback, disable=not progress)
         with self._stage("vae_decode"), self._on_device(self.vae) as vae:
-            tiled = use_tiled_decode(width, height) if self.offload != "none" else width * height > TILED_DECODE_PIXELS
+            tiled = self._tiled_decode(width, height, batch)
             decoded = vae.decode_tiled(z) if tiled else vae.decode(z)
         images = [Image.fromarray(a) for a in image_to_uint8(decoded)]
         params = [dict(prompt=prompts[i // n], negative_prompt=negatives[i // n], steps=steps, cfg=cfg,
