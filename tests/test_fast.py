@@ -128,6 +128,12 @@ def test_triton_kernels_match_torch(mode):
         deq = q.float() * (s if s is not None else 1)
         deq_r = qr.float() * (sr if sr is not None else 1)
         assert sqnr(deq_r, deq) > 25
+    gate = mods[:, 3072:4608]
+    y = torch.randn(600, 1536, device=dev, dtype=torch.bfloat16)
+    xn, (q, s) = kernels.residual_ln_modulate_act(x, gate, y, shift, scale, mode, st)  # Triton
+    xr, (qr, sr) = kernels._residual_ln_modulate_torch(x, gate, y, shift, scale, mode, st)
+    assert torch.equal(xn, xr)  # the residual sum is rounded like torch.addcmul
+    assert sqnr(qr.float() * (sr if sr is not None else 1), q.float() * (s if s is not None else 1)) > 25
     a = torch.randn(2, 1536, device=dev, dtype=torch.bfloat16)
     w8 = (torch.randn(4096, 1536, device=dev) * 0.05).to(torch.float8_e4m3fn)
     ws = torch.rand(1, 4096, device=dev) + 0.5
@@ -137,14 +143,14 @@ def test_triton_kernels_match_torch(mode):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("mode", [None, "dynamic"])
-def test_compiled_graphed_matches_eager_gpu(mode):
+@pytest.mark.parametrize("mode,impl", [(None, "auto"), ("dynamic", "auto"), ("dynamic", "triton")])
+def test_compiled_graphed_matches_eager_gpu(mode, impl):
     dev = torch.device("cuda")
     model = _model(TINY_X).to(dev, torch.bfloat16)
     args = [t.to(dev) for t in _inputs(TINY_X)]
     with torch.no_grad():
         eager = FastMMDiT(model, mode, compile=False, cuda_graphs=False)(*args)
-        fast = FastMMDiT(model, mode, compile=True, cuda_graphs=True)
+        fast = FastMMDiT(model, mode, compile=True, cuda_graphs=True, kernels=impl)
         out = fast(*args)
         out2 = fast(*args, skip_layers=(1,))
         ref2 = FastMMDiT(model, mode, compile=False, cuda_graphs=False)(*args, skip_layers=(1,))

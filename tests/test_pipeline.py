@@ -118,3 +118,22 @@ def test_offload_modes_same_image(tiny_random_checkpoint, pipe, offload):
     other = SD35Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32, offload=offload)
     kw = dict(num_inference_steps=2, guidance_scale=3.0, width=32, height=32, seed=5, progress=False)
     assert torch.equal(other("a red circle", **kw).latents, pipe("a red circle", **kw).latents)
+
+
+def test_compile_needs_cuda_and_resident_models(tiny_random_checkpoint):
+    path, _ = tiny_random_checkpoint
+    with pytest.raises(InputError, match="compile needs a CUDA device"):
+        SD35Pipeline.from_pretrained(path, device="cpu", compile=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_pipeline_close_to_plain_gpu(tiny_random_checkpoint):
+    path, _ = tiny_random_checkpoint
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, width=64, height=64, seed=5, progress=False)
+    plain = SD35Pipeline.from_pretrained(path, device="cuda", fp8="dynamic")
+    fast = SD35Pipeline.from_pretrained(path, device="cuda", fp8="dynamic", compile=True)
+    a, b = plain("a red circle", **kw).latents.float(), fast("a red circle", **kw).latents.float()
+    assert "FastMMDiT" in fast.summary()
+    from sd35fp8.fp8.scaling import sqnr
+
+    assert sqnr(a, b) > 20

@@ -83,7 +83,7 @@ class SD35Pipeline:
                         clip_g: str | Path | None = None, t5xxl: str | Path | None = None,
                         t5_tokenizer: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fp8: str | None = None,
-                        offload: str = "none", t5_min_length: int = 77) -> SD35Pipeline:
+                        offload: str = "none", t5_min_length: int = 77, compile: bool = False) -> SD35Pipeline:
         """Load everything a generation needs.
 
         model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
@@ -92,6 +92,9 @@ class SD35Pipeline:
         offload: "none" keeps every model on the device; "model" keeps every model in pinned CPU
         memory and moves each to the device only while it runs (a 12 GB card); "sequential" also
         streams the MMDiT's and T5's blocks one by one with prefetch (an 8 GB card).
+        compile: run the MMDiT through `sd35fp8.fast.FastMMDiT` (fused FP8 step, torch.compile per
+        block shape, CUDA graphs per image shape; CUDA with offload "none" only). The first image
+        of each size compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor).
         """
         from .checkpoints.load import load_mmdit, load_text_encoders, load_vae
         from .checkpoints.sources import resolve
@@ -114,6 +117,8 @@ class SD35Pipeline:
         mmdit = load_mmdit(comps, device=side, dtype=dtype, **({"fp8": fp8} if fp8 is not None else {}))
         vae = load_vae(comps, device=side, dtype=dtype)
         texts = load_text_encoders(comps, device=side, dtype=dtype)
+        if compile:
+            mmdit = _fast_mmdit(mmdit, device, offload)
         if offload == "sequential":
             from .offload import SequentialOffload, stream_t5_blocks
 
@@ -280,9 +285,10 @@ class SD35Pipeline:
 
     def summary(self) -> str:
         """One line: model, device, dtype and the MMDiT's compute mode (with the reason for FP8 choices)."""
-        report = getattr(self.mmdit, "fp8_report", None)
+        report = getattr(getattr(self.mmdit, "model", self.mmdit), "fp8_report", None)
         mode = report.describe() if report is not None else f"MMDiT in {self.description.get('dtype')}"
-        return f"{self.defaults.name} on {self.device}; {mode}"
+        fast = f"; {self.mmdit.describe()}" if hasattr(self.mmdit, "graphs") else ""
+        return f"{self.defaults.name} on {self.device}; {mode}{fast}"
 
     @property
     def fp8_mode(self) -> str:
@@ -290,6 +296,19 @@ class SD35Pipeline:
 
         modes = {m.effective_mode for m in self.mmdit.modules() if isinstance(m, FP8Linear)}
         return ",".join(sorted(modes)) if modes else "none"
+
+
+def _fast_mmdit(mmdit, device: torch.device, offload: str):
+    """The MMDiT wrapped in FastMMDiT (compiled, CUDA graphs), in the FP8 mode its linears were loaded in."""
+    from .fast import FastMMDiT, enable_compile_cache
+    from .fp8.linear import FP8Linear
+
+    if device.type != "cuda" or offload != "none":
+        raise InputError(f"compile needs a CUDA device and offload 'none' (got {device.type}, offload {offload!r})")
+    qkv = mmdit.joint_blocks[0].x_block.attn.qkv
+    mode = qkv.mode if isinstance(qkv, FP8Linear) else None
+    enable_compile_cache()
+    return FastMMDiT(mmdit, mode, compile=True, cuda_graphs=True)
 
 
 def _image_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Fused pre-matmul ops of the fast MMDiT step: each produces the *input of one linear layer*.
 
     ln_modulate_act(x, shift, scale, mode)  LayerNorm -> modulate -> (per-token fp8 quantise)
+    residual_ln_modulate_act(x, gate, y, ...) x + gate*y, then the same (fc1 input after attention)
     gelu_act(h, mode)                        GELU(tanh) -> (per-token fp8 quantise)     (fc2 input)
     plain_act(y, mode)                       (per-token fp8 quantise)                    (proj input)
 
@@ -9,10 +10,12 @@ dtype and `a_scale` is None; for "dynamic" `a` is float8_e4m3fn [M, K] with per-
 [M, 1] fp32 (scale = amax / 448, fp8/scaling.py's convention); for "static" the scale is the
 calibrated fp32 scalar `static_scale` expanded to [M, 1].
 
-Two implementations of the same math, chosen by where the call runs (not a fallback):
-    eager on CUDA with Triton  -> one Triton kernel per op (one read, one write of the row);
-    under torch.compile, CPU   -> plain torch ops (Inductor fuses them into the same single pass).
-`act_impl(x)` says which one a call takes; tests check both agree on the GPU.
+Two implementations of the same math (not a fallback): one Triton kernel per op (one read, one
+write of each row), or plain torch ops that Inductor fuses under torch.compile (on CUDA it splits
+LayerNorm into a statistics kernel and a pointwise kernel that reads the row again). `impl`
+("auto", "triton", "torch") and `act_impl(x, impl)` say which one a call takes: "auto" is Triton
+eager on CUDA and torch ops under compile or on CPU; "triton" keeps the Triton kernels inside a
+compiled graph too. Tests check both agree on the GPU.
 """
 
 from __future__ import annotations
@@ -37,11 +40,21 @@ FP8_MODES = ("dynamic", "static")
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def act_impl(x: torch.Tensor) -> str:
-    """"triton" for an eager call on a CUDA tensor when Triton is present, else "torch"."""
-    if triton is not None and x.is_cuda and not torch.compiler.is_compiling():
-        return "triton"
-    return "torch"
+IMPLS = ("auto", "triton", "torch")
+
+
+def act_impl(x: torch.Tensor, impl: str = "auto") -> str:
+    """Which implementation a call takes: "triton" or "torch".
+
+    "auto": Triton for an eager call on a CUDA tensor, torch ops under torch.compile (Inductor fuses
+    them) and on CPU. "triton": the Triton kernel whenever the tensor is on CUDA, also inside a
+    compiled graph (torch.compile calls user-defined Triton kernels as they are). "torch": torch ops.
+    """
+    if impl not in IMPLS:
+        raise InputError(f"fast/kernels.py: impl {impl!r} not in {IMPLS}")
+    if triton is None or not x.is_cuda or impl == "torch":
+        return "torch"
+    return "triton" if impl == "triton" or not torch.compiler.is_compiling() else "torch"
 
 
 # ---------------------------------------------------------------------------------- torch reference
@@ -66,6 +79,12 @@ def _ln_modulate_torch(x, shift, scale, mode, static_scale):
     y = F.layer_norm(xf, (C,), eps=NORM_EPS)
     y = y * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)  # [B, L, C]
     return _finish(y.reshape(B * L, C), mode, static_scale, x.dtype)
+
+
+def _residual_ln_modulate_torch(x, gate, y, shift, scale, mode, static_scale):
+    B, L, C = x.shape
+    x = torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))  # [B, L, C] in x's dtype
+    return x, _ln_modulate_torch(x, shift, scale, mode, static_scale)
 
 
 def _gelu_torch(h, mode, static_scale):
@@ -109,6 +128,28 @@ if triton is not None:
         sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         y = d * rstd * (1.0 + sc) + sh
         _store_row(Q, S, SSTATIC, row.to(tl.int64), cols, mask, y, C, MODE)
+
+    @triton.jit
+    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, stride_mod, eps,
+                                     BLOCK: tl.constexpr, MODE: tl.constexpr):
+        # x + gate * y (rounded to x's dtype as torch.addcmul does), stored; then LN -> modulate -> Q
+        row = tl.program_id(0)
+        b = row // L
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        off = row.to(tl.int64) * C + cols
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        xn = (x + g * y).to(XOUT.dtype.element_ty)
+        tl.store(XOUT + off, xn, mask=mask)
+        x = xn.to(tl.float32)
+        mean = tl.sum(x, axis=0) / C
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        _store_row(Q, S, SSTATIC, row.to(tl.int64), cols, mask, d * rstd * (1.0 + sc) + sh, C, MODE)
 
     @triton.jit
     def _gelu_kernel(H, Q, S, SSTATIC, N, BLOCK: tl.constexpr, MODE: tl.constexpr):
@@ -165,40 +206,75 @@ def _check_static(mode: str | None, static_scale: torch.Tensor | None, what: str
                          "(FastMMDiT.calibrate or FP8Linear.input_scale)")
 
 
+def _same_stride_mods(*mods: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Modulation slices [B, C] the kernels index as base + b * stride(0) + col."""
+    if any(m.stride(1) != 1 or m.stride(0) != mods[0].stride(0) for m in mods):
+        return tuple(m.contiguous() for m in mods)
+    return mods
+
+
+def _act_out(rows: int, cols: int, code: int, like: torch.Tensor):
+    q = torch.empty(rows, cols, device=like.device, dtype=FP8_DTYPE if code else like.dtype)
+    s = torch.empty(rows, 1, device=like.device, dtype=torch.float32) if code else q
+    return q, s
+
+
 def ln_modulate_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, mode: str | None,
-                    static_scale: torch.Tensor | None = None):
+                    static_scale: torch.Tensor | None = None, impl: str = "auto"):
     """x [B, L, C], shift/scale [B, C] (may be column slices) -> linear input [B*L, C] (+ scale [B*L, 1])."""
     _check_static(mode, static_scale, "ln_modulate_act")
-    if act_impl(x) == "torch":
+    if act_impl(x, impl) == "torch":
         return _ln_modulate_torch(x, shift, scale, mode, static_scale)
     B, L, C = x.shape
     x = x.contiguous()
-    if shift.stride(1) != 1 or scale.stride(1) != 1 or shift.stride(0) != scale.stride(0):
-        shift, scale = shift.contiguous(), scale.contiguous()
+    shift, scale = _same_stride_mods(shift, scale)
     code = _mode_code(mode)
-    q = torch.empty(B * L, C, device=x.device, dtype=FP8_DTYPE if code else x.dtype)
-    s = torch.empty(B * L, 1, device=x.device, dtype=torch.float32) if code else q
+    q, s = _act_out(B * L, C, code, x)
     block = triton.next_power_of_2(C)
     _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, shift.stride(0),
                                   NORM_EPS, BLOCK=block, MODE=code, num_warps=4 if block <= 2048 else 8)
     return q, (s if code else None)
 
 
-def gelu_act(h: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None):
+def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                             scale: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None,
+                             impl: str = "auto"):
+    """x + gate * y, then LayerNorm -> modulate -> (quantise), in one pass over the rows.
+
+    x [B, L, C], y [B*L, C] (a linear's output), gate/shift/scale [B, C] ->
+    (x_new [B, L, C], (linear input [B*L, C], scale [B*L, 1] | None)).
+    """
+    _check_static(mode, static_scale, "residual_ln_modulate_act")
+    if act_impl(x, impl) == "torch":
+        return _residual_ln_modulate_torch(x, gate, y, shift, scale, mode, static_scale)
+    B, L, C = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    gate, shift, scale = _same_stride_mods(gate, shift, scale)
+    code = _mode_code(mode)
+    x_new = torch.empty_like(x)
+    q, s = _act_out(B * L, C, code, x)
+    block = triton.next_power_of_2(C)
+    _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
+                                           L, C, shift.stride(0), NORM_EPS, BLOCK=block, MODE=code,
+                                           num_warps=4 if block <= 2048 else 8)
+    return x_new, (q, (s if code else None))
+
+
+def gelu_act(h: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None, impl: str = "auto"):
     """h [M, N] (fc1 output) -> GELU(tanh) as fc2 input (+ per-token scale [M, 1])."""
     _check_static(mode, static_scale, "gelu_act")
-    if act_impl(h) == "torch":
+    if act_impl(h, impl) == "torch":
         return _gelu_torch(h, mode, static_scale)
     h = h.contiguous()
     return _rows(_gelu_kernel, h, mode, static_scale)
 
 
-def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None):
+def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None, impl: str = "auto"):
     """y [M, K] -> linear input (quantised per token in fp8 modes)."""
     _check_static(mode, static_scale, "plain_act")
     if mode not in FP8_MODES:
         return y, None
-    if act_impl(y) == "torch":
+    if act_impl(y, impl) == "torch":
         return _plain_torch(y, mode, static_scale)
     return _rows(_plain_kernel, y.contiguous(), mode, static_scale)
 
@@ -206,8 +282,7 @@ def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | No
 def _rows(kernel, y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None):
     M, N = y.shape
     code = _mode_code(mode)
-    q = torch.empty(M, N, device=y.device, dtype=FP8_DTYPE if code else y.dtype)
-    s = torch.empty(M, 1, device=y.device, dtype=torch.float32) if code else q
+    q, s = _act_out(M, N, code, y)
     block = triton.next_power_of_2(N)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, BLOCK=block, MODE=code, num_warps=warps)

@@ -33,7 +33,8 @@ from torch import nn
 from sd35fp8.errors import InputError
 from sd35fp8.fast.attention import backend_context, default_backend, sdpa
 from sd35fp8.fast.graphs import GraphCache
-from sd35fp8.fast.kernels import fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act
+from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
+                                   residual_ln_modulate_act)
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
 from sd35fp8.models.mmdit import MMDiT, batched
@@ -73,51 +74,61 @@ def _rms(t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return t if w is None else F.rms_norm(t, (t.shape[-1],), w, eps=1e-6)
 
 
-def _qkv(p, name, x, shift, scale, mode, heads, rec):
+def _qkv(p, name, x, shift, scale, mode, heads, rec, impl):
     """modulate(LN(x)) -> qkv -> q, k, v [B, L, H, D] (q, k RMS-normed)."""
     B, L, C = x.shape
-    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"))
+    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"), impl)
     qkv = _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3, heads, C // heads)
     q, k, v = qkv.unbind(2)
     stem = name.rsplit(".", 1)[0]
     return _rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v
 
 
-def _proj_residual(p, name, x, gate, o, mode, rec):
-    """x + gate * proj(o); o [B, L, C]."""
-    B, L, C = x.shape
-    y = _linear_on(p, name, plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs")), mode, x.dtype, rec)
-    return torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))
+def _proj(p, name, o, mode, dtype, rec, impl):
+    """Attention output o [B, L, C] -> proj(o) [B*L, C]."""
+    B, L, C = o.shape
+    return _linear_on(p, name, plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs"), impl), mode, dtype, rec)
 
 
-def _mlp_residual(p, s, x, shift, scale, gate, mode, rec):
+def _attn_residual_then_mlp_input(p, s, x, gate, y, shift, scale, mode, impl):
+    """x + gate * y, and the fc1 input modulate(LN(that)), in one pass (fast/kernels.py)."""
+    return residual_ln_modulate_act(x, gate, y, shift, scale, mode, p.get(s + ".fc1.xs"), impl)
+
+
+def _mlp_residual(p, s, x, act, gate, mode, rec, impl):
+    """x + gate * fc2(GELU(fc1(act))); act = the fc1 input."""
     B, L, C = x.shape
-    h = _linear_on(p, s + ".fc1", ln_modulate_act(x, shift, scale, mode, p.get(s + ".fc1.xs")), mode, x.dtype, rec)
-    y = _linear_on(p, s + ".fc2", gelu_act(h, mode, p.get(s + ".fc2.xs")), mode, x.dtype, rec)
+    h = _linear_on(p, s + ".fc1", act, mode, x.dtype, rec)
+    y = _linear_on(p, s + ".fc2", gelu_act(h, mode, p.get(s + ".fc2.xs"), impl), mode, x.dtype, rec)
     return torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))
 
 
 def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tensor, mods_x: torch.Tensor,
-                mode: str | None, heads: int, rec: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mode: str | None, heads: int, rec: dict | None = None,
+                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One joint block. ctx [B, Lc, C], x [B, Lx, C]; mods_* [B, n*C] = this block's adaLN output.
 
     Chunks as in the reference: shift, scale, gate (msa), shift, scale, gate (mlp)[, msa2 x3].
+    `impl`: the elementwise kernels' implementation (fast/kernels.py act_impl).
     """
     C = x.shape[-1]
     m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
-    qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec)  # [B, Lc, H, D]
-    qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec)  # [B, Lx, H, D]
+    qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
+    qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
     n_ctx = ctx.shape[1]
     o = sdpa(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1))  # [B, Lc+Lx, C]
     if "c.proj.w" in p:  # not the last (pre-only) context block
-        ctx = _proj_residual(p, "c.proj", ctx, m(mods_c, 2), o[:, :n_ctx], mode, rec)
-        ctx = _mlp_residual(p, "c", ctx, m(mods_c, 3), m(mods_c, 4), m(mods_c, 5), mode, rec)
-    x_in = x
-    x = _proj_residual(p, "x.proj", x, m(mods_x, 2), o[:, n_ctx:], mode, rec)
+        y = _proj(p, "c.proj", o[:, :n_ctx], mode, ctx.dtype, rec, impl)
+        ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode, impl)
+        ctx = _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl)
+    y = _proj(p, "x.proj", o[:, n_ctx:], mode, x.dtype, rec, impl)
+    gate = m(mods_x, 2)
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
-        o2 = sdpa(*_qkv(p, "x.attn2.qkv", x_in, m(mods_x, 6), m(mods_x, 7), mode, heads, rec))  # [B, Lx, C]
-        x = _proj_residual(p, "x.attn2.proj", x, m(mods_x, 8), o2, mode, rec)
-    x = _mlp_residual(p, "x", x, m(mods_x, 3), m(mods_x, 4), m(mods_x, 5), mode, rec)
+        o2 = sdpa(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl))  # [B, Lx, C]
+        x = torch.addcmul(x, gate.unsqueeze(1), y.view(x.shape))
+        y, gate = _proj(p, "x.attn2.proj", o2, mode, x.dtype, rec, impl), m(mods_x, 8)
+    x, act = _attn_residual_then_mlp_input(p, "x", x, gate, y, m(mods_x, 3), m(mods_x, 4), mode, impl)
+    x = _mlp_residual(p, "x", x, act, m(mods_x, 5), mode, rec, impl)
     return ctx, x
 
 
@@ -158,10 +169,13 @@ class FastMMDiT(nn.Module):
     """Speed wrapper with MMDiT's forward contract. See the module docstring."""
 
     def __init__(self, model: MMDiT, fp8_mode: str | None = None, compile: bool = True, cuda_graphs: bool = True,
-                 attention_backend: str | None = "auto", compile_mode: str = "default"):
+                 attention_backend: str | None = "auto", compile_mode: str = "default", kernels: str = "auto"):
         super().__init__()
         if fp8_mode is not None and fp8_mode not in FP8_MODES:
             raise InputError(f"FastMMDiT: fp8_mode {fp8_mode!r} not in {FP8_MODES} or None")
+        if kernels not in IMPLS:
+            raise InputError(f"FastMMDiT: kernels {kernels!r} not in {IMPLS}")
+        self.kernels = kernels  # elementwise kernels: "auto" (Inductor under compile), "triton", "torch"
         self.model = model
         self.config = model.config
         self.fp8_mode = fp8_mode
@@ -284,7 +298,7 @@ class FastMMDiT(nn.Module):
                     continue
                 (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
                 ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
-                                 None if rec is None else rec[1][i])
+                                 None if rec is None else rec[1][i], self.kernels)
         out = model.final_layer(tokens, c, batched)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
@@ -310,4 +324,4 @@ class FastMMDiT(nn.Module):
 
     def describe(self) -> str:
         return (f"FastMMDiT({self.fp8_mode or 'bf16'}, compile={self._compiled}, cuda_graphs={self.graphs is not None},"
-                f" attention={self.attention_backend or 'torch default'})")
+                f" attention={self.attention_backend or 'torch default'}, kernels={self.kernels})")
