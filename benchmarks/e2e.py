@@ -203,8 +203,9 @@ def run_mode(mode: str, stack: dict, args, device, dtype) -> dict:
     elif mode == "none_fast":
         from sd35fp8.fast.step import FastMMDiT
 
-        runner = FastMMDiT(stack["mmdit"], fp8_mode=args.mmdit_fp8, compile=True, cuda_graphs=True)
-        note = "sd35fp8.fast.step.FastMMDiT(compile=True, cuda_graphs=True)"
+        runner = FastMMDiT(stack["mmdit"], fp8_mode=args.mmdit_fp8, compile=True, cuda_graphs=True,
+                           attention_backend=args.fast_attention)
+        note = runner.describe()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -339,6 +340,8 @@ def parse_args(argv=None):
     ap.add_argument("--cfg", type=float, default=4.5)
     ap.add_argument("--t5-len", type=int, default=77, help="T5 tokens: 77 (ComfyUI) or 256")
     ap.add_argument("--mmdit-fp8", default="dynamic", choices=("weight_only", "dynamic"))
+    ap.add_argument("--fast-attention", default="auto",
+                    help="none_fast: FastMMDiT attention_backend (auto = cuDNN SDPA, triton_fp8 = our FP8 kernel)")
     ap.add_argument("--t5-fp8", default="weight_only", choices=("weight_only", "dynamic"))
     ap.add_argument("--t5-all-fp8", action="store_true",
                     help="every T5 Linear FP8 (default: the shipped T5 policy keeps the measured least robust 16-bit)")

@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="large", choices=("large", "medium"))
     ap.add_argument("--mode", default="static", choices=("weight_only", "dynamic", "static", "bf16"))
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--attention", default="auto", help="FastMMDiT attention_backend")
+    ap.add_argument("--attention", default="auto", help="FastMMDiT attention_backend (cudnn, triton, triton_fp8, ...)")
+    ap.add_argument("--kernels", default="auto", help="FastMMDiT kernels: auto (Inductor fuses under compile) or triton")
     ap.add_argument("--context-len", type=int, default=333)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -58,7 +59,8 @@ def main(argv=None) -> dict:
         mode = None if a.mode == "bf16" else a.mode
         if mode is not None:
             quantize_model(model, "dynamic")
-        fast = FastMMDiT(model, mode, compile=a.compile, cuda_graphs=False, attention_backend=a.attention)
+        fast = FastMMDiT(model, mode, compile=a.compile, cuda_graphs=False, attention_backend=a.attention,
+                         kernels=a.kernels)
         if mode == "static":
             fast.calibrate(*inputs)
         wall = time_ms(lambda: fast(*inputs), dev, 10, 3)
@@ -88,11 +90,12 @@ def main(argv=None) -> dict:
     res = {"benchmark": "profile_step", "device": torch.cuda.get_device_name(dev),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "versions": {"torch": torch.__version__}, "model": a.model, "mode": a.mode, "compile": a.compile,
-           "attention": a.attention, "context_len": a.context_len, "wall_ms_no_graphs": wall_ms,
+           "attention": a.attention, "kernels": a.kernels, "context_len": a.context_len, "wall_ms_no_graphs": wall_ms,
            "kernel_ms": kernel_ms, "categories_ms": dict(cats),
            "top_kernels": [{"name": n, "ms": ms, "launches": c / a.steps} for n, (ms, c) in top]}
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"profile_{a.model}_{a.mode}_{'compiled' if a.compile else 'eager'}_{device_slug(dev)}.json"
+    tag = "".join(f"_{v}" for v in (a.kernels, a.attention) if v != "auto")
+    path = a.out / f"profile_{a.model}_{a.mode}_{'compiled' if a.compile else 'eager'}{tag}_{device_slug(dev)}.json"
     path.write_text(json.dumps(res, indent=1))
     return res
 

@@ -46,6 +46,23 @@ OURS_BF16 = ["ours_ref_eager", "ours_bf16_eager", "ours_bf16_compiled"]
 OURS_FP8 = [f"ours_{m}_{k}" for m in ("weight_only", "dynamic", "static") for k in ("eager", "compiled")]
 EXTRAS = ["ctx154", "throughput", "compile_cache", "attention"]
 ALL = OURS_BF16 + DIFFUSERS + OURS_FP8 + EXTRAS
+# variants of an ours_* FP8 contender, appended with '+': '+tk' keeps our Triton elementwise kernels
+# inside the compiled graph (FastMMDiT kernels="triton", the default since session 3), '+ind' lets
+# Inductor fuse torch ops instead (kernels="auto"), '+fa' / '+fa8' use our Triton flash attention
+# in bf16 / fp8 instead of cuDNN SDPA ('+fa8' is the default of FP8 modes on sm_89+ since session 3;
+# '+cudnn' forces cuDNN SDPA). E.g. ours_static_compiled+cudnn.
+VARIANTS = {"tk": ("kernels", "triton"), "ind": ("kernels", "auto"), "cudnn": ("attention_backend", "cudnn"),
+            "fa": ("attention_backend", "triton"),
+            "fa8": ("attention_backend", "triton_fp8")}
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """'ours_static_compiled+tk+fa8' -> ('ours_static_compiled', FastMMDiT keyword arguments)."""
+    base, *flags = name.split("+")
+    unknown = [f for f in flags if f not in VARIANTS]
+    if unknown or (flags and base not in OURS_FP8):
+        raise ValueError(f"contender {name!r}: variants {unknown or flags} not understood (see VARIANTS)")
+    return base, dict(VARIANTS[f] for f in flags)
 
 
 class Timeout(Exception):
@@ -185,17 +202,16 @@ def run_model(label: str, cfg: MMDiTConfig, args, dev) -> dict:
             del dm, run, step
             torch._dynamo.reset()
             free(dev)
-        fp8_wanted = [n for n in OURS_FP8 + ["ctx154", "throughput", "compile_cache"] if n in want]
+        fp8_wanted = [n for n in want if n in ("ctx154", "throughput", "compile_cache") or n.split("+")[0] in OURS_FP8]
         if fp8_wanted:
             report = quantize_model(model, "dynamic")  # in place: bf16 linears freed, policy keeps embedders
             res["quantize"] = report.describe()
             free(dev)
-        for name in OURS_FP8:
-            if name not in want:
-                continue
-            mode, kind = name[5:].rsplit("_", 1)
+        for name in [c for c in args.contenders if split_variant(c)[0] in OURS_FP8]:
+            base, variant = split_variant(name)
+            mode, kind = base[5:].rsplit("_", 1)
             comp = kind == "compiled"
-            fast = FastMMDiT(model, mode, compile=comp, cuda_graphs=comp, compile_mode=cm)
+            fast = FastMMDiT(model, mode, compile=comp, cuda_graphs=comp, compile_mode=cm, **variant)
             row_extra = {}
             if mode == "static":
                 t0 = time.perf_counter()
@@ -289,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e", action="store_true", help="also call benchmarks/e2e.py run_e2e(args)")
     args = ap.parse_args(argv)
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = sorted(set(args.contenders) - set(ALL))
+    unknown = sorted(c for c in set(args.contenders) if c not in ALL and c.split("+")[0] not in OURS_FP8)
+    try:
+        [split_variant(c) for c in args.contenders if "+" in c]
+    except ValueError as err:
+        unknown.append(str(err))
     if unknown:
         print(f"error: unknown contenders {unknown}; choose from {ALL}", file=sys.stderr)
         return 2

@@ -140,6 +140,10 @@ def test_triton_kernels_match_torch(mode):
     b = torch.randn(4096, device=dev, dtype=torch.bfloat16)
     ref = (a.float() @ (w8.float() * ws.t()).t() + b.float())
     assert sqnr(ref, kernels.fp8_weight_gemv(a, w8, ws, b, torch.bfloat16).float()) > 40
+    from sd35fp8.fp8 import dequant
+
+    for scale in (ws.t(), ws, torch.tensor(0.7, device=dev)):  # [N, 1], [1, N], per tensor
+        assert torch.equal(dequant.dequantize(w8, scale, torch.bfloat16), dequant._torch(w8, scale, torch.bfloat16))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -53,6 +53,20 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, L, H * D)
 
 
+TRITON_KINDS = ("triton", "triton_fp8")  # our Triton flash attention (fast/attention_triton.py), bf16 / fp8
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "sdpa") -> torch.Tensor:
+    """q, k, v [B, L, H, D] -> [B, L, H*D] by SDPA (backend pinned by backend_context) or our Triton kernel."""
+    if kind == "sdpa":
+        return sdpa(q, k, v)
+    if kind not in TRITON_KINDS:
+        raise InputError(f"fast/attention.py: attention kind {kind!r} not in {('sdpa',) + TRITON_KINDS}")
+    from sd35fp8.fast.attention_triton import triton_attention_op  # a custom op: opaque to torch.compile
+
+    return triton_attention_op(q, k, v, kind == "triton_fp8")
+
+
 def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> float:
     """QK^T and PV matmuls: 4 * B * H * Lq * Lkv * D."""
     return 4.0 * batch * heads * q_len * kv_len * head_dim

@@ -114,8 +114,8 @@ if triton is not None:
             tl.store(S + row, s)
 
     @triton.jit
-    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, stride_mod, eps,
-                            BLOCK: tl.constexpr, MODE: tl.constexpr):
+    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, stride_mod,
+                            EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
         row = tl.program_id(0)
         b = row // L
         cols = tl.arange(0, BLOCK)
@@ -123,15 +123,15 @@ if triton is not None:
         x = tl.load(X + row.to(tl.int64) * C + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=0) / C
         d = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
         sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         y = d * rstd * (1.0 + sc) + sh
         _store_row(Q, S, SSTATIC, row.to(tl.int64), cols, mask, y, C, MODE)
 
     @triton.jit
-    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, stride_mod, eps,
-                                     BLOCK: tl.constexpr, MODE: tl.constexpr):
+    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, stride_mod,
+                                     EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
         # x + gate * y (rounded to x's dtype as torch.addcmul does), stored; then LN -> modulate -> Q
         row = tl.program_id(0)
         b = row // L
@@ -146,7 +146,7 @@ if triton is not None:
         x = xn.to(tl.float32)
         mean = tl.sum(x, axis=0) / C
         d = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
         sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         _store_row(Q, S, SSTATIC, row.to(tl.int64), cols, mask, d * rstd * (1.0 + sc) + sh, C, MODE)
@@ -232,7 +232,7 @@ def ln_modulate_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, m
     q, s = _act_out(B * L, C, code, x)
     block = triton.next_power_of_2(C)
     _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, shift.stride(0),
-                                  NORM_EPS, BLOCK=block, MODE=code, num_warps=4 if block <= 2048 else 8)
+                                  EPS=NORM_EPS, BLOCK=block, MODE=code, num_warps=4 if block <= 2048 else 8)
     return q, (s if code else None)
 
 
@@ -255,7 +255,7 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
     q, s = _act_out(B * L, C, code, x)
     block = triton.next_power_of_2(C)
     _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
-                                           L, C, shift.stride(0), NORM_EPS, BLOCK=block, MODE=code,
+                                           L, C, shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
                                            num_warps=4 if block <= 2048 else 8)
     return x_new, (q, (s if code else None))
 

@@ -201,7 +201,9 @@ class FP8Linear(nn.Module):
     # ----------------------------------------------------------------- forward
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W = weight * weight_scale in `dtype` ([N, K]); written so torch.compile fuses it into one op."""
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+        from .dequant import dequantize
+
+        return dequantize(self.weight, self.weight_scale, dtype)  # one Triton pass eager on CUDA, else torch ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -1,0 +1,112 @@
+"""fast/attention_triton.py: Triton bf16 / fp8 attention against SDPA (GPU + Triton), clear errors elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sd35fp8.errors import DeviceError, InputError
+from sd35fp8.fast import attention_triton as at
+from sd35fp8.fp8.scaling import sqnr
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA or at.triton is None, reason="needs CUDA and Triton")
+FP8_FLOOR_DB = 24.0  # e4m3 q, k, v and P: ~25.5 dB on randn (torch emulation), flat in L
+# [B, L, H, D]: L not a multiple of any block size, L < BLOCK_N, a head_dim other than SD3.5's 64
+SHAPES = [(2, 200, 3, 64), (1, 77, 2, 64), (1, 300, 2, 128), (2, 4250 // 8, 2, 64)]
+
+
+def _qkv(B, L, H, D, outliers=False, seed=0):
+    """q, k, v [B, L, H, D] bf16 as non-contiguous views of one [B, L, 3, H, D] tensor."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(B, L, 3, H, D, device="cuda", generator=g)
+    if outliers:  # 2 channels x20, RMS-normalised per token (qk-norm-like)
+        qkv[:, :, :2, :, [3, D // 2 + 3]] *= 20
+        qkv[:, :, :2] /= qkv[:, :, :2].pow(2).mean(-1, keepdim=True).sqrt()
+    qkv = qkv.bfloat16()
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _ref(q, k, v):
+    """fp32 SDPA of the same bf16 inputs -> [B, L, H*D]."""
+    B, L, H, D = q.shape
+    out = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)))
+    return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+def test_without_cuda_tensors_raises_device_error():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(DeviceError, match="attention_triton"):
+        at.triton_attention(q, q, q)
+    with pytest.raises(DeviceError):
+        at.triton_attention(q, q, q, fp8=True)
+
+
+def test_hadamard_matrix_is_orthonormal():
+    for n in (32, 64, 128):
+        h = at.hadamard_matrix(n)
+        torch.testing.assert_close(h @ h.T, torch.eye(n), atol=1e-5, rtol=0)
+
+
+@gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_matches_sdpa(shape):
+    q, k, v = _qkv(*shape)
+    out = at.triton_attention(q, k, v)
+    ref = _ref(q, k, v)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    assert sqnr(ref, out.float()) > 45.0
+
+
+@gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_matches_sdpa_within_floor_and_its_emulation(shape):
+    q, k, v = _qkv(*shape)
+    out = at.triton_attention(q, k, v, fp8=True)
+    ref = _ref(q, k, v)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert sqnr(ref, out.float()) >= FP8_FLOOR_DB
+    emu = at.fp8_attention_emulated(q, k, v, block_n=at.tuned_config(shape[1], fp8=True)["BLOCK_N"])
+    assert sqnr(emu, out.float()) >= 40.0  # the kernel computes what its docstring says
+
+
+@gpu
+def test_fp8_hadamard_rescues_outlier_channels():
+    q, k, v = _qkv(2, 300, 2, 64, outliers=True)
+    ref = _ref(q, k, v)
+    rotated = sqnr(ref, at.triton_attention(q, k, v, fp8=True).float())
+    plain = sqnr(ref, at.triton_attention(q, k, v, fp8=True, hadamard=False).float())
+    assert rotated >= FP8_FLOOR_DB and rotated > plain + 5.0
+
+
+@gpu
+def test_contiguous_and_strided_inputs_agree():
+    q, k, v = _qkv(1, 130, 2, 64)
+    for fp8 in (False, True):
+        strided = at.triton_attention(q, k, v, fp8=fp8)
+        dense = at.triton_attention(q.contiguous(), k.contiguous(), v.contiguous(), fp8=fp8)
+        torch.testing.assert_close(strided, dense)
+
+
+@gpu
+def test_quantize_qkv_layout_and_scales():
+    q, k, v = _qkv(2, 200, 3, 64)
+    p = at.quantize_qkv(q, k, v, hadamard=False)
+    assert p.q.shape == (2, 3, 256, 64) and p.vt.shape == (2, 3, 64, 256) and p.length == 200
+    torch.testing.assert_close(p.scale[2], v.float().abs().amax(dim=(1, 3)) / 448, rtol=1e-6, atol=0)
+    torch.testing.assert_close(p.vt[..., :200].float() * p.scale[2][..., None, None],
+                               v.float().permute(0, 2, 3, 1), rtol=0.07, atol=p.scale[2].max().item() * 2**-9)
+    assert not p.q[:, :, 200:].float().any() and not p.vt[..., 200:].float().any()
+
+
+@gpu
+def test_bad_inputs_raise_input_error():
+    q, k, v = _qkv(1, 64, 2, 64)
+    with pytest.raises(InputError):
+        at.triton_attention(q, k[:, :32], v)
+    with pytest.raises(InputError):
+        at.triton_attention(q.float(), k.float(), v.float())
+    with pytest.raises(InputError):
+        at.triton_attention(q[..., :48], k[..., :48], v[..., :48])
