@@ -28,7 +28,12 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+import sys
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mmdit_parity_gpu import time_ms  # noqa: E402
 
 from sd35fp8.fast.attention import attention_flops, backend_context, sdpa
 from sd35fp8.fast.attention_triton import (attention_fp8, fp8_attention_emulated, quantize_qkv, triton,
@@ -64,21 +69,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return torch.stack(out), statistics.mean(std)
 
 
-def time_ms(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def contenders(q, k, v) -> dict[str, Callable[[], torch.Tensor]]:
     def pinned(name):
         def run():
@@ -109,7 +99,7 @@ def run_case(model: str, heads: int, length: int, args) -> list[dict]:
             try:
                 out = fn()
                 if kind == "randn":  # speed does not depend on values
-                    times = time_ms(fn, args.steps, args.warmup)
+                    times = time_ms(fn, torch.device("cuda"), args.steps, args.warmup)
                     row.update(ms=statistics.median(times), ms_min=min(times), steps=len(times))
                     if name != "fp8_quant":
                         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12

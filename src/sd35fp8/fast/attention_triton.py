@@ -183,15 +183,17 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
+    def _quant_program(H, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr):
+        """This program's (b*H + h, B*H, b, h, rows [BL], dims [D]) on the (L blocks, B*H) grid."""
+        bh = tl.program_id(1)
+        offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
+        return bh, tl.num_programs(1), (bh // H).to(tl.int64), (bh % H).to(tl.int64), offs_l, tl.arange(0, HEAD_DIM)
+
+    @triton.jit
     def _amax_kernel(Q, K, V, AMAX, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, L,
                      HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, ROTATE: tl.constexpr):
         """AMAX [3, B*H] (zero-initialised) <- max |x| over each (b, h) of (rotated) q, k and v."""
-        bh = tl.program_id(1)
-        nbh = tl.num_programs(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
-        offs_d = tl.arange(0, HEAD_DIM)  # [D]
+        bh, nbh, b, h, offs_l, offs_d = _quant_program(H, HEAD_DIM, BLOCK_L)
         tl.atomic_max(AMAX + bh, tl.max(tl.abs(_tile(Q, b, h, sqb, sqh, sql, offs_l, offs_d, L, ROTATE))))
         tl.atomic_max(AMAX + nbh + bh, tl.max(tl.abs(_tile(K, b, h, skb, skh, skl, offs_l, offs_d, L, ROTATE))))
         tl.atomic_max(AMAX + 2 * nbh + bh, tl.max(tl.abs(_tile(V, b, h, svb, svh, svl, offs_l, offs_d, L, 0.0))))
@@ -204,12 +206,7 @@ if triton is not None:
     def _quant_kernel(Q, K, V, Q8, K8, V8T, SCALE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, H, L, LP,
                       HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, ROTATE: tl.constexpr):
         """q8, k8 [B, H, Lp, D] and v8t [B, H, D, Lp] <- clamp(x / s) as e4m3; grid covers Lp (pads = 0)."""
-        bh = tl.program_id(1)
-        nbh = tl.num_programs(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
-        offs_d = tl.arange(0, HEAD_DIM)  # [D]
+        bh, nbh, b, h, offs_l, offs_d = _quant_program(H, HEAD_DIM, BLOCK_L)
         row = bh.to(tl.int64) * LP * HEAD_DIM + offs_l[:, None] * HEAD_DIM + offs_d[None, :]  # [BL, D]
         q = _tile(Q, b, h, sqb, sqh, sql, offs_l, offs_d, L, ROTATE)
         tl.store(Q8 + row, _to_e4m3(q, tl.load(SCALE + bh)))
