@@ -110,3 +110,30 @@ def test_bad_inputs_raise_input_error():
         at.triton_attention(q.float(), k.float(), v.float())
     with pytest.raises(InputError):
         at.triton_attention(q[..., :48], k[..., :48], v[..., :48])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_joint_op_equals_unfused_path():
+    """joint_attention_fp8_op (qk RMS-norm and concatenation fused into the quantisation) == the
+    unfused triton_attention on normed, concatenated q, k, v (up to the norm's rounding)."""
+    pytest.importorskip("triton")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need sm_89+")
+    import torch.nn.functional as F
+
+    from sd35fp8.fast.attention_triton import joint_attention_fp8_op, triton_attention
+    from sd35fp8.fp8.scaling import sqnr
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, D, Lc, Lx = 2, 3, 64, 77, 300
+    qkv_c = torch.randn(B, Lc, 3 * H * D, device="cuda", generator=g).bfloat16()
+    qkv_x = torch.randn(B, Lx, 3 * H * D, device="cuda", generator=g).bfloat16() * 2
+    w = [(torch.rand(D, device="cuda", generator=g) + 0.5).bfloat16() for _ in range(4)]
+    qc, kc, vc = qkv_c.view(B, Lc, 3, H, D).unbind(2)
+    qx, kx, vx = qkv_x.view(B, Lx, 3, H, D).unbind(2)
+    rms = lambda t, wt: F.rms_norm(t, (D,), wt, eps=1e-6)  # noqa: E731
+    ref = triton_attention(torch.cat([rms(qc, w[0]), rms(qx, w[2])], 1), torch.cat([rms(kc, w[1]), rms(kx, w[3])], 1),
+                           torch.cat([vc, vx], 1), fp8=True)
+    assert sqnr(ref.float(), joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w).float()) > 35
+    ref2 = triton_attention(rms(qx, w[2]), rms(kx, w[3]), vx, fp8=True)
+    assert sqnr(ref2.float(), joint_attention_fp8_op(qkv_x, qkv_x, 0, H, None, None, w[2], w[3]).float()) > 35

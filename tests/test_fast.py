@@ -159,3 +159,23 @@ def test_compiled_graphed_matches_eager_gpu(mode, impl):
         out2 = fast(*args, skip_layers=(1,))
         ref2 = FastMMDiT(model, mode, compile=False, cuda_graphs=False)(*args, skip_layers=(1,))
     assert sqnr(eager.float(), out.float()) > 25 and sqnr(ref2.float(), out2.float()) > 25
+
+
+@pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("cfg", [TINY_X, TINY], ids=["mmdit-x", "mmdit"])
+def test_fp8_attention_step_close_to_cudnn_gpu(cfg):
+    """FP8 attention (qk-norm + concatenation + quantisation fused) against cuDNN SDPA, eager and compiled."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need sm_89+")
+    dev = torch.device("cuda")
+    model = _model(cfg).to(dev, torch.bfloat16)
+    args = [t.to(dev) for t in _inputs(cfg)]
+    with torch.no_grad():
+        ref = FastMMDiT(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="cudnn")(*args)
+        eager = FastMMDiT(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="triton_fp8")
+        assert eager.attention_backend == "triton_fp8"
+        out = eager(*args)
+        fast = FastMMDiT(model, "dynamic", compile=True, cuda_graphs=True)  # "auto" picks triton_fp8 here
+        assert fast.attention_backend == "triton_fp8"
+        out2 = fast(*args)
+    assert sqnr(ref.float(), out.float()) > 20 and sqnr(out.float(), out2.float()) > 25

@@ -79,14 +79,28 @@ def _rms(t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return t if w is None else F.rms_norm(t, (t.shape[-1],), w, eps=1e-6)
 
 
+def _qkv_out(p, name, x, shift, scale, mode, rec, impl):
+    """modulate(LN(x)) -> the qkv linear's output [B, L, 3*C]."""
+    B, L, C = x.shape
+    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"), impl)
+    return _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3 * C)
+
+
 def _qkv(p, name, x, shift, scale, mode, heads, rec, impl):
     """modulate(LN(x)) -> qkv -> q, k, v [B, L, H, D] (q, k RMS-normed)."""
     B, L, C = x.shape
-    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"), impl)
-    qkv = _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3, heads, C // heads)
-    q, k, v = qkv.unbind(2)
+    q, k, v = _qkv_out(p, name, x, shift, scale, mode, rec, impl).view(B, L, 3, heads, C // heads).unbind(2)
     stem = name.rsplit(".", 1)[0]
     return _rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v
+
+
+def _fp8_attention(p, ctx_name, x_name, qkv_c, qkv_x, n_ctx, heads):
+    """FP8 joint attention from the raw qkv outputs, qk RMS-norm fused (fast/attention_triton.py)."""
+    from sd35fp8.fast.attention_triton import joint_attention_fp8_op
+
+    stem_c, stem_x = ctx_name.rsplit(".", 1)[0], x_name.rsplit(".", 1)[0]
+    return joint_attention_fp8_op(qkv_c, qkv_x, n_ctx, heads, p.get(stem_c + ".ln_q"), p.get(stem_c + ".ln_k"),
+                                  p.get(stem_x + ".ln_q"), p.get(stem_x + ".ln_k"))
 
 
 def _proj(p, name, o, mode, dtype, rec, impl):
@@ -119,10 +133,15 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     """
     C = x.shape[-1]
     m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
-    qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
-    qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
     n_ctx = ctx.shape[1]
-    o = attend(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1), attn)  # [B, Lc+Lx, C]
+    if attn == "triton_fp8":  # q/k norm, concatenation and fp8 quantisation in one pass
+        qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
+        qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
+        o = _fp8_attention(p, "c.qkv", "x.qkv", qkv_c, qkv_x, n_ctx, heads)  # [B, Lc+Lx, C]
+    else:
+        qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
+        qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
+        o = attend(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1), attn)  # [B, Lc+Lx, C]
     if "c.proj.w" in p:  # not the last (pre-only) context block
         y = _proj(p, "c.proj", o[:, :n_ctx], mode, ctx.dtype, rec, impl)
         ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode, impl)
@@ -130,7 +149,11 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     y = _proj(p, "x.proj", o[:, n_ctx:], mode, x.dtype, rec, impl)
     gate = m(mods_x, 2)
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
-        o2 = attend(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl), attn)
+        if attn == "triton_fp8":
+            qkv2 = _qkv_out(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, rec, impl)  # [B, Lx, 3C]
+            o2 = _fp8_attention(p, "x.attn2.qkv", "x.attn2.qkv", qkv2, qkv2, 0, heads)  # [B, Lx, C]
+        else:
+            o2 = attend(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl), attn)
         x = torch.addcmul(x, gate.unsqueeze(1), y.view(x.shape))
         y, gate = _proj(p, "x.attn2.proj", o2, mode, x.dtype, rec, impl), m(mods_x, 8)
     x, act = _attn_residual_then_mlp_input(p, "x", x, gate, y, m(mods_x, 3), m(mods_x, 4), mode, impl)
