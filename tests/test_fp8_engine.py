@@ -247,6 +247,11 @@ def test_calibrate_recipe_and_policy(mmdit, calls, tmp_path):
     sens = measure_sensitivity(mmdit, calls[:1], "dynamic", layers=base[:4])
     pol, info = policy_from_sensitivity(sens, budget_db=1e9, max_keep=2)
     assert len(pol.keep) == 2 and info["kept"] == [n for n, _ in sens[:2]]
+    from sd35fp8.fp8.policy_sd35 import write_policy
+
+    out = tmp_path / "new" / "folder" / "policy.json"  # a missing folder is made
+    write_policy(out, pol, info, "test")
+    assert json.loads(out.read_text())["keep"] == list(pol.keep)
 
 
 def test_cli_calibrate_then_quantize(tiny_random_checkpoint, tmp_path):

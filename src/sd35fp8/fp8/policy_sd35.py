@@ -17,6 +17,7 @@ import json
 import math
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -142,6 +143,6 @@ def policy_from_sensitivity(results: Sequence[tuple[str, float]], budget_db: flo
 def write_policy(path, policy: Policy, info: dict, where: str) -> None:
     """JSON with `keep` (fnmatch patterns for Policy) + the measurement that justified them."""
     data = {"keep": list(policy.keep), "measured_on": where, **info}
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a measurement hours long must not die on a missing folder
+    path.write_text(json.dumps(data, indent=1) + "\n")
