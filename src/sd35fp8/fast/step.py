@@ -94,11 +94,11 @@ def _qkv(p, name, x, shift, scale, mode, heads, rec, impl):
     return _rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v
 
 
-def _fp8_attention(p, ctx_name, x_name, qkv_c, qkv_x, n_ctx, heads):
-    """FP8 joint attention from the raw qkv outputs, qk RMS-norm fused (fast/attention_triton.py)."""
+def _fp8_attention(p, stem_c, stem_x, qkv_c, qkv_x, n_ctx, heads):
+    """FP8 joint attention from the raw qkv outputs, qk RMS-norm (weights p[stem + '.ln_q' / '.ln_k'])
+    fused (fast/attention_triton.py)."""
     from sd35fp8.fast.attention_triton import joint_attention_fp8_op
 
-    stem_c, stem_x = ctx_name.rsplit(".", 1)[0], x_name.rsplit(".", 1)[0]
     return joint_attention_fp8_op(qkv_c, qkv_x, n_ctx, heads, p.get(stem_c + ".ln_q"), p.get(stem_c + ".ln_k"),
                                   p.get(stem_x + ".ln_q"), p.get(stem_x + ".ln_k"))
 
@@ -137,7 +137,7 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     if attn == "triton_fp8":  # q/k norm, concatenation and fp8 quantisation in one pass
         qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
         qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
-        o = _fp8_attention(p, "c.qkv", "x.qkv", qkv_c, qkv_x, n_ctx, heads)  # [B, Lc+Lx, C]
+        o = _fp8_attention(p, "c", "x", qkv_c, qkv_x, n_ctx, heads)  # [B, Lc+Lx, C]
     else:
         qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
         qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
@@ -151,7 +151,7 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
         if attn == "triton_fp8":
             qkv2 = _qkv_out(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, rec, impl)  # [B, Lx, 3C]
-            o2 = _fp8_attention(p, "x.attn2.qkv", "x.attn2.qkv", qkv2, qkv2, 0, heads)  # [B, Lx, C]
+            o2 = _fp8_attention(p, "x.attn2", "x.attn2", qkv2, qkv2, 0, heads)  # [B, Lx, C]
         else:
             o2 = attend(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl), attn)
         x = torch.addcmul(x, gate.unsqueeze(1), y.view(x.shape))
