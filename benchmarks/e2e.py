@@ -39,6 +39,7 @@ from sd35fp8.offload import (
     GIB,
     ModelOffload,
     SequentialOffload,
+    keep_token_embeddings_on_cpu,
     peak_memory_report,
     stream_t5_blocks,
     use_tiled_decode,
@@ -129,12 +130,16 @@ def build_stack(args, device: torch.device, dtype: torch.dtype) -> dict:
     t5_policy = Policy(keep=()) if args.t5_all_fp8 else default_t5_policy(t5.config.num_layers)
     q_t5 = quantize_model(t5, args.t5_fp8, policy=t5_policy)
     _patch_t5_ff(t5)
+    cpu_tables = 0
+    if args.cpu_token_embeddings and device.type == "cuda":  # as the pipeline does on CUDA
+        cpu_tables = sum(keep_token_embeddings_on_cpu(m) for m in (clip_l, clip_g, t5))
     encoder = SD3TextEncoder(clip_l, clip_g, t5, context_dim=cfgs["mmdit"].context_dim, out_dtype=torch.float32)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     return {"mmdit": mmdit, "vae": vae, "encoder": encoder, "t5": t5,
-            "quant": {"mmdit": q_mmdit.describe(), "t5": q_t5.describe()}}
+            "quant": {"mmdit": q_mmdit.describe(), "t5": q_t5.describe(),
+                      "token_tables_on_cpu_gib": cpu_tables / GIB}}
 
 
 def token_rows(seed: int, t5_len: int) -> dict:
@@ -144,6 +149,18 @@ def token_rows(seed: int, t5_len: int) -> dict:
     clip = [49406] + words + [49407] * (77 - len(words) - 1)
     t5 = torch.randint(5, 32000, (12,), generator=g).tolist() + [1]
     return {"l": [clip], "g": [clip], "t5": t5 + [0] * (t5_len - len(t5))}
+
+
+class CalibrateOnFirstCall:
+    """FastMMDiT in static mode: calibrate its scales on the first call's inputs, then run it."""
+
+    def __init__(self, fast):
+        self.fast, self.amax = fast, None
+
+    def __call__(self, x, sigma, context, pooled, **kw):
+        if self.amax is None:
+            self.amax = self.fast.calibrate(x, sigma, context, pooled)
+        return self.fast(x, sigma, context, pooled, **kw)
 
 
 # ------------------------------------------------------------------------------------ one image
@@ -203,9 +220,12 @@ def run_mode(mode: str, stack: dict, args, device, dtype) -> dict:
     elif mode == "none_fast":
         from sd35fp8.fast.step import FastMMDiT
 
-        runner = FastMMDiT(stack["mmdit"], fp8_mode=args.mmdit_fp8, compile=True, cuda_graphs=True,
-                           attention_backend=args.fast_attention)
+        runner = FastMMDiT(stack["mmdit"], fp8_mode=args.fast_fp8 or args.mmdit_fp8, compile=True, cuda_graphs=True,
+                           attention_backend=args.fast_attention, fast_accum=args.fast_accum)
         note = runner.describe()
+        if runner.fp8_mode == "static":
+            runner = CalibrateOnFirstCall(runner)
+            note += "; static scales calibrated on the first denoising call (sigma 1) of the warm-up image"
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -341,13 +361,20 @@ def parse_args(argv=None):
     ap.add_argument("--t5-len", type=int, default=77, help="T5 tokens: 77 (ComfyUI) or 256")
     ap.add_argument("--mmdit-fp8", default="dynamic", choices=("weight_only", "dynamic"))
     ap.add_argument("--fast-attention", default="auto",
-                    help="none_fast: FastMMDiT attention_backend (auto = cuDNN SDPA, triton_fp8 = our FP8 kernel)")
+                    help="none_fast: FastMMDiT attention_backend (auto: our FP8 kernel in the FP8 matmul modes on "
+                         "sm_89+, else cuDNN SDPA; cudnn; triton_fp8)")
+    ap.add_argument("--fast-fp8", default=None, choices=("weight_only", "dynamic", "static"),
+                    help="none_fast: FastMMDiT's fp8 mode (default --mmdit-fp8; static calibrates on the first call)")
+    ap.add_argument("--fast-accum", action=argparse.BooleanOptionalAction, default=True,
+                    help="none_fast: fp8 GEMMs with fast accumulation (FastMMDiT's default)")
     ap.add_argument("--t5-fp8", default="weight_only", choices=("weight_only", "dynamic"))
     ap.add_argument("--t5-all-fp8", action="store_true",
                     help="every T5 Linear FP8 (default: the shipped T5 policy keeps the measured least robust 16-bit)")
     ap.add_argument("--card-gib", type=float, default=0,
                     help="none modes: choose full or tiled VAE decode as the pipeline would on a card with this "
                          "much memory (90 %% usable); 0: always full")
+    ap.add_argument("--cpu-token-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                    help="text encoders' token tables in CPU memory, as the pipeline does on CUDA")
     ap.add_argument("--prefetch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)

@@ -29,11 +29,16 @@ from sd35fp8.fp8.quantize import quantize_model  # noqa: E402
 from sd35fp8.models.mmdit import MMDiTConfig  # noqa: E402
 
 
+OUR_ATTENTION = ("_attn_fwd", "_quant_kernel", "_amax_kernel")  # fast/attention_triton.py
+OUR_ELEMENTWISE = ("_ln_modulate_kernel", "_residual_ln_modulate_kernel", "_act_rows_kernel", "_act_static_kernel",
+                   "_fp8_gemv_kernel", "_dequant")  # fast/kernels.py, fp8/dequant.py
+
+
 def category(name: str) -> str:
     n = name.lower()
-    if any(s in n for s in ("cudnn", "fmha", "flash", "attention", "sdpa")):
+    if any(s in n for s in ("cudnn", "fmha", "flash", "attention", "sdpa")) or n.startswith(OUR_ATTENTION):
         return "attention"
-    if "triton" in n:
+    if "triton" in n or n.startswith(OUR_ELEMENTWISE):
         return "triton"
     if any(s in n for s in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")):
         return "fp8_gemm" if any(s in n for s in ("e4m3", "fp8", "f8")) else "gemm_other"
@@ -47,6 +52,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--attention", default="auto", help="FastMMDiT attention_backend (cudnn, triton, triton_fp8, ...)")
     ap.add_argument("--kernels", default="auto", help="FastMMDiT kernels: auto (Inductor fuses under compile) or triton")
+    ap.add_argument("--fast-accum", action=argparse.BooleanOptionalAction, default=True,
+                    help="fp8 GEMMs with fast accumulation (FastMMDiT's default)")
     ap.add_argument("--context-len", type=int, default=333)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -60,7 +67,7 @@ def main(argv=None) -> dict:
         if mode is not None:
             quantize_model(model, "dynamic")
         fast = FastMMDiT(model, mode, compile=a.compile, cuda_graphs=False, attention_backend=a.attention,
-                         kernels=a.kernels)
+                         kernels=a.kernels, fast_accum=a.fast_accum)
         if mode == "static":
             fast.calibrate(*inputs)
         wall = time_ms(lambda: fast(*inputs), dev, 10, 3)
@@ -90,11 +97,11 @@ def main(argv=None) -> dict:
     res = {"benchmark": "profile_step", "device": torch.cuda.get_device_name(dev),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "versions": {"torch": torch.__version__}, "model": a.model, "mode": a.mode, "compile": a.compile,
-           "attention": a.attention, "kernels": a.kernels, "context_len": a.context_len, "wall_ms_no_graphs": wall_ms,
+           "attention": a.attention, "kernels": a.kernels, "fast_accum": a.fast_accum, "context_len": a.context_len, "wall_ms_no_graphs": wall_ms,
            "kernel_ms": kernel_ms, "categories_ms": dict(cats),
            "top_kernels": [{"name": n, "ms": ms, "launches": c / a.steps} for n, (ms, c) in top]}
     a.out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(f"_{v}" for v in (a.kernels, a.attention) if v != "auto")
+    tag = "".join(f"_{v}" for v in (a.kernels, a.attention) if v != "auto") + ("_acc" if a.fast_accum else "")
     path = a.out / f"profile_{a.model}_{a.mode}_{'compiled' if a.compile else 'eager'}{tag}_{device_slug(dev)}.json"
     path.write_text(json.dumps(res, indent=1))
     return res

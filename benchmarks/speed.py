@@ -50,10 +50,11 @@ ALL = OURS_BF16 + DIFFUSERS + OURS_FP8 + EXTRAS
 # inside the compiled graph (FastMMDiT kernels="triton", the default since session 3), '+ind' lets
 # Inductor fuse torch ops instead (kernels="auto"), '+fa' / '+fa8' use our Triton flash attention
 # in bf16 / fp8 instead of cuDNN SDPA ('+fa8' is the default of FP8 modes on sm_89+ since session 3;
-# '+cudnn' forces cuDNN SDPA). E.g. ours_static_compiled+cudnn.
+# '+cudnn' forces cuDNN SDPA), '+acc' / '+noacc' fp8 GEMMs with / without fast accumulation (default: with). E.g. ours_static_compiled+cudnn.
 VARIANTS = {"tk": ("kernels", "triton"), "ind": ("kernels", "auto"), "cudnn": ("attention_backend", "cudnn"),
             "fa": ("attention_backend", "triton"),
-            "fa8": ("attention_backend", "triton_fp8")}
+            "fa8": ("attention_backend", "triton_fp8"), "acc": ("fast_accum", True),
+            "noacc": ("fast_accum", False)}
 
 
 def split_variant(name: str) -> tuple[str, dict]:

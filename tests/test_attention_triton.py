@@ -134,6 +134,22 @@ def test_joint_op_equals_unfused_path():
     rms = lambda t, wt: F.rms_norm(t, (D,), wt, eps=1e-6)  # noqa: E731
     ref = triton_attention(torch.cat([rms(qc, w[0]), rms(qx, w[2])], 1), torch.cat([rms(kc, w[1]), rms(kx, w[3])], 1),
                            torch.cat([vc, vx], 1), fp8=True)
-    assert sqnr(ref.float(), joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w).float()) > 35
+    oc, ox = joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w)
+    assert oc.shape == (B, Lc, H * D) and ox.shape == (B, Lx, H * D) and oc.is_contiguous() and ox.is_contiguous()
+    assert sqnr(ref.float(), torch.cat([oc, ox], 1).float()) > 35
     ref2 = triton_attention(rms(qx, w[2]), rms(kx, w[3]), vx, fp8=True)
-    assert sqnr(ref2.float(), joint_attention_fp8_op(qkv_x, qkv_x, 0, H, None, None, w[2], w[3]).float()) > 35
+    oc2, ox2 = joint_attention_fp8_op(qkv_x, qkv_x, 0, H, None, None, w[2], w[3])
+    assert oc2.shape == (B, 0, H * D) and sqnr(ref2.float(), ox2.float()) > 35
+
+    # static scales: q, k from the norm bound, v calibrated (x2 headroom); fp8 outputs / proj scales
+    amax = at.joint_attention_amax(qkv_c, qkv_x, Lc, H, *w)  # [3, H]
+    assert amax.shape == (3, H)
+    scale = at.static_qkv_scale(amax, ((w[0], w[2]), (w[1], w[3])), D)
+    assert torch.all(scale[:2] * 448 >= amax[:2]) and torch.allclose(scale[2] * 448, amax[2] * 2)
+    oc_s, ox_s = joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w, qkv_scale=scale)
+    assert sqnr(ref.float(), torch.cat([oc_s, ox_s], 1).float()) > 30
+    out_scale = torch.stack([oc_s.abs().amax(), ox_s.abs().amax()]).float() / 448
+    oc8, ox8 = joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w, qkv_scale=scale, out_scale=out_scale)
+    assert oc8.dtype == torch.float8_e4m3fn == ox8.dtype
+    deq = torch.cat([oc8.float() * out_scale[0], ox8.float() * out_scale[1]], 1)
+    assert sqnr(torch.cat([oc_s, ox_s], 1).float(), deq) > 27  # one more e4m3 rounding

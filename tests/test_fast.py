@@ -63,13 +63,15 @@ def test_dynamic_fp8_equals_quantized_reference(cfg):
     assert sqnr(ref32, out) > 25
 
 
-@pytest.mark.parametrize("mode", ["weight_only", "dynamic", "static"])
-def test_fp8_modes_close_to_float(mode):
+@pytest.mark.parametrize("mode,fast_accum", [("weight_only", False), ("dynamic", False), ("static", False),
+                                             ("static", True)])
+def test_fp8_modes_close_to_float(mode, fast_accum):
     model = _model(TINY_X)
     args = _inputs(TINY_X)
     with torch.no_grad():
         ref = model(*args)
-        fast = FastMMDiT(copy.deepcopy(model), mode, compile=False, cuda_graphs=False)
+        fast = FastMMDiT(copy.deepcopy(model), mode, compile=False, cuda_graphs=False, fast_accum=fast_accum)
+        assert fast.fast_accum == fast_accum and ("fast_accum" in fast.describe()) == fast_accum
         if mode == "static":
             with pytest.raises(ValueError):
                 fast(*args)
@@ -179,3 +181,26 @@ def test_fp8_attention_step_close_to_cudnn_gpu(cfg):
         assert fast.attention_backend == "triton_fp8"
         out2 = fast(*args)
     assert sqnr(ref.float(), out.float()) > 20 and sqnr(out.float(), out2.float()) > 25
+
+
+@pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("cfg", [TINY_X, TINY], ids=["mmdit-x", "mmdit"])
+def test_static_fp8_attention_scales_gpu(cfg):
+    """Static mode + FP8 attention: calibration sets per-head q/k/v scales (no amax pass) and the
+    attention writes the proj inputs in e4m3; compiled with fast accumulation, close to cuDNN dynamic."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need sm_89+")
+    dev = torch.device("cuda")
+    model = _model(cfg).to(dev, torch.bfloat16)
+    args = [t.to(dev) for t in _inputs(cfg)]
+    with torch.no_grad():
+        ref = FastMMDiT(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="cudnn")(*args)
+        for compile_ in (False, True):
+            fast = FastMMDiT(model, "static", compile=compile_, cuda_graphs=compile_, fast_accum=compile_)
+            amax = fast.calibrate(*args)
+            assert all(f"{i}.attn" in amax for i in range(len(fast.blocks)))
+            assert fast.blocks[0]["attn.s"].shape == (3, cfg.num_heads)
+            if cfg.x_block_self_attn_layers:
+                i = cfg.x_block_self_attn_layers[0]
+                assert fast.blocks[i]["x.attn2.s"].shape == (3, cfg.num_heads)
+            assert sqnr(ref.float(), fast(*args).float()) > 20

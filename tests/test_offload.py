@@ -173,3 +173,26 @@ def test_cuda_model_offload_frees_memory():
         assert torch.cuda.memory_allocated() <= base + out.numel() * out.element_size()
     # same values, new addresses: cuDNN may pick another (TF32) conv algorithm for x_embedder (H100: 9e-4)
     torch.testing.assert_close(out, ref, rtol=3e-3, atol=3e-3)
+
+
+def test_token_embeddings_on_cpu_same_output_and_tied():
+    """keep_token_embeddings_on_cpu: T5's tied token table becomes one CPU lookup, outputs unchanged,
+    the table stays on the CPU through .to(); small (position) tables are left alone."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd35fp8.offload import CPUTokenEmbedding, keep_token_embeddings_on_cpu
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=12000, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77)).eval()
+    ids = torch.randint(0, 11000, (2, 77))
+    with torch.no_grad():
+        ref_t5, ref_clip = t5(ids).last_hidden_state, clip(ids).last_hidden_state
+        assert keep_token_embeddings_on_cpu(t5) == 0 and keep_token_embeddings_on_cpu(clip) == 0  # CPU: nothing freed
+        assert isinstance(t5.shared, CPUTokenEmbedding) and t5.encoder.embed_tokens is t5.shared
+        assert isinstance(clip.get_input_embeddings(), CPUTokenEmbedding)
+        assert type(dict(clip.named_modules())["embeddings.position_embedding"]) is torch.nn.Embedding
+        assert torch.equal(t5(ids).last_hidden_state, ref_t5) and torch.equal(clip(ids).last_hidden_state, ref_clip)
+        t5.to(torch.float64)
+        assert t5.shared.table.dtype == torch.float32 and t5.shared.table.device.type == "cpu"

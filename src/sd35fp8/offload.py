@@ -13,6 +13,9 @@ while they compute.
   at a time (ComfyUI's "model" offload, but with pinned memory and no copy back).
 - `peak_memory_report(stats)`: per-stage seconds and peak memory of a pipeline call.
 - `use_tiled_decode(width, height, budget_bytes)`: when the VAE decode must go tiled.
+- `keep_token_embeddings_on_cpu(encoder)`: the text encoders' token tables (T5-XXL 32128 x 4096,
+  CLIP-G / CLIP-L 49408 x 1280 / 768: 0.43 GiB in bf16) stay in CPU memory; a prompt's few hundred
+  rows are looked up there and copied over.
 
 On a CPU device every mechanism is a no-op: the modules run where they are (tests check outputs).
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import InputError
@@ -269,6 +273,47 @@ class SequentialOffload(nn.Module):
         s = self.streamer
         return (f"sequential offload: {len(s.packs)} blocks streamed from pinned CPU memory "
                 f"(largest {s.block_bytes() / GIB:.2f} GiB, prefetch {s.prefetch}) to {self.device}")
+
+
+class CPUTokenEmbedding(nn.Module):
+    """An nn.Embedding whose table stays in CPU memory (a plain attribute: `.to(device)`, ModelOffload
+    and SequentialOffload leave it there). The lookup runs on the CPU; only the looked-up rows go to
+    the ids' device. For token tables, where a prompt reads a few hundred of tens of thousands of rows."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = emb.num_embeddings, emb.embedding_dim, emb.padding_idx
+        self.table = emb.weight.detach().to("cpu")  # [V, D]
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads the table's dtype / shape
+        return self.table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] (any device) -> [..., D] on the ids' device."""
+        return F.embedding(ids.cpu(), self.table).to(ids.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, on cpu"
+
+
+def keep_token_embeddings_on_cpu(model: nn.Module, min_rows: int = 10_000) -> int:
+    """Replace every nn.Embedding of `model` with >= min_rows rows (token tables, not position tables)
+    by a CPUTokenEmbedding; tied modules (T5's shared / encoder.embed_tokens) stay one. Returns the
+    bytes taken off the device."""
+    done: dict[int, CPUTokenEmbedding] = {}  # keyed by the weight's storage: tied modules share one table
+    freed = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Embedding or child.num_embeddings < min_rows:
+                continue
+            key = child.weight.untyped_storage().data_ptr()
+            if key not in done:
+                if child.weight.device.type != "cpu":
+                    freed += child.weight.numel() * child.weight.element_size()
+                done[key] = CPUTokenEmbedding(child)
+            setattr(parent, name, done[key])
+    return freed
 
 
 def stream_t5_blocks(t5: nn.Module, device: torch.device | str, prefetch: int = 1) -> BlockStreamer:

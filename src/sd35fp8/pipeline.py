@@ -117,6 +117,12 @@ class SD35Pipeline:
         mmdit = load_mmdit(comps, device=side, dtype=dtype, **({"fp8": fp8} if fp8 is not None else {}))
         vae = load_vae(comps, device=side, dtype=dtype)
         texts = load_text_encoders(comps, device=side, dtype=dtype)
+        if device.type == "cuda":  # token tables in CPU memory: 0.43 GiB less on the GPU for SD3.5
+            from .offload import keep_token_embeddings_on_cpu
+
+            for tower in (texts.clip_l, texts.clip_g, texts.t5xxl):
+                if tower is not None:
+                    keep_token_embeddings_on_cpu(tower)
         if compile:
             mmdit = _fast_mmdit(mmdit, device, offload)
         if offload == "sequential":

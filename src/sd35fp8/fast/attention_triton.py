@@ -86,7 +86,8 @@ if triton is not None:
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
-                             (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3)]
+                             (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3),
+                             (64, 128, 4, 4), (128, 128, 4, 3)]
     ]
 
     def _bench_config(fn, quantiles):
@@ -124,14 +125,16 @@ if triton is not None:
         return acc, l_i, m_ij
 
     @triton.jit
-    def _attn_fwd(Q, K, V, O, SCALE, sm_scale_log2e,
-                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, sob, soh, som, H, L,
-                  HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr,
+    def _attn_fwd(Q, K, V, OC, OX, SCALE, OSCALE, sm_scale_log2e,
+                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, H, L, LC,
+                  HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr, OUT_FP8: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """O[b, m, h, :] = softmax(q k^T / sqrt(D)) v for one [BLOCK_M] query tile of one (b, h).
 
         bf16: Q, K, V [B, L, H, D] strided. fp8: Q, K [B, H, Lp, D], V = V^T [B, H, D, Lp], SCALE [3, B*H].
-        O [B, L, H, D] (the [B, L, H*D] output). Strides are in elements; D is contiguous (stride 1).
+        Output rows m < LC go to OC [B, LC, H*D], the others to OX [B, L - LC, H*D] (contiguous; LC = 0:
+        OX is the whole output). OUT_FP8: the output is stored as e4m3 x / s with OSCALE = [1/s_c, 1/s_x]
+        (the proj linears' static input scales). Strides are in elements; D is contiguous (stride 1).
         """
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -164,8 +167,15 @@ if triton is not None:
         out = acc / l_i[:, None]  # [BM, D]
         if FP8:
             out = out * tl.load(SCALE + 2 * tl.num_programs(1) + bh)  # * s_v
-        o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < L)
+        in_c = offs_m < LC
+        if OUT_FP8:
+            inv = tl.where(in_c, tl.load(OSCALE), tl.load(OSCALE + 1))  # [BM] 1 / s
+            out = tl.clamp(out * inv[:, None], -448.0, 448.0)
+        hd = H * HEAD_DIM
+        col = h * HEAD_DIM + offs_d[None, :]
+        tl.store(OC + b * LC * hd + offs_m[:, None] * hd + col, out.to(OC.dtype.element_ty), mask=in_c[:, None])
+        tl.store(OX + b * (L - LC) * hd + (offs_m - LC)[:, None] * hd + col, out.to(OX.dtype.element_ty),
+                 mask=((offs_m >= LC) & (offs_m < L))[:, None])
 
     _attn_fwd_tuned = triton.autotune(_CONFIGS, key=["L", "HEAD_DIM", "FP8"], do_bench=_bench_config)(_attn_fwd)
 
@@ -297,7 +307,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: boo
         return attention_fp8(quantize_qkv(q, k, v, hadamard), q.dtype)
     B, L, H, D = q.shape
     out = torch.empty(B, L, H * D, device=q.device, dtype=q.dtype)  # [B, L, H*D] = [B, L, H, D]
-    _launch(q, k, v, out, out, _bhl_strides(q), _bhl_strides(k), (*_bhl_strides(v), 1), B, H, L, D, fp8=False)
+    _launch(q, k, v, out, out, 0, out, None, _bhl_strides(q), _bhl_strides(k), (*_bhl_strides(v), 1), B, H, L, D,
+            fp8=False)
     return out
 
 
@@ -320,39 +331,50 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hadamard: bo
     return _quantize(None, (_d_contiguous(q), _d_contiguous(k), _d_contiguous(v)), None, hadamard)
 
 
-def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool) -> QKV8:
-    """The joint sequence [ctx; x] of (q, k, v) [B, L*, H, D] views -> QKV8, q and k RMS-normed first when
-    norms = (wq_ctx, wk_ctx, wq_x, wk_x) [D] is given (ctx None: x alone)."""
+def _quant_args(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool):
+    """Kernel arguments shared by the amax and quantisation passes over the joint sequence [ctx; x]."""
     qx = x[0]
     c = ctx if ctx is not None else x
     B, Lx, H, D = qx.shape
     lc = c[0].shape[1] if ctx is not None else 0
-    L = lc + Lx
-    lp = triton.cdiv(L, PAD) * PAD
     strides = tuple(st for t in (*c, *x) for st in _bhl_strides(t))
     weights = norms if norms is not None else (qx,) * 4  # unread without NORM
     rotate = 1.0 / math.sqrt(D) if hadamard else 0.0  # ROTATE constexpr: q, k @ H_D * rotate
     meta = dict(HEAD_DIM=D, BLOCK_L=_QUANT_BLOCK_L, NORM=norms is not None, ROTATE=rotate, num_warps=4)
-    amax = torch.zeros(3, B * H, device=qx.device, dtype=torch.float32)  # [3, B*H]
-    _amax_kernel[(triton.cdiv(L, _QUANT_BLOCK_L), B * H)](*c, *x, *weights, amax, *strides, H, lc, L, **meta)
-    scale = amax_to_scale(amax)  # [3, B*H], amax / 448
+    return (*c, *x, *weights), strides, lc, lc + Lx, meta
+
+
+def _amax(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool) -> torch.Tensor:
+    """max |x| per (batch, head) of the (normed, rotated) q, k and of v -> [3, B*H] fp32."""
+    tensors, strides, lc, L, meta = _quant_args(ctx, x, norms, hadamard)
+    B, _, H, _ = x[0].shape
+    amax = torch.zeros(3, B * H, device=x[0].device, dtype=torch.float32)  # [3, B*H]
+    _amax_kernel[(triton.cdiv(L, _QUANT_BLOCK_L), B * H)](*tensors, amax, *strides, H, lc, L, **meta)
+    return amax
+
+
+def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool,
+              scale: torch.Tensor | None = None) -> QKV8:
+    """The joint sequence [ctx; x] of (q, k, v) [B, L*, H, D] views -> QKV8, q and k RMS-normed first when
+    norms = (wq_ctx, wk_ctx, wq_x, wk_x) [D] is given (ctx None: x alone). scale [3, H] (static: the
+    same for every batch row) skips the amax pass; None: amax / 448 per (batch, head)."""
+    qx = x[0]
+    B, _, H, D = qx.shape
+    tensors, strides, lc, L, meta = _quant_args(ctx, x, norms, hadamard)
+    lp = triton.cdiv(L, PAD) * PAD
+    if scale is None:
+        scale = amax_to_scale(_amax(ctx, x, norms, hadamard))  # [3, B*H], amax / 448
+    else:
+        scale = scale.float().repeat(1, B)  # [3, H] -> [3, B*H] (index b*H + h)
     q8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
     k8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
     v8t = torch.empty(B, H, D, lp, device=qx.device, dtype=FP8_DTYPE)
-    _quant_kernel[(lp // _QUANT_BLOCK_L, B * H)](*c, *x, *weights, q8, k8, v8t, scale, *strides, H, lc, L, lp, **meta)
+    _quant_kernel[(lp // _QUANT_BLOCK_L, B * H)](*tensors, q8, k8, v8t, scale, *strides, H, lc, L, lp, **meta)
     return QKV8(q8, k8, v8t, scale.view(3, B, H), L)
 
 
-@torch.library.custom_op("sd35fp8::joint_attention_fp8", mutates_args=())
-def joint_attention_fp8_op(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: int, heads: int,
-                           wq_ctx: torch.Tensor | None, wk_ctx: torch.Tensor | None,
-                           wq_x: torch.Tensor | None, wk_x: torch.Tensor | None) -> torch.Tensor:
-    """FP8 joint attention straight from the two qkv linears' outputs, qk RMS-norm fused.
-
-    qkv_ctx [B, Lc, 3*C], qkv_x [B, Lx, 3*C] (C = heads * D; n_ctx = Lc, 0: x alone, qkv_ctx unused);
-    w* [D]: the ln_q / ln_k weights (all None: no qk-norm) -> [B, Lc + Lx, C] in qkv_x's dtype. Same
-    result as triton_attention(cat(rms(q)), cat(rms(k)), cat(v), fp8=True) without the norm and cat passes.
-    """
+def _joint_split(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x):
+    """(ctx (q, k, v) | None, x (q, k, v), norms | None): [B, L, H, D] views of the qkv outputs."""
     def split(t):
         B, L, C3 = t.shape
         return t.view(B, L, 3, heads, C3 // (3 * heads)).unbind(2)  # q, k, v [B, L, H, D] views
@@ -361,29 +383,93 @@ def joint_attention_fp8_op(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: in
     ctx = split(qkv_ctx) if n_ctx else None
     _check(*x, fp8=True)
     norms = (wq_ctx if n_ctx else wq_x, wk_ctx if n_ctx else wk_x, wq_x, wk_x) if wq_x is not None else None
-    return attention_fp8(_quantize(ctx, x, norms, hadamard=True), qkv_x.dtype)
+    return ctx, x, norms
+
+
+@torch.library.custom_op("sd35fp8::joint_attention_fp8", mutates_args=())
+def joint_attention_fp8_op(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: int, heads: int,
+                           wq_ctx: torch.Tensor | None, wk_ctx: torch.Tensor | None,
+                           wq_x: torch.Tensor | None, wk_x: torch.Tensor | None,
+                           qkv_scale: torch.Tensor | None = None,
+                           out_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 joint attention straight from the two qkv linears' outputs, qk RMS-norm fused.
+
+    qkv_ctx [B, Lc, 3*C], qkv_x [B, Lx, 3*C] (C = heads * D; n_ctx = Lc, 0: x alone, qkv_ctx unused);
+    w* [D]: the ln_q / ln_k weights (all None: no qk-norm) -> (o_ctx [B, Lc, C], o_x [B, Lx, C]) in
+    qkv_x's dtype, each contiguous (the proj linears' inputs). Same result as
+    triton_attention(cat(rms(q)), cat(rms(k)), cat(v), fp8=True) split at Lc, without the norm, cat and
+    split passes. Static scales: qkv_scale [3, H] (q, k, v dequantisation scales, e.g. from
+    `static_qkv_scale`) skips the amax pass; out_scale [2] (the ctx / x proj input scales) stores the
+    outputs as e4m3 (x / s, saturated) instead.
+    """
+    ctx, x, norms = _joint_split(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x)
+    return _attention_fp8_split(_quantize(ctx, x, norms, hadamard=True, scale=qkv_scale), n_ctx, qkv_x.dtype,
+                                out_scale)
 
 
 @joint_attention_fp8_op.register_fake
-def _(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x):
+def _(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x, qkv_scale=None, out_scale=None):
     B, L, C3 = qkv_x.shape
-    return qkv_x.new_empty(B, n_ctx + L, C3 // 3)
+    dtype = FP8_DTYPE if out_scale is not None else qkv_x.dtype
+    return qkv_x.new_empty(B, n_ctx, C3 // 3, dtype=dtype), qkv_x.new_empty(B, L, C3 // 3, dtype=dtype)
+
+
+@torch.no_grad()
+def joint_attention_amax(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: int, heads: int,
+                         wq_ctx: torch.Tensor | None, wk_ctx: torch.Tensor | None,
+                         wq_x: torch.Tensor | None, wk_x: torch.Tensor | None) -> torch.Tensor:
+    """Calibration: max |x| per head (over the batch) of the normed, rotated q, k and of v, as the
+    quantisation of `joint_attention_fp8_op` sees them -> [3, H] fp32."""
+    ctx, x, norms = _joint_split(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x)
+    return _amax(ctx, x, norms, hadamard=True).view(3, x[0].shape[0], heads).amax(1)
+
+
+def static_qkv_scale(amax: torch.Tensor, norm_weights: tuple | None, head_dim: int,
+                     v_margin: float = 2.0) -> torch.Tensor:
+    """Static q, k, v scales [3, H] for `joint_attention_fp8_op` from a calibrated amax [3, H].
+
+    With qk RMS-norm (norm_weights = (wq, wk) each [D] or a tuple of such, all the weights whose
+    outputs share the scale), q and k need no calibration: a normed row has L2 norm <= sqrt(D) * max|w|
+    (and the Hadamard rotation keeps the norm), so that bound (x1.01 for bf16 rounding) never
+    saturates; e4m3's relative precision is the same over its whole normal range, so the unused
+    headroom costs nothing measurable. v (and q, k without norm) use amax * v_margin: headroom for
+    inputs that differ from the calibration ones (beyond it values saturate at 448 * s).
+    """
+    scale = amax_to_scale(amax.float() * v_margin)  # [3, H]
+    if norm_weights is not None:
+        for i, ws in enumerate(norm_weights):  # 0: q, 1: k
+            ws = ws if isinstance(ws, (tuple, list)) else (ws,)
+            bound = max(float(w.detach().float().abs().max()) for w in ws) * math.sqrt(head_dim) * 1.01
+            scale[i] = amax_to_scale(torch.tensor(bound, device=amax.device))
+    return scale
 
 
 def attention_fp8(qkv8: QKV8, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The fp8 attention kernel on already-quantised inputs -> [B, L, H*D] in out_dtype."""
+    return _attention_fp8_split(qkv8, 0, out_dtype, None)[1]
+
+
+def _attention_fp8_split(qkv8: QKV8, n_ctx: int, out_dtype: torch.dtype,
+                         out_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (rows < n_ctx [B, n_ctx, H*D], the rest [B, L - n_ctx, H*D]); e4m3 / out_scale if given."""
     q8, k8, v8t, scale, L = qkv8
     B, H, _, D = q8.shape
-    out = torch.empty(B, L, H * D, device=q8.device, dtype=out_dtype)
-    _launch(q8, k8, v8t, out, scale, q8.stride()[:3], k8.stride()[:3], (*v8t.stride()[:2], 1, v8t.stride(2)),
-            B, H, L, D, fp8=True)
-    return out
+    dtype = FP8_DTYPE if out_scale is not None else out_dtype
+    oc = torch.empty(B, n_ctx, H * D, device=q8.device, dtype=dtype)
+    ox = torch.empty(B, L - n_ctx, H * D, device=q8.device, dtype=dtype)
+    inv = None if out_scale is None else out_scale.float().reshape(2).reciprocal()
+    _launch(q8, k8, v8t, oc, ox, n_ctx, scale, inv, q8.stride()[:3], k8.stride()[:3],
+            (*v8t.stride()[:2], 1, v8t.stride(2)), B, H, L, D, fp8=True)
+    return oc, ox
 
 
-def _launch(q, k, v, out, scale, sq, sk, sv, B, H, L, D, fp8: bool) -> None:
-    """sq, sk: (batch, head, seq) strides; sv: (batch, head, seq, dim) strides; out [B, L, H*D]."""
-    args = (q, k, v, out, scale, _LOG2E / math.sqrt(D), *sq, *sk, *sv, L * H * D, D, H * D, H, L)
-    meta = dict(HEAD_DIM=D, FP8=fp8, P_SHIFT=P_LOG2_SCALE if fp8 else 0.0)
+def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D, fp8: bool) -> None:
+    """sq, sk: (batch, head, seq) strides; sv: (batch, head, seq, dim) strides; oc [B, n_ctx, H*D],
+    ox [B, L - n_ctx, H*D]; out_inv_scale [2] (1 / s of oc, ox) stores e4m3, None the outputs' dtype."""
+    out_fp8 = out_inv_scale is not None
+    args = (q, k, v, oc, ox, scale, out_inv_scale if out_fp8 else scale, _LOG2E / math.sqrt(D),
+            *sq, *sk, *sv, H, L, n_ctx)
+    meta = dict(HEAD_DIM=D, FP8=fp8, P_SHIFT=P_LOG2_SCALE if fp8 else 0.0, OUT_FP8=out_fp8)
     grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
     if q.is_cuda:
         _attn_fwd_tuned[grid](*args, **meta)

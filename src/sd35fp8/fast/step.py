@@ -52,14 +52,18 @@ MM_OUT_DTYPE = torch.bfloat16  # torch._scaled_mm output (and bias) dtype
 
 # ---------------------------------------------------------------------------------- matmul
 def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mode: str | None,
-           out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] -> [M, N] with the weights p[name + '.w' / '.ws' / '.b']."""
+           out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """a [M, K] -> [M, N] with the weights p[name + '.w' / '.ws' / '.b'].
+
+    fast_accum: torch._scaled_mm's use_fast_accum (Hopper: no periodic promotion of the fp8 MMA
+    partial sums to fp32; faster, slightly less exact)."""
     w, b = p[name + ".w"], p.get(name + ".b")
     if mode is None:
         return F.linear(a, w, b)
     if mode == "weight_only":
         return F.linear(a, dequantize(w, p[name + ".ws"], a.dtype), b)
-    y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE)
+    y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE,
+                         use_fast_accum=fast_accum)
     return y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
 
 
@@ -72,7 +76,7 @@ def _record(rec: dict | None, name: str, a_scale: torch.Tensor | None) -> None:
 def _linear_on(p, name, act, mode, dtype, rec):
     a, s = act
     _record(rec, name, s)
-    return matmul(p, name, a, s, mode, dtype)
+    return matmul(p, name, a, s, mode, dtype, fast_accum=bool(p.get("fast_accum")))
 
 
 def _rms(t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -94,19 +98,39 @@ def _qkv(p, name, x, shift, scale, mode, heads, rec, impl):
     return _rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v
 
 
-def _fp8_attention(p, stem_c, stem_x, qkv_c, qkv_x, n_ctx, heads):
-    """FP8 joint attention from the raw qkv outputs, qk RMS-norm (weights p[stem + '.ln_q' / '.ln_k'])
-    fused (fast/attention_triton.py)."""
-    from sd35fp8.fast.attention_triton import joint_attention_fp8_op
+ATTN_KEYS = {"attn": ("c", "x", "c.proj", "x.proj"), "x.attn2": ("x.attn2", "x.attn2", None, "x.attn2.proj")}
 
-    return joint_attention_fp8_op(qkv_c, qkv_x, n_ctx, heads, p.get(stem_c + ".ln_q"), p.get(stem_c + ".ln_k"),
-                                  p.get(stem_x + ".ln_q"), p.get(stem_x + ".ln_k"))
+
+def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
+    """FP8 joint attention from the raw qkv outputs, qk RMS-norm (weights p[stem + '.ln_q' / '.ln_k'])
+    fused (fast/attention_triton.py) -> (o_ctx [B, Lc, C], o_x [B, Lx, C]). key: "attn" (joint) or
+    "x.attn2" (MMDiT-X self-attention, n_ctx 0). Static mode with calibrated scales (p[key + '.s']
+    [3, H]): no amax pass, and the outputs come as e4m3 scaled for the proj linears. `rec`
+    (calibration): records the per-head q/k/v amax under `key`."""
+    from sd35fp8.fast.attention_triton import joint_attention_amax, joint_attention_fp8_op
+
+    stem_c, stem_x, proj_c, proj_x = ATTN_KEYS[key]
+    w = (p.get(stem_c + ".ln_q"), p.get(stem_c + ".ln_k"), p.get(stem_x + ".ln_q"), p.get(stem_x + ".ln_k"))
+    if rec is not None:
+        amax = joint_attention_amax(qkv_c, qkv_x, n_ctx, heads, *w)  # [3, H]
+        rec[key] = amax if key not in rec else torch.maximum(rec[key], amax)
+    out_scale = None
+    if mode == "static" and p.get(proj_x + ".xs") is not None:
+        xs_x = p[proj_x + ".xs"].reshape(1)
+        xs_c = p[proj_c + ".xs"].reshape(1) if proj_c is not None and proj_c + ".xs" in p else xs_x
+        out_scale = torch.cat([xs_c, xs_x]).float()  # [2]
+    qkv_scale = p.get(key + ".s") if mode == "static" else None
+    return joint_attention_fp8_op(qkv_c, qkv_x, n_ctx, heads, *w, qkv_scale=qkv_scale, out_scale=out_scale)
 
 
 def _proj(p, name, o, mode, dtype, rec, impl):
-    """Attention output o [B, L, C] -> proj(o) [B*L, C]."""
+    """Attention output o [B, L, C] (fp8: already quantised with p[name + '.xs']) -> proj(o) [B*L, C]."""
     B, L, C = o.shape
-    return _linear_on(p, name, plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs"), impl), mode, dtype, rec)
+    if o.dtype == torch.float8_e4m3fn:
+        act = (o.view(B * L, C), p[name + ".xs"].reshape(1, 1).float().expand(B * L, 1).contiguous())
+    else:
+        act = plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs"), impl)
+    return _linear_on(p, name, act, mode, dtype, rec)
 
 
 def _attn_residual_then_mlp_input(p, s, x, gate, y, shift, scale, mode, impl):
@@ -137,21 +161,22 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     if attn == "triton_fp8":  # q/k norm, concatenation and fp8 quantisation in one pass
         qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
         qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
-        o = _fp8_attention(p, "c", "x", qkv_c, qkv_x, n_ctx, heads)  # [B, Lc+Lx, C]
+        o_c, o_x = _fp8_attention(p, "attn", qkv_c, qkv_x, n_ctx, heads, mode, rec)  # [B, Lc, C], [B, Lx, C]
     else:
         qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
         qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
         o = attend(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1), attn)  # [B, Lc+Lx, C]
+        o_c, o_x = o[:, :n_ctx], o[:, n_ctx:]
     if "c.proj.w" in p:  # not the last (pre-only) context block
-        y = _proj(p, "c.proj", o[:, :n_ctx], mode, ctx.dtype, rec, impl)
+        y = _proj(p, "c.proj", o_c, mode, ctx.dtype, rec, impl)
         ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode, impl)
         ctx = _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl)
-    y = _proj(p, "x.proj", o[:, n_ctx:], mode, x.dtype, rec, impl)
+    y = _proj(p, "x.proj", o_x, mode, x.dtype, rec, impl)
     gate = m(mods_x, 2)
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
         if attn == "triton_fp8":
             qkv2 = _qkv_out(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, rec, impl)  # [B, Lx, 3C]
-            o2 = _fp8_attention(p, "x.attn2", "x.attn2", qkv2, qkv2, 0, heads)  # [B, Lx, C]
+            o2 = _fp8_attention(p, "x.attn2", qkv2, qkv2, 0, heads, mode, rec)[1]  # [B, Lx, C]
         else:
             o2 = attend(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl), attn)
         x = torch.addcmul(x, gate.unsqueeze(1), y.view(x.shape))
@@ -210,7 +235,8 @@ class FastMMDiT(nn.Module):
     """Speed wrapper with MMDiT's forward contract. See the module docstring."""
 
     def __init__(self, model: MMDiT, fp8_mode: str | None = None, compile: bool = True, cuda_graphs: bool = True,
-                 attention_backend: str | None = "auto", compile_mode: str = "default", kernels: str = "triton"):
+                 attention_backend: str | None = "auto", compile_mode: str = "default", kernels: str = "triton",
+                 fast_accum: bool = True):
         super().__init__()
         if fp8_mode is not None and fp8_mode not in FP8_MODES:
             raise InputError(f"FastMMDiT: fp8_mode {fp8_mode!r} not in {FP8_MODES} or None")
@@ -220,6 +246,10 @@ class FastMMDiT(nn.Module):
         # compiled graph (measured faster than Inductor's fusion: 104.4 vs 108.5 ms, Large static, H100);
         # "auto" = Inductor fuses torch ops under compile; torch ops on CPU either way
         self.kernels = kernels
+        # dynamic / static: torch._scaled_mm(use_fast_accum=...) for every fp8 GEMM (see matmul). Default on:
+        # Large static compiled 97.4 -> 90.6 ms, Medium 41.1 -> 39.3 ms, step SQNR unchanged (28.9 / 30.2 dB;
+        # H100, benchmarks/speed.py '+acc'); torchao's float8 inference uses it too
+        self.fast_accum = bool(fast_accum) and fp8_mode in ("dynamic", "static")
         self.model = model
         self.config = model.config
         self.fp8_mode = fp8_mode
@@ -267,6 +297,8 @@ class FastMMDiT(nn.Module):
                     _put(p, f"{s}.fc1", _weights_of(db.mlp.fc1, mode, dt, f"{where}.mlp.fc1"))
                     _put(p, f"{s}.fc2", _weights_of(db.mlp.fc2, mode, dt, f"{where}.mlp.fc2"))
                 ada.append((i, s, db.adaLN_modulation[1], f"{where}.adaLN_modulation.1"))
+            if self.fast_accum:
+                p["fast_accum"] = True  # a constant for the compiled block (read by _linear_on)
             self.blocks.append(p)
         self._build_adaln(ada)
 
@@ -307,6 +339,10 @@ class FastMMDiT(nn.Module):
         out = {}
         for i, (p, rec) in enumerate(zip(self.blocks, rec_blocks)):
             for name, amax in rec.items():
+                if name in ATTN_KEYS:  # FP8 attention: per-head q, k, v scales [3, H]
+                    p[name + ".s"] = self._attention_scale(p, name, amax)
+                    out[f"{i}.{name}"] = float(amax.max())
+                    continue
                 p[name + ".xs"] = amax_to_scale(amax * margin).reshape(())
                 out[f"{i}.{name}"] = float(amax)
         self.ada["xs"] = amax_to_scale(rec_ada["ada"] * margin).reshape(())
@@ -314,6 +350,16 @@ class FastMMDiT(nn.Module):
         if self.graphs is not None:
             self.graphs.clear()
         return out
+
+    def _attention_scale(self, p: dict, key: str, amax: torch.Tensor) -> torch.Tensor:
+        """Static q, k, v scales [3, H] of one FP8 attention (fast/attention_triton.static_qkv_scale)."""
+        from sd35fp8.fast.attention_triton import static_qkv_scale
+
+        stem_c, stem_x = ATTN_KEYS[key][:2]
+        wq = [p.get(stem + ".ln_q") for stem in {stem_c, stem_x}]
+        wk = [p.get(stem + ".ln_k") for stem in {stem_c, stem_x}]
+        norms = None if any(w is None for w in wq + wk) else (tuple(wq), tuple(wk))
+        return static_qkv_scale(amax, norms, self.config.hidden_size // self.config.num_heads)
 
     # -------------------------------------------------------------- forward
     def _adaln(self, c: torch.Tensor, mode: str | None, rec: dict | None) -> torch.Tensor:
@@ -326,7 +372,8 @@ class FastMMDiT(nn.Module):
             return fp8_weight_gemv(a, w, self.ada["ws"], b, c.dtype)
         act = plain_act(a, mode, self.ada.get("xs"))
         _record(rec, "ada", act[1])
-        return matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype)
+        return matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
+                      fast_accum=self.fast_accum)
 
     def _forward(self, x, sigma, context, pooled, skip: tuple[int, ...], mode: str | None = "model",
                  rec: tuple | None = None) -> torch.Tensor:
@@ -374,4 +421,5 @@ class FastMMDiT(nn.Module):
 
     def describe(self) -> str:
         return (f"FastMMDiT({self.fp8_mode or 'bf16'}, compile={self._compiled}, cuda_graphs={self.graphs is not None},"
-                f" attention={self.attention_backend or 'torch default'}, kernels={self.kernels})")
+                f" attention={self.attention_backend or 'torch default'}, kernels={self.kernels}"
+                f"{', fast_accum' if self.fast_accum else ''})")

@@ -9,6 +9,8 @@ stride-2 downsampling, nearest x2 upsampling, no quant convs. `encode` returns t
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -260,6 +262,16 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def _balanced_tile(size: int, tile: int, overlap: int, align: int = 1) -> int:
+    """The smallest tile (<= `tile`, a multiple of `align`) that covers `size` with as few tiles as
+    `tile` needs, at least `overlap` apart: 128 latents with 64-tiles and overlap 16 take 3 tiles of 54,
+    not 3 of 64 (a third less decode work and a lower peak, same overlap)."""
+    if size <= tile:
+        return size
+    n = math.ceil((size - overlap) / (tile - overlap))
+    return min(tile, math.ceil(math.ceil((size + (n - 1) * overlap) / n) / align) * align)
+
+
 def _ramp(length: int, feather: int, lead: bool, trail: bool) -> torch.Tensor:
     """1-D blend weights: linear ramps (t + 1) / (feather + 1) on interior sides, 1 elsewhere; never 0."""
     w = torch.ones(length, dtype=torch.float32)
@@ -279,11 +291,10 @@ def _run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile
     out = torch.zeros(b, out_channels, hgt * num // den, wid * num // den, dtype=torch.float32, device=x.device)
     weight = torch.zeros(1, 1, out.shape[2], out.shape[3], dtype=torch.float32, device=x.device)
     feather = overlap * num // den
-    for y0 in _tile_starts(hgt, tile, overlap):
-        th = min(tile, hgt)
+    th, tw = _balanced_tile(hgt, tile, overlap, den), _balanced_tile(wid, tile, overlap, den)
+    for y0 in _tile_starts(hgt, th, overlap):
         wy = _ramp(th * num // den, feather, y0 > 0, y0 + th < hgt)
-        for x0 in _tile_starts(wid, tile, overlap):
-            tw = min(tile, wid)
+        for x0 in _tile_starts(wid, tw, overlap):
             wx = _ramp(tw * num // den, feather, x0 > 0, x0 + tw < wid)
             piece = fn(x[:, :, y0:y0 + th, x0:x0 + tw]).float()  # [B, C, th*num/den, tw*num/den]
             mask = (wy[:, None] * wx[None, :]).to(x.device)  # [th', tw']
