@@ -95,6 +95,23 @@ def test_cfg_one_skips_uncond(pipe, monkeypatch):
     assert seen == [1, 1]
 
 
+def test_batched_encode_close_to_separate(pipe):
+    """batch_encode (the compiled path's default): prompts and negatives in one encoder batch, the same
+    conditioning up to rounding; each list keeps its own rows."""
+    cond, uncond = pipe.encode_prompt(["a red circle", "a blue star"]), pipe.encode_prompt(["", "ugly"])
+    c2, u2 = pipe.encode_prompt_groups(["a red circle", "a blue star"], ["", "ugly"])
+    for a, b in ((cond, c2), (uncond, u2)):
+        assert a.context.shape == b.context.shape and a.pooled.shape == b.pooled.shape
+        assert torch.allclose(a.context, b.context, atol=1e-4) and torch.allclose(a.pooled, b.pooled, atol=1e-4)
+    try:
+        pipe.batch_encode = True
+        out = pipe("a red circle", num_inference_steps=2, width=32, height=32, progress=False)
+    finally:
+        pipe.batch_encode = False
+    ref = pipe("a red circle", num_inference_steps=2, width=32, height=32, progress=False)
+    assert torch.allclose(out.latents, ref.latents, atol=1e-3)
+
+
 def test_bad_parameters(pipe):
     with pytest.raises(InputError, match="multiple of 16"):
         pipe("x", width=40, height=32)

@@ -41,8 +41,8 @@ GIB = 1024 ** 3
 # Full VAE decode (SD3 VAE, bf16) activation peak above the weights, measured on H100 with
 # benchmarks/e2e.py --vae-sweep: 1024^2 2.47 GiB, 1536^2 11.88 GiB, 2048^2 36.88 GiB (the mid-block
 # attention over (H/8*W/8)^2 makes it quadratic); fit GiB = 0.209*MP + 2.047*MP^2 (MP = pixels/1e6).
-# decode_tiled (64-latent tiles) stays at 0.55-0.60 GiB at every size. On an 8 GB card the decode
-# goes tiled above 1024x1024 (1280^2 would already need ~6 GiB).
+# decode_tiled (64-latent tiles, before tiles were balanced in session 4) stayed at 0.55-0.60 GiB at
+# every size. On an 8 GB card the decode goes tiled above 1024x1024 (1280^2 would already need ~6 GiB).
 VAE_DECODE_GIB_FIT = (0.209, 2.047)
 TILED_DECODE_PIXELS_8GB = 1024 * 1024
 

@@ -256,6 +256,12 @@ def plan_text_encoder_keys(kind: str, file_keys: Sequence[str], model_keys: Sequ
 # --- SD3 conditioning --------------------------------------------------------------------------
 
 
+def _compute_device(model: nn.Module) -> torch.device:
+    """Where a text tower computes: its first parameter off the CPU (parameters of streamed blocks and
+    CPU token tables stay in CPU memory, offload.py), else the CPU."""
+    return next((p.device for p in model.parameters() if p.device.type != "cpu"), torch.device("cpu"))
+
+
 def concat_contexts(contexts: Sequence[torch.Tensor], max_repeat: int = 4) -> torch.Tensor:
     """Batch contexts [1, L_i, C] of different lengths as ComfyUI's ``CONDCrossAttn.concat``:
     repeat each along the sequence up to the LCM of the lengths. ComfyUI refuses (and runs the
@@ -326,13 +332,13 @@ class SD3TextEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         for m in self._models().values():
-            return next(m.parameters()).device
+            return _compute_device(m)
         return torch.device("cpu")
 
     def _run(self, name: str, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Encode token rows (grouped by length; rows are independent: no attention mask)."""
         model = self._models()[name]
-        device = next(model.parameters()).device
+        device = _compute_device(model)
         out: list = [None] * len(rows)
         by_len: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
