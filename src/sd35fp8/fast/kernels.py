@@ -114,20 +114,25 @@ if triton is not None:
             tl.store(S + row, s)
 
     @triton.jit
-    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, stride_mod,
-                            EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
-        row = tl.program_id(0)
-        b = row // L
-        cols = tl.arange(0, BLOCK)
-        mask = cols < C
-        x = tl.load(X + row.to(tl.int64) * C + cols, mask=mask, other=0.0).to(tl.float32)
+    def _ln_modulate_row(x, mask, cols, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, stride_mod,
+                         EPS: tl.constexpr, MODE: tl.constexpr):
+        # x [BLOCK] fp32 (0 past C) -> LayerNorm -> * (1 + scale[b]) + shift[b] -> Q row (_store_row)
         mean = tl.sum(x, axis=0) / C
         d = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
         sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        y = d * rstd * (1.0 + sc) + sh
-        _store_row(Q, S, SSTATIC, row.to(tl.int64), cols, mask, y, C, MODE)
+        _store_row(Q, S, SSTATIC, row, cols, mask, d * rstd * (1.0 + sc) + sh, C, MODE)
+
+    @triton.jit
+    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, stride_mod,
+                            EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(X + row.to(tl.int64) * C + cols, mask=mask, other=0.0).to(tl.float32)
+        _ln_modulate_row(x, mask, cols, row // L, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C, stride_mod,
+                         EPS, MODE)
 
     @triton.jit
     def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, stride_mod,
@@ -143,13 +148,8 @@ if triton is not None:
         g = tl.load(GATE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         xn = (x + g * y).to(XOUT.dtype.element_ty)
         tl.store(XOUT + off, xn, mask=mask)
-        x = xn.to(tl.float32)
-        mean = tl.sum(x, axis=0) / C
-        d = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
-        sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        _store_row(Q, S, SSTATIC, row.to(tl.int64), cols, mask, d * rstd * (1.0 + sc) + sh, C, MODE)
+        _ln_modulate_row(xn.to(tl.float32), mask, cols, b, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C,
+                         stride_mod, EPS, MODE)
 
     @triton.jit
     def _gelu_tanh(h):
