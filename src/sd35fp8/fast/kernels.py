@@ -213,6 +213,11 @@ def _mode_code(mode: str | None) -> int:
 
 
 # ---------------------------------------------------------------------------------- public ops
+def static_row_scale(static_scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A static (per-tensor) activation scale as the [rows, 1] fp32 scale_a of a rowwise _scaled_mm."""
+    return static_scale.reshape(1, 1).float().expand(rows, 1).contiguous()
+
+
 def _check_static(mode: str | None, static_scale: torch.Tensor | None, what: str) -> None:
     if mode == "static" and static_scale is None:
         raise InputError(f"fast/kernels.py {what}: static mode needs a calibrated input scale "
@@ -301,12 +306,11 @@ def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, 
         q = torch.empty(M, N, device=y.device, dtype=FP8_DTYPE)
         _act_static_kernel[(triton.cdiv(M * N, _STATIC_BLOCK),)](y, q, static_scale, M * N, BLOCK=_STATIC_BLOCK,
                                                                  GELU=gelu, num_warps=4)
-        return q, static_scale.reshape(1, 1).float().expand(M, 1).contiguous()
+        return q, static_row_scale(static_scale, M)
     q, s = _act_out(M, N, code, y)
     block = triton.next_power_of_2(N)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, BLOCK=block, MODE=code, GELU=gelu,
-                           num_warps=warps)
+    _act_rows_kernel[(M,)](y, q, s, q, N, BLOCK=block, MODE=code, GELU=gelu, num_warps=warps)  # MODE 0 / 1
     return q, (s if code else None)
 
 

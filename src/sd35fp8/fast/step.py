@@ -38,7 +38,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.fast.attention import BACKENDS, TRITON_KINDS, attend, backend_context, default_backend
 from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
-                                   residual_ln_modulate_act)
+                                   residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
@@ -127,7 +127,7 @@ def _proj(p, name, o, mode, dtype, rec, impl):
     """Attention output o [B, L, C] (fp8: already quantised with p[name + '.xs']) -> proj(o) [B*L, C]."""
     B, L, C = o.shape
     if o.dtype == torch.float8_e4m3fn:
-        act = (o.view(B * L, C), p[name + ".xs"].reshape(1, 1).float().expand(B * L, 1).contiguous())
+        act = (o.view(B * L, C), static_row_scale(p[name + ".xs"], B * L))
     else:
         act = plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs"), impl)
     return _linear_on(p, name, act, mode, dtype, rec)
