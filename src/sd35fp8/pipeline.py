@@ -182,29 +182,16 @@ class SD35Pipeline:
 
     def encode_prompt(self, prompts: Sequence[str]):
         """prompts -> Conditioning(context [B, L, C], pooled [B, P]) on the device."""
-        from .sampling import Conditioning
-
-        with self._on_device(self.text_encoder) as enc:
-            context, pooled = enc.encode_prompts(list(prompts))
-        return Conditioning(context.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
+        return self.encode_prompt_groups(prompts)[0]
 
     def encode_prompt_groups(self, *groups: Sequence[str]):
         """Several prompt lists (e.g. prompts and negatives) encoded in ONE batch through each text
-        encoder (half the launches and weight reads of one call per list; rows are independent)
-        -> one Conditioning per list."""
+        encoder (SD3TextEncoder.encode_prompt_groups) -> one Conditioning per list."""
         from .sampling import Conditioning
-        from .text.encoders import concat_contexts
 
-        flat = [p for g in groups for p in g]
         with self._on_device(self.text_encoder) as enc:
-            each = enc.encode_each([enc.tokenizer.tokenize(p) for p in flat])
-        out, i = [], 0
-        for g in groups:
-            part = each[i:i + len(g)]
-            i += len(g)
-            context, pooled = concat_contexts([c for c, _ in part]), torch.cat([p for _, p in part], dim=0)
-            out.append(Conditioning(context.to(self.device, self.dtype), pooled.to(self.device, self.dtype)))
-        return out
+            pairs = enc.encode_prompt_groups(*(list(g) for g in groups))
+        return [Conditioning(c.to(self.device, self.dtype), p.to(self.device, self.dtype)) for c, p in pairs]
 
     def check_size(self, width: int, height: int) -> None:
         for name, value in (("width", width), ("height", height)):

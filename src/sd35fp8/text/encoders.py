@@ -256,6 +256,11 @@ def plan_text_encoder_keys(kind: str, file_keys: Sequence[str], model_keys: Sequ
 # --- SD3 conditioning --------------------------------------------------------------------------
 
 
+def _join(each: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_each's per-prompt (context, pooled) -> one batch (context [B, L, C], pooled [B, P])."""
+    return concat_contexts([c for c, _ in each]), torch.cat([p for _, p in each], dim=0)
+
+
 def _compute_device(model: nn.Module) -> torch.device:
     """Where a text tower computes: its first parameter off the CPU (parameters of streamed blocks and
     CPU token tables stay in CPU memory, offload.py), else the CPU."""
@@ -434,16 +439,24 @@ class SD3TextEncoder(nn.Module):
     def encode(self, token_batch: Sequence[Mapping] | Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Token dicts (from ``SD3Tokenizer.tokenize``) -> (context [B, L, C], pooled [B, P]).
         Prompts whose contexts differ in length are batched with :func:`concat_contexts`."""
-        each = self.encode_each(token_batch)
-        return concat_contexts([c for c, _ in each]), torch.cat([p for _, p in each], dim=0)
+        return _join(self.encode_each(token_batch))
 
     def encode_prompts(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize with ``self.tokenizer`` (an ``SD3Tokenizer``) and :meth:`encode`."""
+        return self.encode_prompt_groups([prompts] if isinstance(prompts, str) else prompts)[0]
+
+    def encode_prompt_groups(self, *groups: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Several prompt lists (e.g. prompts and negatives) in ONE batch through each text encoder
+        (half the launches and weight reads of one call per list; rows are independent, but the batch
+        size can change the rounding) -> (context, pooled) per list, as :meth:`encode_prompts` gives."""
         if self.tokenizer is None:
             raise InputError("SD3TextEncoder.encode_prompts needs a tokenizer (pass tokenizer=SD3Tokenizer(...))")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return self.encode([self.tokenizer.tokenize(p) for p in prompts])
+        each = self.encode_each([self.tokenizer.tokenize(p) for g in groups for p in g])
+        out, start = [], 0
+        for g in groups:
+            out.append(_join(each[start:start + len(g)]))
+            start += len(g)
+        return out
 
     def forward(self, token_batch: Sequence[Mapping] | Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(token_batch)
