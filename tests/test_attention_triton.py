@@ -147,7 +147,14 @@ def test_joint_op_equals_unfused_path():
     scale = at.static_qkv_scale(amax, ((w[0], w[2]), (w[1], w[3])), D)
     assert torch.all(scale[:2] * 448 >= amax[:2]) and torch.allclose(scale[2] * 448, amax[2] * 2)
     oc_s, ox_s = joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w, qkv_scale=scale)
-    assert sqnr(ref.float(), torch.cat([oc_s, ox_s], 1).float()) > 30
+    # both against the exact attention: two independent fp8 roundings differ from each other by ~3 dB
+    # more than each differs from the exact result, so static is not compared with dynamic directly
+    qn, kn = torch.cat([rms(qc, w[0]), rms(qx, w[2])], 1), torch.cat([rms(kc, w[1]), rms(kx, w[3])], 1)
+    exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (qn, kn, torch.cat([vc, vx], 1))))
+    exact = exact.transpose(1, 2).reshape(B, Lc + Lx, H * D)
+    dyn_db = sqnr(exact, torch.cat([oc, ox], 1).float())
+    static_db = sqnr(exact, torch.cat([oc_s, ox_s], 1).float())
+    assert dyn_db > 22 and static_db > dyn_db - 1.5, (dyn_db, static_db)
     out_scale = torch.stack([oc_s.abs().amax(), ox_s.abs().amax()]).float() / 448
     oc8, ox8 = joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w, qkv_scale=scale, out_scale=out_scale)
     assert oc8.dtype == torch.float8_e4m3fn == ox8.dtype

@@ -120,6 +120,22 @@ def _images(data_gpu: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return data_gpu[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
 
 
+def latent_shape_penalty(z: torch.Tensor, x: torch.Tensor, align: float, tail: float) -> torch.Tensor:
+    """Keeps the latent image-like, which the diffusion model finds easier to generate.
+
+    align: the first 3 channels follow the image's colours averaged over each latent cell (the latent
+    then sits where the object is); tail: a squared penalty on values beyond 3 per-channel std
+    (discourages isolated spikes that code a whole shape in one cell)."""
+    loss = z.new_zeros(())
+    if align > 0:
+        target = F.avg_pool2d(x, x.shape[-1] // z.shape[-1])  # [B, 3, h, w]
+        loss = loss + align * F.mse_loss(z[:, :3], target)
+    if tail > 0:
+        zn = (z - z.mean((0, 2, 3), keepdim=True)) / z.std((0, 2, 3), keepdim=True).detach().clamp_min(1e-4)
+        loss = loss + tail * F.relu(zn.abs() - 3.0).pow(2).mean()
+    return loss
+
+
 def train_vae(spec: TinySpec, images: torch.Tensor, args, device: torch.device, clock: Clock, rec: dict):
     vae = build_vae(spec).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -140,6 +156,8 @@ def train_vae(spec: TinySpec, images: torch.Tensor, args, device: torch.device, 
                 y = vae.decoder(noisy)
             y = y.float()
             loss = F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-4 * z.float().pow(2).mean()
+            if not finetune:
+                loss = loss + latent_shape_penalty(z.float(), x, args.vae_align, args.vae_tail)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -385,6 +403,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None,
                    help="time.time() by which MMDiT training must end (plans the steps, hard stop)")
     p.add_argument("--text-dropout", type=float, default=0.1)
+    p.add_argument("--vae-align", type=float, default=0.0,
+                   help="weight of the VAE latent's colour alignment (first 3 channels ~ 8x8-averaged image)")
+    p.add_argument("--vae-tail", type=float, default=0.0,
+                   help="weight of the VAE penalty on latent values beyond 3 std (spiky codes)")
     p.add_argument("--eval-items", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--cfg-grid", type=float, nargs="+", default=list(CFG_GRID))
