@@ -109,3 +109,19 @@ def test_smoke_run_patch_1(tmp_path, smoke_run):
     assert got.patch == 1 and got.pos_embed_max_size == 2 * s.pos_embed_max_size
     mmdit, *_ = export.load_back(out / export.CHECKPOINT_NAME)
     assert mmdit.config.patch_size == 1 and mmdit.config.max_pixels == s.pos_embed_max_size * s.patch * 8
+
+
+def test_latent_shape_penalty():
+    """--vae-align: zero when the first 3 latent channels are the cell-averaged image; --vae-tail:
+    zero for Gaussian latents' bulk, positive for an isolated spike."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(2, 16, 4, 4, generator=g) * 0.5
+    z[:, :3] = torch.nn.functional.avg_pool2d(x, 8)
+    assert float(train.latent_shape_penalty(z, x, 1.0, 0.0)) == 0.0
+    assert float(train.latent_shape_penalty(z, x, 0.0, 0.0)) == 0.0
+    big = torch.randn(4, 16, 16, 16, generator=g)
+    big = big.clamp(-2.5, 2.5)
+    assert float(train.latent_shape_penalty(big, x, 0.0, 1.0)) == 0.0
+    big[0, 5, 3, 3] = 40.0  # one spike of a shape code
+    assert float(train.latent_shape_penalty(big, x, 0.0, 1.0)) > 0.0
