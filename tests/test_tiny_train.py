@@ -125,3 +125,16 @@ def test_latent_shape_penalty():
     assert float(train.latent_shape_penalty(big, x, 0.0, 1.0)) == 0.0
     big[0, 5, 3, 3] = 40.0  # one spike of a shape code
     assert float(train.latent_shape_penalty(big, x, 0.0, 1.0)) > 0.0
+
+
+def test_vae_only_then_vae_from(tmp_path):
+    """A run split in two calls: --vae-only writes the trained VAE (no MMDiT training, no evaluation);
+    a --vae-from run on it carries that VAE over bit for bit."""
+    first, second = tmp_path / "vae", tmp_path / "mmdit"
+    rec = train.main(["--out", str(first), "--smoke", "--seed", "0", "--vae-only"])
+    assert rec["vae_only"] and "vae_loss" in rec and "mmdit_loss" not in rec and "eval" not in rec
+    ckpt = first / export.CHECKPOINT_NAME
+    train.main(["--out", str(second), "--smoke", "--seed", "0", "--vae-from", str(ckpt),
+                "--spiece-from", str(first / "spiece.model")])
+    a, b = export.read_component(ckpt, "vae"), export.read_component(second / export.CHECKPOINT_NAME, "vae")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -381,6 +381,24 @@ def load_vae_from(spec: TinySpec, path: Path, device: torch.device):
     return vae.to(device).requires_grad_(False).eval()
 
 
+def _export_vae_only(spec: TinySpec, vae, spiece: Path, args, clock: Clock, rec: dict) -> dict:
+    """--vae-only: the all-in-one with the trained VAE and freshly initialised MMDiT / text towers (not
+    a usable model: the input of a later `--vae-from` call), and its log. No evaluation."""
+    mmdit = build_mmdit(spec, torch.Generator().manual_seed(args.seed + 2))
+    towers = TextTowers(spec)
+    info = {"spec": rec["spec"], "seed": args.seed, "latent_fold": "per-channel affine folded into VAE",
+            "vae_only": "MMDiT and text towers untrained"}
+    defaults = {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": "euler", "scheduler": "normal",
+                "shift": 3.0, "width": spec.image_size, "height": spec.image_size}
+    ckpt = export_checkpoint(args.out / CHECKPOINT_NAME, mmdit, vae.float().cpu(), towers.clip_l, towers.clip_g,
+                             towers.t5, defaults, info, spiece)
+    load_back(ckpt)
+    rec.update(timings=clock.marks, total_s=round(clock.now(), 1), vae_only=True)
+    (args.out / "train_log.json").write_text(json.dumps(rec, indent=1))
+    log(f"VAE only: wrote {ckpt} in {clock.now():.1f}s (use it with --vae-from)", clock)
+    return rec
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd35fp8.tiny.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
@@ -422,6 +440,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the MMDiT and text towers for training")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune")
+    p.add_argument("--vae-only", action="store_true",
+                   help="train the VAE only and write it in an all-in-one for a later --vae-from call "
+                        "(splits a run into two device calls)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run with tiny sizes (< 60 s)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -478,6 +499,8 @@ def main(argv=None) -> dict:
     else:
         vae = train_vae(spec, images, args, device, clock, rec)
     t = clock.mark("vae", t)
+    if args.vae_only:
+        return _export_vae_only(spec, vae, spiece, args, clock, rec)
     latents = to_model_space(encode_all(vae, images, device))  # [N, 16, h, w]
     rec["latents_model_space"] = {"mean": float(latents.mean()), "std": float(latents.std())}
     del images
