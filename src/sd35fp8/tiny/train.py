@@ -381,17 +381,29 @@ def load_vae_from(spec: TinySpec, path: Path, device: torch.device):
     return vae.to(device).requires_grad_(False).eval()
 
 
+def _generation_defaults(spec: TinySpec, args) -> dict:
+    """The file's generation defaults (metadata); cfg is replaced by the evaluation's best."""
+    return {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": "euler", "scheduler": "normal",
+            "shift": 3.0, "width": spec.image_size, "height": spec.image_size}
+
+
+def _file_info(args, rec: dict) -> dict:
+    """The file's `sd35fp8.tiny` metadata: spec, seed, and the sha256 of every reused file."""
+    info = {"spec": rec["spec"], "seed": args.seed, "latent_fold": "per-channel affine folded into VAE"}
+    for key in ("vae_from", "spiece_from", "init_from"):
+        if key in rec:
+            info[key + "_sha256"] = rec[key]["sha256"]
+    return info
+
+
 def _export_vae_only(spec: TinySpec, vae, spiece: Path, args, clock: Clock, rec: dict) -> dict:
     """--vae-only: the all-in-one with the trained VAE and freshly initialised MMDiT / text towers (not
     a usable model: the input of a later `--vae-from` call), and its log. No evaluation."""
     mmdit = build_mmdit(spec, torch.Generator().manual_seed(args.seed + 2))
     towers = TextTowers(spec)
-    info = {"spec": rec["spec"], "seed": args.seed, "latent_fold": "per-channel affine folded into VAE",
-            "vae_only": "MMDiT and text towers untrained"}
-    defaults = {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": "euler", "scheduler": "normal",
-                "shift": 3.0, "width": spec.image_size, "height": spec.image_size}
+    info = _file_info(args, rec) | {"vae_only": "MMDiT and text towers untrained"}
     ckpt = export_checkpoint(args.out / CHECKPOINT_NAME, mmdit, vae.float().cpu(), towers.clip_l, towers.clip_g,
-                             towers.t5, defaults, info, spiece)
+                             towers.t5, _generation_defaults(spec, args), info, spiece)
     load_back(ckpt)
     rec.update(timings=clock.marks, total_s=round(clock.now(), 1), vae_only=True)
     (args.out / "train_log.json").write_text(json.dumps(rec, indent=1))
@@ -508,12 +520,8 @@ def main(argv=None) -> dict:
     mmdit, towers = train_mmdit(spec, latents, data, empty, args, device, clock, rec)
     t = clock.mark("mmdit", t)
 
-    defaults = {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": "euler", "scheduler": "normal",
-                "shift": 3.0, "width": spec.image_size, "height": spec.image_size}
-    info = {"spec": rec["spec"], "seed": args.seed, "latent_fold": "per-channel affine folded into VAE"}
-    for key in ("vae_from", "spiece_from", "init_from"):
-        if key in rec:
-            info[key + "_sha256"] = rec[key]["sha256"]
+    defaults = _generation_defaults(spec, args)
+    info = _file_info(args, rec)
     ckpt = export_checkpoint(out / CHECKPOINT_NAME, mmdit, vae, towers.clip_l, towers.clip_g, towers.t5,
                              defaults, info, spiece)
     load_back(ckpt)  # proves the layout with the project's loaders
