@@ -117,6 +117,19 @@ def test_cli_generate_default_model(tmp_path):
     assert s["correct"], s
 
 
+@pytest.mark.skipif(MODEL != SHIPPED_CHECKPOINT, reason="checks the shipped pair of files")
+def test_shipped_fp8_file_is_the_quantizers_output(tmp_path):
+    """The shipped scaled-fp8 MMDiT is exactly what the project's quantizer makes of the all-in-one."""
+    import hashlib
+
+    from sd35fp8.tiny import SHIPPED_FP8_MMDIT
+    from sd35fp8.tiny.export import write_fp8_mmdit
+
+    made = write_fp8_mmdit(SHIPPED_CHECKPOINT, tmp_path / SHIPPED_FP8_MMDIT.name)
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (made, SHIPPED_FP8_MMDIT)]
+    assert digest[0] == digest[1], "re-make it: python -m sd35fp8.tiny.export " + str(SHIPPED_CHECKPOINT)
+
+
 def _pick_seeds(model: Path, seeds: int) -> None:
     """Print, per seed, the cases that fail in any mode (a robust seed fails none)."""
     pipes = _pipelines(model)

@@ -127,11 +127,26 @@ def test_latent_shape_penalty():
     assert float(train.latent_shape_penalty(big, x, 0.0, 1.0)) > 0.0
 
 
+def test_scale_equivariance_loss():
+    """--vae-eq: zero for a piecewise-constant decoder and a latent smooth over 2x2 cells (its 2x2 average
+    decodes to the 2x2-averaged image), positive once one cell carries a spike."""
+    g = torch.Generator().manual_seed(0)
+
+    def decoder(z):  # every latent cell paints its 8x8 pixels with its first 3 channels
+        return torch.nn.functional.interpolate(z[:, :3], scale_factor=8, mode="nearest")
+
+    z = torch.randn(2, 16, 2, 2, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)  # [2, 16, 4, 4]
+    x = decoder(z)  # [2, 3, 32, 32]
+    assert float(train.scale_equivariance_loss(decoder, z, x)) < 1e-12
+    z[0, 0, 1, 1] += 5.0  # a code hidden in one cell: the image changes in that cell only
+    assert float(train.scale_equivariance_loss(decoder, z, decoder(z))) > 0.1
+
+
 def test_vae_only_then_vae_from(tmp_path):
     """A run split in two calls: --vae-only writes the trained VAE (no MMDiT training, no evaluation);
     a --vae-from run on it carries that VAE over bit for bit."""
     first, second = tmp_path / "vae", tmp_path / "mmdit"
-    rec = train.main(["--out", str(first), "--smoke", "--seed", "0", "--vae-only"])
+    rec = train.main(["--out", str(first), "--smoke", "--seed", "0", "--vae-only", "--vae-eq", "1.0"])
     assert rec["vae_only"] and "vae_loss" in rec and "mmdit_loss" not in rec and "eval" not in rec
     ckpt = first / export.CHECKPOINT_NAME
     train.main(["--out", str(second), "--smoke", "--seed", "0", "--vae-from", str(ckpt),

@@ -136,6 +136,18 @@ def latent_shape_penalty(z: torch.Tensor, x: torch.Tensor, align: float, tail: f
     return loss
 
 
+def scale_equivariance_loss(decoder, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """EQ-VAE's scale term: the latent averaged over 2x2 cells must decode to the image averaged
+    over 2x2 pixels (Kouzelis et al. 2025, "EQ-VAE: equivariance regularized latent space").
+
+    A code that hides a shape in one spiky cell fails it, so the latent stays image-like: its low
+    frequencies carry the image's, and a slightly smooth latent (a diffusion model's typical error)
+    still decodes to the right picture. z [B, 16, h, w] (h, w even), x [B, 3, H, W] -> scalar."""
+    y2 = decoder(F.avg_pool2d(z, 2)).float()  # [B, 3, H/2, W/2]
+    x2 = F.avg_pool2d(x, 2)
+    return F.l1_loss(y2, x2) + F.mse_loss(y2, x2)
+
+
 def train_vae(spec: TinySpec, images: torch.Tensor, args, device: torch.device, clock: Clock, rec: dict):
     vae = build_vae(spec).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -154,8 +166,11 @@ def train_vae(spec: TinySpec, images: torch.Tensor, args, device: torch.device, 
                 z_std = z.detach().float().std()
                 noisy = z + LATENT_NOISE * z_std * torch.randn(z.shape, device=device, generator=gen).to(z.dtype)
                 y = vae.decoder(noisy)
+                eq = scale_equivariance_loss(vae.decoder, noisy, x) if args.vae_eq > 0 else None
             y = y.float()
             loss = F.l1_loss(y, x) + F.mse_loss(y, x) + 1e-4 * z.float().pow(2).mean()
+            if eq is not None:
+                loss = loss + args.vae_eq * eq
             if not finetune:
                 loss = loss + latent_shape_penalty(z.float(), x, args.vae_align, args.vae_tail)
             opt.zero_grad(set_to_none=True)
@@ -442,6 +457,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-dropout", type=float, default=0.1)
     p.add_argument("--vae-align", type=float, default=0.0,
                    help="weight of the VAE latent's colour alignment (first 3 channels ~ 8x8-averaged image)")
+    p.add_argument("--vae-eq", type=float, default=0.0,
+                   help="weight of the VAE's scale-equivariance term (EQ-VAE: the 2x2-averaged latent decodes "
+                        "to the 2x2-averaged image; a smoother latent for the diffusion model)")
     p.add_argument("--vae-tail", type=float, default=0.0,
                    help="weight of the VAE penalty on latent values beyond 3 std (spiky codes)")
     p.add_argument("--eval-items", type=int, default=400)
