@@ -153,3 +153,15 @@ def test_vae_only_then_vae_from(tmp_path):
                 "--spiece-from", str(first / "spiece.model")])
     a, b = export.read_component(ckpt, "vae"), export.read_component(second / export.CHECKPOINT_NAME, "vae")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_arguments_are_the_shipped_recipe():
+    """`python -m sd35fp8.tiny.train --out DIR` is the shipped run's recipe (train_log.json args), with
+    torch.compile (CUDA graphs) on CUDA only."""
+    shipped = json.loads((export.Path(train.__file__).parent / "train_log.json").read_text())["args"]
+    cuda = train.parse_args(["--out", "x", "--device", "cuda"])
+    for key in ("batch", "lr", "n_images", "minutes_mmdit", "compile", "compile_mode", "ema", "warmup",
+                "train_shift", "sigma_uniform", "text_dropout"):
+        assert getattr(cuda, key) == shipped[key], key
+    assert not train.parse_args(["--out", "x", "--device", "cpu"]).compile
+    assert not train.parse_args(["--out", "x", "--device", "cuda", "--no-compile"]).compile
