@@ -125,9 +125,6 @@ def load_back(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     return mmdit, vae, text, tokenizer
 
 
-FP8_MMDIT_NAME = "sd35fp8_tiny_mmdit_fp8_scaled.safetensors"
-
-
 def write_fp8_mmdit(all_in_one: str | Path, out: str | Path) -> Path:
     """The all-in-one's MMDiT as a ComfyUI scaled-fp8 diffusion-model file (original keys, no
     prefix, as in ComfyUI's models/diffusion_models), made by the project's own quantizer
@@ -139,12 +136,9 @@ def write_fp8_mmdit(all_in_one: str | Path, out: str | Path) -> Path:
     from ..fp8.export import export
 
     all_in_one, out = Path(all_in_one), Path(out)
-    prefix = PREFIXES["mmdit"]
+    state = read_component(all_in_one, "mmdit")
     with safe_open(str(all_in_one), "pt") as f:
-        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         meta = f.metadata() or {}
-    if not state:
-        raise CheckpointError(f"{all_in_one} holds no {prefix}* keys", str(all_in_one))
     keep = {k: meta[k] for k in (DEFAULTS_METADATA_KEY,) if k in meta}
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "mmdit.safetensors"
@@ -156,6 +150,8 @@ def write_fp8_mmdit(all_in_one: str | Path, out: str | Path) -> Path:
 if __name__ == "__main__":  # python -m sd35fp8.tiny.export ALL_IN_ONE [OUT]
     import sys
 
+    from . import SHIPPED_FP8_MMDIT
+
     src = Path(sys.argv[1])
-    dst = Path(sys.argv[2]) if len(sys.argv) > 2 else src.with_name(FP8_MMDIT_NAME)
+    dst = Path(sys.argv[2]) if len(sys.argv) > 2 else src.with_name(SHIPPED_FP8_MMDIT.name)
     print(write_fp8_mmdit(src, dst))

@@ -483,7 +483,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.device, args.n_images, args.batch, args.batch_vae = "cpu", 64, 8, 4
-        args.compile = False if args.compile is None else args.compile
         args.steps_vae = args.steps_vae or 3
         args.steps_mmdit = args.steps_mmdit or 3
         args.warmup, args.eval_items, args.eval_steps, args.cfg_grid = 2, 5, 2, [4.0]
