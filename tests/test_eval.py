@@ -115,3 +115,18 @@ def test_subcommand_parses_and_checks_before_loading(tmp_path):
     args.modes = "bf16,int4"
     with pytest.raises(InputError, match="int4"):
         handler(args)
+
+
+def test_subcommand_sampler_and_scheduler(tiny_random_checkpoint, tmp_path):
+    parser = argparse.ArgumentParser(prog="sd35fp8")
+    handler = add_subcommand(parser.add_subparsers(dest="command", required=True))
+    path, _ = tiny_random_checkpoint
+    base = ["eval", "--model", str(path), "--n", "1", "--batch", "1", "--steps", "2", "--size", "32",
+            "--modes", "bf16", "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(InputError, match="unknown sampler"):
+        handler(parser.parse_args(base + ["--sampler", "nope"]))
+    with pytest.raises(InputError, match="unknown scheduler"):
+        handler(parser.parse_args(base + ["--scheduler", "nope"]))
+    assert handler(parser.parse_args(base + ["--sampler", "euler_ancestral", "--scheduler", "simple"])) == 0
+    params = _strict_json((tmp_path / "r.json").read_text())["params"]
+    assert (params["sampler"], params["scheduler"]) == ("euler_ancestral", "simple")

@@ -283,6 +283,8 @@ def add_subcommand(subparsers) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--batch", type=int, default=16, help="prompts per pipeline call (default 16)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--sampler", default=None, help="ComfyUI sampler name (default: the model's); see `sd35fp8 samplers`")
+    p.add_argument("--scheduler", default=None, help="ComfyUI scheduler name (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="image side, multiple of 16 (default: the model's)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tiny_eval_<device>.json)")
     p.add_argument("--sheet", default=None, help="contact sheet PNG (default: the JSON path with .png)")
@@ -293,9 +295,15 @@ def add_subcommand(subparsers) -> Callable[[argparse.Namespace], int]:
             raise InputError(f"--n, --batch and --steps must be >= 1, got {args.n}, {args.batch}, {args.steps}")
         if args.size is not None and (args.size <= 0 or args.size % 16):
             raise InputError(f"--size must be a positive multiple of 16, got {args.size}")
+        from ..sampling import SAMPLERS, SCHEDULERS
+
+        if args.sampler is not None and args.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
+        if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         evaluate(model=args.model, n=args.n, seed=args.seed, modes=modes, device=args.device, batch=args.batch,
-                 steps=args.steps, cfg=args.cfg, size=args.size, out=args.out, sheet=args.sheet,
-                 fp8_model=args.fp8_model)
+                 steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, size=args.size,
+                 out=args.out, sheet=args.sheet, fp8_model=args.fp8_model)
         return 0
 
     return handler
