@@ -232,3 +232,14 @@ def test_detector_speed():
         detector.detect(im)
     per_image = (time.perf_counter() - t0) / len(images)
     assert per_image < 0.2, f"detect took {per_image * 1000:.1f} ms per 128x128 image"
+
+
+def test_score_many_equals_serial_scoring():
+    items = world.eval_items(12, 3, "heldout")
+    rng = np.random.default_rng(6)
+    images = [_degrade(world.render(it.scene), rng) for it in items]
+    serial = [detector.score(im, it) for im, it in zip(images, items)]
+    assert detector.score_many(images, items, workers=2) == serial
+    assert detector.score_many(images, items) == serial
+    with pytest.raises(InputError, match="11 images for 12 items"):
+        detector.score_many(images[:-1], items)

@@ -19,6 +19,7 @@ relation (two_relation) and, for the count category only, the exact number of ob
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -294,6 +295,17 @@ def score(image: np.ndarray, item: EvalItem, detections: list[Detection] | None 
         correct = correct and result["count_ok"]
     result["correct"] = bool(correct)
     return result
+
+
+def score_many(images: Sequence[np.ndarray], items: Sequence[EvalItem], workers: int = 1) -> list[dict]:
+    """`score` of each (image, item) pair, in `workers` forked processes when > 1 (they never touch
+    CUDA, so the parent may hold a CUDA context)."""
+    if len(images) != len(items):
+        raise InputError(f"score_many: {len(images)} images for {len(items)} items")
+    if workers <= 1 or len(images) < 2:
+        return [score(im, it) for im, it in zip(images, items)]
+    with mp.get_context("fork").Pool(min(workers, len(images))) as pool:
+        return pool.starmap(score, list(zip(images, items)), chunksize=8)
 
 
 def score_caption_image(image: np.ndarray, caption: str) -> dict:

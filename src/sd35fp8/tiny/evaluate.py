@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -133,19 +134,21 @@ def evaluate(model: str | Path | None = None, n: int = 100, seed: int = 0, modes
              cfg: float | None = None, sampler: str | None = None, scheduler: str | None = None,
              size: int | None = None, out: str | Path | None = None, sheet: str | Path | None = None,
              fp8_model: str | Path | None = None, warmup: bool = True, sheet_rows: int = 40,
-             verbose: bool = True) -> dict:
+             verbose: bool = True, score_workers: int | None = None) -> dict:
     """Generate `n` held-out captions in every mode, score them, write JSON + contact sheet.
 
     model: checkpoint path (None: the shipped model); fp8_model: a separate (e.g. scaled fp8) MMDiT
     file for the FP8 modes (default: the model's own MMDiT, quantised as it loads). modes: default
     every mode `available_modes(device)` offers. steps / cfg / sampler / scheduler / size default to
     the model's recorded defaults. out: JSON path (default benchmarks/results/tiny_eval_<device>.json);
-    sheet: PNG path (default: the JSON path with .png). Returns the JSON dict.
+    sheet: PNG path (default: the JSON path with .png). score_workers: processes scoring images
+    (default: the CPU count). Returns the JSON dict.
     """
     from ..pipeline import SD35Pipeline, default_device, shipped_model_path
     from ..fp8 import collect_activation_amax
     from .contact_sheet import contact_sheet
 
+    score_workers = score_workers or os.cpu_count() or 1
     if n < 1 or batch < 1:
         raise InputError(f"evaluate: n and batch must be >= 1, got n={n}, batch={batch}")
     dev = torch.device(device) if device is not None else default_device()
@@ -196,7 +199,7 @@ def evaluate(model: str | Path | None = None, n: int = 100, seed: int = 0, modes
             generate_items(pipe, items[:1], **{**gen, "seed": seed + 20_000})
         imgs, sec = generate_items(pipe, items, **gen)
         images[mode] = imgs
-        scores[mode] = [detector.score(img, it) for img, it in zip(imgs, items)]
+        scores[mode] = detector.score_many(imgs, items, workers=score_workers)
         entry = {"effective_mode": pipe.fp8_mode, "dtype": str(pipe.dtype).replace("torch.", ""),
                  "scores": detector.aggregate(scores[mode]), "seconds_per_image": sec}
         if note:

@@ -36,7 +36,6 @@ import hashlib
 import json
 import shutil
 import math
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -70,6 +69,9 @@ class Clock:
 
 def log(msg: str, clock: Clock) -> None:
     print(f"[{clock.now():7.1f}s] {msg}", flush=True)
+
+
+STEP_GRAPH_WARMUP = 3  # eager steps (compile, allocator warm-up) before --step-graph captures the step
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
@@ -260,49 +262,104 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
     rec["params"] = {"mmdit": param_count(mmdit), "clip_l": param_count(towers.clip_l),
                      "clip_g": param_count(towers.clip_g), "t5": param_count(towers.t5)}
     params = [p for m in (mmdit, towers) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.type == "cuda")
+    step_graph = bool(args.step_graph) and device.type == "cuda"
+    # --step-graph: lr and the EMA weight are device tensors, so one captured step serves every step
+    lr_t = torch.tensor(args.lr, dtype=torch.float32, device=device)
+    opt = torch.optim.AdamW(params, lr=lr_t if step_graph else args.lr, betas=(0.9, 0.99), weight_decay=0.0,
+                            fused=device.type == "cuda", capturable=step_graph)
     ema = [p.detach().clone() for p in params]
+    ema_w = {"now": 0.0, "t": torch.zeros((), dtype=torch.float32, device=device)}  # 1 - EMA decay of the step
+    ema_keep = torch.ones((), dtype=torch.float32, device=device)  # its EMA decay, as a tensor
     ids = [torch.from_numpy(a).long().to(device) for a in (data.l_ids, data.g_ids, data.t5_ids)]
     empty_ids = [torch.tensor(e, dtype=torch.long, device=device)[None] for e in empty]  # [1, 77] each
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
-    n = latents.shape[0]
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    n, b = latents.shape[0], args.batch
+    # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
     # --compile: the step is launch-bound at this size (62 ms at batch 1024 ~ 63 ms at 512 on the H100)
     # --compile-mode reduce-overhead adds CUDA graphs (cudagraph trees, forward and backward): the step is
-    # then bound by the GPU's work, not by launching ~thousands of small kernels
-    cm = args.compile_mode
+    # then bound by the GPU's work, not by launching ~thousands of small kernels. --step-graph instead
+    # compiles without graphs and captures the whole step (forward, backward, clipping, AdamW, EMA) in one
+    # CUDA graph: no Python, guards or eager optimizer kernels between the GPU's work.
+    cm = "default" if step_graph else args.compile_mode
     run_mmdit, run_towers = ((torch.compile(mmdit, mode=cm), torch.compile(towers, mode=cm)) if args.compile
                              else (mmdit, towers))
     graphs = args.compile and cm in ("reduce-overhead", "max-autotune")
     mmdit.train()
     towers.train()
+    # the batch of the step, written in place: the captured step reads these addresses
+    toks = [torch.zeros(b, t.shape[1], dtype=torch.long, device=device) for t in ids]  # 3 x [B, 77]
+    xt = torch.zeros((b,) + tuple(latents.shape[1:]), device=device)  # [B, 16, h, w]
+    target = torch.zeros_like(xt)  # [B, 16, h, w] v = eps - x0
+    sig = torch.zeros(b, device=device)  # [B]
 
-    def step(i: int, total: int) -> torch.Tensor:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(i, total, args.lr, args.warmup)
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be overwritten now
-        idx = torch.randint(0, n, (args.batch,), device=device, generator=gen)
-        drop = torch.rand(args.batch, device=device, generator=gen) < args.text_dropout  # [B]
-        toks = [torch.where(drop[:, None], e, t[idx]) for t, e in zip(ids, empty_ids)]  # 3 x [B, 77]
+    def sample_batch(i: int, total: int) -> None:
+        lr, decay = lr_at(i, total, args.lr, args.warmup), min(args.ema, (1 + i) / (10 + i))
+        if step_graph:
+            lr_t.fill_(lr)
+        else:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        ema_w["now"] = 1.0 - decay
+        if step_graph:
+            ema_w["t"].fill_(1.0 - decay)
+            ema_keep.fill_(decay)
+        idx = torch.randint(0, n, (b,), device=device, generator=gen)
+        drop = torch.rand(b, device=device, generator=gen) < args.text_dropout  # [B]
+        for buf, t, e in zip(toks, ids, empty_ids):
+            buf.copy_(torch.where(drop[:, None], e, t[idx]))  # [B, 77]
         x0 = latents[idx]  # [B, 16, h, w] model space
         eps = torch.randn(x0.shape, device=device, generator=gen)
-        t = torch.sigmoid(torch.randn(args.batch, device=device, generator=gen))  # [B] logit-normal(0, 1)
-        u = torch.rand(args.batch, device=device, generator=gen)  # [B] uniform
-        t = torch.where(torch.rand(args.batch, device=device, generator=gen) < args.sigma_uniform, u, t)
+        t = torch.sigmoid(torch.randn(b, device=device, generator=gen))  # [B] logit-normal(0, 1)
+        u = torch.rand(b, device=device, generator=gen)  # [B] uniform
+        t = torch.where(torch.rand(b, device=device, generator=gen) < args.sigma_uniform, u, t)
         s = args.train_shift * t / (1 + (args.train_shift - 1) * t)  # [B] SD3 shifted sigma
-        xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
+        sig.copy_(s)
+        xt.copy_((1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps)
+        target.copy_(eps - x0)
+
+    def update() -> torch.Tensor:
+        """Forward, backward, clipping, AdamW, EMA on the batch buffers (grads start as None)."""
         with autocast:
             context, pooled = run_towers(*toks)
-            v = run_mmdit(xt, s, context, pooled)
-        loss = F.mse_loss(v.float(), eps - x0)
-        opt.zero_grad(set_to_none=True)
+            v = run_mmdit(xt, sig, context, pooled)
+        loss = F.mse_loss(v.float(), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - min(args.ema, (1 + i) / (10 + i)))
+            live = [p.detach() for p in params]
+            if step_graph:  # ema = decay * ema + (1 - decay) * p with the step's weights read from the device
+                torch._foreach_mul_(ema, ema_keep)
+                torch._foreach_add_(ema, torch._foreach_mul(live, ema_w["t"]))
+            else:
+                torch._foreach_lerp_(ema, live, ema_w["now"])
         return loss.detach()
+
+    captured: dict = {}
+
+    def step(i: int, total: int) -> torch.Tensor:
+        sample_batch(i, total)
+        if not step_graph or i < STEP_GRAPH_WARMUP:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be overwritten now
+            opt.zero_grad(set_to_none=True)
+            if not step_graph:
+                return update()
+            side = torch.cuda.Stream(device)  # warm-up (compile) off the default stream, as graph capture asks
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                loss = update()
+            torch.cuda.current_stream(device).wait_stream(side)
+            return loss
+        if not captured:
+            opt.zero_grad(set_to_none=True)  # backward inside the capture allocates the grads in its pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured["loss"] = update()
+            captured["graph"] = graph
+        captured["graph"].replay()
+        return captured["loss"].clone()
 
     rec["mmdit_loss"] = []
     probe, time_from = (200, 50) if args.steps_mmdit is None and not args.smoke else (40, 10)
@@ -319,13 +376,6 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
-def _score_pool(images: list[np.ndarray], items: list, workers: int) -> list[dict]:
-    if workers <= 1:
-        return [detector.score(im, it) for im, it in zip(images, items)]
-    with mp.get_context("fork").Pool(workers) as pool:  # workers never touch CUDA
-        return pool.starmap(detector.score, list(zip(images, items)), chunksize=8)
-
-
 @torch.no_grad()
 def generate(mmdit, vae, text_encoder, prompts: list[str], seed: int, cfg: float, steps: int, size: int,
              device: torch.device, sampler: str = "euler", scheduler: str = "normal", batch: int = 256):
@@ -356,15 +406,15 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
     res: dict = {"n_items": len(items), "steps": args.eval_steps, "sampler": "euler", "scheduler": "normal"}
     # reference upper bounds: the renders themselves, and their VAE round trip
     renders = [world.render(it.scene, size) for it in items]
-    res["detector_on_renders"] = detector.aggregate(_score_pool(renders, items, args.workers))
+    res["detector_on_renders"] = detector.aggregate(detector.score_many(renders, items, args.workers))
     x = torch.from_numpy(np.stack(renders)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
     recon = image_to_uint8(vae.decode(vae.encode(x)).float())
-    res["detector_on_vae_roundtrip"] = detector.aggregate(_score_pool(recon, items, args.workers))
+    res["detector_on_vae_roundtrip"] = detector.aggregate(detector.score_many(recon, items, args.workers))
     res["cfg_grid"] = {}
     best = None
     for cfg in args.cfg_grid:
         images = generate(mmdit, vae, text, prompts, args.seed, cfg, args.eval_steps, size, device)
-        agg = detector.aggregate(_score_pool(images, items, args.workers))
+        agg = detector.aggregate(detector.score_many(images, items, args.workers))
         res["cfg_grid"][str(cfg)] = agg
         pc = agg["per_category"]
         key = pc.get("single", 0.0) + pc.get("two_relation", 0.0)
@@ -378,7 +428,7 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
     train_items = world.eval_items(max(5, args.eval_items // 2), seed=2000 + args.seed, split="train")
     imgs = generate(mmdit, vae, text, [it.caption for it in train_items], args.seed, best[1], args.eval_steps,
                     size, device)
-    res["in_distribution"] = detector.aggregate(_score_pool(imgs, train_items, args.workers))
+    res["in_distribution"] = detector.aggregate(detector.score_many(imgs, train_items, args.workers))
     res["samples"] = best[2][:16]
     return res
 
@@ -476,6 +526,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="reduce-overhead",
                    help="torch.compile mode with --compile: reduce-overhead (default: CUDA graphs, 11.9 ms a "
                         "step at batch 512 on the H100), default, max-autotune")
+    p.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --compile on CUDA: capture the whole training step (forward, backward, clipping, "
+                        "AdamW, EMA) in one CUDA graph (torch.compile mode default inside)")
     p.add_argument("--vae-only", action="store_true",
                    help="train the VAE only and write it in an all-in-one for a later --vae-from call "
                         "(splits a run into two device calls)")

@@ -1,0 +1,83 @@
+"""Sampler settings for the shipped tiny model: detector scores on held-out prompts for several
+(sampler, scheduler, steps, cfg) settings, one pipeline load, BF16 (float32 on CPU). Picks the
+defaults written into the model's metadata; writes JSON to benchmarks/results/.
+
+    python benchmarks/tiny_sampler_sweep.py --n 400 --batch 64 \
+        --settings euler/normal/20/8 euler_ancestral/normal/20/8 euler_ancestral/normal/30/8
+
+A setting is `sampler/scheduler/steps/cfg` (ComfyUI names). Every setting sees the same items and
+the same initial noise (`seed + batch index`, as `sd35fp8 eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from sd35fp8.errors import InputError
+from sd35fp8.pipeline import SD35Pipeline, default_device, shipped_model_path
+from sd35fp8.sampling import SAMPLERS, SCHEDULERS
+from sd35fp8.tiny import detector, world
+from sd35fp8.tiny.evaluate import RESULTS_DIR, device_slug, generate_items
+
+
+def parse_setting(text: str) -> dict:
+    parts = text.split("/")
+    if len(parts) != 4:
+        raise InputError(f"setting {text!r} is not sampler/scheduler/steps/cfg")
+    sampler, scheduler, steps, cfg = parts
+    if sampler not in SAMPLERS or scheduler not in SCHEDULERS:
+        raise InputError(f"setting {text!r}: unknown sampler or scheduler")
+    return {"sampler": sampler, "scheduler": scheduler, "steps": int(steps), "cfg": float(cfg)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--settings", nargs="+", required=True, help="sampler/scheduler/steps/cfg ...")
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    settings = [parse_setting(s) for s in args.settings]  # checked before loading
+
+    dev = torch.device(args.device) if args.device else default_device()
+    model = args.model or shipped_model_path()
+    pipe = SD35Pipeline.from_pretrained(model, device=dev)
+    size = pipe.defaults.width
+    items = world.heldout_prompts(args.n, args.seed)
+    rows = []
+    for s in settings:
+        t0 = time.perf_counter()
+        images, sec = generate_items(pipe, items, seed=args.seed, batch=args.batch, size=size, **s)
+        agg = detector.aggregate(detector.score_many(images, items, workers=os.cpu_count() or 1))
+        rows.append({**s, "scores": agg, "seconds_per_image": sec, "wall_s": time.perf_counter() - t0})
+        pc = agg["per_category"]
+        print(f"{s['sampler']:>16} {s['scheduler']:>8} {s['steps']:>3} cfg {s['cfg']:>4}: "
+              + " ".join(f"{c} {pc[c]:.3f}" for c in world.CATEGORIES) + f"  overall {agg['overall']:.3f}",
+              flush=True)
+    result = {
+        "benchmark": "tiny_sampler_sweep", "model": str(model), "n": args.n, "seed": args.seed,
+        "batch": args.batch, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(pipe.dtype).replace("torch.", ""), "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": rows,
+    }
+    out = args.out or RESULTS_DIR / f"tiny_sampler_sweep_{device_slug(dev)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
