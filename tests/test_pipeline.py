@@ -121,6 +121,28 @@ def test_bad_parameters(pipe):
         pipe("x", width=1024, height=1024)
 
 
+def test_img2img_one_image_or_one_per_prompt(pipe):
+    """`image` is one picture for every prompt or one per prompt (image i goes with prompt i, as a
+    ComfyUI latent batch from VAEEncode); image i's result keeps its noise row."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 3, 32, 32, generator=g), torch.rand(1, 3, 32, 32, generator=g)
+
+    def run(image, prompts=("a red circle", "a blue square")):
+        out = pipe(list(prompts), image=image, num_inference_steps=3, width=32, height=32, seed=5, denoise=0.6,
+                   progress=False)
+        return [np.asarray(im) for im in out.images]
+
+    pair = run(torch.cat([a, b]))
+    same = run(torch.cat([a, a]))
+    shared = run(a)
+    assert np.array_equal(pair[0], same[0])
+    for x, y in zip(same, shared):  # a batch of 2 encodes vs 1 encode repeated: equal up to batch-size numerics
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+    assert not np.array_equal(pair[1], same[1])  # the second prompt got image b
+    with pytest.raises(InputError, match="3 init images for 2 prompts"):
+        run(torch.cat([a, a, b]))
+
+
 def test_save_png_metadata(pipe, tmp_path):
     out = pipe("a blue ring", num_inference_steps=2, width=32, height=32, seed=11, progress=False)
     (path,) = out.save(tmp_path / "img.png")

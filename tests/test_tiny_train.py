@@ -165,3 +165,30 @@ def test_default_arguments_are_the_shipped_recipe():
         assert getattr(cuda, key) == shipped[key], key
     assert not train.parse_args(["--out", "x", "--device", "cpu"]).compile
     assert not train.parse_args(["--out", "x", "--device", "cuda", "--no-compile"]).compile
+
+
+def test_set_defaults_rewrites_metadata_only(tiny_random_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sd35fp8.errors import InputError
+
+    src, _ = tiny_random_checkpoint
+    path = tmp_path / "m.safetensors"
+    shutil.copyfile(src, path)
+    with safe_open(str(path), "pt") as f:
+        before = dict(f.metadata())
+    new = export.set_defaults(path, {"sampler": "euler_ancestral", "steps": "30", "cfg": "6"})
+    assert (new["sampler"], new["steps"], new["cfg"]) == ("euler_ancestral", 30, 6.0)
+    with safe_open(str(path), "pt") as f:
+        after = dict(f.metadata())
+    assert json.loads(after[DEFAULTS_METADATA_KEY]) == new
+    assert {k: v for k, v in after.items() if k != DEFAULTS_METADATA_KEY} == \
+        {k: v for k, v in before.items() if k != DEFAULTS_METADATA_KEY}
+    a, b = load_file(str(src)), load_file(str(path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="unknown fields"):
+        export.set_defaults(path, {"colour": "red"})
+    with pytest.raises(InputError, match="unknown sampler"):
+        export.set_defaults(path, {"sampler": "nope"})

@@ -286,8 +286,13 @@ class SD35Pipeline:
         latent = torch.zeros(shape, dtype=torch.float32, device=self.device)  # raw VAE space, as ComfyUI
         if image is not None:
             with self._stage("vae_encode"), self._on_device(self.vae) as vae:
-                pixels = _image_tensor(image).to(self.device, self.dtype)
-                latent = vae.encode(pixels).float().repeat(batch, 1, 1, 1)
+                pixels = _image_tensor(image).to(self.device, self.dtype)  # [1 or P, 3, H, W]
+                if pixels.shape[0] not in (1, len(prompts)):
+                    raise InputError(f"{pixels.shape[0]} init images for {len(prompts)} prompts: give one image "
+                                     "or one per prompt")
+                encoded = vae.encode(pixels).float()  # [1 or P, C, h, w]
+                latent = (encoded.repeat(batch, 1, 1, 1) if encoded.shape[0] == 1
+                          else encoded.repeat_interleave(n, 0))  # image i goes with prompt i's images
 
         with self._stage("sampling"), self._on_device(self.mmdit) as mmdit:
             z = ksample(mmdit, cond, uncond, latent, seed=seed, steps=steps, cfg=cfg, sampler=sampler,

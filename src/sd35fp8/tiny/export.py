@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..defaults import DEFAULTS_METADATA_KEY
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 
 CHECKPOINT_NAME = "sd35fp8_tiny.safetensors"
 PREFIXES = {
@@ -147,11 +147,58 @@ def write_fp8_mmdit(all_in_one: str | Path, out: str | Path) -> Path:
     return out
 
 
-if __name__ == "__main__":  # python -m sd35fp8.tiny.export ALL_IN_ONE [OUT]
-    import sys
+DEFAULT_FIELDS = {"steps": int, "cfg": float, "sampler": str, "scheduler": str, "shift": float}
+
+
+def set_defaults(path: str | Path, updates: dict) -> dict:
+    """Rewrite (or add) the generation defaults (metadata `sd35fp8.defaults`) of a checkpoint in place;
+    the tensors and every other metadata key stay as they are. Returns the new defaults."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..sampling import SAMPLERS, SCHEDULERS
+
+    path = Path(path)
+    bad = sorted(set(updates) - set(DEFAULT_FIELDS))
+    if bad:
+        raise InputError(f"set_defaults: unknown fields {bad}; choose from {', '.join(DEFAULT_FIELDS)}")
+    if updates.get("sampler", "euler") not in SAMPLERS or updates.get("scheduler", "normal") not in SCHEDULERS:
+        raise InputError(f"set_defaults: unknown sampler or scheduler in {updates}")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    # a file without own defaults gets these over the loader's per-model ones (defaults.py)
+    defaults = json.loads(meta.get(DEFAULTS_METADATA_KEY, "{}")) | {k: DEFAULT_FIELDS[k](v) for k, v in updates.items()}
+    meta[DEFAULTS_METADATA_KEY] = json.dumps(defaults, sort_keys=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(load_file(str(path)), str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return defaults
+
+
+def main(argv=None) -> int:
+    import argparse
 
     from . import SHIPPED_FP8_MMDIT
 
-    src = Path(sys.argv[1])
-    dst = Path(sys.argv[2]) if len(sys.argv) > 2 else src.with_name(SHIPPED_FP8_MMDIT.name)
-    print(write_fp8_mmdit(src, dst))
+    p = argparse.ArgumentParser(prog="python -m sd35fp8.tiny.export",
+                                description="Write the scaled-fp8 MMDiT file of a tiny all-in-one (the shipped "
+                                "pair); --defaults first rewrites the all-in-one's generation defaults.")
+    p.add_argument("all_in_one", type=Path)
+    p.add_argument("out", type=Path, nargs="?", default=None,
+                   help=f"fp8 file (default: {SHIPPED_FP8_MMDIT.name} beside the all-in-one)")
+    p.add_argument("--defaults", default=None, metavar="K=V,...",
+                   help="e.g. sampler=euler_ancestral,steps=30,cfg=6 (fields: " + ", ".join(DEFAULT_FIELDS) + ")")
+    a = p.parse_args(argv)
+    if a.defaults:
+        pairs = [kv.split("=", 1) for kv in a.defaults.split(",") if kv.strip()]
+        if any(len(kv) != 2 for kv in pairs):
+            raise SystemExit(f"--defaults {a.defaults!r}: expected K=V,...")
+        print(set_defaults(a.all_in_one, {k.strip(): v.strip() for k, v in pairs}))
+    print(write_fp8_mmdit(a.all_in_one, a.out or a.all_in_one.with_name(SHIPPED_FP8_MMDIT.name)))
+    return 0
+
+
+if __name__ == "__main__":  # python -m sd35fp8.tiny.export ALL_IN_ONE [OUT] [--defaults K=V,...]
+    raise SystemExit(main())
