@@ -11,9 +11,7 @@ shape formation); a score low even at small d says it fails at the detail end. W
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 
 from sd35fp8.pipeline import SD35Pipeline, default_device, shipped_model_path
 from sd35fp8.tiny import detector, world
-from sd35fp8.tiny.evaluate import RESULTS_DIR, device_slug
+from sd35fp8.tiny.evaluate import write_result
 
 
 def main(argv=None) -> dict:
@@ -52,17 +50,13 @@ def main(argv=None) -> dict:
         agg = detector.aggregate(detector.score_many(images, items, workers=os.cpu_count() or 1))
         rows[str(d)] = agg
         pc = agg["per_category"]
-        print(f"denoise {d:.2f}: " + " ".join(f"{c} {pc[c]:.3f}" for c in world.CATEGORIES)
+        print(f"denoise {d:.2f}: " + " ".join(f"{c} {pc[c]:.3f}" for c in world.CATEGORIES if c in pc)
               + f" overall {agg['overall']:.3f} | shape {agg['per_aspect']['shape']:.3f}", flush=True)
     d = pipe.defaults
     result = {"benchmark": "tiny_denoise_probe", "model": str(model), "n": a.n, "seed": a.seed,
               "defaults": {"sampler": d.sampler, "steps": d.steps, "cfg": d.cfg, "scheduler": d.scheduler},
-              "device": str(dev), "torch": torch.__version__,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by_denoise": rows}
-    out = a.out or RESULTS_DIR / f"tiny_denoise_probe_{device_slug(dev)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+              "by_denoise": rows}
+    write_result(result, "tiny_denoise_probe", dev, a.out)
     return result
 
 

@@ -12,11 +12,8 @@ the same initial noise (`seed + batch index`, as `sd35fp8 eval`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,7 +22,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.pipeline import SD35Pipeline, default_device, shipped_model_path
 from sd35fp8.sampling import SAMPLERS, SCHEDULERS
 from sd35fp8.tiny import detector, world
-from sd35fp8.tiny.evaluate import RESULTS_DIR, device_slug, generate_items
+from sd35fp8.tiny.evaluate import generate_items, write_result
 
 
 def parse_setting(text: str) -> dict:
@@ -63,19 +60,11 @@ def main(argv=None) -> dict:
         rows.append({**s, "scores": agg, "seconds_per_image": sec, "wall_s": time.perf_counter() - t0})
         pc = agg["per_category"]
         print(f"{s['sampler']:>16} {s['scheduler']:>8} {s['steps']:>3} cfg {s['cfg']:>4}: "
-              + " ".join(f"{c} {pc[c]:.3f}" for c in world.CATEGORIES) + f"  overall {agg['overall']:.3f}",
+              + " ".join(f"{c} {pc[c]:.3f}" for c in world.CATEGORIES if c in pc) + f"  overall {agg['overall']:.3f}",
               flush=True)
-    result = {
-        "benchmark": "tiny_sampler_sweep", "model": str(model), "n": args.n, "seed": args.seed,
-        "batch": args.batch, "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "dtype": str(pipe.dtype).replace("torch.", ""), "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": rows,
-    }
-    out = args.out or RESULTS_DIR / f"tiny_sampler_sweep_{device_slug(dev)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    result = {"benchmark": "tiny_sampler_sweep", "model": str(model), "n": args.n, "seed": args.seed,
+              "batch": args.batch, "dtype": str(pipe.dtype).replace("torch.", ""), "settings": rows}
+    write_result(result, "tiny_sampler_sweep", dev, args.out)
     return result
 
 

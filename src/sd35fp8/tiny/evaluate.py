@@ -91,6 +91,21 @@ def _json_safe(obj):
     return obj
 
 
+def write_result(result: dict, name: str, device: torch.device, out: str | Path | None = None) -> Path:
+    """Stamp a benchmark result with device, torch version and UTC date, write it as JSON to `out`
+    (default benchmarks/results/<name>_<device>.json) and return the path."""
+    from datetime import datetime, timezone
+
+    result.update(device=str(device), torch=torch.__version__,
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    path = Path(out) if out is not None else RESULTS_DIR / f"{name}_{device_slug(device)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 # ---------------------------------------------------------------- generation
 def generate_items(pipe, items: Sequence[world.EvalItem], seed: int, batch: int, steps: int, cfg: float,
                    sampler: str, scheduler: str, size: int) -> tuple[list[np.ndarray], float]:
