@@ -143,6 +143,52 @@ def test_img2img_one_image_or_one_per_prompt(pipe):
         run(torch.cat([a, a, b]))
 
 
+def test_arguments_checked_before_work(pipe):
+    """Zero is not "the default", types are checked, the init image must agree with width/height."""
+    small = dict(width=32, height=32, num_inference_steps=2, progress=False)
+    for kw, match in ((dict(num_inference_steps=0), "steps 0"), (dict(width=0, height=32), "width must be"),
+                      (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be an integer"),
+                      (dict(width=32.0), "width must be an integer"), (dict(seed=2**64), "seed must be in"),
+                      (dict(seed=-1), "seed must be in"), (dict(negative_prompt=None), "negative_prompt must be")):
+        with pytest.raises(InputError, match=match):
+            pipe("x", **{**small, **kw})
+    for bad, match in ((None, "prompt must be"), (5, "prompt must be"), ([], "no prompt")):
+        with pytest.raises(InputError, match=match):
+            pipe(bad, **small)
+    img = Image.new("RGB", (48, 32))
+    with pytest.raises(InputError, match="init image is 48x32 but width/height are 32x32"):
+        pipe("x", image=img, denoise=0.5, **small)
+    for bad, match in ((torch.rand(1, 4, 32, 32), "must be \\[3, H, W\\]"), (torch.ones(1, 3, 32, 32, dtype=torch.uint8), "floating point"),
+                       (torch.rand(1, 3, 32, 32) * 2 - 1, "values must lie in"), ([img, Image.new("RGB", (32, 32))], "differ in size"),
+                       ("x.png", "image must be")):
+        with pytest.raises(InputError, match=match):
+            pipe("x", image=bad, denoise=0.5, num_inference_steps=2, progress=False)
+    out = pipe("x", image=[Image.new("RGB", (48, 32))], denoise=0.5, num_inference_steps=2, progress=False)
+    assert out.images[0].size == (48, 32)  # the image sets the size
+    out = pipe("x", seed=2**64 - 1, sampler="euler_ancestral", **small)  # ComfyUI's largest seed
+    assert len(out.images) == 1
+
+
+def test_prompts_that_cannot_share_a_batch_run_in_passes(pipe):
+    """A long prompt among short ones: contexts ComfyUI would not concatenate run in one pass each,
+    each on its rows of the batch's single noise draw (so with a deterministic sampler image k is
+    the image k of a batch of that prompt alone)."""
+    long = "a red circle above a blue square and a small green triangle " * 12
+    kw = dict(width=32, height=32, num_inference_steps=2, seed=7, progress=False, sampler="euler")
+    steps = []
+    both = pipe(["a red circle", long], callback=lambda i, total, x: steps.append(total), **kw)
+    assert len(both.images) == 2 and steps == [2, 2, 2, 2]  # two passes of 2 steps
+    first = pipe(["a red circle", "a blue square"], **kw)  # batchable: one pass, same noise rows
+    np.testing.assert_array_equal(np.asarray(both.images[0]), np.asarray(first.images[0]))
+    assert [p["prompt"] for p in both.params] == ["a red circle", long]
+
+
+def test_save_adds_png_suffix(pipe, tmp_path):
+    out = pipe("x", width=32, height=32, num_inference_steps=1, progress=False)
+    assert out.save(tmp_path / "picture") == [tmp_path / "picture.png"]
+    assert Image.open(tmp_path / "picture.png").format == "PNG"
+
+
 def test_save_png_metadata(pipe, tmp_path):
     out = pipe("a blue ring", num_inference_steps=2, width=32, height=32, seed=11, progress=False)
     (path,) = out.save(tmp_path / "img.png")

@@ -31,8 +31,11 @@ class GenerationOutput:
     params: list[dict] = field(default_factory=list)  # one dict per image
 
     def save(self, path: str | Path) -> list[Path]:
-        """Save every image; with several images `out.png` becomes `out_0.png`, `out_1.png`..."""
+        """Save every image as PNG; with several images `out.png` becomes `out_0.png`, `out_1.png`...
+        A path without a suffix gets `.png`."""
         path = Path(path)
+        if not path.suffix:
+            path = path.with_suffix(".png")
         paths = [path] if len(self.images) == 1 else [
             path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(self.images))
         ]

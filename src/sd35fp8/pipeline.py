@@ -180,6 +180,12 @@ class SD35Pipeline:
             self.stats.peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
         self.stats.seconds[name] = time.perf_counter() - start
 
+    def _encode(self, prompts: Sequence[str], negatives: Sequence[str], use_cfg: bool):
+        """(cond, uncond or None) for one batch of prompts and their negatives."""
+        if use_cfg and self.batch_encode:
+            return tuple(self.encode_prompt_groups(prompts, negatives))
+        return self.encode_prompt(prompts), self.encode_prompt(negatives) if use_cfg else None
+
     def encode_prompt(self, prompts: Sequence[str]):
         """prompts -> Conditioning(context [B, L, C], pooled [B, P]) on the device."""
         return self.encode_prompt_groups(prompts)[0]
@@ -240,64 +246,91 @@ class SD35Pipeline:
 
         Seeds: the initial noise of the whole batch is one CPU draw from `seed`, as ComfyUI
         does, so the same seed gives the same image on every device. `image` + `denoise` < 1 is
-        img2img. `callback(step, total, denoised)` runs after every step.
+        img2img: one image (PIL, or a float tensor [3, H, W] / [1, 3, H, W] in [0, 1]) for every
+        prompt, or one per prompt (a list of PIL images or a [P, 3, H, W] tensor); the image sets
+        the size. Prompts whose contexts cannot be batched (a long prompt among short ones, as
+        ComfyUI decides) run in one pass each, on their rows of the batch's noise; the per-step
+        noise of ancestral/SDE samplers is then drawn per pass. `callback(step, total, denoised)`
+        runs after every step (of every pass).
         """
         from .models.vae import image_to_uint8
-        from .sampling import SAMPLERS, SCHEDULERS
+        from .sampling import SAMPLERS, SCHEDULERS, prepare_noise
         from .sampling.ksampler import ksample
+        from .text.encoders import ContextBatchError
 
         d = self.defaults
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        steps = num_inference_steps or d.steps
+        prompts = _prompt_list(prompt, "prompt")
+        negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str)
+                     else _prompt_list(negative_prompt, "negative_prompt"))
+        if not prompts:
+            raise InputError("no prompt given (an empty list)")
+        if len(negatives) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        steps = d.steps if num_inference_steps is None else _as_int(num_inference_steps, "num_inference_steps")
+        n = _as_int(num_images_per_prompt, "num_images_per_prompt")
+        seed = _as_int(seed, "seed")
+        width = None if width is None else _as_int(width, "width")
+        height = None if height is None else _as_int(height, "height")
         cfg = d.cfg if guidance_scale is None else float(guidance_scale)
         sampler = sampler or d.sampler
         scheduler = scheduler or d.scheduler
         shift = d.shift if shift is None else float(shift)
-        width, height = width or d.width, height or d.height
-        if not prompts or len(negatives) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         if sampler not in SAMPLERS:
             raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
         if scheduler not in SCHEDULERS:
             raise InputError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if cfg < 0 or steps < 1 or num_images_per_prompt < 1 or not 0 < denoise <= 1:
-            raise InputError(f"invalid cfg {cfg}, steps {steps}, batch {num_images_per_prompt} or denoise {denoise}")
+        if not 0 <= seed < 2**64:
+            raise InputError(f"seed must be in [0, 2**64), got {seed}")
+        if not cfg >= 0 or steps < 1 or n < 1 or not 0 < denoise <= 1:
+            raise InputError(f"invalid cfg {cfg}, steps {steps}, batch {n} or denoise {denoise}")
+        pixels = None
         if image is not None:
-            width, height = (image.width, image.height) if isinstance(image, Image.Image) else image.shape[-1:-3:-1]
+            pixels = _image_tensor(image)  # [1 or P, 3, H, W] in [-1, 1], CPU
+            ih, iw = pixels.shape[-2:]
+            if (width is not None and width != iw) or (height is not None and height != ih):
+                raise InputError(f"init image is {iw}x{ih} but width/height are {width}x{height}: leave them "
+                                 "unset or resize the image")
+            width, height = iw, ih
+            if pixels.shape[0] not in (1, len(prompts)):
+                raise InputError(f"{pixels.shape[0]} init images for {len(prompts)} prompts: give one image "
+                                 "or one per prompt")
+        width = d.width if width is None else width
+        height = d.height if height is None else height
         self.check_size(width, height)
 
         self.stats = StageStats()
-        n = num_images_per_prompt
+        use_cfg = abs(cfg - 1.0) > 1e-9
         with self._stage("encode"):
-            if abs(cfg - 1.0) > 1e-9 and self.batch_encode:
-                cond, uncond = self.encode_prompt_groups(prompts, negatives)
-            else:
-                cond = self.encode_prompt(prompts)
-                uncond = self.encode_prompt(negatives) if abs(cfg - 1.0) > 1e-9 else None
+            try:  # one batch, as ComfyUI batches conds whose contexts it can concatenate
+                groups = [(0, len(prompts), *self._encode(prompts, negatives, use_cfg))]
+            except ContextBatchError:  # e.g. a long prompt among short ones: a pass per prompt, as ComfyUI
+                groups = [(i, i + 1, *self._encode([p], [q], use_cfg))
+                          for i, (p, q) in enumerate(zip(prompts, negatives))]
         from .sampling import Conditioning
 
         def repeat(c):
             return None if c is None else Conditioning(c.context.repeat_interleave(n, 0), c.pooled.repeat_interleave(n, 0))
 
-        cond, uncond = repeat(cond), repeat(uncond)
         batch = len(prompts) * n
         shape = (batch, self.mmdit.config.in_channels, height // 8, width // 8)
         latent = torch.zeros(shape, dtype=torch.float32, device=self.device)  # raw VAE space, as ComfyUI
-        if image is not None:
+        if pixels is not None:
             with self._stage("vae_encode"), self._on_device(self.vae) as vae:
-                pixels = _image_tensor(image).to(self.device, self.dtype)  # [1 or P, 3, H, W]
-                if pixels.shape[0] not in (1, len(prompts)):
-                    raise InputError(f"{pixels.shape[0]} init images for {len(prompts)} prompts: give one image "
-                                     "or one per prompt")
-                encoded = vae.encode(pixels).float()  # [1 or P, C, h, w]
+                encoded = vae.encode(pixels.to(self.device, self.dtype)).float()  # [1 or P, C, h, w]
                 latent = (encoded.repeat(batch, 1, 1, 1) if encoded.shape[0] == 1
                           else encoded.repeat_interleave(n, 0))  # image i goes with prompt i's images
 
+        # one CPU draw for the whole batch (ComfyUI); separate passes take their rows of it
+        noise = None if len(groups) == 1 else prepare_noise(seed, shape)
+        parts = []
         with self._stage("sampling"), self._on_device(self.mmdit) as mmdit:
-            z = ksample(mmdit, cond, uncond, latent, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
-                        scheduler=scheduler, shift=shift, denoise=denoise, slg=self._slg(slg), dtype=self.dtype,
-                        callback=callback, disable=not progress)
+            for start, end, cond, uncond in groups:
+                rows = slice(start * n, end * n)
+                parts.append(ksample(mmdit, repeat(cond), repeat(uncond), latent[rows], seed=seed, steps=steps,
+                                     cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift, denoise=denoise,
+                                     slg=self._slg(slg), dtype=self.dtype, callback=callback,
+                                     disable=not progress, noise=None if noise is None else noise[rows]))
+        z = torch.cat(parts) if len(parts) > 1 else parts[0]
         with self._stage("vae_decode"), self._on_device(self.vae) as vae:
             tiled = self._tiled_decode(width, height, batch)
             decoded = vae.decode_tiled(z) if tiled else vae.decode(z)
@@ -337,11 +370,53 @@ def _fast_mmdit(mmdit, device: torch.device, offload: str):
     return FastMMDiT(mmdit, mode, compile=True, cuda_graphs=True)
 
 
-def _image_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """PIL image or [B,3,H,W] tensor in [0,1] -> [1 or B, 3, H, W] in [-1, 1]."""
-    if isinstance(image, Image.Image):
-        import numpy as np
+def _prompt_list(value, name: str) -> list[str]:
+    """A prompt or a sequence of prompts -> list of str (InputError for anything else)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
 
-        arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype="float32") / 255.0)
-        image = arr.permute(2, 0, 1)[None]
+
+def _as_int(value, name: str) -> int:
+    """An integer argument (Python or NumPy int; not bool or float) -> int."""
+    import operator
+
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _image_tensor(image) -> torch.Tensor:
+    """PIL image, list of PIL images of one size, or float tensor [3,H,W] / [B,3,H,W] in [0,1]
+    -> float32 [1 or B, 3, H, W] in [-1, 1] on the CPU (InputError for anything else)."""
+    import numpy as np
+
+    def from_pil(im: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype="float32") / 255.0).permute(2, 0, 1)
+
+    if isinstance(image, Image.Image):
+        image = from_pil(image)[None]
+    elif isinstance(image, (list, tuple)) and image and all(isinstance(im, Image.Image) for im in image):
+        sizes = {im.size for im in image}
+        if len(sizes) != 1:
+            raise InputError(f"init images differ in size: {sorted(sizes)}")
+        image = torch.stack([from_pil(im) for im in image])
+    elif isinstance(image, torch.Tensor):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise InputError(f"init image tensor must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise InputError(f"init image tensor must be floating point in [0, 1], got {image.dtype}")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise InputError(f"init image tensor values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+        image = image.detach().to("cpu", torch.float32)
+    else:
+        raise InputError(f"image must be a PIL image, a list of them or a tensor, got {type(image).__name__}")
     return image * 2.0 - 1.0

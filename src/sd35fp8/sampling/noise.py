@@ -64,7 +64,7 @@ def default_noise_sampler(x: torch.Tensor, seed: int | None = None) -> NoiseSamp
     """
     generator = None
     if seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
+        generator = torch.Generator(device="cpu").manual_seed((int(seed) + 1) % 2**64)  # 2**64-1 wraps to 0
 
     def sample(sigma, sigma_next) -> torch.Tensor:
         noise = torch.randn(x.shape, dtype=x.dtype, generator=generator, device="cpu")

@@ -267,6 +267,10 @@ def _compute_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if p.device.type != "cpu"), torch.device("cpu"))
 
 
+class ContextBatchError(InputError):
+    """Prompt contexts whose lengths ComfyUI would not batch (see concat_contexts)."""
+
+
 def concat_contexts(contexts: Sequence[torch.Tensor], max_repeat: int = 4) -> torch.Tensor:
     """Batch contexts [1, L_i, C] of different lengths as ComfyUI's ``CONDCrossAttn.concat``:
     repeat each along the sequence up to the LCM of the lengths. ComfyUI refuses (and runs the
@@ -275,7 +279,7 @@ def concat_contexts(contexts: Sequence[torch.Tensor], max_repeat: int = 4) -> to
     lengths = [c.shape[1] for c in contexts]
     target = math.lcm(*lengths)
     if target // min(lengths) > max_repeat:
-        raise InputError(
+        raise ContextBatchError(
             f"prompt contexts of lengths {lengths} cannot be batched (LCM {target} is more than "
             f"{max_repeat}x the shortest); encode and run these prompts separately"
         )
