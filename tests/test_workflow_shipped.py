@@ -58,6 +58,7 @@ def test_run_equals_generate(models, tmp_path, name):
     path.write_text(json.dumps(prompt))
     result = run_workflow(path, models, output_dir=tmp_path / "out", sets=[f"{lat}.width={SIZE}", f"{lat}.height={SIZE}"])
     assert result.success, result.error
+    assert result.output_dir == (tmp_path / "out").resolve()  # what `sd35fp8 run` prints the paths under
     (images,) = [ui["images"] for ui in result.outputs.values()]
     png = Image.open(tmp_path / "out" / images[0]["subfolder"] / images[0]["filename"])
     assert json.loads(png.text["prompt"])[lat]["inputs"]["width"] == SIZE

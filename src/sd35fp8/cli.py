@@ -150,8 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate_generate(args: argparse.Namespace) -> None:
     """Check every parameter before any model loads."""
+    import math
+
     from .errors import InputError
+    from .pipeline import resolve_device
     from .sampling import SAMPLERS, SCHEDULERS
+
+    resolve_device(args.device)
+    for name in ("cfg", "shift"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{name} must be a finite number, got {value}")
 
     for name in ("width", "height"):
         value = getattr(args, name)
@@ -176,6 +185,8 @@ def _validate_generate(args: argparse.Namespace) -> None:
         raise InputError(f"-o must name a .png file, got {args.output}")
     if not out.parent.exists():
         raise InputError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise InputError(f"-o {args.output} is a folder; name a .png file")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -236,7 +247,7 @@ def _cmd_samplers(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import default_device
+    from .pipeline import resolve_device
     from .workflow import run_workflow
 
     def hooks(event: str, data: dict) -> None:
@@ -244,7 +255,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             logging.getLogger("sd35fp8.run").info("executing node %s", data["node"])
 
     result = run_workflow(args.workflow, args.models, output_dir=args.output, sets=args.sets,
-                          device=str(args.device or default_device()), hooks=hooks,
+                          device=str(resolve_device(args.device)), hooks=hooks,
                           extra_model_paths=args.extra_model_paths)
     if not result.success:
         err = result.error or {}
@@ -253,18 +264,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     for node, ui in result.outputs.items():
         for image in (ui or {}).get("images", []):
-            print(Path(image.get("subfolder", "")) / image["filename"])
+            print(result.output_dir / image.get("subfolder", "") / image["filename"])
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .pipeline import default_device
+    from .pipeline import resolve_device
     from .server import serve
 
     pending = serve(listen=args.listen, port=args.port, models_dir=args.models, output_dir=args.output,
                     auth_token=args.auth_token, insecure=args.insecure, input_dir=args.input,
                     extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
-                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(args.device or default_device()),
+                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(resolve_device(args.device)),
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}", file=sys.stderr)
@@ -282,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except SD35Error as exc:
+    except (SD35Error, OSError, json.JSONDecodeError) as exc:  # bad input or files: one line, no traceback
         print(f"sd35fp8 {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

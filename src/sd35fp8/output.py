@@ -31,14 +31,26 @@ class GenerationOutput:
     params: list[dict] = field(default_factory=list)  # one dict per image
 
     def save(self, path: str | Path) -> list[Path]:
-        """Save every image as PNG; with several images `out.png` becomes `out_0.png`, `out_1.png`...
-        A path without a suffix gets `.png`."""
+        """Save every image (PNG with the parameters as text chunks; the suffix picks the format), each
+        written to a temporary name, then renamed into place; with
+        several images `out.png` becomes `out_0.png`, `out_1.png`... A path without a suffix gets
+        `.png`."""
         path = Path(path)
         if not path.suffix:
             path = path.with_suffix(".png")
         paths = [path] if len(self.images) == 1 else [
             path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(len(self.images))
         ]
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        if fmt is None:
+            from .errors import InputError
+
+            raise InputError(f"cannot save images as {path.suffix!r} files: use .png")
         for image, params, target in zip(self.images, self.params, paths):
-            image.save(target, pnginfo=png_info(params))
+            tmp = target.with_name(f".{target.name}.partial")
+            try:  # written whole or not at all: an interrupted save never leaves a broken file
+                image.save(tmp, format=fmt, pnginfo=png_info(params))
+                tmp.replace(target)
+            finally:
+                tmp.unlink(missing_ok=True)
         return paths

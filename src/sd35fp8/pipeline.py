@@ -42,6 +42,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A device name -> torch.device, checked: InputError for a name torch does not know or a CUDA
+    device this machine does not have (None: `default_device()`)."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but this torch build or machine has no CUDA")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise InputError(f"device {device!r}: sd35fp8 runs on cpu or cuda")
+    return dev
+
+
 def shipped_model_path() -> Path:
     """The small SD3.5-layout model that ships inside the package (the default model)."""
     from .tiny import SHIPPED_CHECKPOINT
@@ -109,7 +128,7 @@ class SD35Pipeline:
             raise InputError(f"unknown fp8 mode {fp8!r}; choose none, weight_only, dynamic or static")
         if offload not in OFFLOAD_MODES:
             raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = shipped_model_path() if model is None else model

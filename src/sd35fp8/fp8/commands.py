@@ -49,6 +49,13 @@ def describe_fp8_layout(source: TensorSource) -> dict:
     }
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 # ---- calibrate -----------------------------------------------------------------------------------------
 def _add_calibrate(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="calibrate static FP8 scales on real sampling trajectories",
@@ -59,16 +66,18 @@ def _add_calibrate(sub) -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file, folder or cached repo id (16-bit or fp8; fp8 is dequantised)")
     p.add_argument("--out", required=True, help="recipe JSON to write")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default: 32 built-in prompts)")
-    p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: per model)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: per model)")
-    p.add_argument("--calls", type=int, default=32, help="model calls kept for scoring and tuning (default 32)")
+    p.add_argument("--num-prompts", type=_positive_int, default=None, help="use only the first N prompts")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: per model)")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="image side in pixels, a multiple of 16 (default: per model)")
+    p.add_argument("--calls", type=_positive_int, default=32, help="model calls kept for scoring and tuning (default 32)")
     p.add_argument("--budget-db", type=float, default=None,
                    help="keep the least robust layers 16-bit until the predicted output SQNR reaches this")
     p.add_argument("--no-tune", action="store_true", help="skip the per-layer weight clipping search")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="compute dtype of the reference trajectories (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first trajectory (default 0; +1 per prompt)")
     return p
 
 
@@ -80,7 +89,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from sd35fp8.fp8.linear import FP8Linear
     from sd35fp8.pipeline import SD35Pipeline, dtype_from_name
 
+    from sd35fp8.pipeline import resolve_device
+
+    if args.size is not None and args.size % 16:
+        raise InputError(f"--size must be a multiple of 16, got {args.size}")
+    resolve_device(args.device)
+    out = Path(args.out)
+    if not out.parent.exists() or out.is_dir():
+        raise InputError(f"--out {args.out}: its folder does not exist or it is a folder")
     if args.prompts:
+        if not Path(args.prompts).is_file():
+            raise InputError(f"--prompts {args.prompts} is not a file")
         prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
         if not prompts:
             raise InputError(f"{args.prompts} holds no prompts")
@@ -88,8 +107,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
         prompts = list(PROMPTS)
     if args.num_prompts:
         prompts = prompts[: args.num_prompts]
-    if args.calls < 1:
-        raise InputError(f"--calls must be >= 1, got {args.calls}")
     pipe = SD35Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype_from_name(args.dtype))
     if any(isinstance(m, FP8Linear) for m in pipe.mmdit.modules()):  # an fp8 file: calibrate its 16-bit version
         log.info("calibrating the dequantised MMDiT of %s", args.model)
@@ -102,7 +119,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     recipe.save(args.out)
     s = recipe.stats
     print(f"output SQNR vs {pipe.dtype}: dynamic {s['dynamic_db']:.2f} dB, static {s['static_db']:.2f} dB "
-          f"(margin {recipe.margin}), tuned {s.get('tuned_db', float('nan')):.2f} dB"
+          f"(margin {recipe.margin})" + (f", tuned {s['tuned_db']:.2f} dB" if "tuned_db" in s else "")
           + (f", with policy {s['policy_db']:.2f} dB" if "policy_db" in s else ""))
     print(f"wrote {args.out}")
     return 0
@@ -116,10 +133,12 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                        "native: per-channel scales + static input scales + recipe in the metadata.")
     p.add_argument("input", help="checkpoint file, folder or cached repo id")
     p.add_argument("output", help=".safetensors to write")
-    p.add_argument("--format", dest="fmt", default="comfy", choices=["comfy", "native"])
+    p.add_argument("--format", dest="fmt", default="comfy", choices=["comfy", "native"],
+                   help="comfy (default): ComfyUI scaled fp8; native: per-channel scales + input scales + recipe")
     p.add_argument("--recipe", default=None, help="recipe JSON from `sd35fp8 calibrate` (input scales, clipping, policy)")
     p.add_argument("--mode", default=None, choices=["weight_only", "dynamic", "static"],
-                   help="static writes the recipe's input scales (required); weight_only/dynamic write none")
+                   help="static writes the recipe's input scales (required); weight_only/dynamic write none "
+                        "(default: static when --recipe is given, else none)")
     p.add_argument("--t5", action="store_true", help="also quantise the T5-XXL of an all-in-one")
     return p
 
@@ -129,6 +148,12 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     if Path(args.output).exists():
         raise InputError(f"{args.output} exists; remove it first")
+    if Path(args.output).suffix != ".safetensors":
+        raise InputError(f"{args.output}: the output must be a .safetensors file")
+    if not Path(args.output).parent.is_dir():
+        raise InputError(f"{args.output}: folder {Path(args.output).parent} does not exist")
+    if args.recipe is not None and not Path(args.recipe).is_file():
+        raise InputError(f"--recipe {args.recipe} is not a file")
     report = export(args.input, args.output, args.fmt, args.recipe, args.mode, args.t5)
     print(report.describe())
     return 0

@@ -73,18 +73,21 @@ def write_safetensors(path: str | Path, entries: Sequence[Entry], produce: Calla
     raw += b" " * ((8 - len(raw) % 8) % 8)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for e in order:
-            t = produce(e.key)
-            if t.dtype != e.dtype or tuple(t.shape) != e.shape:
-                raise CheckpointError(f"writing {path}: {e.key} is {t.dtype} {tuple(t.shape)}, planned {e.dtype} "
-                                      f"{e.shape}", str(path), [e.key])
-            if e.nbytes:
-                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            del t
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for e in order:
+                t = produce(e.key)
+                if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+                    raise CheckpointError(f"writing {path}: {e.key} is {t.dtype} {tuple(t.shape)}, planned "
+                                          f"{e.dtype} {e.shape}", str(path), [e.key])
+                if e.nbytes:
+                    f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                del t
+        tmp.replace(path)
+    finally:  # an error or Ctrl-C leaves neither a half file nor the .partial
+        tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
 

@@ -95,11 +95,12 @@ def _search_list(explicit: Path | None, near: Iterable[Path], use_hf_cache: bool
     if explicit is not None:
         paths += [explicit] if explicit.is_file() else _candidates_in(explicit)
         return paths  # an explicit choice is never second-guessed
-    for p in near:
-        folder = p.parent if p.is_file() or p.suffix in (".safetensors", ".gguf", ".bin") else p
-        paths += _candidates_in(folder)
-        # diffusers folder: text_encoder_3/model.safetensors -> ../tokenizer_3/
-        paths += [folder.parent / "tokenizer_3" / name for name in TOKENIZER_FILES]
+    for given in near:
+        for p in dict.fromkeys((given, given.resolve())):  # a symlinked file: beside the link and its target
+            folder = p.parent if p.is_file() or p.suffix in (".safetensors", ".gguf", ".bin") else p
+            paths += _candidates_in(folder)
+            # diffusers folder: text_encoder_3/model.safetensors -> ../tokenizer_3/
+            paths += [folder.parent / "tokenizer_3" / name for name in TOKENIZER_FILES]
     if use_hf_cache:
         cache = hf_hub_cache()
         for repo in HF_REPOS:
@@ -133,8 +134,9 @@ def find_t5_tokenizer(
     raise InputError(
         "No T5 tokenizer found (needed to encode prompts for the T5-XXL text encoder).\n"
         f"Searched:\n  {listing}\n"
-        "Fix: pass --t5-tokenizer PATH (a spiece.model, a tokenizer.json, or a folder holding one, "
-        "e.g. a diffusers tokenizer_3/ folder), or put spiece.model next to the T5 weights."
+        "Fix: put spiece.model (or tokenizer.json) next to the T5 weights or the checkpoint holding them, "
+        "or, with `sd35fp8 generate` / `calibrate`, pass --t5-tokenizer PATH (a spiece.model, a "
+        "tokenizer.json, or a folder holding one, e.g. a diffusers tokenizer_3/ folder)."
     )
 
 

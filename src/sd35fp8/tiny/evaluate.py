@@ -236,6 +236,8 @@ def evaluate(model: str | Path | None = None, n: int = 100, seed: int = 0, modes
 
     out_path = Path(out) if out is not None else RESULTS_DIR / f"tiny_eval_{device_slug(dev)}.json"
     sheet_path = Path(sheet) if sheet is not None else out_path.with_suffix(".png")
+    if sheet_path.resolve() == out_path.resolve():  # `--out x.png`: keep the JSON and the sheet apart
+        sheet_path = out_path.with_name(out_path.stem + "_sheet.png")
     result = {
         "model": str(model_path), "fp8_model": str(fp8_source), "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -313,6 +315,11 @@ def add_subcommand(subparsers) -> Callable[[argparse.Namespace], int]:
             raise InputError(f"--n, --batch and --steps must be >= 1, got {args.n}, {args.batch}, {args.steps}")
         if args.size is not None and (args.size <= 0 or args.size % 16):
             raise InputError(f"--size must be a positive multiple of 16, got {args.size}")
+        if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+            raise InputError(f"--cfg must be a finite number >= 0, got {args.cfg}")
+        from ..pipeline import resolve_device
+
+        resolve_device(args.device)
         from ..sampling import SAMPLERS, SCHEDULERS
 
         if args.sampler is not None and args.sampler not in SAMPLERS:

@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ class ExecutionResult:
     error: dict | None = None  # execution_error payload
     interrupted: bool = False
     sampled_with: int = 1  # prompts in the sampling batch it ran in (cross-prompt batching; 1 = alone)
+    output_dir: Path | None = None  # where SaveImage wrote (run_workflow fills it in)
 
 
 def _now_ms() -> int:

@@ -72,4 +72,5 @@ def run_workflow(path: str | Path, models_dir: str | Path, output_dir: str | Pat
     extra_data = {"extra_pnginfo": extra_pnginfo} if extra_pnginfo else {}
     result = ex.execute(prompt, prompt_id=str(uuid.uuid4()), extra_data=extra_data, hooks=hooks,
                         execute_outputs=outputs)
+    result.output_dir = Path(folders.output_dir)
     return result

@@ -1,0 +1,80 @@
+"""`sd35fp8` command-line errors: bad input is one line on stderr and exit code 2, found before any
+model loads; nothing is left half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sd35fp8.cli import main
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--cfg", "nan"], "--cfg must be a finite number"),
+    (["generate", "x", "--shift", "inf"], "--shift must be a finite number"),
+    (["generate", "x", "--device", "foo"], "unknown device 'foo'"),
+    (["generate", "x", "--device", "mps"], "runs on cpu or cuda"),
+])
+def test_generate_rejects_before_loading(argv, message, capsys, monkeypatch):
+    import sd35fp8.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.SD35Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    rc, err = _run(argv, capsys)
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_generate_output_is_a_folder(tmp_path, capsys, monkeypatch):
+    import sd35fp8.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.SD35Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "dir.png").mkdir()
+    rc, err = _run(["generate", "x", "-o", str(tmp_path / "dir.png")], capsys)
+    assert rc == 2 and "is a folder" in err
+
+
+def test_cuda_device_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, err = _run(["generate", "x", "--device", "cuda"], capsys)
+    assert rc == 2 and "no CUDA" in err
+
+
+def test_quantize_and_calibrate_check_paths(tiny_random_checkpoint, tmp_path, capsys):
+    path, _ = tiny_random_checkpoint
+    for argv, message in (
+        (["quantize", str(path), str(tmp_path / "no" / "q.safetensors")], "does not exist"),
+        (["quantize", str(path), str(tmp_path / "q.bin")], "must be a .safetensors file"),
+        (["quantize", str(path), str(tmp_path / "q.safetensors"), "--recipe", str(tmp_path / "r.json")], "is not a file"),
+        (["calibrate", str(path), "--out", str(tmp_path / "no" / "r.json")], "does not exist"),
+        (["calibrate", str(path), "--out", str(tmp_path / "r.json"), "--prompts", str(tmp_path / "p.txt")],
+         "is not a file"),
+        (["calibrate", str(path), "--out", str(tmp_path / "r.json"), "--size", "40"], "multiple of 16"),
+    ):
+        rc, err = _run(argv, capsys)
+        assert rc == 2 and message in err and "Traceback" not in err, (argv, err)
+    (tmp_path / "bad.json").write_text("{not json")
+    rc, err = _run(["quantize", str(path), str(tmp_path / "q.safetensors"), "--recipe", str(tmp_path / "bad.json")],
+                   capsys)
+    assert rc == 2 and "error" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "q.safetensors").exists()
+    with pytest.raises(SystemExit):  # argparse: 0 is not a step count
+        main(["calibrate", str(path), "--out", str(tmp_path / "r.json"), "--steps", "0"])
+
+
+def test_eval_out_png_keeps_json_and_sheet(tiny_random_checkpoint, tmp_path, capsys):
+    path, _ = tiny_random_checkpoint
+    out = tmp_path / "ev.png"
+    assert main(["eval", "--model", str(path), "--n", "1", "--batch", "1", "--steps", "1", "--size", "32",
+                 "--modes", "bf16", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 1  # the JSON, not overwritten by the sheet
+    assert (tmp_path / "ev_sheet.png").exists()
+    rc, err = _run(["eval", "--model", str(path), "--cfg", "nan", "--out", str(out)], capsys)
+    assert rc == 2 and "--cfg must be a finite number" in err
