@@ -139,9 +139,23 @@ def test_ws_messages_and_history(client):
             events.append(m)
             if m["type"] == "executing" and m["data"]["node"] is None:
                 break
-    kinds = [m["type"] for m in events if m["type"] != "status"]
+    kinds = [m["type"] for m in events if m["type"] not in ("status", "progress_state")]
     assert kinds == ["execution_start", "execution_cached", "executing", "executing", "progress", "progress",
                      "progress", "executing", "executed", "execution_success", "executing"]
+    # progress_state (the new web UI's node highlight): start after "executing", update before "progress",
+    # every node finished before "execution_success"
+    states = [(i, m["data"]) for i, m in enumerate(events) if m["type"] == "progress_state"]
+    assert all(d["prompt_id"] == pid for _, d in states)
+    first_exec = next(i for i, m in enumerate(events) if m["type"] == "executing")
+    assert states[0][0] == first_exec + 1 and states[0][1]["nodes"]["1"]["state"] == "running"
+    last_progress = max(i for i, m in enumerate(events) if m["type"] == "progress")
+    node2 = events[last_progress - 1]["data"]["nodes"]["2"]
+    assert events[last_progress - 1]["type"] == "progress_state" and (node2["value"], node2["max"]) == (3, 3)
+    assert set(node2) == {"value", "max", "state", "node_id", "prompt_id", "display_node_id", "parent_node_id",
+                          "real_node_id"}
+    success = next(i for i, m in enumerate(events) if m["type"] == "execution_success")
+    final = [d for i, d in states if i < success][-1]["nodes"]
+    assert {k: v["state"] for k, v in final.items()} == {"1": "finished", "2": "finished", "3": "finished"}
     progress = [m["data"] for m in events if m["type"] == "progress"]
     assert progress[-1] == {"value": 3, "max": 3, "prompt_id": pid, "node": "2"}
     executed = next(m["data"] for m in events if m["type"] == "executed")
@@ -164,6 +178,23 @@ def test_ws_messages_and_history(client):
     assert client.get("/api/history?max_items=1").json().keys() == {pid}
 
 
+def test_prompt_without_client_id_only_broadcasts_progress(client):
+    """ComfyUI execution.py: without a client_id only progress (and interrupts) reach other sockets; the
+    execution events of a script's prompt must not take over a web UI's progress display."""
+    with client.websocket_connect("/ws?clientId=ui") as ws:
+        ws.receive_json()
+        pid = client.post("/prompt", json={"prompt": fake_prompt(steps=2, seed=11)}).json()["prompt_id"]
+        kinds = []
+        while True:
+            m = ws.receive_json()
+            kinds.append(m["type"])
+            if m["type"] == "progress" and m["data"]["value"] == m["data"]["max"]:
+                break
+        run_to_end(client, pid)
+    assert "progress" in kinds
+    assert not {"execution_start", "execution_cached", "executing", "executed", "execution_success"} & set(kinds)
+
+
 def test_cache_second_prompt_only_reruns_changed_nodes(client):
     a = client.post("/prompt", json={"prompt": fake_prompt(seed=1)}).json()["prompt_id"]
     run_to_end(client, a)
@@ -178,7 +209,7 @@ def test_queue_numbers_front_and_delete(client):
     first = client.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED)}).json()
     wait_for(lambda: client.get("/queue").json()["queue_running"])
     p1 = client.post("/prompt", json={"prompt": fake_prompt(seed=5)}).json()
-    p2 = client.post("/api/prompt", json={"prompt": fake_prompt(seed=6), "front": True}).json()
+    p2 = client.post("/api/prompt", json={"prompt": fake_prompt(seed=6), "front": 1}).json()  # truthy, as ComfyUI
     assert p1["number"] == first["number"] + 1 and p2["number"] == -(p1["number"] + 1)
     q = client.get("/api/queue").json()
     assert [i[1] for i in q["queue_running"]] == [first["prompt_id"]]
@@ -221,7 +252,7 @@ def test_interrupt(client):
         while ws.receive_json()["type"] != "progress":
             pass
         assert client.post("/api/interrupt", json={"prompt_id": "not-running"}).status_code == 200
-        assert client.post("/api/interrupt").status_code == 200
+        assert client.post("/api/interrupt", content=b"not json").status_code == 200  # ComfyUI: global interrupt
         kinds = []
         while not kinds or kinds[-1] != "executing":
             kinds.append(ws.receive_json()["type"])
@@ -250,7 +281,8 @@ def test_bad_prompts_then_good(client):
 
     p = fake_prompt()
     p["4"] = {"class_type": "NoSuchNode", "inputs": {}}
-    assert "NoSuchNode does not exist" in _bad(client, p)["error"]["message"]
+    err = _bad(client, p)["error"]
+    assert err["type"] == "missing_node_type" and err["extra_info"]["class_type"] == "NoSuchNode"
 
     p = fake_prompt()
     del p["2"]["inputs"]["steps"]
@@ -303,6 +335,9 @@ def test_upload_image(client, tmp_path):
                     data={"subfolder": "sub", "overwrite": "true"})
     assert r.json()["name"] == "a.png"
     assert client.get("/view", params={"filename": "a.png", "subfolder": "sub", "type": "input"}).status_code == 200
+    # ComfyUI annotated names: the suffix picks the folder whatever `type` says
+    assert client.get("/view", params={"filename": "a.png [input]", "subfolder": "sub"}).status_code == 200
+    assert client.get("/view", params={"filename": "a.png [output]", "subfolder": "sub"}).status_code == 404
 
     bad = [({"image": ("../evil.png", data, "image/png")}, {}, 400),
            ({"image": ("x.png", data, "image/png")}, {"subfolder": "../../x"}, 403),

@@ -75,10 +75,16 @@ def test_prompt_level_errors(folders):
     assert error == {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}}
     p = _seed_prompt()
     p["3"]["class_type"] = "NoSuchNode"
+    p["3"]["_meta"] = {"title": "My Sampler"}
     ok, error, _, _ = validate_prompt(p, folders=folders)
-    assert error["type"] == "invalid_prompt"
-    assert error["message"] == "Cannot execute because node NoSuchNode does not exist."
-    assert error["details"] == "Node ID '#3'"
+    assert error == {"type": "missing_node_type",  # ComfyUI execution.validate_prompt (web UI's missing-nodes dialog)
+                     "message": "Node 'My Sampler' not found. The custom node may not be installed.",
+                     "details": "Node ID '#3'",
+                     "extra_info": {"node_id": "3", "class_type": "NoSuchNode", "node_title": "My Sampler"}}
+    del p["3"]["class_type"]
+    ok, error, _, _ = validate_prompt(p, folders=folders)
+    assert error["type"] == "missing_node_type" and error["extra_info"]["class_type"] is None
+    assert error["message"].startswith("Node 'My Sampler' has no class_type")
 
 
 @pytest.mark.parametrize("edit, etype, message, details", [
@@ -516,3 +522,29 @@ def test_checkpoint_loader_on_tiny_file(tmp_path):
 
 
 # The seed workflows on the real shipped checkpoint: tests/test_workflow_shipped.py.
+
+
+def test_load_image_accepts_subfolders_and_annotated_names(folders):
+    """ComfyUI LoadImage.VALIDATE_INPUTS: any existing file ('pasted/x.png' from the web UI's paste,
+    'x.png [output]'), not only the files listed in input/; a missing one fails custom validation."""
+    from PIL import Image
+
+    (folders.input_dir / "pasted").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(folders.input_dir / "pasted" / "p.png")
+    folders.output_dir.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16)).save(folders.output_dir / "o.png")
+
+    def prompt(name):
+        return {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+
+    for name in ("pasted/p.png", "pasted/p.png [input]", "o.png [output]"):
+        ok, error, _, node_errors = validate_prompt(prompt(name), folders=folders)
+        assert ok, (name, error, node_errors)
+    assert folders.annotated_path("o.png [output]") == folders.output_dir / "o.png"
+    ok, error, _, node_errors = validate_prompt(prompt("missing.png"), folders=folders)
+    assert not ok
+    (err,) = node_errors["1"]["errors"]
+    assert err["type"] == "custom_validation_failed" and err["details"] == "image - Invalid image file: missing.png"
+    with pytest.raises(InputError):
+        folders.annotated_path("../x.png [input]")

@@ -116,7 +116,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
             return _error("no_prompt", "No prompt provided", "No prompt provided")
         try:
             prompt = parse_prompt(body["prompt"])
-            number = queue.next_number(front=body.get("front") is True, number=body.get("number"))
+            number = queue.next_number(front=bool(body.get("front")), number=body.get("number"))  # ComfyUI: truthy
         except InputError as e:
             return _error("invalid_prompt", "Invalid prompt", str(e))
         extra_data = body.get("extra_data") or {}
@@ -161,7 +161,10 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/interrupt")
     async def interrupt(request: Request) -> Response:
-        body = await _json_body(request)
+        try:
+            body = await _json_body(request)
+        except InputError:  # ComfyUI: a body that is not JSON interrupts whatever runs
+            body = {}
         worker.interrupt(body.get("prompt_id"))
         return Response(status_code=200)
 

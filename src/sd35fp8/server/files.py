@@ -72,6 +72,10 @@ async def read_bounded(request: Request, limit: int) -> bytes | None:
 def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int) -> None:
     @r.get("/view")
     async def view(filename: str = "", subfolder: str = "", type: str = "output") -> Response:  # noqa: A002
+        for kind in FOLDER_TYPES:  # ComfyUI annotated_filepath: 'x.png [input]' names its folder
+            if filename.endswith(f"[{kind}]"):
+                filename, type = filename[: -len(kind) - 2].rstrip(), kind
+                break
         if not valid_filename(filename):
             return _fail(400, f"invalid filename {filename!r}")
         root = folder_of(folders, type)

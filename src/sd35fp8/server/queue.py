@@ -31,6 +31,7 @@ Send = Callable[[str, Any, "str | None"], None]
 MAX_HISTORY = 10000  # ComfyUI MAXIMUM_HISTORY_SIZE
 DEFAULT_MAX_BATCH = 8  # prompts sampled as one GPU batch at most
 DEFAULT_BATCH_WAIT_MS = 20.0  # how long a taken prompt waits for compatible ones
+BROADCAST_EVENTS = ("progress", "progress_state", "execution_interrupted")  # sent to all without a client_id
 # Events that ComfyUI keeps in history status.messages (execution.py add_message(broadcast=...)).
 STATUS_EVENTS = ("execution_start", "execution_cached", "execution_success", "execution_error",
                  "execution_interrupted")
@@ -358,6 +359,7 @@ class _PromptTracker:
         self.messages: list[list] = []
         self.meta: dict[str, dict] = {}
         self.done: list[dict] = []
+        self.nodes: dict[str, dict] = {}  # node id -> {"value", "max", "state"} for progress_state
         self.t0 = time.perf_counter()
 
     def hooks(self, event: str, data: Any) -> None:
@@ -372,7 +374,38 @@ class _PromptTracker:
             nid = data["node"]
             self.meta[nid] = {"node_id": nid, "display_node": data.get("display_node", nid),
                               "parent_node": None, "real_node_id": nid}
-        self.worker.send(event, data, self.sid)
+        # progress_state, in ComfyUI's order: a node's finish before the next event, its update before
+        # "progress", its start after "executing"; cached nodes finish after "execution_cached"
+        if event in ("executing", "execution_success"):
+            self._finish_running()
+        elif event == "progress" and data.get("node") is not None:
+            self._progress({data["node"]: "running"}, value=float(data["value"]), total=float(data["max"]))
+        if self.sid is not None or event in BROADCAST_EVENTS:  # ComfyUI: a prompt without client_id
+            self.worker.send(event, data, self.sid)              # only broadcasts progress / interrupts
+        if event == "executing":
+            self._progress({data["node"]: "running"}, value=0.0, total=1.0)
+        elif event == "execution_cached":
+            self._progress({nid: "finished" for nid in data.get("nodes", [])})
+
+    # ---- progress_state (ComfyUI comfy_execution/progress.py WebUIProgressHandler) ----------------------
+    def _progress(self, states: dict, value: float | None = None, total: float | None = None) -> None:
+        for nid, state in states.items():
+            entry = self.nodes.setdefault(nid, {"value": 0.0, "max": 1.0, "state": "pending"})
+            entry["state"] = state
+            if state == "finished":
+                entry["value"] = entry["max"]
+            elif value is not None:
+                entry["value"], entry["max"] = value, total
+        if states:
+            self.worker.send("progress_state", {"prompt_id": self.prompt_id, "nodes": {
+                nid: {**e, "node_id": nid, "prompt_id": self.prompt_id, "display_node_id": nid,
+                      "parent_node_id": None, "real_node_id": nid}
+                for nid, e in self.nodes.items() if e["state"] != "pending"}}, self.sid)
+
+    def _finish_running(self) -> None:
+        running = [nid for nid, e in self.nodes.items() if e["state"] == "running"]
+        if running:
+            self._progress({nid: "finished" for nid in running})
 
     def early_error(self, ex: SD35Error) -> None:
         self.hooks("execution_error", early_error(self.prompt_id, ex))
@@ -383,7 +416,8 @@ class _PromptTracker:
         success = bool(result is not None and result.success)
         status = {"status_str": "success" if success else "error", "completed": success, "messages": self.messages}
         self.worker.queue.task_done(task_id, dict(result.outputs) if result is not None else {}, status, self.meta)
-        self.worker.send("executing", self.done[-1] if self.done else {"node": None, "prompt_id": self.prompt_id},
-                         self.sid)
+        if self.sid is not None:  # ComfyUI main.py: the final "executing" goes to the prompt's client only
+            self.worker.send("executing", self.done[-1] if self.done else {"node": None, "prompt_id": self.prompt_id},
+                             self.sid)
         log.info("Prompt %s (#%s) %s in %.2f s", self.prompt_id, self.item[0], status["status_str"],
                  time.perf_counter() - self.t0)

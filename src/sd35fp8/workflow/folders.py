@@ -185,11 +185,21 @@ class ModelFolders:
             p.name for p in self.input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )
 
+    def annotated_path(self, name: str, default: str = "input") -> Path:
+        """ComfyUI folder_paths.get_annotated_filepath: 'a.png [output]' / '[input]' / '[temp]' picks the
+        folder (else `default`); subfolders ('pasted/a.png') stay inside it."""
+        base = {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}
+        kind = default
+        for k in base:
+            if isinstance(name, str) and name.endswith(f"[{k}]"):
+                name, kind = name[: -len(k) - 2].rstrip(), k
+                break
+        return base[kind] / safe_relative_name(name, f"{kind} image name")
+
     def input_image_path(self, name: str) -> Path:
-        rel = safe_relative_name(name, "input image name")
-        path = self.input_dir / rel
+        path = self.annotated_path(name)
         if not path.is_file():
-            raise InputError(f"input image {name!r} not found in {self.input_dir}")
+            raise InputError(f"input image {name!r} not found ({path})")
         return path
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sd35fp8.errors import InputError
 from sd35fp8.workflow import engine
 
 if TYPE_CHECKING:
@@ -449,6 +450,15 @@ class LoadImage(Node):
     def INPUT_TYPES(cls, folders):
         files = folders.input_images() if folders is not None else []
         return {"required": {"image": (files, {"image_upload": True})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folders, image):
+        """ComfyUI: any existing file, 'sub/x.png' or 'x.png [output]' included, not only the listed ones."""
+        try:
+            folders.input_image_path(image)
+        except InputError:
+            return f"Invalid image file: {image}"
+        return True
 
     @classmethod
     def IS_CHANGED(cls, folders, image=None, **_):

@@ -9,6 +9,7 @@ receives typed values. Model file names are checked against the folder listing (
 
 from __future__ import annotations
 
+import inspect
 import logging
 import traceback
 from collections.abc import Iterable, Mapping
@@ -63,6 +64,9 @@ class _Validator:
         errors: list[dict] = []
         valid = True
         sections = [("required", class_inputs.get("required", {})), ("optional", class_inputs.get("optional", {}))]
+        cls = self.classes[node["class_type"]]
+        custom = getattr(cls, "VALIDATE_INPUTS", None)  # ComfyUI: its inputs skip the min/max/list checks
+        custom_names = [a for a in inspect.signature(custom).parameters if a != "folders"] if custom else []
         for category, spec in sections:
             for x, info in spec.items():
                 input_type = info[0]
@@ -111,15 +115,22 @@ class _Validator:
                         self.validated[o_id] = (False, reasons, o_id)
                         continue
                     continue
-                err = self._check_literal(x, val, input_type, opts, config, inputs)
+                err = self._check_literal(x, val, input_type, opts, config, inputs, custom=x in custom_names)
                 if err is not None:
                     errors.append(err)
+        if custom_names and not errors:
+            given = {x: inputs[x] for x in custom_names if x in inputs and not isinstance(inputs[x], list)}
+            if given:
+                r = custom(self.folders, **given)
+                if r is not True:
+                    errors += [_error("custom_validation_failed", "Custom validation failed for node",
+                                      f"{x}" + ("" if r is False else f" - {r}"), input_name=x) for x in given]
         ret = (False, errors, unique_id) if errors or not valid else (True, [], unique_id)
         self.validated[unique_id] = ret
         return ret
 
     def _check_literal(self, x: str, val: Any, input_type: Any, opts: dict, config: list,
-                       inputs: dict) -> dict | None:
+                       inputs: dict, custom: bool = False) -> dict | None:
         if isinstance(val, dict) and "__value__" in val:  # list widget values wrapped by the frontend
             val = val["__value__"]
             inputs[x] = val
@@ -145,6 +156,8 @@ class _Validator:
             return _error("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
                           f"{x}, {val}, {ex}", input_name=x, input_config=config, received_value=val,
                           exception_message=str(ex))
+        if custom:  # the node's VALIDATE_INPUTS checks this input
+            return None
         if "min" in opts and val < opts["min"]:
             return _error("value_smaller_than_min", f"Value {val} smaller than min of {opts['min']}", f"{x}",
                           input_name=x, input_config=config, received_value=val)
@@ -172,14 +185,19 @@ def validate_prompt(
         from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS as classes  # noqa: N811
     outputs: set[str] = set()
     for x, node in prompt.items():
-        if "class_type" not in node:
-            return (False, _error("invalid_prompt", "Cannot execute because a node is missing the class_type "
-                                  "property.", f"Node ID '#{x}'"), [], {})
+        meta = node.get("_meta") if isinstance(node.get("_meta"), dict) else {}
+        if "class_type" not in node:  # ComfyUI execution.validate_prompt: the web UI's missing-nodes dialog
+            title = meta.get("title")
+            return (False, _error("missing_node_type", f"Node '{title or f'ID #{x}'}' has no class_type. The "
+                                  "workflow may be corrupted or a custom node is missing.", f"Node ID '#{x}'",
+                                  node_id=x, class_type=None, node_title=title), [], {})
         class_type = node["class_type"]
         cls = classes.get(class_type)
         if cls is None:
-            return (False, _error("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
-                                  f"Node ID '#{x}'"), [], {})
+            title = meta.get("title", class_type)
+            return (False, _error("missing_node_type", f"Node '{title}' not found. The custom node may not be "
+                                  "installed.", f"Node ID '#{x}'", node_id=x, class_type=class_type,
+                                  node_title=title), [], {})
         if getattr(cls, "OUTPUT_NODE", False) is True:
             outputs.add(x)
     if partial_outputs is not None:
