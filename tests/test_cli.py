@@ -78,3 +78,11 @@ def test_eval_out_png_keeps_json_and_sheet(tiny_random_checkpoint, tmp_path, cap
     assert (tmp_path / "ev_sheet.png").exists()
     rc, err = _run(["eval", "--model", str(path), "--cfg", "nan", "--out", str(out)], capsys)
     assert rc == 2 and "--cfg must be a finite number" in err
+
+
+def test_verbose_before_or_after_the_subcommand():
+    from sd35fp8.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["generate", "x", "-v"]).verbose and p.parse_args(["-v", "generate", "x"]).verbose
+    assert not p.parse_args(["generate", "x"]).verbose and not p.parse_args(["samplers"]).verbose

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .fp8.commands import add_subcommands as add_fp8
 
     COMMANDS.update(add_fp8(sub))
+    for p in sub.choices.values():  # `sd35fp8 generate ... -v` as well as `sd35fp8 -v generate ...`
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log what is loaded and chosen")
     return parser
 
 
