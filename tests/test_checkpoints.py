@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from ckpt_fixtures import (ckpt_all_in_one, ckpt_clip, ckpt_diffusers_folder, ckpt_mmdit, ckpt_plain_fp8,
-                           ckpt_save, ckpt_scaled_fp8, ckpt_t5, ckpt_text_encoders_folder, ckpt_vae)
+from ckpt_fixtures import (T5_LINEARS, ckpt_all_in_one, ckpt_clip, ckpt_diffusers_folder, ckpt_mmdit,
+                           ckpt_plain_fp8, ckpt_save, ckpt_scaled_fp8, ckpt_t5, ckpt_text_encoders_folder, ckpt_vae)
 
 from sd35fp8.checkpoints.info import describe_file, format_info
 from sd35fp8.checkpoints.load import load_into, load_mmdit, load_text_encoders, load_vae
@@ -272,3 +272,65 @@ def test_info_all_in_one(aio):
     assert info["file_size"] == path.stat().st_size
     text = format_info(info)
     assert "MMDiT-X: depth 2" in text and "fp8 scaling: none" in text
+
+
+# ---- files as people have them: loader edge cases (session 7) --------------------------------
+def _text_files(tmp_path, clip_g=None, t5=None) -> dict:
+    """An MMDiT-only file and separate clip_l / clip_g / t5xxl files (overrides for the last two)."""
+    base = ckpt_save(ckpt_mmdit(), tmp_path / "mmdit.safetensors")
+    return dict(path=base, clip_l=ckpt_save(ckpt_clip(32, 1, 3), tmp_path / "clip_l.safetensors"),
+                clip_g=ckpt_save(clip_g if clip_g is not None else ckpt_clip(48, 2, 4), tmp_path / "clip_g.safetensors"),
+                t5xxl=ckpt_save(t5 if t5 is not None else ckpt_t5(), tmp_path / "t5xxl.safetensors"))
+
+
+def test_scale_input_of_one_is_a_placeholder(tmp_path):
+    """ComfyUI convert_old_quants drops a scale_input of 1.0: such files are not static FP8 (an MMDiT
+    runs its device's best mode; T5 runs weight_only, as ComfyUI never applies a text encoder's
+    scale_input)."""
+    from sd35fp8.fp8.fp8_load import load_mmdit_fp8, load_t5_fp8
+
+    t5_file = ckpt_save(ckpt_scaled_fp8(ckpt_t5())[0], tmp_path / "t5.safetensors")
+    assert load_t5_fp8(t5_file, "cpu", torch.float32, None).fp8_report.mode == "weight_only"
+    mm = ckpt_mmdit()
+    linears = tuple(k for k, v in mm.items() if k.startswith("joint_blocks.") and k.endswith(".weight") and v.ndim == 2)
+    scaled, _ = ckpt_scaled_fp8(mm, linears)
+    model = load_mmdit_fp8(ckpt_save(scaled, tmp_path / "mm.safetensors"), "cpu", torch.float32)
+    assert model.fp8_report.mode != "static"
+    assert all(getattr(m, "input_scale", None) is None for m in model.modules())
+
+
+def test_float8_e5m2_weights_are_dequantised(tmp_path):
+    sd = ckpt_t5()
+    e5 = {k: v.to(torch.float8_e5m2) if k.endswith(T5_LINEARS) else v for k, v in sd.items()}
+    files = _text_files(tmp_path, t5=e5)
+    enc = load_text_encoders(files.pop("path"), dtype=F32, **files).t5xxl
+    want = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].to(torch.float8_e5m2).float()
+    got = enc.get_submodule("encoder.block.0.layer.0.SelfAttention.q")
+    w = got.dequantized_weight(torch.float32) if hasattr(got, "dequantized_weight") else got.weight
+    torch.testing.assert_close(w.float(), want, rtol=0.07, atol=1e-3)
+    mm = {k: (v.to(torch.float8_e5m2) if k.endswith("qkv.weight") else v) for k, v in ckpt_mmdit().items()}
+    load_mmdit(ckpt_save(mm, tmp_path / "mm_e5m2.safetensors"), dtype=F32)  # no error: dequantised
+
+
+def test_clip_g_without_text_projection_is_identity(tmp_path, caplog):
+    """ComfyUI clip_model.py: a missing text_projection is eye(embed_dim)."""
+    g = {k: v for k, v in ckpt_clip(48, 2, 4).items() if "text_projection" not in k}
+    files = _text_files(tmp_path, clip_g=g)
+    with caplog.at_level("WARNING"):
+        enc = load_text_encoders(files.pop("path"), dtype=F32, **files).clip_g
+    torch.testing.assert_close(enc.text_projection.weight, torch.eye(48))
+    assert "identity projection" in caplog.text
+
+
+def test_diffusers_variant_shards(tmp_path):
+    """`save_pretrained(variant="fp16")` shards: model.safetensors.index.fp16.json + model.fp16-0000N-of-0000M."""
+    from ckpt_fixtures import ckpt_t5_config
+    from transformers import T5EncoderModel
+
+    from sd35fp8.checkpoints.sources import _component_file
+
+    folder = tmp_path / "text_encoder_3"
+    T5EncoderModel(ckpt_t5_config()).save_pretrained(folder, max_shard_size="20KB", variant="fp16")
+    index = _component_file(folder)
+    assert index.name == "model.safetensors.index.fp16.json"
+    assert len(SafetensorsFile(index).keys()) > 10

@@ -307,4 +307,12 @@ def load_text_encoders(components_or_path: PathLike | Components, device: str | 
         log.info("%s: %s", source.name, describe_text_config(config))
         planned, ignore = _text_source(source, slot, model)
         models[slot] = load_into(model, planned, device, dtype, ignore, init_buffers=init_meta_buffers).eval()
+        if slot == "clip_g" and models[slot].text_projection is None:  # ComfyUI clip_model.py: eye(embed_dim)
+            width = models[slot].width
+            proj = torch.nn.Linear(width, width, bias=False, device=device, dtype=dtype).requires_grad_(False)
+            with torch.no_grad():
+                proj.weight.copy_(torch.eye(width, device=device, dtype=dtype))
+            models[slot].text_projection = proj
+            log.warning("%s has no text_projection.weight: CLIP-G uses an identity projection, as ComfyUI",
+                        source.name)
     return TextEncoderModels(models["clip_l"], models["clip_g"], models["t5xxl"], dict(comps.tokenizers))

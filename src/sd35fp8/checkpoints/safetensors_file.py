@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,13 @@ from sd35fp8.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 INDEX_SUFFIX = ".safetensors.index.json"
+# transformers/diffusers `variant` shards: model.safetensors.index.fp16.json -> model.fp16-0000N-of-0000M.safetensors
+INDEX_NAME = re.compile(r"\.safetensors\.index(\.[A-Za-z0-9_]+)?\.json$")
+
+
+def is_index(path: str | Path) -> bool:
+    """A sharded checkpoint's index (`*.safetensors.index.json`, or a variant's `*.safetensors.index.fp16.json`)."""
+    return INDEX_NAME.search(Path(path).name) is not None
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -127,7 +135,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        if self.path.name.endswith(INDEX_SUFFIX):
+        if is_index(self.path):
             self._shards, self._where = self._open_index(self.path)
         else:
             shard = _Shard(self.path)

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from sd35fp8.checkpoints.hf_cache import looks_like_repo_id, snapshot_dir
-from sd35fp8.checkpoints.safetensors_file import INDEX_SUFFIX, SafetensorsFile
+from sd35fp8.checkpoints.safetensors_file import INDEX_SUFFIX, SafetensorsFile, is_index
 from sd35fp8.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -373,7 +373,9 @@ def _component_file(folder: Path) -> Path | None:
         raise CheckpointError(f"{folder} holds several weight files ({', '.join(p.name for p in paths)}); "
                               "pass the one to use as a file path", str(folder))
 
-    index = pick(sorted(folder.glob("*" + INDEX_SUFFIX)), INDEX_SUFFIX)
+    indexes = sorted(p for p in folder.glob("*.safetensors.index*.json") if is_index(p))
+    plain = [p for p in indexes if p.name.endswith(INDEX_SUFFIX)]
+    index = pick(plain or indexes, INDEX_SUFFIX if plain else ".json")  # a variant index (.fp16) when alone
     if index is not None:
         return index
     found = pick(sorted(folder.glob("*.safetensors")), ".safetensors")

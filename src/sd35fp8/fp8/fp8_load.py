@@ -197,10 +197,10 @@ def stream_into(model: nn.Module, source: TensorSource, device: torch.device, dt
         if w.dtype == FP8_DTYPE:
             scale = source.get(sk, device).float() if sk else torch.ones((), device=device)
             scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)  # [] or [N, 1]
-        elif w.dtype in FP8_DTYPES:
-            raise CheckpointError(f"{fk} in {source.name} is {w.dtype}: only float8_e4m3fn weights run as FP8",
-                                  keys=[fk])
         else:
+            if w.dtype in FP8_DTYPES:  # e.g. float8_e5m2: dequantise, then quantise to e4m3 like 16-bit weights
+                s = source.get(sk, device).float() if sk else torch.ones((), device=device)
+                w = w.float() * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))
             clip = 1.0 if weight_clip is None else weight_clip.get(layer, 1.0)
             w, scale = quantize_weight(w, gran, torch.as_tensor(clip, dtype=torch.float32, device=device))
             quantized += 1
@@ -213,6 +213,8 @@ def stream_into(model: nn.Module, source: TensorSource, device: torch.device, dt
             ik = _scale_key(present, base, (COMFY_INPUT_SCALE, NATIVE_INPUT_SCALE))
             if ik:
                 xs = source.get(ik, device).float().reshape(())
+                if float(xs) == 1.0:  # ComfyUI convert_old_quants: a scale_input of 1.0 is a placeholder
+                    xs = None
         mod._buffers["input_scale"] = xs
         del w
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.is_meta]
@@ -233,7 +235,7 @@ def _fp8_plan(model: nn.Module, source: TensorSource, fmt: str, policy: Policy |
         if type(mod) is not nn.Linear:
             continue
         fk = key_of.get(f"{name}.weight", f"{name}.weight")
-        stored_fp8 = fk in present and source.dtype(fk) in FP8_DTYPES
+        stored_fp8 = fk in present and source.dtype(fk) == FP8_DTYPE  # e5m2 layers are dequantised (kept)
         if fmt != "none":
             if not stored_fp8:
                 kept.append(name)
@@ -369,9 +371,10 @@ def load_t5_fp8(source: str | Path | Components | TensorSource, device: str | to
                 dtype: torch.dtype = torch.bfloat16, mode: str | None = None, *, policy: Policy | None = None
                 ) -> nn.Module:
     """T5-XXL encoder (transformers T5EncoderModel) with FP8Linear layers; modes as load_mmdit_fp8,
-    except that `mode=None` on a file without input scales runs weight_only (fp8 storage, 16-bit
-    matmuls) rather than dynamic: T5 runs once per prompt, so its speed hardly counts, and per-token
-    activation scaling costs it ~3 dB (benchmarks/fp8_accuracy.py).
+    except that `mode=None` runs weight_only (fp8 storage, 16-bit matmuls), also where the file
+    stores input scales (ComfyUI never applies a text encoder's scale_input): T5 runs once per
+    prompt, so its speed hardly counts, and per-token activation scaling costs it ~3 dB
+    (benchmarks/fp8_accuracy.py).
 
     Default policy for 16/32-bit files: the shipped T5-XXL policy (policies/t5xxl_default.json,
     `default_t5_policy`) keeps the measured least robust Linears 16-bit; every other Linear becomes
@@ -398,7 +401,9 @@ def load_t5_fp8(source: str | Path | Components | TensorSource, device: str | to
     _swap_empty(model, plan, dtype)
     patch_t5_for_fp8(model)
     quantized = stream_into(model, src, device, dtype, plan, key_of=keys.source, ignore=ignore)
-    _finish(model, mode, fmt, device, plan, kept, quantized, unscaled="weight_only")
+    # mode None: weight_only even where the file stores input scales (ComfyUI's text encoders never apply
+    # scale_input: sd1_clip.py builds them with fp8_matrix_mult=False)
+    _finish(model, mode or "weight_only", fmt, device, plan, kept, quantized)
     return model.eval()
 
 
