@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def describe_fp8_layout(source: TensorSource) -> dict:
-    """Which layers are fp8, their scale granularity, static input scales, bytes (header only)."""
+    """Which layers are fp8, their scale granularity, static input scales (reads those scalars), bytes."""
     keys = source.keys()
     present = set(keys)
     fp8 = [k for k in keys if source.dtype(k) in FP8_DTYPES and k != FP8_MARKER]
@@ -34,7 +34,9 @@ def describe_fp8_layout(source: TensorSource) -> dict:
             gran["none (scale 1)"] += 1
         else:
             gran["tensor" if source.shape(sk) in ((), (1,)) else "channel"] += 1
-        static += any(f"{base}.{s}" in present for s in (COMFY_INPUT_SCALE, NATIVE_INPUT_SCALE))
+        ik = next((f"{base}.{s}" for s in (COMFY_INPUT_SCALE, NATIVE_INPUT_SCALE) if f"{base}.{s}" in present), None)
+        # a scalar read per layer; 1.0 is ComfyUI's placeholder, not a calibrated scale (convert_old_quants)
+        static += ik is not None and float(source.get(ik, "cpu").float().reshape(-1)[0]) != 1.0
     total = sum(source.nbytes(k) for k in keys)
     fp8_bytes = sum(source.nbytes(k) for k in fp8)
     return {
