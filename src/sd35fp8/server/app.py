@@ -278,7 +278,7 @@ def system_info(device: torch.device) -> dict:
         name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
         vram = (total, free, reserved, reserved - allocated)
     else:
-        index, name, vram = 0, dev.type, (ram_total, ram_free, ram_total, ram_free)
+        index, name, vram = dev.index, dev.type, (ram_total, ram_free, ram_total, ram_free)  # ComfyUI: None on cpu
     return {
         "system": {
             "os": sys.platform, "python_version": sys.version, "embedded_python": False,
