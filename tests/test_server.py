@@ -245,6 +245,20 @@ def test_full_queue_then_good_prompt(client):
     assert run_to_end(client, ok)["status"]["status_str"] == "success"
 
 
+def test_reconnect_hears_the_executing_node(client):
+    """ComfyUI: a client that reconnects while its prompt runs is told which node is executing."""
+    with client.websocket_connect("/ws?clientId=r1") as ws:
+        ws.receive_json()
+        pid = client.post("/prompt", json={"prompt": fake_prompt(steps=5000, seed=31), "client_id": "r1"}).json()["prompt_id"]
+        while ws.receive_json()["type"] != "progress":
+            pass
+    with client.websocket_connect("/ws?clientId=r1") as ws:
+        assert ws.receive_json()["type"] == "status"
+        assert ws.receive_json() == {"type": "executing", "data": {"node": "2", "display_node": "2", "prompt_id": pid}}
+        client.post("/api/interrupt", json={"prompt_id": pid})
+    run_to_end(client, pid)
+
+
 def test_interrupt(client):
     with client.websocket_connect("/ws?clientId=i1") as ws:
         ws.receive_json()

@@ -99,7 +99,15 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.websocket("/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
-        await hub.serve(ws, ws.query_params.get("clientId"), {"status": queue_info(queue)}, features)
+        client_id = ws.query_params.get("clientId")
+        resume = []  # ComfyUI server.websocket_handler: a reconnecting client hears the node now executing
+        if client_id:
+            for item in queue.current_queue()[0]:
+                node = worker.current.get(item[1])
+                if item[3].get("client_id") == client_id and node is not None:
+                    resume.append({"type": "executing", "data": {"node": node, "display_node": node,
+                                                                 "prompt_id": item[1]}})
+        await hub.serve(ws, client_id, {"status": queue_info(queue)}, features, resume)
 
     # ---- prompts ----------------------------------------------------------------------------
     @r.get("/prompt")

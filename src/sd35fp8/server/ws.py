@@ -74,8 +74,10 @@ class WebSocketHub:
                 return
 
     # ---- inside the loop --------------------------------------------------------------------
-    async def serve(self, ws: WebSocket, client_id: str | None, hello: dict, server_features: dict) -> None:
-        """Accept, send the status hello, then pump messages until the client leaves."""
+    async def serve(self, ws: WebSocket, client_id: str | None, hello: dict, server_features: dict,
+                    resume: list[dict] | None = None) -> None:
+        """Accept, send the status hello (and `resume`: messages for a reconnecting client, such as the
+        node its prompt is executing), then pump messages until the client leaves."""
         sid = client_id or uuid.uuid4().hex
         self.bind(asyncio.get_running_loop())
         await ws.accept()
@@ -88,6 +90,8 @@ class WebSocketHub:
         writer = asyncio.create_task(self._writer(ws, q))
         try:
             q.put_nowait(json.dumps({"type": "status", "data": {**hello, "sid": sid}}))
+            for message in resume or []:
+                q.put_nowait(json.dumps(message))
             while True:
                 msg = await ws.receive()
                 if msg["type"] == "websocket.disconnect":
