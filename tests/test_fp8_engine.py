@@ -273,6 +273,29 @@ def test_cli_calibrate_then_quantize(tiny_random_checkpoint, tmp_path):
     assert layout["format"] == "comfy_scaled" and layout["static_input_scales"] == len(rec.input_scales)
     model = load_mmdit_fp8(out, "cpu", torch.float32, None)
     assert model.fp8_report.mode == "static"
+    # ComfyUI casts x / scale_input to fp8 without a clamp: written scales never go below amax / 448
+    for name, m in model.named_modules():
+        if getattr(m, "input_scale", None) is not None:
+            assert float(m.input_scale) >= rec.input_amax[name] / 448.0 * (1 - 1e-6), name
+    every = tmp_path / "all_linears.safetensors"
+    assert main(["quantize", str(path), str(every), "--all-linears"]) == 0
+    kept = load_mmdit_fp8(every, "cpu", torch.float32, None).fp8_report.kept
+    assert kept == [], kept  # for ComfyUI before its mixed-precision loader
+
+
+def test_quantize_refuses_comfy_quant_inputs(tiny_random_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sd35fp8.errors import InputError
+    from sd35fp8.fp8.export import export
+
+    path, _ = tiny_random_checkpoint
+    sd = load_file(str(path))
+    sd["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.comfy_quant"] = torch.zeros(4, dtype=torch.uint8)
+    bad = tmp_path / "new_format.safetensors"
+    save_file(sd, str(bad), metadata={"_quantization_metadata": "{}"})
+    with pytest.raises(InputError, match="comfy_quant"):
+        export(bad, tmp_path / "o.safetensors")
 
 
 def test_t5_policy_fits_t5xxl_only_and_fp8_files_default_to_weight_only(tmp_path):

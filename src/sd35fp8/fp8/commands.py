@@ -142,6 +142,11 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                    help="static writes the recipe's input scales (required); weight_only/dynamic write none "
                         "(default: static when --recipe is given, else none)")
     p.add_argument("--t5", action="store_true", help="also quantise the T5-XXL of an all-in-one")
+    p.add_argument("--all-linears", action="store_true",
+                   help="quantise every Linear, keeping none 16-bit. The default policy keeps the embedders and "
+                        "final layer 16-bit, which ComfyUI loads since its mixed-precision loader "
+                        "(convert_old_quants); older ComfyUI casts such layers of a scaled-fp8 file to fp8 "
+                        "without a scale, so use this flag for those versions")
     return p
 
 
@@ -156,7 +161,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise InputError(f"{args.output}: folder {Path(args.output).parent} does not exist")
     if args.recipe is not None and not Path(args.recipe).is_file():
         raise InputError(f"--recipe {args.recipe} is not a file")
-    report = export(args.input, args.output, args.fmt, args.recipe, args.mode, args.t5)
+    report = export(args.input, args.output, args.fmt, args.recipe, args.mode, args.t5, all_linears=args.all_linears)
     print(report.describe())
     return 0
 

@@ -155,7 +155,11 @@ class _ComponentPlan:
         if quantize:
             layers = _fp8_layers(component, source, policy or (recipe.policy if recipe else None))
         self.fp8_layers = layers
-        scales = recipe.input_scales if (recipe and mode not in ("weight_only", "dynamic")) else {}
+        scales = dict(recipe.input_scales) if (recipe and mode not in ("weight_only", "dynamic")) else {}
+        if fmt == "comfy" and recipe is not None:  # ComfyUI casts x / scale_input to fp8 without a clamp:
+            for n, a in recipe.input_amax.items():  # never below the calibrated amax (margin >= 1)
+                if n in scales:
+                    scales[n] = max(float(scales[n]), float(a) / 448.0)
         clip = recipe.weight_clip if recipe else {}
         fp8_weights = {f"{n}.weight": n for n in layers}
         gran = "tensor" if fmt == "comfy" else "channel"
@@ -204,7 +208,8 @@ def _file_prefix(file: SafetensorsFile, component: str, source: TensorSource) ->
 
 
 def export(path_in: str | Path, path_out: str | Path, fmt: str = "comfy", recipe: Recipe | str | Path | None = None,
-           mode: str | None = None, t5: bool = False, policy: Policy | None = None) -> ExportReport:
+           mode: str | None = None, t5: bool = False, policy: Policy | None = None,
+           all_linears: bool = False) -> ExportReport:
     """Quantise the MMDiT (and with `t5` the T5-XXL) of `path_in` into `path_out` (see module doc).
 
     A single file keeps its layout (all-in-one -> all-in-one, MMDiT-only -> MMDiT-only, T5-only
@@ -223,9 +228,14 @@ def export(path_in: str | Path, path_out: str | Path, fmt: str = "comfy", recipe
         raise InputError(f"export: output {path_out} would overwrite the input")
     plans: list[_ComponentPlan] = []
     metadata: dict[str, str] = {}
+    if all_linears:  # no layer kept 16-bit (ComfyUI before convert_old_quants casts those to fp8 unscaled)
+        policy = Policy(keep=())
     if path_in.is_file() or str(path_in).endswith(".json"):
         file = SafetensorsFile(path_in)
         metadata = dict(file.metadata)
+        if "_quantization_metadata" in metadata or any(k.endswith(".comfy_quant") for k in file.keys()):
+            raise InputError(f"{path_in} uses ComfyUI's mixed-precision quantisation (comfy_quant), which sd35fp8 "
+                             "does not read: quantise from the 16-bit file")
         sources = open_file(path_in)
         if "mmdit" not in sources and "t5xxl" not in sources:
             raise InputError(f"{path_in} holds neither an MMDiT nor a T5-XXL ({', '.join(sources)})")
@@ -233,7 +243,8 @@ def export(path_in: str | Path, path_out: str | Path, fmt: str = "comfy", recipe
         for comp, src in sources.items():
             prefix = _file_prefix(file, comp, src) if prefixed else ""
             quant = comp == "mmdit" or (comp == "t5xxl" and (t5 or "mmdit" not in sources))
-            plans.append(_ComponentPlan(comp, src, prefix, fmt, quant, policy if comp == "mmdit" else None,
+            plans.append(_ComponentPlan(comp, src, prefix, fmt, quant,
+                                        policy if comp == "mmdit" or all_linears else None,
                                         rec if comp == "mmdit" else None, mode))
     else:
         if t5:
