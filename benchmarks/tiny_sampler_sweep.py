@@ -20,7 +20,7 @@ import torch
 
 from sd35fp8.errors import InputError
 from sd35fp8.pipeline import SD35Pipeline, default_device, shipped_model_path
-from sd35fp8.sampling import SAMPLERS, SCHEDULERS
+from sd35fp8.sampling import check_scheduler, get_sampler
 from sd35fp8.tiny import detector, world
 from sd35fp8.tiny.evaluate import generate_items, write_result
 
@@ -30,8 +30,8 @@ def parse_setting(text: str) -> dict:
     if len(parts) != 4:
         raise InputError(f"setting {text!r} is not sampler/scheduler/steps/cfg")
     sampler, scheduler, steps, cfg = parts
-    if sampler not in SAMPLERS or scheduler not in SCHEDULERS:
-        raise InputError(f"setting {text!r}: unknown sampler or scheduler")
+    get_sampler(sampler)  # InputError naming the valid ones
+    check_scheduler(scheduler)
     return {"sampler": sampler, "scheduler": scheduler, "steps": int(steps), "cfg": float(cfg)}
 
 

@@ -157,7 +157,7 @@ def _validate_generate(args: argparse.Namespace) -> None:
 
     from .errors import InputError
     from .pipeline import resolve_device
-    from .sampling import SAMPLERS, SCHEDULERS
+    from .sampling import check_scheduler, get_sampler
 
     resolve_device(args.device)
     for name in ("cfg", "shift"):
@@ -173,10 +173,10 @@ def _validate_generate(args: argparse.Namespace) -> None:
         raise InputError(f"--cfg must be >= 0, got {args.cfg}")
     if args.shift is not None and args.shift <= 0:
         raise InputError(f"--shift must be > 0, got {args.shift}")
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
-    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
-        raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if args.sampler is not None:
+        get_sampler(args.sampler)  # InputError naming the valid ones
+    if args.scheduler is not None:
+        check_scheduler(args.scheduler)
     if not 0 <= args.seed < 2**64:
         raise InputError(f"--seed must be in [0, 2**64), got {args.seed}")
     if not args.prompt.strip():

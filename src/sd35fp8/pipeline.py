@@ -273,7 +273,7 @@ class SD35Pipeline:
         runs after every step (of every pass).
         """
         from .models.vae import image_to_uint8
-        from .sampling import SAMPLERS, SCHEDULERS, prepare_noise
+        from .sampling import check_scheduler, get_sampler, prepare_noise
         from .sampling.ksampler import ksample
         from .text.encoders import ContextBatchError
 
@@ -294,10 +294,8 @@ class SD35Pipeline:
         sampler = sampler or d.sampler
         scheduler = scheduler or d.scheduler
         shift = d.shift if shift is None else float(shift)
-        if sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
-        if scheduler not in SCHEDULERS:
-            raise InputError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        get_sampler(sampler)  # InputError naming the valid ones
+        check_scheduler(scheduler)
         if not 0 <= seed < 2**64:
             raise InputError(f"seed must be in [0, 2**64), got {seed}")
         if not cfg >= 0 or steps < 1 or n < 1 or not 0 < denoise <= 1:

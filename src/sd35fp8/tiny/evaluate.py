@@ -320,12 +320,12 @@ def add_subcommand(subparsers) -> Callable[[argparse.Namespace], int]:
         from ..pipeline import resolve_device
 
         resolve_device(args.device)
-        from ..sampling import SAMPLERS, SCHEDULERS
+        from ..sampling import check_scheduler, get_sampler
 
-        if args.sampler is not None and args.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
-        if args.scheduler is not None and args.scheduler not in SCHEDULERS:
-            raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if args.sampler is not None:
+            get_sampler(args.sampler)  # InputError naming the valid ones
+        if args.scheduler is not None:
+            check_scheduler(args.scheduler)
         evaluate(model=args.model, n=args.n, seed=args.seed, modes=modes, device=args.device, batch=args.batch,
                  steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, size=args.size,
                  out=args.out, sheet=args.sheet, fp8_model=args.fp8_model)

@@ -158,14 +158,14 @@ def set_defaults(path: str | Path, updates: dict) -> dict:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..sampling import SAMPLERS, SCHEDULERS
+    from ..sampling import check_scheduler, get_sampler
 
     path = Path(path)
     bad = sorted(set(updates) - set(DEFAULT_FIELDS))
     if bad:
         raise InputError(f"set_defaults: unknown fields {bad}; choose from {', '.join(DEFAULT_FIELDS)}")
-    if updates.get("sampler", "euler") not in SAMPLERS or updates.get("scheduler", "normal") not in SCHEDULERS:
-        raise InputError(f"set_defaults: unknown sampler or scheduler in {updates}")
+    get_sampler(updates.get("sampler", "euler"))  # InputError naming the valid ones
+    check_scheduler(updates.get("scheduler", "normal"))
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
     # a file without own defaults gets these over the loader's per-model ones (defaults.py)
