@@ -20,19 +20,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.requests import Request as StarletteRequest
 
-from sd35fp8.workflow.folders import ModelFolders
-
-FOLDER_TYPES = ("output", "input", "temp")
+from sd35fp8.workflow.folders import FOLDER_TYPES, ModelFolders, split_annotation
 _FORM_OVERHEAD = 64 * 1024  # multipart headers and the small fields next to the image
 
 
 def _fail(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": "invalid_file", "message": message, "details": "", "extra_info": {}}},
                         status_code=status)
-
-
-def folder_of(folders: ModelFolders, folder_type: str) -> Path | None:
-    return {"output": folders.output_dir, "input": folders.input_dir, "temp": folders.temp_dir}.get(folder_type)
 
 
 def resolve_inside(root: Path, subfolder: str, filename: str | None = None) -> Path | None:
@@ -72,13 +66,10 @@ async def read_bounded(request: Request, limit: int) -> bytes | None:
 def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int) -> None:
     @r.get("/view")
     async def view(filename: str = "", subfolder: str = "", type: str = "output") -> Response:  # noqa: A002
-        for kind in FOLDER_TYPES:  # ComfyUI annotated_filepath: 'x.png [input]' names its folder
-            if filename.endswith(f"[{kind}]"):
-                filename, type = filename[: -len(kind) - 2].rstrip(), kind
-                break
+        filename, type = split_annotation(filename, type)  # ComfyUI: 'x.png [input]' names its folder
         if not valid_filename(filename):
             return _fail(400, f"invalid filename {filename!r}")
-        root = folder_of(folders, type)
+        root = folders.folder_of(type)
         if root is None:
             return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {type!r}")
         path = resolve_inside(root, subfolder, filename)
@@ -111,7 +102,7 @@ def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int) -> No
         name = image.filename or ""
         if not valid_filename(name):
             return _fail(400, f"invalid filename {name!r}")
-        root = folder_of(folders, folder_type)
+        root = folders.folder_of(folder_type)
         if root is None:
             return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {folder_type!r}")
         target_dir = resolve_inside(root, subfolder)

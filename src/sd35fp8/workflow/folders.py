@@ -36,6 +36,18 @@ def canonical_kind(kind: str) -> str:
     return LEGACY_NAMES.get(kind, kind)
 
 
+FOLDER_TYPES = ("output", "input", "temp")  # ComfyUI's file types (view, upload, annotated names)
+
+
+def split_annotation(name: str, default: str) -> tuple[str, str]:
+    """ComfyUI folder_paths.annotated_filepath: 'a.png [output]' -> ('a.png', 'output'); a name without
+    a ' [input]' / ' [output]' / ' [temp]' suffix -> (name, default)."""
+    for kind in FOLDER_TYPES:
+        if isinstance(name, str) and name.endswith(f"[{kind}]"):
+            return name[: -len(kind) - 2].rstrip(), kind
+    return name, default
+
+
 def safe_relative_name(name: str, what: str = "file name") -> str:
     """Reject absolute names and names that climb out of their folder ('..')."""
     if not isinstance(name, str) or name == "":
@@ -185,16 +197,15 @@ class ModelFolders:
             p.name for p in self.input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )
 
+    def folder_of(self, kind: str) -> Path | None:
+        """The folder of a ComfyUI file type ("output", "input", "temp"); None for any other."""
+        return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(kind)
+
     def annotated_path(self, name: str, default: str = "input") -> Path:
         """ComfyUI folder_paths.get_annotated_filepath: 'a.png [output]' / '[input]' / '[temp]' picks the
         folder (else `default`); subfolders ('pasted/a.png') stay inside it."""
-        base = {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}
-        kind = default
-        for k in base:
-            if isinstance(name, str) and name.endswith(f"[{k}]"):
-                name, kind = name[: -len(k) - 2].rstrip(), k
-                break
-        return base[kind] / safe_relative_name(name, f"{kind} image name")
+        name, kind = split_annotation(name, default)
+        return self.folder_of(kind) / safe_relative_name(name, f"{kind} image name")
 
     def input_image_path(self, name: str) -> Path:
         path = self.annotated_path(name)
