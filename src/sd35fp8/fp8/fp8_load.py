@@ -121,6 +121,15 @@ def _scale_key(source_keys: set[str], layer: str, kinds: tuple[str, str]) -> str
     return None
 
 
+def _dequantize_stored(source: TensorSource, present: set[str], key: str, t: torch.Tensor,
+                       device: torch.device) -> torch.Tensor:
+    """A stored fp8 tensor `t` (file key `key`) times its `.scale_weight` / `.weight_scale` (1 when
+    absent; a per-channel scale broadcasts over dim 0) -> float32."""
+    sk = _scale_key(present, key[: -len(".weight")], (COMFY_WEIGHT_SCALE, NATIVE_WEIGHT_SCALE))
+    s = source.get(sk, device).float() if sk else torch.ones((), device=device)
+    return t.float() * (s.reshape(-1, *([1] * (t.ndim - 1))) if s.numel() > 1 else s.reshape(()))
+
+
 @torch.no_grad()
 def stream_into(model: nn.Module, source: TensorSource, device: torch.device, dtype: torch.dtype,
                 fp8_layers: Mapping[str, str], key_of: Mapping[str, str] | None = None,
@@ -179,9 +188,7 @@ def stream_into(model: nn.Module, source: TensorSource, device: torch.device, dt
         if fk not in loaded:
             t = source.get(fk, device)
             if t.dtype in FP8_DTYPES:  # a stored fp8 tensor of a layer kept high precision: dequantise
-                sk = _scale_key(present, fk[: -len(".weight")], (COMFY_WEIGHT_SCALE, NATIVE_WEIGHT_SCALE))
-                s = source.get(sk, device).float() if sk else torch.ones((), device=device)
-                t = t.float() * (s.reshape(-1, *([1] * (t.ndim - 1))) if s.numel() > 1 else s.reshape(()))
+                t = _dequantize_stored(source, present, fk, t, device)
             loaded[fk] = t.to(dtype) if t.is_floating_point() else t
         _set(model, k, loaded[fk])
     if "shared.weight" in targets and "encoder.embed_tokens.weight" in targets:  # T5: one Parameter, two names
@@ -199,8 +206,7 @@ def stream_into(model: nn.Module, source: TensorSource, device: torch.device, dt
             scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)  # [] or [N, 1]
         else:
             if w.dtype in FP8_DTYPES:  # e.g. float8_e5m2: dequantise, then quantise to e4m3 like 16-bit weights
-                s = source.get(sk, device).float() if sk else torch.ones((), device=device)
-                w = w.float() * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))
+                w = _dequantize_stored(source, present, fk, w, device)
             clip = 1.0 if weight_clip is None else weight_clip.get(layer, 1.0)
             w, scale = quantize_weight(w, gran, torch.as_tensor(clip, dtype=torch.float32, device=device))
             quantized += 1
