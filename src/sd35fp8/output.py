@@ -32,9 +32,8 @@ class GenerationOutput:
 
     def save(self, path: str | Path) -> list[Path]:
         """Save every image (PNG with the parameters as text chunks; the suffix picks the format), each
-        written to a temporary name, then renamed into place; with
-        several images `out.png` becomes `out_0.png`, `out_1.png`... A path without a suffix gets
-        `.png`."""
+        written to a temporary name, then renamed into place. With several images `out.png` becomes
+        `out_0.png`, `out_1.png`... A path without a suffix gets `.png`."""
         path = Path(path)
         if not path.suffix:
             path = path.with_suffix(".png")

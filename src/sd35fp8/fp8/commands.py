@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from sd35fp8.checkpoints.sources import FP8_DTYPES, FP8_MARKER, TensorSource
+from sd35fp8.cli import _positive_int  # the CLI's own argparse type (cli imports this module lazily)
 from sd35fp8.errors import InputError
 from sd35fp8.fp8.fp8_load import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, NATIVE_INPUT_SCALE, NATIVE_WEIGHT_SCALE,
                                   fp8_format)
@@ -51,13 +52,6 @@ def describe_fp8_layout(source: TensorSource) -> dict:
     }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 # ---- calibrate -----------------------------------------------------------------------------------------
 def _add_calibrate(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="calibrate static FP8 scales on real sampling trajectories",
@@ -89,9 +83,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from sd35fp8.fp8.calibrate import PROMPTS, calibrate, record_trajectories
     from sd35fp8.fp8.fp8_load import load_mmdit_fp8
     from sd35fp8.fp8.linear import FP8Linear
-    from sd35fp8.pipeline import SD35Pipeline, dtype_from_name
-
-    from sd35fp8.pipeline import resolve_device
+    from sd35fp8.pipeline import SD35Pipeline, dtype_from_name, resolve_device
 
     if args.size is not None and args.size % 16:
         raise InputError(f"--size must be a multiple of 16, got {args.size}")
