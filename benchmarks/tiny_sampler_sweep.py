@@ -5,7 +5,7 @@ defaults written into the model's metadata; writes JSON to benchmarks/results/.
     python benchmarks/tiny_sampler_sweep.py --n 400 --batch 64 \
         --settings euler/normal/20/8 euler_ancestral/normal/20/8 euler_ancestral/normal/30/8
 
-A setting is `sampler/scheduler/steps/cfg` (ComfyUI names). Every setting sees the same items and
+A setting is `sampler/scheduler/steps/cfg[/shift]` (ComfyUI names; without shift, the model's default). Every setting sees the same items and
 the same initial noise (`seed + batch index`, as `sd35fp8 eval`).
 """
 
@@ -27,18 +27,19 @@ from sd35fp8.tiny.evaluate import generate_items, write_result
 
 def parse_setting(text: str) -> dict:
     parts = text.split("/")
-    if len(parts) != 4:
-        raise InputError(f"setting {text!r} is not sampler/scheduler/steps/cfg")
-    sampler, scheduler, steps, cfg = parts
+    if len(parts) not in (4, 5):
+        raise InputError(f"setting {text!r} is not sampler/scheduler/steps/cfg[/shift]")
+    sampler, scheduler, steps, cfg = parts[:4]
     get_sampler(sampler)  # InputError naming the valid ones
     check_scheduler(scheduler)
-    return {"sampler": sampler, "scheduler": scheduler, "steps": int(steps), "cfg": float(cfg)}
+    shift = float(parts[4]) if len(parts) == 5 else None
+    return {"sampler": sampler, "scheduler": scheduler, "steps": int(steps), "cfg": float(cfg), "shift": shift}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--settings", nargs="+", required=True, help="sampler/scheduler/steps/cfg ...")
+    p.add_argument("--settings", nargs="+", required=True, help="sampler/scheduler/steps/cfg[/shift] ...")
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
@@ -59,7 +60,7 @@ def main(argv=None) -> dict:
         agg = detector.aggregate(detector.score_many(images, items, workers=os.cpu_count() or 1))
         rows.append({**s, "scores": agg, "seconds_per_image": sec, "wall_s": time.perf_counter() - t0})
         pc = agg["per_category"]
-        print(f"{s['sampler']:>16} {s['scheduler']:>8} {s['steps']:>3} cfg {s['cfg']:>4}: "
+        print(f"{s['sampler']:>16} {s['scheduler']:>8} {s['steps']:>3} cfg {s['cfg']:>4} shift {s['shift'] or pipe.defaults.shift}: "
               + " ".join(f"{c} {pc[c]:.3f}" for c in world.CATEGORIES if c in pc) + f"  overall {agg['overall']:.3f}",
               flush=True)
     result = {"benchmark": "tiny_sampler_sweep", "model": str(model), "n": args.n, "seed": args.seed,

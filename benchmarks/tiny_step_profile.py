@@ -31,6 +31,7 @@ def main(argv=None) -> dict:
     p.add_argument("--profile-steps", type=int, default=30)
     p.add_argument("--n-images", type=int, default=20_000)
     p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument("--step-graph", action="store_true", help="train's --step-graph (the whole step in one CUDA graph)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = p.parse_args(argv)
     from torch.autograd import DeviceType
@@ -47,7 +48,8 @@ def main(argv=None) -> dict:
     del images
     result = {"benchmark": "tiny_step_profile", "device": torch.cuda.get_device_name(device),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"torch": torch.__version__}, "compile_mode": a.compile_mode, "batches": {}}
+              "versions": {"torch": torch.__version__}, "compile_mode": a.compile_mode,
+              "step_graph": a.step_graph, "batches": {}}
 
     for batch in a.batch:
         rec: dict = {}
@@ -83,7 +85,7 @@ def main(argv=None) -> dict:
             return a.steps + 50 + a.profile_steps, a.steps + 50 + a.profile_steps
 
         args = train.parse_args(["--out", str(a.out), "--batch", str(batch), "--compile",
-                                 "--compile-mode", a.compile_mode])
+                                 "--compile-mode", a.compile_mode] + (["--step-graph"] if a.step_graph else []))
         saved = train.run_steps
         train.run_steps = run_steps
         try:
@@ -96,7 +98,8 @@ def main(argv=None) -> dict:
                   f"ms/step (busy {rec['gpu_busy_fraction']:.2f})", clock)
         torch._dynamo.reset()
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"tiny_step_profile_{torch.cuda.get_device_name(device).lower().replace(' ', '-')}.json"
+    tag = "_step_graph" if a.step_graph else ""
+    path = a.out / f"tiny_step_profile_{torch.cuda.get_device_name(device).lower().replace(' ', '-')}{tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return result

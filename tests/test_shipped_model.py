@@ -25,16 +25,18 @@ from sd35fp8.tiny.detector import score_caption_image
 
 MODEL = Path(os.environ.get("SD35FP8_TEST_MODEL") or SHIPPED_CHECKPOINT)
 # Single objects in seen (shape, colour) pairs, generated as ONE batch from BATCH_SEED (image k gets row
-# k of the noise). The shipped model is weak on shapes (see tiny/README.md: held-out single-object
-# accuracy 0.75), so the checks are: the FIXED prompts are drawn correctly in every mode, colours are
-# right, and FP8 agrees with BF16 item by item.
+# k of the noise). The checks: the FIXED prompts are drawn correctly in every mode, at least 10 of the
+# 12 prompts are (the shipped model's held-out single-object accuracy is 0.98, tiny/README.md), colours
+# are right, and FP8 agrees with BF16 item by item.
 PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow star", "a purple ring",
            "an orange cross", "a pink heart", "a cyan diamond", "a red square", "a blue circle",
            "a green circle", "a yellow square")
 FIXED = ("a red circle", "a pink heart", "a cyan diamond", "a green circle")
-BATCH_SEED = 1  # run 7's weights, euler_ancestral 30 steps cfg 6: seeds 0-2, 4-7 pass in every mode (`... --seeds 8`)
+BATCH_SEED = 1  # run 12's weights, euler_ancestral 30 steps cfg 6: seeds 0-2 pass in every mode (`... --seeds 3`);
+# at seed 1, 11 (BF16) and 12 (FP8 weight_only, dynamic) of the 12 prompts are drawn correctly
 CLI_PROMPT = "a red circle above a blue square"  # the README's first command
-CLI_SEED = 10  # the README's seed (the detector scores 6 of seeds 0-39 correct for this prompt: 10, 15, 25, 34, 38, 39)
+CLI_SEED = 13  # the README's seed (the detector scores 8 of seeds 0-39 correct for this held-out pair: 8, 13, 19,
+# 27, 29, 33, 38, 39)
 FP8_MODES = ("weight_only", "dynamic")
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"shipped weights {MODEL} do not exist yet "
@@ -92,6 +94,8 @@ def test_shipped_model_draws_what_it_is_told(scores, fp8):
     s = scores[fp8]
     bad = [f"{p!r}: detected {s[p]['detections']}" for p in FIXED if not s[p]["correct"]]
     assert not bad
+    right = sum(v["correct"] for v in s.values())
+    assert right >= len(PROMPTS) - 2, f"{right}/{len(PROMPTS)} prompts drawn correctly"
     colour = np.mean([v["colour_ok"] for v in s.values()])
     assert colour >= 0.9, f"colour accuracy {colour:.2f}"
 

@@ -158,12 +158,16 @@ def test_vae_only_then_vae_from(tmp_path):
 def test_default_arguments_are_the_shipped_recipe():
     """`python -m sd35fp8.tiny.train --out DIR` is the shipped run's recipe (train_log.json args), with
     torch.compile (CUDA graphs) on CUDA only."""
-    shipped = json.loads((export.Path(train.__file__).parent / "train_log.json").read_text())["args"]
+    log = json.loads((export.Path(train.__file__).parent / "train_log.json").read_text())
+    shipped, vae_run = log["args"], log["vae_source_run"]["args"]  # the VAE came from its own --vae-only call
     cuda = train.parse_args(["--out", "x", "--device", "cuda"])
-    for key in ("batch", "lr", "n_images", "minutes_mmdit", "compile", "compile_mode", "ema", "warmup",
-                "train_shift", "sigma_uniform", "text_dropout"):
+    for key in ("batch", "lr", "n_images", "minutes_mmdit", "compile", "compile_mode", "step_graph", "ema",
+                "warmup", "train_shift", "sigma_uniform", "text_dropout"):
         assert getattr(cuda, key) == shipped[key], key
-    assert not train.parse_args(["--out", "x", "--device", "cpu"]).compile
+    for key in ("minutes_vae", "batch_vae", "lr_vae", "vae_eq", "vae_align", "vae_tail"):
+        assert getattr(cuda, key) == vae_run[key], key
+    cpu = train.parse_args(["--out", "x", "--device", "cpu"])
+    assert not cpu.compile and not cpu.step_graph
     assert not train.parse_args(["--out", "x", "--device", "cuda", "--no-compile"]).compile
 
 

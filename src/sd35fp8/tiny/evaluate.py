@@ -108,15 +108,19 @@ def write_result(result: dict, name: str, device: torch.device, out: str | Path 
 
 # ---------------------------------------------------------------- generation
 def generate_items(pipe, items: Sequence[world.EvalItem], seed: int, batch: int, steps: int, cfg: float,
-                   sampler: str, scheduler: str, size: int) -> tuple[list[np.ndarray], float]:
-    """Images (uint8 [H, W, 3]) for `items`, `batch` prompts per call -> (images, seconds per image)."""
+                   sampler: str, scheduler: str, size: int,
+                   shift: float | None = None) -> tuple[list[np.ndarray], float]:
+    """Images (uint8 [H, W, 3]) for `items`, `batch` prompts per call -> (images, seconds per image).
+
+    shift=None: the model's default sampling shift.
+    """
     images: list[np.ndarray] = []
     seconds = 0.0
     for b, start in enumerate(range(0, len(items), batch)):
         chunk = items[start:start + batch]
         t0 = time.perf_counter()
         out = pipe([it.caption for it in chunk], num_inference_steps=steps, guidance_scale=cfg, sampler=sampler,
-                   scheduler=scheduler, width=size, height=size, seed=seed + b, progress=False)
+                   scheduler=scheduler, shift=shift, width=size, height=size, seed=seed + b, progress=False)
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         seconds += time.perf_counter() - t0
