@@ -1,16 +1,16 @@
 """Train the shipped tiny SD3.5-layout model on the procedural world, export it, evaluate it.
 
-    python -m sd35fp8.tiny.train --out DIR --seed 0     # the shipped recipe, ~11.5 min on an H100
+    python -m sd35fp8.tiny.train --out DIR --seed 0     # the shipped recipe, ~12.5 min on an H100
     python -m sd35fp8.tiny.train --out V --seed 0 --vae-only      # the same in two calls of < 10 min
     python -m sd35fp8.tiny.train --out DIR --seed 0 --vae-from V/sd35fp8_tiny.safetensors \
-        --spiece-from V/spiece.model     # (run 7, shipped; --deadline T: a hard wall-clock end)
+        --spiece-from V/spiece.model     # (run 12, shipped; --deadline T: a hard wall-clock end)
     python -m sd35fp8.tiny.train --out DIR --vae-from OLD.safetensors --spiece-from OLD/spiece.model \
         --init-from OLD.safetensors --minutes-mmdit 7.5           # reuse VAE + vocabulary, continue MMDiT
     python -m sd35fp8.tiny.train --out DIR --smoke          # CPU, tiny sizes, < 60 s
 
 Phases: (1) SentencePiece T5 vocabulary on the caption corpus; (2) render + tokenize the dataset in
 worker processes (before any CUDA work: workers are forked); (3) VAE: L1 + L2 reconstruction of
-latents perturbed by 10 % relative noise, then an exact affine fold of the measured per-channel
+latents perturbed by 10 % relative noise and EQ-VAE's scale term (--vae-eq), then an exact affine fold of the measured per-channel
 latent mean/std into encoder.conv_out so `to_model_space(encode(x))` is ~N(0, 1) under SD3's fixed
 constants, then a decoder-only fine-tune on the folded latents (the fold is exact on the encoder,
 not on decoder.conv_in at the zero-padded border); (4) MMDiT + the three text towers jointly, SD3
@@ -258,7 +258,7 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
             load_component_(module, args.init_from, name)
         rec["init_from"] = file_record(args.init_from)
     mmdit, towers = mmdit.to(device), towers.to(device)
-    mmdit.batch_invariant = False  # batch 512: conditioning vectors in one GEMM (models.mmdit.per_row)
+    mmdit.batch_invariant = False  # batch 256: conditioning vectors in one GEMM (models.mmdit.per_row)
     rec["params"] = {"mmdit": param_count(mmdit), "clip_l": param_count(towers.clip_l),
                      "clip_g": param_count(towers.clip_g), "t5": param_count(towers.t5)}
     params = [p for m in (mmdit, towers) for p in m.parameters()]
@@ -524,8 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the MMDiT and text towers for training (default: on CUDA)")
     p.add_argument("--compile-mode", default="reduce-overhead",
-                   help="torch.compile mode with --compile: reduce-overhead (default: CUDA graphs, 11.9 ms a "
-                        "step at batch 512 on the H100), default, max-autotune")
+                   help="torch.compile mode with --compile --no-step-graph: reduce-overhead (default: CUDA graphs, "
+                        "11.9 ms a step at batch 512 on the H100), default, max-autotune")
     p.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA: capture the whole training step (forward, backward, clipping, AdamW, EMA) in one "
                         "CUDA graph, torch.compile mode default inside (default: with --compile; 7.4 ms a step "
