@@ -12,29 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from sd35fp8.pipeline import SD35Pipeline, default_device, shipped_model_path
 from sd35fp8.tiny import detector, world
-from sd35fp8.tiny.evaluate import write_result
+from sd35fp8.tiny.evaluate import add_benchmark_args, benchmark_pipeline, write_result
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=50)
+    add_benchmark_args(p, n=200, batch=50)
     p.add_argument("--denoise", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.5])
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    dev = torch.device(a.device) if a.device else default_device()
-    model = a.model or shipped_model_path()
-    pipe = SD35Pipeline.from_pretrained(model, device=dev)
+    pipe, dev, model = benchmark_pipeline(a)
     size = pipe.defaults.width
     items = world.heldout_prompts(a.n, a.seed)
     renders = [world.render(it.scene, size) for it in items]  # uint8 [H, W, 3]

@@ -17,14 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections import defaultdict
-from pathlib import Path
 
-import torch
-
-from sd35fp8.pipeline import SD35Pipeline, default_device, shipped_model_path
 from sd35fp8.tiny import detector, world
 from sd35fp8.tiny.captions import _LAYOUT_PHRASES, object_phrase
-from sd35fp8.tiny.evaluate import generate_items, write_result
+from sd35fp8.tiny.evaluate import add_benchmark_args, benchmark_pipeline, generate_items, write_result
 
 
 def layout_form(item: world.EvalItem) -> world.EvalItem:
@@ -51,16 +47,9 @@ def summarise(items: list[world.EvalItem], scores: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--n", type=int, default=100, help="items per set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
+    add_benchmark_args(p, n=100, batch=50, n_help="items per set")
     a = p.parse_args(argv)
-    dev = torch.device(a.device) if a.device else default_device()
-    model = a.model or shipped_model_path()
-    pipe = SD35Pipeline.from_pretrained(model, device=dev)
+    pipe, dev, model = benchmark_pipeline(a)
     d = pipe.defaults
     held = world.eval_items(a.n, a.seed, "heldout", categories=("two_relation",))
     sets = {"heldout_canonical": held, "heldout_layout": [layout_form(it) for it in held],

@@ -5,8 +5,8 @@ defaults written into the model's metadata; writes JSON to benchmarks/results/.
     python benchmarks/tiny_sampler_sweep.py --n 400 --batch 64 \
         --settings euler/normal/20/8 euler_ancestral/normal/20/8 euler_ancestral/normal/30/8
 
-A setting is `sampler/scheduler/steps/cfg[/shift]` (ComfyUI names; without shift, the model's default). Every setting sees the same items and
-the same initial noise (`seed + batch index`, as `sd35fp8 eval`).
+A setting is `sampler/scheduler/steps/cfg[/shift]` (ComfyUI names; without shift, the model's
+default). Every setting sees the same items and the same initial noise (`seed + batch index`, as `sd35fp8 eval`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
-
-import torch
 
 from sd35fp8.errors import InputError
-from sd35fp8.pipeline import SD35Pipeline, default_device, shipped_model_path
 from sd35fp8.sampling import check_scheduler, get_sampler
 from sd35fp8.tiny import detector, world
-from sd35fp8.tiny.evaluate import generate_items, write_result
+from sd35fp8.tiny.evaluate import add_benchmark_args, benchmark_pipeline, generate_items, write_result
 
 
 def parse_setting(text: str) -> dict:
@@ -38,19 +34,12 @@ def parse_setting(text: str) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--settings", nargs="+", required=True, help="sampler/scheduler/steps/cfg[/shift] ...")
-    p.add_argument("--n", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
+    add_benchmark_args(p, n=400, batch=64)
     args = p.parse_args(argv)
     settings = [parse_setting(s) for s in args.settings]  # checked before loading
 
-    dev = torch.device(args.device) if args.device else default_device()
-    model = args.model or shipped_model_path()
-    pipe = SD35Pipeline.from_pretrained(model, device=dev)
+    pipe, dev, model = benchmark_pipeline(args)
     size = pipe.defaults.width
     items = world.heldout_prompts(args.n, args.seed)
     rows = []
@@ -60,7 +49,8 @@ def main(argv=None) -> dict:
         agg = detector.aggregate(detector.score_many(images, items, workers=os.cpu_count() or 1))
         rows.append({**s, "scores": agg, "seconds_per_image": sec, "wall_s": time.perf_counter() - t0})
         pc = agg["per_category"]
-        print(f"{s['sampler']:>16} {s['scheduler']:>8} {s['steps']:>3} cfg {s['cfg']:>4} shift {s['shift'] or pipe.defaults.shift}: "
+        shift = s["shift"] or pipe.defaults.shift
+        print(f"{s['sampler']:>16} {s['scheduler']:>8} {s['steps']:>3} cfg {s['cfg']:>4} shift {shift}: "
               + " ".join(f"{c} {pc[c]:.3f}" for c in world.CATEGORIES if c in pc) + f"  overall {agg['overall']:.3f}",
               flush=True)
     result = {"benchmark": "tiny_sampler_sweep", "model": str(model), "n": args.n, "seed": args.seed,

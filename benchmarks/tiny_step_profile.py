@@ -31,7 +31,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile-steps", type=int, default=30)
     p.add_argument("--n-images", type=int, default=20_000)
     p.add_argument("--compile-mode", default="reduce-overhead")
-    p.add_argument("--step-graph", action="store_true", help="train's --step-graph (the whole step in one CUDA graph)")
+    p.add_argument("--step-graph", action="store_true",
+                   help="train's --step-graph (the whole step in one CUDA graph)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = p.parse_args(argv)
     from torch.autograd import DeviceType

@@ -106,6 +106,26 @@ def write_result(result: dict, name: str, device: torch.device, out: str | Path 
     return path
 
 
+def add_benchmark_args(parser, n: int, batch: int, n_help: str = "held-out items") -> None:
+    """The options every tiny-model benchmark shares: --model --n --seed --batch --device --out."""
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    parser.add_argument("--n", type=int, default=n, help=n_help)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+
+
+def benchmark_pipeline(args) -> tuple:
+    """(pipeline, device, model path) for `add_benchmark_args` options: the shipped model and the best
+    device unless named."""
+    from ..pipeline import SD35Pipeline, default_device, shipped_model_path
+
+    dev = torch.device(args.device) if args.device else default_device()
+    model = args.model or shipped_model_path()
+    return SD35Pipeline.from_pretrained(model, device=dev), dev, model
+
+
 # ---------------------------------------------------------------- generation
 def generate_items(pipe, items: Sequence[world.EvalItem], seed: int, batch: int, steps: int, cfg: float,
                    sampler: str, scheduler: str, size: int,

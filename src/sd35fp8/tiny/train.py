@@ -10,14 +10,15 @@
 
 Phases: (1) SentencePiece T5 vocabulary on the caption corpus; (2) render + tokenize the dataset in
 worker processes (before any CUDA work: workers are forked); (3) VAE: L1 + L2 reconstruction of
-latents perturbed by 10 % relative noise and EQ-VAE's scale term (--vae-eq), then an exact affine fold of the measured per-channel
-latent mean/std into encoder.conv_out so `to_model_space(encode(x))` is ~N(0, 1) under SD3's fixed
-constants, then a decoder-only fine-tune on the folded latents (the fold is exact on the encoder,
-not on decoder.conv_in at the zero-padded border); (4) MMDiT + the three text towers jointly, SD3
-rectified flow (x_t = (1-s) x0 + s eps, target eps - x0, s = shift(t) with t = sigmoid(N(0,1)),
-a fraction --sigma-uniform of t uniform in [0, 1], shift --train-shift), 10 % empty prompts, AdamW,
-bf16 autocast, EMA of every trained weight (shipped); (5) export + load back with the project's
-loaders; (6) held-out evaluation with the detector over a CFG grid, defaults = best.
+latents perturbed by 10 % relative noise and EQ-VAE's scale term (--vae-eq), then an exact affine
+fold of the measured per-channel latent mean/std into encoder.conv_out so
+`to_model_space(encode(x))` is ~N(0, 1) under SD3's fixed constants, then a decoder-only fine-tune
+on the folded latents (the fold is exact on the encoder, not on decoder.conv_in at the zero-padded
+border); (4) MMDiT + the three text towers jointly, SD3 rectified flow (x_t = (1-s) x0 + s eps,
+target eps - x0, s = shift(t) with t = sigmoid(N(0,1)), a fraction --sigma-uniform of t uniform in
+[0, 1], shift --train-shift), 10 % empty prompts, AdamW, bf16 autocast, EMA of every trained weight
+(shipped); (5) export + load back with the project's loaders; (6) held-out evaluation with the
+detector over a CFG grid, defaults = best.
 
 Reuse: --spiece-from skips (1), --vae-from skips (3) (the file's VAE is already folded; the dataset
 latents are still encoded with it), --init-from starts (4) from a file's MMDiT and text towers. The
