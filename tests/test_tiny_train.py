@@ -171,6 +171,18 @@ def test_default_arguments_are_the_shipped_recipe():
     assert not train.parse_args(["--out", "x", "--device", "cuda", "--no-compile"]).compile
 
 
+def test_mix_and_sampler_arguments():
+    args = train.parse_args(["--out", "x", "--mix", "single=1,two=3", "--relation-said", "0.9",
+                             "--eval-sampler", "euler_ancestral"])
+    assert args.mix == {"single": 0.25, "two": 0.75, "count": 0.0, "three": 0.0}
+    assert args.relation_said == 0.9 and args.eval_sampler == "euler_ancestral"
+    assert train.parse_args(["--out", "x"]).mix is None
+    for bad in (["--mix", "single"], ["--mix", "single=x"], ["--mix", "four=1"], ["--relation-said", "1.5"],
+                ["--eval-sampler", "nope"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", "x"] + bad)
+
+
 def test_set_defaults_rewrites_metadata_only(tiny_random_checkpoint, tmp_path):
     import shutil
 

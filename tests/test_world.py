@@ -83,6 +83,24 @@ def test_heldout_split_never_in_training():
         world.sample_scene(rng, "test")
 
 
+def test_training_mix_and_relation_said():
+    """sample_scene(mix=) draws kinds by the given weights (normalised); caption(relation_said=) says the
+    relation of a two-object scene with that probability; bad mixes are refused by name."""
+    rng = np.random.default_rng(3)
+    only_two = [world.sample_scene(rng, "train", {"two": 2.0}) for _ in range(200)]
+    assert {s.kind for s in only_two} == {"two"}
+    for s in only_two:
+        parsed = captions.parse_caption(world.caption(s, rng, 1.0))
+        assert _canonical(parsed.objects, parsed.relation) == _canonical(s.objects, s.relation)
+    assert all(captions.parse_caption(world.caption(s, rng, 0.0)).relation is None for s in only_two)
+    kinds = collections.Counter(world.sample_scene(rng, "train", {"single": 1, "three": 3}).kind for _ in range(800))
+    assert set(kinds) == {"single", "three"} and 0.65 < kinds["three"] / 800 < 0.85
+    assert world.check_mix({"single": 1, "two": 3}) == {"single": 0.25, "two": 0.75, "count": 0.0, "three": 0.0}
+    for bad in ({"four": 1.0}, {}, {"single": -1.0}, {"single": 0.0}, {"two": float("nan")}):
+        with pytest.raises(InputError, match="mix|kinds"):
+            world.check_mix(bad)
+
+
 def test_layout_is_unambiguous():
     rng = np.random.default_rng(1)
     for _ in range(500):

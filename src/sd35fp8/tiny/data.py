@@ -76,8 +76,8 @@ class Dataset:
 _TOKENIZER: dict[str, SD3Tokenizer] = {}
 
 
-def _render_chunk(args: tuple[int, int, int, int, str]) -> tuple:
-    seed, index, n, size, spiece = args
+def _render_chunk(args: tuple[int, int, int, int, str, dict | None, float]) -> tuple:
+    seed, index, n, size, spiece, mix, relation_said = args
     tokenizer = _TOKENIZER.get(spiece)
     if tokenizer is None:
         tokenizer = _TOKENIZER[spiece] = make_tokenizer(spiece)
@@ -86,22 +86,31 @@ def _render_chunk(args: tuple[int, int, int, int, str]) -> tuple:
     rows = np.empty((3, n, CLIP_LENGTH), dtype=np.int32)
     captions, kinds = [], []
     for i in range(n):
-        scene = world.sample_scene(rng, "train")
+        scene = world.sample_scene(rng, "train", mix)
         images[i] = world.render(scene, size)
-        text = world.caption(scene, rng)
+        text = world.caption(scene, rng, relation_said)
         rows[0, i], rows[1, i], rows[2, i] = token_rows(tokenizer, text)
         captions.append(text)
         kinds.append(scene.kind)
     return images, rows, captions, kinds
 
 
-def render_dataset(n: int, seed: int, size: int, spiece: str | Path, workers: int | None = None) -> Dataset:
-    """n rendered and tokenized training pairs (deterministic in seed; workers only change speed)."""
+def render_dataset(n: int, seed: int, size: int, spiece: str | Path, workers: int | None = None,
+                   mix: dict[str, float] | None = None, relation_said: float = world.RELATION_SAID) -> Dataset:
+    """n rendered and tokenized training pairs (deterministic in seed; workers only change speed).
+
+    mix / relation_said: the scene-kind weights and the fraction of "two" captions stating their
+    relation (defaults: `world.KIND_WEIGHTS`, `world.RELATION_SAID`).
+    """
+    if mix is not None:
+        mix = world.check_mix(mix)
+    if not 0.0 <= relation_said <= 1.0:
+        raise InputError(f"relation_said must be in [0, 1], got {relation_said}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workers = workers or os.cpu_count() or 1
     tasks, start = [], 0
     for index in range((n + CHUNK - 1) // CHUNK):
-        tasks.append((seed, index, min(CHUNK, n - start), size, str(spiece)))
+        tasks.append((seed, index, min(CHUNK, n - start), size, str(spiece), mix, relation_said))
         start += CHUNK
     if workers <= 1:
         parts = [_render_chunk(t) for t in tasks]

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..models.vae import image_to_uint8, to_model_space, to_vae_space
 from . import detector, world
 from .data import Dataset, make_tokenizer, render_dataset, train_spiece
@@ -392,7 +393,7 @@ def generate(mmdit, vae, text_encoder, prompts: list[str], seed: int, cfg: float
         denoiser = CFGDenoiser(mmdit, Conditioning(ctx, pool), Conditioning(u_ctx, u_pool), cfg=cfg)
         noise = prepare_noise(seed + i, (len(part), 16, size // 8, size // 8)).to(device)
         x = noise_scaling(sigmas[0], noise, torch.zeros_like(noise))
-        z = sample(sampler, denoiser, x, sigmas.to(device), disable=True)
+        z = sample(sampler, denoiser, x, sigmas.to(device), extra_args={"seed": seed + i}, disable=True)
         out += image_to_uint8(vae.decode(to_vae_space(z)).float())
     return out
 
@@ -404,7 +405,7 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
     text = SD3TextEncoder(towers.clip_l, towers.clip_g, towers.t5, tokenizer=make_tokenizer(spiece))
     items = world.heldout_prompts(args.eval_items, seed=1000 + args.seed)
     prompts = [it.caption for it in items]
-    res: dict = {"n_items": len(items), "steps": args.eval_steps, "sampler": "euler", "scheduler": "normal"}
+    res: dict = {"n_items": len(items), "steps": args.eval_steps, "sampler": args.eval_sampler, "scheduler": "normal"}
     # reference upper bounds: the renders themselves, and their VAE round trip
     renders = [world.render(it.scene, size) for it in items]
     res["detector_on_renders"] = detector.aggregate(detector.score_many(renders, items, args.workers))
@@ -414,7 +415,8 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
     res["cfg_grid"] = {}
     best = None
     for cfg in args.cfg_grid:
-        images = generate(mmdit, vae, text, prompts, args.seed, cfg, args.eval_steps, size, device)
+        images = generate(mmdit, vae, text, prompts, args.seed, cfg, args.eval_steps, size, device,
+                          args.eval_sampler)
         agg = detector.aggregate(detector.score_many(images, items, args.workers))
         res["cfg_grid"][str(cfg)] = agg
         pc = agg["per_category"]
@@ -428,7 +430,7 @@ def evaluate(mmdit, vae, towers: TextTowers, spiece: Path, args, device: torch.d
     res["heldout"] = res["cfg_grid"][str(best[1])]
     train_items = world.eval_items(max(5, args.eval_items // 2), seed=2000 + args.seed, split="train")
     imgs = generate(mmdit, vae, text, [it.caption for it in train_items], args.seed, best[1], args.eval_steps,
-                    size, device)
+                    size, device, args.eval_sampler)
     res["in_distribution"] = detector.aggregate(detector.score_many(imgs, train_items, args.workers))
     res["samples"] = best[2][:16]
     return res
@@ -452,7 +454,7 @@ def load_vae_from(spec: TinySpec, path: Path, device: torch.device):
 
 def _generation_defaults(spec: TinySpec, args) -> dict:
     """The file's generation defaults (metadata); cfg is replaced by the evaluation's best."""
-    return {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": "euler", "scheduler": "normal",
+    return {"steps": args.eval_steps, "cfg": args.cfg_grid[0], "sampler": args.eval_sampler, "scheduler": "normal",
             "shift": 3.0, "width": spec.image_size, "height": spec.image_size}
 
 
@@ -478,6 +480,23 @@ def _export_vae_only(spec: TinySpec, vae, spiece: Path, args, clock: Clock, rec:
     (args.out / "train_log.json").write_text(json.dumps(rec, indent=1))
     log(f"VAE only: wrote {ckpt} in {clock.now():.1f}s (use it with --vae-from)", clock)
     return rec
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    """'single=0.2,two=0.55' -> a normalised world mix (argparse type: errors name the bad part)."""
+    mix = {}
+    for part in text.split(","):
+        kind, sep, weight = part.partition("=")
+        try:
+            mix[kind.strip()] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected kind=weight pairs separated by commas, got {part!r}")
+    try:
+        return world.check_mix(mix)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -510,6 +529,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None,
                    help="time.time() by which MMDiT training must end (plans the steps, hard stop)")
     p.add_argument("--text-dropout", type=float, default=0.1)
+    p.add_argument("--mix", type=_parse_mix, default=None,
+                   help="training scene-kind mix as kind=weight pairs, e.g. single=0.2,two=0.55,count=0.1,three=0.15 "
+                        "(default: world.KIND_WEIGHTS, single 0.3 / two 0.4 / count 0.12 / three 0.18)")
+    p.add_argument("--relation-said", type=float, default=world.RELATION_SAID,
+                   help="fraction of two-object training captions that state their relation (default 0.8)")
     p.add_argument("--vae-align", type=float, default=0.0,
                    help="weight of the VAE latent's colour alignment (first 3 channels ~ 8x8-averaged image)")
     p.add_argument("--vae-eq", type=float, default=1.0,
@@ -519,6 +543,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the VAE penalty on latent values beyond 3 std (spiky codes)")
     p.add_argument("--eval-items", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--eval-sampler", default="euler",
+                   help="sampler (ComfyUI name) of the run's evaluation and of the file's defaults (default euler)")
     p.add_argument("--cfg-grid", type=float, nargs="+", default=list(CFG_GRID))
     p.add_argument("--patch", type=int, default=None,
                    help="MMDiT patch size for a new model (default 2 as SD3.5; 1: 4x the image tokens)")
@@ -536,6 +562,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(splits a run into two device calls)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run with tiny sizes (< 60 s)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.relation_said <= 1.0:
+        p.error(f"--relation-said must be in [0, 1], got {args.relation_said}")
+    from ..sampling import get_sampler
+    try:
+        get_sampler(args.eval_sampler)
+    except InputError as e:
+        p.error(f"--eval-sampler: {e}")
     if args.smoke:
         args.device, args.n_images, args.batch, args.batch_vae = "cpu", 64, 8, 4
         args.steps_vae = args.steps_vae or 3
@@ -576,7 +609,8 @@ def main(argv=None) -> dict:
     spec = spec.with_t5_vocab(spm.SentencePieceProcessor(model_file=str(spiece)).get_piece_size())
     rec["spec"] = {k: v for k, v in spec.__dict__.items()}
     t = clock.mark("spiece", t)
-    data = render_dataset(args.n_images, args.seed, spec.image_size, spiece, args.workers)
+    data = render_dataset(args.n_images, args.seed, spec.image_size, spiece, args.workers, args.mix,
+                          args.relation_said)
     tok = make_tokenizer(spiece)
     from .data import token_rows
     empty = token_rows(tok, "")

@@ -3,9 +3,10 @@
 Scenes hold 1-3 flat shapes on a plain background. Positions and radii are fractions of the image
 side, so one scene renders at any size (anti-aliased: drawn at 4x, then box-downsampled by Pillow).
 
-Scene kinds (training mix): "single" 30 %, "two" 40 % (laid out so one relation holds clearly:
-the two centres differ at least twice as much on the relation's axis as on the other, bounding
-boxes >= 8 px apart at 128 px), "count" 12 % (2-3 identical objects), "three" 18 % (three distinct).
+Scene kinds (default training mix, KIND_WEIGHTS): "single" 30 %, "two" 40 % (laid out so one
+relation holds clearly: the two centres differ at least twice as much on the relation's axis as on
+the other, bounding boxes >= 8 px apart at 128 px), "count" 12 % (2-3 identical objects), "three"
+18 % (three distinct). Training may ask for another mix (`sample_scene(..., mix=)`).
 
 Held-out split (never produced by `sample_scene(rng, "train")`):
 - HELDOUT_OBJECTS: 8 of the 64 (shape, colour) pairs, one per shape and one per colour (12.5 %),
@@ -71,7 +72,8 @@ HELDOUT_PAIRS: frozenset[frozenset[tuple[str, str]]] = frozenset(frozenset(p) fo
 ALL_OBJECTS: tuple[tuple[str, str], ...] = tuple(itertools.product(SHAPES, COLOURS))
 SEEN_OBJECTS: tuple[tuple[str, str], ...] = tuple(o for o in ALL_OBJECTS if o not in HELDOUT_OBJECTS)
 CATEGORIES: tuple[str, ...] = ("single", "two_object", "two_relation", "count", "three")
-_KIND_WEIGHTS = {"single": 0.30, "two": 0.40, "count": 0.12, "three": 0.18}
+KIND_WEIGHTS: dict[str, float] = {"single": 0.30, "two": 0.40, "count": 0.12, "three": 0.18}  # default mix
+RELATION_SAID = 0.8  # default fraction of "two" captions that state their relation
 
 assert set(COLOUR_RGB) == set(COLOURS) and set(BACKGROUND_RGB) == set(BACKGROUNDS)
 assert all(p <= set(SEEN_OBJECTS) for p in HELDOUT_PAIRS)
@@ -172,12 +174,28 @@ def _identities(rng: np.random.Generator, kind: str, pool: tuple[tuple[str, str]
     return [pool[int(i)] for i in idx]
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
-    """A random scene. split="train": never touches the held-out split; "heldout": always does."""
+def check_mix(mix: dict[str, float]) -> dict[str, float]:
+    """A scene-kind mix (kind -> weight), normalised to sum 1; raises InputError naming what is wrong."""
+    unknown = set(mix) - set(KIND_WEIGHTS)
+    if unknown or not mix:
+        raise InputError(f"world: unknown scene kinds {sorted(unknown)} in the mix; expected some of "
+                         f"{list(KIND_WEIGHTS)}")
+    if any(not np.isfinite(w) or w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise InputError(f"world: mix weights must be finite, >= 0 and not all 0, got {mix}")
+    total = sum(mix.values())
+    return {k: mix.get(k, 0.0) / total for k in KIND_WEIGHTS}
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", mix: dict[str, float] | None = None) -> Scene:
+    """A random scene. split="train": never touches the held-out split; "heldout": always does.
+
+    mix: scene-kind weights (default KIND_WEIGHTS); any mix draws the same kinds' scenes the same way.
+    """
     if split not in ("train", "heldout"):
         raise InputError(f"world.sample_scene: split must be 'train' or 'heldout', got {split!r}")
-    kinds = list(_KIND_WEIGHTS)
-    kind = kinds[int(rng.choice(len(kinds), p=list(_KIND_WEIGHTS.values())))]
+    weights = KIND_WEIGHTS if mix is None else check_mix(mix)
+    kinds = list(weights)
+    kind = kinds[int(rng.choice(len(kinds), p=list(weights.values())))]
     while True:  # rejection on identities only (cheap): ~12 % of draws are held out
         ids = _identities(rng, kind, ALL_OBJECTS)
         if is_heldout(ids) == (split == "heldout"):
@@ -187,13 +205,13 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     return _layout(rng, kind, ids, relation, background)
 
 
-def caption(scene: Scene, rng: np.random.Generator | None) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None, relation_said: float = RELATION_SAID) -> str:
     """A paraphrased caption (rng=None: the canonical "a photo of ..." form, relation always said).
 
-    "two" scenes mention their relation 80 % of the time; otherwise "A and B".
+    "two" scenes mention their relation with probability `relation_said` (default 0.8); otherwise "A and B".
     """
     relation = scene.relation
-    if rng is not None and scene.kind == "two" and rng.random() < 0.2:
+    if rng is not None and scene.kind == "two" and rng.random() < 1 - relation_said:
         relation = None
     return describe(scene.kind, scene.objects, relation, scene.background, rng)
 
