@@ -57,6 +57,7 @@ def test_evaluate_json_table_sheet(eval_run, capsys):
     data = _strict_json(out.read_text())
     assert set(data["modes"]) == set(ALL_MODES)
     assert data["n"] == 3 and len(data["items"]) == 3
+    assert data["device"] == "cpu" and data["torch"] and data["date"].startswith("20")  # benchmark evidence
     assert data["params"]["steps"] == 2 and data["params"]["width"] == 32
     items = world.heldout_prompts(3, 0)
     assert [it["caption"] for it in data["items"]] == [it.caption for it in items]

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from sd35fp8.defaults import DEFAULTS_METADATA_KEY
-from sd35fp8.tiny import data, export, spec, train
+from sd35fp8.tiny import data, export, spec, train, world
 from sd35fp8.tiny.export import PREFIXES
 
 
@@ -37,7 +37,7 @@ def test_smoke_run_writes_loadable_checkpoint(smoke_run):
     assert "text_encoders.clip_g.transformer.text_projection.weight" in keys
     assert "text_encoders.t5xxl.transformer.shared.weight" in keys
     defaults = json.loads(meta[DEFAULTS_METADATA_KEY])
-    assert defaults["sampler"] == "euler" and defaults["width"] == 32
+    assert defaults["sampler"] == "euler_ancestral" and defaults["width"] == 32
 
     mmdit, vae, text, tokenizer = export.load_back(ckpt)
     s = spec.TinySpec.smoke()
@@ -162,7 +162,8 @@ def test_default_arguments_are_the_shipped_recipe():
     shipped, vae_run = log["args"], log["vae_source_run"]["args"]  # the VAE came from its own --vae-only call
     cuda = train.parse_args(["--out", "x", "--device", "cuda"])
     for key in ("batch", "lr", "n_images", "minutes_mmdit", "compile", "compile_mode", "step_graph", "ema",
-                "warmup", "train_shift", "sigma_uniform", "text_dropout"):
+                "warmup", "train_shift", "sigma_uniform", "text_dropout", "mix", "relation_said", "eval_sampler",
+                "eval_steps", "cfg_grid"):
         assert getattr(cuda, key) == shipped[key], key
     for key in ("minutes_vae", "batch_vae", "lr_vae", "vae_eq", "vae_align", "vae_tail"):
         assert getattr(cuda, key) == vae_run[key], key
@@ -171,12 +172,24 @@ def test_default_arguments_are_the_shipped_recipe():
     assert not train.parse_args(["--out", "x", "--device", "cuda", "--no-compile"]).compile
 
 
+def test_shipped_file_is_the_logged_run():
+    """The shipped all-in-one is the file train_log.json describes (its sha256 as trained, or after a
+    metadata-only defaults rewrite)."""
+    import hashlib
+
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT
+
+    log = json.loads((export.Path(train.__file__).parent / "train_log.json").read_text())
+    want = log.get("defaults_rewritten", {}).get("sha256_after", log["sha256"])
+    assert hashlib.sha256(SHIPPED_CHECKPOINT.read_bytes()).hexdigest() == want
+
+
 def test_mix_and_sampler_arguments():
     args = train.parse_args(["--out", "x", "--mix", "single=1,two=3", "--relation-said", "0.9",
                              "--eval-sampler", "euler_ancestral"])
     assert args.mix == {"single": 0.25, "two": 0.75, "count": 0.0, "three": 0.0}
     assert args.relation_said == 0.9 and args.eval_sampler == "euler_ancestral"
-    assert train.parse_args(["--out", "x"]).mix is None
+    assert train.parse_args(["--out", "x", "--mix", "single=0.3,two=0.4,count=0.12,three=0.18"]).mix == world.KIND_WEIGHTS
     for bad in (["--mix", "single"], ["--mix", "single=x"], ["--mix", "four=1"], ["--relation-said", "1.5"],
                 ["--eval-sampler", "nope"]):
         with pytest.raises(SystemExit):

@@ -263,9 +263,8 @@ def evaluate(model: str | Path | None = None, n: int = 100, seed: int = 0, modes
     if sheet_path.resolve() == out_path.resolve():  # `--out x.png`: keep the JSON and the sheet apart
         sheet_path = out_path.with_name(out_path.stem + "_sheet.png")
     result = {
-        "model": str(model_path), "fp8_model": str(fp8_source), "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "fp8_support": fp8_support(dev).describe(), "torch": torch.__version__, "n": n, "params": params,
+        "model": str(model_path), "fp8_model": str(fp8_source),
+        "fp8_support": fp8_support(dev).describe(), "n": n, "params": params,
         "modes": per_mode, "skipped": skipped,
         "items": [{"index": i, "category": it.category, "caption": it.caption, "seed": seed + i // batch,
                    "batch_index": i % batch,
@@ -277,12 +276,11 @@ def evaluate(model: str | Path | None = None, n: int = 100, seed: int = 0, modes
         "json": str(out_path), "sheet": str(sheet_path),
     }
     print(format_table(result))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+    write_result(result, "tiny_eval", dev, out_path)  # + device, device_name, torch, date
     sheet_path.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(items[:sheet_rows], {m: images[m][:sheet_rows] for m in run_modes},
                   {m: [s["correct"] for s in scores[m][:sheet_rows]] for m in run_modes}).save(sheet_path)
-    say(f"wrote {out_path} and {sheet_path}")
+    say(f"wrote {sheet_path}")
     return result
 
 

@@ -3,7 +3,7 @@
     python -m sd35fp8.tiny.train --out DIR --seed 0     # the shipped recipe, ~12.5 min on an H100
     python -m sd35fp8.tiny.train --out V --seed 0 --vae-only      # the same in two calls of < 10 min
     python -m sd35fp8.tiny.train --out DIR --seed 0 --vae-from V/sd35fp8_tiny.safetensors \
-        --spiece-from V/spiece.model     # (run 12, shipped; --deadline T: a hard wall-clock end)
+        --spiece-from V/spiece.model     # (run 13, shipped; --deadline T: a hard wall-clock end)
     python -m sd35fp8.tiny.train --out DIR --vae-from OLD.safetensors --spiece-from OLD/spiece.model \
         --init-from OLD.safetensors --minutes-mmdit 7.5           # reuse VAE + vocabulary, continue MMDiT
     python -m sd35fp8.tiny.train --out DIR --smoke          # CPU, tiny sizes, < 60 s
@@ -482,6 +482,9 @@ def _export_vae_only(spec: TinySpec, vae, spiece: Path, args, clock: Clock, rec:
     return rec
 
 
+RECIPE_MIX = "single=0.2,two=0.55,count=0.1,three=0.15"  # the shipped run's training mix (run 13)
+
+
 def _parse_mix(text: str) -> dict[str, float]:
     """'single=0.2,two=0.55' -> a normalised world mix (argparse type: errors name the bad part)."""
     mix = {}
@@ -517,8 +520,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-vae", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--train-shift", type=float, default=1.0,
-                   help="shift of the training sigma distribution (1 = none; 3 = the sampler's, little low noise)")
+    p.add_argument("--train-shift", type=float, default=1.5,
+                   help="shift of the training sigma distribution (default 1.5: more high-noise samples, where the "
+                        "layout is decided; 1 = none; 3 = the sampler's, little low noise)")
     p.add_argument("--sigma-uniform", type=float, default=0.15,
                    help="fraction of training t drawn uniformly in [0, 1] instead of logit-normal(0, 1)")
     p.add_argument("--vae-from", type=Path, default=None,
@@ -529,11 +533,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None,
                    help="time.time() by which MMDiT training must end (plans the steps, hard stop)")
     p.add_argument("--text-dropout", type=float, default=0.1)
-    p.add_argument("--mix", type=_parse_mix, default=None,
-                   help="training scene-kind mix as kind=weight pairs, e.g. single=0.2,two=0.55,count=0.1,three=0.15 "
-                        "(default: world.KIND_WEIGHTS, single 0.3 / two 0.4 / count 0.12 / three 0.18)")
-    p.add_argument("--relation-said", type=float, default=world.RELATION_SAID,
-                   help="fraction of two-object training captions that state their relation (default 0.8)")
+    p.add_argument("--mix", type=_parse_mix, default=_parse_mix(RECIPE_MIX),
+                   help=f"training scene-kind mix as kind=weight pairs (default {RECIPE_MIX}; "
+                        "world.KIND_WEIGHTS, the mix of runs 1-12, is single=0.3,two=0.4,count=0.12,three=0.18)")
+    p.add_argument("--relation-said", type=float, default=0.9,
+                   help="fraction of two-object training captions that state their relation (default 0.9; "
+                        "runs 1-12: 0.8)")
     p.add_argument("--vae-align", type=float, default=0.0,
                    help="weight of the VAE latent's colour alignment (first 3 channels ~ 8x8-averaged image)")
     p.add_argument("--vae-eq", type=float, default=1.0,
@@ -542,9 +547,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-tail", type=float, default=0.0,
                    help="weight of the VAE penalty on latent values beyond 3 std (spiky codes)")
     p.add_argument("--eval-items", type=int, default=400)
-    p.add_argument("--eval-steps", type=int, default=20)
-    p.add_argument("--eval-sampler", default="euler",
-                   help="sampler (ComfyUI name) of the run's evaluation and of the file's defaults (default euler)")
+    p.add_argument("--eval-steps", type=int, default=30)
+    p.add_argument("--eval-sampler", default="euler_ancestral",
+                   help="sampler (ComfyUI name) of the run's evaluation and of the file's defaults "
+                        "(default euler_ancestral; runs 1-12: euler 20 steps)")
     p.add_argument("--cfg-grid", type=float, nargs="+", default=list(CFG_GRID))
     p.add_argument("--patch", type=int, default=None,
                    help="MMDiT patch size for a new model (default 2 as SD3.5; 1: 4x the image tokens)")
