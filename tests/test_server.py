@@ -394,6 +394,41 @@ def test_info_routes(client):
     assert client.get("/").status_code == 200
 
 
+def test_internal_routes(client, app):
+    """ComfyUI's /internal routes (frontend only; not under /api): logs, log subscription over the
+    socket, folder paths, and input/output/temp file lists newest first."""
+    import logging
+    import os
+
+    folders = app.state.folders
+    folders.output_dir.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(("old.png", "new.png", ".hidden")):
+        (folders.output_dir / name).write_bytes(b"x")
+        os.utime(folders.output_dir / name, (1_000_000 + i, 1_000_000 + i))
+    assert client.get("/internal/files/output").json() == ["new.png", "old.png"]
+    assert client.get("/internal/files/input").json() == []
+    assert client.get("/internal/files/models").status_code == 400
+    assert client.get("/api/internal/files/output").status_code in (404, 405)
+    paths = client.get("/internal/folder_paths").json()
+    assert paths["checkpoints"] == [str(p) for p in folders.folders("checkpoints")]
+
+    log = logging.getLogger("sd35fp8.server.test")
+    log.warning("before subscribing")
+    raw = client.get("/internal/logs/raw").json()
+    assert set(raw["size"]) == {"cols", "rows"}
+    assert raw["entries"][-1]["m"].endswith("before subscribing\n") and "t" in raw["entries"][-1]
+    assert client.get("/internal/logs").json().endswith("before subscribing\n")
+    with client.websocket_connect("/ws?clientId=term") as ws:
+        ws.receive_json()  # status hello
+        assert client.patch("/internal/logs/subscribe", json={"clientId": "term", "enabled": True}).status_code == 200
+        log.warning("to the terminal")
+        m = ws.receive_json()
+        assert m["type"] == "logs" and m["data"]["entries"][0]["m"].endswith("to the terminal\n")
+        assert client.patch("/internal/logs/subscribe", json={"clientId": "term", "enabled": False}).status_code == 200
+    assert client.patch("/internal/logs/subscribe", content=b"nope").status_code == 400
+    assert not app.state.logs.subscriptions
+
+
 # ---- security ---------------------------------------------------------------------------------
 def test_auth_token(tmp_path):
     app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), auth_token="s3cret")

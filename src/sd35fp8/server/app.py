@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from sd35fp8.errors import InputError
 from sd35fp8.server import files
 from sd35fp8.server.frontend import UserStore, frontend_routes, frontend_version, mount_frontend
+from sd35fp8.server.internal import LogBuffer, internal_routes
 from sd35fp8.server.jobs import jobs_routes
 from sd35fp8.server.queue import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, PromptQueue, PromptWorker, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
@@ -79,19 +80,24 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     queue.on_change = lambda: hub.send("status", {"status": queue_info(queue)}, None)
     store = UserStore(user_dir if user_dir is not None else folders.output_dir.parent / "user")
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
+    logs = LogBuffer(hub.send, lambda: hub.client_ids)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         import asyncio
 
         hub.bind(asyncio.get_running_loop())
+        logs.attach()
         worker.start()
-        yield
-        worker.stop(timeout=0)  # stop taking prompts; security.stop_app waits for the running one
+        try:
+            yield
+        finally:
+            worker.stop(timeout=0)  # stop taking prompts; security.stop_app waits for the running one
+            logs.detach()
 
     app = FastAPI(title="sd35fp8 ComfyUI API", version=SERVER_VERSION, lifespan=lifespan)
     app.state.queue, app.state.worker, app.state.hub, app.state.executor = queue, worker, hub, executor
-    app.state.folders, app.state.user_store = folders, store
+    app.state.folders, app.state.user_store, app.state.logs = folders, store, logs
     app.add_middleware(SecurityMiddleware, auth_token=auth_token, loopback=loopback)
     input_error_handler(app)
 
@@ -237,6 +243,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     r.include_router(frontend_routes(store))
     app.include_router(r)
     app.include_router(r, prefix="/api")
+    app.include_router(internal_routes(folders, logs))  # /internal only, as ComfyUI
     if serve_frontend:
         mount_frontend(app)
     return app
