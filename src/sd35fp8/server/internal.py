@@ -113,10 +113,10 @@ def internal_routes(folders: ModelFolders, logs: LogBuffer) -> APIRouter:
 
     @r.get("/files/{directory_type}")
     async def get_files(directory_type: str) -> Any:
-        if directory_type not in ("output", "input", "temp"):
+        folder = folders.folder_of(directory_type)  # None unless one of FOLDER_TYPES
+        if folder is None:
             return JSONResponse({"error": "Invalid directory type"}, status_code=400)
-        folder = folders.folder_of(directory_type)
-        if folder is None or not folder.is_dir():
+        if not folder.is_dir():
             return []
         entries = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
         entries.sort(key=lambda p: -p.stat().st_mtime)
