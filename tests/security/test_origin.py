@@ -60,11 +60,21 @@ def test_same_origin_http_and_ws_pass(client, headers):
 
 
 def test_preflight_free_post_is_refused(client):
-    """text/plain (or form, or typeless) POSTs are what a page may send cross-site without a preflight."""
+    """text/plain (or form, or typeless) POSTs are what a page may send cross-site without a preflight;
+    a browser marks them with Origin / Sec-Fetch-*, even when (CORS mode, or an old browser) the origin
+    checks let them through."""
     for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data"):
-        r = client.post("/prompt", content=json.dumps({"prompt": fake_prompt()}), headers={"content-type": ctype})
+        r = client.post("/prompt", content=json.dumps({"prompt": fake_prompt()}),
+                        headers={"content-type": ctype, "origin": "http://testserver", "sec-fetch-site": "same-origin"})
         assert r.status_code == 415, ctype
     assert queued(client) == 0
+
+
+def test_cors_mode_still_refuses_preflight_free_posts(tmp_path):
+    with TestClient(build_app(tmp_path, cors_origin="*")) as c:
+        r = c.post("/prompt", content=json.dumps({"prompt": fake_prompt()}),
+                   headers={"content-type": "text/plain", "origin": "http://any.example", "sec-fetch-site": "cross-site"})
+        assert r.status_code == 415 and queued(c) == 0
 
 
 def test_allow_host(tmp_path):
@@ -108,7 +118,7 @@ def test_live_server_http_and_websocket(tmp_path):
             r = requests.post(f"{srv.url}/prompt", json={"prompt": fake_prompt()}, headers=headers, timeout=10)
             assert r.status_code == 403, headers
         r = requests.post(f"{srv.url}/prompt", data=json.dumps({"prompt": fake_prompt()}),
-                          headers={"Content-Type": "text/plain"}, timeout=10)
+                          headers={"Content-Type": "text/plain", "Origin": srv.url}, timeout=10)
         assert r.status_code == 415
 
         ws = websocket.create_connection(f"ws://{srv.host}/ws?clientId=live", origin=srv.url, timeout=10)

@@ -96,17 +96,26 @@ def test_mistyped_bodies_of_other_routes_are_400(client, route, body):
 @pytest.mark.parametrize("route", ["/prompt", "/queue", "/history", "/free", "/jobs/cancel", "/settings",
                                    "/settings/Comfy.X"])
 def test_non_json_bodies(client, route):
-    """Not JSON but labelled JSON: 400. Labelled anything else (text/plain, a form, no type: what a
-    cross-site page may send without a preflight): 415, and the route never runs."""
+    """Not JSON but labelled JSON: 400. From a browser (Origin / Sec-Fetch-*), labelled anything else
+    (text/plain, a form, no type: what a page may send without a CORS preflight): 415, and the route
+    never runs."""
     _shape(client.post(route, content=b"{nope", headers=JSON), 400)
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
-        headers = {"content-type": ctype} if ctype else {}
-        _shape(client.post(route, content=json.dumps({"prompt": fake_prompt()}), headers=headers), 415)
+    for browser in ({"origin": "http://testserver"}, {"sec-fetch-site": "same-origin"}, {"sec-fetch-mode": "no-cors"}):
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {**browser, "content-type": ctype} if ctype else browser
+            _shape(client.post(route, content=json.dumps({"prompt": fake_prompt()}), headers=headers), 415)
     r = client.patch("/internal/logs/subscribe", content=b'{"clientId": "x", "enabled": true}',
-                     headers={"content-type": "text/plain"})
+                     headers={"content-type": "text/plain", "origin": "http://testserver"})
     _shape(r, 415)
     _shape(client.patch("/internal/logs/subscribe", json={"clientId": 1, "enabled": [1]}), 400)
     assert queued(client) == 0
+
+
+def test_scripts_may_send_any_content_type(client):
+    """ComfyUI's API examples post with urllib (form-urlencoded) and clients with requests (no type)."""
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}, {"content-type": "text/plain"}):
+        r = client.post("/prompt", content=json.dumps({"prompt": fake_prompt(seed=len(headers) + 5)}), headers=headers)
+        assert r.status_code == 200, (headers, r.text)
 
 
 def test_query_parameters_are_400(client):

@@ -115,16 +115,25 @@ def limits_of(request: Request) -> Limits:
     return limits if isinstance(limits, Limits) else Limits()
 
 
+def from_browser(request: Request) -> bool:
+    """Browsers send Origin on every POST/PUT/PATCH/DELETE (and Sec-Fetch-* on every request);
+    scripts and ComfyUI clients send neither."""
+    h = request.headers
+    return "origin" in h or "sec-fetch-site" in h or "sec-fetch-mode" in h
+
+
 async def read_json(request: Request, empty: Any = None) -> Any:
-    """The body as strict JSON. A non-empty body must say `Content-Type: application/json` (a
-    cross-site form or text/plain POST never reaches a route); an empty one gives `empty`."""
+    """The body as strict JSON; an empty body gives `empty`. From a browser, a non-empty body must say
+    `Content-Type: application/json`: text/plain, form and type-less bodies are what a page can send
+    without a CORS preflight. Scripts (no Origin, no Sec-Fetch-*) may send any type, as ComfyUI's own
+    API examples (urllib: form-urlencoded) and clients (requests: no type) do."""
     limits = limits_of(request)
     raw = await request.body()
     if not raw.strip():
         if empty is None:
             raise RequestError(400, "invalid_json", "Request body is empty", "a JSON object is required")
         return empty
-    if not is_json_type(request.headers.get("content-type")):
+    if from_browser(request) and not is_json_type(request.headers.get("content-type")):
         raise RequestError(415, "unsupported_media_type", "Request body must be JSON",
                            f"Content-Type must be application/json, got {request.headers.get('content-type')!r}")
     if len(raw) > limits.max_body_bytes:  # the middleware bounds the stream; this is the route's own check
