@@ -1,5 +1,5 @@
 """`sd35fp8 calibrate` and `sd35fp8 quantize` (argparse builders + handlers), and the FP8 part of
-`sd35fp8 info`. cli.py wires them in:
+`sd35fp8 info`. The CLI (sd35fp8.cli) wires them in:
 
     handlers = fp8.commands.add_subcommands(sub)   # {"calibrate": fn(args) -> int, "quantize": ...}
     info["fp8"] = fp8.commands.describe_fp8_layout(source)
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from sd35fp8.checkpoints.sources import FP8_DTYPES, FP8_MARKER, TensorSource
-from sd35fp8.cli import _positive_int  # the CLI's own argparse type (cli imports this module lazily)
+from sd35fp8.cli.common import positive_int as _positive_int
 from sd35fp8.errors import InputError
 from sd35fp8.fp8.fp8_load import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, NATIVE_INPUT_SCALE, NATIVE_WEIGHT_SCALE,
                                   fp8_format)
@@ -166,7 +166,7 @@ def add_subcommands(subparsers) -> dict[str, Callable[[argparse.Namespace], int]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (for tests before cli.py wires these in)."""
+    """Standalone entry (calibrate and quantize only)."""
     parser = argparse.ArgumentParser(prog="sd35fp8-fp8")
     handlers = add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
