@@ -4,8 +4,12 @@
     info.py      sd35fp8 info | samplers   (describe a file, list sampler names)
     workflow.py  sd35fp8 run               (a ComfyUI workflow, once)
     serve.py     sd35fp8 serve             (argparse only; the wiring is server/serve.py)
+    fp8.py       sd35fp8 calibrate | quantize
+    eval.py      sd35fp8 eval              (the tiny model's score in BF16 and each FP8 mode)
     common.py    arguments and argparse types shared by the commands
-    fp8/commands.py (calibrate, quantize) and tiny/evaluate.py (eval) add their own commands.
+
+The command modules import the engine (torch, transformers) inside their handlers, so that
+`sd35fp8 --help` and argument errors answer without loading it.
 
 Every parameter is checked before any model loads, so a typo costs nothing. `python -m sd35fp8`
 and `python -m sd35fp8.cli` run `main()` too.
@@ -20,7 +24,7 @@ import sys
 from typing import Callable
 
 from ..errors import SD35Error
-from . import generate, info, serve, workflow
+from . import eval, fp8, generate, info, serve, workflow
 from .common import LONG_PROMPT_HELP, add_model_args, positive_int
 
 _positive_int = positive_int  # the name other modules and older code import
@@ -39,12 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     COMMANDS.update(info.add_parsers(sub))
     COMMANDS.update(workflow.add_parsers(sub))
     COMMANDS.update(serve.add_parsers(sub))
-    from ..tiny.evaluate import add_subcommand as add_eval
-
-    COMMANDS["eval"] = add_eval(sub)
-    from ..fp8.commands import add_subcommands as add_fp8
-
-    COMMANDS.update(add_fp8(sub))
+    COMMANDS.update(eval.add_parsers(sub))
+    COMMANDS.update(fp8.add_parsers(sub))
     for p in sub.choices.values():  # `sd35fp8 generate ... -v` as well as `sd35fp8 -v generate ...`
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log what is loaded and chosen")
