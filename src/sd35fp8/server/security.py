@@ -1,4 +1,4 @@
-"""Who may talk to the server.
+"""Who may talk to the server, and the `serve()` entry point.
 
 - Binds 127.0.0.1 by default. Any other address needs an auth token, or insecure=True said out loud.
 - With a token, every HTTP request and WebSocket needs it: `Authorization: Bearer <token>`, the

@@ -1,15 +1,12 @@
-"""`serve()`: build the app over a models folder and run it under uvicorn until Ctrl-C.
+"""`serve()`: run the ComfyUI-compatible app under uvicorn; `stop_app()`: stop its worker.
 
-- Ctrl-C: uvicorn stops accepting; the running prompt finishes; pending prompt ids are printed.
-- `sd35fp8 serve` (cli/serve.py) parses the command line and calls `serve()` with plain arguments.
+Ctrl-C: uvicorn stops accepting; the running prompt finishes; pending prompt ids are printed.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
-
-import uvicorn
 
 from sd35fp8.server.app import create_app
 from sd35fp8.server.security import check_listen, is_loopback
@@ -22,6 +19,8 @@ def serve(listen: str = "127.0.0.1", port: int = 8188, models_dir: str | os.Path
 
     app_options go to `create_app` (input_dir, temp_dir, device, max_queue, max_upload_bytes, ...).
     """
+    import uvicorn
+
     auth_token = auth_token or os.environ.get("SD35FP8_AUTH_TOKEN") or None
     check_listen(listen, auth_token, insecure)
     app = create_app(models_dir, output_dir, auth_token=auth_token, loopback=is_loopback(listen), **app_options)
