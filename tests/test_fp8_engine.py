@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import T5Config, T5EncoderModel
 
-from sd35fp8.fp8.calibrate import Recipe, calibrate
-from sd35fp8.checkpoints.info import describe_fp8_layout
 from sd35fp8.checkpoints.export import Entry, export, write_safetensors
 from sd35fp8.checkpoints.fp8_load import load_mmdit_fp8, load_t5_fp8
+from sd35fp8.checkpoints.info import describe_fp8_layout
+from sd35fp8.checkpoints.sources import open_file
+from sd35fp8.fp8.calibrate import Recipe, calibrate
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.policy_sd35 import measure_sensitivity, policy_from_sensitivity
 from sd35fp8.fp8.scaling import sqnr
-from sd35fp8.checkpoints.sources import open_file
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 
 CFG = MMDiTConfig.tiny()
