@@ -43,10 +43,12 @@ def test_token_sources(tmp_path, caplog):
 
 def test_serve_cli_reads_the_token_file(tmp_path, monkeypatch):
     """`sd35fp8 serve --auth-token-file F` hands serve() the file, not the token (argv stays clean)."""
+    import importlib
+
     from sd35fp8 import cli
 
     seen = {}
-    monkeypatch.setattr("sd35fp8.server.serve", lambda **kw: seen.update(kw) or [])
+    monkeypatch.setattr(importlib.import_module("sd35fp8.server.serve"), "serve", lambda **kw: seen.update(kw) or [])
     f = tmp_path / "token"
     f.write_text(TOKEN)
     assert cli.main(["serve", "--auth-token-file", str(f), "--device", "cpu", "--allow-host", "a.lan",
