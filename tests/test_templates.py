@@ -161,3 +161,26 @@ def test_template_through_server(models, tmp_path):
             assert hist[pid]["status"]["completed"], hist[pid]["status"]
     finally:
         stop_app(app)
+
+
+def test_png_drop_back_reproduces(models, tmp_path):
+    """`sd35fp8 run out.png`: the prompt embedded by SaveImage runs again to the same pixels."""
+    import numpy as np
+
+    tid = "sd3.5_simple_example"
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(template(tid)))
+    first = run_workflow(path, models / "models", output_dir=tmp_path / "a", sets=cpu_sets(ui_to_api(template(tid))))
+    assert first.success, first.error
+    (img,) = [i for ui in first.outputs.values() for i in ui["images"]]
+    png = tmp_path / "a" / img["subfolder"] / img["filename"]
+    again = run_workflow(png, models / "models", output_dir=tmp_path / "b")
+    assert again.success, again.error
+    (img2,) = [i for ui in again.outputs.values() for i in ui["images"]]
+    a = np.asarray(Image.open(png).convert("RGB"))
+    b = np.asarray(Image.open(tmp_path / "b" / img2["subfolder"] / img2["filename"]).convert("RGB"))
+    assert np.array_equal(a, b)
+    assert "workflow" in Image.open(tmp_path / "b" / img2["subfolder"] / img2["filename"]).text
+    with pytest.raises(InputError, match="no ComfyUI workflow"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+        run_workflow(tmp_path / "plain.png", models / "models", output_dir=tmp_path / "c")
