@@ -29,6 +29,7 @@ from sd35fp8.server.jobs import jobs_routes
 from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
+from sd35fp8.server.templates import template_routes
 from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
@@ -242,6 +243,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     files.add_routes(r, folders, max_upload_bytes)
     r.include_router(jobs_routes(queue))
+    r.include_router(template_routes(folders))
     r.include_router(frontend_routes(store))
     app.include_router(r)
     app.include_router(r, prefix="/api")
