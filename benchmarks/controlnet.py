@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     }
     print(f"{'step':24s} {'median ms':>10s}")
     print(f"{'plain (' + a.mode + ')':24s} {result['plain_ms']:10.2f}")
-    print(f"{'+ ControlNet x' + str(layers):24s} {result['controlnet_ms']:10.2f}   overhead {100 * result['overhead']:.1f} %")
+    label = f"+ ControlNet x{layers}"
+    print(f"{label:24s} {result['controlnet_ms']:10.2f}   overhead {100 * result['overhead']:.1f} %")
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"controlnet_step_{result['model']}_{a.mode}_{device_slug(dev)}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

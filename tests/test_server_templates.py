@@ -12,7 +12,8 @@ pytest.importorskip("comfyui_workflow_templates")
 
 def test_templates_served(tmp_path):
     (tmp_path / "models").mkdir()
-    app = create_app(tmp_path / "models", output_dir=tmp_path / "out", device="cpu", serve_frontend=False)
+    app = create_app(tmp_path / "models", output_dir=tmp_path / "out", device="cpu", serve_frontend=False,
+                     allow_hosts=("testserver",))  # TestClient's Host
     try:
         with TestClient(app) as client:
             index = client.get("/templates/index.json")
@@ -34,7 +35,8 @@ def test_view_metadata(tmp_path):
     (tmp_path / "models" / "loras").mkdir(parents=True)
     save_file({"a": torch.zeros(1)}, str(tmp_path / "models" / "loras" / "m.safetensors"), metadata={"ss_x": "1"})
     save_file({"a": torch.zeros(1)}, str(tmp_path / "models" / "loras" / "bare.safetensors"))
-    app = create_app(tmp_path / "models", output_dir=tmp_path / "out", device="cpu", serve_frontend=False)
+    app = create_app(tmp_path / "models", output_dir=tmp_path / "out", device="cpu", serve_frontend=False,
+                     allow_hosts=("testserver",))  # TestClient's Host
     try:
         with TestClient(app) as client:
             assert client.get("/view_metadata/loras", params={"filename": "m.safetensors"}).json() == {"ss_x": "1"}

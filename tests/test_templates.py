@@ -147,7 +147,7 @@ def test_template_through_server(models, tmp_path):
     apply_sets(prompt, cpu_sets(prompt))
     (models / "input").mkdir(exist_ok=True)
     app = create_app(models / "models", output_dir=tmp_path / "out", input_dir=models / "input", device="cpu",
-                     serve_frontend=False)
+                     serve_frontend=False, allow_hosts=("testserver",))  # TestClient's Host
     try:
         with TestClient(app) as client:
             r = client.post("/prompt", json={"prompt": prompt, "client_id": "t"})

@@ -94,5 +94,5 @@ def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
     g = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
     kernel = (g / g.sum()).repeat(channels, 1, 1).unsqueeze(1).to(image.device, image.dtype)  # [C, 1, k, k]
     img = F.pad(image.movedim(-1, 1), (blur_radius,) * 4, "reflect")
-    out = F.conv2d(img, kernel, padding=k // 2, groups=channels)[:, :, blur_radius:-blur_radius, blur_radius:-blur_radius]
-    return out.movedim(1, -1)
+    out = F.conv2d(img, kernel, padding=k // 2, groups=channels)  # [B, C, H + 2r, W + 2r]
+    return out[:, :, blur_radius:-blur_radius, blur_radius:-blur_radius].movedim(1, -1)

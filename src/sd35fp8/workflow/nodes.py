@@ -21,6 +21,7 @@ from sd35fp8.workflow import engine
 from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WEIGHT_DTYPES, Node,  # noqa: F401
                                          NodeContext, _files, _tip)
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
+from sd35fp8.workflow.nodes_latent import LATENT_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 
 if TYPE_CHECKING:
@@ -99,6 +100,31 @@ class TripleCLIPLoader(Node):
     def load_clip(self, clip_name1, clip_name2, clip_name3):
         paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2, clip_name3)]
         return (engine.load_clip_files(paths, self.ctx.device, self.ctx.dtype),)
+
+
+class DualCLIPLoader(Node):
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = ("[Recipes]\n\nsdxl: clip-l, clip-g\nsd3: clip-l, clip-g / clip-l, t5 / clip-g, t5\nflux: clip-l, t5\n"
+                   "hidream: at least one of t5 or llama, recommended t5 and llama\n"
+                   "hunyuan_image: qwen2.5vl 7b and byt5 small")
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        names = _files(folders, "text_encoders")
+        return {
+            "required": {"clip_name1": (names,), "clip_name2": (names,),
+                         "type": (["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"],)},
+            "optional": {"device": (["default", "cpu"], {"advanced": True})},
+        }
+
+    def load_clip(self, clip_name1, clip_name2, type, device="default"):  # noqa: A002
+        if type != "sd3":
+            raise engine.unsupported(f"DualCLIPLoader type {type!r}: this engine runs SD3.5 only (use type 'sd3')")
+        paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
+        dev = "cpu" if device == "cpu" else self.ctx.device
+        return (engine.load_clip_files(paths, dev, self.ctx.dtype),)
 
 
 class CLIPLoader(Node):
@@ -457,7 +483,7 @@ class PreviewImage(SaveImage):
 NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
     cls.__name__: cls
     for cls in (
-        CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, CLIPLoader, CLIPTextEncode,
+        CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, DualCLIPLoader, CLIPLoader, CLIPTextEncode,
         CLIPTextEncodeSD3, ConditioningZeroOut, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, LoadImage, SaveImage,
         PreviewImage,
@@ -465,6 +491,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
 }
 NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
 NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
+NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,
