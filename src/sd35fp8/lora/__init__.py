@@ -5,9 +5,9 @@
     apply_lora(y, x, slot)  -> the low-rank update the engine's matmul and the layer hooks add
 """
 
-from .adapters import LoraSet, lora_key
+from .adapters import LoraSet, lora_key, shared_lora_set
 from .apply import ActiveTerm, apply_lora, existing_slot, fuse, lora_slot, unfuse
 from .files import LoraFile, LoraTerm, guess_base, parse_lora, read_lora
 
 __all__ = ["ActiveTerm", "LoraFile", "LoraSet", "LoraTerm", "apply_lora", "existing_slot", "fuse", "guess_base",
-           "lora_key", "lora_slot", "parse_lora", "read_lora", "unfuse"]
+           "lora_key", "lora_slot", "shared_lora_set", "parse_lora", "read_lora", "unfuse"]

@@ -14,8 +14,9 @@ offload wrapper); text encoders are the ClipTextEncoder / T5EncoderModel modules
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -146,9 +147,40 @@ class LoraSet:
         restored, self.fused = self.fused, {}
         self.set_active({**restored, **self.active})
 
+    @contextmanager
+    def using(self, entries: Sequence[tuple[str | Path, float]]) -> Iterator[None]:
+        """Within the block exactly these (file, strength) pairs are active (files loaded on first use,
+        named by their path; a file listed twice adds its strengths, as chained LoraLoader nodes do)."""
+        wanted: dict[str, float] = {}
+        for path, strength in entries:
+            name = str(path)
+            if name not in self.adapters:
+                self.load(path, name, strength=None)
+            wanted[name] = wanted.get(name, 0.0) + float(strength)
+        previous = dict(self.active)
+        self.set_active(wanted)
+        try:
+            yield
+        finally:
+            self.set_active(previous)
+
     def describe(self) -> str:
         parts = [f"{n}:{s:g}" for n, s in self.active.items()] + [f"{n}:{s:g} (fused)" for n, s in self.fused.items()]
         return ", ".join(parts) or "none"
+
+
+_SHARED_ATTR = "sd35_lora_set"
+
+
+def shared_lora_set(components: Mapping[str, nn.Module | None]) -> LoraSet:
+    """The one LoraSet of these loaded models (kept on the first component's module), so every
+    workflow that uses the same cached models shares parsed files and layer slots."""
+    anchor = _inner(next(m for m in components.values() if m is not None))
+    found = getattr(anchor, _SHARED_ATTR, None)
+    if found is None:
+        found = LoraSet(components)
+        setattr(anchor, _SHARED_ATTR, found)
+    return found
 
 
 def _compute_dtype(module: nn.Module) -> torch.dtype:
