@@ -12,6 +12,7 @@ JSON: benchmarks/results/tiny_lora_<device>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,8 @@ SHIPPED_LORA = Path(__file__).resolve().parents[1] / "src" / "sd35fp8" / "tiny" 
 def run(pipe, prompts, args) -> list[np.ndarray]:
     d = pipe.defaults
     items = [SimpleNamespace(caption=p) for p in prompts]
-    images, _ = generate_items(pipe, items, args.seed, args.batch, d.steps, d.cfg, d.sampler, d.scheduler,
-                               args.size)
+    images, _ = generate_items(pipe, items, args.seed, args.batch, args.steps or d.steps, d.cfg, d.sampler,
+                               d.scheduler, args.size)
     return images
 
 
@@ -48,61 +49,99 @@ def base_score(images, items) -> dict:
     return {"accuracy": agg["accuracy"], "overall": agg["overall"], "per_category": agg["per_category"]}
 
 
+def part_base(args, dev, res) -> None:
+    """Without any LoRA: the concept's base level and the base evaluation (images kept for later)."""
+    pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
+    hi = str(pipe.dtype).replace("torch.", "")
+    res["concept"][f"base_{hi}"] = concept_score(run(pipe, args.concept_prompts, args), args.shapes)
+    base_imgs = run(pipe, args.base_prompts, args)
+    res["base_eval"]["base"] = base_score(base_imgs, args.base_items)
+    np.savez_compressed(args.cache, np.stack(base_imgs))
+
+
+def part_lora(args, dev, res) -> None:
+    """The LoRA in the pipeline's precision: strength 0, strength 1, after unloading."""
+    pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
+    hi = str(pipe.dtype).replace("torch.", "")
+    pipe.load_lora_weights(args.lora, adapter_name="brown", weight=1.0)
+    res["concept"][f"lora_{hi}"] = concept_score(run(pipe, args.concept_prompts, args), args.shapes)
+    pipe.set_adapters("brown", 0.0)
+    zero = run(pipe, args.base_prompts, args)
+    res["base_eval"]["lora_strength_0"] = base_score(zero, args.base_items)
+    pipe.unload_lora_weights()
+    after = run(pipe, args.base_prompts, args)
+    res["base_eval"]["after_unload"] = base_score(after, args.base_items)
+    np.savez_compressed(args.cache.with_name(args.cache.name.replace("base_", "lora_")), np.stack(zero),
+                        np.stack(after))
+
+
+def part_fp8(args, dev, res) -> None:
+    """The LoRA on the FP8 model: unmerged, then merged (requantised)."""
+    pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8)
+    pipe8.load_lora_weights(args.lora, adapter_name="brown")
+    res["concept"][f"lora_fp8_{args.fp8}_unmerged"] = concept_score(run(pipe8, args.concept_prompts, args),
+                                                                     args.shapes)
+    t1 = time.perf_counter()
+    pipe8.fuse_lora()
+    res["merge_seconds"] = time.perf_counter() - t1
+    res["concept"][f"lora_fp8_{args.fp8}_merged"] = concept_score(run(pipe8, args.concept_prompts, args), args.shapes)
+
+
+PARTS = {"base": part_base, "lora": part_lora, "fp8": part_fp8}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lora", type=Path, default=SHIPPED_LORA)
-    ap.add_argument("--n", type=int, default=24, help="concept items (3 per shape at 24)")
-    ap.add_argument("--n-base", type=int, default=24, help="held-out items of the base evaluation")
+    ap.add_argument("--n", type=int, default=16, help="concept items (2 per shape at 16)")
+    ap.add_argument("--n-base", type=int, default=16, help="held-out items of the base evaluation")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the file's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp8", default="dynamic", help="FP8 mode of the FP8 rows")
+    ap.add_argument("--parts", default="base,lora,fp8",
+                    help="which parts to run (separate processes may run parts in parallel; --combine joins them)")
+    ap.add_argument("--combine", action="store_true", help="join the parts' JSON files into the result")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    slug = f"{dev.type}"
+    work = Path(__file__).parent / "results" / "tiny_lora_parts"
+    work.mkdir(parents=True, exist_ok=True)
+    args.cache = work / f"base_images_{slug}.npz"
+    if args.combine:
+        return combine(args, dev, work, slug)
     t0 = time.perf_counter()
-    shapes, concept_prompts = zip(*concept.concept_prompts(args.n))
-    base_items = world.heldout_prompts(args.n_base, args.seed)
-    base_prompts = [it.caption for it in base_items]
+    args.shapes, args.concept_prompts = zip(*concept.concept_prompts(args.n))
+    args.base_items = world.heldout_prompts(args.n_base, args.seed)
+    args.base_prompts = [it.caption for it in args.base_items]
+    for part in args.parts.split(","):
+        res: dict = {"concept": {}, "base_eval": {}}
+        PARTS[part](args, dev, res)
+        res["seconds"] = time.perf_counter() - t0
+        (work / f"{part}_{slug}.json").write_text(json.dumps(res, indent=1))
+        print(part, json.dumps(res), flush=True)
+    return res
+
+
+def combine(args, dev, work: Path, slug: str) -> dict:
     res: dict = {"lora": args.lora.name, "lora_bytes": args.lora.stat().st_size, "n_concept": args.n,
-                 "n_base": args.n_base, "concept": {}, "base_eval": {}, "identical_pixels": {}}
-
-    pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
-    res["precision"] = str(pipe.dtype).replace("torch.", "")
-    hi = res["precision"]
-    d = pipe.defaults
-    res["sampling"] = {"steps": d.steps, "cfg": d.cfg, "sampler": d.sampler, "scheduler": d.scheduler}
-    base_imgs = run(pipe, base_prompts, args)
-    res["base_eval"]["base"] = base_score(base_imgs, base_items)
-    res["concept"][f"base_{hi}"] = concept_score(run(pipe, concept_prompts, args), shapes)
-    print("base:", res["concept"][f"base_{hi}"], res["base_eval"]["base"], flush=True)
-
-    pipe.load_lora_weights(args.lora, adapter_name="brown", weight=0.0)
-    zero = run(pipe, base_prompts, args)
-    res["base_eval"]["lora_strength_0"] = base_score(zero, base_items)
-    res["identical_pixels"]["strength_0"] = all(np.array_equal(a, b) for a, b in zip(zero, base_imgs))
-    pipe.set_adapters("brown", 1.0)
-    res["concept"][f"lora_{hi}"] = concept_score(run(pipe, concept_prompts, args), shapes)
-    res["base_eval"]["lora_strength_1"] = base_score(run(pipe, base_prompts, args), base_items)
-    print("lora:", res["concept"][f"lora_{hi}"], res["base_eval"]["lora_strength_1"], flush=True)
-    pipe.unload_lora_weights()
-    after = run(pipe, base_prompts, args)
-    res["base_eval"]["after_unload"] = base_score(after, base_items)
-    res["identical_pixels"]["after_unload"] = all(np.array_equal(a, b) for a, b in zip(after, base_imgs))
-
-    pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8)
-    res["concept"][f"base_fp8_{args.fp8}"] = concept_score(run(pipe8, concept_prompts, args), shapes)
-    pipe8.load_lora_weights(args.lora, adapter_name="brown")
-    res["concept"][f"lora_fp8_{args.fp8}_unmerged"] = concept_score(run(pipe8, concept_prompts, args), shapes)
-    t1 = time.perf_counter()
-    pipe8.fuse_lora()
-    res["merge_seconds"] = time.perf_counter() - t1
-    res["concept"][f"lora_fp8_{args.fp8}_merged"] = concept_score(run(pipe8, concept_prompts, args), shapes)
-    res["seconds"] = time.perf_counter() - t0
+                 "n_base": args.n_base, "concept": {}, "base_eval": {}, "fp8_mode": args.fp8}
+    for part in PARTS:
+        got = json.loads((work / f"{part}_{slug}.json").read_text())
+        res["concept"].update(got["concept"])
+        res["base_eval"].update(got["base_eval"])
+        if "merge_seconds" in got:
+            res["merge_seconds"] = got["merge_seconds"]
+    base = np.load(args.cache)["arr_0"]
+    lora = np.load(args.cache.with_name(args.cache.name.replace("base_", "lora_")))
+    res["identical_pixels"] = {"strength_0": bool(np.array_equal(base, lora["arr_0"])),
+                               "after_unload": bool(np.array_equal(base, lora["arr_1"]))}
     print(" | ".join(f"{k} {v['score']:.3f}" for k, v in res["concept"].items()))
     print("base eval accuracy:", {k: round(v["accuracy"], 3) for k, v in res["base_eval"].items()},
-          "identical:", res["identical_pixels"])
+          "identical pixels:", res["identical_pixels"])
     write_result(res, "tiny_lora", dev, args.out)
     return res
 

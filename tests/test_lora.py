@@ -310,3 +310,49 @@ def test_fuse_on_fp8_per_tensor_layer_and_conv() -> None:
         expect = torch.nn.functional.conv2d(img, w, conv.bias, stride=2)
         lora_slot(conv)[:] = activate(conv, [(cterm, 1.0)], torch.float32)
         assert rel(conv(img), expect) <= 1e-5
+
+
+def test_engine_step_carries_the_lora(tmp_path: Path) -> None:
+    """The fused step (FastMMDiT, float32, eager) reads each layer's LoRA slot: same output as diffusers +
+    peft; swapping strengths needs no rebuild; FP8 dynamic step within the base step's own SQNR."""
+    from sd35fp8.fast import FastMMDiT
+
+    model, ref, sd = _peft_mmdit(up_std=0.05)
+    path = _save(sd, tmp_path / "a.safetensors", {"lora_adapter_metadata": json.dumps({"lora_alpha": 8})})
+    x, sigma, context, pooled = inputs(CFG, 8, 8)
+    loras = LoraSet({"mmdit": model})
+    with torch.no_grad():
+        base = model(x, sigma, context, pooled)
+        engine = FastMMDiT(model, fp8_mode=None, compile=False)
+        loras.load(path, "a")  # after the engine was built: it shares the layers' slots
+        expect = _ref_out(ref, x, sigma, context, pooled)
+        assert rel(engine(x, sigma, context, pooled), expect) <= 1e-5
+        loras.set_active({"a": 0.0})
+        assert rel(engine(x, sigma, context, pooled), base) <= 1e-6
+        fp8 = build(CFG)
+        quantize_model(fp8, mode="dynamic")
+        eng8 = FastMMDiT(fp8, fp8_mode="dynamic", compile=False)
+        base8 = eng8(x, sigma, context, pooled)
+        loras8 = LoraSet({"mmdit": fp8})
+        loras8.load(path, "a")
+        un8 = eng8(x, sigma, context, pooled)
+    assert sqnr(expect, un8) >= sqnr(base, base8) - 0.5
+
+
+def test_info_and_cli_arguments(tmp_path: Path, capsys) -> None:
+    from sd35fp8.cli import build_parser, main
+    from sd35fp8.lora.commands import describe_lora, is_lora_file, parse_lora_arg
+
+    _, _, sd = _peft_mmdit()
+    path = _save(to_kohya(sd, 8.0, CFG.depth), tmp_path / "k.safetensors")
+    assert is_lora_file(path)
+    info = describe_lora(path)
+    assert info["format"] == "kohya / sd-scripts" and info["ranks"] == [4, 12]  # q/k/v fused: 3 x rank 4
+    assert info["fits"] == "the shipped tiny model (3 blocks)" and info["targets"] == {"mmdit": 36}
+    assert main(["info", str(path)]) == 0
+    assert "LoRA, kohya / sd-scripts" in capsys.readouterr().out
+    assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
+    assert parse_lora_arg("C:/x/a.safetensors") == ("C:/x/a.safetensors", 1.0)
+    args = build_parser().parse_args(["generate", "x", "--lora", "a.safetensors:-1", "--lora", "b.safetensors",
+                                      "--lora-merge"])
+    assert args.lora == [("a.safetensors", -1.0), ("b.safetensors", 1.0)] and args.lora_merge

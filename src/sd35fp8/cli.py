@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true",
                    help="fast MMDiT step: fused FP8 kernels, torch.compile, CUDA graphs (CUDA, --offload none); "
                    "the first image of a size compiles, cached in ~/.cache/sd35fp8")
+    from .lora.commands import add_generate_args as add_lora_args
+
+    add_lora_args(gen.add_argument_group("LoRA"))
     gen.add_argument("-o", "--output", default="out.png",
                      help="output PNG; with --batch > 1, _0, _1, ... are added before the suffix")
 
@@ -209,6 +212,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     print(f"sd35fp8: {pipe.summary()}", file=sys.stderr)
+    from .lora.commands import apply_generate_args as apply_lora_args
+
+    for line in apply_lora_args(pipe, args):
+        print(f"sd35fp8: {line}", file=sys.stderr)
     result = pipe(
         args.prompt,
         negative_prompt=args.negative,
@@ -235,7 +242,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoints.info import describe_file, format_info
+    from .lora.commands import describe_lora, format_lora, is_lora_file
 
+    if is_lora_file(args.path):
+        info = describe_lora(args.path)
+        print(json.dumps(info, indent=2, default=str) if args.json else format_lora(info))
+        return 0
     info = describe_file(args.path)
     print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -43,8 +44,12 @@ def lora_key(active: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
 
 
 class LoraSet:
-    def __init__(self, components: Mapping[str, nn.Module | None], dtype: torch.dtype | None = None):
+    def __init__(self, components: Mapping[str, nn.Module | None], dtype: torch.dtype | None = None,
+                 part: bool = False):
         self.components = {k: _inner(v) for k, v in components.items() if v is not None}
+        # part=True: this set serves some of a LoRA's models (a ComfyUI MODEL or CLIP); the file's terms
+        # for the others are applied by their own set, so they are left out here instead of refused
+        self.part = part
         self.dtype = dtype
         self.adapters: dict[str, LoraFile] = {}
         self.active: dict[str, float] = {}
@@ -72,6 +77,8 @@ class LoraSet:
         """Parse and check a LoRA; `strength` not None also activates it (added to the active set)."""
         lora = source if isinstance(source, LoraFile) else read_lora(source, self._depth(), name)
         name = name or lora.name
+        if self.part:
+            lora = replace(lora, terms={k: v for k, v in lora.terms.items() if k[0] in self.components})
         if name in self.adapters:
             raise InputError(f"a LoRA named {name!r} is already loaded; unload it or pick another adapter_name")
         for (comp, mod), terms in lora.terms.items():
@@ -178,7 +185,7 @@ def shared_lora_set(components: Mapping[str, nn.Module | None]) -> LoraSet:
     anchor = _inner(next(m for m in components.values() if m is not None))
     found = getattr(anchor, _SHARED_ATTR, None)
     if found is None:
-        found = LoraSet(components)
+        found = LoraSet(components, part=True)
         setattr(anchor, _SHARED_ATTR, found)
     return found
 
