@@ -60,11 +60,17 @@ def part_base(args, dev, res) -> None:
 
 
 def part_lora(args, dev, res) -> None:
-    """The LoRA in the pipeline's precision: strength 0, strength 1, after unloading."""
+    """The LoRA in the pipeline's precision on the concept."""
     pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
     hi = str(pipe.dtype).replace("torch.", "")
     pipe.load_lora_weights(args.lora, adapter_name="brown", weight=1.0)
     res["concept"][f"lora_{hi}"] = concept_score(run(pipe, args.concept_prompts, args), args.shapes)
+
+
+def part_lora_off(args, dev, res) -> None:
+    """The base evaluation with the LoRA loaded at strength 0, and after unloading it."""
+    pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
+    pipe.load_lora_weights(args.lora, adapter_name="brown", weight=1.0)
     pipe.set_adapters("brown", 0.0)
     zero = run(pipe, args.base_prompts, args)
     res["base_eval"]["lora_strength_0"] = base_score(zero, args.base_items)
@@ -76,18 +82,25 @@ def part_lora(args, dev, res) -> None:
 
 
 def part_fp8(args, dev, res) -> None:
-    """The LoRA on the FP8 model: unmerged, then merged (requantised)."""
+    """The LoRA on the FP8 model, unmerged."""
     pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8)
     pipe8.load_lora_weights(args.lora, adapter_name="brown")
     res["concept"][f"lora_fp8_{args.fp8}_unmerged"] = concept_score(run(pipe8, args.concept_prompts, args),
                                                                      args.shapes)
+
+
+def part_fp8_merged(args, dev, res) -> None:
+    """The LoRA merged into the FP8 weights (dequantise, add, requantise)."""
+    pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8)
+    pipe8.load_lora_weights(args.lora, adapter_name="brown")
     t1 = time.perf_counter()
     pipe8.fuse_lora()
     res["merge_seconds"] = time.perf_counter() - t1
     res["concept"][f"lora_fp8_{args.fp8}_merged"] = concept_score(run(pipe8, args.concept_prompts, args), args.shapes)
 
 
-PARTS = {"base": part_base, "lora": part_lora, "fp8": part_fp8}
+PARTS = {"base": part_base, "lora": part_lora, "lora_off": part_lora_off, "fp8": part_fp8,
+         "fp8_merged": part_fp8_merged}
 
 
 def main(argv=None) -> dict:
@@ -101,11 +114,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp8", default="dynamic", help="FP8 mode of the FP8 rows")
-    ap.add_argument("--parts", default="base,lora,fp8",
+    ap.add_argument("--parts", default=",".join(["base", "lora", "lora_off", "fp8", "fp8_merged"]),
                     help="which parts to run (separate processes may run parts in parallel; --combine joins them)")
     ap.add_argument("--combine", action="store_true", help="join the parts' JSON files into the result")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: parts run in parallel)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     slug = f"{dev.type}"
     work = Path(__file__).parent / "results" / "tiny_lora_parts"
