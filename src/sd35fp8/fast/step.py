@@ -431,6 +431,14 @@ class FastMMDiT(nn.Module):
             self.compile_seconds += time.perf_counter() - t0
         return out
 
+    def refresh_weights(self) -> None:
+        """Re-read the model's weights after they were rewritten in place (a LoRA merge: new FP8 bytes and
+        scales): rebuild the weight dicts and drop captured CUDA graphs."""
+        with torch.no_grad():
+            self._build_weights()
+        if self.graphs is not None:
+            self.graphs = GraphCache(self._forward)
+
     def describe(self) -> str:
         return (f"FastMMDiT({self.fp8_mode or 'bf16'}, compile={self._compiled}, cuda_graphs={self.graphs is not None},"
                 f" attention={self.attention_backend or 'torch default'}, kernels={self.kernels}"

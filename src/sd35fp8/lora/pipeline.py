@@ -71,9 +71,18 @@ class LoraPipelineMixin:
     def fuse_lora(self, lora_scale: float = 1.0, adapter_names: Sequence[str] | None = None, **kwargs) -> None:
         """Merge the active adapters (or `adapter_names`) into the weights (FP8: requantised)."""
         self.loras.fuse(None if adapter_names is None else list(adapter_names), lora_scale)
+        self._refresh_engine()
 
     def unfuse_lora(self, **kwargs) -> None:
         self.loras.unfuse()
+        self._refresh_engine()
+
+    def _refresh_engine(self) -> None:
+        """A fused engine keeps copies of some weights (concatenated adaLN, per-tensor scales as rows):
+        it re-reads them after a merge rewrote the layers."""
+        refresh = getattr(self.mmdit, "refresh_weights", None)
+        if refresh is not None:
+            refresh()
 
     def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
         for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
