@@ -144,7 +144,10 @@ def main(argv=None) -> dict:
 def combine(args, dev, work: Path, slug: str) -> dict:
     res: dict = {"lora": args.lora.name, "lora_bytes": args.lora.stat().st_size, "n_concept": args.n,
                  "n_base": args.n_base, "concept": {}, "base_eval": {}, "fp8_mode": args.fp8}
+    res["missing_parts"] = [part for part in PARTS if not (work / f"{part}_{slug}.json").exists()]
     for part in PARTS:
+        if part in res["missing_parts"]:
+            continue
         got = json.loads((work / f"{part}_{slug}.json").read_text())
         res["concept"].update(got["concept"])
         res["base_eval"].update(got["base_eval"])
