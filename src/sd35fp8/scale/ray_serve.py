@@ -233,7 +233,7 @@ def create_ray_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike 
     """The ComfyUI (+ OpenAI) FastAPI app with its prompts run by Ray Serve replicas.
     app_kwargs go to server.create_app (max_queue, auth_token, max_batch, ...)."""
     from sd35fp8.server import create_app
-    from sd35fp8.server.queue import PromptWorker
+    from sd35fp8.server.worker import PromptWorker
 
     folders = ModelFolders(models_dir, output_dir=output_dir, input_dir=input_dir, temp_dir=temp_dir,
                            extra_config=extra_model_paths)
@@ -248,7 +248,7 @@ def create_ray_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike 
     extra = [PromptWorker(app.state.queue, executor, main.send, max_batch=main.max_batch,
                           batch_wait_ms=main.batch_wait_ms) for _ in range(n - 1)]
     for w in extra:
-        w.current = main.current  # one "node now executing" map for WebSocket resumes
+        w.current, w.batch_stats = main.current, main.batch_stats  # one map for WebSocket resumes, one count
     app.state.extra_workers, app.state.ray_handle = extra, handle
     inner = app.router.lifespan_context
 
