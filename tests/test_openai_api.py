@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -103,3 +104,29 @@ def test_parse_size():
     assert parse_size(None, (1024, 1024)) == (1024, 1024)
     with pytest.raises(Exception, match="multiples of 16"):
         parse_size("100x100", (1, 1))
+
+
+def _readme_section() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text.split("## Serving at scale", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_curl_and_openai_examples(server, tmp_path):
+    """The README's curl command and openai client example, run as written against the live server."""
+    import shlex
+    import subprocess
+
+    section = _readme_section()
+    curl = [line for line in section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if line.startswith("curl")]
+    (cmd,) = curl
+    argv = [a.replace("http://127.0.0.1:8188", server.url) for a in shlex.split(cmd)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    import json
+
+    assert pixels(base64.b64decode(json.loads(out)["data"][0]["b64_json"])).shape == (128, 128, 3)
+
+    code = section.split("```python\n", 1)[1].split("```", 1)[0].replace("http://127.0.0.1:8188", server.url)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=300)
+    assert pixels((tmp_path / "cube.png").read_bytes()).shape == (128, 128, 3)

@@ -180,3 +180,22 @@ def test_killed_replica_loses_no_prompt_and_comes_back(cluster, reference):
         time.sleep(1)
     after = replica_pids(handle)
     assert len(after) == 2 and after != before
+
+
+def test_deploy_config_is_valid_and_builds():
+    """deploy/ray_serve.yaml passes Ray Serve's schema and its import_path builds the engine app."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from sd35fp8.scale.ray_serve import DEPLOYMENT_NAME, build_app
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "ray_serve.yaml").read_text())
+    (app,) = ServeDeploySchema.model_validate(config).applications
+    assert app.import_path == "sd35fp8.scale.ray_serve:build_app"
+    built = build_app(app.args)
+    deployment = built._bound_deployment
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment.ray_actor_options["num_gpus"] == 1

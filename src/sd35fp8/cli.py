@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import SD35Error
+from .scale.options import add_scale_args, scale_options
 
 LONG_PROMPT_HELP = (
     "Prompts longer than 77 CLIP tokens are split into 77-token chunks that are encoded "
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch-wait-ms", type=float, default=20.0,
                      help="how long a taken prompt waits for compatible ones (0: only those already queued)")
     srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    add_scale_args(srv)  # --replicas etc.: scale/options.py
 
     sub.add_parser("samplers", help="list sampler and scheduler names")
     from .tiny.evaluate import add_subcommand as add_eval
@@ -279,7 +281,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     auth_token=args.auth_token, insecure=args.insecure, input_dir=args.input,
                     extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
                     max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(resolve_device(args.device)),
-                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args))
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}", file=sys.stderr)
     return 0

@@ -272,5 +272,7 @@ def shutdown(app_name: str = APP_NAME) -> None:
     import ray
     from ray import serve
 
+    if not ray.is_initialized():
+        return
     serve.delete(app_name)
     ray.shutdown()

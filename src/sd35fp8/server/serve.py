@@ -14,16 +14,23 @@ from sd35fp8.server.security import check_listen, is_loopback
 
 def serve(listen: str = "127.0.0.1", port: int = 8188, models_dir: str | os.PathLike = "models",
           output_dir: str | os.PathLike | None = None, auth_token: str | None = None, insecure: bool = False,
-          **app_options: Any) -> list[str]:
+          scale: dict | None = None, **app_options: Any) -> list[str]:
     """Run the ComfyUI-compatible server until Ctrl-C. Returns the prompt ids left pending.
 
     app_options go to `create_app` (input_dir, temp_dir, device, max_queue, max_upload_bytes, ...).
+    scale: run the prompts on Ray Serve replicas (scale.options.scale_options: create_ray_app's keywords).
     """
     import uvicorn
 
     auth_token = auth_token or os.environ.get("SD35FP8_AUTH_TOKEN") or None
     check_listen(listen, auth_token, insecure)
-    app = create_app(models_dir, output_dir, auth_token=auth_token, loopback=is_loopback(listen), **app_options)
+    if scale:
+        from sd35fp8.scale.ray_serve import create_ray_app
+
+        app = create_ray_app(models_dir, output_dir, auth_token=auth_token, loopback=is_loopback(listen),
+                             **scale, **app_options)
+    else:
+        app = create_app(models_dir, output_dir, auth_token=auth_token, loopback=is_loopback(listen), **app_options)
     config = uvicorn.Config(app, host=listen, port=port, log_level="info", ws_max_size=16 * 1024 * 1024,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -33,7 +40,12 @@ def serve(listen: str = "127.0.0.1", port: int = 8188, models_dir: str | os.Path
         server.run()  # uvicorn stops accepting on Ctrl-C, then re-raises the KeyboardInterrupt
     except KeyboardInterrupt:
         print("Ctrl-C: the server stopped accepting requests")
-    return stop_app(app)
+    pending = stop_app(app)
+    if scale and not scale.get("attach"):
+        from sd35fp8.scale.ray_serve import shutdown
+
+        shutdown(scale.get("app_name", "sd35fp8"))
+    return pending
 
 
 def stop_app(app: Any, timeout: float | None = None) -> list[str]:
