@@ -91,3 +91,24 @@ def test_shipped_parallel_image_equals_one_process():
     """cfg 2 (CFG parallel) and cfg 1 (sequence parallel 2, 3 heads padded to 4) on 2 processes."""
     r = run(_shipped_case, 2, (2, 1))
     assert all(d["max"] <= IMG_TOL for d in r.values()), r
+
+
+@pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
+def test_readme_torchrun_command(tmp_path):
+    """The README's torchrun line, with the shipped model for model.safetensors, on 2 CPU processes."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("torchrun ") and "sd35fp8.scale.parallel" in ln]
+    argv = [str(SHIPPED_CHECKPOINT) if a == "model.safetensors" else a for a in shlex.split(line)]
+    argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]  # torchrun = this python's torch.distributed.run
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cfg 2 x sequence 1 over 2 ranks" in proc.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "parallel.png").size == (128, 128)
