@@ -59,6 +59,8 @@ class ImageRequest(BaseModel):
     output_format: Literal["png"] | None = None
     background: Literal["auto", "opaque"] | None = None
     moderation: str | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)  # png only: accepted, no effect
+    stream: Literal[False] | None = None  # partial images are not streamed
     steps: int | None = Field(None, ge=1, le=1000)
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     negative_prompt: str = ""
