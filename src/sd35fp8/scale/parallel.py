@@ -144,10 +144,14 @@ def make_groups(cfg: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup, int, in
 class ParallelMMDiT(nn.Module):
     """MMDiT's forward contract over `world = cfg x sp` processes (call it on every rank, same inputs)."""
 
-    def __init__(self, mmdit: MMDiT, cfg: int = 1):
+    def __init__(self, mmdit: nn.Module, cfg: int = 1):
         super().__init__()
         if not dist.is_initialized():
             raise InputError("ParallelMMDiT needs torch.distributed initialised (torchrun, or init_process_group)")
+        if not isinstance(mmdit, MMDiT):  # an engine (sd35fp8.fast.build_engine): its .model is the MMDiT
+            mmdit = mmdit.model
+        if not isinstance(mmdit, MMDiT):
+            raise InputError(f"ParallelMMDiT needs an MMDiT or an engine over one, got {type(mmdit).__name__}")
         self.model = mmdit
         self.config = mmdit.config
         self.cfg = cfg
