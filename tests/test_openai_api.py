@@ -97,6 +97,9 @@ def test_errors_have_openai_shape(client):
     assert "sampler_name" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         client.images.generate(model="dall-e-3", prompt="x")
+    with pytest.raises(openai.BadRequestError) as e:  # the server's --max-pixel-steps budget, as POST /prompt
+        client.images.generate(model=MODEL, prompt="x", size="2048x2048", n=10, extra_body={"steps": 200})
+    assert e.value.body["code"] == "prompt_over_budget"
 
 
 def test_parse_size():

@@ -36,6 +36,7 @@ from safetensors import safe_open
 
 from sd35fp8.defaults import GenerationDefaults, defaults_for
 from sd35fp8.errors import InputError
+from sd35fp8.server.validation import RequestError, check_prompt_work
 
 # quality -> fraction of the model's default steps (OpenAI: dall-e-3 standard/hd, gpt-image low/medium/high)
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
@@ -140,9 +141,10 @@ def _resolve_model(folders: Any, model: str | None) -> str:
     raise LookupError(f"The model '{model}' does not exist (checkpoints: {', '.join(names)})")
 
 
-def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any) -> APIRouter:
-    """The /v1 routes over the server's queue. `validate_prompt(prompt, classes, folders, partial)` is
-    the workflow validator (ok, error, outputs, node_errors), as POST /prompt uses it."""
+def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any, limits: Any = None) -> APIRouter:
+    """The /v1 routes over the server's queue. `validate_prompt(prompt, classes, folders, partial, max_text)`
+    is the workflow validator (ok, error, outputs, node_errors), as POST /prompt uses it; `limits`
+    (server.validation.Limits) bounds the text length and width x height x n x steps, as for POST /prompt."""
     r = APIRouter(prefix="/v1")
     defaults_cache: dict[str, GenerationDefaults] = {}
 
@@ -181,11 +183,17 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any)
             graph = build_graph(req, ckpt, defaults_cache[ckpt], "openai/img")
         except InputError as e:
             return openai_error(str(e), param="size", code="invalid_value")
-        ok, error, outputs, node_errors = validate_prompt(graph, executor.classes, folders, None)
+        max_text = limits.max_text_chars if limits is not None else None
+        ok, error, outputs, node_errors = validate_prompt(graph, executor.classes, folders, None, max_text)
         if not ok:
             detail = "; ".join(f"{e.get('message')}: {e.get('details')}" for ne in node_errors.values()
                                for e in ne.get("errors", [])) or f"{error.get('message')}: {error.get('details')}"
             return openai_error(f"invalid request: {detail}", code="invalid_value")
+        if limits is not None:
+            try:
+                check_prompt_work(graph, limits)
+            except RequestError as e:
+                return openai_error(f"{e.message}: {e.details}", param="size", code=e.type, status=e.status)
         extra = {"create_time": int(time.time() * 1000), "openai": True}
         try:
             queue.put([queue.next_number(), prompt_id, graph, extra, outputs])
