@@ -33,6 +33,7 @@ from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
 from sd35fp8.server.openai_api import openai_routes
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
+from sd35fp8.server.templates import template_routes
 from sd35fp8.server.tokens import FailureThrottle, Redactor, install_log_redaction, remove_log_redaction
 from sd35fp8.server.validation import (
     ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, check_prompt_size,
@@ -275,6 +276,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     files.add_routes(r, folders, max_upload_bytes, max_upload_pixels)
     r.include_router(jobs_routes(queue))
+    r.include_router(template_routes(folders))
     r.include_router(frontend_routes(store))
     app.include_router(r)
     app.include_router(r, prefix="/api")
