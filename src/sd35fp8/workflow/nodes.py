@@ -79,6 +79,22 @@ def _files(folders: ModelFolders | None, kind: str) -> list[str]:
     return folders.get_filename_list(kind) if folders is not None else []
 
 
+def _file_stamps(folders: ModelFolders | None, kind: str, *names: str) -> list | None:
+    """IS_CHANGED of a loader: each file's (size, mtime), so a model file replaced on disk since it
+    was cached is loaded again; one that vanished raises InputError naming it (reported, no crash)."""
+    if folders is None:
+        return None
+    stamps = []
+    for name in names:
+        path = folders.get_full_path_or_raise(kind, name)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise InputError(f"model file {name!r} ({path}) cannot be read: {e.strerror}") from e
+        stamps.append([name, st.st_size, st.st_mtime_ns])
+    return stamps
+
+
 def _tip(text: str) -> dict[str, str]:
     return {"tooltip": text}
 
@@ -102,6 +118,10 @@ class CheckpointLoaderSimple(Node):
             "ckpt_name": (_files(folders, "checkpoints"), _tip("The name of the checkpoint (model) to load.")),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, folders, ckpt_name=None, **_):
+        return _file_stamps(folders, "checkpoints", ckpt_name)
+
     def load_checkpoint(self, ckpt_name):
         path = self.ctx.folders.get_full_path_or_raise("checkpoints", ckpt_name)
         return engine.load_checkpoint(path, self.ctx.device, self.ctx.dtype)
@@ -120,6 +140,10 @@ class UNETLoader(Node):
             "weight_dtype": (list(WEIGHT_DTYPES),),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, folders, unet_name=None, **_):
+        return _file_stamps(folders, "diffusion_models", unet_name)
+
     def load_unet(self, unet_name, weight_dtype):
         path = self.ctx.folders.get_full_path_or_raise("diffusion_models", unet_name)
         return (engine.load_diffusion_model(path, self.ctx.device, self.ctx.dtype, weight_dtype),)
@@ -134,6 +158,10 @@ class VAELoader(Node):
     @classmethod
     def INPUT_TYPES(cls, folders):
         return {"required": {"vae_name": (_files(folders, "vae"),)}}
+
+    @classmethod
+    def IS_CHANGED(cls, folders, vae_name=None, **_):
+        return _file_stamps(folders, "vae", vae_name)
 
     def load_vae(self, vae_name):
         path = self.ctx.folders.get_full_path_or_raise("vae", vae_name)
@@ -151,6 +179,10 @@ class TripleCLIPLoader(Node):
     def INPUT_TYPES(cls, folders):
         names = _files(folders, "text_encoders")
         return {"required": {"clip_name1": (names,), "clip_name2": (names,), "clip_name3": (names,)}}
+
+    @classmethod
+    def IS_CHANGED(cls, folders, clip_name1=None, clip_name2=None, clip_name3=None, **_):
+        return _file_stamps(folders, "text_encoders", clip_name1, clip_name2, clip_name3)
 
     def load_clip(self, clip_name1, clip_name2, clip_name3):
         paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2, clip_name3)]
@@ -174,6 +206,10 @@ class CLIPLoader(Node):
             "required": {"clip_name": (_files(folders, "text_encoders"),), "type": (list(CLIP_TYPES),)},
             "optional": {"device": (["default", "cpu"], {"advanced": True})},
         }
+
+    @classmethod
+    def IS_CHANGED(cls, folders, clip_name=None, **_):
+        return _file_stamps(folders, "text_encoders", clip_name)
 
     def load_clip(self, clip_name, type="stable_diffusion", device="default"):  # noqa: A002
         if type != "sd3":
