@@ -26,9 +26,14 @@ from sd35fp8.server import create_app, stop_app
 from sd35fp8.server.journal import JOURNAL_NAME
 from sd35fp8.workflow import PromptExecutor
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node
-from test_server import FAKE_CLASSES, HOLD, HOLD_SEED, fake_prompt, make_fake_executor, run_to_end, wait_for
+from test_server import FAKE_CLASSES, HOLD, HOLD_SEED, TESTCLIENT_HOSTS, fake_prompt, make_fake_executor, run_to_end, \
+    wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_app(*args, **kwargs):
+    return create_app(*args, allow_hosts=TESTCLIENT_HOSTS, **kwargs)
 
 
 def post(c, prompt: dict, **extra) -> str:
@@ -57,7 +62,7 @@ def _release_hold():
 # ---- durable queue ------------------------------------------------------------------------------
 def _stopped_with_work(tmp_path: Path) -> list[str]:
     """A server with one running (held) and two pending prompts stops; returns their ids, oldest first."""
-    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state")
+    app = make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state")
     with TestClient(app) as c:
         ids = [post(c, fake_prompt(seed=HOLD_SEED)), post(c, fake_prompt(seed=2)), post(c, fake_prompt(seed=3))]
         wait_for(lambda: c.get("/queue").json()["queue_running"])
@@ -71,7 +76,7 @@ def _stopped_with_work(tmp_path: Path) -> list[str]:
 
 def test_restart_requeues_pending_and_running(tmp_path):
     ids = _stopped_with_work(tmp_path)
-    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state")
+    app = make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state")
     with TestClient(app) as c:
         running, pending = (c.get("/queue").json()[k] for k in ("queue_running", "queue_pending"))
         assert [i[1] for i in running + pending] == ids  # same order: the interrupted one first
@@ -84,7 +89,7 @@ def test_restart_requeues_pending_and_running(tmp_path):
         assert c.get("/queue").json()["queue_pending"] == []
     stop_app(app)
     # history (with output file references) survives a restart too
-    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state")
+    app = make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state")
     with TestClient(app) as c:
         history = c.get("/history").json()
         assert list(history) == ids + [new]
@@ -95,7 +100,7 @@ def test_restart_requeues_pending_and_running(tmp_path):
 
 def test_restart_with_on_restart_fail_marks_failed(tmp_path):
     ids = _stopped_with_work(tmp_path)
-    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state",
+    app = make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state",
                      on_restart="fail")
     with TestClient(app) as c:
         assert c.get("/queue").json() == {"queue_running": [], "queue_pending": []}
@@ -116,13 +121,13 @@ def test_restart_with_on_restart_fail_marks_failed(tmp_path):
 
 def test_bad_on_restart_value(tmp_path):
     with pytest.raises(ValueError, match="on_restart"):
-        create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path, on_restart="x")
+        make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path, on_restart="x")
 
 
 # ---- health, readiness, metrics --------------------------------------------------------------------
 def test_health_ready_metrics_and_warmup(tmp_path):
     gate = threading.Event()
-    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), warmup=gate.wait)
+    app = make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), warmup=gate.wait)
     with TestClient(app) as c:
         assert c.get("/health").json() == {"status": "ok"}
         r = c.get("/ready")
@@ -154,7 +159,7 @@ class DyingExecutor(PromptExecutor):
 def test_dead_worker_is_restarted(tmp_path):
     base = make_fake_executor(tmp_path)
     ex = DyingExecutor(base.folders, device="cpu", classes=FAKE_CLASSES)
-    app = create_app(tmp_path / "models", executor=ex, check_seconds=0.05)
+    app = make_app(tmp_path / "models", executor=ex, check_seconds=0.05)
     with TestClient(app) as c:
         wait_for(lambda: c.get("/ready").status_code == 200)
         dead = post(c, fake_prompt(seed=13))
@@ -167,7 +172,7 @@ def test_dead_worker_is_restarted(tmp_path):
 
 
 def test_hung_worker_turns_ready_false_and_is_restarted(tmp_path):
-    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), hang_seconds=0.6,
+    app = make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), hang_seconds=0.6,
                      check_seconds=0.05)
     with TestClient(app) as c:
         wait_for(lambda: c.get("/ready").status_code == 200)
@@ -258,7 +263,7 @@ class OOMSampler(Node):
 def test_cuda_oom_is_a_clear_execution_error_and_the_next_prompt_runs(tmp_path):
     ex = make_fake_executor(tmp_path)
     ex.classes["FakeSampler"] = OOMSampler
-    app = create_app(tmp_path / "models", executor=ex)
+    app = make_app(tmp_path / "models", executor=ex)
     with TestClient(app) as c, c.websocket_connect("/ws?clientId=oom") as ws:
         pid = post(c, fake_prompt(seed=66), client_id="oom")
         entry = run_to_end(c, pid)
@@ -274,7 +279,7 @@ def test_cuda_oom_is_a_clear_execution_error_and_the_next_prompt_runs(tmp_path):
 
 def test_unwritable_output_folder_fails_clearly(tmp_path):
     ex = make_fake_executor(tmp_path)
-    app = create_app(tmp_path / "models", executor=ex)
+    app = make_app(tmp_path / "models", executor=ex)
     ex.folders.output_dir.rmdir() if ex.folders.output_dir.exists() else None
     ex.folders.output_dir.write_text("a file where the output folder should be")
     with TestClient(app) as c:
@@ -294,7 +299,7 @@ def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     ex = make_fake_executor(tmp_path)
-    app = create_app(tmp_path / "models", executor=ex)
+    app = make_app(tmp_path / "models", executor=ex)
     with TestClient(app) as c:
         monkeypatch.setattr(Image.Image, "save", full_disk)
         entry = run_to_end(c, post(c, fake_prompt(seed=71)))
@@ -316,7 +321,7 @@ def test_model_file_changed_is_reloaded_and_vanished_is_reported(tmp_path):
     ex = make_fake_executor(tmp_path)
     ex.classes["CheckpointLoaderSimple"] = CountingLoader
     ckpt = tmp_path / "models" / "checkpoints" / "tiny.safetensors"
-    app = create_app(tmp_path / "models", executor=ex)
+    app = make_app(tmp_path / "models", executor=ex)
     with TestClient(app) as c:
         run_to_end(c, post(c, fake_prompt(seed=80)))
         run_to_end(c, post(c, fake_prompt(seed=81)))

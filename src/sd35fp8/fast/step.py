@@ -40,6 +40,7 @@ from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
                                    residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
+from sd35fp8.fp8.device import rowwise_scaled_mm
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
 from sd35fp8.models.mmdit import MMDiT, batched
@@ -62,9 +63,23 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
         return F.linear(a, w, b)
     if mode == "weight_only":
         return F.linear(a, dequantize(w, p[name + ".ws"], a.dtype), b)
+    if not rowwise_scaled_mm(a.device):  # per-tensor-only _scaled_mm (fp8.device.matmul_scaling)
+        return _matmul_scaled_after(a, w, a_scale, p[name + ".ws"], b, out_dtype)
     y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE,
                          use_fast_accum=fast_accum)
     return y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
+
+
+def _matmul_scaled_after(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                         b: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(a * a_scale) @ (w * w_scale).T + b where `_scaled_mm` takes scalar scales only: a scale-1 fp8
+    GEMM in fp32, then the per-token [M, 1] and per-channel scales. a [M, K] fp8, w [N, K] fp8."""
+    one = torch.ones((), device=a.device, dtype=torch.float32)
+    y = torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)  # [M, N]
+    y = y * a_scale.float() * w_scale.float().reshape(1, -1)
+    if b is not None:
+        y = y + b.float()
+    return y.to(MM_OUT_DTYPE).to(out_dtype)  # rounded through bf16 like the rowwise kernel's output
 
 
 def _record(rec: dict | None, name: str, a_scale: torch.Tensor | None) -> None:
