@@ -36,8 +36,10 @@ from sd35fp8.server.lifecycle import (
     DEFAULT_HANG_SECONDS, ON_RESTART, RETRY_AFTER_SECONDS, Lifecycle, recover_queue,
 )
 from sd35fp8.server.metrics import ServerMetrics
+from sd35fp8.server.openai_api import openai_routes
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
+from sd35fp8.server.templates import template_routes
 from sd35fp8.server.tokens import FailureThrottle, Redactor, install_log_redaction, remove_log_redaction
 from sd35fp8.server.validation import (
     ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, check_prompt_size,
@@ -218,10 +220,11 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         return response
 
     # ---- queue, history, interrupt, free ----------------------------------------------------
+    # these answer with JSONResponse directly: FastAPI's jsonable_encoder would walk every entry again
     @r.get("/queue")
-    async def get_queue() -> dict:
+    async def get_queue() -> JSONResponse:
         running, pending = queue.current_queue()
-        return {"queue_running": running, "queue_pending": pending}
+        return JSONResponse({"queue_running": running, "queue_pending": pending})
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
@@ -229,12 +232,12 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                                 queue.delete_queue_item)
 
     @r.get("/history")
-    async def get_history(max_items: int | None = None, offset: int = -1) -> dict:
-        return queue.history(max_items=max_items, offset=offset)
+    async def get_history(max_items: int | None = None, offset: int = -1) -> Response:
+        return Response(queue.history_json(max_items=max_items, offset=offset), media_type="application/json")
 
     @r.get("/history/{prompt_id}")
-    async def get_history_item(prompt_id: str) -> dict:
-        return queue.history(prompt_id)
+    async def get_history_item(prompt_id: str) -> Response:
+        return Response(queue.history_json(prompt_id), media_type="application/json")
 
     @r.post("/history")
     async def post_history(request: Request) -> Response:
@@ -311,10 +314,12 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     files.add_routes(r, folders, max_upload_bytes, max_upload_pixels)
     r.include_router(jobs_routes(queue))
     r.include_router(health_routes(lifecycle, queue, metrics))
+    r.include_router(template_routes(folders))
     r.include_router(frontend_routes(store))
     app.include_router(r)
     app.include_router(r, prefix="/api")
     app.include_router(internal_routes(folders, logs))  # /internal only, as ComfyUI
+    app.include_router(openai_routes(queue, executor, folders, validate_prompt, limits))  # /v1 only, as OpenAI
     if serve_frontend:
         mount_frontend(app)
     return app

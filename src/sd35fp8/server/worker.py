@@ -65,6 +65,7 @@ class PromptWorker:
         self.generation = 0  # bumped by restart: a thread of an older generation is abandoned
         self.restarts = 0
         self.death: str | None = None  # what ended the last thread that died
+        self._mine: set[int] = set()  # task ids this worker's thread runs (others may share the queue)
         self._stop = threading.Event()
         self._free: dict[str, bool] = {}
         self._lock = threading.Lock()
@@ -108,7 +109,7 @@ class PromptWorker:
 
     def stalled_seconds(self) -> float:
         """Seconds without any event while prompts run (0 when idle)."""
-        if not self.queue.running_ids():
+        if not self._mine:
             return 0.0
         return time.monotonic() - self.heartbeat
 
@@ -118,7 +119,10 @@ class PromptWorker:
         with self._lock:
             self.generation += 1
             self.restarts += 1
+        mine, self._mine = self._mine, set()
         for task_id, item in self.queue.running_tasks().items():
+            if task_id not in mine:
+                continue
             tr = self.tracker(item)
             self.current.pop(item[1], None)
             error = early_error(item[1], RuntimeError(f"{reason}; the prompt was stopped and the worker "
@@ -166,10 +170,13 @@ class PromptWorker:
                     continue
                 if self.metrics is not None:
                     self.metrics.batch(len(got))
+                self._mine = {task_id for task_id, _ in got}
                 if len(got) == 1:
                     self.run_one(*got[0])
                 else:
                     self.run_batch(got)
+                if generation == self.generation:
+                    self._mine = set()
         except BaseException as e:  # noqa: BLE001 - recorded for /ready and the supervisor, which restarts us
             self.death = f"{type(e).__name__}: {e}"
             log.exception("the prompt worker thread died: %s", self.death)
