@@ -30,6 +30,7 @@ class PromptHistory:
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
         self._json: dict[str, bytes] = {}  # '"id":{entry}' rendered once, on first read
+        self.version = 0  # changes whenever an entry is added or removed (caches of derived views)
 
     def add(self, prompt_id: str, entry: dict) -> None:
         """Store `entry` under `prompt_id`, dropping the oldest entry when full."""
@@ -47,6 +48,7 @@ class PromptHistory:
                 self.journal.drop_history(oldest)
         self._json.pop(prompt_id, None)
         self._entries[prompt_id] = entry
+        self.version += 1
 
     def restore(self, entries: list[tuple[str, dict]]) -> None:
         """Entries read back from the journal at start-up (oldest first); not written again."""
@@ -97,6 +99,7 @@ class PromptHistory:
             if self.journal is not None:
                 self.journal.drop_history()
             self._entries.clear()
+            self.version += 1
             self._json.clear()
 
     def delete(self, prompt_id: str) -> bool:
@@ -104,4 +107,5 @@ class PromptHistory:
             if self.journal is not None:
                 self.journal.drop_history(prompt_id)
             self._json.pop(prompt_id, None)
+            self.version += 1
             return self._entries.pop(prompt_id, None) is not None
