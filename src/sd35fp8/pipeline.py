@@ -1,9 +1,10 @@
 """SD35Pipeline: owns the loaded models and turns prompts into images, the way diffusers users
 call it and the way ComfyUI's KSampler computes it.
 
-Flow of one call: prompts -> SD3Tokenizer -> SD3TextEncoder -> (context, pooled)
--> CPU noise from the seed -> sampler over CFGDenoiser(MMDiT) on the σ schedule
--> VAE decode -> PIL images. The pipeline knows neither file formats nor model internals.
+Flow of one call: arguments checked and completed from the model's defaults -> the generation
+core (`sd35fp8.generation.generate`: SD3TextEncoder -> CPU noise from the seed -> sampler over
+CFGDenoiser(MMDiT) on the σ schedule -> VAE decode) -> PIL images. The pipeline knows neither
+file formats nor model internals.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from PIL import Image
 
 from .defaults import GenerationDefaults, defaults_for
 from .errors import InputError
+from .generation import Components, GenerationRequest, SampleSettings, StepCallback, encode_groups, generate
 from .output import GenerationOutput
+from .sampling import SLGConfig
 
 log = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "model", "sequential")
 FP8_CHOICES = (None, "none", "weight_only", "dynamic", "static")
 TILED_DECODE_PIXELS = 1536 * 1536  # decode larger images in tiles (bounded memory)
-
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised x0 [B,16,h,w])
 
 
 def dtype_from_name(name: str | None) -> torch.dtype | None:
@@ -199,12 +200,6 @@ class SD35Pipeline:
             self.stats.peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
         self.stats.seconds[name] = time.perf_counter() - start
 
-    def _encode(self, prompts: Sequence[str], negatives: Sequence[str], use_cfg: bool):
-        """(cond, uncond or None) for one batch of prompts and their negatives."""
-        if use_cfg and self.batch_encode:
-            return tuple(self.encode_prompt_groups(prompts, negatives))
-        return self.encode_prompt(prompts), self.encode_prompt(negatives) if use_cfg else None
-
     def encode_prompt(self, prompts: Sequence[str]):
         """prompts -> Conditioning(context [B, L, C], pooled [B, P]) on the device."""
         return self.encode_prompt_groups(prompts)[0]
@@ -212,11 +207,14 @@ class SD35Pipeline:
     def encode_prompt_groups(self, *groups: Sequence[str]):
         """Several prompt lists (e.g. prompts and negatives) encoded in ONE batch through each text
         encoder (SD3TextEncoder.encode_prompt_groups) -> one Conditioning per list."""
-        from .sampling import Conditioning
+        return encode_groups(self.text_encoder, groups, self.device, self.dtype, self._on_device)
 
-        with self._on_device(self.text_encoder) as enc:
-            pairs = enc.encode_prompt_groups(*(list(g) for g in groups))
-        return [Conditioning(c.to(self.device, self.dtype), p.to(self.device, self.dtype)) for c, p in pairs]
+    def components(self) -> Components:
+        """The models and hooks the generation core runs on (read at each call: `pipe.mmdit` may be
+        swapped between calls, as the tiny evaluation does for each FP8 mode)."""
+        return Components(mmdit=self.mmdit, vae=self.vae, text_encoder=self.text_encoder, device=self.device,
+                          dtype=self.dtype, on_device=self._on_device, stage=self._stage,
+                          tiled_decode=self._tiled_decode, batch_encode=self.batch_encode)
 
     def check_size(self, width: int, height: int) -> None:
         for name, value in (("width", width), ("height", height)):
@@ -244,38 +242,40 @@ class SD35Pipeline:
             return width * height > TILED_DECODE_PIXELS
         return batch * vae_decode_bytes(width, height) > 0.9 * free
 
-    def _slg(self, slg: bool | None):
-        from .sampling import SLGConfig
-
+    def _slg(self, slg: bool | None) -> SLGConfig | None:
+        """The model's skip-layer guidance (defaults.py; the sd3.5 reference's step window), unless
+        slg is False or the model has none."""
         d = self.defaults
         if slg is False or d.slg_scale <= 0 or not d.slg_layers:
             return None
         return SLGConfig(scale=d.slg_scale, start=d.slg_start, end=d.slg_end, layers=d.slg_layers)
 
     # ------------------------------------------------------------------ generation
-    @torch.inference_mode()
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, seed: int = 0,
                  sampler: str | None = None, scheduler: str | None = None, shift: float | None = None,
                  denoise: float = 1.0, image: Image.Image | torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, callback: StepCallback | None = None,
-                 slg: bool | None = None, progress: bool = True) -> GenerationOutput:
+                 slg: bool | None = None, progress: bool = True,
+                 interrupt: Callable[[], None] | None = None) -> GenerationOutput:
         """Generate images; missing parameters take the model's defaults (see defaults.py).
 
-        Seeds: the initial noise of the whole batch is one CPU draw from `seed`, as ComfyUI
-        does, so the same seed gives the same image on every device. `image` + `denoise` < 1 is
-        img2img: one image (PIL, or a float tensor [3, H, W] / [1, 3, H, W] in [0, 1]) for every
-        prompt, or one per prompt (a list of PIL images or a [P, 3, H, W] tensor); the image sets
-        the size. Prompts whose contexts cannot be batched (a long prompt among short ones, as
-        ComfyUI decides) run in one pass each, on their rows of the batch's noise; the per-step
-        noise of ancestral/SDE samplers is then drawn per pass. `callback(step, total, denoised)`
-        runs after every step (of every pass).
+        Checks the arguments, then runs the generation core (`sd35fp8.generation.generate`, the
+        same code `sd35fp8 run` and the server sample with). Seeds: the initial noise of the whole
+        batch is one CPU draw from `seed`, as ComfyUI does, so the same seed gives the same image on
+        every device. `image` + `denoise` < 1 is img2img: one image (PIL, or a float tensor
+        [3, H, W] / [1, 3, H, W] in [0, 1]) for every prompt, or one per prompt (a list of PIL
+        images or a [P, 3, H, W] tensor); the image sets the size. Prompts whose contexts cannot be
+        batched (a long prompt among short ones, as ComfyUI decides) run in one pass each, on their
+        rows of the batch's noise; the per-step noise of ancestral/SDE samplers is then drawn per
+        pass. `callback(step, total, denoised)` runs after every step (of every pass); `interrupt()`
+        before every step (it stops the call by raising). slg: None = the model's skip-layer
+        guidance (Medium), False = none; with it and no guidance_scale, cfg is the model's
+        `slg_cfg` (the reference's 4.0 for Medium).
         """
         from .models.vae import image_to_uint8
-        from .sampling import check_scheduler, get_sampler, prepare_noise
-        from .sampling.ksampler import ksample
-        from .text.encoders import ContextBatchError
+        from .sampling import check_scheduler, get_sampler
 
         d = self.defaults
         prompts = _prompt_list(prompt, "prompt")
@@ -290,7 +290,11 @@ class SD35Pipeline:
         seed = _as_int(seed, "seed")
         width = None if width is None else _as_int(width, "width")
         height = None if height is None else _as_int(height, "height")
-        cfg = d.cfg if guidance_scale is None else float(guidance_scale)
+        slg_config = self._slg(slg)
+        if guidance_scale is not None:
+            cfg = float(guidance_scale)
+        else:
+            cfg = d.slg_cfg if slg_config is not None and d.slg_cfg is not None else d.cfg
         sampler = sampler or d.sampler
         scheduler = scheduler or d.scheduler
         shift = d.shift if shift is None else float(shift)
@@ -316,48 +320,19 @@ class SD35Pipeline:
         self.check_size(width, height)
 
         self.stats = StageStats()
-        use_cfg = abs(cfg - 1.0) > 1e-9
-        with self._stage("encode"):
-            try:  # one batch, as ComfyUI batches conds whose contexts it can concatenate
-                groups = [(0, len(prompts), *self._encode(prompts, negatives, use_cfg))]
-            except ContextBatchError:  # e.g. a long prompt among short ones: a pass per prompt, as ComfyUI
-                groups = [(i, i + 1, *self._encode([p], [q], use_cfg))
-                          for i, (p, q) in enumerate(zip(prompts, negatives))]
-        from .sampling import Conditioning
-
-        def repeat(c):
-            return None if c is None else Conditioning(c.context.repeat_interleave(n, 0), c.pooled.repeat_interleave(n, 0))
-
-        batch = len(prompts) * n
-        shape = (batch, self.mmdit.config.in_channels, height // 8, width // 8)
-        latent = torch.zeros(shape, dtype=torch.float32, device=self.device)  # raw VAE space, as ComfyUI
-        if pixels is not None:
-            with self._stage("vae_encode"), self._on_device(self.vae) as vae:
-                encoded = vae.encode(pixels.to(self.device, self.dtype)).float()  # [1 or P, C, h, w]
-                latent = (encoded.repeat(batch, 1, 1, 1) if encoded.shape[0] == 1
-                          else encoded.repeat_interleave(n, 0))  # image i goes with prompt i's images
-
-        # one CPU draw for the whole batch (ComfyUI); separate passes take their rows of it
-        noise = None if len(groups) == 1 else prepare_noise(seed, shape)
-        parts = []
-        with self._stage("sampling"), self._on_device(self.mmdit) as mmdit:
-            for start, end, cond, uncond in groups:
-                rows = slice(start * n, end * n)
-                parts.append(ksample(mmdit, repeat(cond), repeat(uncond), latent[rows], seed=seed, steps=steps,
-                                     cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift, denoise=denoise,
-                                     slg=self._slg(slg), dtype=self.dtype, callback=callback,
-                                     disable=not progress, noise=None if noise is None else noise[rows]))
-        z = torch.cat(parts) if len(parts) > 1 else parts[0]
-        with self._stage("vae_decode"), self._on_device(self.vae) as vae:
-            tiled = self._tiled_decode(width, height, batch)
-            decoded = vae.decode_tiled(z) if tiled else vae.decode(z)
-        images = [Image.fromarray(a) for a in image_to_uint8(decoded)]
+        settings = SampleSettings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift,
+                                  denoise=denoise, slg=slg_config)
+        request = GenerationRequest(prompts=prompts, negatives=negatives, settings=settings, width=width,
+                                    height=height, seed=seed, images_per_prompt=n, init_pixels=pixels,
+                                    callback=callback, interrupt=interrupt, progress=progress)
+        out = generate(self.components(), request)
+        images = [Image.fromarray(a) for a in image_to_uint8(out.pixels)]
         params = [dict(prompt=prompts[i // n], negative_prompt=negatives[i // n], steps=steps, cfg=cfg,
                        sampler=sampler, scheduler=scheduler, shift=shift, seed=seed, batch_index=i,
                        width=width, height=height, denoise=denoise, model=self.description.get("model", ""),
                        mmdit=self.description.get("mmdit", ""), fp8=self.fp8_mode)
-                  for i in range(batch)]
-        return GenerationOutput(images=images, latents=z.cpu(), params=params)
+                  for i in range(len(images))]
+        return GenerationOutput(images=images, latents=out.latents.cpu(), params=params)
 
     def summary(self) -> str:
         """One line: model, device, dtype and the MMDiT's compute mode (with the reason for FP8 choices)."""

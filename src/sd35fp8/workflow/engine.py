@@ -2,7 +2,8 @@
 
 Every function here is the body of one node (or a piece of it), written against the package
 contracts (docs/ARCHITECTURE.md); the heavy modules are imported lazily so that validation and
-object_info never import the models. The lead can re-point these to `sd35fp8.pipeline`.
+object_info never import the models. Sampling and the VAE run through the generation core
+(`sd35fp8.generation`), the same code as `SD35Pipeline` and `sd35fp8 generate`.
 """
 
 from __future__ import annotations
@@ -280,30 +281,35 @@ def slg_config(model: SD3Model) -> Any:
                               layers=model.slg.layers, window="sigma")
 
 
+def sample_settings(model: SD3Model, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                    denoise: float = 1.0, start_step: int | None = None, last_step: int | None = None,
+                    force_full_denoise: bool = False) -> Any:
+    """KSampler / KSamplerAdvanced inputs + the MODEL's patches -> the generation core's SampleSettings."""
+    from sd35fp8.generation import SampleSettings
+
+    return SampleSettings(steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=model.shift,
+                          denoise=denoise, slg=slg_config(model), start_step=start_step, last_step=last_step,
+                          force_full_denoise=force_full_denoise)
+
+
 def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
            positive: list, negative: list, latent: dict, denoise: float = 1.0, disable_noise: bool = False,
            start_step: int | None = None, last_step: int | None = None,
            force_full_denoise: bool = False) -> dict[str, torch.Tensor]:
-    """KSampler / KSamplerAdvanced with ComfyUI's CONST (flow) model sampling, in float32."""
-    from sd35fp8 import sampling
-    from sd35fp8.sampling.ksampler import ksample
+    """KSampler / KSamplerAdvanced: the generation core's `sample` (ComfyUI's CONST flow sampling, float32)."""
+    from sd35fp8 import generation, sampling
 
     dev = torch.device(ctx.device)
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)  # [B, 16, h, w] raw
     cond, pooled = _single_cond(positive, "positive")
     ucond, upooled = _single_cond(negative, "negative")
-    slg = slg_config(model)
-
-    def callback(step: int, total: int, _denoised: torch.Tensor) -> None:
-        ctx.check_interrupt()
-        ctx.progress(step, total)
-
-    ctx.check_interrupt()
-    out = ksample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev)),
-                  sampling.Conditioning(ucond.to(dev), upooled.to(dev)), samples, seed=seed, steps=steps, cfg=cfg,
-                  sampler=sampler_name, scheduler=scheduler, shift=model.shift, denoise=denoise, slg=slg,
-                  dtype=ctx.dtype, callback=callback, disable=True, start_step=start_step, last_step=last_step,
-                  force_full_denoise=force_full_denoise, add_noise=not disable_noise)
+    settings = sample_settings(model, steps, cfg, sampler_name, scheduler, denoise, start_step, last_step,
+                               force_full_denoise)
+    out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev)),
+                            sampling.Conditioning(ucond.to(dev), upooled.to(dev)), samples, settings, seed=seed,
+                            add_noise=not disable_noise, dtype=ctx.dtype,
+                            callback=lambda step, total, _denoised: ctx.progress(step, total),
+                            interrupt=ctx.check_interrupt)
     if out is samples:
         return {"samples": latent["samples"]}
     return {"samples": out.float().cpu()}
@@ -312,21 +318,25 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
 # ---- VAE ------------------------------------------------------------------------------------
 def vae_decode(vae: Any, latent: dict) -> torch.Tensor:
     """VAEDecode: raw latents -> IMAGE [B, H, W, 3] in 0..1 (ComfyUI clamp((x + 1) / 2))."""
+    from sd35fp8 import generation
+
     z = latent["samples"]
     p = next(vae.parameters())
     with torch.inference_mode():
-        img = vae.decode(z.to(p.device, p.dtype))  # [B, 3, H, W] in [-1, 1]
+        img = generation.decode(vae, z.to(p.device, p.dtype))  # [B, 3, H, W] in [-1, 1]
     return torch.clamp((img.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu()
 
 
 def vae_encode(vae: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """VAEEncode: IMAGE [B, H, W, C] 0..1 (cropped to multiples of 8) -> raw latents."""
+    from sd35fp8 import generation
+
     h, w = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
     x = pixels[:, :h, :w, :3].permute(0, 3, 1, 2)  # [B, 3, H, W]
     p = next(vae.parameters())
     with torch.inference_mode():
-        z = vae.encode(x.to(p.device, p.dtype) * 2.0 - 1.0)  # [B, 16, H/8, W/8]
-    return {"samples": z.float().cpu()}
+        z = generation.vae_encode(vae, x.to(p.device, p.dtype) * 2.0 - 1.0)  # [B, 16, H/8, W/8]
+    return {"samples": z.cpu()}
 
 
 # ---- images ---------------------------------------------------------------------------------
