@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from sd35fp8.server.app import create_app, system_info
 from sd35fp8.server.queue import PromptQueue, PromptWorker, QueueFullError, batch_key, select_batch
-from sd35fp8.server.security import check_listen, serve, stop_app
+from sd35fp8.server.security import check_listen
+from sd35fp8.server.serve import serve, stop_app
 from sd35fp8.server.ws import WebSocketHub, encode_preview
 
 __all__ = [

@@ -1,6 +1,6 @@
 """ComfyUI's HTTP + WebSocket API on FastAPI (server.py's PromptServer routes), every route also under /api.
 
-    app = create_app("ComfyUI/models", "ComfyUI/output")   # then: uvicorn.run(app) or security.serve()
+    app = create_app("ComfyUI/models", "ComfyUI/output")   # then: uvicorn.run(app) or serve.serve()
 
 One worker thread runs the prompts (queue.PromptWorker); its events reach the sockets through
 ws.WebSocketHub. Prompts are validated at POST time with the workflow validator, so a bad
@@ -92,7 +92,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         try:
             yield
         finally:
-            worker.stop(timeout=0)  # stop taking prompts; security.stop_app waits for the running one
+            worker.stop(timeout=0)  # stop taking prompts; serve.stop_app waits for the running one
             logs.detach()
 
     app = FastAPI(title="sd35fp8 ComfyUI API", version=SERVER_VERSION, lifespan=lifespan)
