@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from sd35fp8 import generation
 from sd35fp8.defaults import MEDIUM
+from sd35fp8.models.vae import image_to_uint8
 from sd35fp8.pipeline import SD35Pipeline
 from sd35fp8.sampling import Conditioning, prepare_noise
 
@@ -35,9 +37,6 @@ def test_pieces_chain_to_the_pipeline(pipe):
     z = generation.sample(pipe.mmdit, group.cond, group.uncond, latent, _settings(sampler="euler_ancestral"), seed=4,
                           dtype=pipe.dtype)
     assert torch.equal(z, out.latents)
-    from sd35fp8.models.vae import image_to_uint8
-    import numpy as np
-
     pixels = image_to_uint8(generation.decode(pipe.vae, z))
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(pixels, out.images))
 
@@ -49,7 +48,8 @@ def test_sample_rows_gives_each_prompt_its_own_noise(pipe):
              for t in ("a red circle", "a blue square")]
     latents = [torch.zeros(1, 16, 4, 4), torch.zeros(2, 16, 4, 4)]
     noise = generation.row_noise([7, 8], latents)
-    assert torch.equal(noise[:1], prepare_noise(7, (1, 16, 4, 4))) and torch.equal(noise[1:], prepare_noise(8, (2, 16, 4, 4)))
+    assert torch.equal(noise[:1], prepare_noise(7, (1, 16, 4, 4)))
+    assert torch.equal(noise[1:], prepare_noise(8, (2, 16, 4, 4)))
     rows = [generation.Rows(z, s, g.cond, g.uncond) for z, s, g in zip(latents, (7, 8), conds)]
     together = generation.sample_rows(pipe.mmdit, rows, _settings(), device=pipe.device, dtype=pipe.dtype)
     for r, got in zip(rows, together):
