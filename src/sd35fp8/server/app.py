@@ -2,7 +2,7 @@
 
     app = create_app("ComfyUI/models", "ComfyUI/output")   # then: uvicorn.run(app) or serve.serve()
 
-One worker thread runs the prompts (queue.PromptWorker); its events reach the sockets through
+One worker thread runs the prompts (worker.PromptWorker); its events reach the sockets through
 ws.WebSocketHub. Prompts are validated at POST time with the workflow validator, so a bad
 prompt gets ComfyUI's 400 `{error, node_errors}` and never enters the queue.
 """
@@ -26,8 +26,10 @@ from sd35fp8.server import files
 from sd35fp8.server.frontend import UserStore, frontend_routes, frontend_version, mount_frontend
 from sd35fp8.server.internal import LogBuffer, internal_routes
 from sd35fp8.server.jobs import jobs_routes
-from sd35fp8.server.queue import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, PromptQueue, PromptWorker, QueueFullError
+from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
+from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
+from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
 from sd35fp8.workflow.nodes import node_info
@@ -61,7 +63,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
-    max_batch / batch_wait_ms: cross-prompt batching (queue.PromptWorker): up to max_batch queued
+    max_batch / batch_wait_ms: cross-prompt batching (batching.py): up to max_batch queued
     prompts that differ only in texts and seeds sample as one batch; a taken prompt waits at most
     batch_wait_ms for more. max_batch=1 disables it. GET /sd35fp8/worker reports the counts.
 
