@@ -305,9 +305,10 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
     ucond, upooled = _single_cond(negative, "negative")
     settings = sample_settings(model, steps, cfg, sampler_name, scheduler, denoise, start_step, last_step,
                                force_full_denoise)
-    out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev)),
-                            sampling.Conditioning(ucond.to(dev), upooled.to(dev)), samples, settings, seed=seed,
-                            add_noise=not disable_noise, dtype=ctx.dtype,
+    c_ctl, u_ctl = positive[0][1].get("control"), negative[0][1].get("control")  # ControlNetApply* chains
+    out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
+                            sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples, settings,
+                            seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
                             callback=lambda step, total, _denoised: ctx.progress(step, total),
                             interrupt=ctx.check_interrupt)
     if out is samples:
