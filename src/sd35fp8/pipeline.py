@@ -22,6 +22,7 @@ from PIL import Image
 from .defaults import GenerationDefaults, defaults_for
 from .errors import InputError
 from .generation import Components, GenerationRequest, SampleSettings, StepCallback, encode_groups, generate
+from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
 from .sampling import SLGConfig
 
@@ -77,7 +78,7 @@ class StageStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
-class SD35Pipeline:
+class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_lora... (lora/pipeline.py)
     def __init__(self, mmdit, vae, text_encoder, defaults: GenerationDefaults, device: torch.device,
                  dtype: torch.dtype, offload: str = "none", description: dict | None = None):
         if offload not in OFFLOAD_MODES:

@@ -26,6 +26,7 @@ class PromptHistory:
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
         self._json: dict[str, bytes] = {}  # '"id":{entry}' rendered once, on first read
+        self.version = 0  # changes whenever an entry is added or removed (caches of derived views)
 
     def add(self, prompt_id: str, entry: dict) -> None:
         """Store `entry` under `prompt_id`, dropping the oldest entry when full."""
@@ -36,6 +37,7 @@ class PromptHistory:
                 self._json.pop(oldest, None)
             self._json.pop(prompt_id, None)
             self._entries[prompt_id] = entry
+            self.version += 1
 
     def get(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict:
         """ComfyUI get_history: one id, or the last `max_items` entries (from `offset` when >= 0).
@@ -78,9 +80,11 @@ class PromptHistory:
     def wipe(self) -> None:
         with self._lock:
             self._entries.clear()
+            self.version += 1
             self._json.clear()
 
     def delete(self, prompt_id: str) -> bool:
         with self._lock:
             self._json.pop(prompt_id, None)
+            self.version += 1
             return self._entries.pop(prompt_id, None) is not None

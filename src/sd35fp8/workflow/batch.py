@@ -109,7 +109,7 @@ def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[i
     """One sampling call (the generation core's `sample_rows`: each prompt's rows with the noise it
     draws alone) for prompts whose contexts have equal shapes -> each call's {"samples"} (CPU)."""
     from sd35fp8 import generation, sampling
-    from sd35fp8.workflow.engine import fix_empty_latent_channels, sample_settings
+    from sd35fp8.workflow.engine import fix_empty_latent_channels, lora_active, sample_settings
 
     first = calls[0]
     rows = []
@@ -127,8 +127,9 @@ def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[i
         for p in progress:
             p(step, total)
 
-    outs = generation.sample_rows(first["model"].mmdit, rows, settings, device=torch.device(ctx.device),
-                                  dtype=ctx.dtype, callback=callback, interrupt=check_interrupt)
+    with lora_active(first["model"]):  # one model object per batch (check_batchable): one LoRA set
+        outs = generation.sample_rows(first["model"].mmdit, rows, settings, device=torch.device(ctx.device),
+                                      dtype=ctx.dtype, callback=callback, interrupt=check_interrupt)
     if outs[0] is rows[0].latent:  # nothing left to sample: each prompt gets its latent back, as engine.sample
         return [{"samples": c["latent"]["samples"]} for c in calls]
     return [{"samples": part} for part in outs]

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class SD3Model:
     shift: float = DEFAULT_SHIFT
     slg: SLGSettings | None = None
     name: str = ""
+    loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while sampling
 
     def with_shift(self, shift: float) -> SD3Model:
         return replace(self, shift=float(shift))
@@ -62,6 +64,7 @@ class SD3Clip:
 
     encoder: Any
     name: str = ""
+    loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while encoding
 
 
 def sampler_names() -> list[str]:
@@ -177,10 +180,41 @@ def _require_clip(clip: Any) -> SD3Clip:
     return clip
 
 
+def with_lora(model: SD3Model, clip: SD3Clip | None, path: Path, strength_model: float,
+              strength_clip: float) -> tuple[SD3Model, SD3Clip | None]:
+    """LoraLoader: the LoRA is checked against the models now and applied (unmerged, base weights
+    untouched) only while this MODEL samples / this CLIP encodes (`lora_active`)."""
+    from sd35fp8.lora import read_lora
+
+    lora = read_lora(path)  # format errors surface at the node, not at sampling
+    if strength_model != 0 and any(c == "mmdit" for c, _ in lora.terms):
+        model = replace(model, loras=model.loras + ((str(path), float(strength_model)),))
+    if clip is not None and strength_clip != 0 and any(c != "mmdit" for c, _ in lora.terms):
+        clip = replace(clip, loras=clip.loras + ((str(path), float(strength_clip)),))
+    return model, clip
+
+
+def lora_active(obj: SD3Model | SD3Clip):
+    """Context in which the MODEL's / CLIP's LoRAs are active on the shared modules (nothing else's)."""
+    from sd35fp8.lora import shared_lora_set
+
+    if isinstance(obj, SD3Model):
+        components = {"mmdit": obj.mmdit}
+    else:
+        enc = obj.encoder
+        components = {"clip_l": enc.clip_l, "clip_g": enc.clip_g, "t5xxl": enc.t5}
+    if not obj.loras:
+        owner = next((m for m in components.values() if m is not None), None)
+        if owner is None or getattr(owner, "sd35_lora_set", None) is None:
+            return nullcontext()
+    return shared_lora_set(components).using(obj.loras)
+
+
 def encode_text(clip: Any, text: str) -> list:
     """CLIPTextEncode: the same text to clip_l, clip_g and t5xxl -> [[cond, {"pooled_output"}]]."""
-    enc = _require_clip(clip).encoder
-    context, pooled = enc.encode_prompts([text])  # [1, L, 4096], [1, 2048]
+    clip = _require_clip(clip)
+    with lora_active(clip):
+        context, pooled = clip.encoder.encode_prompts([text])  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 
 
@@ -190,7 +224,8 @@ def encode_text_sd3(clip: Any, clip_l: str, clip_g: str, t5xxl: str, empty_paddi
     counts are evened out with empty-prompt chunks."""
     from sd35fp8.text.encoders import SD3TextEncoder
 
-    enc = _require_clip(clip).encoder
+    clip = _require_clip(clip)
+    enc = clip.encoder
     tok = enc.tokenizer
     no_padding = empty_padding == "none"
     tokens = dict(tok.tokenize(clip_g))
@@ -218,7 +253,8 @@ def encode_text_sd3(clip: Any, clip_l: str, clip_g: str, t5xxl: str, empty_paddi
         enc = SD3TextEncoder(enc.clip_l if use["l"] else None, enc.clip_g if use["g"] else None,
                              enc.t5 if use["t5"] else None, context_dim=enc.context_dim, tokenizer=tok,
                              out_dtype=enc.out_dtype)
-    context, pooled = enc.encode(tokens)  # [1, L, 4096], [1, 2048]
+    with lora_active(clip):
+        context, pooled = enc.encode(tokens)  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 
 
@@ -306,11 +342,12 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
     settings = sample_settings(model, steps, cfg, sampler_name, scheduler, denoise, start_step, last_step,
                                force_full_denoise)
     c_ctl, u_ctl = positive[0][1].get("control"), negative[0][1].get("control")  # ControlNetApply* chains
-    out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
-                            sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples, settings,
-                            seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
-                            callback=lambda step, total, _denoised: ctx.progress(step, total),
-                            interrupt=ctx.check_interrupt)
+    with lora_active(model):
+        out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
+                                sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples,
+                                settings, seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
+                                callback=lambda step, total, _denoised: ctx.progress(step, total),
+                                interrupt=ctx.check_interrupt)
     if out is samples:
         return {"samples": latent["samples"]}
     return {"samples": out.float().cpu()}
