@@ -137,7 +137,8 @@ def test_offload_modes_give_the_same_outputs_on_cpu():
             outs[offload] = engine(*args)
     assert torch.equal(outs["none"], outs["model"]) and torch.equal(outs["none"], outs["sequential"])
     assert engine.streamer is not None and len(engine.packs) == TINY_X.depth
-    assert engine.weight_bytes()["blocks"] > 0
+    wb = engine.weight_bytes()
+    assert wb["blocks"] > 0 and wb["resident"] == wb["adaln"] + wb["other"] < wb["total"]
 
 
 def test_sequential_packs_hold_the_model_weights_once():

@@ -47,8 +47,11 @@ GIB = 1024 ** 3
 # every size. On an 8 GB card the decode goes tiled above 1024x1024 (1280^2 would already need ~6 GiB).
 VAE_DECODE_GIB_FIT = (0.209, 2.047)
 TILED_DECODE_PIXELS_8GB = 1024 * 1024
-# offload "model" (a 12 GB card): the MMDiT stays resident; a full VAE decode only when it fits next to it
+# offload "model" (a 12 GB card) / "sequential" (an 8 GB card): a full VAE decode only when it fits next to
+# the engine's resident weights (pipeline._tiled_decode). Sequential at Large 1024²: 2.6 GiB resident + 2.5 GiB
+# full decode peaked at 6.38 GiB on the H200 (benchmarks/paths.py, first run): above the 6 GiB goal, so tiled.
 MODEL_OFFLOAD_BUDGET = 10 * GIB
+SEQUENTIAL_OFFLOAD_BUDGET = 5 * GIB
 
 
 @dataclass(frozen=True)

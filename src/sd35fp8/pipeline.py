@@ -265,18 +265,19 @@ class SD35Pipeline:
     def _tiled_decode(self, width: int, height: int, batch: int = 1) -> bool:
         """Tiled VAE decode (bounded memory, not bit-equal to a full decode) only when needed.
 
-        Offload model: tiled when the resident MMDiT plus a full decode exceed MODEL_OFFLOAD_BUDGET.
-        Offload sequential: the 8 GB-card rule of `offload.use_tiled_decode`. Offload none on
+        Offload model / sequential: tiled when the engine's resident weights (all of the MMDiT / its
+        fused adaLN, embedders and final layer) plus a full decode exceed MODEL_OFFLOAD_BUDGET (a 12 GB
+        card) / SEQUENTIAL_OFFLOAD_BUDGET (an 8 GB card). Offload none on
         CUDA: full decode when its estimated activations fit the device's free memory (with 10 %
         margin), as ComfyUI falls back to tiles only when a full decode does not fit. CPU: tiles
         above TILED_DECODE_PIXELS.
         """
-        from .offload import MODEL_OFFLOAD_BUDGET, free_device_bytes, use_tiled_decode, vae_decode_bytes
+        from .offload import (MODEL_OFFLOAD_BUDGET, SEQUENTIAL_OFFLOAD_BUDGET, free_device_bytes, use_tiled_decode,
+                              vae_decode_bytes)
 
-        if self.offload == "model":  # the resident MMDiT plus a full decode must fit the 12 GB card's budget
-            return use_tiled_decode(width, height, MODEL_OFFLOAD_BUDGET, self.mmdit.weight_bytes()["total"])
-        if self.offload != "none":
-            return use_tiled_decode(width, height)
+        if self.offload != "none":  # the engine's resident weights plus a full decode within the card's budget
+            budget = MODEL_OFFLOAD_BUDGET if self.offload == "model" else SEQUENTIAL_OFFLOAD_BUDGET
+            return use_tiled_decode(width, height, budget, self.mmdit.weight_bytes()["resident"])
         free = free_device_bytes(self.device)
         if free is None:
             return width * height > TILED_DECODE_PIXELS

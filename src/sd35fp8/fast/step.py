@@ -481,7 +481,8 @@ class MMDiTEngine(nn.Module):
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of the engine's weights: 'blocks' (joint-block linears, norms), 'adaln' (the fused adaLN),
-        'other' (embedders, final layer, pos_embed), 'total'."""
+        'other' (embedders, final layer, pos_embed), 'total', 'resident' (on the device: all but the
+        streamed blocks with offload sequential)."""
         seen: set[int] = set()
 
         def size(t: torch.Tensor) -> int:
@@ -495,7 +496,9 @@ class MMDiTEngine(nn.Module):
         adaln = sum(size(v) for v in self.ada.values() if isinstance(v, torch.Tensor))
         other = sum(size(t) for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
                     if not name.startswith("joint_blocks."))
-        return {"blocks": blocks, "adaln": adaln, "other": other, "total": blocks + adaln + other}
+        resident = adaln + other + (0 if self.streamer is not None else blocks)
+        return {"blocks": blocks, "adaln": adaln, "other": other, "total": blocks + adaln + other,
+                "resident": resident}
 
     def describe(self) -> str:
         stream = ""
