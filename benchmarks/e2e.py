@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, T5Config
 
+from sd35fp8.checkpoints.fp8_load import _patch_t5_ff
 from sd35fp8.fp8 import Policy, quantize_model
-from sd35fp8.fp8.fp8_load import _patch_t5_ff
 from sd35fp8.fp8.policy_sd35 import default_t5_policy
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.models.vae import SD3VAE, VAEConfig, image_to_uint8, to_vae_space

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sd35fp8.checkpoints.fp8_load import patch_t5_for_fp8
 from sd35fp8.fp8.calibrate import ActivationStats, fp8_swapped
-from sd35fp8.fp8.fp8_load import patch_t5_for_fp8
 from sd35fp8.fp8.policy_sd35 import (default_policy, default_t5_policy, measure_sensitivity, policy_from_sensitivity,
                                      predicted_sqnr, write_policy)
 from sd35fp8.fp8.quantize import Policy, model_weight_bytes

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sd35fp8.fp8.export import export
+from sd35fp8.checkpoints.export import export
 from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
 
 WORKFLOWS = Path(__file__).resolve().parent / "data"  # copies of shared/workflows/seed-*.json

@@ -287,7 +287,7 @@ def test_scale_input_of_one_is_a_placeholder(tmp_path):
     """ComfyUI convert_old_quants drops a scale_input of 1.0: such files are not static FP8 (an MMDiT
     runs its device's best mode; T5 runs weight_only, as ComfyUI never applies a text encoder's
     scale_input)."""
-    from sd35fp8.fp8.fp8_load import load_mmdit_fp8, load_t5_fp8
+    from sd35fp8.checkpoints.fp8_load import load_mmdit_fp8, load_t5_fp8
 
     t5_file = ckpt_save(ckpt_scaled_fp8(ckpt_t5())[0], tmp_path / "t5.safetensors")
     assert load_t5_fp8(t5_file, "cpu", torch.float32, None).fp8_report.mode == "weight_only"

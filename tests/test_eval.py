@@ -1,4 +1,4 @@
-"""tiny/evaluate.py and tiny/contact_sheet.py on a random tiny checkpoint (CPU, 32 px, 2 steps)."""
+"""tiny/evaluate.py, cli/eval.py and tiny/contact_sheet.py on a random tiny checkpoint (CPU, 32 px, 2 steps)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd35fp8.cli.eval import add_parsers
 from sd35fp8.errors import InputError
 from sd35fp8.tiny import world
 from sd35fp8.tiny.contact_sheet import contact_sheet
-from sd35fp8.tiny.evaluate import ALL_MODES, add_subcommand, available_modes, evaluate, parse_modes, psnr
+from sd35fp8.tiny.evaluate import ALL_MODES, available_modes, evaluate, parse_modes, psnr
 
 
 def _strict_json(text: str) -> dict:
@@ -106,7 +107,7 @@ def test_contact_sheet_checks_lengths():
 def test_subcommand_parses_and_checks_before_loading(tmp_path):
     parser = argparse.ArgumentParser(prog="sd35fp8")
     sub = parser.add_subparsers(dest="command", required=True)
-    handler = add_subcommand(sub)
+    handler = add_parsers(sub)["eval"]
     args = parser.parse_args(["eval", "--model", str(tmp_path / "none.safetensors"), "--n", "4", "--seed", "3",
                               "--modes", "bf16,dynamic", "--device", "cpu", "--out", str(tmp_path / "r.json"),
                               "--sheet", str(tmp_path / "s.png")])
@@ -120,7 +121,7 @@ def test_subcommand_parses_and_checks_before_loading(tmp_path):
 
 def test_subcommand_sampler_and_scheduler(tiny_random_checkpoint, tmp_path):
     parser = argparse.ArgumentParser(prog="sd35fp8")
-    handler = add_subcommand(parser.add_subparsers(dest="command", required=True))
+    handler = add_parsers(parser.add_subparsers(dest="command", required=True))["eval"]
     path, _ = tiny_random_checkpoint
     base = ["eval", "--model", str(path), "--n", "1", "--batch", "1", "--steps", "2", "--size", "32",
             "--modes", "bf16", "--device", "cpu", "--out", str(tmp_path / "r.json")]

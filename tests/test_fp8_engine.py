@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import T5Config, T5EncoderModel
 
+from sd35fp8.checkpoints.export import Entry, export, write_safetensors
+from sd35fp8.checkpoints.fp8_load import load_mmdit_fp8, load_t5_fp8
+from sd35fp8.checkpoints.info import describe_fp8_layout
+from sd35fp8.checkpoints.sources import open_file
 from sd35fp8.fp8.calibrate import Recipe, calibrate
-from sd35fp8.fp8.commands import describe_fp8_layout
-from sd35fp8.fp8.export import Entry, export, write_safetensors
-from sd35fp8.fp8.fp8_load import load_mmdit_fp8, load_t5_fp8
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.policy_sd35 import measure_sensitivity, policy_from_sensitivity
 from sd35fp8.fp8.scaling import sqnr
-from sd35fp8.checkpoints.sources import open_file
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 
 CFG = MMDiTConfig.tiny()
@@ -255,7 +255,7 @@ def test_calibrate_recipe_and_policy(mmdit, calls, tmp_path):
 
 
 def test_cli_calibrate_then_quantize(tiny_random_checkpoint, tmp_path):
-    from sd35fp8.fp8.commands import main
+    from sd35fp8.cli import main
 
     path, _ = tiny_random_checkpoint
     prompts = tmp_path / "prompts.txt"
@@ -287,7 +287,7 @@ def test_quantize_refuses_comfy_quant_inputs(tiny_random_checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from sd35fp8.errors import InputError
-    from sd35fp8.fp8.export import export
+    from sd35fp8.checkpoints.export import export
 
     path, _ = tiny_random_checkpoint
     sd = load_file(str(path))

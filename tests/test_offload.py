@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import T5Config, T5EncoderModel
 
+from sd35fp8.checkpoints.fp8_load import _patch_t5_ff
 from sd35fp8.fp8 import FP8Linear, Policy, quantize_model
-from sd35fp8.fp8.fp8_load import _patch_t5_ff
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.offload import (
     ModelOffload,

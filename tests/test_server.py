@@ -24,6 +24,7 @@ from sd35fp8.server import PromptQueue, QueueFullError, batch_key, check_listen,
 from sd35fp8.workflow import ModelFolders, PromptExecutor
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node
 
+TESTCLIENT_HOSTS = ("testserver",)  # the Host that starlette's TestClient sends
 HOLD = threading.Event()  # FakeSampler waits on this when its seed is HOLD_SEED
 HOLD_SEED = 777
 
@@ -107,7 +108,7 @@ def run_to_end(c: TestClient, prompt_id: str) -> dict:
 def app(tmp_path):
     HOLD.clear()
     return create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), max_queue=3,
-                      max_upload_bytes=20_000)
+                      max_upload_bytes=20_000, allow_hosts=TESTCLIENT_HOSTS)
 
 
 @pytest.fixture()
@@ -266,7 +267,10 @@ def test_interrupt(client):
         while ws.receive_json()["type"] != "progress":
             pass
         assert client.post("/api/interrupt", json={"prompt_id": "not-running"}).status_code == 200
-        assert client.post("/api/interrupt", content=b"not json").status_code == 200  # ComfyUI: global interrupt
+        # ComfyUI: a body that is not JSON is a global interrupt (it must still say it is JSON: a text/plain
+        # POST is what a cross-site page can send without a preflight)
+        assert client.post("/api/interrupt", content=b"not json", headers={"content-type": "application/json"}
+                           ).status_code == 200
         kinds = []
         while not kinds or kinds[-1] != "executing":
             kinds.append(ws.receive_json()["type"])
@@ -425,13 +429,15 @@ def test_internal_routes(client, app):
         m = ws.receive_json()
         assert m["type"] == "logs" and m["data"]["entries"][0]["m"].endswith("to the terminal\n")
         assert client.patch("/internal/logs/subscribe", json={"clientId": "term", "enabled": False}).status_code == 200
-    assert client.patch("/internal/logs/subscribe", content=b"nope").status_code == 400
+    assert client.patch("/internal/logs/subscribe", content=b"nope", headers={"content-type": "application/json"}
+                        ).status_code == 400
     assert not app.state.logs.subscriptions
 
 
 # ---- security ---------------------------------------------------------------------------------
 def test_auth_token(tmp_path):
-    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), auth_token="s3cret")
+    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), auth_token="s3cret",
+                     allow_hosts=TESTCLIENT_HOSTS)
     with TestClient(app) as c:
         assert c.get("/queue").status_code == 401
         assert c.get("/queue", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -444,7 +450,8 @@ def test_auth_token(tmp_path):
         r = c.get("/?token=s3cret")
         assert r.status_code == 200 and "sd35fp8_token" in r.headers["set-cookie"]
         assert c.get("/queue").status_code == 200  # the cookie the browser got
-    with TestClient(create_app(tmp_path / "models", executor=make_fake_executor(tmp_path))) as c:
+    with TestClient(create_app(tmp_path / "models", executor=make_fake_executor(tmp_path),
+                               allow_hosts=TESTCLIENT_HOSTS)) as c:
         assert c.get("/queue", headers={"Origin": "http://evil.example"}).status_code == 403
         assert c.get("/queue", headers={"Origin": "http://testserver"}).status_code == 200
 

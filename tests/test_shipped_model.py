@@ -55,7 +55,7 @@ def _pipelines(model: Path, modes=(None, *FP8_MODES)) -> dict:
     and get their MMDiT from the FP8 engine's loader (what `from_pretrained(fp8=...)` runs)."""
     import torch
 
-    from sd35fp8.fp8.fp8_load import load_mmdit_fp8
+    from sd35fp8.checkpoints.fp8_load import load_mmdit_fp8
     from sd35fp8.pipeline import SD35Pipeline
 
     base = SD35Pipeline.from_pretrained(model, device="cpu")

@@ -79,7 +79,8 @@ def test_server_equals_generate(models, tmp_path):
     prompt = _prompt("seed-fp8-allinone.json")
     lat = _latent_node(prompt)
     prompt[lat]["inputs"].update(width=SIZE, height=SIZE)
-    app = create_app(models, output_dir=tmp_path / "out", device="cpu", serve_frontend=False)
+    app = create_app(models, output_dir=tmp_path / "out", device="cpu", serve_frontend=False,
+                     allow_hosts=("testserver",))  # TestClient's Host
     try:
         with TestClient(app) as client:
             r = client.post("/prompt", json={"prompt": prompt, "client_id": "t"})

@@ -11,9 +11,13 @@ from typing import Any
 
 import torch
 
-from sd35fp8.checkpoints.sources import (Components, TensorSource, clip_width, fp8_layout, open_components,
-                                         resolve)
+from sd35fp8.checkpoints.sources import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, FP8_DTYPES, FP8_MARKER,
+                                         NATIVE_INPUT_SCALE, NATIVE_WEIGHT_SCALE, Components, TensorSource, clip_width,
+                                         fp8_format, fp8_layout, open_components, resolve)
+from sd35fp8.checkpoints.stream import model_shapes
 from sd35fp8.errors import CheckpointError
+from sd35fp8.models.mmdit import MMDiTConfig
+from sd35fp8.models.vae import VAEConfig
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
@@ -24,9 +28,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _mmdit_kind(source: TensorSource) -> tuple[str, str]:
-    from sd35fp8.checkpoints.load import model_shapes
-    from sd35fp8.models.mmdit import MMDiTConfig
-
     config = MMDiTConfig.from_state_dict(model_shapes(source), source.name)
     if config.x_block_self_attn_layers:
         kind = "SD3.5 Medium (MMDiT-X)" if config.depth == 24 else f"MMDiT-X (depth {config.depth})"
@@ -38,9 +39,6 @@ def _mmdit_kind(source: TensorSource) -> tuple[str, str]:
 
 
 def _vae_kind(source: TensorSource) -> tuple[str, str]:
-    from sd35fp8.checkpoints.load import model_shapes
-    from sd35fp8.models.vae import VAEConfig
-
     config = VAEConfig.from_state_dict(model_shapes(source))
     return f"VAE ({config.latent_channels} latent channels)", config.describe()
 
@@ -56,6 +54,37 @@ def _text_kind(source: TensorSource) -> tuple[str, str]:
     d_model = source.shape(emb)[1] if emb else 0
     name = "T5-XXL encoder" if d_model == 4096 else f"T5 encoder (d_model {d_model})"
     return name, f"{name}: {blocks} blocks, d_model {d_model}"
+
+
+def describe_fp8_layout(source: TensorSource) -> dict:
+    """Which layers are fp8, their scale granularity, static input scales (reads those scalars), bytes."""
+    keys = source.keys()
+    present = set(keys)
+    fp8 = [k for k in keys if source.dtype(k) in FP8_DTYPES and k != FP8_MARKER]
+    gran = {"tensor": 0, "channel": 0, "none (scale 1)": 0}
+    static = 0
+    for k in fp8:
+        base = k[: -len(".weight")] if k.endswith(".weight") else k
+        sk = next((f"{base}.{s}" for s in (COMFY_WEIGHT_SCALE, NATIVE_WEIGHT_SCALE) if f"{base}.{s}" in present), None)
+        if sk is None:
+            gran["none (scale 1)"] += 1
+        else:
+            gran["tensor" if source.shape(sk) in ((), (1,)) else "channel"] += 1
+        ik = next((f"{base}.{s}" for s in (COMFY_INPUT_SCALE, NATIVE_INPUT_SCALE) if f"{base}.{s}" in present), None)
+        # a scalar read per layer; 1.0 is ComfyUI's placeholder, not a calibrated scale (convert_old_quants)
+        static += ik is not None and float(source.get(ik, "cpu").float().reshape(-1)[0]) != 1.0
+    total = sum(source.nbytes(k) for k in keys)
+    fp8_bytes = sum(source.nbytes(k) for k in fp8)
+    return {
+        "format": fp8_format(source),
+        "marker_dtype": str(source.dtype(FP8_MARKER)).replace("torch.", "") if FP8_MARKER in present else None,
+        "fp8_tensors": len(fp8),
+        "fp8_layers": [k[: -len(".weight")] for k in fp8 if k.endswith(".weight")],
+        "scale_granularity": {g: n for g, n in gran.items() if n},
+        "static_input_scales": static,
+        "bytes_total": total,
+        "bytes_fp8": fp8_bytes,
+    }
 
 
 def describe_source(source: TensorSource) -> dict[str, Any]:
@@ -93,9 +122,6 @@ def describe_file(path: str | Path | Components, clip_l: str | Path | None = Non
         source = comps.require(comp)
         try:
             components[comp] = describe_source(source)
-            from sd35fp8.fp8.commands import describe_fp8_layout
-            from sd35fp8.fp8.fp8_load import fp8_format
-
             if fp8_format(source) != "none":
                 components[comp]["fp8_layout"] = describe_fp8_layout(source)
         except CheckpointError as e:  # a recognised but inconsistent component: report it, keep the rest

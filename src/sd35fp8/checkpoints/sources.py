@@ -47,6 +47,11 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MARKER = "scaled_fp8"
 SCALE_WEIGHT_SUFFIX = ".scale_weight"
 SCALE_INPUT_SUFFIX = ".scale_input"
+# FP8 scale leaves: ComfyUI scaled fp8 (scalar fp32) and our native format (per-channel weight scales)
+COMFY_WEIGHT_SCALE, COMFY_INPUT_SCALE = "scale_weight", "scale_input"
+NATIVE_WEIGHT_SCALE, NATIVE_INPUT_SCALE = "weight_scale", "input_scale"
+SCALE_LEAVES = (COMFY_WEIGHT_SCALE, COMFY_INPUT_SCALE, NATIVE_WEIGHT_SCALE, NATIVE_INPUT_SCALE)
+METADATA_KEY = "sd35fp8.fp8"
 
 # diffusers folder: component -> subfolder; tokenizer subfolders
 DIFFUSERS_FOLDERS = {"mmdit": "transformer", "vae": "vae", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
@@ -208,6 +213,18 @@ def fp8_layout(source: TensorSource) -> Fp8Layout:
     marker = source.dtype(FP8_MARKER) if FP8_MARKER in present else None
     scaling = "scaled" if marker is not None or scale_weight else "plain" if fp8_keys else "none"
     return Fp8Layout(scaling, marker, fp8_keys, scale_weight, scale_input)
+
+
+def fp8_format(source: TensorSource) -> str:
+    """"none" | "plain" | "comfy_scaled" | "native" from the keys and dtypes of one component."""
+    keys = source.keys()
+    if any(k.endswith("." + NATIVE_WEIGHT_SCALE) for k in keys):
+        return "native"
+    if FP8_MARKER in keys or any(k.endswith("." + COMFY_WEIGHT_SCALE) for k in keys):
+        return "comfy_scaled"
+    if any(source.dtype(k) in FP8_DTYPES for k in keys):
+        return "plain"
+    return "none"
 
 
 # ---- key families ----------------------------------------------------------------------------------------

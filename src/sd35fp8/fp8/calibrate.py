@@ -26,8 +26,9 @@ from torch import nn
 
 from sd35fp8.errors import InputError
 from sd35fp8.fp8.linear import FP8Linear
+from sd35fp8.fp8.policy_sd35 import default_policy, measure_sensitivity, policy_from_sensitivity
 from sd35fp8.fp8.quantize import Policy
-from sd35fp8.fp8.scaling import amax_to_scale, sqnr
+from sd35fp8.fp8.scaling import amax_to_scale, dequantize, quantize_weight, sqnr
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,6 @@ def fp8_swapped(model: nn.Module, mode: str, policy: Policy | None = None, granu
                 ) -> Iterator[dict[str, FP8Linear]]:
     """Temporarily replace the policy's nn.Linear layers by FP8Linear (built one at a time from the
     originals, which come back on exit). Only the FP8 weights are extra memory."""
-    from sd35fp8.fp8.fp8_load import quantize_weight
-
     policy = policy or Policy(keep=())
     originals: dict[str, nn.Linear] = {}
     layers: dict[str, FP8Linear] = {}
@@ -189,9 +188,6 @@ class ActivationStats:
 def tune_weight_clip(model: nn.Module, rows: Mapping[str, list[torch.Tensor]], layers: Sequence[str],
                      grid: Sequence[float] = CLIP_GRID, granularity: str = "channel") -> dict[str, float]:
     """Per layer, the clipping ratio of the weight amax minimising ||X W^T - X Wq^T||^2 on captured X."""
-    from sd35fp8.fp8.fp8_load import quantize_weight
-    from sd35fp8.fp8.scaling import dequantize
-
     best: dict[str, float] = {}
     for name in layers:
         if name not in rows:
@@ -219,8 +215,6 @@ def calibrate(model: nn.Module, calls: Sequence[tuple], policy: Policy | None = 
     merged with the amax seen on `calls`. `budget_db`: also measure per-layer sensitivity and keep
     the least robust layers until the predicted output SQNR reaches it.
     """
-    from sd35fp8.fp8.policy_sd35 import default_policy, measure_sensitivity, policy_from_sensitivity
-
     if not calls:
         raise InputError("calibrate: no recorded model calls")
     policy = policy or default_policy()

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from sd35fp8.errors import InputError
+
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448.0
 E5M2_MAX = float(torch.finfo(torch.float8_e5m2).max)  # 57344.0
@@ -96,3 +98,16 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 20.0 * math.log10(signal / noise)
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, granularity: str = "channel", clip: float | torch.Tensor = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (q fp8 [N, K], scale [N, 1] or []) with amax clipped by `clip` (<= 1: saturates outliers)."""
+    w32 = w.to(torch.float32)
+    amax = w32.abs().amax(dim=-1, keepdim=True) if granularity == "channel" else w32.abs().amax()
+    clip_t = torch.as_tensor(clip, dtype=torch.float32, device=w32.device)
+    if granularity == "tensor" and clip_t.ndim:
+        raise InputError("quantize_weight: a per-channel clip needs granularity 'channel'")
+    scale = amax_to_scale(amax * clip_t.reshape(-1, 1) if clip_t.ndim else amax * clip_t)
+    return to_fp8_saturated(w32, scale), scale

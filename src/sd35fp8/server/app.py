@@ -1,33 +1,42 @@
 """ComfyUI's HTTP + WebSocket API on FastAPI (server.py's PromptServer routes), every route also under /api.
 
-    app = create_app("ComfyUI/models", "ComfyUI/output")   # then: uvicorn.run(app) or security.serve()
+    app = create_app("ComfyUI/models", "ComfyUI/output")   # then: uvicorn.run(app) or serve.serve()
 
-One worker thread runs the prompts (queue.PromptWorker); its events reach the sockets through
-ws.WebSocketHub. Prompts are validated at POST time with the workflow validator, so a bad
-prompt gets ComfyUI's 400 `{error, node_errors}` and never enters the queue.
+One worker thread runs the prompts (worker.PromptWorker); its events reach the sockets through
+ws.WebSocketHub. Every request body goes through server.validation (strict JSON, pydantic models,
+the Limits); prompts are validated at POST time with the workflow validator, so a bad prompt gets
+ComfyUI's 400 `{error, node_errors}` and never enters the queue. Access rules (host, origin, token,
+body size) are server.security's middleware.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import uuid
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
 from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from sd35fp8.errors import InputError
 from sd35fp8.server import files
-from sd35fp8.server.frontend import UserStore, frontend_routes, frontend_version, mount_frontend
+from sd35fp8.server.frontend import MAX_USERDATA_BYTES, UserStore, frontend_routes, frontend_version, mount_frontend
 from sd35fp8.server.internal import LogBuffer, internal_routes
 from sd35fp8.server.jobs import jobs_routes
-from sd35fp8.server.queue import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, PromptQueue, PromptWorker, QueueFullError
+from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
+from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
+from sd35fp8.server.tokens import FailureThrottle, Redactor, install_log_redaction, remove_log_redaction
+from sd35fp8.server.validation import (
+    ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, check_prompt_size,
+    check_prompt_work, error_body, error_response, read_json, read_model, validate_model)
+from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
 from sd35fp8.workflow.nodes import node_info
@@ -38,16 +47,15 @@ DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # ComfyUI's --max-upload-size defa
 
 
 def _error(type_: str, message: str, details: str = "", status: int = 400, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message, "details": details, "extra_info": extra},
-                         "node_errors": {}}, status_code=status)
+    return JSONResponse(error_body(type_, message, details, **extra), status_code=status)
 
 
-def _clear_or_delete(body: dict, wipe, delete) -> Response:
+def _clear_or_delete(body: ClearOrDelete, wipe, delete) -> Response:
     """ComfyUI's POST /queue and POST /history body: {"clear": true} and/or {"delete": [ids]}."""
-    if body.get("clear"):
+    if body.clear:
         wipe()
-    for prompt_id in body.get("delete") or []:
-        delete(str(prompt_id))
+    for prompt_id in body.delete:
+        delete(prompt_id)
     return Response(status_code=200)
 
 
@@ -58,16 +66,23 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                user_dir: str | os.PathLike | None = None, executor: Any = None,
                extra_model_paths: str | os.PathLike | None = None, loopback: bool = True,
                serve_frontend: bool = True, max_batch: int = DEFAULT_MAX_BATCH,
-               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> FastAPI:
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, limits: Limits | None = None,
+               allow_hosts: Iterable[str] = (), cors_origin: str | None = None,
+               max_upload_pixels: int = files.DEFAULT_MAX_UPLOAD_PIXELS) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
-    max_batch / batch_wait_ms: cross-prompt batching (queue.PromptWorker): up to max_batch queued
+    max_batch / batch_wait_ms: cross-prompt batching (batching.py): up to max_batch queued
     prompts that differ only in texts and seeds sample as one batch; a taken prompt waits at most
     batch_wait_ms for more. max_batch=1 disables it. GET /sd35fp8/worker reports the counts.
 
-    device: None = cuda when available, else cpu. auth_token: required on every request when set.
-    loopback: the server listens on 127.0.0.1 only (enables the browser Origin check).
+    device: None = cuda when available, else cpu. auth_token: required on every request when set
+    (never shown: /system_stats, the logs and /internal/logs mask it).
+    loopback: the server listens on a loopback address (Host must then be a loopback name or one of
+    allow_hosts). cors_origin: ComfyUI's --enable-cors-header (CORS headers instead of the origin
+    checks). limits: what one request may cost (validation.Limits). max_upload_pixels: the largest
+    image an upload may declare.
     """
+    limits = limits if limits is not None else Limits()
     if executor is None:
         folders = ModelFolders(models_dir, output_dir=output_dir, input_dir=input_dir, temp_dir=temp_dir,
                                extra_config=extra_model_paths)
@@ -81,24 +96,37 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     store = UserStore(user_dir if user_dir is not None else folders.output_dir.parent / "user")
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
     logs = LogBuffer(hub.send, lambda: hub.client_ids)
+    redactor = Redactor([auth_token])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         import asyncio
 
         hub.bind(asyncio.get_running_loop())
+        redaction = install_log_redaction(redactor, [logs])
         logs.attach()
         worker.start()
         try:
             yield
         finally:
-            worker.stop(timeout=0)  # stop taking prompts; security.stop_app waits for the running one
+            worker.stop(timeout=0)  # stop taking prompts; serve.stop_app waits for the running one
             logs.detach()
+            remove_log_redaction(redaction, [logs])
 
     app = FastAPI(title="sd35fp8 ComfyUI API", version=SERVER_VERSION, lifespan=lifespan)
     app.state.queue, app.state.worker, app.state.hub, app.state.executor = queue, worker, hub, executor
     app.state.folders, app.state.user_store, app.state.logs = folders, store, logs
-    app.add_middleware(SecurityMiddleware, auth_token=auth_token, loopback=loopback)
+    app.state.limits, app.state.redactor = limits, redactor
+
+    def body_limit(path: str) -> int:
+        if "/upload/" in path:
+            return max_upload_bytes + files.FORM_OVERHEAD
+        if "/userdata/" in path:
+            return MAX_USERDATA_BYTES
+        return limits.max_body_bytes
+
+    app.add_middleware(SecurityMiddleware, auth_token=auth_token, loopback=loopback, allow_hosts=allow_hosts,
+                       cors_origin=cors_origin, body_limit=body_limit, throttle=FailureThrottle())
     input_error_handler(app)
 
     r = APIRouter()
@@ -122,34 +150,36 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/prompt")
     async def post_prompt(request: Request) -> JSONResponse:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error("invalid_json", "Request body is not valid JSON", str(e))
-        if not isinstance(body, dict) or "prompt" not in body:
+        data = await read_json(request)
+        if not isinstance(data, dict) or "prompt" not in data:
             return _error("no_prompt", "No prompt provided", "No prompt provided")
-        try:
-            prompt = parse_prompt(body["prompt"])
-            number = queue.next_number(front=bool(body.get("front")), number=body.get("number"))  # ComfyUI: truthy
-        except InputError as e:
-            return _error("invalid_prompt", "Invalid prompt", str(e))
-        extra_data = body.get("extra_data") or {}
-        if not isinstance(extra_data, dict):
-            return _error("invalid_prompt", "Invalid prompt", "extra_data must be an object")
-        extra_data = dict(extra_data)
-        if body.get("client_id") is not None:
-            extra_data["client_id"] = str(body["client_id"])
+        if isinstance(data["prompt"], dict):
+            check_prompt_size(data["prompt"], limits)
+        body = validate_model(PromptRequest, data)
+        number = queue.next_number(front=bool(body.front), number=body.number)  # ComfyUI: truthy
+        prompt = parse_prompt(data["prompt"])
+        extra_data = dict(body.extra_data or {})
+        if body.client_id is not None:
+            extra_data["client_id"] = body.client_id
         extra_data["create_time"] = _now_ms()
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-        partial = body.get("partial_execution_targets")
-        ok, error, outputs, node_errors = validate_prompt(prompt, executor.classes, folders, partial)
+        prompt_id = body.prompt_id or str(uuid.uuid4())
+        if prompt_id in queue.history(prompt_id) or prompt_id in queue.running_ids() \
+                or any(item[1] == prompt_id for item in queue.pending()):
+            return _error("duplicate_prompt_id", "prompt_id is already in use",
+                          f"a prompt with id {prompt_id} is queued, running or in the history; omit prompt_id "
+                          "to let the server make one", prompt_id=prompt_id)
+        ok, error, outputs, node_errors = validate_prompt(prompt, executor.classes, folders,
+                                                          body.partial_execution_targets, limits.max_text_chars)
         if not ok:
             return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
+        check_prompt_work(prompt, limits)
+        # the answer is rendered before the prompt is queued: a failure here queues nothing
+        response = JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
         try:
             queue.put([number, prompt_id, prompt, extra_data, outputs])
         except QueueFullError as e:
             return _error("queue_full", "Queue is full", str(e), status=429, max_queue=queue.max_queue)
-        return JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+        return response
 
     # ---- queue, history, interrupt, free ----------------------------------------------------
     @r.get("/queue")
@@ -159,7 +189,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
-        return _clear_or_delete(await _json_body(request), queue.wipe_queue, queue.delete_queue_item)
+        return _clear_or_delete(await read_model(request, ClearOrDelete, {}), queue.wipe_queue,
+                                queue.delete_queue_item)
 
     @r.get("/history")
     async def get_history(max_items: int | None = None, offset: int = -1) -> dict:
@@ -171,21 +202,24 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/history")
     async def post_history(request: Request) -> Response:
-        return _clear_or_delete(await _json_body(request), queue.wipe_history, queue.delete_history_item)
+        return _clear_or_delete(await read_model(request, ClearOrDelete, {}), queue.wipe_history,
+                                queue.delete_history_item)
 
     @r.post("/interrupt")
     async def interrupt(request: Request) -> Response:
         try:
-            body = await _json_body(request)
-        except InputError:  # ComfyUI: a body that is not JSON interrupts whatever runs
-            body = {}
-        worker.interrupt(body.get("prompt_id"))
+            body = await read_model(request, InterruptRequest, {})
+        except RequestError as e:
+            if e.status == 415:
+                raise
+            body = InterruptRequest()  # ComfyUI: a body that is not JSON interrupts whatever runs
+        worker.interrupt(body.prompt_id)
         return Response(status_code=200)
 
     @r.post("/free")
     async def free(request: Request) -> Response:
-        body = await _json_body(request)
-        worker.request_free(bool(body.get("unload_models")), bool(body.get("free_memory")))
+        body = await read_model(request, FreeRequest, {})
+        worker.request_free(body.unload_models, body.free_memory)
         return Response(status_code=200)
 
     # ---- nodes and system -------------------------------------------------------------------
@@ -200,7 +234,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.get("/system_stats")
     async def system_stats() -> dict:
-        return system_info(executor.device)
+        return system_info(executor.device, redactor)
 
     @r.get("/sd35fp8/worker")
     async def worker_stats() -> dict:
@@ -238,7 +272,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
             return JSONResponse({"error": f"unknown model folder {kind!r}"}, status_code=404)
         return [{"name": n, "pathIndex": 0} for n in folders.get_filename_list(kind)]
 
-    files.add_routes(r, folders, max_upload_bytes)
+    files.add_routes(r, folders, max_upload_bytes, max_upload_pixels)
     r.include_router(jobs_routes(queue))
     r.include_router(frontend_routes(store))
     app.include_router(r)
@@ -247,19 +281,6 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     if serve_frontend:
         mount_frontend(app)
     return app
-
-
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise InputError(f"request body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise InputError("request body must be a JSON object")
-    return body
 
 
 def _now_ms() -> int:
@@ -281,8 +302,8 @@ def _ram() -> tuple[int, int]:
         return 0, 0
 
 
-def system_info(device: torch.device) -> dict:
-    """GET /system_stats: ComfyUI's {system, devices} shape."""
+def system_info(device: torch.device, redactor: Redactor | None = None) -> dict:
+    """GET /system_stats: ComfyUI's {system, devices} shape; argv with the auth token masked."""
     ram_total, ram_free = _ram()
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -298,7 +319,7 @@ def system_info(device: torch.device) -> dict:
         "system": {
             "os": sys.platform, "python_version": sys.version, "embedded_python": False,
             "comfyui_version": f"sd35fp8-{SERVER_VERSION}", "pytorch_version": torch.__version__,
-            "required_frontend_version": frontend_version() or "", "argv": sys.argv, "ram_total": ram_total,
+            "required_frontend_version": frontend_version() or "", "argv": (redactor or Redactor()).argv(sys.argv), "ram_total": ram_total,
             "ram_free": ram_free, "platform": platform.platform(),
         },
         "devices": [{"name": name, "type": dev.type, "index": index, "vram_total": vram[0], "vram_free": vram[1],
@@ -307,9 +328,19 @@ def system_info(device: torch.device) -> dict:
 
 
 def input_error_handler(app: FastAPI) -> None:
-    """Answer InputError raised inside a route with a 400 in ComfyUI's error shape."""
+    """Bad input raised inside a route, or query/path parameters FastAPI could not convert, are
+    answered in ComfyUI's error shape (400, or the RequestError's own status), never a 500."""
 
     @app.exception_handler(InputError)
     async def _handle(request: Request, exc: InputError) -> JSONResponse:
         return _error("invalid_request", "Invalid request", str(exc))
+
+    @app.exception_handler(RequestError)
+    async def _handle_request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _handle_params(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+        return _error("invalid_request", "Invalid request", problems)
 

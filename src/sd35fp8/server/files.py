@@ -1,18 +1,26 @@
 """GET /view and POST /upload/image: files in output/, input/, temp/, never outside them.
 
 /view?filename&subfolder&type: type is output (default), input or temp; a filename with a
-separator or '..', or a subfolder that resolves (symlinks included) outside its folder, is refused.
+separator or '..', a name or path longer than the file system allows, or a subfolder that resolves
+(symlinks included) outside its folder, is refused. The content type comes from the file's actual
+format, never its name: a PNG, JPEG, WebP, GIF or BMP is served inline as that image type; anything
+else (a polyglot named .html, a .latent, ...) as application/octet-stream attachment. Every answer
+carries `X-Content-Type-Options: nosniff` and a CSP that runs nothing (`default-src 'none'; sandbox`).
 /upload/image (multipart: image, overwrite, type, subfolder): the body is read with a size bound,
-the file must decode as an image, and an existing name gets ' (1)' ... unless overwrite is set
-(an identical existing file is reused, as ComfyUI does). Returns {name, subfolder, type}.
+the image header must declare at most `max_pixels` pixels (no decompression bomb) and the file must
+verify as an image; an existing name gets ' (1)' ... unless overwrite is set (an identical existing
+file is reused, as ComfyUI does). The file is written to a temporary name and renamed, so a full
+disk (507) or an unwritable folder (500, with the reason) leaves no partial file. Returns
+{name, subfolder, type}.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
-import mimetypes
 import os
+import tempfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -21,7 +29,15 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request as StarletteRequest
 
 from sd35fp8.workflow.folders import FOLDER_TYPES, ModelFolders, split_annotation
-_FORM_OVERHEAD = 64 * 1024  # multipart headers and the small fields next to the image
+
+NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, apfs, ntfs)
+PATH_MAX = 4096
+DEFAULT_MAX_UPLOAD_PIXELS = 8192 * 8192
+IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
+               "BMP": "image/bmp"}  # formats a browser shows as an image, never as a document
+VIEW_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox",
+                "Cross-Origin-Resource-Policy": "same-origin"}
+FORM_OVERHEAD = 64 * 1024  # multipart headers and the small fields next to the image
 
 
 def _fail(status: int, message: str) -> JSONResponse:
@@ -33,20 +49,32 @@ def resolve_inside(root: Path, subfolder: str, filename: str | None = None) -> P
     """root/subfolder[/filename] with symlinks resolved, or None when it leaves root."""
     root = root.resolve()
     parts = [p for p in subfolder.replace("\\", "/").split("/") if p not in ("", ".")]
-    if os.path.isabs(subfolder) or ".." in parts:
+    if os.path.isabs(subfolder) or ".." in parts or not all(_fits(p) for p in parts):
         return None
     path = root.joinpath(*parts)
     if filename is not None:
         path = path / filename
-    path = path.resolve()
+    if len(os.fsencode(str(path))) > PATH_MAX:
+        return None
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError):  # ENAMETOOLONG, ELOOP, a symlink loop
+        return None
     if os.path.commonpath((str(root), str(path))) != str(root):
         return None
     return path
 
 
+def _fits(component: str) -> bool:
+    try:
+        return len(component.encode("utf-8")) <= NAME_MAX and "\0" not in component
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+
+
 def valid_filename(name: str) -> bool:
     return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") \
-        and ".." not in name and "\0" not in name and not os.path.isabs(name)
+        and ".." not in name and _fits(name) and not os.path.isabs(name)
 
 
 async def read_bounded(request: Request, limit: int) -> bytes | None:
@@ -63,26 +91,29 @@ async def read_bounded(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int) -> None:
+def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int,
+               max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS) -> None:
     @r.get("/view")
     async def view(filename: str = "", subfolder: str = "", type: str = "output") -> Response:  # noqa: A002
         filename, type = split_annotation(filename, type)  # ComfyUI: 'x.png [input]' names its folder
         if not valid_filename(filename):
-            return _fail(400, f"invalid filename {filename!r}")
+            return _fail(400, f"invalid filename {filename[:300]!r}")
         root = folders.folder_of(type)
         if root is None:
-            return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {type!r}")
+            return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {type[:100]!r}")
         path = resolve_inside(root, subfolder, filename)
         if path is None:
             return _fail(403, "path is outside the allowed folder")
         if not path.is_file():
             return _fail(404, f"file not found: {filename!r} in {type}/{subfolder}".rstrip("/"))
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Content-Disposition": f'filename="{path.name}"'})
+        media = image_type(path)
+        disposition = "inline" if media else "attachment"
+        return FileResponse(path, media_type=media or "application/octet-stream", filename=path.name,
+                            content_disposition_type=disposition, headers=dict(VIEW_HEADERS))
 
     @r.post("/upload/image")
     async def upload_image(request: Request) -> JSONResponse:
-        body = await read_bounded(request, max_upload_bytes + _FORM_OVERHEAD)
+        body = await read_bounded(request, max_upload_bytes + FORM_OVERHEAD)
         if body is None:
             return _fail(413, f"upload larger than the limit of {max_upload_bytes} bytes")
 
@@ -101,46 +132,87 @@ def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int) -> No
         overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
         name = image.filename or ""
         if not valid_filename(name):
-            return _fail(400, f"invalid filename {name!r}")
+            return _fail(400, f"invalid filename {name[:300]!r} (no separators or '..', at most {NAME_MAX} bytes)")
         root = folders.folder_of(folder_type)
         if root is None:
-            return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {folder_type!r}")
+            return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {folder_type[:100]!r}")
         target_dir = resolve_inside(root, subfolder)
-        if target_dir is None:
-            return _fail(403, "subfolder is outside the allowed folder")
-        error = _image_error(data)
+        if target_dir is None or resolve_inside(root, subfolder, name) is None:
+            return _fail(403, "subfolder is outside the allowed folder or too long")
+        error = image_error(data, max_upload_pixels)
         if error:
             return _fail(400, f"{name!r} is not a readable image: {error}")
-        target_dir.mkdir(parents=True, exist_ok=True)
-        final = _free_name(target_dir, name, data, overwrite)
-        if not final.exists():
-            final.write_bytes(data)
+        try:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            final = _free_name(target_dir, name, data, overwrite)
+            if not final.exists():
+                write_atomic(final, data)
+        except OSError as e:
+            return _disk_error(e, f"{folder_type}/{subfolder}".rstrip("/"))
         return JSONResponse({"name": final.name, "subfolder": subfolder, "type": folder_type})
 
 
-def _image_error(data: bytes) -> str | None:
+def image_type(path: Path) -> str | None:
+    """The browser image type of the file's actual content (its name is not trusted), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:  # reads the header only
+            return IMAGE_TYPES.get(img.format or "")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def image_error(data: bytes, max_pixels: int) -> str | None:
+    """Why `data` is not an acceptable image (None = it is): unreadable, or more than max_pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                return f"{w}x{h} is {w * h} pixels; the limit is {max_pixels}"
             img.verify()
+    except Image.DecompressionBombError as e:
+        return str(e)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return str(e) or type(e).__name__
     return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: a failure leaves nothing behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _disk_error(e: OSError, where: str) -> JSONResponse:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _fail(507, f"no space left to store the upload in {where}: {e.strerror}")
+    if e.errno == errno.ENAMETOOLONG:
+        return _fail(400, f"file name too long for the file system in {where}")
+    return _fail(500, f"cannot write the upload to {where}: {e.strerror or e}")
 
 
 def _free_name(folder: Path, name: str, data: bytes, overwrite: bool) -> Path:
     """ComfyUI: overwrite, reuse an identical file, or pick 'name (i).ext'."""
     path = folder / name
     if overwrite or not path.exists():
-        if overwrite and path.exists():
-            path.unlink()
-        return path
+        return path  # write_atomic replaces an existing file in one step
     digest = hashlib.sha256(data).digest()
     stem, ext = os.path.splitext(name)
     i = 1
     while path.exists():
-        if hashlib.sha256(path.read_bytes()).digest() == digest:
+        if path.is_file() and hashlib.sha256(path.read_bytes()).digest() == digest:
             return path
         path = folder / f"{stem} ({i}){ext}"
         i += 1

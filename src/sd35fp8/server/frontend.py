@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from sd35fp8.errors import InputError
+from sd35fp8.server.validation import RequestError, read_json
 from sd35fp8.workflow.folders import safe_relative_name
 
 MISSING_UI_PAGE = """<!doctype html><html><head><title>sd35fp8</title></head><body>
@@ -160,9 +161,9 @@ def frontend_routes(store: UserStore) -> APIRouter:
 
     @r.post("/settings")
     async def post_settings(request: Request) -> Response:
-        body = await request.json()
+        body = await read_json(request)
         if not isinstance(body, dict):
-            raise HTTPException(400, "settings must be a JSON object")
+            raise RequestError(400, "invalid_request", "settings must be a JSON object")
         store.save_settings({**store.settings(), **body})
         return Response(status_code=200)
 
@@ -173,7 +174,7 @@ def frontend_routes(store: UserStore) -> APIRouter:
     @r.post("/settings/{setting_id}")
     async def post_setting(setting_id: str, request: Request) -> Response:
         settings = store.settings()
-        settings[setting_id] = await request.json()
+        settings[setting_id] = await read_json(request)
         store.save_settings(settings)
         return Response(status_code=200)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from sd35fp8.server.validation import LogsSubscribe, read_model
 from sd35fp8.workflow import ModelFolders
 
 LOGGERS = ("sd35fp8", "uvicorn")
@@ -98,13 +99,8 @@ def internal_routes(folders: ModelFolders, logs: LogBuffer) -> APIRouter:
 
     @r.patch("/logs/subscribe")
     async def subscribe_logs(request: Request) -> Response:
-        try:
-            body = await request.json()
-            client_id, enabled = str(body["clientId"]), bool(body["enabled"])
-        except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": 'expected a JSON body {"clientId": ..., "enabled": true|false}'},
-                                status_code=400)
-        logs.subscribe(client_id, enabled)
+        body = await read_model(request, LogsSubscribe)  # 400: expected {"clientId": ..., "enabled": bool}
+        logs.subscribe(body.clientId, body.enabled)
         return Response(status_code=200)
 
     @r.get("/folder_paths")

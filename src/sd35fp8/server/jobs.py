@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from sd35fp8.server.queue import PromptQueue
+from sd35fp8.server.validation import CancelJobs, read_model
 
 STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 PREVIEWABLE = ("images", "video", "audio", "3d")
@@ -95,9 +96,9 @@ def jobs_routes(queue: PromptQueue) -> APIRouter:
 
     @r.post("/jobs/cancel")
     async def cancel_jobs(request: Request) -> Response:
-        body = await request.json()
-        for job_id in body.get("job_ids", []) if isinstance(body, dict) else []:
-            _cancel(request, str(job_id))
+        body = await read_model(request, CancelJobs)
+        for job_id in body.job_ids:
+            _cancel(request, job_id)
         return Response(status_code=200)
 
     @r.post("/jobs/{job_id}/cancel")

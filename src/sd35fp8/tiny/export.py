@@ -133,7 +133,7 @@ def write_fp8_mmdit(all_in_one: str | Path, out: str | Path) -> Path:
 
     from safetensors import safe_open
 
-    from ..fp8.export import export
+    from ..checkpoints.export import export
 
     all_in_one, out = Path(all_in_one), Path(out)
     state = read_component(all_in_one, "mmdit")

@@ -5,12 +5,18 @@
   node_errors = {node_id: {"errors": [...], "dependent_outputs": [...], "class_type": ...}}
 Literal inputs are coerced in place (INT/FLOAT/STRING/BOOLEAN), as ComfyUI does, so the executor
 receives typed values. Model file names are checked against the folder listing (value_not_in_list).
+Every literal is checked against its node definition's declared range (value_smaller_than_min /
+value_bigger_than_max) and a FLOAT or INT must be finite (value_not_finite: NaN and +-inf, given as
+numbers or as strings, never reach a node); a STRING may be bounded in length (value_too_long,
+`max_text_chars`). Inputs a node checks itself (VALIDATE_INPUTS) skip the range check, as in
+ComfyUI, but not the finiteness check.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -43,10 +49,11 @@ def _error(type_: str, message: str, details: str, **extra: Any) -> dict[str, An
 
 
 class _Validator:
-    def __init__(self, prompt: dict, classes: Mapping[str, type], folders: Any):
+    def __init__(self, prompt: dict, classes: Mapping[str, type], folders: Any, max_text_chars: int | None = None):
         self.prompt = prompt
         self.classes = classes
         self.folders = folders
+        self.max_text_chars = max_text_chars
         self.validated: dict[str, tuple[bool, list, str]] = {}
         self._input_types: dict[str, dict] = {}
 
@@ -142,11 +149,21 @@ class _Validator:
                           exception_message=f"{input_type} must be linked")
         try:
             if input_type == "INT":
+                if isinstance(val, float) and not math.isfinite(val):
+                    return _error("value_not_finite", f"Value {val} is not a finite number", f"{x}",
+                                  input_name=x, input_config=config, received_value=str(val))
+                if isinstance(val, str):  # ComfyUI: int("12"); "1e3" / "nan" are not integers
+                    val = val.strip()
                 if isinstance(val, float) and not val.is_integer():
                     raise ValueError(f"{val} is not an integer")
                 val = int(val)
             elif input_type == "FLOAT":
+                if isinstance(val, bool) or not isinstance(val, (int, float, str)):
+                    raise TypeError(f"expected a number, got {type(val).__name__}")
                 val = float(val)
+                if not math.isfinite(val):
+                    return _error("value_not_finite", f"Value {val} is not a finite number", f"{x}",
+                                  input_name=x, input_config=config, received_value=str(val))
             elif input_type == "STRING":
                 val = str(val)
             elif input_type == "BOOLEAN":
@@ -156,6 +173,10 @@ class _Validator:
             return _error("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
                           f"{x}, {val}, {ex}", input_name=x, input_config=config, received_value=val,
                           exception_message=str(ex))
+        if input_type == "STRING" and self.max_text_chars is not None and len(val) > self.max_text_chars:
+            return _error("value_too_long", f"Text of {len(val)} characters is longer than the server's limit "
+                          f"of {self.max_text_chars}", f"{x}", input_name=x, input_config=config,
+                          received_length=len(val), max_length=self.max_text_chars)
         if custom:  # the node's VALIDATE_INPUTS checks this input
             return None
         if "min" in opts and val < opts["min"]:
@@ -179,8 +200,11 @@ def validate_prompt(
     classes: Mapping[str, type] | None = None,
     folders: Any = None,
     partial_outputs: Iterable[str] | None = None,
+    max_text_chars: int | None = None,
 ) -> tuple[bool, dict | None, list[str], dict[str, dict]]:
-    """ComfyUI validate_prompt: (ok, error, outputs_to_execute, node_errors)."""
+    """ComfyUI validate_prompt: (ok, error, outputs_to_execute, node_errors).
+
+    max_text_chars: the longest STRING literal accepted (None = no bound)."""
     if classes is None:
         from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS as classes  # noqa: N811
     outputs: set[str] = set()
@@ -205,7 +229,7 @@ def validate_prompt(
     if not outputs:
         return (False, _error("prompt_no_outputs", "Prompt has no outputs", ""), [], {})
 
-    v = _Validator(prompt, classes, folders)
+    v = _Validator(prompt, classes, folders, max_text_chars)
     good: list[str] = []
     failed: list[tuple[str, list]] = []
     node_errors: dict[str, dict] = {}

@@ -29,12 +29,17 @@ from torch import nn
 
 from sd35fp8.checkpoints.safetensors_file import DTYPES, SafetensorsFile
 from sd35fp8.checkpoints.sources import FP8_DTYPES, FP8_MARKER, PREFIXES, TEXT_INNER_PREFIX, TensorSource, open_file
+from sd35fp8.checkpoints.fp8_load import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, METADATA_KEY, NATIVE_INPUT_SCALE,
+                                         NATIVE_WEIGHT_SCALE, SCALE_LEAVES)
+from sd35fp8.checkpoints.stream import model_shapes, source_of
 from sd35fp8.errors import CheckpointError, InputError
 from sd35fp8.fp8.calibrate import Recipe
 from sd35fp8.fp8.device import MODES
-from sd35fp8.fp8.fp8_load import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, METADATA_KEY, NATIVE_INPUT_SCALE,
-                                  NATIVE_WEIGHT_SCALE, SCALE_LEAVES, as_source, quantize_weight)
+from sd35fp8.fp8.policy_sd35 import default_policy, default_t5_policy
 from sd35fp8.fp8.quantize import Policy
+from sd35fp8.fp8.scaling import quantize_weight
+from sd35fp8.models.mmdit import MMDiT, MMDiTConfig
+from sd35fp8.text.encoders import build_t5, t5_config_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +115,12 @@ class ExportReport:
 def _fp8_layers(component: str, source: TensorSource, policy: Policy | None) -> list[str]:
     """Names of the nn.Linear modules of the component's model (built on meta from shapes) that
     `policy` turns FP8; None: the shipped policy of the component (the T5 one fits its depth)."""
-    from sd35fp8.checkpoints.load import model_shapes
-    from sd35fp8.fp8.policy_sd35 import default_policy, default_t5_policy
-
     shapes = {k: v for k, v in model_shapes(source).items() if k.rpartition(".")[2] not in SCALE_LEAVES}
     if component == "mmdit":
-        from sd35fp8.models.mmdit import MMDiT, MMDiTConfig
-
         with torch.device("meta"):
             model: nn.Module = MMDiT(MMDiTConfig.from_state_dict(shapes, source.name))
         policy = policy or default_policy()
     elif component == "t5xxl":
-        from sd35fp8.text.encoders import build_t5, t5_config_from_state_dict
-
         model = build_t5(t5_config_from_state_dict(shapes))
         policy = policy or default_t5_policy(model.config.num_layers)
     else:
@@ -250,7 +248,7 @@ def export(path_in: str | Path, path_out: str | Path, fmt: str = "comfy", recipe
     else:
         if t5:
             raise InputError(f"--t5 with a folder/repo ({path_in}): give the T5 file itself to quantise it")
-        src = as_source(path_in, "mmdit")
+        src = source_of(path_in, "mmdit")
         plans.append(_ComponentPlan("mmdit", src, "", fmt, True, policy, rec, mode))
     entries = [e for p in plans for e in p.entries]
     produce = {k: fn for p in plans for k, fn in p.produce.items()}

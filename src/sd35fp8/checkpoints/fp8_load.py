@@ -6,10 +6,10 @@ Formats read (told apart by keys, see `fp8_format`):
     "plain"         float8 Linear weights, scale 1 (ComfyUI `*_fp8_e4m3fn.safetensors`).
     "comfy_scaled"  ComfyUI scaled fp8: marker `scaled_fp8`, scalar fp32 `<layer>.scale_weight`,
                     optional `<layer>.scale_input`.
-    "native"        ours (fp8/export.py): `<layer>.weight_scale` [N,1] fp32 + `<layer>.input_scale`.
+    "native"        ours (checkpoints/export.py): `<layer>.weight_scale` [N,1] fp32 + `<layer>.input_scale`.
 Stored float8 weights are copied to the device as float8: no round trip through bf16 memory.
 
-Why not checkpoints.load.load_into: it casts every floating tensor to the compute dtype (fp32
+Why not checkpoints.stream.load_into: it casts every floating tensor to the compute dtype (fp32
 scales would become bf16) and refuses float8 targets with a `.scale_weight`. `stream_into` below
 is the minimal loop that keeps fp8 weights and fp32 scales; it checks keys the same way
 (missing / unexpected / shape, all named before reading anything).
@@ -24,58 +24,26 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from transformers.models.t5 import modeling_t5 as t5
 
-from sd35fp8.checkpoints.sources import FP8_DTYPES, FP8_MARKER, Components, TensorSource, open_components
+from sd35fp8.checkpoints.sources import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, FP8_DTYPES, FP8_MARKER, METADATA_KEY,
+                                         NATIVE_INPUT_SCALE, NATIVE_WEIGHT_SCALE, SCALE_LEAVES, Components,
+                                         TensorSource, fp8_format)
+from sd35fp8.checkpoints.stream import load_into, model_shapes, source_of
 from sd35fp8.errors import CheckpointError, InputError
+from sd35fp8.fp8.calibrate import Recipe
 from sd35fp8.fp8.device import MODES, choose_mode
 from sd35fp8.fp8.linear import FP8Linear
+from sd35fp8.fp8.policy_sd35 import default_policy, default_t5_policy
 from sd35fp8.fp8.quantize import Policy, model_weight_bytes
-from sd35fp8.fp8.scaling import FP8_DTYPE, amax_to_scale, to_fp8_saturated
+from sd35fp8.fp8.scaling import FP8_DTYPE, amax_to_scale, quantize_weight, to_fp8_saturated
+from sd35fp8.models.mmdit import MMDiT, MMDiTConfig
+from sd35fp8.text.encoders import build_t5, plan_text_encoder_keys, t5_config_from_state_dict
 
 log = logging.getLogger(__name__)
 
-COMFY_WEIGHT_SCALE, COMFY_INPUT_SCALE = "scale_weight", "scale_input"
-NATIVE_WEIGHT_SCALE, NATIVE_INPUT_SCALE = "weight_scale", "input_scale"
-SCALE_LEAVES = (COMFY_WEIGHT_SCALE, COMFY_INPUT_SCALE, NATIVE_WEIGHT_SCALE, NATIVE_INPUT_SCALE)
-METADATA_KEY = "sd35fp8.fp8"
 LOAD_MODES = (None, "none") + MODES
-IGNORED = {"logit_scale", "text_model.embeddings.position_ids"}  # same as checkpoints.load.IGNORED_KEYS
-
-
-# ---- format helpers ---------------------------------------------------------------------------------
-def fp8_format(source: TensorSource) -> str:
-    """"none" | "plain" | "comfy_scaled" | "native" from the keys and dtypes of one component."""
-    keys = source.keys()
-    if any(k.endswith("." + NATIVE_WEIGHT_SCALE) for k in keys):
-        return "native"
-    if FP8_MARKER in keys or any(k.endswith("." + COMFY_WEIGHT_SCALE) for k in keys):
-        return "comfy_scaled"
-    if any(source.dtype(k) in FP8_DTYPES for k in keys):
-        return "plain"
-    return "none"
-
-
-@torch.no_grad()
-def quantize_weight(w: torch.Tensor, granularity: str = "channel", clip: float | torch.Tensor = 1.0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (q fp8 [N, K], scale [N, 1] or []) with amax clipped by `clip` (<= 1: saturates outliers)."""
-    w32 = w.to(torch.float32)
-    amax = w32.abs().amax(dim=-1, keepdim=True) if granularity == "channel" else w32.abs().amax()
-    clip_t = torch.as_tensor(clip, dtype=torch.float32, device=w32.device)
-    if granularity == "tensor" and clip_t.ndim:
-        raise InputError("quantize_weight: a per-channel clip needs granularity 'channel'")
-    scale = amax_to_scale(amax * clip_t.reshape(-1, 1) if clip_t.ndim else amax * clip_t)
-    return to_fp8_saturated(w32, scale), scale
-
-
-def as_source(obj: str | Path | Components | TensorSource, component: str) -> TensorSource:
-    """A component's TensorSource from a path, repo id, Components or TensorSource."""
-    if isinstance(obj, TensorSource):
-        if obj.component != component:
-            raise CheckpointError(f"{obj.name} is a {obj.component} source, expected {component}")
-        return obj
-    comps = obj if isinstance(obj, Components) else open_components(obj)
-    return comps.require(component)
+IGNORED = {"logit_scale", "text_model.embeddings.position_ids"}  # as in checkpoints.stream.IGNORED_KEYS
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -302,8 +270,6 @@ def _check_mode(mode: str | None) -> None:
 def _recipe_parts(recipe) -> tuple[Mapping[str, float] | None, Mapping[str, object] | None, Policy | None]:
     if recipe is None:
         return None, None, None
-    from sd35fp8.fp8.calibrate import Recipe
-
     r = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     return r.input_scales, r.weight_clip, r.policy
 
@@ -320,13 +286,9 @@ def load_mmdit_fp8(source: str | Path | Components | TensorSource, device: str |
     `model.fp8_report`). `recipe`: a calibration recipe (path, dict or Recipe) for static input scales
     and weight clipping.
     """
-    from sd35fp8.checkpoints.load import load_into, model_shapes
-    from sd35fp8.fp8.policy_sd35 import default_policy
-    from sd35fp8.models.mmdit import MMDiT, MMDiTConfig
-
     _check_mode(mode)
     device = torch.device(device)
-    src = as_source(source, "mmdit")
+    src = source_of(source, "mmdit")
     fmt = fp8_format(src)
     config = MMDiTConfig.from_state_dict({k: v for k, v in model_shapes(src).items()
                                           if k.rpartition(".")[2] not in SCALE_LEAVES}, src.name)
@@ -363,8 +325,6 @@ def patch_t5_for_fp8(model: nn.Module) -> nn.Module:
     """Drop transformers' `hidden.to(wo.weight.dtype)` in T5's feed-forward (T5DenseGatedActDense /
     T5DenseActDense): with an FP8Linear `wo` it would cast activations to unscaled float8. Same math
     otherwise; harmless for nn.Linear. Needed by any FP8 pass over a T5 (also quantize_model)."""
-    from transformers.models.t5 import modeling_t5 as t5
-
     for base, fix in ((t5.T5DenseGatedActDense, _NoCastGatedFF), (t5.T5DenseActDense, _NoCastFF)):
         patched = type("FP8" + base.__name__, (fix, base), {})
         for mod in model.modules():
@@ -386,20 +346,15 @@ def load_t5_fp8(source: str | Path | Components | TensorSource, device: str | to
     `default_t5_policy`) keeps the measured least robust Linears 16-bit; every other Linear becomes
     FP8 (embedding, norms and the relative attention bias stay in `dtype`).
     """
-    from sd35fp8.checkpoints.load import model_shapes
-    from sd35fp8.text.encoders import build_t5, plan_text_encoder_keys, t5_config_from_state_dict
-
     _check_mode(mode)
     device = torch.device(device)
-    src = as_source(source, "t5xxl")
+    src = source_of(source, "t5xxl")
     fmt = fp8_format(src)
     shapes = {k: v for k, v in model_shapes(src).items() if k.rpartition(".")[2] not in SCALE_LEAVES}
     model = build_t5(t5_config_from_state_dict(shapes))
     keys = plan_text_encoder_keys("t5xxl", src.keys(), list(model.state_dict(keep_vars=True)))
     ignore = set(keys.ignored) | IGNORED
     if policy is None:
-        from sd35fp8.fp8.policy_sd35 import default_t5_policy
-
         policy = default_t5_policy(model.config.num_layers)
     plan, kept = _fp8_plan(model, src, fmt, policy, mode not in (None, "none"), keys.source)
     if mode == "none":

@@ -1,8 +1,6 @@
-"""`sd35fp8 calibrate` and `sd35fp8 quantize` (argparse builders + handlers), and the FP8 part of
-`sd35fp8 info`. cli.py wires them in:
-
-    handlers = fp8.commands.add_subcommands(sub)   # {"calibrate": fn(args) -> int, "quantize": ...}
-    info["fp8"] = fp8.commands.describe_fp8_layout(source)
+"""`sd35fp8 calibrate` (static FP8 scales from sampling trajectories -> recipe JSON) and
+`sd35fp8 quantize` (write an FP8 checkpoint). The work is fp8/calibrate.py and checkpoints/export.py;
+they are imported inside the handlers so that `sd35fp8 --help` does not load torch.
 """
 
 from __future__ import annotations
@@ -12,45 +10,11 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from sd35fp8.checkpoints.sources import FP8_DTYPES, FP8_MARKER, TensorSource
-from sd35fp8.cli import _positive_int  # the CLI's own argparse type (cli imports this module lazily)
-from sd35fp8.errors import InputError
-from sd35fp8.fp8.device import MODES
-from sd35fp8.fp8.fp8_load import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE, NATIVE_INPUT_SCALE, NATIVE_WEIGHT_SCALE,
-                                  fp8_format)
+from ..errors import InputError
+from ..fp8.device import MODES
+from .common import positive_int
 
 log = logging.getLogger(__name__)
-
-
-def describe_fp8_layout(source: TensorSource) -> dict:
-    """Which layers are fp8, their scale granularity, static input scales (reads those scalars), bytes."""
-    keys = source.keys()
-    present = set(keys)
-    fp8 = [k for k in keys if source.dtype(k) in FP8_DTYPES and k != FP8_MARKER]
-    gran = {"tensor": 0, "channel": 0, "none (scale 1)": 0}
-    static = 0
-    for k in fp8:
-        base = k[: -len(".weight")] if k.endswith(".weight") else k
-        sk = next((f"{base}.{s}" for s in (COMFY_WEIGHT_SCALE, NATIVE_WEIGHT_SCALE) if f"{base}.{s}" in present), None)
-        if sk is None:
-            gran["none (scale 1)"] += 1
-        else:
-            gran["tensor" if source.shape(sk) in ((), (1,)) else "channel"] += 1
-        ik = next((f"{base}.{s}" for s in (COMFY_INPUT_SCALE, NATIVE_INPUT_SCALE) if f"{base}.{s}" in present), None)
-        # a scalar read per layer; 1.0 is ComfyUI's placeholder, not a calibrated scale (convert_old_quants)
-        static += ik is not None and float(source.get(ik, "cpu").float().reshape(-1)[0]) != 1.0
-    total = sum(source.nbytes(k) for k in keys)
-    fp8_bytes = sum(source.nbytes(k) for k in fp8)
-    return {
-        "format": fp8_format(source),
-        "marker_dtype": str(source.dtype(FP8_MARKER)).replace("torch.", "") if FP8_MARKER in present else None,
-        "fp8_tensors": len(fp8),
-        "fp8_layers": [k[: -len(".weight")] for k in fp8 if k.endswith(".weight")],
-        "scale_granularity": {g: n for g, n in gran.items() if n},
-        "static_input_scales": static,
-        "bytes_total": total,
-        "bytes_fp8": fp8_bytes,
-    }
 
 
 # ---- calibrate -----------------------------------------------------------------------------------------
@@ -63,11 +27,11 @@ def _add_calibrate(sub) -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file, folder or cached repo id (16-bit or fp8; fp8 is dequantised)")
     p.add_argument("--out", required=True, help="recipe JSON to write")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default: 32 built-in prompts)")
-    p.add_argument("--num-prompts", type=_positive_int, default=None, help="use only the first N prompts")
-    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: per model)")
-    p.add_argument("--size", type=_positive_int, default=None,
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="use only the first N prompts")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: per model)")
+    p.add_argument("--size", type=positive_int, default=None,
                    help="image side in pixels, a multiple of 16 (default: per model)")
-    p.add_argument("--calls", type=_positive_int, default=32, help="model calls kept for scoring and tuning (default 32)")
+    p.add_argument("--calls", type=positive_int, default=32, help="model calls kept for scoring and tuning (default 32)")
     p.add_argument("--budget-db", type=float, default=None,
                    help="keep the least robust layers 16-bit until the predicted output SQNR reaches this")
     p.add_argument("--no-tune", action="store_true", help="skip the per-layer weight clipping search")
@@ -81,10 +45,10 @@ def _add_calibrate(sub) -> argparse.ArgumentParser:
 def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from sd35fp8.fp8.calibrate import PROMPTS, calibrate, record_trajectories
-    from sd35fp8.fp8.fp8_load import load_mmdit_fp8
-    from sd35fp8.fp8.linear import FP8Linear
-    from sd35fp8.pipeline import SD35Pipeline, dtype_from_name, resolve_device
+    from ..checkpoints.fp8_load import load_mmdit_fp8
+    from ..fp8.calibrate import PROMPTS, calibrate, record_trajectories
+    from ..fp8.linear import FP8Linear
+    from ..pipeline import SD35Pipeline, dtype_from_name, resolve_device
 
     if args.size is not None and args.size % 16:
         raise InputError(f"--size must be a multiple of 16, got {args.size}")
@@ -144,7 +108,7 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from sd35fp8.fp8.export import export
+    from ..checkpoints.export import export
 
     if Path(args.output).exists():
         raise InputError(f"{args.output} exists; remove it first")
@@ -159,20 +123,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add `calibrate` and `quantize` to an argparse subparsers object -> {name: handler(args) -> exit code}."""
+def add_parsers(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add `calibrate` and `quantize` -> {name: handler(args) -> exit code}."""
     _add_calibrate(subparsers)
     _add_quantize(subparsers)
     return {"calibrate": run_calibrate, "quantize": run_quantize}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (for tests before cli.py wires these in)."""
-    parser = argparse.ArgumentParser(prog="sd35fp8-fp8")
-    handlers = add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return handlers[args.command](args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,425 @@
+"""Hostile-input fuzz of the ComfyUI server, and /history at 10 000 entries.
+
+Part 1 starts `sd35fp8 serve` as a child process on 127.0.0.1 with the SHIPPED model (a ComfyUI
+models folder from tests/comfy_models.py, the seed all-in-one FP8 workflow at 128x128), warms it up
+with one prompt, then sends --count generated hostile requests (seeded, so a run can be repeated):
+malformed and deeply nested JSON, NaN/Infinity, mistyped fields, mutated workflows (hostile literal
+values, broken links, cycles, huge texts and sizes), oversized bodies, every JSON route with garbage,
+garbage query parameters, /view traversal and over-long names, upload bombs and polyglots, hostile
+Origin / Host / Sec-Fetch-Site / Content-Type headers, hostile WebSocket handshakes and messages.
+It counts answers by status, 500s, hangs (no answer within --timeout), and whether the server died,
+and samples the server's RSS (/proc) every 20 ms: idle RSS after warm-up, the peak during each
+request, and the peak over the run (accepted prompts run meanwhile).
+
+Part 2 builds an app in this process (test_server's fake executor, no model) whose history holds
+10 000 entries shaped like the seed workflow's, serves it with uvicorn on 127.0.0.1 and times
+/history, /history?max_items=100, /history/{id}, /jobs?limit=100 and /queue (median of 20).
+
+    python benchmarks/fuzz.py                  # writes benchmarks/results/fuzz_cpu.json
+    python benchmarks/fuzz.py --count 50 --out /tmp/fuzz.json
+Stops by itself: at most --count requests and --max-seconds of fuzzing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import io
+import json
+import os
+import platform
+import random
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
+
+SIZE, STEPS = 128, 2
+
+
+# ---- the server under test ----------------------------------------------------------------------
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class Sampler(threading.Thread):
+    """RSS of `pid` every 20 ms; `window()` gives the peak since the last call."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.window_peak = pid, 0, 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                now = rss_kb(self.pid)
+            except OSError:
+                return
+            self.peak, self.window_peak = max(self.peak, now), max(self.window_peak, now)
+            time.sleep(0.02)
+
+    def window(self) -> int:
+        peak, self.window_peak = self.window_peak, 0
+        return peak
+
+
+def start_server(models: Path, out: Path, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sd35fp8.cli", "serve", "--models", str(models), "--output", str(out),
+           "--device", "cpu", "--port", str(port), "--max-queue", "20", "--max-batch", "1",
+           "--max-pixel-steps", str(SIZE * SIZE * 4 * 20), "--max-upload-mb", "4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def wait_up(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/queue", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def wait_idle(url: str, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        q = requests.get(f"{url}/queue", timeout=5).json()
+        if not q["queue_running"] and not q["queue_pending"]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# ---- hostile requests ----------------------------------------------------------------------------
+def seed_prompt() -> dict:
+    from comfy_models import WORKFLOWS
+
+    p = json.loads((WORKFLOWS / "seed-fp8-allinone.json").read_text())
+    for node in p.values():
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            node["inputs"].update(width=SIZE, height=SIZE)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = STEPS
+    return p
+
+
+HOSTILE_VALUES = [float("nan"), float("inf"), -1e308, 1e308, 2**70, -2**70, "NaN", "inf", "", "x" * 100_000,
+                  [], [[[[]]]], {"a": {"b": {}}}, None, True, "../../etc/passwd", "\u0000", "\udcff"[:0] + "é" * 50,
+                  ["1", 0], ["999", 0], ["3", 99], ["3", -1], [3, "0"], 0, -1, 16384, 99999999]
+
+
+def png(size: int = 8) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb(w: int = 30000, h: int = 30000) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def dumps(value) -> bytes:
+    return json.dumps(value, allow_nan=True).encode()
+
+
+def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
+    """One hostile request of a random kind: {kind, method, path, body, headers, files?, ws?}."""
+    J = {"Content-Type": "application/json"}
+    kind = rng.choice(["json", "types", "mutate", "mutate", "size", "routes", "query", "view", "upload",
+                       "headers", "ws"])
+    if kind == "json":
+        body = rng.choice([b"{", b"[" * rng.randint(100, 50_000), b'{"prompt": NaN}', b'{"prompt": {}, "number": Infinity}',
+                           b'{"prompt": 1e999}', bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 500))),
+                           b"\xef\xbb\xbf{}", b'{"prompt": {"1": {"class_type": "KSampler"}}}' * 3, b"null", b'"x"'])
+        return [{"kind": kind, "method": "POST", "path": "/prompt", "body": body, "headers": J}]
+    if kind == "types":
+        p = copy.deepcopy(base)
+        field, value = rng.choice([("class_type", ["KSampler"]), ("class_type", {"x": 1}), ("inputs", [1]),
+                                   ("inputs", "x"), ("class_type", 5)])
+        nid = rng.choice(list(p))
+        p[nid][field] = value
+        top = rng.choice([{"prompt": p}, {"prompt": base, "partial_execution_targets": 5},
+                          {"prompt": base, "number": [1]}, {"prompt": base, "extra_data": [1]},
+                          {"prompt": base, "client_id": {"a": 1}}, {"prompt": base, "prompt_id": "x" * 40},
+                          {"prompt": base, "front": {"a": 1}}, {"prompt": [base]}])
+        return [{"kind": kind, "method": "POST", "path": "/prompt", "body": dumps(top), "headers": J}]
+    if kind == "mutate":
+        p = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            nid = rng.choice(list(p))
+            inputs = p[nid]["inputs"]
+            name = rng.choice(list(inputs) + ["extra"])
+            choice = rng.random()
+            if choice < 0.15:
+                inputs[name] = [nid, 0]  # a cycle through itself
+            elif choice < 0.25:
+                inputs.pop(name, None)
+            else:
+                inputs[name] = rng.choice(HOSTILE_VALUES)
+        return [{"kind": kind, "method": "POST", "path": "/prompt", "body": dumps({"prompt": p}), "headers": J}]
+    if kind == "size":
+        p = copy.deepcopy(base)
+        what = rng.choice(["text", "nodes", "pixels", "body", "batch"])
+        if what == "text":
+            node = next(n for n in p.values() if n["class_type"] == "CLIPTextEncode")
+            node["inputs"]["text"] = "a cat " * rng.choice([2_000, 20_000, 200_000])
+        elif what == "nodes":
+            for i in range(rng.choice([2_500, 20_000])):
+                p[f"x{i}"] = {"class_type": "SaveImage", "inputs": {}}
+        elif what in ("pixels", "batch"):
+            lat = next(n for n in p.values() if n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"))
+            lat["inputs"].update(width=16384, height=16384) if what == "pixels" else lat["inputs"].update(batch_size=4096)
+        else:
+            return [{"kind": kind, "method": "POST", "path": "/prompt", "headers": J,
+                     "body": dumps({"prompt": base, "extra_data": {"pad": "x" * 20_000_000}})}]
+        return [{"kind": kind, "method": "POST", "path": "/prompt", "body": dumps({"prompt": p}), "headers": J}]
+    if kind == "routes":
+        path = rng.choice(["/queue", "/history", "/interrupt", "/free", "/jobs/cancel", "/settings",
+                           "/settings/Comfy.X", "/api/queue", "/jobs/x/cancel", "/userdata/a.json",
+                           "/userdata/..%2F..%2Fx.json", "/users"])
+        body = rng.choice([b"", b"{", b"[1,2]", b'{"delete": 5}', b'{"clear": [1]}', b'{"job_ids": 5}',
+                           b'{"unload_models": {"a": 1}}', b"[" * 10_000, b'{"a": NaN}', b"\x00" * 100])
+        method = rng.choice(["POST", "POST", "PUT", "DELETE", "PATCH"])
+        return [{"kind": kind, "method": method, "path": path, "body": body, "headers": J}]
+    if kind == "query":
+        path = rng.choice(["/history?max_items=abc", "/history?offset=-99999999999999999999", "/jobs?limit=x",
+                           "/jobs?status=" + "x," * 1000, "/history/" + "a" * 5000, "/object_info/" + "%00" * 50,
+                           "/models/..%2F..", "/userdata?dir=..%2F..&recurse=true", "/view?filename=",
+                           "/internal/files/../../etc", "/history?max_items=1e309", "/jobs?sort_order=" + "z" * 999])
+        return [{"kind": kind, "method": "GET", "path": path, "body": b"", "headers": {}}]
+    if kind == "view":
+        name = rng.choice(["../secret", "/etc/passwd", "a" * 300 + ".png", "..\\x.png", "x.png\0.png", "x.png [input]",
+                           "%2e%2e%2fx", "\u202e.png"])
+        sub = rng.choice(["", "..", "/tmp", "a/../../..", "b" * 300, "/".join(["c" * 200] * 25)])
+        return [{"kind": kind, "method": "GET", "path": "/view", "params": {"filename": name, "subfolder": sub,
+                 "type": rng.choice(["output", "input", "temp", "models", "../"])}, "body": b"", "headers": {}}]
+    if kind == "upload":
+        data, name = rng.choice([(bomb(), "bomb.png"), (png() + b"<script>alert(1)</script>", "poly.html"),
+                                 (b"GIF89a" + b"\0" * 50, "fake.gif"), (png(), "a" * 300 + ".png"),
+                                 (png(), "../escape.png"), (b"\0" * (5 * 1024 * 1024), "big.png"),
+                                 (bytes(rng.getrandbits(8) for _ in range(2000)), "noise.png")])
+        form = rng.choice([{}, {"subfolder": "../.."}, {"type": "models"}, {"subfolder": "s" * 300},
+                           {"overwrite": "true"}])
+        return [{"kind": kind, "method": "POST", "path": "/upload/image", "files": {"image": (name, data, "image/png")},
+                 "data": form, "headers": {}}]
+    if kind == "headers":
+        h = rng.choice([{"Origin": "http://localhost:3000"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Host": "rebind.evil.example"}, {"Content-Type": "text/plain"}, {"Content-Type": ""},
+                        {"Origin": "http://[::1"}, {"Host": "127.0.0.1:abc"}, {"Cookie": '"\\x; sd35fp8_token=";'},
+                        {"X-Big": "x" * 70_000}, {"Content-Length": "99999999999"}, {"Authorization": "Bearer " + "a" * 9000}])
+        headers = {"Content-Type": "application/json", **h}
+        return [{"kind": kind, "method": "POST", "path": "/prompt", "body": dumps({"prompt": base}), "headers": headers}]
+    ws_headers = rng.choice([{"origin": "http://localhost:3000"}, {"origin": "http://evil.example"},
+                             {"host": "rebind.evil.example"}, {"header": ["Sec-Fetch-Site: cross-site"]},
+                             {"messages": ["{", "[" * 10_000, '{"type": "feature_flags", "data": NaN}', "x" * 100_000]}])
+    return [{"kind": "ws", "ws": ws_headers, "path": "/ws?clientId=" + rng.choice(["a", "x" * 3000, "%00"])}]
+
+
+def send(req: dict, url: str, host: str, timeout: float) -> str:
+    """The answer's status ('101' for an accepted WebSocket), 'hang', or 'closed' (connection dropped)."""
+    if req["kind"] == "ws":
+        import websocket
+
+        opts = dict(req["ws"])
+        messages = opts.pop("messages", None)
+        try:
+            ws = websocket.create_connection(f"ws://{host}{req['path']}", timeout=timeout, **opts)
+        except websocket.WebSocketBadStatusException as e:
+            return str(e.status_code)
+        except websocket.WebSocketTimeoutException:
+            return "hang"
+        except (ConnectionError, OSError, websocket.WebSocketException):
+            return "closed"
+        try:
+            ws.recv()
+            for m in messages or []:
+                ws.send(m)
+            ws.ping()
+            return "101"
+        except websocket.WebSocketTimeoutException:
+            return "hang"
+        except (ConnectionError, OSError, websocket.WebSocketException):
+            return "closed"
+        finally:
+            ws.close()
+    try:
+        r = requests.request(req["method"], url + req["path"], data=req.get("body") if "files" not in req else req["data"],
+                             files=req.get("files"), params=req.get("params"), headers=req["headers"], timeout=timeout)
+        return str(r.status_code)
+    except requests.Timeout:
+        return "hang"
+    except requests.ConnectionError:
+        return "closed"
+
+
+def fuzz(args, work: Path) -> dict:
+    from comfy_models import build_models_folder
+    from live_server import free_port
+
+    models = build_models_folder(work)
+    port = free_port()
+    url, host = f"http://127.0.0.1:{port}", f"127.0.0.1:{port}"
+    proc = start_server(models, work / "out", port, work / "server.log")
+    try:
+        wait_up(url, proc)
+        base = seed_prompt()
+        r = requests.post(f"{url}/prompt", json={"prompt": base}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert wait_idle(url, 300), "warm-up prompt did not finish"
+        warm = requests.get(f"{url}/history/{r.json()['prompt_id']}", timeout=10).json()
+        assert warm[r.json()["prompt_id"]]["status"]["status_str"] == "success", warm
+        time.sleep(1.0)
+        idle = rss_kb(proc.pid)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        rng = random.Random(args.seed)
+        statuses, by_kind, worst, latencies = Counter(), {}, [], []
+        t_end = time.monotonic() + args.max_seconds
+        sent = 0
+        while sent < args.count and time.monotonic() < t_end:
+            for req in generate(rng, base, host):
+                sampler.window()
+                t0 = time.perf_counter()
+                status = send(req, url, host, args.timeout)
+                latencies.append(time.perf_counter() - t0)
+                peak = sampler.window()
+                statuses[status] += 1
+                by_kind.setdefault(req["kind"], Counter())[status] += 1
+                worst.append((peak, req["kind"], req.get("path")))
+                sent += 1
+                if proc.poll() is not None:
+                    break
+            if proc.poll() is not None:
+                break
+            if requests.get(f"{url}/prompt", timeout=10).json()["exec_info"]["queue_remaining"] > 10:
+                wait_idle(url, 60)  # let accepted prompts run rather than fill the queue with 429s
+        drained = proc.poll() is None and wait_idle(url, 300)
+        sampler.stop.set()
+        alive = proc.poll() is None and requests.get(f"{url}/queue", timeout=10).status_code == 200
+        hwm = rss_kb(proc.pid, "VmHWM") if alive else 0
+        worst.sort(reverse=True)
+        return {
+            "requests": sent, "seconds": round(sum(latencies), 2), "by_status": dict(sorted(statuses.items())),
+            "by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
+            "count_500": sum(v for k, v in statuses.items() if k.startswith("5") and k not in ("503", "507")),
+            "hangs": statuses.get("hang", 0), "server_alive": alive, "crashes": 0 if alive else 1,
+            "queue_drained": drained,
+            "rss_idle_mb": round(idle / 1024, 1), "rss_peak_per_request_mb": round(worst[0][0] / 1024, 1),
+            "rss_peak_run_mb": round(sampler.peak / 1024, 1), "rss_hwm_mb": round(hwm / 1024, 1),
+            "peak_over_idle": round(worst[0][0] / idle, 3),
+            "heaviest_requests": [{"rss_mb": round(p / 1024, 1), "kind": k, "path": pth} for p, k, pth in worst[:5]],
+            "latency_ms_p50": round(statistics.median(latencies) * 1000, 1),
+            "latency_ms_max": round(max(latencies) * 1000, 1),
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ---- /history at scale ---------------------------------------------------------------------------
+def history_scale(entries: int, work: Path) -> dict:
+    from live_server import LiveServer
+    from test_server import make_fake_executor
+
+    from sd35fp8.server import create_app
+
+    app = create_app(work / "models", executor=make_fake_executor(work), serve_frontend=False, max_queue=10)
+    queue = app.state.queue
+    base = seed_prompt()
+    t0 = time.perf_counter()
+    for i in range(entries):
+        pid = f"00000000-0000-4000-8000-{i:012d}"
+        queue.put([i, pid, base, {"client_id": "bench", "create_time": 1_700_000_000_000 + i}, ["9"]])
+        task_id, _ = queue.get(timeout=1)
+        ts = 1_700_000_000_000 + i
+        queue.task_done(task_id, {"9": {"images": [{"filename": f"img_{i:05}_.png", "subfolder": "", "type": "output"}]}},
+                        {"status_str": "success", "completed": True,
+                         "messages": [["execution_start", {"prompt_id": pid, "timestamp": ts}],
+                                      ["execution_success", {"prompt_id": pid, "timestamp": ts + 900}]]})
+    fill_s = time.perf_counter() - t0
+    last = f"00000000-0000-4000-8000-{entries - 1:012d}"
+    out = {"entries": entries, "fill_seconds": round(fill_s, 2)}
+    with LiveServer(app) as srv, requests.Session() as s:
+        for name, path in (("history_max_items_100", "/history?max_items=100"), ("history_one", f"/history/{last}"),
+                           ("jobs_limit_100", "/jobs?limit=100"), ("queue", "/queue"), ("history_all", "/history")):
+            times, size = [], 0
+            for _ in range(3 if name == "history_all" else 20):
+                t = time.perf_counter()
+                r = s.get(srv.url + path, timeout=120)
+                times.append((time.perf_counter() - t) * 1000)
+                size = len(r.content)
+                assert r.status_code == 200, (path, r.status_code)
+            out[name] = {"ms_median": round(statistics.median(times), 2), "bytes": size}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--count", type=int, default=300, help="hostile requests to send")
+    ap.add_argument("--max-seconds", type=float, default=900, help="stop fuzzing after this long")
+    ap.add_argument("--timeout", type=float, default=20, help="seconds without an answer that count as a hang")
+    ap.add_argument("--seed", type=int, default=27)
+    ap.add_argument("--history-entries", type=int, default=10_000)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz_cpu.json"))
+    args = ap.parse_args(argv)
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="sd35fp8-fuzz-") as tmp:
+        fz = fuzz(args, Path(tmp) / "fuzz")
+        hs = history_scale(args.history_entries, Path(tmp) / "hist")
+    result = {
+        "benchmark": "fuzz", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu", "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "cpu_count": os.cpu_count(), "seed": args.seed,
+        "model": "shipped tiny model, seed-fp8-allinone workflow at 128x128, 2 steps",
+        "fuzz": fz, "history_scale": hs,
+    }
+    print(f"{'status':>8} {'count':>6}")
+    for k, v in fz["by_status"].items():
+        print(f"{k:>8} {v:>6}")
+    print(f"requests {fz['requests']}  500s {fz['count_500']}  hangs {fz['hangs']}  crashes {fz['crashes']}  "
+          f"RSS idle {fz['rss_idle_mb']} MB, peak per request {fz['rss_peak_per_request_mb']} MB "
+          f"({fz['peak_over_idle']}x idle), run peak {fz['rss_peak_run_mb']} MB")
+    print(f"{'route at ' + str(hs['entries']) + ' history entries':<40} {'ms':>8} {'bytes':>10}")
+    for k in ("history_max_items_100", "history_one", "jobs_limit_100", "queue", "history_all"):
+        print(f"{k:<40} {hs[k]['ms_median']:>8} {hs[k]['bytes']:>10}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

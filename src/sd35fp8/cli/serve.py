@@ -1,0 +1,87 @@
+"""`sd35fp8 serve`: the argparse side of ComfyUI's HTTP/WebSocket server; the wiring is
+`sd35fp8.server.serve.serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .common import positive_int
+
+
+def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
+    srv = sub.add_parser(
+        "serve",
+        help="serve ComfyUI's HTTP/WebSocket API (and its web UI) on the FP8 engine",
+        description="Serve ComfyUI's API (/prompt, /queue, /history, /view, /upload/image, /object_info, "
+        "/ws, ...) so ComfyUI clients and the ComfyUI web UI work unchanged. Binds 127.0.0.1 by default; "
+        "another address needs an auth token (--auth-token-file) or --insecure.",
+    )
+    from ..server.connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_CONNECTIONS
+    from ..server.files import DEFAULT_MAX_UPLOAD_PIXELS
+    from ..server.validation import Limits
+
+    srv.add_argument("--listen", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8188, help="port (default 8188)")
+    srv.add_argument("--models", default="models", help="ComfyUI-style models folder")
+    srv.add_argument("--output", default=None, help="output folder (default: output/ beside the models folder)")
+    srv.add_argument("--input", default=None, help="input folder for uploads (default: input/ beside it)")
+    srv.add_argument("--extra-model-paths", default=None, help="ComfyUI extra_model_paths.yaml")
+    srv.add_argument("--auth-token-file", default=None,
+                     help="file whose first line is the bearer token required on HTTP and WS (or set SD35FP8_AUTH_TOKEN)")
+    srv.add_argument("--auth-token", default=None,
+                     help="the token itself; visible to local users in ps while the server runs: prefer --auth-token-file")
+    srv.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a token")
+    srv.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="a Host name besides localhost/127.0.0.1/::1 that browsers may use (DNS rebinding guard; "
+                     "repeatable; '*' = any)")
+    srv.add_argument("--enable-cors-header", nargs="?", const="*", default=None, metavar="ORIGIN",
+                     help="as ComfyUI: send CORS headers for ORIGIN (default '*') instead of refusing cross-origin "
+                     "requests")
+    srv.add_argument("--max-queue", type=int, default=100, help="pending prompts before /prompt answers 429")
+    srv.add_argument("--max-upload-mb", type=int, default=100, help="largest accepted upload")
+    srv.add_argument("--max-batch", type=int, default=8,
+                     help="queued prompts differing only in texts/seeds sampled as one batch (1 disables)")
+    srv.add_argument("--batch-wait-ms", type=float, default=20.0,
+                     help="how long a taken prompt waits for compatible ones (0: only those already queued)")
+    srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    lim = srv.add_argument_group("request limits")
+    lim.add_argument("--max-body-bytes", type=positive_int, default=Limits.max_body_bytes,
+                     help="largest JSON request body (413 beyond)")
+    lim.add_argument("--max-json-depth", type=positive_int, default=Limits.max_json_depth,
+                     help="deepest JSON nesting accepted")
+    lim.add_argument("--max-nodes", type=positive_int, default=Limits.max_nodes, help="most nodes in one prompt")
+    lim.add_argument("--max-text-chars", type=positive_int, default=Limits.max_text_chars,
+                     help="longest text input (prompt) in characters")
+    lim.add_argument("--max-pixel-steps", type=positive_int, default=Limits.max_pixel_steps,
+                     help="budget for width x height x batch x steps of one prompt")
+    lim.add_argument("--max-upload-pixels", type=positive_int, default=DEFAULT_MAX_UPLOAD_PIXELS,
+                     help="largest image an upload may declare, in pixels")
+    lim.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                     help="seconds a connection may take to send its request headers")
+    lim.add_argument("--keep-alive", type=positive_int, default=DEFAULT_KEEP_ALIVE_S,
+                     help="seconds an idle keep-alive connection stays open")
+    lim.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                     help="concurrent connections before the server answers 503")
+    return {"serve": cmd_serve}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..pipeline import resolve_device
+    from ..server.serve import serve
+    from ..server.validation import Limits
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, max_nodes=args.max_nodes,
+                    max_text_chars=args.max_text_chars, max_pixel_steps=args.max_pixel_steps)
+    pending = serve(listen=args.listen, port=args.port, models_dir=args.models, output_dir=args.output,
+                    auth_token=args.auth_token, auth_token_file=args.auth_token_file, insecure=args.insecure,
+                    allow_hosts=args.allow_host, cors_origin=args.enable_cors_header, limits=limits,
+                    max_upload_pixels=args.max_upload_pixels, header_timeout=args.header_timeout,
+                    keep_alive=args.keep_alive, max_connections=args.max_connections, input_dir=args.input,
+                    extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
+                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(resolve_device(args.device)),
+                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    if pending:
+        print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}", file=sys.stderr)
+    return 0
