@@ -193,3 +193,42 @@ def test_gpu_fused_path_tolerance(mode):
     assert sqnr(ref32, out.float()) > (25 if mode == "dynamic" else 35)
     assert torch.equal(out, again) and torch.equal(out, eager)
     assert engine.warmup([(96, 128, 1)]) > 0
+
+
+def test_executor_warmup_loads_once_and_runs_the_workflow(tiny_random_checkpoint, tmp_path):
+    """PromptExecutor.warmup (server start-up): loads the workflow's models into the cache, warms the engine,
+    encoders and VAE; the queued prompt then reuses the loaded checkpoint and gives the same image."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from sd35fp8.workflow.executor import PromptExecutor
+    from sd35fp8.workflow.folders import ModelFolders
+
+    path, _ = tiny_random_checkpoint
+    ckpts = tmp_path / "models" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    prompt = json.loads((Path(__file__).parent / "data" / "seed-fp8-allinone.json").read_text())
+    shutil.copyfile(path, ckpts / prompt["4"]["inputs"]["ckpt_name"])
+    shutil.copyfile(path.parent / "spiece.model", ckpts / "spiece.model")
+    prompt["5"]["inputs"].update(width=32, height=32)
+    prompt["3"]["inputs"]["steps"] = 2
+    folders = ModelFolders(tmp_path / "models", output_dir=tmp_path / "out")
+    ex = PromptExecutor(folders, device="cpu", compile=None, offload="none")
+    assert ex.compile is False and ex.engine_options.offload == "none"
+    assert ex.warmup(prompt) > 0
+    result = ex.execute(prompt, prompt_id="p1")
+    assert result.success and "4" in result.cached  # the checkpoint loaded at warm-up
+    cold = PromptExecutor(folders, device="cpu").execute(prompt, prompt_id="p2")
+    a, b = (sorted((tmp_path / "out").glob("*.png")))[:2]
+    from PIL import Image
+
+    assert cold.success and np_equal(Image.open(a), Image.open(b))
+    with pytest.raises(InputError):
+        PromptExecutor(folders, device="cpu", offload="disk")
+
+
+def np_equal(a, b) -> bool:
+    import numpy as np
+
+    return bool((np.asarray(a) == np.asarray(b)).all())

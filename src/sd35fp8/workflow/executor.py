@@ -191,22 +191,28 @@ class PromptExecutor:
 
     # ---- warm-up ---------------------------------------------------------------------------
     def warmup(self, prompt: dict, shapes: Sequence[tuple[int, int, int]] | None = None) -> float:
-        """Prepare for the first queued prompt, e.g. at server start-up: run `prompt`'s model nodes (the
-        loaders and patches that produce a MODEL; their outputs stay in the cache, so a later prompt
-        with the same loaders reuses them without loading again) and compile / capture each MMDiT
-        engine for every (width, height, images per prompt) in `shapes` (None: the sizes of the
-        prompt's empty-latent nodes). CFG and the model's skip-layer-guidance pass are prepared as
-        the sampler will call them. Returns the seconds spent, loading included."""
+        """Prepare for the first queued prompt, e.g. at server start-up: run `prompt`'s loader nodes (the
+        nodes that output a MODEL, CLIP or VAE; their outputs stay in the cache, so a later prompt with
+        the same loaders reuses them without loading again), compile / capture each MMDiT engine for
+        every (width, height, images per prompt) in `shapes` (None: the sizes of the prompt's
+        empty-latent nodes; CFG and the model's skip-layer-guidance pass as the sampler calls them),
+        and run each text encoder on a dummy text and each VAE decode on a zero latent of those sizes
+        (first-use kernel set-up; nothing of that is cached). Returns the seconds spent, loading included."""
+        from sd35fp8.workflow import engine as nodes_engine
+
         t0 = time.perf_counter()
         parsed = parse_prompt(prompt)
-        models = [nid for nid, node in parsed.items() if "MODEL" in self.classes[node["class_type"]].RETURN_TYPES]
-        if not models:
+        kinds = ("MODEL", "CLIP", "VAE")
+        loaders = [nid for nid, node in parsed.items()
+                   if any(t in kinds for t in self.classes[node["class_type"]].RETURN_TYPES)]
+        if not any("MODEL" in self.classes[parsed[nid]["class_type"]].RETURN_TYPES for nid in loaders):
             raise InputError("warm-up: the prompt has no node that outputs a MODEL")
         if shapes is None:
             shapes = [(int(n["inputs"]["width"]), int(n["inputs"]["height"]), int(n["inputs"].get("batch_size", 1)))
                       for n in parsed.values() if n["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage")
                       and not any(is_link(n["inputs"].get(k)) for k in ("width", "height", "batch_size"))]
-        run = PromptRun(self, parsed, "warmup", execute_outputs=models)
+        shapes = list(shapes)
+        run = PromptRun(self, parsed, "warmup", execute_outputs=loaders)
         run.begin()
         with torch.inference_mode():
             for nid in run.order:
@@ -216,15 +222,22 @@ class PromptExecutor:
         if not result.success:
             raise InputError(f"warm-up: loading the models failed: {result.error}")
         with torch.inference_mode():
-            for nid in models:
+            for nid in loaders:
                 outputs, _ = self._cache[run.keys[nid]]
-                for value in outputs:
-                    engine = getattr(value, "mmdit", None)
-                    if engine is not None:
-                        slg = getattr(value, "slg", None)
-                        engine.warmup(shapes, skip_layers=slg.layers if slg is not None else ())
+                for kind, value in zip(self.classes[parsed[nid]["class_type"]].RETURN_TYPES, outputs):
+                    if kind == "MODEL" and value is not None:
+                        slg = value.slg
+                        value.mmdit.warmup(shapes, skip_layers=slg.layers if slg is not None else ())
+                    elif kind == "CLIP" and value is not None:
+                        nodes_engine.encode_text(value, "warm-up")
+                    elif kind == "VAE" and value is not None:
+                        for width, height, _batch in shapes:
+                            latent = {"samples": torch.zeros(1, nodes_engine.SD3_LATENT_CHANNELS, height // 8, width // 8)}
+                            nodes_engine.vae_decode(value, latent, self.engine_options.offloader)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        log.info("executor warm-up (%s, shapes %s): %.1f s", ", ".join(models), list(shapes), seconds)
+        log.info("executor warm-up (%s, shapes %s): %.1f s", ", ".join(loaders), shapes, seconds)
         return seconds
 
     # ---- run -------------------------------------------------------------------------------
