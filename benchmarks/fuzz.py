@@ -314,7 +314,7 @@ def fuzz(args, work: Path) -> dict:
                 peak = sampler.window()
                 statuses[status] += 1
                 by_kind.setdefault(req["kind"], Counter())[status] += 1
-                worst.append((peak, req["kind"], req.get("path")))
+                worst.append((peak, req["kind"], (req.get("path") or "")[:80]))
                 sent += 1
                 if proc.poll() is not None:
                     break

@@ -3,6 +3,7 @@ model loads; nothing is left half-written."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -86,3 +87,46 @@ def test_verbose_before_or_after_the_subcommand():
     p = build_parser()
     assert p.parse_args(["generate", "x", "-v"]).verbose and p.parse_args(["-v", "generate", "x"]).verbose
     assert not p.parse_args(["generate", "x"]).verbose and not p.parse_args(["samplers"]).verbose
+
+
+def test_offload_flags(monkeypatch):
+    from sd35fp8.cli import build_parser
+
+    p = build_parser()
+    for flags, offload in [([], "none"), (["--lowvram"], "model"), (["--novram"], "sequential"),
+                           (["--offload", "sequential"], "sequential")]:
+        args = p.parse_args(["generate", "x"] + flags)
+        assert (args.offload, args.compile) == (offload, None)
+    assert p.parse_args(["generate", "x", "--no-compile"]).compile is False
+
+
+def test_python_dash_m():
+    import subprocess
+    import sys
+
+    for module in ("sd35fp8", "sd35fp8.cli"):
+        out = subprocess.run([sys.executable, "-m", module, "samplers"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "euler" in out.stdout, out.stderr
+
+
+def test_serve_help_names_the_server_defaults():
+    """`sd35fp8 serve --help` shows the request limits without importing the server: they must match it."""
+    from sd35fp8.cli.serve import SERVER_DEFAULTS
+    from sd35fp8.server import connections, files
+    from sd35fp8.server.validation import Limits
+
+    actual = {**vars(Limits()), "max_upload_pixels": files.DEFAULT_MAX_UPLOAD_PIXELS,
+              "header_timeout": connections.DEFAULT_HEADER_TIMEOUT_S, "keep_alive": connections.DEFAULT_KEEP_ALIVE_S,
+              "max_connections": connections.DEFAULT_MAX_CONNECTIONS}
+    assert SERVER_DEFAULTS == actual
+
+
+def test_help_does_not_load_the_engine():
+    """`sd35fp8 --help` and every subcommand's parser build without torch, FastAPI or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sd35fp8.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'fastapi', 'transformers', 'sd35fp8.server') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

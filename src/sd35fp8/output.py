@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from .errors import InputError
+
 
 def png_info(params: dict, extra: dict[str, str] | None = None) -> PngImagePlugin.PngInfo:
     """tEXt chunks: `parameters` (A1111-style one-liner, read by most viewers) and
@@ -42,8 +44,6 @@ class GenerationOutput:
         ]
         fmt = Image.registered_extensions().get(path.suffix.lower())
         if fmt is None:
-            from .errors import InputError
-
             raise InputError(f"cannot save images as {path.suffix!r} files: use .png")
         for image, params, target in zip(self.images, self.params, paths):
             tmp = target.with_name(f".{target.name}.partial")

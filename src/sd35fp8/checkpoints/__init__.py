@@ -4,6 +4,7 @@
     load_mmdit(path, device="cpu", dtype=torch.bfloat16, fp8=None) -> MMDiT
     load_vae(path, device="cpu", dtype=torch.bfloat16) -> SD3VAE
     load_text_encoders(components_or_path, device, dtype, clip_l=None, clip_g=None, t5xxl=None) -> TextEncoderModels
+    load_controlnet(path, device="cpu", dtype=torch.bfloat16, fp8=None) -> ControlNet
     describe_file(path) -> dict; format_info(dict) -> str
 """
 
@@ -19,6 +20,7 @@ _LAZY = {
     "load_vae": "sd35fp8.checkpoints.load",
     "load_text_encoders": "sd35fp8.checkpoints.load",
     "TextEncoderModels": "sd35fp8.checkpoints.load",
+    "load_controlnet": "sd35fp8.checkpoints.controlnet",
     "describe_file": "sd35fp8.checkpoints.info",
     "format_info": "sd35fp8.checkpoints.info",
 }

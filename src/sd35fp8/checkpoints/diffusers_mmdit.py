@@ -63,16 +63,20 @@ _BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"(.+)\.(weight|bias)$")
 
 
-def mmdit_plan_from_diffusers(diffusers_keys: Iterable[str], source: str = "diffusers transformer") -> Plan:
+def mmdit_plan_from_diffusers(diffusers_keys: Iterable[str], source: str = "diffusers transformer",
+                              last_block_pre_only: bool = True) -> Plan:
     """Map every diffusers key to the original key it builds: {original: ((diffusers keys...), op)}.
 
+    last_block_pre_only: the transformer's last context block is pre-only (its adaLN stored as
+    [scale; shift]); False for ControlNets' joint blocks (diffusers SD3ControlNetModel), none pre-only.
     Raises CheckpointError naming any diffusers key that is not part of an SD3 transformer, and any
     q/k/v group with a missing part. Keys of the original model that are absent from the source
     are not reported here: the loader compares the plan's keys with the model's.
     """
     keys = list(diffusers_keys)
     blocks = [int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))]
-    last_block = max(blocks) if blocks else -1  # its context block is pre-only (diffusers: i == num_layers-1)
+    # the last block's context block is pre-only (diffusers: i == num_layers-1)
+    last_block = max(blocks) if blocks and last_block_pre_only else -1
 
     plan: Plan = {}
     qkv_parts: dict[str, list[str | None]] = {}

@@ -44,3 +44,43 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["bf16", "fp16", "fp32"],
         help="compute dtype (default: bf16 on GPU, fp32 on CPU)",
     )
+
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+OFFLOAD_HELP = ("none: every model stays on the GPU; model: the FP8 MMDiT stays on the GPU, text encoders and "
+                "VAE move in and out (12 GB cards); sequential: the MMDiT's and T5's blocks stream from pinned "
+                "CPU memory with prefetch (8 GB cards)")
+
+
+def add_engine_args(p: argparse.ArgumentParser, compile_default: str) -> None:
+    """--offload (and ComfyUI's --lowvram / --novram spellings) and --compile / --no-compile.
+
+    `compile_default` says in the help what None (neither flag) means for this command; the
+    engine decides it from the device (sd35fp8.fast.default_compile)."""
+    g = p.add_argument_group("engine")
+    off = g.add_mutually_exclusive_group()
+    off.add_argument("--offload", default="none", choices=OFFLOAD_MODES, help=OFFLOAD_HELP)
+    off.add_argument("--lowvram", dest="offload", action="store_const", const="model",
+                     help="ComfyUI's spelling of --offload model")
+    off.add_argument("--novram", dest="offload", action="store_const", const="sequential",
+                     help="ComfyUI's spelling of --offload sequential")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the fused FP8 MMDiT step (CUDA; the first image of a size compiles, "
+                   f"cached in ~/.cache/sd35fp8). Default: {compile_default}")
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """argparse type: 'WxH' or 'WxHxB' -> (width, height, batch); sides positive multiples of 16."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH (e.g. 1024x1024x2), got {text!r}")
+    width, height, batch = values if len(values) == 3 else (*values, 1)
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 16")
+    if batch < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the batch must be >= 1")
+    return width, height, batch

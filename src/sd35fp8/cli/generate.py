@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from .common import LONG_PROMPT_HELP, add_model_args, positive_int
+from .common import LONG_PROMPT_HELP, add_engine_args, add_model_args, positive_int
 
 
 def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -40,12 +40,7 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     s.add_argument("--fp8", default=None, choices=["none", "weight_only", "dynamic", "static"],
                    help="FP8 mode of the MMDiT (default: FP8 files run as FP8, others in --dtype)")
     s.add_argument("--no-slg", action="store_true", help="disable skip-layer guidance (Medium)")
-    s.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
-                   help="none: every model on the GPU; model: each model on the GPU only while it runs "
-                   "(12 GB cards); sequential: also stream MMDiT/T5 blocks with prefetch (8 GB cards)")
-    s.add_argument("--compile", action="store_true",
-                   help="fast MMDiT step: fused FP8 kernels, torch.compile, CUDA graphs (CUDA, --offload none); "
-                   "the first image of a size compiles, cached in ~/.cache/sd35fp8")
+    add_engine_args(gen, "off (the fused FP8 step runs eager, with CUDA graphs on CUDA)")
     gen.add_argument("-o", "--output", default="out.png",
                      help="output PNG; with --batch > 1, _0, _1, ... are added before the suffix")
     return {"generate": cmd_generate}
@@ -56,7 +51,9 @@ def validate_generate(args: argparse.Namespace) -> None:
     from ..pipeline import resolve_device
     from ..sampling import check_scheduler, get_sampler
 
-    resolve_device(args.device)
+    device = resolve_device(args.device)
+    if args.compile and device.type != "cuda":
+        raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
     for name in ("cfg", "shift"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -78,8 +75,6 @@ def validate_generate(args: argparse.Namespace) -> None:
         raise InputError(f"--seed must be in [0, 2**64), got {args.seed}")
     if not args.prompt.strip():
         raise InputError("the prompt is empty")
-    if args.compile and args.offload != "none":
-        raise InputError(f"--compile keeps the MMDiT on the GPU: it needs --offload none, got --offload {args.offload}")
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise InputError(f"-o must name a .png file, got {args.output}")

@@ -1,5 +1,10 @@
 """`sd35fp8 serve`: the argparse side of ComfyUI's HTTP/WebSocket server; the wiring is
-`sd35fp8.server.serve.serve`."""
+`sd35fp8.server.serve.serve`.
+
+The server's modules are imported inside `cmd_serve` (they load torch, FastAPI and the workflow
+engine): the request limits default to None here, meaning the server's own default, which `--help`
+names without importing it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,26 @@ import sys
 from typing import Callable
 
 from .common import positive_int
+
+# the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
+SERVER_DEFAULTS = {
+    "max_body_bytes": 16 * 1024 * 1024, "max_json_depth": 64, "max_nodes": 2000, "max_text_chars": 8192,
+    "max_pixel_steps": 2048 * 2048 * 8 * 100,  # validation.Limits
+    "max_upload_pixels": 8192 * 8192,  # files.DEFAULT_MAX_UPLOAD_PIXELS
+    "header_timeout": 10.0, "keep_alive": 5, "max_connections": 256,  # connections.DEFAULT_*
+}
+LIMITS_FIELDS = ("max_body_bytes", "max_json_depth", "max_nodes", "max_text_chars", "max_pixel_steps")
+LIMIT_FLAGS = (
+    ("--max-body-bytes", positive_int, "largest JSON request body (413 beyond)"),
+    ("--max-json-depth", positive_int, "deepest JSON nesting accepted"),
+    ("--max-nodes", positive_int, "most nodes in one prompt"),
+    ("--max-text-chars", positive_int, "longest text input (prompt) in characters"),
+    ("--max-pixel-steps", positive_int, "budget for width x height x batch x steps of one prompt"),
+    ("--max-upload-pixels", positive_int, "largest image an upload may declare, in pixels"),
+    ("--header-timeout", float, "seconds a connection may take to send its request headers"),
+    ("--keep-alive", positive_int, "seconds an idle keep-alive connection stays open"),
+    ("--max-connections", positive_int, "concurrent connections before the server answers 503"),
+)
 
 
 def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -18,10 +43,6 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
         "/ws, ...) so ComfyUI clients and the ComfyUI web UI work unchanged. Binds 127.0.0.1 by default; "
         "another address needs an auth token (--auth-token-file) or --insecure.",
     )
-    from ..server.connections import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_CONNECTIONS
-    from ..server.files import DEFAULT_MAX_UPLOAD_PIXELS
-    from ..server.validation import Limits
-
     srv.add_argument("--listen", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8188, help="port (default 8188)")
     srv.add_argument("--models", default="models", help="ComfyUI-style models folder")
@@ -47,23 +68,9 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
                      help="how long a taken prompt waits for compatible ones (0: only those already queued)")
     srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     lim = srv.add_argument_group("request limits")
-    lim.add_argument("--max-body-bytes", type=positive_int, default=Limits.max_body_bytes,
-                     help="largest JSON request body (413 beyond)")
-    lim.add_argument("--max-json-depth", type=positive_int, default=Limits.max_json_depth,
-                     help="deepest JSON nesting accepted")
-    lim.add_argument("--max-nodes", type=positive_int, default=Limits.max_nodes, help="most nodes in one prompt")
-    lim.add_argument("--max-text-chars", type=positive_int, default=Limits.max_text_chars,
-                     help="longest text input (prompt) in characters")
-    lim.add_argument("--max-pixel-steps", type=positive_int, default=Limits.max_pixel_steps,
-                     help="budget for width x height x batch x steps of one prompt")
-    lim.add_argument("--max-upload-pixels", type=positive_int, default=DEFAULT_MAX_UPLOAD_PIXELS,
-                     help="largest image an upload may declare, in pixels")
-    lim.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
-                     help="seconds a connection may take to send its request headers")
-    lim.add_argument("--keep-alive", type=positive_int, default=DEFAULT_KEEP_ALIVE_S,
-                     help="seconds an idle keep-alive connection stays open")
-    lim.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
-                     help="concurrent connections before the server answers 503")
+    for flag, kind, what in LIMIT_FLAGS:
+        lim.add_argument(flag, type=kind, default=None,
+                         help=f"{what} (default {SERVER_DEFAULTS[flag[2:].replace('-', '_')]})")
     return {"serve": cmd_serve}
 
 
@@ -72,16 +79,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..server.serve import serve
     from ..server.validation import Limits
 
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth, max_nodes=args.max_nodes,
-                    max_text_chars=args.max_text_chars, max_pixel_steps=args.max_pixel_steps)
+    device = resolve_device(args.device)
+    limits = Limits(**{k: getattr(args, k) for k in LIMITS_FIELDS if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in ("max_upload_pixels", "header_timeout", "keep_alive", "max_connections")
+             if getattr(args, k) is not None}  # the others keep the server's defaults
     pending = serve(listen=args.listen, port=args.port, models_dir=args.models, output_dir=args.output,
                     auth_token=args.auth_token, auth_token_file=args.auth_token_file, insecure=args.insecure,
                     allow_hosts=args.allow_host, cors_origin=args.enable_cors_header, limits=limits,
-                    max_upload_pixels=args.max_upload_pixels, header_timeout=args.header_timeout,
-                    keep_alive=args.keep_alive, max_connections=args.max_connections, input_dir=args.input,
-                    extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
-                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(resolve_device(args.device)),
-                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                    input_dir=args.input, extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
+                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
+                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, **given)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}", file=sys.stderr)
     return 0

@@ -15,7 +15,8 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
         description="Run a ComfyUI workflow: API format ({id: {class_type, inputs}}) or the UI's "
         "saved workflow (nodes + links). Model names resolve in a ComfyUI-style models folder.",
     )
-    run.add_argument("workflow", help="workflow .json file")
+    run.add_argument("workflow", help="workflow .json file, or an image ComfyUI/this server saved (PNG, WebP, "
+                     "JPEG) with its workflow embedded")
     run.add_argument("--models", default="models",
                      help="ComfyUI-style models folder (checkpoints/, diffusion_models/, text_encoders/, vae/)")
     run.add_argument("--output", default=None, help="output folder (default: output/ beside the models folder)")

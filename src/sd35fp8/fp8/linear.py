@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import DeviceError, InputError
+from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.device import MODES, fp8_support
 from sd35fp8.fp8.scaling import FP8_DTYPE, amax_to_scale, quantize_rowwise, quantize_tensorwise, to_fp8_saturated
 
@@ -201,8 +202,6 @@ class FP8Linear(nn.Module):
     # ----------------------------------------------------------------- forward
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W = weight * weight_scale in `dtype` ([N, K]); written so torch.compile fuses it into one op."""
-        from .dequant import dequantize
-
         return dequantize(self.weight, self.weight_scale, dtype)  # one Triton pass eager on CUDA, else torch ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

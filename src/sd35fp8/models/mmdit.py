@@ -329,7 +329,7 @@ class MMDiT(nn.Module):
         return grid.reshape(1, hp * wp, -1)
 
     def check_inputs(self, x: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                     skip_layers: Sequence[int]) -> None:
+                     skip_layers: Sequence[int], control: Sequence[torch.Tensor | None] | None = None) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise InputError(f"MMDiT expects latents [B, {cfg.in_channels}, H/8, W/8], got {tuple(x.shape)}")
@@ -347,15 +347,27 @@ class MMDiT(nn.Module):
         bad = [i for i in skip_layers if not 0 <= i < cfg.depth]
         if bad:
             raise InputError(f"skip_layers {bad} outside 0..{cfg.depth - 1}")
+        if control is not None:
+            if len(control) != cfg.depth:
+                raise InputError(f"control must hold one residual (or None) per joint block ({cfg.depth}), "
+                                 f"got {len(control)}")
+            tokens = (h // p) * (w // p)
+            bad = [i for i, r in enumerate(control)
+                   if r is not None and tuple(r.shape) != (x.shape[0], tokens, cfg.hidden_size)]
+            if bad:
+                raise InputError(f"control residuals {bad[:5]} must be [{x.shape[0]}, {tokens}, {cfg.hidden_size}], "
+                                 f"got {tuple(control[bad[0]].shape)}")
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                skip_layers: Sequence[int] = ()) -> torch.Tensor:
+                skip_layers: Sequence[int] = (), control: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """x [B, 16, H/8, W/8], sigma [B] in [0, 1], context [B, L, C], pooled [B, P] -> velocity like x.
 
         Inputs are cast to the model's compute dtype (that of the patch-embedding conv) and the
         velocity is returned in x's dtype. `skip_layers` skips whole joint blocks (skip-layer guidance).
+        `control` (ControlNets, models/controlnet.py): per joint block a residual [B, hp*wp, C] or None,
+        added to the x stream after that block (a skipped block adds nothing, as Stability's mmditx).
         """
-        self.check_inputs(x, context, pooled, skip_layers)
+        self.check_inputs(x, context, pooled, skip_layers, control)
         B, _, h, w = x.shape
         p = self.config.patch_size
         hp, wp = h // p, w // p
@@ -371,6 +383,8 @@ class MMDiT(nn.Module):
         for i, block in enumerate(self.joint_blocks):
             if i not in skip:
                 ctx, tokens = block(ctx, tokens, c, vec)
+                if control is not None and control[i] is not None:
+                    tokens = tokens + control[i].to(dtype)
 
         out = self.final_layer(tokens, c, vec)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, self.config.out_channels)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -43,10 +43,16 @@ class ModelFn(Protocol):
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Encoded prompt: context [1 or B, L, C], pooled [1 or B, P]."""
+    """Encoded prompt: context [1 or B, L, C], pooled [1 or B, P]; optional ControlNet(s).
+
+    `control` (sd35fp8.control.ControlApply, opaque here) is called as
+    control(x, sigma, context, pooled, model, model_sampling) -> residuals per joint block | None
+    on this conditioning's rows; the model then gets them as `control=` (MMDiT.forward).
+    """
 
     context: torch.Tensor
     pooled: torch.Tensor
+    control: Any = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,28 @@ def _match_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return a.repeat(1, lcm // la, 1), b.repeat(1, lcm // lb, 1)
 
 
+def control_residuals(parts: Sequence[tuple[Any, slice]], x: torch.Tensor, sigma: torch.Tensor,
+                      context: torch.Tensor, pooled: torch.Tensor, model: Any,
+                      model_sampling: FlowMatching) -> list[torch.Tensor | None] | None:
+    """Each (control, rows) covers some rows of one model call (batched CFG: cond rows, uncond rows);
+    its residuals are computed on those rows and scattered into zeros for the whole batch."""
+    out: list[torch.Tensor | None] | None = None
+    for control, rows in parts:
+        if control is None:
+            continue
+        res = control(x[rows], sigma[rows], context[rows], pooled[rows], model, model_sampling)
+        if res is None:
+            continue
+        if out is None:
+            out = [None] * len(res)
+        for j, r in enumerate(res):
+            if r is not None:
+                if out[j] is None:
+                    out[j] = r.new_zeros((x.shape[0], *r.shape[1:]))  # [n, tokens, C]
+                out[j][rows] += r
+    return out
+
+
 class CFGDenoiser:
     """k-diffusion denoiser over a velocity model with CFG and optional SLG."""
 
@@ -125,13 +153,20 @@ class CFGDenoiser:
             self._sigma_hi = self.model_sampling.percent_to_sigma(self.slg.start)
             self._sigma_lo = self.model_sampling.percent_to_sigma(self.slg.end)
 
-    def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, context, pooled, skip_layers=()) -> torch.Tensor:
+    def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, context, pooled, skip_layers=(),
+                  controls: Sequence[tuple[Any, slice]] = ()) -> torch.Tensor:
         dtype = self.dtype if self.dtype is not None else x.dtype
-        v = self.model(x.to(dtype), sigma.float(), context.to(dtype), pooled.to(dtype), skip_layers=skip_layers)
+        x, sigma, context, pooled = x.to(dtype), sigma.float(), context.to(dtype), pooled.to(dtype)
+        extra = {}
+        if any(c is not None for c, _ in controls):
+            control = control_residuals(controls, x, sigma, context, pooled, self.model, self.model_sampling)
+            if control is not None:
+                extra["control"] = control
+        v = self.model(x, sigma, context, pooled, skip_layers=skip_layers, **extra)
         return v.float()
 
-    def _denoise(self, x, sigma, context, pooled, skip_layers=()) -> torch.Tensor:
-        v = self._velocity(x, sigma, context, pooled, skip_layers)  # [n, C, H, W] float32
+    def _denoise(self, x, sigma, context, pooled, skip_layers=(), controls=()) -> torch.Tensor:
+        v = self._velocity(x, sigma, context, pooled, skip_layers, controls)  # [n, C, H, W] float32
         return self.model_sampling.calculate_denoised(sigma, v, x.float())
 
     def _slg_active(self, sigma: torch.Tensor) -> bool:
@@ -145,22 +180,25 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         B = x.shape[0]  # x: [B, C, H, W], sigma: [B]
         c_ctx, c_pool = _batch(self.cond.context, B, "cond context"), _batch(self.cond.pooled, B, "cond pooled")
+        rows = slice(0, B)
+        c_ctl = [(self.cond.control, rows)]
         if not self.use_uncond:
-            cond_x0 = self._denoise(x, sigma, c_ctx, c_pool)
+            cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
             out = cond_x0
         else:
             u_ctx, u_pool = _batch(self.uncond.context, B, "uncond context"), _batch(self.uncond.pooled, B, "uncond pooled")
             matched = _match_lengths(c_ctx, u_ctx)
             if matched is not None:
                 ctx = torch.cat(matched)  # [2B, L, C]
-                both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, torch.cat([c_pool, u_pool]))
+                both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, torch.cat([c_pool, u_pool]),
+                                     controls=[(self.cond.control, rows), (self.uncond.control, slice(B, 2 * B))])
                 cond_x0, uncond_x0 = both.chunk(2)
             else:  # ComfyUI runs them as separate batches too
-                cond_x0 = self._denoise(x, sigma, c_ctx, c_pool)
-                uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool)
+                cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
+                uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool, controls=[(self.uncond.control, rows)])
             out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
         if self._slg_active(sigma):
-            skip_x0 = self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers)
+            skip_x0 = self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers, controls=c_ctl)
             out = out + (cond_x0 - skip_x0) * self.slg.scale
         self.calls += 1
         return out

@@ -32,6 +32,7 @@ from sd35fp8.server.jobs import jobs_routes
 from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
+from sd35fp8.server.templates import template_routes
 from sd35fp8.server.tokens import FailureThrottle, Redactor, install_log_redaction, remove_log_redaction
 from sd35fp8.server.validation import (
     ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, check_prompt_size,
@@ -182,10 +183,11 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         return response
 
     # ---- queue, history, interrupt, free ----------------------------------------------------
+    # these answer with JSONResponse directly: FastAPI's jsonable_encoder would walk every entry again
     @r.get("/queue")
-    async def get_queue() -> dict:
+    async def get_queue() -> JSONResponse:
         running, pending = queue.current_queue()
-        return {"queue_running": running, "queue_pending": pending}
+        return JSONResponse({"queue_running": running, "queue_pending": pending})
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
@@ -193,12 +195,12 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                                 queue.delete_queue_item)
 
     @r.get("/history")
-    async def get_history(max_items: int | None = None, offset: int = -1) -> dict:
-        return queue.history(max_items=max_items, offset=offset)
+    async def get_history(max_items: int | None = None, offset: int = -1) -> Response:
+        return Response(queue.history_json(max_items=max_items, offset=offset), media_type="application/json")
 
     @r.get("/history/{prompt_id}")
-    async def get_history_item(prompt_id: str) -> dict:
-        return queue.history(prompt_id)
+    async def get_history_item(prompt_id: str) -> Response:
+        return Response(queue.history_json(prompt_id), media_type="application/json")
 
     @r.post("/history")
     async def post_history(request: Request) -> Response:
@@ -274,6 +276,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     files.add_routes(r, folders, max_upload_bytes, max_upload_pixels)
     r.include_router(jobs_routes(queue))
+    r.include_router(template_routes(folders))
     r.include_router(frontend_routes(store))
     app.include_router(r)
     app.include_router(r, prefix="/api")

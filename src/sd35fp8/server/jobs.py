@@ -60,27 +60,48 @@ def history_job(prompt_id: str, entry: dict, include_outputs: bool = False) -> d
     return job
 
 
-def all_jobs(queue: PromptQueue) -> list[dict]:
+class _Summaries:
+    """history_job of each history entry, computed once (entries never change); forgets ids that left."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, tuple[dict, dict]] = {}
+
+    def of(self, history: dict) -> list[dict]:
+        out = []
+        for pid, entry in history.items():
+            hit = self._done.get(pid)
+            if hit is None or hit[0] is not entry:
+                hit = self._done[pid] = (entry, history_job(pid, entry))
+            out.append(hit[1])
+        if len(self._done) > 2 * len(history) + 64:
+            self._done = {pid: self._done[pid] for pid in history if pid in self._done}
+        return out
+
+
+def all_jobs(queue: PromptQueue, summaries: _Summaries | None = None) -> list[dict]:
     running, pending = queue.current_queue()
     jobs = [queue_job(i, "in_progress") for i in running] + [queue_job(i, "pending") for i in pending]
-    jobs += [history_job(pid, e) for pid, e in queue.history().items()]
+    history = queue.history()
+    jobs += summaries.of(history) if summaries is not None else [history_job(p, e) for p, e in history.items()]
     return jobs
 
 
 def jobs_routes(queue: PromptQueue) -> APIRouter:
     r = APIRouter()
+    summaries = _Summaries()
 
     @r.get("/jobs")
     async def list_jobs(status: str = "", limit: int | None = None, offset: int = 0,
-                        sort_order: str = "desc") -> dict:
+                        sort_order: str = "desc") -> JSONResponse:
         wanted = {s for s in status.split(",") if s} or set(STATUSES)
-        jobs = [j for j in all_jobs(queue) if j["status"] in wanted]
+        jobs = [j for j in all_jobs(queue, summaries) if j["status"] in wanted]
         jobs.sort(key=lambda j: j.get("create_time", 0), reverse=sort_order != "asc")
         total = len(jobs)
         offset = max(offset, 0)
         page = jobs[offset:] if limit is None else jobs[offset: offset + max(limit, 0)]
-        return {"jobs": page, "pagination": {"offset": offset, "limit": limit if limit is not None else total,
-                                             "total": total, "has_more": offset + len(page) < total}}
+        return JSONResponse({"jobs": page, "pagination": {  # JSONResponse: no jsonable_encoder walk
+            "offset": offset, "limit": limit if limit is not None else total, "total": total,
+            "has_more": offset + len(page) < total}})
 
     @r.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> Any:

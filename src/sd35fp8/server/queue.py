@@ -162,6 +162,10 @@ class PromptQueue:
         """ComfyUI get_history: one id, or the last `max_items` entries (from `offset` when >= 0)."""
         return self.histories.get(prompt_id, max_items, offset)
 
+    def history_json(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> bytes:
+        """`history(...)` rendered as JSON bytes (each entry rendered once: PromptHistory.get_json)."""
+        return self.histories.get_json(prompt_id, max_items, offset)
+
     def wipe_history(self) -> None:
         self.histories.wipe()
 

@@ -13,6 +13,9 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import sentencepiece
+from tokenizers import Tokenizer
+
 from sd35fp8.errors import InputError
 
 PAD_ID = 0
@@ -38,16 +41,12 @@ class T5Tokenizer:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         if self.path.name.endswith(".json"):
-            from tokenizers import Tokenizer
-
             self._fast = Tokenizer.from_file(str(self.path))
             self._sp = None
             eos = self._fast.token_to_id("</s>")
             pad = self._fast.token_to_id("<pad>")
             self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
         else:
-            import sentencepiece
-
             self._fast = None
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
             eos = self._sp.eos_id()

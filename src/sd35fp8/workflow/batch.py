@@ -94,6 +94,8 @@ def check_batchable(calls: Sequence[dict]) -> None:
             raise NotBatchable(f"sampler {c['sampler_name']!r} draws per-step noise from one seed")
         if "batch_index" in c["latent"]:
             raise NotBatchable("latents with batch_index are not batched")
+        if any(extra.get("control") is not None for key in ("positive", "negative") for _, extra in c[key]):
+            raise NotBatchable("ControlNet conditionings are not batched across prompts")
         if c["model"] is not first["model"]:
             raise NotBatchable("the prompts use different model objects")
         for name in _SHARED_ARGS:

@@ -363,8 +363,9 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
         ctx.progress(step, total)
 
     ctx.check_interrupt()
-    out = ksample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev)),
-                  sampling.Conditioning(ucond.to(dev), upooled.to(dev)), samples, seed=seed, steps=steps, cfg=cfg,
+    c_ctl, u_ctl = positive[0][1].get("control"), negative[0][1].get("control")  # ControlNetApply* chains
+    out = ksample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
+                  sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples, seed=seed, steps=steps, cfg=cfg,
                   sampler=sampler_name, scheduler=scheduler, shift=model.shift, denoise=denoise, slg=slg,
                   dtype=ctx.dtype, callback=callback, disable=True, start_step=start_step, last_step=last_step,
                   force_full_denoise=force_full_denoise, add_noise=not disable_noise)

@@ -14,74 +14,18 @@ Value types between nodes (ComfyUI's shapes):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sd35fp8.errors import InputError
 from sd35fp8.workflow import engine
+from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WEIGHT_DTYPES, Node,  # noqa: F401
+                                         NodeContext, _files, _tip)
+from sd35fp8.workflow.nodes_control import CONTROL_NODES
+from sd35fp8.workflow.nodes_latent import LATENT_NODES
+from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 
 if TYPE_CHECKING:
     from sd35fp8.workflow.folders import ModelFolders
-
-MAX_RESOLUTION = 16384
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-CLIP_TYPES = [
-    "stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
-    "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image",
-]
-WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
-
-
-@dataclass
-class NodeContext:
-    """What a running node may use besides its inputs (set by the executor)."""
-
-    folders: ModelFolders
-    device: Any = "cpu"
-    dtype: Any = None
-    node_id: str = ""
-    progress: Callable[[int, int], None] = lambda value, total: None
-    check_interrupt: Callable[[], None] = lambda: None
-    options: dict[str, Any] = field(default_factory=dict)
-    engine_options: engine.EngineOptions = field(default_factory=engine.EngineOptions)  # compile / offload
-
-
-class Node:
-    """Base of every node: ComfyUI's class attributes with their defaults."""
-
-    RETURN_TYPES: tuple[str, ...] = ()
-    RETURN_NAMES: tuple[str, ...] | None = None
-    OUTPUT_TOOLTIPS: tuple[str, ...] | None = None
-    OUTPUT_IS_LIST: tuple[bool, ...] | None = None
-    FUNCTION = "run"
-    OUTPUT_NODE = False
-    CATEGORY = "sd"
-    DESCRIPTION = ""
-    DISPLAY_NAME: str | None = None
-    PYTHON_MODULE = "nodes"
-    EXPERIMENTAL = False
-    DEPRECATED = False
-
-    def __init__(self, ctx: NodeContext):
-        self.ctx = ctx
-
-    @classmethod
-    def INPUT_TYPES(cls, folders: ModelFolders | None) -> dict[str, dict[str, tuple]]:  # noqa: N802
-        return {"required": {}}
-
-    @classmethod
-    def IS_CHANGED(cls, folders: ModelFolders | None, **inputs: Any) -> Any:  # noqa: N802
-        """Extra part of the cache key (ComfyUI IS_CHANGED); None = inputs say it all."""
-        return None
-
-
-def _files(folders: ModelFolders | None, kind: str) -> list[str]:
-    return folders.get_filename_list(kind) if folders is not None else []
-
-
-def _tip(text: str) -> dict[str, str]:
-    return {"tooltip": text}
 
 
 # ---- loaders --------------------------------------------------------------------------------
@@ -157,6 +101,31 @@ class TripleCLIPLoader(Node):
     def load_clip(self, clip_name1, clip_name2, clip_name3):
         paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2, clip_name3)]
         return (engine.load_clip_files(paths, self.ctx.device, self.ctx.dtype, self.ctx.engine_options),)
+
+
+class DualCLIPLoader(Node):
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = ("[Recipes]\n\nsdxl: clip-l, clip-g\nsd3: clip-l, clip-g / clip-l, t5 / clip-g, t5\nflux: clip-l, t5\n"
+                   "hidream: at least one of t5 or llama, recommended t5 and llama\n"
+                   "hunyuan_image: qwen2.5vl 7b and byt5 small")
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        names = _files(folders, "text_encoders")
+        return {
+            "required": {"clip_name1": (names,), "clip_name2": (names,),
+                         "type": (["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"],)},
+            "optional": {"device": (["default", "cpu"], {"advanced": True})},
+        }
+
+    def load_clip(self, clip_name1, clip_name2, type, device="default"):  # noqa: A002
+        if type != "sd3":
+            raise engine.unsupported(f"DualCLIPLoader type {type!r}: this engine runs SD3.5 only (use type 'sd3')")
+        paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
+        dev = "cpu" if device == "cpu" else self.ctx.device
+        return (engine.load_clip_files(paths, dev, self.ctx.dtype),)
 
 
 class CLIPLoader(Node):
@@ -516,12 +485,15 @@ class PreviewImage(SaveImage):
 NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
     cls.__name__: cls
     for cls in (
-        CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, CLIPLoader, CLIPTextEncode,
+        CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, DualCLIPLoader, CLIPLoader, CLIPTextEncode,
         CLIPTextEncodeSD3, ConditioningZeroOut, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, LoadImage, SaveImage,
         PreviewImage,
     )
 }
+NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
+NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
+NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,

@@ -1,6 +1,8 @@
 """`sd35fp8 run WORKFLOW.json [--models DIR] [--set 3.seed=42]`: one workflow, from the shell.
 
-Accepts an API-format prompt (optionally wrapped as {"prompt": ...}) or a UI-format workflow.
+Accepts an API-format prompt (optionally wrapped as {"prompt": ...}), a UI-format workflow, or an
+image that carries one as ComfyUI writes it: PNG text chunks "prompt" / "workflow" (SaveImage), WebP
+or JPEG EXIF entries "prompt:{...}" / "workflow:{...}" (0x0110 Model / 0x010F Make).
 """
 
 from __future__ import annotations
@@ -40,8 +42,46 @@ def apply_sets(prompt: dict[str, dict], sets: Sequence[str]) -> None:
         prompt[node_id]["inputs"][name] = value
 
 
+IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")
+
+
+def embedded_workflow(path: Path) -> tuple[Any, Any]:
+    """(API prompt or None, UI workflow or None) embedded in an image by ComfyUI."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+            for tag in (0x0110, 0x010F):  # EXIF Model / Make: "prompt:{json}" / "workflow:{json}"
+                value = im.getexif().get(tag)
+                if isinstance(value, bytes):
+                    value = value.decode("utf-8", "replace")
+                if isinstance(value, str) and ":" in value:
+                    key, _, body = value.partition(":")
+                    text.setdefault(key.strip(), body)
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read image {path}: {e}") from e
+    found = []
+    for key in ("prompt", "workflow"):
+        try:
+            found.append(json.loads(text[key]) if key in text else None)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: the embedded {key!r} is not valid JSON: {e}") from e
+    return found[0], found[1]
+
+
 def load_workflow(path: str | Path, folders: ModelFolders | None = None) -> tuple[dict, dict]:
-    """Read a workflow file -> (API prompt, extra_pnginfo). UI files also go into the PNG as 'workflow'."""
+    """Read a workflow file -> (API prompt, extra_pnginfo). UI files also go into the PNG as 'workflow'.
+
+    An image runs the API prompt it carries (exactly what produced it), else its UI workflow."""
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        prompt, workflow = embedded_workflow(Path(path))
+        extra = {"workflow": workflow} if workflow is not None else {}
+        if prompt is not None:
+            return parse_prompt(prompt), extra
+        if workflow is not None and is_ui_workflow(workflow):
+            return ui_to_api(workflow, folders=folders), extra
+        raise InputError(f"{path} carries no ComfyUI workflow (no 'prompt' or 'workflow' text chunk / EXIF entry)")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:

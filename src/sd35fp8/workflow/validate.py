@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sd35fp8.workflow.graph import _id_key
+from sd35fp8.workflow.nodes_control import UNAVAILABLE_NODES
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,11 @@ def validate_prompt(
                                   node_id=x, class_type=None, node_title=title), [], {})
         class_type = node["class_type"]
         cls = classes.get(class_type)
+        if class_type in UNAVAILABLE_NODES:  # a template node whose model cannot exist here
+            title = meta.get("title", class_type)
+            return (False, _error("node_unavailable", f"Node '{title}' ({class_type}, #{x}) cannot run here: "
+                                  f"{UNAVAILABLE_NODES[class_type]}", f"Node ID '#{x}'", node_id=x,
+                                  class_type=class_type, node_title=title), [], {})
         if cls is None:
             title = meta.get("title", class_type)
             return (False, _error("missing_node_type", f"Node '{title}' not found. The custom node may not be "

@@ -1,0 +1,98 @@
+"""Image operations of ComfyUI's image nodes (comfy.utils.common_upscale, Canny, ImageBlur, scale sizes).
+
+Tensors are [B, C, H, W] float in 0..1 unless a function says IMAGE ([B, H, W, C], ComfyUI's).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sd35fp8.errors import InputError
+
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+CROP_METHODS = ["disabled", "center"]
+
+
+def center_crop_to(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """comfy.utils.common_upscale's crop="center": cut the longer side to the target aspect ratio."""
+    old_h, old_w = samples.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    return samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+
+
+def lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """comfy.utils.lanczos: each image through PIL's LANCZOS resize (8-bit, as ComfyUI)."""
+    out = []
+    for img in samples:  # [C, H, W]
+        arr = np.clip(255.0 * img.movedim(0, -1).float().cpu().numpy(), 0, 255).astype(np.uint8)
+        pil = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
+        res = np.array(pil.resize((width, height), resample=Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
+        res = torch.from_numpy(res)
+        out.append(res.unsqueeze(0) if res.ndim == 2 else res.movedim(-1, 0))
+    return torch.stack(out).to(samples.device, samples.dtype)
+
+
+def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, height, width] (comfy.utils.common_upscale)."""
+    if method not in UPSCALE_METHODS:
+        raise InputError(f"upscale_method {method!r}: expected one of {UPSCALE_METHODS}")
+    if crop not in CROP_METHODS:
+        raise InputError(f"crop {crop!r}: expected one of {CROP_METHODS}")
+    if width < 1 or height < 1:
+        raise InputError(f"cannot scale an image to {width}x{height}")
+    s = center_crop_to(samples, width, height) if crop == "center" else samples
+    if method == "lanczos":
+        return lanczos(s, width, height)
+    return F.interpolate(s, size=(height, width), mode=method)
+
+
+def scale_size(w: int, h: int, width: int, height: int) -> tuple[int, int]:
+    """ImageScale: a 0 side keeps the aspect ratio; both 0 keeps the size."""
+    if width == 0 and height == 0:
+        return w, h
+    if width == 0:
+        width = max(1, round(w * height / h))
+    elif height == 0:
+        height = max(1, round(h * width / w))
+    return width, height
+
+
+def total_pixels_size(w: int, h: int, megapixels: float, resolution_steps: int = 1) -> tuple[int, int]:
+    """ImageScaleToTotalPixels: the aspect ratio kept, megapixels * 1024^2 pixels, sides rounded to steps."""
+    scale_by = math.sqrt(int(megapixels * 1024 * 1024) / (w * h))
+    return (max(1, round(w * scale_by / resolution_steps) * resolution_steps),
+            max(1, round(h * scale_by / resolution_steps) * resolution_steps))
+
+
+def canny(image: torch.Tensor, low_threshold: float, high_threshold: float) -> torch.Tensor:
+    """Canny node: IMAGE [B, H, W, C] -> edges IMAGE [B, H, W, 3] (kornia.filters.canny, as ComfyUI)."""
+    from kornia.filters import canny as kornia_canny
+
+    if low_threshold > high_threshold:
+        raise InputError(f"Canny: low_threshold {low_threshold} is above high_threshold {high_threshold}")
+    _magnitude, edges = kornia_canny(image.movedim(-1, 1).float(), low_threshold, high_threshold)  # [B, 1, H, W]
+    return edges.repeat(1, 3, 1, 1).movedim(1, -1)
+
+
+def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
+    """ImageBlur: ComfyUI's Gaussian (kernel over linspace(-1, 1), reflect padding); IMAGE in and out."""
+    if blur_radius == 0:
+        return image
+    channels = image.shape[-1]
+    k = blur_radius * 2 + 1
+    x, y = torch.meshgrid(torch.linspace(-1, 1, k), torch.linspace(-1, 1, k), indexing="ij")
+    g = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    kernel = (g / g.sum()).repeat(channels, 1, 1).unsqueeze(1).to(image.device, image.dtype)  # [C, 1, k, k]
+    img = F.pad(image.movedim(-1, 1), (blur_radius,) * 4, "reflect")
+    out = F.conv2d(img, kernel, padding=k // 2, groups=channels)  # [B, C, H + 2r, W + 2r]
+    return out[:, :, blur_radius:-blur_radius, blur_radius:-blur_radius].movedim(1, -1)

@@ -1,0 +1,75 @@
+"""Base of the workflow nodes: Node (ComfyUI's class attributes), NodeContext, shared input helpers.
+
+Split from nodes.py so that node modules (nodes.py, nodes_control.py) share it without importing
+each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sd35fp8.workflow.engine import EngineOptions
+
+if TYPE_CHECKING:
+    from sd35fp8.workflow.folders import ModelFolders
+
+MAX_RESOLUTION = 16384
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+CLIP_TYPES = [
+    "stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+    "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image",
+]
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+
+
+@dataclass
+class NodeContext:
+    """What a running node may use besides its inputs (set by the executor)."""
+
+    folders: ModelFolders
+    device: Any = "cpu"
+    dtype: Any = None
+    node_id: str = ""
+    progress: Callable[[int, int], None] = lambda value, total: None
+    check_interrupt: Callable[[], None] = lambda: None
+    options: dict[str, Any] = field(default_factory=dict)
+    engine_options: EngineOptions = field(default_factory=EngineOptions)  # compile / offload for loaders
+
+
+class Node:
+    """Base of every node: ComfyUI's class attributes with their defaults."""
+
+    RETURN_TYPES: tuple[str, ...] = ()
+    RETURN_NAMES: tuple[str, ...] | None = None
+    OUTPUT_TOOLTIPS: tuple[str, ...] | None = None
+    OUTPUT_IS_LIST: tuple[bool, ...] | None = None
+    FUNCTION = "run"
+    OUTPUT_NODE = False
+    CATEGORY = "sd"
+    DESCRIPTION = ""
+    DISPLAY_NAME: str | None = None
+    PYTHON_MODULE = "nodes"
+    EXPERIMENTAL = False
+    DEPRECATED = False
+
+    def __init__(self, ctx: NodeContext):
+        self.ctx = ctx
+
+    @classmethod
+    def INPUT_TYPES(cls, folders: ModelFolders | None) -> dict[str, dict[str, tuple]]:  # noqa: N802
+        return {"required": {}}
+
+    @classmethod
+    def IS_CHANGED(cls, folders: ModelFolders | None, **inputs: Any) -> Any:  # noqa: N802
+        """Extra part of the cache key (ComfyUI IS_CHANGED); None = inputs say it all."""
+        return None
+
+
+def _files(folders: ModelFolders | None, kind: str) -> list[str]:
+    return folders.get_filename_list(kind) if folders is not None else []
+
+
+def _tip(text: str) -> dict[str, str]:
+    return {"tooltip": text}

@@ -1,0 +1,77 @@
+"""ComfyUI's latent resize nodes (nodes.py LatentUpscale, LatentUpscaleBy): comfy.utils.common_upscale on
+the latent. "bislerp" (ComfyUI's slerp resampler) is listed for compatibility and refused by name."""
+
+from __future__ import annotations
+
+from sd35fp8.errors import InputError
+from sd35fp8.image_ops import CROP_METHODS
+from sd35fp8.workflow.node_base import MAX_RESOLUTION, Node
+
+LATENT_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
+
+
+def _upscale(samples, width: int, height: int, method: str, crop: str, node: str):
+    from sd35fp8.image_ops import common_upscale
+
+    if method == "bislerp":
+        raise InputError(f"{node}: upscale_method 'bislerp' is not supported here; use nearest-exact, bilinear, "
+                         "area or bicubic")
+    return common_upscale(samples, width, height, method, crop)
+
+
+class LatentUpscale(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "upscale"
+    CATEGORY = "latent"
+    DISPLAY_NAME = "Upscale Latent"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "samples": ("LATENT",),
+            "upscale_method": (list(LATENT_UPSCALE_METHODS),),
+            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+            "crop": (list(CROP_METHODS),),
+        }}
+
+    def upscale(self, samples, upscale_method, width, height, crop):
+        if width == 0 and height == 0:
+            return (samples,)
+        z = samples["samples"]
+        if width == 0:
+            height = max(64, height)
+            width = max(64, round(z.shape[-1] * height / z.shape[-2]))
+        elif height == 0:
+            width = max(64, width)
+            height = max(64, round(z.shape[-2] * width / z.shape[-1]))
+        else:
+            width, height = max(64, width), max(64, height)
+        out = dict(samples)
+        out["samples"] = _upscale(z, width // 8, height // 8, upscale_method, crop, "LatentUpscale")
+        return (out,)
+
+
+class LatentUpscaleBy(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "upscale"
+    CATEGORY = "latent"
+    DISPLAY_NAME = "Upscale Latent By"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "samples": ("LATENT",),
+            "upscale_method": (list(LATENT_UPSCALE_METHODS),),
+            "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01}),
+        }}
+
+    def upscale(self, samples, upscale_method, scale_by):
+        z = samples["samples"]
+        out = dict(samples)
+        out["samples"] = _upscale(z, round(z.shape[-1] * scale_by), round(z.shape[-2] * scale_by), upscale_method,
+                                  "disabled", "LatentUpscaleBy")
+        return (out,)
+
+
+LATENT_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (LatentUpscale, LatentUpscaleBy)}

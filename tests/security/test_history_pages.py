@@ -1,0 +1,35 @@
+"""History pages (issue 27 item 6): PromptHistory.get gives exactly ComfyUI's slice, walked from the
+nearer end, for every (offset, max_items)."""
+
+from __future__ import annotations
+
+from sd35fp8.server.history import PromptHistory
+
+
+def _naive(ids: list[str], max_items, offset) -> list[str]:
+    if offset < 0 and max_items is not None:
+        offset = max(len(ids) - max_items, 0)
+    offset = max(offset, 0)
+    end = None if max_items is None else offset + max_items
+    return ids[offset:end]
+
+
+def test_pages_match_comfyui_slices():
+    h = PromptHistory(max_history=25)
+    for i in range(30):  # the first five are dropped
+        h.add(f"p{i}", {"n": i})
+    ids = [f"p{i}" for i in range(5, 30)]
+    for max_items in (None, 0, 1, 3, 12, 25, 40):
+        for offset in (-1, 0, 1, 7, 13, 24, 25, 30):
+            assert list(h.get(max_items=max_items, offset=offset)) == _naive(ids, max_items, offset), (max_items, offset)
+    assert h.get("p29") == {"p29": {"n": 29}} and h.get("p0") == {}
+    import json
+
+    for max_items, offset in ((None, -1), (3, -1), (4, 2), (0, -1)):
+        assert json.loads(h.get_json(max_items=max_items, offset=offset)) == h.get(max_items=max_items, offset=offset)
+    h.get_json()
+    h.add("p30", {"n": 30})  # evicts p5 and its cached rendering
+    assert "p5" not in h._json and json.loads(h.get_json("p30")) == {"p30": {"n": 30}}
+    h.delete("p29")
+    h.wipe()
+    assert h.get_json() == b"{}" and not h._json
