@@ -23,6 +23,7 @@ from .errors import InputError
 from .fast import OFFLOAD_MODES, build_engine, default_compile
 from .fp8.device import MODES
 from .models.mmdit import MMDiT
+from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class StageStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
-class SD35Pipeline:
+class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_lora... (lora/pipeline.py)
     def __init__(self, mmdit, vae, text_encoder, defaults: GenerationDefaults, device: torch.device,
                  dtype: torch.dtype, offload: str = "none", description: dict | None = None):
         if offload not in OFFLOAD_MODES:

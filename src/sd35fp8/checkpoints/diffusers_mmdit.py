@@ -132,3 +132,36 @@ def apply_op(op: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         first, second = tensors[0].chunk(2, dim=0)  # diffusers [scale; shift] -> original [shift; scale]
         return torch.cat([second, first], dim=0)
     raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+
+
+_MODULE_RE = re.compile(r"transformer_blocks\.(\d+)\.(.+)$")
+
+
+def original_module(module: str, last_block: int) -> tuple[str, str, int] | None:
+    """One diffusers *module* path (no .weight) -> (original module, op, q/k/v part index or 0).
+
+    op is "copy", "swap_halves" (output rows stored [scale; shift]) or "part" (q, k or v rows of the
+    fused qkv: part index 0, 1, 2). None when the path is not an SD3 transformer module. Used by
+    LoRA files, whose keys name modules rather than tensors (`sd35fp8.lora.keys`).
+    """
+    block = _MODULE_RE.match(module)
+    if block is not None:
+        i, rest = int(block.group(1)), block.group(2)
+        if rest in _BLOCK_COPY:
+            op = "swap_halves" if rest == "norm1_context.linear" and i == last_block else "copy"
+            return f"joint_blocks.{i}.{_BLOCK_COPY[rest]}", op, 0
+        if rest in _QKV_PART:
+            orig, n = _QKV_PART[rest]
+            return f"joint_blocks.{i}.{orig}", "part", n
+        return None
+    if module in _GLOBAL:
+        return _GLOBAL[module], "copy", 0
+    if module == "norm_out.linear":
+        return "final_layer.adaLN_modulation.1", "swap_halves", 0
+    return None
+
+
+def diffusers_module_names(depth: int) -> list[str]:
+    """Every diffusers module path of an SD3 transformer with `depth` blocks that a LoRA may target."""
+    per_block = [*_BLOCK_COPY, *_QKV_PART]
+    return [*_GLOBAL, "norm_out.linear", *(f"transformer_blocks.{i}.{m}" for i in range(depth) for m in per_block)]

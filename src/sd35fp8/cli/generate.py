@@ -41,6 +41,9 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
                    help="FP8 mode of the MMDiT (default: FP8 files run as FP8, others in --dtype)")
     s.add_argument("--no-slg", action="store_true", help="disable skip-layer guidance (Medium)")
     add_engine_args(gen, "off (the fused FP8 step runs eager, with CUDA graphs on CUDA)")
+    from ..lora.commands import add_generate_args as add_lora_args
+
+    add_lora_args(gen.add_argument_group("LoRA"))
     gen.add_argument("-o", "--output", default="out.png",
                      help="output PNG; with --batch > 1, _0, _1, ... are added before the suffix")
     return {"generate": cmd_generate}
@@ -101,6 +104,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     print(f"sd35fp8: {pipe.summary()}", file=sys.stderr)
+    from ..lora.commands import apply_generate_args as apply_lora_args
+
+    for line in apply_lora_args(pipe, args):
+        print(f"sd35fp8: {line}", file=sys.stderr)
     result = pipe(
         args.prompt,
         negative_prompt=args.negative,

@@ -18,7 +18,12 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from ..checkpoints.info import describe_file, format_info
+    from ..lora.commands import describe_lora, format_lora, is_lora_file
 
+    if is_lora_file(args.path):
+        info = describe_lora(args.path)
+        print(json.dumps(info, indent=2, default=str) if args.json else format_lora(info))
+        return 0
     info = describe_file(args.path)
     print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
     return 0

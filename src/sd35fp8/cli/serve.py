@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Callable
 
+from ..scale.options import add_scale_args, scale_options
 from .common import positive_int
 
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
@@ -71,6 +72,7 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     for flag, kind, what in LIMIT_FLAGS:
         lim.add_argument(flag, type=kind, default=None,
                          help=f"{what} (default {SERVER_DEFAULTS[flag[2:].replace('-', '_')]})")
+    add_scale_args(srv)  # --replicas etc.: scale/options.py
     return {"serve": cmd_serve}
 
 
@@ -88,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     allow_hosts=args.allow_host, cors_origin=args.enable_cors_header, limits=limits,
                     input_dir=args.input, extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
                     max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
-                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, **given)
+                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args), **given)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}", file=sys.stderr)
     return 0

@@ -52,6 +52,7 @@ from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.device import MODES
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
+from sd35fp8.lora.apply import apply_lora, lora_slot
 from sd35fp8.models.mmdit import MMDiT, batched
 
 logger = logging.getLogger(__name__)
@@ -69,12 +70,15 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
     partial sums to fp32; faster, slightly less exact)."""
     w, b = p[name + ".w"], p.get(name + ".b")
     if mode is None:
-        return F.linear(a, w, b)
-    if mode == "weight_only":
-        return F.linear(a, dequantize(w, p[name + ".ws"], a.dtype), b)
-    y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE,
-                         use_fast_accum=fast_accum)
-    return y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
+        y = F.linear(a, w, b)
+    elif mode == "weight_only":
+        y = F.linear(a, dequantize(w, p[name + ".ws"], a.dtype), b)
+    else:
+        y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE,
+                             use_fast_accum=fast_accum)
+        y = y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
+    lora = p.get(name + ".lora")  # the layer's active LoRA terms (lora/apply.py); empty: nothing to add
+    return apply_lora(y, a, lora, b, a_scale) if lora else y
 
 
 def _record(rec: dict | None, name: str, a_scale: torch.Tensor | None) -> None:
@@ -307,9 +311,11 @@ class MMDiTEngine(nn.Module):
         if all(lin["b"] is not None for lin in lins):
             self.ada["b"] = torch.cat([lin["b"] for lin in lins])
         self.ada_slices: list[dict[str, tuple[int, int]]] = [{} for _ in self.blocks]
+        self.ada_lora: list[tuple[int, int, list]] = []  # (first row in the big output, rows, the layer's LoRA slot)
         off = 0
         for (i, s, mod, _), n, lin in zip(ada, sizes, lins):
             self.ada_slices[i][s] = (off, off + n)
+            self.ada_lora.append((off, n, lin["lora"]))
             if lin["w"] is mod.weight:  # same storage as the model's parameter: share it
                 mod.weight.data = big_w[off:off + n]
             off += n
@@ -364,13 +370,19 @@ class MMDiTEngine(nn.Module):
         if self.ada_mode != self.fp8_mode:  # the adaLN group keeps its own mode (see _build_adaln)
             mode = self.ada_mode
         if mode is None:
-            return F.linear(a, w, b)
-        if mode == "weight_only":
-            return fp8_weight_gemv(a, w, self.ada["ws"], b, c.dtype)
-        act = plain_act(a, mode, self.ada.get("xs"))
-        _record(rec, "ada", act[1])
-        return matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
-                      fast_accum=self.fast_accum)
+            y = F.linear(a, w, b)
+        elif mode == "weight_only":
+            y = fp8_weight_gemv(a, w, self.ada["ws"], b, c.dtype)
+        else:
+            act = plain_act(a, mode, self.ada.get("xs"))
+            _record(rec, "ada", act[1])
+            y = matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
+                       fast_accum=self.fast_accum)
+        for off, n, slot in self.ada_lora:  # each block's adaLN LoRA on its rows of the one big output
+            if slot:
+                bias = None if b is None else b[off:off + n]
+                y = torch.cat([y[:, :off], apply_lora(y[:, off:off + n], a, slot, bias), y[:, off + n:]], dim=1)
+        return y
 
     def _forward(self, x, sigma, context, pooled, skip: tuple[int, ...], mode: str | None = "model",
                  rec: tuple | None = None) -> torch.Tensor:
@@ -499,6 +511,16 @@ class MMDiTEngine(nn.Module):
         resident = adaln + other + (0 if self.streamer is not None else blocks)
         return {"blocks": blocks, "adaln": adaln, "other": other, "total": blocks + adaln + other,
                 "resident": resident}
+
+    def refresh_weights(self) -> None:
+        """Re-read the model's weights after they were rewritten in place (a LoRA merge: new FP8 bytes and
+        scales): rebuild the weight dicts and drop captured CUDA graphs."""
+        with torch.no_grad():
+            self._build_weights()
+        if self.packs:  # streamed blocks: the new bytes travel in new packs
+            self._repack()
+        if self.graphs is not None:
+            self.graphs = GraphCache(self._forward)
 
     def describe(self) -> str:
         stream = ""

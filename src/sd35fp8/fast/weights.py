@@ -14,6 +14,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.fast.attention import default_backend
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import quantize_rowwise
+from sd35fp8.lora.apply import lora_slot
 
 HIGH_PRECISION = "bf16"  # a linear's `.mode` entry: its 16/32-bit weight, no fp8
 MM_OUT_DTYPE = torch.bfloat16  # torch._scaled_mm output (and bias) dtype
@@ -41,10 +42,11 @@ def linear_weights(mod: nn.Module, mode: str | None, dtype: torch.dtype, where: 
         return out
     if mode is None:
         if type(mod) is FP8Linear:  # a 16-bit engine over fp8 weights: dequantise (a copy)
-            return {"w": mod.dequantized_weight(dtype), "b": None if mod.bias is None else mod.bias.to(dtype)}
+            return {"w": mod.dequantized_weight(dtype), "b": None if mod.bias is None else mod.bias.to(dtype),
+                    "lora": lora_slot(mod)}
         if type(mod) is not nn.Linear:
             raise InputError(f"MMDiTEngine: {where} is {type(mod).__name__}, expected nn.Linear or FP8Linear")
-        return {"w": mod.weight, "b": mod.bias}
+        return {"w": mod.weight, "b": mod.bias, "lora": lora_slot(mod)}
     if isinstance(mod, FP8Linear):
         w, ws, xs = mod.weight, mod.weight_scale, mod.input_scale
     elif type(mod) is nn.Linear:
@@ -59,7 +61,7 @@ def linear_weights(mod: nn.Module, mode: str | None, dtype: torch.dtype, where: 
         bias = bias.to(MM_OUT_DTYPE)
     if bias is not None and mode == "weight_only" and bias.dtype != dtype:
         bias = bias.to(dtype)
-    out = {"w": w, "ws": ws_row, "b": bias}
+    out = {"w": w, "ws": ws_row, "b": bias, "lora": lora_slot(mod)}  # the LoRA slot: a list shared with the layer
     if xs is not None and mode == "static":
         out["xs"] = xs
     return out
@@ -67,10 +69,11 @@ def linear_weights(mod: nn.Module, mode: str | None, dtype: torch.dtype, where: 
 
 def put(p: dict, name: str, lin: dict) -> None:
     for k, v in lin.items():
-        if isinstance(v, str):
-            p[f"{name}.{k}"] = v  # a constant for the compiled block
-        elif v is not None:  # plain tensors (detach shares storage): dynamo then guards shapes, not identity
-            p[f"{name}.{k}"] = v.detach()
+        if v is None:
+            continue
+        # plain tensors (detach shares storage): dynamo then guards shapes, not identity; a mode string is a
+        # constant for the compiled block; the LoRA slot is a list shared with the layer (lora/apply.py)
+        p[f"{name}.{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
 
 
 def auto_attention(device: torch.device, fp8_mode: str | None) -> str | None:

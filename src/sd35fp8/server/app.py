@@ -30,6 +30,7 @@ from sd35fp8.server.frontend import MAX_USERDATA_BYTES, UserStore, frontend_rout
 from sd35fp8.server.internal import LogBuffer, internal_routes
 from sd35fp8.server.jobs import jobs_routes
 from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
+from sd35fp8.server.openai_api import openai_routes
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
 from sd35fp8.server.templates import template_routes
@@ -281,6 +282,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     app.include_router(r)
     app.include_router(r, prefix="/api")
     app.include_router(internal_routes(folders, logs))  # /internal only, as ComfyUI
+    app.include_router(openai_routes(queue, executor, folders, validate_prompt, limits))  # /v1 only, as OpenAI
     if serve_frontend:
         mount_frontend(app)
     return app

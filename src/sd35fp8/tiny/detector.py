@@ -43,6 +43,7 @@ class Detection:
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1), exclusive end, px
     area: int  # px of the refined mask (holes excluded)
     features: tuple[tuple[str, float], ...] = ()  # geometry used for the shape decision
+    rgb: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the blob's measured colour (0-255)
 
 
 # ---------------------------------------------------------------- colour
@@ -60,10 +61,15 @@ _PALETTE_NAMES = tuple(COLOUR_RGB)
 _PALETTE_LAB = _srgb_to_lab(np.array([COLOUR_RGB[c] for c in _PALETTE_NAMES]))  # [8, 3]
 
 
-def name_colour(rgb: Sequence[float]) -> str:
-    """The palette colour nearest (CIELAB) to an RGB triple in 0-255."""
-    d = np.linalg.norm(_PALETTE_LAB - _srgb_to_lab(np.asarray(rgb))[None], axis=1)
-    return _PALETTE_NAMES[int(d.argmin())]
+def name_colour(rgb: Sequence[float], extra: dict[str, tuple[int, int, int]] | None = None) -> str:
+    """The palette colour nearest (CIELAB) to an RGB triple in 0-255; `extra` adds colours (a LoRA's
+    new colour, tiny/concept.py)."""
+    names, lab = _PALETTE_NAMES, _PALETTE_LAB
+    if extra:
+        names = names + tuple(extra)
+        lab = np.concatenate([lab, _srgb_to_lab(np.array(list(extra.values()), dtype=np.float64))])
+    d = np.linalg.norm(lab - _srgb_to_lab(np.asarray(rgb))[None], axis=1)
+    return names[int(d.argmin())]
 
 
 # ---------------------------------------------------------------- connected components
@@ -237,7 +243,8 @@ def detect(image: np.ndarray) -> list[Detection]:
         mys, mxs = np.nonzero(mask)
         bx0, by0, bx1, by1 = x0 + int(mxs.min()), y0 + int(mys.min()), x0 + int(mxs.max()) + 1, y0 + int(mys.max()) + 1
         out.append(Detection(classify_shape(f), name_colour(rgb), ((bx0 + bx1) / 2, (by0 + by1) / 2),
-                             (bx0, by0, bx1, by1), int(mask.sum()), tuple(sorted(f.items()))))
+                             (bx0, by0, bx1, by1), int(mask.sum()), tuple(sorted(f.items())),
+                             tuple(float(v) for v in rgb)))
     return out
 
 

@@ -111,7 +111,7 @@ def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[i
     """One ksample call for rows whose contexts have equal shapes -> each call's {"samples"} (CPU)."""
     from sd35fp8 import sampling
     from sd35fp8.sampling.ksampler import ksample
-    from sd35fp8.workflow.engine import fix_empty_latent_channels, slg_config
+    from sd35fp8.workflow.engine import fix_empty_latent_channels, lora_active, slg_config
 
     first = calls[0]
     dev = torch.device(ctx.device)
@@ -133,12 +133,13 @@ def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[i
 
     samples = torch.cat(latents).to(dev)  # [B, 16, h, w] raw
     check_interrupt()
-    out = ksample(first["model"].mmdit, cond, uncond, samples, seed=first["seed"], steps=first["steps"],
-                  cfg=first["cfg"], sampler=first["sampler_name"], scheduler=first["scheduler"],
-                  shift=first["model"].shift, denoise=first.get("denoise", 1.0), slg=slg_config(first["model"]),
-                  dtype=ctx.dtype, callback=callback, disable=True, start_step=first.get("start_step"),
-                  last_step=first.get("last_step"), force_full_denoise=first.get("force_full_denoise", False),
-                  noise=noise)
+    with lora_active(first["model"]):  # one model object per batch (check_batchable): one LoRA set
+        out = ksample(first["model"].mmdit, cond, uncond, samples, seed=first["seed"], steps=first["steps"],
+                      cfg=first["cfg"], sampler=first["sampler_name"], scheduler=first["scheduler"],
+                      shift=first["model"].shift, denoise=first.get("denoise", 1.0), slg=slg_config(first["model"]),
+                      dtype=ctx.dtype, callback=callback, disable=True, start_step=first.get("start_step"),
+                      last_step=first.get("last_step"), force_full_denoise=first.get("force_full_denoise", False),
+                      noise=noise)
     if out is samples:  # nothing left to sample: each prompt gets its latent back, as engine.sample
         return [{"samples": c["latent"]["samples"]} for c in calls]
     return [{"samples": part} for part in out.float().cpu().split(sizes)]

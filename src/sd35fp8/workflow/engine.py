@@ -51,6 +51,7 @@ class SD3Model:
     shift: float = DEFAULT_SHIFT
     slg: SLGSettings | None = None
     name: str = ""
+    loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while sampling
 
     def with_shift(self, shift: float) -> SD3Model:
         return replace(self, shift=float(shift))
@@ -63,6 +64,7 @@ class SD3Clip:
 
     encoder: Any
     name: str = ""
+    loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while encoding
     offload: Any = None
 
     def on_device(self):
@@ -238,11 +240,41 @@ def _require_clip(clip: Any) -> SD3Clip:
     return clip
 
 
+def with_lora(model: SD3Model, clip: SD3Clip | None, path: Path, strength_model: float,
+              strength_clip: float) -> tuple[SD3Model, SD3Clip | None]:
+    """LoraLoader: the LoRA is checked against the models now and applied (unmerged, base weights
+    untouched) only while this MODEL samples / this CLIP encodes (`lora_active`)."""
+    from sd35fp8.lora import read_lora
+
+    lora = read_lora(path)  # format errors surface at the node, not at sampling
+    if strength_model != 0 and any(c == "mmdit" for c, _ in lora.terms):
+        model = replace(model, loras=model.loras + ((str(path), float(strength_model)),))
+    if clip is not None and strength_clip != 0 and any(c != "mmdit" for c, _ in lora.terms):
+        clip = replace(clip, loras=clip.loras + ((str(path), float(strength_clip)),))
+    return model, clip
+
+
+def lora_active(obj: SD3Model | SD3Clip):
+    """Context in which the MODEL's / CLIP's LoRAs are active on the shared modules (nothing else's)."""
+    from sd35fp8.lora import shared_lora_set
+
+    if isinstance(obj, SD3Model):
+        components = {"mmdit": obj.mmdit}
+    else:
+        enc = obj.encoder
+        components = {"clip_l": enc.clip_l, "clip_g": enc.clip_g, "t5xxl": enc.t5}
+    if not obj.loras:
+        owner = next((m for m in components.values() if m is not None), None)
+        if owner is None or getattr(owner, "sd35_lora_set", None) is None:
+            return nullcontext()
+    return shared_lora_set(components).using(obj.loras)
+
+
 def encode_text(clip: Any, text: str) -> list:
     """CLIPTextEncode: the same text to clip_l, clip_g and t5xxl -> [[cond, {"pooled_output"}]]."""
-    enc = _require_clip(clip).encoder
-    with clip.on_device():
-        context, pooled = enc.encode_prompts([text])  # [1, L, 4096], [1, 2048]
+    clip = _require_clip(clip)
+    with clip.on_device(), lora_active(clip):
+        context, pooled = clip.encoder.encode_prompts([text])  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 
 
@@ -252,7 +284,8 @@ def encode_text_sd3(clip: Any, clip_l: str, clip_g: str, t5xxl: str, empty_paddi
     counts are evened out with empty-prompt chunks."""
     from sd35fp8.text.encoders import SD3TextEncoder
 
-    enc = _require_clip(clip).encoder
+    clip = _require_clip(clip)
+    enc = clip.encoder
     tok = enc.tokenizer
     no_padding = empty_padding == "none"
     tokens = dict(tok.tokenize(clip_g))
@@ -280,7 +313,7 @@ def encode_text_sd3(clip: Any, clip_l: str, clip_g: str, t5xxl: str, empty_paddi
         enc = SD3TextEncoder(enc.clip_l if use["l"] else None, enc.clip_g if use["g"] else None,
                              enc.t5 if use["t5"] else None, context_dim=enc.context_dim, tokenizer=tok,
                              out_dtype=enc.out_dtype)
-    with clip.on_device():
+    with clip.on_device(), lora_active(clip):
         context, pooled = enc.encode(tokens)  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 
@@ -364,11 +397,13 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
 
     ctx.check_interrupt()
     c_ctl, u_ctl = positive[0][1].get("control"), negative[0][1].get("control")  # ControlNetApply* chains
-    out = ksample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
-                  sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples, seed=seed, steps=steps, cfg=cfg,
-                  sampler=sampler_name, scheduler=scheduler, shift=model.shift, denoise=denoise, slg=slg,
-                  dtype=ctx.dtype, callback=callback, disable=True, start_step=start_step, last_step=last_step,
-                  force_full_denoise=force_full_denoise, add_noise=not disable_noise)
+    with lora_active(model):
+        out = ksample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
+                      sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples, seed=seed,
+                      steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=model.shift,
+                      denoise=denoise, slg=slg, dtype=ctx.dtype, callback=callback, disable=True,
+                      start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
+                      add_noise=not disable_noise)
     if out is samples:
         return {"samples": latent["samples"]}
     return {"samples": out.float().cpu()}

@@ -291,6 +291,55 @@ class SkipLayerGuidanceSD3(Node):
         return (engine.with_skip_layer_guidance(model, layers, scale, start_percent, end_percent),)
 
 
+class LoraLoader(Node):
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The modified diffusion model.", "The modified CLIP model.")
+    FUNCTION = "load_lora"
+    CATEGORY = "loaders"
+    DESCRIPTION = ("LoRAs are used to modify diffusion and CLIP models, altering the way in which latents are "
+                   "denoised such as applying styles. Multiple LoRA nodes can be linked together.")
+    DISPLAY_NAME = "Load LoRA"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL", _tip("The diffusion model the LoRA will be applied to.")),
+            "clip": ("CLIP", _tip("The CLIP model the LoRA will be applied to.")),
+            "lora_name": (_files(folders, "loras"), _tip("The name of the LoRA.")),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                         "tooltip": "How strongly to modify the diffusion model. This value can be "
+                                                    "negative."}),
+            "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                        "tooltip": "How strongly to modify the CLIP model. This value can be "
+                                                   "negative."}),
+        }}
+
+    def load_lora(self, model, clip, lora_name, strength_model, strength_clip):
+        if strength_model == 0 and strength_clip == 0:
+            return (model, clip)
+        path = self.ctx.folders.get_full_path_or_raise("loras", lora_name)
+        return engine.with_lora(model, clip, path, strength_model, strength_clip)
+
+
+class LoraLoaderModelOnly(LoraLoader):
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = None
+    FUNCTION = "load_lora_model_only"
+    DESCRIPTION = ""
+    DISPLAY_NAME = None
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "lora_name": (_files(folders, "loras"),),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+        }}
+
+    def load_lora_model_only(self, model, lora_name, strength_model):
+        return (self.load_lora(model, None, lora_name, strength_model, 0)[0],)
+
+
 # ---- sampling -------------------------------------------------------------------------------
 class KSampler(Node):
     RETURN_TYPES = ("LATENT",)
@@ -488,7 +537,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
         CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, DualCLIPLoader, CLIPLoader, CLIPTextEncode,
         CLIPTextEncodeSD3, ConditioningZeroOut, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, LoadImage, SaveImage,
-        PreviewImage,
+        PreviewImage, LoraLoader, LoraLoaderModelOnly,
     )
 }
 NODE_CLASS_MAPPINGS.update(CONTROL_NODES)

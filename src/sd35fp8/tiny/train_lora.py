@@ -1,0 +1,188 @@
+"""Train the shipped LoRA: teach the shipped model the colour word "brown" (tiny/concept.py), on CPU.
+
+    nice python -m sd35fp8.tiny.train_lora --out src/sd35fp8/tiny/weights/sd35fp8_tiny_brown_lora.safetensors
+
+The base weights stay frozen. LoRA (rank --rank, alpha = rank) on every Linear of the MMDiT's joint
+blocks and context embedder and on the attention and MLP Linears of CLIP-L, CLIP-G and T5, through
+the same unmerged path inference uses (lora/apply.py: each layer's slot and forward hook, here with
+trainable factors). Data: half the batch scenes with one brown object (single or two-object,
+paraphrased captions), half the world's ordinary training scenes, so the rest of the model's
+behaviour stays put. Loss: the base model's flow-matching loss (tiny/train.py: logit-normal
+sigma shifted by --train-shift, text dropped 10 % of the time for CFG). The file is written in the
+kohya / sd-scripts layout (`lora_unet_…`, `lora_te1_…`, `alpha`), fp16, with the command and the
+loss curve in its metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from ..lora.apply import ActiveTerm, lora_slot, remove_slot
+from ..models.vae import to_model_space
+from ..pipeline import shipped_model_path
+from . import concept, world
+from .data import SPIECE_NAME, make_tokenizer, token_rows
+from .export import load_component_
+from .spec import TextTowers, TinySpec, build_mmdit, build_vae
+
+LORA_NAME = "sd35fp8_tiny_brown_lora.safetensors"
+_KOHYA_PREFIX = {"mmdit": "lora_unet_", "clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5xxl": "lora_te3_"}
+_TEXT_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", ".q", ".k", ".v", ".o", "wi", "wo",
+                "wi_0", "wi_1")
+
+
+def lora_targets(mmdit: nn.Module, towers: TextTowers) -> dict[str, dict[str, nn.Linear]]:
+    """component -> {our module name: Linear} that the LoRA trains."""
+    mm = {n: m for n, m in mmdit.named_modules() if isinstance(m, nn.Linear)
+          and (n.startswith("joint_blocks.") or n == "context_embedder")}
+    out = {"mmdit": mm}
+    for comp, root in (("clip_l", towers.clip_l), ("clip_g", towers.clip_g), ("t5xxl", towers.t5)):
+        out[comp] = {n: m for n, m in root.named_modules() if isinstance(m, nn.Linear)
+                     and ("encoder.layers." in n or "encoder.block." in n) and n.endswith(_TEXT_LEAVES)}
+    return out
+
+
+def attach_trainable(targets: dict[str, dict[str, nn.Linear]], rank: int, seed: int) -> list[tuple]:
+    """One trainable (down, up) per layer (down ~ N(0, 1/K), up = 0: the LoRA starts as the base)."""
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for comp, mods in targets.items():
+        for name, lin in mods.items():
+            down = nn.Parameter(torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5)
+            up = nn.Parameter(torch.zeros(lin.out_features, rank))
+            lora_slot(lin)[:] = [ActiveTerm(down, up, 0, 1.0)]
+            params.append((comp, name, lin, down, up))
+    return params
+
+
+def make_batch(rng: np.random.Generator, n: int, p_new: float, size: int):
+    """n (image, caption) pairs: brown scenes with probability p_new, else world training scenes."""
+    images, captions = [], []
+    for _ in range(n):
+        if rng.random() < p_new:
+            img, cap = concept.brown_scene(rng, size)
+        else:
+            scene = world.sample_scene(rng, "train")
+            img, cap = world.render(scene, size), world.caption(scene, rng)
+        images.append(img)
+        captions.append(cap)
+    return np.stack(images), captions
+
+
+def build_data(args, vae, tokenizer) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rendered, encoded (model-space latents) and tokenized training set."""
+    rng = np.random.default_rng(args.seed)
+    images, captions = make_batch(rng, args.n_images, args.p_new, args.size)
+    lat = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
+            lat.append(to_model_space(vae.encode(x)))
+    rows = [token_rows(tokenizer, c) for c in captions]
+    ids = [torch.tensor([r[k] for r in rows], dtype=torch.long) for k in range(3)]  # 3 x [N, 77]
+    return torch.cat(lat), ids
+
+
+def export(params: list[tuple], path: Path, rank: int, metadata: dict) -> int:
+    """kohya layout, fp16, alpha = rank (scale 1)."""
+    sd = {}
+    for comp, name, _, down, up in params:
+        stem = _KOHYA_PREFIX[comp] + name.replace(".", "_")
+        sd[stem + ".lora_down.weight"] = down.detach().half().contiguous()
+        sd[stem + ".lora_up.weight"] = up.detach().half().contiguous()
+        sd[stem + ".alpha"] = torch.tensor(float(rank), dtype=torch.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()})
+    return path.stat().st_size
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m sd35fp8.tiny.train_lora", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / LORA_NAME)
+    ap.add_argument("--model", type=Path, default=None, help="base all-in-one (default: the shipped model)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--n-images", type=int, default=240)
+    ap.add_argument("--p-new", type=float, default=0.75, help="fraction of brown scenes in the data")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--train-shift", type=float, default=1.5)
+    ap.add_argument("--text-dropout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 beats 2 on a shared machine)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = args.model or shipped_model_path()
+    spec = TinySpec.from_checkpoint(model, args.size)
+    mmdit = load_component_(build_mmdit(spec, torch.Generator().manual_seed(0)), model, "mmdit").requires_grad_(False)
+    towers = TextTowers(spec)
+    for module, name in ((towers.clip_l, "clip_l"), (towers.clip_g, "clip_g"), (towers.t5, "t5xxl")):
+        load_component_(module, model, name)
+    towers.requires_grad_(False).eval()
+    mmdit.eval()
+    vae = load_component_(build_vae(spec), model, "vae").requires_grad_(False).eval()
+    tokenizer = make_tokenizer(Path(model).parent / SPIECE_NAME)
+    t0 = time.time()
+    latents, ids = build_data(args, vae, tokenizer)
+    data_s = time.time() - t0
+    print(f"data: {latents.shape[0]} images rendered, encoded and tokenized in {data_s:.0f} s", flush=True)
+    empty = [torch.tensor(r, dtype=torch.long)[None] for r in token_rows(tokenizer, "")]  # 3 x [1, 77]
+    params = attach_trainable(lora_targets(mmdit, towers), args.rank, args.seed + 1)
+    trainable = [p for *_, d, u in params for p in (d, u)]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    n, b = latents.shape[0], args.batch
+    losses, t1 = [], time.time()
+    for step in range(args.steps):
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, n, (b,), generator=gen)
+        drop = torch.rand(b, generator=gen) < args.text_dropout  # [B]
+        toks = [torch.where(drop[:, None], e, t[idx]) for t, e in zip(ids, empty)]  # 3 x [B, 77]
+        x0 = latents[idx]  # [B, 16, h, w]
+        eps = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(b, generator=gen))
+        s = args.train_shift * t / (1 + (args.train_shift - 1) * t)  # [B]
+        xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
+        context, pooled = towers(*toks)
+        loss = F.mse_loss(mmdit(xt, s, context, pooled), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step} loss {np.mean(losses[-100:]):.4f} lr {lr:.2e} {time.time() - t1:.0f} s", flush=True)
+    train_s = time.time() - t1
+    record = {"command": "python -m sd35fp8.tiny.train_lora " + " ".join(sys.argv[1:] if argv is None else argv),
+              "args": {k: str(v) for k, v in vars(args).items()}, "data_seconds": round(data_s, 1),
+              "train_seconds": round(train_s, 1), "threads": torch.get_num_threads(),
+              "loss_per_100": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)],
+              "concept": {"word": concept.NEW_COLOUR, "rgb": list(concept.NEW_RGB)},
+              "base_model": Path(model).name}
+    size = export(params, args.out, args.rank, {"sd35fp8.lora": record})
+    for _, _, lin, _, _ in params:
+        remove_slot(lin)
+    print(f"wrote {args.out} ({size / 2 ** 20:.2f} MiB), {args.steps} steps in {train_s:.0f} s")
+    return record
+
+
+if __name__ == "__main__":
+    main()

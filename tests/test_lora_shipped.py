@@ -1,0 +1,39 @@
+"""The shipped LoRA (brown) on the shipped model: it loads in its kohya layout, changes the images, and leaves
+the base model's pixels unchanged at strength 0 and after unloading. How well it draws brown is measured by
+benchmarks/tiny_lora.py (benchmarks/results/tiny_lora_cpu.json), not asserted here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sd35fp8.lora.commands import describe_lora
+from sd35fp8.pipeline import SD35Pipeline
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
+from sd35fp8.tiny.train_lora import LORA_NAME
+
+LORA = SHIPPED_CHECKPOINT.parent / LORA_NAME
+pytestmark = pytest.mark.skipif(not LORA.exists() or not SHIPPED_CHECKPOINT.exists(), reason="shipped LoRA not built")
+SHAPES = ("circle", "square")
+
+
+def images(pipe, prompts, seed=3):
+    out = pipe(list(prompts), num_inference_steps=20, seed=seed, progress=False)
+    return [np.asarray(im.convert("RGB")) for im in out.images]
+
+
+def test_shipped_lora() -> None:
+    info = describe_lora(LORA)
+    assert info["format"] == "kohya / sd-scripts" and info["fits"] == "the shipped tiny model (3 blocks)"
+    assert set(info["targets"]) == {"mmdit", "clip_l", "clip_g", "t5xxl"} and not info["skipped"]
+    assert LORA.stat().st_size <= 2 * 2**20
+    pipe = SD35Pipeline.from_pretrained(device="cpu")
+    prompts = [f"a photo of a brown {s}" for s in SHAPES]
+    base = images(pipe, prompts)
+    pipe.load_lora_weights(LORA, adapter_name="brown", weight=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(images(pipe, prompts), base))
+    pipe.set_adapters("brown", 1.0)
+    with_lora = images(pipe, prompts)
+    assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(with_lora, base)) > 20
+    pipe.unload_lora_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(images(pipe, prompts), base))

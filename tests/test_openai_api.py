@@ -1,0 +1,135 @@
+"""The OpenAI-compatible images API (server/openai_api.py) with the official `openai` client.
+
+The shipped model (all-in-one FP8 file of comfy_models) at 32x32, 4 euler steps. Each image must equal
+the one the ComfyUI route makes from the same graph (same queue, same engine): pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from comfy_models import build_models_folder
+from live_server import LiveServer
+from sd35fp8.server import create_app
+from sd35fp8.server.openai_api import ImageRequest, build_graph, checkpoint_defaults, parse_size
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
+
+MODEL = "stable-diffusion-3.5-fp8"
+
+
+def pixels(raw: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).astype(int)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai")
+    models = build_models_folder(root)
+    app = create_app(models, root / "output", device="cpu", serve_frontend=False)
+    with LiveServer(app) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_models(client):
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("dall-e-3")
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_generate_b64_and_url_match_comfy_route(server, client):
+    extra = {"steps": 4, "seed": 7, "sampler_name": "euler", "negative_prompt": "blurry"}
+    got = client.images.generate(model=MODEL, prompt="a red cube", size="32x32", n=2,
+                                 response_format="b64_json", extra_body=extra)
+    assert len(got.data) == 2
+    imgs = [pixels(base64.b64decode(d.b64_json)) for d in got.data]
+    assert imgs[0].shape == (32, 32, 3) and not np.array_equal(imgs[0], imgs[1])  # n = a batch of 2 noises
+
+    by_url = client.images.generate(model=MODEL, prompt="a red cube", size="32x32", n=2,
+                                    response_format="url", extra_body=extra)
+    assert [pixels(requests.get(d.url, timeout=30).content).tolist() for d in by_url.data] == \
+        [i.tolist() for i in imgs]
+
+    # the same graph through POST /prompt gives the same pixels; history has both OpenAI prompts
+    req = ImageRequest(prompt="a red cube", size="32x32", n=2, **extra)
+    defaults = checkpoint_defaults(SHIPPED_CHECKPOINT)
+    graph = build_graph(req, f"{MODEL}.safetensors", defaults, "comfy")
+    pid = requests.post(f"{server.url}/prompt", json={"prompt": graph}, timeout=30).json()["prompt_id"]
+    for _ in range(3000):
+        hist = requests.get(f"{server.url}/history/{pid}", timeout=30).json()
+        if pid in hist:
+            break
+        import time
+
+        time.sleep(0.1)
+    (ui,) = hist[pid]["outputs"].values()
+    comfy = [pixels(requests.get(f"{server.url}/view", params=i, timeout=30).content) for i in ui["images"]]
+    assert [c.tolist() for c in comfy] == [i.tolist() for i in imgs]
+    assert len(requests.get(f"{server.url}/history", timeout=30).json()) == 3
+
+
+def test_errors_have_openai_shape(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=MODEL, prompt="x", size="30x30")
+    assert e.value.body["param"] == "size" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=MODEL, prompt="x", n=11)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=MODEL, prompt="x", extra_body={"sampler_name": "nope", "steps": 1})
+    assert "sampler_name" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="dall-e-3", prompt="x")
+    with pytest.raises(openai.BadRequestError) as e:  # the server's --max-pixel-steps budget, as POST /prompt
+        client.images.generate(model=MODEL, prompt="x", size="2048x2048", n=10, extra_body={"steps": 200})
+    assert e.value.body["code"] == "prompt_over_budget"
+
+
+def test_parse_size():
+    assert parse_size("64x48", (1, 1)) == (64, 48)
+    assert parse_size(None, (1024, 1024)) == (1024, 1024)
+    with pytest.raises(Exception, match="multiples of 16"):
+        parse_size("100x100", (1, 1))
+
+
+def _readme_section() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text.split("## Serving at scale", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_curl_and_openai_examples(server, tmp_path):
+    """The README's curl command and openai client example, run as written against the live server."""
+    import shlex
+    import subprocess
+
+    section = _readme_section()
+    curl = [line for line in section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if line.startswith("curl")]
+    (cmd,) = curl
+    argv = [a.replace("http://127.0.0.1:8188", server.url) for a in shlex.split(cmd)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    import json
+
+    assert pixels(base64.b64decode(json.loads(out)["data"][0]["b64_json"])).shape == (128, 128, 3)
+
+    code = section.split("```python\n", 1)[1].split("```", 1)[0].replace("http://127.0.0.1:8188", server.url)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=300)
+    assert pixels((tmp_path / "cube.png").read_bytes()).shape == (128, 128, 3)
