@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sd35fp8.errors import InputError
+from sd35fp8.errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,11 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    folder, base, counter, subfolder = save_image_path(prefix, output_dir, images.shape[2], images.shape[1])
+    try:
+        folder, base, counter, subfolder = save_image_path(prefix, output_dir, images.shape[2], images.shape[1])
+    except OSError as e:
+        raise OutputError(f"cannot use the {folder_type} folder {output_dir}: {e.strerror or e} "
+                          f"(check that it is a writable folder)") from e
     results = []
     for batch_number, image in enumerate(images):  # [H, W, C]
         arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
@@ -519,7 +523,15 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
         for key, value in (extra_pnginfo or {}).items():
             meta.add_text(key, json.dumps(value))
         file = f"{base.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        Image.fromarray(arr).save(folder / file, pnginfo=meta, compress_level=compress_level)
+        tmp = folder / f".{file}.partial"
+        try:  # written whole under a temporary name, then renamed: never a partial image in the folder
+            Image.fromarray(arr).save(tmp, format="PNG", pnginfo=meta, compress_level=compress_level)
+            os.replace(tmp, folder / file)
+        except OSError as e:
+            raise OutputError(f"cannot write {file} into the {folder_type} folder {folder}: {e.strerror or e} "
+                              f"(free disk space or make the folder writable)") from e
+        finally:
+            tmp.unlink(missing_ok=True)
         results.append({"filename": file, "subfolder": subfolder, "type": folder_type})
         counter += 1
     return results

@@ -78,6 +78,17 @@ def early_error(prompt_id: str, ex: Exception) -> dict:
             "current_inputs": {}, "current_outputs": [], "timestamp": _now_ms()}
 
 
+def explain_error(ex: BaseException, nid: str, class_type: str) -> str:
+    """The execution_error message: the exception's text, plus what to change where we know it."""
+    text = str(ex)
+    if isinstance(ex, torch.cuda.OutOfMemoryError):
+        text += (f"\nThe GPU ran out of memory in node {nid} ({class_type}). To fit: use a smaller width/height "
+                 "or batch_size, batch fewer prompts together (--max-batch), or start with --offload model "
+                 "(text encoders and VAE leave the GPU between uses) or --offload sequential (least memory). "
+                 "The memory this prompt held has been released.")
+    return text
+
+
 def format_value(x: Any) -> Any:
     """ComfyUI format_value: plain values as they are, anything else as str()."""
     if x is None or isinstance(x, (int, float, bool, str)):
@@ -427,7 +438,7 @@ class PromptRun:
             "node_id": nid,
             "node_type": class_type,
             "executed": list(self.result.executed),
-            "exception_message": str(ex),
+            "exception_message": explain_error(ex, nid, class_type),
             "exception_type": full_type_name(type(ex)),
             "traceback": traceback.format_tb(ex.__traceback__),
             "current_inputs": {k: [format_value(v)] for k, v in (inputs or {}).items()},
