@@ -345,7 +345,8 @@ def test_engine_step_carries_the_lora(tmp_path: Path) -> None:
 
 def test_info_and_cli_arguments(tmp_path: Path, capsys) -> None:
     from sd35fp8.cli import build_parser, main
-    from sd35fp8.lora.commands import describe_lora, is_lora_file, parse_lora_arg
+    from sd35fp8.cli.lora import parse_lora_arg
+    from sd35fp8.lora.commands import describe_lora, is_lora_file
 
     _, _, sd = _peft_mmdit()
     path = _save(to_kohya(sd, 8.0, CFG.depth), tmp_path / "k.safetensors")
