@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sd35fp8.errors import InputError
 from sd35fp8.workflow.graph import execution_order, parse_prompt
 from sd35fp8.workflow.validate import full_type_name, validate_prompt
@@ -63,6 +65,17 @@ def early_error(prompt_id: str, ex: Exception) -> dict:
     return {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
             "exception_message": str(ex), "exception_type": type(ex).__name__, "traceback": [],
             "current_inputs": {}, "current_outputs": [], "timestamp": _now_ms()}
+
+
+def explain_error(ex: BaseException, nid: str, class_type: str) -> str:
+    """The execution_error message: the exception's text, plus what to change where we know it."""
+    text = str(ex)
+    if isinstance(ex, torch.cuda.OutOfMemoryError):
+        text += (f"\nThe GPU ran out of memory in node {nid} ({class_type}). To fit: use a smaller width/height "
+                 "or batch_size, batch fewer prompts together (--max-batch), or start with --offload model "
+                 "(text encoders and VAE leave the GPU between uses) or --offload sequential (least memory). "
+                 "The memory this prompt held has been released.")
+    return text
 
 
 def format_value(x: Any) -> Any:
@@ -190,7 +203,7 @@ class PromptRun:
             "node_id": nid,
             "node_type": class_type,
             "executed": list(self.result.executed),
-            "exception_message": str(ex),
+            "exception_message": explain_error(ex, nid, class_type),
             "exception_type": full_type_name(type(ex)),
             "traceback": traceback.format_tb(ex.__traceback__),
             "current_inputs": {k: [format_value(v)] for k, v in (inputs or {}).items()},
