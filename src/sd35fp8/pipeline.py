@@ -20,13 +20,15 @@ from PIL import Image
 
 from .defaults import GenerationDefaults, defaults_for
 from .errors import InputError
+from .fast import OFFLOAD_MODES, build_engine, default_compile
+from .fp8.device import MODES
+from .models.mmdit import MMDiT
 from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("none", "model", "sequential")
-FP8_CHOICES = (None, "none", "weight_only", "dynamic", "static")
+FP8_CHOICES = (None, "none", *MODES)  # None: the file's precision; "none": --dtype
 TILED_DECODE_PIXELS = 1536 * 1536  # decode larger images in tiles (bounded memory)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised x0 [B,16,h,w])
@@ -82,7 +84,9 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
                  dtype: torch.dtype, offload: str = "none", description: dict | None = None):
         if offload not in OFFLOAD_MODES:
             raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
-        self.mmdit = mmdit
+        self.device = torch.device(device)
+        self.offload = offload
+        self.mmdit = mmdit  # an MMDiT becomes its engine (the `mmdit` setter)
         self.vae = vae
         self.text_encoder = text_encoder
         self.defaults = defaults
@@ -97,10 +101,26 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         # compile=True)), whose numerics differ from the workflow's anyway.
         self.batch_encode = False
         self._offloader = None
-        if offload != "none":
+        if offload != "none":  # text encoders and VAE visit the device; the MMDiT engine places itself
             from .offload import ModelOffload
 
             self._offloader = ModelOffload(self.device)
+            self._offloader.register(text_encoder, "text_encoder")
+            self._offloader.register(vae, "vae")
+
+    @property
+    def mmdit(self):
+        """The MMDiT's engine (fast.MMDiTEngine: .model, .config, .fp8_mode, .describe())."""
+        return self._mmdit
+
+    @mmdit.setter
+    def mmdit(self, model) -> None:
+        """Assigning an MMDiT module builds its engine for this pipeline's device and offload (the weights
+        move there); an engine, or another model with MMDiT's forward contract (a calibration recorder,
+        fast.PlainForward), is used as it is."""
+        if isinstance(model, MMDiT):
+            model = build_engine(model, self.device, compile=False, offload=self.offload)
+        self._mmdit = model
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -108,18 +128,21 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
                         clip_g: str | Path | None = None, t5xxl: str | Path | None = None,
                         t5_tokenizer: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fp8: str | None = None,
-                        offload: str = "none", t5_min_length: int = 77, compile: bool = False) -> SD35Pipeline:
+                        offload: str = "none", t5_min_length: int = 77, compile: bool | None = None) -> SD35Pipeline:
         """Load everything a generation needs.
 
         model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
         None = the shipped small model. fp8: None keeps the file's precision (an fp8 file runs as
         FP8), "none" forces --dtype, "weight_only" | "dynamic" | "static" quantise the MMDiT.
-        offload: "none" keeps every model on the device; "model" keeps every model in pinned CPU
-        memory and moves each to the device only while it runs (a 12 GB card); "sequential" also
-        streams the MMDiT's and T5's blocks one by one with prefetch (an 8 GB card).
-        compile: run the MMDiT through `sd35fp8.fast.FastMMDiT` (fused FP8 step, torch.compile per
-        block shape, CUDA graphs per image shape; CUDA with offload "none" only). The first image
-        of each size compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor).
+        offload: "none" keeps every model on the device; "model" (a 12 GB card) keeps the MMDiT
+        resident and the text encoders and VAE in pinned CPU memory, each moved to the device only
+        while it runs (T5's blocks streamed one by one); "sequential" (an 8 GB card) also streams the
+        MMDiT's joint blocks with prefetch into the fused step.
+        The MMDiT always runs through `sd35fp8.fast.build_engine` (fused step; CUDA graphs per image
+        shape on CUDA unless sequential). compile: also torch.compile the per-block step (None: the
+        device's default, fast.default_compile: off for the Python API and `generate`). The first
+        image of each size then compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor);
+        `warmup` does it up front.
         """
         from .checkpoints.load import load_mmdit, load_text_encoders, load_vae
         from .checkpoints.sources import resolve
@@ -134,7 +157,7 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = shipped_model_path() if model is None else model
         comps = resolve(model, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl)
-        side = device if offload == "none" else torch.device("cpu")
+        side = device if offload == "none" else torch.device("cpu")  # offload: load into CPU memory
         if offload != "none" and fp8 not in (None, "none"):
             from .fp8.device import choose_mode
 
@@ -148,14 +171,13 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
             for tower in (texts.clip_l, texts.clip_g, texts.t5xxl):
                 if tower is not None:
                     keep_token_embeddings_on_cpu(tower)
-        if compile:
-            mmdit = _fast_mmdit(mmdit, device, offload)
-        if offload == "sequential":
-            from .offload import SequentialOffload, stream_t5_blocks
+        if compile is None:
+            compile = default_compile(device, offload)
+        mmdit = build_engine(mmdit, device, compile=compile, offload=offload)
+        if offload != "none" and texts.t5xxl is not None:  # T5 block by block next to the resident MMDiT
+            from .offload import stream_t5_blocks
 
-            mmdit = SequentialOffload(mmdit, device)
-            if texts.t5xxl is not None:
-                stream_t5_blocks(texts.t5xxl, device)
+            stream_t5_blocks(texts.t5xxl, device)
         t5_tok = None
         if texts.t5xxl is not None:
             near = [Path(f) for f in comps.t5xxl.files] + [Path(f) for f in comps.mmdit.files]
@@ -173,15 +195,28 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         description = {"model": str(model), "components": comps.origins, "mmdit": config.describe(),
                        "defaults": defaults.name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
         log.info("loaded %s on %s (%s)", defaults.name, device, description["dtype"])
-        pipe = cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
-        pipe.batch_encode = compile
-        return pipe
+        return cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
 
     # ------------------------------------------------------------------ helpers
+    def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> float:
+        """Compile / capture the MMDiT step for each (width, height, images per prompt) now, so the first
+        generation of those sizes does not pay it (None: the model's default size, one image). The
+        CFG batch and the default skip-layer-guidance pass are prepared as generations use them.
+        Returns the seconds spent (0 when nothing is prepared per shape: CPU, eager sequential)."""
+        d = self.defaults
+        shapes = [(d.width, d.height, 1)] if shapes is None else list(shapes)
+        slg = self._slg(None)
+        t5 = getattr(self.text_encoder, "t5", None) is not None
+        tok = getattr(self.text_encoder, "tokenizer", None)
+        tokens = 77 + (max(77, getattr(tok, "t5_min_length", 77)) if t5 else 0)
+        return self.mmdit.warmup(shapes, cfg=abs(d.cfg - 1.0) > 1e-9, skip_layers=slg.layers if slg else (),
+                                 context_tokens=tokens)
+
     @contextmanager
     def _on_device(self, module: torch.nn.Module):
-        """With offload, a model is on the device only while it runs (sd35fp8.offload.ModelOffload)."""
-        if self._offloader is None:
+        """With offload, the text encoders and VAE are on the device only while they run
+        (sd35fp8.offload.ModelOffload); the MMDiT engine places its own weights (fast/engine.py)."""
+        if self._offloader is None or not self._offloader.manages(module):
             yield module
             return
         with self._offloader.on_device(module):
@@ -231,15 +266,19 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
     def _tiled_decode(self, width: int, height: int, batch: int = 1) -> bool:
         """Tiled VAE decode (bounded memory, not bit-equal to a full decode) only when needed.
 
-        Offload model/sequential: the 8 GB-card rule of `offload.use_tiled_decode`. Offload none on
+        Offload model / sequential: tiled when the engine's resident weights (all of the MMDiT / its
+        fused adaLN, embedders and final layer) plus a full decode exceed MODEL_OFFLOAD_BUDGET (a 12 GB
+        card) / SEQUENTIAL_OFFLOAD_BUDGET (an 8 GB card). Offload none on
         CUDA: full decode when its estimated activations fit the device's free memory (with 10 %
         margin), as ComfyUI falls back to tiles only when a full decode does not fit. CPU: tiles
         above TILED_DECODE_PIXELS.
         """
-        from .offload import free_device_bytes, use_tiled_decode, vae_decode_bytes
+        from .offload import (MODEL_OFFLOAD_BUDGET, SEQUENTIAL_OFFLOAD_BUDGET, free_device_bytes, use_tiled_decode,
+                              vae_decode_bytes)
 
-        if self.offload != "none":
-            return use_tiled_decode(width, height)
+        if self.offload != "none":  # the engine's resident weights plus a full decode within the card's budget
+            budget = MODEL_OFFLOAD_BUDGET if self.offload == "model" else SEQUENTIAL_OFFLOAD_BUDGET
+            return use_tiled_decode(width, height, budget, self.mmdit.weight_bytes()["resident"])
         free = free_device_bytes(self.device)
         if free is None:
             return width * height > TILED_DECODE_PIXELS
@@ -362,10 +401,9 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
 
     def summary(self) -> str:
         """One line: model, device, dtype and the MMDiT's compute mode (with the reason for FP8 choices)."""
-        report = getattr(getattr(self.mmdit, "model", self.mmdit), "fp8_report", None)
+        report = getattr(self.mmdit.model, "fp8_report", None)
         mode = report.describe() if report is not None else f"MMDiT in {self.description.get('dtype')}"
-        fast = f"; {self.mmdit.describe()}" if hasattr(self.mmdit, "graphs") else ""
-        return f"{self.defaults.name} on {self.device}; {mode}{fast}"
+        return f"{self.defaults.name} on {self.device}; {mode}; {self.mmdit.describe()}"
 
     @property
     def fp8_mode(self) -> str:
@@ -373,19 +411,6 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
 
         modes = {m.effective_mode for m in self.mmdit.modules() if isinstance(m, FP8Linear)}
         return ",".join(sorted(modes)) if modes else "none"
-
-
-def _fast_mmdit(mmdit, device: torch.device, offload: str):
-    """The MMDiT wrapped in FastMMDiT (compiled, CUDA graphs), in the FP8 mode its linears were loaded in."""
-    from .fast import FastMMDiT, enable_compile_cache
-    from .fp8.linear import FP8Linear
-
-    if device.type != "cuda" or offload != "none":
-        raise InputError(f"compile needs a CUDA device and offload 'none' (got {device.type}, offload {offload!r})")
-    qkv = mmdit.joint_blocks[0].x_block.attn.qkv
-    mode = qkv.mode if isinstance(qkv, FP8Linear) else None
-    enable_compile_cache()
-    return FastMMDiT(mmdit, mode, compile=True, cuda_graphs=True)
 
 
 def _prompt_list(value, name: str) -> list[str]:

@@ -27,6 +27,7 @@ import torch
 
 from sd35fp8.errors import InputError
 from sd35fp8.workflow.folders import ModelFolders
+from sd35fp8.workflow.engine import EngineOptions
 from sd35fp8.workflow.graph import execution_order, is_link, parse_prompt
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node, NodeContext
 from sd35fp8.workflow.validate import full_type_name, validate_prompt
@@ -99,11 +100,28 @@ class PromptExecutor:
     """Executes prompts against one models folder on one device; keeps the output cache."""
 
     def __init__(self, folders: ModelFolders, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 classes: Mapping[str, type[Node]] | None = None, options: dict[str, Any] | None = None):
+                 classes: Mapping[str, type[Node]] | None = None, options: dict[str, Any] | None = None, *,
+                 compile: bool | None = None, offload: str = "none"):
+        """compile: torch.compile the MMDiT engine's step (None: the device's default for a long-running
+        executor, fast.default_compile: on for CUDA); offload: "none" | "model" (MMDiT resident, text
+        encoders and VAE visit the device) | "sequential" (MMDiT blocks streamed too). Loaders build
+        every MMDiT through sd35fp8.fast.build_engine with these (NodeContext.engine_options)."""
+        from sd35fp8.fast import OFFLOAD_MODES, default_compile
+
         self.folders = folders
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if offload not in OFFLOAD_MODES:
+            raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+        self.offload = offload
+        self.compile = default_compile(self.device, offload, serving=True) if compile is None else bool(compile)
+        offloader = None
+        if offload != "none":
+            from sd35fp8.offload import ModelOffload
+
+            offloader = ModelOffload(self.device)
+        self.engine_options = EngineOptions(compile=self.compile, offload=offload, offloader=offloader)
         self.classes = dict(NODE_CLASS_MAPPINGS if classes is None else classes)
         self.options = dict(options or {})
         self._cache: dict[str, tuple[tuple, dict | None]] = {}  # key -> (outputs, ui)
@@ -182,6 +200,57 @@ class PromptExecutor:
         for k in [k for k in self._cache if k not in wanted]:
             del self._cache[k]
 
+    # ---- warm-up ---------------------------------------------------------------------------
+    def warmup(self, prompt: dict, shapes: Sequence[tuple[int, int, int]] | None = None) -> float:
+        """Prepare for the first queued prompt, e.g. at server start-up: run `prompt`'s loader nodes (the
+        nodes that output a MODEL, CLIP or VAE; their outputs stay in the cache, so a later prompt with
+        the same loaders reuses them without loading again), compile / capture each MMDiT engine for
+        every (width, height, images per prompt) in `shapes` (None: the sizes of the prompt's
+        empty-latent nodes; CFG and the model's skip-layer-guidance pass as the sampler calls them),
+        and run each text encoder on a dummy text and each VAE decode on a zero latent of those sizes
+        (first-use kernel set-up; nothing of that is cached). Returns the seconds spent, loading included."""
+        from sd35fp8.workflow import engine as nodes_engine
+
+        t0 = time.perf_counter()
+        parsed = parse_prompt(prompt)
+        kinds = ("MODEL", "CLIP", "VAE")
+        loaders = [nid for nid, node in parsed.items()
+                   if any(t in kinds for t in self.classes[node["class_type"]].RETURN_TYPES)]
+        if not any("MODEL" in self.classes[parsed[nid]["class_type"]].RETURN_TYPES for nid in loaders):
+            raise InputError("warm-up: the prompt has no node that outputs a MODEL")
+        if shapes is None:
+            shapes = [(int(n["inputs"]["width"]), int(n["inputs"]["height"]), int(n["inputs"].get("batch_size", 1)))
+                      for n in parsed.values() if n["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage")
+                      and not any(is_link(n["inputs"].get(k)) for k in ("width", "height", "batch_size"))]
+        shapes = list(shapes)
+        run = PromptRun(self, parsed, "warmup", execute_outputs=loaders)
+        run.begin()
+        with torch.inference_mode():
+            for nid in run.order:
+                if not run.step(nid):
+                    break
+        result = run.finish()
+        if not result.success:
+            raise InputError(f"warm-up: loading the models failed: {result.error}")
+        with torch.inference_mode():
+            for nid in loaders:
+                outputs, _ = self._cache[run.keys[nid]]
+                for kind, value in zip(self.classes[parsed[nid]["class_type"]].RETURN_TYPES, outputs):
+                    if kind == "MODEL" and value is not None:
+                        slg = value.slg
+                        value.mmdit.warmup(shapes, skip_layers=slg.layers if slg is not None else ())
+                    elif kind == "CLIP" and value is not None:
+                        nodes_engine.encode_text(value, "warm-up")
+                    elif kind == "VAE" and value is not None:
+                        for width, height, _batch in shapes:
+                            latent = {"samples": torch.zeros(1, nodes_engine.SD3_LATENT_CHANNELS, height // 8, width // 8)}
+                            nodes_engine.vae_decode(value, latent, self.engine_options.offloader)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        log.info("executor warm-up (%s, shapes %s): %.1f s", ", ".join(loaders), shapes, seconds)
+        return seconds
+
     # ---- run -------------------------------------------------------------------------------
     def execute(self, prompt: dict, prompt_id: str = "", extra_data: dict | None = None,
                 hooks: Hooks | None = None, execute_outputs: list[str] | None = None) -> ExecutionResult:
@@ -233,7 +302,7 @@ class PromptExecutor:
 
         return NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid,
                            progress=progress, check_interrupt=check_interrupt or self._check_interrupt,
-                           options=self.options)
+                           options=self.options, engine_options=self.engine_options)
 
     def _run_node(self, nid: str, class_type: str, inputs: dict, prompt_id: str, send: Hooks,
                   check_interrupt: Callable[[], None] | None = None) -> tuple[tuple, dict | None]:
