@@ -373,11 +373,14 @@ def main() -> None:
              "versions": versions(), "device": "cpu", "workflow": f"seed-fp8-allinone {SIZE}x{SIZE} euler {STEPS} steps"}
     for name, row in results.items():
         data["scenarios"][name] = {**row, **stamp}
-    lost = sum(r["lost"] for n, r in data["scenarios"].items() if n in ("flood", "kill9", "sigterm"))
-    data["accepted_lost_flood_kill9_sigterm"] = lost
+    core = [n for n in ("flood", "kill9", "sigterm") if n in data["scenarios"]]
+    lost = sum(data["scenarios"][n]["lost"] for n in core)
+    data["accepted_lost_flood_kill9_sigterm"] = lost if len(core) == 3 else None  # None: not all three run
+    data["not_run"] = [n for n in SCENARIOS if n not in data["scenarios"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"accepted prompts lost across flood, kill -9 + restart, SIGTERM: {lost}; wrote {args.out}")
+    print(f"accepted prompts lost in {', '.join(core) or 'no loss scenario run yet'}: {lost}; "
+          f"not run: {', '.join(data['not_run']) or 'none'}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
         help="make images from a prompt",
         description="Make images from a prompt. " + LONG_PROMPT_HELP,
         epilog="Defaults follow the reference (sd3_infer.py): Large 40 steps cfg 4.5 dpmpp_2m; "
-        "Large Turbo 4 steps cfg 1 euler; Medium 50 steps cfg 5 dpmpp_2m with skip-layer "
-        "guidance; the shipped model uses its own recorded defaults.",
+        "Large Turbo 4 steps cfg 1 euler; Medium 50 steps dpmpp_2m with skip-layer guidance at "
+        "cfg 4 (cfg 5 with --no-slg); the shipped model uses its own recorded defaults.",
     )
     gen.add_argument("prompt", help="the text prompt. " + LONG_PROMPT_HELP)
     add_model_args(gen)

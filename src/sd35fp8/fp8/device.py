@@ -37,7 +37,8 @@ from sd35fp8.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-MODES = ("weight_only", "dynamic", "static")
+MODES = ("weight_only", "dynamic", "static")  # THE vocabulary of FP8 modes (FP8Linear, loaders, engine, CLI)
+MATMUL_MODES = ("dynamic", "static")  # the modes that multiply in fp8 (torch._scaled_mm)
 MODE_ENV = "SD35FP8_FP8_MODE"
 MIN_CUDA_CAPABILITY = (8, 9)
 

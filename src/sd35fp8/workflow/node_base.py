@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sd35fp8.errors import InputError
+from sd35fp8.workflow.engine import EngineOptions
 
 if TYPE_CHECKING:
     from sd35fp8.workflow.folders import ModelFolders
@@ -35,6 +36,7 @@ class NodeContext:
     progress: Callable[[int, int], None] = lambda value, total: None
     check_interrupt: Callable[[], None] = lambda: None
     options: dict[str, Any] = field(default_factory=dict)
+    engine_options: EngineOptions = field(default_factory=EngineOptions)  # compile / offload for loaders
 
 
 class Node:

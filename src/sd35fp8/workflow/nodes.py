@@ -53,7 +53,7 @@ class CheckpointLoaderSimple(Node):
 
     def load_checkpoint(self, ckpt_name):
         path = self.ctx.folders.get_full_path_or_raise("checkpoints", ckpt_name)
-        return engine.load_checkpoint(path, self.ctx.device, self.ctx.dtype)
+        return engine.load_checkpoint(path, self.ctx.device, self.ctx.dtype, self.ctx.engine_options)
 
 
 class UNETLoader(Node):
@@ -75,7 +75,8 @@ class UNETLoader(Node):
 
     def load_unet(self, unet_name, weight_dtype):
         path = self.ctx.folders.get_full_path_or_raise("diffusion_models", unet_name)
-        return (engine.load_diffusion_model(path, self.ctx.device, self.ctx.dtype, weight_dtype),)
+        return (engine.load_diffusion_model(path, self.ctx.device, self.ctx.dtype, weight_dtype,
+                                            self.ctx.engine_options),)
 
 
 class VAELoader(Node):
@@ -94,7 +95,7 @@ class VAELoader(Node):
 
     def load_vae(self, vae_name):
         path = self.ctx.folders.get_full_path_or_raise("vae", vae_name)
-        return (engine.load_vae_file(path, self.ctx.device, self.ctx.dtype),)
+        return (engine.load_vae_file(path, self.ctx.device, self.ctx.dtype, self.ctx.engine_options),)
 
 
 class TripleCLIPLoader(Node):
@@ -115,7 +116,7 @@ class TripleCLIPLoader(Node):
 
     def load_clip(self, clip_name1, clip_name2, clip_name3):
         paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2, clip_name3)]
-        return (engine.load_clip_files(paths, self.ctx.device, self.ctx.dtype),)
+        return (engine.load_clip_files(paths, self.ctx.device, self.ctx.dtype, self.ctx.engine_options),)
 
 
 class DualCLIPLoader(Node):
@@ -174,7 +175,8 @@ class CLIPLoader(Node):
             raise engine.unsupported(f"CLIPLoader type {type!r}: this engine runs SD3.5 only (use type 'sd3')")
         path = self.ctx.folders.get_full_path_or_raise("text_encoders", clip_name)
         dev = "cpu" if device == "cpu" else self.ctx.device
-        return (engine.load_clip_files([path], dev, self.ctx.dtype),)
+        return (engine.load_clip_files([path], dev, self.ctx.dtype,
+                                       None if device == "cpu" else self.ctx.engine_options),)
 
 
 # ---- conditioning ---------------------------------------------------------------------------
@@ -465,7 +467,7 @@ class VAEDecode(Node):
         }}
 
     def decode(self, vae, samples):
-        return (engine.vae_decode(vae, samples),)
+        return (engine.vae_decode(vae, samples, self.ctx.engine_options.offloader),)
 
 
 class VAEEncode(Node):
@@ -479,7 +481,7 @@ class VAEEncode(Node):
         return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
 
     def encode(self, vae, pixels):
-        return (engine.vae_encode(vae, pixels),)
+        return (engine.vae_encode(vae, pixels, self.ctx.engine_options.offloader),)
 
 
 # ---- images ---------------------------------------------------------------------------------
