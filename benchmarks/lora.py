@@ -8,8 +8,9 @@ Rows (median ms per MMDiT step over --steps timed steps after warm-up, same inpu
 - unmerged: the same engine with one rank-R LoRA on every Linear of the MMDiT (the low-rank term beside
   each FP8 GEMM: lora/apply.py apply_lora, called by the engine's matmul and the layer hooks);
 - merged: the LoRA fused into the FP8 weights (requantised), i.e. the base step's cost;
-and the time to switch the active LoRA between two loaded LoRAs (set_active), to merge (fuse) and to
-unmerge (unfuse). The unmerged output is checked against the merged one (SQNR), so a LoRA silently
+and the time to switch the active LoRA between two loaded LoRAs (set_active), the first step after
+switching to a LoRA not used before (CUDA graph capture: graphs are keyed on the active LoRA set) and
+the steps after switching back (replay), to merge (fuse) and to unmerge (unfuse). The unmerged output is checked against the merged one (SQNR), so a LoRA silently
 ignored by the step cannot pass as "no overhead". JSON: benchmarks/results/lora_<device>.json.
 """
 
@@ -132,9 +133,13 @@ def main(argv=None) -> dict:
     swap = [timed(lambda: loras.set_active({"a": 1.0}), dev)]
     unmerged_out = step().float()
     rows["unmerged"] = statistics.median(time_ms(step, dev, steps, args.warmup))
-    for _ in range(3):
+    first_step_ms, back_step_ms = [], []
+    for i in range(3):
         swap.append(timed(lambda: loras.set_active({"b": 1.0}), dev))
+        first_step_ms.append(timed(step, dev))  # i = 0: b's first step (CUDA graph capture); then replays
         swap.append(timed(lambda: loras.set_active({"a": 1.0}), dev))
+        back_step_ms.append(timed(step, dev))  # back to a: its graph replays
+    swapped_out = step().float()
     def fuse():
         loras.fuse()
         getattr(engine, "refresh_weights", lambda: None)()  # the engine re-reads the rewritten weights
@@ -149,6 +154,8 @@ def main(argv=None) -> dict:
         "step_ms": rows, "unmerged_overhead": rows["unmerged"] / rows["base"] - 1,
         "swap_ms_median": statistics.median(swap), "load_ms_per_lora": load_ms, "merge_ms": merge_ms,
         "unmerge_ms": unmerge_ms,
+        "first_step_after_new_lora_ms": first_step_ms[0], "step_after_swap_ms": first_step_ms[1:] + back_step_ms,
+        "swapped_back_equals_unmerged": bool(torch.equal(swapped_out, unmerged_out)),
         "sqnr_unmerged_vs_merged_db": sqnr(merged_out, unmerged_out),
         "sqnr_base_vs_merged_db": sqnr(merged_out, base_out),
         "lora_params": sum(v.numel() for k, v in sd_a.items() if "lora_" in k),

@@ -1,4 +1,4 @@
-"""CUDA graphs for the fast MMDiT step: one captured graph per fixed shape.
+"""CUDA graphs for the fast MMDiT step: one captured graph per fixed shape and model state.
 
 A generation runs one shape for all its steps (batch, H, W, context length, skip_layers), so the
 first call per key warms up (this is when torch.compile compiles), captures the whole step into a
@@ -6,43 +6,67 @@ CUDA graph with static input buffers, and every later call copies the inputs in 
 Python, no per-kernel launch cost. All graphs share one memory pool, so several shapes (cond-only
 and cfg batches, skip-layer passes) cost little extra memory.
 
+What a graph reads besides its inputs is frozen at capture: the LoRA terms in the layers' slots
+(their factor tensors by address, their strengths as constants, whether a layer has any). So the
+key also holds `state()`: (a hashable tag, objects to keep alive), the engine's active LoRA set
+(MMDiTEngine.lora_state: per slot the terms' identities and strengths). A LoRA swap or a strength
+change gives a new key, hence a new capture, and swapping back replays the earlier graph; the
+entry keeps the tagged objects alive so their ids (and the tensors the graph reads) stay valid.
+At most `max_graphs` graphs are kept (least recently used dropped first).
+
 The returned tensor is a fresh copy (a graph's output buffer is overwritten by the next replay).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 WARMUP_CALLS = 2  # eager calls before capture: compile, cuDNN/cuBLAS plans, allocator warm
+MAX_GRAPHS = 32  # captured graphs kept (shapes x LoRA sets); least recently used dropped first
 
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: Any  # torch.cuda.CUDAGraph (or what `capture` returns in a CPU test)
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
+    keep: Any = None  # the objects the state tag names (LoRA terms): alive while the graph is
+
+
+def no_state() -> tuple[tuple, None]:
+    return (), None
 
 
 class GraphCache:
-    """`cache(x, sigma, context, pooled, skip) -> (out, fresh)`; fresh: this call compiled/captured."""
+    """`cache(x, sigma, context, pooled, skip) -> (out, fresh)`; fresh: this call compiled/captured.
 
-    def __init__(self, fn: Callable[..., torch.Tensor]):
+    state: () -> (tag, keep): the part of the key that is not an input (the active LoRA set)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], state: Callable[[], tuple[tuple, Any]] = no_state,
+                 max_graphs: int = MAX_GRAPHS):
         self.fn = fn
-        self.graphs: dict[tuple, _Graph] = {}
+        self.state = state
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.pool = None
 
     @staticmethod
-    def key(tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...]) -> tuple:
-        return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors) + (skip,)
+    def key(tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...], tag: tuple = ()) -> tuple:
+        return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors) + (skip, tag)
 
     def clear(self) -> None:
+        """Drop every graph, and the memory pool with them: once its last graph is gone the allocator frees
+        the pool, and capturing into the old handle fails (CUDACachingAllocator 'use_count > 0' assert,
+        seen on the H200 when a LoRA merge refreshed the engine's weights)."""
         self.graphs.clear()
+        self.pool = None
 
     def capture(self, tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...]) -> _Graph:
         static = tuple(t.detach().clone() for t in tensors)
@@ -62,10 +86,18 @@ class GraphCache:
 
     def __call__(self, x, sigma, context, pooled, skip: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
         tensors = (x, sigma, context, pooled)
-        k = self.key(tensors, skip)
+        tag, keep = self.state()
+        k = self.key(tensors, skip, tag)
         fresh = k not in self.graphs
         if fresh:
-            self.graphs[k] = self.capture(tensors, skip)
+            g = self.capture(tensors, skip)
+            g.keep = keep
+            self.graphs[k] = g
+            while len(self.graphs) > self.max_graphs:
+                dropped, _ = self.graphs.popitem(last=False)
+                logger.info("dropped CUDA graph for %s (more than %d kept)", dropped, self.max_graphs)
+        else:
+            self.graphs.move_to_end(k)
         g = self.graphs[k]
         for dst, src in zip(g.inputs, tensors):
             dst.copy_(src)

@@ -52,7 +52,7 @@ from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.device import MODES, rowwise_scaled_mm
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
-from sd35fp8.lora.apply import apply_lora, lora_slot
+from sd35fp8.lora.apply import apply_lora, lora_slot, weights_generation
 from sd35fp8.models.mmdit import MMDiT, batched
 
 logger = logging.getLogger(__name__)
@@ -274,10 +274,11 @@ class MMDiTEngine(nn.Module):
             # one graph per block shape and batch size; raise dynamo's per-function limit (default 8)
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             self._block_fn = torch.compile(joint_block, dynamic=False, mode=compile_mode, fullgraph=True)
-        self.graphs = GraphCache(self._forward) if cuda_graphs and device.type == "cuda" else None
+        self.graphs = GraphCache(self._forward, self.lora_state) if cuda_graphs and device.type == "cuda" else None
 
     # -------------------------------------------------------------- wrap-time weight layout
     def _build_weights(self) -> None:
+        self._weights_gen = weights_generation()  # fuse/unfuse since: refresh_weights (forward checks)
         mode, dt = self.fp8_mode, self.dtype
         self.blocks: list[dict] = []
         ada = []  # (block index, stream, module)
@@ -302,6 +303,22 @@ class MMDiTEngine(nn.Module):
                 p["fast_accum"] = True  # a constant for the compiled block (read by _linear_on)
             self.blocks.append(p)
         self._build_adaln(ada)
+        # every LoRA slot the step reads (the lists shared with the layers, lora/apply.py): lora_state
+        self.lora_slots: list[list] = ([v for p in self.blocks for k, v in p.items() if k.endswith(".lora")]
+                                       + [slot for _, _, slot in self.ada_lora])
+
+    def lora_state(self) -> tuple[tuple, list]:
+        """(tag, keep) of the active LoRA terms, the part of a CUDA graph's key that is no input
+        (fast/graphs.py): per non-empty slot its index and each term's factors, DoRA scale (by
+        identity: lora/apply.activate reuses them), rows and strength. A swap, a strength change or
+        an unload gives another tag. keep: the
+        terms' tensors, held by the graph entry so the ids stay unique while it lives."""
+        tag, keep = [], []
+        for i, slot in enumerate(self.lora_slots):
+            for t in slot:
+                tag.append((i, id(t.down), id(t.up), id(t.dora_g), t.offset, t.strength))
+                keep.append((t.down, t.up, t.dora_g))
+        return tuple(tag), keep
 
     def _build_adaln(self, ada: list) -> None:
         """Concatenate every joint block's adaLN linear into one weight; re-point the model's params.
@@ -436,6 +453,8 @@ class MMDiTEngine(nn.Module):
             raise InputError("MMDiTEngine: static mode needs calibrate(x, sigma, context, pooled) first")
         skip = tuple(sorted(set(int(i) for i in skip_layers)))
         sigma = sigma.reshape(-1).to(x.device)
+        if self._weights_gen != weights_generation():  # a LoRA was fused / unfused since the weights were read
+            self.refresh_weights()
         t0 = time.perf_counter()
         if self.graphs is not None:
             out, fresh = self.graphs(x, sigma, context, pooled, skip)
@@ -533,8 +552,8 @@ class MMDiTEngine(nn.Module):
             self._build_weights()
         if self.packs:  # streamed blocks: the new bytes travel in new packs
             self._repack()
-        if self.graphs is not None:
-            self.graphs = GraphCache(self._forward)
+        if self.graphs is not None:  # every graph read the old weights (copies) or scales
+            self.graphs.clear()
 
     def describe(self) -> str:
         stream = ""

@@ -35,6 +35,15 @@ from .files import LoraTerm
 SLOT_ATTR = "sd35_lora"  # the module attribute holding its slot (list[ActiveTerm])
 _BACKUP_ATTR = "sd35_lora_backup"
 _HOOK_ATTR = "sd35_lora_hook"
+_PLACED_ATTR = "_sd35_placed"  # on a LoraTerm: {(device, dtype, weights generation, layer id): factors}
+_GENERATION = [0]  # bumped by every fuse / unfuse: engines holding weight copies re-read them (fast/step.py)
+
+
+def weights_generation() -> int:
+    """How many times `fuse` / `unfuse` rewrote some layer's weights in this process. An engine that
+    keeps copies of weights (the fused adaLN scales, CUDA graphs) compares it with the value it was
+    built at and re-reads the weights when it moved (MMDiTEngine.refresh_weights)."""
+    return _GENERATION[0]
 
 
 @dataclass
@@ -83,19 +92,29 @@ def _dora_g(weight: torch.Tensor, term: LoraTerm) -> torch.Tensor:
 
 
 def activate(module: nn.Module, terms: list[tuple[LoraTerm, float]], dtype: torch.dtype) -> list[ActiveTerm]:
-    """(term, strength) pairs -> the ActiveTerms of this layer (strength 0 dropped)."""
-    dev = (module.weight.device if not isinstance(module, FP8Linear) else module.weight.device)
+    """(term, strength) pairs -> the ActiveTerms of this layer (strength 0 dropped).
+
+    The factors on the layer's device and dtype are made once per (term, device, dtype) and reused
+    (kept on the parsed term, `_PLACED_ATTR`): switching back to a LoRA gives the same tensors,
+    so the engine's CUDA graph captured for it replays (fast/graphs.py keys on their identity)."""
+    dev = module.weight.device
     out = []
     weight = None
     for term, strength in terms:
         if strength == 0:
             continue
-        g = None
-        if term.magnitude is not None:
-            weight = dense_weight(module) if weight is None else weight
-            g = _dora_g(weight, term).to(device=dev, dtype=dtype)
-        out.append(ActiveTerm(term.down.to(device=dev, dtype=dtype), term.up.to(device=dev, dtype=dtype),
-                              term.offset, float(strength), g))
+        placed = term.__dict__.setdefault(_PLACED_ATTR, {})
+        gen = weights_generation() if term.magnitude is not None else 0  # DoRA's g depends on the weight
+        key = (dev, dtype, gen, id(module))
+        if key not in placed:
+            g = None
+            if term.magnitude is not None:
+                weight = dense_weight(module) if weight is None else weight
+                g = _dora_g(weight, term).to(device=dev, dtype=dtype)
+            placed.clear()  # one placement per term: an older device / dtype / weight is not kept
+            placed[key] = (term.down.to(device=dev, dtype=dtype), term.up.to(device=dev, dtype=dtype), g)
+        down, up, g = placed[key]
+        out.append(ActiveTerm(down, up, term.offset, float(strength), g))
     return out
 
 
@@ -151,10 +170,12 @@ def _hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor 
 
 
 def lora_slot(module: nn.Module) -> list[ActiveTerm]:
-    """The layer's slot (created, with its forward hook, on first use)."""
+    """The layer's slot (created on first use; its forward hook registered when missing). The list
+    object lives as long as the layer: an engine that holds it (fast/weights.py) sees every change."""
     if not hasattr(module, SLOT_ATTR):
         out_in(module)  # raises for layers LoRA cannot target
         setattr(module, SLOT_ATTR, [])
+    if not hasattr(module, _HOOK_ATTR):
         setattr(module, _HOOK_ATTR, module.register_forward_hook(_hook))
     return getattr(module, SLOT_ATTR)
 
@@ -165,12 +186,13 @@ def existing_slot(module: nn.Module) -> list[ActiveTerm] | None:
 
 
 def remove_slot(module: nn.Module) -> None:
+    """Empty the layer's slot and remove its forward hook. The (empty) list stays on the layer: an
+    engine built earlier holds the same object, and a LoRA loaded later must land in it too."""
     if hasattr(module, _HOOK_ATTR):
         getattr(module, _HOOK_ATTR).remove()
         delattr(module, _HOOK_ATTR)
     if hasattr(module, SLOT_ATTR):
-        getattr(module, SLOT_ATTR).clear()  # an engine may hold the same list: leave it empty
-        delattr(module, SLOT_ATTR)
+        getattr(module, SLOT_ATTR).clear()
 
 
 # ---------------------------------------------------------------------------------- merged
@@ -207,6 +229,7 @@ def fuse(module: nn.Module, terms: list[tuple[LoraTerm, float]]) -> None:
             module.weight_scale.copy_(s.reshape(module.weight_scale.shape))
         else:
             module.weight.data.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
+    _GENERATION[0] += 1
 
 
 def unfuse(module: nn.Module) -> bool:
@@ -220,4 +243,5 @@ def unfuse(module: nn.Module) -> bool:
         if s is not None:
             module.weight_scale.copy_(s)
     delattr(module, _BACKUP_ATTR)
+    _GENERATION[0] += 1
     return True

@@ -1,6 +1,9 @@
-"""Train the shipped LoRA: teach the shipped model the colour word "brown" (tiny/concept.py), on CPU.
+"""Train the shipped LoRA: teach the shipped model the colour word "brown" (tiny/concept.py).
 
-    nice python -m sd35fp8.tiny.train_lora --out src/sd35fp8/tiny/weights/sd35fp8_tiny_brown_lora.safetensors
+    # the shipped file (its exact command is in its metadata, `sd35fp8 info FILE`):
+    nice python -m sd35fp8.tiny.train_lora --steps 300 --batch 4 --n-images 240 --p-new 0.75 --lr 3e-3
+    # on a GPU (float32, TF32 matmuls; --minutes bounds the whole run, the file is written at the end):
+    python -m sd35fp8.tiny.train_lora --device cuda --steps 500 --batch 64 --n-images 3000 --rank 16 --minutes 4.5
 
 The base weights stay frozen. LoRA (rank --rank, alpha = rank) on every Linear of the MMDiT's joint
 blocks and context embedder and on the attention and MLP Linears of CLIP-L, CLIP-G and T5, through
@@ -58,8 +61,9 @@ def attach_trainable(targets: dict[str, dict[str, nn.Linear]], rank: int, seed: 
     params = []
     for comp, mods in targets.items():
         for name, lin in mods.items():
-            down = nn.Parameter(torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5)
-            up = nn.Parameter(torch.zeros(lin.out_features, rank))
+            dev = lin.weight.device
+            down = nn.Parameter((torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5).to(dev))
+            up = nn.Parameter(torch.zeros(lin.out_features, rank, device=dev))
             lora_slot(lin)[:] = [ActiveTerm(down, up, 0, 1.0)]
             params.append((comp, name, lin, down, up))
     return params
@@ -79,14 +83,14 @@ def make_batch(rng: np.random.Generator, n: int, p_new: float, size: int):
     return np.stack(images), captions
 
 
-def build_data(args, vae, tokenizer) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Rendered, encoded (model-space latents) and tokenized training set."""
+def build_data(args, vae, tokenizer, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rendered, encoded (model-space latents, on `device`) and tokenized training set (ids on the CPU)."""
     rng = np.random.default_rng(args.seed)
     images, captions = make_batch(rng, args.n_images, args.p_new, args.size)
     lat = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
+            x = torch.from_numpy(images[i:i + 256]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
             lat.append(to_model_space(vae.encode(x)))
     rows = [token_rows(tokenizer, c) for c in captions]
     ids = [torch.tensor([r[k] for r in rows], dtype=torch.long) for k in range(3)]  # 3 x [N, 77]
@@ -121,13 +125,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--text-dropout", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 beats 2 on a shared machine)")
+    ap.add_argument("--minutes", type=float, default=None, help="stop training this long after the start of the "
+                    "run (loading and data included), then write the file (its metadata says how many steps ran)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 with TF32 matmuls on CUDA)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    start = time.time()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
     model = args.model or shipped_model_path()
     spec = TinySpec.from_checkpoint(model, args.size)
     mmdit = load_component_(build_mmdit(spec, torch.Generator().manual_seed(0)), model, "mmdit").requires_grad_(False)
@@ -136,10 +146,12 @@ def main(argv=None) -> dict:
         load_component_(module, model, name)
     towers.requires_grad_(False).eval()
     mmdit.eval()
-    vae = load_component_(build_vae(spec), model, "vae").requires_grad_(False).eval()
+    mmdit.to(device)
+    towers.to(device)
+    vae = load_component_(build_vae(spec), model, "vae").requires_grad_(False).eval().to(device)
     tokenizer = make_tokenizer(Path(model).parent / SPIECE_NAME)
     t0 = time.time()
-    latents, ids = build_data(args, vae, tokenizer)
+    latents, ids = build_data(args, vae, tokenizer, device)
     data_s = time.time() - t0
     print(f"data: {latents.shape[0]} images rendered, encoded and tokenized in {data_s:.0f} s", flush=True)
     empty = [torch.tensor(r, dtype=torch.long)[None] for r in token_rows(tokenizer, "")]  # 3 x [1, 77]
@@ -150,15 +162,18 @@ def main(argv=None) -> dict:
     n, b = latents.shape[0], args.batch
     losses, t1 = [], time.time()
     for step in range(args.steps):
+        if args.minutes is not None and time.time() - start > 60 * args.minutes:
+            print(f"stopped after {step} steps: --minutes {args.minutes}", flush=True)
+            break
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, n, (b,), generator=gen)
         drop = torch.rand(b, generator=gen) < args.text_dropout  # [B]
-        toks = [torch.where(drop[:, None], e, t[idx]) for t, e in zip(ids, empty)]  # 3 x [B, 77]
-        x0 = latents[idx]  # [B, 16, h, w]
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.sigmoid(torch.randn(b, generator=gen))
+        toks = [torch.where(drop[:, None], e, t[idx]).to(device) for t, e in zip(ids, empty)]  # 3 x [B, 77]
+        x0 = latents[idx.to(device)]  # [B, 16, h, w]
+        eps = torch.randn(x0.shape, generator=gen).to(device)  # the CPU generator: same draws on every device
+        t = torch.sigmoid(torch.randn(b, generator=gen)).to(device)
         s = args.train_shift * t / (1 + (args.train_shift - 1) * t)  # [B]
         xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
         context, pooled = towers(*toks)
@@ -173,14 +188,15 @@ def main(argv=None) -> dict:
     train_s = time.time() - t1
     record = {"command": "python -m sd35fp8.tiny.train_lora " + " ".join(sys.argv[1:] if argv is None else argv),
               "args": {k: str(v) for k, v in vars(args).items()}, "data_seconds": round(data_s, 1),
-              "train_seconds": round(train_s, 1), "threads": torch.get_num_threads(),
+              "train_seconds": round(train_s, 1), "steps_done": len(losses), "threads": torch.get_num_threads(),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "loss_per_100": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)],
               "concept": {"word": concept.NEW_COLOUR, "rgb": list(concept.NEW_RGB)},
               "base_model": Path(model).name}
     size = export(params, args.out, args.rank, {"sd35fp8.lora": record})
     for _, _, lin, _, _ in params:
         remove_slot(lin)
-    print(f"wrote {args.out} ({size / 2 ** 20:.2f} MiB), {args.steps} steps in {train_s:.0f} s")
+    print(f"wrote {args.out} ({size / 2 ** 20:.2f} MiB), {len(losses)} steps in {train_s:.0f} s")
     return record
 
 
