@@ -20,6 +20,7 @@ from PIL import Image
 
 from .defaults import GenerationDefaults, defaults_for
 from .errors import InputError
+from .diffusers_compat import DiffusersSurface, load_kwargs
 from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
 
@@ -77,7 +78,10 @@ class StageStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
-class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_lora... (lora/pipeline.py)
+class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
+    """`pipe(...)` takes diffusers' names and ours (diffusers_compat.py translates them); `pipe.generate(...)`
+    is the native call. LoRA: load_lora_weights, set_adapters, fuse_lora... (lora/pipeline.py)."""
+
     def __init__(self, mmdit, vae, text_encoder, defaults: GenerationDefaults, device: torch.device,
                  dtype: torch.dtype, offload: str = "none", description: dict | None = None):
         if offload not in OFFLOAD_MODES:
@@ -108,7 +112,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
                         clip_g: str | Path | None = None, t5xxl: str | Path | None = None,
                         t5_tokenizer: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fp8: str | None = None,
-                        offload: str = "none", t5_min_length: int = 77, compile: bool = False) -> SD35Pipeline:
+                        offload: str = "none", t5_min_length: int = 77, compile: bool = False,
+                        torch_dtype: torch.dtype | None = None, **diffusers_kwargs) -> SD35Pipeline:
         """Load everything a generation needs.
 
         model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
@@ -120,7 +125,12 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         compile: run the MMDiT through `sd35fp8.fast.FastMMDiT` (fused FP8 step, torch.compile per
         block shape, CUDA graphs per image shape; CUDA with offload "none" only). The first image
         of each size compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor).
+        torch_dtype (diffusers' name for dtype) and diffusers' file flags: diffusers_compat.load_kwargs.
         """
+        dtype = load_kwargs(dtype, torch_dtype, diffusers_kwargs)
+        load_args = dict(model=model, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, t5_tokenizer=t5_tokenizer,
+                         device=device, dtype=dtype, fp8=fp8, offload=offload, t5_min_length=t5_min_length,
+                         compile=compile)  # kept for .to() / enable_*_offload (a reload)
         from .checkpoints.load import load_mmdit, load_text_encoders, load_vae
         from .checkpoints.sources import resolve
         from .text import CLIPBPE, SD3TextEncoder, SD3Tokenizer, load_t5_tokenizer
@@ -175,6 +185,7 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         log.info("loaded %s on %s (%s)", defaults.name, device, description["dtype"])
         pipe = cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
         pipe.batch_encode = compile
+        pipe._load_args = load_args
         return pipe
 
     # ------------------------------------------------------------------ helpers
@@ -238,6 +249,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         """
         from .offload import free_device_bytes, use_tiled_decode, vae_decode_bytes
 
+        if self._vae_tiling:  # enable_vae_tiling()
+            return True
         if self.offload != "none":
             return use_tiled_decode(width, height)
         free = free_device_bytes(self.device)
@@ -255,13 +268,14 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
-    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, seed: int = 0,
                  sampler: str | None = None, scheduler: str | None = None, shift: float | None = None,
                  denoise: float = 1.0, image: Image.Image | torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, callback: StepCallback | None = None,
-                 slg: bool | None = None, progress: bool = True) -> GenerationOutput:
+                 slg: bool | None = None, progress: bool = True,
+                 mask: torch.Tensor | None = None) -> GenerationOutput:
         """Generate images; missing parameters take the model's defaults (see defaults.py).
 
         Seeds: the initial noise of the whole batch is one CPU draw from `seed`, as ComfyUI
@@ -271,7 +285,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         the size. Prompts whose contexts cannot be batched (a long prompt among short ones, as
         ComfyUI decides) run in one pass each, on their rows of the batch's noise; the per-step
         noise of ancestral/SDE samplers is then drawn per pass. `callback(step, total, denoised)`
-        runs after every step (of every pass).
+        runs after every step (of every pass). `mask` [1 or B, 1, H, W] in [0, 1] with `image`:
+        inpainting, 1 = repaint (ComfyUI's SetLatentNoiseMask; resized to the latent bilinearly).
         """
         from .models.vae import image_to_uint8
         from .sampling import check_scheduler, get_sampler, prepare_noise
@@ -309,6 +324,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
                 raise InputError(f"init image is {iw}x{ih} but width/height are {width}x{height}: leave them "
                                  "unset or resize the image")
             width, height = iw, ih
+        if mask is not None and pixels is None:
+            raise InputError("mask (inpainting) needs the init image (image=)")
             if pixels.shape[0] not in (1, len(prompts)):
                 raise InputError(f"{pixels.shape[0]} init images for {len(prompts)} prompts: give one image "
                                  "or one per prompt")
@@ -347,7 +364,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
                 parts.append(ksample(mmdit, repeat(cond), repeat(uncond), latent[rows], seed=seed, steps=steps,
                                      cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift, denoise=denoise,
                                      slg=self._slg(slg), dtype=self.dtype, callback=callback,
-                                     disable=not progress, noise=None if noise is None else noise[rows]))
+                                     disable=not progress, noise=None if noise is None else noise[rows],
+                                     mask=None if mask is None else mask if mask.shape[0] == 1 else mask[rows]))
         z = torch.cat(parts) if len(parts) > 1 else parts[0]
         with self._stage("vae_decode"), self._on_device(self.vae) as vae:
             tiled = self._tiled_decode(width, height, batch)
@@ -373,6 +391,10 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
 
         modes = {m.effective_mode for m in self.mmdit.modules() if isinstance(m, FP8Linear)}
         return ",".join(sorted(modes)) if modes else "none"
+
+
+# diffusers' class names: one class does text-to-image, img2img (image=, strength=) and inpainting (mask_image=)
+StableDiffusion3Pipeline = StableDiffusion3Img2ImgPipeline = StableDiffusion3InpaintPipeline = SD35Pipeline
 
 
 def _fast_mmdit(mmdit, device: torch.device, offload: str):

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InputError
 from .guidance import CFGDenoiser, Conditioning, ModelFn, SLGConfig
+from .inpaint import MaskedDenoiser, prepare_mask
 from .model_sampling import FlowMatching
 from .noise import prepare_noise
 from .samplers import sample
@@ -23,7 +24,8 @@ def ksample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, lat
             denoise: float = 1.0, slg: SLGConfig | None = None, dtype: torch.dtype | None = None,
             callback: Callable[[int, int, torch.Tensor], None] | None = None, disable: bool = True,
             start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False,
-            add_noise: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
+            add_noise: bool = True, noise: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
     """latent [B, 16, h, w] raw (VAE space) on the device -> sampled latent, raw, float32.
 
     As ComfyUI: noise is one CPU draw for the whole batch from `seed`; an all-zero latent is not
@@ -33,6 +35,7 @@ def ksample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, lat
     is left to sample (denoise 0, start_step past the end), as ComfyUI does.
     `noise` (CPU or device, shaped like `latent`) replaces the draw from `seed` (and add_noise):
     cross-prompt batching concatenates each prompt's own prepare_noise(seed_i) draw.
+    `mask` [1 or B, 1, H, W] in [0, 1] (1 = repaint): inpainting as SetLatentNoiseMask (sampling/inpaint.py).
     """
     from ..models.vae import to_model_space, to_vae_space
 
@@ -60,6 +63,8 @@ def ksample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, lat
     x = ms.noise_scaling(sigmas[0], noise.to(device), x0)
     denoiser = CFGDenoiser(model, cond, uncond, cfg=cfg, slg=slg, steps=len(sigmas) - 1, model_sampling=ms,
                            dtype=dtype)
+    if mask is not None:
+        denoiser = MaskedDenoiser(denoiser, prepare_mask(mask, tuple(x.shape)).to(device), x0, noise.to(device), ms)
     total = len(sigmas) - 1
 
     def on_step(info: dict) -> None:
