@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .devices import resolve_device
 from .errors import InputError
 from .models.vae import to_model_space
 from .output import GenerationOutput
@@ -219,8 +220,6 @@ class DiffusersSurface:
     def to(self, *args, **kwargs):
         """diffusers' .to(device), .to(dtype), .to(device, dtype), .to(device=, dtype=): the same
         files reloaded on that device / in that dtype (nothing happens when both are unchanged)."""
-        from .pipeline import resolve_device
-
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         kwargs.pop("silence_dtype_warnings", None)
         if kwargs:
@@ -240,8 +239,6 @@ class DiffusersSurface:
         return self._reload(device=new_device, dtype=new_dtype)
 
     def _offload(self, mode: str, device) -> None:
-        from .pipeline import resolve_device
-
         target = torch.device(device) if device is not None else (
             self.device if self.device.type == "cuda" else torch.device("cuda"))
         if target.type == "cuda" and not torch.cuda.is_available():

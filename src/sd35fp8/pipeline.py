@@ -20,6 +20,7 @@ from PIL import Image
 
 from .defaults import GenerationDefaults, defaults_for
 from .errors import InputError
+from .devices import default_device, resolve_device  # noqa: F401  (re-exported: callers import them from here)
 from .diffusers_compat import DiffusersSurface, load_kwargs
 from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
@@ -38,29 +39,6 @@ def dtype_from_name(name: str | None) -> torch.dtype | None:
     if name not in table:
         raise InputError(f"unknown dtype {name!r}; choose bf16, fp16 or fp32")
     return table[name]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A device name -> torch.device, checked: InputError for a name torch does not know or a CUDA
-    device this machine does not have (None: `default_device()`)."""
-    if device is None:
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but this torch build or machine has no CUDA")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise InputError(f"device {device!r}: sd35fp8 runs on cpu or cuda")
-    return dev
 
 
 def shipped_model_path() -> Path:
