@@ -302,11 +302,11 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                 raise InputError(f"init image is {iw}x{ih} but width/height are {width}x{height}: leave them "
                                  "unset or resize the image")
             width, height = iw, ih
-        if mask is not None and pixels is None:
-            raise InputError("mask (inpainting) needs the init image (image=)")
             if pixels.shape[0] not in (1, len(prompts)):
                 raise InputError(f"{pixels.shape[0]} init images for {len(prompts)} prompts: give one image "
                                  "or one per prompt")
+        if mask is not None and pixels is None:
+            raise InputError("mask (inpainting) needs the init image (image=)")
         width = d.width if width is None else width
         height = d.height if height is None else height
         self.check_size(width, height)
