@@ -5,7 +5,7 @@ MMDiT Large (FP8 dynamic), VAE sd3 (bf16), CLIP-L, CLIP-G (bf16), T5-XXL (FP8). 
 encode prompt + negative (77 CLIP tokens each, T5 --t5-len tokens), --steps euler steps with CFG
 (batch 2) via sd35fp8.sampling, VAE decode, uint8 image. Per stage: seconds and peak
 torch.cuda.max_memory_allocated. Modes run in order none -> model -> sequential in one process;
-`none_fast` uses sd35fp8.fast.step.FastMMDiT (compile + CUDA graphs) when that module exists.
+`none_fast` uses sd35fp8.fast.step.MMDiTEngine (compile + CUDA graphs) when that module exists.
 
     python benchmarks/e2e.py                              # GPU, writes benchmarks/results/e2e_<device>.json
     python benchmarks/e2e.py --modes none_fast --out /tmp # the compiled step alone
@@ -152,7 +152,7 @@ def token_rows(seed: int, t5_len: int) -> dict:
 
 
 class CalibrateOnFirstCall:
-    """FastMMDiT in static mode: calibrate its scales on the first call's inputs, then run it."""
+    """MMDiTEngine in static mode: calibrate its scales on the first call's inputs, then run it."""
 
     def __init__(self, fast):
         self.fast, self.amax = fast, None
@@ -222,9 +222,9 @@ def run_mode(mode: str, stack: dict, args, device, dtype) -> dict:
         stack["mmdit"] = runner
         note = runner.describe()
     elif mode == "none_fast":
-        from sd35fp8.fast.step import FastMMDiT
+        from sd35fp8.fast.step import MMDiTEngine
 
-        runner = FastMMDiT(stack["mmdit"], fp8_mode=args.fast_fp8 or args.mmdit_fp8, compile=True, cuda_graphs=True,
+        runner = MMDiTEngine(stack["mmdit"], fp8_mode=args.fast_fp8 or args.mmdit_fp8, compile=True, cuda_graphs=True,
                            attention_backend=args.fast_attention, fast_accum=args.fast_accum)
         note = runner.describe()
         if runner.fp8_mode == "static":
@@ -366,12 +366,12 @@ def parse_args(argv=None):
     ap.add_argument("--t5-len", type=int, default=77, help="T5 tokens: 77 (ComfyUI) or 256")
     ap.add_argument("--mmdit-fp8", default="dynamic", choices=("weight_only", "dynamic"))
     ap.add_argument("--fast-attention", default="auto",
-                    help="none_fast: FastMMDiT attention_backend (auto: our FP8 kernel in the FP8 matmul modes on "
+                    help="none_fast: MMDiTEngine attention_backend (auto: our FP8 kernel in the FP8 matmul modes on "
                          "sm_89+, else cuDNN SDPA; cudnn; triton_fp8)")
     ap.add_argument("--fast-fp8", default=None, choices=("weight_only", "dynamic", "static"),
-                    help="none_fast: FastMMDiT's fp8 mode (default --mmdit-fp8; static calibrates on the first call)")
+                    help="none_fast: MMDiTEngine's fp8 mode (default --mmdit-fp8; static calibrates on the first call)")
     ap.add_argument("--fast-accum", action=argparse.BooleanOptionalAction, default=True,
-                    help="none_fast: fp8 GEMMs with fast accumulation (FastMMDiT's default)")
+                    help="none_fast: fp8 GEMMs with fast accumulation (MMDiTEngine's default)")
     ap.add_argument("--t5-fp8", default="weight_only", choices=("weight_only", "dynamic"))
     ap.add_argument("--t5-all-fp8", action="store_true",
                     help="every T5 Linear FP8 (default: the shipped T5 policy keeps the measured least robust 16-bit)")

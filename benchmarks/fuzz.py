@@ -393,8 +393,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=27)
     ap.add_argument("--history-entries", type=int, default=10_000)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz_cpu.json"))
+    ap.add_argument("--history-only", action="store_true",
+                    help="re-measure only part 2 and replace history_scale in the existing --out file")
     args = ap.parse_args(argv)
     import torch
+
+    if args.history_only:
+        result = json.loads(Path(args.out).read_text())
+        with tempfile.TemporaryDirectory(prefix="sd35fp8-fuzz-") as tmp:
+            result["history_scale"] = hs = history_scale(args.history_entries, Path(tmp) / "hist")
+        hs["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for k in ("history_max_items_100", "history_one", "jobs_limit_100", "queue", "history_all"):
+            print(f"{k:<40} {hs[k]['ms_median']:>8} {hs[k]['bytes']:>10}")
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="sd35fp8-fuzz-") as tmp:
         fz = fuzz(args, Path(tmp) / "fuzz")

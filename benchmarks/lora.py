@@ -74,12 +74,12 @@ def timed(fn, dev) -> float:
 
 
 def build_engine(model, dev, mode: str, compile_: bool):
-    """The MMDiT engine (sd35fp8.fast.build_engine where it exists, else FastMMDiT)."""
+    """The MMDiT engine (sd35fp8.fast.build_engine where it exists, else MMDiTEngine)."""
     import sd35fp8.fast as fast
 
     if hasattr(fast, "build_engine"):
         return fast.build_engine(model, dev, compile=compile_)
-    return fast.FastMMDiT(model, fp8_mode=mode, compile=compile_, cuda_graphs=False)
+    return fast.MMDiTEngine(model, fp8_mode=mode, compile=compile_, cuda_graphs=False)
 
 
 def main(argv=None) -> dict:

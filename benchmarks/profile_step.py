@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mmdit_parity_gpu import build_ours, device_slug, time_ms  # noqa: E402
 from speed import make_inputs  # noqa: E402
 
-from sd35fp8.fast import FastMMDiT  # noqa: E402
+from sd35fp8.fast import MMDiTEngine  # noqa: E402
 from sd35fp8.fp8.quantize import quantize_model  # noqa: E402
 from sd35fp8.models.mmdit import MMDiTConfig  # noqa: E402
 
@@ -50,10 +50,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="large", choices=("large", "medium"))
     ap.add_argument("--mode", default="static", choices=("weight_only", "dynamic", "static", "bf16"))
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--attention", default="auto", help="FastMMDiT attention_backend (cudnn, triton, triton_fp8, ...)")
-    ap.add_argument("--kernels", default="auto", help="FastMMDiT kernels: auto (Inductor fuses under compile) or triton")
+    ap.add_argument("--attention", default="auto", help="MMDiTEngine attention_backend (cudnn, triton, triton_fp8, ...)")
+    ap.add_argument("--kernels", default="auto", help="MMDiTEngine kernels: auto (Inductor fuses under compile) or triton")
     ap.add_argument("--fast-accum", action=argparse.BooleanOptionalAction, default=True,
-                    help="fp8 GEMMs with fast accumulation (FastMMDiT's default)")
+                    help="fp8 GEMMs with fast accumulation (MMDiTEngine's default)")
     ap.add_argument("--context-len", type=int, default=333)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
         mode = None if a.mode == "bf16" else a.mode
         if mode is not None:
             quantize_model(model, "dynamic")
-        fast = FastMMDiT(model, mode, compile=a.compile, cuda_graphs=False, attention_backend=a.attention,
+        fast = MMDiTEngine(model, mode, compile=a.compile, cuda_graphs=False, attention_backend=a.attention,
                          kernels=a.kernels, fast_accum=a.fast_accum)
         if mode == "static":
             fast.calibrate(*inputs)

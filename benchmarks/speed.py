@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mmdit_parity_gpu import build_diffusers, build_ours, device_slug, step_flops, sync, time_ms  # noqa: E402
 
-from sd35fp8.fast import FastMMDiT, enable_compile_cache  # noqa: E402
+from sd35fp8.fast import MMDiTEngine, enable_compile_cache  # noqa: E402
 from sd35fp8.fast.attention import attention_flops, backend_context, probe_fp8_sdpa, sdpa  # noqa: E402
 from sd35fp8.fp8.quantize import quantize_model  # noqa: E402
 from sd35fp8.fp8.scaling import sqnr  # noqa: E402
@@ -50,7 +50,7 @@ OURS_FP8 = [f"ours_{m}_{k}" for m in ("weight_only", "dynamic", "static") for k 
 EXTRAS = ["ctx154", "throughput", "compile_cache", "attention"]
 ALL = OURS_BF16 + DIFFUSERS + OURS_FP8 + EXTRAS
 # variants of an ours_* FP8 contender, appended with '+': '+tk' keeps our Triton elementwise kernels
-# inside the compiled graph (FastMMDiT kernels="triton", the default since session 3), '+ind' lets
+# inside the compiled graph (MMDiTEngine kernels="triton", the default since session 3), '+ind' lets
 # Inductor fuse torch ops instead (kernels="auto"), '+fa' / '+fa8' use our Triton flash attention
 # in bf16 / fp8 instead of cuDNN SDPA ('+fa8' is the default of FP8 modes on sm_89+ since session 3;
 # '+cudnn' forces cuDNN SDPA), '+acc' / '+noacc' fp8 GEMMs with / without fast accumulation (default: with). E.g. ours_static_compiled+cudnn.
@@ -61,7 +61,7 @@ VARIANTS = {"tk": ("kernels", "triton"), "ind": ("kernels", "auto"), "cudnn": ("
 
 
 def split_variant(name: str) -> tuple[str, dict]:
-    """'ours_static_compiled+tk+fa8' -> ('ours_static_compiled', FastMMDiT keyword arguments)."""
+    """'ours_static_compiled+tk+fa8' -> ('ours_static_compiled', MMDiTEngine keyword arguments)."""
     base, *flags = name.split("+")
     unknown = [f for f in flags if f not in VARIANTS]
     if unknown or (flags and base not in OURS_FP8):
@@ -179,7 +179,7 @@ def run_model(label: str, cfg: MMDiTConfig, args, dev) -> dict:
             rows.append(measure("ours_ref_eager", lambda: model(*inputs), ref, dev, args, flops)[0])
         for name, comp in (("ours_bf16_eager", False), ("ours_bf16_compiled", True)):
             if name in want:
-                fast = FastMMDiT(model, None, compile=comp, cuda_graphs=comp, compile_mode=cm)
+                fast = MMDiTEngine(model, None, compile=comp, cuda_graphs=comp, compile_mode=cm)
                 rows.append(measure(name, lambda f=fast: f(*inputs), ref, dev, args, flops)[0])
                 del fast
                 free(dev)
@@ -223,7 +223,7 @@ def run_model(label: str, cfg: MMDiTConfig, args, dev) -> dict:
             base, variant = split_variant(name)
             mode, kind = base[5:].rsplit("_", 1)
             comp = kind == "compiled"
-            fast = FastMMDiT(model, mode, compile=comp, cuda_graphs=comp, compile_mode=cm, **variant)
+            fast = MMDiTEngine(model, mode, compile=comp, cuda_graphs=comp, compile_mode=cm, **variant)
             row_extra = {}
             if mode == "static":
                 t0 = time.perf_counter()
@@ -235,7 +235,7 @@ def run_model(label: str, cfg: MMDiTConfig, args, dev) -> dict:
             free(dev)
         if "compile_cache" in want and dev.type == "cuda":
             torch._dynamo.reset()  # in-process caches gone; Inductor's on-disk FX graph cache stays
-            fast = FastMMDiT(model, "dynamic", compile=True, cuda_graphs=True, compile_mode=cm)
+            fast = MMDiTEngine(model, "dynamic", compile=True, cuda_graphs=True, compile_mode=cm)
             t0 = time.perf_counter()
             fast(*inputs)
             res["compile_cache"] = {"first_call_s_warm_disk_cache": time.perf_counter() - t0,
@@ -245,14 +245,14 @@ def run_model(label: str, cfg: MMDiTConfig, args, dev) -> dict:
             free(dev)
         if "ctx154" in want:
             inp = make_inputs(cfg, args.batch, 154, args.latent, dev, dtype, args.seed + 1)
-            fast = FastMMDiT(model, "dynamic", compile=dev.type == "cuda", cuda_graphs=dev.type == "cuda",
+            fast = MMDiTEngine(model, "dynamic", compile=dev.type == "cuda", cuda_graphs=dev.type == "cuda",
                              compile_mode=cm)
             f154 = step_flops(cfg, args.batch, n_img, 154)
             rows.append(measure("ours_dynamic_compiled_ctx154", lambda: fast(*inp), None, dev, args, f154)[0])
             del fast
             free(dev)
         if "throughput" in want:
-            fast = FastMMDiT(model, "static", compile=dev.type == "cuda", cuda_graphs=dev.type == "cuda",
+            fast = MMDiTEngine(model, "static", compile=dev.type == "cuda", cuda_graphs=dev.type == "cuda",
                              compile_mode=cm)
             fast.calibrate(*inputs)  # per-tensor scales: the same for every batch size
             tp = {}

@@ -119,6 +119,10 @@ def test_serve_help_names_the_server_defaults():
               "header_timeout": connections.DEFAULT_HEADER_TIMEOUT_S, "keep_alive": connections.DEFAULT_KEEP_ALIVE_S,
               "max_connections": connections.DEFAULT_MAX_CONNECTIONS}
     assert SERVER_DEFAULTS == actual
+    from sd35fp8.cli.serve import DRAIN_SECONDS, HANG_SECONDS
+    from sd35fp8.server import lifecycle
+
+    assert (DRAIN_SECONDS, HANG_SECONDS) == (lifecycle.DEFAULT_DRAIN_SECONDS, lifecycle.DEFAULT_HANG_SECONDS)
 
 
 def test_help_does_not_load_the_engine():

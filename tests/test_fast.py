@@ -1,4 +1,4 @@
-"""FastMMDiT (fast/step.py) against the reference MMDiT: eager path on CPU, GPU paths when CUDA exists."""
+"""MMDiTEngine (fast/step.py) against the reference MMDiT: eager path on CPU, GPU paths when CUDA exists."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from sd35fp8.fast import FastMMDiT, enable_compile_cache, joint_block
+from sd35fp8.fast import MMDiTEngine, enable_compile_cache, joint_block
 from sd35fp8.fast import kernels
 from sd35fp8.fp8.quantize import quantize_model
 from sd35fp8.fp8.scaling import sqnr
@@ -37,7 +37,7 @@ def test_high_precision_path_matches_reference(cfg, skip):
     args = _inputs(cfg)
     with torch.no_grad():
         ref = model(*args, skip_layers=skip)
-        fast = FastMMDiT(model, None, compile=False, cuda_graphs=False)
+        fast = MMDiTEngine(model, None, compile=False, cuda_graphs=False)
         out = fast(*args, skip_layers=skip)
         again = model(*args, skip_layers=skip)  # adaLN weights re-pointed, values unchanged
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), (out - ref).abs().max()
@@ -53,7 +53,7 @@ def test_dynamic_fp8_equals_quantized_reference(cfg):
         ref32 = model(*args)
         quantize_model(model, "dynamic")
         ref8 = model(*args)
-        fast = FastMMDiT(model, "dynamic", compile=False, cuda_graphs=False)
+        fast = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False)
         ada = model.joint_blocks[0].x_block.adaLN_modulation[1].weight
         assert ada.untyped_storage().data_ptr() == fast.ada["w"].untyped_storage().data_ptr()
         out = fast(*args, skip_layers=(0,))
@@ -70,7 +70,7 @@ def test_fp8_modes_close_to_float(mode, fast_accum):
     args = _inputs(TINY_X)
     with torch.no_grad():
         ref = model(*args)
-        fast = FastMMDiT(copy.deepcopy(model), mode, compile=False, cuda_graphs=False, fast_accum=fast_accum)
+        fast = MMDiTEngine(copy.deepcopy(model), mode, compile=False, cuda_graphs=False, fast_accum=fast_accum)
         assert fast.fast_accum == fast_accum and ("fast_accum" in fast.describe()) == fast_accum
         if mode == "static":
             with pytest.raises(ValueError):
@@ -87,13 +87,13 @@ def test_block_traces_as_one_graph(mode):
     import torch._dynamo as dynamo
 
     dynamo.reset()
-    fast = FastMMDiT(_model(TINY_X), mode, compile=False, cuda_graphs=False)
+    fast = MMDiTEngine(_model(TINY_X), mode, compile=False, cuda_graphs=False)
     args = _inputs(TINY_X)
     if mode == "static":
         fast.calibrate(*args)
     fast._block_fn = torch.compile(joint_block, backend="eager", fullgraph=True, dynamic=False)
     with torch.no_grad():
-        ref = FastMMDiT.forward(fast, *args)
+        ref = MMDiTEngine.forward(fast, *args)
         fast._block_fn = joint_block
         eager = fast(*args)
     assert sqnr(eager, ref) > 60
@@ -155,11 +155,11 @@ def test_compiled_graphed_matches_eager_gpu(mode, impl):
     model = _model(TINY_X).to(dev, torch.bfloat16)
     args = [t.to(dev) for t in _inputs(TINY_X)]
     with torch.no_grad():
-        eager = FastMMDiT(model, mode, compile=False, cuda_graphs=False)(*args)
-        fast = FastMMDiT(model, mode, compile=True, cuda_graphs=True, kernels=impl)
+        eager = MMDiTEngine(model, mode, compile=False, cuda_graphs=False)(*args)
+        fast = MMDiTEngine(model, mode, compile=True, cuda_graphs=True, kernels=impl)
         out = fast(*args)
         out2 = fast(*args, skip_layers=(1,))
-        ref2 = FastMMDiT(model, mode, compile=False, cuda_graphs=False)(*args, skip_layers=(1,))
+        ref2 = MMDiTEngine(model, mode, compile=False, cuda_graphs=False)(*args, skip_layers=(1,))
     assert sqnr(eager.float(), out.float()) > 25 and sqnr(ref2.float(), out2.float()) > 25
 
 
@@ -173,17 +173,17 @@ def test_fp8_attention_step_close_to_cudnn_gpu(cfg):
     model = _model(cfg).to(dev, torch.bfloat16)
     args = [t.to(dev) for t in _inputs(cfg)]
     with torch.no_grad():
-        ref = FastMMDiT(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="cudnn")(*args)
-        eager = FastMMDiT(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="triton_fp8")
+        ref = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="cudnn")(*args)
+        eager = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="triton_fp8")
         assert eager.attention_backend == "triton_fp8"
         out = eager(*args)
-        fast = FastMMDiT(model, "dynamic", compile=True, cuda_graphs=True)  # "auto" picks triton_fp8 here
+        fast = MMDiTEngine(model, "dynamic", compile=True, cuda_graphs=True)  # "auto" picks triton_fp8 here
         assert fast.attention_backend == "triton_fp8"
         out2 = fast(*args)
         # static: calibration sets per-head q/k/v scales (no amax pass), the attention writes the proj
         # inputs in e4m3; eager with exact, compiled with fast fp8 accumulation
         for compile_ in (False, True):
-            static = FastMMDiT(model, "static", compile=compile_, cuda_graphs=compile_, fast_accum=compile_)
+            static = MMDiTEngine(model, "static", compile=compile_, cuda_graphs=compile_, fast_accum=compile_)
             amax = static.calibrate(*args)
             assert all(f"{i}.attn" in amax for i in range(len(static.blocks)))
             assert static.blocks[0]["attn.s"].shape == (3, cfg.num_heads)

@@ -134,3 +134,29 @@ def test_denoiser_drives_a_sampler():
     out = sample("euler", den, torch.randn(1, 2, 3, 3), sigmas, extra_args={"seed": 1}, disable=True)
     assert out.shape == (1, 2, 3, 3) and torch.isfinite(out).all()
     assert len(model.calls) == 4 and all(c["batch"] == 2 for c in model.calls)
+
+
+def test_slg_defaults_are_the_references():
+    """One place (defaults.py) holds the skip-layer guidance defaults, and they are the reference's:
+    Stability-AI/sd3.5 sd3_infer.py (fbf8f48) CONFIGS["sd3.5_medium"]: steps 50, cfg 5.0, dpmpp_2m,
+    shift 3.0; skip_layer_config scale 2.5, start 0.01, end 0.20, layers [7, 8, 9], cfg 4.0 with it."""
+    from sd35fp8.defaults import MEDIUM
+
+    reference = {"scale": 2.5, "start": 0.01, "end": 0.20, "layers": (7, 8, 9)}
+    default = SLGConfig()
+    assert {k: getattr(default, k) for k in reference} == reference and default.window == "steps"
+    assert (MEDIUM.slg_scale, MEDIUM.slg_start, MEDIUM.slg_end, MEDIUM.slg_layers) == tuple(reference.values())
+    assert (MEDIUM.steps, MEDIUM.cfg, MEDIUM.slg_cfg, MEDIUM.sampler, MEDIUM.shift) == (50, 5.0, 4.0, "dpmpp_2m", 3.0)
+
+
+def test_slg_reference_window_at_50_steps():
+    """The reference's window at Medium's 50 steps: calls 1..9 (0.01*50 < step < 0.20*50)."""
+    model = VelocityModel()
+    den = CFGDenoiser(model, _cond(0.2), _cond(-0.1), cfg=4.0, slg=SLGConfig(), steps=50)
+    active = []
+    for i in range(50):
+        n = len(model.calls)
+        den(_x(1), torch.full((1,), 1.0 - i / 50))
+        if len(model.calls) - n == 2:
+            active.append(i)
+    assert active == list(range(1, 10))

@@ -313,9 +313,9 @@ def test_fuse_on_fp8_per_tensor_layer_and_conv() -> None:
 
 
 def test_engine_step_carries_the_lora(tmp_path: Path) -> None:
-    """The fused step (FastMMDiT, float32, eager) reads each layer's LoRA slot: same output as diffusers +
+    """The fused step (MMDiTEngine, float32, eager) reads each layer's LoRA slot: same output as diffusers +
     peft; swapping strengths needs no rebuild; FP8 dynamic step within the base step's own SQNR."""
-    from sd35fp8.fast import FastMMDiT
+    from sd35fp8.fast import MMDiTEngine
 
     model, ref, sd = _peft_mmdit(up_std=0.05)
     path = _save(sd, tmp_path / "a.safetensors", {"lora_adapter_metadata": json.dumps({"lora_alpha": 8})})
@@ -323,7 +323,7 @@ def test_engine_step_carries_the_lora(tmp_path: Path) -> None:
     loras = LoraSet({"mmdit": model})
     with torch.no_grad():
         base = model(x, sigma, context, pooled)
-        engine = FastMMDiT(model, fp8_mode=None, compile=False)
+        engine = MMDiTEngine(model, fp8_mode=None, compile=False)
         loras.load(path, "a")  # after the engine was built: it shares the layers' slots
         expect = _ref_out(ref, x, sigma, context, pooled)
         assert rel(engine(x, sigma, context, pooled), expect) <= 1e-5
@@ -331,7 +331,7 @@ def test_engine_step_carries_the_lora(tmp_path: Path) -> None:
         assert rel(engine(x, sigma, context, pooled), base) <= 1e-6
         fp8 = build(CFG)
         quantize_model(fp8, mode="dynamic")
-        eng8 = FastMMDiT(fp8, fp8_mode="dynamic", compile=False)
+        eng8 = MMDiTEngine(fp8, fp8_mode="dynamic", compile=False)
         base8 = eng8(x, sigma, context, pooled)
         loras8 = LoraSet({"mmdit": fp8})
         loras8.load(path, "a")
@@ -345,7 +345,8 @@ def test_engine_step_carries_the_lora(tmp_path: Path) -> None:
 
 def test_info_and_cli_arguments(tmp_path: Path, capsys) -> None:
     from sd35fp8.cli import build_parser, main
-    from sd35fp8.lora.commands import describe_lora, is_lora_file, parse_lora_arg
+    from sd35fp8.cli.lora import parse_lora_arg
+    from sd35fp8.lora.commands import describe_lora, is_lora_file
 
     _, _, sd = _peft_mmdit()
     path = _save(to_kohya(sd, 8.0, CFG.depth), tmp_path / "k.safetensors")

@@ -134,9 +134,14 @@ def test_pipeline_decode_policy(monkeypatch):
     monkeypatch.setattr(off, "free_device_bytes", lambda device: 3 << 30)  # a card with 3 GiB free
     assert not SD35Pipeline._tiled_decode(pipe, 1024, 1024)  # ~2.5 GiB fits
     assert SD35Pipeline._tiled_decode(pipe, 1024, 1024, batch=2) and SD35Pipeline._tiled_decode(pipe, 1280, 1280)
-    for mode in ("model", "sequential"):
-        pipe.offload = mode
-        assert not SD35Pipeline._tiled_decode(pipe, 1024, 1024) and SD35Pipeline._tiled_decode(pipe, 1280, 1280)
+    pipe.offload = "sequential"  # resident adaLN/embedders + a full decode within the 8 GB card's budget
+    pipe.mmdit = SimpleNamespace(weight_bytes=lambda: {"resident": int(2.6 * (1 << 30))})  # Large FP8, streamed
+    assert not SD35Pipeline._tiled_decode(pipe, 768, 768) and SD35Pipeline._tiled_decode(pipe, 1024, 1024)
+    pipe.offload = "model"  # the resident MMDiT plus a full decode within the 12 GB card's budget
+    pipe.mmdit = SimpleNamespace(weight_bytes=lambda: {"resident": 1 << 30})
+    assert not SD35Pipeline._tiled_decode(pipe, 1280, 1280) and SD35Pipeline._tiled_decode(pipe, 2048, 2048)
+    pipe.mmdit = SimpleNamespace(weight_bytes=lambda: {"resident": int(7.6 * (1 << 30))})  # Large FP8
+    assert SD35Pipeline._tiled_decode(pipe, 1024, 1024) and not SD35Pipeline._tiled_decode(pipe, 512, 512)
 
 
 @needs_cuda

@@ -2,9 +2,15 @@
 
 The graph is the seed's separate-encoders workflow (sd3.5_large.safetensors: an F16 MMDiT computed in
 float32 on the CPU) with euler, 4 steps, 64x64; the batching test also runs the seed's FP8 all-in-one
-workflow (FP8 dynamic matmuls on the CPU). Exactness is measured, not assumed: a batched prompt's image
-must equal the same prompt run alone, pixel for pixel (the MMDiT computes its conditioning vectors one
-row at a time on the CPU, where small GEMMs round differently for another batch size: models.mmdit.per_row).
+workflow (FP8 dynamic matmuls on the CPU). Exactness is measured, not assumed, with a stated tolerance:
+a batched prompt's image may differ from the same prompt run alone by at most BATCH_TOLERANCE uint8
+levels per pixel. Why not bit-equal on every machine: the MMDiT computes its conditioning vectors one row
+at a time (models.mmdit.per_row), but the big GEMMs of the image tokens run with M = batch x tokens,
+and oneDNN / MKL choose their blocking (and so the float summation order) from M and the thread
+count; on this 2-core CI machine they happen to agree (0 differences, printed), on a 16-core machine
+with torch 2.11 they differed by 1 level (issue 22). Summation-order rounding in float32 is far below
+one uint8 level per step, so it shows as an occasional 1; a real batching bug (wrong noise,
+conditioning or seed for a row) moves most pixels by tens of levels.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ pytest.importorskip("uvicorn")
 SIZE, STEPS = 64, 4
 CLIENTS, PER_CLIENT = 8, 10
 WORDS = ["red", "blue", "green", "cube", "ball", "tree", "house", "cat", "dog", "star", "lamp", "boat"]
+BATCH_TOLERANCE = 1  # uint8 levels, batched vs alone (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +115,8 @@ def test_batch_equals_alone_and_falls_back(models, tmp_path, workflow):
     for p, r in zip(prompts, results):
         batched = image_of(ex.folders, r.outputs)
         diffs.append(int(np.abs(batched - alone(ex, p)).max()))
-    assert diffs == [0] * 5, f"batched vs alone, max uint8 difference per prompt: {diffs}"
+    print(f"\nbatched vs alone, max uint8 difference per prompt ({workflow}): {diffs}")
+    assert max(diffs) <= BATCH_TOLERANCE, f"batched vs alone, max uint8 difference per prompt: {diffs}"
 
 
 def test_interrupt_one_prompt_of_a_batch(models, tmp_path):
@@ -125,7 +133,7 @@ def test_interrupt_one_prompt_of_a_batch(models, tmp_path):
     assert [r.success for r in results] == [True, False, True] and results[1].interrupted
     assert [r.sampled_with for r in results] == [2, 1, 2]  # the other two sampled again without it
     for i in (0, 2):
-        assert np.abs(image_of(ex.folders, results[i].outputs) - alone(ex, prompts[i])).max() <= 1
+        assert np.abs(image_of(ex.folders, results[i].outputs) - alone(ex, prompts[i])).max() <= BATCH_TOLERANCE
 
 
 def test_queue_takes_compatible_prompts_together():
@@ -201,5 +209,5 @@ def test_load_8_clients_x_10_prompts(models, tmp_path):
     batched = [pid for pid in runs if ex.sampled_with[pid] > 1]
     assert len(batched) == stats["batched_prompts"] > 0
     diffs = [int(np.abs(runs[pid]["image"] - alone(ex, runs[pid]["prompt"])).max()) for pid in batched[:3]]
-    assert max(diffs) == 0, f"batched vs alone, max uint8 difference: {diffs}"
+    assert max(diffs) <= BATCH_TOLERANCE, f"batched vs alone, max uint8 difference: {diffs}"
     print(f"\n{CLIENTS}x{PER_CLIENT} prompts in {seconds:.1f} s; worker {stats}; batched-vs-alone {diffs}")

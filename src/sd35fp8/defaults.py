@@ -15,6 +15,15 @@ from typing import Mapping
 
 DEFAULTS_METADATA_KEY = "sd35fp8.defaults"
 
+# Skip-layer guidance, the one place its defaults live: the reference sd3_infer.py (Stability-AI/sd3.5
+# at fbf8f48) CONFIGS["sd3.5_medium"]["skip_layer_config"] = scale 2.5, start 0.01, end 0.20, layers
+# [7, 8, 9], and cfg 4.0 while it is on (5.0 without). sampling.SLGConfig takes its defaults from here.
+SLG_SCALE = 2.5
+SLG_START = 0.01
+SLG_END = 0.20
+SLG_LAYERS = (7, 8, 9)
+SLG_CFG = 4.0
+
 
 @dataclass(frozen=True)
 class GenerationDefaults:
@@ -26,10 +35,11 @@ class GenerationDefaults:
     shift: float = 3.0
     width: int = 1024
     height: int = 1024
-    slg_scale: float = 0.0
-    slg_start: float = 0.01
-    slg_end: float = 0.30
+    slg_scale: float = 0.0  # 0: no skip-layer guidance
+    slg_start: float = SLG_START
+    slg_end: float = SLG_END
     slg_layers: tuple[int, ...] = ()
+    slg_cfg: float | None = None  # cfg while skip-layer guidance is on (None: `cfg`)
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -39,7 +49,7 @@ LARGE = GenerationDefaults("SD3.5 Large", steps=40, cfg=4.5, sampler="dpmpp_2m")
 LARGE_TURBO = GenerationDefaults("SD3.5 Large Turbo", steps=4, cfg=1.0, sampler="euler")
 MEDIUM = GenerationDefaults(
     "SD3.5 Medium", steps=50, cfg=5.0, sampler="dpmpp_2m",
-    slg_scale=2.5, slg_start=0.01, slg_end=0.30, slg_layers=(7, 8, 9),
+    slg_scale=SLG_SCALE, slg_start=SLG_START, slg_end=SLG_END, slg_layers=SLG_LAYERS, slg_cfg=SLG_CFG,
 )
 GENERIC = GenerationDefaults("SD3.5-layout model", steps=28, cfg=4.5, sampler="dpmpp_2m")
 

@@ -25,3 +25,7 @@ class InputError(SD35Error, ValueError):
 
 class DeviceError(SD35Error):
     """The requested device or compute mode is not available."""
+
+
+class OutputError(SD35Error, OSError):
+    """A result cannot be written (output folder missing, not writable, disk full): names the folder."""

@@ -4,11 +4,13 @@ while they compute.
 - `PackedWeights`: one module's parameters and buffers in ONE pinned CPU buffer (uint8, each tensor an
   aligned view). Putting it on the GPU is one host-to-device copy; taking it off is dropping the GPU
   copy (no device-to-host copy: the pinned CPU copy never changes).
-- `BlockStreamer` + `SequentialOffload`: the MMDiT's joint blocks are streamed block by block, the
-  next `prefetch` blocks copied on a side CUDA stream into a ring of fixed device slots while the
-  current one computes (events order copy -> compute -> reuse of the slot).
-  Embedders, final layer and pos_embed stay resident. FP8Linear weights and scales travel as they are.
-  The same streamer can stream T5's encoder blocks (`stream_t5_blocks`).
+- `TensorPack`: a dict of tensors (one MMDiT engine block's weights) in one pinned buffer.
+- `BlockStreamer`: blocks (modules or TensorPacks) streamed block by block, the next `prefetch`
+  blocks copied on a side CUDA stream into a ring of fixed device slots while the current one
+  computes (events order copy -> compute -> reuse of the slot). The MMDiT engine
+  (fast/engine.py, offload="sequential") streams its joint blocks' weight dicts this way (embedders,
+  final layer, pos_embed and the fused adaLN stay resident; FP8 weights and scales travel as they
+  are); `SequentialOffload` does it for a plain MMDiT module, `stream_t5_blocks` for T5's blocks.
 - `ModelOffload`: whole models (MMDiT, text encoders, VAE) on the device only while in use, one
   at a time (ComfyUI's "model" offload, but with pinned memory and no copy back).
 - `peak_memory_report(stats)`: per-stage seconds and peak memory of a pipeline call.
@@ -45,6 +47,11 @@ GIB = 1024 ** 3
 # every size. On an 8 GB card the decode goes tiled above 1024x1024 (1280^2 would already need ~6 GiB).
 VAE_DECODE_GIB_FIT = (0.209, 2.047)
 TILED_DECODE_PIXELS_8GB = 1024 * 1024
+# offload "model" (a 12 GB card) / "sequential" (an 8 GB card): a full VAE decode only when it fits next to
+# the engine's resident weights (pipeline._tiled_decode). Sequential at Large 1024²: 2.6 GiB resident + 2.5 GiB
+# full decode peaked at 6.38 GiB on the H200 (benchmarks/paths.py, first run): above the 6 GiB goal, so tiled.
+MODEL_OFFLOAD_BUDGET = 10 * GIB
+SEQUENTIAL_OFFLOAD_BUDGET = 5 * GIB
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,30 @@ class PackedWeights:
         self._set(self._cpu_views)
 
 
+class TensorPack:
+    """A dict of tensors packed into ONE CPU buffer (pinned when CUDA is available), each an aligned
+    view: `cpu_views` (same names, CPU) and `views(flat)` (the same layout over a device copy)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "tensors"):
+        self.name = name
+        self.slots: dict[str, _Slot] = {}
+        offset = 0
+        for key, t in tensors.items():
+            if t.device.type == "meta":
+                raise InputError(f"TensorPack({name}): {key} is still on meta; load the weights first")
+            self.slots[key] = _Slot(offset, t.dtype, tuple(t.shape))
+            offset += -(-self.slots[key].nbytes // ALIGN) * ALIGN
+        self.nbytes = offset
+        self.cpu = torch.empty(max(offset, 1), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        with torch.no_grad():
+            for key, t in tensors.items():
+                _view(self.cpu, self.slots[key]).copy_(t.detach().contiguous())
+        self.cpu_views = self.views(self.cpu)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: _view(flat, slot) for key, slot in self.slots.items()}
+
+
 class BlockStreamer:
     """Stream the blocks of a ModuleList to `device` one at a time with `prefetch` blocks in flight.
 
@@ -142,15 +173,18 @@ class BlockStreamer:
     block (event), and the compute stream waits for the copy (event). Device memory for blocks is
     thus exactly (prefetch + 1) x largest block, however far the host runs ahead. After the last
     block the first ones are prefetched again (the next sampling step starts without a stall).
+
+    `blocks`: modules (packed here, PackedWeights; `run` swaps them in) or ready TensorPacks (the
+    caller uses `acquire(i)` -> the device slot holding block i, then `done(i)` after its work).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], device: torch.device | str, prefetch: int = 1,
+    def __init__(self, blocks: Sequence[nn.Module | TensorPack], device: torch.device | str, prefetch: int = 1,
                  name: str = "blocks"):
         if prefetch < 0:
             raise InputError(f"prefetch must be >= 0, got {prefetch}")
         self.device = torch.device(device)
         self.prefetch = prefetch
-        self.packs = [PackedWeights(b, f"{name}.{i}") for i, b in enumerate(blocks)]
+        self.packs = [b if isinstance(b, TensorPack) else PackedWeights(b, f"{name}.{i}") for i, b in enumerate(blocks)]
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._slots: list[torch.Tensor] = []  # [(prefetch+1)] x [largest block bytes] uint8
@@ -189,9 +223,11 @@ class BlockStreamer:
         self.bytes_streamed += pack.nbytes
         return s
 
-    def run(self, i: int, block: nn.Module, args: tuple, kwargs: dict):
+    def acquire(self, i: int) -> torch.Tensor | None:
+        """The device slot ([bytes] uint8) holding block i once the compute stream may read it (CUDA;
+        prefetches the next blocks); None on CPU, where the weights already are where the inputs are."""
         if not self.cuda:
-            return block(*args, **kwargs)  # CPU: the weights are already where the inputs are
+            return None
         if not self._slots:
             self._alloc()
         compute = torch.cuda.current_stream(self.device)
@@ -201,16 +237,27 @@ class BlockStreamer:
             if j != i and j not in self._holds:
                 self._fetch(j, keep=s)
         compute.wait_event(self._ready[s])
+        return self._slots[s]
+
+    def done(self, i: int) -> None:
+        """The compute stream's work with block i is queued: its slot may be refilled after it."""
+        if not self.cuda or i not in self._holds:
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._done[self._holds.index(i)] = done
+
+    def run(self, i: int, block: nn.Module, args: tuple, kwargs: dict):
+        slot = self.acquire(i)
+        if slot is None:
+            return block(*args, **kwargs)
         pack = self.packs[i]
-        pack.swap_in(self._slots[s])
+        pack.swap_in(slot)
         try:
-            out = block(*args, **kwargs)
+            return block(*args, **kwargs)
         finally:
             pack.swap_out()
-            done = torch.cuda.Event()
-            done.record(compute)
-            self._done[s] = done
-        return out
+            self.done(i)
 
     def release(self) -> None:
         """Free the device slots (e.g. before the VAE decode on a small card)."""
@@ -334,6 +381,10 @@ class ModelOffload:
         self.device = torch.device(device)
         self.empty_cache = empty_cache
         self._packs: dict[int, PackedWeights] = {}
+
+    def manages(self, module: nn.Module) -> bool:
+        """Whether `module` was registered here (on_device moves only those, or any on first use)."""
+        return id(module) in self._packs
 
     def register(self, module: nn.Module, name: str = "module") -> PackedWeights:
         key = id(module)

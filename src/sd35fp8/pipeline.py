@@ -1,9 +1,10 @@
 """SD35Pipeline: owns the loaded models and turns prompts into images, the way diffusers users
 call it and the way ComfyUI's KSampler computes it.
 
-Flow of one call: prompts -> SD3Tokenizer -> SD3TextEncoder -> (context, pooled)
--> CPU noise from the seed -> sampler over CFGDenoiser(MMDiT) on the σ schedule
--> VAE decode -> PIL images. The pipeline knows neither file formats nor model internals.
+Flow of one call: arguments checked and completed from the model's defaults -> the generation
+core (`sd35fp8.generation.generate`: SD3TextEncoder -> CPU noise from the seed -> sampler over
+CFGDenoiser(MMDiT) on the σ schedule -> VAE decode) -> PIL images. The pipeline knows neither
+file formats nor model internals.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ from .defaults import GenerationDefaults, defaults_for
 from .errors import InputError
 from .devices import default_device, resolve_device  # noqa: F401  (re-exported: callers import them from here)
 from .diffusers_compat import DiffusersSurface, load_kwargs
+from .fast import OFFLOAD_MODES, build_engine, default_compile
+from .fp8.device import MODES
+from .generation import Components, GenerationRequest, SampleSettings, StepCallback, encode_groups, generate
+from .models.mmdit import MMDiT
 from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
+from .sampling import SLGConfig
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("none", "model", "sequential")
-FP8_CHOICES = (None, "none", "weight_only", "dynamic", "static")
+FP8_CHOICES = (None, "none", *MODES)  # None: the file's precision; "none": --dtype
 TILED_DECODE_PIXELS = 1536 * 1536  # decode larger images in tiles (bounded memory)
-
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised x0 [B,16,h,w])
 
 
 def dtype_from_name(name: str | None) -> torch.dtype | None:
@@ -64,7 +67,9 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                  dtype: torch.dtype, offload: str = "none", description: dict | None = None):
         if offload not in OFFLOAD_MODES:
             raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
-        self.mmdit = mmdit
+        self.device = torch.device(device)
+        self.offload = offload
+        self.mmdit = mmdit  # an MMDiT becomes its engine (the `mmdit` setter)
         self.vae = vae
         self.text_encoder = text_encoder
         self.defaults = defaults
@@ -79,10 +84,26 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         # compile=True)), whose numerics differ from the workflow's anyway.
         self.batch_encode = False
         self._offloader = None
-        if offload != "none":
+        if offload != "none":  # text encoders and VAE visit the device; the MMDiT engine places itself
             from .offload import ModelOffload
 
             self._offloader = ModelOffload(self.device)
+            self._offloader.register(text_encoder, "text_encoder")
+            self._offloader.register(vae, "vae")
+
+    @property
+    def mmdit(self):
+        """The MMDiT's engine (fast.MMDiTEngine: .model, .config, .fp8_mode, .describe())."""
+        return self._mmdit
+
+    @mmdit.setter
+    def mmdit(self, model) -> None:
+        """Assigning an MMDiT module builds its engine for this pipeline's device and offload (the weights
+        move there); an engine, or another model with MMDiT's forward contract (a calibration recorder,
+        fast.PlainForward), is used as it is."""
+        if isinstance(model, MMDiT):
+            model = build_engine(model, self.device, compile=False, offload=self.offload)
+        self._mmdit = model
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -90,19 +111,22 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                         clip_g: str | Path | None = None, t5xxl: str | Path | None = None,
                         t5_tokenizer: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fp8: str | None = None,
-                        offload: str = "none", t5_min_length: int = 77, compile: bool = False,
+                        offload: str = "none", t5_min_length: int = 77, compile: bool | None = None,
                         torch_dtype: torch.dtype | None = None, **diffusers_kwargs) -> SD35Pipeline:
         """Load everything a generation needs.
 
         model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
         None = the shipped small model. fp8: None keeps the file's precision (an fp8 file runs as
         FP8), "none" forces --dtype, "weight_only" | "dynamic" | "static" quantise the MMDiT.
-        offload: "none" keeps every model on the device; "model" keeps every model in pinned CPU
-        memory and moves each to the device only while it runs (a 12 GB card); "sequential" also
-        streams the MMDiT's and T5's blocks one by one with prefetch (an 8 GB card).
-        compile: run the MMDiT through `sd35fp8.fast.FastMMDiT` (fused FP8 step, torch.compile per
-        block shape, CUDA graphs per image shape; CUDA with offload "none" only). The first image
-        of each size compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor).
+        offload: "none" keeps every model on the device; "model" (a 12 GB card) keeps the MMDiT
+        resident and the text encoders and VAE in pinned CPU memory, each moved to the device only
+        while it runs (T5's blocks streamed one by one); "sequential" (an 8 GB card) also streams the
+        MMDiT's joint blocks with prefetch into the fused step.
+        The MMDiT always runs through `sd35fp8.fast.build_engine` (fused step; CUDA graphs per image
+        shape on CUDA unless sequential). compile: also torch.compile the per-block step (None: the
+        device's default, fast.default_compile: off for the Python API and `generate`). The first
+        image of each size then compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor);
+        `warmup` does it up front.
         torch_dtype (diffusers' name for dtype) and diffusers' file flags: diffusers_compat.load_kwargs.
         """
         dtype = load_kwargs(dtype, torch_dtype, diffusers_kwargs)
@@ -122,7 +146,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = shipped_model_path() if model is None else model
         comps = resolve(model, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl)
-        side = device if offload == "none" else torch.device("cpu")
+        side = device if offload == "none" else torch.device("cpu")  # offload: load into CPU memory
         if offload != "none" and fp8 not in (None, "none"):
             from .fp8.device import choose_mode
 
@@ -136,14 +160,13 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
             for tower in (texts.clip_l, texts.clip_g, texts.t5xxl):
                 if tower is not None:
                     keep_token_embeddings_on_cpu(tower)
-        if compile:
-            mmdit = _fast_mmdit(mmdit, device, offload)
-        if offload == "sequential":
-            from .offload import SequentialOffload, stream_t5_blocks
+        if compile is None:
+            compile = default_compile(device, offload)
+        mmdit = build_engine(mmdit, device, compile=compile, offload=offload)
+        if offload != "none" and texts.t5xxl is not None:  # T5 block by block next to the resident MMDiT
+            from .offload import stream_t5_blocks
 
-            mmdit = SequentialOffload(mmdit, device)
-            if texts.t5xxl is not None:
-                stream_t5_blocks(texts.t5xxl, device)
+            stream_t5_blocks(texts.t5xxl, device)
         t5_tok = None
         if texts.t5xxl is not None:
             near = [Path(f) for f in comps.t5xxl.files] + [Path(f) for f in comps.mmdit.files]
@@ -162,15 +185,29 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                        "defaults": defaults.name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
         log.info("loaded %s on %s (%s)", defaults.name, device, description["dtype"])
         pipe = cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
-        pipe.batch_encode = compile
         pipe._load_args = load_args
         return pipe
 
     # ------------------------------------------------------------------ helpers
+    def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> float:
+        """Compile / capture the MMDiT step for each (width, height, images per prompt) now, so the first
+        generation of those sizes does not pay it (None: the model's default size, one image). The
+        CFG batch and the default skip-layer-guidance pass are prepared as generations use them.
+        Returns the seconds spent (0 when nothing is prepared per shape: CPU, eager sequential)."""
+        d = self.defaults
+        shapes = [(d.width, d.height, 1)] if shapes is None else list(shapes)
+        slg = self._slg(None)
+        t5 = getattr(self.text_encoder, "t5", None) is not None
+        tok = getattr(self.text_encoder, "tokenizer", None)
+        tokens = 77 + (max(77, getattr(tok, "t5_min_length", 77)) if t5 else 0)
+        return self.mmdit.warmup(shapes, cfg=abs(d.cfg - 1.0) > 1e-9, skip_layers=slg.layers if slg else (),
+                                 context_tokens=tokens)
+
     @contextmanager
     def _on_device(self, module: torch.nn.Module):
-        """With offload, a model is on the device only while it runs (sd35fp8.offload.ModelOffload)."""
-        if self._offloader is None:
+        """With offload, the text encoders and VAE are on the device only while they run
+        (sd35fp8.offload.ModelOffload); the MMDiT engine places its own weights (fast/engine.py)."""
+        if self._offloader is None or not self._offloader.manages(module):
             yield module
             return
         with self._offloader.on_device(module):
@@ -189,12 +226,6 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
             self.stats.peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
         self.stats.seconds[name] = time.perf_counter() - start
 
-    def _encode(self, prompts: Sequence[str], negatives: Sequence[str], use_cfg: bool):
-        """(cond, uncond or None) for one batch of prompts and their negatives."""
-        if use_cfg and self.batch_encode:
-            return tuple(self.encode_prompt_groups(prompts, negatives))
-        return self.encode_prompt(prompts), self.encode_prompt(negatives) if use_cfg else None
-
     def encode_prompt(self, prompts: Sequence[str]):
         """prompts -> Conditioning(context [B, L, C], pooled [B, P]) on the device."""
         return self.encode_prompt_groups(prompts)[0]
@@ -202,11 +233,14 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
     def encode_prompt_groups(self, *groups: Sequence[str]):
         """Several prompt lists (e.g. prompts and negatives) encoded in ONE batch through each text
         encoder (SD3TextEncoder.encode_prompt_groups) -> one Conditioning per list."""
-        from .sampling import Conditioning
+        return encode_groups(self.text_encoder, groups, self.device, self.dtype, self._on_device)
 
-        with self._on_device(self.text_encoder) as enc:
-            pairs = enc.encode_prompt_groups(*(list(g) for g in groups))
-        return [Conditioning(c.to(self.device, self.dtype), p.to(self.device, self.dtype)) for c, p in pairs]
+    def components(self) -> Components:
+        """The models and hooks the generation core runs on (read at each call: `pipe.mmdit` may be
+        swapped between calls, as the tiny evaluation does for each FP8 mode)."""
+        return Components(mmdit=self.mmdit, vae=self.vae, text_encoder=self.text_encoder, device=self.device,
+                          dtype=self.dtype, on_device=self._on_device, stage=self._stage,
+                          tiled_decode=self._tiled_decode, batch_encode=self.batch_encode)
 
     def check_size(self, width: int, height: int) -> None:
         for name, value in (("width", width), ("height", height)):
@@ -220,32 +254,35 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
     def _tiled_decode(self, width: int, height: int, batch: int = 1) -> bool:
         """Tiled VAE decode (bounded memory, not bit-equal to a full decode) only when needed.
 
-        Offload model/sequential: the 8 GB-card rule of `offload.use_tiled_decode`. Offload none on
+        Offload model / sequential: tiled when the engine's resident weights (all of the MMDiT / its
+        fused adaLN, embedders and final layer) plus a full decode exceed MODEL_OFFLOAD_BUDGET (a 12 GB
+        card) / SEQUENTIAL_OFFLOAD_BUDGET (an 8 GB card). Offload none on
         CUDA: full decode when its estimated activations fit the device's free memory (with 10 %
         margin), as ComfyUI falls back to tiles only when a full decode does not fit. CPU: tiles
         above TILED_DECODE_PIXELS.
         """
-        from .offload import free_device_bytes, use_tiled_decode, vae_decode_bytes
+        from .offload import (MODEL_OFFLOAD_BUDGET, SEQUENTIAL_OFFLOAD_BUDGET, free_device_bytes, use_tiled_decode,
+                              vae_decode_bytes)
 
         if self._vae_tiling:  # enable_vae_tiling()
             return True
-        if self.offload != "none":
-            return use_tiled_decode(width, height)
+        if self.offload != "none":  # the engine's resident weights plus a full decode within the card's budget
+            budget = MODEL_OFFLOAD_BUDGET if self.offload == "model" else SEQUENTIAL_OFFLOAD_BUDGET
+            return use_tiled_decode(width, height, budget, self.mmdit.weight_bytes()["resident"])
         free = free_device_bytes(self.device)
         if free is None:
             return width * height > TILED_DECODE_PIXELS
         return batch * vae_decode_bytes(width, height) > 0.9 * free
 
-    def _slg(self, slg: bool | None):
-        from .sampling import SLGConfig
-
+    def _slg(self, slg: bool | None) -> SLGConfig | None:
+        """The model's skip-layer guidance (defaults.py; the sd3.5 reference's step window), unless
+        slg is False or the model has none."""
         d = self.defaults
         if slg is False or d.slg_scale <= 0 or not d.slg_layers:
             return None
         return SLGConfig(scale=d.slg_scale, start=d.slg_start, end=d.slg_end, layers=d.slg_layers)
 
     # ------------------------------------------------------------------ generation
-    @torch.inference_mode()
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, seed: int = 0,
@@ -253,23 +290,26 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                  denoise: float = 1.0, image: Image.Image | torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, callback: StepCallback | None = None,
                  slg: bool | None = None, progress: bool = True,
+                 interrupt: Callable[[], None] | None = None,
                  mask: torch.Tensor | None = None) -> GenerationOutput:
         """Generate images; missing parameters take the model's defaults (see defaults.py).
 
-        Seeds: the initial noise of the whole batch is one CPU draw from `seed`, as ComfyUI
-        does, so the same seed gives the same image on every device. `image` + `denoise` < 1 is
-        img2img: one image (PIL, or a float tensor [3, H, W] / [1, 3, H, W] in [0, 1]) for every
-        prompt, or one per prompt (a list of PIL images or a [P, 3, H, W] tensor); the image sets
-        the size. Prompts whose contexts cannot be batched (a long prompt among short ones, as
-        ComfyUI decides) run in one pass each, on their rows of the batch's noise; the per-step
-        noise of ancestral/SDE samplers is then drawn per pass. `callback(step, total, denoised)`
-        runs after every step (of every pass). `mask` [1 or B, 1, H, W] in [0, 1] with `image`:
+        Checks the arguments, then runs the generation core (`sd35fp8.generation.generate`, the
+        same code `sd35fp8 run` and the server sample with). Seeds: the initial noise of the whole
+        batch is one CPU draw from `seed`, as ComfyUI does, so the same seed gives the same image on
+        every device. `image` + `denoise` < 1 is img2img: one image (PIL, or a float tensor
+        [3, H, W] / [1, 3, H, W] in [0, 1]) for every prompt, or one per prompt (a list of PIL
+        images or a [P, 3, H, W] tensor); the image sets the size. Prompts whose contexts cannot be
+        batched (a long prompt among short ones, as ComfyUI decides) run in one pass each, on their
+        rows of the batch's noise; the per-step noise of ancestral/SDE samplers is then drawn per
+        pass. `callback(step, total, denoised)` runs after every step (of every pass); `interrupt()`
+        before every step (it stops the call by raising). slg: None = the model's skip-layer
+        guidance (Medium), False = none; with it and no guidance_scale, cfg is the model's
+        `slg_cfg` (the reference's 4.0 for Medium). `mask` [1 or B, 1, H, W] in [0, 1] with `image`:
         inpainting, 1 = repaint (ComfyUI's SetLatentNoiseMask; resized to the latent bilinearly).
         """
         from .models.vae import image_to_uint8
-        from .sampling import check_scheduler, get_sampler, prepare_noise
-        from .sampling.ksampler import ksample
-        from .text.encoders import ContextBatchError
+        from .sampling import check_scheduler, get_sampler
 
         d = self.defaults
         prompts = _prompt_list(prompt, "prompt")
@@ -284,7 +324,11 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         seed = _as_int(seed, "seed")
         width = None if width is None else _as_int(width, "width")
         height = None if height is None else _as_int(height, "height")
-        cfg = d.cfg if guidance_scale is None else float(guidance_scale)
+        slg_config = self._slg(slg)
+        if guidance_scale is not None:
+            cfg = float(guidance_scale)
+        else:
+            cfg = d.slg_cfg if slg_config is not None and d.slg_cfg is not None else d.cfg
         sampler = sampler or d.sampler
         scheduler = scheduler or d.scheduler
         shift = d.shift if shift is None else float(shift)
@@ -312,56 +356,26 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         self.check_size(width, height)
 
         self.stats = StageStats()
-        use_cfg = abs(cfg - 1.0) > 1e-9
-        with self._stage("encode"):
-            try:  # one batch, as ComfyUI batches conds whose contexts it can concatenate
-                groups = [(0, len(prompts), *self._encode(prompts, negatives, use_cfg))]
-            except ContextBatchError:  # e.g. a long prompt among short ones: a pass per prompt, as ComfyUI
-                groups = [(i, i + 1, *self._encode([p], [q], use_cfg))
-                          for i, (p, q) in enumerate(zip(prompts, negatives))]
-        from .sampling import Conditioning
-
-        def repeat(c):
-            return None if c is None else Conditioning(c.context.repeat_interleave(n, 0), c.pooled.repeat_interleave(n, 0))
-
-        batch = len(prompts) * n
-        shape = (batch, self.mmdit.config.in_channels, height // 8, width // 8)
-        latent = torch.zeros(shape, dtype=torch.float32, device=self.device)  # raw VAE space, as ComfyUI
-        if pixels is not None:
-            with self._stage("vae_encode"), self._on_device(self.vae) as vae:
-                encoded = vae.encode(pixels.to(self.device, self.dtype)).float()  # [1 or P, C, h, w]
-                latent = (encoded.repeat(batch, 1, 1, 1) if encoded.shape[0] == 1
-                          else encoded.repeat_interleave(n, 0))  # image i goes with prompt i's images
-
-        # one CPU draw for the whole batch (ComfyUI); separate passes take their rows of it
-        noise = None if len(groups) == 1 else prepare_noise(seed, shape)
-        parts = []
-        with self._stage("sampling"), self._on_device(self.mmdit) as mmdit:
-            for start, end, cond, uncond in groups:
-                rows = slice(start * n, end * n)
-                parts.append(ksample(mmdit, repeat(cond), repeat(uncond), latent[rows], seed=seed, steps=steps,
-                                     cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift, denoise=denoise,
-                                     slg=self._slg(slg), dtype=self.dtype, callback=callback,
-                                     disable=not progress, noise=None if noise is None else noise[rows],
-                                     mask=None if mask is None else mask if mask.shape[0] == 1 else mask[rows]))
-        z = torch.cat(parts) if len(parts) > 1 else parts[0]
-        with self._stage("vae_decode"), self._on_device(self.vae) as vae:
-            tiled = self._tiled_decode(width, height, batch)
-            decoded = vae.decode_tiled(z) if tiled else vae.decode(z)
-        images = [Image.fromarray(a) for a in image_to_uint8(decoded)]
+        settings = SampleSettings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift,
+                                  denoise=denoise, slg=slg_config)
+        request = GenerationRequest(prompts=prompts, negatives=negatives, settings=settings, width=width,
+                                    height=height, seed=seed, images_per_prompt=n, init_pixels=pixels,
+                                    callback=callback, interrupt=interrupt, progress=progress,
+                                    mask=mask)
+        out = generate(self.components(), request)
+        images = [Image.fromarray(a) for a in image_to_uint8(out.pixels)]
         params = [dict(prompt=prompts[i // n], negative_prompt=negatives[i // n], steps=steps, cfg=cfg,
                        sampler=sampler, scheduler=scheduler, shift=shift, seed=seed, batch_index=i,
                        width=width, height=height, denoise=denoise, model=self.description.get("model", ""),
                        mmdit=self.description.get("mmdit", ""), fp8=self.fp8_mode)
-                  for i in range(batch)]
-        return GenerationOutput(images=images, latents=z.cpu(), params=params)
+                  for i in range(len(images))]
+        return GenerationOutput(images=images, latents=out.latents.cpu(), params=params)
 
     def summary(self) -> str:
         """One line: model, device, dtype and the MMDiT's compute mode (with the reason for FP8 choices)."""
-        report = getattr(getattr(self.mmdit, "model", self.mmdit), "fp8_report", None)
+        report = getattr(self.mmdit.model, "fp8_report", None)
         mode = report.describe() if report is not None else f"MMDiT in {self.description.get('dtype')}"
-        fast = f"; {self.mmdit.describe()}" if hasattr(self.mmdit, "graphs") else ""
-        return f"{self.defaults.name} on {self.device}; {mode}{fast}"
+        return f"{self.defaults.name} on {self.device}; {mode}; {self.mmdit.describe()}"
 
     @property
     def fp8_mode(self) -> str:
@@ -373,19 +387,6 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
 
 # diffusers' class names: one class does text-to-image, img2img (image=, strength=) and inpainting (mask_image=)
 StableDiffusion3Pipeline = StableDiffusion3Img2ImgPipeline = StableDiffusion3InpaintPipeline = SD35Pipeline
-
-
-def _fast_mmdit(mmdit, device: torch.device, offload: str):
-    """The MMDiT wrapped in FastMMDiT (compiled, CUDA graphs), in the FP8 mode its linears were loaded in."""
-    from .fast import FastMMDiT, enable_compile_cache
-    from .fp8.linear import FP8Linear
-
-    if device.type != "cuda" or offload != "none":
-        raise InputError(f"compile needs a CUDA device and offload 'none' (got {device.type}, offload {offload!r})")
-    qkv = mmdit.joint_blocks[0].x_block.attn.qkv
-    mode = qkv.mode if isinstance(qkv, FP8Linear) else None
-    enable_compile_cache()
-    return FastMMDiT(mmdit, mode, compile=True, cuda_graphs=True)
 
 
 def _prompt_list(value, name: str) -> list[str]:

@@ -33,3 +33,24 @@ def test_pages_match_comfyui_slices():
     h.delete("p29")
     h.wipe()
     assert h.get_json() == b"{}" and not h._json
+
+
+def test_sorted_jobs_follow_the_history():
+    from sd35fp8.server.jobs import _Summaries
+    from sd35fp8.server.queue import PromptQueue
+
+    q = PromptQueue(max_queue=4)
+    s = _Summaries()
+
+    def finish(pid: str, created: int) -> None:
+        q.put([created, pid, {}, {"create_time": created}, []])
+        task, _ = q.get(timeout=1)
+        q.task_done(task, {}, {"status_str": "success", "completed": True, "messages": []})
+
+    finish("b", 20)
+    finish("a", 10)
+    assert [j["id"] for j in s.sorted_jobs(q)] == ["a", "b"]
+    assert s.sorted_jobs(q) is s.sorted_jobs(q)  # cached while the history is unchanged
+    finish("c", 15)
+    q.delete_history_item("b")
+    assert [j["id"] for j in s.sorted_jobs(q)] == ["a", "c"]

@@ -34,6 +34,7 @@ from sd35fp8.checkpoints.fp8_load import (COMFY_INPUT_SCALE, COMFY_WEIGHT_SCALE,
 from sd35fp8.checkpoints.stream import model_shapes, source_of
 from sd35fp8.errors import CheckpointError, InputError
 from sd35fp8.fp8.calibrate import Recipe
+from sd35fp8.fp8.device import MODES
 from sd35fp8.fp8.policy_sd35 import default_policy, default_t5_policy
 from sd35fp8.fp8.quantize import Policy
 from sd35fp8.fp8.scaling import quantize_weight
@@ -216,8 +217,8 @@ def export(path_in: str | Path, path_out: str | Path, fmt: str = "comfy", recipe
     """
     if fmt not in FORMATS:
         raise InputError(f"export format {fmt!r} not in {FORMATS}")
-    if mode not in (None, "weight_only", "dynamic", "static"):
-        raise InputError(f"export mode {mode!r} not in weight_only, dynamic, static")
+    if mode is not None and mode not in MODES:
+        raise InputError(f"export mode {mode!r} not in {', '.join(MODES)}")
     rec = None if recipe is None else (recipe if isinstance(recipe, Recipe) else Recipe.load(recipe))
     if mode == "static" and not (rec and rec.input_scales):
         raise InputError("export --mode static needs a recipe with input scales (sd35fp8 calibrate)")

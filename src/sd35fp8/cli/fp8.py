@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
+from ..fp8.device import MODES
 from .common import positive_int
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         pipe.mmdit = load_mmdit_fp8(args.model, pipe.device, pipe.dtype, "none")
     calls, amax = record_trajectories(pipe, prompts, args.steps, args.size, args.seed, args.calls)
     with torch.no_grad():
-        recipe = calibrate(pipe.mmdit, calls, amax=amax, tune=not args.no_tune, budget_db=args.budget_db)
+        recipe = calibrate(pipe.mmdit.model, calls, amax=amax, tune=not args.no_tune, budget_db=args.budget_db)
     recipe.stats["prompts"] = len(prompts)
     recipe.stats["model"] = str(args.model)
     recipe.save(args.out)
@@ -94,7 +95,7 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
     p.add_argument("--format", dest="fmt", default="comfy", choices=["comfy", "native"],
                    help="comfy (default): ComfyUI scaled fp8; native: per-channel scales + input scales + recipe")
     p.add_argument("--recipe", default=None, help="recipe JSON from `sd35fp8 calibrate` (input scales, clipping, policy)")
-    p.add_argument("--mode", default=None, choices=["weight_only", "dynamic", "static"],
+    p.add_argument("--mode", default=None, choices=list(MODES),
                    help="static writes the recipe's input scales (required); weight_only/dynamic write none "
                         "(default: static when --recipe is given, else none)")
     p.add_argument("--t5", action="store_true", help="also quantise the T5-XXL of an all-in-one")

@@ -13,6 +13,8 @@ from typing import Callable
 
 from ..errors import InputError
 from .common import LONG_PROMPT_HELP, add_engine_args, add_model_args, positive_int
+from .lora import add_generate_args as add_lora_args
+from .lora import apply_generate_args as apply_lora_args
 
 
 def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -21,8 +23,8 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
         help="make images from a prompt",
         description="Make images from a prompt. " + LONG_PROMPT_HELP,
         epilog="Defaults follow the reference (sd3_infer.py): Large 40 steps cfg 4.5 dpmpp_2m; "
-        "Large Turbo 4 steps cfg 1 euler; Medium 50 steps cfg 5 dpmpp_2m with skip-layer "
-        "guidance; the shipped model uses its own recorded defaults.",
+        "Large Turbo 4 steps cfg 1 euler; Medium 50 steps dpmpp_2m with skip-layer guidance at "
+        "cfg 4 (cfg 5 with --no-slg); the shipped model uses its own recorded defaults.",
     )
     gen.add_argument("prompt", help="the text prompt. " + LONG_PROMPT_HELP)
     add_model_args(gen)
@@ -41,8 +43,6 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
                    help="FP8 mode of the MMDiT (default: FP8 files run as FP8, others in --dtype)")
     s.add_argument("--no-slg", action="store_true", help="disable skip-layer guidance (Medium)")
     add_engine_args(gen, "off (the fused FP8 step runs eager, with CUDA graphs on CUDA)")
-    from ..lora.commands import add_generate_args as add_lora_args
-
     add_lora_args(gen.add_argument_group("LoRA"))
     gen.add_argument("-o", "--output", default="out.png",
                      help="output PNG; with --batch > 1, _0, _1, ... are added before the suffix")
@@ -104,7 +104,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     print(f"sd35fp8: {pipe.summary()}", file=sys.stderr)
-    from ..lora.commands import apply_generate_args as apply_lora_args
 
     for line in apply_lora_args(pipe, args):
         print(f"sd35fp8: {line}", file=sys.stderr)

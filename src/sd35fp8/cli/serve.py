@@ -22,6 +22,7 @@ SERVER_DEFAULTS = {
     "max_upload_pixels": 8192 * 8192,  # files.DEFAULT_MAX_UPLOAD_PIXELS
     "header_timeout": 10.0, "keep_alive": 5, "max_connections": 256,  # connections.DEFAULT_*
 }
+DRAIN_SECONDS, HANG_SECONDS = 60.0, 900.0  # server.lifecycle.DEFAULT_DRAIN_SECONDS / DEFAULT_HANG_SECONDS
 LIMITS_FIELDS = ("max_body_bytes", "max_json_depth", "max_nodes", "max_text_chars", "max_pixel_steps")
 LIMIT_FLAGS = (
     ("--max-body-bytes", positive_int, "largest JSON request body (413 beyond)"),
@@ -68,6 +69,19 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     srv.add_argument("--batch-wait-ms", type=float, default=20.0,
                      help="how long a taken prompt waits for compatible ones (0: only those already queued)")
     srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    life = srv.add_argument_group("durable queue and lifecycle")
+    life.add_argument("--state-dir", default="auto",
+                      help="folder of the queue + history journal (SQLite); accepted prompts survive a crash or "
+                      "restart (default: sd35fp8-state/ beside the output folder; 'none' keeps them in memory only)")
+    life.add_argument("--on-restart", choices=["requeue", "fail"], default="requeue",
+                      help="prompts left pending or running by the last run: run them again (default) or mark them "
+                      "failed in /history")
+    life.add_argument("--drain-seconds", type=float, default=DRAIN_SECONDS,
+                      help="on SIGTERM/SIGINT: how long the running prompt may take to finish (new prompts get 503; "
+                      f"default {DRAIN_SECONDS:g}); a second signal stops at once")
+    life.add_argument("--hang-seconds", type=float, default=HANG_SECONDS,
+                      help=f"a busy worker without progress this long (default {HANG_SECONDS:g}) is hung: /ready "
+                      "turns false and it is restarted")
     lim = srv.add_argument_group("request limits")
     for flag, kind, what in LIMIT_FLAGS:
         lim.add_argument(flag, type=kind, default=None,
@@ -90,7 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     allow_hosts=args.allow_host, cors_origin=args.enable_cors_header, limits=limits,
                     input_dir=args.input, extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
                     max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
-                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args), **given)
+                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
+                    state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
+                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, **given)
     if pending:
-        print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}", file=sys.stderr)
+        print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}"
+              + (" (journaled: they run on the next start)" if args.state_dir != "none" else ""), file=sys.stderr)
     return 0

@@ -1,67 +1,22 @@
-"""Fast MMDiT step: fused FP8 forward, torch.compile per block, CUDA graphs, compile cache.
+"""The MMDiT engine: fused FP8 step, CUDA graphs, torch.compile per block, block streaming, compile cache.
 
-    from sd35fp8.fast import FastMMDiT, enable_compile_cache
-    enable_compile_cache()                    # persistent Inductor cache in ~/.cache/sd35fp8
-    fast = FastMMDiT(model, fp8_mode="dynamic")
-    v = fast(x, sigma, context, pooled)
+    from sd35fp8.fast import build_engine
+    engine = build_engine(mmdit, device, compile=False, offload="none")  # how every road runs the MMDiT
+    engine.warmup([(1024, 1024, 1)])           # optional: compile/capture per image shape up front
+    v = engine(x, sigma, context, pooled)      # MMDiT.forward's contract; .model .config .fp8_mode .describe()
 
-Compile cache: torch.compile's generated kernels and graphs are cached on disk by Inductor
-(TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_<user>, lost on reboot). `enable_compile_cache`
-points it at a persistent folder (argument, else $SD35FP8_CACHE_DIR, else ~/.cache/sd35fp8/inductor)
-before the first compile, so a second process compiles from cache (see docs/PERF.md for timings).
-`save_compile_artifacts(path)` / `load_compile_artifacts(path)` wrap torch.compiler's mega-cache
-(one file holding every cache entry of this process) to ship a warm cache to another machine.
+Modules: engine.py (build_engine: mode, device, flags, offload), step.py (MMDiTEngine: the fused forward),
+weights.py (per-linear weight layout), graphs.py (CUDA graphs), kernels.py / attention*.py (Triton),
+cache.py (persistent Inductor cache: `enable_compile_cache`, mega-cache artifacts).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from sd35fp8.fast.cache import (CACHE_ENV, default_cache_dir, enable_compile_cache, load_compile_artifacts,
+                                save_compile_artifacts)
+from sd35fp8.fast.engine import OFFLOAD_MODES, PlainForward, build_engine, default_compile, fp8_mode_of
+from sd35fp8.fast.step import MMDiTEngine, joint_block
 
-from sd35fp8.fast.step import FastMMDiT, joint_block
-
-CACHE_ENV = "SD35FP8_CACHE_DIR"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sd35fp8") / "inductor"
-
-
-def enable_compile_cache(path: str | os.PathLike | None = None) -> Path:
-    """Persistent Inductor/FX-graph cache; call before the first torch.compile. Returns the folder.
-
-    Leaves an explicit TORCHINDUCTOR_CACHE_DIR alone when no path is given.
-    """
-    import torch._inductor.config as inductor_config
-
-    if path is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    else:
-        folder = Path(path) if path is not None else default_cache_dir()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    inductor_config.fx_graph_cache = True
-    return folder
-
-
-def save_compile_artifacts(path: str | os.PathLike) -> int:
-    """Write torch.compiler's mega-cache of this process to `path`; returns bytes written (0: nothing)."""
-    import torch
-
-    result = torch.compiler.save_cache_artifacts()
-    if result is None:
-        return 0
-    data, _info = result
-    Path(path).write_bytes(data)
-    return len(data)
-
-
-def load_compile_artifacts(path: str | os.PathLike) -> bool:
-    """Preload a mega-cache file written by save_compile_artifacts (before compiling)."""
-    import torch
-
-    return torch.compiler.load_cache_artifacts(Path(path).read_bytes()) is not None
-
-
-__all__ = ["FastMMDiT", "joint_block", "enable_compile_cache", "default_cache_dir",
-           "save_compile_artifacts", "load_compile_artifacts"]
+__all__ = ["MMDiTEngine", "PlainForward", "build_engine", "default_compile", "fp8_mode_of", "OFFLOAD_MODES", "joint_block",
+           "enable_compile_cache", "default_cache_dir", "save_compile_artifacts", "load_compile_artifacts",
+           "CACHE_ENV"]

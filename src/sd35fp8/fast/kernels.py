@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sd35fp8.errors import InputError
+from sd35fp8.fp8.device import MATMUL_MODES
 from sd35fp8.fp8.scaling import E4M3_MAX, EPS, FP8_DTYPE
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none
@@ -36,7 +37,6 @@ except ImportError:  # pragma: no cover - depends on the torch build
     tl = None
 
 NORM_EPS = 1e-6
-FP8_MODES = ("dynamic", "static")
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -68,7 +68,7 @@ def _quant_rows_torch(y: torch.Tensor, static_scale: torch.Tensor | None) -> tup
 
 
 def _finish(y32: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, dtype: torch.dtype):
-    if mode in FP8_MODES:
+    if mode in MATMUL_MODES:
         return _quant_rows_torch(y32, static_scale if mode == "static" else None)
     return y32.to(dtype), None
 
@@ -221,7 +221,7 @@ def static_row_scale(static_scale: torch.Tensor, rows: int) -> torch.Tensor:
 def _check_static(mode: str | None, static_scale: torch.Tensor | None, what: str) -> None:
     if mode == "static" and static_scale is None:
         raise InputError(f"fast/kernels.py {what}: static mode needs a calibrated input scale "
-                         "(FastMMDiT.calibrate or FP8Linear.input_scale)")
+                         "(MMDiTEngine.calibrate or FP8Linear.input_scale)")
 
 
 def _same_stride_mods(*mods: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -289,7 +289,7 @@ def gelu_act(h: torch.Tensor, mode: str | None, static_scale: torch.Tensor | Non
 def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None, impl: str = "auto"):
     """y [M, K] -> linear input (quantised per token in fp8 modes)."""
     _check_static(mode, static_scale, "plain_act")
-    if mode not in FP8_MODES:
+    if mode not in MATMUL_MODES:
         return y, None
     if act_impl(y, impl) == "torch":
         return _plain_torch(y, mode, static_scale)

@@ -1,7 +1,7 @@
-"""FastMMDiT: the MMDiT forward restructured for speed, over the wrapped model's own parameters.
+"""MMDiTEngine: the MMDiT forward restructured for speed, over the wrapped model's own parameters.
 
-    fast = FastMMDiT(model, fp8_mode="dynamic")           # compile + CUDA graphs on CUDA
-    v = fast(x, sigma, context, pooled, skip_layers=())    # same contract as MMDiT.forward
+    engine = sd35fp8.fast.build_engine(model, device)     # how every road builds it (fast/engine.py)
+    v = engine(x, sigma, context, pooled, skip_layers=())  # same contract as MMDiT.forward
 
 What changes against models/mmdit.py (same math, see tests/test_fast.py):
 - adaLN: c is the same for every block, so the adaLN weights of all joint blocks live in ONE
@@ -18,17 +18,25 @@ What changes against models/mmdit.py (same math, see tests/test_fast.py):
   compiles it once per block *shape* (2 graphs for Large, 3 for Medium), not once per block.
 - CUDA graphs (fast/graphs.py) replay the whole step per fixed (shape, skip_layers).
 
-FP8 modes (fp8/linear.py's meaning): joint-block linears (qkv, proj, fc1, fc2, adaLN) run in fp8;
-FP8Linear weights of a model converted by fp8.quantize_model are used as they are (no copy),
-nn.Linear weights are quantised per output channel at wrap time (the only copy). Embedders and
-the final layer run through the model's own modules (whatever the policy left them).
+FP8 modes (fp8/linear.py's meaning, vocabulary fp8.device.MODES): `fp8_mode` is the engine's mode
+for joint-block linears (qkv, proj, fc1, fc2, adaLN). FP8Linear weights of a model converted by
+fp8.quantize_model are used as they are (no copy). With `per_layer=True` (build_engine's choice) a
+linear whose own mode differs keeps it: an nn.Linear a precision policy left 16-bit runs 16-bit,
+an FP8Linear that falls back to weight_only (shape not a multiple of 16) runs weight_only (its mode
+string sits in the block's weight dict under `<name>.mode`). With `per_layer=False` (benchmarks:
+one mode everywhere) nn.Linear weights are quantised per output channel at wrap time (the only copy).
+Embedders and the final layer run through the model's own modules (whatever the policy left them).
+
+Block streaming (offload="sequential", fast/engine.py): each joint block's weight dict is packed into
+pinned CPU memory (offload.TensorPack) and a BlockStreamer copies it into a device slot, with
+prefetch, just before the block runs; the block function gets a dict of views of that slot.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +45,11 @@ from torch import nn
 from sd35fp8.errors import InputError
 from sd35fp8.fast.attention import BACKENDS, TRITON_KINDS, attend, backend_context, default_backend
 from sd35fp8.fast.graphs import GraphCache
+from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, layer_mode, linear_weights, put
 from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
                                    residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
+from sd35fp8.fp8.device import MODES, rowwise_scaled_mm
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
 from sd35fp8.lora.apply import apply_lora, lora_slot
@@ -47,8 +57,8 @@ from sd35fp8.models.mmdit import MMDiT, batched
 
 logger = logging.getLogger(__name__)
 
-FP8_MODES = ("weight_only", "dynamic", "static")
-MM_OUT_DTYPE = torch.bfloat16  # torch._scaled_mm output (and bias) dtype
+DEFAULT_CONTEXT_TOKENS = 154  # CLIP 77 + T5 77 tokens: a prompt up to 75 tokens (t5_min_length 77)
+
 
 
 # ---------------------------------------------------------------------------------- matmul
@@ -63,6 +73,8 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
         y = F.linear(a, w, b)
     elif mode == "weight_only":
         y = F.linear(a, dequantize(w, p[name + ".ws"], a.dtype), b)
+    elif not rowwise_scaled_mm(a.device):  # per-tensor-only _scaled_mm (fp8.device.matmul_scaling)
+        y = _matmul_scaled_after(a, w, a_scale, p[name + ".ws"], b, out_dtype)
     else:
         y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE,
                              use_fast_accum=fast_accum)
@@ -71,10 +83,30 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
     return apply_lora(y, a, lora, b, a_scale) if lora else y
 
 
+def _matmul_scaled_after(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                         b: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(a * a_scale) @ (w * w_scale).T + b where `_scaled_mm` takes scalar scales only: a scale-1 fp8
+    GEMM in fp32, then the per-token [M, 1] and per-channel scales. a [M, K] fp8, w [N, K] fp8."""
+    one = torch.ones((), device=a.device, dtype=torch.float32)
+    y = torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)  # [M, N]
+    y = y * a_scale.float() * w_scale.float().reshape(1, -1)
+    if b is not None:
+        y = y + b.float()
+    return y.to(MM_OUT_DTYPE).to(out_dtype)  # rounded through bf16 like the rowwise kernel's output
+
+
 def _record(rec: dict | None, name: str, a_scale: torch.Tensor | None) -> None:
     if rec is not None and a_scale is not None:  # dynamic scales are amax / 448 per token
         amax = a_scale.amax() * E4M3_MAX
         rec[name] = amax if name not in rec else torch.maximum(rec[name], amax)
+
+
+def _lm(p: dict, name: str, mode: str | None) -> str | None:
+    """The mode of linear `name`: its own `.mode` entry when it differs from the block's, else `mode`."""
+    own = p.get(name + ".mode")
+    if own is None:
+        return mode
+    return None if own == HIGH_PRECISION else own
 
 
 def _linear_on(p, name, act, mode, dtype, rec):
@@ -90,6 +122,7 @@ def _rms(t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 def _qkv_out(p, name, x, shift, scale, mode, rec, impl):
     """modulate(LN(x)) -> the qkv linear's output [B, L, 3*C]."""
     B, L, C = x.shape
+    mode = _lm(p, name, mode)
     act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"), impl)
     return _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3 * C)
 
@@ -119,7 +152,8 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
         amax = joint_attention_amax(qkv_c, qkv_x, n_ctx, heads, *w)  # [3, H]
         rec[key] = amax if key not in rec else torch.maximum(rec[key], amax)
     out_scale = None
-    if mode == "static" and p.get(proj_x + ".xs") is not None:
+    projs_static = all(_lm(p, n, mode) == "static" for n in (proj_c, proj_x) if n is not None and n + ".w" in p)
+    if mode == "static" and projs_static and p.get(proj_x + ".xs") is not None:
         xs_x = p[proj_x + ".xs"].reshape(1)
         xs_c = p[proj_c + ".xs"].reshape(1) if proj_c is not None and proj_c + ".xs" in p else xs_x
         out_scale = torch.cat([xs_c, xs_x]).float()  # [2]
@@ -130,6 +164,7 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
 def _proj(p, name, o, mode, dtype, rec, impl):
     """Attention output o [B, L, C] (fp8: already quantised with p[name + '.xs']) -> proj(o) [B*L, C]."""
     B, L, C = o.shape
+    mode = _lm(p, name, mode)
     if o.dtype == torch.float8_e4m3fn:
         act = (o.view(B * L, C), static_row_scale(p[name + ".xs"], B * L))
     else:
@@ -139,14 +174,15 @@ def _proj(p, name, o, mode, dtype, rec, impl):
 
 def _attn_residual_then_mlp_input(p, s, x, gate, y, shift, scale, mode, impl):
     """x + gate * y, and the fc1 input modulate(LN(that)), in one pass (fast/kernels.py)."""
-    return residual_ln_modulate_act(x, gate, y, shift, scale, mode, p.get(s + ".fc1.xs"), impl)
+    return residual_ln_modulate_act(x, gate, y, shift, scale, _lm(p, s + ".fc1", mode), p.get(s + ".fc1.xs"), impl)
 
 
 def _mlp_residual(p, s, x, act, gate, mode, rec, impl):
     """x + gate * fc2(GELU(fc1(act))); act = the fc1 input."""
     B, L, C = x.shape
-    h = _linear_on(p, s + ".fc1", act, mode, x.dtype, rec)
-    y = _linear_on(p, s + ".fc2", gelu_act(h, mode, p.get(s + ".fc2.xs"), impl), mode, x.dtype, rec)
+    m1, m2 = _lm(p, s + ".fc1", mode), _lm(p, s + ".fc2", mode)
+    h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
+    y = _linear_on(p, s + ".fc2", gelu_act(h, m2, p.get(s + ".fc2.xs"), impl), m2, x.dtype, rec)
     return torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))
 
 
@@ -190,62 +226,18 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     return ctx, x
 
 
-# ---------------------------------------------------------------------------------- weights
-def _weights_of(mod: nn.Module, mode: str | None, dtype: torch.dtype, where: str) -> dict:
-    """{'w', 'ws'?, 'b'?, 'xs'?} of one linear for `mode` (no copy unless quantising an nn.Linear)."""
-    if mode is None:
-        if type(mod) is not nn.Linear:
-            raise InputError(f"FastMMDiT: {where} is {type(mod).__name__}; a model converted to fp8 needs fp8_mode")
-        return {"w": mod.weight, "b": mod.bias, "lora": lora_slot(mod)}
-    if isinstance(mod, FP8Linear):
-        w, ws, xs = mod.weight, mod.weight_scale, mod.input_scale
-    elif type(mod) is nn.Linear:
-        w, ws = quantize_rowwise(mod.weight.detach(), dim=-1)  # [N, K] fp8, [N, 1]
-        xs = None
-    else:
-        raise InputError(f"FastMMDiT: {where} is {type(mod).__name__}, expected nn.Linear or FP8Linear")
-    n = w.shape[0]
-    ws_row = (ws.reshape(1, 1).expand(1, n) if ws.numel() == 1 else ws.reshape(1, n)).float().contiguous()
-    bias = mod.bias
-    if bias is not None and mode != "weight_only" and bias.dtype != MM_OUT_DTYPE:
-        bias = bias.to(MM_OUT_DTYPE)
-    if bias is not None and mode == "weight_only" and bias.dtype != dtype:
-        bias = bias.to(dtype)
-    out = {"w": w, "ws": ws_row, "b": bias, "lora": lora_slot(mod)}  # the LoRA slot: a list shared with the layer
-    if xs is not None and mode == "static":
-        out["xs"] = xs
-    return out
+class MMDiTEngine(nn.Module):
+    """The MMDiT's executor, with MMDiT's forward contract. See the module docstring; build it with
+    fast.build_engine (which reads the mode from the weights and the device and sets the flags)."""
 
-
-def _put(p: dict, name: str, lin: dict) -> None:
-    for k, v in lin.items():
-        if v is not None:  # plain tensors (detach shares storage): dynamo then guards shapes, not identity
-            p[f"{name}.{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
-
-
-def _auto_attention(device: torch.device, fp8_mode: str | None) -> str | None:
-    """FP8 matmul modes on a GPU with fp8 tensor cores (sm_89+) and Triton: our FP8 flash attention
-    (Large step 103.4 -> 99.2 ms, step SQNR 29.0 -> 28.9 dB on the H100; docs/PERF.md). Otherwise
-    cuDNN SDPA on CUDA, torch's choice on CPU."""
-    from sd35fp8.fast import attention_triton
-
-    if (fp8_mode in ("dynamic", "static") and device.type == "cuda" and attention_triton.triton is not None
-            and torch.cuda.get_device_capability(device) >= (8, 9)):
-        return "triton_fp8"
-    return default_backend(device)
-
-
-class FastMMDiT(nn.Module):
-    """Speed wrapper with MMDiT's forward contract. See the module docstring."""
-
-    def __init__(self, model: MMDiT, fp8_mode: str | None = None, compile: bool = True, cuda_graphs: bool = True,
+    def __init__(self, model: MMDiT, fp8_mode: str | None = None, compile: bool = False, cuda_graphs: bool = False,
                  attention_backend: str | None = "auto", compile_mode: str = "default", kernels: str = "triton",
-                 fast_accum: bool = True):
+                 fast_accum: bool = True, per_layer: bool = False, device: torch.device | str | None = None):
         super().__init__()
-        if fp8_mode is not None and fp8_mode not in FP8_MODES:
-            raise InputError(f"FastMMDiT: fp8_mode {fp8_mode!r} not in {FP8_MODES} or None")
+        if fp8_mode is not None and fp8_mode not in MODES:
+            raise InputError(f"MMDiTEngine: fp8_mode {fp8_mode!r} not in {MODES} or None")
         if kernels not in IMPLS:
-            raise InputError(f"FastMMDiT: kernels {kernels!r} not in {IMPLS}")
+            raise InputError(f"MMDiTEngine: kernels {kernels!r} not in {IMPLS}")
         # elementwise kernels (fast/kernels.py): "triton" = our one-pass kernels on CUDA, also inside the
         # compiled graph (measured faster than Inductor's fusion: 104.4 vs 108.5 ms, Large static, H100);
         # "auto" = Inductor fuses torch ops under compile; torch ops on CPU either way
@@ -257,16 +249,21 @@ class FastMMDiT(nn.Module):
         self.model = model
         self.config = model.config
         self.fp8_mode = fp8_mode
+        self.per_layer = per_layer
         self.dtype = model.x_embedder.proj.weight.dtype
-        device = model.x_embedder.proj.weight.device
+        device = torch.device(device) if device is not None else model.x_embedder.proj.weight.device
+        self.device = device
         if attention_backend == "auto":
-            attention_backend = _auto_attention(device, fp8_mode)
+            attention_backend = auto_attention(device, fp8_mode)
         self.attention_backend = attention_backend
         if self.attention_backend is not None and self.attention_backend not in (*BACKENDS, *TRITON_KINDS):
-            raise InputError(f"FastMMDiT: attention_backend {attention_backend!r} not in "
+            raise InputError(f"MMDiTEngine: attention_backend {attention_backend!r} not in "
                              f"{('auto', None, *BACKENDS, *TRITON_KINDS)}")
         self._attn = self.attention_backend if self.attention_backend in TRITON_KINDS else "sdpa"
         self.compile_seconds = 0.0
+        self.offload = "none"
+        self.streamer = None  # offload.BlockStreamer over self.packs (fast/engine.py stream_blocks)
+        self.packs: list = []
         with torch.no_grad():
             self._build_weights()
         self._compiled = compile
@@ -291,15 +288,15 @@ class FastMMDiT(nn.Module):
                 attns = [("attn", db.attn)] + ([("attn2", db.attn2)] if db.attn2 is not None else [])
                 for an, attn in attns:
                     stem = f"{s}.qkv" if an == "attn" else f"{s}.attn2.qkv"
-                    _put(p, stem, _weights_of(attn.qkv, mode, dt, f"{where}.{an}.qkv"))
+                    put(p, stem, linear_weights(attn.qkv, mode, dt, f"{where}.{an}.qkv", self.per_layer))
                     if attn.ln_q is not None:
                         p[stem[:-4] + ".ln_q"] = attn.ln_q.weight.detach()  # "c.ln_q", "x.attn2.ln_q"
                         p[stem[:-4] + ".ln_k"] = attn.ln_k.weight.detach()
                     if attn.proj is not None:
-                        _put(p, stem[:-4] + ".proj", _weights_of(attn.proj, mode, dt, f"{where}.{an}.proj"))
+                        put(p, stem[:-4] + ".proj", linear_weights(attn.proj, mode, dt, f"{where}.{an}.proj", self.per_layer))
                 if db.mlp is not None:
-                    _put(p, f"{s}.fc1", _weights_of(db.mlp.fc1, mode, dt, f"{where}.mlp.fc1"))
-                    _put(p, f"{s}.fc2", _weights_of(db.mlp.fc2, mode, dt, f"{where}.mlp.fc2"))
+                    put(p, f"{s}.fc1", linear_weights(db.mlp.fc1, mode, dt, f"{where}.mlp.fc1", self.per_layer))
+                    put(p, f"{s}.fc2", linear_weights(db.mlp.fc2, mode, dt, f"{where}.mlp.fc2", self.per_layer))
                 ada.append((i, s, db.adaLN_modulation[1], f"{where}.adaLN_modulation.1"))
             if self.fast_accum:
                 p["fast_accum"] = True  # a constant for the compiled block (read by _linear_on)
@@ -307,9 +304,19 @@ class FastMMDiT(nn.Module):
         self._build_adaln(ada)
 
     def _build_adaln(self, ada: list) -> None:
-        """Concatenate every joint block's adaLN linear into one weight; re-point the model's params."""
+        """Concatenate every joint block's adaLN linear into one weight; re-point the model's params.
+
+        One mode for the whole group: the engine's, unless (per_layer) every adaLN linear has the same
+        other mode (e.g. a policy kept them 16-bit); mixed modes run 16-bit (dequantised copies)."""
         mode = self.fp8_mode
-        lins = [_weights_of(m, mode, self.dtype, where) for _, _, m, where in ada]
+        if self.per_layer:
+            own = {linear_weights(m, mode, self.dtype, where, True).get("mode") for _, _, m, where in ada}
+            if len(own) > 1:
+                mode = None
+            elif own != {None}:
+                mode = _lm({"ada.mode": own.pop()}, "ada", mode)
+        self.ada_mode = mode
+        lins = [linear_weights(m, mode, self.dtype, where) for _, _, m, where in ada]
         sizes = [lin["w"].shape[0] for lin in lins]
         big_w = torch.cat([lin["w"] for lin in lins])  # [sum N, C]
         self.ada = {"w": big_w}
@@ -338,7 +345,7 @@ class FastMMDiT(nn.Module):
         Sets each linear's input scale = amax * margin / 448. Returns {name: amax}.
         """
         if self.fp8_mode != "static":
-            raise InputError("FastMMDiT.calibrate: only for fp8_mode='static'")
+            raise InputError("MMDiTEngine.calibrate: only for fp8_mode='static'")
         rec_blocks = [dict() for _ in self.blocks]
         rec_ada: dict = {}
         self._forward(x, sigma, context, pooled, (), mode="dynamic", rec=(rec_ada, rec_blocks))
@@ -355,6 +362,8 @@ class FastMMDiT(nn.Module):
         out["adaLN"] = float(rec_ada["ada"])
         if self.graphs is not None:
             self.graphs.clear()
+        if self.packs:  # streamed blocks: the new scales travel with the packed weights
+            self._repack()
         return out
 
     def _attention_scale(self, p: dict, key: str, amax: torch.Tensor) -> torch.Tensor:
@@ -372,6 +381,8 @@ class FastMMDiT(nn.Module):
         """silu(c) [B, C] -> every block's modulation [B, sum n_i*C] in one matmul."""
         a = F.silu(c)
         w, b = self.ada["w"], self.ada.get("b")
+        if self.ada_mode != self.fp8_mode:  # the adaLN group keeps its own mode (see _build_adaln)
+            mode = self.ada_mode
         if mode is None:
             y = F.linear(a, w, b)
         elif mode == "weight_only":
@@ -402,12 +413,15 @@ class FastMMDiT(nn.Module):
         mods = self._adaln(c, mode, None if rec is None else rec[0])  # [B, sum n_i*C]
         fn = self._block_fn if rec is None and mode == self.fp8_mode else joint_block
         with backend_context(None if self._attn != "sdpa" else self.attention_backend):
-            for i, blk in enumerate(self.blocks):
+            for i in range(len(self.blocks)):
                 if i in skip:
                     continue
+                blk = self._block_weights(i)
                 (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
                 ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
                                  None if rec is None else rec[1][i], self.kernels, self._attn)
+                if self.streamer is not None:
+                    self.streamer.done(i)
         out = model.final_layer(tokens, c, batched)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
@@ -419,7 +433,7 @@ class FastMMDiT(nn.Module):
         """Same contract as MMDiT.forward. The first call per shape compiles / captures (slow)."""
         self.model.check_inputs(x, context, pooled, skip_layers)
         if self.fp8_mode == "static" and self.ada.get("xs") is None:
-            raise InputError("FastMMDiT: static mode needs calibrate(x, sigma, context, pooled) first")
+            raise InputError("MMDiTEngine: static mode needs calibrate(x, sigma, context, pooled) first")
         skip = tuple(sorted(set(int(i) for i in skip_layers)))
         sigma = sigma.reshape(-1).to(x.device)
         t0 = time.perf_counter()
@@ -431,15 +445,104 @@ class FastMMDiT(nn.Module):
             self.compile_seconds += time.perf_counter() - t0
         return out
 
+    def warmup_inputs(self, width: int, height: int, batch: int,
+                      context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> tuple[torch.Tensor, ...]:
+        """Inputs shaped as the sampler calls the model for one image size: x [batch, C, height/8,
+        width/8] in the engine's dtype, sigma [batch] float32, context [batch, L, ctx], pooled [batch, P]."""
+        cfg, dev, dt = self.config, self.device, self.dtype
+        if width % 16 or height % 16 or width <= 0 or height <= 0 or batch < 1:
+            raise InputError(f"warm-up shape {width}x{height} batch {batch}: sizes must be positive multiples of 16")
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, cfg.in_channels, height // 8, width // 8, generator=g).to(dev, dt)
+        sigma = torch.full((batch,), 0.5, device=dev)
+        context = torch.randn(batch, context_tokens, cfg.context_dim, generator=g).to(dev, dt)
+        pooled = torch.randn(batch, cfg.pooled_dim, generator=g).to(dev, dt)
+        return x, sigma, context, pooled
+
+    def warmup(self, shapes: Iterable[Sequence[int]], *, cfg: bool = True, skip_layers: Sequence[int] = (),
+               context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> float:
+        """Compile (torch.compile) and capture (CUDA graphs) the step for each image shape now, so the
+        first prompt of that shape does not pay it (a server calls this at start-up).
+
+        shapes: (width, height, images per prompt) in pixels. With `cfg` the model runs cond + uncond as
+        one batch of 2 x images (as the sampler does); `skip_layers` (skip-layer guidance) adds the
+        cond-only pass with those layers skipped; context_tokens: the prompt length in tokens (154 =
+        CLIP 77 + T5 77, any prompt up to 75 tokens). Returns the seconds spent; returns 0 at once when
+        nothing is prepared per shape (CPU, or eager without CUDA graphs)."""
+        shapes = [tuple(int(v) for v in shape) for shape in shapes]
+        if self.graphs is None and not self._compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        for width, height, batch in shapes:
+            x, sigma, context, pooled = self.warmup_inputs(width, height, 2 * batch if cfg else batch,
+                                                           context_tokens)
+            self(x, sigma, context, pooled)
+            if skip_layers:
+                self(x[:batch], sigma[:batch], context[:batch], pooled[:batch], skip_layers=skip_layers)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        logger.info("engine warm-up of %s: %.1f s", shapes, seconds)
+        return seconds
+
+    def _block_weights(self, i: int) -> dict:
+        """Block i's weight dict: resident, or (streamed) views of the device slot holding it."""
+        if self.streamer is None:
+            return self.blocks[i]
+        slot = self.streamer.acquire(i)  # None on CPU: the pinned views are where the inputs are
+        if slot is None:
+            return self.blocks[i]
+        p = dict(self.blocks[i])
+        p.update(self.packs[i].views(slot))
+        return p
+
+    def _repack(self) -> None:
+        from sd35fp8.offload import TensorPack
+
+        for i, p in enumerate(self.blocks):
+            tensors = {k: v for k, v in p.items() if isinstance(v, torch.Tensor)}
+            self.packs[i] = TensorPack(tensors, f"joint_blocks.{i}")
+            p.update(self.packs[i].cpu_views)
+        self.streamer.packs = self.packs
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the engine's weights: 'blocks' (joint-block linears, norms), 'adaln' (the fused adaLN),
+        'other' (embedders, final layer, pos_embed), 'total', 'resident' (on the device: all but the
+        streamed blocks with offload sequential)."""
+        seen: set[int] = set()
+
+        def size(t: torch.Tensor) -> int:
+            key = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return t.numel() * t.element_size()
+
+        blocks = sum(size(v) for p in self.blocks for v in p.values() if isinstance(v, torch.Tensor))
+        adaln = sum(size(v) for v in self.ada.values() if isinstance(v, torch.Tensor))
+        other = sum(size(t) for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+                    if not name.startswith("joint_blocks."))
+        resident = adaln + other + (0 if self.streamer is not None else blocks)
+        return {"blocks": blocks, "adaln": adaln, "other": other, "total": blocks + adaln + other,
+                "resident": resident}
+
     def refresh_weights(self) -> None:
         """Re-read the model's weights after they were rewritten in place (a LoRA merge: new FP8 bytes and
         scales): rebuild the weight dicts and drop captured CUDA graphs."""
         with torch.no_grad():
             self._build_weights()
+        if self.packs:  # streamed blocks: the new bytes travel in new packs
+            self._repack()
         if self.graphs is not None:
             self.graphs = GraphCache(self._forward)
 
     def describe(self) -> str:
-        return (f"FastMMDiT({self.fp8_mode or 'bf16'}, compile={self._compiled}, cuda_graphs={self.graphs is not None},"
-                f" attention={self.attention_backend or 'torch default'}, kernels={self.kernels}"
-                f"{', fast_accum' if self.fast_accum else ''})")
+        stream = ""
+        if self.streamer is not None:
+            stream = (f", offload=sequential ({len(self.packs)} blocks streamed, largest "
+                      f"{self.streamer.block_bytes() / 2**30:.2f} GiB, prefetch {self.streamer.prefetch})")
+        elif self.offload != "none":
+            stream = f", offload={self.offload}"
+        return (f"MMDiTEngine({self.fp8_mode or 'high precision'} on {self.device}, compile={self._compiled}, "
+                f"cuda_graphs={self.graphs is not None}, attention={self.attention_backend or 'torch default'}, "
+                f"kernels={self.kernels}{', fast_accum' if self.fast_accum else ''}{stream})")

@@ -308,7 +308,8 @@ def record_trajectories(pipe, prompts: Sequence[str], steps: int | None = None, 
     steps = steps or pipe.defaults.steps
     size = size or pipe.defaults.width
     per_prompt = max(1, keep_calls // max(1, len(prompts)))
-    model = pipe.mmdit
+    engine = pipe.mmdit
+    model = engine.model  # the plain module: its Linear hooks fire (the fused engine reads weights directly)
     stats = ActivationStats(model)
     calls: list[tuple] = []
     try:
@@ -318,7 +319,7 @@ def record_trajectories(pipe, prompts: Sequence[str], steps: int | None = None, 
             try:
                 pipe(prompt, num_inference_steps=steps, width=size, height=size, seed=seed + i, progress=False)
             finally:
-                pipe.mmdit = model
+                pipe.mmdit = engine
             calls.extend(rec.calls)
             log.info("calibration trajectory %d/%d: %s", i + 1, len(prompts), prompt[:60])
     finally:

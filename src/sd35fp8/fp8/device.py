@@ -7,6 +7,15 @@ FP8 *matmul* (`torch._scaled_mm`) needs:
 Whether it really runs is decided by a probe (one tiny `_scaled_mm` per device, cached),
 so a build without a kernel is detected instead of failing mid-denoise.
 
+What `_scaled_mm` supports depends on the torch version and the device (`matmul_scaling`):
+    "rowwise"      scale_a [M,1] x scale_b [1,N] in the kernel (CUDA sm_89+; CPU from torch 2.13)
+    "tensorwise"   scalar scales only (CPU up to torch 2.12: "only supports per-tensor scaling for
+                   CPU backend"): per-token / per-channel scales are applied to the fp32 result of
+                   a scale-1 fp8 GEMM (same math, one extra elementwise pass)
+    "none"         no fp8 GEMM: weight_only (fp8 storage, bf16 math)
+The choice is logged once per device (INFO), e.g.
+    fp8 matmul on cpu (torch 2.11.0): tensorwise: per-token/per-channel scales applied after the fp8 GEMM
+
 Mode selection (`choose_mode`), first match wins:
     1. `requested` argument ("weight_only" | "dynamic" | "static")
     2. environment variable SD35FP8_FP8_MODE (same values), e.g. to force weight_only on an H100
@@ -28,7 +37,8 @@ from sd35fp8.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-MODES = ("weight_only", "dynamic", "static")
+MODES = ("weight_only", "dynamic", "static")  # THE vocabulary of FP8 modes (FP8Linear, loaders, engine, CLI)
+MATMUL_MODES = ("dynamic", "static")  # the modes that multiply in fp8 (torch._scaled_mm)
 MODE_ENV = "SD35FP8_FP8_MODE"
 MIN_CUDA_CAPABILITY = (8, 9)
 
@@ -108,7 +118,31 @@ def fp8_support(device: torch.device | str) -> FP8Support:
         support = FP8Support(key, tw, rw, detail)
     _SUPPORT_CACHE[key] = support
     logger.debug("fp8 support %s", support.describe())
+    logger.info("fp8 matmul on %s (torch %s): %s", key, torch.__version__, _SCALING_TEXT[_scaling_of(support)])
     return support
+
+
+_SCALING_TEXT = {
+    "rowwise": "rowwise (per-token x per-channel scales inside _scaled_mm)",
+    "tensorwise": "tensorwise: per-token/per-channel scales applied after the fp8 GEMM (no rowwise _scaled_mm "
+                  "in this torch build for this device)",
+    "none": "none: fp8 weights are dequantised to bf16 (weight_only)",
+}
+
+
+def _scaling_of(support: FP8Support) -> str:
+    return "rowwise" if support.rowwise else "tensorwise" if support.tensorwise else "none"
+
+
+def matmul_scaling(device: torch.device | str) -> str:
+    """'rowwise' | 'tensorwise' | 'none': which `_scaled_mm` scaling runs on `device` (module docstring)."""
+    return _scaling_of(fp8_support(device))
+
+
+@torch.compiler.assume_constant_result
+def rowwise_scaled_mm(device: torch.device) -> bool:
+    """True when `_scaled_mm` takes rowwise scales on `device`; a constant inside torch.compile."""
+    return fp8_support(device).rowwise
 
 
 def fp8_compute_capability(device: torch.device | str) -> bool:

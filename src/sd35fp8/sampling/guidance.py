@@ -12,7 +12,8 @@ The velocity model (our MMDiT, FP8 or not) follows `ModelFn`. `CFGDenoiser` turn
 SLG window. The sd3.5 reference (sd3_impls.SkipLayerCFGDenoiser) counts denoiser calls and
 applies SLG when start*steps < call < end*steps (window="steps", needs `steps`). ComfyUI's
 SkipLayerGuidanceSD3 applies it when percent_to_sigma(end) <= sigma <= percent_to_sigma(start)
-(window="sigma"). Defaults follow the reference's sd3.5_medium config (scale 2.5, 0.01-0.20).
+(window="sigma"). Defaults: the reference's sd3.5_medium config, kept in sd35fp8.defaults
+(scale 2.5, window 0.01-0.20, layers 7, 8, 9).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..defaults import SLG_END, SLG_LAYERS, SLG_SCALE, SLG_START
 from ..errors import InputError
 from .model_sampling import FlowMatching
 
@@ -57,10 +59,10 @@ class Conditioning:
 
 @dataclass(frozen=True)
 class SLGConfig:
-    scale: float = 2.5
-    start: float = 0.01
-    end: float = 0.20
-    layers: tuple[int, ...] = (7, 8, 9)
+    scale: float = SLG_SCALE
+    start: float = SLG_START
+    end: float = SLG_END
+    layers: tuple[int, ...] = SLG_LAYERS
     window: str = "steps"  # "steps" (sd3.5 reference) | "sigma" (ComfyUI SkipLayerGuidanceSD3)
 
     def __post_init__(self):

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,10 +26,16 @@ from fastapi.responses import JSONResponse, Response
 
 from sd35fp8.errors import InputError
 from sd35fp8.server import files
+from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
 from sd35fp8.server.frontend import MAX_USERDATA_BYTES, UserStore, frontend_routes, frontend_version, mount_frontend
+from sd35fp8.server.health import health_routes
 from sd35fp8.server.internal import LogBuffer, internal_routes
 from sd35fp8.server.jobs import jobs_routes
-from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
+from sd35fp8.server.journal import Journal
+from sd35fp8.server.lifecycle import (
+    DEFAULT_HANG_SECONDS, ON_RESTART, RETRY_AFTER_SECONDS, Lifecycle, recover_queue,
+)
+from sd35fp8.server.metrics import ServerMetrics
 from sd35fp8.server.openai_api import openai_routes
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
@@ -45,6 +51,7 @@ from sd35fp8.workflow.nodes import node_info
 
 SERVER_VERSION = "0.1.0"
 DEFAULT_MAX_QUEUE = 100
+STATE_DIR_NAME = "sd35fp8-state"  # state_dir="auto": beside the output folder
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # ComfyUI's --max-upload-size default (100 MB)
 
 
@@ -70,8 +77,18 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                serve_frontend: bool = True, max_batch: int = DEFAULT_MAX_BATCH,
                batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, limits: Limits | None = None,
                allow_hosts: Iterable[str] = (), cors_origin: str | None = None,
-               max_upload_pixels: int = files.DEFAULT_MAX_UPLOAD_PIXELS) -> FastAPI:
+               max_upload_pixels: int = files.DEFAULT_MAX_UPLOAD_PIXELS,
+               state_dir: str | os.PathLike | None = None, on_restart: str = "requeue",
+               warmup: Callable[[], Any] | None = None, hang_seconds: float = DEFAULT_HANG_SECONDS,
+               check_seconds: float = 1.0) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
+
+    state_dir: the durable queue + history journal (journal.py) lives there; None = memory only;
+    "auto" = sd35fp8-state/ beside the output folder (never inside it: /view serves the output folder).
+    on_restart: what to do with prompts a previous process left pending or running: "requeue" them
+    or "fail" them (an execution_error history entry each). warmup: called once before the worker
+    takes its first prompt (/ready is 503 until it returns). hang_seconds: a busy worker without
+    any event for this long is hung and restarted (lifecycle.py); check_seconds: how often to look.
 
     max_batch / batch_wait_ms: cross-prompt batching (batching.py): up to max_batch queued
     prompts that differ only in texts and seeds sample as one batch; a taken prompt waits at most
@@ -92,8 +109,18 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         executor = PromptExecutor(folders, device=dev)
     folders = executor.folders
     hub = WebSocketHub()
-    queue = PromptQueue(max_queue=max_queue)
-    worker = PromptWorker(queue, executor, hub.send, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    metrics = ServerMetrics(executor.device)
+    if on_restart not in ON_RESTART:
+        raise ValueError(f"on_restart must be one of {ON_RESTART}, got {on_restart!r}")
+    if state_dir == "auto":
+        state_dir = folders.output_dir.parent / STATE_DIR_NAME
+    journal = Journal(state_dir) if state_dir is not None else None
+    queue = PromptQueue(max_queue=max_queue, journal=journal)
+    if journal is not None:
+        recover_queue(queue, on_restart, metrics)
+    worker = PromptWorker(queue, executor, hub.send, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                          metrics=metrics)
+    lifecycle = Lifecycle(worker, metrics, warmup=warmup, hang_seconds=hang_seconds, check_seconds=check_seconds)
     queue.on_change = lambda: hub.send("status", {"status": queue_info(queue)}, None)
     store = UserStore(user_dir if user_dir is not None else folders.output_dir.parent / "user")
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
@@ -107,16 +134,18 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         hub.bind(asyncio.get_running_loop())
         redaction = install_log_redaction(redactor, [logs])
         logs.attach()
-        worker.start()
+        lifecycle.start()  # warm-up, then the worker; the supervisor
         try:
             yield
         finally:
+            lifecycle.stop()
             worker.stop(timeout=0)  # stop taking prompts; serve.stop_app waits for the running one
             logs.detach()
             remove_log_redaction(redaction, [logs])
 
     app = FastAPI(title="sd35fp8 ComfyUI API", version=SERVER_VERSION, lifespan=lifespan)
     app.state.queue, app.state.worker, app.state.hub, app.state.executor = queue, worker, hub, executor
+    app.state.lifecycle, app.state.metrics, app.state.journal = lifecycle, metrics, journal
     app.state.folders, app.state.user_store, app.state.logs = folders, store, logs
     app.state.limits, app.state.redactor = limits, redactor
 
@@ -152,6 +181,12 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/prompt")
     async def post_prompt(request: Request) -> JSONResponse:
+        if lifecycle.draining.is_set():
+            metrics.rejected.labels("draining").inc()
+            response = _error("server_stopping", "The server is stopping", "it accepts no new prompts while it "
+                              "finishes the running one; retry on the restarted server", status=503)
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
         data = await read_json(request)
         if not isinstance(data, dict) or "prompt" not in data:
             return _error("no_prompt", "No prompt provided", "No prompt provided")
@@ -180,6 +215,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         try:
             queue.put([number, prompt_id, prompt, extra_data, outputs])
         except QueueFullError as e:
+            metrics.rejected.labels("queue_full").inc()
             return _error("queue_full", "Queue is full", str(e), status=429, max_queue=queue.max_queue)
         return response
 
@@ -277,6 +313,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     files.add_routes(r, folders, max_upload_bytes, max_upload_pixels)
     r.include_router(jobs_routes(queue))
+    r.include_router(health_routes(lifecycle, queue, metrics))
     r.include_router(template_routes(folders))
     r.include_router(frontend_routes(store))
     app.include_router(r)

@@ -58,11 +58,12 @@ class BatchStats:
                 self.counts["largest_batch"] = max(self.counts["largest_batch"], *together)
 
 
-def run_batch(worker: Any, taken: list[tuple[int, QueueItem]]) -> None:
+def run_batch(worker: Any, taken: list[tuple[int, QueueItem]]) -> list[Any]:
     """Several compatible prompts through `worker.executor.execute_batch`; history as each finishes.
 
     `worker` is the PromptWorker (its executor, `tracker(item)`, `run_one` and `stats`). When the
     batch cannot run together (a prompt fails validation before anything ran), the prompts run alone.
+    Returns the executor results of the prompts it finished.
     """
     trackers = [worker.tracker(item) for _, item in taken]
     jobs = [PromptJob(item[2], item[1], item[3], tr.hooks, item[4]) for (_, item), tr in zip(taken, trackers)]
@@ -79,5 +80,6 @@ def run_batch(worker: Any, taken: list[tuple[int, QueueItem]]) -> None:
         for i, (task_id, item) in enumerate(taken):
             if i not in done:
                 worker.run_one(task_id, item)
-        return
+        return list(done.values())
     worker.batch_stats.count(list(done.values()))
+    return list(done.values())

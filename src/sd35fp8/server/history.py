@@ -2,7 +2,8 @@
 
 An entry is `{prompt, outputs, status: {status_str, completed, messages}, meta}`: `prompt` is the
 queue item `[number, prompt_id, prompt, extra_data, outputs_to_execute]`. At most `max_history`
-entries are kept; the oldest goes first (ComfyUI MAXIMUM_HISTORY_SIZE).
+entries are kept; the oldest goes first (ComfyUI MAXIMUM_HISTORY_SIZE). With a journal
+(journal.Journal) every change is written there too, so the history survives a restart.
 
 Entries are never changed once stored, so `get` hands them out without copying, and a page of
 `max_items` costs O(max_items) wherever it lies (walked from the nearer end): GET /history?max_items=100
@@ -15,27 +16,45 @@ import json
 import threading
 from itertools import islice
 
+from sd35fp8.server.journal import Journal
+
 MAX_HISTORY = 10000  # ComfyUI MAXIMUM_HISTORY_SIZE
 
 
 class PromptHistory:
     """Thread-safe, insertion-ordered history entries."""
 
-    def __init__(self, max_history: int = MAX_HISTORY):
+    def __init__(self, max_history: int = MAX_HISTORY, journal: Journal | None = None):
         self.max_history = max_history
+        self.journal = journal
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
         self._json: dict[str, bytes] = {}  # '"id":{entry}' rendered once, on first read
+        self.version = 0  # changes whenever an entry is added or removed (caches of derived views)
 
     def add(self, prompt_id: str, entry: dict) -> None:
         """Store `entry` under `prompt_id`, dropping the oldest entry when full."""
         with self._lock:
-            if len(self._entries) >= self.max_history:
-                oldest = next(iter(self._entries))
-                del self._entries[oldest]
-                self._json.pop(oldest, None)
-            self._json.pop(prompt_id, None)
-            self._entries[prompt_id] = entry
+            if self.journal is not None:
+                self.journal.finish(prompt_id, entry)
+            self._store(prompt_id, entry)
+
+    def _store(self, prompt_id: str, entry: dict) -> None:
+        if len(self._entries) >= self.max_history:
+            oldest = next(iter(self._entries))
+            del self._entries[oldest]
+            self._json.pop(oldest, None)
+            if self.journal is not None:
+                self.journal.drop_history(oldest)
+        self._json.pop(prompt_id, None)
+        self._entries[prompt_id] = entry
+        self.version += 1
+
+    def restore(self, entries: list[tuple[str, dict]]) -> None:
+        """Entries read back from the journal at start-up (oldest first); not written again."""
+        with self._lock:
+            for prompt_id, entry in entries:
+                self._store(prompt_id, entry)
 
     def get(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> dict:
         """ComfyUI get_history: one id, or the last `max_items` entries (from `offset` when >= 0).
@@ -77,10 +96,16 @@ class PromptHistory:
 
     def wipe(self) -> None:
         with self._lock:
+            if self.journal is not None:
+                self.journal.drop_history()
             self._entries.clear()
+            self.version += 1
             self._json.clear()
 
     def delete(self, prompt_id: str) -> bool:
         with self._lock:
+            if self.journal is not None:
+                self.journal.drop_history(prompt_id)
             self._json.pop(prompt_id, None)
+            self.version += 1
             return self._entries.pop(prompt_id, None) is not None

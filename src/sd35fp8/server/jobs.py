@@ -8,6 +8,7 @@ pending, in_progress, completed, failed, cancelled.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -61,10 +62,21 @@ def history_job(prompt_id: str, entry: dict, include_outputs: bool = False) -> d
 
 
 class _Summaries:
-    """history_job of each history entry, computed once (entries never change); forgets ids that left."""
+    """history_job of each history entry, computed once (entries never change); forgets ids that left.
+    `sorted_jobs` keeps the history's jobs sorted by create_time until the history changes."""
 
     def __init__(self) -> None:
         self._done: dict[str, tuple[dict, dict]] = {}
+        self._sorted: tuple[int, list[dict]] | None = None
+
+    def sorted_jobs(self, queue: PromptQueue) -> list[dict]:
+        """The history's jobs, oldest create_time first (rebuilt only when the history changed)."""
+        version = queue.histories.version
+        if self._sorted is None or self._sorted[0] != version:
+            jobs = self.of(queue.history())
+            jobs.sort(key=_created)
+            self._sorted = (version, jobs)
+        return self._sorted[1]
 
     def of(self, history: dict) -> list[dict]:
         out = []
@@ -76,6 +88,10 @@ class _Summaries:
         if len(self._done) > 2 * len(history) + 64:
             self._done = {pid: self._done[pid] for pid in history if pid in self._done}
         return out
+
+
+def _created(job: dict) -> int:
+    return job.get("create_time", 0)
 
 
 def all_jobs(queue: PromptQueue, summaries: _Summaries | None = None) -> list[dict]:
@@ -94,8 +110,16 @@ def jobs_routes(queue: PromptQueue) -> APIRouter:
     async def list_jobs(status: str = "", limit: int | None = None, offset: int = 0,
                         sort_order: str = "desc") -> JSONResponse:
         wanted = {s for s in status.split(",") if s} or set(STATUSES)
-        jobs = [j for j in all_jobs(queue, summaries) if j["status"] in wanted]
-        jobs.sort(key=lambda j: j.get("create_time", 0), reverse=sort_order != "asc")
+        running, pending = queue.current_queue()
+        live = sorted([queue_job(i, "in_progress") for i in running] + [queue_job(i, "pending") for i in pending],
+                      key=_created)
+        done = summaries.sorted_jobs(queue)  # cached: sorted once per history change
+        if not wanted >= {"completed", "failed", "cancelled"}:
+            done = [j for j in done if j["status"] in wanted]
+        live = [j for j in live if j["status"] in wanted]
+        jobs = list(heapq.merge(done, live, key=_created))  # both sorted: a linear merge, stable
+        if sort_order != "asc":
+            jobs.reverse()
         total = len(jobs)
         offset = max(offset, 0)
         page = jobs[offset:] if limit is None else jobs[offset: offset + max(limit, 0)]

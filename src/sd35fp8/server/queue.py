@@ -18,6 +18,7 @@ from typing import Any
 
 from sd35fp8.errors import InputError
 from sd35fp8.server.history import MAX_HISTORY, PromptHistory
+from sd35fp8.server.journal import Journal
 from sd35fp8.workflow.batch import batch_key
 
 QueueItem = list  # [number, prompt_id, prompt, extra_data, outputs_to_execute]
@@ -31,7 +32,7 @@ class PromptQueue:
     """Thread-safe heap of pending items and the running ones; `histories` holds the finished."""
 
     def __init__(self, max_queue: int = 100, max_history: int = MAX_HISTORY,
-                 on_change: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, journal: Journal | None = None):
         if max_queue < 1:
             raise InputError(f"max_queue must be at least 1, got {max_queue}")
         self.max_queue = max_queue
@@ -41,7 +42,8 @@ class PromptQueue:
         self._tie = itertools.count()
         self._running: dict[int, QueueItem] = {}
         self._task_ids = itertools.count()
-        self.histories = PromptHistory(max_history)
+        self.journal = journal  # journal.Journal: every change is written there first (None: memory only)
+        self.histories = PromptHistory(max_history, journal)
         self._number = 0
         self._keys: dict[int, str | None] = {}  # heap tie -> batch_key of its prompt
 
@@ -64,11 +66,26 @@ class PromptQueue:
             if len(self._heap) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} prompts waiting); "
                                      "retry later or raise max_queue")
-            tie = next(self._tie)
-            self._keys[tie] = batch_key(item[2]) if isinstance(item[2], dict) else None
-            heapq.heappush(self._heap, (item[0], tie, item))
-            self._cond.notify()
+            if self.journal is not None:  # durable before POST /prompt answers 200
+                self.journal.accept(item)
+            self._push(item)
         self.on_change()
+
+    def _push(self, item: QueueItem) -> None:
+        tie = next(self._tie)
+        self._keys[tie] = batch_key(item[2]) if isinstance(item[2], dict) else None
+        heapq.heappush(self._heap, (item[0], tie, item))
+        self._cond.notify()
+
+    def restore(self, items: list[QueueItem]) -> None:
+        """Re-queue items a previous process left (journal.recover), beyond max_queue if need be;
+        numbers given later continue after theirs."""
+        with self._cond:
+            for item in items:
+                self._push(item)
+                self._number = max(self._number, int(abs(float(item[0]))) + 1)
+        if items:
+            self.on_change()
 
     def get(self, timeout: float | None = None) -> tuple[int, QueueItem] | None:
         """Pop the first pending item and mark it running; None on timeout."""
@@ -106,6 +123,8 @@ class PromptQueue:
         return taken
 
     def _mark_running(self, item: QueueItem) -> tuple[int, QueueItem]:
+        if self.journal is not None:
+            self.journal.start([item[1]])
         task_id = next(self._task_ids)
         self._running[task_id] = item
         return task_id, item
@@ -113,7 +132,9 @@ class PromptQueue:
     def task_done(self, task_id: int, outputs: dict, status: dict, meta: dict | None = None) -> None:
         """Store the history entry, then drop the item from running (one lock: no gap a client sees)."""
         with self._cond:
-            item = self._running.pop(task_id)
+            item = self._running.pop(task_id, None)
+            if item is None:  # abandoned (worker.PromptWorker.restart already wrote its entry)
+                return
             self.histories.add(item[1], {"prompt": item, "outputs": outputs, "status": status, "meta": meta or {}})
         self.on_change()
 
@@ -136,9 +157,15 @@ class PromptQueue:
         with self._cond:
             return [i[1] for i in self._running.values()]
 
+    def running_tasks(self) -> dict[int, QueueItem]:
+        with self._cond:
+            return dict(self._running)
+
     def wipe_queue(self) -> list[str]:
         with self._cond:
             ids = [e[2][1] for e in self._heap]
+            if self.journal is not None:
+                self.journal.drop_pending(ids)
             self._heap = []
             self._keys.clear()
         self.on_change()
@@ -148,6 +175,8 @@ class PromptQueue:
         with self._cond:
             keep = [e for e in self._heap if e[2][1] != prompt_id]
             found = len(keep) != len(self._heap)
+            if found and self.journal is not None:
+                self.journal.drop_pending([prompt_id])
             for e in self._heap:
                 if e[2][1] == prompt_id:
                     self._keys.pop(e[1], None)

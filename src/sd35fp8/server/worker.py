@@ -4,15 +4,23 @@ It takes the next prompt from queue.PromptQueue (with compatible pending ones, b
 the executor, stores each prompt's history entry and forwards its events over
 `send(event, data, sid)`: sid is the prompt's client_id (None = every socket), exactly as
 ComfyUI's `send_sync(..., server.client_id)`.
+
+Supervision (lifecycle.Lifecycle): `heartbeat` moves with every event and idle loop; a thread that
+died or hung is replaced by `restart`, which writes an execution_error entry for the prompts the
+old thread held and discards whatever that thread reports later (its `generation` is stale).
+After a CUDA out-of-memory error the worker releases the memory before the next prompt.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from sd35fp8.errors import InputError, SD35Error
 from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, BatchStats, run_batch
@@ -40,7 +48,7 @@ class PromptWorker:
     """
 
     def __init__(self, queue: PromptQueue, executor: Any, send: Send, max_batch: int = DEFAULT_MAX_BATCH,
-                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS):
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, metrics: Any = None):
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         if batch_wait_ms < 0:
@@ -52,6 +60,12 @@ class PromptWorker:
         self.batch_wait_ms = float(batch_wait_ms)
         self.current: dict[str, str | None] = {}  # prompt_id -> node now executing
         self.batch_stats = BatchStats()
+        self.metrics = metrics  # metrics.ServerMetrics or None
+        self.heartbeat = time.monotonic()
+        self.generation = 0  # bumped by restart: a thread of an older generation is abandoned
+        self.restarts = 0
+        self.death: str | None = None  # what ended the last thread that died
+        self._mine: set[int] = set()  # task ids this worker's thread runs (others may share the queue)
         self._stop = threading.Event()
         self._free: dict[str, bool] = {}
         self._lock = threading.Lock()
@@ -60,8 +74,17 @@ class PromptWorker:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._loop, name="sd35fp8-prompt-worker", daemon=True)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, args=(self.generation,), daemon=True,
+                                        name=f"sd35fp8-prompt-worker-{self.generation}")
         self._thread.start()
+
+    def stop_taking(self) -> None:
+        """Take no new prompt; the running ones go on (drain)."""
+        self._stop.set()
 
     def stop(self, timeout: float | None = None) -> list[str]:
         """Stop taking prompts; wait for the running ones. Returns the ids left pending."""
@@ -70,9 +93,46 @@ class PromptWorker:
             self._thread.join(timeout)
         return [i[1] for i in self.queue.pending()]
 
+    def abandon(self) -> None:
+        """Stop for good: whatever the current thread reports from now on is discarded (process exit)."""
+        self._stop.set()
+        with self._lock:
+            self.generation += 1
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stalled_seconds(self) -> float:
+        """Seconds without any event while prompts run (0 when idle)."""
+        if not self._mine:
+            return 0.0
+        return time.monotonic() - self.heartbeat
+
+    def restart(self, reason: str) -> None:
+        """Replace a dead or hung thread: its prompts get an execution_error history entry saying
+        `reason`, the old thread (if it ever comes back) is ignored, a new thread takes the queue."""
+        with self._lock:
+            self.generation += 1
+            self.restarts += 1
+        mine, self._mine = self._mine, set()
+        for task_id, item in self.queue.running_tasks().items():
+            if task_id not in mine:
+                continue
+            tr = self.tracker(item)
+            self.current.pop(item[1], None)
+            error = early_error(item[1], RuntimeError(f"{reason}; the prompt was stopped and the worker "
+                                                      "restarted. Queue it again to retry."))
+            error["exception_type"] = "WorkerLost"
+            tr.hooks("execution_error", error)
+            tr.hooks("executing", {"node": None, "prompt_id": item[1]})
+            tr.finish(task_id, None, outcome="worker_lost")
+        if not self._stop.is_set():
+            self._spawn()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Interrupt the running prompt(s) (only `prompt_id`, when given: in a batch the others go on)."""
@@ -99,16 +159,37 @@ class PromptWorker:
                 torch.cuda.empty_cache()
             log.info("freed models and cached outputs (%s)", ", ".join(k for k, v in flags.items() if v))
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._apply_free()
-            got = self.queue.get_batch(timeout=0.2, max_batch=self.max_batch, wait_s=self.batch_wait_ms / 1000)
-            if not got:
-                continue
-            if len(got) == 1:
-                self.run_one(*got[0])
-            else:
-                self.run_batch(got)
+    def _loop(self, generation: int) -> None:
+        try:
+            while not self._stop.is_set() and generation == self.generation:
+                self.heartbeat = time.monotonic()
+                self._apply_free()
+                got = self.queue.get_batch(timeout=0.2, max_batch=self.max_batch,
+                                           wait_s=self.batch_wait_ms / 1000)
+                if not got:
+                    continue
+                if self.metrics is not None:
+                    self.metrics.batch(len(got))
+                self._mine = {task_id for task_id, _ in got}
+                if len(got) == 1:
+                    self.run_one(*got[0])
+                else:
+                    self.run_batch(got)
+                if generation == self.generation:
+                    self._mine = set()
+        except BaseException as e:  # noqa: BLE001 - recorded for /ready and the supervisor, which restarts us
+            self.death = f"{type(e).__name__}: {e}"
+            log.exception("the prompt worker thread died: %s", self.death)
+
+    def _release_after_oom(self, results: list[Any]) -> None:
+        """A CUDA out-of-memory error: drop what the failed prompt held before the next one runs."""
+        if not any(r is not None and r.error and "OutOfMemoryError" in str(r.error.get("exception_type"))
+                   for r in results):
+            return
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("CUDA out of memory in a prompt: released cached memory; the next prompt runs")
 
     # ---- one prompt's events and history ------------------------------------------------------
     def tracker(self, item: QueueItem) -> _PromptTracker:
@@ -124,10 +205,11 @@ class PromptWorker:
             tr.early_error(ex)
         self.batch_stats.count([result])
         tr.finish(task_id, result)
+        self._release_after_oom([result])
 
     def run_batch(self, taken: list[tuple[int, QueueItem]]) -> None:
         """Several compatible prompts in one sampling batch (batching.run_batch)."""
-        run_batch(self, taken)
+        self._release_after_oom(run_batch(self, taken))
 
     @property
     def stats(self) -> dict:
@@ -148,8 +230,23 @@ class _PromptTracker:
         self.done: list[dict] = []
         self.nodes: dict[str, dict] = {}  # node id -> {"value", "max", "state"} for progress_state
         self.t0 = time.perf_counter()
+        self.generation = worker.generation
+        self._last_step = self.t0  # sampler step timing (metrics)
+
+    @property
+    def stale(self) -> bool:
+        """The worker was restarted under this prompt: nothing it reports counts any more."""
+        return self.generation != self.worker.generation
 
     def hooks(self, event: str, data: Any) -> None:
+        if self.stale:
+            return
+        self.worker.heartbeat = time.monotonic()
+        if self.worker.metrics is not None and event in ("executing", "progress"):
+            now = time.perf_counter()
+            if event == "progress":
+                self.worker.metrics.step(now - self._last_step)
+            self._last_step = now
         if event == "executing" and data.get("node") is None:
             self.done.append(data)  # ComfyUI sends this after the history is stored (prompt_worker)
             return
@@ -198,11 +295,20 @@ class _PromptTracker:
         self.hooks("execution_error", early_error(self.prompt_id, ex))
         self.hooks("executing", {"node": None, "prompt_id": self.prompt_id})
 
-    def finish(self, task_id: int, result: Any) -> None:
+    def finish(self, task_id: int, result: Any, outcome: str | None = None) -> None:
+        if self.stale:
+            log.warning("Prompt %s finished on an abandoned worker thread; its result is discarded", self.prompt_id)
+            return
         self.worker.current.pop(self.prompt_id, None)
         success = bool(result is not None and result.success)
         status = {"status_str": "success" if success else "error", "completed": success, "messages": self.messages}
-        self.worker.queue.task_done(task_id, dict(result.outputs) if result is not None else {}, status, self.meta)
+        outputs = dict(result.outputs) if result is not None else {}
+        self.worker.queue.task_done(task_id, outputs, status, self.meta)
+        if self.worker.metrics is not None:
+            if outcome is None:
+                outcome = "success" if success else (
+                    "interrupted" if result is not None and result.interrupted else "error")
+            self.worker.metrics.prompt_done(outcome, time.perf_counter() - self.t0)
         if self.sid is not None:  # ComfyUI main.py: the final "executing" goes to the prompt's client only
             self.worker.send("executing", self.done[-1] if self.done else {"node": None, "prompt_id": self.prompt_id},
                              self.sid)

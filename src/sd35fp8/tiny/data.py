@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
 from ..errors import InputError
 from ..text.clip_tokenizer import CLIPBPE
@@ -30,8 +31,6 @@ T5_LENGTH = 77  # SD3Tokenizer's t5_min_length (ComfyUI): every caption of this 
 def train_spiece(out_dir: str | Path, vocab_size: int, seed: int, n_captions: int = 20000) -> Path:
     """Train a T5-convention SentencePiece unigram model (pad 0, eos 1, unk 2, no bos) on
     `world.caption_corpus`; returns the path of `spiece.model`. Single-threaded: deterministic."""
-    import sentencepiece as spm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = world.caption_corpus(n_captions, seed)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..fast import PlainForward
 from . import ALL_MODES, BASELINE, FP8_MODES, detector, world
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,9 @@ def evaluate(model: str | Path | None = None, n: int = 100, seed: int = 0, modes
 
     def calibrate() -> dict[str, float]:
         calib = [it.caption for it in world.eval_items(CALIBRATION_PROMPTS, seed + 1, "train")]
-        pipe.mmdit = bf16_mmdit
-        return collect_activation_amax(bf16_mmdit, lambda _m: pipe(
+        plain = PlainForward(bf16_mmdit.model)  # the module forward, so the Linear hooks see every call
+        pipe.mmdit = plain
+        return collect_activation_amax(plain.model, lambda _m: pipe(
             calib, num_inference_steps=steps, guidance_scale=cfg, sampler=sampler, scheduler=scheduler,
             width=size, height=size, seed=seed + 10_000, progress=False))
 

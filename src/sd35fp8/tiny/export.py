@@ -14,16 +14,27 @@ search (`text.t5_tokenizer.find_t5_tokenizer(near=[file])`) finds it.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoints.export import export
+from ..checkpoints.load import load_mmdit, load_text_encoders, load_vae
 from ..defaults import DEFAULTS_METADATA_KEY
 from ..errors import CheckpointError, InputError
+from ..sampling import check_scheduler, get_sampler
+from ..text.clip_tokenizer import CLIPBPE
+from ..text.t5_tokenizer import T5Tokenizer, find_t5_tokenizer
+from ..text.tokenizer import SD3Tokenizer
+from . import SHIPPED_FP8_MMDIT
 
 CHECKPOINT_NAME = "sd35fp8_tiny.safetensors"
 PREFIXES = {
@@ -73,8 +84,6 @@ def read_component(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     """One component's tensors of an all-in-one written by `export_checkpoint`, under the module's own
     keys (the prefix stripped; T5's tied `encoder.embed_tokens.weight` restored), for a strict
     `load_state_dict` into a module built from the same spec. Raises CheckpointError when absent."""
-    from safetensors import safe_open
-
     if name not in PREFIXES:
         raise CheckpointError(f"unknown component {name!r}: one of {sorted(PREFIXES)}", str(path))
     prefix, out = PREFIXES[name], {}
@@ -105,12 +114,6 @@ def load_back(path: str | Path, device: str | torch.device = "cpu", dtype: torch
 
     Raises CheckpointError when a component is missing or spiece.model is not beside the file.
     """
-    from ..checkpoints.load import load_mmdit, load_text_encoders, load_vae
-    from ..errors import InputError
-    from ..text.clip_tokenizer import CLIPBPE
-    from ..text.t5_tokenizer import T5Tokenizer, find_t5_tokenizer
-    from ..text.tokenizer import SD3Tokenizer
-
     path = Path(path)
     mmdit = load_mmdit(path, device, dtype)
     vae = load_vae(path, device, dtype)
@@ -129,12 +132,6 @@ def write_fp8_mmdit(all_in_one: str | Path, out: str | Path) -> Path:
     """The all-in-one's MMDiT as a ComfyUI scaled-fp8 diffusion-model file (original keys, no
     prefix, as in ComfyUI's models/diffusion_models), made by the project's own quantizer
     (`sd35fp8 quantize IN OUT --format comfy`); the generation defaults go along in the metadata."""
-    import tempfile
-
-    from safetensors import safe_open
-
-    from ..checkpoints.export import export
-
     all_in_one, out = Path(all_in_one), Path(out)
     state = read_component(all_in_one, "mmdit")
     with safe_open(str(all_in_one), "pt") as f:
@@ -153,13 +150,6 @@ DEFAULT_FIELDS = {"steps": int, "cfg": float, "sampler": str, "scheduler": str, 
 def set_defaults(path: str | Path, updates: dict) -> dict:
     """Rewrite (or add) the generation defaults (metadata `sd35fp8.defaults`) of a checkpoint in place;
     the tensors and every other metadata key stay as they are. Returns the new defaults."""
-    import os
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..sampling import check_scheduler, get_sampler
-
     path = Path(path)
     bad = sorted(set(updates) - set(DEFAULT_FIELDS))
     if bad:
@@ -178,10 +168,6 @@ def set_defaults(path: str | Path, updates: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from . import SHIPPED_FP8_MMDIT
-
     p = argparse.ArgumentParser(prog="python -m sd35fp8.tiny.export",
                                 description="Write the scaled-fp8 MMDiT file of a tiny all-in-one (the shipped "
                                 "pair); --defaults first rewrites the all-in-one's generation defaults.")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import CLIPTextConfig, T5Config, T5EncoderModel
 
@@ -20,6 +21,7 @@ from ..models.mmdit import HEAD_DIM, MMDiT, MMDiTConfig
 from ..models.vae import SD3VAE, VAEConfig
 from ..text.clip_tokenizer import VOCAB_SIZE as CLIP_VOCAB
 from ..text.encoders import ClipTextEncoder, clip_config_from_state_dict, t5_config_from_state_dict
+from .export import PREFIXES
 
 CLIP_POSITIONS = 77
 
@@ -80,10 +82,6 @@ class TinySpec:
     def from_checkpoint(cls, path: str | Path, image_size: int) -> TinySpec:
         """The spec of an all-in-one written by `export.export_checkpoint`, read back from its shapes
         through the loaders' own config inference (image_size is not stored in the weights)."""
-        from safetensors import safe_open
-
-        from .export import PREFIXES
-
         with safe_open(str(path), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 

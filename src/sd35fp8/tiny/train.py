@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..models.vae import image_to_uint8, to_model_space, to_vae_space
+from ..models.vae import image_to_uint8, to_model_space
 from . import detector, world
 from .data import Dataset, make_tokenizer, render_dataset, train_spiece
 from .export import CHECKPOINT_NAME, export_checkpoint, load_back, load_component_
@@ -378,23 +378,20 @@ def train_mmdit(spec: TinySpec, latents: torch.Tensor, data: Dataset, empty: tup
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
-@torch.no_grad()
 def generate(mmdit, vae, text_encoder, prompts: list[str], seed: int, cfg: float, steps: int, size: int,
              device: torch.device, sampler: str = "euler", scheduler: str = "normal", batch: int = 256):
-    """Images (uint8 list) through the pipeline's pieces: SD3TextEncoder, CFGDenoiser, ComfyUI noise/sigmas."""
-    from ..sampling import CFGDenoiser, Conditioning, get_sigmas, noise_scaling, prepare_noise, sample
+    """Images (uint8 list) through the generation core (`sd35fp8.generation.generate`, what the pipeline
+    runs), `batch` prompts per call: the call starting at prompt i is seeded `seed + i`; the empty
+    negative is encoded once and shared."""
+    from ..generation import Components, GenerationRequest, SampleSettings, generate as run_generation
 
-    sigmas = get_sigmas(scheduler, steps, shift=3.0)
-    u_ctx, u_pool = text_encoder.encode_prompts([""])
+    parts = Components(mmdit=mmdit, vae=vae, text_encoder=text_encoder, device=device, dtype=torch.float32)
+    settings = SampleSettings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, shift=3.0)
     out = []
     for i in range(0, len(prompts), batch):
-        part = prompts[i:i + batch]
-        ctx, pool = text_encoder.encode_prompts(part)
-        denoiser = CFGDenoiser(mmdit, Conditioning(ctx, pool), Conditioning(u_ctx, u_pool), cfg=cfg)
-        noise = prepare_noise(seed + i, (len(part), 16, size // 8, size // 8)).to(device)
-        x = noise_scaling(sigmas[0], noise, torch.zeros_like(noise))
-        z = sample(sampler, denoiser, x, sigmas.to(device), extra_args={"seed": seed + i}, disable=True)
-        out += image_to_uint8(vae.decode(to_vae_space(z)).float())
+        request = GenerationRequest(prompts=prompts[i:i + batch], negatives="", settings=settings, width=size,
+                                    height=size, seed=seed + i)
+        out += image_to_uint8(run_generation(parts, request).pixels.float())
     return out
 
 

@@ -6,9 +6,9 @@ sampling call on the GPU, and each still gets its own events, outputs and histor
 How one batch runs:
 1. every prompt's nodes before its sampler, one prompt after the other (loaders come from the
    shared cache; text encoding runs per prompt);
-2. one `ksample` call on the concatenated latents: each prompt's initial noise is its own
-   `prepare_noise(seed_i, shape_i)` (what it would draw alone), conditionings are concatenated
-   along the batch; progress events go to every prompt of the batch;
+2. one sampling call on the concatenated latents (`generation.sample_rows`): each prompt's
+   initial noise is its own `prepare_noise(seed_i, shape_i)` (what it would draw alone),
+   conditionings are concatenated along the batch; progress events go to every prompt of the batch;
 3. the result is split and every prompt runs its downstream nodes (VAEDecode, SaveImage) alone.
 
 Exactness. Results equal one-by-one runs because every row of the batch sees exactly what it
@@ -17,7 +17,8 @@ ancestral, SDE and lcm samplers draw per-step noise from one seed for the whole 
 cannot reproduce several seeds at once and are never batched. Prompts whose contexts differ in
 length sample in separate sub-batches (ComfyUI's lcm-repeat would batch them but changes float
 rounding). Per-row arithmetic is batch-invariant except where a kernel picks a different blocking
-for a different batch size (GEMM); tests/test_server_load.py measures the difference.
+for a different batch size (GEMM): bit-equal on some machines, not guaranteed on every BLAS (issue
+22 saw 1 uint8 level); tests/test_roads.py holds batched vs alone to <= 1 level on <= 1 % of values.
 
 Interrupts: an interrupt naming one prompt of a batch stops that prompt; the others re-run the
 sampler without it (same results: the rows are independent). An interrupt without a prompt id
@@ -29,15 +30,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from sd35fp8.errors import SD35Error
-from sd35fp8.workflow.executor import ExecutionResult, InterruptProcessing, PromptJob, PromptRun
-
-if TYPE_CHECKING:
-    from sd35fp8.workflow.executor import PromptExecutor
+from sd35fp8.workflow.prompt_run import ExecutionResult, InterruptProcessing, PromptJob, PromptRun
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ BATCHABLE_SAMPLERS = frozenset({"euler", "heun", "heunpp2", "dpm_2", "lms", "dpm
 # inputs that may differ between prompts of one batch (everything else must be identical)
 VARYING_INPUTS = {"KSampler": ("seed",), "KSamplerAdvanced": ("noise_seed",), "CLIPTextEncode": ("text",),
                   "CLIPTextEncodeSD3": ("clip_l", "clip_g", "t5xxl"), "SaveImage": ("filename_prefix",)}
-# engine.sample arguments that must be equal for rows to share one ksample call
+# engine.sample arguments that must be equal for rows to share one sampling call
 _SHARED_ARGS = ("steps", "cfg", "sampler_name", "scheduler", "denoise", "disable_noise", "start_step",
                 "last_step", "force_full_denoise")
 
@@ -108,41 +106,33 @@ def check_batchable(calls: Sequence[dict]) -> None:
 
 def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[int, int], None]],
                  check_interrupt: Callable[[], None]) -> list[dict[str, torch.Tensor]]:
-    """One ksample call for rows whose contexts have equal shapes -> each call's {"samples"} (CPU)."""
-    from sd35fp8 import sampling
-    from sd35fp8.sampling.ksampler import ksample
-    from sd35fp8.workflow.engine import fix_empty_latent_channels, lora_active, slg_config
+    """One sampling call (the generation core's `sample_rows`: each prompt's rows with the noise it
+    draws alone) for prompts whose contexts have equal shapes -> each call's {"samples"} (CPU)."""
+    from sd35fp8 import generation, sampling
+    from sd35fp8.workflow.engine import fix_empty_latent_channels, lora_active, sample_settings
 
     first = calls[0]
-    dev = torch.device(ctx.device)
-    latents = [fix_empty_latent_channels(c["latent"]["samples"]).to(torch.float32) for c in calls]  # [b_i, 16, h, w]
-    sizes = [int(z.shape[0]) for z in latents]
-    noise = torch.cat([sampling.prepare_noise(c["seed"], tuple(z.shape)) if not c.get("disable_noise")
-                       else torch.zeros(z.shape) for c, z in zip(calls, latents)])  # [B, 16, h, w] CPU
-    parts = [_conds(c) for c in calls]
-
-    def rows(i: int) -> torch.Tensor:
-        return torch.cat([p[i].expand(b, *p[i].shape[1:]) for p, b in zip(parts, sizes)]).to(dev)  # [B, ...]
-
-    cond, uncond = sampling.Conditioning(rows(0), rows(1)), sampling.Conditioning(rows(2), rows(3))
+    rows = []
+    for c in calls:
+        cond, pooled, ucond, upooled = _conds(c)  # [1, L, C], [1, P]
+        rows.append(generation.Rows(latent=fix_empty_latent_channels(c["latent"]["samples"]), seed=c["seed"],
+                                    cond=sampling.Conditioning(cond, pooled),
+                                    uncond=sampling.Conditioning(ucond, upooled),
+                                    add_noise=not c.get("disable_noise")))
+    settings = sample_settings(first["model"], first["steps"], first["cfg"], first["sampler_name"],
+                               first["scheduler"], first.get("denoise", 1.0), first.get("start_step"),
+                               first.get("last_step"), first.get("force_full_denoise", False))
 
     def callback(step: int, total: int, _denoised: torch.Tensor) -> None:
-        check_interrupt()
         for p in progress:
             p(step, total)
 
-    samples = torch.cat(latents).to(dev)  # [B, 16, h, w] raw
-    check_interrupt()
     with lora_active(first["model"]):  # one model object per batch (check_batchable): one LoRA set
-        out = ksample(first["model"].mmdit, cond, uncond, samples, seed=first["seed"], steps=first["steps"],
-                      cfg=first["cfg"], sampler=first["sampler_name"], scheduler=first["scheduler"],
-                      shift=first["model"].shift, denoise=first.get("denoise", 1.0), slg=slg_config(first["model"]),
-                      dtype=ctx.dtype, callback=callback, disable=True, start_step=first.get("start_step"),
-                      last_step=first.get("last_step"), force_full_denoise=first.get("force_full_denoise", False),
-                      noise=noise)
-    if out is samples:  # nothing left to sample: each prompt gets its latent back, as engine.sample
+        outs = generation.sample_rows(first["model"].mmdit, rows, settings, device=torch.device(ctx.device),
+                                      dtype=ctx.dtype, callback=callback, interrupt=check_interrupt)
+    if outs[0] is rows[0].latent:  # nothing left to sample: each prompt gets its latent back, as engine.sample
         return [{"samples": c["latent"]["samples"]} for c in calls]
-    return [{"samples": part} for part in out.float().cpu().split(sizes)]
+    return [{"samples": part} for part in outs]
 
 
 def _context_shapes(args: dict) -> tuple:
@@ -156,7 +146,7 @@ class _BatchInterrupt(Exception):
         self.prompt_ids = prompt_ids
 
 
-def execute_batch(ex: PromptExecutor, jobs: Sequence[PromptJob],
+def execute_batch(ex: Any, jobs: Sequence[PromptJob],
                   on_result: Callable[[int, ExecutionResult], None] | None = None) -> list[ExecutionResult]:
     """Run `jobs`; see the module docstring. Validation errors raise before anything runs, like
     `execute`. `on_result(index, result)` as soon as a prompt is finished."""
@@ -201,8 +191,8 @@ def execute_batch(ex: PromptExecutor, jobs: Sequence[PromptJob],
     return [r for r in results if r is not None]
 
 
-def _sample_together(ex: PromptExecutor, runs: list[PromptRun], nids: list[str]) -> None:
-    """Step 2: the sampler nodes of `runs` in as few exact ksample calls as possible. A prompt
+def _sample_together(ex: Any, runs: list[PromptRun], nids: list[str]) -> None:
+    """Step 2: the sampler nodes of `runs` in as few exact sampling calls as possible. A prompt
     that fits no group is left for step 3 (where it samples alone and reports its own errors)."""
     if len(runs) < 2 or not all(hasattr(ex.classes[r.prompt[n]["class_type"]], "sample_args")
                                 for r, n in zip(runs, nids)):
@@ -233,7 +223,7 @@ def _sample_together(ex: PromptExecutor, runs: list[PromptRun], nids: list[str])
         _run_group(ex, runs, nids, inputs, calls, members)
 
 
-def _run_group(ex: PromptExecutor, runs: list[PromptRun], nids: list[str], inputs: list[dict], calls: list[dict],
+def _run_group(ex: Any, runs: list[PromptRun], nids: list[str], inputs: list[dict], calls: list[dict],
                members: list[int]) -> None:
     if len(members) < 2:
         return  # samples alone in step 3

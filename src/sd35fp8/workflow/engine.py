@@ -2,7 +2,8 @@
 
 Every function here is the body of one node (or a piece of it), written against the package
 contracts (docs/ARCHITECTURE.md); the heavy modules are imported lazily so that validation and
-object_info never import the models. The lead can re-point these to `sd35fp8.pipeline`.
+object_info never import the models. Sampling and the VAE run through the generation core
+(`sd35fp8.generation`), the same code as `SD35Pipeline` and `sd35fp8 generate`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sd35fp8.errors import InputError
+from sd35fp8.errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,56 @@ class SD3Model:
 
 @dataclass(frozen=True)
 class SD3Clip:
-    """CLIP: the SD3 text encoders (clip_l, clip_g, t5xxl; t5 may be absent)."""
+    """CLIP: the SD3 text encoders (clip_l, clip_g, t5xxl; t5 may be absent). With `offload` (an
+    offload.ModelOffload, executor offload model/sequential) they visit the device only to encode."""
 
     encoder: Any
     name: str = ""
     loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while encoding
+    offload: Any = None
+
+    def on_device(self):
+        return self.offload.on_device(self.encoder) if self.offload is not None else nullcontext()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How loaders place and run models (PromptExecutor's compile/offload, sd35fp8.fast.build_engine)."""
+
+    compile: bool = False
+    offload: str = "none"
+    offloader: Any = None  # offload.ModelOffload for text encoders and VAE when offload != "none"
+
+    def side(self, device: Any) -> Any:
+        """Where weights load: the device, or CPU memory when they are offloaded."""
+        return device if self.offload == "none" else "cpu"
+
+    def mmdit(self, mmdit: Any, device: Any) -> Any:
+        from sd35fp8.fast import build_engine
+
+        return build_engine(mmdit, device, compile=self.compile, offload=self.offload)
+
+    def text_encoders(self, models: Any, device: Any) -> Any:
+        """Offload: T5's blocks stream next to the resident MMDiT (the rest moves in with the CLIPs)."""
+        if self.offload != "none" and getattr(models, "t5xxl", None) is not None:
+            from sd35fp8.offload import stream_t5_blocks
+
+            stream_t5_blocks(models.t5xxl, device)
+        return models
+
+    def clip(self, encoder: Any, name: str) -> SD3Clip:
+        if self.offloader is not None:
+            self.offloader.register(encoder, name)
+        return SD3Clip(encoder, name=name, offload=self.offloader)
+
+    def vae(self, vae: Any) -> Any:
+        if self.offloader is not None:
+            self.offloader.register(vae, "vae")
+        return vae
+
+
+def _vae_device(vae: Any, offload: Any):
+    return offload.on_device(vae) if offload is not None and offload.manages(vae) else nullcontext(vae)
 
 
 def sampler_names() -> list[str]:
@@ -79,8 +125,11 @@ def scheduler_names() -> list[str]:
 
 
 # ---- loaders --------------------------------------------------------------------------------
-def load_checkpoint(path: Path, device: Any, dtype: Any) -> tuple[SD3Model, SD3Clip | None, Any]:
-    """CheckpointLoaderSimple: MMDiT + VAE, and the text encoders when the file holds them.
+def load_checkpoint(path: Path, device: Any, dtype: Any, options: EngineOptions = EngineOptions()
+                    ) -> tuple[SD3Model, SD3Clip | None, Any]:
+    """CheckpointLoaderSimple: MMDiT (as its engine, sd35fp8.fast.build_engine) + VAE, and the text
+    encoders when the file holds them. The file's precision decides the FP8 mode (an fp8 file runs
+    FP8 matmuls where the device has them, fp8.device.choose_mode).
 
     A file without text encoders (the official sd3.5_large.safetensors) gives CLIP = None, as
     ComfyUI does; a node that then uses that CLIP fails with ComfyUI's message.
@@ -89,40 +138,50 @@ def load_checkpoint(path: Path, device: Any, dtype: Any) -> tuple[SD3Model, SD3C
     from sd35fp8.checkpoints.sources import resolve
 
     comps = resolve(str(path))
-    mmdit = load_mmdit(comps, device=device, dtype=dtype)
-    vae = load_vae(comps, device=device, dtype=dtype)
+    side = options.side(device)
+    mmdit = options.mmdit(load_mmdit(comps, device=side, dtype=dtype), device)
+    vae = options.vae(load_vae(comps, device=side, dtype=dtype))
     clip = None
     if comps.clip_l is not None or comps.clip_g is not None:
-        models = load_text_encoders(comps, device=device, dtype=dtype)
-        clip = SD3Clip(_text_encoder(models, [path]), name=path.name)
+        models = options.text_encoders(load_text_encoders(comps, device=side, dtype=dtype), device)
+        clip = options.clip(_text_encoder(models, [path]), path.name)
     return SD3Model(mmdit, name=path.name), clip, vae
 
 
-def load_diffusion_model(path: Path, device: Any, dtype: Any, weight_dtype: str) -> SD3Model:
-    """UNETLoader. 'default' keeps the engine's compute dtype; the fp8 choices quantise the linear
-    layers to E4M3 after loading: fp8_e4m3fn = weight-only, fp8_e4m3fn_fast = FP8 matmuls."""
+# ComfyUI UNETLoader weight_dtype -> the FP8 mode asked for (fp8.device.MODES; None: the file's precision).
+# The device check (fp8.device.choose_mode) turns a matmul mode into weight_only, with a warning, where the
+# GPU has no FP8 matmul. fp8_e5m2: E5M2 storage is not an inference format here; its weights are stored as
+# E4M3 (more mantissa, same 8 bits), weight-only, as ComfyUI computes e5m2 weights in 16-bit.
+UNET_WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": "weight_only", "fp8_e4m3fn_fast": "dynamic",
+                      "fp8_e5m2": "weight_only"}
+
+
+def load_diffusion_model(path: Path, device: Any, dtype: Any, weight_dtype: str,
+                         options: EngineOptions = EngineOptions()) -> SD3Model:
+    """UNETLoader: the MMDiT as its engine. 'default' keeps the file's precision (an fp8 file runs as
+    FP8); the fp8 choices quantise the linear layers to E4M3 after loading (UNET_WEIGHT_DTYPES):
+    fp8_e4m3fn = weight-only, fp8_e4m3fn_fast = FP8 matmuls where the device has them."""
     from sd35fp8.checkpoints.load import load_mmdit
+    from sd35fp8.fp8.device import choose_mode
 
-    modes = {"default": None, "fp8_e4m3fn": "weight_only", "fp8_e4m3fn_fast": "dynamic"}
-    if weight_dtype not in modes:
-        raise unsupported(f"UNETLoader weight_dtype {weight_dtype!r} is not supported (E5M2 is not an inference "
-                          f"format here); use one of {', '.join(modes)}")
-    mmdit = load_mmdit(str(path), device=device, dtype=dtype)
-    if modes[weight_dtype] is not None:
-        from sd35fp8.fp8.quantize import quantize_model
-
-        report = quantize_model(mmdit, modes[weight_dtype])  # in place
-        log.info("UNETLoader %s: %s", weight_dtype, report)
-    return SD3Model(mmdit, name=path.name)
+    if weight_dtype not in UNET_WEIGHT_DTYPES:
+        raise unsupported(f"UNETLoader weight_dtype {weight_dtype!r} is not supported; use one of "
+                          f"{', '.join(UNET_WEIGHT_DTYPES)}")
+    mode = UNET_WEIGHT_DTYPES[weight_dtype]
+    if mode is not None:
+        mode, reason = choose_mode(mode, device)  # fp8_e4m3fn_fast without FP8 matmul: weight_only, warned
+        log.info("UNETLoader %s: %s", weight_dtype, reason)
+    mmdit = load_mmdit(str(path), device=options.side(device), dtype=dtype, fp8=mode)
+    return SD3Model(options.mmdit(mmdit, device), name=path.name)
 
 
-def load_vae_file(path: Path, device: Any, dtype: Any) -> Any:
+def load_vae_file(path: Path, device: Any, dtype: Any, options: EngineOptions = EngineOptions()) -> Any:
     from sd35fp8.checkpoints.load import load_vae
 
-    return load_vae(str(path), device=device, dtype=dtype)
+    return options.vae(load_vae(str(path), device=options.side(device), dtype=dtype))
 
 
-def load_clip_files(paths: list[Path], device: Any, dtype: Any) -> SD3Clip:
+def load_clip_files(paths: list[Path], device: Any, dtype: Any, options: EngineOptions | None = None) -> SD3Clip:
     """TripleCLIPLoader / CLIPLoader(sd3): each file is sorted into clip_l / clip_g / t5xxl by its
     weights (CLIP width 768 / 1280, or the narrower of two CLIPs is CLIP-L). Two CLIPs of the same
     non-standard width cannot be told apart by weights: they then follow the node's documented
@@ -153,9 +212,12 @@ def load_clip_files(paths: list[Path], device: Any, dtype: Any) -> SD3Clip:
         for slot, src in assign_clip_slots([src for _, src in clips], ", ".join(p.name for p in paths)).items():
             slots[slot] = by_source[id(src)]
     names = ", ".join(p.name for p in paths)
-    models = load_text_encoders(Components(root=names), device=device, dtype=dtype, clip_l=slots.get("clip_l"),
+    side = device if options is None else options.side(device)
+    models = load_text_encoders(Components(root=names), device=side, dtype=dtype, clip_l=slots.get("clip_l"),
                                 clip_g=slots.get("clip_g"), t5xxl=slots.get("t5xxl"))
-    return SD3Clip(_text_encoder(models, list(paths)), name=names)
+    if options is None:
+        return SD3Clip(_text_encoder(models, list(paths)), name=names)
+    return options.clip(_text_encoder(options.text_encoders(models, device), list(paths)), names)
 
 
 def _text_encoder(models: Any, near: list[Path]) -> Any:
@@ -212,7 +274,7 @@ def lora_active(obj: SD3Model | SD3Clip):
 def encode_text(clip: Any, text: str) -> list:
     """CLIPTextEncode: the same text to clip_l, clip_g and t5xxl -> [[cond, {"pooled_output"}]]."""
     clip = _require_clip(clip)
-    with lora_active(clip):
+    with clip.on_device(), lora_active(clip):
         context, pooled = clip.encoder.encode_prompts([text])  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 
@@ -252,7 +314,7 @@ def encode_text_sd3(clip: Any, clip_l: str, clip_g: str, t5xxl: str, empty_paddi
         enc = SD3TextEncoder(enc.clip_l if use["l"] else None, enc.clip_g if use["g"] else None,
                              enc.t5 if use["t5"] else None, context_dim=enc.context_dim, tokenizer=tok,
                              out_dtype=enc.out_dtype)
-    with lora_active(clip):
+    with clip.on_device(), lora_active(clip):
         context, pooled = enc.encode(tokens)  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 
@@ -316,56 +378,65 @@ def slg_config(model: SD3Model) -> Any:
                               layers=model.slg.layers, window="sigma")
 
 
+def sample_settings(model: SD3Model, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                    denoise: float = 1.0, start_step: int | None = None, last_step: int | None = None,
+                    force_full_denoise: bool = False) -> Any:
+    """KSampler / KSamplerAdvanced inputs + the MODEL's patches -> the generation core's SampleSettings."""
+    from sd35fp8.generation import SampleSettings
+
+    return SampleSettings(steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=model.shift,
+                          denoise=denoise, slg=slg_config(model), start_step=start_step, last_step=last_step,
+                          force_full_denoise=force_full_denoise)
+
+
 def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
            positive: list, negative: list, latent: dict, denoise: float = 1.0, disable_noise: bool = False,
            start_step: int | None = None, last_step: int | None = None,
            force_full_denoise: bool = False) -> dict[str, torch.Tensor]:
-    """KSampler / KSamplerAdvanced with ComfyUI's CONST (flow) model sampling, in float32."""
-    from sd35fp8 import sampling
-    from sd35fp8.sampling.ksampler import ksample
+    """KSampler / KSamplerAdvanced: the generation core's `sample` (ComfyUI's CONST flow sampling, float32)."""
+    from sd35fp8 import generation, sampling
 
     dev = torch.device(ctx.device)
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)  # [B, 16, h, w] raw
     cond, pooled = _single_cond(positive, "positive")
     ucond, upooled = _single_cond(negative, "negative")
-    slg = slg_config(model)
-
-    def callback(step: int, total: int, _denoised: torch.Tensor) -> None:
-        ctx.check_interrupt()
-        ctx.progress(step, total)
-
-    ctx.check_interrupt()
+    settings = sample_settings(model, steps, cfg, sampler_name, scheduler, denoise, start_step, last_step,
+                               force_full_denoise)
     c_ctl, u_ctl = positive[0][1].get("control"), negative[0][1].get("control")  # ControlNetApply* chains
     with lora_active(model):
-        out = ksample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
-                      sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples, seed=seed,
-                      steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=model.shift,
-                      denoise=denoise, slg=slg, dtype=ctx.dtype, callback=callback, disable=True,
-                      start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
-                      add_noise=not disable_noise)
+        out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
+                                sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples,
+                                settings, seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
+                                callback=lambda step, total, _denoised: ctx.progress(step, total),
+                                interrupt=ctx.check_interrupt)
     if out is samples:
         return {"samples": latent["samples"]}
     return {"samples": out.float().cpu()}
 
 
 # ---- VAE ------------------------------------------------------------------------------------
-def vae_decode(vae: Any, latent: dict) -> torch.Tensor:
-    """VAEDecode: raw latents -> IMAGE [B, H, W, 3] in 0..1 (ComfyUI clamp((x + 1) / 2))."""
+def vae_decode(vae: Any, latent: dict, offload: Any = None) -> torch.Tensor:
+    """VAEDecode: raw latents -> IMAGE [B, H, W, 3] in 0..1 (ComfyUI clamp((x + 1) / 2)).
+    offload: the executor's ModelOffload (the VAE visits the device for the decode)."""
+    from sd35fp8 import generation
+
     z = latent["samples"]
-    p = next(vae.parameters())
-    with torch.inference_mode():
-        img = vae.decode(z.to(p.device, p.dtype))  # [B, 3, H, W] in [-1, 1]
+    with _vae_device(vae, offload), torch.inference_mode():
+        p = next(vae.parameters())
+        img = generation.decode(vae, z.to(p.device, p.dtype))  # [B, 3, H, W] in [-1, 1]
     return torch.clamp((img.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu()
 
 
-def vae_encode(vae: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+def vae_encode(vae: Any, pixels: torch.Tensor, offload: Any = None) -> dict[str, torch.Tensor]:
     """VAEEncode: IMAGE [B, H, W, C] 0..1 (cropped to multiples of 8) -> raw latents."""
+    from sd35fp8 import generation
+
     h, w = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
     x = pixels[:, :h, :w, :3].permute(0, 3, 1, 2)  # [B, 3, H, W]
-    p = next(vae.parameters())
-    with torch.inference_mode():
-        z = vae.encode(x.to(p.device, p.dtype) * 2.0 - 1.0)  # [B, 16, H/8, W/8]
-    return {"samples": z.float().cpu()}
+    with _vae_device(vae, offload), torch.inference_mode():
+        p = next(vae.parameters())
+        z = generation.vae_encode(vae, x.to(p.device, p.dtype) * 2.0 - 1.0)  # [B, 16, H/8, W/8]
+    return {"samples": z.cpu()}
 
 
 # ---- images ---------------------------------------------------------------------------------
@@ -447,7 +518,11 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    folder, base, counter, subfolder = save_image_path(prefix, output_dir, images.shape[2], images.shape[1])
+    try:
+        folder, base, counter, subfolder = save_image_path(prefix, output_dir, images.shape[2], images.shape[1])
+    except OSError as e:
+        raise OutputError(f"cannot use the {folder_type} folder {output_dir}: {e.strerror or e} "
+                          f"(check that it is a writable folder)") from e
     results = []
     for batch_number, image in enumerate(images):  # [H, W, C]
         arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
@@ -457,7 +532,15 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
         for key, value in (extra_pnginfo or {}).items():
             meta.add_text(key, json.dumps(value))
         file = f"{base.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        Image.fromarray(arr).save(folder / file, pnginfo=meta, compress_level=compress_level)
+        tmp = folder / f".{file}.partial"
+        try:  # written whole under a temporary name, then renamed: never a partial image in the folder
+            Image.fromarray(arr).save(tmp, format="PNG", pnginfo=meta, compress_level=compress_level)
+            os.replace(tmp, folder / file)
+        except OSError as e:
+            raise OutputError(f"cannot write {file} into the {folder_type} folder {folder}: {e.strerror or e} "
+                              f"(free disk space or make the folder writable)") from e
+        finally:
+            tmp.unlink(missing_ok=True)
         results.append({"filename": file, "subfolder": subfolder, "type": folder_type})
         counter += 1
     return results

@@ -17,82 +17,49 @@ import json
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from sd35fp8.errors import InputError
+from sd35fp8.workflow.batch import execute_batch
+from sd35fp8.workflow.engine import EngineOptions
 from sd35fp8.workflow.folders import ModelFolders
-from sd35fp8.workflow.graph import execution_order, is_link, parse_prompt
+from sd35fp8.workflow.graph import is_link, parse_prompt
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node, NodeContext
-from sd35fp8.workflow.validate import full_type_name, validate_prompt
+from sd35fp8.workflow.prompt_run import (  # noqa: F401 - re-exported: the executor's public values
+    ExecutionResult, Hooks, InterruptProcessing, PromptJob, PromptRun, PromptValidationError, early_error,
+    explain_error, format_value)
 
 log = logging.getLogger(__name__)
-
-Hooks = Callable[[str, dict], None]
-
-
-class InterruptProcessing(Exception):
-    """Raised inside a node when the executor's interrupt flag is set."""
-
-
-class PromptValidationError(InputError):
-    """The prompt failed validation; carries ComfyUI's (error, node_errors)."""
-
-    def __init__(self, error: dict, node_errors: dict):
-        self.error = error
-        self.node_errors = node_errors
-        lines = [f"{error['message']}: {error['details']}".rstrip(": ")]
-        for nid, ne in node_errors.items():
-            for e in ne["errors"]:
-                lines.append(f"  node {nid} ({ne['class_type']}): {e['message']}: {e['details']}")
-        super().__init__("\n".join(lines))
-
-
-@dataclass
-class ExecutionResult:
-    prompt_id: str
-    success: bool
-    outputs: dict[str, dict] = field(default_factory=dict)  # node id -> ui dict (history "outputs")
-    executed: list[str] = field(default_factory=list)  # ran now
-    cached: list[str] = field(default_factory=list)  # served from the cache
-    error: dict | None = None  # execution_error payload
-    interrupted: bool = False
-    sampled_with: int = 1  # prompts in the sampling batch it ran in (cross-prompt batching; 1 = alone)
-    output_dir: Path | None = None  # where SaveImage wrote (run_workflow fills it in)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def early_error(prompt_id: str, ex: Exception) -> dict:
-    """execution_error payload for an error before any node ran (graph cycle, bad IS_CHANGED input)."""
-    return {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
-            "exception_message": str(ex), "exception_type": type(ex).__name__, "traceback": [],
-            "current_inputs": {}, "current_outputs": [], "timestamp": _now_ms()}
-
-
-def format_value(x: Any) -> Any:
-    """ComfyUI format_value: plain values as they are, anything else as str()."""
-    if x is None or isinstance(x, (int, float, bool, str)):
-        return x
-    return str(x)
-
 
 class PromptExecutor:
     """Executes prompts against one models folder on one device; keeps the output cache."""
 
     def __init__(self, folders: ModelFolders, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 classes: Mapping[str, type[Node]] | None = None, options: dict[str, Any] | None = None):
+                 classes: Mapping[str, type[Node]] | None = None, options: dict[str, Any] | None = None, *,
+                 compile: bool | None = None, offload: str = "none"):
+        """compile: torch.compile the MMDiT engine's step (None: the device's default for a long-running
+        executor, fast.default_compile: on for CUDA); offload: "none" | "model" (MMDiT resident, text
+        encoders and VAE visit the device) | "sequential" (MMDiT blocks streamed too). Loaders build
+        every MMDiT through sd35fp8.fast.build_engine with these (NodeContext.engine_options)."""
+        from sd35fp8.fast import OFFLOAD_MODES, default_compile
+
         self.folders = folders
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if offload not in OFFLOAD_MODES:
+            raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+        self.offload = offload
+        self.compile = default_compile(self.device, offload, serving=True) if compile is None else bool(compile)
+        offloader = None
+        if offload != "none":
+            from sd35fp8.offload import ModelOffload
+
+            offloader = ModelOffload(self.device)
+        self.engine_options = EngineOptions(compile=self.compile, offload=offload, offloader=offloader)
         self.classes = dict(NODE_CLASS_MAPPINGS if classes is None else classes)
         self.options = dict(options or {})
         self._cache: dict[str, tuple[tuple, dict | None]] = {}  # key -> (outputs, ui)
@@ -171,6 +138,57 @@ class PromptExecutor:
         for k in [k for k in self._cache if k not in wanted]:
             del self._cache[k]
 
+    # ---- warm-up ---------------------------------------------------------------------------
+    def warmup(self, prompt: dict, shapes: Sequence[tuple[int, int, int]] | None = None) -> float:
+        """Prepare for the first queued prompt, e.g. at server start-up: run `prompt`'s loader nodes (the
+        nodes that output a MODEL, CLIP or VAE; their outputs stay in the cache, so a later prompt with
+        the same loaders reuses them without loading again), compile / capture each MMDiT engine for
+        every (width, height, images per prompt) in `shapes` (None: the sizes of the prompt's
+        empty-latent nodes; CFG and the model's skip-layer-guidance pass as the sampler calls them),
+        and run each text encoder on a dummy text and each VAE decode on a zero latent of those sizes
+        (first-use kernel set-up; nothing of that is cached). Returns the seconds spent, loading included."""
+        from sd35fp8.workflow import engine as nodes_engine
+
+        t0 = time.perf_counter()
+        parsed = parse_prompt(prompt)
+        kinds = ("MODEL", "CLIP", "VAE")
+        loaders = [nid for nid, node in parsed.items()
+                   if any(t in kinds for t in self.classes[node["class_type"]].RETURN_TYPES)]
+        if not any("MODEL" in self.classes[parsed[nid]["class_type"]].RETURN_TYPES for nid in loaders):
+            raise InputError("warm-up: the prompt has no node that outputs a MODEL")
+        if shapes is None:
+            shapes = [(int(n["inputs"]["width"]), int(n["inputs"]["height"]), int(n["inputs"].get("batch_size", 1)))
+                      for n in parsed.values() if n["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage")
+                      and not any(is_link(n["inputs"].get(k)) for k in ("width", "height", "batch_size"))]
+        shapes = list(shapes)
+        run = PromptRun(self, parsed, "warmup", execute_outputs=loaders)
+        run.begin()
+        with torch.inference_mode():
+            for nid in run.order:
+                if not run.step(nid):
+                    break
+        result = run.finish()
+        if not result.success:
+            raise InputError(f"warm-up: loading the models failed: {result.error}")
+        with torch.inference_mode():
+            for nid in loaders:
+                outputs, _ = self._cache[run.keys[nid]]
+                for kind, value in zip(self.classes[parsed[nid]["class_type"]].RETURN_TYPES, outputs):
+                    if kind == "MODEL" and value is not None:
+                        slg = value.slg
+                        value.mmdit.warmup(shapes, skip_layers=slg.layers if slg is not None else ())
+                    elif kind == "CLIP" and value is not None:
+                        nodes_engine.encode_text(value, "warm-up")
+                    elif kind == "VAE" and value is not None:
+                        for width, height, _batch in shapes:
+                            latent = {"samples": torch.zeros(1, nodes_engine.SD3_LATENT_CHANNELS, height // 8, width // 8)}
+                            nodes_engine.vae_decode(value, latent, self.engine_options.offloader)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        log.info("executor warm-up (%s, shapes %s): %.1f s", ", ".join(loaders), shapes, seconds)
+        return seconds
+
     # ---- run -------------------------------------------------------------------------------
     def execute(self, prompt: dict, prompt_id: str = "", extra_data: dict | None = None,
                 hooks: Hooks | None = None, execute_outputs: list[str] | None = None) -> ExecutionResult:
@@ -189,8 +207,6 @@ class PromptExecutor:
     def execute_batch(self, jobs: Sequence[PromptJob],
                       on_result: Callable[[int, ExecutionResult], None] | None = None) -> list[ExecutionResult]:
         """Run several prompts, sampling the compatible ones as one batch (workflow/batch.py)."""
-        from sd35fp8.workflow.batch import execute_batch
-
         return execute_batch(self, jobs, on_result)
 
     def _gather_inputs(self, prompt: dict, nid: str, keys: dict[str, str], extra_data: dict) -> dict[str, Any]:
@@ -222,7 +238,7 @@ class PromptExecutor:
 
         return NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid,
                            progress=progress, check_interrupt=check_interrupt or self._check_interrupt,
-                           options=self.options)
+                           options=self.options, engine_options=self.engine_options)
 
     def _run_node(self, nid: str, class_type: str, inputs: dict, prompt_id: str, send: Hooks,
                   check_interrupt: Callable[[], None] | None = None) -> tuple[tuple, dict | None]:
@@ -240,136 +256,3 @@ class PromptExecutor:
         return outputs, ui
 
 
-@dataclass
-class PromptJob:
-    """One queued prompt for `execute_batch` (same arguments as `execute`)."""
-
-    prompt: dict
-    prompt_id: str = ""
-    extra_data: dict | None = None
-    hooks: Hooks | None = None
-    execute_outputs: list[str] | None = None
-
-
-class PromptRun:
-    """One prompt's execution: its order, cache keys, events and result. `execute` steps through
-    every node; `execute_batch` steps several runs around one shared sampling call."""
-
-    def __init__(self, executor: PromptExecutor, prompt: dict, prompt_id: str = "", extra_data: dict | None = None,
-                 hooks: Hooks | None = None, execute_outputs: list[str] | None = None, batched: bool = False):
-        self.ex = executor
-        self.extra_data = extra_data or {}
-        self.send: Hooks = hooks or (lambda event, data: None)
-        self.prompt = parse_prompt(prompt)
-        if execute_outputs is None:
-            ok, error, execute_outputs, node_errors = validate_prompt(self.prompt, executor.classes, executor.folders)
-            if not ok:
-                raise PromptValidationError(error, node_errors)
-        self.execute_outputs = execute_outputs
-        self.prompt_id = prompt_id
-        self.result = ExecutionResult(prompt_id=prompt_id, success=False)
-        self.stopped = False  # an error or an interrupt ended it
-        self.order: list[str] = []
-        self.keys: dict[str, str] = {}
-        self.visited: set[str] = set()  # nodes run or served from the cache
-        # in a batch an interrupt names the prompt it stops; alone, any interrupt stops it
-        self.check_interrupt = (lambda: executor._check_interrupt_for(prompt_id)) if batched else None
-
-    @property
-    def wanted(self) -> set[str]:
-        return set(self.keys.values())
-
-    def begin(self) -> None:
-        self.send("execution_start", {"prompt_id": self.prompt_id, "timestamp": _now_ms()})
-        self.order = execution_order(self.prompt, self.execute_outputs)
-        self.keys = self.ex.node_keys(self.prompt, self.order)
-
-    def announce_cached(self) -> None:
-        self.result.cached = [nid for nid in self.order if self.keys[nid] in self.ex._cache]
-        self.send("execution_cached", {"nodes": list(self.result.cached), "prompt_id": self.prompt_id,
-                                       "timestamp": _now_ms()})
-
-    def fail_early(self, ex: Exception) -> None:
-        """An error before any node ran (graph cycle, bad IS_CHANGED input): reported like a node error."""
-        self.stopped = True
-        self.result.error = early_error(self.prompt_id, ex)
-        self.send("execution_error", self.result.error)
-
-    def cached(self, nid: str) -> bool:
-        return self.keys[nid] in self.ex._cache
-
-    def step(self, nid: str) -> bool:
-        """Run (or serve from the cache) one node. False when the prompt stopped (error, interrupt)."""
-        if self.stopped:
-            return False
-        if self.cached(nid):
-            self._done(nid, self.ex._cache[self.keys[nid]][1], executed=False)
-            return True
-        node = self.prompt[nid]
-        inputs: dict[str, Any] | None = None
-        try:
-            (self.check_interrupt or self.ex._check_interrupt)()
-            self.executing(nid)
-            inputs = self.inputs(nid)
-            outputs, ui = self.ex._run_node(nid, node["class_type"], inputs, self.prompt_id, self.send,
-                                            self.check_interrupt)
-        except InterruptProcessing:
-            self.interrupted(nid)
-            return False
-        except Exception as ex:  # noqa: BLE001 - the node error boundary: reported, never swallowed
-            self.fail(nid, ex, inputs)
-            return False
-        self.store(nid, outputs, ui)
-        return True
-
-    def executing(self, nid: str) -> None:
-        self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
-
-    def inputs(self, nid: str) -> dict[str, Any]:
-        return self.ex._gather_inputs(self.prompt, nid, self.keys, self.extra_data)
-
-    def store(self, nid: str, outputs: tuple, ui: dict | None) -> None:
-        self.ex._cache[self.keys[nid]] = (outputs, ui)
-        self._done(nid, ui, executed=True)
-
-    def _done(self, nid: str, ui: dict | None, executed: bool) -> None:
-        self.visited.add(nid)
-        if executed:
-            self.result.executed.append(nid)
-        if ui:
-            self.result.outputs[nid] = ui
-            self.send("executed", {"node": nid, "display_node": nid, "output": ui, "prompt_id": self.prompt_id})
-
-    def interrupted(self, nid: str) -> None:
-        log.info("Processing interrupted")
-        self.stopped = True
-        self.result.interrupted = True
-        self.send("execution_interrupted", {"prompt_id": self.prompt_id, "node_id": nid,
-                                            "node_type": self.prompt[nid]["class_type"],
-                                            "executed": list(self.result.executed), "timestamp": _now_ms()})
-
-    def fail(self, nid: str, ex: BaseException, inputs: dict | None) -> None:
-        class_type = self.prompt[nid]["class_type"]
-        log.error("!!! Exception during processing !!! node %s (%s): %s", nid, class_type, ex)
-        log.debug("%s", traceback.format_exc())
-        self.stopped = True
-        self.result.error = {
-            "prompt_id": self.prompt_id,
-            "node_id": nid,
-            "node_type": class_type,
-            "executed": list(self.result.executed),
-            "exception_message": str(ex),
-            "exception_type": full_type_name(type(ex)),
-            "traceback": traceback.format_tb(ex.__traceback__),
-            "current_inputs": {k: [format_value(v)] for k, v in (inputs or {}).items()},
-            "current_outputs": [n for n in self.order if self.keys[n] in self.ex._cache],
-            "timestamp": _now_ms(),
-        }
-        self.send("execution_error", self.result.error)
-
-    def finish(self) -> ExecutionResult:
-        if not self.stopped:
-            self.result.success = True
-            self.send("execution_success", {"prompt_id": self.prompt_id, "timestamp": _now_ms()})
-        self.send("executing", {"node": None, "prompt_id": self.prompt_id})
-        return self.result

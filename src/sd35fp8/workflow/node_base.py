@@ -10,6 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sd35fp8.errors import InputError
+from sd35fp8.workflow.engine import EngineOptions
+
 if TYPE_CHECKING:
     from sd35fp8.workflow.folders import ModelFolders
 
@@ -33,6 +36,7 @@ class NodeContext:
     progress: Callable[[int, int], None] = lambda value, total: None
     check_interrupt: Callable[[], None] = lambda: None
     options: dict[str, Any] = field(default_factory=dict)
+    engine_options: EngineOptions = field(default_factory=EngineOptions)  # compile / offload for loaders
 
 
 class Node:
@@ -66,6 +70,22 @@ class Node:
 
 def _files(folders: ModelFolders | None, kind: str) -> list[str]:
     return folders.get_filename_list(kind) if folders is not None else []
+
+
+def _file_stamps(folders: ModelFolders | None, kind: str, *names: str) -> list | None:
+    """IS_CHANGED of a loader: each file's (size, mtime), so a model file replaced on disk since it
+    was cached is loaded again; one that vanished raises InputError naming it (reported, no crash)."""
+    if folders is None:
+        return None
+    stamps = []
+    for name in names:
+        path = folders.get_full_path_or_raise(kind, name)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise InputError(f"model file {name!r} ({path}) cannot be read: {e.strerror}") from e
+        stamps.append([name, st.st_size, st.st_mtime_ns])
+    return stamps
 
 
 def _tip(text: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sd35fp8.errors import InputError
 from sd35fp8.workflow import engine
 from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WEIGHT_DTYPES, Node,  # noqa: F401
-                                         NodeContext, _files, _tip)
+                                         NodeContext, _file_stamps, _files, _tip)
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
@@ -47,9 +47,13 @@ class CheckpointLoaderSimple(Node):
             "ckpt_name": (_files(folders, "checkpoints"), _tip("The name of the checkpoint (model) to load.")),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, folders, ckpt_name=None, **_):
+        return _file_stamps(folders, "checkpoints", ckpt_name)
+
     def load_checkpoint(self, ckpt_name):
         path = self.ctx.folders.get_full_path_or_raise("checkpoints", ckpt_name)
-        return engine.load_checkpoint(path, self.ctx.device, self.ctx.dtype)
+        return engine.load_checkpoint(path, self.ctx.device, self.ctx.dtype, self.ctx.engine_options)
 
 
 class UNETLoader(Node):
@@ -65,9 +69,14 @@ class UNETLoader(Node):
             "weight_dtype": (list(WEIGHT_DTYPES),),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, folders, unet_name=None, **_):
+        return _file_stamps(folders, "diffusion_models", unet_name)
+
     def load_unet(self, unet_name, weight_dtype):
         path = self.ctx.folders.get_full_path_or_raise("diffusion_models", unet_name)
-        return (engine.load_diffusion_model(path, self.ctx.device, self.ctx.dtype, weight_dtype),)
+        return (engine.load_diffusion_model(path, self.ctx.device, self.ctx.dtype, weight_dtype,
+                                            self.ctx.engine_options),)
 
 
 class VAELoader(Node):
@@ -80,9 +89,13 @@ class VAELoader(Node):
     def INPUT_TYPES(cls, folders):
         return {"required": {"vae_name": (_files(folders, "vae"),)}}
 
+    @classmethod
+    def IS_CHANGED(cls, folders, vae_name=None, **_):
+        return _file_stamps(folders, "vae", vae_name)
+
     def load_vae(self, vae_name):
         path = self.ctx.folders.get_full_path_or_raise("vae", vae_name)
-        return (engine.load_vae_file(path, self.ctx.device, self.ctx.dtype),)
+        return (engine.load_vae_file(path, self.ctx.device, self.ctx.dtype, self.ctx.engine_options),)
 
 
 class TripleCLIPLoader(Node):
@@ -97,9 +110,13 @@ class TripleCLIPLoader(Node):
         names = _files(folders, "text_encoders")
         return {"required": {"clip_name1": (names,), "clip_name2": (names,), "clip_name3": (names,)}}
 
+    @classmethod
+    def IS_CHANGED(cls, folders, clip_name1=None, clip_name2=None, clip_name3=None, **_):
+        return _file_stamps(folders, "text_encoders", clip_name1, clip_name2, clip_name3)
+
     def load_clip(self, clip_name1, clip_name2, clip_name3):
         paths = [self.ctx.folders.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2, clip_name3)]
-        return (engine.load_clip_files(paths, self.ctx.device, self.ctx.dtype),)
+        return (engine.load_clip_files(paths, self.ctx.device, self.ctx.dtype, self.ctx.engine_options),)
 
 
 class DualCLIPLoader(Node):
@@ -118,6 +135,10 @@ class DualCLIPLoader(Node):
                          "type": (["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"],)},
             "optional": {"device": (["default", "cpu"], {"advanced": True})},
         }
+
+    @classmethod
+    def IS_CHANGED(cls, folders, clip_name1=None, clip_name2=None, **_):
+        return _file_stamps(folders, "text_encoders", clip_name1, clip_name2)
 
     def load_clip(self, clip_name1, clip_name2, type, device="default"):  # noqa: A002
         if type != "sd3":
@@ -145,12 +166,17 @@ class CLIPLoader(Node):
             "optional": {"device": (["default", "cpu"], {"advanced": True})},
         }
 
+    @classmethod
+    def IS_CHANGED(cls, folders, clip_name=None, **_):
+        return _file_stamps(folders, "text_encoders", clip_name)
+
     def load_clip(self, clip_name, type="stable_diffusion", device="default"):  # noqa: A002
         if type != "sd3":
             raise engine.unsupported(f"CLIPLoader type {type!r}: this engine runs SD3.5 only (use type 'sd3')")
         path = self.ctx.folders.get_full_path_or_raise("text_encoders", clip_name)
         dev = "cpu" if device == "cpu" else self.ctx.device
-        return (engine.load_clip_files([path], dev, self.ctx.dtype),)
+        return (engine.load_clip_files([path], dev, self.ctx.dtype,
+                                       None if device == "cpu" else self.ctx.engine_options),)
 
 
 # ---- conditioning ---------------------------------------------------------------------------
@@ -441,7 +467,7 @@ class VAEDecode(Node):
         }}
 
     def decode(self, vae, samples):
-        return (engine.vae_decode(vae, samples),)
+        return (engine.vae_decode(vae, samples, self.ctx.engine_options.offloader),)
 
 
 class VAEEncode(Node):
@@ -455,7 +481,7 @@ class VAEEncode(Node):
         return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
 
     def encode(self, vae, pixels):
-        return (engine.vae_encode(vae, pixels),)
+        return (engine.vae_encode(vae, pixels, self.ctx.engine_options.offloader),)
 
 
 # ---- images ---------------------------------------------------------------------------------

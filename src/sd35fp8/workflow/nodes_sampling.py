@@ -3,7 +3,7 @@ separate values, same names, inputs, defaults, outputs and categories.
 
     NOISE: Noise (a seed, or none)   GUIDER: Guider (model + conditionings + cfg)
     SAMPLER: Sampler (a sampler name) SIGMAS: float32 [n+1]
-SamplerCustomAdvanced / SamplerCustom run the same sampling arithmetic as KSampler (sampling/ksample):
+SamplerCustomAdvanced / SamplerCustom run the same sampling arithmetic as KSampler (generation.sample; not yet through it):
 ComfyUI's noise draw, an empty latent not shifted into model space, noise scaling at sigmas[0], CFG
 batched, ControlNets in the conditionings.
 """
