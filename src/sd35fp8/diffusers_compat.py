@@ -344,7 +344,7 @@ class DiffusersSurface:
         if given:
             raise InputError(f"diffusers argument(s) {', '.join(given)} not supported by sd35fp8")
         if prompt is None:
-            raise InputError("no prompt given (prompt_embeds are not supported: pass the text)")
+            raise InputError("prompt must be a string or a list of strings, got None (prompt_embeds are not supported)")
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
         extra = [t for t in callback_on_step_end_tensor_inputs if t not in CALLBACK_TENSOR_INPUTS]
