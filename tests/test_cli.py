@@ -134,3 +134,10 @@ def test_help_does_not_load_the_engine():
             "print(sorted(m for m in ('torch', 'fastapi', 'transformers', 'sd35fp8.server') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_cli_fp8_mode_names_match_the_engine():
+    from sd35fp8.cli.fp8 import MODES
+    from sd35fp8.fp8.device import MODES as ENGINE_MODES
+
+    assert MODES == ENGINE_MODES

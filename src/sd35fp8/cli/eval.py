@@ -8,7 +8,6 @@ import math
 from typing import Callable
 
 from ..errors import InputError
-from ..tiny import ALL_MODES
 
 
 def add_parsers(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -24,7 +23,8 @@ def add_parsers(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--n", type=int, default=100, help="number of held-out items (default 100)")
     p.add_argument("--seed", type=int, default=0, help="item and noise seed (default 0)")
     p.add_argument("--modes", default=None,
-                   help=f"comma-separated subset of {','.join(ALL_MODES)} (default: all this device offers)")
+                   help="comma-separated subset of bf16 and the FP8 modes (fp8.device.MODES: weight_only, "
+                   "dynamic, static) (default: all this device offers)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--batch", type=int, default=16, help="prompts per pipeline call (default 16)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")

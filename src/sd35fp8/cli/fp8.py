@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from ..fp8.device import MODES
+MODES = ("weight_only", "dynamic", "static")  # fp8.device.MODES, written out so that --help imports no torch (tests/test_cli.py)
 from .common import positive_int
 
 log = logging.getLogger(__name__)
