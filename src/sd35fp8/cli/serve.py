@@ -13,7 +13,8 @@ import sys
 from typing import Callable
 
 from ..scale.options import add_scale_args, scale_options
-from .common import positive_int
+from ..errors import InputError
+from .common import add_engine_args, positive_int
 
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
 SERVER_DEFAULTS = {
@@ -86,6 +87,7 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     for flag, kind, what in LIMIT_FLAGS:
         lim.add_argument(flag, type=kind, default=None,
                          help=f"{what} (default {SERVER_DEFAULTS[flag[2:].replace('-', '_')]})")
+    add_engine_args(srv, "on for CUDA (compiled and captured per image size), off on the CPU")
     add_scale_args(srv)  # --replicas etc.: scale/options.py
     return {"serve": cmd_serve}
 
@@ -96,6 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..server.validation import Limits
 
     device = resolve_device(args.device)
+    if args.compile and device.type != "cuda":
+        raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
     limits = Limits(**{k: getattr(args, k) for k in LIMITS_FIELDS if getattr(args, k) is not None})
     given = {k: getattr(args, k) for k in ("max_upload_pixels", "header_timeout", "keep_alive", "max_connections")
              if getattr(args, k) is not None}  # the others keep the server's defaults
@@ -106,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
                     state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
-                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, **given)
+                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
+                    offload=args.offload, **given)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}"
               + (" (journaled: they run on the next start)" if args.state_dir != "none" else ""), file=sys.stderr)
