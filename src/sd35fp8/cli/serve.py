@@ -93,6 +93,15 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.auth_token:  # before the slow imports: the token shows in ps until the title is rewritten
+        from ..server.tokens import TOKEN_ENV, mask_process_title
+
+        hidden = mask_process_title(sys.argv, args.auth_token)
+        print("sd35fp8 serve: warning: --auth-token puts the token on the command line, where other local "
+              "users can read it (ps, /proc/<pid>/cmdline); "
+              + ("the process title is now rewritten with it masked, but it was visible during start-up; "
+                 if hidden else "it stays visible while the server runs; ")
+              + f"use --auth-token-file FILE (chmod 600) or {TOKEN_ENV}", file=sys.stderr)
     from ..pipeline import resolve_device
     from ..server.serve import serve
     from ..server.validation import Limits
