@@ -44,7 +44,7 @@ class FrozenCache(GraphCache):
         self.engine = engine
         self.captures = 0
 
-    def capture(self, tensors, skip):
+    def capture(self, tensors, skip, where=(), depth=0):
         self.captures += 1
         frozen = [list(s) for s in self.engine.lora_slots]
         static = tuple(t.clone() for t in tensors)
@@ -109,8 +109,8 @@ def test_graph_cache_keeps_terms_alive_and_drops_least_recent() -> None:
     state = {"tag": ("x",), "keep": object()}
 
     class Fake(GraphCache):
-        def capture(self, tensors, skip):
-            calls.append(self.key(tensors, skip, self.state()[0]))
+        def capture(self, tensors, skip, where=(), depth=0):
+            calls.append(self.key(tensors, skip, where, self.state()[0]))
 
             class R:
                 def replay(self):

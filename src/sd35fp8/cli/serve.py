@@ -13,22 +13,27 @@ import sys
 from typing import Callable
 
 from ..scale.options import add_scale_args, scale_options
-from .common import positive_int
+from ..errors import InputError
+from .common import add_engine_args, positive_int
 
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
 SERVER_DEFAULTS = {
     "max_body_bytes": 16 * 1024 * 1024, "max_json_depth": 64, "max_nodes": 2000, "max_text_chars": 8192,
+    "max_prompt_tokens": 512,
     "max_pixel_steps": 2048 * 2048 * 8 * 100,  # validation.Limits
     "max_upload_pixels": 8192 * 8192,  # files.DEFAULT_MAX_UPLOAD_PIXELS
     "header_timeout": 10.0, "keep_alive": 5, "max_connections": 256,  # connections.DEFAULT_*
 }
 DRAIN_SECONDS, HANG_SECONDS = 60.0, 900.0  # server.lifecycle.DEFAULT_DRAIN_SECONDS / DEFAULT_HANG_SECONDS
-LIMITS_FIELDS = ("max_body_bytes", "max_json_depth", "max_nodes", "max_text_chars", "max_pixel_steps")
+LIMITS_FIELDS = ("max_body_bytes", "max_json_depth", "max_nodes", "max_text_chars", "max_prompt_tokens",
+                 "max_pixel_steps")
 LIMIT_FLAGS = (
     ("--max-body-bytes", positive_int, "largest JSON request body (413 beyond)"),
     ("--max-json-depth", positive_int, "deepest JSON nesting accepted"),
     ("--max-nodes", positive_int, "most nodes in one prompt"),
-    ("--max-text-chars", positive_int, "longest text input (prompt) in characters"),
+    ("--max-text-chars", positive_int, "longest text input (prompt) in characters; longer is refused (400)"),
+    ("--max-prompt-tokens", positive_int, "tokens per prompt text and encoder (CLIP, T5) kept; a longer text is "
+     "cut, with a warning in the /prompt answer"),
     ("--max-pixel-steps", positive_int, "budget for width x height x batch x steps of one prompt"),
     ("--max-upload-pixels", positive_int, "largest image an upload may declare, in pixels"),
     ("--header-timeout", float, "seconds a connection may take to send its request headers"),
@@ -86,16 +91,28 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     for flag, kind, what in LIMIT_FLAGS:
         lim.add_argument(flag, type=kind, default=None,
                          help=f"{what} (default {SERVER_DEFAULTS[flag[2:].replace('-', '_')]})")
+    add_engine_args(srv, "on for CUDA (compiled and captured per image size), off on the CPU")
     add_scale_args(srv)  # --replicas etc.: scale/options.py
     return {"serve": cmd_serve}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.auth_token:  # before the slow imports: the token shows in ps until the title is rewritten
+        from ..server.tokens import TOKEN_ENV, mask_process_title
+
+        hidden = mask_process_title(sys.argv, args.auth_token)
+        print("sd35fp8 serve: warning: --auth-token puts the token on the command line, where other local "
+              "users can read it (ps, /proc/<pid>/cmdline); "
+              + ("the process title is now rewritten with it masked, but it was visible during start-up; "
+                 if hidden else "it stays visible while the server runs; ")
+              + f"use --auth-token-file FILE (chmod 600) or {TOKEN_ENV}", file=sys.stderr)
     from ..pipeline import resolve_device
     from ..server.serve import serve
     from ..server.validation import Limits
 
     device = resolve_device(args.device)
+    if args.compile and device.type != "cuda":
+        raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
     limits = Limits(**{k: getattr(args, k) for k in LIMITS_FIELDS if getattr(args, k) is not None})
     given = {k: getattr(args, k) for k in ("max_upload_pixels", "header_timeout", "keep_alive", "max_connections")
              if getattr(args, k) is not None}  # the others keep the server's defaults
@@ -106,7 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
                     state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
-                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, **given)
+                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
+                    offload=args.offload, **given)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}"
               + (" (journaled: they run on the next start)" if args.state_dir != "none" else ""), file=sys.stderr)

@@ -37,6 +37,7 @@ from sd35fp8.server.lifecycle import (
 )
 from sd35fp8.server.metrics import ServerMetrics
 from sd35fp8.server.openai_api import openai_routes
+from sd35fp8.server.prompt_text import TextBudget
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
 from sd35fp8.server.templates import template_routes
@@ -80,8 +81,11 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                max_upload_pixels: int = files.DEFAULT_MAX_UPLOAD_PIXELS,
                state_dir: str | os.PathLike | None = None, on_restart: str = "requeue",
                warmup: Callable[[], Any] | None = None, hang_seconds: float = DEFAULT_HANG_SECONDS,
-               check_seconds: float = 1.0) -> FastAPI:
+               check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none") -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
+
+    compile / offload: the new PromptExecutor's engine options (None = the device's default for a
+    server: compiled on CUDA; offload "none" | "model" | "sequential").
 
     state_dir: the durable queue + history journal (journal.py) lives there; None = memory only;
     "auto" = sd35fp8-state/ beside the output folder (never inside it: /view serves the output folder).
@@ -106,7 +110,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         folders = ModelFolders(models_dir, output_dir=output_dir, input_dir=input_dir, temp_dir=temp_dir,
                                extra_config=extra_model_paths)
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        executor = PromptExecutor(folders, device=dev)
+        executor = PromptExecutor(folders, device=dev, compile=compile, offload=offload)
     folders = executor.folders
     hub = WebSocketHub()
     metrics = ServerMetrics(executor.device)
@@ -126,6 +130,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
     logs = LogBuffer(hub.send, lambda: hub.client_ids)
     redactor = Redactor([auth_token])
+    text_budget = TextBudget(limits.max_prompt_tokens, folders)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -147,7 +152,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     app.state.queue, app.state.worker, app.state.hub, app.state.executor = queue, worker, hub, executor
     app.state.lifecycle, app.state.metrics, app.state.journal = lifecycle, metrics, journal
     app.state.folders, app.state.user_store, app.state.logs = folders, store, logs
-    app.state.limits, app.state.redactor = limits, redactor
+    app.state.limits, app.state.redactor, app.state.text_budget = limits, redactor, text_budget
 
     def body_limit(path: str) -> int:
         if "/upload/" in path:
@@ -210,8 +215,12 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         if not ok:
             return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
         check_prompt_work(prompt, limits)
+        warnings = text_budget.apply(prompt)  # texts over --max-prompt-tokens are cut, in place
+        answer = {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+        if warnings:  # ComfyUI clients ignore the extra key; the history entry keeps it in extra_data
+            answer["warnings"] = extra_data["warnings"] = warnings
         # the answer is rendered before the prompt is queued: a failure here queues nothing
-        response = JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+        response = JSONResponse(answer)
         try:
             queue.put([number, prompt_id, prompt, extra_data, outputs])
         except QueueFullError as e:

@@ -92,6 +92,8 @@ def check_batchable(calls: Sequence[dict]) -> None:
             raise NotBatchable(f"sampler {c['sampler_name']!r} draws per-step noise from one seed")
         if "batch_index" in c["latent"]:
             raise NotBatchable("latents with batch_index are not batched")
+        if c["latent"].get("noise_mask") is not None:
+            raise NotBatchable("latents with a noise_mask (inpainting) are not batched")
         if any(extra.get("control") is not None for key in ("positive", "negative") for _, extra in c[key]):
             raise NotBatchable("ControlNet conditionings are not batched across prompts")
         if c["model"] is not first["model"]:
@@ -152,7 +154,7 @@ def execute_batch(ex: Any, jobs: Sequence[PromptJob],
     `execute`. `on_result(index, result)` as soon as a prompt is finished."""
     runs = [PromptRun(ex, j.prompt, j.prompt_id, j.extra_data, j.hooks, j.execute_outputs, batched=True)
             for j in jobs]
-    ex._clear_interrupt()
+    ex._start_interrupts(j.prompt_id for j in jobs)
     for run in runs:
         try:
             run.begin()
