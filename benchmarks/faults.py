@@ -13,7 +13,8 @@ Scenarios (each prints tried / survived / lost; "lost" = accepted with 200 but n
     soak      closed-loop clients for --soak-minutes (30 by default) against a subprocess; the server's
               RSS, open fds and threads sampled every minute; RSS growth after warm-up must be <= 5 %
 
-The workflow is the seed's FP8 all-in-one (tests/data/seed-fp8-allinone.json) at 64x64, euler, 4 steps.
+The workflow is the seed's FP8 all-in-one (tests/data/seed-fp8-allinone.json) at 64x64, euler, 4 steps
+(--size, --steps: smaller / fewer for a slow CPU; each result records the workflow it ran).
 
     python benchmarks/faults.py                          # every scenario but the soak
     python benchmarks/faults.py --only soak              # the 30-minute soak
@@ -340,6 +341,7 @@ def versions() -> dict:
 
 
 def main() -> None:
+    global SIZE, STEPS
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         work, models, port, drain = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
         run_server_child(work, models, port, drain)
@@ -349,7 +351,10 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=30.0)
     ap.add_argument("--flood", type=int, default=500, help="prompts in the flood")
     ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--size", type=int, default=SIZE, help=f"image side in pixels (default {SIZE})")
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"sampler steps (default {STEPS})")
     args = ap.parse_args()
+    SIZE, STEPS = args.size, args.steps  # the server child runs the prompts the parent sends: no need to pass them
     todo = args.only or [s for s in SCENARIOS if s != "soak"]
     with tempfile.TemporaryDirectory(prefix="sd35fp8-faults-") as tmp:
         work = Path(tmp)

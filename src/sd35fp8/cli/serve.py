@@ -12,8 +12,9 @@ import argparse
 import sys
 from typing import Callable
 
+from ..errors import InputError
 from ..scale.options import add_scale_args, scale_options
-from .common import positive_int
+from .common import parse_shape, positive_int
 
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
 SERVER_DEFAULTS = {
@@ -82,6 +83,13 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     life.add_argument("--hang-seconds", type=float, default=HANG_SECONDS,
                       help=f"a busy worker without progress this long (default {HANG_SECONDS:g}) is hung: /ready "
                       "turns false and it is restarted")
+    life.add_argument("--warmup", default=None, metavar="WORKFLOW",
+                      help="at start-up, before the first prompt: load this workflow's models (API or UI JSON, or a "
+                      "PNG carrying one) and warm them up (first-use kernels; compiled MMDiT graphs per size); /ready "
+                      "is false until that is done. A later prompt with the same loaders reuses the loaded models")
+    life.add_argument("--warmup-shapes", nargs="+", type=parse_shape, default=None, metavar="WxH[xB]",
+                      help="sizes to warm up for (width x height x images per prompt, e.g. 1024x1024 832x1216x2; "
+                      "default: the sizes of the --warmup workflow's empty-latent nodes)")
     lim = srv.add_argument_group("request limits")
     for flag, kind, what in LIMIT_FLAGS:
         lim.add_argument(flag, type=kind, default=None,
@@ -95,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..server.serve import serve
     from ..server.validation import Limits
 
+    if args.warmup_shapes and not args.warmup:
+        raise InputError("--warmup-shapes needs --warmup WORKFLOW.json (its loader nodes name the models to warm up)")
     device = resolve_device(args.device)
     limits = Limits(**{k: getattr(args, k) for k in LIMITS_FIELDS if getattr(args, k) is not None})
     given = {k: getattr(args, k) for k in ("max_upload_pixels", "header_timeout", "keep_alive", "max_connections")
@@ -106,7 +116,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
                     state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
-                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, **given)
+                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds,
+                    **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
+                    **given)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}"
               + (" (journaled: they run on the next start)" if args.state_dir != "none" else ""), file=sys.stderr)
