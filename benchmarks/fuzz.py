@@ -13,7 +13,10 @@ request, and the peak over the run (accepted prompts run meanwhile).
 
 Part 2 builds an app in this process (test_server's fake executor, no model) whose history holds
 10 000 entries shaped like the seed workflow's, serves it with uvicorn on 127.0.0.1 and times
-/history, /history?max_items=100, /history/{id}, /jobs?limit=100 and /queue (median of 20).
+/history, /history?max_items=100, /history/{id}, /jobs?limit=100 and /queue (median of 20). The full
+/history dump (~15 MB) is timed three ways: with requests as above (bound by requests' 10 KB read
+loop), and with a plain socket reading 1 MB at a time: to the first byte of the answer (the server's
+own latency: the body is cached per history version) and to the last byte (the whole transfer).
 
     python benchmarks/fuzz.py                  # writes benchmarks/results/fuzz_cpu.json
     python benchmarks/fuzz.py --count 50 --out /tmp/fuzz.json
@@ -375,14 +378,47 @@ def history_scale(entries: int, work: Path) -> dict:
         for name, path in (("history_max_items_100", "/history?max_items=100"), ("history_one", f"/history/{last}"),
                            ("jobs_limit_100", "/jobs?limit=100"), ("queue", "/queue"), ("history_all", "/history")):
             times, size = [], 0
-            for _ in range(3 if name == "history_all" else 20):
+            for _ in range(5 if name == "history_all" else 20):
                 t = time.perf_counter()
                 r = s.get(srv.url + path, timeout=120)
                 times.append((time.perf_counter() - t) * 1000)
                 size = len(r.content)
                 assert r.status_code == 200, (path, r.status_code)
             out[name] = {"ms_median": round(statistics.median(times), 2), "bytes": size}
+        first, full = [], []
+        for _ in range(9):
+            ttfb, total, size = _socket_get(srv.url, "/history")
+            first.append(ttfb)
+            full.append(total)
+        out["history_all_socket"] = {"ms_first_byte_median": round(statistics.median(first), 2),
+                                     "ms_last_byte_median": round(statistics.median(full), 2), "bytes": size}
     return out
+
+
+def _socket_get(url: str, path: str) -> tuple[float, float, int]:
+    """(ms to the first byte, ms to the last byte, bytes) of one GET read 1 MB at a time."""
+    import socket
+
+    host, port = url.split("//")[1].rsplit(":", 1)
+    t = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=120) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+        data = s.recv(1 << 20)
+        ttfb = (time.perf_counter() - t) * 1000
+        n = len(data)
+        assert data.startswith(b"HTTP/1.1 200"), data[:100]
+        while data:
+            data = s.recv(1 << 20)
+            n += len(data)
+    return ttfb, (time.perf_counter() - t) * 1000, n
+
+
+def print_history(hs: dict) -> None:
+    for k in ("history_max_items_100", "history_one", "jobs_limit_100", "queue", "history_all"):
+        print(f"{k:<40} {hs[k]['ms_median']:>8} {hs[k]['bytes']:>10}")
+    sock = hs["history_all_socket"]
+    print(f"{'history_all, socket: first byte':<40} {sock['ms_first_byte_median']:>8} {sock['bytes']:>10}")
+    print(f"{'history_all, socket: last byte':<40} {sock['ms_last_byte_median']:>8} {sock['bytes']:>10}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="sd35fp8-fuzz-") as tmp:
             result["history_scale"] = hs = history_scale(args.history_entries, Path(tmp) / "hist")
         hs["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        for k in ("history_max_items_100", "history_one", "jobs_limit_100", "queue", "history_all"):
-            print(f"{k:<40} {hs[k]['ms_median']:>8} {hs[k]['bytes']:>10}")
+        print_history(hs)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return 0
 
@@ -425,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
           f"RSS idle {fz['rss_idle_mb']} MB, peak per request {fz['rss_peak_per_request_mb']} MB "
           f"({fz['peak_over_idle']}x idle), run peak {fz['rss_peak_run_mb']} MB")
     print(f"{'route at ' + str(hs['entries']) + ' history entries':<40} {'ms':>8} {'bytes':>10}")
-    for k in ("history_max_items_100", "history_one", "jobs_limit_100", "queue", "history_all"):
-        print(f"{k:<40} {hs[k]['ms_median']:>8} {hs[k]['bytes']:>10}")
+    print_history(hs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

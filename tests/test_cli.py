@@ -100,6 +100,41 @@ def test_offload_flags(monkeypatch):
     assert p.parse_args(["generate", "x", "--no-compile"]).compile is False
 
 
+def test_run_and_serve_pass_engine_flags(monkeypatch, tmp_path):
+    """`run` and `serve` take the same engine flags as `generate` and hand them to the executor."""
+    import importlib
+
+    import sd35fp8.workflow as workflow
+
+    server_serve = importlib.import_module("sd35fp8.server.serve")  # the package re-exports a function of that name
+    from sd35fp8.cli import build_parser, main
+
+    p = build_parser()
+    for cmd in (["run", "w.json"], ["serve"]):
+        for flags, offload in [([], "none"), (["--lowvram"], "model"), (["--novram"], "sequential")]:
+            args = p.parse_args(cmd + flags + ["--no-compile"])
+            assert (args.offload, args.compile) == (offload, False)
+    seen = {}
+
+    class Result:
+        success, outputs, output_dir = True, {}, tmp_path
+
+    def fake_run(*a, **kw):
+        seen["run"] = (kw["compile"], kw["offload"])
+        return Result()
+
+    def fake_serve(**kw):
+        seen["serve"] = (kw["compile"], kw["offload"])
+        return []
+
+    monkeypatch.setattr(workflow, "run_workflow", fake_run)
+    monkeypatch.setattr(server_serve, "serve", fake_serve)
+    assert main(["run", "w.json", "--lowvram", "--device", "cpu"]) == 0
+    assert main(["serve", "--novram", "--no-compile", "--device", "cpu", "--state-dir", "none"]) == 0
+    assert seen == {"run": (None, "model"), "serve": (False, "sequential")}
+    assert main(["run", "w.json", "--compile", "--device", "cpu"]) == 2  # --compile needs CUDA: one-line error
+
+
 def test_python_dash_m():
     import subprocess
     import sys

@@ -149,7 +149,7 @@ def test_arguments_checked_before_work(pipe):
     for kw, match in ((dict(num_inference_steps=0), "steps 0"), (dict(width=0, height=32), "width must be"),
                       (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be an integer"),
                       (dict(width=32.0), "width must be an integer"), (dict(seed=2**64), "seed must be in"),
-                      (dict(seed=-1), "seed must be in"), (dict(negative_prompt=None), "negative_prompt must be")):
+                      (dict(seed=-1), "seed must be in"), (dict(negative_prompt=3), "negative_prompt must be")):
         with pytest.raises(InputError, match=match):
             pipe("x", **{**small, **kw})
     for bad, match in ((None, "prompt must be"), (5, "prompt must be"), ([], "no prompt")):
@@ -157,7 +157,8 @@ def test_arguments_checked_before_work(pipe):
             pipe(bad, **small)
     img = Image.new("RGB", (48, 32))
     with pytest.raises(InputError, match="init image is 48x32 but width/height are 32x32"):
-        pipe("x", image=img, denoise=0.5, **small)
+        pipe.generate("x", image=img, denoise=0.5, **small)  # pipe(...) resizes a PIL image, as diffusers
+    assert pipe("x", image=img, denoise=0.5, **small).images[0].size == (32, 32)
     for bad, match in ((torch.rand(1, 4, 32, 32), "must be \\[3, H, W\\]"), (torch.ones(1, 3, 32, 32, dtype=torch.uint8), "floating point"),
                        (torch.rand(1, 3, 32, 32) * 2 - 1, "values must lie in"), ([img, Image.new("RGB", (32, 32))], "differ in size"),
                        ("x.png", "image must be")):

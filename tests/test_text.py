@@ -197,7 +197,9 @@ def test_t5_tokenizer_missing_error(tmp_path, monkeypatch):
     msg = str(err.value)
     assert str(tmp_path / "spiece.model") in msg and str(tmp_path / "tokenizer.json") in msg
     assert "models--stabilityai--stable-diffusion-3.5-large" in msg
-    assert "--t5-tokenizer PATH" in msg and "next to the T5 weights" in msg
+    assert "--t5-tokenizer PATH" in msg
+    assert f"at {tmp_path / 'spiece.model'}:" in msg  # exactly what file to put where
+    assert "32000 pieces" in msg and "tokenizer_3/spiece.model" in msg and "t5_tokenizer/tokenizer.json" in msg
     with pytest.raises(InputError, match="Searched"):
         find_t5_tokenizer(tmp_path / "nowhere", use_hf_cache=False)
 

@@ -15,6 +15,9 @@ _LAZY = {
     "load_vae": "sd35fp8.checkpoints.load",
     "load_text_encoders": "sd35fp8.checkpoints.load",
     "SD35Pipeline": "sd35fp8.pipeline",
+    "StableDiffusion3Pipeline": "sd35fp8.pipeline",  # diffusers' names for SD35Pipeline
+    "StableDiffusion3Img2ImgPipeline": "sd35fp8.pipeline",
+    "StableDiffusion3InpaintPipeline": "sd35fp8.pipeline",
     "MMDiT": "sd35fp8.models.mmdit",
     "MMDiTConfig": "sd35fp8.models.mmdit",
     "SD3VAE": "sd35fp8.models.vae",

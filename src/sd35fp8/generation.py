@@ -33,6 +33,7 @@ from .errors import InputError
 from .models.vae import to_model_space, to_vae_space
 from .sampling import CFGDenoiser, Conditioning, FlowMatching, SLGConfig, ModelFn, get_sigmas, prepare_noise
 from .sampling import sample as run_sampler
+from .sampling.inpaint import MaskedDenoiser, prepare_mask
 from .text.encoders import ContextBatchError
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised x0 [B, 16, h, w])
@@ -137,7 +138,8 @@ def row_noise(seeds: Sequence[int], latents: Sequence[torch.Tensor],
 def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, latent: torch.Tensor,
            settings: SampleSettings, *, seed: int, noise: torch.Tensor | None = None, add_noise: bool = True,
            dtype: torch.dtype | None = None, callback: StepCallback | None = None,
-           interrupt: Interrupt | None = None, progress: bool = False) -> torch.Tensor:
+           interrupt: Interrupt | None = None, progress: bool = False,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """One KSampler run: latent [B, 16, h, w] raw (VAE space) on the device -> sampled latent, raw, float32.
 
     `noise` (CPU or device, shaped like `latent`) replaces the draw from `seed` (and add_noise):
@@ -145,6 +147,8 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
     ancestral/SDE samplers is drawn from `seed`. Returns `latent` itself when nothing is left to
     sample (denoise 0, start_step past the end), as ComfyUI does. `interrupt()` runs before
     sampling and before every step's `callback(step, total, denoised)`; progress: a tqdm bar.
+    mask [1 or B, 1, H, W] in [0, 1] (1 = repaint): inpainting as ComfyUI's SetLatentNoiseMask
+    (`sampling.inpaint.MaskedDenoiser`: the kept area follows the init latent at every sigma).
     """
     if interrupt is not None:
         interrupt()
@@ -173,6 +177,8 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
     x = ms.noise_scaling(sigmas[0], noise.to(device), x0)  # [B, 16, h, w]
     total = len(sigmas) - 1
     denoiser = CFGDenoiser(model, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total, model_sampling=ms, dtype=dtype)
+    if mask is not None:
+        denoiser = MaskedDenoiser(denoiser, prepare_mask(mask, tuple(x.shape)).to(device), x0, noise.to(device), ms)
 
     def on_step(info: dict) -> None:
         if interrupt is not None:
@@ -280,6 +286,7 @@ class GenerationRequest:
     seed: int = 0
     images_per_prompt: int = 1
     init_pixels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # inpainting: [1 or B, 1, H, W] in [0, 1], 1 = repaint (needs init_pixels)
     callback: StepCallback | None = None
     interrupt: Interrupt | None = None
     progress: bool = False
@@ -333,6 +340,7 @@ def generate(c: Components, r: GenerationRequest) -> Generated:
             k = g.end - g.start
             parts.append(sample(mmdit, repeat(g.cond, k), repeat(g.uncond, k), latent[rows], s, seed=r.seed,
                                 noise=None if noise is None else noise[rows], dtype=c.dtype, callback=r.callback,
+                                mask=None if r.mask is None else r.mask if r.mask.shape[0] == 1 else r.mask[rows],
                                 interrupt=r.interrupt, progress=r.progress))
     z = torch.cat(parts) if len(parts) > 1 else parts[0]
     with _stage(c, "vae_decode"), c.on_device(c.vae) as vae:

@@ -21,6 +21,8 @@ from PIL import Image
 
 from .defaults import GenerationDefaults, defaults_for
 from .errors import InputError
+from .devices import default_device, resolve_device  # noqa: F401  (re-exported: callers import them from here)
+from .diffusers_compat import DiffusersSurface, load_kwargs
 from .fast import OFFLOAD_MODES, build_engine, default_compile
 from .fp8.device import MODES
 from .generation import Components, GenerationRequest, SampleSettings, StepCallback, encode_groups, generate
@@ -42,29 +44,6 @@ def dtype_from_name(name: str | None) -> torch.dtype | None:
     return table[name]
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A device name -> torch.device, checked: InputError for a name torch does not know or a CUDA
-    device this machine does not have (None: `default_device()`)."""
-    if device is None:
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but this torch build or machine has no CUDA")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise InputError(f"device {device!r}: sd35fp8 runs on cpu or cuda")
-    return dev
-
-
 def shipped_model_path() -> Path:
     """The small SD3.5-layout model that ships inside the package (the default model)."""
     from .tiny import SHIPPED_CHECKPOINT
@@ -80,7 +59,10 @@ class StageStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
-class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_lora... (lora/pipeline.py)
+class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
+    """`pipe(...)` takes diffusers' names and ours (diffusers_compat.py translates them); `pipe.generate(...)`
+    is the native call. LoRA: load_lora_weights, set_adapters, fuse_lora... (lora/pipeline.py)."""
+
     def __init__(self, mmdit, vae, text_encoder, defaults: GenerationDefaults, device: torch.device,
                  dtype: torch.dtype, offload: str = "none", description: dict | None = None):
         if offload not in OFFLOAD_MODES:
@@ -129,7 +111,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
                         clip_g: str | Path | None = None, t5xxl: str | Path | None = None,
                         t5_tokenizer: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fp8: str | None = None,
-                        offload: str = "none", t5_min_length: int = 77, compile: bool | None = None) -> SD35Pipeline:
+                        offload: str = "none", t5_min_length: int = 77, compile: bool | None = None,
+                        torch_dtype: torch.dtype | None = None, **diffusers_kwargs) -> SD35Pipeline:
         """Load everything a generation needs.
 
         model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
@@ -144,7 +127,12 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         device's default, fast.default_compile: off for the Python API and `generate`). The first
         image of each size then compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor);
         `warmup` does it up front.
+        torch_dtype (diffusers' name for dtype) and diffusers' file flags: diffusers_compat.load_kwargs.
         """
+        dtype = load_kwargs(dtype, torch_dtype, diffusers_kwargs)
+        load_args = dict(model=model, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, t5_tokenizer=t5_tokenizer,
+                         device=device, dtype=dtype, fp8=fp8, offload=offload, t5_min_length=t5_min_length,
+                         compile=compile)  # kept for .to() / enable_*_offload (a reload)
         from .checkpoints.load import load_mmdit, load_text_encoders, load_vae
         from .checkpoints.sources import resolve
         from .text import CLIPBPE, SD3TextEncoder, SD3Tokenizer, load_t5_tokenizer
@@ -196,7 +184,9 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         description = {"model": str(model), "components": comps.origins, "mmdit": config.describe(),
                        "defaults": defaults.name, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
         log.info("loaded %s on %s (%s)", defaults.name, device, description["dtype"])
-        return cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
+        pipe = cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
+        pipe._load_args = load_args
+        return pipe
 
     # ------------------------------------------------------------------ helpers
     def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> float:
@@ -274,6 +264,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         from .offload import (MODEL_OFFLOAD_BUDGET, SEQUENTIAL_OFFLOAD_BUDGET, free_device_bytes, use_tiled_decode,
                               vae_decode_bytes)
 
+        if self._vae_tiling:  # enable_vae_tiling()
+            return True
         if self.offload != "none":  # the engine's resident weights plus a full decode within the card's budget
             budget = MODEL_OFFLOAD_BUDGET if self.offload == "model" else SEQUENTIAL_OFFLOAD_BUDGET
             return use_tiled_decode(width, height, budget, self.mmdit.weight_bytes()["resident"])
@@ -291,14 +283,15 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         return SLGConfig(scale=d.slg_scale, start=d.slg_start, end=d.slg_end, layers=d.slg_layers)
 
     # ------------------------------------------------------------------ generation
-    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, seed: int = 0,
                  sampler: str | None = None, scheduler: str | None = None, shift: float | None = None,
                  denoise: float = 1.0, image: Image.Image | torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, callback: StepCallback | None = None,
                  slg: bool | None = None, progress: bool = True,
-                 interrupt: Callable[[], None] | None = None) -> GenerationOutput:
+                 interrupt: Callable[[], None] | None = None,
+                 mask: torch.Tensor | None = None) -> GenerationOutput:
         """Generate images; missing parameters take the model's defaults (see defaults.py).
 
         Checks the arguments, then runs the generation core (`sd35fp8.generation.generate`, the
@@ -312,7 +305,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
         pass. `callback(step, total, denoised)` runs after every step (of every pass); `interrupt()`
         before every step (it stops the call by raising). slg: None = the model's skip-layer
         guidance (Medium), False = none; with it and no guidance_scale, cfg is the model's
-        `slg_cfg` (the reference's 4.0 for Medium).
+        `slg_cfg` (the reference's 4.0 for Medium). `mask` [1 or B, 1, H, W] in [0, 1] with `image`:
+        inpainting, 1 = repaint (ComfyUI's SetLatentNoiseMask; resized to the latent bilinearly).
         """
         from .models.vae import image_to_uint8
         from .sampling import check_scheduler, get_sampler
@@ -355,6 +349,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
             if pixels.shape[0] not in (1, len(prompts)):
                 raise InputError(f"{pixels.shape[0]} init images for {len(prompts)} prompts: give one image "
                                  "or one per prompt")
+        if mask is not None and pixels is None:
+            raise InputError("mask (inpainting) needs the init image (image=)")
         width = d.width if width is None else width
         height = d.height if height is None else height
         self.check_size(width, height)
@@ -364,7 +360,8 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
                                   denoise=denoise, slg=slg_config)
         request = GenerationRequest(prompts=prompts, negatives=negatives, settings=settings, width=width,
                                     height=height, seed=seed, images_per_prompt=n, init_pixels=pixels,
-                                    callback=callback, interrupt=interrupt, progress=progress)
+                                    callback=callback, interrupt=interrupt, progress=progress,
+                                    mask=mask)
         out = generate(self.components(), request)
         images = [Image.fromarray(a) for a in image_to_uint8(out.pixels)]
         params = [dict(prompt=prompts[i // n], negative_prompt=negatives[i // n], steps=steps, cfg=cfg,
@@ -386,6 +383,10 @@ class SD35Pipeline(LoraPipelineMixin):  # load_lora_weights, set_adapters, fuse_
 
         modes = {m.effective_mode for m in self.mmdit.modules() if isinstance(m, FP8Linear)}
         return ",".join(sorted(modes)) if modes else "none"
+
+
+# diffusers' class names: one class does text-to-image, img2img (image=, strength=) and inpainting (mask_image=)
+StableDiffusion3Pipeline = StableDiffusion3Img2ImgPipeline = StableDiffusion3InpaintPipeline = SD35Pipeline
 
 
 def _prompt_list(value, name: str) -> list[str]:

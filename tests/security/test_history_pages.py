@@ -54,3 +54,25 @@ def test_sorted_jobs_follow_the_history():
     finish("c", 15)
     q.delete_history_item("b")
     assert [j["id"] for j in s.sorted_jobs(q)] == ["a", "c"]
+
+
+def test_full_dump_is_cached_until_the_history_changes():
+    """GET /history (no max_items): one body per history version, the same bytes object on every read."""
+    import json
+
+    h = PromptHistory(max_history=3)
+    for i in range(3):
+        h.add(f"p{i}", {"n": i})
+    first = h.get_json()
+    assert h.get_json() is first and h.get_json(offset=0) is first
+    assert json.loads(first) == h.get()
+    h.add("p3", {"n": 3})  # evicts p0
+    after_add = h.get_json()
+    assert after_add is not first and list(json.loads(after_add)) == ["p1", "p2", "p3"]
+    assert h.get_json() is after_add
+    h.delete("p2")
+    assert list(json.loads(h.get_json())) == ["p1", "p3"]
+    h.restore([("p9", {"n": 9})])
+    assert list(json.loads(h.get_json())) == ["p1", "p3", "p9"]
+    h.wipe()
+    assert h.get_json() == b"{}"

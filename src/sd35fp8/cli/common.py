@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import tempfile
+from pathlib import Path
 
 LONG_PROMPT_HELP = (
     "Prompts longer than 77 CLIP tokens are split into 77-token chunks that are encoded "
@@ -84,3 +87,47 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     if batch < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the batch must be >= 1")
     return width, height, batch
+
+
+def git_tracked(path: Path) -> bool:
+    """True when `path` is an existing file that a git work tree tracks (False without git)."""
+    if not path.is_file():
+        return False
+    try:
+        done = subprocess.run(["git", "ls-files", "--error-unmatch", path.name], cwd=path.parent,
+                              capture_output=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):  # no git on this machine: nothing is tracked
+        return False
+    return done.returncode == 0
+
+
+def check_output(path: str | Path, force: bool, flag: str = "-o") -> Path:
+    """An output file checked before any work: its folder exists and takes a new file, it is not a
+    folder, and it is not a file git tracks (unless force)."""
+    from ..errors import InputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sd35fp8-write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from e
+    if not force and git_tracked(path):
+        raise InputError(f"{flag} {path} is a file tracked by git; pass --force to overwrite it, or name another file")
+    return path
+
+
+def new_file(stem: str, suffix: str, folder: str | Path = ".") -> Path:
+    """The first `stem_00001<suffix>`, `stem_00002<suffix>`... that does not exist in `folder`
+    (ComfyUI's SaveImage numbering): a default output never overwrites anything."""
+    folder = Path(folder)
+    for i in range(1, 10**6):
+        path = folder / f"{stem}_{i:05d}{suffix}"
+        if not path.exists() and not path.with_name(f"{path.stem}_0{suffix}").exists():
+            return path
+    raise RuntimeError(f"no free file name {stem}_NNNNN{suffix} in {folder}")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..errors import InputError
 from ..scale.options import add_scale_args, scale_options
-from .common import parse_shape, positive_int
+from .common import add_engine_args, parse_shape, positive_int
 
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
 SERVER_DEFAULTS = {
@@ -94,6 +94,7 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     for flag, kind, what in LIMIT_FLAGS:
         lim.add_argument(flag, type=kind, default=None,
                          help=f"{what} (default {SERVER_DEFAULTS[flag[2:].replace('-', '_')]})")
+    add_engine_args(srv, "on for CUDA (compiled and captured per image size), off on the CPU")
     add_scale_args(srv)  # --replicas etc.: scale/options.py
     return {"serve": cmd_serve}
 
@@ -106,6 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.warmup_shapes and not args.warmup:
         raise InputError("--warmup-shapes needs --warmup WORKFLOW.json (its loader nodes name the models to warm up)")
     device = resolve_device(args.device)
+    if args.compile and device.type != "cuda":
+        raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
     limits = Limits(**{k: getattr(args, k) for k in LIMITS_FIELDS if getattr(args, k) is not None})
     given = {k: getattr(args, k) for k in ("max_upload_pixels", "header_timeout", "keep_alive", "max_connections")
              if getattr(args, k) is not None}  # the others keep the server's defaults
@@ -116,7 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
                     state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
-                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds,
+                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
+                    offload=args.offload,
                     **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
                     **given)
     if pending:

@@ -7,6 +7,9 @@ import logging
 import sys
 from typing import Callable
 
+from ..errors import InputError
+from .common import add_engine_args
+
 
 def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     run = sub.add_parser(
@@ -24,6 +27,7 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
                      help="override an input, e.g. --set 3.seed=42 (repeatable; values parse as JSON)")
     run.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    add_engine_args(run, "on for CUDA (the device's default), off on the CPU")
     return {"run": cmd_run}
 
 
@@ -35,9 +39,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if event == "executing" and data.get("node") is not None:
             logging.getLogger("sd35fp8.run").info("executing node %s", data["node"])
 
-    result = run_workflow(args.workflow, args.models, output_dir=args.output, sets=args.sets,
-                          device=str(resolve_device(args.device)), hooks=hooks,
-                          extra_model_paths=args.extra_model_paths)
+    device = resolve_device(args.device)
+    if args.compile and device.type != "cuda":
+        raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
+    result = run_workflow(args.workflow, args.models, output_dir=args.output, sets=args.sets, device=str(device),
+                          hooks=hooks, extra_model_paths=args.extra_model_paths, compile=args.compile,
+                          offload=args.offload)
     if not result.success:
         err = result.error or {}
         print(f"sd35fp8 run: node {err.get('node_id')} ({err.get('node_type')}) failed: "

@@ -4,7 +4,8 @@
     engine = build_engine(mmdit, "cuda", compile=True)          # + torch.compile per block shape
     engine = build_engine(mmdit, "cuda", offload="sequential")  # joint blocks streamed from pinned RAM
     engine.warmup([(1024, 1024, 1)])   # compile/capture before the first prompt (MMDiTEngine.warmup)
-    v = engine(x, sigma, context, pooled, skip_layers=())       # MMDiT.forward's contract
+    v = engine(x, sigma, context, pooled, skip_layers=(), control=None)  # MMDiT.forward's contract
+                                                                # (control: ControlNet residuals per block)
 
 What is decided here, from the weights, the device and the flags:
 - FP8 mode: read from the model's FP8Linear layers (`fp8_mode_of`: the joint blocks' most common
@@ -150,8 +151,8 @@ class PlainForward(nn.Module):
         self.config = model.config
         self.fp8_mode = fp8_mode_of(model)
 
-    def forward(self, x, sigma, context, pooled, skip_layers=()):
-        return self.model(x, sigma, context, pooled, skip_layers=skip_layers)
+    def forward(self, x, sigma, context, pooled, skip_layers=(), control=None):
+        return self.model(x, sigma, context, pooled, skip_layers=skip_layers, control=control)
 
     def warmup(self, shapes, **_kwargs) -> float:
         return 0.0

@@ -38,34 +38,50 @@ class GraphCache:
         self.pool = None
 
     @staticmethod
-    def key(tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...]) -> tuple:
-        return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors) + (skip,)
+    def key(tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple[int, ...] = ()) -> tuple:
+        """Shapes, dtypes and devices of the inputs, the skipped blocks and the blocks given a
+        ControlNet residual (`where`: a prompt with ControlNet gets its own graph)."""
+        return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors) + (skip, where)
+
+    @staticmethod
+    def _call(fn, static: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple[int, ...], depth: int):
+        if not where:
+            return fn(*static, skip)
+        control: list[torch.Tensor | None] = [None] * depth
+        for i, r in zip(where, static[4:]):
+            control[i] = r
+        return fn(*static[:4], skip, control=control)
 
     def clear(self) -> None:
         self.graphs.clear()
 
-    def capture(self, tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...]) -> _Graph:
+    def capture(self, tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple[int, ...] = (),
+                depth: int = 0) -> _Graph:
         static = tuple(t.detach().clone() for t in tensors)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_CALLS):
-                self.fn(*static, skip)
+                self._call(self.fn, static, skip, where, depth)
         torch.cuda.current_stream().wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(*static, skip)
-        logger.info("captured CUDA graph for %s", self.key(tensors, skip))
+            out = self._call(self.fn, static, skip, where, depth)
+        logger.info("captured CUDA graph for %s", self.key(tensors, skip, where))
         return _Graph(graph, static, out)
 
-    def __call__(self, x, sigma, context, pooled, skip: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
-        tensors = (x, sigma, context, pooled)
-        k = self.key(tensors, skip)
+    def __call__(self, x, sigma, context, pooled, skip: tuple[int, ...],
+                 control: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, bool]:
+        """control: per joint block a residual or None (None: no ControlNet); present residuals are
+        inputs of the graph, copied in like x."""
+        where = tuple(i for i, r in enumerate(control) if r is not None) if control is not None else ()
+        tensors = (x, sigma, context, pooled, *(control[i] for i in where))
+        k = self.key(tensors, skip, where)
         fresh = k not in self.graphs
         if fresh:
-            self.graphs[k] = self.capture(tensors, skip)
+            self.graphs[k] = self.capture(tensors, skip, where, len(control) if control is not None else 0)
         g = self.graphs[k]
         for dst, src in zip(g.inputs, tensors):
             dst.copy_(src)

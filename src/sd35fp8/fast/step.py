@@ -399,7 +399,7 @@ class MMDiTEngine(nn.Module):
         return y
 
     def _forward(self, x, sigma, context, pooled, skip: tuple[int, ...], mode: str | None = "model",
-                 rec: tuple | None = None) -> torch.Tensor:
+                 rec: tuple | None = None, control: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         model, cfg = self.model, self.config
         mode = self.fp8_mode if mode == "model" else mode
         B, _, h, w = x.shape
@@ -422,6 +422,8 @@ class MMDiTEngine(nn.Module):
                                  None if rec is None else rec[1][i], self.kernels, self._attn)
                 if self.streamer is not None:
                     self.streamer.done(i)
+                if control is not None and control[i] is not None:  # ControlNet residual [B, hp*wp, C]
+                    tokens = tokens + control[i].to(dt)
         out = model.final_layer(tokens, c, batched)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
@@ -429,18 +431,24 @@ class MMDiTEngine(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                skip_layers: Sequence[int] = ()) -> torch.Tensor:
-        """Same contract as MMDiT.forward. The first call per shape compiles / captures (slow)."""
-        self.model.check_inputs(x, context, pooled, skip_layers)
+                skip_layers: Sequence[int] = (), control: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Same contract as MMDiT.forward. The first call per shape compiles / captures (slow).
+
+        `control`: one ControlNet residual [B, hp*wp, C] (or None) per joint block, added to the x
+        stream after that block as MMDiT.forward does. CUDA graphs key on which blocks get one (the
+        residuals are graph inputs); the compiled per-block function is unchanged by it."""
+        self.model.check_inputs(x, context, pooled, skip_layers, control)
+        if control is not None and all(r is None for r in control):
+            control = None
         if self.fp8_mode == "static" and self.ada.get("xs") is None:
             raise InputError("MMDiTEngine: static mode needs calibrate(x, sigma, context, pooled) first")
         skip = tuple(sorted(set(int(i) for i in skip_layers)))
         sigma = sigma.reshape(-1).to(x.device)
         t0 = time.perf_counter()
         if self.graphs is not None:
-            out, fresh = self.graphs(x, sigma, context, pooled, skip)
+            out, fresh = self.graphs(x, sigma, context, pooled, skip, control)
         else:
-            out, fresh = self._forward(x, sigma, context, pooled, skip), False
+            out, fresh = self._forward(x, sigma, context, pooled, skip, control=control), False
         if fresh:
             self.compile_seconds += time.perf_counter() - t0
         return out

@@ -7,7 +7,10 @@ entries are kept; the oldest goes first (ComfyUI MAXIMUM_HISTORY_SIZE). With a j
 
 Entries are never changed once stored, so `get` hands them out without copying, and a page of
 `max_items` costs O(max_items) wherever it lies (walked from the nearer end): GET /history?max_items=100
-at 10 000 entries answers in about a millisecond (benchmarks/fuzz.py).
+at 10 000 entries answers in about a millisecond (benchmarks/fuzz.py). The full dump (GET /history,
+ComfyUI's default: every entry, ~17 MB at 10 000 seed-workflow entries) is kept as one body keyed on
+`version`: it is joined from the per-entry renderings once after a change, and every read while the
+history is unchanged hands out the same bytes object (O(1)).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class PromptHistory:
         self._entries: dict[str, dict] = {}
         self._json: dict[str, bytes] = {}  # '"id":{entry}' rendered once, on first read
         self.version = 0  # changes whenever an entry is added or removed (caches of derived views)
+        self._all: tuple[int, bytes] | None = None  # (version, the full dump's JSON body)
 
     def add(self, prompt_id: str, entry: dict) -> None:
         """Store `entry` under `prompt_id`, dropping the oldest entry when full."""
@@ -49,6 +53,7 @@ class PromptHistory:
         self._json.pop(prompt_id, None)
         self._entries[prompt_id] = entry
         self.version += 1
+        self._all = None
 
     def restore(self, entries: list[tuple[str, dict]]) -> None:
         """Entries read back from the journal at start-up (oldest first); not written again."""
@@ -77,7 +82,14 @@ class PromptHistory:
         return dict(page)
 
     def get_json(self, prompt_id: str | None = None, max_items: int | None = None, offset: int = -1) -> bytes:
-        """`get(...)` as JSON bytes, each entry rendered once and kept (entries never change)."""
+        """`get(...)` as JSON bytes, each entry rendered once and kept (entries never change); the
+        full dump (no id, no max_items, no offset) is cached whole until the next change."""
+        full = prompt_id is None and max_items is None and offset <= 0
+        if full:
+            with self._lock:
+                cached, version = self._all, self.version
+            if cached is not None and cached[0] == version:
+                return cached[1]
         page = self.get(prompt_id, max_items, offset)
         parts = []
         for pid, entry in page.items():
@@ -88,7 +100,12 @@ class PromptHistory:
                     if self._entries.get(pid) is entry:  # still stored: remember its rendering
                         self._json[pid] = part
             parts.append(part)
-        return b"{" + b",".join(parts) + b"}"
+        body = b"{" + b",".join(parts) + b"}"
+        if full:
+            with self._lock:
+                if self.version == version:  # nothing changed while it was joined
+                    self._all = (version, body)
+        return body
 
     def __len__(self) -> int:
         with self._lock:
@@ -101,6 +118,7 @@ class PromptHistory:
             self._entries.clear()
             self.version += 1
             self._json.clear()
+            self._all = None
 
     def delete(self, prompt_id: str) -> bool:
         with self._lock:
@@ -108,4 +126,5 @@ class PromptHistory:
                 self.journal.drop_history(prompt_id)
             self._json.pop(prompt_id, None)
             self.version += 1
+            self._all = None
             return self._entries.pop(prompt_id, None) is not None

@@ -143,11 +143,16 @@ class PromptWorker:
             self._spawn_locked()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Interrupt the running prompt(s) (only `prompt_id`, when given: in a batch the others go on)."""
+        """Interrupt the running prompt(s) (only `prompt_id`, when given: in a batch the others go on).
+
+        Sent to the executor by prompt id, so a request that comes while a taken prompt still waits in
+        the batch window (marked running, not yet executing) stops it when it starts, and one aimed at
+        a prompt that has just finished does not stop the next (executor._start_interrupts)."""
         running = self.queue.running_ids()
         if not running or (prompt_id is not None and prompt_id not in running):
             return False
-        self.executor.interrupt(prompt_id)
+        for pid in running if prompt_id is None else [prompt_id]:
+            self.executor.interrupt(pid)
         return True
 
     def request_free(self, unload_models: bool = False, free_memory: bool = False) -> None:

@@ -130,12 +130,17 @@ def find_t5_tokenizer(
             f"T5 tokenizer {exp} is neither a tokenizer.json nor a SentencePiece .model file"
         )
     listing = "\n  ".join(str(p) for p in searched) or "(nothing: no path was given)"
+    folders = [p if p.is_dir() else p.parent for p in ([exp] if exp is not None else [Path(n).expanduser() for n in near])]
+    target = f"{folders[0] / 'spiece.model'}" if folders else "the folder of the checkpoint"
     raise InputError(
         "No T5 tokenizer found (needed to encode prompts for the T5-XXL text encoder).\n"
         f"Searched:\n  {listing}\n"
-        "Fix: put spiece.model (or tokenizer.json) next to the T5 weights or the checkpoint holding them, "
-        "or, with `sd35fp8 generate` / `calibrate`, pass --t5-tokenizer PATH (a spiece.model, a "
-        "tokenizer.json, or a folder holding one, e.g. a diffusers tokenizer_3/ folder)."
+        f"Fix: put Google's T5 v1.1 tokenizer (32000 pieces; not bundled: no installable package was found shipping it under a "
+        f"bundlable license) at {target}: either spiece.model (from stabilityai/stable-diffusion-3.5-"
+        "large tokenizer_3/spiece.model or google/t5-v1_1-xxl spiece.model) or tokenizer.json (ComfyUI's "
+        "comfy/text_encoders/t5_tokenizer/tokenizer.json), or, with `sd35fp8 generate` / `calibrate`, pass "
+        "--t5-tokenizer PATH (a spiece.model, a tokenizer.json, or a folder holding one, e.g. a diffusers "
+        "tokenizer_3/ folder)."
     )
 
 

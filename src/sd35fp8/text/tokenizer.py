@@ -156,6 +156,32 @@ def _split(chunks: list[Group]) -> tuple[list[list[int]], list[list[float]]]:
     return [[t for t, _ in c] for c in chunks], [[w for _, w in c] for c in chunks]
 
 
+class EncoderTexts(str):
+    """A prompt with its own text for each encoder: diffusers' prompt / prompt_2 / prompt_3,
+    ComfyUI's CLIPTextEncodeSD3 clip_l / clip_g / t5xxl. Its string value is the CLIP-L text (what
+    metadata shows). t5_length: T5 padded and cut to exactly this many tokens (diffusers'
+    max_sequence_length); None = the tokenizer's own rule. Equal texts and no t5_length tokenize
+    exactly as the plain string does."""
+
+    clip_g: str
+    t5: str
+    t5_length: int | None
+
+    def __new__(cls, clip_l: str, clip_g: str | None = None, t5: str | None = None,
+                t5_length: int | None = None) -> EncoderTexts:
+        for name, text in (("prompt", clip_l), ("prompt_2", clip_g), ("prompt_3", t5)):
+            if text is not None and not isinstance(text, str):
+                raise InputError(f"{name} must be a str, got {type(text).__name__}")
+        if t5_length is not None and (isinstance(t5_length, bool) or not isinstance(t5_length, int)
+                                      or t5_length < 2):
+            raise InputError(f"max_sequence_length must be an integer >= 2, got {t5_length!r}")
+        obj = super().__new__(cls, clip_l)
+        obj.clip_g = clip_l if clip_g is None else clip_g
+        obj.t5 = clip_l if t5 is None else t5
+        obj.t5_length = t5_length
+        return obj
+
+
 class SD3Tokenizer:
     """Prompt -> token dict for CLIP-L, CLIP-G and (when a T5 tokenizer is given) T5-XXL."""
 
@@ -187,6 +213,28 @@ class SD3Tokenizer:
         return [(prompt, 1.0)]
 
     def tokenize(self, prompt: str) -> dict:
+        if isinstance(prompt, EncoderTexts):
+            return self._tokenize_each(prompt)
+        return self._tokenize(prompt, self.t5_min_length, self.t5_max_length)
+
+    def _tokenize_each(self, prompt: EncoderTexts) -> dict:
+        """CLIP-L, CLIP-G and T5 tokens each from their own text; the CLIP chunk counts evened out
+        with empty-prompt chunks (ComfyUI's CLIPTextEncodeSD3)."""
+        t5_min = self.t5_min_length if prompt.t5_length is None else prompt.t5_length
+        t5_max = self.t5_max_length if prompt.t5_length is None else prompt.t5_length
+        out = dict(self._tokenize(str(prompt), t5_min, t5_max))
+        g = self._tokenize(prompt.clip_g, t5_min, t5_max)
+        out["g"], out["g_weights"] = g["g"], g["g_weights"]
+        t5 = self._tokenize(prompt.t5, t5_min, t5_max)
+        out["t5"], out["t5_weights"] = t5["t5"], t5["t5_weights"]
+        empty = self._tokenize("", t5_min, t5_max)
+        for short, long_ in (("l", "g"), ("g", "l")):
+            while len(out[short]) < len(out[long_]):
+                out[short] = out[short] + empty[short]
+                out[f"{short}_weights"] = out[f"{short}_weights"] + empty[f"{short}_weights"]
+        return out
+
+    def _tokenize(self, prompt: str, t5_min_length: int, t5_max_length: int | None) -> dict:
         segments = self._segments(prompt)
         clip_groups = _groups(segments, self.clip.encode)
         out: dict = {}
@@ -210,11 +258,11 @@ class SD3Tokenizer:
             end=self.t5.eos_id,
             pad=self.t5.pad_id,
             pad_to_max_length=False,
-            min_length=self.t5_min_length,
+            min_length=t5_min_length,
         )
-        if self.t5_max_length is not None and len(t5_chunk) > self.t5_max_length:
+        if t5_max_length is not None and len(t5_chunk) > t5_max_length:
             # longer than t5_max_length >= t5_min_length, so no padding was added: cut, re-add EOS
-            t5_chunk = t5_chunk[: self.t5_max_length - 1] + [(self.t5.eos_id, 1.0)]
+            t5_chunk = t5_chunk[: t5_max_length - 1] + [(self.t5.eos_id, 1.0)]
         ids, weights = _split([t5_chunk])
         out["t5"], out["t5_weights"] = ids[0], weights[0]
         return out

@@ -152,7 +152,7 @@ def execute_batch(ex: Any, jobs: Sequence[PromptJob],
     `execute`. `on_result(index, result)` as soon as a prompt is finished."""
     runs = [PromptRun(ex, j.prompt, j.prompt_id, j.extra_data, j.hooks, j.execute_outputs, batched=True)
             for j in jobs]
-    ex._clear_interrupt()
+    ex._start_interrupts(j.prompt_id for j in jobs)
     for run in runs:
         try:
             run.begin()

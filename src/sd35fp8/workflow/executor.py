@@ -88,6 +88,17 @@ class PromptExecutor:
             self._interrupt.clear()
             self._interrupt_ids = None
 
+    def _start_interrupts(self, prompt_ids: Iterable[str]) -> None:
+        """Prompts start: drop the pending interrupt requests, except those naming one of these prompts
+        (a server sends them by id: one that came while the prompt waited in the batch window stops it)."""
+        with self._interrupt_lock:
+            keep = set() if self._interrupt_ids is None else self._interrupt_ids & set(prompt_ids)
+            if keep:
+                self._interrupt_ids = keep
+            else:
+                self._interrupt.clear()
+                self._interrupt_ids = None
+
     def _check_interrupt(self) -> None:
         if self._interrupt.is_set():
             self._clear_interrupt()
@@ -194,7 +205,7 @@ class PromptExecutor:
                 hooks: Hooks | None = None, execute_outputs: list[str] | None = None) -> ExecutionResult:
         """Run the prompt. Validates first unless execute_outputs (from validate_prompt) is given."""
         run = PromptRun(self, prompt, prompt_id, extra_data, hooks, execute_outputs)
-        self._clear_interrupt()
+        self._start_interrupts([prompt_id])
         run.begin()
         self.drop_cache_except(run.wanted)
         run.announce_cached()
