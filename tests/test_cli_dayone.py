@@ -135,6 +135,7 @@ def test_examples_models_folder_and_workflows(tmp_path, capsys):
         rc, stdout, err = _run(["run", str(ROOT / "examples" / "workflows" / name), "--models", str(models),
                                 "--output", str(out), "--set", "3.steps=2"], capsys)
         assert rc == 0, err
+        assert "node 3: 100%" in err and "2/2" in err  # the sampling progress bar
         (png,) = sorted(out.glob("*.png"))
         images.append(np.asarray(Image.open(png).convert("RGB")))
     pipe = SD35Pipeline.from_pretrained(models / "checkpoints" / "sd35fp8_tiny.safetensors", device="cpu")
