@@ -113,6 +113,7 @@ def test_eval_leaves_the_checkout_clean(capsys):
     try:
         assert done.returncode == 0, done.stderr[-2000:]
         assert made and status() == before
+        assert "1 images: 100%" in done.stderr  # the progress bar
     finally:
         for path in made:
             path.unlink()
