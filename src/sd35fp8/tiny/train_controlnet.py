@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -222,7 +223,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    record: dict = {"command": "python -m sd35fp8.tiny.train_controlnet " + " ".join(argv or [])}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    record: dict = {"command": "python -m sd35fp8.tiny.train_controlnet " + " ".join(argv)}
+    if args.eval_only and Path(args.result).exists():  # keep the training run's record beside the new evaluation
+        old = json.loads(Path(args.result).read_text())
+        record = {**{k: v for k, v in old.items() if k in ("command", "train")}, "eval_command": record["command"]}
     if not args.eval_only:
         t0 = time.time()
         pipe = load_base()
