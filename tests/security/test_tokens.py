@@ -128,3 +128,33 @@ def test_failed_attempts_are_throttled(tmp_path):
     with TestClient(build_app(tmp_path, auth_token=TOKEN)) as c:  # a fresh server: the right token works
         assert c.get("/queue", headers={"X-Auth-Token": TOKEN}).status_code == 200
         assert c.get("/queue", headers={"Cookie": "sd35fp8_token=\"\\x; bad"}).status_code == 401
+
+
+def test_cli_token_hidden_from_ps(tmp_path):
+    """`sd35fp8 serve --auth-token T` warns at start and rewrites the process title: /proc/<pid>/cmdline
+    (what ps shows) no longer holds the token once the server starts (setproctitle)."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import importlib, os, sys
+        from sd35fp8 import cli
+
+        def fake_serve(**kw):
+            with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+                print("CMDLINE", f.read().replace(b"\\0", b" ").decode().strip())
+            print("GOT", kw["auth_token"] == sys.argv[sys.argv.index("--auth-token") + 1])
+            return []
+
+        importlib.import_module("sd35fp8.server.serve").serve = fake_serve
+        raise SystemExit(cli.main(sys.argv[1:]))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code, "serve", "--auth-token", TOKEN, "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cmdline = next(line for line in r.stdout.splitlines() if line.startswith("CMDLINE"))
+    assert TOKEN not in cmdline and "--auth-token ***" in cmdline, cmdline
+    assert "GOT True" in r.stdout  # the server still gets the real token
+    assert "--auth-token puts the token on the command line" in r.stderr and "title is now rewritten" in r.stderr
+    assert TOKEN not in r.stderr

@@ -19,17 +19,21 @@ from .common import add_engine_args, parse_shape, positive_int
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
 SERVER_DEFAULTS = {
     "max_body_bytes": 16 * 1024 * 1024, "max_json_depth": 64, "max_nodes": 2000, "max_text_chars": 8192,
+    "max_prompt_tokens": 512,
     "max_pixel_steps": 2048 * 2048 * 8 * 100,  # validation.Limits
     "max_upload_pixels": 8192 * 8192,  # files.DEFAULT_MAX_UPLOAD_PIXELS
     "header_timeout": 10.0, "keep_alive": 5, "max_connections": 256,  # connections.DEFAULT_*
 }
 DRAIN_SECONDS, HANG_SECONDS = 60.0, 900.0  # server.lifecycle.DEFAULT_DRAIN_SECONDS / DEFAULT_HANG_SECONDS
-LIMITS_FIELDS = ("max_body_bytes", "max_json_depth", "max_nodes", "max_text_chars", "max_pixel_steps")
+LIMITS_FIELDS = ("max_body_bytes", "max_json_depth", "max_nodes", "max_text_chars", "max_prompt_tokens",
+                 "max_pixel_steps")
 LIMIT_FLAGS = (
     ("--max-body-bytes", positive_int, "largest JSON request body (413 beyond)"),
     ("--max-json-depth", positive_int, "deepest JSON nesting accepted"),
     ("--max-nodes", positive_int, "most nodes in one prompt"),
-    ("--max-text-chars", positive_int, "longest text input (prompt) in characters"),
+    ("--max-text-chars", positive_int, "longest text input (prompt) in characters; longer is refused (400)"),
+    ("--max-prompt-tokens", positive_int, "tokens per prompt text and encoder (CLIP, T5) kept; a longer text is "
+     "cut, with a warning in the /prompt answer"),
     ("--max-pixel-steps", positive_int, "budget for width x height x batch x steps of one prompt"),
     ("--max-upload-pixels", positive_int, "largest image an upload may declare, in pixels"),
     ("--header-timeout", float, "seconds a connection may take to send its request headers"),
@@ -100,6 +104,15 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.auth_token:  # before the slow imports: the token shows in ps until the title is rewritten
+        from ..server.tokens import TOKEN_ENV, mask_process_title
+
+        hidden = mask_process_title(sys.argv, args.auth_token)
+        print("sd35fp8 serve: warning: --auth-token puts the token on the command line, where other local "
+              "users can read it (ps, /proc/<pid>/cmdline); "
+              + ("the process title is now rewritten with it masked, but it was visible during start-up; "
+                 if hidden else "it stays visible while the server runs; ")
+              + f"use --auth-token-file FILE (chmod 600) or {TOKEN_ENV}", file=sys.stderr)
     from ..pipeline import resolve_device
     from ..server.serve import serve
     from ..server.validation import Limits

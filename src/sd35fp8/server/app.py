@@ -37,6 +37,7 @@ from sd35fp8.server.lifecycle import (
 )
 from sd35fp8.server.metrics import ServerMetrics
 from sd35fp8.server.openai_api import openai_routes
+from sd35fp8.server.prompt_text import TextBudget
 from sd35fp8.server.queue import PromptQueue, QueueFullError
 from sd35fp8.server.security import SecurityMiddleware
 from sd35fp8.server.templates import template_routes
@@ -156,6 +157,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
     logs = LogBuffer(hub.send, lambda: hub.client_ids)
     redactor = Redactor([auth_token])
+    text_budget = TextBudget(limits.max_prompt_tokens, folders)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -177,7 +179,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     app.state.queue, app.state.worker, app.state.hub, app.state.executor = queue, worker, hub, executor
     app.state.lifecycle, app.state.metrics, app.state.journal = lifecycle, metrics, journal
     app.state.folders, app.state.user_store, app.state.logs = folders, store, logs
-    app.state.limits, app.state.redactor = limits, redactor
+    app.state.limits, app.state.redactor, app.state.text_budget = limits, redactor, text_budget
 
     def body_limit(path: str) -> int:
         if "/upload/" in path:
@@ -240,8 +242,12 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         if not ok:
             return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
         check_prompt_work(prompt, limits)
+        warnings = text_budget.apply(prompt)  # texts over --max-prompt-tokens are cut, in place
+        answer = {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+        if warnings:  # ComfyUI clients ignore the extra key; the history entry keeps it in extra_data
+            answer["warnings"] = extra_data["warnings"] = warnings
         # the answer is rendered before the prompt is queued: a failure here queues nothing
-        response = JSONResponse({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+        response = JSONResponse(answer)
         try:
             queue.put([number, prompt_id, prompt, extra_data, outputs])
         except QueueFullError as e:

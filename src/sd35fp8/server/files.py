@@ -12,6 +12,9 @@ verify as an image; an existing name gets ' (1)' ... unless overwrite is set (an
 file is reused, as ComfyUI does). The file is written to a temporary name and renamed, so a full
 disk (507) or an unwritable folder (500, with the reason) leaves no partial file. Returns
 {name, subfolder, type}.
+/upload/mask (the same fields plus original_ref, JSON {filename, type, subfolder}; ComfyUI's mask
+editor): stores the original image as RGBA with the uploaded image's alpha (ComfyUI's alpha copy, PNG
+text chunks kept); a missing original is a 404 naming it (ComfyUI answers 200 and writes nothing).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -113,43 +117,101 @@ def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int,
 
     @r.post("/upload/image")
     async def upload_image(request: Request) -> JSONResponse:
-        body = await read_bounded(request, max_upload_bytes + FORM_OVERHEAD)
-        if body is None:
-            return _fail(413, f"upload larger than the limit of {max_upload_bytes} bytes")
+        return await _upload(request, folders, max_upload_bytes, max_upload_pixels, mask=False)
 
-        async def receive() -> dict:
-            return {"type": "http.request", "body": body, "more_body": False}
+    @r.post("/upload/mask")
+    async def upload_mask(request: Request) -> JSONResponse:
+        return await _upload(request, folders, max_upload_bytes, max_upload_pixels, mask=True)
 
-        form = await StarletteRequest(request.scope, receive).form(max_files=1, max_fields=16)
-        image = form.get("image")
-        if not isinstance(image, UploadFile):
-            return _fail(400, "multipart field 'image' (a file) is required")
-        data = await image.read()
-        if len(data) > max_upload_bytes:
-            return _fail(413, f"upload larger than the limit of {max_upload_bytes} bytes")
-        folder_type = str(form.get("type") or "input")
-        subfolder = str(form.get("subfolder") or "")
-        overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
-        name = image.filename or ""
-        if not valid_filename(name):
-            return _fail(400, f"invalid filename {name[:300]!r} (no separators or '..', at most {NAME_MAX} bytes)")
-        root = folders.folder_of(folder_type)
-        if root is None:
-            return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {folder_type[:100]!r}")
-        target_dir = resolve_inside(root, subfolder)
-        if target_dir is None or resolve_inside(root, subfolder, name) is None:
-            return _fail(403, "subfolder is outside the allowed folder or too long")
-        error = image_error(data, max_upload_pixels)
-        if error:
-            return _fail(400, f"{name!r} is not a readable image: {error}")
-        try:
-            target_dir.mkdir(parents=True, exist_ok=True)
-            final = _free_name(target_dir, name, data, overwrite)
-            if not final.exists():
-                write_atomic(final, data)
-        except OSError as e:
-            return _disk_error(e, f"{folder_type}/{subfolder}".rstrip("/"))
-        return JSONResponse({"name": final.name, "subfolder": subfolder, "type": folder_type})
+
+async def _upload(request: Request, folders: ModelFolders, max_upload_bytes: int, max_upload_pixels: int,
+                  mask: bool) -> JSONResponse:
+    """/upload/image, and /upload/mask (ComfyUI server.py upload_mask: the stored file is the image named
+    by `original_ref` {filename, type (default output), subfolder} as RGBA with the uploaded image's
+    alpha as its alpha, PNG text chunks kept; the mask editor posts it, LoadImage reads it back as MASK)."""
+    body = await read_bounded(request, max_upload_bytes + FORM_OVERHEAD)
+    if body is None:
+        return _fail(413, f"upload larger than the limit of {max_upload_bytes} bytes")
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await StarletteRequest(request.scope, receive).form(max_files=1, max_fields=16)
+    image = form.get("image")
+    if not isinstance(image, UploadFile):
+        return _fail(400, "multipart field 'image' (a file) is required")
+    data = await image.read()
+    if len(data) > max_upload_bytes:
+        return _fail(413, f"upload larger than the limit of {max_upload_bytes} bytes")
+    folder_type = str(form.get("type") or "input")
+    subfolder = str(form.get("subfolder") or "")
+    overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
+    name = image.filename or ""
+    if not valid_filename(name):
+        return _fail(400, f"invalid filename {name[:300]!r} (no separators or '..', at most {NAME_MAX} bytes)")
+    root = folders.folder_of(folder_type)
+    if root is None:
+        return _fail(400, f"type must be one of {', '.join(FOLDER_TYPES)}, got {folder_type[:100]!r}")
+    target_dir = resolve_inside(root, subfolder)
+    if target_dir is None or resolve_inside(root, subfolder, name) is None:
+        return _fail(403, "subfolder is outside the allowed folder or too long")
+    error = image_error(data, max_upload_pixels)
+    if error:
+        return _fail(400, f"{name!r} is not a readable image: {error}")
+    if mask:
+        data_or_error = _masked_original(form.get("original_ref"), folders, data, max_upload_pixels)
+        if isinstance(data_or_error, JSONResponse):
+            return data_or_error
+        data = data_or_error
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        final = _free_name(target_dir, name, data, overwrite)
+        if not final.exists():
+            write_atomic(final, data)
+    except OSError as e:
+        return _disk_error(e, f"{folder_type}/{subfolder}".rstrip("/"))
+    return JSONResponse({"name": final.name, "subfolder": subfolder, "type": folder_type})
+
+
+def _masked_original(original_ref: object, folders: ModelFolders, mask_png: bytes,
+                     max_pixels: int) -> bytes | JSONResponse:
+    """The PNG bytes of `original_ref`'s image with the alpha channel of `mask_png` (ComfyUI's alpha copy)."""
+    from PIL import Image, PngImagePlugin
+
+    try:
+        ref = json.loads(str(original_ref)) if original_ref is not None else None
+    except json.JSONDecodeError as e:
+        return _fail(400, f"original_ref is not JSON: {e}")
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
+        return _fail(400, "multipart field 'original_ref' (JSON with filename, type, subfolder) is required")
+    filename, folder_type = split_annotation(ref["filename"], str(ref.get("type") or "output"))
+    if not valid_filename(filename):
+        return _fail(400, f"invalid original_ref filename {filename[:300]!r}")
+    root = folders.folder_of(folder_type)
+    if root is None:
+        return _fail(400, f"original_ref type must be one of {', '.join(FOLDER_TYPES)}, got {folder_type[:100]!r}")
+    path = resolve_inside(root, str(ref.get("subfolder") or ""), filename)
+    if path is None:
+        return _fail(403, "original_ref is outside the allowed folder")
+    if not path.is_file():
+        return _fail(404, f"original image not found: {filename!r} in {folder_type}/{ref.get('subfolder') or ''}"
+                     .rstrip("/"))
+    error = image_error(path.read_bytes(), max_pixels)
+    if error:
+        return _fail(400, f"original image {filename!r} is not a readable image: {error}")
+    with Image.open(path) as original, Image.open(io.BytesIO(mask_png)) as mask_img:
+        info = PngImagePlugin.PngInfo()
+        for key, value in (getattr(original, "text", None) or {}).items():
+            info.add_text(key, value)
+        rgba = original.convert("RGBA")
+        alpha = mask_img.convert("RGBA").getchannel("A")
+        if alpha.size != rgba.size:
+            return _fail(400, f"mask is {alpha.size[0]}x{alpha.size[1]}, the original image {filename!r} is "
+                         f"{rgba.size[0]}x{rgba.size[1]}")
+        rgba.putalpha(alpha)
+        out = io.BytesIO()
+        rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
+    return out.getvalue()
 
 
 def image_type(path: Path) -> str | None:

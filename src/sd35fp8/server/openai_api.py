@@ -195,6 +195,11 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
             except RequestError as e:
                 return openai_error(f"{e.message}: {e.details}", param="size", code=e.type, status=e.status)
         extra = {"create_time": int(time.time() * 1000), "openai": True}
+        budget = getattr(request.app.state, "text_budget", None)
+        if budget is not None:  # the prompt text cut to --max-prompt-tokens (prompt_text.py)
+            warnings = budget.apply(graph)
+            if warnings:
+                extra["warnings"] = warnings
         try:
             queue.put([queue.next_number(), prompt_id, graph, extra, outputs])
         except InputError as e:  # QueueFullError

@@ -3,7 +3,11 @@
 - `resolve_token(token, token_file, env)`: `--auth-token-file` (first line) or the
   SD35FP8_AUTH_TOKEN environment variable; `--auth-token` on the command line still works but is
   visible to every local user in `ps` / /proc/<pid>/cmdline for the life of the process (Python
-  cannot rewrite that memory portably), so it logs a warning naming the safer ways.
+  cannot rewrite that memory portably), so it logs a warning naming the safer ways, and
+  `mask_process_title` overwrites the process title (setproctitle: on Linux it rewrites the argv
+  memory that /proc/<pid>/cmdline and `ps` read) with the token masked. Until then (interpreter
+  start-up) it is visible; --auth-token-file or SD35FP8_AUTH_TOKEN (/proc/<pid>/environ: readable by
+  the same user and root only) are the safe ways.
 - `token_matches`: constant-time comparison (hmac.compare_digest on bytes).
 - `FailureThrottle`: failed attempts per client address; past `max_failures` within `window_s`
   the client gets 429 with Retry-After until the oldest failure ages out.
@@ -64,6 +68,27 @@ def resolve_token(token: str | None = None, token_file: str | os.PathLike | None
         return read_token_file(token_file)
     value = (env if env is not None else os.environ).get(TOKEN_ENV, "").strip()
     return value or None
+
+
+def mask_process_title(argv: list[str], token: str | None) -> bool:
+    """Rewrite the process title (`ps`, /proc/<pid>/cmdline) as `argv` with the token masked, when
+    the token appears in argv. True when it was rewritten; False (with a warning) when setproctitle
+    is missing or the platform does not allow it; False silently when there was nothing to hide."""
+    if not token or not any(token in arg for arg in argv):
+        return False
+    try:
+        import setproctitle  # optional at import time: a C extension
+    except ImportError:
+        log.warning("the auth token stays visible in ps: setproctitle is not installed (pip install "
+                    "setproctitle); use --auth-token-file or %s", TOKEN_ENV)
+        return False
+    setproctitle.setproctitle(" ".join(Redactor([token]).argv(list(argv))))
+    title = setproctitle.getproctitle()
+    if token in title:
+        log.warning("could not hide the auth token from ps on this platform; use --auth-token-file or %s",
+                    TOKEN_ENV)
+        return False
+    return True
 
 
 def token_matches(given: str | None, expected: str) -> bool:

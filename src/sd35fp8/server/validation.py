@@ -33,7 +33,8 @@ class Limits:
     max_body_bytes: int = 16 * 1024 * 1024  # JSON bodies (a UI workflow in extra_data included)
     max_json_depth: int = 64  # nesting of arrays/objects; ComfyUI UI workflows stay under ~20
     max_nodes: int = 2000  # nodes in one API-format prompt
-    max_text_chars: int = 8192  # any STRING input (prompt texts); ~2 000 words
+    max_text_chars: int = 8192  # any STRING input (prompt texts); ~2 000 words; the hard cap (400 beyond)
+    max_prompt_tokens: int = 512  # per prompt text and encoder; longer texts are cut with a warning (prompt_text.py)
     max_pixel_steps: int = 2048 * 2048 * 8 * 100  # sum over samplers of width*height*batch*steps
 
     def __post_init__(self) -> None:

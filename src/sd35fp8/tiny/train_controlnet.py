@@ -1,7 +1,13 @@
 """Train, ship and evaluate a ControlNet for the shipped tiny model: Canny edge map of a scene -> the image.
 
-    nice python -m sd35fp8.tiny.train_controlnet --out DIR            # CPU, the shipped recipe (minutes)
-    python -m sd35fp8.tiny.train_controlnet --eval-only --controlnet F  # the held-out evaluation alone
+    nice python -m sd35fp8.tiny.train_controlnet --out FILE            # CPU, the default recipe
+    python -m sd35fp8.tiny.train_controlnet --eval-only --out FILE      # the held-out evaluation alone
+
+The shipped file (weights/sd35fp8_tiny_controlnet_canny.safetensors, 5.9 MiB) came from, on a shared
+2-core CPU (35 min, one thread; its evaluation then ran alone, benchmarks/results/tiny_controlnet_eval.json):
+
+    OMP_NUM_THREADS=1 nice python -m sd35fp8.tiny.train_controlnet --n-train 800 --steps 1000 --batch 16
+    OMP_NUM_THREADS=1 nice python -m sd35fp8.tiny.train_controlnet --eval-only --eval-n 30 --eval-steps 12
 
 The control image is ComfyUI's Canny node output (kornia canny, thresholds 0.4 / 0.8) of the rendered
 scene, so the shipped ControlNet works behind the canny template's LoadImage -> Canny chain. The
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -222,7 +229,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    record: dict = {"command": "python -m sd35fp8.tiny.train_controlnet " + " ".join(argv or [])}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    record: dict = {"command": "python -m sd35fp8.tiny.train_controlnet " + " ".join(argv)}
+    if args.eval_only and Path(args.result).exists():  # keep the training run's record beside the new evaluation
+        old = json.loads(Path(args.result).read_text())
+        record = {**{k: v for k, v in old.items() if k in ("command", "train")}, "eval_command": record["command"]}
     if not args.eval_only:
         t0 = time.time()
         pipe = load_base()

@@ -92,6 +92,8 @@ def check_batchable(calls: Sequence[dict]) -> None:
             raise NotBatchable(f"sampler {c['sampler_name']!r} draws per-step noise from one seed")
         if "batch_index" in c["latent"]:
             raise NotBatchable("latents with batch_index are not batched")
+        if c["latent"].get("noise_mask") is not None:
+            raise NotBatchable("latents with a noise_mask (inpainting) are not batched")
         if any(extra.get("control") is not None for key in ("positive", "negative") for _, extra in c[key]):
             raise NotBatchable("ControlNet conditionings are not batched across prompts")
         if c["model"] is not first["model"]:

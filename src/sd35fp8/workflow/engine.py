@@ -408,10 +408,17 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
                                 sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples,
                                 settings, seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
                                 callback=lambda step, total, _denoised: ctx.progress(step, total),
-                                interrupt=ctx.check_interrupt)
+                                interrupt=ctx.check_interrupt, mask=_noise_mask(latent, dev))
     if out is samples:
         return {"samples": latent["samples"]}
     return {"samples": out.float().cpu()}
+
+
+def _noise_mask(latent: dict, device: torch.device) -> torch.Tensor | None:
+    """The LATENT's "noise_mask" (SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning):
+    [B or 1, 1, H, W] in [0, 1], 1 = repaint; None without one."""
+    mask = latent.get("noise_mask")
+    return None if mask is None else mask.to(device, torch.float32)
 
 
 # ---- VAE ------------------------------------------------------------------------------------

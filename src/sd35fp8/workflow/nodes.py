@@ -21,6 +21,7 @@ from sd35fp8.workflow import engine
 from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WEIGHT_DTYPES, Node,  # noqa: F401
                                          NodeContext, _file_stamps, _files, _tip)
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
+from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 
@@ -567,6 +568,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
 NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
 NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
+NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,
