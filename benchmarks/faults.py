@@ -13,7 +13,8 @@ Scenarios (each prints tried / survived / lost; "lost" = accepted with 200 but n
     soak      closed-loop clients for --soak-minutes (30 by default) against a subprocess; the server's
               RSS, open fds and threads sampled every minute; RSS growth after warm-up must be <= 5 %
 
-The workflow is the seed's FP8 all-in-one (tests/data/seed-fp8-allinone.json) at 64x64, euler, 4 steps.
+The workflow is the seed's FP8 all-in-one (tests/data/seed-fp8-allinone.json) at 64x64, euler, 4 steps
+(--size, --steps: smaller / fewer for a slow CPU; each result records the workflow it ran).
 
     python benchmarks/faults.py                          # every scenario but the soak
     python benchmarks/faults.py --only soak              # the 30-minute soak
@@ -340,6 +341,7 @@ def versions() -> dict:
 
 
 def main() -> None:
+    global SIZE, STEPS
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         work, models, port, drain = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
         run_server_child(work, models, port, drain)
@@ -349,39 +351,42 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=30.0)
     ap.add_argument("--flood", type=int, default=500, help="prompts in the flood")
     ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--size", type=int, default=SIZE, help=f"image side in pixels (default {SIZE})")
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"sampler steps (default {STEPS})")
     args = ap.parse_args()
+    SIZE, STEPS = args.size, args.steps  # the server child runs the prompts the parent sends: no need to pass them
     todo = args.only or [s for s in SCENARIOS if s != "soak"]
     with tempfile.TemporaryDirectory(prefix="sd35fp8-faults-") as tmp:
         work = Path(tmp)
         models = build_models_folder(work / "comfy")
-        results = {}
-        for name in todo:
+        for name in todo:  # each result is written as soon as it is known (a later scenario may not finish)
             if name == "flood":
-                results[name] = flood(work, models, n=args.flood)
-            elif name == "kill9":
-                results[name] = restart_after(work, models, "kill9", signal.SIGKILL)
-            elif name == "sigterm":
-                results[name] = restart_after(work, models, "sigterm", signal.SIGTERM)
+                row = flood(work, models, n=args.flood)
+            elif name in ("kill9", "sigterm"):
+                row = restart_after(work, models, name, signal.SIGKILL if name == "kill9" else signal.SIGTERM)
             elif name == "oom":
-                results[name] = oom(work, models)
+                row = oom(work, models)
             elif name == "unwritable":
-                results[name] = unwritable(work, models)
-            elif name == "soak":
-                results[name] = soak(work, models, args.soak_minutes)
-    data = json.loads(args.out.read_text()) if args.out.exists() else {"scenarios": {}}
+                row = unwritable(work, models)
+            else:
+                row = soak(work, models, args.soak_minutes)
+            write_result(args.out, name, row)
+
+
+def write_result(out: Path, name: str, row: dict) -> None:
+    """Merge one scenario's row (with date, versions, workflow) into the JSON; print the loss total."""
+    data = json.loads(out.read_text()) if out.exists() else {"scenarios": {}}
     stamp = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "versions": versions(), "device": "cpu", "workflow": f"seed-fp8-allinone {SIZE}x{SIZE} euler {STEPS} steps"}
-    for name, row in results.items():
-        data["scenarios"][name] = {**row, **stamp}
+    data["scenarios"][name] = {**row, **stamp}
     core = [n for n in ("flood", "kill9", "sigterm") if n in data["scenarios"]]
     lost = sum(data["scenarios"][n]["lost"] for n in core)
     data["accepted_lost_flood_kill9_sigterm"] = lost if len(core) == 3 else None  # None: not all three run
     data["not_run"] = [n for n in SCENARIOS if n not in data["scenarios"]]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"accepted prompts lost in {', '.join(core) or 'no loss scenario run yet'}: {lost}; "
-          f"not run: {', '.join(data['not_run']) or 'none'}; wrote {args.out}")
-
+          f"not run: {', '.join(data['not_run']) or 'none'}; wrote {out}")
 
 if __name__ == "__main__":
     main()

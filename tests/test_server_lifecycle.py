@@ -337,3 +337,24 @@ def test_model_file_changed_is_reloaded_and_vanished_is_reported(tmp_path):
         entry = run_to_end(c, pid)
         assert entry["status"]["status_str"] == "error" and "tiny.safetensors" in error_message(entry)
         assert json.dumps(entry)  # a readable history entry, no crash
+
+
+def test_worker_stop_races_start(tmp_path):
+    """The app's lifespan may stop the worker while the warm-up thread starts it (a loaded machine):
+    stop() never joins a thread that was not started, and no thread starts after stop()."""
+    from sd35fp8.server.queue import PromptQueue
+    from sd35fp8.server.worker import PromptWorker
+
+    ex = make_fake_executor(tmp_path)
+    for _ in range(200):
+        w = PromptWorker(PromptQueue(), ex, lambda *a: None)
+        t = threading.Thread(target=w.start)
+        t.start()
+        w.stop(timeout=5)  # RuntimeError("cannot join thread before it is started") before the fix
+        t.join()
+        assert not w.alive
+    w = PromptWorker(PromptQueue(), ex, lambda *a: None)
+    w.stop()
+    w.start()
+    w.restart("test")
+    assert not w.alive and w._thread is None

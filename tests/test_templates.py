@@ -1,5 +1,5 @@
 """Every SD3.5 template of the installed `comfyui-workflow-templates` package runs unchanged (UI format,
-subgraphs included) through `sd35fp8 run` and the server, with the shipped model and a ControlNet for it
+subgraphs included) through `sd35fp8 run` and the server, with the shipped model and the shipped ControlNet
 placed under the file names the template uses, or stops with the clear error of a node whose model
 cannot exist here (the depth template's Lotus estimator).
 
@@ -13,12 +13,10 @@ import shutil
 import time
 
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from sd35fp8.errors import InputError
-from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_CONTROLNET, SHIPPED_T5_TOKENIZER
 from sd35fp8.workflow import run_workflow
 from sd35fp8.workflow.nodes_control import UNAVAILABLE_NODES
 from sd35fp8.workflow.ui_convert import ui_to_api
@@ -26,7 +24,6 @@ from sd35fp8.workflow.ui_convert import ui_to_api
 templates = pytest.importorskip("comfyui_workflow_templates")
 pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
 SIZE, STEPS = 128, 3
-CONTROL_TYPES = {"blur": 0, "canny": 1, "depth": 2}
 
 
 def sd35_templates() -> list[str]:
@@ -44,29 +41,11 @@ def all_nodes(wf: dict) -> list[dict]:
     return nodes
 
 
-def tiny_controlnet(path, control_type: int, seed: int = 0) -> None:
-    """A Stability-layout SD3.5 ControlNet sized for the shipped model (random weights: plumbing only)."""
-    from sd35fp8.tiny import SHIPPED_CONTROLNET
-
-    if SHIPPED_CONTROLNET.exists():
-        shutil.copy(SHIPPED_CONTROLNET, path)
-        return
-    g = torch.Generator().manual_seed(seed)
-    h = 192
-    sd = {"control_type": torch.tensor([control_type], dtype=torch.int32),
-          "pos_embed_input.proj.weight": torch.randn(h, 16, 2, 2, generator=g) * 0.05,
-          "pos_embed_input.proj.bias": torch.zeros(h)}
-    for name, shape in (("time_text_embed.timestep_embedder.linear_1", (h, 256)),
-                        ("time_text_embed.timestep_embedder.linear_2", (h, h)),
-                        ("time_text_embed.text_embedder.linear_1", (h, 64)),
-                        ("time_text_embed.text_embedder.linear_2", (h, h)),
-                        ("transformer_blocks.0.adaLN_modulation.1", (6 * h, h)),
-                        ("transformer_blocks.0.attn.qkv", (3 * h, h)), ("transformer_blocks.0.attn.proj", (h, h)),
-                        ("transformer_blocks.0.mlp.fc1", (4 * h, h)), ("transformer_blocks.0.mlp.fc2", (h, 4 * h)),
-                        ("controlnet_blocks.0", (h, h))):
-        sd[f"{name}.weight"] = torch.randn(*shape, generator=g) / shape[1] ** 0.5
-        sd[f"{name}.bias"] = torch.zeros(shape[0])
-    save_file(sd, str(path))
+def place_controlnet(path) -> None:
+    """The shipped ControlNet (tiny/train_controlnet.py: Canny edges -> image, Stability's key layout) under
+    the template's file name: every SD3.5 ControlNet template runs it (blur/depth maps go through it too)."""
+    assert SHIPPED_CONTROLNET.exists(), f"the shipped ControlNet {SHIPPED_CONTROLNET} is missing"
+    shutil.copy(SHIPPED_CONTROLNET, path)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +63,7 @@ def models(tmp_path_factory):
             if node["type"] == "CheckpointLoaderSimple" and not (folders["checkpoints"] / values[0]).exists():
                 shutil.copy(SHIPPED_CHECKPOINT, folders["checkpoints"] / values[0])
             elif node["type"] == "ControlNetLoader":
-                kind = next((k for k in CONTROL_TYPES if k in values[0]), "canny")
-                tiny_controlnet(folders["controlnet"] / values[0], CONTROL_TYPES[kind])
+                place_controlnet(folders["controlnet"] / values[0])
             elif node["type"] == "LoadImage":
                 thumb = templates.get_asset_path(tid, f"{tid}-1.webp")
                 Image.open(thumb).convert("RGB").resize((256, 256)).save(root / "input" / values[0])

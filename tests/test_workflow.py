@@ -78,9 +78,13 @@ def test_prompt_level_errors(folders):
     p["3"]["_meta"] = {"title": "My Sampler"}
     ok, error, _, _ = validate_prompt(p, folders=folders)
     assert error == {"type": "missing_node_type",  # ComfyUI execution.validate_prompt (web UI's missing-nodes dialog)
-                     "message": "Node 'My Sampler' not found. The custom node may not be installed.",
+                     "message": "Node 'My Sampler' (#3): node type 'NoSuchNode' not found; it is not a ComfyUI core "
+                                "node: the custom node that defines it is not available in sd35fp8.",
                      "details": "Node ID '#3'",
                      "extra_info": {"node_id": "3", "class_type": "NoSuchNode", "node_title": "My Sampler"}}
+    p["3"]["class_type"] = "FreeU_V2"  # a ComfyUI core node we do not implement is not called a custom node
+    ok, error, _, _ = validate_prompt(p, folders=folders)
+    assert "node type 'FreeU_V2' not found; it is a ComfyUI core node that sd35fp8 does not implement" in error["message"]
     del p["3"]["class_type"]
     ok, error, _, _ = validate_prompt(p, folders=folders)
     assert error["type"] == "missing_node_type" and error["extra_info"]["class_type"] is None

@@ -102,3 +102,69 @@ def test_server_equals_generate(models, tmp_path):
     finally:
         stop_app(app)
     assert np.array_equal(served, _generate(models, prompt))
+
+
+def test_server_warmup_workflow_loads_before_ready(models, tmp_path):
+    """`sd35fp8 serve --warmup WORKFLOW --warmup-shapes 128x128` (create_app(warmup_workflow=...)): /ready is
+    503 until the executor's warm-up returns; the warm-up loaded the workflow's models into the cache, so the
+    first prompt with the same loader finds them cached instead of loading again."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from sd35fp8.server import create_app, stop_app
+    from sd35fp8.workflow import ModelFolders, PromptExecutor
+
+    prompt = _prompt("seed-fp8-allinone.json")
+    lat = _latent_node(prompt)
+    prompt[lat]["inputs"].update(width=SIZE, height=SIZE)
+    prompt["3"]["inputs"]["steps"] = 2
+    path = tmp_path / "warmup.json"
+    path.write_text(json.dumps(prompt))
+    ex = PromptExecutor(ModelFolders(models, output_dir=tmp_path / "out"), device="cpu")
+    gate, calls, real = threading.Event(), [], ex.warmup
+
+    def gated(p, shapes=None):
+        gate.wait(60)
+        calls.append((p, shapes))
+        return real(p, shapes)
+
+    ex.warmup = gated
+    app = create_app(models, executor=ex, serve_frontend=False, allow_hosts=("testserver",),
+                     warmup_workflow=path, warmup_shapes=[(SIZE, SIZE, 1)])
+    try:
+        with TestClient(app) as client:
+            r = client.get("/ready")
+            assert r.status_code == 503 and r.json()["checks"]["warmed_up"] is False
+            gate.set()
+            for _ in range(1200):
+                r = client.get("/ready")
+                if r.status_code == 200:
+                    break
+                time.sleep(0.1)
+            assert r.status_code == 200, r.json()
+            assert r.json()["checks"]["warmup_error"] is None
+            (got, shapes), = calls
+            assert shapes == [(SIZE, SIZE, 1)] and got["4"]["class_type"] == "CheckpointLoaderSimple"
+            pid = client.post("/prompt", json={"prompt": prompt}).json()["prompt_id"]
+            for _ in range(1200):
+                hist = client.get(f"/history/{pid}").json()
+                if pid in hist:
+                    break
+                time.sleep(0.1)
+            status = hist[pid]["status"]
+            assert status["completed"], status
+            cached = [d["nodes"] for e, d in status["messages"] if e == "execution_cached"]
+            assert cached and "4" in cached[0]  # the checkpoint loader ran at warm-up, not again
+    finally:
+        stop_app(app)
+
+
+def test_warmup_shapes_need_a_workflow(models, tmp_path):
+    from sd35fp8.errors import InputError
+    from sd35fp8.server import create_app
+
+    with pytest.raises(InputError, match="warm-up workflow"):
+        create_app(models, output_dir=tmp_path / "out", device="cpu", warmup_shapes=[(SIZE, SIZE, 1)])
+    with pytest.raises(InputError, match="warmup.json"):
+        create_app(models, output_dir=tmp_path / "out", device="cpu", warmup_workflow=tmp_path / "warmup.json")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
+from .common import check_output, new_file
 
 
 def add_parsers(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -32,8 +34,10 @@ def add_parsers(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--sampler", default=None, help="ComfyUI sampler name (default: the model's); see `sd35fp8 samplers`")
     p.add_argument("--scheduler", default=None, help="ComfyUI scheduler name (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="image side, multiple of 16 (default: the model's)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tiny_eval_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: a new tiny_eval_<device>_NNNNN.json in the "
+                   "current folder; the committed results in benchmarks/results/ are overwritten only with --force)")
     p.add_argument("--sheet", default=None, help="contact sheet PNG (default: the JSON path with .png)")
+    p.add_argument("--force", action="store_true", help="allow --out / --sheet to overwrite files tracked by git")
     return {"eval": cmd_eval}
 
 
@@ -49,7 +53,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"--size must be a positive multiple of 16, got {args.size}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
         raise InputError(f"--cfg must be a finite number >= 0, got {args.cfg}")
-    resolve_device(args.device)
+    dev = resolve_device(args.device)
+    if args.out is None:
+        from ..tiny.evaluate import device_slug
+
+        args.out = str(new_file(f"tiny_eval_{device_slug(dev)}", ".json"))
+    check_output(args.out, args.force, "--out")
+    out = Path(args.out)
+    sheet = Path(args.sheet) if args.sheet is not None else out.with_suffix(".png")
+    if sheet.resolve() == out.resolve():
+        sheet = out.with_name(out.stem + "_sheet.png")
+    check_output(sheet, args.force, "--sheet")
     if args.sampler is not None:
         get_sampler(args.sampler)  # InputError naming the valid ones
     if args.scheduler is not None:

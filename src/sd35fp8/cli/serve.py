@@ -12,9 +12,9 @@ import argparse
 import sys
 from typing import Callable
 
-from ..scale.options import add_scale_args, scale_options
 from ..errors import InputError
-from .common import add_engine_args, positive_int
+from ..scale.options import add_scale_args, scale_options
+from .common import add_engine_args, parse_shape, positive_int
 
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
 SERVER_DEFAULTS = {
@@ -87,6 +87,13 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     life.add_argument("--hang-seconds", type=float, default=HANG_SECONDS,
                       help=f"a busy worker without progress this long (default {HANG_SECONDS:g}) is hung: /ready "
                       "turns false and it is restarted")
+    life.add_argument("--warmup", default=None, metavar="WORKFLOW",
+                      help="at start-up, before the first prompt: load this workflow's models (API or UI JSON, or a "
+                      "PNG carrying one) and warm them up (first-use kernels; compiled MMDiT graphs per size); /ready "
+                      "is false until that is done. A later prompt with the same loaders reuses the loaded models")
+    life.add_argument("--warmup-shapes", nargs="+", type=parse_shape, default=None, metavar="WxH[xB]",
+                      help="sizes to warm up for (width x height x images per prompt, e.g. 1024x1024 832x1216x2; "
+                      "default: the sizes of the --warmup workflow's empty-latent nodes)")
     lim = srv.add_argument_group("request limits")
     for flag, kind, what in LIMIT_FLAGS:
         lim.add_argument(flag, type=kind, default=None,
@@ -110,6 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..server.serve import serve
     from ..server.validation import Limits
 
+    if args.warmup_shapes and not args.warmup:
+        raise InputError("--warmup-shapes needs --warmup WORKFLOW.json (its loader nodes name the models to warm up)")
     device = resolve_device(args.device)
     if args.compile and device.type != "cuda":
         raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
@@ -124,7 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
                     state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
                     drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
-                    offload=args.offload, **given)
+                    offload=args.offload,
+                    **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
+                    **given)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}"
               + (" (journaled: they run on the next start)" if args.state_dir != "none" else ""), file=sys.stderr)

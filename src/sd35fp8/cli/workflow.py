@@ -35,9 +35,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline import resolve_device
     from ..workflow import run_workflow
 
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
     def hooks(event: str, data: dict) -> None:
         if event == "executing" and data.get("node") is not None:
             logging.getLogger("sd35fp8.run").info("executing node %s", data["node"])
+        if event == "progress":  # a sampling bar per node (KSampler steps), on stderr
+            node, value, total = str(data.get("node")), int(data["value"]), int(data["max"])
+            bar = bars.get(node)
+            if bar is None or bar.total != total or value < bar.n:
+                bar = bars[node] = tqdm(total=total, desc=f"node {node}", file=sys.stderr)
+            bar.update(value - bar.n)
+            if value >= total:
+                bar.close()
 
     device = resolve_device(args.device)
     if args.compile and device.type != "cuda":

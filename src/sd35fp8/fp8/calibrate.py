@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from sd35fp8.errors import InputError
 from sd35fp8.fp8.linear import FP8Linear
@@ -313,7 +315,7 @@ def record_trajectories(pipe, prompts: Sequence[str], steps: int | None = None, 
     stats = ActivationStats(model)
     calls: list[tuple] = []
     try:
-        for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(tqdm(prompts, desc="calibration trajectories", file=sys.stderr)):
             rec = CallRecorder(model, every=max(1, steps // per_prompt), limit=per_prompt)
             pipe.mmdit = rec
             try:

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -49,6 +49,7 @@ from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
 from sd35fp8.workflow.nodes import node_info
+from sd35fp8.workflow.run import load_workflow
 
 SERVER_VERSION = "0.1.0"
 DEFAULT_MAX_QUEUE = 100
@@ -69,6 +70,23 @@ def _clear_or_delete(body: ClearOrDelete, wipe, delete) -> Response:
     return Response(status_code=200)
 
 
+def _workflow_warmup(executor: Any, path: str | os.PathLike, shapes: Sequence[tuple[int, int, int]] | None,
+                     given: Callable[[], Any] | None) -> Callable[[], Any]:
+    """The warm-up callable of `warmup_workflow` (read and parsed here: a bad file fails the start-up)."""
+    if given is not None:
+        raise InputError("give either warmup (a callable) or warmup_workflow, not both")
+    if not callable(getattr(executor, "warmup", None)):
+        raise InputError(f"warm-up workflow {path}: this executor ({type(executor).__name__}) cannot warm up; "
+                         "with --replicas each replica loads its models on its first prompt")
+    prompt, _ = load_workflow(path, executor.folders)
+    shapes = [tuple(int(v) for v in s) for s in shapes] if shapes is not None else None
+
+    def warmup() -> float:
+        return executor.warmup(prompt, shapes)
+
+    return warmup
+
+
 def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
                input_dir: str | os.PathLike | None = None, temp_dir: str | os.PathLike | None = None,
                device: str | torch.device | None = None, auth_token: str | None = None,
@@ -81,7 +99,9 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                max_upload_pixels: int = files.DEFAULT_MAX_UPLOAD_PIXELS,
                state_dir: str | os.PathLike | None = None, on_restart: str = "requeue",
                warmup: Callable[[], Any] | None = None, hang_seconds: float = DEFAULT_HANG_SECONDS,
-               check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none") -> FastAPI:
+               check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none",
+               warmup_workflow: str | os.PathLike | None = None,
+               warmup_shapes: Sequence[tuple[int, int, int]] | None = None) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
     compile / offload: the new PromptExecutor's engine options (None = the device's default for a
@@ -91,7 +111,10 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     "auto" = sd35fp8-state/ beside the output folder (never inside it: /view serves the output folder).
     on_restart: what to do with prompts a previous process left pending or running: "requeue" them
     or "fail" them (an execution_error history entry each). warmup: called once before the worker
-    takes its first prompt (/ready is 503 until it returns). hang_seconds: a busy worker without
+    takes its first prompt (/ready is 503 until it returns). warmup_workflow: a workflow file (API or
+    UI JSON, or a PNG carrying one; read now, so a bad file stops the start-up) whose models the
+    executor loads and warms up (PromptExecutor.warmup) for `warmup_shapes` ((width, height, batch);
+    None: the sizes of its empty-latent nodes); it becomes `warmup`. hang_seconds: a busy worker without
     any event for this long is hung and restarted (lifecycle.py); check_seconds: how often to look.
 
     max_batch / batch_wait_ms: cross-prompt batching (batching.py): up to max_batch queued
@@ -112,6 +135,10 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         executor = PromptExecutor(folders, device=dev, compile=compile, offload=offload)
     folders = executor.folders
+    if warmup_workflow is not None:
+        warmup = _workflow_warmup(executor, warmup_workflow, warmup_shapes, warmup)
+    elif warmup_shapes is not None:
+        raise InputError("warm-up shapes need a warm-up workflow (--warmup WORKFLOW.json): its loaders name the models")
     hub = WebSocketHub()
     metrics = ServerMetrics(executor.device)
     if on_restart not in ON_RESTART:

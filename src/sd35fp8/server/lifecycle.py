@@ -68,9 +68,9 @@ class Lifecycle:
                 log.error("warm-up failed: %s; prompts run without it", self.warmup_error)
             self.warmup_seconds = time.perf_counter() - t0
             log.info("warm-up done in %.1f s", self.warmup_seconds)
-        self.warmed_up.set()
         if not self._stop.is_set():
-            self.worker.start()
+            self.worker.start()  # before warmed_up: the supervisor must never see a warm server without a thread
+        self.warmed_up.set()
 
     def stop(self) -> None:
         self._stop.set()

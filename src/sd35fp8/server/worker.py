@@ -72,15 +72,21 @@ class PromptWorker:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._spawn()
+        """Start the thread (once; not after stop)."""
+        with self._lock:
+            if self._thread is None:
+                self._spawn_locked()
 
-    def _spawn(self) -> None:
+    def _spawn_locked(self) -> None:
+        """Start a thread of the current generation, then publish it (under self._lock): stop() never
+        sees a thread that was not started, and no thread starts once stop() was called."""
+        if self._stop.is_set():
+            return
         self.heartbeat = time.monotonic()
-        self._thread = threading.Thread(target=self._loop, args=(self.generation,), daemon=True,
-                                        name=f"sd35fp8-prompt-worker-{self.generation}")
-        self._thread.start()
+        thread = threading.Thread(target=self._loop, args=(self.generation,), daemon=True,
+                                  name=f"sd35fp8-prompt-worker-{self.generation}")
+        thread.start()
+        self._thread = thread
 
     def stop_taking(self) -> None:
         """Take no new prompt; the running ones go on (drain)."""
@@ -88,9 +94,11 @@ class PromptWorker:
 
     def stop(self, timeout: float | None = None) -> list[str]:
         """Stop taking prompts; wait for the running ones. Returns the ids left pending."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        with self._lock:  # after this, start() and restart() start no thread
+            self._stop.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
         return [i[1] for i in self.queue.pending()]
 
     def abandon(self) -> None:
@@ -131,8 +139,8 @@ class PromptWorker:
             tr.hooks("execution_error", error)
             tr.hooks("executing", {"node": None, "prompt_id": item[1]})
             tr.finish(task_id, None, outcome="worker_lost")
-        if not self._stop.is_set():
-            self._spawn()
+        with self._lock:
+            self._spawn_locked()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Interrupt the running prompt(s) (only `prompt_id`, when given: in a batch the others go on).

@@ -22,12 +22,14 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..errors import InputError
 from ..fast import PlainForward
@@ -134,7 +136,8 @@ def generate_items(pipe, items: Sequence[world.EvalItem], seed: int, batch: int,
     """
     images: list[np.ndarray] = []
     seconds = 0.0
-    for b, start in enumerate(range(0, len(items), batch)):
+    for b, start in enumerate(tqdm(range(0, len(items), batch), desc=f"{len(items)} images", unit="batch",
+                                   file=sys.stderr)):
         chunk = items[start:start + batch]
         t0 = time.perf_counter()
         out = pipe([it.caption for it in chunk], num_inference_steps=steps, guidance_scale=cfg, sampler=sampler,

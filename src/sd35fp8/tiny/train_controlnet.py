@@ -1,7 +1,13 @@
 """Train, ship and evaluate a ControlNet for the shipped tiny model: Canny edge map of a scene -> the image.
 
-    nice python -m sd35fp8.tiny.train_controlnet --out DIR            # CPU, the shipped recipe (minutes)
-    python -m sd35fp8.tiny.train_controlnet --eval-only --controlnet F  # the held-out evaluation alone
+    nice python -m sd35fp8.tiny.train_controlnet --out FILE            # CPU, the default recipe
+    python -m sd35fp8.tiny.train_controlnet --eval-only --out FILE      # the held-out evaluation alone
+
+The shipped file (weights/sd35fp8_tiny_controlnet_canny.safetensors, 5.9 MiB) came from, on a shared
+2-core CPU (35 min, one thread; its evaluation then ran alone, benchmarks/results/tiny_controlnet_eval.json):
+
+    OMP_NUM_THREADS=1 nice python -m sd35fp8.tiny.train_controlnet --n-train 800 --steps 1000 --batch 16
+    OMP_NUM_THREADS=1 nice python -m sd35fp8.tiny.train_controlnet --eval-only --eval-n 30 --eval-steps 12
 
 The control image is ComfyUI's Canny node output (kornia canny, thresholds 0.4 / 0.8) of the rendered
 scene, so the shipped ControlNet works behind the canny template's LoadImage -> Canny chain. The

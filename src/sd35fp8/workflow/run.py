@@ -39,7 +39,11 @@ def apply_sets(prompt: dict[str, dict], sets: Sequence[str]) -> None:
         node_id, name, value = parse_set(item)
         if node_id not in prompt:
             raise InputError(f"--set {item!r}: no node {node_id!r} in the workflow (nodes: {', '.join(prompt)})")
-        prompt[node_id]["inputs"][name] = value
+        inputs = prompt[node_id].get("inputs", {})
+        if name not in inputs:
+            raise InputError(f"--set {item!r}: node {node_id} ({prompt[node_id].get('class_type')}) has no input "
+                             f"{name!r} (its inputs: {', '.join(inputs) or 'none'})")
+        inputs[name] = value
 
 
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")

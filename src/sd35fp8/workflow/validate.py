@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sd35fp8.workflow.comfy_core import COMFY_CORE_NODES
 from sd35fp8.workflow.graph import _id_key
 from sd35fp8.workflow.nodes_control import UNAVAILABLE_NODES
 
@@ -225,8 +226,10 @@ def validate_prompt(
                                   class_type=class_type, node_title=title), [], {})
         if cls is None:
             title = meta.get("title", class_type)
-            return (False, _error("missing_node_type", f"Node '{title}' not found. The custom node may not be "
-                                  "installed.", f"Node ID '#{x}'", node_id=x, class_type=class_type,
+            why = ("it is a ComfyUI core node that sd35fp8 does not implement" if class_type in COMFY_CORE_NODES
+                   else "it is not a ComfyUI core node: the custom node that defines it is not available in sd35fp8")
+            return (False, _error("missing_node_type", f"Node '{title}' (#{x}): node type {class_type!r} not "
+                                  f"found; {why}.", f"Node ID '#{x}'", node_id=x, class_type=class_type,
                                   node_title=title), [], {})
         if getattr(cls, "OUTPUT_NODE", False) is True:
             outputs.add(x)
