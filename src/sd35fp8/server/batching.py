@@ -20,7 +20,10 @@ from sd35fp8.workflow.executor import PromptJob
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 8  # prompts sampled as one GPU batch at most
+# prompts sampled as one GPU batch at most. 1 (off) by default: batched rows currently differ from the same
+# prompts run alone far beyond rounding (tests/test_roads.py, test_server_load.py mark it xfail) — a known
+# defect to fix before batching is turned back on; --max-batch N enables it.
+DEFAULT_MAX_BATCH = 1
 DEFAULT_BATCH_WAIT_MS = 20.0  # how long a taken prompt waits for compatible ones
 
 
