@@ -127,7 +127,7 @@ def test_pipeline_decode_policy(monkeypatch):
     from sd35fp8 import offload as off
     from sd35fp8.pipeline import TILED_DECODE_PIXELS, SD35Pipeline
 
-    pipe = SimpleNamespace(offload="none", device=torch.device("cpu"))
+    pipe = SimpleNamespace(offload="none", device=torch.device("cpu"), _vae_tiling=False)
     assert off.free_device_bytes(torch.device("cpu")) is None
     side = int(TILED_DECODE_PIXELS ** 0.5)
     assert not SD35Pipeline._tiled_decode(pipe, side, side) and SD35Pipeline._tiled_decode(pipe, side + 16, side)
