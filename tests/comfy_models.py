@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sd35fp8.checkpoints.export import export
+from sd35fp8.workflow.executor import PromptExecutor
 from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
 
 WORKFLOWS = Path(__file__).resolve().parent / "data"  # copies of shared/workflows/seed-*.json
@@ -47,3 +48,24 @@ def build_models_folder(root: Path, source: Path = SHIPPED_CHECKPOINT) -> Path:
     for folder in (ckpt, te):
         shutil.copy(SHIPPED_T5_TOKENIZER, folder / "spiece.model")
     return models
+
+
+class RecordingExecutor(PromptExecutor):
+    """Remembers, per prompt id, how many prompts it was sampled with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampled_with: dict[str, int] = {}
+
+    def execute(self, prompt, prompt_id="", *args, **kwargs):
+        result = super().execute(prompt, prompt_id, *args, **kwargs)
+        self.sampled_with[prompt_id] = result.sampled_with
+        return result
+
+    def execute_batch(self, jobs, on_result=None):
+        def record(i, result):
+            self.sampled_with[result.prompt_id] = result.sampled_with
+            if on_result is not None:
+                on_result(i, result)
+
+        return super().execute_batch(jobs, record)

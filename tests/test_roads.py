@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_models import WORKFLOWS, build_models_folder
+from comfy_models import RecordingExecutor, WORKFLOWS, build_models_folder
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.workflow import ModelFolders, PromptExecutor
 
@@ -96,27 +96,6 @@ def test_run_cli_equals_api(models, api_images, tmp_path, case, capsys):
     assert rc == 0
     (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.endswith(".png")]
     assert np.array_equal(png(line), api_images[case])
-
-
-class RecordingExecutor(PromptExecutor):
-    """Remembers, per prompt id, how many prompts it was sampled with."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sampled_with: dict[str, int] = {}
-
-    def execute(self, prompt, prompt_id="", *args, **kwargs):
-        result = super().execute(prompt, prompt_id, *args, **kwargs)
-        self.sampled_with[prompt_id] = result.sampled_with
-        return result
-
-    def execute_batch(self, jobs, on_result=None):
-        def record(i, result):
-            self.sampled_with[result.prompt_id] = result.sampled_with
-            if on_result is not None:
-                on_result(i, result)
-
-        return super().execute_batch(jobs, record)
 
 
 def _serve(models, tmp_path, prompts: list[dict], wait_ms: float) -> tuple[list[np.ndarray], dict[str, int], list[str]]:

@@ -27,7 +27,7 @@ import pytest
 import requests
 from PIL import Image
 
-from comfy_models import WORKFLOWS, build_models_folder
+from comfy_models import RecordingExecutor, WORKFLOWS, build_models_folder
 from live_server import LiveServer
 from sd35fp8.server import PromptQueue, create_app
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
@@ -56,27 +56,6 @@ def make_prompt(seed: int, text: str, sampler: str = "euler", workflow: str = "s
     p["6"]["inputs"]["text"] = text
     p["9"]["inputs"]["filename_prefix"] = "load"
     return p
-
-
-class RecordingExecutor(PromptExecutor):
-    """Remembers, per prompt id, how many prompts it was sampled with."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sampled_with: dict[str, int] = {}
-
-    def execute(self, prompt, prompt_id="", *args, **kwargs):
-        result = super().execute(prompt, prompt_id, *args, **kwargs)
-        self.sampled_with[prompt_id] = result.sampled_with
-        return result
-
-    def execute_batch(self, jobs, on_result=None):
-        def record(i, result):
-            self.sampled_with[result.prompt_id] = result.sampled_with
-            if on_result is not None:
-                on_result(i, result)
-
-        return super().execute_batch(jobs, record)
 
 
 def image_of(folders: ModelFolders, result_outputs: dict) -> np.ndarray:
