@@ -157,7 +157,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
     logs = LogBuffer(hub.send, lambda: hub.client_ids)
     redactor = Redactor([auth_token])
-    text_budget = TextBudget(limits.max_prompt_tokens, folders)
+    text_budget = TextBudget(limits.max_prompt_tokens, folders, max_chars=limits.max_text_chars)
+    executor.text_limit = text_budget.limit  # linked texts too: the encoder nodes cut what they receive
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -256,11 +257,11 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         return response
 
     # ---- queue, history, interrupt, free ----------------------------------------------------
-    # these answer with JSONResponse directly: FastAPI's jsonable_encoder would walk every entry again
+    # these answer with JSON bytes rendered once per item and cached (queue.queue_json, history.get_json):
+    # FastAPI's jsonable_encoder, or a JSONResponse, would walk and render every entry on every read
     @r.get("/queue")
-    async def get_queue() -> JSONResponse:
-        running, pending = queue.current_queue()
-        return JSONResponse({"queue_running": running, "queue_pending": pending})
+    async def get_queue() -> Response:
+        return Response(queue.queue_json(), media_type="application/json")
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
