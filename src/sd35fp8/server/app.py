@@ -220,6 +220,9 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                               "finishes the running one; retry on the restarted server", status=503)
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             return response
+        if queue.full():  # before the body is parsed and validated: a 429 for a retrying flood is cheap
+            return _queue_full(queue, metrics, f"the queue is full ({queue.max_queue} prompts waiting); "
+                                               "retry later or raise max_queue")
         data = await read_json(request)
         if not isinstance(data, dict) or "prompt" not in data:
             return _error("no_prompt", "No prompt provided", "No prompt provided")
@@ -252,8 +255,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         try:
             queue.put([number, prompt_id, prompt, extra_data, outputs])
         except QueueFullError as e:
-            metrics.rejected.labels("queue_full").inc()
-            return _error("queue_full", "Queue is full", str(e), status=429, max_queue=queue.max_queue)
+            return _queue_full(queue, metrics, str(e))
         return response
 
     # ---- queue, history, interrupt, free ----------------------------------------------------
@@ -366,6 +368,13 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def _queue_full(queue: PromptQueue, metrics: ServerMetrics, details: str) -> JSONResponse:
+    metrics.rejected.labels("queue_full").inc()
+    response = _error("queue_full", "Queue is full", details, status=429, max_queue=queue.max_queue)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def queue_info(queue: PromptQueue) -> dict:

@@ -89,6 +89,12 @@ class PromptQueue:
         heapq.heappush(self._heap, (item[0], tie, item))
         self._cond.notify()
 
+    def full(self) -> bool:
+        """True when `put` would refuse (max_queue prompts waiting): POST /prompt answers 429 before
+        parsing and validating the body, so a flood of retries costs the server little."""
+        with self._cond:
+            return len(self._heap) >= self.max_queue
+
     def restore(self, items: list[QueueItem]) -> None:
         """Re-queue items a previous process left (journal.recover), beyond max_queue if need be;
         numbers given later continue after theirs."""
