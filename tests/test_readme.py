@@ -87,3 +87,22 @@ def test_readme_commands_on_shipped_files_run(tmp_path, monkeypatch, capsys):
         assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
         ran.append(argv[0])
     assert ran == ["samplers", "info", "generate"], ran
+
+
+def test_readme_diffusers_snippet_runs_on_the_shipped_model(tmp_path, monkeypatch):
+    """The Python section's first snippet (the diffusers-style call), with only the model id, device,
+    size and steps swapped for the shipped model on the CPU: the rest runs as written."""
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT
+
+    section = (ROOT / "README.md").read_text().split("\n## Python\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "from sd35fp8 import StableDiffusion3Pipeline" in code and "generator=torch.Generator" in code
+    swaps = {'"stabilityai/stable-diffusion-3.5-large"': repr(str(SHIPPED_CHECKPOINT)), 'pipe.to("cuda")': 'pipe.to("cpu")',
+             "torch_dtype=torch.bfloat16": "torch_dtype=torch.float32", "num_inference_steps=28": "num_inference_steps=2",
+             "height=1024, width=1024": "height=128, width=128"}
+    for old, new in swaps.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Python)", "exec"), {})
+    assert Image.open(tmp_path / "cat.png").size == (128, 128)
