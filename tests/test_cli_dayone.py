@@ -94,6 +94,14 @@ def test_python_dash_m():
     assert done.returncode == 0 and "generate" in done.stdout
 
 
+def test_run_checks_its_output_folder_first(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    wf = ROOT / "examples" / "workflows" / "shipped_api.json"
+    rc, _, err = _run(["run", str(wf), "--models", str(tmp_path), "--output", str(blocker / "out")], capsys)
+    assert rc != 0 and f"--output {blocker / 'out'}: cannot write there" in err and "node 3" not in err, err
+
+
 def test_set_names_unknown_inputs(tmp_path, capsys):
     wf = ROOT / "examples" / "workflows" / "shipped_api.json"
     rc, _, err = _run(["run", str(wf), "--set", "3.sed=42"], capsys)

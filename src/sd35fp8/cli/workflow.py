@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from ..errors import InputError
-from .common import add_engine_args
+from .common import add_engine_args, check_output_folder
 
 
 def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -43,6 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             logging.getLogger("sd35fp8.run").info("executing node %s", data["node"])
         bars(event, data)
 
+    if args.output is not None:
+        check_output_folder(args.output)  # before any model loads or step runs
     device = resolve_device(args.device)
     if args.compile and device.type != "cuda":
         raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
