@@ -49,6 +49,7 @@ from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
 from sd35fp8.workflow.nodes import node_info
+from sd35fp8.workflow.progress_bars import ProgressBars
 from sd35fp8.workflow.run import load_workflow
 
 SERVER_VERSION = "0.1.0"
@@ -101,7 +102,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                warmup: Callable[[], Any] | None = None, hang_seconds: float = DEFAULT_HANG_SECONDS,
                check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none",
                warmup_workflow: str | os.PathLike | None = None,
-               warmup_shapes: Sequence[tuple[int, int, int]] | None = None) -> FastAPI:
+               warmup_shapes: Sequence[tuple[int, int, int]] | None = None,
+               console_progress: bool = False) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
     compile / offload: the new PromptExecutor's engine options (None = the device's default for a
@@ -116,6 +118,9 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     executor loads and warms up (PromptExecutor.warmup) for `warmup_shapes` ((width, height, batch);
     None: the sizes of its empty-latent nodes); it becomes `warmup`. hang_seconds: a busy worker without
     any event for this long is hung and restarted (lifecycle.py); check_seconds: how often to look.
+
+    console_progress: draw a progress bar per prompt and sampler node on stderr (`sd35fp8 serve`;
+    workflow.progress_bars.ProgressBars).
 
     max_batch / batch_wait_ms: cross-prompt batching (batching.py): up to max_batch queued
     prompts that differ only in texts and seeds sample as one batch; a taken prompt waits at most
@@ -149,7 +154,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     queue = PromptQueue(max_queue=max_queue, journal=journal)
     if journal is not None:
         recover_queue(queue, on_restart, metrics)
-    worker = PromptWorker(queue, executor, hub.send, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+    send = ProgressBars(per_prompt=True).wrap(hub.send) if console_progress else hub.send
+    worker = PromptWorker(queue, executor, send, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                           metrics=metrics)
     lifecycle = Lifecycle(worker, metrics, warmup=warmup, hang_seconds=hang_seconds, check_seconds=check_seconds)
     queue.on_change = lambda: hub.send("status", {"status": queue_info(queue)}, None)
