@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from sd35fp8.checkpoints.controlnet import load_controlnet
-from sd35fp8.tiny import train_controlnet, train_lora
+from sd35fp8.models.vae import to_model_space, to_vae_space
+from sd35fp8.pipeline import SD35Pipeline
+from sd35fp8.tiny import concept, train_controlnet, train_lora, world
 
 
 def test_train_lora_writes_a_kohya_file(tmp_path):
@@ -35,11 +38,21 @@ def test_train_controlnet_writes_a_stability_file(tmp_path):
 
 
 def test_mixed_edge_maps_follow_the_levels():
-    import numpy as np
-
-    from sd35fp8.tiny import world
-
     rng = np.random.default_rng(0)
     images = np.stack([world.render(world.sample_scene(rng), 128) for _ in range(3)])
     maps = train_controlnet.mixed_edge_maps(images, np.random.default_rng(1))  # [3, H, W, 3]
     assert maps.shape == images.shape and set(maps.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_invert_latents_lowers_the_decoder_error():
+    pipe = SD35Pipeline.from_pretrained(None, device="cpu", dtype=torch.float32, fp8="none")
+    rng = np.random.default_rng(0)
+    img, _ = concept.brown_scene(rng, 64)
+    x = torch.from_numpy(img[None]).float().movedim(-1, 1) / 127.5 - 1.0  # [1, 3, 64, 64]
+    with torch.no_grad():
+        z = to_model_space(pipe.vae.encode(x))
+    zi = train_lora.invert_latents(pipe.vae, x, z, steps=3)
+    with torch.no_grad():
+        before = (pipe.vae.decode(to_vae_space(z)) - x).abs().mean()
+        after = (pipe.vae.decode(to_vae_space(zi)) - x).abs().mean()
+    assert after < before

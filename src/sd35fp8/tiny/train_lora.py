@@ -1,10 +1,13 @@
 """Train the shipped LoRA: teach the shipped model the colour word "brown" (tiny/concept.py).
 
-    # the shipped file (its exact command is in its metadata, `sd35fp8 info FILE`):
+    # the shipped file, with the session-10 version of this file (its exact command is in its metadata,
+    # `sd35fp8 info FILE`; today's chunked data draws give other images for the same command):
     nice python -m sd35fp8.tiny.train_lora --steps 300 --batch 4 --n-images 240 --p-new 0.75 --lr 3e-3
     # on a GPU (bf16 autocast; --minutes bounds the whole run; the file is rewritten every --save-every
-    # steps and at the end, so a run killed by a time limit still leaves the last checkpoint):
-    python -m sd35fp8.tiny.train_lora --device cuda --steps 4000 --batch 128 --n-images 8000 --lr 1e-3 --minutes 3.5
+    # steps and at the end, so a run killed by a time limit still leaves the last checkpoint); the
+    # concept's latents fitted to the frozen decoder (--invert-steps; not run on a GPU yet):
+    python -m sd35fp8.tiny.train_lora --device cuda --steps 1500 --batch 128 --n-images 4000 --invert-steps 100 \
+        --invert-batch 512 --minutes 2
 
 The base weights stay frozen. LoRA (rank --rank, alpha = rank) on every Linear of the MMDiT's joint
 blocks and context embedder and on the attention and MLP Linears of CLIP-L, CLIP-G and T5, through
@@ -34,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..lora.apply import ActiveTerm, lora_slot, remove_slot
-from ..models.vae import to_model_space
+from ..models.vae import to_model_space, to_vae_space
 from ..pipeline import shipped_model_path
 from . import concept, world
 from .data import SPIECE_NAME, make_tokenizer, token_rows
@@ -106,14 +109,39 @@ def render_data(n: int, p_new: float, size: int, seed: int, workers: int) -> tup
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
+def invert_latents(vae, x: torch.Tensor, z: torch.Tensor, steps: int, lr: float = 0.05) -> torch.Tensor:
+    """Latents (model space) that the frozen decoder turns into x [B, 3, H, W]: Adam on L1(decode(z), x) from
+    the encoder's z [B, 16, h, w]. The shipped VAE only ever saw the 8 palette colours: its encoder's latent
+    of a brown object decodes red or green (3 of 16 single brown objects survive the round trip), but the
+    decoder can draw brown from other latents (7 of 8 after 150 steps), so the LoRA learns those."""
+    z = z.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        loss = (vae.decode(to_vae_space(z)) - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return z.detach()
+
+
 def build_data(args, vae, tokenizer, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Rendered, encoded (model-space latents, on `device`) and tokenized training set (ids on `device`)."""
+    """Rendered, encoded (model-space latents, on `device`) and tokenized training set (ids on `device`).
+    --invert-steps > 0: the new concept's latents are decoder inversions (invert_latents)."""
     images, captions = render_data(args.n_images, args.p_new, args.size, args.seed, args.workers)
+    new = torch.tensor([concept.NEW_COLOUR in c.split() for c in captions])  # [N] the concept's scenes
     lat = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
             x = torch.from_numpy(images[i:i + 256]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
             lat.append(to_model_space(vae.encode(x)))
+    if args.invert_steps:
+        z = torch.cat(lat)  # [N, 16, h, w]
+        idx = torch.nonzero(new).flatten()
+        for i in range(0, len(idx), args.invert_batch):
+            j = idx[i:i + args.invert_batch]
+            x = torch.from_numpy(images[j.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            z[j.to(device)] = invert_latents(vae, x, z[j.to(device)], args.invert_steps)
+        lat = [z]
     rows = [token_rows(tokenizer, c) for c in captions]
     ids = [torch.tensor([r[k] for r in rows], dtype=torch.long, device=device) for k in range(3)]  # 3 x [N, 77]
     return torch.cat(lat), ids
@@ -153,6 +181,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "run (loading and data included), then write the file (its metadata says how many steps ran)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on CUDA, float32 on the CPU)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="rendering processes")
+    ap.add_argument("--invert-steps", type=int, default=0, help="decoder-inversion steps for the new concept's "
+                    "latents (0: the encoder's latents)")
+    ap.add_argument("--invert-batch", type=int, default=1024)
     ap.add_argument("--save-every", type=int, default=500, help="rewrite the file every N steps (0: at the end)")
     ap.add_argument("--profile", type=int, default=0, help="profile N steps after 20 warm-up steps (torch.profiler "
                     "table on stdout), then train on")
