@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
     result = run_workflow(args.workflow, args.models, output_dir=args.output, sets=args.sets, device=str(device),
                           hooks=hooks, extra_model_paths=args.extra_model_paths, compile=args.compile,
-                          offload=args.offload)
+                          offload=args.offload, attention=args.attention, cache_threshold=args.cache_threshold)
     if not result.success:
         err = result.error or {}
         print(f"sd35fp8 run: node {err.get('node_id')} ({err.get('node_type')}) failed: "

@@ -100,12 +100,14 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                state_dir: str | os.PathLike | None = None, on_restart: str = "requeue",
                warmup: Callable[[], Any] | None = None, hang_seconds: float = DEFAULT_HANG_SECONDS,
                check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none",
+               attention: str = "auto", cache_threshold: float = 0.0,
                warmup_workflow: str | os.PathLike | None = None,
                warmup_shapes: Sequence[tuple[int, int, int]] | None = None) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
     compile / offload: the new PromptExecutor's engine options (None = the device's default for a
-    server: compiled on CUDA; offload "none" | "model" | "sequential").
+    server: compiled on CUDA; offload "none" | "model" | "sequential"; attention auto | fp8 | bf16;
+    cache_threshold: step caching for every KSampler, 0 = off).
 
     state_dir: the durable queue + history journal (journal.py) lives there; None = memory only;
     "auto" = sd35fp8-state/ beside the output folder (never inside it: /view serves the output folder).
@@ -133,7 +135,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         folders = ModelFolders(models_dir, output_dir=output_dir, input_dir=input_dir, temp_dir=temp_dir,
                                extra_config=extra_model_paths)
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        executor = PromptExecutor(folders, device=dev, compile=compile, offload=offload)
+        executor = PromptExecutor(folders, device=dev, compile=compile, offload=offload, attention=attention,
+                                  cache_threshold=cache_threshold)
     folders = executor.folders
     if warmup_workflow is not None:
         warmup = _workflow_warmup(executor, warmup_workflow, warmup_shapes, warmup)
