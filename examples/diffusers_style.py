@@ -26,17 +26,16 @@ os.makedirs(args.out, exist_ok=True)
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
-if args.model is None:  # the shipped file: any SD3.5 single file loads the same way
+if args.model is None:  # the shipped file: any SD3.5 single file or diffusers folder loads the same way
     from sd35fp8.tiny import SHIPPED_CHECKPOINT
 
-    pipe = StableDiffusion3Pipeline.from_single_file(str(SHIPPED_CHECKPOINT), torch_dtype=dtype)
-else:
-    pipe = StableDiffusion3Pipeline.from_pretrained(args.model, torch_dtype=dtype)
+    args.model = str(SHIPPED_CHECKPOINT)
+pipe = StableDiffusion3Pipeline.from_pretrained(args.model, torch_dtype=dtype)
 pipe = pipe.to(device)
 pipe.set_progress_bar_config(disable=True)
 print("components:", type(pipe.transformer).__name__, type(pipe.vae).__name__, type(pipe.text_encoder).__name__,
       type(pipe.text_encoder_2).__name__, type(pipe.text_encoder_3).__name__, type(pipe.tokenizer).__name__,
-      type(pipe.tokenizer_3).__name__, pipe.scheduler.config)
+      type(pipe.tokenizer_2).__name__, type(pipe.tokenizer_3).__name__, pipe.scheduler.config)
 
 prompt = "a red circle above a blue square"
 seen = []
@@ -88,7 +87,11 @@ image.save(os.path.join(args.out, "img2img.png"))
 
 mask = Image.new("L", init.size, 0)
 mask.paste(255, (0, init.height // 2, init.width, init.height))  # repaint the lower half
-inpaint = StableDiffusion3InpaintPipeline.from_pipe(pipe)
+if args.model.endswith(".safetensors"):  # diffusers' single-file loader (a file, not a repo id)
+    inpaint = StableDiffusion3InpaintPipeline.from_single_file(args.model, torch_dtype=dtype).to(device)
+    inpaint.set_progress_bar_config(disable=True)
+else:
+    inpaint = StableDiffusion3InpaintPipeline.from_pipe(pipe)
 image = inpaint(prompt="a red circle above a green square", image=init, mask_image=mask, strength=1.0,
                 num_inference_steps=args.steps, guidance_scale=4.0,
                 generator=torch.Generator("cpu").manual_seed(1)).images[0]

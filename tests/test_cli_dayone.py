@@ -94,6 +94,14 @@ def test_python_dash_m():
     assert done.returncode == 0 and "generate" in done.stdout
 
 
+def test_run_checks_its_output_folder_first(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    wf = ROOT / "examples" / "workflows" / "shipped_api.json"
+    rc, _, err = _run(["run", str(wf), "--models", str(tmp_path), "--output", str(blocker / "out")], capsys)
+    assert rc != 0 and f"--output {blocker / 'out'}: cannot write there" in err and "node 3" not in err, err
+
+
 def test_set_names_unknown_inputs(tmp_path, capsys):
     wf = ROOT / "examples" / "workflows" / "shipped_api.json"
     rc, _, err = _run(["run", str(wf), "--set", "3.sed=42"], capsys)
@@ -144,3 +152,73 @@ def test_examples_models_folder_and_workflows(tmp_path, capsys):
                         guidance_scale=4.0, seed=13, sampler="euler_ancestral", scheduler="normal",
                         progress=False).images[0]
     assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], np.asarray(ref))
+
+
+def test_serve_draws_a_progress_bar_per_prompt(tmp_path):
+    """`sd35fp8 serve` (a real process, the example models folder): each prompt's sampling steps show as a
+    bar on the server's stderr, labelled with the prompt id."""
+    import runpy
+    import signal
+    import time
+    import urllib.request
+
+    from live_server import free_port
+
+    models = runpy.run_path(str(ROOT / "examples" / "make_models_folder.py"))["build"](tmp_path / "models")
+    graph = json.loads((ROOT / "examples" / "workflows" / "shipped_api.json").read_text())
+    graph["3"]["inputs"]["steps"] = 2
+    graph["5"]["inputs"].update(width=32, height=32)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "sd35fp8", "serve", "--models", str(models), "--port", str(port),
+                                 "--device", "cpu", "--state-dir", "none"], stdout=subprocess.DEVNULL, stderr=errf)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/ready", timeout=5):
+                        break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+                    time.sleep(0.5)
+            body = json.dumps({"prompt": graph}).encode()
+            req = urllib.request.Request(f"{url}/prompt", data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                pid = json.load(r)["prompt_id"]
+            while True:
+                with urllib.request.urlopen(f"{url}/history/{pid}", timeout=30) as r:
+                    if json.load(r).get(pid, {}).get("status", {}).get("completed"):
+                        break
+                assert time.monotonic() < deadline, err.read_text()[-2000:]
+                time.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    text = err.read_text()
+    assert f"prompt {pid[:8]} node 3: 100%" in text and "2/2" in text, text[-2000:]
+
+
+def test_quantize_shows_its_progress(tiny_random_checkpoint, tmp_path, capsys):
+    path, _ = tiny_random_checkpoint
+    rc, _, err = _run(["quantize", str(path), str(tmp_path / "q.safetensors"), "--mode", "dynamic"], capsys)
+    assert rc == 0, err
+    assert "writing q.safetensors: 100%" in err
+
+
+def test_unknown_node_type_named_by_class_type_and_id(tmp_path, capsys):
+    """A node type nobody defines is reported under its class_type and node id (not its title), and a
+    ComfyUI core node sd35fp8 lacks is not called a custom node."""
+    graph = json.loads((ROOT / "examples" / "workflows" / "shipped_api.json").read_text())
+    graph["3"]["class_type"] = "FooBarNode"
+    graph["3"]["_meta"] = {"title": "KSampler"}
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(graph))
+    rc, _, err = _run(["run", str(wf), "--models", str(tmp_path)], capsys)
+    assert rc != 0 and "node type 'FooBarNode' not found" in err and "#3" in err, err
+    assert "not a ComfyUI core node" in err
+    graph["3"]["class_type"] = "FreeU_V2"
+    wf.write_text(json.dumps(graph))
+    rc, _, err = _run(["run", str(wf), "--models", str(tmp_path)], capsys)
+    assert rc != 0 and "'FreeU_V2' not found; it is a ComfyUI core node that sd35fp8 does not implement" in err, err

@@ -162,3 +162,31 @@ def test_placement_and_tiling(pipe, caplog):
     assert not pipe._tiled_decode(128, 128)
     with pytest.raises(InputError, match="sd35fp8 runs on cpu or cuda|no CUDA"):
         pipe.to("mps" if torch.cuda.is_available() else "cuda")
+
+
+@pytest.mark.parametrize("name", ["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
+                                  "StableDiffusion3InpaintPipeline"])
+def test_every_diffusers_argument_and_method_is_known(name):
+    """Against diffusers itself: every argument its SD3 pipelines' __call__ take is either translated or
+    refused by name (never an 'unknown argument'), and the loading / placement / memory methods a script
+    calls exist on our class of the same name."""
+    import inspect
+
+    import sd35fp8
+    from sd35fp8.diffusers_compat import DiffusersSurface, SLG_KNOBS, UNSUPPORTED_CALL_ARGS
+
+    diffusers = pytest.importorskip("diffusers")
+    theirs = getattr(diffusers, name)
+    ours = set(inspect.signature(DiffusersSurface.__call__).parameters) | set(UNSUPPORTED_CALL_ARGS) | set(SLG_KNOBS)
+    assert set(inspect.signature(theirs.__call__).parameters) - ours == set()
+    for method in ("from_pretrained", "from_single_file", "from_pipe", "to", "enable_model_cpu_offload",
+                   "enable_sequential_cpu_offload", "set_progress_bar_config"):
+        assert hasattr(theirs, method) and callable(getattr(getattr(sd35fp8, name), method)), method
+
+
+def test_skip_layer_knobs_without_layers_are_ignored_as_diffusers_does(pipe):
+    a = pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np", skip_layer_guidance_scale=2.8,
+             skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.2).images
+    assert np.array_equal(a, pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np").images)
+    with pytest.raises(InputError, match="skip_guidance_layers not supported.*slg=False"):
+        pipe(PROMPT, skip_guidance_layers=[7, 8, 9])

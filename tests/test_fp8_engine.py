@@ -254,7 +254,7 @@ def test_calibrate_recipe_and_policy(mmdit, calls, tmp_path):
     assert json.loads(out.read_text())["keep"] == list(pol.keep)
 
 
-def test_cli_calibrate_then_quantize(tiny_random_checkpoint, tmp_path):
+def test_cli_calibrate_then_quantize(tiny_random_checkpoint, tmp_path, capsys):
     from sd35fp8.cli import main
 
     path, _ = tiny_random_checkpoint
@@ -263,6 +263,8 @@ def test_cli_calibrate_then_quantize(tiny_random_checkpoint, tmp_path):
     recipe = tmp_path / "recipe.json"
     assert main(["calibrate", str(path), "--out", str(recipe), "--prompts", str(prompts), "--steps", "3",
                  "--size", "64", "--calls", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
+    err = capsys.readouterr().err  # progress bars: every stage of a long calibration shows on stderr
+    assert "calibration trajectories: 100%" in err and "calibration scoring: 100%" in err, err
     rec = Recipe.load(recipe)
     assert rec.input_scales and rec.stats["calls"] >= 2 and rec.stats["prompts"] == 2
     out = tmp_path / "aio_scaled.safetensors"

@@ -1,5 +1,6 @@
-"""The README's two set-up commands: the first one's `sd35fp8 generate` runs as written (the
-install part is what CI itself does), the second one is exactly what .ci/run runs."""
+"""The README's commands: the first set-up command's `sd35fp8 generate` runs as written (the install
+part is what CI itself does), the second is exactly what .ci/run runs; every other `sd35fp8` command
+parses, and those whose files ship with the repository run."""
 
 from __future__ import annotations
 
@@ -65,3 +66,43 @@ def test_readme_cli_examples_parse():
     parser = build_parser()
     for argv in commands:
         parser.parse_args(argv)  # exits (SystemExit) on an unknown subcommand or flag
+
+
+def test_readme_commands_on_shipped_files_run(tmp_path, monkeypatch, capsys):
+    """Every README command whose files all ship with the repository runs here (its -o redirected to a
+    temporary folder). Not run: those naming the user's own SD3.5 files or models folder (parsed above),
+    `serve` (tests/test_cli_dayone.py serves the example models folder), and the bare `eval` (100 images;
+    tests/test_cli_dayone.py runs it with --n 1 from the repo root)."""
+    from sd35fp8.cli import main
+
+    monkeypatch.chdir(ROOT)
+    ran = []
+    for argv in _readme_cli_commands()[1:]:  # the first one: test_readme_generate_command
+        files = [a.split(":")[0] for a in argv if a.endswith((".safetensors", ".json")) or ".safetensors:" in a]
+        files += [argv[i + 1] for i, a in enumerate(argv) if a in ("--model", "--models")]  # repo ids, folders
+        outputs = {argv[i + 1] for i, a in enumerate(argv) if a in ("-o", "--out")}
+        if argv[0] in ("serve", "eval") or not all((ROOT / f).is_file() for f in files if f not in outputs):
+            continue
+        argv = [str(tmp_path / a) if a in outputs else a for a in argv]
+        assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
+        ran.append(argv[0])
+    assert ran == ["samplers", "info", "generate"], ran
+
+
+def test_readme_diffusers_snippet_runs_on_the_shipped_model(tmp_path, monkeypatch):
+    """The Python section's first snippet (the diffusers-style call), with only the model id, device,
+    size and steps swapped for the shipped model on the CPU: the rest runs as written."""
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT
+
+    section = (ROOT / "README.md").read_text().split("\n## Python\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "from sd35fp8 import StableDiffusion3Pipeline" in code and "generator=torch.Generator" in code
+    swaps = {'"stabilityai/stable-diffusion-3.5-large"': repr(str(SHIPPED_CHECKPOINT)), 'pipe.to("cuda")': 'pipe.to("cpu")',
+             "torch_dtype=torch.bfloat16": "torch_dtype=torch.float32", "num_inference_steps=28": "num_inference_steps=2",
+             "height=1024, width=1024": "height=128, width=128"}
+    for old, new in swaps.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Python)", "exec"), {})
+    assert Image.open(tmp_path / "cat.png").size == (128, 128)

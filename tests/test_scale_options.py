@@ -28,3 +28,35 @@ def test_replicas_and_autoscaling():
 def test_bad_counts_are_refused():
     with pytest.raises(SystemExit):
         opts("--replicas", "0")
+
+
+def test_replicas_get_the_engine_options(monkeypatch, tmp_path):
+    """`serve --replicas N --compile/--offload`: serve() hands compile / offload to create_ray_app, which
+    starts every replica (EngineReplica -> PromptExecutor) with them; with --attach they are refused."""
+    from sd35fp8.scale import ray_serve
+    from sd35fp8.scale.replica import EngineReplica
+    from sd35fp8.server import stop_app
+
+    seen = {}
+
+    def fake_start_engines(models_dir, **kw):
+        seen.update(kw)
+        return object()  # the deployment handle; no prompt runs in this test
+
+    monkeypatch.setattr(ray_serve, "start_engines", fake_start_engines)
+    app = ray_serve.create_ray_app(tmp_path / "models", tmp_path / "out", replicas=2, compile=False,
+                                   offload="model", state_dir=None)
+    stop_app(app, timeout=0)
+    assert seen["compile"] is False and seen["offload"] == "model" and seen["replicas"] == 2
+    replica = EngineReplica(tmp_path / "models", device="cpu", compile=False, offload="sequential")
+    assert replica.info()["offload"] == "sequential" and replica.info()["compile"] is False
+    assert replica.executor.engine_options.offload == "sequential"
+
+
+def test_attach_refuses_engine_options():
+    pytest.importorskip("ray.serve")
+    from sd35fp8.errors import InputError
+    from sd35fp8.scale.ray_serve import start_engines
+
+    with pytest.raises(InputError, match="put compile / offload in that config"):
+        start_engines("models", attach=True, offload="model")

@@ -239,6 +239,10 @@ def test_full_queue_then_good_prompt(client):
     r = client.post("/prompt", json={"prompt": fake_prompt(seed=20)})
     assert r.status_code == 429
     assert r.json()["error"]["type"] == "queue_full" and "3 prompts waiting" in r.json()["error"]["details"]
+    assert r.headers["retry-after"] == "1"
+    # a full queue answers before the body is read: a retrying flood is not validated again and again
+    assert client.post("/prompt", content=b"not even json", headers={"Content-Type": "application/json"}
+                       ).status_code == 429
     HOLD.set()
     run_to_end(client, running)
     wait_for(lambda: client.get("/prompt").json()["exec_info"]["queue_remaining"] == 0)

@@ -53,6 +53,9 @@ UNSUPPORTED_CALL_ARGS = ("sigmas", "latents", "prompt_embeds", "negative_prompt_
                          "negative_pooled_prompt_embeds", "ip_adapter_image", "ip_adapter_image_embeds",
                          "joint_attention_kwargs", "clip_skip", "skip_guidance_layers", "mu", "masked_image_latents",
                          "padding_mask_crop")
+# diffusers' skip-layer guidance knobs: used by diffusers only with skip_guidance_layers (refused above), so
+# accepted and unused without it
+SLG_KNOBS = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
 CALLBACK_TENSOR_INPUTS = ("latents",)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DIFFUSERS_IMG2IMG_STRENGTH = 0.6  # diffusers' default strength for img2img / inpainting
@@ -338,12 +341,17 @@ class DiffusersSurface:
         """diffusers' StableDiffusion3Pipeline call (and its img2img / inpaint pipelines' image,
         strength, mask_image), plus our own names (seed, sampler, scheduler, shift, denoise,
         callback, slg, progress, interrupt, cache_threshold). Translation rules: the module docstring."""
+        if unsupported.get("skip_guidance_layers") is None:
+            for k in SLG_KNOBS:  # diffusers reads them only with skip_guidance_layers
+                unsupported.pop(k, None)
         given = sorted(k for k, v in unsupported.items() if v is not None)
-        unknown = [k for k in given if k not in UNSUPPORTED_CALL_ARGS]
+        unknown = [k for k in given if k not in UNSUPPORTED_CALL_ARGS + SLG_KNOBS]
         if unknown:
             raise InputError(f"unknown argument(s) {', '.join(unknown)}")
         if given:
-            raise InputError(f"diffusers argument(s) {', '.join(given)} not supported by sd35fp8")
+            slg = (" (sd35fp8 applies the model's own skip-layer guidance, SD3.5 Medium's layers 7, 8, 9 as the "
+                   "reference sd3_infer.py; slg=False turns it off)" if "skip_guidance_layers" in given else "")
+            raise InputError(f"diffusers argument(s) {', '.join(given)} not supported by sd35fp8{slg}")
         if prompt is None:
             raise InputError("prompt must be a string or a list of strings, got None (prompt_embeds are not supported)")
         if output_type not in OUTPUT_TYPES:

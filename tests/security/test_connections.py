@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from conftest import Live, build_app
+from conftest import Live, build_app, fake_prompt
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
@@ -124,3 +124,30 @@ def test_serve_passes_the_connection_settings(tmp_path, monkeypatch):
     assert isinstance(config, uvicorn.Config)
     assert config.timeout_keep_alive == 7 and config.limit_concurrency == 11
     assert issubclass(config.http, HeaderTimeoutH11Protocol) and config.http.header_timeout == 3.5
+
+
+def test_websocket_outlives_the_header_deadline(tmp_path):
+    """An upgraded connection is the WebSocket's: the header deadline no longer applies to it (it
+    closed every /ws connection header_timeout seconds after it opened, and messages sent meanwhile
+    were lost to the client)."""
+    import json
+
+    import websocket
+
+    with Live(build_app(tmp_path, allow_hosts=()), header_timeout=0.5, keep_alive=5) as srv:
+        ws = websocket.create_connection(f"ws://{srv.host}/ws?clientId=abc", timeout=5)
+        try:
+            assert json.loads(ws.recv())["type"] == "status"
+            time.sleep(2.0)  # four header deadlines
+            r = requests.post(f"{srv.url}/prompt", json={"prompt": fake_prompt(seed=5), "client_id": "abc"}, timeout=10)
+            assert r.status_code == 200
+            ws.settimeout(10)
+            seen = set()
+            while "execution_success" not in seen:  # still open, still delivering, to the end of the prompt
+                msg = ws.recv()
+                if isinstance(msg, str):
+                    m = json.loads(msg)
+                    if m["data"].get("prompt_id") in (None, r.json()["prompt_id"]):
+                        seen.add(m["type"])
+        finally:
+            ws.close()

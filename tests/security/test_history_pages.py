@@ -76,3 +76,100 @@ def test_full_dump_is_cached_until_the_history_changes():
     assert list(json.loads(h.get_json())) == ["p1", "p3", "p9"]
     h.wipe()
     assert h.get_json() == b"{}"
+
+
+def _queue_with_history(done: int, pending: int, running: int = 1):
+    """A PromptQueue whose history holds `done` entries (every third failed, every fifth cancelled,
+    create times shuffled), `running` taken items and `pending` waiting ones."""
+    import random
+
+    from sd35fp8.server.queue import PromptQueue
+
+    rng = random.Random(0)
+    q = PromptQueue(max_queue=done + pending + running + 1)
+    for i in range(done):
+        created = rng.randrange(1000)
+        q.put([i, f"d{i}", {"1": {"class_type": "X", "inputs": {"t": "é" * (i % 3)}}}, {"create_time": created}, ["1"]])
+        task, _ = q.get(timeout=1)
+        event = "execution_success" if i % 3 else "execution_error"
+        event = "execution_interrupted" if i % 5 == 0 else event
+        q.task_done(task, {"1": {"images": [{"filename": f"{i}.png", "subfolder": "", "type": "output"}]}},
+                    {"status_str": "success" if event == "execution_success" else "error", "completed": True,
+                     "messages": [["execution_start", {"timestamp": created}], [event, {"timestamp": created + 1}]]})
+    for i in range(running + pending):
+        q.put([done + i, f"q{i}", {"1": {"class_type": "X", "inputs": {}}}, {"create_time": 500 + rng.randrange(1000)},
+               ["1"]])
+    for _ in range(running):
+        q.get(timeout=1)
+    return q
+
+
+def test_queue_json_is_current_queue():
+    """GET /queue's cached bytes are exactly current_queue() through every kind of change."""
+    import json
+
+    q = _queue_with_history(3, 6, running=2)
+
+    def check():
+        running, pending = q.current_queue()
+        body = q.queue_json()
+        assert json.loads(body) == {"queue_running": running, "queue_pending": pending}
+        assert body == json.dumps({"queue_running": running, "queue_pending": pending}, ensure_ascii=False,
+                                  separators=(",", ":")).encode()  # the bytes a JSONResponse would send
+
+    check()
+    q.put([-1, "front", {}, {"create_time": 1}, []])
+    check()
+    assert json.loads(q.queue_json())["queue_pending"][0][1] == "front"
+    q.delete_queue_item("q3")
+    check()
+    task, _ = q.get(timeout=1)
+    check()
+    q.task_done(task, {}, {"status_str": "success", "completed": True, "messages": []})
+    check()
+    q.wipe_queue()
+    check()
+    assert json.loads(q.queue_json())["queue_pending"] == [] and not q._item_json
+
+
+def test_jobs_pages_match_a_full_sort():
+    """GET /jobs from cached rows gives what sorting every job on each request gives, for every status
+    filter, order, offset and limit, before and after the queue and the history change."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sd35fp8.server.jobs import history_job, jobs_routes, queue_job
+
+    q = _queue_with_history(40, 7, running=1)
+    app = FastAPI()
+    app.include_router(jobs_routes(q))
+
+    def naive(status: str, limit, offset: int, order: str) -> dict:
+        wanted = {s for s in status.split(",") if s} or {"pending", "in_progress", "completed", "failed", "cancelled"}
+        running, pending = q.current_queue()
+        live = sorted([queue_job(i, "in_progress") for i in running] + [queue_job(i, "pending") for i in pending],
+                      key=lambda j: j["create_time"])
+        done = sorted([history_job(p, e) for p, e in q.history().items()], key=lambda j: j["create_time"])
+        jobs = sorted([j for j in done if j["status"] in wanted] + [j for j in live if j["status"] in wanted],
+                      key=lambda j: j["create_time"])  # stable: history rows before queue rows on ties
+        if order != "asc":
+            jobs.reverse()
+        page = jobs[offset:] if limit is None else jobs[offset:offset + limit]
+        return {"jobs": page, "pagination": {"offset": offset, "limit": limit if limit is not None else len(jobs),
+                                             "total": len(jobs), "has_more": offset + len(page) < len(jobs)}}
+
+    with TestClient(app) as c:
+        for round_ in range(2):
+            for status in ("", "completed", "failed,cancelled", "pending,in_progress", "pending,completed"):
+                for order in ("desc", "asc"):
+                    for limit, offset in ((None, 0), (5, 0), (5, 3), (10, 44), (3, 100), (0, 2), (None, 7)):
+                        params = {"status": status, "sort_order": order, "offset": offset}
+                        if limit is not None:
+                            params["limit"] = limit
+                        got = c.get("/jobs", params=params)
+                        assert got.status_code == 200
+                        assert got.json() == naive(status, limit, offset, order), (round_, status, order, limit, offset)
+            task, _ = q.get(timeout=1)  # the queue and the history change between rounds
+            q.task_done(task, {}, {"status_str": "success", "completed": True, "messages": []})
+            q.delete_history_item("d4")
+            q.put([99, "late", {}, {"create_time": 3}, []])

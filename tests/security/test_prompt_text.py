@@ -117,3 +117,55 @@ def test_long_prompts_are_refused_or_cut_and_memory_stays_bounded(models, tmp_pa
         growth = max(peak + [rss_mb()]) - idle
         print(f"RSS idle {idle:.0f} MB, growth for an 8192-character prompt {growth:.0f} MB")
         assert growth < 300, f"RSS grew {growth:.0f} MB for a prompt at the hard cap"
+
+
+def test_text_linked_from_a_string_primitive_is_cut_at_its_source(models, tmp_path):
+    """A CLIPTextEncode whose text is linked from a String (Multiline) node: the primitive's literal is
+    cut to the budget at /prompt, the warning names both nodes, and the prompt runs."""
+    app = create_app(models, tmp_path / "out", device="cpu", serve_frontend=False, allow_hosts=(TESTCLIENT_HOST,),
+                     limits=Limits(max_text_chars=8192, max_prompt_tokens=64))
+    text = long_text(4000, seed=3)
+    prompt = seed_prompt("unused")
+    prompt["50"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": text}}
+    prompt["6"]["inputs"]["text"] = ["50", 0]
+    with TestClient(app) as c:
+        r = c.post("/prompt", json={"prompt": prompt})
+        assert r.status_code == 200, r.text
+        (warning,) = r.json()["warnings"]
+        assert warning["node_id"] == "6" and warning["source_node_id"] == "50" and warning["max_tokens"] == 64
+        pid = r.json()["prompt_id"]
+        deadline = time.monotonic() + 600
+        while not (entry := c.get(f"/history/{pid}").json().get(pid)):
+            assert time.monotonic() < deadline, "the prompt did not finish"
+            time.sleep(0.05)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    kept = entry["prompt"][2]["50"]["inputs"]["value"]
+    assert text.startswith(kept) and len(kept) == warning["chars_kept"] < len(text)
+    assert TextBudget(64, t5_tokenizer=T5Tokenizer(SHIPPED_T5_TOKENIZER)).fits(kept, ("clip", "t5"))
+
+
+def test_every_text_reaching_an_encoder_is_bounded(monkeypatch):
+    """A text built at run time (here a node that repeats its input: any STRING output linked in) is cut
+    by the encoder node itself, for CLIPTextEncode and each CLIPTextEncodeSD3 text, hard cap first."""
+    from sd35fp8.workflow import engine
+    from sd35fp8.workflow.node_base import NodeContext
+    from sd35fp8.workflow.nodes import CLIPTextEncode, CLIPTextEncodeSD3
+
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(engine, "encode_text", lambda clip, text: seen.append((text,)) or "cond")
+    monkeypatch.setattr(engine, "encode_text_sd3",
+                        lambda clip, l_, g, t5, pad: seen.append((l_, g, t5)) or "cond")
+    t5 = T5Tokenizer(SHIPPED_T5_TOKENIZER)
+    budget = TextBudget(50, t5_tokenizer=t5, max_chars=3000)
+    ctx = NodeContext(folders=None, node_id="6", text_limit=budget.limit)
+    huge = long_text(3000, seed=5) * 100  # 300 000 characters: what no literal may hold
+    CLIPTextEncode(ctx).encode(clip=None, text=huge)
+    CLIPTextEncodeSD3(ctx).encode(None, huge, "a red fox", huge, "none")
+    (text,), (clip_l, clip_g, t5xxl) = seen
+    for cut, encoders in ((text, ("clip", "t5")), (clip_l, ("clip",)), (t5xxl, ("t5",))):
+        assert huge.startswith(cut) and 0 < len(cut) < 3000 and budget.fits(cut, encoders)
+        assert not budget.fits(huge[:len(cut) + 1], encoders)
+    assert clip_g == "a red fox"
+    unbounded = NodeContext(folders=None, node_id="6")  # no server: texts as given (sd35fp8 run, the library)
+    CLIPTextEncode(unbounded).encode(clip=None, text=huge)
+    assert seen[-1] == (huge,)

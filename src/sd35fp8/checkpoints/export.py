@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from sd35fp8.checkpoints.safetensors_file import DTYPES, SafetensorsFile
 from sd35fp8.checkpoints.sources import FP8_DTYPES, FP8_MARKER, PREFIXES, TEXT_INNER_PREFIX, TensorSource, open_file
@@ -66,9 +68,10 @@ class Entry:
 
 
 def write_safetensors(path: str | Path, entries: Sequence[Entry], produce: Callable[[str], torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> int:
+                      metadata: Mapping[str, str] | None = None, progress: bool = False) -> int:
     """Write a safetensors file byte-identical to `save_file` for the same tensors, calling
-    `produce(key)` for one tensor at a time in file order. Returns the file size."""
+    `produce(key)` for one tensor at a time in file order. Returns the file size.
+    progress: a bar of the bytes written (tqdm, stderr)."""
     order = sorted(entries, key=lambda e: (-_DTYPE_RANK[DTYPE_NAMES[e.dtype]], e.key))
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -79,6 +82,8 @@ def write_safetensors(path: str | Path, entries: Sequence[Entry], produce: Calla
     raw += b" " * ((8 - len(raw) % 8) % 8)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
+    bar = tqdm(total=offset, desc=f"writing {path.name}", unit="B", unit_scale=True, file=sys.stderr,
+               disable=not progress)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
@@ -91,8 +96,10 @@ def write_safetensors(path: str | Path, entries: Sequence[Entry], produce: Calla
                 if e.nbytes:
                     f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
                 del t
+                bar.update(e.nbytes)
         tmp.replace(path)
     finally:  # an error or Ctrl-C leaves neither a half file nor the .partial
+        bar.close()
         tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
@@ -208,12 +215,13 @@ def _file_prefix(file: SafetensorsFile, component: str, source: TensorSource) ->
 
 def export(path_in: str | Path, path_out: str | Path, fmt: str = "comfy", recipe: Recipe | str | Path | None = None,
            mode: str | None = None, t5: bool = False, policy: Policy | None = None,
-           all_linears: bool = False) -> ExportReport:
+           all_linears: bool = False, progress: bool = False) -> ExportReport:
     """Quantise the MMDiT (and with `t5` the T5-XXL) of `path_in` into `path_out` (see module doc).
 
     A single file keeps its layout (all-in-one -> all-in-one, MMDiT-only -> MMDiT-only, T5-only
     -> T5-only); a folder or repo id (e.g. diffusers) gives an MMDiT-only file with original keys.
     `mode` "static" needs a recipe with input scales; "weight_only"/"dynamic" write no input scales.
+    progress: a bar of the bytes written on stderr (`sd35fp8 quantize`).
     """
     if fmt not in FORMATS:
         raise InputError(f"export format {fmt!r} not in {FORMATS}")
@@ -259,7 +267,7 @@ def export(path_in: str | Path, path_out: str | Path, fmt: str = "comfy", recipe
         metadata[METADATA_KEY] = json.dumps({"format": "native", "version": 1, "granularity": "channel",
                                              "mode": mode, "recipe": rec.to_dict() if rec else None,
                                              "fp8_layers": {p.prefix or "": len(p.fp8_layers) for p in plans}})
-    size = write_safetensors(path_out, entries, lambda k: produce[k](), metadata or None)
+    size = write_safetensors(path_out, entries, lambda k: produce[k](), metadata or None, progress=progress)
     report = ExportReport(str(path_out), fmt, {p.source.component: len(p.fp8_layers) for p in plans},
                           sum(p.source.nbytes(k) for p in plans for k in p.source.keys()), size)
     log.info("%s", report.describe())

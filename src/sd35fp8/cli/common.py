@@ -143,6 +143,20 @@ def check_output(path: str | Path, force: bool, flag: str = "-o") -> Path:
     return path
 
 
+def check_output_folder(folder: str | Path, flag: str = "--output") -> Path:
+    """An output folder checked before any work: created if missing (as ComfyUI does) and writable."""
+    from ..errors import InputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sd35fp8-write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {folder}: cannot write there ({e.strerror})") from e
+    return folder
+
+
 def new_file(stem: str, suffix: str, folder: str | Path = ".") -> Path:
     """The first `stem_00001<suffix>`, `stem_00002<suffix>`... that does not exist in `folder`
     (ComfyUI's SaveImage numbering): a default output never overwrites anything."""

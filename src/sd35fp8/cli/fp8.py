@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
+from .common import check_output, positive_int
+
 MODES = ("weight_only", "dynamic", "static")  # fp8.device.MODES, written out so that --help imports no torch (tests/test_cli.py)
-from .common import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ def _add_calibrate(sub) -> argparse.ArgumentParser:
                        "(with --budget-db) keep sensitive layers 16-bit; writes a recipe JSON for "
                        "`sd35fp8 quantize --recipe` and `load_mmdit_fp8(recipe=)`.")
     p.add_argument("model", help="checkpoint file, folder or cached repo id (16-bit or fp8; fp8 is dequantised)")
-    p.add_argument("--out", required=True, help="recipe JSON to write")
+    p.add_argument("--out", required=True, help="recipe JSON to write (checked before any work)")
+    p.add_argument("--force", action="store_true", help="allow --out to overwrite a file tracked by git")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default: 32 built-in prompts)")
     p.add_argument("--num-prompts", type=positive_int, default=None, help="use only the first N prompts")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: per model)")
@@ -53,9 +55,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.size is not None and args.size % 16:
         raise InputError(f"--size must be a multiple of 16, got {args.size}")
     resolve_device(args.device)
-    out = Path(args.out)
-    if not out.parent.exists() or out.is_dir():
-        raise InputError(f"--out {args.out}: its folder does not exist or it is a folder")
+    check_output(args.out, args.force, "--out")
     if args.prompts:
         if not Path(args.prompts).is_file():
             raise InputError(f"--prompts {args.prompts} is not a file")
@@ -72,7 +72,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         pipe.mmdit = load_mmdit_fp8(args.model, pipe.device, pipe.dtype, "none")
     calls, amax = record_trajectories(pipe, prompts, args.steps, args.size, args.seed, args.calls)
     with torch.no_grad():
-        recipe = calibrate(pipe.mmdit.model, calls, amax=amax, tune=not args.no_tune, budget_db=args.budget_db)
+        recipe = calibrate(pipe.mmdit.model, calls, amax=amax, tune=not args.no_tune, budget_db=args.budget_db,
+                           progress=True)
     recipe.stats["prompts"] = len(prompts)
     recipe.stats["model"] = str(args.model)
     recipe.save(args.out)
@@ -118,7 +119,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise InputError(f"{args.output}: folder {Path(args.output).parent} does not exist")
     if args.recipe is not None and not Path(args.recipe).is_file():
         raise InputError(f"--recipe {args.recipe} is not a file")
-    report = export(args.input, args.output, args.fmt, args.recipe, args.mode, args.t5, all_linears=args.all_linears)
+    report = export(args.input, args.output, args.fmt, args.recipe, args.mode, args.t5, all_linears=args.all_linears,
+                    progress=True)
     print(report.describe())
     return 0
 

@@ -75,6 +75,8 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     srv.add_argument("--batch-wait-ms", type=float, default=20.0,
                      help="how long a taken prompt waits for compatible ones (0: only those already queued)")
     srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    srv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="a sampling progress bar per prompt on stderr (default on)")
     life = srv.add_argument_group("durable queue and lifecycle")
     life.add_argument("--state-dir", default="auto",
                       help="folder of the queue + history journal (SQLite); accepted prompts survive a crash or "
@@ -134,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
                     state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
                     drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
-                    offload=args.offload, attention=args.attention, cache_threshold=args.cache_threshold,
+                    offload=args.offload, console_progress=args.progress, attention=args.attention,
+                    cache_threshold=args.cache_threshold,
                     **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
                     **given)
     if pending:

@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from ..errors import InputError
-from .common import add_engine_args
+from .common import add_engine_args, check_output_folder
 
 
 def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -34,29 +34,27 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline import resolve_device
     from ..workflow import run_workflow
+    from ..workflow.progress_bars import ProgressBars
 
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
+    bars = ProgressBars()  # a sampling bar per node (KSampler steps), on stderr
 
     def hooks(event: str, data: dict) -> None:
         if event == "executing" and data.get("node") is not None:
             logging.getLogger("sd35fp8.run").info("executing node %s", data["node"])
-        if event == "progress":  # a sampling bar per node (KSampler steps), on stderr
-            node, value, total = str(data.get("node")), int(data["value"]), int(data["max"])
-            bar = bars.get(node)
-            if bar is None or bar.total != total or value < bar.n:
-                bar = bars[node] = tqdm(total=total, desc=f"node {node}", file=sys.stderr)
-            bar.update(value - bar.n)
-            if value >= total:
-                bar.close()
+        bars(event, data)
 
+    if args.output is not None:
+        check_output_folder(args.output)  # before any model loads or step runs
     device = resolve_device(args.device)
     if args.compile and device.type != "cuda":
         raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
-    result = run_workflow(args.workflow, args.models, output_dir=args.output, sets=args.sets, device=str(device),
-                          hooks=hooks, extra_model_paths=args.extra_model_paths, compile=args.compile,
-                          offload=args.offload, attention=args.attention, cache_threshold=args.cache_threshold)
+    try:
+        result = run_workflow(args.workflow, args.models, output_dir=args.output, sets=args.sets,
+                              device=str(device), hooks=hooks, extra_model_paths=args.extra_model_paths,
+                              compile=args.compile, offload=args.offload,
+                              attention=args.attention, cache_threshold=args.cache_threshold)
+    finally:
+        bars.close()
     if not result.success:
         err = result.error or {}
         print(f"sd35fp8 run: node {err.get('node_id')} ({err.get('node_type')}) failed: "

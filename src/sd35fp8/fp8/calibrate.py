@@ -210,21 +210,32 @@ def tune_weight_clip(model: nn.Module, rows: Mapping[str, list[torch.Tensor]], l
 def calibrate(model: nn.Module, calls: Sequence[tuple], policy: Policy | None = None,
               amax: Mapping[str, float] | None = None, margins: Sequence[float] = MARGIN_GRID,
               clip_grid: Sequence[float] = CLIP_GRID, tune: bool = True, budget_db: float | None = None,
-              granularity: str = "channel") -> Recipe:
+              granularity: str = "channel", progress: bool = False) -> Recipe:
     """Calibrate a high-precision `model` on recorded forward calls (arg tuples) -> Recipe.
 
     `amax`: activation amax already collected over whole trajectories (e.g. by `record_trajectories`);
     merged with the amax seen on `calls`. `budget_db`: also measure per-layer sensitivity and keep
-    the least robust layers until the predicted output SQNR reaches it.
+    the least robust layers until the predicted output SQNR reaches it. progress: a bar of the
+    stages (each one pass over `calls`: reference, dynamic, one per margin, tuning, policy) on stderr.
     """
     if not calls:
         raise InputError("calibrate: no recorded model calls")
     policy = policy or default_policy()
+    stages = 2 + len(margins) + (2 if tune else 0) + (2 if budget_db is not None else 0)
+    with tqdm(total=stages, desc="calibration scoring", unit="stage", file=sys.stderr, disable=not progress) as bar:
+        return _calibrate(model, calls, policy, amax, margins, clip_grid, tune, budget_db, granularity, bar)
+
+
+def _calibrate(model: nn.Module, calls: Sequence[tuple], policy: Policy, amax: Mapping[str, float] | None,
+               margins: Sequence[float], clip_grid: Sequence[float], tune: bool, budget_db: float | None,
+               granularity: str, bar: tqdm) -> Recipe:
+    bar.set_postfix_str("reference")
     stats = ActivationStats(model, capture_rows=CAPTURE_ROWS if tune else 0)
     try:
         ref = run_calls(model, calls)
     finally:
         stats.remove()
+    bar.update()
     seen = stats.amax_floats()
     for name, a in (amax or {}).items():
         seen[name] = max(a, seen.get(name, 0.0))
@@ -234,33 +245,42 @@ def calibrate(model: nn.Module, calls: Sequence[tuple], policy: Policy | None = 
         raise InputError(f"calibrate: {len(missing)} FP8 layers saw no input (e.g. {missing[:3]})")
     result: dict[str, float] = {}
 
-    def score(**kw) -> float:
+    def score(stage: str, **kw) -> float:
+        bar.set_postfix_str(stage)
         with fp8_swapped(model, policy=policy, granularity=granularity, **kw):
-            return output_sqnr(ref, run_calls(model, calls))
+            db = output_sqnr(ref, run_calls(model, calls))
+        bar.update()
+        return db
 
-    result["dynamic_db"] = score(mode="dynamic")
+    result["dynamic_db"] = score("dynamic", mode="dynamic")
     per_margin = {}
     for m in margins:
         scales = {n: float(amax_to_scale(torch.tensor(seen[n] * m))) for n in layers}
-        per_margin[m] = (score(mode="static", input_scales=scales), scales)
+        per_margin[m] = (score(f"static, margin {m:g}", mode="static", input_scales=scales), scales)
     margin = max(per_margin, key=lambda m: per_margin[m][0])
     result["static_db"], scales = per_margin[margin]
     result["static_by_margin_db"] = {str(m): round(v[0], 3) for m, v in per_margin.items()}
     clip: dict[str, float] = {}
     if tune:
+        bar.set_postfix_str("weight clipping search")
         clip = tune_weight_clip(model, stats.rows, layers, clip_grid, granularity)
-        result["tuned_db"] = score(mode="static", input_scales=scales, weight_clip=clip)
+        bar.update()
+        result["tuned_db"] = score("tuned", mode="static", input_scales=scales, weight_clip=clip)
         if result["tuned_db"] < result["static_db"]:  # per-layer MSE optimum did not help the output
             log.info("weight clipping lowered output SQNR (%.2f < %.2f dB): not used", result["tuned_db"],
                      result["static_db"])
             clip = {}
     keep = list(policy.keep)
     if budget_db is not None:
+        bar.set_postfix_str("per-layer sensitivity")
         sens = measure_sensitivity(model, calls, "static", layers=layers, granularity=granularity)
+        bar.update()
         pol, info = policy_from_sensitivity(sens, budget_db, base_keep=policy.keep)
         keep = list(pol.keep)
         result["policy"] = info
+        bar.set_postfix_str("policy")
         result["policy_db"] = _score_policy(model, ref, calls, pol, granularity, scales, clip)
+        bar.update()
     result["gain_static_over_dynamic_db"] = result["static_db"] - result["dynamic_db"]
     if "tuned_db" in result:
         result["gain_tuned_over_static_db"] = result["tuned_db"] - result["static_db"]

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sd35fp8.errors import SD35Error
+from sd35fp8.errors import InputError, SD35Error
 from sd35fp8.scale.replica import FILE_TYPES, FILES_KEY, EngineReplica
 from sd35fp8.workflow import ModelFolders
 from sd35fp8.workflow.engine import save_image_path
@@ -80,10 +80,10 @@ def build_app(args: dict) -> Any:
         applications: [{name: sd35fp8, import_path: "sd35fp8.scale.ray_serve:build_app",
                         args: {models_dir: /models, replicas: 2}}]
     args: models_dir (required), replicas, num_gpus, min_replicas, max_replicas, max_ongoing_requests,
-    max_queued_requests, device, input_dir, extra_model_paths."""
+    max_queued_requests, device, input_dir, extra_model_paths, compile, offload."""
     args = dict(args)
     models_dir = args.pop("models_dir")
-    ctor = {k: args.pop(k) for k in ("device", "input_dir", "extra_model_paths") if k in args}
+    ctor = {k: args.pop(k) for k in ("device", "input_dir", "extra_model_paths", "compile", "offload") if k in args}
     return engine_deployment(**args).bind(models_dir, **ctor)
 
 
@@ -208,18 +208,24 @@ class RemoteExecutor:
 def start_engines(models_dir: str | os.PathLike, *, replicas: int = 1, ray_address: str | None = None,
                   attach: bool = False, app_name: str = APP_NAME, input_dir: str | os.PathLike | None = None,
                   device: str | None = None, extra_model_paths: str | os.PathLike | None = None,
-                  **deployment: Any) -> Any:
-    """Connect to (or start) Ray, run the engine deployment (or attach to a deployed one); its handle."""
+                  compile: bool | None = None, offload: str = "none", **deployment: Any) -> Any:
+    """Connect to (or start) Ray, run the engine deployment (or attach to a deployed one); its handle.
+    compile / offload: every replica's engine options (EngineReplica); with attach the deployed
+    config's args decide, and giving them here is an InputError."""
     import ray
     from ray import serve
 
+    if attach and (compile is not None or offload != "none"):
+        raise InputError(f"compile={compile}, offload={offload!r} with attach: the replicas were started by "
+                         "`serve deploy`; put compile / offload in that config's args (deploy/ray_serve.yaml)")
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
     if attach:
         return serve.get_app_handle(app_name)
     serve.start(proxy_location="Disabled")
     ctor = {"input_dir": str(input_dir) if input_dir is not None else None, "device": device,
-            "extra_model_paths": str(extra_model_paths) if extra_model_paths is not None else None}
+            "extra_model_paths": str(extra_model_paths) if extra_model_paths is not None else None,
+            "compile": compile, "offload": offload}
     app = engine_deployment(replicas, **deployment).bind(str(models_dir), **ctor)
     return serve.run(app, name=app_name, route_prefix=None)
 
@@ -229,8 +235,9 @@ def create_ray_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike 
                    attach: bool = False, app_name: str = APP_NAME, input_dir: str | os.PathLike | None = None,
                    temp_dir: str | os.PathLike | None = None, device: str | None = None,
                    extra_model_paths: str | os.PathLike | None = None, deployment: dict | None = None,
-                   **app_kwargs: Any) -> Any:
+                   compile: bool | None = None, offload: str = "none", **app_kwargs: Any) -> Any:
     """The ComfyUI (+ OpenAI) FastAPI app with its prompts run by Ray Serve replicas.
+    compile / offload: the replicas' engine options (`sd35fp8 serve --compile --offload`).
     app_kwargs go to server.create_app (max_queue, auth_token, max_batch, ...)."""
     from sd35fp8.server import create_app
     from sd35fp8.server.worker import PromptWorker
@@ -240,7 +247,7 @@ def create_ray_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike 
     deployment = dict(deployment or {})
     handle = start_engines(models_dir, replicas=replicas, ray_address=ray_address, attach=attach, app_name=app_name,
                            input_dir=folders.input_dir, device=device, extra_model_paths=extra_model_paths,
-                           **deployment)
+                           compile=compile, offload=offload, **deployment)
     executor = RemoteExecutor(handle, folders)
     app = create_app(models_dir, executor=executor, **app_kwargs)
     main = app.state.worker

@@ -40,16 +40,19 @@ class EngineReplica:
 
     def __init__(self, models_dir: str | os.PathLike, device: str | None = None,
                  input_dir: str | os.PathLike | None = None, extra_model_paths: str | os.PathLike | None = None,
-                 executor_options: dict | None = None):
+                 executor_options: dict | None = None, compile: bool | None = None, offload: str = "none"):
+        """compile / offload: the engine options of the replica's PromptExecutor (as `sd35fp8 serve
+        --compile/--no-compile --offload`; None = the device's default for a server)."""
         self.replica_id = uuid.uuid4().hex[:12]
         self.work = Path(tempfile.mkdtemp(prefix=f"sd35fp8-replica-{self.replica_id}-"))
         folders = ModelFolders(models_dir, output_dir=self.work / "output", input_dir=input_dir,
                                temp_dir=self.work / "temp", extra_config=extra_model_paths)
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.executor = PromptExecutor(folders, device=dev, options=executor_options)
+        self.executor = PromptExecutor(folders, device=dev, options=executor_options, compile=compile, offload=offload)
         self.broken: str | None = None  # set when the executor thread raised something it must not
         self.busy = threading.Lock()
-        log.info("engine replica %s on %s (pid %d)", self.replica_id, dev, os.getpid())
+        log.info("engine replica %s on %s (pid %d, compile %s, offload %s)", self.replica_id, dev, os.getpid(),
+                 self.executor.compile, self.executor.offload)
 
     # ---- Ray Serve hooks ------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -58,7 +61,8 @@ class EngineReplica:
             raise RuntimeError(f"engine replica {self.replica_id} is broken: {self.broken}")
 
     def info(self) -> dict:
-        return {"replica_id": self.replica_id, "pid": os.getpid(), "device": str(self.executor.device)}
+        return {"replica_id": self.replica_id, "pid": os.getpid(), "device": str(self.executor.device),
+                "compile": self.executor.compile, "offload": self.executor.offload}
 
     # ---- running prompts ------------------------------------------------------------------------
     def _files_of(self, ui: dict) -> dict:

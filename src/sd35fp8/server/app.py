@@ -49,6 +49,7 @@ from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
 from sd35fp8.workflow.nodes import node_info
+from sd35fp8.workflow.progress_bars import ProgressBars
 from sd35fp8.workflow.run import load_workflow
 
 SERVER_VERSION = "0.1.0"
@@ -102,7 +103,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none",
                attention: str = "auto", cache_threshold: float = 0.0,
                warmup_workflow: str | os.PathLike | None = None,
-               warmup_shapes: Sequence[tuple[int, int, int]] | None = None) -> FastAPI:
+               warmup_shapes: Sequence[tuple[int, int, int]] | None = None,
+               console_progress: bool = False) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
     compile / offload: the new PromptExecutor's engine options (None = the device's default for a
@@ -118,6 +120,9 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     executor loads and warms up (PromptExecutor.warmup) for `warmup_shapes` ((width, height, batch);
     None: the sizes of its empty-latent nodes); it becomes `warmup`. hang_seconds: a busy worker without
     any event for this long is hung and restarted (lifecycle.py); check_seconds: how often to look.
+
+    console_progress: draw a progress bar per prompt and sampler node on stderr (`sd35fp8 serve`;
+    workflow.progress_bars.ProgressBars).
 
     max_batch / batch_wait_ms: cross-prompt batching (batching.py): up to max_batch queued
     prompts that differ only in texts and seeds sample as one batch; a taken prompt waits at most
@@ -152,7 +157,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     queue = PromptQueue(max_queue=max_queue, journal=journal)
     if journal is not None:
         recover_queue(queue, on_restart, metrics)
-    worker = PromptWorker(queue, executor, hub.send, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+    send = ProgressBars(per_prompt=True).wrap(hub.send) if console_progress else hub.send
+    worker = PromptWorker(queue, executor, send, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                           metrics=metrics)
     lifecycle = Lifecycle(worker, metrics, warmup=warmup, hang_seconds=hang_seconds, check_seconds=check_seconds)
     queue.on_change = lambda: hub.send("status", {"status": queue_info(queue)}, None)
@@ -160,7 +166,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
     logs = LogBuffer(hub.send, lambda: hub.client_ids)
     redactor = Redactor([auth_token])
-    text_budget = TextBudget(limits.max_prompt_tokens, folders)
+    text_budget = TextBudget(limits.max_prompt_tokens, folders, max_chars=limits.max_text_chars)
+    executor.text_limit = text_budget.limit  # linked texts too: the encoder nodes cut what they receive
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -222,6 +229,9 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                               "finishes the running one; retry on the restarted server", status=503)
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             return response
+        if queue.full():  # before the body is parsed and validated: a 429 for a retrying flood is cheap
+            return _queue_full(queue, metrics, f"the queue is full ({queue.max_queue} prompts waiting); "
+                                               "retry later or raise max_queue")
         data = await read_json(request)
         if not isinstance(data, dict) or "prompt" not in data:
             return _error("no_prompt", "No prompt provided", "No prompt provided")
@@ -254,16 +264,15 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         try:
             queue.put([number, prompt_id, prompt, extra_data, outputs])
         except QueueFullError as e:
-            metrics.rejected.labels("queue_full").inc()
-            return _error("queue_full", "Queue is full", str(e), status=429, max_queue=queue.max_queue)
+            return _queue_full(queue, metrics, str(e))
         return response
 
     # ---- queue, history, interrupt, free ----------------------------------------------------
-    # these answer with JSONResponse directly: FastAPI's jsonable_encoder would walk every entry again
+    # these answer with JSON bytes rendered once per item and cached (queue.queue_json, history.get_json):
+    # FastAPI's jsonable_encoder, or a JSONResponse, would walk and render every entry on every read
     @r.get("/queue")
-    async def get_queue() -> JSONResponse:
-        running, pending = queue.current_queue()
-        return JSONResponse({"queue_running": running, "queue_pending": pending})
+    async def get_queue() -> Response:
+        return Response(queue.queue_json(), media_type="application/json")
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
@@ -368,6 +377,13 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def _queue_full(queue: PromptQueue, metrics: ServerMetrics, details: str) -> JSONResponse:
+    metrics.rejected.labels("queue_full").inc()
+    response = _error("queue_full", "Queue is full", details, status=429, max_queue=queue.max_queue)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def queue_info(queue: PromptQueue) -> dict:

@@ -3,7 +3,8 @@
 uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but waits forever for the first
 request's headers, and any byte resets its keep-alive timer. `HeaderTimeoutH11Protocol` closes a
 connection whose request headers are not complete `header_timeout` seconds after it opened or after
-its previous response ended, however slowly bytes trickle in. `uvicorn_options` gathers the
+its previous response ended, however slowly bytes trickle in; a connection upgraded to a WebSocket
+leaves the deadline behind. `uvicorn_options` gathers the
 connection settings `serve()` passes to uvicorn.Config.
 """
 
@@ -47,6 +48,11 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         if self.cycle is not self._seen_cycle:  # a new request's headers are in
             self._seen_cycle = self.cycle
             self._disarm()
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        """The connection becomes a WebSocket's (its own protocol, pings and close): no header deadline."""
+        self._disarm()
+        super().handle_websocket_upgrade(event)
 
     def on_response_complete(self) -> None:
         finished = self.cycle

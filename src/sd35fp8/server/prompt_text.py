@@ -9,8 +9,11 @@ text and per encoder: CLIP-L/G content tokens (the 77-token windows hold 75 each
 at most 8 windows) and T5-XXL tokens (512, twice SD3.5's training length of 256). A text over the
 budget is cut to its longest prefix within it, and the /prompt answer (and the history entry's
 extra_data) carries a warning that names the node, the input and the counts, so a client sees what
-was dropped. The worker then never tokenizes or encodes more than the budget, whatever the text:
-the MMDiT's context (CLIP windows x 77 + T5 tokens) is bounded too.
+was dropped. A text that reaches an encoder through a link (a primitive or string node, a
+concatenation: known only at run time) is cut the same way by the encoder node itself, which calls
+`limit` (the executor's `text_limit`, NodeContext.limit_text) and logs a warning naming the node.
+The worker then never tokenizes or encodes more than the budget, whatever the text and wherever it
+comes from: the MMDiT's context (CLIP windows x 77 + T5 tokens) is bounded too.
 
 Tokens are counted as the encoders' tokenizer counts them (text.tokenizer.SD3Tokenizer's grouping
 and ComfyUI prompt weighting): CLIP with the packaged BPE vocabulary, T5 with the SentencePiece
@@ -40,16 +43,22 @@ TEXT_INPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "CLIPTextEncode": {"text": ("clip", "t5")},
     "CLIPTextEncodeSD3": {"clip_l": ("clip",), "clip_g": ("clip",), "t5xxl": ("t5",)},
 }
+# nodes whose STRING output is their literal `value` (workflow/nodes_primitive.py): a text linked from
+# one is cut at its source by `apply`, with a warning in the /prompt answer
+STRING_SOURCES = ("PrimitiveString", "PrimitiveStringMultiline")
 
 
 class TextBudget:
     """Counts tokens per encoder and cuts texts to `max_tokens` (thread-safe; tokenizers loaded once)."""
 
     def __init__(self, max_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, folders: Any = None,
-                 t5_tokenizer: Any = None):
+                 t5_tokenizer: Any = None, max_chars: int | None = None):
+        """max_chars: the hard cap on a text (--max-text-chars); a linked text built at run time is first
+        cut to it, so `limit` never tokenizes more than a literal text could hold."""
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         self.max_tokens = max_tokens
+        self.max_chars = max_chars
         self.folders = folders
         self._t5 = t5_tokenizer
         self._t5_searched = t5_tokenizer is not None
@@ -116,23 +125,51 @@ class TextBudget:
                 hi = mid
         return text[:lo], counts
 
+    def limit(self, class_type: str, input_name: str, text: str, node_id: str = "?") -> str:
+        """The run-time bound: `text` as an encoder node receives it (a literal already cut by
+        `apply`, or a linked text) cut to the budget; a cut is logged with the node and the counts."""
+        encoders = TEXT_INPUTS.get(class_type, {}).get(input_name)
+        if encoders is None:
+            raise KeyError(f"node {node_id} ({class_type}): input {input_name!r} is not a text the encoders read")
+        if not isinstance(text, str):
+            raise InputError(f"node {node_id} ({class_type}) input '{input_name}': expected a text, got "
+                             f"{type(text).__name__}")
+        given = len(text)
+        if self.max_chars is not None and given > self.max_chars:
+            text = text[:self.max_chars]
+        cut, counts = self.fit(text, encoders)
+        if counts is None and len(text) < given:
+            counts = {"chars": given}
+        if counts is not None:
+            tokens = ", ".join(f"{k.upper()} {v}" for k, v in counts.items())
+            log.warning("text reaching node %s (%s) input '%s' is longer than the text encoders use: %s tokens, "
+                        "the server's budget is %d (--max-prompt-tokens); cut from %d to %d characters",
+                        node_id, class_type, input_name, tokens, self.max_tokens, given, len(cut))
+        return cut
+
     # ---- a whole prompt -------------------------------------------------------------------------
     def apply(self, prompt: Mapping[str, dict]) -> list[dict]:
-        """Cut every literal prompt text over the budget, in place; one warning per cut text."""
+        """Cut every literal prompt text over the budget, in place, and the literal of a string
+        primitive linked into an encoder's text (STRING_SOURCES); one warning per cut text. Texts that
+        other nodes build at run time are cut by the encoder node (`limit`)."""
         warnings = []
         for node_id, node in prompt.items():
             inputs_read = TEXT_INPUTS.get(node.get("class_type"))
             if not inputs_read:
                 continue
-            inputs = node.get("inputs", {})
             for name, encoders in inputs_read.items():
-                text = inputs.get(name)
-                if not isinstance(text, str):  # a link: its text comes from another node at run time
+                inputs, key, text = node.get("inputs", {}), name, node.get("inputs", {}).get(name)
+                source_id = str(text[0]) if isinstance(text, list) and text else None
+                source = prompt.get(source_id) if source_id is not None else None
+                if isinstance(source, dict) and source.get("class_type") in STRING_SOURCES:
+                    inputs, key = source.get("inputs", {}), "value"
+                    text = inputs.get(key)
+                if not isinstance(text, str):  # linked from another node: cut at run time (`limit`)
                     continue
                 cut, counts = self.fit(text, encoders)
                 if counts is None:
                     continue
-                inputs[name] = cut
+                inputs[key] = cut
                 tokens = ", ".join(f"{k.upper()} {v}" for k, v in counts.items())
                 warnings.append({
                     "type": "prompt_text_cut",
@@ -143,4 +180,7 @@ class TextBudget:
                     "chars_given": len(text), "chars_kept": len(cut), "tokens_given": counts,
                     "max_tokens": self.max_tokens,
                 })
+                if key == "value":  # the literal cut was the linked string primitive's
+                    warnings[-1]["source_node_id"] = source_id
+                    warnings[-1]["message"] += f" (the text of node {source_id}, {source['class_type']}, linked in)"
         return warnings

@@ -3,6 +3,12 @@
 Queue items are ComfyUI's 5-element lists `[number, prompt_id, prompt, extra_data, outputs_to_execute]`;
 the lowest number runs first (`front` gives a negative number). A finished item moves into the
 history store (history.PromptHistory) under the queue's lock, so a client never sees it in neither.
+
+GET /queue at 10 000 pending prompts answers from cached bytes (benchmarks/history.py): a pending item
+is never changed while it waits, so each is rendered to JSON once; the pending list, sorted in run
+order, and its joined rendering are kept until the queue next changes (`version`). Running items are
+few: they are deep-copied when the queue changes and rendered with the rest; the body is kept until
+the next change, so repeated reads cost nothing but the transfer.
 The worker thread that takes items is worker.PromptWorker; which items run together, batching.py.
 """
 
@@ -11,13 +17,14 @@ from __future__ import annotations
 import copy
 import heapq
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from sd35fp8.errors import InputError
-from sd35fp8.server.history import MAX_HISTORY, PromptHistory
+from sd35fp8.server.history import MAX_HISTORY, PromptHistory, join_wrapped
 from sd35fp8.server.journal import Journal
 from sd35fp8.workflow.batch import batch_key
 
@@ -46,6 +53,10 @@ class PromptQueue:
         self.histories = PromptHistory(max_history, journal)
         self._number = 0
         self._keys: dict[int, str | None] = {}  # heap tie -> batch_key of its prompt
+        self.version = 0  # changes whenever an item is queued, taken, finished or removed
+        self._sorted: tuple[int, list[QueueItem]] | None = None  # (version, pending in run order)
+        self._item_json: dict[str, tuple[QueueItem, bytes]] = {}  # prompt id -> (pending item, its JSON)
+        self._body: tuple[int, bytes] | None = None  # (version, GET /queue's body)
 
     # ---- numbers (POST /prompt "front" / "number") ------------------------------------------
     def next_number(self, front: bool = False, number: Any = None) -> float | int:
@@ -72,10 +83,17 @@ class PromptQueue:
         self.on_change()
 
     def _push(self, item: QueueItem) -> None:
+        self.version += 1
         tie = next(self._tie)
         self._keys[tie] = batch_key(item[2]) if isinstance(item[2], dict) else None
         heapq.heappush(self._heap, (item[0], tie, item))
         self._cond.notify()
+
+    def full(self) -> bool:
+        """True when `put` would refuse (max_queue prompts waiting): POST /prompt answers 429 before
+        parsing and validating the body, so a flood of retries costs the server little."""
+        with self._cond:
+            return len(self._heap) >= self.max_queue
 
     def restore(self, items: list[QueueItem]) -> None:
         """Re-queue items a previous process left (journal.recover), beyond max_queue if need be;
@@ -101,6 +119,7 @@ class PromptQueue:
             if not self._cond.wait_for(lambda: bool(self._heap), timeout=timeout):
                 return None
             _, tie, first = heapq.heappop(self._heap)
+            self.version += 1
             key = self._keys.pop(tie, None)
             taken = [self._mark_running(first)]
             if key is not None and max_batch > 1:
@@ -135,6 +154,7 @@ class PromptQueue:
             item = self._running.pop(task_id, None)
             if item is None:  # abandoned (worker.PromptWorker.restart already wrote its entry)
                 return
+            self.version += 1
             self.histories.add(item[1], {"prompt": item, "outputs": outputs, "status": status, "meta": meta or {}})
         self.on_change()
 
@@ -148,6 +168,37 @@ class PromptQueue:
             running = [copy.deepcopy(i) for i in self._running.values()]
             pending = [copy.deepcopy(e[2]) for e in sorted(self._heap, key=lambda e: (e[0], e[1]))]
         return running, pending
+
+    def snapshot(self) -> tuple[int, list[QueueItem], list[QueueItem]]:
+        """(version, running, pending in run order) for read-only views (GET /queue, /jobs). Running
+        items are deep copies; pending items are the queued lists themselves (nothing changes them
+        while they wait: do not either), and their sorted list is kept until the queue changes."""
+        with self._cond:
+            running = [copy.deepcopy(i) for i in self._running.values()]
+            if self._sorted is None or self._sorted[0] != self.version:
+                self._sorted = (self.version, [e[2] for e in sorted(self._heap, key=lambda e: (e[0], e[1]))])
+            return self.version, running, self._sorted[1]
+
+    def queue_json(self) -> bytes:
+        """GET /queue's body, {"queue_running": [...], "queue_pending": [...]}, as JSON bytes: each pending
+        item rendered once, the body joined once per queue version (the running items as they were
+        when the version began: they are taken from the queue, then only read)."""
+        cached = self._body
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        version, running, pending = self.snapshot()
+        known, rendered, parts = self._item_json, {}, []
+        for item in pending:
+            hit = known.get(item[1])
+            if hit is None or hit[0] is not item:
+                hit = (item, _dumps(item))
+            rendered[item[1]] = hit
+            parts.append(hit[1])
+        self._item_json = rendered  # forgets the items that left
+        head = b'{"queue_running":' + _dumps(running) + b',"queue_pending":['
+        body = join_wrapped(head, parts, b"]}")
+        self._body = (version, body)
+        return body
 
     def tasks_remaining(self) -> int:
         with self._cond:
@@ -168,6 +219,7 @@ class PromptQueue:
                 self.journal.drop_pending(ids)
             self._heap = []
             self._keys.clear()
+            self.version += 1
         self.on_change()
         return ids
 
@@ -182,6 +234,7 @@ class PromptQueue:
                     self._keys.pop(e[1], None)
             heapq.heapify(keep)
             self._heap = keep
+            self.version += found
         if found:
             self.on_change()
         return found
@@ -200,3 +253,8 @@ class PromptQueue:
 
     def delete_history_item(self, prompt_id: str) -> bool:
         return self.histories.delete(prompt_id)
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON bytes as Starlette's JSONResponse renders them (compact, UTF-8, no NaN)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")

@@ -75,6 +75,9 @@ class PromptExecutor:
         self._interrupt = threading.Event()
         self._interrupt_lock = threading.Lock()
         self._interrupt_ids: set[str] | None = None  # None: every running prompt
+        # (class_type, input_name, text, node_id) -> text within a token budget; the server sets it
+        # (server.prompt_text.TextBudget.limit) so linked texts are bounded too. None: texts as given.
+        self.text_limit: Callable[[str, str, str, str], str] | None = None
 
     # ---- control ---------------------------------------------------------------------------
     def interrupt(self, prompt_id: str | None = None) -> None:
@@ -258,7 +261,8 @@ class PromptExecutor:
 
         return NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid,
                            progress=progress, check_interrupt=check_interrupt or self._check_interrupt,
-                           options=self.options, engine_options=self.engine_options)
+                           options=self.options, engine_options=self.engine_options,
+                           text_limit=self.text_limit)
 
     def _run_node(self, nid: str, class_type: str, inputs: dict, prompt_id: str, send: Hooks,
                   check_interrupt: Callable[[], None] | None = None) -> tuple[tuple, dict | None]:

@@ -37,6 +37,13 @@ class NodeContext:
     check_interrupt: Callable[[], None] = lambda: None
     options: dict[str, Any] = field(default_factory=dict)
     engine_options: EngineOptions = field(default_factory=EngineOptions)  # compile / offload for loaders
+    # (class_type, input_name, text, node_id) -> the text cut to the server's token budget; None: no bound
+    text_limit: Callable[[str, str, str, str], str] | None = None
+
+    def limit_text(self, class_type: str, input_name: str, text: str) -> str:
+        """A text input as an encoder node may encode it: literal or linked, within the budget (the
+        server's --max-prompt-tokens, server.prompt_text.TextBudget.limit); unchanged without one."""
+        return text if self.text_limit is None else self.text_limit(class_type, input_name, text, self.node_id)
 
 
 class Node:

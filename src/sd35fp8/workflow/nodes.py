@@ -23,6 +23,7 @@ from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WE
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
+from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class CLIPTextEncode(Node):
         }}
 
     def encode(self, clip, text):
-        return (engine.encode_text(clip, text),)
+        return (engine.encode_text(clip, self.ctx.limit_text("CLIPTextEncode", "text", text)),)
 
 
 class CLIPTextEncodeSD3(Node):
@@ -218,6 +219,8 @@ class CLIPTextEncodeSD3(Node):
         }}
 
     def encode(self, clip, clip_l, clip_g, t5xxl, empty_padding):
+        clip_l, clip_g, t5xxl = (self.ctx.limit_text("CLIPTextEncodeSD3", name, text) for name, text in
+                                 (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)))
         return (engine.encode_text_sd3(clip, clip_l, clip_g, t5xxl, empty_padding),)
 
 
@@ -569,6 +572,7 @@ NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
 NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
+NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,
