@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .defaults import DEFAULT_CACHE_THRESHOLD as _DEFAULT
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,7 @@ REUSE_CHOICES = ("velocity", "x0")
 # and 28 steps): the same PSNR within 0.7 dB; a first-order extrapolation in sigma from the last two
 # full calls (TaylorSeer-like) was 2-3 dB worse at the same skip rate except at 1.67x with euler.
 REUSE = "velocity"
-# `--cache-threshold` given without a value (off when the flag is absent). Chosen on the shipped model
-# with euler, 200 held-out items on the H200 (benchmarks/results/faster_tiny_euler_nvidia-h200.json):
-# 0.10 = 1.43x (20 steps) / 1.65x (28 steps) fewer MMDiT evaluations at mean PSNR 32.2 / 33.9 dB
-# against the uncached image; 0.12-0.15 reach 1.5-2.3x but at 28.4-29.4 dB. No threshold gave both
-# >= 1.8x and >= 30 dB there; this one keeps the fidelity. Ancestral samplers re-inject noise at every
-# step, which the indicator sees as change: they need ~3x the threshold for the same skip rate
-# (faster_tiny_ancestral_nvidia-h200.json).
-DEFAULT_CACHE_THRESHOLD = 0.10
+DEFAULT_CACHE_THRESHOLD = _DEFAULT  # measured: defaults.py
 NORM_EPS = 1e-6  # models/mmdit.py layer_norm
 
 
