@@ -155,8 +155,18 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         state_dir = folders.output_dir.parent / STATE_DIR_NAME
     journal = Journal(state_dir) if state_dir is not None else None
     queue = PromptQueue(max_queue=max_queue, journal=journal)
+    # client id -> execution_error messages of its prompts failed at start-up (--on-restart fail): no
+    # socket was open to hear them; the client's next /ws connection gets them, once
+    unheard: dict[str, list[dict]] = {}
+
+    def _unheard(item: list, entry: dict) -> None:
+        client_id = item[3].get("client_id")
+        if client_id:
+            for event, data in entry["status"]["messages"]:
+                unheard.setdefault(client_id, []).append({"type": event, "data": data})
+
     if journal is not None:
-        recover_queue(queue, on_restart, metrics)
+        recover_queue(queue, on_restart, metrics, on_failed=_unheard)
     send = ProgressBars(per_prompt=True).wrap(hub.send) if console_progress else hub.send
     worker = PromptWorker(queue, executor, send, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                           metrics=metrics)
@@ -214,6 +224,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                 if item[3].get("client_id") == client_id and node is not None:
                     resume.append({"type": "executing", "data": {"node": node, "display_node": node,
                                                                  "prompt_id": item[1]}})
+            resume += unheard.pop(client_id, [])  # its prompts the restart failed (--on-restart fail)
         await hub.serve(ws, client_id, {"status": queue_info(queue)}, features, resume)
 
     # ---- prompts ----------------------------------------------------------------------------

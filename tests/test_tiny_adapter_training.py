@@ -1,0 +1,45 @@
+"""The shipped adapters' trainers run from the package (python -m sd35fp8.tiny.train_lora / train_controlnet)
+and write loadable files: a few steps on toy data, CPU. How well the shipped files work is measured by
+benchmarks/tiny_lora.py and `train_controlnet --eval-only` (benchmarks/results/)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors import safe_open
+
+from sd35fp8.checkpoints.controlnet import load_controlnet
+from sd35fp8.tiny import train_controlnet, train_lora
+
+
+def test_train_lora_writes_a_kohya_file(tmp_path):
+    out = tmp_path / "l.safetensors"
+    rec = train_lora.main(["--steps", "2", "--batch", "2", "--n-images", "4", "--workers", "1", "--out", str(out)])
+    assert rec["steps_done"] == 2 and out.exists()
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+        meta = json.loads(f.metadata()["sd35fp8.lora"])
+    assert any(k.startswith("lora_unet_joint_blocks_0_") for k in keys)
+    assert any(k.startswith("lora_te3_") for k in keys)
+    assert meta["steps_done"] == 2 and meta["concept"]["word"] == "brown"
+
+
+def test_train_controlnet_writes_a_stability_file(tmp_path):
+    out = tmp_path / "c.safetensors"
+    rec = train_controlnet.main(["--n-train", "4", "--steps", "2", "--batch", "2", "--workers", "1",
+                                 "--eval-n", "0", "--out", str(out)])
+    assert rec["train"]["steps_done"] == 2
+    net = load_controlnet(out, dtype=torch.float32)
+    assert net.config.num_layers == train_controlnet.LAYERS and net.config.control_type == 0
+
+
+def test_mixed_edge_maps_follow_the_levels():
+    import numpy as np
+
+    from sd35fp8.tiny import world
+
+    rng = np.random.default_rng(0)
+    images = np.stack([world.render(world.sample_scene(rng), 128) for _ in range(3)])
+    maps = train_controlnet.mixed_edge_maps(images, np.random.default_rng(1))  # [3, H, W, 3]
+    assert maps.shape == images.shape and set(maps.unique().tolist()) <= {0.0, 1.0}
