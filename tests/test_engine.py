@@ -96,6 +96,7 @@ def test_policy_kept_layers_stay_high_precision(keep_ada):
     args = _inputs(TINY)
     keep = ("joint_blocks.1.x_block.mlp.*",) + (("joint_blocks.*.context_block.adaLN_modulation.*",) if keep_ada else ())
     with torch.no_grad():
+        ref32 = model(*args)
         quantize_model(model, "dynamic", policy=Policy(keep=keep))
         ref = model(*args)
         engine = build_engine(model, "cpu")
@@ -103,7 +104,14 @@ def test_policy_kept_layers_stay_high_precision(keep_ada):
     assert engine.fp8_mode == "dynamic"
     assert engine.blocks[1]["x.fc1.mode"] == "bf16" and "x.fc1.mode" not in engine.blocks[0]
     assert engine.ada_mode == (None if keep_ada else "dynamic")
-    assert sqnr(ref, out) > (30 if keep_ada else 40)
+    # With rowwise _scaled_mm (CPU torch >= 2.13) the FP8Linear modules and the engine run the same kernel
+    # and agree within float noise. With tensorwise only (CPU torch 2.11/2.12) each road applies the
+    # per-token / per-channel scales outside the kernel on its own: measured 33 dB apart on torch 2.11,
+    # both equally close to float32 (28.4 / 28.2 dB). So: the tight bound where the kernel is shared,
+    # and on every torch the engine no less accurate against float32 than the reference.
+    shared_kernel = fp8_device.matmul_scaling("cpu") == "rowwise"
+    assert sqnr(ref, out) > ((30 if keep_ada else 40) if shared_kernel else 30)
+    assert sqnr(ref32, out) > sqnr(ref32, ref) - 0.5
 
 
 def test_matmul_mode_without_fp8_matmul_falls_back_with_warning(monkeypatch, caplog):

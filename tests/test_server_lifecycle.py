@@ -60,11 +60,15 @@ def _release_hold():
 
 
 # ---- durable queue ------------------------------------------------------------------------------
+CLIENT = "lifecycle-client"
+
+
 def _stopped_with_work(tmp_path: Path) -> list[str]:
     """A server with one running (held) and two pending prompts stops; returns their ids, oldest first."""
     app = make_app(tmp_path / "models", executor=make_fake_executor(tmp_path), state_dir=tmp_path / "state")
     with TestClient(app) as c:
-        ids = [post(c, fake_prompt(seed=HOLD_SEED)), post(c, fake_prompt(seed=2)), post(c, fake_prompt(seed=3))]
+        ids = [post(c, fake_prompt(seed=HOLD_SEED), client_id=CLIENT), post(c, fake_prompt(seed=2), client_id=CLIENT),
+               post(c, fake_prompt(seed=3), client_id=CLIENT)]
         wait_for(lambda: c.get("/queue").json()["queue_running"])
         done = post(c, fake_prompt(seed=4), front=False)  # a 4th, deleted by the client: not re-run later
         assert c.post("/queue", json={"delete": [done]}).status_code == 200
@@ -116,6 +120,20 @@ def test_restart_with_on_restart_fail_marks_failed(tmp_path):
         assert all(jobs[pid] == "failed" for pid in ids)
         metrics = c.get("/metrics").text
         assert 'sd35fp8_prompts_total{outcome="failed_restart"} 3.0' in metrics
+        # the client's WebSocket hears each failure too, on its first connection after the restart (once)
+        for expect in (ids, []):
+            with c.websocket_connect(f"/ws?clientId={CLIENT}") as ws:
+                assert ws.receive_json()["type"] == "status"
+                heard = [ws.receive_json() for _ in expect]
+                assert [m["type"] for m in heard] == ["execution_error"] * len(expect)
+                assert [m["data"]["prompt_id"] for m in heard] == expect
+                assert all("--on-restart fail" in m["data"]["exception_message"] for m in heard)
+                new = post(c, fake_prompt(seed=11 + len(expect)), client_id=CLIENT)
+                after = []
+                while not after or after[-1] != ("execution_success", new):  # up to the new prompt's end
+                    m = ws.receive_json()
+                    after.append((m["type"], m["data"].get("prompt_id")))
+                assert not [m for m in after if m[0] == "execution_error"]  # nothing else was waiting
     stop_app(app)
 
 

@@ -336,10 +336,11 @@ class DiffusersSurface:
                  max_sequence_length: int | None = None, image=None, strength: float | None = None,
                  mask_image=None, seed: int | None = None, sampler: str | None = None, scheduler: str | None = None,
                  shift: float | None = None, denoise: float | None = None, callback=None, slg: bool | None = None,
-                 progress: bool | None = None, interrupt: Callable[[], None] | None = None, **unsupported):
+                 progress: bool | None = None, interrupt: Callable[[], None] | None = None,
+                 cache_threshold: float = 0.0, **unsupported):
         """diffusers' StableDiffusion3Pipeline call (and its img2img / inpaint pipelines' image,
         strength, mask_image), plus our own names (seed, sampler, scheduler, shift, denoise,
-        callback, slg, progress, interrupt). Translation rules: the module docstring."""
+        callback, slg, progress, interrupt, cache_threshold). Translation rules: the module docstring."""
         if unsupported.get("skip_guidance_layers") is None:
             for k in SLG_KNOBS:  # diffusers reads them only with skip_guidance_layers
                 unsupported.pop(k, None)
@@ -397,7 +398,7 @@ class DiffusersSurface:
         kwargs = dict(negative_prompt=negatives, num_inference_steps=steps, guidance_scale=guidance_scale,
                       height=height, width=width, seed=seed, sampler=sampler, scheduler=scheduler, shift=shift,
                       denoise=denoise, image=image, num_images_per_prompt=num_images_per_prompt or 1,
-                      callback=step_cb, slg=slg, progress=progress)
+                      callback=step_cb, slg=slg, progress=progress, cache_threshold=cache_threshold)
         if mask is not None:
             kwargs["mask"] = mask
         if interrupt is not None:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ContextManager
+
+import logging
 
 import torch
 
@@ -34,7 +36,10 @@ from .models.vae import to_model_space, to_vae_space
 from .sampling import CFGDenoiser, Conditioning, FlowMatching, SLGConfig, ModelFn, get_sigmas, prepare_noise
 from .sampling import sample as run_sampler
 from .sampling.inpaint import MaskedDenoiser, prepare_mask
+from .step_cache import StepCache
 from .text.encoders import ContextBatchError
+
+logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised x0 [B, 16, h, w])
 Interrupt = Callable[[], None]  # checked before sampling and at every step; raises to stop
@@ -55,6 +60,7 @@ class SampleSettings:
     start_step: int | None = None  # KSamplerAdvanced
     last_step: int | None = None
     force_full_denoise: bool = False
+    cache_threshold: float = 0.0  # step caching (step_cache.py): 0 = every step runs the MMDiT
 
     @property
     def use_cfg(self) -> bool:
@@ -139,7 +145,7 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
            settings: SampleSettings, *, seed: int, noise: torch.Tensor | None = None, add_noise: bool = True,
            dtype: torch.dtype | None = None, callback: StepCallback | None = None,
            interrupt: Interrupt | None = None, progress: bool = False,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None, cache_stats: dict | None = None) -> torch.Tensor:
     """One KSampler run: latent [B, 16, h, w] raw (VAE space) on the device -> sampled latent, raw, float32.
 
     `noise` (CPU or device, shaped like `latent`) replaces the draw from `seed` (and add_noise):
@@ -149,6 +155,9 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
     sampling and before every step's `callback(step, total, denoised)`; progress: a tqdm bar.
     mask [1 or B, 1, H, W] in [0, 1] (1 = repaint): inpainting as ComfyUI's SetLatentNoiseMask
     (`sampling.inpaint.MaskedDenoiser`: the kept area follows the init latent at every sigma).
+    settings.cache_threshold > 0: the model runs behind a `step_cache.StepCache` (skips evaluations
+    whose first-block input barely moved); its counts are added to `cache_stats` ("calls", "full",
+    "skipped") when given.
     """
     if interrupt is not None:
         interrupt()
@@ -176,7 +185,9 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
         x0 = to_model_space(x0)
     x = ms.noise_scaling(sigmas[0], noise.to(device), x0)  # [B, 16, h, w]
     total = len(sigmas) - 1
-    denoiser = CFGDenoiser(model, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total, model_sampling=ms, dtype=dtype)
+    cache = StepCache(model, s.cache_threshold, sigmas) if s.cache_threshold > 0 else None
+    denoiser = CFGDenoiser(model if cache is None else cache, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total,
+                           model_sampling=ms, dtype=dtype)
     if mask is not None:
         denoiser = MaskedDenoiser(denoiser, prepare_mask(mask, tuple(x.shape)).to(device), x0, noise.to(device), ms)
 
@@ -188,6 +199,11 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
 
     out = run_sampler(s.sampler, denoiser, x, sigmas, extra_args={"seed": seed}, callback=on_step,
                       disable=not progress)
+    if cache is not None:
+        logger.info("%s", cache.describe())
+        if cache_stats is not None:
+            for k, n in cache.stats.items():
+                cache_stats[k] = cache_stats.get(k, 0) + n
     out = ms.inverse_noise_scaling(sigmas[-1], out)  # identity when the last sigma is 0
     return to_vae_space(out)
 
@@ -206,7 +222,8 @@ class Rows:
 
 def sample_rows(model: ModelFn, rows: Sequence[Rows], settings: SampleSettings, *, device: torch.device,
                 dtype: torch.dtype | None = None, callback: StepCallback | None = None,
-                interrupt: Interrupt | None = None, progress: bool = False) -> list[torch.Tensor]:
+                interrupt: Interrupt | None = None, progress: bool = False,
+                cache_stats: dict | None = None) -> list[torch.Tensor]:
     """Several prompts in ONE sampling call -> each prompt's sampled latent (float32, on the CPU).
 
     Every row gets the initial noise its prompt draws alone (`row_noise`), so with a deterministic
@@ -230,7 +247,7 @@ def sample_rows(model: ModelFn, rows: Sequence[Rows], settings: SampleSettings, 
         uncond = Conditioning(cat(lambda r: r.uncond.context), cat(lambda r: r.uncond.pooled))
     samples = torch.cat(latents).to(device)  # [B, 16, h, w] raw
     out = sample(model, cond, uncond, samples, settings, seed=rows[0].seed, noise=noise, dtype=dtype,
-                 callback=callback, interrupt=interrupt, progress=progress)
+                 callback=callback, interrupt=interrupt, progress=progress, cache_stats=cache_stats)
     if out is samples:
         return [r.latent for r in rows]
     return list(out.float().cpu().split(sizes))
@@ -296,6 +313,7 @@ class GenerationRequest:
 class Generated:
     latents: torch.Tensor  # [B, 16, h, w] raw, float32, on the device; B = prompts x images_per_prompt
     pixels: torch.Tensor  # [B, 3, H, W] in [-1, 1] (unclamped) from the VAE
+    cache_stats: dict = field(default_factory=dict)  # step cache counts (empty: cache off)
 
 
 @contextmanager
@@ -334,6 +352,7 @@ def generate(c: Components, r: GenerationRequest) -> Generated:
                       else encoded.repeat_interleave(n, 0))  # image i goes with prompt i's images
     noise = None if len(groups) == 1 else prepare_noise(r.seed, shape)  # separate passes take their rows
     parts = []
+    cache_stats: dict = {}
     with _stage(c, "sampling"), c.on_device(c.mmdit) as mmdit:
         for g in groups:
             rows = slice(g.start * n, g.end * n)
@@ -341,8 +360,8 @@ def generate(c: Components, r: GenerationRequest) -> Generated:
             parts.append(sample(mmdit, repeat(g.cond, k), repeat(g.uncond, k), latent[rows], s, seed=r.seed,
                                 noise=None if noise is None else noise[rows], dtype=c.dtype, callback=r.callback,
                                 mask=None if r.mask is None else r.mask if r.mask.shape[0] == 1 else r.mask[rows],
-                                interrupt=r.interrupt, progress=r.progress))
+                                interrupt=r.interrupt, progress=r.progress, cache_stats=cache_stats))
     z = torch.cat(parts) if len(parts) > 1 else parts[0]
     with _stage(c, "vae_decode"), c.on_device(c.vae) as vae:
         pixels = decode(vae, z, c.tiled_decode(r.width, r.height, batch))
-    return Generated(latents=z, pixels=pixels)
+    return Generated(latents=z, pixels=pixels, cache_stats=cache_stats)

@@ -30,6 +30,7 @@ from .models.mmdit import MMDiT
 from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
 from .sampling import SLGConfig
+from .step_cache import check_threshold
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class StageStats:
 
     seconds: dict[str, float] = field(default_factory=dict)
     peak_bytes: dict[str, int] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)  # step cache: calls, full, skipped (empty: off)
 
 
 class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
@@ -102,7 +104,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         move there); an engine, or another model with MMDiT's forward contract (a calibration recorder,
         fast.PlainForward), is used as it is."""
         if isinstance(model, MMDiT):
-            model = build_engine(model, self.device, compile=False, offload=self.offload)
+            model = build_engine(model, self.device, compile=False, offload=self.offload,
+                                 attention=getattr(self, "attention", "auto"))
         self._mmdit = model
 
     # ------------------------------------------------------------------ loading
@@ -112,7 +115,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                         t5_tokenizer: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fp8: str | None = None,
                         offload: str = "none", t5_min_length: int = 77, compile: bool | None = None,
-                        torch_dtype: torch.dtype | None = None, **diffusers_kwargs) -> SD35Pipeline:
+                        attention: str = "auto", torch_dtype: torch.dtype | None = None, **diffusers_kwargs) -> SD35Pipeline:
         """Load everything a generation needs.
 
         model: checkpoint file, diffusers folder or cached Hugging Face repo id (offline);
@@ -126,13 +129,14 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         shape on CUDA unless sequential). compile: also torch.compile the per-block step (None: the
         device's default, fast.default_compile: off for the Python API and `generate`). The first
         image of each size then compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor);
-        `warmup` does it up front.
+        `warmup` does it up front. attention: "auto" | "fp8" | "bf16" (fast.build_engine: FP8 flash
+        attention where the FP8 matmul modes run on sm_89+, "fp8" forces it, its torch emulation on CPU).
         torch_dtype (diffusers' name for dtype) and diffusers' file flags: diffusers_compat.load_kwargs.
         """
         dtype = load_kwargs(dtype, torch_dtype, diffusers_kwargs)
         load_args = dict(model=model, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, t5_tokenizer=t5_tokenizer,
                          device=device, dtype=dtype, fp8=fp8, offload=offload, t5_min_length=t5_min_length,
-                         compile=compile)  # kept for .to() / enable_*_offload (a reload)
+                         compile=compile, attention=attention)  # kept for .to() / enable_*_offload (a reload)
         from .checkpoints.load import load_mmdit, load_text_encoders, load_vae
         from .checkpoints.sources import resolve
         from .text import CLIPBPE, SD3TextEncoder, SD3Tokenizer, load_t5_tokenizer
@@ -162,7 +166,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                     keep_token_embeddings_on_cpu(tower)
         if compile is None:
             compile = default_compile(device, offload)
-        mmdit = build_engine(mmdit, device, compile=compile, offload=offload)
+        mmdit = build_engine(mmdit, device, compile=compile, offload=offload, attention=attention)
         if offload != "none" and texts.t5xxl is not None:  # T5 block by block next to the resident MMDiT
             from .offload import stream_t5_blocks
 
@@ -186,6 +190,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         log.info("loaded %s on %s (%s)", defaults.name, device, description["dtype"])
         pipe = cls(mmdit, vae, encoder, defaults, device, dtype, offload, description)
         pipe._load_args = load_args
+        pipe.attention = attention  # engines built later (the mmdit setter) take the same choice
         return pipe
 
     # ------------------------------------------------------------------ helpers
@@ -291,7 +296,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                  num_images_per_prompt: int = 1, callback: StepCallback | None = None,
                  slg: bool | None = None, progress: bool = True,
                  interrupt: Callable[[], None] | None = None,
-                 mask: torch.Tensor | None = None) -> GenerationOutput:
+                 mask: torch.Tensor | None = None, cache_threshold: float = 0.0) -> GenerationOutput:
         """Generate images; missing parameters take the model's defaults (see defaults.py).
 
         Checks the arguments, then runs the generation core (`sd35fp8.generation.generate`, the
@@ -307,6 +312,9 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         guidance (Medium), False = none; with it and no guidance_scale, cfg is the model's
         `slg_cfg` (the reference's 4.0 for Medium). `mask` [1 or B, 1, H, W] in [0, 1] with `image`:
         inpainting, 1 = repaint (ComfyUI's SetLatentNoiseMask; resized to the latent bilinearly).
+        cache_threshold > 0: step caching (sd35fp8.step_cache; 0 = off): evaluations whose first-block
+        input moved less than that (accumulated relative L1) reuse the last velocity; the counts land in
+        `self.stats.cache`.
         """
         from .models.vae import image_to_uint8
         from .sampling import check_scheduler, get_sampler
@@ -357,12 +365,13 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
 
         self.stats = StageStats()
         settings = SampleSettings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift,
-                                  denoise=denoise, slg=slg_config)
+                                  denoise=denoise, slg=slg_config, cache_threshold=check_threshold(cache_threshold))
         request = GenerationRequest(prompts=prompts, negatives=negatives, settings=settings, width=width,
                                     height=height, seed=seed, images_per_prompt=n, init_pixels=pixels,
                                     callback=callback, interrupt=interrupt, progress=progress,
                                     mask=mask)
         out = generate(self.components(), request)
+        self.stats.cache = out.cache_stats
         images = [Image.fromarray(a) for a in image_to_uint8(out.pixels)]
         params = [dict(prompt=prompts[i // n], negative_prompt=negatives[i // n], steps=steps, cfg=cfg,
                        sampler=sampler, scheduler=scheduler, shift=shift, seed=seed, batch_index=i,

@@ -165,6 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fp8=args.fp8,
         offload=args.offload,
         compile=args.compile,
+        attention=args.attention,
     )
     if args.vae is not None:
         from ..checkpoints.load import load_vae
@@ -202,7 +203,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         shift=args.shift,
         num_images_per_prompt=args.batch,
         slg=False if args.no_slg else None,
+        cache_threshold=args.cache_threshold,
     )
+    if pipe.stats.cache:
+        c = pipe.stats.cache
+        print(f"sd35fp8: step cache {args.cache_threshold:g}: {c['full']} of {c['calls']} MMDiT evaluations computed",
+              file=sys.stderr)
     if args.verbose:
         from ..offload import peak_memory_report
 

@@ -136,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
                     state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
                     drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
-                    offload=args.offload, console_progress=args.progress,
+                    offload=args.offload, console_progress=args.progress, attention=args.attention,
+                    cache_threshold=args.cache_threshold,
                     **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
                     **given)
     if pending:

@@ -51,7 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_workflow(args.workflow, args.models, output_dir=args.output, sets=args.sets,
                               device=str(device), hooks=hooks, extra_model_paths=args.extra_model_paths,
-                              compile=args.compile, offload=args.offload)
+                              compile=args.compile, offload=args.offload,
+                              attention=args.attention, cache_threshold=args.cache_threshold)
     finally:
         bars.close()
     if not result.success:

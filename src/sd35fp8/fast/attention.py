@@ -54,14 +54,21 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 TRITON_KINDS = ("triton", "triton_fp8")  # our Triton flash attention (fast/attention_triton.py), bf16 / fp8
+EMULATED_KINDS = ("fp8_emulated",)  # the FP8 kernel's numerics in torch ops (CPU / no Triton; slow, exact spec)
+ATTENTION_CHOICES = ("auto", "fp8", "bf16")  # build_engine(attention=...), --attention
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "sdpa") -> torch.Tensor:
     """q, k, v [B, L, H, D] -> [B, L, H*D] by SDPA (backend pinned by backend_context) or our Triton kernel."""
     if kind == "sdpa":
         return sdpa(q, k, v)
+    if kind == "fp8_emulated":
+        from sd35fp8.fast.attention_triton import fp8_attention_emulated  # [B, L, H*D] fp32
+
+        return fp8_attention_emulated(q, k, v).to(q.dtype)
     if kind not in TRITON_KINDS:
-        raise InputError(f"fast/attention.py: attention kind {kind!r} not in {('sdpa',) + TRITON_KINDS}")
+        raise InputError(f"fast/attention.py: attention kind {kind!r} not in "
+                         f"{('sdpa',) + TRITON_KINDS + EMULATED_KINDS}")
     from sd35fp8.fast.attention_triton import triton_attention_op  # a custom op: opaque to torch.compile
 
     return triton_attention_op(q, k, v, kind == "triton_fp8")

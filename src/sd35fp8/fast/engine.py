@@ -3,6 +3,7 @@
     engine = build_engine(mmdit, device)                        # eager fused; CUDA graphs on CUDA
     engine = build_engine(mmdit, "cuda", compile=True)          # + torch.compile per block shape
     engine = build_engine(mmdit, "cuda", offload="sequential")  # joint blocks streamed from pinned RAM
+    engine = build_engine(mmdit, "cuda", attention="bf16")      # cuDNN SDPA instead of FP8 attention
     engine.warmup([(1024, 1024, 1)])   # compile/capture before the first prompt (MMDiTEngine.warmup)
     v = engine(x, sigma, context, pooled, skip_layers=(), control=None)  # MMDiT.forward's contract
                                                                 # (control: ControlNet residuals per block)
@@ -17,6 +18,11 @@ What is decided here, from the weights, the device and the flags:
   whole step is captured as a CUDA graph per input shape (capture costs two eager steps, no compile);
   `compile=True` adds torch.compile of the per-block function (Inductor; kernels cached on disk by
   fast.enable_compile_cache). On CPU: torch ops, no Triton, no graphs (what CI tests).
+- Attention (`attention`, --attention): "auto" = FP8 flash attention (fast/attention_triton.py) for
+  the FP8 matmul modes on sm_89+ with Triton, else BF16 SDPA (cuDNN on CUDA); "fp8" = FP8 attention
+  always: the Triton kernel on CUDA (DeviceError where it cannot run), its torch emulation on the
+  CPU (`fp8_attention_emulated`, same numerics; slow, for checks on the tiny model); "bf16" = SDPA
+  (cuDNN on CUDA). Measured on the H200 (benchmarks/faster.py): see docs/ARCHITECTURE.md.
 - Offload: "none" and "model" keep the MMDiT resident on `device` (with "model" the pipeline moves
   the text encoders and VAE in and out); "sequential" keeps the joint blocks' weights in pinned CPU
   memory and streams them block by block with prefetch into the fused per-block step; embedders,
@@ -36,10 +42,11 @@ from collections import Counter
 import torch
 from torch import nn
 
-from sd35fp8.errors import InputError
+from sd35fp8.errors import DeviceError, InputError
+from sd35fp8.fast.attention import ATTENTION_CHOICES, default_backend
 from sd35fp8.fast.cache import enable_compile_cache
 from sd35fp8.fast.step import MMDiTEngine
-from sd35fp8.fast.weights import layer_mode
+from sd35fp8.fast.weights import auto_attention, layer_mode
 from sd35fp8.fp8.device import choose_mode
 
 logger = logging.getLogger(__name__)
@@ -64,13 +71,33 @@ def default_compile(device: torch.device | str, offload: str = "none", serving: 
     return torch.device(device).type == "cuda" and offload != "sequential" and serving
 
 
+def attention_kind(choice: str, device: torch.device, fp8_mode: str | None) -> str | None:
+    """--attention auto | fp8 | bf16 -> the engine's attention_backend (see the module docstring)."""
+    if choice not in ATTENTION_CHOICES:
+        raise InputError(f"unknown attention {choice!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "auto":
+        return auto_attention(device, fp8_mode)
+    if choice == "bf16":
+        return default_backend(device)
+    if device.type != "cuda":
+        return "fp8_emulated"
+    from sd35fp8.fast import attention_triton
+
+    if attention_triton.triton is None or torch.cuda.get_device_capability(device) < (8, 9):
+        raise DeviceError(f"--attention fp8 needs Triton and an sm_89+ GPU; {torch.cuda.get_device_name(device)} "
+                          f"(sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}, Triton "
+                          f"{'present' if attention_triton.triton is not None else 'missing'}): use --attention bf16")
+    return "triton_fp8"
+
+
 def build_engine(mmdit: nn.Module, device: torch.device | str, *, compile: bool = False, offload: str = "none",
-                 cuda_graphs: bool | None = None, prefetch: int = 1, **engine_kwargs) -> MMDiTEngine:
+                 attention: str = "auto", cuda_graphs: bool | None = None, prefetch: int = 1,
+                 **engine_kwargs) -> MMDiTEngine:
     """The MMDiT's engine on `device` (see the module docstring). Takes ownership of `mmdit`: its
     weights move to `device` (offload none/model) or into pinned CPU memory (sequential).
 
     cuda_graphs None: on CUDA unless offload is "sequential". engine_kwargs go to MMDiTEngine
-    (attention_backend, kernels, fast_accum, compile_mode; benchmarks)."""
+    (attention_backend overrides `attention`, kernels, fast_accum, compile_mode; benchmarks)."""
     if isinstance(mmdit, MMDiTEngine):
         raise InputError("build_engine: this is already an engine (pass engine.model to rebuild it)")
     if offload not in OFFLOAD_MODES:
@@ -84,6 +111,7 @@ def build_engine(mmdit: nn.Module, device: torch.device | str, *, compile: bool 
     if mode in ("dynamic", "static"):
         mode, reason = choose_mode(mode, device)  # warns when the device has no FP8 matmul
         logger.debug("engine fp8 mode: %s", reason)
+    engine_kwargs.setdefault("attention_backend", attention_kind(attention, device, mode))
     streamed = offload == "sequential"
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda" and not streamed

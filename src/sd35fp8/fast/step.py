@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import InputError
-from sd35fp8.fast.attention import BACKENDS, TRITON_KINDS, attend, backend_context, default_backend
+from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, TRITON_KINDS, attend, backend_context, default_backend
 from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, layer_mode, linear_weights, put
 from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
@@ -256,10 +256,11 @@ class MMDiTEngine(nn.Module):
         if attention_backend == "auto":
             attention_backend = auto_attention(device, fp8_mode)
         self.attention_backend = attention_backend
-        if self.attention_backend is not None and self.attention_backend not in (*BACKENDS, *TRITON_KINDS):
+        kinds = (*TRITON_KINDS, *EMULATED_KINDS)
+        if self.attention_backend is not None and self.attention_backend not in (*BACKENDS, *kinds):
             raise InputError(f"MMDiTEngine: attention_backend {attention_backend!r} not in "
-                             f"{('auto', None, *BACKENDS, *TRITON_KINDS)}")
-        self._attn = self.attention_backend if self.attention_backend in TRITON_KINDS else "sdpa"
+                             f"{('auto', None, *BACKENDS, *kinds)}")
+        self._attn = self.attention_backend if self.attention_backend in kinds else "sdpa"
         self.compile_seconds = 0.0
         self.offload = "none"
         self.streamer = None  # offload.BlockStreamer over self.packs (fast/engine.py stream_blocks)

@@ -101,13 +101,15 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                state_dir: str | os.PathLike | None = None, on_restart: str = "requeue",
                warmup: Callable[[], Any] | None = None, hang_seconds: float = DEFAULT_HANG_SECONDS,
                check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none",
+               attention: str = "auto", cache_threshold: float = 0.0,
                warmup_workflow: str | os.PathLike | None = None,
                warmup_shapes: Sequence[tuple[int, int, int]] | None = None,
                console_progress: bool = False) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
     compile / offload: the new PromptExecutor's engine options (None = the device's default for a
-    server: compiled on CUDA; offload "none" | "model" | "sequential").
+    server: compiled on CUDA; offload "none" | "model" | "sequential"; attention auto | fp8 | bf16;
+    cache_threshold: step caching for every KSampler, 0 = off).
 
     state_dir: the durable queue + history journal (journal.py) lives there; None = memory only;
     "auto" = sd35fp8-state/ beside the output folder (never inside it: /view serves the output folder).
@@ -138,7 +140,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         folders = ModelFolders(models_dir, output_dir=output_dir, input_dir=input_dir, temp_dir=temp_dir,
                                extra_config=extra_model_paths)
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        executor = PromptExecutor(folders, device=dev, compile=compile, offload=offload)
+        executor = PromptExecutor(folders, device=dev, compile=compile, offload=offload, attention=attention,
+                                  cache_threshold=cache_threshold)
     folders = executor.folders
     if warmup_workflow is not None:
         warmup = _workflow_warmup(executor, warmup_workflow, warmup_shapes, warmup)
@@ -152,8 +155,18 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         state_dir = folders.output_dir.parent / STATE_DIR_NAME
     journal = Journal(state_dir) if state_dir is not None else None
     queue = PromptQueue(max_queue=max_queue, journal=journal)
+    # client id -> execution_error messages of its prompts failed at start-up (--on-restart fail): no
+    # socket was open to hear them; the client's next /ws connection gets them, once
+    unheard: dict[str, list[dict]] = {}
+
+    def _unheard(item: list, entry: dict) -> None:
+        client_id = item[3].get("client_id")
+        if client_id:
+            for event, data in entry["status"]["messages"]:
+                unheard.setdefault(client_id, []).append({"type": event, "data": data})
+
     if journal is not None:
-        recover_queue(queue, on_restart, metrics)
+        recover_queue(queue, on_restart, metrics, on_failed=_unheard)
     send = ProgressBars(per_prompt=True).wrap(hub.send) if console_progress else hub.send
     worker = PromptWorker(queue, executor, send, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                           metrics=metrics)
@@ -211,6 +224,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                 if item[3].get("client_id") == client_id and node is not None:
                     resume.append({"type": "executing", "data": {"node": node, "display_node": node,
                                                                  "prompt_id": item[1]}})
+            resume += unheard.pop(client_id, [])  # its prompts the restart failed (--on-restart fail)
         await hub.serve(ws, client_id, {"status": queue_info(queue)}, features, resume)
 
     # ---- prompts ----------------------------------------------------------------------------

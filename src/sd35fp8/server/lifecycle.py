@@ -129,10 +129,11 @@ class Lifecycle:
 ON_RESTART = ("requeue", "fail")
 
 
-def recover_queue(queue: Any, on_restart: str = "requeue", metrics: Any = None) -> dict[str, int]:
+def recover_queue(queue: Any, on_restart: str = "requeue", metrics: Any = None,
+                  on_failed: Callable[[list, dict], None] | None = None) -> dict[str, int]:
     """Load the journal's history into `queue.histories`; re-queue the prompts that were pending or
-    running (on_restart="requeue") or give each an execution_error history entry ("fail").
-    Returns the counts, also logged."""
+    running (on_restart="requeue") or give each an execution_error history entry ("fail"; on_failed
+    is called with each such item and entry). Returns the counts, also logged."""
     if on_restart not in ON_RESTART:
         raise ValueError(f"on_restart must be one of {ON_RESTART}, got {on_restart!r}")
     journal = queue.journal
@@ -145,7 +146,10 @@ def recover_queue(queue: Any, on_restart: str = "requeue", metrics: Any = None) 
         queue.restore([item for item, _ in left])
     else:
         for item, state in left:
-            queue.histories.add(item[1], failed_entry(item, state))
+            entry = failed_entry(item, state)
+            queue.histories.add(item[1], entry)
+            if on_failed is not None:
+                on_failed(item, entry)
             if metrics is not None:
                 metrics.prompt_done("failed_restart")
     counts = {"history": len(got.history), "running": len(got.running), "pending": len(got.pending)}

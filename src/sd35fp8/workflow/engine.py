@@ -79,6 +79,8 @@ class EngineOptions:
     compile: bool = False
     offload: str = "none"
     offloader: Any = None  # offload.ModelOffload for text encoders and VAE when offload != "none"
+    attention: str = "auto"  # fast.build_engine's attention: auto | fp8 | bf16
+    cache_threshold: float = 0.0  # KSampler step caching (sd35fp8.step_cache; 0 = off)
 
     def side(self, device: Any) -> Any:
         """Where weights load: the device, or CPU memory when they are offloaded."""
@@ -87,7 +89,7 @@ class EngineOptions:
     def mmdit(self, mmdit: Any, device: Any) -> Any:
         from sd35fp8.fast import build_engine
 
-        return build_engine(mmdit, device, compile=self.compile, offload=self.offload)
+        return build_engine(mmdit, device, compile=self.compile, offload=self.offload, attention=self.attention)
 
     def text_encoders(self, models: Any, device: Any) -> Any:
         """Offload: T5's blocks stream next to the resident MMDiT (the rest moves in with the CLIPs)."""
@@ -402,6 +404,8 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
     ucond, upooled = _single_cond(negative, "negative")
     settings = sample_settings(model, steps, cfg, sampler_name, scheduler, denoise, start_step, last_step,
                                force_full_denoise)
+    if ctx.engine_options.cache_threshold > 0:  # the executor's --cache-threshold
+        settings = replace(settings, cache_threshold=ctx.engine_options.cache_threshold)
     c_ctl, u_ctl = positive[0][1].get("control"), negative[0][1].get("control")  # ControlNetApply* chains
     with lora_active(model):
         out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),

@@ -39,11 +39,14 @@ class PromptExecutor:
 
     def __init__(self, folders: ModelFolders, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  classes: Mapping[str, type[Node]] | None = None, options: dict[str, Any] | None = None, *,
-                 compile: bool | None = None, offload: str = "none"):
+                 compile: bool | None = None, offload: str = "none", attention: str = "auto",
+                 cache_threshold: float = 0.0):
         """compile: torch.compile the MMDiT engine's step (None: the device's default for a long-running
         executor, fast.default_compile: on for CUDA); offload: "none" | "model" (MMDiT resident, text
         encoders and VAE visit the device) | "sequential" (MMDiT blocks streamed too). Loaders build
-        every MMDiT through sd35fp8.fast.build_engine with these (NodeContext.engine_options)."""
+        every MMDiT through sd35fp8.fast.build_engine with these (NodeContext.engine_options).
+        attention: build_engine's auto | fp8 | bf16; cache_threshold: step caching for every KSampler
+        (sd35fp8.step_cache; 0 = off)."""
         from sd35fp8.fast import OFFLOAD_MODES, default_compile
 
         self.folders = folders
@@ -59,7 +62,13 @@ class PromptExecutor:
             from sd35fp8.offload import ModelOffload
 
             offloader = ModelOffload(self.device)
-        self.engine_options = EngineOptions(compile=self.compile, offload=offload, offloader=offloader)
+        from sd35fp8.fast.attention import ATTENTION_CHOICES
+        from sd35fp8.step_cache import check_threshold
+
+        if attention not in ATTENTION_CHOICES:
+            raise InputError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+        self.engine_options = EngineOptions(compile=self.compile, offload=offload, offloader=offloader,
+                                            attention=attention, cache_threshold=check_threshold(cache_threshold))
         self.classes = dict(NODE_CLASS_MAPPINGS if classes is None else classes)
         self.options = dict(options or {})
         self._cache: dict[str, tuple[tuple, dict | None]] = {}  # key -> (outputs, ui)

@@ -104,14 +104,15 @@ def run_workflow(path: str | Path, models_dir: str | Path, output_dir: str | Pat
                  sets: Sequence[str] = (), device: str = "cpu", dtype: Any = None,
                  hooks: Hooks | None = None, extra_model_paths: str | Path | None = None,
                  executor: PromptExecutor | None = None, compile: bool | None = None,
-                 offload: str = "none") -> ExecutionResult:
+                 offload: str = "none", attention: str = "auto", cache_threshold: float = 0.0) -> ExecutionResult:
     """Load, override (--set), validate and execute one workflow; raises on validation errors.
     compile / offload: the new executor's (PromptExecutor; None = the device's default)."""
     folders = executor.folders if executor is not None else ModelFolders(
         models_dir, output_dir=output_dir, extra_config=extra_model_paths)
     prompt, extra_pnginfo = load_workflow(path, folders)
     apply_sets(prompt, sets)
-    ex = executor or PromptExecutor(folders, device=device, dtype=dtype, compile=compile, offload=offload)
+    ex = executor or PromptExecutor(folders, device=device, dtype=dtype, compile=compile, offload=offload,
+                                    attention=attention, cache_threshold=cache_threshold)
     ok, error, outputs, node_errors = validate_prompt(prompt, ex.classes, folders)
     if not ok:
         raise PromptValidationError(error, node_errors)

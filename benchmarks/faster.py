@@ -1,0 +1,376 @@
+"""Faster still (issue 23): FP8 vs BF16 attention in the Large step, and step caching's fidelity and speed.
+
+    python benchmarks/faster.py tiny  [--n 48 --steps 20 28 --thresholds 0.1 0.2 ...]   # CPU is fine
+    python benchmarks/faster.py tiny-attention [--n 200]   # shipped model, FP8 vs BF16 attention
+    python benchmarks/faster.py large [--tiny-json benchmarks/results/faster_tiny_cpu.json]   # CUDA
+    python benchmarks/faster.py combine benchmarks/results/faster_<device>.json   # "cache" from the tiny JSON
+
+`tiny`: the shipped tiny model (its defaults: euler_ancestral, cfg 4, 128 px), `--n` held-out items,
+each step count uncached and at each cache threshold (same seeds): full-step ratio (model calls over
+full MMDiT evaluations), mean PSNR of each cached image against its uncached image, detector score
+(overall, points) delta against uncached. Writes benchmarks/results/faster_tiny_<device>.json.
+
+`large`: random-weight SD3.5 Large MMDiT (fp8 dynamic, benchmarks/paths.py's setup), 1024², CFG batch 2,
+154 context tokens: step ms (CUDA graph replay, median) with BF16 attention (cuDNN SDPA) and with FP8
+attention (fast/attention_triton.py), the FP8 step's SQNR against the BF16-attention step (same
+inputs), the attention kernel alone (TFLOP/s, 4*B*H*L^2*D) against a large FP8 GEMM's rate, a
+torch.profiler breakdown of one FP8 step, and a whole 20-step image (sampling only: random weights
+have no text encoders / VAE worth timing, the pipeline's stages are in paths_<device>.json) without
+cache and with the default threshold. Writes benchmarks/results/faster_<device>.json shaped as
+issue 23 says: {"device", "date", "step_ms": {"bf16_attention", "fp8_attention"}, "step_sqnr_db",
+"image_s": {"no_cache", "cache"}, "cache": {"full_step_ratio", "psnr_db", "score_delta_points"}}
+(+ details); "cache" is copied from the tiny JSON at the default threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def device_slug(dev: torch.device) -> str:
+    if dev.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(dev).lower().replace(" ", "-")
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
+# ---------------------------------------------------------------- tiny: cache fidelity
+def tiny(args) -> dict:
+    from sd35fp8.pipeline import SD35Pipeline, shipped_model_path
+    from sd35fp8.step_cache import DEFAULT_CACHE_THRESHOLD
+    from sd35fp8.tiny import detector, world
+    from sd35fp8.tiny.evaluate import psnr
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
+    items = world.eval_items(args.n, seed=args.seed)
+    d = pipe.defaults
+    sampler = args.sampler or d.sampler
+
+    def run(steps: int, threshold: float):
+        imgs, stats = [], {"calls": 0, "full": 0}
+        t0 = time.perf_counter()
+        for b, start in enumerate(range(0, len(items), args.batch)):
+            chunk = items[start:start + args.batch]
+            out = pipe([it.caption for it in chunk], num_inference_steps=steps, seed=args.seed + b, progress=False,
+                       cache_threshold=threshold, sampler=sampler)
+            imgs += [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in out.images]
+            for k in stats:
+                stats[k] += pipe.stats.cache.get(k, 0)
+        return imgs, stats, (time.perf_counter() - t0) / len(items)
+
+    rows = []
+    for steps in args.steps:
+        base, _, base_s = run(steps, 0.0)
+        base_score = detector.aggregate(detector.score_many(base, items, workers=args.workers))["overall"]
+        for th in args.thresholds:
+            imgs, st, sec = run(steps, th)
+            score = detector.aggregate(detector.score_many(imgs, items, workers=args.workers))["overall"]
+            ps = [psnr(a, b) for a, b in zip(imgs, base)]
+            ps = [min(p, 100.0) for p in ps]  # identical images: inf -> 100 dB (the mean stays finite)
+            row = {"steps": steps, "threshold": th, "full_step_ratio": st["calls"] / max(1, st["full"]),
+                   "psnr_db": float(np.mean(ps)), "psnr_min_db": float(np.min(ps)),
+                   "score": 100 * score, "score_uncached": 100 * base_score,
+                   "score_delta_points": 100 * (score - base_score), "s_per_image": sec,
+                   "s_per_image_uncached": base_s}
+            rows.append(row)
+            print(f"steps {steps:3d} th {th:5.2f}: x{row['full_step_ratio']:.2f} fewer full steps, "
+                  f"PSNR {row['psnr_db']:.1f} dB (min {row['psnr_min_db']:.1f}), score {row['score']:.1f} "
+                  f"vs {row['score_uncached']:.1f} ({row['score_delta_points']:+.1f})", flush=True)
+    result = {"device": device_slug(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "versions": versions(), "model": "shipped tiny model", "n": args.n, "seed": args.seed,
+              "sampler": sampler, "scheduler": d.scheduler, "cfg": d.cfg, "size": d.width,
+              "default_threshold": DEFAULT_CACHE_THRESHOLD, "rows": rows}
+    out = Path(args.out) if args.out else RESULTS / f"faster_tiny_{device_slug(dev)}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
+def tiny_attention(args) -> dict:
+    """The shipped model with FP8 vs BF16 attention (same seeds): detector score delta and PSNR."""
+    from sd35fp8.pipeline import SD35Pipeline, shipped_model_path
+    from sd35fp8.tiny import detector, world
+    from sd35fp8.tiny.evaluate import psnr
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    items = world.eval_items(args.n, seed=args.seed)
+    out: dict = {"device": device_slug(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                 "versions": versions(), "model": "shipped tiny model", "n": args.n, "steps": args.steps[0]}
+    imgs = {}
+    for att in ("bf16", "fp8"):
+        pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, attention=att)
+        out[f"engine_{att}"] = pipe.mmdit.describe()
+        imgs[att] = []
+        for b, start in enumerate(range(0, len(items), args.batch)):
+            chunk = items[start:start + args.batch]
+            res = pipe([it.caption for it in chunk], num_inference_steps=args.steps[0], seed=args.seed + b,
+                       progress=False)
+            imgs[att] += [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in res.images]
+        out[f"score_{att}"] = 100 * detector.aggregate(detector.score_many(imgs[att], items, workers=4))["overall"]
+    out["score_delta_points"] = out["score_fp8"] - out["score_bf16"]
+    ps = [min(psnr(a, b), 100.0) for a, b in zip(imgs["fp8"], imgs["bf16"])]
+    out["psnr_db"], out["psnr_min_db"] = float(np.mean(ps)), float(np.min(ps))
+    print(f"tiny attention fp8 vs bf16: score {out['score_fp8']:.1f} vs {out['score_bf16']:.1f} "
+          f"({out['score_delta_points']:+.1f}), PSNR {out['psnr_db']:.1f} dB (min {out['psnr_min_db']:.1f})", flush=True)
+    path = Path(args.out) if args.out else RESULTS / f"faster_tiny_attention_{device_slug(dev)}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    return out
+
+
+# ---------------------------------------------------------------- large: GPU step, attention, image
+def _median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def random_large_mmdit(device: torch.device, reference_inputs: tuple | None = None):
+    """Random SD3.5 Large MMDiT, quantised fp8 dynamic with the default policy (benchmarks/paths.py's
+    build_file, without writing the file) -> (model, float32 forward of the unquantised weights on
+    reference_inputs or None)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from e2e import stack_configs  # noqa: E402  (random nets shaped like trained ones)
+
+    from sd35fp8.fp8 import quantize_model
+    from sd35fp8.fp8.policy_sd35 import default_policy
+    from sd35fp8.models.mmdit import MMDiT, init_random_
+
+    with torch.device("meta"):
+        mmdit = MMDiT(stack_configs(False)["mmdit"]).eval()
+    mmdit.to_empty(device=device)
+    init_random_(mmdit, torch.Generator(device=device).manual_seed(0))
+    ref = None
+    if reference_inputs is not None:
+        with torch.no_grad():
+            ref = mmdit(*(t.float() for t in reference_inputs)).float()
+    mmdit.to(torch.bfloat16)
+    quantize_model(mmdit, "dynamic", policy=default_policy())
+    return mmdit, ref
+
+
+def large(args) -> dict:
+    from sd35fp8.fast import build_engine
+    from sd35fp8.fast.attention import attention_flops
+    from sd35fp8.fast.attention_triton import attention_fp8, quantize_qkv, triton_attention
+    from sd35fp8.fp8.scaling import sqnr
+    from sd35fp8.generation import SampleSettings, sample
+    from sd35fp8.sampling import Conditioning
+    from sd35fp8.step_cache import DEFAULT_CACHE_THRESHOLD
+
+    dev = torch.device("cuda")
+    from sd35fp8.models.mmdit import MMDiTConfig
+
+    cfg = MMDiTConfig.large()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 128, 128, generator=g).to(dev, torch.bfloat16)
+    sigma = torch.full((2,), 0.5, device=dev)
+    ctx = torch.randn(2, 154, cfg.context_dim, generator=g).to(dev, torch.bfloat16)
+    pooled = torch.randn(2, cfg.pooled_dim, generator=g).to(dev, torch.bfloat16)
+    mmdit, ref32 = random_large_mmdit(dev, (x, sigma, ctx, pooled))
+    torch.cuda.empty_cache()
+    res: dict = {"device": device_slug(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                 "versions": versions(), "config": {"model": "Large", "weights": "random fp8 dynamic", "size": 1024,
+                                                    "cfg_batch": 2, "context_tokens": 154}}
+    eng = build_engine(mmdit, dev, attention_backend="triton_fp8")
+    step_ms, outs = {}, {}
+    for name, backend in (("bf16_attention", "cudnn"), ("fp8_attention", "triton_fp8")):
+        eng.attention_backend, eng._attn = backend, (backend if backend == "triton_fp8" else "sdpa")
+        eng.graphs.clear()
+        outs[name] = eng(x, sigma, ctx, pooled).float().clone()  # capture
+        eng(x, sigma, ctx, pooled)
+        step_ms[name] = _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
+        print(f"step {name}: {step_ms[name]:.2f} ms", flush=True)
+    res["step_ms"] = step_ms
+    res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
+    res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],
+                                  "bf16_attention_vs_float32": float(sqnr(ref32, outs["bf16_attention"])),
+                                  "fp8_vs_bf16_attention": float(sqnr(outs["bf16_attention"], outs["fp8_attention"]))}
+    print(f"step SQNR: {res['step_sqnr_detail_db']}", flush=True)
+
+    # attention kernel alone vs an FP8 GEMM, Large shapes
+    H, D, L, B = 38, 64, 4096 + 154, 2
+    q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    flops = attention_flops(B, H, L, L, D)
+    att = {}
+    for name, fp8 in (("triton_bf16", False), ("triton_fp8", True)):
+        triton_attention(q, k, v, fp8=fp8)
+        ms = _median_ms(lambda: triton_attention(q, k, v, fp8=fp8), 50)
+        att[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    qkv8 = quantize_qkv(q, k, v)
+    attention_fp8(qkv8)
+    ms = _median_ms(lambda: attention_fp8(qkv8), 50)
+    att["triton_fp8_kernel_only"] = {"ms": ms, "tflops": flops / ms / 1e9, "note": "without the quantise pass"}
+    ms = _median_ms(lambda: quantize_qkv(q, k, v), 50)
+    att["fp8_quantize_pass"] = {"ms": ms}
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ms = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), 50)
+    att["sdpa_cudnn_bf16"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    M = N = K = 8192
+    a8 = torch.randn(M, K, device=dev).to(torch.float8_e4m3fn)
+    b8 = torch.randn(N, K, device=dev).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    gemm = lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,  # noqa: E731
+                                    use_fast_accum=True)
+    gemm()
+    gms = _median_ms(gemm, 30)
+    att["fp8_gemm_8192"] = {"ms": gms, "tflops": 2 * M * N * K / gms / 1e9}
+    att["fp8_attention_vs_gemm"] = att["triton_fp8_kernel_only"]["tflops"] / att["fp8_gemm_8192"]["tflops"]
+    res["attention_kernel"] = att
+    for kname, r in att.items():
+        print(f"{kname}: {r}", flush=True)
+
+    # where the FP8 step's time goes (eager fused step, kernels grouped by name)
+    eng.attention_backend, eng._attn = "triton_fp8", "triton_fp8"
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng._forward(x, sigma, ctx, pooled, ())
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        n = e.key.lower()
+        g = ("fp8_gemm" if ("gemm" in n or "scaled_mm" in n or "sm90" in n or "cutlass" in n) else
+             "attention" if "attn" in n else "quantize_qkv" if ("quant" in n or "amax" in n) else "elementwise/other")
+        groups[g] = groups.get(g, 0.0) + t / 1000.0
+    top = sorted(((e.key[:90], (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / 1000)
+                  for e in prof.key_averages()), key=lambda r: -r[1])[:15]
+    res["profile_fp8_step_ms"] = {"groups": groups, "top_kernels": top}
+    print("profile (ms):", {k: round(v, 2) for k, v in groups.items()}, flush=True)
+
+    # whole 20-step image (sampling, CFG batch 2, + VAE decode) without / with the cache
+    from e2e import fill_random_  # noqa: E402  (benchmarks/ is on sys.path: random_large_mmdit)
+
+    from sd35fp8.generation import decode
+    from sd35fp8.models.vae import SD3VAE, VAEConfig
+
+    with torch.device("meta"):
+        vae = SD3VAE(VAEConfig.sd3()).eval()
+    vae.to_empty(device=dev)
+    fill_random_(vae, torch.Generator(device=dev).manual_seed(1)).to(torch.bfloat16)
+    cond = Conditioning(ctx[:1].clone(), pooled[:1].clone())
+    uncond = Conditioning(ctx[1:].clone(), pooled[1:].clone())
+    latent = torch.zeros(1, 16, 128, 128, device=dev)
+    th = args.threshold if args.threshold is not None else DEFAULT_CACHE_THRESHOLD
+    image_s, sampling_s, cache_large = {}, {}, {}
+    for name, t in (("no_cache", 0.0), ("cache", th)):
+        st = SampleSettings(steps=20, cfg=4.5, sampler="euler", scheduler="normal", shift=3.0, cache_threshold=t)
+        with torch.inference_mode():
+            decode(vae, sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16).to(torch.bfloat16))
+            torch.cuda.synchronize()
+            stats: dict = {}
+            t0 = time.perf_counter()
+            z = sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16, cache_stats=stats)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            decode(vae, z.to(torch.bfloat16))
+            torch.cuda.synchronize()
+        image_s[name] = time.perf_counter() - t0
+        sampling_s[name] = t1 - t0
+        cache_large[name] = {"stats": stats, "latent": z}
+    res["sampling_s"] = sampling_s
+    res["image_s_note"] = ("image_s = 20 sampling steps (CFG batch 2) + VAE decode, random weights; text encoding "
+                           "is not included (paths_<device>.json has the pipeline's encode stage)")
+    res["image_s"] = image_s
+    st = cache_large["cache"]["stats"]
+    res["large_cache"] = {"threshold": th, "stats": st,
+                          "full_step_ratio": st.get("calls", 0) / max(1, st.get("full", 1)),
+                          "latent_sqnr_db_vs_uncached": float(sqnr(cache_large["no_cache"]["latent"],
+                                                                   cache_large["cache"]["latent"])),
+                          "note": "random weights: the velocity field is not a trained one, skips are not "
+                                  "representative of a real model"}
+    print(f"image (20 steps + decode) s: {image_s}; sampling s: {sampling_s}; cache {res['large_cache']}", flush=True)
+
+    if args.tiny_json and Path(args.tiny_json).exists():
+        add_tiny_cache(res, Path(args.tiny_json))
+    out = Path(args.out) if args.out else RESULTS / f"faster_{res['device']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {out}")
+    return res
+
+
+def add_tiny_cache(res: dict, tiny_json: Path) -> dict:
+    """res["cache"] <- the tiny table's rows at step_cache.DEFAULT_CACHE_THRESHOLD (mean over the step counts)."""
+    from sd35fp8.step_cache import DEFAULT_CACHE_THRESHOLD
+
+    tj = json.loads(tiny_json.read_text())
+    tj["default_threshold"] = DEFAULT_CACHE_THRESHOLD
+    pick = [r for r in tj["rows"] if abs(r["threshold"] - DEFAULT_CACHE_THRESHOLD) < 1e-9]
+    if not pick:
+        raise SystemExit(f"{tiny_json}: no rows at the default threshold {DEFAULT_CACHE_THRESHOLD}")
+    res["cache"] = {k: float(np.mean([r[k] for r in pick])) for k in ("full_step_ratio", "psnr_db", "score_delta_points")}
+    res["cache"]["per_steps"] = {r["steps"]: {k: r[k] for k in ("full_step_ratio", "psnr_db", "score_delta_points")}
+                                 for r in pick}
+    res["cache"]["from"] = (f"{tiny_json.name}: shipped tiny model ({tj['sampler']}, n {tj['n']}), threshold "
+                            f"{tj['default_threshold']}, steps {[r['steps'] for r in pick]} (mean)")
+    return res
+
+
+def combine(args) -> None:
+    """Fill a GPU JSON's "cache" from the tiny table (when the tiny run came after the GPU run)."""
+    path = Path(args.json)
+    res = add_tiny_cache(json.loads(path.read_text()), Path(args.tiny_json))
+    path.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {path}: cache {res['cache']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("tiny")
+    t.add_argument("--n", type=int, default=48)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, nargs="+", default=[20, 28])
+    t.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    t.add_argument("--device", default=None)
+    t.add_argument("--sampler", default=None, help="default: the model's (euler_ancestral)")
+    t.add_argument("--workers", type=int, default=1, help="detector scoring processes")
+    t.add_argument("--out", default=None)
+    ta = sub.add_parser("tiny-attention")
+    ta.add_argument("--n", type=int, default=200)
+    ta.add_argument("--batch", type=int, default=25)
+    ta.add_argument("--seed", type=int, default=0)
+    ta.add_argument("--steps", type=int, nargs=1, default=[28])
+    ta.add_argument("--device", default=None)
+    ta.add_argument("--out", default=None)
+    g = sub.add_parser("large")
+    g.add_argument("--reps", type=int, default=30)
+    g.add_argument("--threshold", type=float, default=None)
+    g.add_argument("--tiny-json", default=str(RESULTS / "faster_tiny_cpu.json"))
+    g.add_argument("--out", default=None)
+    c = sub.add_parser("combine")
+    c.add_argument("json")
+    c.add_argument("--tiny-json", default=str(RESULTS / "faster_tiny_cpu.json"))
+    args = ap.parse_args()
+    {"tiny": tiny, "tiny-attention": tiny_attention, "large": large, "combine": combine}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Step caching (sd35fp8.step_cache) on CPU: the indicator is the first block's real qkv input, threshold 0
+changes nothing, a large threshold computes only the pinned first and last evaluations, a skipped call
+returns the last full velocity, and the option reaches the pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd35fp8 import generation
+from sd35fp8.errors import InputError
+from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
+from sd35fp8.pipeline import SD35Pipeline
+from sd35fp8.sampling import Conditioning, get_sigmas
+from sd35fp8.step_cache import StepCache, check_threshold, first_block_input, relative_l1
+
+
+@pytest.fixture(scope="module")
+def mmdit():
+    cfg = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, context_dim=32, pooled_dim=48,
+                      qk_norm=True)
+    return init_random_(MMDiT(cfg).eval(), torch.Generator().manual_seed(0))
+
+
+def _inputs(m, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, 8, 8, generator=g)
+    sigma = torch.full((batch,), 0.7)
+    ctx = torch.randn(batch, 5, m.config.context_dim, generator=g)
+    pooled = torch.randn(batch, m.config.pooled_dim, generator=g)
+    return x, sigma, ctx, pooled
+
+
+def test_indicator_is_the_first_blocks_qkv_input(mmdit):
+    """first_block_input equals what MMDiT.forward feeds block 0's x-stream qkv linear (a forward hook)."""
+    seen = {}
+    hook = mmdit.joint_blocks[0].x_block.attn.qkv.register_forward_pre_hook(lambda mod, a: seen.update(a=a[0]))
+    x, sigma, ctx, pooled = _inputs(mmdit)
+    with torch.no_grad():
+        mmdit(x, sigma, ctx, pooled)
+    hook.remove()
+    got = first_block_input(mmdit, x, sigma, pooled)
+    torch.testing.assert_close(got, seen["a"].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_relative_l1():
+    a = torch.tensor([1.0, -2.0])
+    assert relative_l1(a, a) == 0.0
+    assert relative_l1(a * 1.1, a) == pytest.approx(0.1)
+
+
+def test_thresholds_checked(mmdit):
+    assert check_threshold("0.25") == 0.25
+    for bad in (-0.1, float("nan"), float("inf"), "x"):
+        with pytest.raises(InputError):
+            check_threshold(bad)
+    with pytest.raises(InputError, match="not an MMDiT"):
+        StepCache(lambda *a, **k: None, 0.1, [1.0, 0.0])
+
+
+class Counting:
+    """An MMDiT ModelFn that counts its full evaluations."""
+
+    def __init__(self, m):
+        self.model, self.config, self.calls = m, m.config, 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        with torch.no_grad():
+            return self.model(*a, **k)
+
+
+def _sample(model, threshold, steps=8, sampler="euler", stats=None):
+    torch.manual_seed(0)
+    x, _, ctx, pooled = _inputs(model.model, batch=1)
+    cond, uncond = Conditioning(ctx, pooled), Conditioning(ctx.flip(1), pooled.flip(1))
+    st = generation.SampleSettings(steps=steps, cfg=3.0, sampler=sampler, scheduler="normal",
+                                   cache_threshold=threshold)
+    return generation.sample(model, cond, uncond, torch.zeros(1, 16, 8, 8), st, seed=3, cache_stats=stats)
+
+
+def test_threshold_zero_is_the_uncached_run(mmdit):
+    m = Counting(mmdit)
+    stats: dict = {}
+    plain = _sample(m, 0.0, stats=stats)
+    assert m.calls == 8 and stats == {}
+    cache = StepCache(m, 1e-9, get_sigmas("normal", 8))  # on, but nothing is close enough to skip
+    cache.inner = m
+    m.calls = 0
+    x, sigma, ctx, pooled = _inputs(mmdit)
+    for s in (0.9, 0.8, 0.7):
+        cache(x + s, torch.full((2,), s), ctx, pooled)
+    assert cache.stats == {"calls": 3, "full": 3, "skipped": 0} and m.calls == 3
+    assert torch.equal(plain, _sample(Counting(mmdit), 0.0))
+
+
+def test_large_threshold_keeps_first_and_last_only(mmdit):
+    """Euler with a huge threshold: the first and the last evaluation run the model, the others reuse
+    the first velocity (so the result is one straight Euler line from the first velocity, except the last)."""
+    m = Counting(mmdit)
+    stats: dict = {}
+    cached = _sample(m, 1e9, steps=8, stats=stats)
+    assert stats == {"calls": 8, "full": 2, "skipped": 6} and m.calls == 2
+    plain = _sample(Counting(mmdit), 0.0, steps=8)
+    assert not torch.equal(cached, plain) and torch.isfinite(cached).all()
+
+
+def test_skip_returns_last_velocity_and_condition_change_recomputes(mmdit):
+    m = Counting(mmdit)
+    cache = StepCache(m, 1e9, [1.0, 0.9, 0.5, 0.1, 0.0])
+    x, _, ctx, pooled = _inputs(mmdit)
+    v1 = cache(x, torch.full((2,), 1.0), ctx, pooled)  # first sigma: computed
+    v2 = cache(x * 0.9, torch.full((2,), 0.9), ctx, pooled)  # skipped: the same velocity
+    assert torch.equal(v1, v2) and m.calls == 1
+    cache(x * 0.9, torch.full((2,), 0.5), ctx + 1, pooled)  # other conditioning: computed
+    assert m.calls == 2
+    cache(x, torch.full((2,), 0.5), ctx + 1, pooled, skip_layers=(1,))  # SLG pass: its own stream, first call
+    assert m.calls == 3
+    cache(x, torch.full((2,), 0.1), ctx + 1, pooled)  # last non-zero sigma: computed
+    assert m.calls == 4 and cache.stats == {"calls": 5, "full": 4, "skipped": 1}
+
+
+def test_pipeline_option(tiny_random_checkpoint):
+    """cache_threshold reaches the generation core through the pipeline (engine road) and reports counts."""
+    path, _ = tiny_random_checkpoint
+    pipe = SD35Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
+    kw = dict(num_inference_steps=6, guidance_scale=3.0, sampler="euler", width=32, height=32, seed=2, progress=False)
+    plain = pipe("a red circle", **kw)
+    assert pipe.stats.cache == {}
+    cached = pipe("a red circle", cache_threshold=1e9, **kw)
+    assert pipe.stats.cache == {"calls": 6, "full": 2, "skipped": 4}
+    assert cached.latents.shape == plain.latents.shape and not torch.equal(cached.latents, plain.latents)
+    with pytest.raises(InputError, match="cache threshold"):
+        pipe("a red circle", cache_threshold=-1, **kw)
