@@ -32,6 +32,9 @@ MMDiT's weight bytes, pinned host-to-device bandwidth (measured in the same run)
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import datetime
 import json
 import os
@@ -344,26 +347,40 @@ def road_server(args, device: torch.device, timer: StepTimer) -> dict:
     return out
 
 
-def compile_probe(args, device: torch.device) -> dict:
+def compile_probe(args, device: torch.device, profile: bool = False) -> dict:
     """Process start-up with compile: load the file, build the engine, warm up 1024² (cold or warm cache)."""
     from sd35fp8.pipeline import SD35Pipeline
 
+    prof = cProfile.Profile() if profile else None  # profiled start-ups are slower: a road of their own
     t0 = time.perf_counter()
+    if prof:
+        prof.enable()
     pipe = SD35Pipeline.from_pretrained(args.file, device=device, compile=device.type == "cuda")
     sync(device)
     load = time.perf_counter() - t0
     kw = workflow_params(args.tiny)
     warm = pipe.warmup([(kw["width"], kw["height"], 1)])
-    return {"load_s": load, "warmup_s": warm, "start_s": time.perf_counter() - t0,
-            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+    start = time.perf_counter() - t0
+    text = io.StringIO()
+    if prof:
+        prof.disable()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+    try:
+        from torch._dynamo.utils import compile_times
+        times = compile_times(repr="str")
+    except (ImportError, TypeError) as e:
+        times = f"unavailable: {e}"
+    return {"load_s": load, "warmup_s": warm, "start_s": start,
+            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+            "profile_top": text.getvalue().splitlines()[:100], "dynamo_compile_times": str(times)[:4000]}
 
 
 def child(args) -> int:
     device = torch.device(args.device)
     timer = StepTimer()
     t0 = time.perf_counter()
-    if args.road in ("compile_cold", "compile_warm"):
-        res = compile_probe(args, device)
+    if args.road in ("compile_cold", "compile_warm", "compile_warm_profiled"):
+        res = compile_probe(args, device, profile=args.road == "compile_warm_profiled")
     elif args.road == "run":
         res = road_run_cli_like(args, device, timer)
     elif args.road == "server":
@@ -487,8 +504,11 @@ def parent(args) -> int:
                       "fresh process; cold = empty Inductor cache dir, warm = second process on the same dir"},
               "h2d_bandwidth_gbs": None if bw is None else bw / 1e9, "roads": {}}
     order = ["compile_cold", *[r for r in args.roads if r in ROADS], "compile_warm"]
+    if args.profile_start:  # a third start-up under cProfile (where the warm start's seconds go)
+        order.append("compile_warm_profiled")
     if device.type != "cuda":  # torch.compile of the engine needs CUDA: nothing to measure on the CPU
-        order = [r for r in order if r not in ("compile_cold", "compile_warm", "generate_compile")]
+        order = [r for r in order if r not in ("compile_cold", "compile_warm", "compile_warm_profiled",
+                                               "generate_compile")]
     out_path = Path(args.out) / f"paths_{result['device']}.json"
     for road in order:
         left = args.budget_s - (time.perf_counter() - start)
@@ -526,6 +546,8 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="folder for the file, images, per-road JSON (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--budget-s", type=float, default=520.0, help="stop starting roads after this many seconds")
+    ap.add_argument("--profile-start", action="store_true",
+                    help="also profile a warm-cache start-up (cProfile top + dynamo compile times in the JSON)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
