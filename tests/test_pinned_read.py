@@ -46,6 +46,14 @@ def test_ring_read_equals_file_cpu(tmp_path):
     _check(PinnedReader(chunk=256, ring=2), _file(tmp_path), "cpu")
 
 
+def test_threaded_read_equals_file_cpu(tmp_path, monkeypatch):
+    # each 256-byte chunk split over 3 reader threads (parts of >= 16 bytes)
+    from sd35fp8.checkpoints import pinned_read
+
+    monkeypatch.setattr(pinned_read, "MIN_PART", 16)
+    _check(PinnedReader(chunk=256, ring=2, threads=3), _file(tmp_path), "cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_read_equals_file_cuda(tmp_path):
     path = _file(tmp_path)
