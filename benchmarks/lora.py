@@ -74,12 +74,25 @@ def timed(fn, dev) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def build_engine(model, dev, mode: str, compile_: bool):
+def profile_step(step, dev) -> list[str]:
+    """One step under torch.profiler: the top kernels by device time (a replayed CUDA graph shows as
+    one launch, so this is most useful with the graph's kernels visible: run it on an eager engine)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70).splitlines()
+
+
+def build_engine(model, dev, mode: str, compile_: bool, graphs: bool = True):
     """The MMDiT engine (sd35fp8.fast.build_engine where it exists, else MMDiTEngine)."""
     import sd35fp8.fast as fast
 
     if hasattr(fast, "build_engine"):
-        return fast.build_engine(model, dev, compile=compile_)
+        return fast.build_engine(model, dev, compile=compile_, cuda_graphs=None if graphs else False)
     return fast.MMDiTEngine(model, fp8_mode=mode, compile=compile_, cuda_graphs=False)
 
 
@@ -93,6 +106,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (kernels visible to --profile)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one unmerged step (torch.profiler: top kernels by device time, in the JSON)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cfg = MMDiTConfig.tiny() if args.tiny else MMDiTConfig.large()
@@ -121,7 +137,7 @@ def main(argv=None) -> dict:
     loras.load(parse_lora(sd_b, "b", cfg.depth, "b"), "b", strength=None)
     load_ms = (time.perf_counter() - t0) * 1e3 / 2
     loras.set_active({"a": 0.0})  # creates every slot (empty) for the engine to share
-    engine = build_engine(model, dev, mode, args.compile)
+    engine = build_engine(model, dev, mode, args.compile, graphs=not args.no_graphs)
 
     def step():
         with torch.no_grad():
@@ -133,6 +149,7 @@ def main(argv=None) -> dict:
     swap = [timed(lambda: loras.set_active({"a": 1.0}), dev)]
     unmerged_out = step().float()
     rows["unmerged"] = statistics.median(time_ms(step, dev, steps, args.warmup))
+    kernels = profile_step(step, dev) if args.profile else None
     first_step_ms, back_step_ms = [], []
     for i in range(3):
         swap.append(timed(lambda: loras.set_active({"b": 1.0}), dev))
@@ -150,7 +167,7 @@ def main(argv=None) -> dict:
     unmerge_ms = timed(lambda: loras.unfuse(), dev)
     result = {
         "config": "tiny" if args.tiny else "large", "rank": rank, "size": size, "fp8_mode": mode,
-        "compile": args.compile, "batch": 2, "context": ctx_len, "engine": type(engine).__name__,
+        "compile": args.compile, "cuda_graphs": not args.no_graphs, "batch": 2, "context": ctx_len, "engine": type(engine).__name__,
         "step_ms": rows, "unmerged_overhead": rows["unmerged"] / rows["base"] - 1,
         "swap_ms_median": statistics.median(swap), "load_ms_per_lora": load_ms, "merge_ms": merge_ms,
         "unmerge_ms": unmerge_ms,
@@ -160,6 +177,9 @@ def main(argv=None) -> dict:
         "sqnr_base_vs_merged_db": sqnr(merged_out, base_out),
         "lora_params": sum(v.numel() for k, v in sd_a.items() if "lora_" in k),
     }
+    if kernels is not None:
+        result["unmerged_profile_top"] = kernels
+        print("\n".join(kernels[:30]))
     print(f"{result['config']} rank {rank} {size}px {mode}{' compiled' if args.compile else ''} on {dev}:")
     print("| step | ms |\n|---|---|")
     for k, v in rows.items():

@@ -131,22 +131,34 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, terms: list[ActiveTerm], bias: 
     n = y.shape[-1]
     y2 = y.reshape(-1, n)  # [M, N]
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    if x2.dtype == FP8_DTYPE:
-        x2 = x2.float() * x_scale
-    out = y2
+    row_scale = None  # FP8 x: (x8 * s) down^T = (x8 down^T) * s for a per-row (or scalar) s, so the
+    if x2.dtype == FP8_DTYPE:  # scale goes on the [M, r] product, and x8 -> the factors' dtype is exact
+        row_scale = x_scale
+    out, owned = y2, False
+    xs: dict[torch.dtype, torch.Tensor] = {}
     for t in terms:
-        h = (x2.to(t.down.dtype) @ t.down.t()) @ t.up.t()  # [M, r] -> [M, n]
+        if t.down.dtype not in xs:
+            xs[t.down.dtype] = x2.to(t.down.dtype)
+        h = xs[t.down.dtype] @ t.down.t()  # [M, r]
+        if row_scale is not None:
+            h = (h.float() * row_scale.float()).to(t.down.dtype)
         rows = t.up.shape[0]
         if t.dora_g is not None:
+            h = h @ t.up.t()  # [M, n]
             base = y2[:, t.offset:t.offset + rows].to(h.dtype)
             if bias is not None:
                 base = base - bias[t.offset:t.offset + rows].to(h.dtype)
-            h = (t.dora_g - 1) * base + t.dora_g * h  # [M, n]
-        h = (h * t.strength).to(y2.dtype)
-        if t.offset == 0 and rows == n:
-            out = out + h
+            h = ((t.dora_g - 1) * base + t.dora_g * h) * t.strength  # [M, n]
+            h = h.to(y2.dtype)
+        elif t.offset == 0 and rows == n:  # the common case: one GEMM adds the term to the output (cuBLAS beta=1)
+            out = torch.addmm(out, h.to(y2.dtype), (t.up * t.strength).t().to(y2.dtype))
+            owned = True
+            continue
         else:
-            out = out + F.pad(h, (t.offset, n - t.offset - rows))  # [M, N]
+            h = (h @ (t.up * t.strength).t()).to(y2.dtype)  # [M, rows]
+        if not owned:
+            out, owned = out.clone(), True  # never write into the caller's y
+        out[:, t.offset:t.offset + rows] += h
     return out.reshape(y.shape)
 
 
