@@ -6,7 +6,9 @@ them), serves it with uvicorn on 127.0.0.1 and times each route with a plain soc
 1 MB at a time): milliseconds to the first byte and to the last byte, median and max of --repeat reads.
 Then it holds the worker on one prompt, queues --entries more prompts behind it (so /queue lists
 10 000 pending and /jobs 20 000 jobs) and times /queue and /jobs again. "after one change" rows time
-the first read after one entry was added (the cost of bringing the cached bodies up to date).
+the first read after one entry was added (the cost of bringing the cached bodies up to date), --repeat
+times, one new entry before each read (a finished prompt: the full history drops its oldest; or one
+more pending prompt).
 A bare Starlette app sending the same number of bytes gives the transfer floor of this machine now
 (the CPU is shared: compare the rows with it).
 
@@ -51,9 +53,12 @@ def socket_get(url: str, path: str) -> tuple[float, float, int]:
     return first, (time.perf_counter() - t) * 1000, n
 
 
-def timed(url: str, path: str, repeat: int) -> dict:
+def timed(url: str, path: str, repeat: int, before=None) -> dict:
+    """Median and max of `repeat` reads; `before(k)`, when given, runs before read k (untimed)."""
     first, last, size = [], [], 0
-    for _ in range(repeat):
+    for k in range(repeat):
+        if before is not None:
+            before(k)
         f, t, size = socket_get(url, path)
         first.append(f)
         last.append(t)
@@ -110,7 +115,7 @@ def run(entries: int, repeat: int, work: Path) -> dict:
     from sd35fp8.server import create_app
 
     app = create_app(work / "models", executor=make_fake_executor(work), serve_frontend=False,
-                     max_queue=entries + 10)
+                     max_queue=entries + repeat + 10)
     queue = app.state.queue
     base = seed_prompt()
     t0 = time.perf_counter()
@@ -128,11 +133,14 @@ def run(entries: int, repeat: int, work: Path) -> dict:
         for path in ("/history", "/history?max_items=100", f"/history/{last}", "/jobs", "/jobs?limit=100", "/queue"):
             socket_get(url, path)  # the first read renders and caches
             rows[f"GET {path}"] = timed(url, path, repeat)
-        item, outputs, status = finished_entry(entries, base)  # one more finished prompt
-        queue.histories.add(item[1], {"prompt": item, "outputs": outputs, "status": status, "meta": {}})
-        rows["GET /history, after one change"] = timed(url, "/history", 1)
-        queue.histories.add(item[1] + "x", {"prompt": item, "outputs": outputs, "status": status, "meta": {}})
-        rows["GET /jobs, after one change"] = timed(url, "/jobs", 1)
+        added = iter(range(entries, entries + 2 * repeat))
+
+        def one_more_finished(_k: int) -> None:  # the oldest entry is dropped when the history is full
+            item, outputs, status = finished_entry(next(added), base)
+            queue.histories.add(item[1], {"prompt": item, "outputs": outputs, "status": status, "meta": {}})
+
+        rows["GET /history, after one change"] = timed(url, "/history", repeat, one_more_finished)
+        rows["GET /jobs, after one change"] = timed(url, "/jobs", repeat, one_more_finished)
 
         # the worker holds one prompt; `entries` prompts wait behind it
         queue.put([-1, "held", fake_prompt(seed=HOLD_SEED), {"create_time": 1_800_000_000_000}, ["3"]])
@@ -143,8 +151,11 @@ def run(entries: int, repeat: int, work: Path) -> dict:
         for path in ("/queue", "/jobs", "/jobs?limit=100", "/jobs?status=pending&limit=100"):
             socket_get(url, path)
             rows[f"GET {path}, {entries} pending"] = timed(url, path, repeat)
-        queue.put([10 ** 9, "one-more", base, {"create_time": 1_900_000_000_000}, ["9"]])
-        rows[f"GET /queue, {entries} pending, after one change"] = timed(url, "/queue", 1)
+
+        def one_more_pending(k: int) -> None:
+            queue.put([10 ** 9 + k, f"one-more-{k}", base, {"create_time": 1_900_000_000_000 + k}, ["9"]])
+
+        rows[f"GET /queue, {entries} pending, after one change"] = timed(url, "/queue", repeat, one_more_pending)
         queue.wipe_queue()
         HOLD.set()
         wait_for(lambda: not queue.running_ids(), timeout=60)
@@ -170,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     import starlette
     import uvicorn
 
+    load_before, pressure_before = list(os.getloadavg()), cpu_pressure()
     with tempfile.TemporaryDirectory(prefix="sd35fp8-history-") as tmp:
         res = run(args.entries, args.repeat, Path(tmp))
     result = {
         "benchmark": "history", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": "cpu", "platform": platform.platform(), "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg()), "cpu_pressure": cpu_pressure(),
+        "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg": list(os.getloadavg()),
+        "cpu_pressure_before": pressure_before, "cpu_pressure": cpu_pressure(),
         "versions": {"fastapi": fastapi.__version__, "starlette": starlette.__version__,
                      "uvicorn": uvicorn.__version__},
         "command": "python benchmarks/history.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -173,3 +173,137 @@ def test_jobs_pages_match_a_full_sort():
             q.task_done(task, {}, {"status_str": "success", "completed": True, "messages": []})
             q.delete_history_item("d4")
             q.put([99, "late", {}, {"create_time": 3}, []])
+
+
+def _plain_dump(h) -> bytes:
+    """The full dump as the pages render it: every entry's rendering joined (no blocks)."""
+    from sd35fp8.server.history import join_wrapped, render_entry
+
+    return join_wrapped(b"{", [render_entry(p, e) for p, e in h.get().items()], b"}")
+
+
+def test_full_dump_chunks_rejoin_only_the_blocks_that_changed():
+    """GET /history sends cached blocks of BLOCK entries: after one entry is added (and the oldest
+    dropped) the bytes are those of a fresh rendering, and only the first and last blocks are new."""
+    import json
+
+    from sd35fp8.server.history import BLOCK
+
+    h = PromptHistory(max_history=3 * BLOCK)
+    for i in range(3 * BLOCK):
+        h.add(f"p{i}", {"n": i, "t": "é" * (i % 3)})
+    first = h.full_chunks()
+    assert h.full_chunks() is first and b"".join(first) == _plain_dump(h) == h.get_json()
+    assert len(first) == 2 * 3 + 1  # "{", block, ",", block, ",", block, "}"
+    h.add("new", {"n": -1})  # drops p0: block 0 loses one entry, a fourth block starts
+    after = h.full_chunks()
+    assert b"".join(after) == _plain_dump(h) and list(json.loads(b"".join(after)))[0] == "p1"
+    assert after[1] is not first[1] and after[3] is first[3] and after[5] is first[5]  # the middle kept
+    h.add("p5", {"n": "again"})  # drops p1; a stored id keeps its place (a dict, as in ComfyUI)
+    assert b"".join(h.full_chunks()) == _plain_dump(h) and list(h.get())[3] == "p5"
+    for pid in ("p300", "new", "nope"):
+        h.delete(pid)
+        assert b"".join(h.full_chunks()) == _plain_dump(h)
+    h.wipe()
+    assert h.full_chunks() == (b"{", b"}") and h.get_json() == b"{}"
+
+
+def test_chunks_response_sends_the_joined_bytes():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sd35fp8.server.history import ChunksResponse
+
+    app = FastAPI()
+    bodies = {"a": (b"{", b'"x":1', b"", b",", b'"y":[2]', b"}"), "b": (), "c": (b"{}",)}
+
+    @app.get("/{name}")
+    async def route(name: str):
+        return ChunksResponse(bodies[name])
+
+    with TestClient(app) as c:
+        for name, chunks in bodies.items():
+            got = c.get(f"/{name}")
+            assert got.status_code == 200 and got.content == b"".join(chunks)
+            assert got.headers["content-length"] == str(len(b"".join(chunks)))
+            assert got.headers["content-type"] == "application/json"
+
+
+def test_jobs_rows_follow_the_history_change_by_change():
+    """_Summaries.done_rows updated from the history's change log (adds, re-adds, deletes, the oldest
+    dropped when full, a wipe, a burst longer than the log) equals the rows rebuilt from scratch."""
+    import random
+
+    from sd35fp8.server.history import CHANGE_LOG
+    from sd35fp8.server.jobs import _Summaries
+    from sd35fp8.server.queue import PromptQueue
+
+    rng = random.Random(3)
+    q = PromptQueue(max_queue=10, max_history=50)
+    s = _Summaries()
+
+    def entry(pid: str) -> dict:
+        created = rng.randrange(40)  # many ties: history order must break them
+        ok = rng.random() < 0.7
+        return {"prompt": [0, pid, {}, {"create_time": created}, []], "outputs": {},
+                "status": {"status_str": "success" if ok else "error", "completed": True, "messages": []}}
+
+    def check():
+        got = s.done_rows(q)
+        want = _Summaries().done_rows(q)
+        assert got[0] == want[0] and [r[:3] for r in got[1]] == [r[:3] for r in want[1]]
+
+    check()
+    for step in range(400):
+        r = rng.random()
+        if r < 0.6:
+            pid = f"j{rng.randrange(120)}"  # sometimes a stored id again
+            q.histories.add(pid, entry(pid))
+        elif r < 0.9:
+            q.delete_history_item(rng.choice(list(q.history()) or ["none"]))
+        elif r < 0.93:
+            q.wipe_history()
+        if step % 7 == 0:
+            check()
+    check()
+    for i in range(CHANGE_LOG + 10):  # more changes than the log holds: a rebuild
+        q.histories.add(f"burst{i}", entry(f"burst{i}"))
+    check()
+
+
+def test_queue_chunks_keep_unchanged_blocks():
+    """GET /queue's chunks: the joined bytes are current_queue() rendered, through puts at both ends,
+    takes, removals and batches; a change leaves most blocks the same objects."""
+    import json
+    import random
+
+    from sd35fp8.server.queue import PENDING_BLOCK, PromptQueue
+
+    rng = random.Random(5)
+    q = PromptQueue(max_queue=100_000)
+
+    def put(n: float, pid: str) -> None:
+        q.put([n, pid, {"1": {"class_type": "X", "inputs": {"seed": rng.randrange(9)}}}, {"create_time": 1}, ["1"]])
+
+    def check() -> tuple[bytes, ...]:
+        running, pending = q.current_queue()
+        chunks = q.queue_chunks()
+        assert b"".join(chunks) == q.queue_json() == json.dumps(
+            {"queue_running": running, "queue_pending": pending}, ensure_ascii=False,
+            separators=(",", ":")).encode()
+        return chunks
+
+    for i in range(20 * PENDING_BLOCK):
+        put(i, f"p{i}")
+    before = check()
+    for change in (lambda: put(10 ** 6, "last"), lambda: put(-5, "front"), lambda: q.get(timeout=1),
+                   lambda: q.delete_queue_item(f"p{7 * PENDING_BLOCK}"), lambda: put(3.5, "middle")):
+        change()
+        after = check()
+        kept = {id(c) for c in before if len(c) > 1} & {id(c) for c in after if len(c) > 1}
+        assert len(kept) >= len([c for c in before if len(c) > 1]) - 3, "one change re-joins about one block"
+        before = after
+    q.get_batch(timeout=1, max_batch=4)
+    check()
+    q.wipe_queue()
+    assert check()[-1] == b"]}" and json.loads(q.queue_json())["queue_pending"] == [] and not q._blocks

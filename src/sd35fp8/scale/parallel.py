@@ -31,6 +31,7 @@ every rank (a skip for the other ranks needs a hook in the generation core: not 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,8 @@ from torch import nn
 from sd35fp8.errors import InputError
 from sd35fp8.models.mmdit import MMDiT, batched, layer_norm, modulate, per_row
 
+log = logging.getLogger(__name__)
+
 
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """Split x into world chunks along scatter_dim, send chunk i to rank i, concatenate what comes back
@@ -48,8 +51,24 @@ def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.
     world = dist.get_world_size(group)
     ins = [t.contiguous() for t in x.chunk(world, dim=scatter_dim)]
     outs = [torch.empty_like(t) for t in ins]
-    dist.all_to_all(outs, ins, group=group)
-    return torch.cat(outs, dim=gather_dim)
+    if not _NO_ALLTOALL:
+        try:
+            dist.all_to_all(outs, ins, group=group)
+            return torch.cat(outs, dim=gather_dim)
+        except RuntimeError as e:  # gloo before torch 2.13: "Backend gloo does not support alltoall"
+            if "alltoall" not in str(e):
+                raise
+            _NO_ALLTOALL.append(str(e))
+            log.info("all_to_all unsupported here (%s): exchanging through all_gather", e)
+    # every rank gathers every rank's chunks and keeps those addressed to it (world x the traffic:
+    # the CPU test path only; NCCL has all_to_all)
+    gathered = [torch.empty_like(torch.stack(ins)) for _ in range(world)]
+    dist.all_gather(gathered, torch.stack(ins), group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([g[rank] for g in gathered], dim=gather_dim)
+
+
+_NO_ALLTOALL: list[str] = []  # set once the backend said it has no all_to_all
 
 
 def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:

@@ -30,6 +30,7 @@ from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH
 from sd35fp8.server.frontend import MAX_USERDATA_BYTES, UserStore, frontend_routes, frontend_version, mount_frontend
 from sd35fp8.server.health import health_routes
 from sd35fp8.server.internal import LogBuffer, internal_routes
+from sd35fp8.server.history import ChunksResponse
 from sd35fp8.server.jobs import jobs_routes
 from sd35fp8.server.journal import Journal
 from sd35fp8.server.lifecycle import (
@@ -283,7 +284,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     # FastAPI's jsonable_encoder, or a JSONResponse, would walk and render every entry on every read
     @r.get("/queue")
     async def get_queue() -> Response:
-        return Response(queue.queue_json(), media_type="application/json")
+        return ChunksResponse(queue.queue_chunks())
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
@@ -292,6 +293,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.get("/history")
     async def get_history(max_items: int | None = None, offset: int = -1) -> Response:
+        if max_items is None and offset <= 0:  # the full dump: cached blocks sent one after another
+            return ChunksResponse(queue.histories.full_chunks())
         return Response(queue.history_json(max_items=max_items, offset=offset), media_type="application/json")
 
     @r.get("/history/{prompt_id}")

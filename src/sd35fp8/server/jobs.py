@@ -8,6 +8,7 @@ pending, in_progress, completed, failed, cancelled.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 from typing import Any
@@ -63,7 +64,7 @@ def history_job(prompt_id: str, entry: dict, include_outputs: bool = False) -> d
     return job
 
 
-Row = tuple[int, str, bytes]  # (create_time, status, the job rendered as JSON)
+Row = tuple  # (create_time, status, the job rendered as JSON[, the history entry's insertion number])
 
 
 class _Summaries:
@@ -77,6 +78,7 @@ class _Summaries:
         self._done: dict[str, tuple[dict, dict, bytes]] = {}  # id -> (history entry, job, JSON)
         self._sorted: tuple[int, list[dict]] | None = None
         self._rows: tuple[int, list[Row]] | None = None
+        self._row_of: dict[str, Row] = {}  # history id -> its row in self._rows
         self._live: tuple[int, list[Row]] | None = None
         self._pending: dict[str, tuple[list, Row]] = {}  # id -> (pending item, its row)
         self._merged: dict[tuple, list[Row]] = {}
@@ -107,15 +109,34 @@ class _Summaries:
         return out
 
     def done_rows(self, queue: PromptQueue) -> tuple[int, list[Row]]:
-        """(history version, the history's rows oldest create_time first)."""
-        version = queue.histories.version
-        if self._rows is None or self._rows[0] != version:
-            history = queue.history()
+        """(history version, the history's rows oldest create_time first, ties in history order).
+        After a few changes (the history's change log) the rows of the last version are updated in
+        place of a copy: a new or dropped entry is one bisect, not a walk and sort of every entry."""
+        histories = queue.histories
+        version = histories.version
+        if self._rows is not None and self._rows[0] == version:
+            return self._rows
+        changes = histories.changes_since(self._rows[0]) if self._rows is not None else None
+        if changes is not None and len(changes[1]) <= 256:
+            version, rows = changes[0], list(self._rows[1])
+            for op, pid, entry, seq in changes[1]:
+                old = self._row_of.pop(pid, None)
+                if old is not None:
+                    del rows[bisect.bisect_left(rows, _row_key(old), key=_row_key)]
+                if op == "add":
+                    hit = self._hit(pid, entry)
+                    row = self._row_of[pid] = (hit[1].get("create_time", 0), hit[1]["status"], hit[2], seq)
+                    rows.insert(bisect.bisect_left(rows, _row_key(row), key=_row_key), row)
+                else:
+                    self._done.pop(pid, None)
+        else:
+            version, history, seqs = histories.snapshot()
             hits = [self._hit(pid, entry) for pid, entry in history.items()]
             self._prune(history)
-            rows = [(h[1].get("create_time", 0), h[1]["status"], h[2]) for h in hits]
-            rows.sort(key=_row_created)
-            self._rows = (version, rows)
+            rows = [(h[1].get("create_time", 0), h[1]["status"], h[2], seqs[pid]) for pid, h in zip(history, hits)]
+            self._row_of = dict(zip(history, rows))
+            rows.sort(key=_row_key)
+        self._rows = (version, rows)
         return self._rows
 
     def live_rows(self, queue: PromptQueue) -> tuple[int, list[Row]]:
@@ -164,6 +185,11 @@ def _row(job: dict) -> Row:
 
 def _row_created(row: Row) -> int:
     return row[0]
+
+
+def _row_key(row: Row) -> tuple[int, int]:
+    """A history row's place: create_time, then the entry's insertion number (history order)."""
+    return row[0], row[3]
 
 
 def _dumps(value: Any) -> bytes:

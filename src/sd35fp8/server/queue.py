@@ -6,9 +6,11 @@ history store (history.PromptHistory) under the queue's lock, so a client never 
 
 GET /queue at 10 000 pending prompts answers from cached bytes (benchmarks/history.py): a pending item
 is never changed while it waits, so each is rendered to JSON once; the pending list, sorted in run
-order, and its joined rendering are kept until the queue next changes (`version`). Running items are
-few: they are deep-copied when the queue changes and rendered with the rest; the body is kept until
-the next change, so repeated reads cost nothing but the transfer.
+order, is kept until the queue next changes (`version`), and its rendering is kept as blocks of
+consecutive items (queue_chunks) that the response sends one after another, so a change re-joins one
+block, not the 12 MB body. Running items are few: they are deep-copied when the queue changes and
+rendered with the rest; the chunks are kept until the next change, so repeated reads cost nothing but
+the transfer.
 The worker thread that takes items is worker.PromptWorker; which items run together, batching.py.
 """
 
@@ -27,6 +29,8 @@ from sd35fp8.errors import InputError
 from sd35fp8.server.history import MAX_HISTORY, PromptHistory, join_wrapped
 from sd35fp8.server.journal import Journal
 from sd35fp8.workflow.batch import batch_key
+
+PENDING_BLOCK = 64  # pending items per cached block of GET /queue's body, on average (queue_chunks)
 
 QueueItem = list  # [number, prompt_id, prompt, extra_data, outputs_to_execute]
 
@@ -56,7 +60,8 @@ class PromptQueue:
         self.version = 0  # changes whenever an item is queued, taken, finished or removed
         self._sorted: tuple[int, list[QueueItem]] | None = None  # (version, pending in run order)
         self._item_json: dict[str, tuple[QueueItem, bytes]] = {}  # prompt id -> (pending item, its JSON)
-        self._body: tuple[int, bytes] | None = None  # (version, GET /queue's body)
+        self._blocks: dict[tuple[bytes, ...], bytes] = {}  # a run of pending renderings -> joined
+        self._body: tuple[int, tuple[bytes, ...]] | None = None  # (version, GET /queue's body in chunks)
 
     # ---- numbers (POST /prompt "front" / "number") ------------------------------------------
     def next_number(self, front: bool = False, number: Any = None) -> float | int:
@@ -166,7 +171,7 @@ class PromptQueue:
         """(queue_running, queue_pending), pending in run order; deep copies, JSON-ready."""
         with self._cond:
             running = [copy.deepcopy(i) for i in self._running.values()]
-            pending = [copy.deepcopy(e[2]) for e in sorted(self._heap, key=lambda e: (e[0], e[1]))]
+            pending = [copy.deepcopy(e[2]) for e in sorted(self._heap)]
         return running, pending
 
     def snapshot(self) -> tuple[int, list[QueueItem], list[QueueItem]]:
@@ -176,29 +181,50 @@ class PromptQueue:
         with self._cond:
             running = [copy.deepcopy(i) for i in self._running.values()]
             if self._sorted is None or self._sorted[0] != self.version:
-                self._sorted = (self.version, [e[2] for e in sorted(self._heap, key=lambda e: (e[0], e[1]))])
+                self._sorted = (self.version, [e[2] for e in sorted(self._heap)])
             return self.version, running, self._sorted[1]
 
-    def queue_json(self) -> bytes:
-        """GET /queue's body, {"queue_running": [...], "queue_pending": [...]}, as JSON bytes: each pending
-        item rendered once, the body joined once per queue version (the running items as they were
-        when the version began: they are taken from the queue, then only read)."""
+    def queue_chunks(self) -> tuple[bytes, ...]:
+        """GET /queue's body, {"queue_running": [...], "queue_pending": [...]}, as JSON chunks to send in
+        order (ChunksResponse), never joined whole: each pending item is rendered once, and runs of
+        pending items are joined into blocks kept while their items are the same. A block ends after
+        an item whose id hashes to a boundary (about one in PENDING_BLOCK, at most 4 x PENDING_BLOCK
+        items), so a prompt queued, taken or removed changes one block, wherever it lies in the run
+        order. The running items are rendered as they were when the version began."""
         cached = self._body
         if cached is not None and cached[0] == self.version:
             return cached[1]
         version, running, pending = self.snapshot()
-        known, rendered, parts = self._item_json, {}, []
-        for item in pending:
+        known, rendered = self._item_json, {}
+        blocks, kept = self._blocks, {}
+        chunks = [b'{"queue_running":' + _dumps(running) + b',"queue_pending":[']
+        run: list[bytes] = []
+        last = len(pending) - 1
+        for k, item in enumerate(pending):
             hit = known.get(item[1])
             if hit is None or hit[0] is not item:
-                hit = (item, _dumps(item))
+                hit = (item, _dumps(item), hash(item[1]) % PENDING_BLOCK == 0)
             rendered[item[1]] = hit
-            parts.append(hit[1])
-        self._item_json = rendered  # forgets the items that left
-        head = b'{"queue_running":' + _dumps(running) + b',"queue_pending":['
-        body = join_wrapped(head, parts, b"]}")
-        self._body = (version, body)
-        return body
+            run.append(hit[1])
+            if hit[2] or k == last or len(run) >= 4 * PENDING_BLOCK:
+                key = tuple(run)
+                joined = blocks.get(key)
+                if joined is None:
+                    joined = b",".join(run)
+                kept[key] = joined
+                if len(chunks) > 1:
+                    chunks.append(b",")
+                chunks.append(joined)
+                run = []
+        chunks.append(b"]}")
+        self._item_json, self._blocks = rendered, kept  # forgets the items and blocks that left
+        out = tuple(chunks)
+        self._body = (version, out)
+        return out
+
+    def queue_json(self) -> bytes:
+        """queue_chunks() joined: GET /queue's body as one bytes object."""
+        return b"".join(self.queue_chunks())
 
     def tasks_remaining(self) -> int:
         with self._cond:
