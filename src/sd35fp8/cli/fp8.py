@@ -28,6 +28,13 @@ def _add_calibrate(sub) -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file, folder or cached repo id (16-bit or fp8; fp8 is dequantised)")
     p.add_argument("--out", required=True, help="recipe JSON to write (checked before any work)")
     p.add_argument("--force", action="store_true", help="allow --out to overwrite a file tracked by git")
+    p.add_argument("--clip-l", default=None, help="separate clip_l.safetensors (the official single files hold "
+                   "only the MMDiT and VAE; the trajectories need the text encoders)")
+    p.add_argument("--clip-g", default=None, help="separate clip_g.safetensors")
+    p.add_argument("--t5xxl", default=None, help="separate t5xxl_*.safetensors (fp16, fp8 or scaled fp8)")
+    p.add_argument("--t5-tokenizer", default=None,
+                   help="T5 SentencePiece model (spiece.model) or a folder holding it; searched next to the model "
+                   "files and in the Hugging Face cache when not given")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default: 32 built-in prompts)")
     p.add_argument("--num-prompts", type=positive_int, default=None, help="use only the first N prompts")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: per model)")
@@ -66,7 +73,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         prompts = list(PROMPTS)
     if args.num_prompts:
         prompts = prompts[: args.num_prompts]
-    pipe = SD35Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype_from_name(args.dtype))
+    pipe = SD35Pipeline.from_pretrained(args.model, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
+                                        t5_tokenizer=args.t5_tokenizer, device=args.device,
+                                        dtype=dtype_from_name(args.dtype))
     if any(isinstance(m, FP8Linear) for m in pipe.mmdit.modules()):  # an fp8 file: calibrate its 16-bit version
         log.info("calibrating the dequantised MMDiT of %s", args.model)
         pipe.mmdit = load_mmdit_fp8(args.model, pipe.device, pipe.dtype, "none")

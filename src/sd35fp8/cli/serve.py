@@ -13,7 +13,7 @@ import sys
 from typing import Callable
 
 from ..errors import InputError
-from ..scale.options import add_scale_args, scale_options
+from ..scale.options import add_gpus_args, add_scale_args, gpus_per_image, scale_options
 from .common import add_engine_args, parse_shape, positive_int
 
 # the server's defaults, shown in --help (tests/test_cli.py checks them against server/)
@@ -103,6 +103,7 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
                          help=f"{what} (default {SERVER_DEFAULTS[flag[2:].replace('-', '_')]})")
     add_engine_args(srv, "on for CUDA (compiled and captured per image size), off on the CPU")
     add_scale_args(srv)  # --replicas etc.: scale/options.py
+    add_gpus_args(srv)  # --gpus-per-image, --cfg-parallel: scale/options.py, scale/gpus.py
     return {"serve": cmd_serve}
 
 
@@ -125,22 +126,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.compile and device.type != "cuda":
         raise InputError(f"--compile needs a CUDA device (got {device}); on the CPU the engine runs eager")
+    layout = gpus_per_image(args)  # (K, cfg parallel) or None
+    scale = scale_options(args)
+    if layout is not None:
+        _check_gpus_per_image(args, device, scale)
     limits = Limits(**{k: getattr(args, k) for k in LIMITS_FIELDS if getattr(args, k) is not None})
     given = {k: getattr(args, k) for k in ("max_upload_pixels", "header_timeout", "keep_alive", "max_connections")
              if getattr(args, k) is not None}  # the others keep the server's defaults
-    pending = serve(listen=args.listen, port=args.port, models_dir=args.models, output_dir=args.output,
-                    auth_token=args.auth_token, auth_token_file=args.auth_token_file, insecure=args.insecure,
-                    allow_hosts=args.allow_host, cors_origin=args.enable_cors_header, limits=limits,
-                    input_dir=args.input, extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
-                    max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
-                    max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale_options(args),
-                    state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
-                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
-                    offload=args.offload, console_progress=args.progress, attention=args.attention,
-                    cache_threshold=args.cache_threshold,
-                    **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
-                    **given)
+    options = dict(listen=args.listen, port=args.port, models_dir=args.models, output_dir=args.output,
+                   auth_token=args.auth_token, auth_token_file=args.auth_token_file, insecure=args.insecure,
+                   allow_hosts=args.allow_host, cors_origin=args.enable_cors_header, limits=limits,
+                   input_dir=args.input, extra_model_paths=args.extra_model_paths, max_queue=args.max_queue,
+                   max_upload_bytes=args.max_upload_mb * 1024 * 1024, device=str(device),
+                   max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, scale=scale,
+                   state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
+                   drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
+                   offload=args.offload, console_progress=args.progress, attention=args.attention,
+                   cache_threshold=args.cache_threshold,
+                   **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
+                   **given)
+    if layout is None:
+        pending = serve(**options)
+    else:
+        import logging
+
+        from ..scale.gpus import RankOptions, serve_ranks
+
+        ranks = RankOptions(world=layout[0], cfg=layout[1], device=device.type, models_dir=args.models,
+                            input_dir=args.input, extra_model_paths=args.extra_model_paths, attention=args.attention,
+                            cache_threshold=args.cache_threshold, max_prompt_tokens=limits.max_prompt_tokens,
+                            max_text_chars=limits.max_text_chars, log_level=logging.getLogger().level)
+        pending = serve_ranks(ranks, lambda executor: serve(**options, executor=executor), output_dir=args.output)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}"
               + (" (journaled: they run on the next start)" if args.state_dir != "none" else ""), file=sys.stderr)
     return 0
+
+
+def _check_gpus_per_image(args: argparse.Namespace, device, scale) -> None:
+    """What --gpus-per-image does not combine with (scale.gpus checks the layout and the GPU count)."""
+    if scale is not None:
+        raise InputError("--gpus-per-image does not combine with --replicas / --attach yet: run one server per "
+                         "group of GPUs, or replicas of one GPU each")
+    if args.compile:
+        raise InputError("--compile: the parallel MMDiT of --gpus-per-image runs eager (no compiled step); "
+                         "leave --compile out")
+    if args.offload != "none":
+        raise InputError(f"--offload {args.offload} does not combine with --gpus-per-image: every rank holds the "
+                         "whole MMDiT on its GPU")
+    if device.index is not None:
+        raise InputError(f"--device {device} names one GPU; with --gpus-per-image give the type (cuda or cpu): "
+                         "rank r takes cuda:r (cuda:LOCAL_RANK under torchrun)")

@@ -7,7 +7,8 @@
 Every rank runs the whole sampling loop with the same seed (the sampler state is tiny and identical);
 only the MMDiT call is split, xDiT's layout for SD3:
 - CFG parallel (`cfg` = 2): the [cond ; uncond] batch the guidance sends is split by rows; rank group
-  r computes its half; one all-gather of the velocity per step.
+  r computes its half; one all-gather of the velocity per step. An odd batch (cfg 1, a cond-only
+  skip-layer pass) is computed whole by both groups (no exchange; the halves of the GPUs idle in effect).
 - Sequence parallel (`sp` = world / cfg): the image tokens are split into `sp` contiguous chunks; the
   ~154 text tokens stay whole on every rank (their projections are recomputed, cheaper than sending
   them). Attention is Ulysses: an all-to-all turns q/k/v from [B, Lx/sp, H, D] into [B, Lx, H/sp, D]
@@ -163,7 +164,9 @@ def make_groups(cfg: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup, int, in
 class ParallelMMDiT(nn.Module):
     """MMDiT's forward contract over `world = cfg x sp` processes (call it on every rank, same inputs)."""
 
-    def __init__(self, mmdit: nn.Module, cfg: int = 1):
+    def __init__(self, mmdit: nn.Module, cfg: int = 1, groups: tuple | None = None):
+        """groups: make_groups(cfg)'s result, made once (a server wraps every model it loads: new_group is
+        collective and groups are never freed); None: made here."""
         super().__init__()
         if not dist.is_initialized():
             raise InputError("ParallelMMDiT needs torch.distributed initialised (torchrun, or init_process_group)")
@@ -174,25 +177,33 @@ class ParallelMMDiT(nn.Module):
         self.model = mmdit
         self.config = mmdit.config
         self.cfg = cfg
-        self.cfg_group, self.sp_group, self.cfg_index, self.sp_index = make_groups(cfg)
+        self.cfg_group, self.sp_group, self.cfg_index, self.sp_index = groups if groups is not None else make_groups(cfg)
         self.sp = dist.get_world_size(self.sp_group)
         self.is_decoder = dist.get_rank() == 0
 
     def describe(self) -> str:
         return f"parallel MMDiT: cfg {self.cfg} x sequence {self.sp} over {dist.get_world_size()} ranks"
 
+    def warmup(self, shapes, **_kwargs) -> float:
+        """The engine's warm-up contract: nothing to compile or capture (the parallel forward runs eager)."""
+        return 0.0
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                skip_layers: Sequence[int] = ()) -> torch.Tensor:
+                skip_layers: Sequence[int] = (), control=None) -> torch.Tensor:
+        if control is not None:
+            raise InputError("ControlNet is not supported on several GPUs per image (--gpus-per-image); "
+                             "run it on one process")
         m = self.model
         m.check_inputs(x, context, pooled, skip_layers)
         B = x.shape[0]
-        if self.cfg > 1:
-            if B % self.cfg:
-                raise InputError(f"cfg parallel needs an even batch ([cond ; uncond]), got {B}")
+        # an odd batch (cfg 1: no uncond rows; a cond-only skip-layer pass) is not split by rows: both
+        # cfg groups compute it whole, each over its own sequence-parallel group (same result, no exchange)
+        if self.cfg > 1 and B % self.cfg == 0:
             rows = slice(self.cfg_index * B // self.cfg, (self.cfg_index + 1) * B // self.cfg)
             x, sigma, context, pooled = x[rows], sigma.reshape(-1).expand(B)[rows], context[rows], pooled[rows]
-        v = self._forward_sp(x, sigma, context, pooled, skip_layers)  # [B/cfg, 16, h, w]
-        return _all_gather(v, 0, self.cfg_group) if self.cfg > 1 else v
+            v = self._forward_sp(x, sigma, context, pooled, skip_layers)  # [B/cfg, 16, h, w]
+            return _all_gather(v, 0, self.cfg_group)
+        return self._forward_sp(x, sigma, context, pooled, skip_layers)
 
     def _forward_sp(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                     skip_layers: Sequence[int]) -> torch.Tensor:

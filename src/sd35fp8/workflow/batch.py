@@ -232,7 +232,7 @@ def _run_group(ex: Any, runs: list[PromptRun], nids: list[str], inputs: list[dic
     ids = {runs[k].prompt_id: k for k in members}
 
     def check_interrupt() -> None:
-        if ex._interrupt.is_set():
+        if ex.interrupt_pending():
             hit = ex.interrupted_among(ids)
             if hit:
                 raise _BatchInterrupt(hit)

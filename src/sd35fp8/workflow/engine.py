@@ -81,6 +81,7 @@ class EngineOptions:
     offloader: Any = None  # offload.ModelOffload for text encoders and VAE when offload != "none"
     attention: str = "auto"  # fast.build_engine's attention: auto | fp8 | bf16
     cache_threshold: float = 0.0  # KSampler step caching (sd35fp8.step_cache; 0 = off)
+    parallel: Any = None  # engine -> its ModelFn over several ranks (scale.gpus: --gpus-per-image); None: as built
 
     def side(self, device: Any) -> Any:
         """Where weights load: the device, or CPU memory when they are offloaded."""
@@ -89,7 +90,8 @@ class EngineOptions:
     def mmdit(self, mmdit: Any, device: Any) -> Any:
         from sd35fp8.fast import build_engine
 
-        return build_engine(mmdit, device, compile=self.compile, offload=self.offload, attention=self.attention)
+        engine = build_engine(mmdit, device, compile=self.compile, offload=self.offload, attention=self.attention)
+        return engine if self.parallel is None else self.parallel(engine)
 
     def text_encoders(self, models: Any, device: Any) -> Any:
         """Offload: T5's blocks stream next to the resident MMDiT (the rest moves in with the CLIPs)."""

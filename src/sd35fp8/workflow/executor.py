@@ -111,6 +111,10 @@ class PromptExecutor:
                 self._interrupt.clear()
                 self._interrupt_ids = None
 
+    def interrupt_pending(self) -> bool:
+        """Whether an interrupt request waits (for any prompt); a batch then asks `interrupted_among`."""
+        return self._interrupt.is_set()
+
     def _check_interrupt(self) -> None:
         if self._interrupt.is_set():
             self._clear_interrupt()
