@@ -5,7 +5,8 @@
 
 What changes against models/mmdit.py (same math, see tests/test_fast.py):
 - adaLN: c is the same for every block, so the adaLN weights of all joint blocks live in ONE
-  contiguous [sum n_i*C, C] buffer and one matmul per step gives every block's shift/scale/gate.
+  contiguous [sum n_i*C, C] buffer and one matmul per step gives every block's shift/scale/gate
+  (one per row of the batch when model.batch_invariant, as MMDiT.forward: models.mmdit.per_row).
   The wrapped model's adaLN parameters are re-pointed at views of that buffer (values unchanged,
   no second copy; the model still runs on its own).
 - LayerNorm + modulate (+ per-token fp8 quantise) is one pass producing the qkv / fc1 input (the
