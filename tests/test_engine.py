@@ -240,3 +240,25 @@ def np_equal(a, b) -> bool:
     import numpy as np
 
     return bool((np.asarray(a) == np.asarray(b)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", [None, "weight_only", "dynamic"])
+def test_rows_alone_equal_rows_batched_on_cpu(mode, dtype):
+    """Cross-prompt batching (workflow/batch.py): a batch of 3 different rows gives, row for row, bit for bit
+    what each row gives alone (batch 1) and as its own CFG pair (batch 2), through the engine and the plain
+    MMDiT: conditioning row by row (per_row), patch embedding image by image (per_image)."""
+    model = _model(TINY_X).to(dtype)
+    if mode is not None:
+        quantize_model(model, mode)
+    x, sigma, context, pooled = (a.to(dtype) if a.is_floating_point() and a.ndim > 1 else a
+                                 for a in _inputs(TINY_X, batch=3))
+    with torch.no_grad():
+        engine = build_engine(model, "cpu")
+        for name, run in (("engine", engine), ("plain", model)):
+            batched = run(x, sigma, context, pooled)
+            for i in range(3):
+                alone = run(x[i:i + 1], sigma[i:i + 1], context[i:i + 1], pooled[i:i + 1])
+                assert torch.equal(batched[i:i + 1], alone), (name, i, (batched[i:i + 1] - alone).abs().max())
+                pair = [i, (i + 1) % 3]
+                assert torch.equal(run(x[pair], sigma[pair], context[pair], pooled[pair])[:1], alone), (name, i)

@@ -69,9 +69,10 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
                      "requests")
     srv.add_argument("--max-queue", type=int, default=100, help="pending prompts before /prompt answers 429")
     srv.add_argument("--max-upload-mb", type=int, default=100, help="largest accepted upload")
-    srv.add_argument("--max-batch", type=int, default=1,
-                     help="queued prompts differing only in texts/seeds sampled as one batch (default 1 = off: "
-                     "batched images currently differ from the same prompts run alone, a known defect)")
+    srv.add_argument("--max-batch", type=int, default=8,
+                     help="queued prompts differing only in texts/seeds (deterministic samplers) sampled as one "
+                     "batch, at most this many (1 disables); each image equals the prompt run alone (bit for bit "
+                     "on the CPU; on CUDA GEMMs of another batch size may round differently)")
     srv.add_argument("--batch-wait-ms", type=float, default=20.0,
                      help="how long a taken prompt waits for compatible ones (0: only those already queued)")
     srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")

@@ -5,7 +5,8 @@
 
 What changes against models/mmdit.py (same math, see tests/test_fast.py):
 - adaLN: c is the same for every block, so the adaLN weights of all joint blocks live in ONE
-  contiguous [sum n_i*C, C] buffer and one matmul per step gives every block's shift/scale/gate.
+  contiguous [sum n_i*C, C] buffer and one matmul per step gives every block's shift/scale/gate
+  (one per row of the batch when model.batch_invariant, as MMDiT.forward: models.mmdit.per_row).
   The wrapped model's adaLN parameters are re-pointed at views of that buffer (values unchanged,
   no second copy; the model still runs on its own).
 - LayerNorm + modulate (+ per-token fp8 quantise) is one pass producing the qkv / fc1 input (the
@@ -53,7 +54,7 @@ from sd35fp8.fp8.device import MODES, rowwise_scaled_mm
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
 from sd35fp8.lora.apply import apply_lora, lora_slot, weights_generation
-from sd35fp8.models.mmdit import MMDiT, batched
+from sd35fp8.models.mmdit import MMDiT, batched, per_image, per_row
 
 logger = logging.getLogger(__name__)
 
@@ -425,10 +426,15 @@ class MMDiTEngine(nn.Module):
         hp, wp = h // p, w // p
         dt = self.dtype
         t = (sigma.reshape(-1) * 1000).expand(B)
-        tokens = model.x_embedder(x.to(dt)) + model.cropped_pos_embed(hp, wp).to(dt)  # [B, hp*wp, C]
-        c = model.t_embedder(t, dt) + model.y_embedder(pooled.to(dt))  # [B, C]
+        # batch-invariant (model.batch_invariant, as MMDiT.forward): the conditioning vectors (embedders,
+        # the fused adaLN, the final layer's adaLN) row by row and the patch embedding image by image,
+        # so a row's result does not depend on the other rows of the batch (models.mmdit.per_row)
+        vec, img = (per_row, per_image) if model.batch_invariant else (batched, batched)
+        tokens = img(model.x_embedder, x.to(dt)) + model.cropped_pos_embed(hp, wp).to(dt)  # [B, hp*wp, C]
+        c = vec(lambda ti, yi: model.t_embedder(ti, dt) + model.y_embedder(yi.to(dt)), t, pooled)  # [B, C]
         ctx = model.context_embedder(context.to(dt))  # [B, L, C]
-        mods = self._adaln(c, mode, None if rec is None else rec[0])  # [B, sum n_i*C]
+        rec_ada = None if rec is None else rec[0]
+        mods = vec(lambda ci: self._adaln(ci, mode, rec_ada), c)  # [B, sum n_i*C]
         fn = self._block_fn if rec is None and mode == self.fp8_mode else joint_block
         with backend_context(None if self._attn != "sdpa" else self.attention_backend):
             for i in range(len(self.blocks)):
@@ -442,7 +448,7 @@ class MMDiTEngine(nn.Module):
                     self.streamer.done(i)
                 if control is not None and control[i] is not None:  # ControlNet residual [B, hp*wp, C]
                     tokens = tokens + control[i].to(dt)
-        out = model.final_layer(tokens, c, batched)  # [B, hp*wp, p*p*out]
+        out = model.final_layer(tokens, c, vec)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
         return out.to(x.dtype)

@@ -28,7 +28,8 @@ from torch import nn
 
 from sd35fp8.errors import CheckpointError, InputError
 from sd35fp8.models.mmdit import (HEAD_DIM, DismantledBlock, JointBlock, MMDiT, PatchEmbed, TimestepEmbedder,
-                                  VectorEmbedder, attention, batched, layer_norm, modulate, per_row)
+                                  VectorEmbedder, attention, batched, layer_norm, modulate, per_image,
+                                  per_row)
 from sd35fp8.models.vae import LATENT_SCALE, LATENT_SHIFT
 
 KINDS = ("sd35", "joint")
@@ -167,24 +168,24 @@ class ControlNet(nn.Module):
                              f"got {tuple(hint.shape)}")
         hint = hint.expand(B, -1, -1, -1) if hint.shape[0] == 1 else hint
         p = cfg.patch_size
-        vec = per_row if self.batch_invariant else batched
+        vec, img = (per_row, per_image) if self.batch_invariant else (batched, batched)
         t = (sigma.reshape(-1) * 1000).expand(B)
         outs: list[torch.Tensor] = []
         if cfg.kind == "sd35":
             self.check_base(base)
             bdtype = base.x_embedder.proj.weight.dtype  # the base model's embedding of x (Stability 8B form)
-            tokens = (base.x_embedder(x.to(bdtype)) + base.cropped_pos_embed(h // p, w // p).to(bdtype)).to(dtype)
+            tokens = (img(base.x_embedder, x.to(bdtype)) + base.cropped_pos_embed(h // p, w // p).to(bdtype)).to(dtype)
             c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi.to(dtype)), t, pooled)  # [B, C]
-            tokens = tokens + self.pos_embed_input(hint.to(dtype))  # [B, h*w/p^2, C]
+            tokens = tokens + img(self.pos_embed_input, hint.to(dtype))  # [B, h*w/p^2, C]
             for block, proj in zip(self.transformer_blocks, self.controlnet_blocks):
                 tokens = block(tokens, c, vec)
                 outs.append(proj(tokens))
             return outs
-        tokens = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h // p, w // p).to(dtype)
+        tokens = img(self.x_embedder, x.to(dtype)) + self.cropped_pos_embed(h // p, w // p).to(dtype)
         zeros = torch.zeros_like(pooled, dtype=dtype)  # force_zeros_for_pooled_projection
         c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi), t, zeros)
         ctx = self.context_embedder(context.to(dtype))
-        tokens = tokens + self.pos_embed_input(hint.to(dtype))
+        tokens = tokens + img(self.pos_embed_input, hint.to(dtype))
         for block, proj in zip(self.joint_blocks, self.controlnet_blocks):
             ctx, tokens = block(ctx, tokens, c, vec)
             outs.append(proj(tokens))

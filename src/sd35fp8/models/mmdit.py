@@ -165,6 +165,13 @@ def per_row(fn: Callable[..., torch.Tensor], *vs: torch.Tensor) -> torch.Tensor:
                       for i in range(vs[0].shape[0])])
 
 
+def per_image(fn: Callable[..., torch.Tensor], *vs: torch.Tensor) -> torch.Tensor:
+    """fn(*vs) one batch entry at a time (each call sees batch 1): the patch-embedding conv, whose
+    GEMM has M = batch x tokens and rounds differently for another batch (oneDNN on the CPU picks its
+    blocking from it). Unlike per_row no duplicate is needed: M is the image's token count."""
+    return torch.cat([fn(*(v[i : i + 1] for v in vs)) for i in range(vs[0].shape[0])])
+
+
 def batched(fn: Callable[..., torch.Tensor], *vs: torch.Tensor) -> torch.Tensor:
     """fn(*vs) in one call (MMDiT.batch_invariant = False: training, large offline batches)."""
     return fn(*vs)
@@ -245,7 +252,9 @@ class JointBlock(nn.Module):
         # joint attention over [context ; x]
         n_ctx = context.shape[1]
         attn = attention(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1))  # [B, Lc+Lx, C]
-        c_attn, x_attn = attn[:, :n_ctx], attn[:, n_ctx:]
+        # contiguous: nn.Linear fuses the bias into the GEMM (addmm) only for a contiguous 3-d input; the
+        # slices are contiguous at batch 1 only, so a batch would round the bias add apart (bf16)
+        c_attn, x_attn = attn[:, :n_ctx].contiguous(), attn[:, n_ctx:].contiguous()
 
         if not cb.pre_only:
             shift_mlp, scale_mlp = c_mods[3], c_mods[4]
@@ -374,8 +383,8 @@ class MMDiT(nn.Module):
         dtype = self.x_embedder.proj.weight.dtype
 
         t = (sigma.reshape(-1) * 1000).expand(B)  # timestep = sigma * 1000
-        tokens = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(hp, wp).to(dtype)  # [B, hp*wp, C]
-        vec = per_row if self.batch_invariant else batched
+        vec, img = (per_row, per_image) if self.batch_invariant else (batched, batched)
+        tokens = img(self.x_embedder, x.to(dtype)) + self.cropped_pos_embed(hp, wp).to(dtype)  # [B, hp*wp, C]
         c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi.to(dtype)), t, pooled)  # [B, C]
         ctx = self.context_embedder(context.to(dtype))  # [B, L, C]
 

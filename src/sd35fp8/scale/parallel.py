@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import InputError
-from sd35fp8.models.mmdit import MMDiT, batched, layer_norm, modulate, per_row
+from sd35fp8.models.mmdit import MMDiT, batched, layer_norm, modulate, per_image, per_row
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +216,9 @@ class ParallelMMDiT(nn.Module):
                              f"divisible by {self.sp}")
         dtype = m.x_embedder.proj.weight.dtype
         t = (sigma.reshape(-1) * 1000).expand(B)
-        tokens = m.x_embedder(x.to(dtype)) + m.cropped_pos_embed(hp, wp).to(dtype)  # [B, hp*wp, C]
+        vec, img = (per_row, per_image) if m.batch_invariant else (batched, batched)
+        tokens = img(m.x_embedder, x.to(dtype)) + m.cropped_pos_embed(hp, wp).to(dtype)  # [B, hp*wp, C]
         tokens = tokens.chunk(self.sp, dim=1)[self.sp_index]  # [B, hp*wp/sp, C]
-        vec = per_row if m.batch_invariant else batched
         c = vec(lambda ti, yi: m.t_embedder(ti, dtype) + m.y_embedder(yi.to(dtype)), t, pooled)  # [B, C]
         ctx = m.context_embedder(context.to(dtype))  # [B, L, C]
         skip = frozenset(skip_layers)

@@ -20,10 +20,9 @@ from sd35fp8.workflow.executor import PromptJob
 
 log = logging.getLogger(__name__)
 
-# prompts sampled as one GPU batch at most. 1 (off) by default: batched rows currently differ from the same
-# prompts run alone far beyond rounding (tests/test_roads.py, test_server_load.py mark it xfail) — a known
-# defect to fix before batching is turned back on; --max-batch N enables it.
-DEFAULT_MAX_BATCH = 1
+# prompts sampled as one GPU batch at most (--max-batch; 1 disables). Each row equals the prompt run alone:
+# bit for bit on the CPU (tests/test_engine.py, test_server_load.py, test_roads.py), see workflow/batch.py
+DEFAULT_MAX_BATCH = 8
 DEFAULT_BATCH_WAIT_MS = 20.0  # how long a taken prompt waits for compatible ones
 
 

@@ -16,9 +16,13 @@ would see alone: per-prompt noise, and only *deterministic* samplers (`BATCHABLE
 ancestral, SDE and lcm samplers draw per-step noise from one seed for the whole batch, so they
 cannot reproduce several seeds at once and are never batched. Prompts whose contexts differ in
 length sample in separate sub-batches (ComfyUI's lcm-repeat would batch them but changes float
-rounding). Per-row arithmetic is batch-invariant except where a kernel picks a different blocking
-for a different batch size (GEMM): bit-equal on some machines, not guaranteed on every BLAS (issue
-22 saw 1 uint8 level); tests/test_roads.py holds batched vs alone to <= 1 level on <= 1 % of values.
+rounding). Per-row arithmetic is batch-invariant: the MMDiT (and its fused engine) computes the
+conditioning vectors row by row (models.mmdit.per_row) and the patch embedding image by image
+(per_image), whose small GEMMs would otherwise round by the batch size (the FP8 per-token scales
+amplified that to 162 uint8 levels). The token GEMMs run with the batch in M: float32 on the CPU was
+measured M-invariant (batched rows bit-equal to rows alone, tests/test_engine.py,
+test_server_load.py); a BLAS that rounds them by M may move a pixel by 1 uint8 level (issue 22), the
+tolerance tests/test_roads.py states (<= 1 level on <= 1 % of values). Not guaranteed on CUDA.
 
 Interrupts: an interrupt naming one prompt of a batch stops that prompt; the others re-run the
 sampler without it (same results: the rows are independent). An interrupt without a prompt id
