@@ -78,12 +78,17 @@ def root(tmp_path_factory):
     shutil.copy(SHIPPED_CHECKPOINT, root / "models/checkpoints" / CKPT)
     shutil.copy(SHIPPED_T5_TOKENIZER, root / "models/checkpoints/spiece.model")  # the tiny model's vocabulary
     shutil.copy(SHIPPED_CONTROLNET, root / "models/controlnet" / CNET)
+    control_image().save(root / "input/control.png")
+    return root
+
+
+def control_image() -> Image.Image:
+    """The LoadImage input: two shapes (Canny gives their outlines to the ControlNet)."""
     img = Image.new("RGB", (SIZE, SIZE), (90, 160, 70))
     draw = ImageDraw.Draw(img)
     draw.rectangle((16, 20, 60, 64), fill=(220, 30, 30))
     draw.ellipse((70, 60, 118, 108), fill=(30, 40, 220))
-    img.save(root / "input/control.png")
-    return root
+    return img
 
 
 def pixels(data: bytes) -> np.ndarray:
