@@ -1,14 +1,24 @@
 """One sampling step with a ControlNet vs the plain step: SD3.5 Large + an SD3.5 Large ControlNet, FP8.
 
-    python benchmarks/controlnet.py                       # GPU: Large (38 blocks) + 19-layer ControlNet
+    python benchmarks/controlnet.py --mode dynamic        # GPU: Large (38 blocks) + 19-layer ControlNet
     python benchmarks/controlnet.py --tiny --device cpu   # CPU smoke run on tiny random configs
+    python benchmarks/controlnet.py --road eager          # the old measurement: models/mmdit.py forward
 
 Random weights at the real shapes (the Stability sd3.5_large_controlnet_* form: 19 single-stream
 layers of width 2432, each output feeding two joint blocks), 1024² (latent 128), CFG batch 2,
-context 333. Both networks quantised with fp8.quantize_model (--mode; the ControlNet's embedders stay
-16-bit as the base model's). Times the eager MMDiT forward (models/mmdit.py, the `control=` contract)
-alone and with the ControlNet's residuals computed and added; prints a table, writes JSON to
-benchmarks/results/.
+context 333. The base model is quantised with fp8.quantize_model (--mode), the ControlNet with
+checkpoints.controlnet.quantize_controlnet (--controlnet-mode, default the same; "bf16" keeps it 16-bit,
+as a workflow's ControlNetLoader does for a 16-bit file unless asked for FP8).
+
+--road engine (default) times what `sd35fp8 run` / the server do per sampler step with a ControlNet:
+the base model as its engine (fast.build_engine: the fused step, FP8 attention where the device has
+it, CUDA graphs on CUDA, no compile as `generate`), called through sampling.guidance.CFGDenoiser with
+control.ControlApply on the cond and uncond conditionings (one ControlApply shared by both, as
+ControlNetApplyAdvanced makes it; the ControlNet runs eager on each conditioning's rows and its
+residuals enter the fused step after each joint block). The hint latent is set directly (no VAE).
+Rows: plain step, step with the ControlNet, and the ControlNet's own calls alone.
+--road eager times the eager models/mmdit.py forward with `control=` (the first measurement).
+Prints a table, writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -45,11 +56,106 @@ def build_controlnet(cfg: MMDiTConfig, layers: int, dtype: torch.dtype, device: 
     return net.eval().requires_grad_(False)
 
 
+def median(t: list[float]) -> float:
+    t = sorted(t)
+    return t[len(t) // 2]
+
+
+def versions() -> dict:
+    import sd35fp8
+
+    out = {"torch": torch.__version__, "python": platform.python_version(),
+           "sd35fp8": getattr(sd35fp8, "__version__", None)}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def engine_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype: torch.dtype, latent: int) -> dict:
+    """Plain step vs step with each ControlNet in `nets`, through build_engine + CFGDenoiser + ControlApply."""
+    from sd35fp8.control import ControlApply
+    from sd35fp8.fast import build_engine
+    from sd35fp8.sampling.guidance import CFGDenoiser, Conditioning
+    from sd35fp8.sampling.model_sampling import FlowMatching
+
+    engine = build_engine(base, dev, attention=a.attention)
+    print(engine.describe(), flush=True)
+    x, sigma, ctx, pooled = make_inputs(cfg, 2, a.context_len, latent, dev, dtype, seed=2)
+    x, sigma = x[:1].float(), sigma[:1]  # the sampler's latent: one image, float32
+    ms = FlowMatching(3.0)
+    hint = torch.randn(1, 16, latent, latent, device=dev, dtype=dtype)
+
+    def applied(net) -> ControlApply:
+        apply = ControlApply(net, torch.zeros(1, latent * 8, latent * 8, 3), strength=1.0, vae=object())
+        apply._hints[(latent, latent, str(x.device))] = hint  # the VAE-encoded control image, given
+        return apply
+
+    def denoiser(apply) -> CFGDenoiser:
+        return CFGDenoiser(engine, Conditioning(ctx[:1], pooled[:1], control=apply),
+                           Conditioning(ctx[1:], pooled[1:], control=apply), cfg=4.5, model_sampling=ms, dtype=dtype)
+
+    rows = {}
+    plain = denoiser(None)
+    rows["plain_ms"] = median(time_ms(lambda: plain(x, sigma), dev, a.steps, a.warmup))
+    print(f"{'plain step':32s} {rows['plain_ms']:10.2f}", flush=True)
+    for name, net in nets.items():
+        apply = applied(net)
+        d = denoiser(apply)
+        rows[f"controlnet_{name}_ms"] = t = median(time_ms(lambda: d(x, sigma), dev, a.steps, a.warmup))
+        rows[f"overhead_{name}"] = t / rows["plain_ms"] - 1.0
+        with torch.no_grad():  # the residuals reach the output (not a no-op road)
+            rows[f"controlnet_{name}_changes_output"] = float((d(x, sigma) - plain(x, sigma)).abs().max())
+        print(f"{'+ ControlNet (' + name + ')':32s} {t:10.2f}   overhead {100 * rows[f'overhead_{name}']:.1f} %",
+              flush=True)
+        xx, ss = torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma])
+
+        def alone():  # what control_residuals runs: the ControlNet on the cond rows, then the uncond rows
+            apply(xx[:1], ss[:1], ctx[:1], pooled[:1], engine, ms)
+            apply(xx[1:], ss[1:], ctx[1:], pooled[1:], engine, ms)
+
+        rows[f"controlnet_{name}_alone_ms"] = t = median(time_ms(alone, dev, a.steps, a.warmup))
+        print(f"{'  its ControlNet calls alone':32s} {t:10.2f}", flush=True)
+    rows["engine"] = engine.describe()
+    return rows
+
+
+def eager_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype: torch.dtype, latent: int) -> dict:
+    x, sigma, ctx, pooled = make_inputs(cfg, 2, a.context_len, latent, dev, dtype, seed=2)
+    hint = torch.randn(1, 16, latent, latent, device=dev, dtype=dtype)
+    rows = {}
+
+    def plain():
+        with torch.no_grad():
+            return base(x, sigma, ctx, pooled)
+
+    rows["plain_ms"] = median(time_ms(plain, dev, a.steps, a.warmup))
+    print(f"{'plain forward':32s} {rows['plain_ms']:10.2f}", flush=True)
+    for name, net in nets.items():
+        def controlled():
+            with torch.no_grad():
+                return base(x, sigma, ctx, pooled, control=net(x, sigma, ctx, pooled, hint, base, 1.0))
+
+        rows[f"controlnet_{name}_ms"] = t = median(time_ms(controlled, dev, a.steps, a.warmup))
+        rows[f"overhead_{name}"] = t / rows["plain_ms"] - 1.0
+        print(f"{'+ ControlNet (' + name + ')':32s} {t:10.2f}   overhead {100 * rows[f'overhead_{name}']:.1f} %")
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--mode", default="weight_only", choices=("weight_only", "dynamic", "bf16"))
+    ap.add_argument("--road", default="engine", choices=("engine", "eager"))
+    ap.add_argument("--mode", default="dynamic", choices=("weight_only", "dynamic", "bf16"), help="base model")
+    ap.add_argument("--controlnet-mode", action="append", choices=("weight_only", "dynamic", "bf16"),
+                    help="ControlNet precision(s) to time (repeatable; default: --mode)")
+    ap.add_argument("--attention", default="auto", help="build_engine attention (auto | fp8 | bf16)")
     ap.add_argument("--layers", type=int, default=None, help="ControlNet layers (default: 19 Large, 1 tiny)")
     ap.add_argument("--latent", type=int, default=None, help="latent side (default 128 = 1024 px; tiny 16)")
     ap.add_argument("--context-len", type=int, default=333)
@@ -64,38 +170,34 @@ def main(argv=None) -> dict:
     latent = a.latent or (16 if a.tiny else 128)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     base = build_ours(cfg, dtype, dev, seed=0)
-    net = build_controlnet(cfg, layers, dtype, dev, seed=1)
     if a.mode != "bf16":
         quantize_model(base, a.mode)
-        quantize_controlnet(net, a.mode)
-    x, sigma, ctx, pooled = make_inputs(cfg, 2, a.context_len, latent, dev, dtype, seed=2)
-    hint = torch.randn(1, 16, latent, latent, device=dev, dtype=dtype)
-
-    def plain():
-        with torch.no_grad():
-            return base(x, sigma, ctx, pooled)
-
-    def controlled():
-        with torch.no_grad():
-            return base(x, sigma, ctx, pooled, control=net(x, sigma, ctx, pooled, hint, base, 1.0))
-
-    t_plain = sorted(time_ms(plain, dev, a.steps, a.warmup))
-    t_ctl = sorted(time_ms(controlled, dev, a.steps, a.warmup))
-    med = lambda t: t[len(t) // 2]  # noqa: E731
+    nets = {}
+    for mode in a.controlnet_mode or [a.mode]:
+        net = build_controlnet(cfg, layers, dtype, dev, seed=1)
+        if mode != "bf16":
+            quantize_controlnet(net, mode)
+        nets[mode] = net
+    road = engine_road if a.road == "engine" else eager_road
+    rows = road(base, nets, cfg, a, dev, dtype, latent)
+    first = next(iter(nets))
     result = {
         "benchmark": "controlnet_step", "model": "tiny" if a.tiny else "large", "mode": a.mode,
-        "controlnet_layers": layers, "latent": latent, "batch": 2, "context_len": a.context_len,
-        "plain_ms": med(t_plain), "controlnet_ms": med(t_ctl), "overhead": med(t_ctl) / med(t_plain) - 1.0,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "path": "eager models/mmdit.py forward with control= (the fused engine's per-block add is not timed here)",
+        "controlnet_modes": list(nets), "road": a.road, "controlnet_layers": layers, "latent": latent,
+        "image": f"{latent * 8}x{latent * 8}", "batch": 2, "context_len": a.context_len,
+        "steps_timed": a.steps, "warmup": a.warmup, **rows,
+        "controlnet_ms": rows[f"controlnet_{first}_ms"], "overhead": rows[f"overhead_{first}"],
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", **versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/controlnet.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "path": ("fast.build_engine (fused step, CUDA graphs on CUDA) through sampling.guidance.CFGDenoiser + "
+                 "control.ControlApply (ControlNet eager per conditioning's rows, residuals added in the fused step)"
+                 if a.road == "engine" else
+                 "eager models/mmdit.py forward with control= (the fused engine's per-block add is not timed here)"),
     }
-    print(f"{'step':24s} {'median ms':>10s}")
-    print(f"{'plain (' + a.mode + ')':24s} {result['plain_ms']:10.2f}")
-    label = f"+ ControlNet x{layers}"
-    print(f"{label:24s} {result['controlnet_ms']:10.2f}   overhead {100 * result['overhead']:.1f} %")
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"controlnet_step_{result['model']}_{a.mode}_{device_slug(dev)}.json"
+    suffix = "" if a.road == "eager" else "_engine"
+    path = a.out / f"controlnet_step_{result['model']}_{a.mode}{suffix}_{device_slug(dev)}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result

@@ -4,7 +4,8 @@ The page loads the ComfyUI default graph (CheckpointLoaderSimple -> CLIPTextEnco
 KSampler -> VAEDecode -> SaveImage), picks the shipped model in the loader, sets the latent to 128 px (the
 shipped model's native size; 512 exceeds its 256 px position grid), presses the UI's Run button and waits
 for the image: in /history, served by /view, and drawn on the SaveImage node. The screenshot goes to
-docs/webui.png.
+docs/webui.png. A second test drops a PNG the server saved onto the canvas (a drop event carrying the
+file) and runs it again: the page reads the embedded graph itself, and the image comes back the same.
 
 Needs (CI, Debian, as root):  apt-get install -y chromium chromium-driver
                               pip install selenium comfyui-frontend-package
@@ -237,3 +238,92 @@ def test_web_ui_runs_default_graph(tmp_path, monkeypatch):
             _console(driver)
             driver.quit()
     print(f"browser test: UI ready {t_ui - t0:.1f} s, run {t_run - t_ui:.1f} s, total {time.monotonic() - t0:.1f} s")
+
+
+DROP_FILE = """
+const [url, name, done] = arguments;
+const blob = await (await fetch(url)).blob();
+const file = new File([blob], name, {type: 'image/png'});
+const dt = new DataTransfer();
+dt.items.add(file);
+// what the user's drop delivers: a drop event with the file, on the graph canvas
+const target = document.querySelector('#graph-canvas') || document.querySelector('canvas') || document.body;
+for (const type of ['dragenter', 'dragover', 'drop'])
+  target.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt}));
+done('ok');
+"""
+
+
+def test_web_ui_png_drop_reproduces(tmp_path, monkeypatch):
+    """A PNG our server saved, dropped onto the web UI's canvas and run again: the same pixels.
+
+    The browser reads the PNG's tEXt chunks itself (the frontend's getPngMetadata), loads the embedded
+    UI graph (shipped model + shipped Canny ControlNet, seed widget "randomize") and queues it
+    (graphToPrompt) when Run is pressed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from sd35fp8.server import create_app
+    from sd35fp8.tiny import SHIPPED_CONTROLNET
+    from sd35fp8.workflow.ui_convert import ui_to_api
+    from test_png_dropback import CKPT, CNET, SEED, control_image, ui_workflow
+
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    for sub in ("models/checkpoints", "models/controlnet", "input", "user/default"):
+        (tmp_path / sub).mkdir(parents=True)
+    shutil.copy(SHIPPED_CHECKPOINT, tmp_path / "models/checkpoints" / CKPT)
+    shutil.copy(SHIPPED_T5_TOKENIZER, tmp_path / "models/checkpoints/spiece.model")
+    shutil.copy(SHIPPED_CONTROLNET, tmp_path / "models/controlnet" / CNET)
+    control_image().save(tmp_path / "input/control.png")
+    (tmp_path / "user/default/comfy.settings.json").write_text(json.dumps(SETTINGS))
+    app = create_app(tmp_path / "models", output_dir=tmp_path / "output", input_dir=tmp_path / "input",
+                     user_dir=tmp_path / "user", device="cpu", serve_frontend=True)
+    wf = ui_workflow()
+    with Server(app) as server:
+        body = json.dumps({"prompt": ui_to_api(wf), "client_id": "first",
+                           "extra_data": {"extra_pnginfo": {"workflow": wf}}}).encode()
+        req = urllib.request.Request(f"{server.url}/prompt", data=body, headers={"Content-Type": "application/json"})
+        first_id = json.loads(urllib.request.urlopen(req, timeout=10).read())["prompt_id"]
+        first = _wait("the first prompt", lambda: json.loads(server.get(f"/history/{first_id}")).get(first_id), 120)
+        assert first["status"]["completed"], first["status"]
+        (image,) = [i for out in first["outputs"].values() for i in out.get("images", [])]
+        want = np.asarray(Image.open(io.BytesIO(server.get("/view", **image))).convert("RGB"))
+
+        driver = _browser()
+        try:
+            driver.get(server.url + "/")
+            _wait("the graph to load", lambda: driver.execute_script(
+                "return !!(window.app && window.app.graph && window.app.graph._nodes.length)"), 60)
+            url = "/view?" + urllib.parse.urlencode(image)
+            assert driver.execute_async_script(DROP_FILE, url, "out.png") == "ok"
+            types = _wait("the dropped PNG's graph", lambda: (lambda t: t if "ControlNetApplyAdvanced" in t else None)(
+                driver.execute_script("return window.app.graph._nodes.map(n => n.type)")), 30)
+            assert sorted(types) == sorted(n["type"] for n in wf["nodes"]), types
+            _wait("no node errors", lambda: driver.execute_script(
+                "return !window.app.graph._nodes.some(n => n.has_errors)"), 10)
+            # identical prompt: every node would come from the output cache; /free makes it run again
+            req = urllib.request.Request(f"{server.url}/free", data=b'{"unload_models": true, "free_memory": true}',
+                                         headers={"Content-Type": "application/json"})
+            assert urllib.request.urlopen(req, timeout=10).status == 200
+            driver.find_element(By.CSS_SELECTOR, "[data-testid='queue-button']").click()  # the UI's "Run"
+
+            def second():
+                hist = json.loads(server.get("/history"))
+                done = [e for pid, e in hist.items() if pid != first_id and e["status"].get("completed") is not None]
+                return done[0] if done else None
+
+            entry = _wait("the dropped PNG's prompt in /history", second, 120)
+            assert entry["status"]["completed"], entry["status"]
+            sent = entry["prompt"][2]
+            (ks,) = [n["inputs"] for n in sent.values() if n["class_type"] == "KSampler"]
+            assert ks["seed"] == SEED  # the seed that made the image ("randomize" acts after queueing)
+            (image2,) = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+            assert image2["filename"] != image["filename"]
+            got = np.asarray(Image.open(io.BytesIO(server.get("/view", **image2))).convert("RGB"))
+            assert np.array_equal(got, want)
+        finally:
+            _console(driver)
+            driver.quit()

@@ -149,6 +149,29 @@ def test_fp8linear_dynamic_with_outlier_tokens():
     assert sqnr(_ref_linear(lin, x), y.float()) >= LINEAR_DB
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_fp8linear_channel_first_input_goes_row_major(mode, monkeypatch):
+    """[1, L, K] viewed from a channel-first buffer (a PatchEmbed output, a ControlNet's token stream at
+    batch 1) reshapes to a column-major [L, K] view; _scaled_mm (cuBLASLt) takes row-major only."""
+    import sd35fp8.fp8.linear as linear
+
+    lin = _linear()
+    x = _randn(1, 512, 64, dtype=torch.bfloat16, seed=4).transpose(1, 2)  # [1, 64, 512], strides (., 1, 64)
+    layer = FP8Linear.from_linear(lin, mode)
+    if mode == "static":
+        layer.set_input_scale(x.abs().amax())
+    real = linear.scaled_matmul
+
+    def row_major_only(xq, *args):
+        assert xq.stride(-1) == 1, f"activation strides {xq.stride()}"
+        return real(xq, *args)
+
+    monkeypatch.setattr(linear, "scaled_matmul", row_major_only)
+    y = layer(x)
+    assert torch.equal(y, layer(x.contiguous()))
+    assert sqnr(_ref_linear(lin, x), y.float()) >= LINEAR_DB
+
+
 def test_static_mode_calibration_and_errors():
     lin = _linear()
     x = _randn(16, 512, dtype=torch.bfloat16, seed=4)

@@ -219,7 +219,9 @@ class FP8Linear(nn.Module):
                 "pick the mode with sd35fp8.fp8.device.choose_mode"
             )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        # [M, K] row-major, as _scaled_mm needs: a [1, L, K] view of a channel-first buffer (a PatchEmbed
+        # output's layout) reshapes to a column-major [L, K] view without copying
+        x2 = x.reshape(-1, self.in_features).contiguous()
         if self.mode == "dynamic":
             if support.rowwise:
                 xq, xs = quantize_rowwise(x2, dim=-1)  # [M, K] fp8, [M, 1]

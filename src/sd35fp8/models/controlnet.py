@@ -176,7 +176,7 @@ class ControlNet(nn.Module):
             bdtype = base.x_embedder.proj.weight.dtype  # the base model's embedding of x (Stability 8B form)
             tokens = (img(base.x_embedder, x.to(bdtype)) + base.cropped_pos_embed(h // p, w // p).to(bdtype)).to(dtype)
             c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi.to(dtype)), t, pooled)  # [B, C]
-            tokens = tokens + img(self.pos_embed_input, hint.to(dtype))  # [B, h*w/p^2, C]
+            tokens = (tokens + img(self.pos_embed_input, hint.to(dtype))).contiguous()  # [B, h*w/p^2, C] row-major
             for block, proj in zip(self.transformer_blocks, self.controlnet_blocks):
                 tokens = block(tokens, c, vec)
                 outs.append(proj(tokens))
@@ -185,7 +185,7 @@ class ControlNet(nn.Module):
         zeros = torch.zeros_like(pooled, dtype=dtype)  # force_zeros_for_pooled_projection
         c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi), t, zeros)
         ctx = self.context_embedder(context.to(dtype))
-        tokens = tokens + img(self.pos_embed_input, hint.to(dtype))
+        tokens = (tokens + img(self.pos_embed_input, hint.to(dtype))).contiguous()  # row-major (PatchEmbed: not)
         for block, proj in zip(self.joint_blocks, self.controlnet_blocks):
             ctx, tokens = block(ctx, tokens, c, vec)
             outs.append(proj(tokens))

@@ -181,6 +181,7 @@ class PromptWorker:
                                            wait_s=self.batch_wait_ms / 1000)
                 if not got:
                     continue
+                self._apply_free()  # a /free posted before these prompts were taken applies before they run
                 if self.metrics is not None:
                     self.metrics.batch(len(got))
                 self._mine = {task_id for task_id, _ in got}
