@@ -213,7 +213,8 @@ def main() -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         args.size = min(args.size, 128)  # the shipped model's native size; CPU runs stay small
-    result: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    result: dict = {"command": "python " + " ".join(sys.argv),
+                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         if args.replicas:
