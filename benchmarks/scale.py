@@ -111,6 +111,7 @@ def bench_replicas(args, models: Path, work: Path) -> list[dict]:
         sat = saturated(srv.url, args)
         rows.append({"setup": "plain", "replicas": 1, "closed_loop_s": single, "saturated_images_per_s": sat[-1],
                      "saturated_passes": sat, **open_loop(srv.url, args.load / single, args.requests, args)})
+        print(f"plain: {rows[-1]}", flush=True)
     from sd35fp8.scale.ray_serve import create_ray_app, shutdown
 
     for n in args.replicas:
@@ -120,10 +121,12 @@ def bench_replicas(args, models: Path, work: Path) -> list[dict]:
             with LiveServer(app, timeout=600) as srv:
                 for i in range(2 * n):  # load the model on every replica
                     one_request(srv.url, i, args)
+                closed = statistics.median(one_request(srv.url, i + 1, args) for i in range(args.calibrate))
                 sat = saturated(srv.url, args)
-                rows.append({"setup": f"ray-{n}", "replicas": n, "closed_loop_s": None,
+                rows.append({"setup": f"ray-{n}", "replicas": n, "closed_loop_s": closed,
                              "saturated_images_per_s": sat[-1], "saturated_passes": sat,
                              **open_loop(srv.url, args.load * n / single, args.requests, args)})
+                print(f"ray-{n}: {rows[-1]}", flush=True)
         finally:
             shutdown()
     return rows
@@ -251,6 +254,10 @@ def main() -> None:
     if "plain" in reps and "ray-1" in reps:
         result["ray_overhead"] = 1 - reps["ray-1"]["saturated_images_per_s"] / reps["plain"]["saturated_images_per_s"]
         print(f"Ray path (1 replica) vs plain server, saturated: {100 * result['ray_overhead']:+.1f} % images/s lost")
+        plain_s, ray_s = reps["plain"]["closed_loop_s"], reps["ray-1"]["closed_loop_s"]
+        result["ray_closed_loop_added_s"] = ray_s - plain_s
+        print(f"closed loop (one request at a time): plain {plain_s:.4f} s, ray-1 {ray_s:.4f} s per image "
+              f"({1000 * (ray_s - plain_s):+.1f} ms, {100 * (1 - plain_s / ray_s):+.1f} % images/s lost)")
     if result.get("one_image"):
         print(f"\n{'K':>3} {'layout':<14} {'step s':>8} {'image s':>8} {'speed-up':>8} {'max|dv|':>9}")
         for r in result["one_image"]:
