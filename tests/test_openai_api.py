@@ -18,7 +18,8 @@ from PIL import Image
 from comfy_models import build_models_folder
 from live_server import LiveServer
 from sd35fp8.server import create_app
-from sd35fp8.server.openai_api import ImageRequest, build_graph, checkpoint_defaults, parse_size
+from sd35fp8.server.openai_api import (ImageRequest, build_graph, checkpoint_defaults, checkpoint_max_side,
+                                       parse_size)
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
 
 openai = pytest.importorskip("openai")
@@ -100,6 +101,30 @@ def test_errors_have_openai_shape(client):
     with pytest.raises(openai.BadRequestError) as e:  # the server's --max-pixel-steps budget, as POST /prompt
         client.images.generate(model=MODEL, prompt="x", size="2048x2048", n=10, extra_body={"steps": 200})
     assert e.value.body["code"] == "prompt_over_budget"
+    # larger than the model's position table (the shipped model: 16 cells x patch 2 x 8 = 256 px): a 400
+    # before queueing, not a 500 from the sampler (benchmarks/scale.py once asked 1024x1024 on the GPU)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=MODEL, prompt="x", size="1024x1024", extra_body={"steps": 1})
+    assert e.value.body["param"] == "size" and "256x256" in e.value.body["message"]
+
+
+def test_input_error_while_running_is_400(tmp_path, monkeypatch):
+    """An InputError raised while the prompt runs (here the MMDiT's own size check, with the route's
+    header check switched off) is the request's fault: 400 invalid_value, not 500 generation_failed."""
+    import sd35fp8.server.openai_api as api
+
+    monkeypatch.setattr(api, "checkpoint_max_side", lambda path: None)
+    app = create_app(build_models_folder(tmp_path), tmp_path / "output", device="cpu", serve_frontend=False)
+    with LiveServer(app) as srv:
+        r = requests.post(f"{srv.url}/v1/images/generations", timeout=300, json={
+            "model": MODEL, "prompt": "x", "size": "512x512", "steps": 1, "seed": 0})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_value" and "position table" in err["message"]
+
+
+def test_checkpoint_max_side():
+    assert checkpoint_max_side(SHIPPED_CHECKPOINT) == 256
 
 
 def test_parse_size():

@@ -15,13 +15,16 @@ the text encoders), `prompt`, `n` (the latent batch: n images from one seed, as 
 (low/medium/standard/high/hd/auto: a fraction of the model's default steps, see QUALITY_STEPS),
 `steps` (wins over quality), `seed`, `negative_prompt`, and SD3.5's own fields under their own
 names: `cfg`, `sampler_name`, `scheduler`, `denoise`, `shift`. Unknown fields are an error.
-Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for the request's
+fault (a size larger than the checkpoint's position table covers is refused before queueing; an
+InputError raised while the prompt runs is answered 400 too), 500 only for a failed generation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import random
 import time
 import uuid
@@ -36,6 +39,7 @@ from safetensors import safe_open
 
 from sd35fp8.defaults import GenerationDefaults, defaults_for
 from sd35fp8.errors import InputError
+from sd35fp8.models.mmdit import LATENT_DOWNSCALE
 from sd35fp8.server.validation import RequestError, check_prompt_work
 
 # quality -> fraction of the model's default steps (OpenAI: dall-e-3 standard/hd, gpt-image low/medium/high)
@@ -43,6 +47,7 @@ QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high"
 MAX_N = 10  # OpenAI's bound on n
 POLL_S = 0.02  # how often the route looks for its history entry
 OWNER = "sd35fp8"
+INPUT_ERRORS = {"sd35fp8.errors.InputError"}  # execution errors answered 400 (invalid_value), not 500
 
 
 class ImageRequest(BaseModel):
@@ -101,6 +106,31 @@ def checkpoint_defaults(path: Path) -> GenerationDefaults:
     return defaults_for(len(blocks), mmdit_x, metadata, path.name)
 
 
+def checkpoint_max_side(path: Path) -> int | None:
+    """Largest image side in pixels that the checkpoint's MMDiT position table covers (pos_embed
+    [1, M*M, hidden], patch p: M * p * 8 px), read from the file's header; None when not found."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        pos = next((k for k in ("model.diffusion_model.pos_embed", "pos_embed") if k in keys), None)
+        proj = pos and pos.replace("pos_embed", "x_embedder.proj.weight")
+        if pos is None or proj not in keys:
+            return None
+        cells, patch = f.get_slice(pos).get_shape()[1], f.get_slice(proj).get_shape()[2]
+    side = math.isqrt(cells)
+    return side * patch * LATENT_DOWNSCALE if side * side == cells else None
+
+
+def check_size(graph: dict, max_side: int | None) -> None:
+    """InputError when the request's image is larger than the model's position table covers (the
+    MMDiT would refuse it at sampling time: a request error, not a failed generation)."""
+    if max_side is None:
+        return
+    latent = graph["5"]["inputs"]
+    if latent["width"] > max_side or latent["height"] > max_side:
+        raise InputError(f"size {latent['width']}x{latent['height']} is too large for this model: its position "
+                         f"table covers at most {max_side}x{max_side} px")
+
+
 def build_graph(req: ImageRequest, ckpt_name: str, defaults: GenerationDefaults, prefix: str) -> dict:
     """The ComfyUI API-format prompt for one request."""
     width, height = parse_size(req.size, (defaults.width, defaults.height))
@@ -146,7 +176,7 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
     is the workflow validator (ok, error, outputs, node_errors), as POST /prompt uses it; `limits`
     (server.validation.Limits) bounds the text length and width x height x n x steps, as for POST /prompt."""
     r = APIRouter(prefix="/v1")
-    defaults_cache: dict[str, GenerationDefaults] = {}
+    defaults_cache: dict[str, tuple[GenerationDefaults, int | None]] = {}  # ckpt -> (defaults, max side px)
 
     @r.get("/models")
     async def list_models() -> dict:
@@ -176,11 +206,13 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         except LookupError as e:
             return openai_error(str(e), param="model", code="model_not_found", status=404)
         if ckpt not in defaults_cache:
-            defaults_cache[ckpt] = await asyncio.to_thread(
-                checkpoint_defaults, Path(folders.get_full_path("checkpoints", ckpt)))
+            path = Path(folders.get_full_path("checkpoints", ckpt))
+            defaults_cache[ckpt] = (await asyncio.to_thread(checkpoint_defaults, path),
+                                    await asyncio.to_thread(checkpoint_max_side, path))
+        defaults, max_side = defaults_cache[ckpt]
         prompt_id = str(uuid.uuid4())
         try:
-            graph = build_graph(req, ckpt, defaults_cache[ckpt], "openai/img")
+            graph = build_graph(req, ckpt, defaults, "openai/img")
         except InputError as e:
             return openai_error(str(e), param="size", code="invalid_value")
         max_text = limits.max_text_chars if limits is not None else None
@@ -194,6 +226,10 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
                 check_prompt_work(graph, limits)
             except RequestError as e:
                 return openai_error(f"{e.message}: {e.details}", param="size", code=e.type, status=e.status)
+        try:
+            check_size(graph, max_side)
+        except InputError as e:
+            return openai_error(str(e), param="size", code="invalid_value")
         extra = {"create_time": int(time.time() * 1000), "openai": True}
         budget = getattr(request.app.state, "text_budget", None)
         if budget is not None:  # the prompt text cut to --max-prompt-tokens (prompt_text.py)
@@ -211,6 +247,8 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         if status.get("status_str") != "success":
             errors = [m[1] for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
             msg = errors[0].get("exception_message", "interrupted") if errors else "generation failed"
+            if errors and errors[0].get("exception_type") in INPUT_ERRORS:  # the request's fault, found while running
+                return openai_error(f"invalid request: {msg}", code="invalid_value")
             return openai_error(f"generation failed: {msg}", type_="server_error", code="generation_failed",
                                 status=500)
         images = [img for ui in entry.get("outputs", {}).values() for img in ui.get("images", [])
