@@ -6,7 +6,7 @@
 What changes against models/mmdit.py (same math, see tests/test_fast.py):
 - adaLN: c is the same for every block, so the adaLN weights of all joint blocks live in ONE
   contiguous [sum n_i*C, C] buffer and one matmul per step gives every block's shift/scale/gate
-  (one per row of the batch when model.batch_invariant, as MMDiT.forward: models.mmdit.per_row).
+  (rows in pairs, M = 2, when model.batch_invariant, as MMDiT.forward: models.mmdit.per_row).
   The wrapped model's adaLN parameters are re-pointed at views of that buffer (values unchanged,
   no second copy; the model still runs on its own).
 - LayerNorm + modulate (+ per-token fp8 quantise) is one pass producing the qkv / fc1 input (the
@@ -452,7 +452,7 @@ class MMDiTEngine(nn.Module):
         dt = self.dtype
         t = (sigma.reshape(-1) * 1000).expand(B)
         # batch-invariant (model.batch_invariant, as MMDiT.forward): the conditioning vectors (embedders,
-        # the fused adaLN, the final layer's adaLN) row by row and the patch embedding image by image,
+        # the fused adaLN, the final layer's adaLN) in pairs of rows and the patch embedding image by image,
         # so a row's result does not depend on the other rows of the batch (models.mmdit.per_row)
         vec, img = (per_row, per_image) if model.batch_invariant else (batched, batched)
         tokens = img(model.x_embedder, x.to(dt)) + model.cropped_pos_embed(hp, wp).to(dt)  # [B, hp*wp, C]

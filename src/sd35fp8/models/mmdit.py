@@ -157,12 +157,20 @@ def per_row(fn: Callable[..., torch.Tensor], *vs: torch.Tensor) -> torch.Tensor:
     result does not depend on B: GEMMs with few rows (M = B) pick their kernel by M and round
     differently for another M (MKL on the CPU: M = 2 and M = 8 differ; M = 1 takes a GEMV whose
     rounding even depends on the weight's alignment), so a prompt sampled in a cross-prompt batch
-    would not equal the same prompt sampled alone. Each row goes through fn as a pair of copies
-    (always M = 2, the shape of one CFG call). These are the vector paths only (timestep/pooled
-    embedders, adaLN), tiny next to the per-token GEMMs (M = B x tokens), which are measured
-    batch-invariant (tests/test_server_load.py)."""
-    return torch.cat([fn(*(v[i : i + 1].repeat(2, *[1] * (v.ndim - 1)) for v in vs))[:1]
-                      for i in range(vs[0].shape[0])])
+    would not equal the same prompt sampled alone. The rows go through fn in pairs, always M = 2 (the
+    shape of one CFG call; an odd last row is paired with a copy of itself), each pair a fresh
+    contiguous copy: with one shape and one kernel a row's result does not depend on its partner.
+    A CFG call (B = 2) is then one call, so the fused adaLN's weight (2.7 GB in FP8 at Large) is read
+    once a step, not once per row. These are the vector paths only (timestep/pooled embedders,
+    adaLN); the per-token GEMMs (M = B x tokens) are measured batch-invariant
+    (tests/test_server_load.py, tests/test_engine.py)."""
+    B = vs[0].shape[0]
+    outs = []
+    for i in range(0, B, 2):
+        n = min(2, B - i)
+        pair = [(v[i:i + 2].clone() if n == 2 else v[i:i + 1].repeat(2, *[1] * (v.ndim - 1))) for v in vs]
+        outs.append(fn(*pair)[:n])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def per_image(fn: Callable[..., torch.Tensor], *vs: torch.Tensor) -> torch.Tensor:
