@@ -14,9 +14,11 @@ as a workflow's ControlNetLoader does for a 16-bit file unless asked for FP8).
 the base model as its engine (fast.build_engine: the fused step, FP8 attention where the device has
 it, CUDA graphs on CUDA, no compile as `generate`), called through sampling.guidance.CFGDenoiser with
 control.ControlApply on the cond and uncond conditionings (one ControlApply shared by both, as
-ControlNetApplyAdvanced makes it; the ControlNet runs eager on each conditioning's rows and its
-residuals enter the fused step after each joint block). The hint latent is set directly (no VAE).
-Rows: plain step, step with the ControlNet, and the ControlNet's own calls alone.
+ControlNetApplyAdvanced makes it, so the ControlNet runs once over both CFG rows; on the engine it
+runs as fast/controlnet.py's ControlNetEngine: fused FP8 linears, FP8 attention where the base has
+it, CUDA graphs on CUDA; its residuals enter the fused step after each joint block). The hint
+latent is set directly (no VAE). Rows: plain step, step with the ControlNet, the ControlNet's own
+call alone, and its residuals' SQNR against the eager 16-bit net with the same random weights.
 --road eager times the eager models/mmdit.py forward with `control=` (the first measurement).
 Prints a table, writes JSON to benchmarks/results/.
 """
@@ -77,10 +79,13 @@ def versions() -> dict:
     return out
 
 
-def engine_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype: torch.dtype, latent: int) -> dict:
+def engine_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype: torch.dtype, latent: int,
+                layers: int) -> dict:
     """Plain step vs step with each ControlNet in `nets`, through build_engine + CFGDenoiser + ControlApply."""
     from sd35fp8.control import ControlApply
     from sd35fp8.fast import build_engine
+    from sd35fp8.fast.controlnet import controlnet_engine
+    from sd35fp8.fp8.scaling import sqnr
     from sd35fp8.sampling.guidance import CFGDenoiser, Conditioning
     from sd35fp8.sampling.model_sampling import FlowMatching
 
@@ -104,6 +109,10 @@ def engine_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype:
     plain = denoiser(None)
     rows["plain_ms"] = median(time_ms(lambda: plain(x, sigma), dev, a.steps, a.warmup))
     print(f"{'plain step':32s} {rows['plain_ms']:10.2f}", flush=True)
+    xx, ss = torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma])
+    with torch.no_grad():  # accuracy reference: the eager 16-bit net (same random weights) on the CFG rows
+        ref_net = nets["bf16"] if "bf16" in nets else build_controlnet(cfg, layers, dtype, dev, seed=1)
+        ref = ref_net.layer_outputs(xx, ss, ctx, pooled, hint, engine.model)
     for name, net in nets.items():
         apply = applied(net)
         d = denoiser(apply)
@@ -113,19 +122,25 @@ def engine_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype:
             rows[f"controlnet_{name}_changes_output"] = float((d(x, sigma) - plain(x, sigma)).abs().max())
         print(f"{'+ ControlNet (' + name + ')':32s} {t:10.2f}   overhead {100 * rows[f'overhead_{name}']:.1f} %",
               flush=True)
-        xx, ss = torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma])
 
-        def alone():  # what control_residuals runs: the ControlNet on the cond rows, then the uncond rows
-            apply(xx[:1], ss[:1], ctx[:1], pooled[:1], engine, ms)
-            apply(xx[1:], ss[1:], ctx[1:], pooled[1:], engine, ms)
+        def alone():  # what control_residuals runs: the shared ControlApply once over the cond + uncond rows
+            apply(xx, ss, ctx, pooled, engine, ms, chunks=2)
 
         rows[f"controlnet_{name}_alone_ms"] = t = median(time_ms(alone, dev, a.steps, a.warmup))
-        print(f"{'  its ControlNet calls alone':32s} {t:10.2f}", flush=True)
+        print(f"{'  its ControlNet call alone':32s} {t:10.2f}", flush=True)
+        cn = controlnet_engine(net, engine)
+        rows[f"controlnet_{name}_engine"] = cn.describe()
+        with torch.no_grad():  # residual accuracy against the eager 16-bit net, per layer
+            got = cn.layer_outputs(xx, ss, ctx, pooled, hint)
+            db = [sqnr(r.float(), g.float()) for r, g in zip(ref, got)]
+        rows[f"controlnet_{name}_sqnr_db_min"], rows[f"controlnet_{name}_sqnr_db_last"] = min(db), db[-1]
+        print(f"{'  residual SQNR vs eager bf16':32s} min {min(db):.1f} dB, last layer {db[-1]:.1f} dB", flush=True)
     rows["engine"] = engine.describe()
     return rows
 
 
-def eager_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype: torch.dtype, latent: int) -> dict:
+def eager_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype: torch.dtype, latent: int,
+               layers: int) -> dict:
     x, sigma, ctx, pooled = make_inputs(cfg, 2, a.context_len, latent, dev, dtype, seed=2)
     hint = torch.randn(1, 16, latent, latent, device=dev, dtype=dtype)
     rows = {}
@@ -179,7 +194,7 @@ def main(argv=None) -> dict:
             quantize_controlnet(net, mode)
         nets[mode] = net
     road = engine_road if a.road == "engine" else eager_road
-    rows = road(base, nets, cfg, a, dev, dtype, latent)
+    rows = road(base, nets, cfg, a, dev, dtype, latent, layers)
     first = next(iter(nets))
     result = {
         "benchmark": "controlnet_step", "model": "tiny" if a.tiny else "large", "mode": a.mode,
@@ -191,7 +206,8 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/controlnet.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "path": ("fast.build_engine (fused step, CUDA graphs on CUDA) through sampling.guidance.CFGDenoiser + "
-                 "control.ControlApply (ControlNet eager per conditioning's rows, residuals added in the fused step)"
+                 "control.ControlApply (ControlNet as fast.controlnet.ControlNetEngine once over both CFG rows, "
+                 "residuals added in the fused step)"
                  if a.road == "engine" else
                  "eager models/mmdit.py forward with control= (the fused engine's per-block add is not timed here)"),
     }

@@ -40,6 +40,21 @@ class _Graph:
     keep: Any = None  # the objects the state tag names (LoRA terms): alive while the graph is
 
 
+def capture_graph(call: Callable[[], Any], pool) -> tuple[Any, Any]:
+    """WARMUP_CALLS eager calls on a side stream, then `call` captured into a CUDA graph in `pool`
+    -> (graph, what the captured call returned: its output buffers, rewritten by every replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_CALLS):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = call()
+    return graph, out
+
+
 def no_state() -> tuple[tuple, None]:
     return (), None
 
@@ -58,19 +73,36 @@ class GraphCache:
         self.pool = None
 
     @staticmethod
-    def key(tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple[int, ...] = (),
+    def key(tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple = (),
             tag: tuple = ()) -> tuple:
         """Shapes, dtypes and devices of the inputs, the skipped blocks, the blocks given a ControlNet
-        residual (`where`: a prompt with ControlNet gets its own graph) and the state tag (LoRA terms)."""
+        residual (`where`: a prompt with ControlNet gets its own graph; with `residual_inputs` the pairs
+        (block, input index)) and the state tag (LoRA terms)."""
         return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors) + (skip, where, tag)
 
     @staticmethod
-    def _call(fn, static: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple[int, ...], depth: int):
+    def residual_inputs(control: list[torch.Tensor | None]) -> tuple[tuple, list[torch.Tensor]]:
+        """Per-block residuals -> (where: ((block, input index), ...), the distinct tensors). A ControlNet
+        output feeding several blocks (the SD3.5 Large ControlNets: each layer's output two blocks) is one
+        graph input, copied in once."""
+        where, uniq, index = [], [], {}
+        for i, r in enumerate(control):
+            if r is not None:
+                if id(r) not in index:
+                    index[id(r)] = len(uniq)
+                    uniq.append(r)
+                where.append((i, index[id(r)]))
+        return tuple(where), uniq
+
+    @staticmethod
+    def _call(fn, static: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple, depth: int):
+        """where: blocks (one input each, in order) or (block, input index) pairs (residual_inputs)."""
         if not where:
             return fn(*static, skip)
         control: list[torch.Tensor | None] = [None] * depth
-        for i, r in zip(where, static[4:]):
-            control[i] = r
+        for k, w in enumerate(where):
+            i, j = w if isinstance(w, tuple) else (w, k)
+            control[i] = static[4 + j]
         return fn(*static[:4], skip, control=control)
 
     def clear(self) -> None:
@@ -83,17 +115,9 @@ class GraphCache:
     def capture(self, tensors: tuple[torch.Tensor, ...], skip: tuple[int, ...], where: tuple[int, ...] = (),
                 depth: int = 0) -> _Graph:
         static = tuple(t.detach().clone() for t in tensors)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_CALLS):
-                self._call(self.fn, static, skip, where, depth)
-        torch.cuda.current_stream().wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._call(self.fn, static, skip, where, depth)
+        graph, out = capture_graph(lambda: self._call(self.fn, static, skip, where, depth), self.pool)
         logger.info("captured CUDA graph for %s", self.key(tensors, skip, where))
         return _Graph(graph, static, out)
 
@@ -101,8 +125,8 @@ class GraphCache:
                  control: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, bool]:
         """control: per joint block a residual or None (None: no ControlNet); present residuals are
         inputs of the graph, copied in like x."""
-        where = tuple(i for i, r in enumerate(control) if r is not None) if control is not None else ()
-        tensors = (x, sigma, context, pooled, *(control[i] for i in where))
+        where, residuals = self.residual_inputs(control) if control is not None else ((), [])
+        tensors = (x, sigma, context, pooled, *residuals)
         tag, keep = self.state()
         k = self.key(tensors, skip, where, tag)
         fresh = k not in self.graphs
@@ -120,3 +144,39 @@ class GraphCache:
             dst.copy_(src)
         g.graph.replay()
         return g.output.clone(), fresh
+
+
+class TensorGraphs:
+    """`graphs(*tensors) -> (outputs, fresh)`: fn(*tensors) -> a tuple of tensors, captured once per input
+    shapes / dtypes / devices and replayed (the ControlNet engine, fast/controlnet.py). The outputs are the
+    graph's own buffers, rewritten by its next replay: consume or copy them before calling again."""
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], max_graphs: int = MAX_GRAPHS):
+        self.fn = fn
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.pool = None
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+        k = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        fresh = k not in self.graphs
+        if fresh:
+            static = tuple(t.detach().clone() for t in tensors)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph, out = capture_graph(lambda: self.fn(*static), self.pool)
+            logger.info("captured CUDA graph of %s for %s", getattr(self.fn, "__qualname__", self.fn), k)
+            self.graphs[k] = _Graph(graph, static, out)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(k)
+        g = self.graphs[k]
+        for dst, src in zip(g.inputs, tensors):
+            dst.copy_(src)
+        g.graph.replay()
+        return g.output, fresh

@@ -136,7 +136,9 @@ def _qkv(p, name, x, shift, scale, mode, heads, rec, impl):
     return _rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v
 
 
-ATTN_KEYS = {"attn": ("c", "x", "c.proj", "x.proj"), "x.attn2": ("x.attn2", "x.attn2", None, "x.attn2.proj")}
+# FP8 attention key -> (ctx stem, x stem, ctx proj, x proj): "self" is a single block's attention (x alone)
+ATTN_KEYS = {"attn": ("c", "x", "c.proj", "x.proj"), "x.attn2": ("x.attn2", "x.attn2", None, "x.attn2.proj"),
+             "self": ("x", "x", None, "x.proj")}
 
 
 def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
@@ -227,6 +229,41 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     return ctx, x
 
 
+def stream_weights(p: dict, s: str, db: nn.Module, where: str, mode: str | None, dtype: torch.dtype,
+                   per_layer: bool) -> tuple[nn.Module, str]:
+    """Put one stream's linears (a models.mmdit.DismantledBlock `db`: attention qkv / proj, attn2, MLP) into
+    the block's weight dict `p` under `s` ("c", "x") -> (its adaLN linear, that linear's name)."""
+    attns = [("attn", db.attn)] + ([("attn2", db.attn2)] if db.attn2 is not None else [])
+    for an, attn in attns:
+        stem = f"{s}.qkv" if an == "attn" else f"{s}.attn2.qkv"
+        put(p, stem, linear_weights(attn.qkv, mode, dtype, f"{where}.{an}.qkv", per_layer))
+        if attn.ln_q is not None:
+            p[stem[:-4] + ".ln_q"] = attn.ln_q.weight.detach()  # "c.ln_q", "x.attn2.ln_q"
+            p[stem[:-4] + ".ln_k"] = attn.ln_k.weight.detach()
+        if attn.proj is not None:
+            put(p, stem[:-4] + ".proj", linear_weights(attn.proj, mode, dtype, f"{where}.{an}.proj", per_layer))
+    if db.mlp is not None:
+        put(p, f"{s}.fc1", linear_weights(db.mlp.fc1, mode, dtype, f"{where}.mlp.fc1", per_layer))
+        put(p, f"{s}.fc2", linear_weights(db.mlp.fc2, mode, dtype, f"{where}.mlp.fc2", per_layer))
+    return db.adaLN_modulation[1], f"{where}.adaLN_modulation.1"
+
+
+def single_block(p: dict, x: torch.Tensor, mods: torch.Tensor, mode: str | None, heads: int, rec: dict | None = None,
+                 impl: str = "auto", attn: str = "sdpa") -> torch.Tensor:
+    """One self-attention block without context (the SD3.5 ControlNets' models.controlnet.SingleBlock):
+    the x stream of joint_block with attention over x alone. x [B, L, C]; mods [B, 6*C]; weights "x.*"."""
+    C = x.shape[-1]
+    m = lambda i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
+    if attn == "triton_fp8":
+        qkv = _qkv_out(p, "x.qkv", x, m(0), m(1), mode, rec, impl)  # [B, L, 3C]
+        o = _fp8_attention(p, "self", qkv, qkv, 0, heads, mode, rec)[1]  # [B, L, C]
+    else:
+        o = attend(*_qkv(p, "x.qkv", x, m(0), m(1), mode, heads, rec, impl), attn)
+    y = _proj(p, "x.proj", o, mode, x.dtype, rec, impl)
+    x, act = _attn_residual_then_mlp_input(p, "x", x, m(2), y, m(3), m(4), mode, impl)
+    return _mlp_residual(p, "x", x, act, m(5), mode, rec, impl)
+
+
 class MMDiTEngine(nn.Module):
     """The MMDiT's executor, with MMDiT's forward contract. See the module docstring; build it with
     fast.build_engine (which reads the mode from the weights and the device and sets the flags)."""
@@ -288,19 +325,7 @@ class MMDiTEngine(nn.Module):
             p: dict = {}
             for s, db in (("c", jb.context_block), ("x", jb.x_block)):
                 where = f"joint_blocks.{i}.{'context_block' if s == 'c' else 'x_block'}"
-                attns = [("attn", db.attn)] + ([("attn2", db.attn2)] if db.attn2 is not None else [])
-                for an, attn in attns:
-                    stem = f"{s}.qkv" if an == "attn" else f"{s}.attn2.qkv"
-                    put(p, stem, linear_weights(attn.qkv, mode, dt, f"{where}.{an}.qkv", self.per_layer))
-                    if attn.ln_q is not None:
-                        p[stem[:-4] + ".ln_q"] = attn.ln_q.weight.detach()  # "c.ln_q", "x.attn2.ln_q"
-                        p[stem[:-4] + ".ln_k"] = attn.ln_k.weight.detach()
-                    if attn.proj is not None:
-                        put(p, stem[:-4] + ".proj", linear_weights(attn.proj, mode, dt, f"{where}.{an}.proj", self.per_layer))
-                if db.mlp is not None:
-                    put(p, f"{s}.fc1", linear_weights(db.mlp.fc1, mode, dt, f"{where}.mlp.fc1", self.per_layer))
-                    put(p, f"{s}.fc2", linear_weights(db.mlp.fc2, mode, dt, f"{where}.mlp.fc2", self.per_layer))
-                ada.append((i, s, db.adaLN_modulation[1], f"{where}.adaLN_modulation.1"))
+                ada.append((i, s, *stream_weights(p, s, db, where, mode, dt, self.per_layer)))
             if self.fast_accum:
                 p["fast_accum"] = True  # a constant for the compiled block (read by _linear_on)
             self.blocks.append(p)

@@ -157,35 +157,52 @@ class ControlNet(nn.Module):
                              f"not fit the model (hidden {bc.hidden_size}, patch {bc.patch_size}): SD3.5 Large "
                              "ControlNets need SD3.5 Large, a Medium ControlNet needs Medium")
 
-    def layer_outputs(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                      hint: torch.Tensor, base: MMDiT) -> list[torch.Tensor]:
-        """x [B, 16, h, w], sigma [B], context [B, L, Cctx], pooled [B, P], hint [B, hint_ch, h, w] ->
-        one residual [B, h*w/p^2, C] per ControlNet layer (diffusers' controlnet_block_samples)."""
+    def embed(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+              hint: torch.Tensor, base: MMDiT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The blocks' inputs: (tokens [B, h*w/p^2, C] row-major, c [B, C], ctx [B, L, C] or None (sd35)).
+        Shared by layer_outputs and the engine (fast/controlnet.py)."""
         cfg, dtype = self.config, self.dtype
         B, _, h, w = x.shape
         if hint.shape[-2:] != (h, w) or hint.shape[1] != cfg.hint_channels:
             raise InputError(f"ControlNet hint must be [B, {cfg.hint_channels}, {h}, {w}] (the latent's size), "
                              f"got {tuple(hint.shape)}")
-        hint = hint.expand(B, -1, -1, -1) if hint.shape[0] == 1 else hint
+        if hint.shape[0] not in (1, B):
+            raise InputError(f"ControlNet hint batch {hint.shape[0]}: expected 1 or {B}")
         p = cfg.patch_size
         vec, img = (per_row, per_image) if self.batch_invariant else (batched, batched)
         t = (sigma.reshape(-1) * 1000).expand(B)
-        outs: list[torch.Tensor] = []
         if cfg.kind == "sd35":
             self.check_base(base)
             bdtype = base.x_embedder.proj.weight.dtype  # the base model's embedding of x (Stability 8B form)
             tokens = (img(base.x_embedder, x.to(bdtype)) + base.cropped_pos_embed(h // p, w // p).to(bdtype)).to(dtype)
             c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi.to(dtype)), t, pooled)  # [B, C]
-            tokens = (tokens + img(self.pos_embed_input, hint.to(dtype))).contiguous()  # [B, h*w/p^2, C] row-major
-            for block, proj in zip(self.transformer_blocks, self.controlnet_blocks):
-                tokens = block(tokens, c, vec)
-                outs.append(proj(tokens))
-            return outs
+            tokens = (tokens + self._hint_tokens(hint.to(dtype), img)).contiguous()  # [B, h*w/p^2, C] row-major
+            return tokens, c, None
         tokens = img(self.x_embedder, x.to(dtype)) + self.cropped_pos_embed(h // p, w // p).to(dtype)
         zeros = torch.zeros_like(pooled, dtype=dtype)  # force_zeros_for_pooled_projection
         c = vec(lambda ti, yi: self.t_embedder(ti, dtype) + self.y_embedder(yi), t, zeros)
         ctx = self.context_embedder(context.to(dtype))
-        tokens = (tokens + img(self.pos_embed_input, hint.to(dtype))).contiguous()  # row-major (PatchEmbed: not)
+        tokens = (tokens + self._hint_tokens(hint.to(dtype), img)).contiguous()  # row-major (PatchEmbed: not)
+        return tokens, c, ctx
+
+    def _hint_tokens(self, hint: torch.Tensor, img) -> torch.Tensor:
+        """pos_embed_input(hint) [B or 1, h*w/p^2, C]. One hint for the batch is embedded once and broadcast:
+        an expanded batch (stride 0) would take another conv path than the hint alone and round apart (up to
+        2e-4 in float32 on the CPU for a channels-last VAE latent), so a CFG pair would not equal its rows."""
+        return img(self.pos_embed_input, hint)
+
+    def layer_outputs(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                      hint: torch.Tensor, base: MMDiT) -> list[torch.Tensor]:
+        """x [B, 16, h, w], sigma [B], context [B, L, Cctx], pooled [B, P], hint [B or 1, hint_ch, h, w] ->
+        one residual [B, h*w/p^2, C] per ControlNet layer (diffusers' controlnet_block_samples)."""
+        tokens, c, ctx = self.embed(x, sigma, context, pooled, hint, base)
+        vec = per_row if self.batch_invariant else batched
+        outs: list[torch.Tensor] = []
+        if self.config.kind == "sd35":
+            for block, proj in zip(self.transformer_blocks, self.controlnet_blocks):
+                tokens = block(tokens, c, vec)
+                outs.append(proj(tokens))
+            return outs
         for block, proj in zip(self.joint_blocks, self.controlnet_blocks):
             ctx, tokens = block(ctx, tokens, c, vec)
             outs.append(proj(tokens))
@@ -201,9 +218,13 @@ class ControlNet(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                 hint: torch.Tensor, base: MMDiT, strength: float = 1.0) -> list[torch.Tensor | None]:
         """Residuals per base joint block (None: nothing added), scaled by `strength`; MMDiT's `control`."""
-        outs = self.layer_outputs(x, sigma, context, pooled, hint, base)
+        return self.per_block(self.layer_outputs(x, sigma, context, pooled, hint, base), base.config.depth, strength)
+
+    def per_block(self, outs: list[torch.Tensor], depth: int, strength: float) -> list[torch.Tensor | None]:
+        """Layer outputs -> residual per base joint block (block_map), each layer's scaled once: a layer
+        feeding two blocks gives both the same tensor (the engine's CUDA graph copies it in once)."""
         scaled = [o * strength for o in outs]
-        return [scaled[i] if i is not None else None for i in self.config.block_map(base.config.depth)]
+        return [scaled[i] if i is not None else None for i in self.config.block_map(depth)]
 
 
 # ---- control image -> hint latent ----------------------------------------------------------------------------

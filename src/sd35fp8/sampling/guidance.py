@@ -99,11 +99,30 @@ def _match_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return a.repeat(1, lcm // la, 1), b.repeat(1, lcm // lb, 1)
 
 
+def _shared_control(parts: Sequence[tuple[Any, slice]], n: int) -> Any:
+    """The control of `parts` when one call over all n rows can replace theirs (see control_residuals)."""
+    if len(parts) < 2 or parts[0][0] is None or not getattr(parts[0][0], "batches_rows", False):
+        return None
+    size = n // len(parts)
+    if size * len(parts) != n:
+        return None
+    for k, (control, rows) in enumerate(parts):
+        if control is not parts[0][0] or rows.indices(n) != (k * size, (k + 1) * size, 1):
+            return None
+    return parts[0][0]
+
+
 def control_residuals(parts: Sequence[tuple[Any, slice]], x: torch.Tensor, sigma: torch.Tensor,
                       context: torch.Tensor, pooled: torch.Tensor, model: Any,
                       model_sampling: FlowMatching) -> list[torch.Tensor | None] | None:
     """Each (control, rows) covers some rows of one model call (batched CFG: cond rows, uncond rows);
-    its residuals are computed on those rows and scattered into zeros for the whole batch."""
+    its residuals are computed on those rows and scattered into zeros for the whole batch. One control
+    shared by every part (equal, contiguous parts covering the batch; a control that `batches_rows`)
+    runs once over all rows with `chunks` = the number of parts: each row's result as if run alone
+    (the ControlNet is batch-invariant, models.mmdit.per_row), one ControlNet pass instead of two."""
+    shared = _shared_control(parts, x.shape[0])
+    if shared is not None:
+        return shared(x, sigma, context, pooled, model, model_sampling, chunks=len(parts))
     out: list[torch.Tensor | None] | None = None
     for control, rows in parts:
         if control is None:
