@@ -224,8 +224,8 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             kmask = rk < K
             a = tl.load(row + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK] fp8
-            d = tl.load(D + rr[None, :] * K + rk[:, None], mask=kmask[:, None], other=0.0)  # [BK, R] bf16
-            acc = tl.dot(a.to(tl.bfloat16), d, acc)
+            d = tl.load(D + rr[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)  # [R, BK] bf16
+            acc = tl.dot(a.to(tl.bfloat16), tl.trans(d), acc)
         h = acc * tl.load(INVB + rr)[None, :]
         h = tl.minimum(tl.maximum(h, -448.0), 448.0)
         tl.store(row + K + rr[None, :], h.to(tl.float8e4nv), mask=mmask[:, None])
