@@ -90,7 +90,9 @@ def test_fused_step_keeps_the_fp8_sqnr(monkeypatch):
     linears = [v for p in engine.blocks for k, v in p.items() if k.endswith(".lora")]
     built = [getattr(s[0], fused._ATTR, (None, None))[1] for s in linears]
     assert len(built) == 15 and all(p is not None for p in built)  # every joint-block linear (adaLN aside)
+    fused_tag = engine.lora_state()[0]
     monkeypatch.setenv(fused.ENV, "0")
+    assert engine.lora_state()[0] != fused_tag  # a CUDA graph per road
     sep = engine(x, sigma, context, pooled)
     loras = LoraSet({"mmdit": model})
     loras.load(lora, "a")

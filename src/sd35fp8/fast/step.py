@@ -341,6 +341,8 @@ class MMDiTEngine(nn.Module):
             for t in slot:
                 tag.append((i, id(t.down), id(t.up), id(t.dora_g), t.offset, t.strength))
                 keep.append(t)  # its factors, and the fused pack built on it (lora/fused.py)
+        if tag:  # which road the terms take (SD35FP8_LORA_FUSED): a graph per road
+            tag.append(("fused", fused.enabled()))
         return tuple(tag), keep
 
     def _build_adaln(self, ada: list) -> None:
