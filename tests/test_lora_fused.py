@@ -146,3 +146,16 @@ def test_grouped_adaln_lora_equals_the_layer_hooks():
         got, want = engine(x, sigma, context, pooled), model(x, sigma, context, pooled)
         assert (got - want).norm() <= 1e-5 * want.norm()
         assert fused.ada_pack_for(engine.ada_lora, torch.float32) is not None
+
+
+def test_roads_per_layer():
+    """The engine's choice (fast/step.py _lora_pack): fp8 matmul modes from resident weights take the fused
+    road; streamed blocks (offload sequential: weights in a reused device slot) and 16-bit modes do not."""
+    from sd35fp8.fast.step import _lora_pack
+
+    g, w8, ws, _, _ = _layer()
+    p = {"l.w": w8, "l.ws": ws, "l.lora": _terms(g, 320, 192, 0.02)}
+    assert _lora_pack(p, "l", "dynamic") is not None and _lora_pack(p, "l", "static") is not None
+    assert _lora_pack({**p, "streamed": True}, "l", "dynamic") is None
+    assert _lora_pack(p, "l", "weight_only") is None and _lora_pack(p, "l", None) is None
+    assert _lora_pack({**p, "l.lora": []}, "l", "dynamic") is None

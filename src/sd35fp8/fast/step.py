@@ -90,8 +90,9 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
 
 def _lora_pack(p: dict, name: str, mode: str | None) -> fused.FusedPack | None:
     """The layer's fused LoRA pack (lora/fused.py) when its slot has terms and it runs an fp8 matmul
-    mode eagerly; None: no LoRA, or apply_lora after the GEMM."""
-    if mode not in ("dynamic", "static") or torch.compiler.is_compiling():
+    mode eagerly from resident weights; None: no LoRA, or apply_lora after the GEMM (a streamed block's
+    weights sit in a reused device slot, and a pack would hold a device copy of them)."""
+    if mode not in ("dynamic", "static") or p.get("streamed") or torch.compiler.is_compiling():
         return None
     slot = p.get(name + ".lora")
     return fused.pack_for(slot, p[name + ".w"], p[name + ".ws"]) if slot else None
@@ -554,6 +555,7 @@ class MMDiTEngine(nn.Module):
             return self.blocks[i]
         p = dict(self.blocks[i])
         p.update(self.packs[i].views(slot))
+        p["streamed"] = True  # no fused LoRA packs (device copies of streamed weights): _lora_pack
         return p
 
     def _repack(self) -> None:
