@@ -5,8 +5,10 @@
 
 Rows (median ms per MMDiT step over --steps timed steps after warm-up, same inputs):
 - base: the engine's step without LoRA;
-- unmerged: the same engine with one rank-R LoRA on every Linear of the MMDiT (the low-rank term beside
-  each FP8 GEMM: lora/apply.py apply_lora, called by the engine's matmul and the layer hooks);
+- unmerged: the same engine with one rank-R LoRA on every Linear of the MMDiT (the low-rank term inside
+  each joint-block FP8 GEMM, lora/fused.py; the adaLN LoRAs grouped; embedders and final layer through
+  their hooks, lora/apply.py apply_lora);
+- unmerged_separate: the same with SD35FP8_LORA_FUSED=0 (apply_lora after every GEMM, the earlier road);
 - merged: the LoRA fused into the FP8 weights (requantised), i.e. the base step's cost;
 and the time to switch the active LoRA between two loaded LoRAs (set_active), the first step after
 switching to a LoRA not used before (CUDA graph capture: graphs are keyed on the active LoRA set) and
@@ -17,6 +19,7 @@ ignored by the step cannot pass as "no overhead". JSON: benchmarks/results/lora_
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sd35fp8.fp8.quantize import quantize_model  # noqa: E402
 from sd35fp8.fp8.scaling import sqnr  # noqa: E402
-from sd35fp8.lora import LoraSet, parse_lora  # noqa: E402
+from sd35fp8.lora import LoraSet, fused, parse_lora  # noqa: E402
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_  # noqa: E402
 from sd35fp8.tiny.evaluate import write_result  # noqa: E402
 
@@ -150,6 +153,11 @@ def main(argv=None) -> dict:
     unmerged_out = step().float()
     rows["unmerged"] = statistics.median(time_ms(step, dev, steps, args.warmup))
     kernels = profile_step(step, dev) if args.profile else None
+    os.environ[fused.ENV] = "0"  # the separate road (apply_lora after each GEMM) on the same engine; the
+    separate_out = step().float()  # switch is part of the graphs' key (MMDiTEngine.lora_state)
+    rows["unmerged_separate"] = statistics.median(time_ms(step, dev, steps, args.warmup))
+    kernels_separate = profile_step(step, dev) if args.profile else None
+    del os.environ[fused.ENV]
     first_step_ms, back_step_ms = [], []
     for i in range(3):
         swap.append(timed(lambda: loras.set_active({"b": 1.0}), dev))
@@ -174,17 +182,23 @@ def main(argv=None) -> dict:
         "first_step_after_new_lora_ms": first_step_ms[0], "step_after_swap_ms": first_step_ms[1:] + back_step_ms,
         "swapped_back_equals_unmerged": bool(torch.equal(swapped_out, unmerged_out)),
         "sqnr_unmerged_vs_merged_db": sqnr(merged_out, unmerged_out),
+        "sqnr_unmerged_separate_vs_merged_db": sqnr(merged_out, separate_out),
+        "unmerged_separate_overhead": rows["unmerged_separate"] / rows["base"] - 1,
         "sqnr_base_vs_merged_db": sqnr(merged_out, base_out),
         "lora_params": sum(v.numel() for k, v in sd_a.items() if "lora_" in k),
+        "command": "python benchmarks/lora.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     if kernels is not None:
         result["unmerged_profile_top"] = kernels
+        result["unmerged_separate_profile_top"] = kernels_separate
         print("\n".join(kernels[:30]))
+        print("\n".join(kernels_separate[:20]))
     print(f"{result['config']} rank {rank} {size}px {mode}{' compiled' if args.compile else ''} on {dev}:")
     print("| step | ms |\n|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {v:.2f} |")
-    print(f"unmerged overhead {100 * result['unmerged_overhead']:.1f} %, swap {result['swap_ms_median']:.2f} ms, "
+    print(f"unmerged overhead {100 * result['unmerged_overhead']:.1f} % (separate road "
+          f"{100 * result['unmerged_separate_overhead']:.1f} %, SQNR {result['sqnr_unmerged_separate_vs_merged_db']:.1f} dB), swap {result['swap_ms_median']:.2f} ms, "
           f"merge {merge_ms:.1f} ms, unmerge {unmerge_ms:.1f} ms; SQNR unmerged vs merged "
           f"{result['sqnr_unmerged_vs_merged_db']:.1f} dB (base vs merged {result['sqnr_base_vs_merged_db']:.1f} dB)")
     if result["sqnr_unmerged_vs_merged_db"] <= result["sqnr_base_vs_merged_db"] + 3:

@@ -9,7 +9,8 @@ and cfg batches, skip-layer passes) cost little extra memory.
 What a graph reads besides its inputs is frozen at capture: the LoRA terms in the layers' slots
 (their factor tensors by address, their strengths as constants, whether a layer has any). So the
 key also holds `state()`: (a hashable tag, objects to keep alive), the engine's active LoRA set
-(MMDiTEngine.lora_state: per slot the terms' identities and strengths). A LoRA swap or a strength
+(MMDiTEngine.lora_state: per slot the terms' identities and strengths, and whether they take the
+fused road, lora/fused.py). A LoRA swap or a strength
 change gives a new key, hence a new capture, and swapping back replays the earlier graph; the
 entry keeps the tagged objects alive so their ids (and the tensors the graph reads) stay valid.
 At most `max_graphs` graphs are kept (least recently used dropped first).

@@ -99,10 +99,11 @@ def _plain_torch(y, mode, static_scale):
 if triton is not None:
 
     @triton.jit
-    def _store_row(Q, S, SSTATIC, row, cols, mask, y, N, MODE: tl.constexpr):
-        # MODE 0: store y in Q's dtype; 1: dynamic per-row fp8; 2: static scalar fp8
+    def _store_row(Q, S, SSTATIC, row, cols, mask, y, QS, MODE: tl.constexpr):
+        # MODE 0: store y in Q's dtype; 1: dynamic per-row fp8; 2: static scalar fp8. QS: Q's row stride
+        # (the row length, or more when Q has spare columns for a fused LoRA term: lora/fused.py)
         if MODE == 0:
-            tl.store(Q + row * N + cols, y.to(Q.dtype.element_ty), mask=mask)
+            tl.store(Q + row * QS + cols, y.to(Q.dtype.element_ty), mask=mask)
         else:
             if MODE == 1:
                 amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
@@ -110,11 +111,11 @@ if triton is not None:
             else:
                 s = tl.load(SSTATIC)
             q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
-            tl.store(Q + row * N + cols, q.to(tl.float8e4nv), mask=mask)
+            tl.store(Q + row * QS + cols, q.to(tl.float8e4nv), mask=mask)
             tl.store(S + row, s)
 
     @triton.jit
-    def _ln_modulate_row(x, mask, cols, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, stride_mod,
+    def _ln_modulate_row(x, mask, cols, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
                          EPS: tl.constexpr, MODE: tl.constexpr):
         # x [BLOCK] fp32 (0 past C) -> LayerNorm -> * (1 + scale[b]) + shift[b] -> Q row (_store_row)
         mean = tl.sum(x, axis=0) / C
@@ -122,20 +123,20 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
         sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        _store_row(Q, S, SSTATIC, row, cols, mask, d * rstd * (1.0 + sc) + sh, C, MODE)
+        _store_row(Q, S, SSTATIC, row, cols, mask, d * rstd * (1.0 + sc) + sh, QS, MODE)
 
     @triton.jit
-    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, stride_mod,
+    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, QS, stride_mod,
                             EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < C
         x = tl.load(X + row.to(tl.int64) * C + cols, mask=mask, other=0.0).to(tl.float32)
-        _ln_modulate_row(x, mask, cols, row // L, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C, stride_mod,
+        _ln_modulate_row(x, mask, cols, row // L, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
                          EPS, MODE)
 
     @triton.jit
-    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, stride_mod,
+    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, QS, stride_mod,
                                      EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
         # x + gate * y (rounded to x's dtype as torch.addcmul does), stored; then LN -> modulate -> Q
         row = tl.program_id(0)
@@ -148,7 +149,7 @@ if triton is not None:
         g = tl.load(GATE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         xn = (x + g * y).to(XOUT.dtype.element_ty)
         tl.store(XOUT + off, xn, mask=mask)
-        _ln_modulate_row(xn.to(tl.float32), mask, cols, b, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C,
+        _ln_modulate_row(xn.to(tl.float32), mask, cols, b, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C, QS,
                          stride_mod, EPS, MODE)
 
     @triton.jit
@@ -161,7 +162,7 @@ if triton is not None:
         return 0.5 * h * (1.0 + t)
 
     @triton.jit
-    def _act_rows_kernel(Y, Q, S, SSTATIC, N, BLOCK: tl.constexpr, MODE: tl.constexpr, GELU: tl.constexpr):
+    def _act_rows_kernel(Y, Q, S, SSTATIC, N, QS, BLOCK: tl.constexpr, MODE: tl.constexpr, GELU: tl.constexpr):
         # one row per program (dynamic mode needs the row's amax)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -169,7 +170,7 @@ if triton is not None:
         y = tl.load(Y + row * N + cols, mask=mask, other=0.0).to(tl.float32)
         if GELU:
             y = _gelu_tanh(y)
-        _store_row(Q, S, SSTATIC, row, cols, mask, y, N, MODE)
+        _store_row(Q, S, SSTATIC, row, cols, mask, y, QS, MODE)
 
     @triton.jit
     def _act_static_kernel(Y, Q, SSTATIC, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
@@ -207,6 +208,28 @@ if triton is not None:
         tl.store(OUT + rm[:, None] * N + rn[None, :], out.to(OUT.dtype.element_ty),
                  mask=(rm[:, None] < M) & nmask[None, :])
 
+    @triton.autotune(configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=nw, num_stages=3)
+                              for bm, bk, nw in ((32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 64, 8))],
+                     key=["M", "K", "R"])  # in place but idempotent (reads columns :K only): safe to time
+    @triton.jit
+    def _lora_down_kernel(A, D, INVB, M, K, LDA, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # A [M, LDA] fp8: columns [0, K) read (x8), columns [K, K + R) written (h8); D [R, K] bf16
+        pid = tl.program_id(0)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, R)
+        mmask = rm < M
+        row = A + rm[:, None].to(tl.int64) * LDA
+        acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            a = tl.load(row + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK] fp8
+            d = tl.load(D + rr[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)  # [R, BK] bf16
+            acc = tl.dot(a.to(tl.bfloat16), tl.trans(d), acc)
+        h = acc * tl.load(INVB + rr)[None, :]
+        h = tl.minimum(tl.maximum(h, -448.0), 448.0)
+        tl.store(row + K + rr[None, :], h.to(tl.float8e4nv), mask=mmask[:, None])
+
 
 def _mode_code(mode: str | None) -> int:
     return {None: 0, "weight_only": 0, "dynamic": 1, "static": 2}[mode]
@@ -231,87 +254,119 @@ def _same_stride_mods(*mods: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return mods
 
 
-def _act_out(rows: int, cols: int, code: int, like: torch.Tensor):
-    q = torch.empty(rows, cols, device=like.device, dtype=FP8_DTYPE if code else like.dtype)
+def _act_out(rows: int, cols: int, code: int, like: torch.Tensor, extra: int = 0):
+    """Output buffers: q [rows, cols + extra] (the spare columns for a fused LoRA term, lora/fused.py,
+    are left unwritten), s [rows, 1] fp32 for the fp8 codes."""
+    q = torch.empty(rows, cols + extra, device=like.device, dtype=FP8_DTYPE if code else like.dtype)
     s = torch.empty(rows, 1, device=like.device, dtype=torch.float32) if code else q
     return q, s
 
 
+def _with_spare(act: tuple[torch.Tensor, torch.Tensor | None], extra: int):
+    """A torch-path result (q [M, K], s) with `extra` spare columns (a copy; CPU / compiled path)."""
+    q, s = act
+    if not extra:
+        return q, s
+    out = torch.empty(q.shape[0], q.shape[1] + extra, device=q.device, dtype=q.dtype)
+    out[:, :q.shape[1]] = q
+    return out, s
+
+
 def ln_modulate_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, mode: str | None,
-                    static_scale: torch.Tensor | None = None, impl: str = "auto"):
-    """x [B, L, C], shift/scale [B, C] (may be column slices) -> linear input [B*L, C] (+ scale [B*L, 1])."""
+                    static_scale: torch.Tensor | None = None, impl: str = "auto", extra: int = 0):
+    """x [B, L, C], shift/scale [B, C] (may be column slices) -> linear input [B*L, C] (+ scale [B*L, 1]).
+
+    extra > 0 (fp8 modes): the input comes as [B*L, C + extra], the last columns left for a fused LoRA
+    term (lora/fused.py), written by the same pass at the wider row stride."""
     _check_static(mode, static_scale, "ln_modulate_act")
     if act_impl(x, impl) == "torch":
-        return _ln_modulate_torch(x, shift, scale, mode, static_scale)
+        return _with_spare(_ln_modulate_torch(x, shift, scale, mode, static_scale), extra)
     B, L, C = x.shape
     x = x.contiguous()
     shift, scale = _same_stride_mods(shift, scale)
     code = _mode_code(mode)
-    q, s = _act_out(B * L, C, code, x)
+    q, s = _act_out(B * L, C, code, x, extra)
     block = triton.next_power_of_2(C)
-    _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, shift.stride(0),
-                                  EPS=NORM_EPS, BLOCK=block, MODE=code, num_warps=4 if block <= 2048 else 8)
+    _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, C + extra,
+                                  shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
+                                  num_warps=4 if block <= 2048 else 8)
     return q, (s if code else None)
 
 
 def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                              scale: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None,
-                             impl: str = "auto"):
+                             impl: str = "auto", extra: int = 0):
     """x + gate * y, then LayerNorm -> modulate -> (quantise), in one pass over the rows.
 
     x [B, L, C], y [B*L, C] (a linear's output), gate/shift/scale [B, C] ->
-    (x_new [B, L, C], (linear input [B*L, C], scale [B*L, 1] | None)).
+    (x_new [B, L, C], (linear input [B*L, C (+ extra)], scale [B*L, 1] | None)); extra: ln_modulate_act.
     """
     _check_static(mode, static_scale, "residual_ln_modulate_act")
     if act_impl(x, impl) == "torch":
-        return _residual_ln_modulate_torch(x, gate, y, shift, scale, mode, static_scale)
+        x_new, act = _residual_ln_modulate_torch(x, gate, y, shift, scale, mode, static_scale)
+        return x_new, _with_spare(act, extra)
     B, L, C = x.shape
     x, y = x.contiguous(), y.contiguous()
     gate, shift, scale = _same_stride_mods(gate, shift, scale)
     code = _mode_code(mode)
     x_new = torch.empty_like(x)
-    q, s = _act_out(B * L, C, code, x)
+    q, s = _act_out(B * L, C, code, x, extra)
     block = triton.next_power_of_2(C)
     _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
-                                           L, C, shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
+                                           L, C, C + extra, shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
                                            num_warps=4 if block <= 2048 else 8)
     return x_new, (q, (s if code else None))
 
 
-def gelu_act(h: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None, impl: str = "auto"):
-    """h [M, N] (fc1 output) -> GELU(tanh) as fc2 input (+ per-token scale [M, 1])."""
+def gelu_act(h: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None, impl: str = "auto",
+             extra: int = 0):
+    """h [M, N] (fc1 output) -> GELU(tanh) as fc2 input (+ per-token scale [M, 1]); extra: ln_modulate_act."""
     _check_static(mode, static_scale, "gelu_act")
     if act_impl(h, impl) == "torch":
-        return _gelu_torch(h, mode, static_scale)
-    return _rows(h.contiguous(), mode, static_scale, gelu=True)
+        return _with_spare(_gelu_torch(h, mode, static_scale), extra)
+    return _rows(h.contiguous(), mode, static_scale, gelu=True, extra=extra)
 
 
-def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None, impl: str = "auto"):
-    """y [M, K] -> linear input (quantised per token in fp8 modes)."""
+def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None = None, impl: str = "auto",
+              extra: int = 0):
+    """y [M, K] -> linear input (quantised per token in fp8 modes); extra: ln_modulate_act."""
     _check_static(mode, static_scale, "plain_act")
     if mode not in MATMUL_MODES:
         return y, None
     if act_impl(y, impl) == "torch":
-        return _plain_torch(y, mode, static_scale)
-    return _rows(y.contiguous(), mode, static_scale, gelu=False)
+        return _with_spare(_plain_torch(y, mode, static_scale), extra)
+    return _rows(y.contiguous(), mode, static_scale, gelu=False, extra=extra)
 
 
 _STATIC_BLOCK = 2048
 
 
-def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, gelu: bool):
+def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, gelu: bool, extra: int = 0):
     M, N = y.shape
     code = _mode_code(mode)
-    if code == 2:  # static: flat elementwise pass; the [M, 1] scale is the scalar broadcast
+    if code == 2 and not extra:  # static: flat elementwise pass; the [M, 1] scale is the scalar broadcast
         q = torch.empty(M, N, device=y.device, dtype=FP8_DTYPE)
         _act_static_kernel[(triton.cdiv(M * N, _STATIC_BLOCK),)](y, q, static_scale, M * N, BLOCK=_STATIC_BLOCK,
                                                                  GELU=gelu, num_warps=4)
         return q, static_row_scale(static_scale, M)
-    q, s = _act_out(M, N, code, y)
+    q, s = _act_out(M, N, code, y, extra)
     block = triton.next_power_of_2(N)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _act_rows_kernel[(M,)](y, q, s, q, N, BLOCK=block, MODE=code, GELU=gelu, num_warps=warps)  # MODE 0 / 1
+    _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, N + extra, BLOCK=block, MODE=code,
+                           GELU=gelu, num_warps=warps)  # MODE 0 / 1 (2: static with spare columns)
     return q, (s if code else None)
+
+
+def lora_down_fp8(a: torch.Tensor, k: int, down: torch.Tensor, inv_beta: torch.Tensor) -> None:
+    """The fused LoRA's down projection, in place: a [M, K + R] fp8 (columns :K the layer's quantised
+    input x8) gets a[:, K:] = e4m3(clamp(x8 @ down^T * inv_beta)) (lora/fused.py). down [R, K] bf16
+    (R a power of 2 >= 16), inv_beta [R] fp32. One pass over x8 (Triton on CUDA, torch ops elsewhere)."""
+    m, r = a.shape[0], down.shape[0]
+    if act_impl(a) == "torch":
+        h = (a[:, :k].float() @ down.float().t()) * inv_beta.float()  # x8 values are exact in fp32
+        a[:, k:k + r] = h.clamp(-E4M3_MAX, E4M3_MAX).to(a.dtype)
+        return
+    _lora_down_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](a, down, inv_beta, m, k, a.stride(0), R=r)
 
 
 def fp8_weight_gemv(a: torch.Tensor, w: torch.Tensor, w_scale_row: torch.Tensor, bias: torch.Tensor | None,

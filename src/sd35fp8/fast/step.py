@@ -53,6 +53,7 @@ from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.device import MODES, rowwise_scaled_mm
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
+from sd35fp8.lora import fused
 from sd35fp8.lora.apply import apply_lora, lora_slot, weights_generation
 from sd35fp8.models.mmdit import MMDiT, batched, per_image, per_row
 
@@ -76,12 +77,31 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
         y = F.linear(a, dequantize(w, p[name + ".ws"], a.dtype), b)
     elif not rowwise_scaled_mm(a.device):  # per-tensor-only _scaled_mm (fp8.device.matmul_scaling)
         y = _matmul_scaled_after(a, w, a_scale, p[name + ".ws"], b, out_dtype)
+    elif (pack := _lora_pack(p, name, mode)) is not None:  # the LoRA inside the one GEMM (lora/fused.py)
+        y = fused.fused_matmul(a, a_scale, pack, b, MM_OUT_DTYPE, fast_accum)
+        return y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
     else:
         y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE,
                              use_fast_accum=fast_accum)
         y = y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
     lora = p.get(name + ".lora")  # the layer's active LoRA terms (lora/apply.py); empty: nothing to add
     return apply_lora(y, a, lora, b, a_scale) if lora else y
+
+
+def _lora_pack(p: dict, name: str, mode: str | None) -> fused.FusedPack | None:
+    """The layer's fused LoRA pack (lora/fused.py) when its slot has terms and it runs an fp8 matmul
+    mode eagerly from resident weights; None: no LoRA, or apply_lora after the GEMM (a streamed block's
+    weights sit in a reused device slot, and a pack would hold a device copy of them)."""
+    if mode not in ("dynamic", "static") or p.get("streamed") or torch.compiler.is_compiling():
+        return None
+    slot = p.get(name + ".lora")
+    return fused.pack_for(slot, p[name + ".w"], p[name + ".ws"]) if slot else None
+
+
+def _spare(p: dict, name: str, mode: str | None) -> int:
+    """Spare input columns the activation kernel leaves for the layer's fused LoRA (0: none)."""
+    pack = _lora_pack(p, name, mode)
+    return 0 if pack is None else pack.rank
 
 
 def _matmul_scaled_after(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -124,7 +144,7 @@ def _qkv_out(p, name, x, shift, scale, mode, rec, impl):
     """modulate(LN(x)) -> the qkv linear's output [B, L, 3*C]."""
     B, L, C = x.shape
     mode = _lm(p, name, mode)
-    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"), impl)
+    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"), impl, _spare(p, name, mode))
     return _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3 * C)
 
 
@@ -171,13 +191,14 @@ def _proj(p, name, o, mode, dtype, rec, impl):
     if o.dtype == torch.float8_e4m3fn:
         act = (o.view(B * L, C), static_row_scale(p[name + ".xs"], B * L))
     else:
-        act = plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs"), impl)
+        act = plain_act(o.reshape(B * L, C), mode, p.get(name + ".xs"), impl, _spare(p, name, mode))
     return _linear_on(p, name, act, mode, dtype, rec)
 
 
 def _attn_residual_then_mlp_input(p, s, x, gate, y, shift, scale, mode, impl):
     """x + gate * y, and the fc1 input modulate(LN(that)), in one pass (fast/kernels.py)."""
-    return residual_ln_modulate_act(x, gate, y, shift, scale, _lm(p, s + ".fc1", mode), p.get(s + ".fc1.xs"), impl)
+    m1 = _lm(p, s + ".fc1", mode)
+    return residual_ln_modulate_act(x, gate, y, shift, scale, m1, p.get(s + ".fc1.xs"), impl, _spare(p, s + ".fc1", m1))
 
 
 def _mlp_residual(p, s, x, act, gate, mode, rec, impl):
@@ -185,7 +206,8 @@ def _mlp_residual(p, s, x, act, gate, mode, rec, impl):
     B, L, C = x.shape
     m1, m2 = _lm(p, s + ".fc1", mode), _lm(p, s + ".fc2", mode)
     h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
-    y = _linear_on(p, s + ".fc2", gelu_act(h, m2, p.get(s + ".fc2.xs"), impl), m2, x.dtype, rec)
+    act = gelu_act(h, m2, p.get(s + ".fc2.xs"), impl, _spare(p, s + ".fc2", m2))
+    y = _linear_on(p, s + ".fc2", act, m2, x.dtype, rec)
     return torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))
 
 
@@ -344,7 +366,9 @@ class MMDiTEngine(nn.Module):
         for i, slot in enumerate(self.lora_slots):
             for t in slot:
                 tag.append((i, id(t.down), id(t.up), id(t.dora_g), t.offset, t.strength))
-                keep.append((t.down, t.up, t.dora_g))
+                keep.append(t)  # its factors, and the fused pack built on it (lora/fused.py)
+        if tag:  # which road the terms take (SD35FP8_LORA_FUSED): a graph per road
+            tag.append(("fused", fused.enabled()))
         return tuple(tag), keep
 
     def _build_adaln(self, ada: list) -> None:
@@ -436,7 +460,10 @@ class MMDiTEngine(nn.Module):
             _record(rec, "ada", act[1])
             y = matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
                        fast_accum=self.fast_accum)
-        for off, n, slot in self.ada_lora:  # each block's adaLN LoRA on its rows of the one big output
+        pack = fused.ada_pack_for(self.ada_lora, a.dtype)  # the slots' LoRAs grouped (lora/fused.py)
+        if pack is not None:
+            y = fused.ada_apply(y, a, pack)
+        for off, n, slot in self.ada_lora if pack is None else pack.rest:  # one by one, on its rows of y
             if slot:
                 bias = None if b is None else b[off:off + n]
                 y = torch.cat([y[:, :off], apply_lora(y[:, off:off + n], a, slot, bias), y[:, off + n:]], dim=1)
@@ -553,6 +580,7 @@ class MMDiTEngine(nn.Module):
             return self.blocks[i]
         p = dict(self.blocks[i])
         p.update(self.packs[i].views(slot))
+        p["streamed"] = True  # no fused LoRA packs (device copies of streamed weights): _lora_pack
         return p
 
     def _repack(self) -> None:
