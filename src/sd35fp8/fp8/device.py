@@ -14,7 +14,9 @@ What `_scaled_mm` supports depends on the torch version and the device (`matmul_
                    a scale-1 fp8 GEMM (same math, one extra elementwise pass; `fp8_gemm_fp32`)
     "none"         no fp8 GEMM: weight_only (fp8 storage, bf16 math)
 The choice is logged once per device (INFO), e.g.
-    fp8 matmul on cpu (torch 2.11.0): tensorwise: per-token/per-channel scales applied after the fp8 GEMM
+    fp8 matmul on cpu (torch 2.11.0+cu130): tensorwise: per-token/per-channel scales applied after the fp8 GEMM
+    (no rowwise _scaled_mm in this torch build for this device); the fp8 GEMM: an fp32 matmul of the upcast
+    fp8 operands (fp8_gemm_fp32)
 
 Mode selection (`choose_mode`), first match wins:
     1. `requested` argument ("weight_only" | "dynamic" | "static")
@@ -118,7 +120,10 @@ def fp8_support(device: torch.device | str) -> FP8Support:
         support = FP8Support(key, tw, rw, detail)
     _SUPPORT_CACHE[key] = support
     logger.debug("fp8 support %s", support.describe())
-    logger.info("fp8 matmul on %s (torch %s): %s", key, torch.__version__, _SCALING_TEXT[_scaling_of(support)])
+    text = _SCALING_TEXT[_scaling_of(support)]
+    if dev.type == "cpu" and _scaling_of(support) == "tensorwise":
+        text += "; the fp8 GEMM: an fp32 matmul of the upcast fp8 operands (fp8_gemm_fp32)"
+    logger.info("fp8 matmul on %s (torch %s): %s", key, torch.__version__, text)
     return support
 
 
