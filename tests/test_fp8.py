@@ -220,6 +220,30 @@ def test_dynamic_without_rowwise_kernel_uses_tensorwise(monkeypatch):
     assert sqnr(_ref_linear(lin, x), y.float()) >= LINEAR_DB
 
 
+def test_dynamic_without_rowwise_kernel_keeps_per_token_scales(monkeypatch):
+    """Without a rowwise kernel (CPU torch <= 2.12) a dynamic layer still scales each token on its own:
+    a row gives alone, bit for bit, what it gives in a batch with a row 100x larger."""
+    monkeypatch.setitem(fp8_device._SUPPORT_CACHE, "cpu", FP8Support("cpu", True, False, "fake: no rowwise"))
+    layer = FP8Linear.from_linear(_linear(), "dynamic")
+    x = _randn(2, 512, dtype=torch.bfloat16, seed=7)
+    x[1] *= 100
+    assert torch.equal(layer(x)[:1], layer(x[:1]))
+
+
+def test_fp8_gemm_fp32_matches_tensorwise_kernel():
+    """fp8.device.fp8_gemm_fp32 (CPU: an fp32 matmul of the upcast fp8 operands) = torch's scale-1 tensorwise
+    _scaled_mm up to fp32 summation order."""
+    a = (_randn(33, 64, seed=8) * 50).to(torch.float8_e4m3fn)
+    w = (_randn(48, 64, seed=9) * 50).to(torch.float8_e4m3fn)
+    one = torch.ones(())
+    kernel = torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    exact = a.double() @ w.double().t()
+    got = fp8_device.fp8_gemm_fp32(a, w)
+    assert got.dtype == torch.float32 and got.shape == (33, 48)
+    torch.testing.assert_close(got, kernel, rtol=0, atol=1e-2)
+    assert (got.double() - exact).abs().max() <= (kernel.double() - exact).abs().max() + 1e-2
+
+
 def test_dtype_cast_keeps_fp8_storage():
     layer = FP8Linear.from_linear(_linear(dtype=torch.float32), "weight_only")
     scale = layer.weight_scale.clone()

@@ -50,7 +50,7 @@ from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, l
 from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
                                    residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
-from sd35fp8.fp8.device import MODES, rowwise_scaled_mm
+from sd35fp8.fp8.device import MODES, fp8_gemm_fp32, rowwise_scaled_mm
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
 from sd35fp8.lora import fused
@@ -107,9 +107,9 @@ def _spare(p: dict, name: str, mode: str | None) -> int:
 def _matmul_scaled_after(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          b: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """(a * a_scale) @ (w * w_scale).T + b where `_scaled_mm` takes scalar scales only: a scale-1 fp8
-    GEMM in fp32, then the per-token [M, 1] and per-channel scales. a [M, K] fp8, w [N, K] fp8."""
-    one = torch.ones((), device=a.device, dtype=torch.float32)
-    y = torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)  # [M, N]
+    GEMM in fp32 (fp8.device.fp8_gemm_fp32), then the per-token [M, 1] and per-channel scales.
+    a [M, K] fp8, w [N, K] fp8."""
+    y = fp8_gemm_fp32(a, w)  # [M, N]
     y = y * a_scale.float() * w_scale.float().reshape(1, -1)
     if b is not None:
         y = y + b.float()

@@ -11,10 +11,12 @@ What `_scaled_mm` supports depends on the torch version and the device (`matmul_
     "rowwise"      scale_a [M,1] x scale_b [1,N] in the kernel (CUDA sm_89+; CPU from torch 2.13)
     "tensorwise"   scalar scales only (CPU up to torch 2.12: "only supports per-tensor scaling for
                    CPU backend"): per-token / per-channel scales are applied to the fp32 result of
-                   a scale-1 fp8 GEMM (same math, one extra elementwise pass)
+                   a scale-1 fp8 GEMM (same math, one extra elementwise pass; `fp8_gemm_fp32`)
     "none"         no fp8 GEMM: weight_only (fp8 storage, bf16 math)
 The choice is logged once per device (INFO), e.g.
-    fp8 matmul on cpu (torch 2.11.0): tensorwise: per-token/per-channel scales applied after the fp8 GEMM
+    fp8 matmul on cpu (torch 2.11.0+cu130): tensorwise: per-token/per-channel scales applied after the fp8 GEMM
+    (no rowwise _scaled_mm in this torch build for this device); the fp8 GEMM: an fp32 matmul of the upcast
+    fp8 operands (fp8_gemm_fp32)
 
 Mode selection (`choose_mode`), first match wins:
     1. `requested` argument ("weight_only" | "dynamic" | "static")
@@ -118,7 +120,10 @@ def fp8_support(device: torch.device | str) -> FP8Support:
         support = FP8Support(key, tw, rw, detail)
     _SUPPORT_CACHE[key] = support
     logger.debug("fp8 support %s", support.describe())
-    logger.info("fp8 matmul on %s (torch %s): %s", key, torch.__version__, _SCALING_TEXT[_scaling_of(support)])
+    text = _SCALING_TEXT[_scaling_of(support)]
+    if dev.type == "cpu" and _scaling_of(support) == "tensorwise":
+        text += "; the fp8 GEMM: an fp32 matmul of the upcast fp8 operands (fp8_gemm_fp32)"
+    logger.info("fp8 matmul on %s (torch %s): %s", key, torch.__version__, text)
     return support
 
 
@@ -137,6 +142,24 @@ def _scaling_of(support: FP8Support) -> str:
 def matmul_scaling(device: torch.device | str) -> str:
     """'rowwise' | 'tensorwise' | 'none': which `_scaled_mm` scaling runs on `device` (module docstring)."""
     return _scaling_of(fp8_support(device))
+
+
+def fp8_gemm_fp32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a [M, K] fp8 @ w [N, K] fp8 .T -> fp32 [M, N], scale 1: the fp8 GEMM of the "tensorwise" road.
+
+    CUDA: `torch._scaled_mm` with scalar scales 1. CPU: one fp32 matmul of the operands upcast to fp32.
+    That is the same math (e4m3 values and their pairwise products are exact in fp32; the sums are
+    fp32, as in the kernel; results equal up to the summation order) and what the CPU rowwise
+    `_scaled_mm` of torch 2.13 runs as fast: torch's CPU tensorwise kernel is a slow path on x86
+    without fp8 instructions. Measured on the 2-core Xeon dev box (AMX, no fp8), 200x128x384, one
+    thread: tensorwise `_scaled_mm` 520 ms on torch 2.11.0 and 2.13.0 alike, the upcast matmul
+    0.5-1 ms; with the kernel the shipped model's 3-step 32x32 image took minutes per image on
+    torch 2.11 CPU (tests/test_scale_ray.py's references did not finish in 10 minutes).
+    """
+    if a.device.type == "cpu":
+        return a.float() @ w.float().t()
+    one = torch.ones((), device=a.device, dtype=torch.float32)
+    return torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
 
 
 @torch.compiler.assume_constant_result

@@ -9,13 +9,17 @@ Real weight W = weight * weight_scale (see fp8/scaling.py for the convention).
 
 Modes (runtime attribute, not saved):
     "weight_only"  W dequantised to x.dtype, F.linear (fp8 storage, bf16 math). Any device.
-    "dynamic"      per-token activation scale [M,1] computed each call + rowwise `_scaled_mm`.
+    "dynamic"      per-token activation scale [M,1] computed each call + rowwise `_scaled_mm` (or, without
+                   a rowwise kernel, the scales applied after a scale-1 fp8 GEMM; see below).
     "static"       activation quantised with the calibrated scalar `input_scale` + `_scaled_mm`.
 Kernel scaling in dynamic/static, by (activation scale, weight scale):
-    scalar x scalar              tensorwise `_scaled_mm`
+    scalar x scalar              tensorwise `_scaled_mm` (a CPU without rowwise kernel: the last road)
     any other + rowwise kernel   rowwise `_scaled_mm`, scalars broadcast to [M,1] / [1,N]
-    no rowwise kernel            dynamic activations become per-tensor (documented fallback) and a
-                                 per-channel weight scale is applied after a tensorwise matmul.
+    no rowwise kernel            the per-token / per-channel scales are applied after a scale-1 fp8
+                                 GEMM (fp8.device.fp8_gemm_fp32; on the CPU an fp32 matmul of the upcast
+                                 fp8 operands, not torch's slow CPU tensorwise kernel), as the engine's
+                                 fast/step.py does: per-token activation scales on every torch, so a row's
+                                 result does not depend on the other rows of its batch
 The FP8 matmul always outputs bf16 with a bf16 bias added in the kernel, then casts to `out_dtype`
 (default: x.dtype, so fp32 inputs work: activations are quantised from fp32 directly). Measured on
 H100 (torch 2.11+cu130): bias must be bf16/fp16 matching out_dtype, and no bias is allowed with an
@@ -37,7 +41,7 @@ from torch import nn
 
 from sd35fp8.errors import DeviceError, InputError
 from sd35fp8.fp8.dequant import dequantize
-from sd35fp8.fp8.device import MODES, fp8_support
+from sd35fp8.fp8.device import MODES, fp8_gemm_fp32, fp8_support
 from sd35fp8.fp8.scaling import FP8_DTYPE, amax_to_scale, quantize_rowwise, quantize_tensorwise, to_fp8_saturated
 
 logger = logging.getLogger(__name__)
@@ -223,10 +227,7 @@ class FP8Linear(nn.Module):
         # output's layout) reshapes to a column-major [L, K] view without copying
         x2 = x.reshape(-1, self.in_features).contiguous()
         if self.mode == "dynamic":
-            if support.rowwise:
-                xq, xs = quantize_rowwise(x2, dim=-1)  # [M, K] fp8, [M, 1]
-            else:  # documented fallback: per-tensor activation scale
-                xq, xs = quantize_tensorwise(x2)  # [M, K] fp8, []
+            xq, xs = quantize_rowwise(x2, dim=-1)  # [M, K] fp8, [M, 1]
         else:  # static
             if self.input_scale is None:
                 raise InputError(
@@ -256,18 +257,18 @@ def scaled_matmul(
     b = None if bias is None else bias.to(MM_OUT_DTYPE)
     x_tensorwise = x_scale.ndim == 0
     w_tensorwise = w_scale.ndim == 0
-    if x_tensorwise and w_tensorwise:
+    # CPU without a rowwise kernel (torch <= 2.12): the tensorwise road below, whose GEMM is not torch's slow
+    # CPU tensorwise kernel (fp8.device.fp8_gemm_fp32)
+    cpu_tensorwise_only = xq.device.type == "cpu" and not rowwise_ok
+    if x_tensorwise and w_tensorwise and not cpu_tensorwise_only:
         return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, bias=b, out_dtype=MM_OUT_DTYPE)
     if rowwise_ok:
         sa = x_scale.reshape(1, 1).expand(m, 1).contiguous() if x_tensorwise else x_scale  # [M, 1]
         sb = w_scale.reshape(1, 1).expand(1, n).contiguous() if w_tensorwise else w_scale.reshape(1, n)  # [1, N]
         return torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=MM_OUT_DTYPE)
-    if not x_tensorwise:
-        raise DeviceError("scaled_matmul: per-token activation scales need a rowwise _scaled_mm kernel")
-    # Tensorwise kernel, per-channel weight scale applied afterwards (exact: it factors out of the K sum).
-    one = torch.ones((), dtype=torch.float32, device=xq.device)
-    y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.float32)  # [M, N]
-    y = y * w_scale.reshape(1, n)
+    # Scale-1 fp8 GEMM, the scales applied afterwards (exact: they factor out of the K sum).
+    y = fp8_gemm_fp32(xq, wq) * x_scale  # [M, N]; x_scale [] or [M, 1]
+    y = y * w_scale.reshape(1, -1)  # [1, N] or [1, 1]
     if b is not None:
         y = y + b.to(torch.float32)
     return y.to(MM_OUT_DTYPE)
