@@ -9,7 +9,7 @@ import gc
 
 import pytest
 import torch
-from torch import nn
+from test_control_apply import StubVAE  # a fixed random 8x8 patch projection
 
 from sd35fp8.checkpoints.controlnet import quantize_controlnet
 from sd35fp8.control import ControlApply, add_residuals
@@ -38,16 +38,6 @@ def inputs(cfg: MMDiTConfig, h: int, w: int, batch: int = 2, ctx_len: int = 7, s
             torch.randn(batch, ctx_len, cfg.context_dim, generator=g), torch.randn(batch, cfg.pooled_dim, generator=g))
 
 
-class StubVAE(nn.Module):
-    """encode: [B, 3, H, W] -> [B, 16, H/8, W/8] (test_control_apply's: a fixed random 8x8 patch projection)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Conv2d(3, 16, 8, stride=8)
-        torch.nn.init.normal_(self.proj.weight, std=0.05, generator=torch.Generator().manual_seed(0))
-
-    def encode(self, img):
-        return self.proj(img)
 
 
 def make_net(kind: str, seed: int = 1, layers: int = 2) -> ControlNet:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -135,16 +135,21 @@ class GraphCache:
             g = self.capture(tensors, skip, where, len(control) if control is not None else 0)
             g.keep = keep
             self.graphs[k] = g
-            while len(self.graphs) > self.max_graphs:
-                dropped, _ = self.graphs.popitem(last=False)
-                logger.info("dropped CUDA graph for %s (more than %d kept)", dropped, self.max_graphs)
-        else:
-            self.graphs.move_to_end(k)
-        g = self.graphs[k]
-        for dst, src in zip(g.inputs, tensors):
-            dst.copy_(src)
-        g.graph.replay()
-        return g.output.clone(), fresh
+        return replay(self.graphs, k, tensors, self.max_graphs).clone(), fresh
+
+
+def replay(graphs: OrderedDict, k: tuple, tensors: Sequence[torch.Tensor], max_graphs: int):
+    """Copy tensors into graph k's inputs, replay it, return its output buffer; k becomes the most recent
+    and the least recent graphs beyond max_graphs are dropped (their memory goes back to the pool)."""
+    graphs.move_to_end(k)
+    while len(graphs) > max_graphs:
+        dropped, _ = graphs.popitem(last=False)
+        logger.info("dropped CUDA graph for %s (more than %d kept)", dropped, max_graphs)
+    g = graphs[k]
+    for dst, src in zip(g.inputs, tensors):
+        dst.copy_(src)
+    g.graph.replay()
+    return g.output
 
 
 class TensorGraphs:
@@ -172,12 +177,4 @@ class TensorGraphs:
             graph, out = capture_graph(lambda: self.fn(*static), self.pool)
             logger.info("captured CUDA graph of %s for %s", getattr(self.fn, "__qualname__", self.fn), k)
             self.graphs[k] = _Graph(graph, static, out)
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        else:
-            self.graphs.move_to_end(k)
-        g = self.graphs[k]
-        for dst, src in zip(g.inputs, tensors):
-            dst.copy_(src)
-        g.graph.replay()
-        return g.output, fresh
+        return replay(self.graphs, k, tensors, self.max_graphs), fresh
