@@ -139,6 +139,27 @@ def test_spare_columns_and_down_kernel(dev):
     assert sqnr(expect, a[:, C:].float()) >= 25.0
 
 
+def test_down_kernel_split_k_choice():
+    """lora_down_fp8 sums K in chunks when the row tiles leave SMs idle (a context's 666 rows, 11
+    tiles of 64), each chunk >= 512 columns; one pass when the tiles fill the GPU (or K is short)."""
+    assert kernels.lora_down_splits(666, 2432, 132) == 4  # 11 tiles: 264 // 11 = 24, K caps it at 4
+    assert kernels.lora_down_splits(666, 9728, 132) == 16
+    assert kernels.lora_down_splits(80, 192, 132) == 1  # the test above: K shorter than two quanta
+    assert kernels.lora_down_splits(40000, 9728, 132) == 1  # 625 tiles fill 132 SMs
+
+
+@pytest.mark.skipif(not CUDA, reason="the split-K Triton kernels need CUDA")
+@pytest.mark.parametrize("m,k", [(666, 2432), (666, 9728), (8192, 2432)])
+def test_down_kernel_split_k_matches_the_reference(m, k):
+    g = torch.Generator().manual_seed(1)
+    a = (torch.randn(m, k + 64, generator=g) * 50).clamp(-448, 448).to("cuda", torch.float8_e4m3fn)
+    down = (torch.randn(64, k, generator=g) / k ** 0.5).to("cuda", torch.bfloat16)
+    inv_beta = torch.rand(64, generator=g).to("cuda") + 0.05
+    kernels.lora_down_fp8(a, k, down, inv_beta)
+    expect = ((a[:, :k].float() @ down.float().t()) * inv_beta).clamp(-448, 448)
+    assert sqnr(expect, a[:, k:].float()) >= 25.0
+
+
 @torch.no_grad()
 def test_grouped_adaln_lora_equals_the_layer_hooks():
     """16-bit engine: the adaLN LoRAs applied grouped (fused.ada_apply: one down GEMM, batched up GEMMs,

@@ -20,6 +20,7 @@ compiled graph too. Tests check both agree on the GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -230,6 +231,43 @@ if triton is not None:
         h = tl.minimum(tl.maximum(h, -448.0), 448.0)
         tl.store(row + K + rr[None, :], h.to(tl.float8e4nv), mask=mmask[:, None])
 
+    @triton.autotune(configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=ns)
+                              for bm, bk, ns in ((32, 128, 3), (64, 128, 3), (64, 64, 4), (32, 256, 3))],
+                     key=["M", "K", "R", "KCHUNK"])  # writes P only: safe to time
+    @triton.jit
+    def _lora_down_partial_kernel(A, D, P, M, K, LDA, KCHUNK, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_K: tl.constexpr):
+        # split-K part of _lora_down_kernel: program (i, s) sums columns [s KCHUNK, (s + 1) KCHUNK) of
+        # row tile i into P[s] [M, R] fp32 (KCHUNK a multiple of every BLOCK_K)
+        pid, sid = tl.program_id(0), tl.program_id(1)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, R)
+        mmask = rm < M
+        row = A + rm[:, None].to(tl.int64) * LDA
+        acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        k_lo = sid * KCHUNK
+        for k0 in range(0, KCHUNK, BLOCK_K):
+            rk = k_lo + k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            a = tl.load(row + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK] fp8
+            d = tl.load(D + rr[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)  # [R, BK] bf16
+            acc = tl.dot(a.to(tl.bfloat16), tl.trans(d), acc)
+        tl.store(P + sid.to(tl.int64) * M * R + rm[:, None] * R + rr[None, :], acc, mask=mmask[:, None])
+
+    @triton.jit
+    def _lora_down_finish_kernel(P, A, INVB, M, K, LDA, S, R: tl.constexpr, BLOCK_M: tl.constexpr):
+        # h8 = e4m3(clamp(sum_s P[s] * inv_beta)) into A's spare columns [K, K + R)
+        pid = tl.program_id(0)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, R)
+        mmask = rm < M
+        h = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for s in range(0, S):
+            h += tl.load(P + s * M * R + rm[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
+        h = h * tl.load(INVB + rr)[None, :]
+        h = tl.minimum(tl.maximum(h, -448.0), 448.0)
+        tl.store(A + rm[:, None].to(tl.int64) * LDA + K + rr[None, :], h.to(tl.float8e4nv), mask=mmask[:, None])
+
 
 def _mode_code(mode: str | None) -> int:
     return {None: 0, "weight_only": 0, "dynamic": 1, "static": 2}[mode]
@@ -366,7 +404,34 @@ def lora_down_fp8(a: torch.Tensor, k: int, down: torch.Tensor, inv_beta: torch.T
         h = (a[:, :k].float() @ down.float().t()) * inv_beta.float()  # x8 values are exact in fp32
         a[:, k:k + r] = h.clamp(-E4M3_MAX, E4M3_MAX).to(a.dtype)
         return
-    _lora_down_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](a, down, inv_beta, m, k, a.stride(0), R=r)
+    splits = lora_down_splits(m, k, _sm_count(a.device))
+    if splits == 1:
+        _lora_down_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](a, down, inv_beta, m, k, a.stride(0),
+                                                                           R=r)
+        return
+    chunk = triton.cdiv(triton.cdiv(k, splits), SPLIT_K_QUANTUM) * SPLIT_K_QUANTUM
+    splits = triton.cdiv(k, chunk)
+    part = torch.empty(splits, m, r, device=a.device, dtype=torch.float32)  # [S, M, R]
+    _lora_down_partial_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)](
+        a, down, part, m, k, a.stride(0), chunk, R=r)
+    _lora_down_finish_kernel[(triton.cdiv(m, 32),)](part, a, inv_beta, m, k, a.stride(0), splits, R=r, BLOCK_M=32,
+                                                   num_warps=4)
+
+
+SPLIT_K_QUANTUM = 256  # split-K chunks: multiples of every BLOCK_K of _lora_down_partial_kernel
+
+
+def lora_down_splits(m: int, k: int, sms: int) -> int:
+    """How many K chunks lora_down_fp8 sums separately: enough programs for ~2 per SM (a context of
+    666 rows is 11 row tiles of 64: one chunk each would leave most SMs idle, each program walking
+    all of K), each chunk >= 2 quanta of K; 1 (one pass, no workspace) when the row tiles fill the GPU."""
+    tiles = -(-m // 64)
+    return max(1, min(16, (2 * sms) // tiles, k // (2 * SPLIT_K_QUANTUM)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fp8_weight_gemv(a: torch.Tensor, w: torch.Tensor, w_scale_row: torch.Tensor, bias: torch.Tensor | None,
