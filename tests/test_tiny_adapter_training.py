@@ -56,3 +56,14 @@ def test_invert_latents_lowers_the_decoder_error():
         before = (pipe.vae.decode(to_vae_space(z)) - x).abs().mean()
         after = (pipe.vae.decode(to_vae_space(zi)) - x).abs().mean()
     assert after < before
+
+
+def test_controlnet_eval_only_keeps_the_earlier_evaluation(tmp_path):
+    """--eval-only rewrites the result's "eval" and moves the one it replaces to "earlier_evals"."""
+    result = tmp_path / "eval.json"
+    result.write_text(json.dumps({"command": "train", "train": {"steps": 1}, "date": "d0", "device": "gpu",
+                                  "eval": {"n": 200}}))
+    train_controlnet.main(["--eval-only", "--eval-n", "1", "--eval-steps", "1", "--result", str(result)])
+    rec = json.loads(result.read_text())
+    assert rec["train"] == {"steps": 1} and rec["eval"]["results"]
+    assert rec["earlier_evals"] == [{"date": "d0", "device": "gpu", "eval": {"n": 200}}]

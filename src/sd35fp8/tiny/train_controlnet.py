@@ -363,7 +363,11 @@ def main(argv=None) -> dict:
     record: dict = {"command": "python -m sd35fp8.tiny.train_controlnet " + " ".join(argv)}
     if args.eval_only and Path(args.result).exists():  # keep the training run's record beside the new evaluation
         old = json.loads(Path(args.result).read_text())
-        record = {**{k: v for k, v in old.items() if k in ("command", "train")}, "eval_command": record["command"]}
+        record = {**{k: v for k, v in old.items() if k in ("command", "train", "earlier_evals")},
+                  "eval_command": record["command"]}
+        if "eval" in old:  # nothing is lost: the evaluation this one replaces moves to earlier_evals
+            earlier = {k: old[k] for k in ("eval_command", "date", "device", "torch", "eval") if k in old}
+            record["earlier_evals"] = [*old.get("earlier_evals", []), earlier]
     if not args.eval_only:
         pipe = load_base(torch.float32, args.device)
         data = make_data(pipe, args.n_train, args.seed, workers=args.workers)
