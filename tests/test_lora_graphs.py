@@ -39,8 +39,8 @@ class FrozenCache(GraphCache):
     """GraphCache whose 'capture' freezes the engine's LoRA slots as a CUDA graph does: a replay runs
     the step with the slots as they were at capture (and the inputs copied in)."""
 
-    def __init__(self, engine: MMDiTEngine, keyed: bool = True):
-        super().__init__(engine._forward, engine.lora_state if keyed else no_state)
+    def __init__(self, engine: MMDiTEngine, keyed: bool = True, max_states: int = 8):
+        super().__init__(engine._forward, engine.lora_state if keyed else no_state, max_states=max_states)
         self.engine = engine
         self.captures = 0
 
@@ -135,6 +135,33 @@ def test_graph_cache_keeps_terms_alive_and_drops_least_recent() -> None:
 
 
 @torch.no_grad()
+def test_graph_cache_keeps_graphs_of_at_most_max_states_lora_sets() -> None:
+    """Each LoRA set's graphs keep its fused packs (a weight copy) alive: past max_states sets, the least
+    recently used set's graphs all go before the new set's capture; the no-LoRA graphs never count."""
+    state = {"tag": ()}
+
+    class Fake(GraphCache):
+        def capture(self, tensors, skip, where=(), depth=0):
+            class R:
+                def replay(self):
+                    pass
+            return _Graph(R(), tuple(t.clone() for t in tensors), torch.zeros(1))
+
+    cache = Fake(lambda *a: None, lambda: (state["tag"], None), max_states=2)
+    t1 = (torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    t2 = (torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    for tag in ((), ("a",), ("b",), ("a",)):  # two shapes each
+        state["tag"] = tag
+        cache(*t1, ())
+        cache(*t2, ())
+    assert sorted({k[-1] for k in cache.graphs}) == [(), ("a",), ("b",)] and len(cache.graphs) == 6
+    state["tag"] = ("c",)
+    assert cache(*t1, ())[1]  # ("b",) was the least recent set: both its graphs dropped
+    assert sorted({k[-1] for k in cache.graphs}) == [(), ("a",), ("c",)] and len(cache.graphs) == 5
+    state["tag"] = ("a",)
+    assert not cache(*t2, ())[1]
+
+
 def test_merge_refreshes_the_engine_without_being_told() -> None:
     """fuse / unfuse through the LoraSet (no refresh_weights call): the FP8 engine re-reads the
     requantised weights and scales and drops its graphs; unfuse restores the base step exactly."""

@@ -13,7 +13,10 @@ key also holds `state()`: (a hashable tag, objects to keep alive), the engine's 
 fused road, lora/fused.py). A LoRA swap or a strength
 change gives a new key, hence a new capture, and swapping back replays the earlier graph; the
 entry keeps the tagged objects alive so their ids (and the tensors the graph reads) stay valid.
-At most `max_graphs` graphs are kept (least recently used dropped first).
+At most `max_graphs` graphs are kept (least recently used dropped first), and graphs of at most
+`max_states` LoRA sets: a fused LoRA set holds a copy of every layer's fp8 weight (lora/fused.py, ~5.5 GB
+at Large), which its graphs keep alive, so a server cycling through many LoRAs drops the graphs (and
+with them the packs) of the least recently used set first.
 
 The returned tensor is a fresh copy (a graph's output buffer is overwritten by the next replay).
 """
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 WARMUP_CALLS = 2  # eager calls before capture: compile, cuDNN/cuBLAS plans, allocator warm
 MAX_GRAPHS = 32  # captured graphs kept (shapes x LoRA sets); least recently used dropped first
+MAX_STATES = 3  # LoRA sets (non-empty state tags) with graphs kept: each keeps its fused packs alive
 
 
 @dataclass
@@ -66,10 +70,11 @@ class GraphCache:
     state: () -> (tag, keep): the part of the key that is not an input (the active LoRA set)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], state: Callable[[], tuple[tuple, Any]] = no_state,
-                 max_graphs: int = MAX_GRAPHS):
+                 max_graphs: int = MAX_GRAPHS, max_states: int = MAX_STATES):
         self.fn = fn
         self.state = state
         self.max_graphs = max_graphs
+        self.max_states = max_states
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.pool = None
 
@@ -132,10 +137,29 @@ class GraphCache:
         k = self.key(tensors, skip, where, tag)
         fresh = k not in self.graphs
         if fresh:
+            if tag:
+                self._drop_old_states(tag)
             g = self.capture(tensors, skip, where, len(control) if control is not None else 0)
             g.keep = keep
             self.graphs[k] = g
         return replay(self.graphs, k, tensors, self.max_graphs).clone(), fresh
+
+
+    def _drop_old_states(self, tag: tuple) -> None:
+        """Before capturing for LoRA set `tag`: drop every graph of the least recently used other sets
+        so that at most max_states sets keep graphs (and their packs: the memory goes back before the
+        new set's packs and capture need it)."""
+        order: list[tuple] = []  # non-empty tags, least recently used first
+        for key in self.graphs:
+            t = key[-1]
+            if t and t != tag:
+                if t in order:
+                    order.remove(t)
+                order.append(t)
+        for old in order[:max(0, len(order) - (self.max_states - 1))]:
+            for key in [key for key in self.graphs if key[-1] == old]:
+                del self.graphs[key]
+            logger.info("dropped the CUDA graphs of a LoRA set (more than %d sets kept)", self.max_states)
 
 
 def replay(graphs: OrderedDict, k: tuple, tensors: Sequence[torch.Tensor], max_graphs: int):

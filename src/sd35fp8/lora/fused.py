@@ -24,7 +24,7 @@ tests/test_lora_fused.py, benchmarks/lora.py (SQNR against the merged float refe
 
 Cost: B is a copy of the layer's fp8 weight per LoRA set (Large, rank 64 on every joint-block linear:
 ~5.5 GB), so packs are only built while the device keeps RESERVE_BYTES free after them (else the layer
-takes apply_lora), and a graph captured for a LoRA set keeps its packs alive. DoRA terms, ranks
+takes apply_lora), and a graph captured for a LoRA set keeps its packs alive (graphs of at most fast/graphs.py MAX_STATES sets are kept). DoRA terms, ranks
 above MAX_RANK, 16-bit / weight-only layers, torch.compile'd blocks, streamed blocks (offload
 sequential: fast/step.py _lora_pack) and devices without rowwise `_scaled_mm` take apply_lora. SD35FP8_LORA_FUSED=0 turns the road off.
 """
