@@ -18,7 +18,7 @@ from sd35fp8.tiny.evaluate import write_result
 
 HIDDEN, MLP = 2432, 9728
 LAYERS = {"qkv": (3 * HIDDEN, HIDDEN), "proj": (HIDDEN, HIDDEN), "fc1": (MLP, HIDDEN), "fc2": (HIDDEN, MLP)}
-ROWS = {"image": 2 * 4096, "context": 2 * 333}
+ROWS = {"context": 2 * 333, "image": 2 * 4096}
 
 
 def bench(fn, reps: int = 50) -> float:
@@ -131,9 +131,7 @@ def main(argv=None) -> int:
         d8 = (d.float() / (d.float().abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
         row = {"floor_ms": (m * (k + r) + r * k * 2) / bw / 1e6,  # bytes moved / copy GB/s
                "project": bench(lambda: kernels.lora_down_fp8(a, k, d, invb))}
-        for bm, bk, nw, ns in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3, 4)):
-            if bm == 128 and bk == 256:
-                continue
+        for bm, bk, nw, ns in itertools.product((32, 64, 128), (64, 128), (4,), (3, 4)):
             for fp8d in (False, True):
                 dd = d8 if fp8d else d
                 key = f"{'fp8' if fp8d else 'bf16'} bm{bm} bk{bk} w{nw} s{ns}"
@@ -146,7 +144,7 @@ def main(argv=None) -> int:
         ws = torch.empty(16 * m * r, device=dev, dtype=torch.float32)
         kernels.lora_down_fp8(a, k, d, invb)
         ref = a[:, k:].float().clone()
-        for splits, bm, bk, nw, ns in itertools.product((2, 4, 8, 16), (32, 64), (64, 128), (4, 8), (3, 4)):
+        for splits, bm, bk, nw, ns in itertools.product((2, 4, 8, 16), (32, 64), (128,), (4,), (3,)):
             key = f"split{splits} bm{bm} bk{bk} w{nw} s{ns}"
             try:
                 row[key] = bench(lambda: split_k(a, k, d, invb, splits, bm, bk, nw, ns, ws), reps=20)
@@ -176,6 +174,7 @@ def main(argv=None) -> int:
                                                              out_dtype=torch.bfloat16, use_fast_accum=True))
         res["gemm"][name] = g
         print(f"{name:16s} gemm: " + "  ".join(f"{kk} {v*1e3:7.1f} us" for kk, v in g.items()), flush=True)
+        write_result(dict(res), "lora_kernels", dev, args.out)  # after every shape: a timeout keeps the rest
         for kk in ("project", "best_bf16", "best_fp8", "best_split", "gemm0", "gemm64", "gemm128"):
             v = {"project": row["project"], "best_bf16": best["bf16"][0], "best_fp8": best["fp8"][0],
                  "best_split": best["split"][0],
