@@ -21,19 +21,29 @@ LAYERS = {"qkv": (3 * HIDDEN, HIDDEN), "proj": (HIDDEN, HIDDEN), "fc1": (MLP, HI
 ROWS = {"context": 2 * 333, "image": 2 * 4096}
 
 
-def bench(fn, reps: int = 50) -> float:
-    """Median ms of fn() over reps (CUDA events), after warm-up."""
+def bench(fn, reps: int = 50, calls: int = 10) -> float:
+    """Median GPU ms of one fn() call, as the engine's CUDA graphs run it: `calls` calls captured in one
+    CUDA graph (after warm-up, so autotuning is done), replayed `reps` times between CUDA events, / calls.
+    Events around a single eager call would also time the CPU's launch (the autotuner's Python dispatch,
+    the split-K workspace allocation: tens of microseconds), which the graphed step never pays; the
+    2026-12-05 H100 sweep was timed that way and its `project` column is inflated by it."""
     for _ in range(5):
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b))
+        ts.append(a.elapsed_time(b) / calls)
     ts.sort()
     return ts[len(ts) // 2]
 
