@@ -132,21 +132,23 @@ def test_joint_op_equals_unfused_path():
     qc, kc, vc = qkv_c.view(B, Lc, 3, H, D).unbind(2)
     qx, kx, vx = qkv_x.view(B, Lx, 3, H, D).unbind(2)
     rms = lambda t, wt: F.rms_norm(t, (D,), wt, eps=1e-6)  # noqa: E731
-    ref = triton_attention(torch.cat([rms(qc, w[0]), rms(qx, w[2])], 1), torch.cat([rms(kc, w[1]), rms(kx, w[3])], 1),
-                           torch.cat([vc, vx], 1), fp8=True)
+
+    def exact_attention(q, k, v):  # [B, L, H, D] each -> float32 [B, L, H*D]
+        o = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+        return o.transpose(1, 2).reshape(q.shape[0], q.shape[1], H * D)
+
+    qn, kn = torch.cat([rms(qc, w[0]), rms(qx, w[2])], 1), torch.cat([rms(kc, w[1]), rms(kx, w[3])], 1)
+    ref = triton_attention(qn, kn, torch.cat([vc, vx], 1), fp8=True)
     oc, ox = joint_attention_fp8_op(qkv_c, qkv_x, Lc, H, *w)
     assert oc.shape == (B, Lc, H * D) and ox.shape == (B, Lx, H * D) and oc.is_contiguous() and ox.is_contiguous()
     # the joint op's q / k scales are the norm bound (qk_norm_bound), the unfused path's their amax: two
     # different e4m3 roundings, so both are held against the exact attention (as static vs dynamic below)
-    qn, kn = torch.cat([rms(qc, w[0]), rms(qx, w[2])], 1), torch.cat([rms(kc, w[1]), rms(kx, w[3])], 1)
-    exact = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (qn, kn, torch.cat([vc, vx], 1))))
-    exact = exact.transpose(1, 2).reshape(B, Lc + Lx, H * D)
+    exact = exact_attention(qn, kn, torch.cat([vc, vx], 1))
     ref_db = sqnr(exact, ref.float())
     assert sqnr(exact, torch.cat([oc, ox], 1).float()) > ref_db - 1.0, ref_db
     ref2 = triton_attention(rms(qx, w[2]), rms(kx, w[3]), vx, fp8=True)
     oc2, ox2 = joint_attention_fp8_op(qkv_x, qkv_x, 0, H, None, None, w[2], w[3])
-    exact2 = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (rms(qx, w[2]), rms(kx, w[3]), vx)))
-    exact2 = exact2.transpose(1, 2).reshape(B, Lx, H * D)
+    exact2 = exact_attention(rms(qx, w[2]), rms(kx, w[3]), vx)
     assert oc2.shape == (B, 0, H * D) and sqnr(exact2, ox2.float()) > sqnr(exact2, ref2.float()) - 1.0
     # the amax pass reads v alone: q / k entries are the norm bound, v's the amax of v per (batch, head)
     ctx, x, norms = at._joint_split(qkv_c, qkv_x, Lc, H, *w)
