@@ -110,6 +110,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (kernels visible to --profile)")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="DOWN:KTILE",
+                    help="also time the unmerged step with other fused-pack options (lora/fused.py "
+                         "SD35FP8_LORA_DOWN bf16|fp8, SD35FP8_LORA_KTILE), e.g. fp8:128 bf16:16")
     ap.add_argument("--profile", action="store_true",
                     help="also profile one unmerged step (torch.profiler: top kernels by device time, in the JSON)")
     args = ap.parse_args(argv)
@@ -153,6 +156,13 @@ def main(argv=None) -> dict:
     unmerged_out = step().float()
     rows["unmerged"] = statistics.median(time_ms(step, dev, steps, args.warmup))
     kernels = profile_step(step, dev) if args.profile else None
+    variant_out = {}
+    for v in args.variants:  # the pack options are part of the packs' and the graphs' keys
+        down, tile = v.split(":")
+        os.environ[fused.DOWN_ENV], os.environ[fused.KTILE_ENV] = down, tile
+        variant_out[v] = step().float()
+        rows[f"unmerged_{down}_k{tile}"] = statistics.median(time_ms(step, dev, steps, args.warmup))
+        del os.environ[fused.DOWN_ENV], os.environ[fused.KTILE_ENV]
     os.environ[fused.ENV] = "0"  # the separate road (apply_lora after each GEMM) on the same engine; the
     separate_out = step().float()  # switch is part of the graphs' key (MMDiTEngine.lora_state)
     rows["unmerged_separate"] = statistics.median(time_ms(step, dev, steps, args.warmup))
@@ -185,6 +195,10 @@ def main(argv=None) -> dict:
         "sqnr_unmerged_separate_vs_merged_db": sqnr(merged_out, separate_out),
         "unmerged_separate_overhead": rows["unmerged_separate"] / rows["base"] - 1,
         "sqnr_base_vs_merged_db": sqnr(merged_out, base_out),
+        "pack_options": dict(zip(("down", "k_tile"), fused.pack_options())),
+        "variants": {v: {"step_ms": rows[f"unmerged_{v.split(':')[0]}_k{v.split(':')[1]}"],
+                         "overhead": rows[f"unmerged_{v.split(':')[0]}_k{v.split(':')[1]}"] / rows["base"] - 1,
+                         "sqnr_vs_merged_db": sqnr(merged_out, o)} for v, o in variant_out.items()},
         "lora_params": sum(v.numel() for k, v in sd_a.items() if "lora_" in k),
         "command": "python benchmarks/lora.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

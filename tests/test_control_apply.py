@@ -13,7 +13,7 @@ from sd35fp8.sampling.guidance import CFGDenoiser, Conditioning
 from sd35fp8.sampling.model_sampling import FlowMatching
 from sd35fp8.workflow.nodes_control import apply_control
 
-from test_mmdit import CONFIGS, build, inputs
+from mmdit_cases import CONFIGS, build, inputs
 
 BASE = CONFIGS["mmdit_qknorm"]
 

@@ -16,7 +16,7 @@ from sd35fp8.lora import LoraSet
 from sd35fp8.lora.files import parse_lora
 from sd35fp8.models.mmdit import MMDiTConfig
 
-from test_mmdit import build, inputs
+from mmdit_cases import build, inputs
 
 CFG = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=8, context_dim=64, pooled_dim=32,
                   qk_norm=True, x_block_self_attn_layers=(0,))

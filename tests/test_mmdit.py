@@ -8,29 +8,13 @@ from torch import nn
 
 from sd35fp8.checkpoints.diffusers_mmdit import apply_op, mmdit_plan_from_diffusers
 from sd35fp8.errors import CheckpointError, InputError
-from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
+from sd35fp8.models.mmdit import MMDiT, MMDiTConfig
+
+from mmdit_cases import CONFIGS, build, inputs  # noqa: F401 (re-exported for older imports)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
-
-CONFIGS = {
-    "mmdit": MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=8, context_dim=48,
-                         pooled_dim=40, qk_norm=False),
-    "mmdit_qknorm": MMDiTConfig(depth=3, hidden_size=192, num_heads=3, pos_embed_max_size=8, context_dim=64,
-                                pooled_dim=32, qk_norm=True),
-    "mmditx": MMDiTConfig(depth=3, hidden_size=192, num_heads=3, pos_embed_max_size=8, context_dim=64,
-                          pooled_dim=32, qk_norm=True, x_block_self_attn_layers=(0, 1)),
-    "mmditx_no_qknorm": MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=8,
-                                    context_dim=48, pooled_dim=40, qk_norm=False, x_block_self_attn_layers=(0,)),
-}
-
-
-def build(cfg: MMDiTConfig, seed: int = 0) -> MMDiT:
-    with torch.device("meta"):
-        model = MMDiT(cfg)
-    model.to_empty(device="cpu")
-    return init_random_(model, torch.Generator().manual_seed(seed)).eval()
 
 
 def original_state_dict(model: MMDiT) -> dict[str, torch.Tensor]:
@@ -49,15 +33,6 @@ def diffusers_model(cfg: MMDiTConfig, sd: dict[str, torch.Tensor]) -> SD3Transfo
     converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(sd))  # it pops from its argument
     ref.load_state_dict(converted, strict=True)
     return ref.eval()
-
-
-def inputs(cfg: MMDiTConfig, h: int, w: int, batch: int = 2, ctx_len: int = 7, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, h, w, generator=g)
-    sigma = torch.tensor([0.93, 0.31])[:batch]
-    context = torch.randn(batch, ctx_len, cfg.context_dim, generator=g)
-    pooled = torch.randn(batch, cfg.pooled_dim, generator=g)
-    return x, sigma, context, pooled
 
 
 def rel_max_err(out: torch.Tensor, ref: torch.Tensor) -> float:

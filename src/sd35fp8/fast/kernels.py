@@ -209,12 +209,31 @@ if triton is not None:
         tl.store(OUT + rm[:, None] * N + rn[None, :], out.to(OUT.dtype.element_ty),
                  mask=(rm[:, None] < M) & nmask[None, :])
 
-    @triton.autotune(configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=nw, num_stages=3)
-                              for bm, bk, nw in ((32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 64, 8))],
+    @triton.jit
+    def _lora_store_h(A, h, INVB, rm, mmask, K, LDA, R: tl.constexpr, PAD: tl.constexpr, PAD_P2: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+        # h [BM, R] fp32 -> e4m3(clamp(h * inv_beta)) into A's columns [K, K + R); zeros into the PAD
+        # columns after them (the augmented weight's zero columns: 0 * garbage could be 0 * NaN)
+        rr = tl.arange(0, R)
+        row = A + rm[:, None].to(tl.int64) * LDA
+        h = h * tl.load(INVB + rr)[None, :]
+        h = tl.minimum(tl.maximum(h, -448.0), 448.0)
+        tl.store(row + K + rr[None, :], h.to(tl.float8e4nv), mask=mmask[:, None])
+        if PAD > 0:
+            rp = tl.arange(0, PAD_P2)
+            zero = tl.zeros((BLOCK_M, PAD_P2), dtype=tl.float32).to(tl.float8e4nv)
+            tl.store(row + K + R + rp[None, :], zero, mask=mmask[:, None] & (rp[None, :] < PAD))
+
+    @triton.autotune(configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+                              for bm, bk, nw, ns in ((32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+                                                     (128, 64, 8, 3), (32, 128, 4, 4), (64, 128, 4, 4),
+                                                     (128, 128, 4, 4))],
                      key=["M", "K", "R"])  # in place but idempotent (reads columns :K only): safe to time
     @triton.jit
-    def _lora_down_kernel(A, D, INVB, M, K, LDA, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # A [M, LDA] fp8: columns [0, K) read (x8), columns [K, K + R) written (h8); D [R, K] bf16
+    def _lora_down_kernel(A, D, INVB, M, K, LDA, R: tl.constexpr, PAD: tl.constexpr, PAD_P2: tl.constexpr,
+                          FP8_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # A [M, LDA] fp8: columns [0, K) read (x8), columns [K, K + R + PAD) written (h8, zeros);
+        # D [R, K] e4m3 (FP8_D: an fp8 x fp8 MMA) or bf16 (x8 widened)
         pid = tl.program_id(0)
         rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = tl.arange(0, R)
@@ -225,18 +244,19 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             kmask = rk < K
             a = tl.load(row + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK] fp8
-            d = tl.load(D + rr[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)  # [R, BK] bf16
-            acc = tl.dot(a.to(tl.bfloat16), tl.trans(d), acc)
-        h = acc * tl.load(INVB + rr)[None, :]
-        h = tl.minimum(tl.maximum(h, -448.0), 448.0)
-        tl.store(row + K + rr[None, :], h.to(tl.float8e4nv), mask=mmask[:, None])
+            d = tl.load(D + rr[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)  # [R, BK]
+            if FP8_D:
+                acc = tl.dot(a, tl.trans(d), acc)
+            else:
+                acc = tl.dot(a.to(tl.bfloat16), tl.trans(d), acc)
+        _lora_store_h(A, acc, INVB, rm, mmask, K, LDA, R, PAD, PAD_P2, BLOCK_M)
 
     @triton.autotune(configs=[triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=ns)
                               for bm, bk, ns in ((32, 128, 3), (64, 128, 3), (64, 64, 4), (32, 256, 3))],
                      key=["M", "K", "R", "KCHUNK"])  # writes P only: safe to time
     @triton.jit
     def _lora_down_partial_kernel(A, D, P, M, K, LDA, KCHUNK, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_K: tl.constexpr):
+                                  FP8_D: tl.constexpr, BLOCK_K: tl.constexpr):
         # split-K part of _lora_down_kernel: program (i, s) sums columns [s KCHUNK, (s + 1) KCHUNK) of
         # row tile i into P[s] [M, R] fp32 (KCHUNK a multiple of every BLOCK_K)
         pid, sid = tl.program_id(0), tl.program_id(1)
@@ -250,13 +270,17 @@ if triton is not None:
             rk = k_lo + k0 + tl.arange(0, BLOCK_K)
             kmask = rk < K
             a = tl.load(row + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK] fp8
-            d = tl.load(D + rr[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)  # [R, BK] bf16
-            acc = tl.dot(a.to(tl.bfloat16), tl.trans(d), acc)
+            d = tl.load(D + rr[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)  # [R, BK]
+            if FP8_D:
+                acc = tl.dot(a, tl.trans(d), acc)
+            else:
+                acc = tl.dot(a.to(tl.bfloat16), tl.trans(d), acc)
         tl.store(P + sid.to(tl.int64) * M * R + rm[:, None] * R + rr[None, :], acc, mask=mmask[:, None])
 
     @triton.jit
-    def _lora_down_finish_kernel(P, A, INVB, M, K, LDA, S, R: tl.constexpr, BLOCK_M: tl.constexpr):
-        # h8 = e4m3(clamp(sum_s P[s] * inv_beta)) into A's spare columns [K, K + R)
+    def _lora_down_finish_kernel(P, A, INVB, M, K, LDA, S, R: tl.constexpr, PAD: tl.constexpr,
+                                 PAD_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+        # h8 = e4m3(clamp(sum_s P[s] * inv_beta)) into A's spare columns [K, K + R), zeros after them
         pid = tl.program_id(0)
         rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = tl.arange(0, R)
@@ -264,9 +288,7 @@ if triton is not None:
         h = tl.zeros((BLOCK_M, R), dtype=tl.float32)
         for s in range(0, S):
             h += tl.load(P + s * M * R + rm[:, None] * R + rr[None, :], mask=mmask[:, None], other=0.0)
-        h = h * tl.load(INVB + rr)[None, :]
-        h = tl.minimum(tl.maximum(h, -448.0), 448.0)
-        tl.store(A + rm[:, None].to(tl.int64) * LDA + K + rr[None, :], h.to(tl.float8e4nv), mask=mmask[:, None])
+        _lora_store_h(A, h, INVB, rm, mmask, K, LDA, R, PAD, PAD_P2, BLOCK_M)
 
 
 def _mode_code(mode: str | None) -> int:
@@ -396,26 +418,34 @@ def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, 
 
 
 def lora_down_fp8(a: torch.Tensor, k: int, down: torch.Tensor, inv_beta: torch.Tensor) -> None:
-    """The fused LoRA's down projection, in place: a [M, K + R] fp8 (columns :K the layer's quantised
-    input x8) gets a[:, K:] = e4m3(clamp(x8 @ down^T * inv_beta)) (lora/fused.py). down [R, K] bf16
-    (R a power of 2 >= 16), inv_beta [R] fp32. One pass over x8 (Triton on CUDA, torch ops elsewhere)."""
+    """The fused LoRA's down projection, in place: a [M, K + R + PAD] fp8 (columns :K the layer's
+    quantised input x8) gets a[:, K:K + R] = e4m3(clamp(x8 @ down^T * inv_beta)) and zeros in the PAD
+    columns after them (lora/fused.py pads K + R to the GEMM's K tile). down [R, K] bf16 or e4m3 (R a
+    power of 2 >= 16), inv_beta [R] fp32. One pass over x8 (Triton on CUDA, torch ops elsewhere)."""
     m, r = a.shape[0], down.shape[0]
+    pad = a.shape[1] - k - r
+    if pad < 0:
+        raise ValueError(f"lora_down_fp8: a has {a.shape[1]} columns, fewer than K {k} + R {r}")
     if act_impl(a) == "torch":
         h = (a[:, :k].float() @ down.float().t()) * inv_beta.float()  # x8 values are exact in fp32
         a[:, k:k + r] = h.clamp(-E4M3_MAX, E4M3_MAX).to(a.dtype)
+        if pad:
+            a[:, k + r:] = 0
         return
+    pads = dict(PAD=pad, PAD_P2=triton.next_power_of_2(max(pad, 1)))
+    fp8_d = down.dtype == FP8_DTYPE
     splits = lora_down_splits(m, k, _sm_count(a.device))
     if splits == 1:
         _lora_down_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](a, down, inv_beta, m, k, a.stride(0),
-                                                                           R=r)
+                                                                           R=r, FP8_D=fp8_d, **pads)
         return
     chunk = triton.cdiv(triton.cdiv(k, splits), SPLIT_K_QUANTUM) * SPLIT_K_QUANTUM
     splits = triton.cdiv(k, chunk)
     part = torch.empty(splits, m, r, device=a.device, dtype=torch.float32)  # [S, M, R]
     _lora_down_partial_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)](
-        a, down, part, m, k, a.stride(0), chunk, R=r)
+        a, down, part, m, k, a.stride(0), chunk, R=r, FP8_D=fp8_d)
     _lora_down_finish_kernel[(triton.cdiv(m, 32),)](part, a, inv_beta, m, k, a.stride(0), splits, R=r, BLOCK_M=32,
-                                                   num_warps=4)
+                                                   num_warps=4, **pads)
 
 
 SPLIT_K_QUANTUM = 256  # split-K chunks: multiples of every BLOCK_K of _lora_down_partial_kernel

@@ -367,8 +367,8 @@ class MMDiTEngine(nn.Module):
             for t in slot:
                 tag.append((i, id(t.down), id(t.up), id(t.dora_g), t.offset, t.strength))
                 keep.append(t)  # its factors, and the fused pack built on it (lora/fused.py)
-        if tag:  # which road the terms take (SD35FP8_LORA_FUSED): a graph per road
-            tag.append(("fused", fused.enabled()))
+        if tag:  # which road the terms take (SD35FP8_LORA_FUSED) and its pack options: a graph per road
+            tag.append(("fused", fused.enabled(), fused.pack_options()))
         return tuple(tag), keep
 
     def _build_adaln(self, ada: list) -> None:

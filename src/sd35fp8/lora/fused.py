@@ -12,9 +12,17 @@ beside it (lora/apply.py apply_lora, which stays the road everywhere else).
                    ActiveTerm, so a CUDA graph holding the terms (fast/graphs.py keep) holds it too:
                    U8[n,j] = e4m3(Up[n,j] beta_j / sb'[n]),  sb'[n] = sb[n] 2^e[n],  W8'[n] = W8[n] 2^-e[n]
 
-D [R, K] (bf16) and Up [N, R] are the layer's terms side by side (ranks added; a term on some rows
+D [R, K] and Up [N, R] are the layer's terms side by side (ranks added; a term on some rows
 only, e.g. q of a fused qkv, has zero rows elsewhere; strength folded into Up), R padded to a power
-of 2 >= 16. The scales: a product h8 * U8 is at most 448^2, and R terms must carry what K terms carry
+of 2 >= 16. The input then gets PAD more zero columns (and B zero columns) so that K + R + PAD is a
+multiple of K_TILE: cuBLAS's fp8 kernels run K in tiles of 128, and K + 64 on Large (2496, 9792)
+cost a whole extra tile pass, 2-4x the 64 columns' share (H100, benchmarks/lora_kernels.py: the
+image-row fc1 GEMM 0.323 ms, with K + 64 0.365, with K + 128 0.333). D is e4m3 with a
+per-row scale folded into 1 / beta (the down projection as an fp8 x fp8 MMA), or bf16 with
+SD35FP8_LORA_DOWN=bf16. H100, Large, rank 64 on every linear (benchmarks/results/
+lora_nvidia-h100-80gb-hbm3_pad.json, one process): step overhead over the base step 11.8 % (bf16 D,
+no padding), 10.1 % (e4m3 D), 8.2 % (bf16 D, padded), 6.7 % (e4m3 D, padded), SQNR against the
+merged model 26.53 dB with bf16 D and 26.49 dB with e4m3 D. The scales: a product h8 * U8 is at most 448^2, and R terms must carry what K terms carry
 in the base GEMM, so h8 aims at rms H_RMS for an input row of rms X_RMS (beta_j = |D_j| X_RMS / H_RMS,
 leaving 448 / H_RMS headroom before the clamp), and a row n whose U8 would pass 448 moves part of its
 scale into the weight by a power of 2, e[n] (exact for W8 values above 2^(e - 6); at e = 10 the
@@ -42,6 +50,9 @@ from sd35fp8.fp8.scaling import E4M3_MAX, FP8_DTYPE
 from .apply import ActiveTerm, weights_generation
 
 ENV = "SD35FP8_LORA_FUSED"
+DOWN_ENV = "SD35FP8_LORA_DOWN"  # fp8 (default) or bf16: the dtype of D
+KTILE_ENV = "SD35FP8_LORA_KTILE"  # K + R + PAD is a multiple of this (default K_TILE; 16: no padding)
+K_TILE = 128
 MAX_RANK = 256  # padded rank; the down kernel keeps [BLOCK_M, R] fp32 accumulators in registers
 MAX_SHIFT = 10  # most powers of 2 moved from a weight row's fp8 values into its scale (W8 < 16 lose bits)
 X_RMS = 160.0  # rms of an e4m3 per-token input row (amax 448 at ~2.8 rms); an upper estimate
@@ -53,15 +64,27 @@ _ATTR = "_sd35_fused"  # on slot[0]: (key, FusedPack | None)
 @dataclass
 class FusedPack:
     k: int  # the layer's input features
-    rank: int  # R: spare columns of the input (padded rank)
-    w_aug: torch.Tensor  # [N, K + R] fp8: [W8' | U8]
+    rank: int  # R + PAD: spare columns of the input (the padded rank, then zero columns to K_TILE)
+    w_aug: torch.Tensor  # [N, K + R + PAD] fp8: [W8' | U8 | 0]
     scale_b: torch.Tensor  # [1, N] fp32: sb'
-    down: torch.Tensor  # [R, K] bf16
-    inv_beta: torch.Tensor  # [R] fp32
+    down: torch.Tensor  # [R, K] bf16 or e4m3
+    inv_beta: torch.Tensor  # [R] fp32 (with D's row scales when D is e4m3)
 
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def pack_options() -> tuple[str, int]:
+    """(D's dtype name, K tile) from SD35FP8_LORA_DOWN / SD35FP8_LORA_KTILE: part of the packs' cache
+    key and of the CUDA graphs' (fast/step.py lora_state)."""
+    down = os.environ.get(DOWN_ENV, "fp8").strip().lower()
+    if down not in ("bf16", "fp8"):
+        raise ValueError(f"{DOWN_ENV}={down!r}: expected bf16 or fp8")
+    tile = int(os.environ.get(KTILE_ENV, K_TILE))
+    if tile < 16 or tile % 16:
+        raise ValueError(f"{KTILE_ENV}={tile}: expected a multiple of 16")
+    return down, tile
 
 
 def pack_for(slot: list[ActiveTerm], w: torch.Tensor, ws_row: torch.Tensor) -> FusedPack | None:
@@ -69,7 +92,7 @@ def pack_for(slot: list[ActiveTerm], w: torch.Tensor, ws_row: torch.Tensor) -> F
     when the layer takes apply_lora (see the module docstring)."""
     if not slot or w.dtype != FP8_DTYPE or not enabled() or not rowwise_scaled_mm(w.device):
         return None
-    key = (tuple(id(t) for t in slot), w.data_ptr(), ws_row.data_ptr(), weights_generation())
+    key = (tuple(id(t) for t in slot), w.data_ptr(), ws_row.data_ptr(), weights_generation(), pack_options())
     cached = getattr(slot[0], _ATTR, None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -84,13 +107,15 @@ def build_pack(slot: list[ActiveTerm], w: torch.Tensor, ws_row: torch.Tensor) ->
     if any(t.dora_g is not None or t.down.dim() != 2 for t in slot):
         return None
     n, k = w.shape
+    down_dtype, tile = pack_options()
     rank = sum(t.down.shape[0] for t in slot)
     r_pad = max(16, 1 << (rank - 1).bit_length())
     if r_pad > MAX_RANK:
         return None
+    spare = -(-(k + r_pad) // tile) * tile - k  # R + PAD: K + R + PAD a multiple of the K tile
     if w.is_cuda:
         free, _ = torch.cuda.mem_get_info(w.device)
-        if free < n * (k + r_pad) + 4 * n * (k + r_pad) + RESERVE_BYTES:  # the pack + its float32 temporaries
+        if free < n * (k + spare) + 4 * n * (k + r_pad) + RESERVE_BYTES:  # the pack + its float32 temporaries
             return None
     dev = w.device
     down = torch.zeros(r_pad, k, device=dev, dtype=torch.float32)
@@ -101,8 +126,13 @@ def build_pack(slot: list[ActiveTerm], w: torch.Tensor, ws_row: torch.Tensor) ->
         down[j:j + r] = t.down.float()
         up[t.offset:t.offset + t.up.shape[0], j:j + r] = t.up.float().reshape(t.up.shape[0], r) * t.strength
         j += r
-    down = down.to(torch.bfloat16)  # what the kernel multiplies; beta from the rounded rows
-    norm = down.float().norm(dim=1)  # [R]
+    if down_dtype == "fp8":  # e4m3 rows with a per-row scale ds, folded into 1 / beta below
+        ds = (down.abs().amax(dim=1) / E4M3_MAX).clamp(min=1e-30)  # [R]
+        down = (down / ds[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    else:
+        ds = torch.ones(r_pad, device=dev)
+        down = down.to(torch.bfloat16)
+    norm = down.float().norm(dim=1) * ds  # [R]: of what the kernel multiplies (beta from the rounded rows)
     beta = torch.where(norm > 0, norm * (X_RMS / H_RMS), torch.ones_like(norm))
     sb = ws_row.reshape(-1).float()  # [N]
     v = up * beta[None, :] / sb[:, None]  # [N, R]: U8 before the row shift
@@ -113,13 +143,15 @@ def build_pack(slot: list[ActiveTerm], w: torch.Tensor, ws_row: torch.Tensor) ->
     p2 = torch.exp2(shift)
     w8 = (w.float() / p2[:, None]).to(FP8_DTYPE) if float(shift.max()) > 0 else w
     u8 = (v / p2[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-    w_aug = torch.cat([w8, u8], dim=1).contiguous()  # [N, K + R]
-    return FusedPack(k, r_pad, w_aug, (sb * p2).reshape(1, n).contiguous(), down.contiguous(),
-                     (1.0 / beta).contiguous())
+    zeros = torch.zeros(n, spare - r_pad, device=dev, dtype=FP8_DTYPE)
+    w_aug = torch.cat([w8, u8, zeros], dim=1).contiguous()  # [N, K + R + PAD]
+    return FusedPack(k, spare, w_aug, (sb * p2).reshape(1, n).contiguous(), down.contiguous(),
+                     (ds / beta).contiguous())
 
 
 def spare_input(a: torch.Tensor, rank: int) -> torch.Tensor:
-    """a [M, K] -> [M, K + rank] with a's columns first (a copy: for inputs no kernel made wide)."""
+    """a [M, K] -> [M, K + rank] with a's columns first (a copy: for inputs no kernel made wide;
+    lora_down_fp8 writes the rest)."""
     out = torch.empty(a.shape[0], a.shape[1] + rank, device=a.device, dtype=a.dtype)
     out[:, :a.shape[1]] = a
     return out
@@ -127,8 +159,8 @@ def spare_input(a: torch.Tensor, rank: int) -> torch.Tensor:
 
 def fused_matmul(a: torch.Tensor, a_scale: torch.Tensor, pack: FusedPack, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
-    """The layer's output with its LoRA: a [M, K] or [M, K + R] fp8 (the quantised input, with the
-    spare columns when the activation kernel left them), a_scale [M, 1] -> [M, N] out_dtype."""
+    """The layer's output with its LoRA: a [M, K] or [M, K + R + PAD] fp8 (the quantised input, with
+    the spare columns when the activation kernel left them), a_scale [M, 1] -> [M, N] out_dtype."""
     from sd35fp8.fast.kernels import lora_down_fp8
 
     if a.shape[1] != pack.k + pack.rank:
