@@ -10,7 +10,9 @@ first --ref-heads heads, for two inputs:
               qk-norm (logit std ~5); v ~ N(0, 1)
 Contenders: sdpa_cudnn, sdpa_flash, triton_bf16, triton_fp8 (quantisation pass + kernel, Hadamard
 rotation of q, k), triton_fp8_nohad (no rotation), triton_fp8_kernel (kernel alone on pre-quantised
-inputs), fp8_quant (quantisation pass alone). For the fp8 rows, `sqnr_vs_emulation_db` compares the
+inputs), triton_fp8_kernel_ftz / _split (the same with the kernel's other exponentials,
+attention_triton.EXP_MODES: the MUFU without subnormal fix-up; half of the tile by a polynomial on
+the FMA pipes), fp8_quant (quantisation pass alone). For the fp8 rows, `sqnr_vs_emulation_db` compares the
 kernel with fp8_attention_emulated (its numerics in torch): >= ~45 dB means it computes what it claims.
 Prints a table; writes JSON (device, versions, date, autotuned configs, rows) to --out.
 
@@ -23,6 +25,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mmdit_parity_gpu import time_ms  # noqa: E402
 
 from sd35fp8.fast.attention import attention_flops, backend_context, sdpa
-from sd35fp8.fast.attention_triton import (attention_fp8, fp8_attention_emulated, quantize_qkv, triton,
+from sd35fp8.fast.attention_triton import (EXP_ENV, attention_fp8, fp8_attention_emulated, quantize_qkv, triton,
                                            triton_attention, tuned_config)
 from sd35fp8.fp8.scaling import sqnr
 
@@ -77,6 +80,16 @@ def contenders(q, k, v) -> dict[str, Callable[[], torch.Tensor]]:
         return run
 
     pre = quantize_qkv(q, k, v)
+
+    def with_exp(mode):
+        def run():
+            os.environ[EXP_ENV] = mode
+            try:
+                return attention_fp8(pre, q.dtype)
+            finally:
+                del os.environ[EXP_ENV]
+        return run
+
     return {
         "sdpa_cudnn": pinned("cudnn"),
         "sdpa_flash": pinned("flash"),
@@ -84,6 +97,8 @@ def contenders(q, k, v) -> dict[str, Callable[[], torch.Tensor]]:
         "triton_fp8": lambda: triton_attention(q, k, v, fp8=True),
         "triton_fp8_nohad": lambda: triton_attention(q, k, v, fp8=True, hadamard=False),
         "triton_fp8_kernel": lambda: attention_fp8(pre, q.dtype),
+        "triton_fp8_kernel_ftz": with_exp("ftz"),
+        "triton_fp8_kernel_split": with_exp("split"),
         "fp8_quant": lambda: quantize_qkv(q, k, v),
     }
 
