@@ -37,24 +37,23 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import InputError
-from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, TRITON_KINDS, attend, backend_context, default_backend
+from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, TRITON_KINDS, attend, backend_context
 from sd35fp8.fast.graphs import GraphCache
-from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, layer_mode, linear_weights, put
+from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, put
 from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
                                    residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.device import MODES, fp8_gemm_fp32, rowwise_scaled_mm
-from sd35fp8.fp8.linear import FP8Linear
-from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale, quantize_rowwise
+from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale
 from sd35fp8.lora import fused
-from sd35fp8.lora.apply import apply_lora, lora_slot, weights_generation
+from sd35fp8.lora.apply import apply_lora, weights_generation
 from sd35fp8.models.mmdit import MMDiT, batched, per_image, per_row
 
 logger = logging.getLogger(__name__)
@@ -140,20 +139,42 @@ def _rms(t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return t if w is None else F.rms_norm(t, (t.shape[-1],), w, eps=1e-6)
 
 
+class Residual(NamedTuple):
+    """x + gate * y not added yet: a block's last residual, which the next block's first LayerNorm pass
+    adds on its way (kernels.residual_ln_modulate_act) instead of a pass of its own (MMDiTEngine defers
+    it between joint blocks; `settle` adds it where a plain tensor is needed)."""
+
+    x: torch.Tensor  # [B, L, C]
+    gate: torch.Tensor  # [B, C]
+    y: torch.Tensor  # [B*L, C]
+
+
+def settle(x: torch.Tensor | Residual) -> torch.Tensor:
+    if isinstance(x, Residual):
+        return torch.addcmul(x.x, x.gate.unsqueeze(1), x.y.view(x.x.shape))
+    return x
+
+
 def _qkv_out(p, name, x, shift, scale, mode, rec, impl):
-    """modulate(LN(x)) -> the qkv linear's output [B, L, 3*C]."""
-    B, L, C = x.shape
+    """modulate(LN(x)) -> (x, the qkv linear's output [B, L, 3*C]); x a Residual: added in the same pass
+    (the returned x is the sum)."""
     mode = _lm(p, name, mode)
-    act = ln_modulate_act(x, shift, scale, mode, p.get(name + ".xs"), impl, _spare(p, name, mode))
-    return _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3 * C)
+    xs, spare = p.get(name + ".xs"), _spare(p, name, mode)
+    if isinstance(x, Residual):
+        x, act = residual_ln_modulate_act(x.x, x.gate, x.y, shift, scale, mode, xs, impl, spare)
+    else:
+        act = ln_modulate_act(x, shift, scale, mode, xs, impl, spare)
+    B, L, C = x.shape
+    return x, _linear_on(p, name, act, mode, x.dtype, rec).view(B, L, 3 * C)
 
 
 def _qkv(p, name, x, shift, scale, mode, heads, rec, impl):
-    """modulate(LN(x)) -> qkv -> q, k, v [B, L, H, D] (q, k RMS-normed)."""
+    """modulate(LN(x)) -> (x, (q, k, v) [B, L, H, D]) (q, k RMS-normed; x as _qkv_out)."""
+    x, qkv = _qkv_out(p, name, x, shift, scale, mode, rec, impl)
     B, L, C = x.shape
-    q, k, v = _qkv_out(p, name, x, shift, scale, mode, rec, impl).view(B, L, 3, heads, C // heads).unbind(2)
+    q, k, v = qkv.view(B, L, 3, heads, C // heads).unbind(2)
     stem = name.rsplit(".", 1)[0]
-    return _rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v
+    return x, (_rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v)
 
 
 # FP8 attention key -> (ctx stem, x stem, ctx proj, x proj): "self" is a single block's attention (x alone)
@@ -201,53 +222,54 @@ def _attn_residual_then_mlp_input(p, s, x, gate, y, shift, scale, mode, impl):
     return residual_ln_modulate_act(x, gate, y, shift, scale, m1, p.get(s + ".fc1.xs"), impl, _spare(p, s + ".fc1", m1))
 
 
-def _mlp_residual(p, s, x, act, gate, mode, rec, impl):
-    """x + gate * fc2(GELU(fc1(act))); act = the fc1 input."""
-    B, L, C = x.shape
+def _mlp_residual(p, s, x, act, gate, mode, rec, impl, defer: bool = False):
+    """x + gate * fc2(GELU(fc1(act))); act = the fc1 input. defer: as a Residual (not added yet)."""
     m1, m2 = _lm(p, s + ".fc1", mode), _lm(p, s + ".fc2", mode)
     h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
     act = gelu_act(h, m2, p.get(s + ".fc2.xs"), impl, _spare(p, s + ".fc2", m2))
     y = _linear_on(p, s + ".fc2", act, m2, x.dtype, rec)
-    return torch.addcmul(x, gate.unsqueeze(1), y.view(B, L, C))
+    res = Residual(x, gate, y)
+    return res if defer else settle(res)
 
 
 def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tensor, mods_x: torch.Tensor,
                 mode: str | None, heads: int, rec: dict | None = None,
-                impl: str = "auto", attn: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
-    """One joint block. ctx [B, Lc, C], x [B, Lx, C]; mods_* [B, n*C] = this block's adaLN output.
+                impl: str = "auto", attn: str = "sdpa", defer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One joint block. ctx [B, Lc, C], x [B, Lx, C] (or Residuals: added by the first LayerNorm pass);
+    mods_* [B, n*C] = this block's adaLN output. defer: return the MLP residuals as Residuals.
 
     Chunks as in the reference: shift, scale, gate (msa), shift, scale, gate (mlp)[, msa2 x3].
     `impl`: the elementwise kernels' implementation (fast/kernels.py act_impl); `attn`: "sdpa" or a
     Triton attention kind (fast/attention.py attend).
     """
-    C = x.shape[-1]
+    C = (x.x if isinstance(x, Residual) else x).shape[-1]
     m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
-    n_ctx = ctx.shape[1]
+    n_ctx = (ctx.x if isinstance(ctx, Residual) else ctx).shape[1]
     if attn == "triton_fp8":  # q/k norm, concatenation and fp8 quantisation in one pass
-        qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
-        qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
+        ctx, qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
+        x, qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
         o_c, o_x = _fp8_attention(p, "attn", qkv_c, qkv_x, n_ctx, heads, mode, rec)  # [B, Lc, C], [B, Lx, C]
     else:
-        qc, kc, vc = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
-        qx, kx, vx = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
+        ctx, (qc, kc, vc) = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
+        x, (qx, kx, vx) = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
         o = attend(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1), attn)  # [B, Lc+Lx, C]
         o_c, o_x = o[:, :n_ctx], o[:, n_ctx:]
     if "c.proj.w" in p:  # not the last (pre-only) context block
         y = _proj(p, "c.proj", o_c, mode, ctx.dtype, rec, impl)
         ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode, impl)
-        ctx = _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl)
+        ctx = _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl, defer)
     y = _proj(p, "x.proj", o_x, mode, x.dtype, rec, impl)
     gate = m(mods_x, 2)
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
         if attn == "triton_fp8":
-            qkv2 = _qkv_out(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, rec, impl)  # [B, Lx, 3C]
+            qkv2 = _qkv_out(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, rec, impl)[1]  # [B, Lx, 3C]
             o2 = _fp8_attention(p, "x.attn2", qkv2, qkv2, 0, heads, mode, rec)[1]  # [B, Lx, C]
         else:
-            o2 = attend(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl), attn)
+            o2 = attend(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl)[1], attn)
         x = torch.addcmul(x, gate.unsqueeze(1), y.view(x.shape))
         y, gate = _proj(p, "x.attn2.proj", o2, mode, x.dtype, rec, impl), m(mods_x, 8)
     x, act = _attn_residual_then_mlp_input(p, "x", x, gate, y, m(mods_x, 3), m(mods_x, 4), mode, impl)
-    x = _mlp_residual(p, "x", x, act, m(mods_x, 5), mode, rec, impl)
+    x = _mlp_residual(p, "x", x, act, m(mods_x, 5), mode, rec, impl, defer)
     return ctx, x
 
 
@@ -277,10 +299,10 @@ def single_block(p: dict, x: torch.Tensor, mods: torch.Tensor, mode: str | None,
     C = x.shape[-1]
     m = lambda i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
     if attn == "triton_fp8":
-        qkv = _qkv_out(p, "x.qkv", x, m(0), m(1), mode, rec, impl)  # [B, L, 3C]
+        qkv = _qkv_out(p, "x.qkv", x, m(0), m(1), mode, rec, impl)[1]  # [B, L, 3C]
         o = _fp8_attention(p, "self", qkv, qkv, 0, heads, mode, rec)[1]  # [B, L, C]
     else:
-        o = attend(*_qkv(p, "x.qkv", x, m(0), m(1), mode, heads, rec, impl), attn)
+        o = attend(*_qkv(p, "x.qkv", x, m(0), m(1), mode, heads, rec, impl)[1], attn)
     y = _proj(p, "x.proj", o, mode, x.dtype, rec, impl)
     x, act = _attn_residual_then_mlp_input(p, "x", x, m(2), y, m(3), m(4), mode, impl)
     return _mlp_residual(p, "x", x, act, m(5), mode, rec, impl)
@@ -488,6 +510,8 @@ class MMDiTEngine(nn.Module):
         rec_ada = None if rec is None else rec[0]
         mods = vec(lambda ci: self._adaln(ci, mode, rec_ada), c)  # [B, sum n_i*C]
         fn = self._block_fn if rec is None and mode == self.fp8_mode else joint_block
+        # eager blocks hand their last residuals on as Residuals (added by the next block's first LN pass)
+        extra = {"defer": True} if fn is joint_block else {}
         with backend_context(None if self._attn != "sdpa" else self.attention_backend):
             for i in range(len(self.blocks)):
                 if i in skip:
@@ -495,12 +519,12 @@ class MMDiTEngine(nn.Module):
                 blk = self._block_weights(i)
                 (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
                 ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
-                                 None if rec is None else rec[1][i], self.kernels, self._attn)
+                                 None if rec is None else rec[1][i], self.kernels, self._attn, **extra)
                 if self.streamer is not None:
                     self.streamer.done(i)
                 if control is not None and control[i] is not None:  # ControlNet residual [B, hp*wp, C]
-                    tokens = tokens + control[i].to(dt)
-        out = model.final_layer(tokens, c, vec)  # [B, hp*wp, p*p*out]
+                    tokens = settle(tokens) + control[i].to(dt)
+        out = model.final_layer(settle(tokens), c, vec)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
         return out.to(x.dtype)
