@@ -102,8 +102,6 @@ def test_offload_flags(monkeypatch):
 
 def test_run_and_serve_pass_engine_flags(monkeypatch, tmp_path):
     """`run` and `serve` take the same engine flags as `generate` and hand them to the executor."""
-    import importlib
-
     import sd35fp8.workflow as workflow
 
     server_serve = importlib.import_module("sd35fp8.server.serve")  # the package re-exports a function of that name

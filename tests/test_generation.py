@@ -13,7 +13,7 @@ from sd35fp8 import generation
 from sd35fp8.defaults import MEDIUM
 from sd35fp8.models.vae import image_to_uint8
 from sd35fp8.pipeline import SD35Pipeline
-from sd35fp8.sampling import Conditioning, prepare_noise
+from sd35fp8.sampling import prepare_noise
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def test_slg_reference_window_counts_calls():
     skipped_at = []
     for i in range(steps):
         n = len(model.calls)
-        out = den(x, torch.full((1,), 1.0 - i / steps))
+        den(x, torch.full((1,), 1.0 - i / steps))
         if len(model.calls) - n == 2:
             skipped_at.append(i)
             assert model.calls[-1]["skip"] == (7, 8, 9) and model.calls[-1]["batch"] == 1

@@ -26,7 +26,7 @@ from PIL import Image
 
 from comfy_models import RecordingExecutor, WORKFLOWS, build_models_folder
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
-from sd35fp8.workflow import ModelFolders, PromptExecutor
+from sd35fp8.workflow import ModelFolders
 
 pytestmark = pytest.mark.skipif(not SHIPPED_CHECKPOINT.exists(), reason="shipped model weights not built")
 

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
 from sd35fp8.server import create_app
-from sd35fp8.workflow import ModelFolders
 from sd35fp8.workflow.engine import load_image
 from test_server import TESTCLIENT_HOSTS, make_fake_executor
 
