@@ -36,7 +36,7 @@ from sd35fp8.fp8.device import MODES, choose_mode
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.fp8.policy_sd35 import default_policy, default_t5_policy
 from sd35fp8.fp8.quantize import Policy, model_weight_bytes
-from sd35fp8.fp8.scaling import FP8_DTYPE, amax_to_scale, quantize_weight, to_fp8_saturated
+from sd35fp8.fp8.scaling import FP8_DTYPE, quantize_weight
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig
 from sd35fp8.text.encoders import build_t5, plan_text_encoder_keys, t5_config_from_state_dict
 

@@ -13,7 +13,6 @@ layers with their scales.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -21,8 +20,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from sd35fp8.checkpoints.sources import (FP8_DTYPES, Components, Fp8Layout, PlannedSource, TensorSource, fp8_layout,
-                                         open_component, open_components)
+from sd35fp8.checkpoints.sources import (FP8_DTYPES, Components, Fp8Layout, TensorSource, fp8_layout,
+                                         open_components)
 from sd35fp8.errors import CheckpointError
 
 log = logging.getLogger(__name__)

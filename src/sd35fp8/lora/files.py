@@ -21,7 +21,7 @@ import torch
 from sd35fp8.checkpoints.safetensors_file import SafetensorsFile
 from sd35fp8.errors import CheckpointError
 
-from .keys import REFUSED, SUFFIXES, Target, max_diffusers_block, other_model, resolve_stem, split_key
+from .keys import REFUSED, SUFFIXES, max_diffusers_block, other_model, resolve_stem, split_key
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sd35fp8.errors import InputError
-from sd35fp8.server.history import MAX_HISTORY, PromptHistory, join_wrapped
+from sd35fp8.server.history import MAX_HISTORY, PromptHistory
 from sd35fp8.server.journal import Journal
 from sd35fp8.workflow.batch import batch_key
 

@@ -16,7 +16,6 @@ scales: taken from the file when every FP8 layer has one, else calibrated on a f
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..fast import PlainForward
-from . import ALL_MODES, BASELINE, FP8_MODES, detector, world
+from . import ALL_MODES, BASELINE, detector, world
 
 log = logging.getLogger(__name__)
 
