@@ -22,17 +22,20 @@ per-row scale folded into 1 / beta (the down projection as an fp8 x fp8 MMA), or
 SD35FP8_LORA_DOWN=bf16. H100, Large, rank 64 on every linear (benchmarks/results/
 lora_nvidia-h100-80gb-hbm3_pad.json, one process): step overhead over the base step 11.8 % (bf16 D,
 no padding), 10.1 % (e4m3 D), 8.2 % (bf16 D, padded), 6.7 % (e4m3 D, padded), SQNR against the
-merged model 26.53 dB with bf16 D and 26.49 dB with e4m3 D. The scales: a product h8 * U8 is at most 448^2, and R terms must carry what K terms carry
-in the base GEMM, so h8 aims at rms H_RMS for an input row of rms X_RMS (beta_j = |D_j| X_RMS / H_RMS,
-leaving 448 / H_RMS headroom before the clamp), and a row n whose U8 would pass 448 moves part of its
-scale into the weight by a power of 2, e[n] (exact for W8 values above 2^(e - 6); at e = 10 the
+merged model 26.53 dB with bf16 D and 26.49 dB with e4m3 D.
+
+The scales: a product h8 * U8 is at most 448^2, and R terms must carry what K terms carry in the
+base GEMM, so h8 aims at rms H_RMS for an input row of rms X_RMS (beta_j = |D_j| X_RMS / H_RMS,
+leaving 448 / H_RMS headroom before the clamp), and a row n whose U8 would pass 448 moves part of
+its scale into the weight by a power of 2, e[n] (exact for W8 values above 2^(e - 6); at e = 10 the
 values under 16, of an rms near 100, lose bits: ~-50 dB; a layer with a row needing more than
 MAX_SHIFT keeps the separate road). Measured error:
 tests/test_lora_fused.py, benchmarks/lora.py (SQNR against the merged float reference).
 
 Cost: B is a copy of the layer's fp8 weight per LoRA set (Large, rank 64 on every joint-block linear:
 ~5.5 GB), so packs are only built while the device keeps RESERVE_BYTES free after them (else the layer
-takes apply_lora), and a graph captured for a LoRA set keeps its packs alive (graphs of at most fast/graphs.py MAX_STATES sets are kept). DoRA terms, ranks
+takes apply_lora), and a graph captured for a LoRA set keeps its packs alive (graphs of at most
+fast/graphs.py MAX_STATES sets are kept). DoRA terms, ranks
 above MAX_RANK, 16-bit / weight-only layers, torch.compile'd blocks, streamed blocks (offload
 sequential: fast/step.py _lora_pack) and devices without rowwise `_scaled_mm` take apply_lora. SD35FP8_LORA_FUSED=0 turns the road off.
 """
