@@ -9,6 +9,7 @@
 each step count uncached and at each cache threshold (same seeds): full-step ratio (model calls over
 full MMDiT evaluations), mean PSNR of each cached image against its uncached image, detector score
 (overall, points) delta against uncached. Writes benchmarks/results/faster_tiny_<device>.json.
+`--rule input --reuse velocity` measures the earlier cache (TeaCache indicator, last velocity reused).
 
 `large`: random-weight SD3.5 Large MMDiT (fp8 dynamic, benchmarks/paths.py's setup), 1024², CFG batch 2,
 154 context tokens: step ms (CUDA graph replay, median) with BF16 attention (cuDNN SDPA) and with FP8
@@ -53,10 +54,13 @@ def versions() -> dict:
 # ---------------------------------------------------------------- tiny: cache fidelity
 def tiny(args) -> dict:
     from sd35fp8.pipeline import SD35Pipeline, shipped_model_path
+    from sd35fp8 import step_cache
     from sd35fp8.step_cache import DEFAULT_CACHE_THRESHOLD
     from sd35fp8.tiny import detector, world
     from sd35fp8.tiny.evaluate import psnr
 
+    step_cache.RULE = args.rule or step_cache.RULE  # read by every StepCache the pipeline builds
+    step_cache.REUSE = args.reuse or step_cache.REUSE
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
     items = world.eval_items(args.n, seed=args.seed)
@@ -96,7 +100,8 @@ def tiny(args) -> dict:
     result = {"device": device_slug(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "versions": versions(), "model": "shipped tiny model", "n": args.n, "seed": args.seed,
               "sampler": sampler, "scheduler": d.scheduler, "cfg": d.cfg, "size": d.width,
-              "default_threshold": DEFAULT_CACHE_THRESHOLD, "rows": rows}
+              "default_threshold": DEFAULT_CACHE_THRESHOLD, "cache_rule": step_cache.RULE,
+              "cache_reuse": step_cache.REUSE, "rows": rows}
     out = Path(args.out) if args.out else RESULTS / f"faster_tiny_{device_slug(dev)}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
@@ -352,6 +357,10 @@ def main() -> None:
     t.add_argument("--device", default=None)
     t.add_argument("--sampler", default=None, help="default: the model's (euler_ancestral)")
     t.add_argument("--workers", type=int, default=1, help="detector scoring processes")
+    t.add_argument("--rule", default=None, choices=("error", "input"),
+                   help="step_cache rule (default: step_cache.RULE); 'input' + --reuse velocity: the earlier cache")
+    t.add_argument("--reuse", default=None, choices=("linear", "velocity", "x0"),
+                   help="what a skipped call returns (default: step_cache.REUSE)")
     t.add_argument("--out", default=None)
     ta = sub.add_parser("tiny-attention")
     ta.add_argument("--n", type=int, default=200)

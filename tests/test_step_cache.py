@@ -1,6 +1,8 @@
 """Step caching (sd35fp8.step_cache) on CPU: the indicator is the first block's real qkv input, threshold 0
-changes nothing, a large threshold computes only the pinned first and last evaluations, a skipped call
-returns the last full velocity, and the option reaches the pipeline."""
+changes nothing, a large threshold computes only the pinned first and last evaluations (and, with the
+default "error" rule, the second one: the forecast needs two), a skipped call returns the linear forecast
+from the last two full velocities (exact for a velocity linear in sigma) or, with reuse "velocity", the last
+full velocity, the error rule measures its forecast's error, and the option reaches the pipeline."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.pipeline import SD35Pipeline
 from sd35fp8.sampling import Conditioning, get_sigmas
-from sd35fp8.step_cache import StepCache, check_threshold, first_block_input, relative_l1
+from sd35fp8.step_cache import StepCache, check_threshold, extrapolate, first_block_input, relative_l1
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,10 @@ def test_thresholds_checked(mmdit):
             check_threshold(bad)
     with pytest.raises(InputError, match="not an MMDiT"):
         StepCache(lambda *a, **k: None, 0.1, [1.0, 0.0])
+    with pytest.raises(InputError, match="rule"):
+        StepCache(mmdit, 0.1, [1.0, 0.0], rule="nope")
+    with pytest.raises(InputError, match="reuse"):
+        StepCache(mmdit, 0.1, [1.0, 0.0], reuse="nope")
 
 
 class Counting:
@@ -94,20 +100,82 @@ def test_threshold_zero_is_the_uncached_run(mmdit):
     assert torch.equal(plain, _sample(Counting(mmdit), 0.0))
 
 
-def test_large_threshold_keeps_first_and_last_only(mmdit):
-    """Euler with a huge threshold: the first and the last evaluation run the model, the others reuse
-    the first velocity (so the result is one straight Euler line from the first velocity, except the last)."""
+@pytest.mark.parametrize("rule, reuse, full", [("error", "linear", 4), ("input", "velocity", 2), ("input", "linear", 2)])
+def test_large_threshold_keeps_first_and_last_only(mmdit, monkeypatch, rule, reuse, full):
+    """Euler with a huge threshold: the first and the last evaluation run the model (the "error" rule also
+    the second, nothing to extrapolate from before, and the fourth, one skip until the forecast error has
+    been measured), the others are forecast. The module's RULE / REUSE
+    are the defaults generation.sample's cache gets."""
+    from sd35fp8 import step_cache
+    monkeypatch.setattr(step_cache, "RULE", rule)
+    monkeypatch.setattr(step_cache, "REUSE", reuse)
     m = Counting(mmdit)
     stats: dict = {}
     cached = _sample(m, 1e9, steps=8, stats=stats)
-    assert stats == {"calls": 8, "full": 2, "skipped": 6} and m.calls == 2
+    assert stats == {"calls": 8, "full": full, "skipped": 8 - full} and m.calls == full
     plain = _sample(Counting(mmdit), 0.0, steps=8)
     assert not torch.equal(cached, plain) and torch.isfinite(cached).all()
 
 
+class LinearVelocity:
+    """A stand-in MMDiT (the error rule never reads its blocks) whose velocity is a + b * sigma."""
+
+    joint_blocks, x_embedder, config = (), None, None
+
+    def __init__(self, bend: float = 0.0):
+        g = torch.Generator().manual_seed(5)
+        self.a, self.b = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+        self.bend, self.calls = bend, 0
+
+    def __call__(self, x, sigma, context, pooled, skip_layers=(), **extra):
+        self.calls += 1
+        s = float(sigma.reshape(-1)[0])
+        return self.a + self.b * s + self.bend * s * s * self.b
+
+
+def test_extrapolate():
+    v0, v1 = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0])
+    torch.testing.assert_close(extrapolate(0.6, 0.8, v1, 1.0, v0), torch.tensor([3.0, 2.0]))
+    assert extrapolate(0.6, 0.8, v1, 0.8, v0) is v1
+
+
+def test_error_rule_forecasts_linear_velocity_exactly():
+    """A velocity linear in sigma: the forecast error measured at the third full call is 0, so every
+    later call but the pinned last one is skipped, and each skipped call returns the exact velocity."""
+    model = LinearVelocity()
+    sig = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0]
+    cache = StepCache(model, 1e-3, sig)  # defaults: rule "error", reuse "linear"
+    x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
+    full = []
+    for s in sig[:-1]:
+        n = model.calls
+        v = cache(x, torch.full((2,), s), ctx, pooled)
+        full.append(model.calls > n)
+        torch.testing.assert_close(v, model.a + model.b * s, atol=1e-5, rtol=1e-5)
+    # 0.8: the change the forecast would add is over 1e-3, so it runs and measures kappa = 0 (to rounding)
+    assert full == [True, True, True, False, False, False, True]
+    assert cache.streams and next(iter(cache.streams.values())).kappa == pytest.approx(0.0, abs=1e-4)
+
+
+def test_error_rule_threshold_bounds_the_estimate():
+    """A bent velocity: the estimate (kappa * |(s - s1)(s - s0)| * step weight, accumulated) grows with
+    the distance to the last full calls, so a small threshold skips fewer calls than a large one and 0+
+    skips none."""
+    counts = {}
+    for th in (1e-9, 0.05, 1e9):
+        model = LinearVelocity(bend=1.0)
+        sig = torch.linspace(1, 0, 21)
+        cache = StepCache(model, th, sig)
+        x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
+        for s in sig[:-1]:
+            cache(x, torch.full((2,), float(s)), ctx, pooled)
+        counts[th] = cache.stats["full"]
+    assert counts[1e-9] == 20 and counts[1e9] == 4 and 4 < counts[0.05] < 20
+
+
 def test_skip_returns_last_velocity_and_condition_change_recomputes(mmdit):
     m = Counting(mmdit)
-    cache = StepCache(m, 1e9, [1.0, 0.9, 0.5, 0.1, 0.0])
+    cache = StepCache(m, 1e9, [1.0, 0.9, 0.5, 0.1, 0.0], rule="input", reuse="velocity")  # the earlier cache
     x, _, ctx, pooled = _inputs(mmdit)
     v1 = cache(x, torch.full((2,), 1.0), ctx, pooled)  # first sigma: computed
     v2 = cache(x * 0.9, torch.full((2,), 0.9), ctx, pooled)  # skipped: the same velocity
@@ -120,6 +188,18 @@ def test_skip_returns_last_velocity_and_condition_change_recomputes(mmdit):
     assert m.calls == 4 and cache.stats == {"calls": 5, "full": 4, "skipped": 1}
 
 
+def test_linear_reuse_extrapolates_the_last_two_full_velocities(mmdit):
+    m = Counting(mmdit)
+    cache = StepCache(m, 1e9, [1.0, 0.9, 0.8, 0.5, 0.1, 0.0])
+    x, _, ctx, pooled = _inputs(mmdit)
+    v1 = cache(x, torch.full((2,), 1.0), ctx, pooled)  # pinned
+    v2 = cache(x * 0.9, torch.full((2,), 0.9), ctx, pooled)  # computed: one full call, nothing to extrapolate
+    assert m.calls == 2
+    v3 = cache(x * 0.8, torch.full((2,), 0.8), ctx, pooled)  # skipped: the line through v1, v2 at 0.8
+    assert m.calls == 2
+    torch.testing.assert_close(v3, v2 + (v2 - v1), atol=1e-5, rtol=1e-5)
+
+
 def test_pipeline_option(tiny_random_checkpoint):
     """cache_threshold reaches the generation core through the pipeline (engine road) and reports counts."""
     path, _ = tiny_random_checkpoint
@@ -128,7 +208,7 @@ def test_pipeline_option(tiny_random_checkpoint):
     plain = pipe("a red circle", **kw)
     assert pipe.stats.cache == {}
     cached = pipe("a red circle", cache_threshold=1e9, **kw)
-    assert pipe.stats.cache == {"calls": 6, "full": 2, "skipped": 4}
+    assert pipe.stats.cache == {"calls": 6, "full": 4, "skipped": 2}
     assert cached.latents.shape == plain.latents.shape and not torch.equal(cached.latents, plain.latents)
     with pytest.raises(InputError, match="cache threshold"):
         pipe("a red circle", cache_threshold=-1, **kw)

@@ -79,10 +79,9 @@ def defaults_for(depth: int, mmdit_x: bool, metadata: Mapping[str, str] | None =
 
 
 # Step caching (step_cache.py): the threshold of `--cache-threshold` given without a value (off when
-# the flag is absent). Chosen on the shipped model with euler, 200 held-out items on the H200 (benchmarks/results/faster_tiny_euler_nvidia-h200.json):
-# 0.10 = 1.43x (20 steps) / 1.65x (28 steps) fewer MMDiT evaluations at mean PSNR 32.2 / 33.9 dB
-# against the uncached image; 0.12-0.15 reach 1.5-2.3x but at 28.4-29.4 dB. No threshold gave both
-# >= 1.8x and >= 30 dB there; this one keeps the fidelity. Ancestral samplers re-inject noise at every
-# step, which the indicator sees as change: they need ~3x the threshold for the same skip rate
-# (faster_tiny_ancestral_nvidia-h200.json).
-DEFAULT_CACHE_THRESHOLD = 0.10
+# the flag is absent), on the "error" rule's scale (linear forecast, estimated forecast error). Chosen
+# on the shipped model with euler, 256 held-out items, CPU (benchmarks/results/faster_tiny_euler_cpu.json):
+# 0.2 = 1.82x (20 steps) / 2.02x (28 steps) fewer MMDiT evaluations at mean PSNR 33.0 / 38.3 dB against
+# the uncached image, detector score -3.1 / -2.0 points; 0.3-0.5 give 2.16-2.35x at 28 steps but
+# 34.3-31.6 dB and -2.0 to -6.6 points. The earlier TeaCache-style cache (rule "input") used 0.10.
+DEFAULT_CACHE_THRESHOLD = 0.2
