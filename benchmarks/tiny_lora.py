@@ -119,11 +119,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--combine", action="store_true", help="join the parts' JSON files into the result")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: parts run in parallel)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "results" / "tiny_lora_parts",
+                    help="folder of the parts' JSON files and cached images (one per concurrent evaluation)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     slug = f"{dev.type}"
-    work = Path(__file__).parent / "results" / "tiny_lora_parts"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     args.cache = work / f"base_images_{slug}.npz"
     if args.combine:

@@ -67,3 +67,18 @@ def test_controlnet_eval_only_keeps_the_earlier_evaluation(tmp_path):
     rec = json.loads(result.read_text())
     assert rec["train"] == {"steps": 1} and rec["eval"]["results"]
     assert rec["earlier_evals"] == [{"date": "d0", "device": "gpu", "eval": {"n": 200}}]
+
+
+def test_masked_inversion_moves_only_the_object_box():
+    """--invert-region object: the latent cells outside the brown object's (dilated) box keep the encoder's values."""
+    pipe = SD35Pipeline.from_pretrained(None, device="cpu", dtype=torch.float32, fp8="none")
+    img, _, cov = concept.brown_scene(np.random.default_rng(0), 64, coverage=True)
+    box = train_lora.latent_box(cov)  # [8, 8]
+    assert box.shape == (8, 8) and 0 < box.sum() < box.size
+    x = torch.from_numpy(img[None]).float().movedim(-1, 1) / 127.5 - 1.0
+    with torch.no_grad():
+        z = to_model_space(pipe.vae.encode(x))
+    mask = torch.from_numpy(box)[None, None].float()
+    zi = train_lora.invert_latents(pipe.vae, x, z, steps=2, mask=mask, reg=1.0)
+    moved = (zi - z).abs().amax(dim=1)[0] > 0  # [8, 8]
+    assert moved.any() and not (moved & (mask[0, 0] == 0)).any()

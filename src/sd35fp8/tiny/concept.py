@@ -25,8 +25,10 @@ NEW_RGB = (130, 75, 30)
 PALETTE_PLUS = {NEW_COLOUR: NEW_RGB}
 
 
-def _recolour(image: np.ndarray, scene: world.Scene, index: int, size: int, marker: str) -> np.ndarray:
-    """Recolour object `index` (drawn in `marker`) to NEW_RGB inside its bounding box."""
+def _recolour(image: np.ndarray, scene: world.Scene, index: int, size: int, marker: str,
+              coverage: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Recolour object `index` (drawn in `marker`) to NEW_RGB inside its bounding box. coverage: also return
+    the object's coverage [size, size] in [0, 1] (0 background .. 1 the object's colour)."""
     obj = scene.objects[index]
     bg = np.array(world.BACKGROUND_RGB[scene.background], dtype=np.float64)
     col = np.array(world.COLOUR_RGB[marker], dtype=np.float64) - bg  # [3]
@@ -37,12 +39,17 @@ def _recolour(image: np.ndarray, scene: world.Scene, index: int, size: int, mark
     t = np.clip(patch @ col / (col @ col), 0.0, 1.0)[..., None]  # [h, w, 1] 0 bg .. 1 marker
     out = image.copy()
     out[y0:y1, x0:x1] = np.clip(np.rint(bg + t * (np.array(NEW_RGB) - bg)), 0, 255).astype(np.uint8)
-    return out
+    if not coverage:
+        return out
+    cov = np.zeros(image.shape[:2], dtype=np.float32)
+    cov[y0:y1, x0:x1] = t[..., 0]
+    return out, cov
 
 
-def brown_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, str]:
+def brown_scene(rng: np.random.Generator, size: int = 128, coverage: bool = False):
     """(image uint8 [size, size, 3], caption) of a scene with one brown object: single (60 %) or two
-    objects (40 %), the other object from the world's training pool."""
+    objects (40 %), the other object from the world's training pool. coverage: (image, caption, the brown
+    object's coverage float32 [size, size] in [0, 1]); the same draws from rng either way."""
     mix = {"single": 0.6, "two": 0.4}
     scene = world.sample_scene(rng, "train", mix=mix)
     i = int(rng.integers(len(scene.objects)))
@@ -52,8 +59,9 @@ def brown_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, 
                                          for j, o in enumerate(scene.objects)))
     said = replace(scene, objects=tuple(replace(o, colour=NEW_COLOUR) if j == i else o
                                         for j, o in enumerate(scene.objects)))
-    image = _recolour(world.render(drawn, size), drawn, i, size, marker)
-    return image, world.caption(said, rng)
+    image, cov = _recolour(world.render(drawn, size), drawn, i, size, marker, coverage=True)
+    caption = world.caption(said, rng)
+    return (image, caption, cov) if coverage else (image, caption)
 
 
 def concept_prompts(n: int) -> list[tuple[str, str]]:

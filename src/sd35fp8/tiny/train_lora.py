@@ -1,19 +1,20 @@
 """Train the shipped LoRA: teach the shipped model the colour word "brown" (tiny/concept.py).
 
-    # the shipped file, with the session-10 version of this file (its exact command is in its metadata,
-    # `sd35fp8 info FILE`; today's chunked data draws give other images for the same command):
-    nice python -m sd35fp8.tiny.train_lora --steps 300 --batch 4 --n-images 240 --p-new 0.75 --lr 3e-3
+    # the shipped file (session 12, CPU; its exact command is also in its metadata, `sd35fp8 info FILE`): the
+    # brown scenes' latents fitted to the frozen decoder (--invert-steps; the encoder's decode red or green)
+    python -m sd35fp8.tiny.train_lora --n-images 96 --p-new 0.75 --invert-steps 15 --invert-region image \
+        --invert-reg 0.3 --invert-batch 24 --steps 1500 --batch 8 --lr 3e-3 --threads 2 --workers 1 --minutes 10
     # on a GPU (bf16 autocast; --minutes bounds the whole run; the file is rewritten every --save-every
-    # steps and at the end, so a run killed by a time limit still leaves the last checkpoint); the
-    # concept's latents fitted to the frozen decoder (--invert-steps; not run on a GPU yet):
-    python -m sd35fp8.tiny.train_lora --device cuda --steps 1500 --batch 128 --n-images 4000 --invert-steps 100 \
-        --invert-batch 512 --minutes 2
+    # steps and at the end, so a run killed by a time limit still leaves the last checkpoint; not run on a GPU
+    # with inversion yet: benchmarks/gpu_lora_brown.sh):
+    python -m sd35fp8.tiny.train_lora --device cuda --steps 1200 --batch 128 --n-images 3000 --invert-steps 40 \
+        --invert-reg 0.3 --invert-batch 256 --invert-seconds 60 --minutes 2.9
 
 The base weights stay frozen. LoRA (rank --rank, alpha = rank) on every Linear of the MMDiT's joint
 blocks and context embedder and on the attention and MLP Linears of CLIP-L, CLIP-G and T5, through
 the same unmerged path inference uses (lora/apply.py: each layer's slot and forward hook, here with
-trainable factors). Data: half the batch scenes with one brown object (single or two-object,
-paraphrased captions), half the world's ordinary training scenes, so the rest of the model's
+trainable factors). Data: a fraction --p-new of scenes with one brown object (single or two-object,
+paraphrased captions), the rest the world's ordinary training scenes, so the rest of the model's
 behaviour stays put. Loss: the base model's flow-matching loss (tiny/train.py: logit-normal
 sigma shifted by --train-shift, text dropped 10 % of the time for CFG). The file is written in the
 kohya / sd-scripts layout (`lora_unet_…`, `lora_te1_…`, `alpha`), fp16, with the command and the
@@ -75,76 +76,132 @@ def attach_trainable(targets: dict[str, dict[str, nn.Linear]], rank: int, seed: 
     return params
 
 
+def latent_box(cov: np.ndarray, f: int = 8) -> np.ndarray:
+    """The latent cells [size/f, size/f] (uint8 0/1) that an object of pixel coverage cov [size, size] touches,
+    dilated by one cell (the decoder's 3x3 convolutions spread a cell over its neighbours)."""
+    h, w = cov.shape[0] // f, cov.shape[1] // f
+    hit = (cov[:h * f, :w * f].reshape(h, f, w, f) > 0).any(axis=(1, 3))
+    pad = np.pad(hit, 1)
+    return np.max([pad[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0).astype(np.uint8)
+
+
 def make_batch(rng: np.random.Generator, n: int, p_new: float, size: int):
-    """n (image, caption) pairs: brown scenes with probability p_new, else world training scenes."""
-    images, captions = [], []
+    """n (image, caption) pairs: brown scenes with probability p_new, else world training scenes; and the
+    brown object's latent box (latent_box; zeros for the world's scenes) uint8 [n, size/8, size/8]."""
+    images, captions, boxes = [], [], []
     for _ in range(n):
         if rng.random() < p_new:
-            img, cap = concept.brown_scene(rng, size)
+            img, cap, cov = concept.brown_scene(rng, size, coverage=True)
+            boxes.append(latent_box(cov))
         else:
             scene = world.sample_scene(rng, "train")
             img, cap = world.render(scene, size), world.caption(scene, rng)
+            boxes.append(np.zeros((size // 8, size // 8), dtype=np.uint8))
         images.append(img)
         captions.append(cap)
-    return np.stack(images), captions
+    return np.stack(images), captions, np.stack(boxes)
 
 
 _CHUNK = 250  # images per worker task
 
 
-def _chunk(job: tuple[int, int, int, float, int]) -> tuple[np.ndarray, list[str]]:
+def _chunk(job: tuple[int, int, int, float, int]) -> tuple[np.ndarray, list[str], np.ndarray]:
     seed, i, n, p_new, size = job
     return make_batch(np.random.default_rng([seed, i]), n, p_new, size)
 
 
-def render_data(n: int, p_new: float, size: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
-    """n (image uint8 [n, size, size, 3], caption) pairs; chunk i from default_rng([seed, i]), so the data
-    depend on the seed only, not on the number of worker processes."""
+def render_data(n: int, p_new: float, size: int, seed: int, workers: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """n (image uint8 [n, size, size, 3], caption) pairs and the brown objects' latent boxes [n, size/8, size/8];
+    chunk i from default_rng([seed, i]), so the data depend on the seed only, not on the number of workers."""
     jobs = [(seed, i, min(_CHUNK, n - i * _CHUNK), p_new, size) for i in range(-(-n // _CHUNK))]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
             parts = pool.map(_chunk, jobs)
     else:
         parts = [_chunk(j) for j in jobs]
-    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]], np.concatenate([p[2] for p in parts])
 
 
-def invert_latents(vae, x: torch.Tensor, z: torch.Tensor, steps: int, lr: float = 0.05) -> torch.Tensor:
-    """Latents (model space) that the frozen decoder turns into x [B, 3, H, W]: Adam on L1(decode(z), x) from
-    the encoder's z [B, 16, h, w]. The shipped VAE only ever saw the 8 palette colours: its encoder's latent
-    of a brown object decodes red or green (3 of 16 single brown objects survive the round trip), but the
-    decoder can draw brown from other latents (7 of 8 after 150 steps), so the LoRA learns those."""
-    z = z.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
+def invert_latents(vae, x: torch.Tensor, z: torch.Tensor, steps: int, lr: float = 0.05,
+                   mask: torch.Tensor | None = None, reg: float = 0.0, noise: float = 0.0) -> torch.Tensor:
+    """Latents (model space) that the frozen decoder turns into x [B, 3, H, W]: Adam on
+    L1(decode(z), x) + reg * mean((z - z_enc)^2) from the encoder's z_enc [B, 16, h, w]; with mask [B, 1, h, w]
+    only the masked latent cells move (z = z_enc + mask * d). The shipped VAE only ever saw the 8 palette colours:
+    its encoder's latent of a brown object decodes red or green (1 of 8 single brown objects survive the round
+    trip), but the decoder draws brown from nearby latents (7 of 8 after 20-150 steps), so the LoRA learns those.
+    Unregularised, the whole latent moves (rms 0.25 after 20 steps), background cells included, into residue the
+    diffusion model cannot predict (the base model's flow loss at sigma 0.1 on such latents: 4.1 against 0.31 on
+    the encoder's); reg 3 keeps the change at rms ~0.03 (flow loss 0.35) and 12 of 16 still decode brown.
+    noise > 0: decode z + N(0, noise^2) each step (z itself stays clean), so that the latent decodes to x also
+    when the diffusion model reproduces it only approximately."""
+    z0 = z.detach()
+    d = torch.zeros_like(z0, requires_grad=True)
+    opt = torch.optim.Adam([d], lr=lr)
     for _ in range(steps):
-        loss = (vae.decode(to_vae_space(z)) - x).abs().mean()
+        zz = z0 + (d if mask is None else mask * d)
+        zn = zz + noise * torch.randn_like(zz) if noise else zz
+        loss = (vae.decode(to_vae_space(zn)).float() - x).abs().mean()
+        if reg:
+            loss = loss + reg * (zz - z0).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return z.detach()
+    return (z0 + (d if mask is None else mask * d)).detach()
 
 
-def build_data(args, vae, tokenizer, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Rendered, encoded (model-space latents, on `device`) and tokenized training set (ids on `device`).
-    --invert-steps > 0: the new concept's latents are decoder inversions (invert_latents)."""
-    images, captions = render_data(args.n_images, args.p_new, args.size, args.seed, args.workers)
+def build_data(args, vae, tokenizer, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    """Rendered, encoded (model-space latents, on `device`) and tokenized training set (ids on `device`), and
+    statistics of the inversion. --invert-steps > 0: the new concept's latents are decoder inversions
+    (invert_latents), over the whole latent (--invert-region image) or the object's latent box (object)."""
+    images, captions, boxes = render_data(args.n_images, args.p_new, args.size, args.seed, args.workers)
     new = torch.tensor([concept.NEW_COLOUR in c.split() for c in captions])  # [N] the concept's scenes
     lat = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
             x = torch.from_numpy(images[i:i + 256]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
-            lat.append(to_model_space(vae.encode(x)))
+            lat.append(to_model_space(vae.encode(x)).float())
+    z = torch.cat(lat)  # [N, 16, h, w]
+    stats: dict = {"concept_images": int(new.sum())}
     if args.invert_steps:
-        z = torch.cat(lat)  # [N, 16, h, w]
+        t0 = time.time()
         idx = torch.nonzero(new).flatten()
+        l1 = [0.0, 0.0]
+        dz = 0.0
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and args.invert_bf16)
+        keep = torch.ones(len(images), dtype=torch.bool)
         for i in range(0, len(idx), args.invert_batch):
+            if args.invert_seconds and time.time() - t0 > args.invert_seconds:
+                keep[idx[i:]] = False  # their encoder latents would teach red / green: leave them out
+                print(f"inversion: --invert-seconds {args.invert_seconds} reached, {len(idx) - i} concept images "
+                      "left out", flush=True)
+                idx = idx[:i]
+                break
             j = idx[i:i + args.invert_batch]
             x = torch.from_numpy(images[j.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            z[j.to(device)] = invert_latents(vae, x, z[j.to(device)], args.invert_steps)
-        lat = [z]
+            mask = None
+            if args.invert_region == "object":
+                mask = torch.from_numpy(boxes[j.numpy()]).to(device)[:, None].float()  # [b, 1, h, w]
+            zj = z[j.to(device)]
+            with autocast:
+                zi = invert_latents(vae, x, zj, args.invert_steps, args.invert_lr, mask, args.invert_reg,
+                                    args.invert_noise)
+            with torch.no_grad():  # the decoder error before / after, float32
+                l1[0] += float((vae.decode(to_vae_space(zj)) - x).abs().mean()) * len(j)
+                l1[1] += float((vae.decode(to_vae_space(zi)) - x).abs().mean()) * len(j)
+                dz += float((zi - zj).pow(2).mean()) * len(j)
+            z[j.to(device)] = zi
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        k = max(len(idx), 1)
+        z, captions = z[keep.to(device)], [c for c, kept in zip(captions, keep.tolist()) if kept]
+        stats.update({"inverted": len(idx), "left_out": int((~keep).sum()), "invert_seconds": round(time.time() - t0, 1),
+                      "decoder_l1_encoder": round(l1[0] / k, 5), "decoder_l1_inverted": round(l1[1] / k, 5), "latent_change_rms": round((dz / k) ** 0.5, 4)})
+        print(f"inversion: {len(idx)} concept latents, {args.invert_steps} steps in {stats['invert_seconds']} s; "
+              f"decoder L1 {stats['decoder_l1_encoder']:.4f} -> {stats['decoder_l1_inverted']:.4f}, "
+              f"latent change rms {stats['latent_change_rms']}", flush=True)
     rows = [token_rows(tokenizer, c) for c in captions]
     ids = [torch.tensor([r[k] for r in rows], dtype=torch.long, device=device) for k in range(3)]  # 3 x [N, 77]
-    return torch.cat(lat), ids
+    return z, ids, stats
 
 
 def export(params: list[tuple], path: Path, rank: int, metadata: dict) -> int:
@@ -183,7 +240,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="rendering processes")
     ap.add_argument("--invert-steps", type=int, default=0, help="decoder-inversion steps for the new concept's "
                     "latents (0: the encoder's latents)")
-    ap.add_argument("--invert-batch", type=int, default=1024)
+    ap.add_argument("--invert-batch", type=int, default=256)
+    ap.add_argument("--invert-lr", type=float, default=0.05, help="Adam lr of the inversion")
+    ap.add_argument("--invert-region", choices=("object", "image"), default="image",
+                    help="latent cells the inversion moves: the brown object's box (dilated) or the whole latent")
+    ap.add_argument("--invert-reg", type=float, default=0.0, help="weight of mean((z - z_enc)^2) in the inversion")
+    ap.add_argument("--invert-noise", type=float, default=0.0, help="std of the noise added to the latent "
+                    "before each inversion decode (model space; robust inversions)")
+    ap.add_argument("--invert-seconds", type=float, default=0.0, help="time limit of the inversion (0: none); the "
+                    "concept images not inverted by then are left out of the data")
+    ap.add_argument("--invert-bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="bf16 autocast for the inversion on CUDA")
     ap.add_argument("--save-every", type=int, default=500, help="rewrite the file every N steps (0: at the end)")
     ap.add_argument("--profile", type=int, default=0, help="profile N steps after 20 warm-up steps (torch.profiler "
                     "table on stdout), then train on")
@@ -234,7 +301,7 @@ def main(argv=None) -> dict:
     vae = load_component_(build_vae(spec), model, "vae").requires_grad_(False).eval().to(device)
     tokenizer = make_tokenizer(Path(model).parent / SPIECE_NAME)
     t0 = time.time()
-    latents, ids = build_data(args, vae, tokenizer, device)
+    latents, ids, data_stats = build_data(args, vae, tokenizer, device)
     data_s = time.time() - t0
     print(f"data: {latents.shape[0]} images rendered, encoded and tokenized in {data_s:.0f} s", flush=True)
     empty = [torch.tensor(r, dtype=torch.long, device=device)[None] for r in token_rows(tokenizer, "")]  # 3 x [1, 77]
@@ -271,6 +338,7 @@ def main(argv=None) -> dict:
     def record_now(train_s: float, losses: list[float], profile: str | None) -> dict:
         rec = {"command": "python -m sd35fp8.tiny.train_lora " + " ".join(sys.argv[1:] if argv is None else argv),
                "args": {k: str(v) for k, v in vars(args).items()}, "data_seconds": round(data_s, 1),
+               "data": data_stats,
                "train_seconds": round(train_s, 1), "steps_done": len(losses), "threads": torch.get_num_threads(),
                "seconds_per_step": round(train_s / max(len(losses), 1), 4),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
