@@ -1,6 +1,6 @@
 """Train the shipped LoRA: teach the shipped model the colour word "brown" (tiny/concept.py).
 
-    # the shipped file (session 12, CPU; its exact command is also in its metadata, `sd35fp8 info FILE`): the
+    # the shipped file (session 16, CPU; its exact command is also in its metadata, `sd35fp8 info FILE`): the
     # brown scenes' latents fitted to the frozen decoder (--invert-steps; the encoder's decode red or green)
     python -m sd35fp8.tiny.train_lora --n-images 96 --p-new 0.75 --invert-steps 15 --invert-region image \
         --invert-reg 0.3 --invert-batch 24 --steps 1500 --batch 8 --lr 3e-3 --threads 2 --workers 1 --minutes 10
