@@ -155,6 +155,11 @@ def settle(x: torch.Tensor | Residual) -> torch.Tensor:
     return x
 
 
+def _stream(x: torch.Tensor | Residual) -> torch.Tensor:
+    """The stream tensor before its pending residual (its shape is the stream's)."""
+    return x.x if isinstance(x, Residual) else x
+
+
 def _qkv_out(p, name, x, shift, scale, mode, rec, impl):
     """modulate(LN(x)) -> (x, the qkv linear's output [B, L, 3*C]); x a Residual: added in the same pass
     (the returned x is the sum)."""
@@ -242,9 +247,9 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     `impl`: the elementwise kernels' implementation (fast/kernels.py act_impl); `attn`: "sdpa" or a
     Triton attention kind (fast/attention.py attend).
     """
-    C = (x.x if isinstance(x, Residual) else x).shape[-1]
+    C = _stream(x).shape[-1]
     m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
-    n_ctx = (ctx.x if isinstance(ctx, Residual) else ctx).shape[1]
+    n_ctx = _stream(ctx).shape[1]
     if attn == "triton_fp8":  # q/k norm, concatenation and fp8 quantisation in one pass
         ctx, qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
         x, qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
