@@ -61,6 +61,7 @@ def tiny(args) -> dict:
 
     step_cache.RULE = args.rule or step_cache.RULE  # read by every StepCache the pipeline builds
     step_cache.REUSE = args.reuse or step_cache.REUSE
+    step_cache.WARMUP = step_cache.WARMUP if args.warmup is None else args.warmup
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev)
     items = world.eval_items(args.n, seed=args.seed)
@@ -101,7 +102,7 @@ def tiny(args) -> dict:
               "versions": versions(), "model": "shipped tiny model", "n": args.n, "seed": args.seed,
               "sampler": sampler, "scheduler": d.scheduler, "cfg": d.cfg, "size": d.width,
               "default_threshold": DEFAULT_CACHE_THRESHOLD, "cache_rule": step_cache.RULE,
-              "cache_reuse": step_cache.REUSE, "rows": rows}
+              "cache_reuse": step_cache.REUSE, "cache_warmup": step_cache.WARMUP, "rows": rows}
     out = Path(args.out) if args.out else RESULTS / f"faster_tiny_{device_slug(dev)}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
@@ -361,6 +362,8 @@ def main() -> None:
                    help="step_cache rule (default: step_cache.RULE); 'input' + --reuse velocity: the earlier cache")
     t.add_argument("--reuse", default=None, choices=("linear", "velocity", "x0"),
                    help="what a skipped call returns (default: step_cache.REUSE)")
+    t.add_argument("--warmup", type=float, default=None,
+                   help="fraction of the first evaluations always computed (default: step_cache.WARMUP)")
     t.add_argument("--out", default=None)
     ta = sub.add_parser("tiny-attention")
     ta.add_argument("--n", type=int, default=200)

@@ -144,7 +144,7 @@ def test_error_rule_forecasts_linear_velocity_exactly():
     later call but the pinned last one is skipped, and each skipped call returns the exact velocity."""
     model = LinearVelocity()
     sig = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0]
-    cache = StepCache(model, 1e-3, sig)  # defaults: rule "error", reuse "linear"
+    cache = StepCache(model, 1e-3, sig, warmup=0.0)  # defaults: rule "error", reuse "linear"
     x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
     full = []
     for s in sig[:-1]:
@@ -165,12 +165,34 @@ def test_error_rule_threshold_bounds_the_estimate():
     for th in (1e-9, 0.05, 1e9):
         model = LinearVelocity(bend=1.0)
         sig = torch.linspace(1, 0, 21)
-        cache = StepCache(model, th, sig)
+        cache = StepCache(model, th, sig, warmup=0.0)
         x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
         for s in sig[:-1]:
             cache(x, torch.full((2,), float(s)), ctx, pooled)
         counts[th] = cache.stats["full"]
     assert counts[1e-9] == 20 and counts[1e9] == 4 and 4 < counts[0.05] < 20
+
+
+def test_warmup_computes_the_first_fraction_of_the_schedule():
+    """warmup 0.2 at 20 steps: the first 4 evaluations run the model whatever the threshold; after them the
+    rule decides (a huge threshold: everything but the pinned last call is forecast)."""
+    sig = torch.linspace(1, 0, 21)
+    x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
+    for warmup, expect in ((0.2, [True] * 4 + [False] * 15 + [True]), (0.0, None)):
+        model = LinearVelocity(bend=1.0)
+        cache = StepCache(model, 1e9, sig, warmup=warmup)
+        full = []
+        for s in sig[:-1]:
+            n = model.calls
+            cache(x, torch.full((2,), float(s)), ctx, pooled)
+            full.append(model.calls > n)
+        if expect is not None:
+            assert full == expect
+        else:
+            assert full[:4] != [True] * 4 and full[-1]
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match="warmup"):
+            StepCache(LinearVelocity(), 0.2, sig, warmup=bad)
 
 
 def test_skip_returns_last_velocity_and_condition_change_recomputes(mmdit):

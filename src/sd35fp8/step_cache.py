@@ -35,8 +35,10 @@ summed since the last full evaluation, without TeaCache's model-specific polynom
 was before (its thresholds are on that other scale: 0.10 was its default); the module constants RULE
 and REUSE are the defaults every caller (generation.sample) gets, read when a cache is built.
 
-Never skipped: the first evaluation (sigma at the schedule's top, nothing to reuse) and the last
-(sigma at the smallest non-zero sigma of the schedule), each (shape, skip_layers, conditioning)
+Never skipped: the first evaluation (sigma at the schedule's top, nothing to reuse), the first
+`warmup` fraction of the schedule's evaluations (those at sigmas above sigmas[round(warmup * steps)]:
+there the velocity turns fastest and a forecast is 8-20% off), the last (sigma at the smallest
+non-zero sigma of the schedule), each (shape, skip_layers, conditioning)
 stream's first call, and calls whose conditioning tensors differ from the stored ones. CFG batching
 (cond + uncond in one batch) is one call, so both halves skip together; skip-layer guidance's extra
 pass is its own stream. LoRA changes the weights, not the call: composable. ControlNet residuals
@@ -69,6 +71,7 @@ RULE_CHOICES = ("error", "input")
 # 0.15: 1.67x / 2.33x at 29.9 / 28.9 dB (README, benchmarks/results/faster_tiny_euler_cpu*.json).
 REUSE = "linear"
 RULE = "error"
+WARMUP = 0.0  # fraction of the schedule's first evaluations always computed (module docstring)
 DEFAULT_CACHE_THRESHOLD = _DEFAULT  # measured: defaults.py
 NORM_EPS = 1e-6  # models/mmdit.py layer_norm
 
@@ -143,7 +146,7 @@ class StepCache:
     weigh the "error" rule's estimate. reuse / rule: None = the module's REUSE / RULE."""
 
     def __init__(self, model: Any, threshold: float, sigmas: torch.Tensor | Sequence[float],
-                 reuse: str | None = None, rule: str | None = None):
+                 reuse: str | None = None, rule: str | None = None, warmup: float | None = None):
         threshold = float(threshold)
         if not threshold >= 0.0 or threshold != threshold:
             raise InputError(f"cache threshold must be a number >= 0, got {threshold!r}")
@@ -164,6 +167,11 @@ class StepCache:
         self._first = float(s.max())
         self._last = float(nonzero.min()) if nonzero.numel() else 0.0
         self._sched = sorted((float(v) for v in s), reverse=True)
+        self.warmup = WARMUP if warmup is None else float(warmup)
+        if not 0.0 <= self.warmup <= 1.0:
+            raise InputError(f"step cache: warmup must be a fraction in [0, 1], got {warmup!r}")
+        # evaluations at sigmas above this one are computed (warmup: the first round(warmup * steps) calls)
+        self._warm_sigma = self._sched[min(round(self.warmup * (len(self._sched) - 1)), len(self._sched) - 1)]
         self._mean_dt = max((self._sched[0] - self._sched[-1]) / (len(self._sched) - 1), 1e-12)
         self.streams: dict[tuple, _Stream] = {}
         self.stats = {"calls": 0, "full": 0, "skipped": 0}
@@ -175,7 +183,7 @@ class StepCache:
     def _pinned(self, sigma: float) -> bool:
         """First or last evaluation of the schedule: always computed."""
         tol = 1e-6 * max(1.0, abs(self._first))
-        return sigma >= self._first - tol or sigma <= self._last + tol
+        return sigma >= self._first - tol or sigma <= self._last + tol or sigma > self._warm_sigma + tol
 
     def _step_weight(self, sigma: float) -> float:
         """The schedule step the sampler takes from `sigma` (the interval holding it) over the mean step."""
