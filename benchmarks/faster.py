@@ -102,7 +102,8 @@ def tiny(args) -> dict:
               "versions": versions(), "model": "shipped tiny model", "n": args.n, "seed": args.seed,
               "sampler": sampler, "scheduler": d.scheduler, "cfg": d.cfg, "size": d.width,
               "default_threshold": DEFAULT_CACHE_THRESHOLD, "cache_rule": step_cache.RULE,
-              "cache_reuse": step_cache.REUSE, "cache_warmup": step_cache.WARMUP, "rows": rows}
+              "cache_reuse": step_cache.REUSE, "cache_warmup": step_cache.WARMUP,
+              "cache_runs": step_cache.RUNS, "rows": rows}
     out = Path(args.out) if args.out else RESULTS / f"faster_tiny_{device_slug(dev)}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

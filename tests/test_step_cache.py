@@ -109,6 +109,8 @@ def test_large_threshold_keeps_first_and_last_only(mmdit, monkeypatch, rule, reu
     from sd35fp8 import step_cache
     monkeypatch.setattr(step_cache, "RULE", rule)
     monkeypatch.setattr(step_cache, "REUSE", reuse)
+    monkeypatch.setattr(step_cache, "WARMUP", 0.0)
+    monkeypatch.setattr(step_cache, "RUNS", None)
     m = Counting(mmdit)
     stats: dict = {}
     cached = _sample(m, 1e9, steps=8, stats=stats)
@@ -144,7 +146,7 @@ def test_error_rule_forecasts_linear_velocity_exactly():
     later call but the pinned last one is skipped, and each skipped call returns the exact velocity."""
     model = LinearVelocity()
     sig = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0]
-    cache = StepCache(model, 1e-3, sig, warmup=0.0)  # defaults: rule "error", reuse "linear"
+    cache = StepCache(model, 1e-3, sig, warmup=0.0, runs=None)  # defaults: rule "error", reuse "linear"
     x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
     full = []
     for s in sig[:-1]:
@@ -165,7 +167,7 @@ def test_error_rule_threshold_bounds_the_estimate():
     for th in (1e-9, 0.05, 1e9):
         model = LinearVelocity(bend=1.0)
         sig = torch.linspace(1, 0, 21)
-        cache = StepCache(model, th, sig, warmup=0.0)
+        cache = StepCache(model, th, sig, warmup=0.0, runs=None)
         x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
         for s in sig[:-1]:
             cache(x, torch.full((2,), float(s)), ctx, pooled)
@@ -180,7 +182,7 @@ def test_warmup_computes_the_first_fraction_of_the_schedule():
     x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
     for warmup, expect in ((0.2, [True] * 4 + [False] * 15 + [True]), (0.0, None)):
         model = LinearVelocity(bend=1.0)
-        cache = StepCache(model, 1e9, sig, warmup=warmup)
+        cache = StepCache(model, 1e9, sig, warmup=warmup, runs=None)
         full = []
         for s in sig[:-1]:
             n = model.calls
@@ -193,6 +195,24 @@ def test_warmup_computes_the_first_fraction_of_the_schedule():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(InputError, match="warmup"):
             StepCache(LinearVelocity(), 0.2, sig, warmup=bad)
+
+
+@pytest.mark.parametrize("steps, pattern", [(20, "FFFFSFSFSSFSSFSSFSFF"), (28, "FFFFFFSFSFSFSSFSSFSSFSSFSFSF")])
+def test_runs_limit_consecutive_skips_by_progress(steps, pattern):
+    """warmup 0.2 and runs ((0.4, 1), (0.85, 2), (1, 1)) with a huge threshold: the first 20% computed, then
+    one skip at a time until 40% of the schedule, two in a row until 85%, one at a time to the end."""
+    sig = torch.linspace(1, 0, steps + 1)
+    model = LinearVelocity(bend=1.0)
+    cache = StepCache(model, 1e9, sig, warmup=0.2, runs=((0.4, 1), (0.85, 2), (1.0, 1)))
+    x, ctx, pooled = torch.zeros(2, 16, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 8)
+    got = ""
+    for s in sig[:-1]:
+        n = model.calls
+        cache(x, torch.full((2,), float(s)), ctx, pooled)
+        got += "F" if model.calls > n else "S"
+    assert got == pattern and cache.stats["full"] == pattern.count("F")
+    with pytest.raises(InputError, match="runs"):
+        StepCache(LinearVelocity(), 0.2, sig, runs=((1.5, 1),))
 
 
 def test_skip_returns_last_velocity_and_condition_change_recomputes(mmdit):

@@ -79,9 +79,11 @@ def defaults_for(depth: int, mmdit_x: bool, metadata: Mapping[str, str] | None =
 
 
 # Step caching (step_cache.py): the threshold of `--cache-threshold` given without a value (off when
-# the flag is absent), on the "error" rule's scale (linear forecast, estimated forecast error). Chosen
-# on the shipped model with euler, 256 held-out items, CPU (benchmarks/results/faster_tiny_euler_cpu.json):
-# 0.2 = 1.82x (20 steps) / 2.02x (28 steps) fewer MMDiT evaluations at mean PSNR 33.0 / 38.3 dB against
-# the uncached image, detector score -3.1 / -2.0 points; 0.3-0.5 give 2.16-2.35x at 28 steps but
-# 34.3-31.6 dB and -2.0 to -6.6 points. The earlier TeaCache-style cache (rule "input") used 0.10.
-DEFAULT_CACHE_THRESHOLD = 0.2
+# the flag is absent), on the "error" rule's scale (linear forecast, estimated forecast error), with the
+# cache's warmup (first 20% computed) and run caps (step_cache.RUNS). Chosen on the shipped model with
+# euler, 256 held-out items, CPU (benchmarks/results/faster_tiny_euler_cpu.json): 1.0 = 1.82x (20 steps) /
+# 1.87x (28 steps) fewer MMDiT evaluations at mean PSNR 33.8 / 41.0 dB against the uncached image,
+# detector score -0.7 / -2.0 points; 0.5 gives 1.68x at 20 steps (35.7 dB, -1.9), 2.0 the same as 1.0 at 28
+# and +1.2 at 20. Without warmup and caps (faster_tiny_euler_cpu_no_warmup.json) 0.2 gave 1.82x / 2.02x at
+# 33.0 / 38.3 dB, -3.1 / -2.0 points. The earlier TeaCache-style cache (rule "input") used 0.10.
+DEFAULT_CACHE_THRESHOLD = 1.0
