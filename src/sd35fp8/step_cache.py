@@ -43,8 +43,8 @@ stream's first call, and calls whose conditioning tensors differ from the stored
 ((progress, n), ...; default ((0.4, 1), (0.85, 2), (1.0, 1))) caps the calls skipped in a row before each
 fraction of the schedule: one at a time until 40%, two until 85%, one to the end. Measured on the
 shipped model (euler, 256 items, CPU, placements forced, 11 of 20 / 15 of 28 calls full): this
-placement kept the most (20 steps: 33.9 dB, score +1.2 points; 28: 41.0 dB, -2.0) against alternating
-from the second call (33.0 dB, -3.1 at 20), two in a row from 30% (30.1 dB, -12.1) or two in a row just
+placement kept the most (20 steps: 33.9 dB, score +1.2 points; 28: 41.0 dB, -2.0) against every other
+call from the third (33.0 dB, -3.1 at 20), two in a row from 30% (30.1 dB, -12.1) or two in a row just
 before the last call (10 of 20 full: 28.6 dB, -15.2): the first and last fifth of the schedule carry the most. CFG batching
 (cond + uncond in one batch) is one call, so both halves skip together; skip-layer guidance's extra
 pass is its own stream. LoRA changes the weights, not the call: composable. ControlNet residuals
@@ -152,7 +152,8 @@ class _Stream:
 class StepCache:
     """A ModelFn around `model` that skips evaluations (module docstring). sigmas: the run's schedule
     (1-D, the last one usually 0): the first and the last evaluation are never skipped, and its steps
-    weigh the "error" rule's estimate. reuse / rule: None = the module's REUSE / RULE."""
+    weigh the "error" rule's estimate. reuse / rule / warmup: None = the module's REUSE / RULE / WARMUP;
+    runs: the module's RUNS unless given (None: no cap on skips in a row)."""
 
     def __init__(self, model: Any, threshold: float, sigmas: torch.Tensor | Sequence[float],
                  reuse: str | None = None, rule: str | None = None, warmup: float | None = None,
@@ -206,13 +207,14 @@ class StepCache:
         for k in range(len(sc) - 1):
             if sigma >= sc[k + 1] - 1e-9 * max(1.0, sc[0]) and sc[k] > sc[k + 1]:
                 return k
-        return len(sc) - 2
+        return -1  # below the schedule's last interval (or a flat schedule)
 
     def _max_run(self, sigma: float) -> int | None:
         """Most calls skipped in a row at this point of the schedule (None: no limit)."""
         if self.runs is None:
             return None
-        progress = self._index(sigma) / max(len(self._sched) - 1, 1)
+        k = self._index(sigma)
+        progress = (k if k >= 0 else len(self._sched) - 2) / max(len(self._sched) - 1, 1)
         for until, n in self.runs:
             if progress < until:
                 return n
@@ -220,11 +222,8 @@ class StepCache:
 
     def _step_weight(self, sigma: float) -> float:
         """The schedule step the sampler takes from `sigma` (the interval holding it) over the mean step."""
-        sc = self._sched
-        for k in range(len(sc) - 1):
-            if sigma >= sc[k + 1] - 1e-9 * max(1.0, sc[0]) and sc[k] > sc[k + 1]:
-                return (sc[k] - sc[k + 1]) / self._mean_dt
-        return 1.0
+        k = self._index(sigma)
+        return (self._sched[k] - self._sched[k + 1]) / self._mean_dt if k >= 0 else 1.0
 
     def _skip(self, st: _Stream, x: torch.Tensor, sigma: torch.Tensor, s: float, pooled: torch.Tensor) -> bool:
         """Update the stream's accumulator for this call; True: the call may be skipped (rule only)."""
