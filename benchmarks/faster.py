@@ -361,7 +361,7 @@ def main() -> None:
     t.add_argument("--workers", type=int, default=1, help="detector scoring processes")
     t.add_argument("--rule", default=None, choices=("error", "input"),
                    help="step_cache rule (default: step_cache.RULE); 'input' + --reuse velocity: the earlier cache")
-    t.add_argument("--reuse", default=None, choices=("linear", "velocity", "x0"),
+    t.add_argument("--reuse", default=None, choices=("linear", "velocity", "x0", "x0_linear"),
                    help="what a skipped call returns (default: step_cache.REUSE)")
     t.add_argument("--warmup", type=float, default=None,
                    help="fraction of the first evaluations always computed (default: step_cache.WARMUP)")

@@ -215,6 +215,33 @@ def test_runs_limit_consecutive_skips_by_progress(steps, pattern):
         StepCache(LinearVelocity(), 0.2, sig, runs=((1.5, 1),))
 
 
+def test_x0_linear_reuse_extrapolates_the_x0_prediction():
+    """reuse "x0_linear": a skipped call returns (x - x0_hat) / sigma with x0_hat on the line through the
+    last two full calls' x0 = x - sigma v. A model whose x0 prediction is a + b * sigma for any x (as an
+    ancestral sampler's re-noised x would give) is forecast exactly, x differing from call to call."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+
+    class X0Line(LinearVelocity):
+        def __call__(self, x, sigma, context, pooled, skip_layers=(), **extra):
+            self.calls += 1
+            s = float(sigma.reshape(-1)[0])
+            return (x - a - b * s) / s
+
+    model = X0Line()
+    sig = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0]
+    cache = StepCache(model, 1e9, sig, reuse="x0_linear", warmup=0.0, runs=None)
+    ctx, pooled = torch.zeros(2, 3, 8), torch.zeros(2, 8)
+    full = []
+    for k, s in enumerate(sig[:-1]):
+        x = torch.randn(2, 16, 4, 4, generator=g)
+        n = model.calls
+        v = cache(x, torch.full((2,), s), ctx, pooled)
+        full.append(model.calls > n)
+        torch.testing.assert_close(v, (x - a - b * s) / s, atol=1e-4, rtol=1e-4)
+    assert not all(full) and full[0] and full[-1]
+
+
 def test_skip_returns_last_velocity_and_condition_change_recomputes(mmdit):
     m = Counting(mmdit)
     cache = StepCache(m, 1e9, [1.0, 0.9, 0.5, 0.1, 0.0], rule="input", reuse="velocity")  # the earlier cache
