@@ -8,8 +8,8 @@ What a skipped call returns (`reuse`, default "linear"): the velocity extrapolat
 from the last two full evaluations, v1 + (s - s1) (v1 - v0) / (s1 - s0) (first-order TaylorSeer /
 FORA-style forecast; with only one full evaluation so far: v1). "velocity" returns the last full
 velocity as it is (TeaCache's reuse), "x0" the velocity that keeps the last full call's x0
-prediction, "x0_linear" the velocity that gives the x0 prediction extrapolated linearly in sigma from the last two full calls (measured with
-euler_ancestral, 256 items, CPU, threshold 1.0: the same PSNR as "linear", 23.4 / 27.3 dB at 20 / 28
+prediction, "x0_linear" the velocity that gives the x0 prediction extrapolated linearly in sigma
+from the last two full calls (measured with euler_ancestral, 256 items, CPU, threshold 1.0: the same PSNR as "linear", 23.4 / 27.3 dB at 20 / 28
 steps against 23.6 / 27.6; not the default).
 Along the shipped model's uncached euler trajectory (16 items) the linear forecast of the next velocity
 is 2.5-4x closer (relative L1) than the last velocity in the middle and end of the schedule; in the
