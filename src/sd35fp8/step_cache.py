@@ -9,8 +9,8 @@ from the last two full evaluations, v1 + (s - s1) (v1 - v0) / (s1 - s0) (first-o
 FORA-style forecast; with only one full evaluation so far: v1). "velocity" returns the last full
 velocity as it is (TeaCache's reuse), "x0" the velocity that keeps the last full call's x0
 prediction, "x0_linear" the velocity that gives the x0 prediction extrapolated linearly in sigma
-from the last two full calls (measured with euler_ancestral, 256 items, CPU, threshold 1.0: the same PSNR as "linear", 23.4 / 27.3 dB at 20 / 28
-steps against 23.6 / 27.6; not the default).
+from the last two full calls (measured with euler_ancestral, 256 items, CPU, threshold 1.0: the same
+PSNR as "linear", 23.4 / 27.3 dB at 20 / 28 steps against 23.6 / 27.6; not the default).
 Along the shipped model's uncached euler trajectory (16 items) the linear forecast of the next velocity
 is 2.5-4x closer (relative L1) than the last velocity in the middle and end of the schedule; in the
 first ~30% of it both are 8-20% off.
@@ -48,11 +48,11 @@ fraction of the schedule: one at a time until 40%, two until 85%, one to the end
 shipped model (euler, 256 items, CPU, placements forced, 11 of 20 / 15 of 28 calls full): this
 placement kept the most (20 steps: 33.9 dB, score +1.2 points; 28: 41.0 dB, -2.0) against every other
 call from the third (33.0 dB, -3.1 at 20), two in a row from 30% (30.1 dB, -12.1) or two in a row just
-before the last call (10 of 20 full: 28.6 dB, -15.2): the first and last fifth of the schedule carry the most. CFG batching
-(cond + uncond in one batch) is one call, so both halves skip together; skip-layer guidance's extra
-pass is its own stream. LoRA changes the weights, not the call: composable. ControlNet residuals
-are computed by the denoiser before the call and ignored on a skipped step (the forecast velocity
-comes from full steps that had the control).
+before the last call (10 of 20 full: 28.6 dB, -15.2): the first and last fifth of the schedule carry
+the most. CFG batching (cond + uncond in one batch) is one call, so both halves skip together;
+skip-layer guidance's extra pass is its own stream. LoRA changes the weights, not the call:
+composable. ControlNet residuals are computed by the denoiser before the call and ignored on a skipped
+step (the forecast velocity comes from full steps that had the control).
 
 threshold 0 disables the cache (sample() then calls the model directly). The default threshold
 (`DEFAULT_CACHE_THRESHOLD`) comes from the shipped tiny model's measurements (README, docs/
@@ -136,7 +136,8 @@ def extrapolate(s: float, s1: float, v1: torch.Tensor, s0: float, v0: torch.Tens
 class _Stream:
     """One call pattern's state: the last two full evaluations, the skip rule's accumulator."""
 
-    __slots__ = ("indicator", "distance", "velocity", "sigma", "prev", "kappa", "change", "skips", "x0", "x0_prev", "context", "pooled")
+    __slots__ = ("indicator", "distance", "velocity", "sigma", "prev", "kappa", "change", "skips", "x0", "x0_prev",
+                 "context", "pooled")
 
     def __init__(self):
         self.indicator: torch.Tensor | None = None  # rule "input": last modulated input
@@ -270,7 +271,8 @@ class StepCache:
         same_cond = (st.context is not None and torch.equal(st.context, context) and torch.equal(st.pooled, pooled))
         skip = self._skip(st, x, sigma, s, pooled)
         limit = self._max_run(s)
-        if st.velocity is not None and same_cond and not self._pinned(s) and skip and (limit is None or st.skips < limit):
+        capped = limit is not None and st.skips >= limit
+        if st.velocity is not None and same_cond and not self._pinned(s) and skip and not capped:
             self.stats["skipped"] += 1
             st.skips += 1
             return self._forecast(st, x, sigma, s)
