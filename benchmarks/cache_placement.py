@@ -21,13 +21,14 @@ from sd35fp8.pipeline import SD35Pipeline, shipped_model_path
 from sd35fp8.tiny import detector, world
 from sd35fp8.tiny.evaluate import psnr
 
+from faster import render  # benchmarks/faster.py: the same batches and seeds as faster.py tiny
+
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 N, STEPS = int(sys.argv[1]), int(sys.argv[4]) if len(sys.argv) > 4 else 20
 PATTERNS = {  # F full, S skip, one char per call
     "alt": "FF" + "SF" * 9,
     "warm6_ssf": "FFFFFF" + "SSF" * 4 + "SF",
     "warm4": "FFFF" + "SFSFSSFSSFSSFSF"[:15] + "F",
-    "late_heavy": "FFFFF" + "SFSFSSFSSFSSF"[:0],
 }
 def policy2(n, warm=0.2, a=0.4, b=0.85, tail2=False):
     out, skips = [], 0
@@ -121,14 +122,8 @@ class Pattern(StepCache):
 pipe = SD35Pipeline.from_pretrained(shipped_model_path(), device=torch.device("cpu"))
 items = world.eval_items(N, seed=0)
 def run(th):
-    imgs, full, calls = [], 0, 0
-    for b, start in enumerate(range(0, len(items), 16)):
-        chunk = items[start:start + 16]
-        out = pipe([it.caption for it in chunk], num_inference_steps=STEPS, seed=0 + b, progress=False,
-                   cache_threshold=th, sampler="euler")
-        imgs += [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in out.images]
-        full += pipe.stats.cache.get("full", 0); calls += pipe.stats.cache.get("calls", 0)
-    return imgs, calls / max(full, 1)
+    imgs, stats, _ = render(pipe, items, STEPS, th, "euler", seed=0, batch=16)
+    return imgs, stats["calls"] / max(stats["full"], 1)
 t = time.time()
 base, _ = run(0.0)
 bs = detector.aggregate(detector.score_many(base, items))["overall"]

@@ -52,6 +52,21 @@ def versions() -> dict:
 
 
 # ---------------------------------------------------------------- tiny: cache fidelity
+def render(pipe, items, steps: int, threshold: float, sampler: str, seed: int, batch: int):
+    """The items' images (uint8 [H, W, 3] each; batch b sampled with seed + b), the cache's call counts
+    {"calls", "full"} summed over the batches, and seconds per image."""
+    imgs, stats = [], {"calls": 0, "full": 0}
+    t0 = time.perf_counter()
+    for b, start in enumerate(range(0, len(items), batch)):
+        chunk = items[start:start + batch]
+        out = pipe([it.caption for it in chunk], num_inference_steps=steps, seed=seed + b, progress=False,
+                   cache_threshold=threshold, sampler=sampler)
+        imgs += [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in out.images]
+        for k in stats:
+            stats[k] += pipe.stats.cache.get(k, 0)
+    return imgs, stats, (time.perf_counter() - t0) / len(items)
+
+
 def tiny(args) -> dict:
     from sd35fp8.pipeline import SD35Pipeline, shipped_model_path
     from sd35fp8 import step_cache
@@ -69,16 +84,7 @@ def tiny(args) -> dict:
     sampler = args.sampler or d.sampler
 
     def run(steps: int, threshold: float):
-        imgs, stats = [], {"calls": 0, "full": 0}
-        t0 = time.perf_counter()
-        for b, start in enumerate(range(0, len(items), args.batch)):
-            chunk = items[start:start + args.batch]
-            out = pipe([it.caption for it in chunk], num_inference_steps=steps, seed=args.seed + b, progress=False,
-                       cache_threshold=threshold, sampler=sampler)
-            imgs += [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in out.images]
-            for k in stats:
-                stats[k] += pipe.stats.cache.get(k, 0)
-        return imgs, stats, (time.perf_counter() - t0) / len(items)
+        return render(pipe, items, steps, threshold, sampler, seed=args.seed, batch=args.batch)
 
     rows = []
     for steps in args.steps:

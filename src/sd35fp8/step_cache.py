@@ -84,6 +84,7 @@ RULE = "error"
 WARMUP = 0.2  # fraction of the schedule's first evaluations always computed (module docstring)
 # ((progress, n), ...): before that fraction of the schedule at most n calls are skipped in a row; None: no limit
 RUNS: tuple[tuple[float, int], ...] | None = ((0.4, 1), (0.85, 2), (1.0, 1))
+_MODULE_RUNS = object()  # StepCache(runs=...) not given: the module's RUNS as it is when the cache is built
 DEFAULT_CACHE_THRESHOLD = _DEFAULT  # measured: defaults.py
 NORM_EPS = 1e-6  # models/mmdit.py layer_norm
 
@@ -162,7 +163,7 @@ class StepCache:
 
     def __init__(self, model: Any, threshold: float, sigmas: torch.Tensor | Sequence[float],
                  reuse: str | None = None, rule: str | None = None, warmup: float | None = None,
-                 runs: Sequence[tuple[float, int]] | None | str = "default"):
+                 runs: Sequence[tuple[float, int]] | None | object = _MODULE_RUNS):
         threshold = float(threshold)
         if not threshold >= 0.0 or threshold != threshold:
             raise InputError(f"cache threshold must be a number >= 0, got {threshold!r}")
@@ -186,7 +187,7 @@ class StepCache:
         self.warmup = WARMUP if warmup is None else float(warmup)
         if not 0.0 <= self.warmup <= 1.0:
             raise InputError(f"step cache: warmup must be a fraction in [0, 1], got {warmup!r}")
-        self.runs = RUNS if isinstance(runs, str) else runs
+        self.runs = RUNS if runs is _MODULE_RUNS else runs
         if self.runs is not None:
             self.runs = tuple((float(p), int(n)) for p, n in self.runs)
             if any(n < 0 or not 0.0 <= p <= 1.0 for p, n in self.runs):
