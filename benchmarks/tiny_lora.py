@@ -81,22 +81,26 @@ def part_lora_off(args, dev, res) -> None:
                         np.stack(after))
 
 
+def _att(args) -> str:
+    return "" if args.attention == "auto" else f"_{args.attention}_attention"
+
+
 def part_fp8(args, dev, res) -> None:
     """The LoRA on the FP8 model, unmerged."""
-    pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8)
+    pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8, attention=args.attention)
     pipe8.load_lora_weights(args.lora, adapter_name="brown")
-    res["concept"][f"lora_fp8_{args.fp8}_unmerged"] = concept_score(run(pipe8, args.concept_prompts, args),
+    res["concept"][f"lora_fp8_{args.fp8}{_att(args)}_unmerged"] = concept_score(run(pipe8, args.concept_prompts, args),
                                                                      args.shapes)
 
 
 def part_fp8_merged(args, dev, res) -> None:
     """The LoRA merged into the FP8 weights (dequantise, add, requantise)."""
-    pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8)
+    pipe8 = SD35Pipeline.from_pretrained(shipped_model_path(), device=dev, fp8=args.fp8, attention=args.attention)
     pipe8.load_lora_weights(args.lora, adapter_name="brown")
     t1 = time.perf_counter()
     pipe8.fuse_lora()
     res["merge_seconds"] = time.perf_counter() - t1
-    res["concept"][f"lora_fp8_{args.fp8}_merged"] = concept_score(run(pipe8, args.concept_prompts, args), args.shapes)
+    res["concept"][f"lora_fp8_{args.fp8}{_att(args)}_merged"] = concept_score(run(pipe8, args.concept_prompts, args), args.shapes)
 
 
 PARTS = {"base": part_base, "lora": part_lora, "lora_off": part_lora_off, "fp8": part_fp8,
@@ -114,6 +118,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp8", default="dynamic", help="FP8 mode of the FP8 rows")
+    ap.add_argument("--attention", default="auto", choices=("auto", "fp8", "bf16"),
+                    help="attention of the FP8 rows (auto: FP8 flash attention on sm_89+ GPUs)")
     ap.add_argument("--parts", default=",".join(["base", "lora", "lora_off", "fp8", "fp8_merged"]),
                     help="which parts to run (separate processes may run parts in parallel; --combine joins them)")
     ap.add_argument("--combine", action="store_true", help="join the parts' JSON files into the result")

@@ -82,3 +82,20 @@ def test_masked_inversion_moves_only_the_object_box():
     zi = train_lora.invert_latents(pipe.vae, x, z, steps=2, mask=mask, reg=1.0)
     moved = (zi - z).abs().amax(dim=1)[0] > 0  # [8, 8]
     assert moved.any() and not (moved & (mask[0, 0] == 0)).any()
+
+
+def test_fp8_aware_fine_tune_starts_from_its_init_and_records_it(tmp_path):
+    from sd35fp8.models import mmdit as mmdit_module
+    from sd35fp8.tiny import WEIGHTS_DIR
+
+    SHIPPED_LORA_PATH = WEIGHTS_DIR / train_lora.LORA_NAME
+
+    attention = mmdit_module.attention
+    out = tmp_path / "f.safetensors"
+    rec = train_lora.main(["--steps", "2", "--batch", "2", "--n-images", "4", "--workers", "1", "--rank", "32",
+                           "--init", str(SHIPPED_LORA_PATH), "--fp8-aware", "all", "--lr", "0", "--out", str(out)])
+    assert mmdit_module.attention is attention  # the emulation is undone when training ends
+    assert rec["init"]["file"] == SHIPPED_LORA_PATH.name and len(rec["init"]["sha256"]) == 64
+    with safe_open(str(out), "pt") as f, safe_open(str(SHIPPED_LORA_PATH), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())  # lr 0: the init, unchanged

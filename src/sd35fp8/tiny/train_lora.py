@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import InputError
 from ..lora.apply import ActiveTerm, lora_slot, remove_slot
 from ..models.vae import to_model_space, to_vae_space
 from ..pipeline import shipped_model_path
@@ -219,6 +220,31 @@ def export(params: list[tuple], path: Path, rank: int, metadata: dict) -> int:
     return path.stat().st_size
 
 
+def load_init(params: list[tuple], path: Path) -> dict:
+    """Copy `export`'s down / up tensors from `path` into the trainable parameters (names and shapes must match)
+    -> the starting file's provenance for the new file's metadata (name, sha256, the command that made it)."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        parent = json.loads((f.metadata() or {}).get("sd35fp8.lora", "{}"))
+        for comp, name, _, down, up in params:
+            stem = _KOHYA_PREFIX[comp] + name.replace(".", "_")
+            for leaf, p in ((".lora_down.weight", down), (".lora_up.weight", up)):
+                if stem + leaf not in keys:
+                    raise InputError(f"{path}: no {stem + leaf} (--init needs a file this trainer wrote)")
+                t = f.get_tensor(stem + leaf)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise InputError(f"{path}: {stem + leaf} is {tuple(t.shape)}, the run's is {tuple(p.shape)} "
+                                     f"(same --rank as the file?)")
+                with torch.no_grad():
+                    p.copy_(t.to(p.device, p.dtype))
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "command": parent.get("command"), "init": parent.get("init")}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m sd35fp8.tiny.train_lora", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / LORA_NAME)
@@ -252,6 +278,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--invert-bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="bf16 autocast for the inversion on CUDA")
     ap.add_argument("--save-every", type=int, default=500, help="rewrite the file every N steps (0: at the end)")
+    ap.add_argument("--init", type=Path, default=None, help="start from this file's down / up weights (a file this "
+                    "trainer wrote, same rank), e.g. to fine-tune the shipped LoRA with --fp8-aware")
+    ap.add_argument("--fp8-aware", choices=("off", "linears", "all"), default="off",
+                    help="train around the FP8 'dynamic' engine's rounding (fp8/fake_quant.py, straight-through): "
+                    "linears = FP8 weights and per-token e4m3 inputs; all = also e4m3 q, k, v in attention")
+    ap.add_argument("--fp8-aware-p", type=float, default=1.0,
+                    help="fraction of training steps that round (the others run the FP8 weights unrounded inputs)")
     ap.add_argument("--profile", type=int, default=0, help="profile N steps after 20 warm-up steps (torch.profiler "
                     "table on stdout), then train on")
     return ap.parse_args(argv)
@@ -305,10 +338,20 @@ def main(argv=None) -> dict:
     data_s = time.time() - t0
     print(f"data: {latents.shape[0]} images rendered, encoded and tokenized in {data_s:.0f} s", flush=True)
     empty = [torch.tensor(r, dtype=torch.long, device=device)[None] for r in token_rows(tokenizer, "")]  # 3 x [1, 77]
+    emulation = None
+    if args.fp8_aware != "off":
+        from ..checkpoints.fp8_load import load_mmdit_fp8
+        from ..fp8.fake_quant import emulate_fp8
+
+        fp8_model = load_mmdit_fp8(model, device="cpu", dtype=torch.float32, mode="dynamic")
+        emulation = emulate_fp8(mmdit, fp8_model, attention=args.fp8_aware == "all")
+        del fp8_model
     params = attach_trainable(lora_targets(mmdit, towers), args.rank, args.seed + 1)
+    init_record = load_init(params, args.init) if args.init is not None else None
     trainable = [p for *_, d, u in params for p in (d, u)]
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)  # on the device: no host copies per step
+    cpu_gen = torch.Generator().manual_seed(args.seed + 3)  # host-side choices (--fp8-aware-p)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     n, b = latents.shape[0], args.batch
     state = {"step": 0}
@@ -317,6 +360,8 @@ def main(argv=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(state["step"], args.steps, args.lr)
         idx = torch.randint(0, n, (b,), generator=gen, device=device)
+        if emulation is not None and args.fp8_aware_p < 1.0:
+            emulation.enabled = bool(torch.rand((), generator=cpu_gen) < args.fp8_aware_p)
         drop = torch.rand(b, generator=gen, device=device) < args.text_dropout  # [B]
         toks = [torch.where(drop[:, None], e, t[idx]) for t, e in zip(ids, empty)]  # 3 x [B, 77]
         x0 = latents[idx]  # [B, 16, h, w]
@@ -345,6 +390,8 @@ def main(argv=None) -> dict:
                "loss_per_100": [round(float(np.mean(losses[i:i + 100])), 5) for i in range(0, len(losses), 100)],
                "concept": {"word": concept.NEW_COLOUR, "rgb": list(concept.NEW_RGB)},
                "base_model": Path(model).name}
+        if init_record is not None:
+            rec["init"] = init_record
         if profile:
             rec["profile_table"] = profile
         return rec
@@ -379,6 +426,8 @@ def main(argv=None) -> dict:
     size = export(params, args.out, args.rank, {"sd35fp8.lora": record})
     for _, _, lin, _, _ in params:
         remove_slot(lin)
+    if emulation is not None:
+        emulation.remove()  # the models module's attention is global: restore it for the caller
     print(f"wrote {args.out} ({size / 2 ** 20:.2f} MiB), {len(losses)} steps in {train_s:.0f} s")
     return record
 
