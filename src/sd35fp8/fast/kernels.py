@@ -349,7 +349,7 @@ def ln_modulate_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, m
     block = triton.next_power_of_2(C)
     _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, C + extra,
                                   shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
-                                  num_warps=4 if block <= 2048 else 8)
+                                  num_warps=row_warps(block))
     return q, (s if code else None)
 
 
@@ -374,7 +374,7 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
     block = triton.next_power_of_2(C)
     _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
                                            L, C, C + extra, shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
-                                           num_warps=4 if block <= 2048 else 8)
+                                           num_warps=row_warps(block))
     return x_new, (q, (s if code else None))
 
 
@@ -401,6 +401,13 @@ def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | No
 _STATIC_BLOCK = 2048
 
 
+def row_warps(block: int) -> int:
+    """num_warps of a one-row-per-program kernel over `block` (a power of 2) columns: 4 up to 4096 (Large's
+    C = 2432: 59 vs 63 us for the residual-LN pass on an H100, benchmarks/elementwise_configs.py), 8 up to
+    8192, 16 above (the GELU pass over the 9728-wide fc1 output)."""
+    return 4 if block <= 4096 else (8 if block <= 8192 else 16)
+
+
 def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, gelu: bool, extra: int = 0):
     M, N = y.shape
     code = _mode_code(mode)
@@ -411,9 +418,8 @@ def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, 
         return q, static_row_scale(static_scale, M)
     q, s = _act_out(M, N, code, y, extra)
     block = triton.next_power_of_2(N)
-    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, N + extra, BLOCK=block, MODE=code,
-                           GELU=gelu, num_warps=warps)  # MODE 0 / 1 (2: static with spare columns)
+                           GELU=gelu, num_warps=row_warps(block))  # MODE 0 / 1 (2: static with spare columns)
     return q, (s if code else None)
 
 
