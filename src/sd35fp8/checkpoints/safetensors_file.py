@@ -30,6 +30,14 @@ INDEX_SUFFIX = ".safetensors.index.json"
 INDEX_NAME = re.compile(r"\.safetensors\.index(\.[A-Za-z0-9_]+)?\.json$")
 
 
+# A CPU tensor read from the file is a view of the mapped file at the tensor's own offset (safetensors
+# aligns the data to 8 bytes at most). oneDNN/MKL's CPU GEMMs pick their kernel (and so their rounding)
+# by the operands' alignment: an unaligned weight gave a 1-ulp different CLIP-G projection than the same
+# weight in a 64-byte aligned buffer (AVX-512, torch 2.13). Such views are copied to the allocator's
+# 64-byte alignment, so a model computes the same bits whatever the file layout or offload packing.
+CPU_ALIGN = 64
+
+
 def is_index(path: str | Path) -> bool:
     """A sharded checkpoint's index (`*.safetensors.index.json`, or a variant's `*.safetensors.index.fp16.json`)."""
     return INDEX_NAME.search(Path(path).name) is not None
@@ -237,6 +245,8 @@ class SafetensorsFile:
         tensor = self._where[key].get(key)
         if dtype is not None or torch.device(device) != tensor.device:
             tensor = tensor.to(device=device, dtype=dtype)
+        if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGN:
+            tensor = tensor.clone()  # mmap view at a file offset: CPU GEMMs round by alignment (see CPU_ALIGN)
         return tensor
 
     def __repr__(self) -> str:
