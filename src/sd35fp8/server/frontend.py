@@ -6,7 +6,8 @@ Install it with `pip install sd35fp8[ui]` (or `pip install comfyui-frontend-pack
 
 Boot-time routes served here (minimal and correct for one local user):
 /users, /settings[/{id}], /userdata (list, get, post, delete, move) stored under `user_dir`,
-/i18n, /workflow_templates, /global_subgraphs, /node_replacements, /features (from app.py).
+/i18n, /global_subgraphs, /node_replacements, /features (from app.py); /workflow_templates is
+server/templates.py's.
 """
 
 from __future__ import annotations
@@ -223,8 +224,8 @@ def frontend_routes(store: UserStore) -> APIRouter:
     async def nothing() -> dict:
         return {}
 
-    # frontend catalogues this engine has none of: translations, templates, subgraphs, node replacements
-    for path in ("/i18n", "/workflow_templates", "/global_subgraphs", "/node_replacements"):
+    # frontend catalogues this engine has none of: translations, subgraphs, node replacements
+    for path in ("/i18n", "/global_subgraphs", "/node_replacements"):
         r.add_api_route(path, nothing, methods=["GET"], name=path.strip("/"))
 
     return r
