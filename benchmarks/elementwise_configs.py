@@ -1,5 +1,7 @@
-"""Sweep the launch width (num_warps) of the fused step's row kernels (fast/kernels.py) at the SD3.5 Large
-shapes (CFG batch 2, 4096 + 154 tokens, C = 2432, MLP 9728), FP8 dynamic: time and achieved GB/s of each.
+"""Sweep the lane layout and launch width (num_warps) of the fused step's row kernels (fast/kernels.py) at
+the SD3.5 Large shapes (CFG batch 2, 4096 + 154 tokens, C = 2432, MLP 9728), FP8 dynamic: time and
+achieved GB/s of each. Layouts: "one block" (a row in next_power_of_2(n) lanes, the kernels before
+session 20) and "split" (`row_blocks`: two power-of-2 parts, fewer masked lanes).
 
     python benchmarks/elementwise_configs.py --out benchmarks/results/elementwise_configs_<device>.json   # CUDA
 
@@ -46,44 +48,42 @@ def main(argv=None) -> int:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "shape": {"B": B, "L": L, "C": C, "mlp": F}, "kernels": {}}
 
-    def rows_case(name, t, gelu, project_warps):
+    def layouts(n):
+        return {"one block": (triton.next_power_of_2(n), 1), "split": k.row_blocks(n)}
+
+    def sweep(name, n, nbytes, launch):
+        rows = []
+        for layout, (ba, bb) in layouts(n).items():
+            for w in (4, 8, 16):
+                fn = lambda: launch(dict(BLOCK_A=ba, BLOCK_B=bb, num_warps=w))  # noqa: E731
+                fn()
+                ms = do_bench(fn, warmup=10, rep=100)
+                rows.append({"layout": layout, "lanes": ba + bb, "num_warps": w, "ms": ms, "gb_s": nbytes / ms / 1e6,
+                             "project": k.row_launch(n) == dict(BLOCK_A=ba, BLOCK_B=bb, num_warps=w)})
+        res["kernels"][name] = rows
+
+    def rows_case(name, t, gelu):
         n = t.shape[1]
         q = torch.empty(t.shape, device=dev, dtype=torch.float8_e4m3fn)
         s = torch.empty(t.shape[0], 1, device=dev, dtype=torch.float32)
-        block = triton.next_power_of_2(n)
-        nbytes = t.numel() * 2 + q.numel() + s.numel() * 4
-        rows = []
-        for w in (4, 8, 16, 32):
-            fn = lambda: k._act_rows_kernel[(t.shape[0],)](t, q, s, q, n, n, BLOCK=block, MODE=1, GELU=gelu,  # noqa: E731
-                                                            num_warps=w)
-            fn()
-            ms = do_bench(fn, warmup=10, rep=100)
-            rows.append({"num_warps": w, "ms": ms, "gb_s": nbytes / ms / 1e6, "project": w == project_warps})
-        res["kernels"][name] = rows
+        sweep(name, n, t.numel() * 2 + q.numel() + s.numel() * 4,
+              lambda meta: k._act_rows_kernel[(t.shape[0],)](t, q, s, q, n, n, MODE=1, GELU=gelu, **meta))
 
-    block_f = triton.next_power_of_2(F)
-    rows_case("gelu_quant_fc2_input", h, True, k.row_warps(block_f))
-    block_c = triton.next_power_of_2(C)
-    rows_case("quant_proj_input", o, False, k.row_warps(block_c))
+    rows_case("gelu_quant_fc2_input", h, True)
+    rows_case("quant_proj_input", o, False)
 
     x_new = torch.empty_like(x)
     q = torch.empty(M, C, device=dev, dtype=torch.float8_e4m3fn)
     s = torch.empty(M, 1, device=dev, dtype=torch.float32)
-    nbytes = x.numel() * 2 * 2 + y.numel() * 2 + q.numel() + s.numel() * 4
-    rows = []
-    for w in (4, 8, 16, 32):
-        fn = lambda: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C,  # noqa: E731
-                                                          mods.stride(0), EPS=k.NORM_EPS, BLOCK=block_c, MODE=1,
-                                                          num_warps=w)
-        fn()
-        ms = do_bench(fn, warmup=10, rep=100)
-        rows.append({"num_warps": w, "ms": ms, "gb_s": nbytes / ms / 1e6, "project": w == k.row_warps(block_c)})
-    res["kernels"]["residual_ln_modulate_quant"] = rows
+    sweep("residual_ln_modulate_quant", C, x.numel() * 2 * 2 + y.numel() * 2 + q.numel() + s.numel() * 4,
+          lambda meta: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C,
+                                                            mods.stride(0), EPS=k.NORM_EPS, MODE=1, **meta))
 
     for name, rows in res["kernels"].items():
         print(name)
         for r in rows:
-            print(f"  warps {r['num_warps']:2d}: {r['ms'] * 1000:7.1f} us  {r['gb_s']:7.0f} GB/s{'  <- project' if r['project'] else ''}")
+            print(f"  {r['layout']:9s} {r['lanes']:5d} lanes, warps {r['num_warps']:2d}: {r['ms'] * 1000:7.1f} us  "
+                  f"{r['gb_s']:7.0f} GB/s{'  <- project' if r['project'] else ''}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -113,12 +113,13 @@ def test_compile_cache_env(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ GPU only
 @pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("mode", [None, "dynamic", "static"])
-def test_triton_kernels_match_torch(mode):
+@pytest.mark.parametrize("C", [1536, 2432])  # Medium, Large: rows split into 1024 + 512, 2048 + 512 (384) lanes
+def test_triton_kernels_match_torch(mode, C):
     dev = torch.device("cuda")
-    x = torch.randn(2, 300, 1536, device=dev, dtype=torch.bfloat16)
-    mods = torch.randn(2, 6 * 1536, device=dev, dtype=torch.bfloat16) * 0.3
-    shift, scale = mods[:, :1536], mods[:, 1536:3072]
-    h = torch.randn(600, 6144, device=dev, dtype=torch.bfloat16) * 2
+    x = torch.randn(2, 300, C, device=dev, dtype=torch.bfloat16)
+    mods = torch.randn(2, 6 * C, device=dev, dtype=torch.bfloat16) * 0.3
+    shift, scale = mods[:, :C], mods[:, C:2 * C]
+    h = torch.randn(600, 4 * C, device=dev, dtype=torch.bfloat16) * 2
     st = torch.tensor(0.02, device=dev) if mode == "static" else None
     pairs = ((kernels.ln_modulate_act, kernels._ln_modulate_torch, (x, shift, scale)),
              (kernels.gelu_act, kernels._gelu_torch, (h,)), (kernels.plain_act, kernels._plain_torch, (h,)))
@@ -130,12 +131,20 @@ def test_triton_kernels_match_torch(mode):
         deq = q.float() * (s if s is not None else 1)
         deq_r = qr.float() * (sr if sr is not None else 1)
         assert sqnr(deq_r, deq) > 25
-    gate = mods[:, 3072:4608]
-    y = torch.randn(600, 1536, device=dev, dtype=torch.bfloat16)
+        if fn is kernels.plain_act:  # no arithmetic before the quantisation: (nearly) the same scales and codes
+            torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+            assert (q.view(torch.uint8) != qr.view(torch.uint8)).float().mean() < 1e-3  # every column written
+    gate = mods[:, 3 * C:4 * C]
+    y = torch.randn(600, C, device=dev, dtype=torch.bfloat16)
     xn, (q, s) = kernels.residual_ln_modulate_act(x, gate, y, shift, scale, mode, st)  # Triton
     xr, (qr, sr) = kernels._residual_ln_modulate_torch(x, gate, y, shift, scale, mode, st)
     assert torch.equal(xn, xr)  # the residual sum is rounded like torch.addcmul
     assert sqnr(qr.float() * (sr if sr is not None else 1), q.float() * (s if s is not None else 1)) > 25
+
+
+@pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
+def test_triton_gemv_and_dequant():
+    dev = torch.device("cuda")
     a = torch.randn(2, 1536, device=dev, dtype=torch.bfloat16)
     w8 = (torch.randn(4096, 1536, device=dev) * 0.05).to(torch.float8_e4m3fn)
     ws = torch.rand(1, 4096, device=dev) + 0.5

@@ -100,58 +100,84 @@ def _plain_torch(y, mode, static_scale):
 if triton is not None:
 
     @triton.jit
-    def _store_row(Q, S, SSTATIC, row, cols, mask, y, QS, MODE: tl.constexpr):
-        # MODE 0: store y in Q's dtype; 1: dynamic per-row fp8; 2: static scalar fp8. QS: Q's row stride
-        # (the row length, or more when Q has spare columns for a fused LoRA term: lora/fused.py)
+    def _e4m3(y, s):
+        return tl.minimum(tl.maximum(y / s, -448.0), 448.0).to(tl.float8e4nv)
+
+    @triton.jit
+    def _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE: tl.constexpr):
+        # a row given as two parts (`row_blocks`: columns ca [BLOCK_A], cb [BLOCK_B], masks ma / mb, values
+        # ya / yb fp32) -> Q. MODE 0: y in Q's dtype; 1: dynamic per-row fp8; 2: static scalar fp8. QS: Q's
+        # row stride (the row length, or more when Q has spare columns for a fused LoRA term: lora/fused.py)
         if MODE == 0:
-            tl.store(Q + row * QS + cols, y.to(Q.dtype.element_ty), mask=mask)
+            tl.store(Q + row * QS + ca, ya.to(Q.dtype.element_ty), mask=ma)
+            tl.store(Q + row * QS + cb, yb.to(Q.dtype.element_ty), mask=mb)
         else:
             if MODE == 1:
-                amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
+                amax = tl.maximum(tl.max(tl.where(ma, tl.abs(ya), 0.0), axis=0),
+                                  tl.max(tl.where(mb, tl.abs(yb), 0.0), axis=0))
                 s = tl.maximum(amax, 1e-12) / 448.0
             else:
                 s = tl.load(SSTATIC)
-            q = tl.minimum(tl.maximum(y / s, -448.0), 448.0)
-            tl.store(Q + row * QS + cols, q.to(tl.float8e4nv), mask=mask)
+            tl.store(Q + row * QS + ca, _e4m3(ya, s), mask=ma)
+            tl.store(Q + row * QS + cb, _e4m3(yb, s), mask=mb)
             tl.store(S + row, s)
 
     @triton.jit
-    def _ln_modulate_row(x, mask, cols, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
-                         EPS: tl.constexpr, MODE: tl.constexpr):
-        # x [BLOCK] fp32 (0 past C) -> LayerNorm -> * (1 + scale[b]) + shift[b] -> Q row (_store_row)
-        mean = tl.sum(x, axis=0) / C
-        d = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
-        sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        _store_row(Q, S, SSTATIC, row, cols, mask, d * rstd * (1.0 + sc) + sh, QS, MODE)
+    def _row_parts(C, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+        ca = tl.arange(0, BLOCK_A)
+        cb = BLOCK_A + tl.arange(0, BLOCK_B)
+        return ca, ca < C, cb, cb < C
 
     @triton.jit
-    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, QS, stride_mod,
-                            EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < C
-        x = tl.load(X + row.to(tl.int64) * C + cols, mask=mask, other=0.0).to(tl.float32)
-        _ln_modulate_row(x, mask, cols, row // L, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
+    def _modulate(d, rstd, b, cols, mask, SHIFT, SCALE, stride_mod):
+        sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        return d * rstd * (1.0 + sc) + sh
+
+    @triton.jit
+    def _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
+                         EPS: tl.constexpr, MODE: tl.constexpr):
+        # x = [xa, xb] fp32 (0 past C) -> LayerNorm -> * (1 + scale[b]) + shift[b] -> Q row (_store_row)
+        mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) / C
+        da = tl.where(ma, xa - mean, 0.0)
+        db = tl.where(mb, xb - mean, 0.0)
+        var = (tl.sum(da * da, axis=0) + tl.sum(db * db, axis=0)) / C
+        rstd = 1.0 / tl.sqrt(var + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
+        _store_row(Q, S, SSTATIC, row, ca, ma, _modulate(da, rstd, b, ca, ma, SHIFT, SCALE, stride_mod),
+                   cb, mb, _modulate(db, rstd, b, cb, mb, SHIFT, SCALE, stride_mod), QS, MODE)
+
+    @triton.jit
+    def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, QS, stride_mod, EPS: tl.constexpr,
+                            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, MODE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
+        xa = tl.load(X + row * C + ca, mask=ma, other=0.0).to(tl.float32)
+        xb = tl.load(X + row * C + cb, mask=mb, other=0.0).to(tl.float32)
+        _ln_modulate_row(xa, xb, ca, ma, cb, mb, row // L, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
                          EPS, MODE)
 
     @triton.jit
-    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, QS, stride_mod,
-                                     EPS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
-        # x + gate * y (rounded to x's dtype as torch.addcmul does), stored; then LN -> modulate -> Q
-        row = tl.program_id(0)
-        b = row // L
-        cols = tl.arange(0, BLOCK)
-        mask = cols < C
-        off = row.to(tl.int64) * C + cols
+    def _residual_part(X, Y, GATE, XOUT, row, b, cols, mask, C, stride_mod):
+        # x + gate * y (rounded to x's dtype as torch.addcmul does), stored -> fp32
+        off = row * C + cols
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(GATE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         xn = (x + g * y).to(XOUT.dtype.element_ty)
         tl.store(XOUT + off, xn, mask=mask)
-        _ln_modulate_row(xn.to(tl.float32), mask, cols, b, row.to(tl.int64), SHIFT, SCALE, Q, S, SSTATIC, C, QS,
-                         stride_mod, EPS, MODE)
+        return xn.to(tl.float32)
+
+    @triton.jit
+    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, QS, stride_mod,
+                                     EPS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                                     MODE: tl.constexpr):
+        # x + gate * y, stored; then LN -> modulate -> Q
+        row = tl.program_id(0).to(tl.int64)
+        b = row // L
+        ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
+        xa = _residual_part(X, Y, GATE, XOUT, row, b, ca, ma, C, stride_mod)
+        xb = _residual_part(X, Y, GATE, XOUT, row, b, cb, mb, C, stride_mod)
+        _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod, EPS, MODE)
 
     @triton.jit
     def _gelu_tanh(h):
@@ -163,15 +189,17 @@ if triton is not None:
         return 0.5 * h * (1.0 + t)
 
     @triton.jit
-    def _act_rows_kernel(Y, Q, S, SSTATIC, N, QS, BLOCK: tl.constexpr, MODE: tl.constexpr, GELU: tl.constexpr):
+    def _act_rows_kernel(Y, Q, S, SSTATIC, N, QS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                         MODE: tl.constexpr, GELU: tl.constexpr):
         # one row per program (dynamic mode needs the row's amax)
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < N
-        y = tl.load(Y + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        ca, ma, cb, mb = _row_parts(N, BLOCK_A, BLOCK_B)
+        ya = tl.load(Y + row * N + ca, mask=ma, other=0.0).to(tl.float32)
+        yb = tl.load(Y + row * N + cb, mask=mb, other=0.0).to(tl.float32)
         if GELU:
-            y = _gelu_tanh(y)
-        _store_row(Q, S, SSTATIC, row, cols, mask, y, QS, MODE)
+            ya = _gelu_tanh(ya)
+            yb = _gelu_tanh(yb)
+        _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE)
 
     @triton.jit
     def _act_static_kernel(Y, Q, SSTATIC, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
@@ -346,10 +374,8 @@ def ln_modulate_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, m
     shift, scale = _same_stride_mods(shift, scale)
     code = _mode_code(mode)
     q, s = _act_out(B * L, C, code, x, extra)
-    block = triton.next_power_of_2(C)
     _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, C + extra,
-                                  shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
-                                  num_warps=row_warps(block))
+                                  shift.stride(0), EPS=NORM_EPS, MODE=code, **row_launch(C))
     return q, (s if code else None)
 
 
@@ -371,10 +397,9 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
     code = _mode_code(mode)
     x_new = torch.empty_like(x)
     q, s = _act_out(B * L, C, code, x, extra)
-    block = triton.next_power_of_2(C)
     _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
-                                           L, C, C + extra, shift.stride(0), EPS=NORM_EPS, BLOCK=block, MODE=code,
-                                           num_warps=row_warps(block))
+                                           L, C, C + extra, shift.stride(0), EPS=NORM_EPS, MODE=code,
+                                           **row_launch(C))
     return x_new, (q, (s if code else None))
 
 
@@ -401,11 +426,27 @@ def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | No
 _STATIC_BLOCK = 2048
 
 
-def row_warps(block: int) -> int:
-    """num_warps of a one-row-per-program kernel over `block` (a power of 2) columns: 4 up to 4096 (Large's
-    C = 2432: 59 vs 63 us for the residual-LN pass on an H100, benchmarks/elementwise_configs.py), 8 up to
-    8192, 16 above (the GELU pass over the 9728-wide fc1 output)."""
-    return 4 if block <= 4096 else (8 if block <= 8192 else 16)
+def row_blocks(n: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B): how the one-row-per-program kernels lay a row of n columns over their lanes, as
+    two power-of-2 parts [0, A) and [A, A + B), A + B >= n. One next_power_of_2(n) block would leave up
+    to half of its lanes masked, and masked lanes still execute the arithmetic: Large's 9728-wide fc1
+    output is 8192 + 2048 lanes (1536 used) instead of 16384, its C = 2432 is 2048 + 512 instead of 4096,
+    Medium's 1536 and 6144 split exactly."""
+    a = max(triton.next_power_of_2(n) // 2, 1)  # the largest power of 2 below n (n / 2 for a power of 2)
+    return a, triton.next_power_of_2(max(n - a, 1))
+
+
+def row_warps(lanes: int) -> int:
+    """num_warps of a one-row-per-program kernel over `lanes` columns: 4 up to 4096 (Large's C = 2432:
+    59 vs 63 us for the residual-LN pass on an H100 at 4096 lanes, benchmarks/elementwise_configs.py), 8 up
+    to 8192, 16 above (the GELU pass over the 9728-wide fc1 output)."""
+    return 4 if lanes <= 4096 else (8 if lanes <= 8192 else 16)
+
+
+def row_launch(n: int) -> dict:
+    """The row kernels' launch meta for rows of n columns: BLOCK_A, BLOCK_B (`row_blocks`), num_warps."""
+    a, b = row_blocks(n)
+    return dict(BLOCK_A=a, BLOCK_B=b, num_warps=row_warps(a + b))
 
 
 def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, gelu: bool, extra: int = 0):
@@ -417,9 +458,8 @@ def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, 
                                                                  GELU=gelu, num_warps=4)
         return q, static_row_scale(static_scale, M)
     q, s = _act_out(M, N, code, y, extra)
-    block = triton.next_power_of_2(N)
-    _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, N + extra, BLOCK=block, MODE=code,
-                           GELU=gelu, num_warps=row_warps(block))  # MODE 0 / 1 (2: static with spare columns)
+    _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, N + extra, MODE=code, GELU=gelu,
+                           **row_launch(N))  # MODE 0 / 1 (2: static with spare columns)
     return q, (s if code else None)
 
 
