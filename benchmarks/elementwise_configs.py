@@ -1,7 +1,9 @@
 """Sweep the lane layout and launch width (num_warps) of the fused step's row kernels (fast/kernels.py) at
 the SD3.5 Large shapes (CFG batch 2, 4096 + 154 tokens, C = 2432, MLP 9728), FP8 dynamic: time and
 achieved GB/s of each. Layouts: "one block" (a row in next_power_of_2(n) lanes, the kernels before
-session 20) and "split" (`row_blocks`: two power-of-2 parts, fewer masked lanes).
+session 20) and "split" (`row_blocks`: two power-of-2 parts, fewer masked lanes). Then the FP8
+attention's amax and quantise passes (fast/attention_triton.py AMAX_LAUNCH / QUANT_LAUNCH) over
+BLOCK_L x num_warps.
 
     python benchmarks/elementwise_configs.py --out benchmarks/results/elementwise_configs_<device>.json   # CUDA
 
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096 + 154)
     ap.add_argument("--hidden", type=int, default=2432)
+    ap.add_argument("--only", choices=("all", "rows", "attention"), default="all")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -69,25 +72,71 @@ def main(argv=None) -> int:
         sweep(name, n, t.numel() * 2 + q.numel() + s.numel() * 4,
               lambda meta: k._act_rows_kernel[(t.shape[0],)](t, q, s, q, n, n, MODE=1, GELU=gelu, **meta))
 
-    rows_case("gelu_quant_fc2_input", h, True)
-    rows_case("quant_proj_input", o, False)
-
-    x_new = torch.empty_like(x)
-    q = torch.empty(M, C, device=dev, dtype=torch.float8_e4m3fn)
-    s = torch.empty(M, 1, device=dev, dtype=torch.float32)
-    sweep("residual_ln_modulate_quant", C, x.numel() * 2 * 2 + y.numel() * 2 + q.numel() + s.numel() * 4,
-          lambda meta: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C,
-                                                            mods.stride(0), EPS=k.NORM_EPS, MODE=1, **meta))
+    if args.only in ("all", "rows"):
+        rows_case("gelu_quant_fc2_input", h, True)
+        rows_case("quant_proj_input", o, False)
+        x_new = torch.empty_like(x)
+        q = torch.empty(M, C, device=dev, dtype=torch.float8_e4m3fn)
+        s = torch.empty(M, 1, device=dev, dtype=torch.float32)
+        sweep("residual_ln_modulate_quant", C, x.numel() * 2 * 2 + y.numel() * 2 + q.numel() + s.numel() * 4,
+              lambda meta: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C,
+                                                                mods.stride(0), EPS=k.NORM_EPS, MODE=1, **meta))
 
     for name, rows in res["kernels"].items():
         print(name)
         for r in rows:
             print(f"  {r['layout']:9s} {r['lanes']:5d} lanes, warps {r['num_warps']:2d}: {r['ms'] * 1000:7.1f} us  "
                   f"{r['gb_s']:7.0f} GB/s{'  <- project' if r['project'] else ''}")
+    if args.only in ("all", "attention"):
+        attention_quantize(res, B, args.tokens - 4096, 4096, C, dev, g, do_bench)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     return 0
+
+
+def attention_quantize(res: dict, B: int, lc: int, lx: int, C: int, dev, g, do_bench) -> None:
+    """The FP8 attention's two quantisation passes (fast/attention_triton.py) over BLOCK_L x num_warps:
+    the amax pass (reads v) and the quantise pass (reads q, k, v; RMS-norm, Hadamard, e4m3; writes q8, k8,
+    v8 transposed), each timed alone on the qkv outputs of one Large joint block; then both without the
+    qk RMS-norm (SD3 2B's layout: the amax pass reads and rotates q and k as well)."""
+    from sd35fp8.fast import attention_triton as at
+
+    H, D = C // 64, 64
+    qkv_c = torch.randn(B, lc, 3 * C, device=dev, generator=g).to(torch.bfloat16)
+    qkv_x = torch.randn(B, lx, 3 * C, device=dev, generator=g).to(torch.bfloat16)
+    w = [(1 + 0.1 * torch.randn(D, device=dev, generator=g)).to(torch.bfloat16) for _ in range(4)]
+    ctx, x, norms = at._joint_split(qkv_c, qkv_x, lc, H, *w)
+    scale = at.amax_to_scale(at._amax(ctx, x, norms, True, qk_bound=True)).view(3, B, H)[:, 0]  # [3, H]
+    L, lp = lc + lx, -(-(lc + lx) // at.PAD) * at.PAD
+    qkv = 3 * B * L * C * 2 + 3 * B * lp * C
+    n_bytes = {"amax": B * L * C * 2, "quantize": qkv, "amax_no_norm": 3 * B * L * C * 2, "quantize_no_norm": qkv}
+    runs = {"amax": (lambda: at._amax(ctx, x, norms, True, qk_bound=True)),  # SD3.5: q, k by their norm bound
+            "quantize": (lambda: at._quantize(ctx, x, norms, True, scale=scale)),
+            # SD3 (no qk-norm): the amax pass reads and rotates q and k too
+            "amax_no_norm": (lambda: at._amax(ctx, x, None, True)),
+            "quantize_no_norm": (lambda: at._quantize(ctx, x, None, True, scale=scale))}
+    for name, launch in (("amax", "AMAX_LAUNCH"), ("quantize", "QUANT_LAUNCH"), ("amax_no_norm", "AMAX_LAUNCH"),
+                         ("quantize_no_norm", "QUANT_LAUNCH")):
+        project = dict(getattr(at, launch))
+        rows = []
+        for bl in (32, 64, 128):
+            for nw in (1, 2, 4, 8):
+                setattr(at, launch, {"BLOCK_L": bl, "num_warps": nw})
+                try:
+                    runs[name]()
+                    ms = do_bench(runs[name], warmup=10, rep=100)
+                except Exception as e:  # a config Triton cannot build: listed, not fatal
+                    print(f"  BLOCK_L {bl}, warps {nw}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                rows.append({"BLOCK_L": bl, "num_warps": nw, "ms": ms, "gb_s": n_bytes[name] / ms / 1e6,
+                             "project": project == {"BLOCK_L": bl, "num_warps": nw}})
+        setattr(at, launch, project)
+        res["kernels"][f"attention_{name}"] = rows
+        print(f"attention_{name}")
+        for r in rows:
+            print(f"  BLOCK_L {r['BLOCK_L']:3d}, warps {r['num_warps']}: {r['ms'] * 1000:7.1f} us  {r['gb_s']:7.0f} GB/s"
+                  f"{'  <- project' if r['project'] else ''}")
 
 
 if __name__ == "__main__":

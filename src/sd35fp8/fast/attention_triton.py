@@ -72,7 +72,10 @@ IN_DTYPES = (torch.bfloat16, torch.float16)
 PAD = 128  # fp8 layouts pad L to a multiple of this (>= every BLOCK_M / BLOCK_N below)
 P_LOG2_SCALE = 8.0  # fp8 path: P is computed as P * 2**8 before the e4m3 cast
 _LOG2E = 1.4426950408889634
-_QUANT_BLOCK_L = 128
+# launch meta of the quantisation passes (BLOCK_L rows of one (batch, head) per program; BLOCK_L divides PAD):
+# benchmarks/elementwise_configs.py sweeps them at Large's shapes
+AMAX_LAUNCH = {"BLOCK_L": 64, "num_warps": 4}
+QUANT_LAUNCH = {"BLOCK_L": 64, "num_warps": 4}
 QK_BOUND_MARGIN = 1.01  # `qk_norm_bound`: headroom for the bf16 rounding of a normed row
 # Interpreter checks only (TRITON_INTERPRET=1, CPU tensors): set _ALLOW_CPU = True; CPU launches use the
 # fixed block sizes below (the autotuner needs a GPU to time configs). Never set by library code or tests.
@@ -394,7 +397,7 @@ def _quant_args(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool
     strides = tuple(st for t in (*c, *x) for st in _bhl_strides(t))
     weights = norms if norms is not None else (qx,) * 4  # unread without NORM
     rotate = 1.0 / math.sqrt(D) if hadamard else 0.0  # ROTATE constexpr: q, k @ H_D * rotate
-    meta = dict(HEAD_DIM=D, BLOCK_L=_QUANT_BLOCK_L, NORM=norms is not None, ROTATE=rotate, num_warps=4)
+    meta = dict(HEAD_DIM=D, NORM=norms is not None, ROTATE=rotate)  # + AMAX_LAUNCH / QUANT_LAUNCH
     return (*c, *x, *weights), strides, lc, lc + Lx, meta
 
 
@@ -405,7 +408,8 @@ def _amax(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool, qk_b
     B, _, H, D = x[0].shape
     amax = torch.zeros(3, B * H, device=x[0].device, dtype=torch.float32)  # [3, B*H]
     bound = QK_BOUND_MARGIN * math.sqrt(D) if qk_bound and norms is not None else 0.0  # qk_norm_bound / max|w|
-    _amax_kernel[(triton.cdiv(L, _QUANT_BLOCK_L), B * H)](*tensors, amax, *strides, H, lc, L, QK_BOUND=bound, **meta)
+    _amax_kernel[(triton.cdiv(L, AMAX_LAUNCH["BLOCK_L"]), B * H)](*tensors, amax, *strides, H, lc, L, QK_BOUND=bound,
+                                                                  **meta, **AMAX_LAUNCH)
     return amax
 
 
@@ -427,7 +431,8 @@ def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool,
     q8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
     k8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
     v8t = torch.empty(B, H, D, lp, device=qx.device, dtype=FP8_DTYPE)
-    _quant_kernel[(lp // _QUANT_BLOCK_L, B * H)](*tensors, q8, k8, v8t, scale, *strides, H, lc, L, lp, **meta)
+    _quant_kernel[(lp // QUANT_LAUNCH["BLOCK_L"], B * H)](*tensors, q8, k8, v8t, scale, *strides, H, lc, L, lp,
+                                                          **meta, **QUANT_LAUNCH)
     return QKV8(q8, k8, v8t, scale.view(3, B, H), L)
 
 
