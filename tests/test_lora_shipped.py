@@ -1,6 +1,6 @@
 """The shipped LoRA (brown) on the shipped model: it loads in its kohya layout, changes the images, and leaves
 the base model's pixels unchanged at strength 0 and after unloading. How well it draws brown is measured by
-benchmarks/tiny_lora.py (benchmarks/results/tiny_lora_cpu.json), not asserted here."""
+benchmarks/tiny_lora.py (benchmarks/results/tiny_lora_cpu.json and tiny_lora_<gpu>.json), not asserted here."""
 
 from __future__ import annotations
 
