@@ -305,7 +305,7 @@ def fuzz(args, work: Path) -> dict:
         sampler = Sampler(proc.pid)
         sampler.start()
         rng = random.Random(args.seed)
-        statuses, by_kind, worst, latencies = Counter(), {}, [], []
+        statuses, by_kind, worst, latencies, errors = Counter(), {}, [], [], []
         t_end = time.monotonic() + args.max_seconds
         sent = 0
         while sent < args.count and time.monotonic() < t_end:
@@ -317,6 +317,11 @@ def fuzz(args, work: Path) -> dict:
                 peak = sampler.window()
                 statuses[status] += 1
                 by_kind.setdefault(req["kind"], Counter())[status] += 1
+                if status.startswith("5") and status not in ("503", "507") and len(errors) < 20:
+                    body = req.get("body")
+                    errors.append({"status": status, "kind": req["kind"], "method": req["method"], "path": req["path"],
+                                   "body": (body.decode("utf-8", "replace") if isinstance(body, bytes)
+                                            else str(body))[:4000]})
                 worst.append((peak, req["kind"], (req.get("path") or "")[:80]))
                 sent += 1
                 if proc.poll() is not None:
@@ -342,6 +347,8 @@ def fuzz(args, work: Path) -> dict:
             "heaviest_requests": [{"rss_mb": round(p / 1024, 1), "kind": k, "path": pth} for p, k, pth in worst[:5]],
             "latency_ms_p50": round(statistics.median(latencies) * 1000, 1),
             "latency_ms_max": round(max(latencies) * 1000, 1),
+            "server_errors": errors,  # the first 20 requests answered 5xx (not 503 / 507), to reproduce them
+            "server_log_tracebacks": _tracebacks(work / "server.log"),
         }
     finally:
         proc.terminate()
@@ -349,6 +356,13 @@ def fuzz(args, work: Path) -> dict:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _tracebacks(log: Path, limit: int = 5) -> list[str]:
+    """The server log's first `limit` Python tracebacks (what a 500 left behind)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    blocks = text.split("Traceback (most recent call last):")[1:limit + 1]
+    return ["Traceback (most recent call last):" + b[:3000] for b in blocks]
 
 
 # ---- /history at scale ---------------------------------------------------------------------------

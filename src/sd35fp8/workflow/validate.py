@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sd35fp8.workflow.comfy_core import COMFY_CORE_NODES
-from sd35fp8.workflow.graph import _id_key
+from sd35fp8.workflow.graph import _id_key, find_cycle, upstream_closure
 from sd35fp8.workflow.nodes_control import UNAVAILABLE_NODES
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,44 @@ class _Validator:
         return self._input_types[class_type]
 
     def validate_inputs(self, unique_id: str) -> tuple[bool, list, str]:
+        """ComfyUI's recursive validate_inputs, driven without recursion: `_steps` is a generator that
+        yields the id of each linked node it needs and receives that node's result (or the exception its
+        validation raised, thrown in at the yield), so a chain of thousands of nodes needs no Python stack."""
+        if unique_id in self.validated:
+            return self.validated[unique_id]
+        stack = [(unique_id, self._steps(unique_id))]
+        reply: Any = None
+        thrown: BaseException | None = None
+        while True:
+            node_id, steps = stack[-1]
+            try:
+                if thrown is not None:
+                    exc, thrown = thrown, None
+                    need = steps.throw(exc)
+                else:
+                    need = steps.send(reply)
+            except StopIteration as done:
+                stack.pop()
+                if not stack:
+                    return done.value
+                reply = done.value
+                continue
+            except Exception as ex:  # what the recursive call would have raised into its caller
+                stack.pop()
+                if not stack:
+                    raise
+                thrown = ex
+                continue
+            if need in self.validated:
+                reply = self.validated[need]
+            elif any(need == n for n, _ in stack):  # only reachable when validate_prompt's cycle check was skipped
+                thrown = ValueError(f"dependency cycle through node {need}")
+            else:
+                stack.append((need, self._steps(need)))
+                reply = None
+
+    def _steps(self, unique_id: str):
+        """validate_inputs' body for one node (see there): yields linked node ids, returns its result."""
         if unique_id in self.validated:
             return self.validated[unique_id]
         node = self.prompt[unique_id]
@@ -110,7 +148,7 @@ class _Validator:
                             input_name=x, input_config=config, received_type=received_type, linked_node=val))
                         continue
                     try:
-                        r = self.validate_inputs(o_id)
+                        r = yield o_id  # = self.validate_inputs(o_id), run by validate_inputs' loop
                         if r[0] is False:
                             valid = False  # the reasons are recorded on the upstream node itself
                             continue
@@ -238,6 +276,10 @@ def validate_prompt(
     if not outputs:
         return (False, _error("prompt_no_outputs", "Prompt has no outputs", ""), [], {})
 
+    cycle = find_cycle(prompt, upstream_closure(prompt, outputs))
+    if cycle:  # ComfyUI would recurse until its stack overflows; here a 400 that names the loop
+        return (False, _error("dependency_cycle", "Prompt has a dependency cycle", " -> ".join(cycle),
+                              node_ids=cycle), [], {})
     v = _Validator(prompt, classes, folders, max_text_chars)
     good: list[str] = []
     failed: list[tuple[str, list]] = []
