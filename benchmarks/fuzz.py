@@ -362,7 +362,7 @@ def _tracebacks(log: Path, limit: int = 5) -> list[str]:
     """The server log's first `limit` Python tracebacks (what a 500 left behind)."""
     text = log.read_text(errors="replace") if log.exists() else ""
     blocks = text.split("Traceback (most recent call last):")[1:limit + 1]
-    return ["Traceback (most recent call last):" + b[:3000] for b in blocks]
+    return ["Traceback (most recent call last): ..." + b.split("\nINFO")[0][-3000:] for b in blocks]  # its end
 
 
 # ---- /history at scale ---------------------------------------------------------------------------

@@ -291,6 +291,17 @@ def test_executor_runs_needed_nodes_and_caches(tmp_path):
     assert r.executed == [] and r.outputs == {"3": {"values": [5.0]}} and CALLS["sample"] == 2
 
 
+def test_undeclared_link_to_a_missing_node_is_ignored(tmp_path):
+    """An input the node does not declare is not validated and not passed to the node (ComfyUI ignores it);
+    linking it to an id the prompt lacks used to fail the run with a bare KeyError while building cache keys
+    (found by benchmarks/fuzz.py)."""
+    CALLS.clear()
+    p = copy.deepcopy(FAKE_PROMPT)
+    p["2"]["inputs"]["extra"] = ["999", 0]
+    r = PromptExecutor(ModelFolders(tmp_path), classes=FAKE).execute(p, "p1")
+    assert r.success and r.executed == ["1", "2", "3"] and r.outputs == {"3": {"values": [3.0]}}
+
+
 def test_executor_error_and_interrupt(tmp_path):
     CALLS.clear()
     ex = PromptExecutor(ModelFolders(tmp_path), classes=FAKE)

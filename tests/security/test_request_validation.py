@@ -178,3 +178,14 @@ def test_work_budget(tmp_path):
         body = _shape(c.post("/prompt", json={"prompt": long_text}), 400)
         assert body["node_errors"][text_node]["errors"][0]["type"] == "value_too_long"
         assert queued(c) == 0
+
+
+def test_websocket_survives_hostile_messages(client):
+    """Client messages that are not JSON, or nest deeper than the JSON scanner recurses (a RecursionError
+    that used to end the connection's task with a traceback), are ignored; the socket keeps answering."""
+    with client.websocket_connect("/ws?clientId=hostile") as ws:
+        assert ws.receive_json()["type"] == "status"
+        for text in ("{not json", "[" * 100_000 + "]" * 100_000, '{"type": "feature_flags"' + "," * 10):
+            ws.send_text(text)
+        ws.send_text('{"type": "feature_flags", "data": {}}')
+        assert ws.receive_json()["type"] == "feature_flags"

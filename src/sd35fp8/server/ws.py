@@ -112,8 +112,8 @@ class WebSocketHub:
     def _on_client_message(q: asyncio.Queue, text: str, server_features: dict) -> None:
         try:
             msg = json.loads(text)
-        except json.JSONDecodeError:
-            log.warning("ignored a non-JSON websocket message")
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the C scanner's recursion
+            log.warning("ignored a websocket message that is not JSON (or nests too deeply)")
             return
         if isinstance(msg, dict) and msg.get("type") == "feature_flags":
             q.put_nowait(json.dumps({"type": "feature_flags", "data": server_features}))

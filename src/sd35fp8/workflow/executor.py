@@ -151,7 +151,9 @@ class PromptExecutor:
             literals = {}
             for name, value in node["inputs"].items():
                 if is_link(value):
-                    parts[name] = ["link", keys[str(value[0])], value[1]]
+                    # a link outside the execution order points at no node of the prompt; validation checks
+                    # declared inputs only, and an undeclared one is ignored when the node runs (_gather_inputs)
+                    parts[name] = ["link", keys.get(str(value[0]), f"missing:{value[0]}"), value[1]]
                 else:
                     parts[name] = ["value", value]
                     literals[name] = value
