@@ -67,14 +67,15 @@ class _Validator:
     def validate_inputs(self, unique_id: str) -> tuple[bool, list, str]:
         """ComfyUI's recursive validate_inputs, driven without recursion: `_steps` is a generator that
         yields the id of each linked node it needs and receives that node's result (or the exception its
-        validation raised, thrown in at the yield), so a chain of thousands of nodes needs no Python stack."""
+        validation raised, thrown in at the yield), so a chain of thousands of nodes needs no Python stack.
+        The prompt's links must form no cycle (validate_prompt checks that first)."""
         if unique_id in self.validated:
             return self.validated[unique_id]
-        stack = [(unique_id, self._steps(unique_id))]
+        stack = [self._steps(unique_id)]
         reply: Any = None
         thrown: BaseException | None = None
         while True:
-            node_id, steps = stack[-1]
+            steps = stack[-1]
             try:
                 if thrown is not None:
                     exc, thrown = thrown, None
@@ -95,10 +96,8 @@ class _Validator:
                 continue
             if need in self.validated:
                 reply = self.validated[need]
-            elif any(need == n for n, _ in stack):  # only reachable when validate_prompt's cycle check was skipped
-                thrown = ValueError(f"dependency cycle through node {need}")
             else:
-                stack.append((need, self._steps(need)))
+                stack.append(self._steps(need))
                 reply = None
 
     def _steps(self, unique_id: str):
