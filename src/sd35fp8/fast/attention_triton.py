@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from typing import NamedTuple
 
 import torch
@@ -92,67 +91,6 @@ class QKV8(NamedTuple):
     vt: torch.Tensor  # [B, H, D, Lp] float8_e4m3fn (V transposed)
     scale: torch.Tensor  # [3, B, H] fp32: s_q, s_k, s_v with x ~= x8 * s
     length: int  # L, the real sequence length
-
-
-# ---------------------------------------------------------------------------------- P's e4m3 codes (inline PTX)
-# 8 (2^(h + 1/2) - 1) on h in [-1/2, 1/2]: degree 2, weighted least squares to near-minimax (max error 0.0199
-# code units, benchmarks/attention_variants.py)
-P8_POLY = (3.3120005130767822, 7.960228443145752, 2.7519984245300293)
-
-
-def _f32_hex(x: float) -> str:
-    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-def p8_asm(npoly: int) -> str:
-    """PTX for one inline-asm block: 4 scores y = log2(P * 256) <= 8 ($1..$4, f32) -> their e4m3 codes in $0
-    (element i in byte i). The first 4 - npoly by the MUFU (ex2.approx.ftz) and cvt.rn.satfinite.e4m3x2;
-    the last npoly on the FMA pipes, writing the code directly: u = y + 7 (e4m3's biased exponent),
-    code = 8 floor(u) + round(8 (2^frac(u) - 1)), floor by the 1.5 * 2^23 rounding trick, the fraction's
-    power by P8_POLY. Normal codes match the cvt's up to a rare 1-code flip next to a rounding tie (the
-    polynomial's 0.02 error); below 2^-6 (e4m3 subnormals, P < 2^-14 of the row max) the code undershoots
-    (at most 4 codes of 2^-9)."""
-    c0, c1, c2 = (_f32_hex(c) for c in P8_POLY)
-    magic = _f32_hex(12582912.0)
-    regs = (".reg .f32 " + ", ".join(f"a{i}, t{i}, n{i}, h{i}, q{i}, r{i}, e{i}" for i in range(4)) + ", z;"
-            ".reg .b32 " + ", ".join(f"tb{i}, rb{i}, c{i}" for i in range(4)) + ", x, w, w2; .reg .b16 p01, p23, pz;")
-    body = f"mov.f32 z, {_f32_hex(0.0)};"
-    nm = 4 - npoly
-    for i in range(nm):
-        body += f"ex2.approx.ftz.f32 e{i}, ${i + 1};"
-    for i in range(nm, 4):
-        body += (f"add.f32 a{i}, ${i + 1}, {_f32_hex(6.5)}; max.f32 a{i}, a{i}, {_f32_hex(-0.5)};"
-                 f"add.rn.f32 t{i}, a{i}, {magic}; sub.f32 n{i}, t{i}, {magic}; sub.f32 h{i}, a{i}, n{i};"
-                 f"fma.rn.f32 q{i}, h{i}, {c2}, {c1}; fma.rn.f32 q{i}, q{i}, h{i}, {c0};"
-                 f"add.rn.f32 r{i}, q{i}, {magic}; mov.b32 tb{i}, t{i}; mov.b32 rb{i}, r{i};"
-                 f"mad.lo.u32 c{i}, tb{i}, 8, rb{i};")  # low byte: 8 floor(u) + round(8 (2^f - 1))
-    body += {
-        4: "cvt.rn.satfinite.e4m3x2.f32 p01, e1, e0; cvt.rn.satfinite.e4m3x2.f32 p23, e3, e2; mov.b32 $0, {p01, p23};",
-        3: "cvt.rn.satfinite.e4m3x2.f32 p01, e1, e0; cvt.rn.satfinite.e4m3x2.f32 p23, z, e2;"
-           "mov.b32 x, {p01, p23}; prmt.b32 $0, x, c3, 0x4210;",
-        2: "cvt.rn.satfinite.e4m3x2.f32 p01, e1, e0; mov.b32 x, {p01, p01}; prmt.b32 w, c2, c3, 0x0040;"
-           "prmt.b32 $0, x, w, 0x5410;",
-        1: "cvt.rn.satfinite.e4m3x2.f32 pz, z, e0; mov.b32 x, {pz, pz}; prmt.b32 w, x, c1, 0x0040;"
-           "prmt.b32 w2, c2, c3, 0x0040; prmt.b32 $0, w, w2, 0x5410;",
-        0: "prmt.b32 w, c0, c1, 0x0040; prmt.b32 w2, c2, c3, 0x0040; prmt.b32 $0, w, w2, 0x5410;",
-    }[nm]
-    return "{" + regs + body + "}"
-
-
-# How the FP8 path makes P8 and the row sum (`P8_MODES`, env SD35FP8_ATTN_P8): "cast" P in fp32 (`_exp2`),
-# cast to e4m3, l summed from the fp32 P; "cast_mma" the same P8, l by the MMA (P8 @ ones: the sum of the
-# e4m3 P that O is made of, no per-element add or cross-lane reduction); "asmN" (N = 0..4) l by the MMA and
-# P8 by `p8_asm(N)` (N of every 4 codes on the FMA pipes instead of the MUFU + cvt)
-P8_ENV = "SD35FP8_ATTN_P8"
-P8_MODES = {"cast": -1, "cast_mma": -2, **{f"asm{n}": n for n in range(5)}}
-P8_DEFAULT = "cast"
-
-
-def p8_mode() -> int:
-    name = os.environ.get(P8_ENV, P8_DEFAULT).strip().lower()
-    if name not in P8_MODES:
-        raise ValueError(f"{P8_ENV}={name!r}: expected one of {sorted(P8_MODES)}")
-    return P8_MODES[name]
 
 
 # ---------------------------------------------------------------------------------- Triton kernels
@@ -202,30 +140,11 @@ if triton is not None:
         a, b = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_N // 2, 2)))
         return tl.reshape(tl.join(_exp2_ftz(a), _exp2_poly(b)), (BLOCK_M, BLOCK_N))
 
-    _P8_ASM_0, _P8_ASM_1, _P8_ASM_2, _P8_ASM_3, _P8_ASM_4 = (tl.constexpr(p8_asm(n)) for n in range(5))
-
     @triton.jit
-    def _p8_codes(y, NPOLY: tl.constexpr):
-        """[BM, BN] fp32 y = log2(P * 256) <= 8 -> e4m3 P * 256 by `p8_asm(NPOLY)` (4 scores an asm block)."""
-        if NPOLY == 0:
-            code = tl.inline_asm_elementwise(_P8_ASM_0, "=r,f,f,f,f", [y], dtype=tl.int8, is_pure=True, pack=4)
-        elif NPOLY == 1:
-            code = tl.inline_asm_elementwise(_P8_ASM_1, "=r,f,f,f,f", [y], dtype=tl.int8, is_pure=True, pack=4)
-        elif NPOLY == 2:
-            code = tl.inline_asm_elementwise(_P8_ASM_2, "=r,f,f,f,f", [y], dtype=tl.int8, is_pure=True, pack=4)
-        elif NPOLY == 3:
-            code = tl.inline_asm_elementwise(_P8_ASM_3, "=r,f,f,f,f", [y], dtype=tl.int8, is_pure=True, pack=4)
-        else:
-            code = tl.inline_asm_elementwise(_P8_ASM_4, "=r,f,f,f,f", [y], dtype=tl.int8, is_pure=True, pack=4)
-        return code.to(tl.float8e4nv, bitcast=True)
-
-    @triton.jit
-    def _attn_block(acc, l_i, l_acc, m_i, q, ones, k_base, v_base, start_n, L, qk_scale, skn, svn, svd, offs_n0,
-                    offs_d, FP8: tl.constexpr, P_SHIFT: tl.constexpr, MASKED: tl.constexpr, EXP: tl.constexpr,
-                    P8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One key block: acc [BM, D], l_i / m_i [BM] (log2 domain) updated with keys start_n + offs_n0.
-        FP8 with P8 != -1 (`P8_MODES`): the row sum goes to l_acc [BM, 16] by the MMA P8 @ ones [BN, 16]
-        (column 0 ones) instead of l_i."""
+    def _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd, offs_n0, offs_d,
+                    FP8: tl.constexpr, P_SHIFT: tl.constexpr, MASKED: tl.constexpr, EXP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One key block: acc [BM, D], l_i / m_i [BM] (log2 domain) updated with keys start_n + offs_n0."""
         offs_n = start_n + offs_n0  # [BN]
         kmask = offs_n < L
         if FP8 or not MASKED:  # fp8 layouts are zero-padded to Lp: loads never need a mask
@@ -236,43 +155,29 @@ if triton is not None:
         if MASKED:
             qk = tl.where(kmask[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BM]
-        y = qk * qk_scale - (m_ij - P_SHIFT)[:, None]  # [BM, BN] log2(P * 2**P_SHIFT) <= P_SHIFT
+        p = _exp2(qk * qk_scale - (m_ij - P_SHIFT)[:, None], BLOCK_M, BLOCK_N, EXP)  # [BM, BN] in [0, 2**P_SHIFT]
         alpha = tl.math.exp2(m_i - m_ij)  # [BM]
+        l_i = l_i * alpha + tl.sum(p, 1)
         if FP8:
             v = tl.trans(tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :]))  # [D, BN] -> [BN, D]
         elif MASKED:
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
         else:
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :])  # [BN, D]
-        if FP8 and P8 >= 0:
-            p8 = _p8_codes(y, P8)  # [BM, BN] e4m3 in [0, 256]
-        else:
-            p = _exp2(y, BLOCK_M, BLOCK_N, EXP)  # [BM, BN] in [0, 2**P_SHIFT]
-            p8 = p.to(v.dtype)
-            if not FP8 or P8 == -1:
-                l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8 and P8 != -1:
-            l_acc = tl.dot(p8, ones, l_acc * alpha[:, None])  # [BM, 16], column 0 the row sum of P8
-        acc = tl.dot(p8, v, acc * alpha[:, None])
-        return acc, l_i, l_acc, m_ij
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return acc, l_i, m_ij
 
     @triton.jit
     def _attn_fwd(Q, K, V, OC, OX, SCALE, OSCALE, sm_scale_log2e,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, H, L, LC,
-                  QX, sqxb, sqxh, sqxm, WQC, WQX, ONES,
                   HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr, OUT_FP8: tl.constexpr,
-                  EXP: tl.constexpr, Q_SRC: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
-                  P8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """O[b, m, h, :] = softmax(q k^T / sqrt(D)) v for one [BLOCK_M] query tile of one (b, h).
 
         bf16: Q, K, V [B, L, H, D] strided. fp8: Q, K [B, H, Lp, D], V = V^T [B, H, D, Lp], SCALE [3, B*H].
-        fp8 with Q_SRC: q is quantised here, in the prologue, from the joint sequence [Q (rows < LC); QX]
-        of [B, L*, H, D] bf16 views (strides sq*, sqx*), RMS-normed with WQC / WQX first if NORM and
-        rotated if ROTATE, exactly as the quantisation pass would (`_tile`): the pass then skips q.
         Output rows m < LC go to OC [B, LC, H*D], the others to OX [B, L - LC, H*D] (contiguous; LC = 0:
         OX is the whole output). OUT_FP8: the output is stored as e4m3 x / s with OSCALE = [1/s_c, 1/s_x]
         (the proj linears' static input scales). Strides are in elements; D is contiguous (stride 1).
-        P8 (fp8): how P8 and the row sum are made (`P8_MODES`); ONES [16, 128] e4m3, row 0 ones (P8 != -1).
         """
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -286,35 +191,22 @@ if triton is not None:
         v_base = V + b * svb + h * svh
         qk_scale = sm_scale_log2e
         if FP8:
-            s_q = tl.load(SCALE + bh)
-            if Q_SRC:  # [BM, D] fp32 -> e4m3; rows >= L are 0
-                q = _to_e4m3(_tile(Q, QX, WQC, WQX, b, h, sqb, sqh, sqm, sqxb, sqxh, sqxm, offs_m, offs_d, LC, L,
-                                   HEAD_DIM, NORM, ROTATE), s_q)
-            else:
-                q = tl.load(q_ptrs)  # padded rows are zeros
-            qk_scale = qk_scale * s_q * tl.load(SCALE + tl.num_programs(1) + bh)  # * s_q * s_k
+            q = tl.load(q_ptrs)  # padded rows are zeros
+            qk_scale = qk_scale * tl.load(SCALE + bh) * tl.load(SCALE + tl.num_programs(1) + bh)  # * s_q * s_k
         else:
             q = tl.load(q_ptrs, mask=offs_m[:, None] < L, other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        l_acc = tl.zeros([BLOCK_M, 16], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        ones = l_acc  # unused unless the row sum is an MMA
-        if FP8 and P8 != -1:  # [BN, 16] e4m3, column 0 ones (read as V^T is: K-major for the fp8 MMA)
-            ones = tl.trans(tl.load(ONES + tl.arange(0, 16)[:, None] * 128 + offs_n0[None, :]))
         n_full = (L // BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, n_full, BLOCK_N):  # full blocks: no masks
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, l_acc, m_i = _attn_block(acc, l_i, l_acc, m_i, q, ones, k_base, v_base, start_n, L, qk_scale,
-                                               skn, svn, svd, offs_n0, offs_d, FP8, P_SHIFT, False, EXP, P8,
-                                               BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
+                                        offs_n0, offs_d, FP8, P_SHIFT, False, EXP, BLOCK_M, BLOCK_N)
         for start_n in tl.range(n_full, L, BLOCK_N, num_stages=1):  # the tail block (0 or 1 iteration)
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, l_acc, m_i = _attn_block(acc, l_i, l_acc, m_i, q, ones, k_base, v_base, start_n, L, qk_scale,
-                                               skn, svn, svd, offs_n0, offs_d, FP8, P_SHIFT, True, EXP, P8,
-                                               BLOCK_M, BLOCK_N)
-        if FP8 and P8 != -1:
-            l_i = tl.sum(l_acc, 1)
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
+                                        offs_n0, offs_d, FP8, P_SHIFT, True, EXP, BLOCK_M, BLOCK_N)
         out = acc / l_i[:, None]  # [BM, D]
         if FP8:
             out = out * tl.load(SCALE + 2 * tl.num_programs(1) + bh)  # * s_v
@@ -328,8 +220,7 @@ if triton is not None:
         tl.store(OX + b * (L - LC) * hd + (offs_m - LC)[:, None] * hd + col, out.to(OX.dtype.element_ty),
                  mask=((offs_m >= LC) & (offs_m < L))[:, None])
 
-    _attn_fwd_tuned = triton.autotune(_CONFIGS, key=["L", "HEAD_DIM", "FP8", "EXP", "Q_SRC", "P8"],
-                                      do_bench=_bench_config)(_attn_fwd)
+    _attn_fwd_tuned = triton.autotune(_CONFIGS, key=["L", "HEAD_DIM", "FP8", "EXP"], do_bench=_bench_config)(_attn_fwd)
 
     @triton.jit
     def _tile(XC, XX, WC, WX, b, h, scb, sch, scl, sxb, sxh, sxl, offs_l, offs_d, LC, L,
@@ -412,20 +303,14 @@ if triton is not None:
     def _quant_kernel(QC, KC, VC, QX, KX, VX, WQC, WKC, WQX, WKX, Q8, K8, V8T, SCALE,
                       sqcb, sqch, sqcl, skcb, skch, skcl, svcb, svch, svcl,
                       sqxb, sqxh, sqxl, skxb, skxh, skxl, svxb, svxh, svxl, H, LC, L, LP,
-                      HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
-                      WRITE_Q: tl.constexpr = True):
-        """q8, k8 [B, H, Lp, D] and v8t [B, H, D, Lp] <- clamp(x / s) as e4m3; grid covers Lp (pads = 0).
-        WRITE_Q False: q is neither read nor written (the attention kernel quantises it, `Q_SRC`)."""
+                      HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr):
+        """q8, k8 [B, H, Lp, D] and v8t [B, H, D, Lp] <- clamp(x / s) as e4m3; grid covers Lp (pads = 0)."""
         bh, nbh, b, h, offs_l, offs_d = _quant_program(H, HEAD_DIM, BLOCK_L)
+        q, k, v = _qkv_tiles(QC, KC, VC, QX, KX, VX, WQC, WKC, WQX, WKX, b, h, offs_l, offs_d, LC, L,
+                             sqcb, sqch, sqcl, skcb, skch, skcl, svcb, svch, svcl,
+                             sqxb, sqxh, sqxl, skxb, skxh, skxl, svxb, svxh, svxl, HEAD_DIM, NORM, ROTATE)
         row = bh.to(tl.int64) * LP * HEAD_DIM + offs_l[:, None] * HEAD_DIM + offs_d[None, :]  # [BL, D]
-        if WRITE_Q:
-            q = _tile(QC, QX, WQC, WQX, b, h, sqcb, sqch, sqcl, sqxb, sqxh, sqxl, offs_l, offs_d, LC, L,
-                      HEAD_DIM, NORM, ROTATE)
-            tl.store(Q8 + row, _to_e4m3(q, tl.load(SCALE + bh)))
-        k = _tile(KC, KX, WKC, WKX, b, h, skcb, skch, skcl, skxb, skxh, skxl, offs_l, offs_d, LC, L,
-                  HEAD_DIM, NORM, ROTATE)
-        v = _tile(VC, VX, WQC, WQX, b, h, svcb, svch, svcl, svxb, svxh, svxl, offs_l, offs_d, LC, L,
-                  HEAD_DIM, False, 0.0)
+        tl.store(Q8 + row, _to_e4m3(q, tl.load(SCALE + bh)))
         tl.store(K8 + row, _to_e4m3(k, tl.load(SCALE + nbh + bh)))
         v = _to_e4m3(v, tl.load(SCALE + 2 * nbh + bh))
         col = bh.to(tl.int64) * HEAD_DIM * LP + offs_d[:, None] * LP + offs_l[None, :]  # [D, BL]
@@ -529,13 +414,12 @@ def _amax(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool, qk_b
 
 
 def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool,
-              scale: torch.Tensor | None = None, with_q: bool = True) -> QKV8:
+              scale: torch.Tensor | None = None) -> QKV8:
     """The joint sequence [ctx; x] of (q, k, v) [B, L*, H, D] views -> QKV8, q and k RMS-normed first when
     norms = (wq_ctx, wk_ctx, wq_x, wk_x) [D] is given (ctx None: x alone). scale [3, H] (static: the
     same for every batch row) skips the amax pass; None: amax / 448 per (batch, head) for v (and for q, k
     without norms); with norms, q and k use their norm bound (`qk_norm_bound` / 448: the amax pass reads v
-    alone, a third of its bytes and none of the norm / rotation work). with_q False: q is left to the
-    attention kernel (`Q_SRC`, see `_QSource`) and QKV8.q is None."""
+    alone, a third of its bytes and none of the norm / rotation work)."""
     qx = x[0]
     B, _, H, D = qx.shape
     tensors, strides, lc, L, meta = _quant_args(ctx, x, norms, hadamard)
@@ -544,32 +428,12 @@ def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool,
         scale = amax_to_scale(_amax(ctx, x, norms, hadamard, qk_bound=True))  # [3, B*H], amax / 448
     else:
         scale = scale.float().repeat(1, B)  # [3, H] -> [3, B*H] (index b*H + h)
+    q8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
     k8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
-    q8 = torch.empty_like(k8) if with_q else None
     v8t = torch.empty(B, H, D, lp, device=qx.device, dtype=FP8_DTYPE)
-    _quant_kernel[(lp // QUANT_LAUNCH["BLOCK_L"], B * H)](*tensors, k8 if q8 is None else q8, k8, v8t, scale,
-                                                          *strides, H, lc, L, lp, WRITE_Q=with_q, **meta,
-                                                          **QUANT_LAUNCH)
+    _quant_kernel[(lp // QUANT_LAUNCH["BLOCK_L"], B * H)](*tensors, q8, k8, v8t, scale, *strides, H, lc, L, lp,
+                                                          **meta, **QUANT_LAUNCH)
     return QKV8(q8, k8, v8t, scale.view(3, B, H), L)
-
-
-class _QSource(NamedTuple):
-    """q for the attention kernel's prologue (`Q_SRC`): the joint sequence [qc (rows < n_ctx); qx], each
-    [B, L*, H, D] (D contiguous), RMS-normed with wqc / wqx (None: no norm) and Hadamard-rotated."""
-
-    qc: torch.Tensor
-    qx: torch.Tensor
-    wqc: torch.Tensor | None
-    wqx: torch.Tensor | None
-
-
-# q quantised in the attention kernel's prologue rather than by the quantisation pass (one write and read
-# of q8 less); SD35FP8_ATTN_FUSE_Q=0 restores the pass (A/B in benchmarks/gpu_attn_variants.sh)
-FUSE_Q_ENV = "SD35FP8_ATTN_FUSE_Q"
-
-
-def fuse_q() -> bool:
-    return os.environ.get(FUSE_Q_ENV, "1").strip() != "0"
 
 
 def _joint_split(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x):
@@ -602,11 +466,8 @@ def joint_attention_fp8_op(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: in
     outputs as e4m3 (x / s, saturated) instead.
     """
     ctx, x, norms = _joint_split(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x)
-    q_src = None
-    if fuse_q():
-        q_src = _QSource((ctx or x)[0], x[0], *((norms[0], norms[2]) if norms is not None else (None, None)))
-    qkv8 = _quantize(ctx, x, norms, hadamard=True, scale=qkv_scale, with_q=q_src is None)
-    return _attention_fp8_split(qkv8, n_ctx, qkv_x.dtype, out_scale, q_src)
+    return _attention_fp8_split(_quantize(ctx, x, norms, hadamard=True, scale=qkv_scale), n_ctx, qkv_x.dtype,
+                                out_scale)
 
 
 @joint_attention_fp8_op.register_fake
@@ -657,54 +518,28 @@ def attention_fp8(qkv8: QKV8, out_dtype: torch.dtype = torch.bfloat16) -> torch.
     return _attention_fp8_split(qkv8, 0, out_dtype, None)[1]
 
 
-def _attention_fp8_split(qkv8: QKV8, n_ctx: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None,
-                         q_src: _QSource | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (rows < n_ctx [B, n_ctx, H*D], the rest [B, L - n_ctx, H*D]); e4m3 / out_scale if given.
-    q_src: q quantised by the kernel from there (qkv8.q is None then)."""
+def _attention_fp8_split(qkv8: QKV8, n_ctx: int, out_dtype: torch.dtype,
+                         out_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (rows < n_ctx [B, n_ctx, H*D], the rest [B, L - n_ctx, H*D]); e4m3 / out_scale if given."""
     q8, k8, v8t, scale, L = qkv8
-    B, H, _, D = k8.shape
+    B, H, _, D = q8.shape
     dtype = FP8_DTYPE if out_scale is not None else out_dtype
-    oc = torch.empty(B, n_ctx, H * D, device=k8.device, dtype=dtype)
-    ox = torch.empty(B, L - n_ctx, H * D, device=k8.device, dtype=dtype)
+    oc = torch.empty(B, n_ctx, H * D, device=q8.device, dtype=dtype)
+    ox = torch.empty(B, L - n_ctx, H * D, device=q8.device, dtype=dtype)
     inv = None if out_scale is None else out_scale.float().reshape(2).reciprocal()
-    if q_src is None:
-        q, sq = q8, q8.stride()[:3]
-    else:
-        q, sq = q_src.qc, _bhl_strides(q_src.qc)
-    _launch(q, k8, v8t, oc, ox, n_ctx, scale, inv, sq, k8.stride()[:3],
-            (*v8t.stride()[:2], 1, v8t.stride(2)), B, H, L, D, fp8=True, q_src=q_src)
+    _launch(q8, k8, v8t, oc, ox, n_ctx, scale, inv, q8.stride()[:3], k8.stride()[:3],
+            (*v8t.stride()[:2], 1, v8t.stride(2)), B, H, L, D, fp8=True)
     return oc, ox
 
 
-_ONES: dict[torch.device, torch.Tensor] = {}
-
-
-def _ones(device: torch.device) -> torch.Tensor:
-    """[16, 128] e4m3, row 0 ones: the B operand of the row-sum MMA (one per device, never written)."""
-    if device not in _ONES:
-        ones = torch.zeros(16, PAD, device=device)
-        ones[0] = 1
-        _ONES[device] = ones.to(FP8_DTYPE)
-    return _ONES[device]
-
-
-def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D, fp8: bool,
-            q_src: _QSource | None = None) -> None:
+def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D, fp8: bool) -> None:
     """sq, sk: (batch, head, seq) strides; sv: (batch, head, seq, dim) strides; oc [B, n_ctx, H*D],
-    ox [B, L - n_ctx, H*D]; out_inv_scale [2] (1 / s of oc, ox) stores e4m3, None the outputs' dtype;
-    q_src (fp8): q is q_src.qc (strides sq) + q_src.qx, quantised in the kernel."""
+    ox [B, L - n_ctx, H*D]; out_inv_scale [2] (1 / s of oc, ox) stores e4m3, None the outputs' dtype."""
     out_fp8 = out_inv_scale is not None
-    if q_src is None:
-        qx_args, norm, rotate = (q, 0, 0, 0, q, q), False, 0.0  # unread
-    else:
-        norm = q_src.wqx is not None
-        w = (q_src.wqc, q_src.wqx) if norm else (q, q)
-        qx_args, rotate = (q_src.qx, *_bhl_strides(q_src.qx), *w), 1.0 / math.sqrt(D)
-    p8 = p8_mode() if fp8 and q.is_cuda else -1  # the interpreter has no inline PTX
     args = (q, k, v, oc, ox, scale, out_inv_scale if out_fp8 else scale, _LOG2E / math.sqrt(D),
-            *sq, *sk, *sv, H, L, n_ctx, *qx_args, _ones(q.device) if p8 != -1 else q)
+            *sq, *sk, *sv, H, L, n_ctx)
     meta = dict(HEAD_DIM=D, FP8=fp8, P_SHIFT=P_LOG2_SCALE if fp8 else 0.0, OUT_FP8=out_fp8,
-                EXP=exp_mode() if q.is_cuda else 0, Q_SRC=q_src is not None, NORM=norm, ROTATE=rotate, P8=p8)
+                EXP=exp_mode() if q.is_cuda else 0)  # the interpreter has no inline PTX
     grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
     pinned = pinned_config(q.device, D, fp8) if q.is_cuda else None
     if pinned is not None:
@@ -731,11 +566,13 @@ def exp_mode() -> int:
 
 
 # Block sizes pinned per (compute capability, head dim, path): the autotuner's pick among near-equal tiles
-# changed from process to process (H100, Large step: 26.1-27.8 ms of attention, last-bit differences in
-# the image), so where a sweep chose, the choice is fixed. From the 50-config sweep at L = 4250 / 4429
-# (benchmarks/attention_configs.py, attention_configs_nvidia-h100-80gb-hbm3.json: fp8 64 x 128, 4 warps,
-# 4 stages, 0.646 ms; the next 0.648 / 0.670) and attention_exp_nvidia-h100-80gb-hbm3.json (bf16).
-# Other GPUs and head dims autotune; SD35FP8_ATTN_AUTOTUNE=1 autotunes everywhere.
+# changed from process to process (H100, Large step: 26.1-27.8 ms of attention and last-bit differences in
+# the image), so where a sweep chose, the choice is fixed. fp8: 64 x 128, 4 warps, 4 stages, the best of
+# the 50-config sweep (benchmarks/attention_configs.py, attention_configs_nvidia-h100-80gb-hbm3.json: 0.646
+# ms at L = 4250, the next 0.648 / 0.670; attention_variants_nvidia-h100-80gb-hbm3.json at L = 4429: 0.697
+# ms against 0.741 / 0.803 / 0.872 for the other tiles); bf16: the autotuner's pick in
+# attention_exp_nvidia-h100-80gb-hbm3.json. Other GPUs and head dims autotune; SD35FP8_ATTN_AUTOTUNE=1
+# autotunes everywhere.
 PINNED_CONFIGS = {
     ((9, 0), 64, True): {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
     ((9, 0), 64, False): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
@@ -744,17 +581,21 @@ AUTOTUNE_ENV = "SD35FP8_ATTN_AUTOTUNE"
 _PINNED_LAUNCHES: dict[tuple[int, bool], dict] = {}  # (L, fp8) -> the pinned config last launched
 
 
+def _autotune_forced() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0").strip() not in ("", "0")
+
+
 def pinned_config(device: torch.device, head_dim: int, fp8: bool) -> dict | None:
     """The pinned launch config for this GPU, head dim and path, or None (autotune)."""
-    if os.environ.get(AUTOTUNE_ENV, "0").strip() not in ("", "0"):
+    if _autotune_forced():
         return None
     return PINNED_CONFIGS.get((torch.cuda.get_device_capability(device), head_dim, fp8))
 
 
 def tuned_config(length: int, fp8: bool) -> dict | None:
     """Block sizes / warps / stages used for sequence length L and that path: the pinned config last
-    launched, else the autotuner's pick (None if neither ran)."""
-    if (length, fp8) in _PINNED_LAUNCHES and os.environ.get(AUTOTUNE_ENV, "0").strip() in ("", "0"):
+    launched there, else the autotuner's pick (None if neither ran)."""
+    if (length, fp8) in _PINNED_LAUNCHES and not _autotune_forced():
         return dict(_PINNED_LAUNCHES[(length, fp8)])
     if triton is None:
         return None
@@ -777,16 +618,12 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 64,
-                           hadamard: bool = True, rowsum_p8: bool | None = None) -> torch.Tensor:
+                           hadamard: bool = True) -> torch.Tensor:
     """The fp8 path's numerics in fp32 torch (torch's e4m3 casts): q, k, v [B, L, H, D] -> [B, L, H*D] fp32.
 
     Same rotation, per-(b, h) scales, block-wise online softmax with P * 256 cast to e4m3 as the kernel;
-    differs only by summation order (and Hopper's reduced-precision fp8 accumulation). rowsum_p8: the row
-    sum l adds the e4m3-rounded P (the kernel's P8 modes other than "cast"); None: as the kernel's mode
-    (`p8_mode`).
+    differs only by summation order (and Hopper's reduced-precision fp8 accumulation).
     """
-    if rowsum_p8 is None:
-        rowsum_p8 = p8_mode() != -1
     B, L, H, D = q.shape
     x = [t.float() for t in (q, k, v)]
     if hadamard:
@@ -807,8 +644,7 @@ def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         m_new = torch.maximum(m, qk.amax(-1, keepdim=True) * qk_scale)
         p = torch.exp2(qk * qk_scale - (m_new - P_LOG2_SCALE))  # [B, H, L, bn] in [0, 256]
         alpha = torch.exp2(m - m_new)
-        p8 = p.to(FP8_DTYPE).float()
-        l = l * alpha + (p8 if rowsum_p8 else p).sum(-1, keepdim=True)
-        acc = acc * alpha + p8 @ v8[:, :, n0:n0 + block_n]
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + p.to(FP8_DTYPE).float() @ v8[:, :, n0:n0 + block_n]
         m = m_new
     return (acc / l * s[2]).transpose(1, 2).reshape(B, L, H * D)
