@@ -2,7 +2,7 @@
 
     python benchmarks/faster.py tiny  [--n 48 --steps 20 28 --thresholds 0.1 0.2 ...]   # CPU is fine
     python benchmarks/faster.py tiny-attention [--n 200]   # shipped model, FP8 vs BF16 attention
-    python benchmarks/faster.py large [--tiny-json benchmarks/results/faster_tiny_cpu.json]   # CUDA
+    python benchmarks/faster.py large [--tiny-json benchmarks/results/faster_tiny_euler_cpu.json]   # CUDA
     python benchmarks/faster.py combine benchmarks/results/faster_<device>.json   # "cache" from the tiny JSON
 
 `tiny`: the shipped tiny model (its defaults: euler_ancestral, cfg 4, 128 px), `--n` held-out items,
@@ -382,11 +382,11 @@ def main() -> None:
     g = sub.add_parser("large")
     g.add_argument("--reps", type=int, default=30)
     g.add_argument("--threshold", type=float, default=None)
-    g.add_argument("--tiny-json", default=str(RESULTS / "faster_tiny_cpu.json"))
+    g.add_argument("--tiny-json", default=str(RESULTS / "faster_tiny_euler_cpu.json"))
     g.add_argument("--out", default=None)
     c = sub.add_parser("combine")
     c.add_argument("json")
-    c.add_argument("--tiny-json", default=str(RESULTS / "faster_tiny_cpu.json"))
+    c.add_argument("--tiny-json", default=str(RESULTS / "faster_tiny_euler_cpu.json"))
     args = ap.parse_args()
     {"tiny": tiny, "tiny-attention": tiny_attention, "large": large, "combine": combine}[args.what](args)
 

@@ -129,40 +129,39 @@ if triton is not None:
         return ca, ca < C, cb, cb < C
 
     @triton.jit
-    def _modulate(d, rstd, b, cols, mask, SHIFT, SCALE, stride_mod):
-        sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        return d * rstd * (1.0 + sc) + sh
+    def _mod_vec(P, b, cols, mask, stride_mod):
+        # one batch item's shift / scale / gate columns, fp32 (0 past C)
+        return tl.load(P + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
-                         EPS: tl.constexpr, MODE: tl.constexpr):
-        # x = [xa, xb] fp32 (0 past C) -> LayerNorm -> * (1 + scale[b]) + shift[b] -> Q row (_store_row)
+    def _ln_modulate_row(xa, xb, ma, mb, sha, sca, shb, scb, C, EPS: tl.constexpr):
+        # x = [xa, xb] fp32 (0 past C) -> LayerNorm -> * (1 + scale) + shift -> (ya, yb) fp32
         mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) / C
         da = tl.where(ma, xa - mean, 0.0)
         db = tl.where(mb, xb - mean, 0.0)
         var = (tl.sum(da * da, axis=0) + tl.sum(db * db, axis=0)) / C
         rstd = 1.0 / tl.sqrt(var + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
-        _store_row(Q, S, SSTATIC, row, ca, ma, _modulate(da, rstd, b, ca, ma, SHIFT, SCALE, stride_mod),
-                   cb, mb, _modulate(db, rstd, b, cb, mb, SHIFT, SCALE, stride_mod), QS, MODE)
+        return da * rstd * (1.0 + sca) + sha, db * rstd * (1.0 + scb) + shb
 
     @triton.jit
     def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, QS, stride_mod, EPS: tl.constexpr,
                             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, MODE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        b = row // L
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
         xa = tl.load(X + row * C + ca, mask=ma, other=0.0).to(tl.float32)
         xb = tl.load(X + row * C + cb, mask=mb, other=0.0).to(tl.float32)
-        _ln_modulate_row(xa, xb, ca, ma, cb, mb, row // L, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
-                         EPS, MODE)
+        ya, yb = _ln_modulate_row(xa, xb, ma, mb, _mod_vec(SHIFT, b, ca, ma, stride_mod),
+                                  _mod_vec(SCALE, b, ca, ma, stride_mod), _mod_vec(SHIFT, b, cb, mb, stride_mod),
+                                  _mod_vec(SCALE, b, cb, mb, stride_mod), C, EPS)
+        _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE)
 
     @triton.jit
-    def _residual_part(X, Y, GATE, XOUT, row, b, cols, mask, C, stride_mod):
-        # x + gate * y (rounded to x's dtype as torch.addcmul does), stored -> fp32
+    def _residual_part(X, Y, g, XOUT, row, cols, mask, C):
+        # x + g * y (g: the gate columns, fp32; rounded to x's dtype as torch.addcmul does), stored -> fp32
         off = row * C + cols
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GATE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         xn = (x + g * y).to(XOUT.dtype.element_ty)
         tl.store(XOUT + off, xn, mask=mask)
         return xn.to(tl.float32)
@@ -170,14 +169,24 @@ if triton is not None:
     @triton.jit
     def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, QS, stride_mod,
                                      EPS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                                     MODE: tl.constexpr):
-        # x + gate * y, stored; then LN -> modulate -> Q
-        row = tl.program_id(0).to(tl.int64)
-        b = row // L
+                                     MODE: tl.constexpr, ROWS: tl.constexpr = 1):
+        # x + gate * y, stored; then LN -> modulate -> Q, for ROWS consecutive rows of one batch item: the
+        # gate / shift / scale columns are read once for them. Grid: B * cdiv(L, ROWS); a program's rows past
+        # its batch item's last one are clamped to that row (recomputed: the same values stored again)
+        pid = tl.program_id(0).to(tl.int64)
+        nblk = tl.cdiv(L, ROWS)
+        b = pid // nblk
+        first = b * L + (pid % nblk) * ROWS
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
-        xa = _residual_part(X, Y, GATE, XOUT, row, b, ca, ma, C, stride_mod)
-        xb = _residual_part(X, Y, GATE, XOUT, row, b, cb, mb, C, stride_mod)
-        _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod, EPS, MODE)
+        ga, gb = _mod_vec(GATE, b, ca, ma, stride_mod), _mod_vec(GATE, b, cb, mb, stride_mod)
+        sha, shb = _mod_vec(SHIFT, b, ca, ma, stride_mod), _mod_vec(SHIFT, b, cb, mb, stride_mod)
+        sca, scb = _mod_vec(SCALE, b, ca, ma, stride_mod), _mod_vec(SCALE, b, cb, mb, stride_mod)
+        for r in tl.static_range(ROWS):
+            row = tl.minimum(first + r, b * L + L - 1)
+            xa = _residual_part(X, Y, ga, XOUT, row, ca, ma, C)
+            xb = _residual_part(X, Y, gb, XOUT, row, cb, mb, C)
+            ya, yb = _ln_modulate_row(xa, xb, ma, mb, sha, sca, shb, scb, C, EPS)
+            _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE)
 
     @triton.jit
     def _gelu_tanh(h):
@@ -397,9 +406,11 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
     code = _mode_code(mode)
     x_new = torch.empty_like(x)
     q, s = _act_out(B * L, C, code, x, extra)
-    _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
-                                           L, C, C + extra, shift.stride(0), EPS=NORM_EPS, MODE=code,
-                                           **row_launch(C))
+    rows = RESIDUAL_LN_ROWS
+    _residual_ln_modulate_kernel[(B * triton.cdiv(L, rows),)](x, y, gate, shift, scale, x_new, q, s,
+                                                              static_scale if code == 2 else q, L, C, C + extra,
+                                                              shift.stride(0), EPS=NORM_EPS, MODE=code, ROWS=rows,
+                                                              **row_launch(C))
     return x_new, (q, (s if code else None))
 
 
@@ -424,6 +435,9 @@ def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | No
 
 
 _STATIC_BLOCK = 2048
+# rows of one batch item per program of the residual-LN kernel (its gate / shift / scale columns read once
+# for them): benchmarks/elementwise_configs.py sweeps it (`residual_ln_rows`)
+RESIDUAL_LN_ROWS = 1
 
 
 def row_blocks(n: int) -> tuple[int, int]:
