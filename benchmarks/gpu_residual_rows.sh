@@ -3,7 +3,7 @@
 # sweep (benchmarks/elementwise_configs.py --only rows) times 1 / 2 / 4 / 8 rows a program; the fastest whose
 # codes equal one row's is written into kernels.py here (on this copy of the tree only), the fused step's CUDA
 # tests run with it, then faster.py large runs with it and with the file as it came.
-#   bash benchmarks/gpu_residual_rows.sh OUTDIR
+#   [TESTS=...] bash benchmarks/gpu_residual_rows.sh OUTDIR
 set -o pipefail
 OUT=${1:?usage: gpu_residual_rows.sh OUTDIR}
 LOG=$OUT/residual_rows.log
@@ -22,7 +22,7 @@ print("chosen RESIDUAL_LN_ROWS", best["rows"], f"{best['ms'] * 1000:.1f} us", {r
 PY
 cp "$K" /tmp/kernels_new.py
 echo "== tests $(date -u +%T)" | tee -a "$LOG"
-timeout 200 python3 -m pytest -q tests/test_fast.py tests/test_attention_triton.py tests/test_lora_fused.py 2>&1 \
+timeout 200 python3 -m pytest -q ${TESTS:-tests/test_fast.py tests/test_attention_triton.py tests/test_lora_fused.py} 2>&1 \
     | tail -3 | tee -a "$LOG"
 run() {
     echo "== $1 $(date -u +%T)" | tee -a "$LOG"
