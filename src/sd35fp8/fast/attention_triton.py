@@ -45,7 +45,8 @@ FP8 path numerics (`quantize_qkv`: one Triton amax pass + one quantise pass over
         v8t    [B, H, D, Lp]    V transposed: Hopper's fp8 wgmma wants the B operand of P @ V
                                 K-major, i.e. contiguous along L (as in Triton's fused-attention tutorial).
 Block sizes are pinned on sm_90 at head dim 64 (`PINNED_CONFIGS`), else autotuned (BLOCK_M 64/128,
-BLOCK_N 64/128, 4/8 warps, 2-4 stages), keyed on L, D and the path. Runs on CUDA with Triton only (fp8 needs sm_89+); anything else raises DeviceError.
+BLOCK_N 64/128, 4/8 warps, 2-4 stages), keyed on L, D and the path. Runs on CUDA with Triton only
+(fp8 needs sm_89+); anything else raises DeviceError.
 """
 
 from __future__ import annotations
