@@ -544,7 +544,6 @@ def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D
     grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
     pinned = pinned_config(q.device, D, fp8) if q.is_cuda else None
     if pinned is not None:
-        _PINNED_LAUNCHES[(L, fp8)] = pinned
         _attn_fwd[grid(pinned)](*args, **meta, **pinned)
     elif q.is_cuda:
         _attn_fwd_tuned[grid](*args, **meta)
@@ -579,7 +578,6 @@ PINNED_CONFIGS = {
     ((9, 0), 64, False): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
 }
 AUTOTUNE_ENV = "SD35FP8_ATTN_AUTOTUNE"
-_PINNED_LAUNCHES: dict[tuple[int, bool], dict] = {}  # (L, fp8) -> the pinned config last launched
 
 
 def _autotune_forced() -> bool:
@@ -593,13 +591,13 @@ def pinned_config(device: torch.device, head_dim: int, fp8: bool) -> dict | None
     return PINNED_CONFIGS.get((torch.cuda.get_device_capability(device), head_dim, fp8))
 
 
-def tuned_config(length: int, fp8: bool) -> dict | None:
-    """Block sizes / warps / stages used for sequence length L and that path: the pinned config last
-    launched there, else the autotuner's pick (None if neither ran)."""
-    if (length, fp8) in _PINNED_LAUNCHES and not _autotune_forced():
-        return dict(_PINNED_LAUNCHES[(length, fp8)])
+def tuned_config(length: int, fp8: bool, head_dim: int = 64) -> dict | None:
+    """Block sizes / warps / stages a launch at sequence length L, head dim and path uses: the pinned
+    config of this GPU (`pinned_config`), else the autotuner's pick (None if it has not run)."""
     if triton is None:
         return None
+    if torch.cuda.is_available() and (pinned := pinned_config(torch.device("cuda"), head_dim, fp8)) is not None:
+        return dict(pinned)
     for (L, _, is_fp8, *_), cfg in _attn_fwd_tuned.cache.items():  # key: (L, HEAD_DIM, FP8, dtypes...)
         if L == length and is_fp8 == fp8:
             return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

@@ -101,9 +101,8 @@ class _Validator:
                 reply = None
 
     def _steps(self, unique_id: str):
-        """validate_inputs' body for one node (see there): yields linked node ids, returns its result."""
-        if unique_id in self.validated:
-            return self.validated[unique_id]
+        """validate_inputs' body for one node not yet validated (validate_inputs' loop only starts those):
+        yields linked node ids, returns its result."""
         node = self.prompt[unique_id]
         inputs = node["inputs"]
         class_inputs = self.input_types(node["class_type"])
