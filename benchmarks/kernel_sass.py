@@ -57,7 +57,7 @@ def histograms(text: str) -> tuple[dict, dict, int]:
     return dict(whole.most_common()), dict(loop.most_common()), sum(loop.values())
 
 
-def compile_attention():
+def compile_attention(p8: int = 0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -68,7 +68,7 @@ def compile_attention():
     sig = {"Q": "*fp8e4nv", "K": "*fp8e4nv", "V": "*fp8e4nv", "OC": "*bf16", "OX": "*bf16", "SCALE": "*fp32",
            "OSCALE": "*fp32", "sm_scale_log2e": "fp32"}
     sig.update({n: "i32" for n in "sqb sqh sqm skb skh skn svb svh svn svd H L LC".split()})
-    cst = dict(HEAD_DIM=64, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_FP8=False, EXP=1,
+    cst = dict(HEAD_DIM=64, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_FP8=False, EXP=1, P8=p8,
                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
     sig.update({k: "constexpr" for k in cst})
     names = list(sig)
@@ -77,6 +77,11 @@ def compile_attention():
     return triton.compile(ASTSource(fn=at._attn_fwd, signature=sig, constexprs=cst, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}), cfg
+
+
+def at_p8_modes() -> dict[str, int]:
+    from sd35fp8.fast.attention_triton import P8_MODES
+    return P8_MODES
 
 
 def compile_residual_ln(rows: int):
@@ -109,8 +114,11 @@ def main(argv=None) -> int:
         print("kernel_sass.py needs Triton (pip install triton; the CPU build of torch has none)", file=sys.stderr)
         return 2
     result = {"triton": triton.__version__, "target": "cuda sm_90", "kernels": {}}
-    attn, cfg = compile_attention()
-    cases = [(f"attention_fp8 {cfg}", attn)] + [(f"residual_ln rows {r}", compile_residual_ln(r)) for r in (1, 4)]
+    cases = []
+    for name, p8 in at_p8_modes().items():
+        attn, cfg = compile_attention(p8)
+        cases.append((f"attention_fp8 P8 {name} {cfg}", attn))
+    cases += [(f"residual_ln rows {r}", compile_residual_ln(r)) for r in (1, 4)]
     keys = ["MUFU", "F2FP", "FFMA", "FADD", "FMUL", "FMNMX", "IMAD", "SHFL", "PRMT", "QGMMA", "LDGSTS", "LDG",
             "STG", "LDS", "STS", "STL", "LDL"]
     for name, ck in cases:
