@@ -82,7 +82,7 @@ def test_p8_int_rounding_is_the_cast_above_the_normal_floor():
     assert torch.equal(got[normal], cast[normal]) and not got[~normal].any()
 
 
-@pytest.mark.parametrize("mode", ["int", "alternate"])
+@pytest.mark.parametrize("mode", ["int", "alternate", "mix"])
 def test_p8_modes_emulated_agree_with_the_cast(mode):
     """The int codes change P8 only below e4m3's normal range (and at exact ties): the emulated attention
     in each mode is close to the cast's (CPU; L = 400: 3 full 128-key blocks, one pair, and a tail)."""

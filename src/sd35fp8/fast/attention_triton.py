@@ -111,6 +111,12 @@ if triton is not None:
         "{.reg .b32 c0, c1, c2, c3, w0, w1;"
         + "".join(f"mad.lo.u32 c{i}, ${i + 1}, 16, 8388608;" for i in range(4))
         + "prmt.b32 w0, c0, c1, 0x0073; prmt.b32 w1, c2, c3, 0x0073; prmt.b32 $0, w0, w1, 0x5410;}")
+    # codes 0, 1 by the cvt of z * 2^120 (0f7B800000), codes 2, 3 as in _CODES_ASM
+    _MIX_ASM = tl.constexpr(
+        "{.reg .b32 c2, c3, w1, x; .reg .f32 a0, a1; .reg .b16 h;"
+        "mul.f32 a0, $1, 0f7B800000; mul.f32 a1, $2, 0f7B800000; cvt.rn.satfinite.e4m3x2.f32 h, a1, a0;"
+        "mad.lo.u32 c2, $3, 16, 8388608; mad.lo.u32 c3, $4, 16, 8388608; prmt.b32 w1, c2, c3, 0x0073;"
+        "mov.b32 x, {h, h}; prmt.b32 $0, x, w1, 0x5410;}")
 
     def _bench_config(fn, quantiles):
         """Autotuner timing; a config that fails to compile or launch is timed +inf instead of aborting the
@@ -161,14 +167,23 @@ if triton is not None:
                                          is_pure=True, pack=4).to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
+    def _e4m3_codes_mix(z):
+        """As `_e4m3_codes`, but of every 4 scores the first 2 by z * 2^120 and one cvt.rn.satfinite.e4m3x2
+        (`_MIX_ASM`): half the cvt unit's work, half the integer pipes'."""
+        return tl.inline_asm_elementwise(_MIX_ASM, "=r,r,r,r,r", [z.to(tl.int32, bitcast=True)], dtype=tl.int8,
+                                         is_pure=True, pack=4).to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
     def _p8_tile(x, bias, EXP: tl.constexpr, P8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """(P8 [BM, BN] e4m3, its row sum [BM] fp32) of P = 2^(x - bias[:, None]), x the scaled scores.
-        P8 0: P cast (cvt e4m3x2); 1: the codes by `_e4m3_codes` from 2^(x - bias - 120). The row sum is
-        that of the fp32 P (before its rounding)."""
+        P8 0: P cast (cvt e4m3x2); 1: the codes by `_e4m3_codes` from 2^(x - bias - 120); 3: half of them
+        so (`_e4m3_codes_mix`). The row sum is that of the fp32 P (before its rounding)."""
         if P8 == 0:
             p = _exp2(x - bias[:, None], BLOCK_M, BLOCK_N, EXP)
             return p.to(tl.float8e4nv), tl.sum(p, 1)
         z = _exp2_ftz(x - (bias + 120.0)[:, None])
+        if P8 == 3:
+            return _e4m3_codes_mix(z), tl.sum(z, 1) * _P8_UNSHIFT
         return _e4m3_codes(z), tl.sum(z, 1) * _P8_UNSHIFT
 
     @triton.jit
@@ -255,7 +270,7 @@ if triton is not None:
         for start_n in tl.range(n_full, L, BLOCK_N, num_stages=1):  # the tail block (0 or 1 iteration)
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
-                                        offs_n0, offs_d, FP8, P_SHIFT, True, EXP, P8 % 2, BLOCK_M, BLOCK_N)
+                                        offs_n0, offs_d, FP8, P_SHIFT, True, EXP, P8 if P8 != 2 else 0, BLOCK_M, BLOCK_N)
         out = acc / l_i[:, None]  # [BM, D]
         if FP8:
             out = out * tl.load(SCALE + 2 * tl.num_programs(1) + bh)  # * s_v
@@ -615,11 +630,11 @@ def exp_mode() -> int:
 
 
 # How the FP8 path makes P's e4m3 codes (`_p8_tile`): cast (cvt.rn.satfinite.e4m3x2), int (from the
-# exponentials' bits, `_e4m3_codes`) or alternate (key blocks in pairs, the first cast, the second int;
-# the tail block cast). The int codes round half up instead of to even and flush P * 256 < 2^-6 to 0
+# exponentials' bits, `_e4m3_codes`), alternate (key blocks in pairs, the first cast, the second int;
+# the tail block cast) or mix (in every 4 scores of a thread, 2 cast, 2 int: `_e4m3_codes_mix`). The int codes round half up instead of to even and flush P * 256 < 2^-6 to 0
 # instead of to an e4m3 subnormal (`fp8_attention_emulated(p8=...)`).
 P8_ENV = "SD35FP8_ATTN_P8"
-P8_MODES = {"cast": 0, "int": 1, "alternate": 2}
+P8_MODES = {"cast": 0, "int": 1, "alternate": 2, "mix": 3}
 P8_DEFAULT = "cast"
 
 
@@ -730,6 +745,8 @@ def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         j = n0 // block_n  # alternate: odd blocks of the full pairs ((j + 1) block_n <= n_pairs)
         by_int = p8 == "int" or (p8 == "alternate" and j % 2 == 1 and (j + 1) * block_n <= n_pairs)
         p8v = _p8_int(p) if by_int else p.to(FP8_DTYPE).float()
+        if p8 == "mix":  # which scores share a 4-group is the MMA layout's: cast and int agree but at ties
+            p8v = _p8_int(p)
         acc = acc * alpha + p8v @ v8[:, :, n0:n0 + block_n]
         m = m_new
     return (acc / l * s[2]).transpose(1, 2).reshape(B, L, H * D)
