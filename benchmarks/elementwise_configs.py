@@ -8,8 +8,8 @@ BLOCK_L x num_warps.
     python benchmarks/elementwise_configs.py --out benchmarks/results/elementwise_configs_<device>.json   # CUDA
 
 Kernels: GELU + per-token e4m3 (fc2 input, `_act_rows_kernel`), per-token e4m3 alone (proj input, the same
-kernel), x + gate * y then LayerNorm, modulate, e4m3 (`_residual_ln_modulate_kernel`; then its rows per
-program, `RESIDUAL_LN_ROWS`, 1 / 2 / 4 / 8, with a check that its e4m3 codes do not change). Bytes = what each must
+kernel), x + gate * y then LayerNorm, modulate, e4m3 (`_residual_ln_modulate_kernel`; several rows a program were
+swept in session 22 and were slower, residual_rows_nvidia-h100-80gb-hbm3.json). Bytes = what each must
 read and write once (bf16 in, e4m3 + fp32 row scales out, bf16 x out); the project's choice is marked.
 """
 
@@ -83,22 +83,6 @@ def main(argv=None) -> int:
         sweep("residual_ln_modulate_quant", C, nbytes,
               lambda meta: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C,
                                                                 mods.stride(0), EPS=k.NORM_EPS, MODE=1, **meta))
-
-        # rows of one batch item per program (RESIDUAL_LN_ROWS): the gate / shift / scale columns read once
-        codes = {}
-        rows_res = []
-        for nrows in (1, 2, 4, 8):
-            fn = lambda: k._residual_ln_modulate_kernel[(B * triton.cdiv(L, nrows),)](  # noqa: E731
-                x, y, gate, shift, scale, x_new, q, s, q, L, C, C, mods.stride(0), EPS=k.NORM_EPS, MODE=1,
-                ROWS=nrows, **k.row_launch(C))
-            fn()
-            codes[nrows] = q.view(torch.uint8).clone()
-            ms = do_bench(fn, warmup=10, rep=100)
-            rows_res.append({"layout": f"rows {nrows}", "lanes": sum(k.row_blocks(C)), "rows": nrows,
-                             "num_warps": k.row_launch(C)["num_warps"], "ms": ms, "gb_s": nbytes / ms / 1e6,
-                             "same_codes": bool(torch.equal(codes[nrows], codes[1])),
-                             "project": nrows == k.RESIDUAL_LN_ROWS})
-        res["kernels"]["residual_ln_rows"] = rows_res
 
     for name, rows in res["kernels"].items():
         print(name)

@@ -7,7 +7,7 @@ count, spills, shared memory and the instruction mix of its inner loop can be re
     python benchmarks/kernel_sass.py [--out FILE.json]
 
 Kernels: the FP8 attention kernel (`_attn_fwd`, FP8 path, the pinned sm_90 tile) and the residual-LN kernel
-(`_residual_ln_modulate_kernel`, dynamic e4m3, Large's C = 2432, 1 and 4 rows a program). Pointer and
+(`_residual_ln_modulate_kernel`, dynamic e4m3, Large's C = 2432). Pointer and
 stride arguments carry Triton's divisibility-by-16 hint where Large's launch would (the launcher adds it
 for values divisible by 16), so the code matches what the GPU runs (checked against the SASS opcode counts
 of the device build in attention_variants_nvidia-h100-80gb-hbm3.json). For each: cuobjdump's resource
@@ -57,7 +57,7 @@ def histograms(text: str) -> tuple[dict, dict, int]:
     return dict(whole.most_common()), dict(loop.most_common()), sum(loop.values())
 
 
-def compile_attention(p8: int = 0):
+def compile_attention():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -68,7 +68,7 @@ def compile_attention(p8: int = 0):
     sig = {"Q": "*fp8e4nv", "K": "*fp8e4nv", "V": "*fp8e4nv", "OC": "*bf16", "OX": "*bf16", "SCALE": "*fp32",
            "OSCALE": "*fp32", "sm_scale_log2e": "fp32"}
     sig.update({n: "i32" for n in "sqb sqh sqm skb skh skn svb svh svn svd H L LC".split()})
-    cst = dict(HEAD_DIM=64, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_FP8=False, EXP=1, P8=p8,
+    cst = dict(HEAD_DIM=64, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_FP8=False, EXP=1,
                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
     sig.update({k: "constexpr" for k in cst})
     names = list(sig)
@@ -79,12 +79,7 @@ def compile_attention(p8: int = 0):
                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}), cfg
 
 
-def at_p8_modes() -> dict[str, int]:
-    from sd35fp8.fast.attention_triton import P8_MODES
-    return P8_MODES
-
-
-def compile_residual_ln(rows: int):
+def compile_residual_ln():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -95,7 +90,7 @@ def compile_residual_ln(rows: int):
     sig = {n: "*bf16" for n in ("X", "Y", "GATE", "SHIFT", "SCALE", "XOUT")}
     sig.update({"Q": "*fp8e4nv", "S": "*fp32", "SSTATIC": "*fp32", "L": "i32", "C": "i32", "QS": "i32",
                 "stride_mod": "i32"})
-    cst = dict(EPS=k.NORM_EPS, BLOCK_A=launch["BLOCK_A"], BLOCK_B=launch["BLOCK_B"], MODE=1, ROWS=rows)
+    cst = dict(EPS=k.NORM_EPS, BLOCK_A=launch["BLOCK_A"], BLOCK_B=launch["BLOCK_B"], MODE=1)
     sig.update({n: "constexpr" for n in cst})
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]]
@@ -114,11 +109,8 @@ def main(argv=None) -> int:
         print("kernel_sass.py needs Triton (pip install triton; the CPU build of torch has none)", file=sys.stderr)
         return 2
     result = {"triton": triton.__version__, "target": "cuda sm_90", "kernels": {}}
-    cases = []
-    for name, p8 in at_p8_modes().items():
-        attn, cfg = compile_attention(p8)
-        cases.append((f"attention_fp8 P8 {name} {cfg}", attn))
-    cases += [(f"residual_ln rows {r}", compile_residual_ln(r)) for r in (1, 4)]
+    attn, cfg = compile_attention()
+    cases = [(f"attention_fp8 {cfg}", attn)] + [("residual_ln", compile_residual_ln())]
     keys = ["MUFU", "F2FP", "FFMA", "FADD", "FMUL", "FMNMX", "IMAD", "SHFL", "PRMT", "QGMMA", "LDGSTS", "LDG",
             "STG", "LDS", "STS", "STL", "LDL"]
     for name, ck in cases:

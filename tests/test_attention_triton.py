@@ -72,41 +72,6 @@ def test_fp8_matches_sdpa_within_floor_and_its_emulation(shape):
     assert sqnr(emu, out.float()) >= 40.0  # the kernel computes what its docstring says
 
 
-def test_p8_int_rounding_is_the_cast_above_the_normal_floor():
-    """`_p8_int` (the int codes' rounding) == torch's e4m3 cast for P * 256 >= 2^-6, 0 below."""
-    g = torch.Generator().manual_seed(0)
-    p = torch.cat([torch.rand(20000, generator=g) * 256, torch.rand(2000, generator=g) * 2**-5,
-                   torch.tensor([0.0, 2.0**-6, 2.0**-7, 256.0])])
-    got, cast = at._p8_int(p), p.to(torch.float8_e4m3fn).float()
-    normal = p >= 2.0**-6
-    assert torch.equal(got[normal], cast[normal]) and not got[~normal].any()
-
-
-@pytest.mark.parametrize("mode", ["int", "alternate", "mix"])
-def test_p8_modes_emulated_agree_with_the_cast(mode):
-    """The int codes change P8 only below e4m3's normal range (and at exact ties): the emulated attention
-    in each mode is close to the cast's (CPU; L = 400: 3 full 128-key blocks, one pair, and a tail)."""
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 400, 2, 64, generator=g) for _ in range(3))
-    cast = at.fp8_attention_emulated(q, k, v, block_n=128, p8="cast")
-    other = at.fp8_attention_emulated(q, k, v, block_n=128, p8=mode)
-    assert sqnr(cast, other) > 45.0
-    with pytest.raises(ValueError, match="p8"):
-        at.fp8_attention_emulated(q, k, v, p8="half")
-
-
-@gpu
-@pytest.mark.parametrize("mode", sorted(at.P8_MODES))
-@pytest.mark.parametrize("shape", [(2, 200, 3, 64), (1, 400, 2, 64), (2, 4250 // 8, 2, 64)])
-def test_fp8_p8_modes_match_their_emulation(shape, mode, monkeypatch):
-    monkeypatch.setenv(at.P8_ENV, mode)
-    q, k, v = _qkv(*shape, outliers=True)
-    out = at.triton_attention(q, k, v, fp8=True)
-    assert sqnr(_ref(q, k, v), out.float()) >= FP8_FLOOR_DB
-    emu = at.fp8_attention_emulated(q, k, v, block_n=at.tuned_config(shape[1], fp8=True)["BLOCK_N"], p8=mode)
-    assert sqnr(emu, out.float()) >= 40.0
-
-
 @gpu
 def test_fp8_hadamard_rescues_outlier_channels():
     q, k, v = _qkv(2, 300, 2, 64, outliers=True)

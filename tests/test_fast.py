@@ -143,24 +143,6 @@ def test_triton_kernels_match_torch(mode, C):
 
 
 @pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("rows", [2, 4, 7])  # 7 does not divide L = 300: the last program's rows are clamped
-def test_residual_ln_rows_per_program_change_nothing(monkeypatch, rows):
-    """RESIDUAL_LN_ROWS (rows of one batch item per program, its gate / shift / scale read once): the same
-    residual, codes and scales as one row a program."""
-    dev = torch.device("cuda")
-    C = 2432
-    x = torch.randn(2, 300, C, device=dev, dtype=torch.bfloat16)
-    mods = torch.randn(2, 3 * C, device=dev, dtype=torch.bfloat16) * 0.3
-    gate, shift, scale = mods[:, :C], mods[:, C:2 * C], mods[:, 2 * C:]
-    y = torch.randn(600, C, device=dev, dtype=torch.bfloat16)
-    monkeypatch.setattr(kernels, "RESIDUAL_LN_ROWS", 1)
-    xn1, (q1, s1) = kernels.residual_ln_modulate_act(x, gate, y, shift, scale, "dynamic")
-    monkeypatch.setattr(kernels, "RESIDUAL_LN_ROWS", rows)
-    xn, (q, s) = kernels.residual_ln_modulate_act(x, gate, y, shift, scale, "dynamic")
-    assert torch.equal(xn, xn1) and torch.equal(q.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s, s1)
-
-
-@pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
 def test_triton_gemv_and_dequant():
     dev = torch.device("cuda")
     a = torch.randn(2, 1536, device=dev, dtype=torch.bfloat16)

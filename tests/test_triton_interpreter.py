@@ -4,9 +4,8 @@ decorates, so the kernels run in a child process with the variable set. Skips wi
 build of torch has none; the test extra installs it on Linux x86-64).
 
 The interpreter's casts (fp32 -> bf16 / e4m3) do not round as the GPU does, so values are compared by SQNR
-against the torch reference here, loosely (the CUDA tests hold them bit for bit or code for code); what must
-be exact is exact: several rows a program (`RESIDUAL_LN_ROWS`) against one, residual, codes and scales. Not here: the GELU pass (inline PTX tanh.approx, which the
-interpreter does not run) and the attention kernel (its `tl.range` over a runtime bound fails in the
+against the torch reference here, loosely (the CUDA tests hold them bit for bit or code for code). Not here:
+the GELU pass (inline PTX tanh.approx, which the interpreter does not run) and the attention kernel (its `tl.range` over a runtime bound fails in the
 interpreter with NumPy 2.4): CUDA tests.
 """
 
@@ -29,7 +28,7 @@ from sd35fp8.fp8.scaling import sqnr
 
 k.act_impl = lambda t, impl="auto": "triton"  # the Triton kernels on CPU tensors (interpreted)
 torch.manual_seed(0)
-B, L, C = 2, 37, 2432  # Large's width: rows over 2048 + 512 lanes (384 used); L odd (rows past the end)
+B, L, C = 2, 37, 2432  # Large's width: rows over 2048 + 512 lanes (384 used)
 x = torch.randn(B, L, C, dtype=torch.bfloat16)
 mods = torch.randn(B, 3 * C, dtype=torch.bfloat16) * 0.3
 gate, shift, scale = mods[:, :C], mods[:, C:2 * C], mods[:, 2 * C:]
@@ -45,18 +44,11 @@ def deq(q, s):
 for mode in (None, "dynamic", "static"):
     st = torch.tensor(0.02) if mode == "static" else None
     ref_x, _ = k._residual_ln_modulate_torch(x, gate, y, shift, scale, mode, st)
-    runs = {}
-    for rows in (1, 3, 4):
-        k.RESIDUAL_LN_ROWS = rows
-        xn, (q, s) = k.residual_ln_modulate_act(x, gate, y, shift, scale, mode, st)
-        runs[rows] = (xn, q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q, s)
-    k.RESIDUAL_LN_ROWS = 1
-    xn, q, s = runs[1]
+    xn, (q, s) = k.residual_ln_modulate_act(x, gate, y, shift, scale, mode, st)
     lq, ls = k._ln_modulate_torch(xn, shift, scale, mode, st)  # the LN part, from the kernel's own x + gate * y
     out[f"residual {mode}"] = {
         "x_sqnr": sqnr(ref_x.float(), xn.float()),
         "sqnr": sqnr(deq(lq, ls), deq(q.view(lq.dtype), s)),
-        "rows_same": all(all(torch.equal(a, b) for a, b in zip(runs[r], runs[1]) if a is not None) for r in (3, 4)),
     }
     for name, fn, ref_fn, args in (("ln", k.ln_modulate_act, k._ln_modulate_torch, (x, shift, scale)),
                                    ("plain", k.plain_act, k._plain_torch, (h,))):
@@ -81,4 +73,4 @@ def test_row_kernels_match_torch_in_the_interpreter():
         # column, scale or mask (those land below 5 dB), not the last bit, which the CUDA tests hold
         assert r["sqnr"] > (40 if name.endswith("None") else 20), (name, r)
         if name.startswith("residual"):
-            assert r["x_sqnr"] > 40 and r["rows_same"], (name, r)
+            assert r["x_sqnr"] > 40, (name, r)

@@ -72,7 +72,6 @@ HEAD_DIMS = (32, 64, 128)
 IN_DTYPES = (torch.bfloat16, torch.float16)
 PAD = 128  # fp8 layouts pad L to a multiple of this (>= every BLOCK_M / BLOCK_N below)
 P_LOG2_SCALE = 8.0  # fp8 path: P is computed as P * 2**8 before the e4m3 cast
-P8_UNSHIFT = 2.0 ** 120  # `_e4m3_codes`' exponentials are P * 2^-120: their row sums times this
 _LOG2E = 1.4426950408889634
 # launch meta of the quantisation passes (BLOCK_L rows of one (batch, head) per program; BLOCK_L divides PAD):
 # benchmarks/elementwise_configs.py sweeps them at Large's shapes
@@ -103,20 +102,6 @@ if triton is not None:
                              (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3),
                              (64, 128, 4, 4), (128, 128, 4, 3)]
     ]
-
-    _P8_UNSHIFT = tl.constexpr(P8_UNSHIFT)
-    # 4 fp32 bit patterns ($1..$4) -> their codes in bytes 0..3 of $0 (prmt 0x0073: byte 3 of each of two
-    # registers; 0x5410: the low halves of two registers)
-    _CODES_ASM = tl.constexpr(
-        "{.reg .b32 c0, c1, c2, c3, w0, w1;"
-        + "".join(f"mad.lo.u32 c{i}, ${i + 1}, 16, 8388608;" for i in range(4))
-        + "prmt.b32 w0, c0, c1, 0x0073; prmt.b32 w1, c2, c3, 0x0073; prmt.b32 $0, w0, w1, 0x5410;}")
-    # codes 0, 1 by the cvt of z * 2^120 (0f7B800000), codes 2, 3 as in _CODES_ASM
-    _MIX_ASM = tl.constexpr(
-        "{.reg .b32 c2, c3, w1, x; .reg .f32 a0, a1; .reg .b16 h;"
-        "mul.f32 a0, $1, 0f7B800000; mul.f32 a1, $2, 0f7B800000; cvt.rn.satfinite.e4m3x2.f32 h, a1, a0;"
-        "mad.lo.u32 c2, $3, 16, 8388608; mad.lo.u32 c3, $4, 16, 8388608; prmt.b32 w1, c2, c3, 0x0073;"
-        "mov.b32 x, {h, h}; prmt.b32 $0, x, w1, 0x5410;}")
 
     def _bench_config(fn, quantiles):
         """Autotuner timing; a config that fails to compile or launch is timed +inf instead of aborting the
@@ -157,39 +142,9 @@ if triton is not None:
         return tl.reshape(tl.join(_exp2_ftz(a), _exp2_poly(b)), (BLOCK_M, BLOCK_N))
 
     @triton.jit
-    def _e4m3_codes(z):
-        """e4m3 codes of z = p * 2^-120 >= 0 (p in [2^-6, 448]: the fp32 exponent field, e - 120, is e4m3's,
-        so the code is the float's bits >> 20, rounded half up by a 2^19 add) without the cvt unit the
-        exponentials also need: per 4 scores 4 integer multiply-adds ((bits << 4) + 2^23: the code in byte
-        3) and 3 byte permutes (`_CODES_ASM`). z < 2^-126 (p < 2^-6) must already be 0 (ex2.approx.ftz
-        flushes it): code 0, where the cast would give an e4m3 subnormal."""
-        return tl.inline_asm_elementwise(_CODES_ASM, "=r,r,r,r,r", [z.to(tl.int32, bitcast=True)], dtype=tl.int8,
-                                         is_pure=True, pack=4).to(tl.float8e4nv, bitcast=True)
-
-    @triton.jit
-    def _e4m3_codes_mix(z):
-        """As `_e4m3_codes`, but of every 4 scores the first 2 by z * 2^120 and one cvt.rn.satfinite.e4m3x2
-        (`_MIX_ASM`): half the cvt unit's work, half the integer pipes'."""
-        return tl.inline_asm_elementwise(_MIX_ASM, "=r,r,r,r,r", [z.to(tl.int32, bitcast=True)], dtype=tl.int8,
-                                         is_pure=True, pack=4).to(tl.float8e4nv, bitcast=True)
-
-    @triton.jit
-    def _p8_tile(x, bias, EXP: tl.constexpr, P8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(P8 [BM, BN] e4m3, its row sum [BM] fp32) of P = 2^(x - bias[:, None]), x the scaled scores.
-        P8 0: P cast (cvt e4m3x2); 1: the codes by `_e4m3_codes` from 2^(x - bias - 120); 3: half of them
-        so (`_e4m3_codes_mix`). The row sum is that of the fp32 P (before its rounding)."""
-        if P8 == 0:
-            p = _exp2(x - bias[:, None], BLOCK_M, BLOCK_N, EXP)
-            return p.to(tl.float8e4nv), tl.sum(p, 1)
-        z = _exp2_ftz(x - (bias + 120.0)[:, None])
-        if P8 == 3:
-            return _e4m3_codes_mix(z), tl.sum(z, 1) * _P8_UNSHIFT
-        return _e4m3_codes(z), tl.sum(z, 1) * _P8_UNSHIFT
-
-    @triton.jit
     def _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd, offs_n0, offs_d,
                     FP8: tl.constexpr, P_SHIFT: tl.constexpr, MASKED: tl.constexpr, EXP: tl.constexpr,
-                    P8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One key block: acc [BM, D], l_i / m_i [BM] (log2 domain) updated with keys start_n + offs_n0."""
         offs_n = start_n + offs_n0  # [BN]
         kmask = offs_n < L
@@ -201,13 +156,9 @@ if triton is not None:
         if MASKED:
             qk = tl.where(kmask[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BM]
+        p = _exp2(qk * qk_scale - (m_ij - P_SHIFT)[:, None], BLOCK_M, BLOCK_N, EXP)  # [BM, BN] in [0, 2**P_SHIFT]
         alpha = tl.math.exp2(m_i - m_ij)  # [BM]
-        if FP8:
-            p, l_ij = _p8_tile(qk * qk_scale, m_ij - P_SHIFT, EXP, P8, BLOCK_M, BLOCK_N)  # [BM, BN] e4m3
-        else:
-            p = _exp2(qk * qk_scale - (m_ij - P_SHIFT)[:, None], BLOCK_M, BLOCK_N, EXP)  # [BM, BN] in [0, 2**P_SHIFT]
-            l_ij = tl.sum(p, 1)
-        l_i = l_i * alpha + l_ij
+        l_i = l_i * alpha + tl.sum(p, 1)
         if FP8:
             v = tl.trans(tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :]))  # [D, BN] -> [BN, D]
         elif MASKED:
@@ -221,7 +172,7 @@ if triton is not None:
     def _attn_fwd(Q, K, V, OC, OX, SCALE, OSCALE, sm_scale_log2e,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, H, L, LC,
                   HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr, OUT_FP8: tl.constexpr,
-                  EXP: tl.constexpr, P8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """O[b, m, h, :] = softmax(q k^T / sqrt(D)) v for one [BLOCK_M] query tile of one (b, h).
 
         bf16: Q, K, V [B, L, H, D] strided. fp8: Q, K [B, H, Lp, D], V = V^T [B, H, D, Lp], SCALE [3, B*H].
@@ -249,28 +200,14 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         n_full = (L // BLOCK_N) * BLOCK_N
-        if P8 == 2:  # pairs of full blocks, the first cast, the second by codes; then 0 or 1 full block cast
-            n_pairs = (L // (2 * BLOCK_N)) * (2 * BLOCK_N)
-            for start_n in tl.range(0, n_pairs, 2 * BLOCK_N):
-                start_n = tl.multiple_of(start_n, 2 * BLOCK_N)
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn,
-                                            svd, offs_n0, offs_d, FP8, P_SHIFT, False, EXP, 0, BLOCK_M, BLOCK_N)
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n + BLOCK_N, L, qk_scale, skn,
-                                            svn, svd, offs_n0, offs_d, FP8, P_SHIFT, False, EXP, 1, BLOCK_M,
-                                            BLOCK_N)
-            for start_n in tl.range(n_pairs, n_full, BLOCK_N, num_stages=1):
-                start_n = tl.multiple_of(start_n, BLOCK_N)
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn,
-                                            svd, offs_n0, offs_d, FP8, P_SHIFT, False, EXP, 0, BLOCK_M, BLOCK_N)
-        else:
-            for start_n in tl.range(0, n_full, BLOCK_N):  # full blocks: no masks
-                start_n = tl.multiple_of(start_n, BLOCK_N)
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn,
-                                            svd, offs_n0, offs_d, FP8, P_SHIFT, False, EXP, P8, BLOCK_M, BLOCK_N)
+        for start_n in tl.range(0, n_full, BLOCK_N):  # full blocks: no masks
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
+                                        offs_n0, offs_d, FP8, P_SHIFT, False, EXP, BLOCK_M, BLOCK_N)
         for start_n in tl.range(n_full, L, BLOCK_N, num_stages=1):  # the tail block (0 or 1 iteration)
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
-                                        offs_n0, offs_d, FP8, P_SHIFT, True, EXP, P8 if P8 != 2 else 0, BLOCK_M, BLOCK_N)
+                                        offs_n0, offs_d, FP8, P_SHIFT, True, EXP, BLOCK_M, BLOCK_N)
         out = acc / l_i[:, None]  # [BM, D]
         if FP8:
             out = out * tl.load(SCALE + 2 * tl.num_programs(1) + bh)  # * s_v
@@ -284,7 +221,7 @@ if triton is not None:
         tl.store(OX + b * (L - LC) * hd + (offs_m - LC)[:, None] * hd + col, out.to(OX.dtype.element_ty),
                  mask=((offs_m >= LC) & (offs_m < L))[:, None])
 
-    _attn_fwd_tuned = triton.autotune(_CONFIGS, key=["L", "HEAD_DIM", "FP8", "EXP", "P8"], do_bench=_bench_config)(_attn_fwd)
+    _attn_fwd_tuned = triton.autotune(_CONFIGS, key=["L", "HEAD_DIM", "FP8", "EXP"], do_bench=_bench_config)(_attn_fwd)
 
     @triton.jit
     def _tile(XC, XX, WC, WX, b, h, scb, sch, scl, sxb, sxh, sxl, offs_l, offs_d, LC, L,
@@ -603,8 +540,7 @@ def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D
     args = (q, k, v, oc, ox, scale, out_inv_scale if out_fp8 else scale, _LOG2E / math.sqrt(D),
             *sq, *sk, *sv, H, L, n_ctx)
     meta = dict(HEAD_DIM=D, FP8=fp8, P_SHIFT=P_LOG2_SCALE if fp8 else 0.0, OUT_FP8=out_fp8,
-                EXP=exp_mode() if q.is_cuda else 0,  # the interpreter has no inline PTX
-                P8=p8_mode() if q.is_cuda and fp8 else 0)
+                EXP=exp_mode() if q.is_cuda else 0)  # the interpreter has no inline PTX
     grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
     pinned = pinned_config(q.device, D, fp8) if q.is_cuda else None
     if pinned is not None:
@@ -627,26 +563,6 @@ def exp_mode() -> int:
     if name not in EXP_MODES:
         raise ValueError(f"{EXP_ENV}={name!r}: expected one of {sorted(EXP_MODES)}")
     return EXP_MODES[name]
-
-
-# How the FP8 path makes P's e4m3 codes (`_p8_tile`): cast (cvt.rn.satfinite.e4m3x2), int (from the
-# exponentials' bits, `_e4m3_codes`), alternate (key blocks in pairs, the first cast, the second int;
-# the tail block cast) or mix (in every 4 scores of a thread, 2 cast, 2 int: `_e4m3_codes_mix`). The int codes round half up instead of to even and flush P * 256 < 2^-6 to 0
-# instead of to an e4m3 subnormal (`fp8_attention_emulated(p8=...)`).
-P8_ENV = "SD35FP8_ATTN_P8"
-P8_MODES = {"cast": 0, "int": 1, "alternate": 2, "mix": 3}
-P8_DEFAULT = "cast"
-
-
-def p8_mode_name() -> str:
-    name = os.environ.get(P8_ENV, P8_DEFAULT).strip().lower()
-    if name not in P8_MODES:
-        raise ValueError(f"{P8_ENV}={name!r}: expected one of {sorted(P8_MODES)}")
-    return name
-
-
-def p8_mode() -> int:
-    return P8_MODES[p8_mode_name()]
 
 
 # Block sizes pinned per (compute capability, head dim, path): the autotuner's pick among near-equal tiles
@@ -700,26 +616,13 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _p8_int(p: torch.Tensor) -> torch.Tensor:
-    """`_e4m3_codes`' rounding of p >= 0 (fp32) as e4m3 values: p < 2^-6 -> 0, else the e4m3 number nearest
-    p with ties rounded up (the kernel's 2^19 add to the float's bits before >> 20)."""
-    bits = p.float().view(torch.int32)
-    codes = ((bits - (120 << 23) + 0x80000) >> 20).clamp(0, 0x7E)
-    return torch.where(p < 2.0 ** -6, 0.0, codes.to(torch.uint8).view(FP8_DTYPE).float())
-
-
-@torch.no_grad()
 def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 64,
-                           hadamard: bool = True, p8: str | None = None) -> torch.Tensor:
+                           hadamard: bool = True) -> torch.Tensor:
     """The fp8 path's numerics in fp32 torch (torch's e4m3 casts): q, k, v [B, L, H, D] -> [B, L, H*D] fp32.
 
-    Same rotation, per-(b, h) scales, block-wise online softmax with P * 256 rounded to e4m3 as the kernel
-    in P8 mode `p8` (`P8_MODES`, default the kernel's, `p8_mode_name`; the int codes' rounding: `_p8_int`);
+    Same rotation, per-(b, h) scales, block-wise online softmax with P * 256 cast to e4m3 as the kernel;
     differs only by summation order (and Hopper's reduced-precision fp8 accumulation).
     """
-    p8 = p8_mode_name() if p8 is None else p8
-    if p8 not in P8_MODES:
-        raise ValueError(f"p8={p8!r}: expected one of {sorted(P8_MODES)}")
     B, L, H, D = q.shape
     x = [t.float() for t in (q, k, v)]
     if hadamard:
@@ -735,18 +638,12 @@ def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     m = torch.full((B, H, L, 1), -math.inf, device=q.device)
     l = torch.zeros(B, H, L, 1, device=q.device)
     acc = torch.zeros(B, H, L, D, device=q.device)
-    n_pairs = L // (2 * block_n) * 2 * block_n
     for n0 in range(0, L, block_n):
         qk = q8 @ k8[:, :, n0:n0 + block_n].transpose(-1, -2)  # [B, H, L, bn]
         m_new = torch.maximum(m, qk.amax(-1, keepdim=True) * qk_scale)
         p = torch.exp2(qk * qk_scale - (m_new - P_LOG2_SCALE))  # [B, H, L, bn] in [0, 256]
         alpha = torch.exp2(m - m_new)
         l = l * alpha + p.sum(-1, keepdim=True)
-        j = n0 // block_n  # alternate: odd blocks of the full pairs ((j + 1) block_n <= n_pairs)
-        by_int = p8 == "int" or (p8 == "alternate" and j % 2 == 1 and (j + 1) * block_n <= n_pairs)
-        p8v = _p8_int(p) if by_int else p.to(FP8_DTYPE).float()
-        if p8 == "mix":  # which scores share a 4-group is the MMA layout's: cast and int agree but at ties
-            p8v = _p8_int(p)
-        acc = acc * alpha + p8v @ v8[:, :, n0:n0 + block_n]
+        acc = acc * alpha + p.to(FP8_DTYPE).float() @ v8[:, :, n0:n0 + block_n]
         m = m_new
     return (acc / l * s[2]).transpose(1, 2).reshape(B, L, H * D)

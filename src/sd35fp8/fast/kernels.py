@@ -169,24 +169,18 @@ if triton is not None:
     @triton.jit
     def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, QS, stride_mod,
                                      EPS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                                     MODE: tl.constexpr, ROWS: tl.constexpr = 1):
-        # x + gate * y, stored; then LN -> modulate -> Q, for ROWS consecutive rows of one batch item: the
-        # gate / shift / scale columns are read once for them. Grid: B * cdiv(L, ROWS); a program's rows past
-        # its batch item's last one are clamped to that row (recomputed: the same values stored again)
-        pid = tl.program_id(0).to(tl.int64)
-        nblk = tl.cdiv(L, ROWS)
-        b = pid // nblk
-        first = b * L + (pid % nblk) * ROWS
+                                     MODE: tl.constexpr):
+        # x + gate * y, stored; then LN -> modulate -> Q (one row a program: several rows of one batch item,
+        # reading the gate / shift / scale columns once for them, were slower on the H100, docs/PERF.md)
+        row = tl.program_id(0).to(tl.int64)
+        b = row // L
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
-        ga, gb = _mod_vec(GATE, b, ca, ma, stride_mod), _mod_vec(GATE, b, cb, mb, stride_mod)
-        sha, shb = _mod_vec(SHIFT, b, ca, ma, stride_mod), _mod_vec(SHIFT, b, cb, mb, stride_mod)
-        sca, scb = _mod_vec(SCALE, b, ca, ma, stride_mod), _mod_vec(SCALE, b, cb, mb, stride_mod)
-        for r in tl.static_range(ROWS):
-            row = tl.minimum(first + r, b * L + L - 1)
-            xa = _residual_part(X, Y, ga, XOUT, row, ca, ma, C)
-            xb = _residual_part(X, Y, gb, XOUT, row, cb, mb, C)
-            ya, yb = _ln_modulate_row(xa, xb, ma, mb, sha, sca, shb, scb, C, EPS)
-            _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE)
+        xa = _residual_part(X, Y, _mod_vec(GATE, b, ca, ma, stride_mod), XOUT, row, ca, ma, C)
+        xb = _residual_part(X, Y, _mod_vec(GATE, b, cb, mb, stride_mod), XOUT, row, cb, mb, C)
+        ya, yb = _ln_modulate_row(xa, xb, ma, mb, _mod_vec(SHIFT, b, ca, ma, stride_mod),
+                                  _mod_vec(SCALE, b, ca, ma, stride_mod), _mod_vec(SHIFT, b, cb, mb, stride_mod),
+                                  _mod_vec(SCALE, b, cb, mb, stride_mod), C, EPS)
+        _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE)
 
     @triton.jit
     def _gelu_tanh(h):
@@ -406,11 +400,9 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
     code = _mode_code(mode)
     x_new = torch.empty_like(x)
     q, s = _act_out(B * L, C, code, x, extra)
-    rows = RESIDUAL_LN_ROWS
-    _residual_ln_modulate_kernel[(B * triton.cdiv(L, rows),)](x, y, gate, shift, scale, x_new, q, s,
-                                                              static_scale if code == 2 else q, L, C, C + extra,
-                                                              shift.stride(0), EPS=NORM_EPS, MODE=code, ROWS=rows,
-                                                              **row_launch(C))
+    _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
+                                           L, C, C + extra, shift.stride(0), EPS=NORM_EPS, MODE=code,
+                                           **row_launch(C))
     return x_new, (q, (s if code else None))
 
 
@@ -435,9 +427,6 @@ def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | No
 
 
 _STATIC_BLOCK = 2048
-# rows of one batch item per program of the residual-LN kernel (its gate / shift / scale columns read once
-# for them): benchmarks/elementwise_configs.py sweeps it (`residual_ln_rows`)
-RESIDUAL_LN_ROWS = 1
 
 
 def row_blocks(n: int) -> tuple[int, int]:
