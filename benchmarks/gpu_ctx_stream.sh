@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU call: the context stream on a second CUDA stream (fast/step.py joint_block `side`, MMDiTEngine
-# ctx_stream; SD35FP8_CTX_STREAM=0 turns it off). The fused step's CUDA tests, then faster.py large with it,
+# ctx_stream; SD35FP8_CTX_STREAM=1 on, 0 off). The fused step's CUDA tests with it on, then faster.py large with it,
 # without it, and with it again (one warm card).
 #   bash benchmarks/gpu_ctx_stream.sh OUTDIR
 set -o pipefail
@@ -8,7 +8,7 @@ OUT=${1:?usage: gpu_ctx_stream.sh OUTDIR}
 LOG=$OUT/ctx_stream.log
 source benchmarks/gpu_run.sh
 echo "== tests $(date -u +%T)" | tee "$LOG"
-timeout 240 python3 -m pytest -q ${TESTS:-tests/test_fast.py tests/test_lora_fused.py tests/test_controlnet_engine.py} 2>&1 \
+SD35FP8_CTX_STREAM=1 timeout 240 python3 -m pytest -q ${TESTS:-tests/test_fast.py tests/test_lora_fused.py tests/test_controlnet_engine.py} 2>&1 \
     | tail -4 | tee -a "$LOG"
 run() {
     echo "== SD35FP8_CTX_STREAM=$1 ($2) $(date -u +%T)" | tee -a "$LOG"

@@ -341,6 +341,7 @@ def single_block(p: dict, x: torch.Tensor, mods: torch.Tensor, mode: str | None,
 
 
 CTX_STREAM_ENV = "SD35FP8_CTX_STREAM"
+CTX_STREAM_DEFAULT = "0"  # off until measured on a GPU (benchmarks/gpu_ctx_stream.sh)
 
 
 class MMDiTEngine(nn.Module):
@@ -394,9 +395,9 @@ class MMDiTEngine(nn.Module):
             self._block_fn = torch.compile(joint_block, dynamic=False, mode=compile_mode, fullgraph=True)
         self.graphs = GraphCache(self._forward, self.lora_state) if cuda_graphs and device.type == "cuda" else None
         # the context stream's kernels on a second CUDA stream (joint_block `side`), eager and graph-captured
-        # (a compiled block is one graph: no streams inside); SD35FP8_CTX_STREAM=0 keeps one stream
+        # (a compiled block is one graph: no streams inside); SD35FP8_CTX_STREAM=1 turns it on (CTX_STREAM_DEFAULT)
         self.ctx_stream = (torch.cuda.Stream(device) if device.type == "cuda" and not compile
-                           and os.environ.get(CTX_STREAM_ENV, "1").strip() != "0" else None)
+                           and os.environ.get(CTX_STREAM_ENV, CTX_STREAM_DEFAULT).strip() not in ("", "0") else None)
 
     # -------------------------------------------------------------- wrap-time weight layout
     def _build_weights(self) -> None:
