@@ -15,14 +15,11 @@ to e4m3, exp2 by ex2.approx.ftz), so the outputs are compared with it directly.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import re
 import sys
-from pathlib import Path
 
 import torch
+from results_io import write_json  # benchmarks/ is this script's folder
 import triton
 import triton.language as tl
 
@@ -164,15 +161,7 @@ def main(argv=None) -> int:
     for r in rows:
         if "ms" in r:
             r["tflops"] = flops / r["ms"] / 1e9
-    dev = torch.cuda.get_device_name()
-    out = Path(args.out)
-    if out.suffix != ".json":
-        out = out / f"attention_tma_{re.sub(r'[^a-z0-9]+', '-', dev.lower()).strip('-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": dev, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                               "versions": {"torch": torch.__version__, "triton": triton.__version__},
-                               "shape": {"B": B, "H": H, "L": L, "D": D}, "rows": rows}, indent=1))
-    print("wrote", out)
+    write_json(args.out, "attention_tma", {"shape": {"B": B, "H": H, "L": L, "D": D}, "rows": rows})
     return 0
 
 

@@ -19,7 +19,6 @@ import datetime
 import importlib.util
 import json
 import math
-import re
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from results_io import device_slug  # benchmarks/ is this script's folder
 from torch import nn
 from transformers import CLIPTextConfig, T5Config
 
@@ -303,9 +303,6 @@ def step_tflop(cfg: MMDiTConfig, size: int, ctx_len: int, batch: int = 2) -> flo
 
 
 # ------------------------------------------------------------------------------------ entry points
-def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def run_e2e(args) -> dict:

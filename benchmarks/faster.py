@@ -36,15 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import device_slug  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def device_slug(dev: torch.device) -> str:
-    if dev.type != "cuda":
-        return "cpu"
-    return torch.cuda.get_device_name(dev).lower().replace(" ", "-")
 
 
 def versions() -> dict:

@@ -22,12 +22,12 @@ import datetime
 import gc
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+from results_io import device_slug  # benchmarks/ is this script's folder
 from torch import nn
 
 from sd35fp8.checkpoints.fp8_load import patch_t5_for_fp8
@@ -40,11 +40,6 @@ from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 
 BAR_DB = 22.0
 BAR_BYTES = 0.52
-
-
-def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def mmdit_inputs(cfg: MMDiTConfig, latent: int, n_ctx: int, device, dtype, seed: int) -> tuple:

@@ -22,12 +22,9 @@ and writes JSON (device, versions, date, rows) to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import re
-from pathlib import Path
 
 import torch
+from results_io import write_json  # benchmarks/ is this script's folder
 
 C, MLP, BLOCKS = 2432, 9728, 38
 M_X, M_CTX = 2 * 4096, 2 * 154
@@ -106,15 +103,7 @@ def main() -> None:
         pairs.append(row)
         print(f"{kd:6s} {row['separate']:9.4f} {row.get('grouped', float('nan')):9.4f} {row['streams']:9.4f}  "
               f"{row.get('grouped_error', '')}")
-    dev = torch.cuda.get_device_name()
-    out = Path(args.out)
-    if out.suffix != ".json":
-        out = out / f"gemm_shapes_{re.sub(r'[^a-z0-9]+', '-', dev.lower()).strip('-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": dev, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
-                               "gemms": rows, "sum_ms_per_step": total, "image_and_context": pairs}, indent=1))
-    print("wrote", out)
+    write_json(args.out, "gemm_shapes", {"gemms": rows, "sum_ms_per_step": total, "image_and_context": pairs})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import gc
 import json
-import re
 import statistics
 import sys
 import time
@@ -24,16 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from results_io import device_slug  # benchmarks/ is this script's folder
 
 from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REL_TOL = 2e-2
-
-
-def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def step_flops(cfg: MMDiTConfig, batch: int, n_img: int, n_ctx: int) -> float:

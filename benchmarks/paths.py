@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_io import device_slug  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "tests" / "data" / "seed-fp8-allinone.json"
@@ -397,10 +398,6 @@ def child(args) -> int:
 
 
 # ------------------------------------------------------------------------------------ parent
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    return "cpu"
 
 
 def run_child(args, road: str, env: dict, timeout: float) -> dict:
