@@ -22,7 +22,9 @@ What is decided here, from the weights, the device and the flags:
   the FP8 matmul modes on sm_89+ with Triton, else BF16 SDPA (cuDNN on CUDA); "fp8" = FP8 attention
   always: the Triton kernel on CUDA (DeviceError where it cannot run), its torch emulation on the
   CPU (`fp8_attention_emulated`, same numerics; slow, for checks on the tiny model); "bf16" = SDPA
-  (cuDNN on CUDA). Measured on the H200 (benchmarks/faster.py): see docs/ARCHITECTURE.md.
+  (cuDNN on CUDA). Measured on the H200 (benchmarks/faster.py): see docs/ARCHITECTURE.md. Under FP8
+  attention, the joint blocks a shipped attention policy names for this model's config keep 16-bit
+  SDPA (fp8/attention_policy.py, fp8/policies/attention_default.json; `attention_16bit_blocks=`).
 - Offload: "none" and "model" keep the MMDiT resident on `device` (with "model" the pipeline moves
   the text encoders and VAE in and out); "sequential" keeps the joint blocks' weights in pinned CPU
   memory and streams them block by block with prefetch into the fused per-block step; embedders,
@@ -47,6 +49,7 @@ from sd35fp8.fast.attention import ATTENTION_CHOICES, default_backend
 from sd35fp8.fast.cache import enable_compile_cache
 from sd35fp8.fast.step import MMDiTEngine
 from sd35fp8.fast.weights import auto_attention, layer_mode
+from sd35fp8.fp8.attention_policy import default_attention_16bit_blocks
 from sd35fp8.fp8.device import choose_mode
 
 logger = logging.getLogger(__name__)
@@ -112,6 +115,8 @@ def build_engine(mmdit: nn.Module, device: torch.device | str, *, compile: bool 
         mode, reason = choose_mode(mode, device)  # warns when the device has no FP8 matmul
         logger.debug("engine fp8 mode: %s", reason)
     engine_kwargs.setdefault("attention_backend", attention_kind(attention, device, mode))
+    # under FP8 attention, the blocks a shipped attention policy keeps 16-bit for this model (by its config)
+    engine_kwargs.setdefault("attention_16bit_blocks", default_attention_16bit_blocks(mmdit.config))
     streamed = offload == "sequential"
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda" and not streamed

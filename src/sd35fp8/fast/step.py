@@ -350,7 +350,8 @@ class MMDiTEngine(nn.Module):
 
     def __init__(self, model: MMDiT, fp8_mode: str | None = None, compile: bool = False, cuda_graphs: bool = False,
                  attention_backend: str | None = "auto", compile_mode: str = "default", kernels: str = "triton",
-                 fast_accum: bool = True, per_layer: bool = False, device: torch.device | str | None = None):
+                 fast_accum: bool = True, per_layer: bool = False, device: torch.device | str | None = None,
+                 attention_16bit_blocks: Sequence[int] = ()):
         super().__init__()
         if fp8_mode is not None and fp8_mode not in MODES:
             raise InputError(f"MMDiTEngine: fp8_mode {fp8_mode!r} not in {MODES} or None")
@@ -379,6 +380,13 @@ class MMDiTEngine(nn.Module):
             raise InputError(f"MMDiTEngine: attention_backend {attention_backend!r} not in "
                              f"{('auto', None, *BACKENDS, *kinds)}")
         self._attn = self.attention_backend if self.attention_backend in kinds else "sdpa"
+        # joint blocks whose attention stays 16-bit SDPA (torch's backend choice) under an FP8 attention kind:
+        # an attention policy's kept blocks (fp8/attention_policy.py)
+        depth = len(model.joint_blocks)
+        bad = [i for i in attention_16bit_blocks if not 0 <= int(i) < depth]
+        if bad:
+            raise InputError(f"MMDiTEngine: attention_16bit_blocks {bad} outside the model's {depth} joint blocks")
+        self.attention_16bit_blocks = frozenset(int(i) for i in attention_16bit_blocks)
         self.compile_seconds = 0.0
         self.offload = "none"
         self.streamer = None  # offload.BlockStreamer over self.packs (fast/engine.py stream_blocks)
@@ -560,8 +568,9 @@ class MMDiTEngine(nn.Module):
                     continue
                 blk = self._block_weights(i)
                 (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
+                attn = "sdpa" if i in self.attention_16bit_blocks else self._attn
                 ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
-                                 None if rec is None else rec[1][i], self.kernels, self._attn, **extra)
+                                 None if rec is None else rec[1][i], self.kernels, attn, **extra)
                 if self.streamer is not None:
                     self.streamer.done(i)
                 if control is not None and control[i] is not None:  # ControlNet residual [B, hp*wp, C]
@@ -699,4 +708,10 @@ class MMDiTEngine(nn.Module):
         return (f"MMDiTEngine({self.fp8_mode or 'high precision'} on {self.device}, compile={self._compiled}, "
                 f"cuda_graphs={self.graphs is not None}, attention={self.attention_backend or 'torch default'}, "
                 f"kernels={self.kernels}{', fast_accum' if self.fast_accum else ''}"
-                f"{', context on a second stream' if self.ctx_stream is not None else ''}{stream})")
+                f"{', context on a second stream' if self.ctx_stream is not None else ''}"
+                f"{self._attention_16bit_note()}{stream})")
+
+    def _attention_16bit_note(self) -> str:
+        if not self.attention_16bit_blocks or self._attn == "sdpa":
+            return ""
+        return f", 16-bit attention in blocks {sorted(self.attention_16bit_blocks)}"
