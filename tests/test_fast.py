@@ -172,7 +172,7 @@ def test_compiled_graphed_matches_eager_gpu(mode, impl):
     assert sqnr(eager.float(), out.float()) > 25 and sqnr(ref2.float(), out2.float()) > 25
 
 
-def test_ctx_stream_only_on_cuda_and_not_compiled(monkeypatch):
+def test_ctx_stream_only_on_cuda_and_not_compiled():
     model = _model(TINY)
     assert MMDiTEngine(model, "dynamic").ctx_stream is None  # CPU: one stream, joint_block side=None
 
