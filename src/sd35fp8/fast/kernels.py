@@ -129,39 +129,40 @@ if triton is not None:
         return ca, ca < C, cb, cb < C
 
     @triton.jit
-    def _mod_vec(P, b, cols, mask, stride_mod):
-        # one batch item's shift / scale / gate columns, fp32 (0 past C)
-        return tl.load(P + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+    def _modulate(d, rstd, b, cols, mask, SHIFT, SCALE, stride_mod):
+        sh = tl.load(SHIFT + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        return d * rstd * (1.0 + sc) + sh
 
     @triton.jit
-    def _ln_modulate_row(xa, xb, ma, mb, sha, sca, shb, scb, C, EPS: tl.constexpr):
-        # x = [xa, xb] fp32 (0 past C) -> LayerNorm -> * (1 + scale) + shift -> (ya, yb) fp32
+    def _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
+                         EPS: tl.constexpr, MODE: tl.constexpr):
+        # x = [xa, xb] fp32 (0 past C) -> LayerNorm -> * (1 + scale[b]) + shift[b] -> Q row (_store_row)
         mean = (tl.sum(xa, axis=0) + tl.sum(xb, axis=0)) / C
         da = tl.where(ma, xa - mean, 0.0)
         db = tl.where(mb, xb - mean, 0.0)
         var = (tl.sum(da * da, axis=0) + tl.sum(db * db, axis=0)) / C
         rstd = 1.0 / tl.sqrt(var + EPS)  # EPS constexpr: a runtime float is f64 under torch.compile
-        return da * rstd * (1.0 + sca) + sha, db * rstd * (1.0 + scb) + shb
+        _store_row(Q, S, SSTATIC, row, ca, ma, _modulate(da, rstd, b, ca, ma, SHIFT, SCALE, stride_mod),
+                   cb, mb, _modulate(db, rstd, b, cb, mb, SHIFT, SCALE, stride_mod), QS, MODE)
 
     @triton.jit
     def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, QS, stride_mod, EPS: tl.constexpr,
                             BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, MODE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        b = row // L
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
         xa = tl.load(X + row * C + ca, mask=ma, other=0.0).to(tl.float32)
         xb = tl.load(X + row * C + cb, mask=mb, other=0.0).to(tl.float32)
-        ya, yb = _ln_modulate_row(xa, xb, ma, mb, _mod_vec(SHIFT, b, ca, ma, stride_mod),
-                                  _mod_vec(SCALE, b, ca, ma, stride_mod), _mod_vec(SHIFT, b, cb, mb, stride_mod),
-                                  _mod_vec(SCALE, b, cb, mb, stride_mod), C, EPS)
-        _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE)
+        _ln_modulate_row(xa, xb, ca, ma, cb, mb, row // L, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod,
+                         EPS, MODE)
 
     @triton.jit
-    def _residual_part(X, Y, g, XOUT, row, cols, mask, C):
-        # x + g * y (g: the gate columns, fp32; rounded to x's dtype as torch.addcmul does), stored -> fp32
+    def _residual_part(X, Y, GATE, XOUT, row, b, cols, mask, C, stride_mod):
+        # x + gate * y (rounded to x's dtype as torch.addcmul does), stored -> fp32
         off = row * C + cols
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         xn = (x + g * y).to(XOUT.dtype.element_ty)
         tl.store(XOUT + off, xn, mask=mask)
         return xn.to(tl.float32)
@@ -175,12 +176,9 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         b = row // L
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
-        xa = _residual_part(X, Y, _mod_vec(GATE, b, ca, ma, stride_mod), XOUT, row, ca, ma, C)
-        xb = _residual_part(X, Y, _mod_vec(GATE, b, cb, mb, stride_mod), XOUT, row, cb, mb, C)
-        ya, yb = _ln_modulate_row(xa, xb, ma, mb, _mod_vec(SHIFT, b, ca, ma, stride_mod),
-                                  _mod_vec(SCALE, b, ca, ma, stride_mod), _mod_vec(SHIFT, b, cb, mb, stride_mod),
-                                  _mod_vec(SCALE, b, cb, mb, stride_mod), C, EPS)
-        _store_row(Q, S, SSTATIC, row, ca, ma, ya, cb, mb, yb, QS, MODE)
+        xa = _residual_part(X, Y, GATE, XOUT, row, b, ca, ma, C, stride_mod)
+        xb = _residual_part(X, Y, GATE, XOUT, row, b, cb, mb, C, stride_mod)
+        _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod, EPS, MODE)
 
     @triton.jit
     def _gelu_tanh(h):
