@@ -1,7 +1,9 @@
 #!/bin/bash
-# One GPU call (session 23): the FP8 attention kernel with its key-block loop rotated (PIPE) against the plain
-# loop (benchmarks/attention_pipe.py), the GPU tests of PIPE and of the context stream, then faster.py large with
-# neither, the context stream, the rotated loop at attention_pipe's best tile, and both (one warm card).
+# One GPU call (session 23), most important first:
+#  1. the FP8 attention kernel with its key-block loop rotated (PIPE) against the plain loop (attention_pipe.py);
+#  2. GPU tests: the attention kernels with the best rotated tile, the context stream's (same output bit for bit);
+#  3. faster.py large with neither, the context stream, the rotated loop, both (one warm card);
+#  4. padded-N GEMMs (gemm_pad.py) and the VAE decode four ways (vae_decode.py).
 #   bash benchmarks/gpu_session23.sh OUTDIR
 set -o pipefail
 OUT=${1:?usage: gpu_session23.sh OUTDIR}
@@ -18,9 +20,8 @@ print(",".join(map(str, min(pipe, key=lambda r: r["ms"])["tile"][:4])) if pipe e
 PY
 )
 echo "== best rotated tile: '$PIPE' $(date -u +%T)" | tee -a "$LOG"
-echo "== tests $(date -u +%T)" | tee -a "$LOG"
-SD35FP8_CTX_STREAM=1 timeout 200 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py -k "rotated or ctx_stream or fp8" 2>&1 \
-    | tail -3 | tee -a "$LOG"
+SD35FP8_ATTN_PIPE=$PIPE timeout 100 python3 -m pytest -q tests/test_attention_triton.py 2>&1 | tail -2 | tee -a "$LOG"
+SD35FP8_CTX_STREAM=1 timeout 100 python3 -m pytest -q tests/test_fast.py -k ctx_stream 2>&1 | tail -2 | tee -a "$LOG"
 run() {
     echo "== ctx stream $1, pipe '$2' ($3) $(date -u +%T)" | tee -a "$LOG"
     SD35FP8_CTX_STREAM=$1 SD35FP8_ATTN_PIPE=$2 timeout 110 python3 benchmarks/faster.py large --reps 10 \
@@ -30,4 +31,8 @@ run 0 "" base
 run 1 "" ctx
 [ -n "$PIPE" ] && run 0 "$PIPE" pipe
 [ -n "$PIPE" ] && run 1 "$PIPE" both
+echo "== gemm pad $(date -u +%T)" | tee -a "$LOG"
+timeout 60 python3 benchmarks/gemm_pad.py --out "$OUT" 2>&1 | grep -v -i warn | tail -10 | tee -a "$LOG"
+echo "== vae decode $(date -u +%T)" | tee -a "$LOG"
+timeout 150 python3 benchmarks/vae_decode.py --out "$OUT" 2>&1 | grep -v -i warn | tail -6 | tee -a "$LOG"
 echo "== done $(date -u +%T)" | tee -a "$LOG"
