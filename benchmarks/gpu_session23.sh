@@ -2,8 +2,9 @@
 # One GPU call (session 23), most important first:
 #  1. the FP8 attention kernel with its key-block loop rotated (PIPE) against the plain loop (attention_pipe.py);
 #  2. GPU tests: the attention kernels with the best rotated tile, the context stream's (same output bit for bit);
-#  3. faster.py large with neither, the context stream, the rotated loop, both (one warm card);
-#  4. padded-N GEMMs (gemm_pad.py) and the VAE decode four ways (vae_decode.py).
+#  3. faster.py large with neither, the context stream, the rotated loop (one warm card);
+#  4. the VAE decode four ways (vae_decode.py), the context stream's GEMMs in Triton (gemm_small.py), faster.py with
+#     the context stream and the rotated loop together, padded-N GEMMs (gemm_pad.py).
 #   bash benchmarks/gpu_session23.sh OUTDIR
 set -o pipefail
 OUT=${1:?usage: gpu_session23.sh OUTDIR}
@@ -30,9 +31,11 @@ run() {
 run 0 "" base
 run 1 "" ctx
 [ -n "$PIPE" ] && run 0 "$PIPE" pipe
+echo "== vae decode $(date -u +%T)" | tee -a "$LOG"
+timeout 150 python3 benchmarks/vae_decode.py --out "$OUT" 2>&1 | grep -v -i warn | tail -6 | tee -a "$LOG"
+echo "== gemm small $(date -u +%T)" | tee -a "$LOG"
+timeout 90 python3 benchmarks/gemm_small.py --out "$OUT" 2>&1 | grep -v -i warn | tail -6 | tee -a "$LOG"
 [ -n "$PIPE" ] && run 1 "$PIPE" both
 echo "== gemm pad $(date -u +%T)" | tee -a "$LOG"
 timeout 60 python3 benchmarks/gemm_pad.py --out "$OUT" 2>&1 | grep -v -i warn | tail -10 | tee -a "$LOG"
-echo "== vae decode $(date -u +%T)" | tee -a "$LOG"
-timeout 150 python3 benchmarks/vae_decode.py --out "$OUT" 2>&1 | grep -v -i warn | tail -6 | tee -a "$LOG"
 echo "== done $(date -u +%T)" | tee -a "$LOG"
