@@ -122,6 +122,25 @@ def sass_counts() -> int:
     return 0
 
 
+def large_qkv8() -> at.QKV8:
+    """Large's joint q, k, v (B, L, H, D above) with outlier channels and per-token RMS norm, quantised."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(B, L, 3, H, D, device="cuda", generator=g)
+    qkv[:, :, :2, :, [7, 39]] *= 20  # outlier channels, then per-token RMS norm (as attention_fp8.py)
+    qkv[:, :, :2] /= qkv[:, :, :2].pow(2).mean(-1, keepdim=True).sqrt()
+    qkv = qkv.bfloat16()
+    return at.quantize_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
+def write_rows(out: str, stem: str, rows: list[dict]) -> None:
+    """rows (each timed one with its TFLOP/s added) -> JSON under out."""
+    flops = 4 * B * H * L * L * D
+    for r in rows:
+        if "ms" in r:
+            r["tflops"] = flops / r["ms"] / 1e9
+    write_json(out, stem, {"shape": {"B": B, "H": H, "L": L, "D": D}, "rows": rows})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -134,12 +153,7 @@ def main(argv=None) -> int:
     from sd35fp8.fp8.scaling import sqnr
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    g = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(B, L, 3, H, D, device="cuda", generator=g)
-    qkv[:, :, :2, :, [7, 39]] *= 20  # outlier channels, then per-token RMS norm (as attention_fp8.py)
-    qkv[:, :, :2] /= qkv[:, :, :2].pow(2).mean(-1, keepdim=True).sqrt()
-    qkv = qkv.bfloat16()
-    pre = at.quantize_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    pre = large_qkv8()
     lib = at.attention_fp8(pre)
     flops = 4 * B * H * L * L * D
     rows = [{"kernel": "library (cp.async)", "tile": at.tuned_config(L, True),
@@ -158,10 +172,7 @@ def main(argv=None) -> int:
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             print(row["kernel"], cfg, row["error"], flush=True)
         rows.append(row)
-    for r in rows:
-        if "ms" in r:
-            r["tflops"] = flops / r["ms"] / 1e9
-    write_json(args.out, "attention_tma", {"shape": {"B": B, "H": H, "L": L, "D": D}, "rows": rows})
+    write_rows(args.out, "attention_tma", rows)
     return 0
 
 
