@@ -195,33 +195,3 @@ def test_pinned_config_is_used_and_autotune_env_restores_the_tuner(monkeypatch):
     assert at.tuned_config(333, fp8=True) is not None
     ref = _ref(q, k, v)
     assert sqnr(ref, out.float()) >= FP8_FLOOR_DB and sqnr(ref, tuned.float()) >= FP8_FLOOR_DB
-
-
-@gpu
-@pytest.mark.parametrize("tile", ["64,128,4,4", "64,64,4,4"])
-def test_rotated_loop_equals_plain_loop(monkeypatch, tile):
-    """SD35FP8_ATTN_PIPE (the FP8 kernel's key-block loop rotated: block j+1's QK^T before block j's softmax)
-    computes the same blocks in the same order as the plain loop at the same tile: the same output, bit for bit."""
-    q, k, v = _qkv(2, 333, 2, 64, outliers=True)
-    bm, bn, w, s = (int(x) for x in tile.split(","))
-    monkeypatch.setenv(at.AUTOTUNE_ENV, "0")
-    pre = at.quantize_qkv(q, k, v)
-    plain = torch.empty(2, 333, 128, device="cuda", dtype=torch.bfloat16)
-    grid = (-(-333 // bm), 4)
-    at._attn_fwd[grid](pre.q, pre.k, pre.vt, plain, plain, pre.scale, pre.scale, at._LOG2E / 8.0,
-                       *pre.q.stride()[:3], *pre.k.stride()[:3], *pre.vt.stride()[:2], 1, pre.vt.stride(2), 2, 333, 0,
-                       HEAD_DIM=64, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_FP8=False, EXP=at.exp_mode(),
-                       BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-    monkeypatch.setenv(at.PIPE_ENV, tile)
-    assert at.tuned_config(333, fp8=True) == {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-    assert torch.equal(at.attention_fp8(pre), plain)
-
-
-def test_pipe_env_parsing(monkeypatch):
-    monkeypatch.delenv(at.PIPE_ENV, raising=False)
-    assert at.pipe_config() is None
-    monkeypatch.setenv(at.PIPE_ENV, "64,64,4,3")
-    assert at.pipe_config() == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    monkeypatch.setenv(at.PIPE_ENV, "64x64")
-    with pytest.raises(ValueError, match="SD35FP8_ATTN_PIPE"):
-        at.pipe_config()

@@ -172,34 +172,6 @@ def test_compiled_graphed_matches_eager_gpu(mode, impl):
     assert sqnr(eager.float(), out.float()) > 25 and sqnr(ref2.float(), out2.float()) > 25
 
 
-def test_ctx_stream_only_on_cuda_and_not_compiled():
-    model = _model(TINY)
-    assert MMDiTEngine(model, "dynamic").ctx_stream is None  # CPU: one stream, joint_block side=None
-
-
-@pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("attention", ["triton_fp8", "cudnn"])
-@pytest.mark.parametrize("graphs", [False, True])
-def test_ctx_stream_changes_nothing_gpu(monkeypatch, attention, graphs):
-    """The context stream on a second CUDA stream (joint_block `side`): the same kernels on the same
-    inputs, so the same output bit for bit as on one stream, eager and in a CUDA graph; a LoRA-free
-    ControlNet-free step, then a skipped block."""
-    if attention == "triton_fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 tensor cores need sm_89+")
-    dev = torch.device("cuda")
-    model = _model(TINY_X).to(dev, torch.bfloat16)
-    args = [t.to(dev) for t in _inputs(TINY_X, ctx_len=33)]
-    outs = {}
-    for env in ("1", "0"):
-        monkeypatch.setenv("SD35FP8_CTX_STREAM", env)
-        eng = MMDiTEngine(model, "dynamic", cuda_graphs=graphs, attention_backend=attention)
-        assert (eng.ctx_stream is not None) == (env == "1")
-        with torch.no_grad():
-            outs[env] = (eng(*args), eng(*args), eng(*args, skip_layers=(1,)))
-    for a, b in zip(outs["1"], outs["0"]):
-        assert torch.equal(a, b)
-
-
 @pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("cfg", [TINY_X, TINY], ids=["mmdit-x", "mmdit"])
 def test_fp8_attention_step_close_to_cudnn_gpu(cfg):

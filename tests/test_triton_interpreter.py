@@ -6,8 +6,7 @@ build of torch has none; the test extra installs it on Linux x86-64).
 The interpreter's casts (fp32 -> bf16 / e4m3) do not round as the GPU does, so values are compared by SQNR
 against the torch reference here, loosely (the CUDA tests hold them bit for bit or code for code). Not here:
 the GELU pass (inline PTX tanh.approx, which the interpreter does not run): CUDA tests. The FP8 attention kernel
-runs here with tl.math.exp2 in place of its inline-PTX exponential (EXP 0): against the torch emulation, and its
-rotated loop (PIPE, fast/attention_triton.py) against the plain one.
+runs here with tl.math.exp2 in place of its inline-PTX exponential (EXP 0), against the torch emulation.
 """
 
 from __future__ import annotations
@@ -105,16 +104,9 @@ out = {}
 for L in (200, 333):  # a tail block (200 = 3 x 64 + 8); 333: 5 full blocks + 13
     q, k, v = torch.randn(3, 2, L, 3, 64).bfloat16()
     pre = torch_qkv8(q, k, v)
-    plain = at.attention_fp8(pre)  # [B, L, H*D]
+    out_k = at.attention_fp8(pre)  # [B, L, H*D]
     ref = at.fp8_attention_emulated(q, k, v, block_n=at._CPU_CONFIG["BLOCK_N"])
-    B, H, _, D = pre.q.shape
-    rot = torch.empty_like(plain)
-    grid = (-(-L // 64), B * H)
-    at._attn_fwd[grid](pre.q, pre.k, pre.vt, rot, rot, pre.scale, pre.scale, at._LOG2E / D ** 0.5,
-                       *pre.q.stride()[:3], *pre.k.stride()[:3], *pre.vt.stride()[:2], 1, pre.vt.stride(2), H, L, 0,
-                       HEAD_DIM=D, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_FP8=False, EXP=0, BLOCK_M=64, BLOCK_N=64,
-                       PIPE=True)
-    out[str(L)] = {"vs_emulation": sqnr(ref, plain.float()), "pipe_identical": bool(torch.equal(plain, rot))}
+    out[str(L)] = {"vs_emulation": sqnr(ref, out_k.float())}
 print(json.dumps(out))
 """
 
@@ -130,4 +122,3 @@ def test_fp8_attention_kernel_in_the_interpreter():
         # does not round as the GPU's (measured ~23.6 dB; the CUDA tests hold the kernel to the emulation closely):
         # a wrong block, scale or mask lands near or below 0 dB
         assert r["vs_emulation"] > 15, (L, r)
-        assert r["pipe_identical"], (L, r)  # the rotated loop computes block for block what the plain one does

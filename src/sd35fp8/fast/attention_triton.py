@@ -142,8 +142,10 @@ if triton is not None:
         return tl.reshape(tl.join(_exp2_ftz(a), _exp2_poly(b)), (BLOCK_M, BLOCK_N))
 
     @triton.jit
-    def _scores(q, k_base, start_n, L, skn, offs_n0, offs_d, FP8: tl.constexpr, MASKED: tl.constexpr):
-        """q [BM, D] against the key block at start_n -> scores [BM, BN] fp32 (keys >= L: -inf if MASKED)."""
+    def _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd, offs_n0, offs_d,
+                    FP8: tl.constexpr, P_SHIFT: tl.constexpr, MASKED: tl.constexpr, EXP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One key block: acc [BM, D], l_i / m_i [BM] (log2 domain) updated with keys start_n + offs_n0."""
         offs_n = start_n + offs_n0  # [BN]
         kmask = offs_n < L
         if FP8 or not MASKED:  # fp8 layouts are zero-padded to Lp: loads never need a mask
@@ -153,44 +155,24 @@ if triton is not None:
         qk = tl.dot(q, tl.trans(k))  # [BM, BN] fp32 (fp8 or bf16 tensor cores)
         if MASKED:
             qk = tl.where(kmask[None, :], qk, float("-inf"))
-        return qk
-
-    @triton.jit
-    def _values(v_base, start_n, L, svn, svd, offs_n0, offs_d, FP8: tl.constexpr, MASKED: tl.constexpr):
-        """The value block at start_n, [BN, D] (fp8: read from V^T)."""
-        offs_n = start_n + offs_n0  # [BN]
-        if FP8:
-            return tl.trans(tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :]))  # [D, BN] -> [BN, D]
-        if MASKED:
-            return tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=(offs_n < L)[:, None], other=0.0)
-        return tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :])
-
-    @triton.jit
-    def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, P_SHIFT: tl.constexpr, EXP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Online-softmax update with one block's scores qk [BM, BN] and values v [BN, D]: acc [BM, D],
-        l_i / m_i [BM] (log2 domain)."""
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BM]
         p = _exp2(qk * qk_scale - (m_ij - P_SHIFT)[:, None], BLOCK_M, BLOCK_N, EXP)  # [BM, BN] in [0, 2**P_SHIFT]
         alpha = tl.math.exp2(m_i - m_ij)  # [BM]
         l_i = l_i * alpha + tl.sum(p, 1)
+        if FP8:
+            v = tl.trans(tl.load(v_base + offs_d[:, None] * svd + offs_n[None, :]))  # [D, BN] -> [BN, D]
+        elif MASKED:
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :])  # [BN, D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         return acc, l_i, m_ij
-
-    @triton.jit
-    def _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd, offs_n0, offs_d,
-                    FP8: tl.constexpr, P_SHIFT: tl.constexpr, MASKED: tl.constexpr, EXP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One key block: acc [BM, D], l_i / m_i [BM] (log2 domain) updated with keys start_n + offs_n0."""
-        qk = _scores(q, k_base, start_n, L, skn, offs_n0, offs_d, FP8, MASKED)
-        v = _values(v_base, start_n, L, svn, svd, offs_n0, offs_d, FP8, MASKED)
-        return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, P_SHIFT, EXP, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _attn_fwd(Q, K, V, OC, OX, SCALE, OSCALE, sm_scale_log2e,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, H, L, LC,
                   HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr, OUT_FP8: tl.constexpr,
-                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr = False):
+                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """O[b, m, h, :] = softmax(q k^T / sqrt(D)) v for one [BLOCK_M] query tile of one (b, h).
 
         bf16: Q, K, V [B, L, H, D] strided. fp8: Q, K [B, H, Lp, D], V = V^T [B, H, D, Lp], SCALE [3, B*H].
@@ -218,22 +200,10 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         n_full = (L // BLOCK_N) * BLOCK_N
-        if PIPE:  # full blocks, rotated: block j+1's QK^T in flight during block j's softmax (FP8 path)
-            if n_full > 0:
-                qk = _scores(q, k_base, 0, L, skn, offs_n0, offs_d, FP8, False)
-                for start_n in tl.range(BLOCK_N, n_full, BLOCK_N):  # qk holds block start_n - BLOCK_N
-                    start_n = tl.multiple_of(start_n, BLOCK_N)
-                    qk_next = _scores(q, k_base, start_n, L, skn, offs_n0, offs_d, FP8, False)
-                    v = _values(v_base, start_n - BLOCK_N, L, svn, svd, offs_n0, offs_d, FP8, False)
-                    acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, P_SHIFT, EXP, BLOCK_M, BLOCK_N)
-                    qk = qk_next
-                v = _values(v_base, n_full - BLOCK_N, L, svn, svd, offs_n0, offs_d, FP8, False)
-                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, P_SHIFT, EXP, BLOCK_M, BLOCK_N)
-        else:
-            for start_n in tl.range(0, n_full, BLOCK_N):  # full blocks: no masks
-                start_n = tl.multiple_of(start_n, BLOCK_N)
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn,
-                                            svd, offs_n0, offs_d, FP8, P_SHIFT, False, EXP, BLOCK_M, BLOCK_N)
+        for start_n in tl.range(0, n_full, BLOCK_N):  # full blocks: no masks
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
+                                        offs_n0, offs_d, FP8, P_SHIFT, False, EXP, BLOCK_M, BLOCK_N)
         for start_n in tl.range(n_full, L, BLOCK_N, num_stages=1):  # the tail block (0 or 1 iteration)
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
@@ -573,10 +543,7 @@ def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D
                 EXP=exp_mode() if q.is_cuda else 0)  # the interpreter has no inline PTX
     grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
     pinned = pinned_config(q.device, D, fp8) if q.is_cuda else None
-    pipe = pipe_config() if fp8 and q.is_cuda else None
-    if pipe is not None:
-        _attn_fwd[grid(pipe)](*args, **meta, **pipe, PIPE=True)
-    elif pinned is not None:
+    if pinned is not None:
         _attn_fwd[grid(pinned)](*args, **meta, **pinned)
     elif q.is_cuda:
         _attn_fwd_tuned[grid](*args, **meta)
@@ -611,22 +578,6 @@ PINNED_CONFIGS = {
     ((9, 0), 64, False): {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
 }
 AUTOTUNE_ENV = "SD35FP8_ATTN_AUTOTUNE"
-# The FP8 kernel with its key-block loop rotated (`_attn_fwd` PIPE: block j+1's QK^T issued before block j's
-# softmax; benchmarks/attention_pipe.py), off unless SD35FP8_ATTN_PIPE names its tile as
-# "BLOCK_M,BLOCK_N,num_warps,num_stages" (e.g. 64,64,4,4): an experiment until a GPU run decides it.
-PIPE_ENV = "SD35FP8_ATTN_PIPE"
-
-
-def pipe_config() -> dict | None:
-    """The rotated FP8 kernel's launch config from SD35FP8_ATTN_PIPE, or None (the plain loop)."""
-    raw = os.environ.get(PIPE_ENV, "").strip()
-    if raw in ("", "0"):
-        return None
-    try:
-        bm, bn, w, s = (int(v) for v in raw.split(","))
-    except ValueError:
-        raise ValueError(f"{PIPE_ENV}={raw!r}: expected BLOCK_M,BLOCK_N,num_warps,num_stages") from None
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
 
 
 def _autotune_forced() -> bool:
@@ -645,8 +596,6 @@ def tuned_config(length: int, fp8: bool, head_dim: int = 64) -> dict | None:
     config of this GPU (`pinned_config`), else the autotuner's pick (None if it has not run)."""
     if triton is None:
         return None
-    if fp8 and (pipe := pipe_config()) is not None:
-        return pipe
     if torch.cuda.is_available() and (pinned := pinned_config(torch.device("cuda"), head_dim, fp8)) is not None:
         return dict(pinned)
     for (L, _, is_fp8, *_), cfg in _attn_fwd_tuned.cache.items():  # key: (L, HEAD_DIM, FP8, dtypes...)

@@ -35,9 +35,7 @@ prefetch, just before the block runs; the block function gets a dict of views of
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from typing import Iterable, NamedTuple, Sequence
 
@@ -239,56 +237,32 @@ def _mlp_residual(p, s, x, act, gate, mode, rec, impl, defer: bool = False):
     return res if defer else settle(res)
 
 
-def _on(side: torch.cuda.Stream | None):
-    """The context stream's work on `side` (after everything queued on the current stream so far), or
-    in place when side is None."""
-    if side is None:
-        return contextlib.nullcontext()
-    side.wait_stream(torch.cuda.current_stream())
-    return torch.cuda.stream(side)
-
-
-def _join(side: torch.cuda.Stream | None) -> None:
-    if side is not None:
-        torch.cuda.current_stream().wait_stream(side)
-
-
 def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tensor, mods_x: torch.Tensor,
                 mode: str | None, heads: int, rec: dict | None = None,
-                impl: str = "auto", attn: str = "sdpa", defer: bool = False,
-                side: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                impl: str = "auto", attn: str = "sdpa", defer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One joint block. ctx [B, Lc, C], x [B, Lx, C] (or Residuals: added by the first LayerNorm pass);
     mods_* [B, n*C] = this block's adaLN output. defer: return the MLP residuals as Residuals.
 
     Chunks as in the reference: shift, scale, gate (msa), shift, scale, gate (mlp)[, msa2 x3].
     `impl`: the elementwise kernels' implementation (fast/kernels.py act_impl); `attn`: "sdpa" or a
-    Triton attention kind (fast/attention.py attend). `side` (CUDA, eager or graph-captured, not
-    compiled): the context stream's kernels (M = B x Lc rows, too few to fill the GPU) run on this
-    stream, concurrently with the image stream's: its qkv until the attention needs it, then its proj
-    and MLP, joined before the block returns (MMDiTEngine `ctx_stream`).
+    Triton attention kind (fast/attention.py attend).
     """
     C = _stream(x).shape[-1]
     m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
     n_ctx = _stream(ctx).shape[1]
     if attn == "triton_fp8":  # q/k norm, concatenation and fp8 quantisation in one pass
-        with _on(side):
-            ctx, qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
+        ctx, qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
         x, qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
-        _join(side)
         o_c, o_x = _fp8_attention(p, "attn", qkv_c, qkv_x, n_ctx, heads, mode, rec)  # [B, Lc, C], [B, Lx, C]
     else:
-        with _on(side):
-            ctx, (qc, kc, vc) = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
+        ctx, (qc, kc, vc) = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
         x, (qx, kx, vx) = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
-        _join(side)
         o = attend(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1), attn)  # [B, Lc+Lx, C]
         o_c, o_x = o[:, :n_ctx], o[:, n_ctx:]
     if "c.proj.w" in p:  # not the last (pre-only) context block
-        with _on(side):
-            y = _proj(p, "c.proj", o_c, mode, ctx.dtype, rec, impl)
-            ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode,
-                                                     impl)
-            ctx = _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl, defer)
+        y = _proj(p, "c.proj", o_c, mode, ctx.dtype, rec, impl)
+        ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode, impl)
+        ctx = _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl, defer)
     y = _proj(p, "x.proj", o_x, mode, x.dtype, rec, impl)
     gate = m(mods_x, 2)
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
@@ -301,7 +275,6 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
         y, gate = _proj(p, "x.attn2.proj", o2, mode, x.dtype, rec, impl), m(mods_x, 8)
     x, act = _attn_residual_then_mlp_input(p, "x", x, gate, y, m(mods_x, 3), m(mods_x, 4), mode, impl)
     x = _mlp_residual(p, "x", x, act, m(mods_x, 5), mode, rec, impl, defer)
-    _join(side)
     return ctx, x
 
 
@@ -338,10 +311,6 @@ def single_block(p: dict, x: torch.Tensor, mods: torch.Tensor, mode: str | None,
     y = _proj(p, "x.proj", o, mode, x.dtype, rec, impl)
     x, act = _attn_residual_then_mlp_input(p, "x", x, m(2), y, m(3), m(4), mode, impl)
     return _mlp_residual(p, "x", x, act, m(5), mode, rec, impl)
-
-
-CTX_STREAM_ENV = "SD35FP8_CTX_STREAM"
-CTX_STREAM_DEFAULT = "0"  # off until measured on a GPU (benchmarks/gpu_ctx_stream.sh)
 
 
 class MMDiTEngine(nn.Module):
@@ -402,10 +371,6 @@ class MMDiTEngine(nn.Module):
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             self._block_fn = torch.compile(joint_block, dynamic=False, mode=compile_mode, fullgraph=True)
         self.graphs = GraphCache(self._forward, self.lora_state) if cuda_graphs and device.type == "cuda" else None
-        # the context stream's kernels on a second CUDA stream (joint_block `side`), eager and graph-captured
-        # (a compiled block is one graph: no streams inside); SD35FP8_CTX_STREAM=1 turns it on (CTX_STREAM_DEFAULT)
-        self.ctx_stream = (torch.cuda.Stream(device) if device.type == "cuda" and not compile
-                           and os.environ.get(CTX_STREAM_ENV, CTX_STREAM_DEFAULT).strip() not in ("", "0") else None)
 
     # -------------------------------------------------------------- wrap-time weight layout
     def _build_weights(self) -> None:
@@ -560,8 +525,6 @@ class MMDiTEngine(nn.Module):
         fn = self._block_fn if rec is None and mode == self.fp8_mode else joint_block
         # eager blocks hand their last residuals on as Residuals (added by the next block's first LN pass)
         extra = {"defer": True} if fn is joint_block else {}
-        if fn is joint_block and rec is None and self.ctx_stream is not None:
-            extra["side"] = self.ctx_stream
         with backend_context(None if self._attn != "sdpa" else self.attention_backend):
             for i in range(len(self.blocks)):
                 if i in skip:
@@ -708,7 +671,6 @@ class MMDiTEngine(nn.Module):
         return (f"MMDiTEngine({self.fp8_mode or 'high precision'} on {self.device}, compile={self._compiled}, "
                 f"cuda_graphs={self.graphs is not None}, attention={self.attention_backend or 'torch default'}, "
                 f"kernels={self.kernels}{', fast_accum' if self.fast_accum else ''}"
-                f"{', context on a second stream' if self.ctx_stream is not None else ''}"
                 f"{self._attention_16bit_note()}{stream})")
 
     def _attention_16bit_note(self) -> str:
