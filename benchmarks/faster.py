@@ -15,9 +15,10 @@ full MMDiT evaluations), mean PSNR of each cached image against its uncached ima
 154 context tokens: step ms (CUDA graph replay, median) with BF16 attention (cuDNN SDPA) and with FP8
 attention (fast/attention_triton.py), the FP8 step's SQNR against the BF16-attention step (same
 inputs), the attention kernel alone (TFLOP/s, 4*B*H*L^2*D) against a large FP8 GEMM's rate, a
-torch.profiler breakdown of one FP8 step, and a whole 20-step image (sampling only: random weights
-have no text encoders / VAE worth timing, the pipeline's stages are in paths_<device>.json) without
-cache and with the default threshold. Writes benchmarks/results/faster_<device>.json shaped as
+torch.profiler breakdown of one FP8 step, the VAE decode of one 1024² latent eager and compiled
+(models/vae.py compile_decoder, as the serving road runs it), and a whole 20-step image (sampling +
+the compiled decode; random weights; the text encoders' stage is in paths_<device>.json) without cache
+and with the default threshold. Writes benchmarks/results/faster_<device>.json shaped as
 issue 23 says: {"device", "date", "step_ms": {"bf16_attention", "fp8_attention"}, "step_sqnr_db",
 "image_s": {"no_cache", "cache"}, "cache": {"full_step_ratio", "psnr_db", "score_delta_points"}}
 (+ details); "cache" is copied from the tiny JSON at the default threshold.
@@ -288,6 +289,21 @@ def large(args) -> dict:
         vae = SD3VAE(VAEConfig.sd3()).eval()
     vae.to_empty(device=dev)
     fill_random_(vae, torch.Generator(device=dev).manual_seed(1)).to(torch.bfloat16)
+    # the VAE decode eager, then compiled as the serving road runs it (models/vae.py compile_decoder: server,
+    # `run`, generate --compile); the image timings below decode with the compiled decoder
+    z1 = torch.randn(1, 16, 128, 128, device=dev, generator=torch.Generator(device=dev).manual_seed(3)).bfloat16()
+    vae_ms = {}
+    for name in ("eager", "compiled"):
+        if name == "compiled":
+            vae.compile_decoder()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            decode(vae, z1)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            vae_ms[name] = {"ms": _median_ms(lambda: decode(vae, z1), 5), "first_call_s": first}
+    res["vae_decode_ms"] = vae_ms
+    print(f"vae decode: {vae_ms}", flush=True)
     cond = Conditioning(ctx[:1].clone(), pooled[:1].clone())
     uncond = Conditioning(ctx[1:].clone(), pooled[1:].clone())
     latent = torch.zeros(1, 16, 128, 128, device=dev)
@@ -309,8 +325,9 @@ def large(args) -> dict:
         sampling_s[name] = t1 - t0
         cache_large[name] = {"stats": stats, "latent": z}
     res["sampling_s"] = sampling_s
-    res["image_s_note"] = ("image_s = 20 sampling steps (CFG batch 2) + VAE decode, random weights; text encoding "
-                           "is not included (paths_<device>.json has the pipeline's encode stage)")
+    res["image_s_note"] = ("image_s = 20 sampling steps (CFG batch 2) + VAE decode (compiled, as on the serving "
+                           "road: vae_decode_ms), random weights; text encoding is not included (paths_<device>.json "
+                           "has the pipeline's encode stage)")
     res["image_s"] = image_s
     st = cache_large["cache"]["stats"]
     res["large_cache"] = {"threshold": th, "stats": st,

@@ -215,3 +215,52 @@ def test_plan_covers_full_size_sd3_diffusers_layout():
     assert set(plan) == set(osd)
     for key, (src, op) in plan.items():
         assert apply_op(op, [dsd[s] for s in src], key).shape == osd[key].shape, key
+
+
+def test_compile_decoder_is_decodes_road_only(monkeypatch):
+    """compile_decoder: `decode` runs the compiled decoder (kept out of the module tree: the state dict is
+    unchanged), the tiled decode and `encode` stay eager; the compiled road (workflow EngineOptions with
+    compile, resident) compiles a VAE's decoder, offload or eager roads do not."""
+    from sd35fp8.workflow.engine import EngineOptions
+
+    compiled = []
+
+    def fake_compile(fn, dynamic=None):
+        assert dynamic is False  # one graph per latent shape
+
+        def run(z):
+            compiled.append(tuple(z.shape))
+            return fn(z)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    torch.manual_seed(0)
+    vae = SD3VAE(TINY).eval()
+    keys = list(vae.state_dict())
+    z = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        eager = vae.decode(z)
+        vae.compile_decoder()
+        assert list(vae.state_dict()) == keys
+        assert torch.equal(vae.decode(z), eager) and compiled == [(2, 16, 8, 8)]
+        vae.decode_tiled(torch.randn(1, 16, 24, 24), tile_latent=16, overlap=4)
+    assert compiled == [(2, 16, 8, 8)]  # tiles went through the eager decoder
+
+    for options, expect in ((EngineOptions(compile=True), True), (EngineOptions(compile=False), False),
+                            (EngineOptions(compile=True, offload="model"), False)):
+        fresh = SD3VAE(TINY)
+        options.vae(fresh)
+        assert ("_compiled_decoder" in fresh.__dict__) == expect, options
+
+
+@pytest.mark.slow
+def test_compiled_decoder_matches_eager_on_cpu():
+    """The real torch.compile (Inductor, CPU) of a tiny decoder gives the eager decode's values."""
+    torch.manual_seed(0)
+    vae = SD3VAE(TINY).eval()
+    z = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        eager = vae.decode(z)
+        vae.compile_decoder()
+        out = vae.decode(z)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)

@@ -126,8 +126,9 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         while it runs (T5's blocks streamed one by one); "sequential" (an 8 GB card) also streams the
         MMDiT's joint blocks with prefetch into the fused step.
         The MMDiT always runs through `sd35fp8.fast.build_engine` (fused step; CUDA graphs per image
-        shape on CUDA unless sequential). compile: also torch.compile the per-block step (None: the
-        device's default, fast.default_compile: off for the Python API and `generate`). The first
+        shape on CUDA unless sequential). compile: also torch.compile the per-block step and, with offload
+        "none", the VAE decoder (None: the device's default, fast.default_compile: off for the Python API
+        and `generate`). The first
         image of each size then compiles (tens of seconds; cached on disk in ~/.cache/sd35fp8/inductor);
         `warmup` does it up front. attention: "auto" | "fp8" | "bf16" (fast.build_engine: FP8 flash
         attention where the FP8 matmul modes run on sm_89+, "fp8" forces it, its torch emulation on CPU).
@@ -167,6 +168,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         if compile is None:
             compile = default_compile(device, offload)
         mmdit = build_engine(mmdit, device, compile=compile, offload=offload, attention=attention)
+        if compile and offload == "none":  # the compiled road compiles the (resident) VAE decoder too
+            vae.compile_decoder()
         if offload != "none" and texts.t5xxl is not None:  # T5 block by block next to the resident MMDiT
             from .offload import stream_t5_blocks
 
@@ -197,7 +200,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
     def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None) -> float:
         """Compile / capture the MMDiT step for each (width, height, images per prompt) now, so the first
         generation of those sizes does not pay it (None: the model's default size, one image). The
-        CFG batch and the default skip-layer-guidance pass are prepared as generations use them.
+        CFG batch and the default skip-layer-guidance pass are prepared as generations use them, and the
+        compiled VAE decoder (compile=True) for each shape's latent batch.
         Returns the seconds spent (0 when nothing is prepared per shape: CPU, eager sequential)."""
         d = self.defaults
         shapes = [(d.width, d.height, 1)] if shapes is None else list(shapes)
@@ -205,8 +209,19 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         t5 = getattr(self.text_encoder, "t5", None) is not None
         tok = getattr(self.text_encoder, "tokenizer", None)
         tokens = 77 + (max(77, getattr(tok, "t5_min_length", 77)) if t5 else 0)
-        return self.mmdit.warmup(shapes, cfg=abs(d.cfg - 1.0) > 1e-9, skip_layers=slg.layers if slg else (),
-                                 context_tokens=tokens)
+        seconds = self.mmdit.warmup(shapes, cfg=abs(d.cfg - 1.0) > 1e-9, skip_layers=slg.layers if slg else (),
+                                    context_tokens=tokens)
+        if "_compiled_decoder" in self.vae.__dict__:  # the compiled road: the VAE decoder's graph per shape too
+            t0 = time.perf_counter()
+            p = next(self.vae.parameters())
+            with torch.inference_mode():
+                for width, height, batch in shapes:
+                    self.vae.decode(torch.zeros(batch, self.vae.config.latent_channels, height // 8, width // 8,
+                                                device=p.device, dtype=p.dtype))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds += time.perf_counter() - t0
+        return seconds
 
     @contextmanager
     def _on_device(self, module: torch.nn.Module):

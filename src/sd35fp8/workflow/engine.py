@@ -109,6 +109,8 @@ class EngineOptions:
     def vae(self, vae: Any) -> Any:
         if self.offloader is not None:
             self.offloader.register(vae, "vae")
+        elif self.compile and self.offload == "none":  # resident on the compiled road: the decoder too
+            vae.compile_decoder()
         return vae
 
 

@@ -209,8 +209,10 @@ class PromptExecutor:
                     elif kind == "CLIP" and value is not None:
                         nodes_engine.encode_text(value, "warm-up")
                     elif kind == "VAE" and value is not None:
-                        for width, height, _batch in shapes:
-                            latent = {"samples": torch.zeros(1, nodes_engine.SD3_LATENT_CHANNELS, height // 8, width // 8)}
+                        for width, height, batch in shapes:  # the batch as VAEDecode gets it (one compiled
+                            # decoder graph per latent shape on the compiled road, models/vae.py compile_decoder)
+                            latent = {"samples": torch.zeros(batch, nodes_engine.SD3_LATENT_CHANNELS, height // 8,
+                                                             width // 8)}
                             nodes_engine.vae_decode(value, latent, self.engine_options.offloader)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
