@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results", help="JSON file, or a folder for the default name")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    ap.add_argument("--profile", action="store_true", help="also the eager decode's top CUDA kernels (torch.profiler)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     with torch.device("meta"):
@@ -58,6 +59,7 @@ def main() -> None:
 
     torch.backends.cudnn.benchmark = False
     run("eager", lambda: vae.decode(z))
+    profile = profile_eager(vae, z) if args.profile else None
     torch.backends.cudnn.benchmark = True
     run("cudnn_benchmark", lambda: vae.decode(z))
     vae_cl = vae.to(memory_format=torch.channels_last)
@@ -69,7 +71,20 @@ def main() -> None:
     for r in rows:
         r.pop("_out")
     write_json(args.out, "vae_decode", {"shape": {"latent": [1, 16, 128, 128], "image": 1024, "dtype": "bf16"},
-                                        "rows": rows})
+                                        "rows": rows, **({"eager_profile_ms": profile} if profile else {})})
+
+
+def profile_eager(vae, z) -> list:
+    """The eager decode's 15 costliest CUDA kernels, [(name, ms)] (one decode)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        vae.decode(z)
+        torch.cuda.synchronize()
+    rows = sorted(((e.key, e.device_time_total / 1e3) for e in prof.key_averages()), key=lambda r: -r[1])[:15]
+    for name, ms in rows:
+        print(f"  {ms:8.2f} ms  {name[:110]}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -218,9 +218,17 @@ def test_compiled_pipeline_close_to_plain_gpu(tiny_random_checkpoint):
     kw = dict(num_inference_steps=4, guidance_scale=3.0, width=64, height=64, seed=5, progress=False)
     plain = SD35Pipeline.from_pretrained(path, device="cuda", fp8="dynamic")
     fast = SD35Pipeline.from_pretrained(path, device="cuda", fp8="dynamic", compile=True)
-    a, b = plain("a red circle", **kw).latents.float(), fast("a red circle", **kw).latents.float()
+    ra, rb = plain("a red circle", **kw), fast("a red circle", **kw)
+    a, b = ra.latents.float(), rb.latents.float()
     assert "MMDiTEngine" in fast.summary() and "compile=True" in fast.summary()
     assert "compile=False" in plain.summary() and "cuda_graphs=True" in plain.summary()
     from sd35fp8.fp8.scaling import sqnr
 
     assert sqnr(a, b) > 20
+    # the compiled road decodes through the compiled VAE decoder (models/vae.py compile_decoder): the same
+    # image as the eager decoder of the same latents, to bf16 rounding
+    assert "_compiled_decoder" in fast.vae.__dict__ and "_compiled_decoder" not in plain.vae.__dict__
+    with torch.inference_mode():
+        z = rb.latents.to("cuda", fast.vae.dtype)
+        assert sqnr(fast.vae.decoder(z).float(), fast.vae.decode(z).float()) > 30
+    assert fast.warmup([(64, 64, 2)]) > 0
