@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU call (session 23, second): faster.py large with the compiled VAE decode (the issue-23 JSON), the VAE decode
-# four ways with the eager decode's kernel profile, then the GPU tests of the compiled road (pipeline with the
-# compiled decoder, the fused step, FP8 attention, the VAE).
+# eager with its kernel profile, then the GPU tests of the compiled road (pipeline with the
+# compiled decoder, the VAE).
 #   bash benchmarks/gpu_session23.sh OUTDIR
 set -o pipefail
 OUT=${1:?usage: gpu_session23.sh OUTDIR}
@@ -11,8 +11,8 @@ echo "== faster $(date -u +%T)" | tee "$LOG"
 timeout 160 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json" 2>&1 \
     | grep -E "^step|^profile|^image|^fp8_gemm|^triton_fp8|^vae" | tee -a "$LOG"
 echo "== vae decode $(date -u +%T)" | tee -a "$LOG"
-timeout 150 python3 benchmarks/vae_decode.py --profile --out "$OUT" 2>&1 | grep -v -i warn | tail -22 | tee -a "$LOG"
+timeout 150 python3 benchmarks/vae_decode.py --profile --no-compile --out "$OUT" 2>&1 | grep -v -i warn | tail -22 | tee -a "$LOG"
 echo "== tests $(date -u +%T)" | tee -a "$LOG"
-timeout 220 python3 -m pytest -q tests/test_pipeline.py tests/test_vae.py tests/test_fast.py tests/test_attention_triton.py \
+timeout 150 python3 -m pytest -q tests/test_pipeline.py tests/test_vae.py \
     2>&1 | tail -4 | tee -a "$LOG"
 echo "== done $(date -u +%T)" | tee -a "$LOG"
