@@ -330,9 +330,12 @@ class SD3VAE(nn.Module):
 
     def compile_decoder(self) -> None:
         """torch.compile the decoder for `decode` (one graph per latent shape; the tiled decode and
-        `encode` stay eager). H100, 1024² (benchmarks/vae_decode.py): 98 ms eager, 38 ms compiled, ~20 s
-        to compile a shape the first time (Inductor's on-disk cache keeps it for later processes). The
-        roads that compile the MMDiT (server, `run`, generate --compile) call it for a resident VAE."""
+        `encode` stay eager). H100, 1024² (benchmarks/vae_decode.py): 98 ms eager, 38 ms compiled with
+        channels_last weights and input, ~20 s to compile a shape the first time (Inductor's on-disk cache
+        keeps it for later processes). Here the decoder is compiled as loaded (NCHW; Inductor's layout
+        optimisation picks the convolutions' layout), so the eager tiled decode keeps its faster NCHW
+        weights (channels_last eager: 141 ms). The roads that compile the MMDiT (server, `run`,
+        generate --compile) call it for a resident VAE."""
         # kept out of the module tree (a compiled module as an attribute would add its parameters to the
         # state dict a second time): a plain attribute, read by `decode`
         self.__dict__["_compiled_decoder"] = torch.compile(self.decoder.forward, dynamic=False)
