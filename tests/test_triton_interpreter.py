@@ -1,5 +1,5 @@
-"""fast/kernels.py's Triton row kernels run by Triton's interpreter on the CPU (TRITON_INTERPRET=1), held to
-their torch references: the CUDA tests' checks, in CI. The interpreter is chosen when `triton.jit`
+"""fast/kernels.py's Triton row kernels and the FP8 attention kernel run by Triton's interpreter on the CPU
+(TRITON_INTERPRET=1), held to their torch references: the CUDA tests' checks, in CI. The interpreter is chosen when `triton.jit`
 decorates, so the kernels run in a child process with the variable set. Skips without Triton (the CPU
 build of torch has none; the test extra installs it on Linux x86-64).
 
