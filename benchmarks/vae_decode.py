@@ -1,4 +1,4 @@
-"""The SD3 VAE decode of one 1024² image (latent 16 x 128 x 128, bf16, random weights), four ways side by side.
+"""The SD3 VAE decode of one 1024² image (latent 16 x 128 x 128, bf16, random weights), five ways side by side.
 
 The whole-image benchmark (faster.py) spends ~0.10 s of its 1.72 s in the VAE decode (H100), about 5x what the
 decoder's convolutions (~8 TFLOP) and GroupNorm passes need at the card's rates. Contenders:
@@ -6,6 +6,7 @@ decoder's convolutions (~8 TFLOP) and GroupNorm passes need at the card's rates.
     eager               models/vae.py as it runs today (NCHW, cudnn.benchmark off)
     cudnn_benchmark     the same with torch.backends.cudnn.benchmark = True (cuDNN times its conv algorithms)
     channels_last       weights and input in channels_last (NHWC) memory format, cudnn.benchmark on
+    compiled_nchw       SD3VAE.compile_decoder (the library's form: the decoder compiled as loaded, NCHW)
     compiled            torch.compile(decoder) on channels_last (Inductor fuses GroupNorm + SiLU, picks convs)
 
 Each is timed by triton.testing.do_bench and compared with the eager output (SQNR, dB).
@@ -62,7 +63,11 @@ def main() -> None:
     profile = profile_eager(vae, z) if args.profile else None
     torch.backends.cudnn.benchmark = True
     run("cudnn_benchmark", lambda: vae.decode(z))
-    vae_cl = vae.to(memory_format=torch.channels_last)
+    if not args.no_compile:  # the library's form: SD3VAE.compile_decoder on the NCHW decoder as loaded
+        vae.compile_decoder()
+        run("compiled_nchw", lambda: vae.decode(z))
+        vae.__dict__.pop("_compiled_decoder")
+    vae_cl = vae.to(memory_format=torch.channels_last)  # in place: every contender below sees NHWC weights
     z_cl = z.contiguous(memory_format=torch.channels_last)
     run("channels_last", lambda: vae_cl.decode(z_cl))
     if not args.no_compile:
