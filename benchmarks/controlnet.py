@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -65,18 +64,9 @@ def median(t: list[float]) -> float:
 
 def versions() -> dict:
     import sd35fp8
+    from results_io import versions as base_versions
 
-    out = {"torch": torch.__version__, "python": platform.python_version(),
-           "sd35fp8": getattr(sd35fp8, "__version__", None)}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    if torch.cuda.is_available():
-        out["cuda"] = torch.version.cuda
-    return out
+    return {**base_versions(), "sd35fp8": getattr(sd35fp8, "__version__", None)}
 
 
 def engine_road(base, nets: dict, cfg: MMDiTConfig, a, dev: torch.device, dtype: torch.dtype, latent: int,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,14 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results_io import device_slug  # benchmarks/ is this script's folder
+from results_io import device_slug, versions  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def versions() -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
 
 
 # ---------------------------------------------------------------- tiny: cache fidelity

@@ -454,8 +454,10 @@ def versions() -> dict:
     import fastapi
     import uvicorn
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "fastapi": fastapi.__version__,
-            "uvicorn": uvicorn.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    from results_io import versions as base_versions
+
+    return {**base_versions(), "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__,
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
 
 
 def main() -> None:

@@ -21,13 +21,12 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from results_io import device_slug  # benchmarks/ is this script's folder
+from results_io import device_slug, versions as base_versions  # benchmarks/ is this script's folder
 from torch import nn
 
 from sd35fp8.checkpoints.fp8_load import patch_t5_for_fp8
@@ -189,10 +188,7 @@ def bench_t5(device, dtype, tiny: bool, tokens: int, args) -> dict:
 def versions() -> dict:
     import transformers
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    if torch.cuda.is_available():
-        v["cuda"] = torch.version.cuda
-    return v
+    return {**base_versions(), "transformers": transformers.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
