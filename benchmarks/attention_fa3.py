@@ -25,28 +25,15 @@ import math
 import sys
 
 import torch
-from attention_tma import B, D, H, L, write_rows  # benchmarks/ is this script's folder
+from attention_tma import B, D, H, L, large_qkv, write_rows  # benchmarks/ is this script's folder
 
 from sd35fp8.fast import attention_triton as at
 
 
-def inputs(g: torch.Generator):
-    """Large's joint q, k, v [B, L, H, D] bf16 with outlier channels and per-token RMS norm (as attention_tma.py)."""
-    qkv = torch.randn(B, L, 3, H, D, device="cuda", generator=g)
-    qkv[:, :, :2, :, [7, 39]] *= 20
-    qkv[:, :, :2] /= qkv[:, :, :2].pow(2).mean(-1, keepdim=True).sqrt()
-    return qkv.bfloat16().unbind(2)
-
-
 def fa3_fp8_inputs(q, k, v):
     """quantize_qkv's numerics in BSHD layout for FA3: (q8, k8, v8 [B, L, H, D] e4m3, descales [B, H] each)."""
-    hm = at.hadamard_matrix(D).to(q.device)
-    out, scales = [], []
-    for t in (q.float() @ hm, k.float() @ hm, v.float()):
-        s = at.amax_to_scale(t.abs().amax(dim=(1, 3)))  # [B, H]
-        out.append(at.to_fp8_saturated(t, s[:, None, :, None]).contiguous())
-        scales.append(s.float().contiguous())
-    return out, scales
+    x8, scales = at.quantize_qkv_reference(q, k, v)
+    return [t.contiguous() for t in x8], [s.reshape(s.shape[0], s.shape[2]).contiguous() for s in scales]
 
 
 def main(argv=None) -> int:
@@ -57,8 +44,7 @@ def main(argv=None) -> int:
 
     from sd35fp8.fp8.scaling import sqnr
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = inputs(g)
+    q, k, v = large_qkv()
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
     ref = ref.transpose(1, 2).reshape(B, L, H * D)  # float32
     rows = []

@@ -122,14 +122,18 @@ def sass_counts() -> int:
     return 0
 
 
-def large_qkv8() -> at.QKV8:
-    """Large's joint q, k, v (B, L, H, D above) with outlier channels and per-token RMS norm, quantised."""
+def large_qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Large's joint q, k, v [B, L, H, D] bf16 (B, L, H, D above) with outlier channels and per-token RMS norm."""
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(B, L, 3, H, D, device="cuda", generator=g)
     qkv[:, :, :2, :, [7, 39]] *= 20  # outlier channels, then per-token RMS norm (as attention_fp8.py)
     qkv[:, :, :2] /= qkv[:, :, :2].pow(2).mean(-1, keepdim=True).sqrt()
-    qkv = qkv.bfloat16()
-    return at.quantize_qkv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return qkv.bfloat16().unbind(2)
+
+
+def large_qkv8() -> at.QKV8:
+    """large_qkv(), quantised (quantize_qkv)."""
+    return at.quantize_qkv(*large_qkv())
 
 
 def write_rows(out: str, stem: str, rows: list[dict]) -> None:

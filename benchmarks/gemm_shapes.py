@@ -32,11 +32,11 @@ KINDS = {"qkv": (C, 3 * C), "proj": (C, C), "fc1": (C, MLP), "fc2": (MLP, C)}  #
 ADA_N = (BLOCKS * 12 - 4) * C  # every block's x and context adaLN (6C each; the last context block 2C)
 
 
-def operands(m: int, k: int, n: int, g: torch.Generator):
-    a = (torch.randn(m, k, device="cuda", generator=g) * 0.5).to(torch.float8_e4m3fn)
-    w = (torch.randn(n, k, device="cuda", generator=g) * 0.5).to(torch.float8_e4m3fn)  # [N, K] as the engine
-    sa = torch.rand(m, 1, device="cuda", generator=g) + 0.5
-    sw = torch.rand(1, n, device="cuda", generator=g) + 0.5
+def operands(m: int, k: int, n: int, g: torch.Generator, device: str = "cuda"):
+    a = (torch.randn(m, k, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)
+    w = (torch.randn(n, k, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)  # [N, K] as the engine
+    sa = torch.rand(m, 1, device=device, generator=g) + 0.5
+    sw = torch.rand(1, n, device=device, generator=g) + 0.5
     return a, w, sa, sw
 
 

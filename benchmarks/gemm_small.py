@@ -19,6 +19,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from gemm_shapes import operands as shapes_operands  # benchmarks/ is this script's folder
 
 C, MLP, BLOCKS = 2432, 9728, 38
 M_CTX = 2 * 154
@@ -64,12 +65,9 @@ def triton_mm(a, w, sa, sw, bias, tile):
 
 
 def operands(m, k, n, device, g):
-    a = (torch.randn(m, k, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)
-    w = (torch.randn(n, k, device=device, generator=g) * 0.5).to(torch.float8_e4m3fn)
-    sa = torch.rand(m, 1, device=device, generator=g) + 0.5
-    sw = torch.rand(1, n, device=device, generator=g) + 0.5
-    bias = (torch.randn(n, device=device, generator=g) * 0.1).bfloat16()
-    return a, w, sa, sw, bias
+    """gemm_shapes' operands (e4m3 a [M, K], w [N, K], row-wise scales) and a bf16 bias [N]."""
+    ops = shapes_operands(m, k, n, g, device)
+    return (*ops, (torch.randn(n, device=device, generator=g) * 0.1).bfloat16())  # drawn after them, as before
 
 
 def reference(a, w, sa, sw, bias):

@@ -87,18 +87,13 @@ torch.manual_seed(0)
 
 
 def torch_qkv8(q, k, v):
-    # quantize_qkv's layouts and scales made in torch, as the emulation quantises (the quantise passes' bf16
-    # Hadamard MMA does not run in the interpreter, which has no bf16 dot)
+    # quantize_qkv's layouts and scales from its torch reference, as the emulation quantises (the quantise
+    # passes' bf16 Hadamard MMA does not run in the interpreter, which has no bf16 dot)
     B, L, H, D = q.shape
     Lp = -(-L // at.PAD) * at.PAD
-    hm = at.hadamard_matrix(D)
-    x8, s = [], []
-    for t in (q.float() @ hm, k.float() @ hm, v.float()):
-        scale = at.amax_to_scale(t.abs().amax(dim=(1, 3)))  # [B, H]
-        t8 = at.to_fp8_saturated(t, scale[:, None, :, None]).transpose(1, 2)  # [B, H, L, D]
-        x8.append(torch.nn.functional.pad(t8.float(), (0, 0, 0, Lp - L)).to(at.FP8_DTYPE))
-        s.append(scale)
-    return at.QKV8(x8[0], x8[1], x8[2].transpose(2, 3).contiguous(), torch.stack(s).float(), L)
+    x8, s = at.quantize_qkv_reference(q, k, v)
+    x8 = [torch.nn.functional.pad(t.transpose(1, 2).float(), (0, 0, 0, Lp - L)).to(at.FP8_DTYPE) for t in x8]
+    return at.QKV8(x8[0], x8[1], x8[2].transpose(2, 3).contiguous(), torch.stack(s).reshape(3, B, H), L)
 
 out = {}
 for L in (200, 333):  # a tail block (200 = 3 x 64 + 8); 333: 5 full blocks + 13

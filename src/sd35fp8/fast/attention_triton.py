@@ -616,6 +616,19 @@ def hadamard_matrix(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def quantize_qkv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hadamard: bool = True
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`quantize_qkv`'s numerics in fp32 torch, layout kept: q, k, v [B, L, H, D] -> ([q8, k8, v8] e4m3
+    [B, L, H, D] (q, k Hadamard-rotated if hadamard), [s_q, s_k, s_v] fp32 [B, 1, H, 1], x ~= x8 * s)."""
+    x = [t.float() for t in (q, k, v)]
+    if hadamard:
+        hm = hadamard_matrix(q.shape[-1]).to(q.device)
+        x[0], x[1] = x[0] @ hm, x[1] @ hm
+    scales = [amax_to_scale(t.abs().amax(dim=(1, 3), keepdim=True)) for t in x]  # [B, 1, H, 1] each
+    return [to_fp8_saturated(t, sc) for t, sc in zip(x, scales)], scales
+
+
+@torch.no_grad()
 def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 64,
                            hadamard: bool = True) -> torch.Tensor:
     """The fp8 path's numerics in fp32 torch (torch's e4m3 casts): q, k, v [B, L, H, D] -> [B, L, H*D] fp32.
@@ -624,15 +637,9 @@ def fp8_attention_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     differs only by summation order (and Hopper's reduced-precision fp8 accumulation).
     """
     B, L, H, D = q.shape
-    x = [t.float() for t in (q, k, v)]
-    if hadamard:
-        hm = hadamard_matrix(D).to(q.device)
-        x[0], x[1] = x[0] @ hm, x[1] @ hm
-    x8, s = [], []
-    for t in x:
-        scale = amax_to_scale(t.abs().amax(dim=(1, 3), keepdim=True))  # [B, 1, H, 1]
-        x8.append(to_fp8_saturated(t, scale).float().transpose(1, 2))  # [B, H, L, D] e4m3 values
-        s.append(scale.transpose(1, 2))  # [B, H, 1, 1]
+    x8, s = quantize_qkv_reference(q, k, v, hadamard)
+    x8 = [t.float().transpose(1, 2) for t in x8]  # [B, H, L, D] e4m3 values
+    s = [t.transpose(1, 2) for t in s]  # [B, H, 1, 1]
     q8, k8, v8 = x8
     qk_scale = _LOG2E / math.sqrt(D) * s[0] * s[1]  # [B, H, 1, 1]
     m = torch.full((B, H, L, 1), -math.inf, device=q.device)
