@@ -10,12 +10,11 @@ them as q / k / v descale [B, H]). Timed: each attention kernel alone (triton.te
 reference; accuracy: SQNR of each output against float32 attention on the same bf16 q, k, v.
 
 The wheel (63 MB, CUDA 13, torch's stable C ABI) is not on the device image: download it next to einops into an
-ignored folder and carry that folder alone (the carry limit is 64 MiB):
+ignored folder and carry that folder alone (the tracked tree, ~43 MB, and the carry share a 64 MiB limit; the
+wheel itself, 63 MB, does not fit beside the tree):
 
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-        tokenspeed-fa3==3.0.0.post20260810 einops -d carry/fa3
-    # on the device: pip install --no-deps --target /tmp/fa3 carry/fa3/*.whl; PYTHONPATH=/tmp/fa3:src
-    python benchmarks/attention_fa3.py --out OUTDIR
+    bash benchmarks/fa3_carry.sh        # here: the wheel's files into carry/fa3, its 300 MB .so as 23 MB of xz
+    # on the device (benchmarks/gpu_fa3.sh): source benchmarks/fa3_setup.sh; python benchmarks/attention_fa3.py
 """
 
 from __future__ import annotations
@@ -61,9 +60,13 @@ def main(argv=None) -> int:
         return 2
     (q8, k8, v8), (sq, sk, sv) = fa3_fp8_inputs(q, k, v)
     scale = 1.0 / math.sqrt(D)
+    # the same codes as views of a [B, H, L, D] layout (how a quantise pass writing per-head tiles lays them out)
+    q8h, k8h, v8h = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q8, k8, v8))
     for name, fn in (
         ("FA3 FP8", lambda: fa3.flash_attn_func(q8, k8, v8, softmax_scale=scale, q_descale=sq, k_descale=sk,
                                                 v_descale=sv)),
+        ("FA3 FP8 BHLD views", lambda: fa3.flash_attn_func(q8h, k8h, v8h, softmax_scale=scale, q_descale=sq,
+                                                           k_descale=sk, v_descale=sv)),
         ("FA3 BF16", lambda: fa3.flash_attn_func(q, k, v, softmax_scale=scale)),
     ):
         row = {"kernel": name}
