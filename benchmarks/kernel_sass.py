@@ -57,7 +57,7 @@ def histograms(text: str) -> tuple[dict, dict, int]:
     return dict(whole.most_common()), dict(loop.most_common()), sum(loop.values())
 
 
-def compile_attention():
+def compile_attention(out_mode: int = 0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,13 +66,15 @@ def compile_attention():
 
     cfg = at.PINNED_CONFIGS[((9, 0), 64, True)]
     sig = {"Q": "*fp8e4nv", "K": "*fp8e4nv", "V": "*fp8e4nv", "OC": "*bf16", "OX": "*bf16", "SCALE": "*fp32",
-           "OSCALE": "*fp32", "sm_scale_log2e": "fp32"}
+           "OSCALE": "*fp32", "SROWC": "*fp32", "SROWX": "*fp32", "sm_scale_log2e": "fp32"}
     sig.update({n: "i32" for n in "sqb sqh sqm skb skh skn svb svh svn svd H L LC".split()})
-    cst = dict(HEAD_DIM=64, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_FP8=False, EXP=1,
-               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    cst = dict(HEAD_DIM=64, FP8=True, P_SHIFT=at.P_LOG2_SCALE, OUT_MODE=out_mode, EXP=1,
+               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], H_P2=64)
+    if out_mode:
+        sig.update(OC="*fp8e4nv", OX="*fp8e4nv")
     sig.update({k: "constexpr" for k in cst})
     names = list(sig)
-    aligned = "Q K V OC OX SCALE OSCALE sqb sqh sqm skb skh skn svb svh svd".split()  # svn = 1, H, L, LC odd
+    aligned = "Q K V OC OX SCALE OSCALE SROWC SROWX sqb sqh sqm skb skh skn svb svh svd".split()  # svn = 1, H, L, LC odd
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(fn=at._attn_fwd, signature=sig, constexprs=cst, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
         return 2
     result = {"triton": triton.__version__, "target": "cuda sm_90", "kernels": {}}
     attn, cfg = compile_attention()
-    cases = [(f"attention_fp8 {cfg}", attn)] + [("residual_ln", compile_residual_ln())]
+    cases = [(f"attention_fp8 {cfg}", attn), (f"attention_fp8 {cfg} e4m3 out per batch row (OUT_MODE 2)",
+                                              compile_attention(2)[0]), ("residual_ln", compile_residual_ln())]
     keys = ["MUFU", "F2FP", "FFMA", "FADD", "FMUL", "FMNMX", "IMAD", "SHFL", "PRMT", "QGMMA", "LDGSTS", "LDG",
             "STG", "LDS", "STS", "STL", "LDL"]
     for name, ck in cases:

@@ -176,6 +176,16 @@ def test_joint_op_equals_unfused_path():
     deq = torch.cat([oc8.float() * out_scale[0], ox8.float() * out_scale[1]], 1)
     assert sqnr(torch.cat([oc_s, ox_s], 1).float(), deq) > 27  # one more e4m3 rounding
 
+    # dynamic, outputs as the proj GEMMs' e4m3 inputs with one scale per batch row (s_b = max_h s_v)
+    oc8, ox8, sc, sx = at.joint_attention_fp8_rows_op(qkv_c, qkv_x, Lc, H, *w)
+    assert oc8.dtype == torch.float8_e4m3fn == ox8.dtype and sc.shape == (B * Lc, 1) and sx.shape == (B * Lx, 1)
+    s_b = (amax_b[2] / 448).amax(1)  # [B]
+    torch.testing.assert_close(sc.view(B, Lc), s_b[:, None].expand(B, Lc))
+    torch.testing.assert_close(sx.view(B, Lx), s_b[:, None].expand(B, Lx))
+    deq = torch.cat([oc8.float() * sc.view(B, Lc, 1), ox8.float() * sx.view(B, Lx, 1)], 1)
+    assert sqnr(torch.cat([oc, ox], 1).float(), deq) > 27  # one more e4m3 rounding of the bf16 outputs
+    assert sqnr(exact, deq) > dyn_db - 1.0, (sqnr(exact, deq), dyn_db)
+
 
 @gpu
 def test_pinned_config_is_used_and_autotune_env_restores_the_tuner(monkeypatch):

@@ -174,8 +174,9 @@ def test_compiled_graphed_matches_eager_gpu(mode, impl):
 
 @pytest.mark.skipif(not CUDA or kernels.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("cfg", [TINY_X, TINY], ids=["mmdit-x", "mmdit"])
-def test_fp8_attention_step_close_to_cudnn_gpu(cfg):
-    """FP8 attention (qk-norm + concatenation + quantisation fused) against cuDNN SDPA, eager and compiled."""
+def test_fp8_attention_step_close_to_cudnn_gpu(cfg, monkeypatch):
+    """FP8 attention (qk-norm + concatenation + quantisation fused) against cuDNN SDPA, eager and compiled;
+    dynamic mode's e4m3 attention outputs (per batch row) against bf16 outputs + the per-token quantise pass."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 tensor cores need sm_89+")
     dev = torch.device("cuda")
@@ -186,6 +187,13 @@ def test_fp8_attention_step_close_to_cudnn_gpu(cfg):
         eager = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="triton_fp8")
         assert eager.attention_backend == "triton_fp8"
         out = eager(*args)
+        from sd35fp8.fast import step as step_mod
+
+        monkeypatch.setattr(step_mod, "ATTN_OUT_ROWS", False)
+        out_bf16 = eager(*args)
+        monkeypatch.setattr(step_mod, "ATTN_OUT_ROWS", True)
+        assert sqnr(ref.float(), out.float()) > sqnr(ref.float(), out_bf16.float()) - 1.0
+        assert sqnr(out_bf16.float(), out.float()) > 25
         fast = MMDiTEngine(model, "dynamic", compile=True, cuda_graphs=True)  # "auto" picks triton_fp8 here
         assert fast.attention_backend == "triton_fp8"
         out2 = fast(*args)

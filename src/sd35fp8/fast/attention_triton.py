@@ -169,16 +169,21 @@ if triton is not None:
         return acc, l_i, m_ij
 
     @triton.jit
-    def _attn_fwd(Q, K, V, OC, OX, SCALE, OSCALE, sm_scale_log2e,
+    def _attn_fwd(Q, K, V, OC, OX, SCALE, OSCALE, SROWC, SROWX, sm_scale_log2e,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, H, L, LC,
-                  HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr, OUT_FP8: tl.constexpr,
-                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr, OUT_MODE: tl.constexpr,
+                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_P2: tl.constexpr = 64):
         """O[b, m, h, :] = softmax(q k^T / sqrt(D)) v for one [BLOCK_M] query tile of one (b, h).
 
         bf16: Q, K, V [B, L, H, D] strided. fp8: Q, K [B, H, Lp, D], V = V^T [B, H, D, Lp], SCALE [3, B*H].
         Output rows m < LC go to OC [B, LC, H*D], the others to OX [B, L - LC, H*D] (contiguous; LC = 0:
         OX is the whole output). OUT_FP8: the output is stored as e4m3 x / s with OSCALE = [1/s_c, 1/s_x]
         (the proj linears' static input scales). Strides are in elements; D is contiguous (stride 1).
+        OUT_MODE: 0 the outputs' dtype; 1 e4m3 x / s with OSCALE = [1/s_c, 1/s_x] (the proj linears' static
+        input scales); 2 (fp8 only) e4m3 x / s_b with s_b = max over heads of s_v[b, :] (an output row is a
+        convex combination of v rows, so |o| <= amax(v) = 448 s_v: never saturates, apart from P's rounding),
+        and s_b written to SROWC [B*LC] / SROWX [B*(L-LC)] for the output rows (the proj GEMMs' row scales) by
+        the h = 0 programs. H_P2 >= H (a power of 2).
         """
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -208,18 +213,29 @@ if triton is not None:
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_base, v_base, start_n, L, qk_scale, skn, svn, svd,
                                         offs_n0, offs_d, FP8, P_SHIFT, True, EXP, BLOCK_M, BLOCK_N)
-        out = acc / l_i[:, None]  # [BM, D]
-        if FP8:
-            out = out * tl.load(SCALE + 2 * tl.num_programs(1) + bh)  # * s_v
         in_c = offs_m < LC
-        if OUT_FP8:
-            inv = tl.where(in_c, tl.load(OSCALE), tl.load(OSCALE + 1))  # [BM] 1 / s
-            out = tl.clamp(out * inv[:, None], -448.0, 448.0)
+        in_x = (offs_m >= LC) & (offs_m < L)
+        if OUT_MODE == 2:  # e4m3 / s_b: s_v / s_b and 1 / l in one factor a row
+            hs = tl.arange(0, H_P2)
+            s_b = tl.max(tl.load(SCALE + 2 * tl.num_programs(1) + b * H + hs, mask=hs < H, other=0.0))
+            f = tl.load(SCALE + 2 * tl.num_programs(1) + bh) / s_b / l_i  # [BM]
+            out = tl.clamp(acc * f[:, None], -448.0, 448.0)
+            if h == 0:
+                sb = tl.full([BLOCK_M], 0.0, tl.float32) + s_b
+                tl.store(SROWC + b * LC + offs_m, sb, mask=in_c)
+                tl.store(SROWX + b * (L - LC) + (offs_m - LC), sb, mask=in_x)
+        else:
+            out = acc / l_i[:, None]  # [BM, D]
+            if FP8:
+                out = out * tl.load(SCALE + 2 * tl.num_programs(1) + bh)  # * s_v
+            if OUT_MODE == 1:
+                inv = tl.where(in_c, tl.load(OSCALE), tl.load(OSCALE + 1))  # [BM] 1 / s
+                out = tl.clamp(out * inv[:, None], -448.0, 448.0)
         hd = H * HEAD_DIM
         col = h * HEAD_DIM + offs_d[None, :]
         tl.store(OC + b * LC * hd + offs_m[:, None] * hd + col, out.to(OC.dtype.element_ty), mask=in_c[:, None])
         tl.store(OX + b * (L - LC) * hd + (offs_m - LC)[:, None] * hd + col, out.to(OX.dtype.element_ty),
-                 mask=((offs_m >= LC) & (offs_m < L))[:, None])
+                 mask=in_x[:, None])
 
     _attn_fwd_tuned = triton.autotune(_CONFIGS, key=["L", "HEAD_DIM", "FP8", "EXP"], do_bench=_bench_config)(_attn_fwd)
 
@@ -478,6 +494,30 @@ def _(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x, qkv_scale=None, 
     return qkv_x.new_empty(B, n_ctx, C3 // 3, dtype=dtype), qkv_x.new_empty(B, L, C3 // 3, dtype=dtype)
 
 
+@torch.library.custom_op("sd35fp8::joint_attention_fp8_rows", mutates_args=())
+def joint_attention_fp8_rows_op(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: int, heads: int,
+                                wq_ctx: torch.Tensor | None, wk_ctx: torch.Tensor | None,
+                                wq_x: torch.Tensor | None, wk_x: torch.Tensor | None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`joint_attention_fp8_op` with dynamic scales whose outputs come as the proj GEMMs' fp8 inputs:
+    -> (o_ctx8 [B, Lc, C], o_x8 [B, Lx, C] e4m3, s_ctx [B*Lc, 1], s_x [B*Lx, 1] fp32), o ~= o8 * s row by
+    row. One scale per batch row, s_b = max over heads of v's scale: an attention output is a convex
+    combination of v rows, so it never exceeds amax(v) (448 s_v) and needs no amax pass of its own (a
+    per-token quantise pass over the bf16 output otherwise); e4m3's relative precision is the same over its
+    whole normal range (2^-6 .. 448), so the coarser scale costs nothing but for values 2^15 below the
+    largest v."""
+    ctx, x, norms = _joint_split(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x)
+    return _attention_fp8_split(_quantize(ctx, x, norms, hadamard=True), n_ctx, qkv_x.dtype, None, rows=True)
+
+
+@joint_attention_fp8_rows_op.register_fake
+def _(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x):
+    B, L, C3 = qkv_x.shape
+    f32 = torch.float32
+    return (qkv_x.new_empty(B, n_ctx, C3 // 3, dtype=FP8_DTYPE), qkv_x.new_empty(B, L, C3 // 3, dtype=FP8_DTYPE),
+            qkv_x.new_empty(B * n_ctx, 1, dtype=f32), qkv_x.new_empty(B * L, 1, dtype=f32))
+
+
 @torch.no_grad()
 def joint_attention_amax(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: int, heads: int,
                          wq_ctx: torch.Tensor | None, wk_ctx: torch.Tensor | None,
@@ -519,28 +559,36 @@ def attention_fp8(qkv8: QKV8, out_dtype: torch.dtype = torch.bfloat16) -> torch.
     return _attention_fp8_split(qkv8, 0, out_dtype, None)[1]
 
 
-def _attention_fp8_split(qkv8: QKV8, n_ctx: int, out_dtype: torch.dtype,
-                         out_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (rows < n_ctx [B, n_ctx, H*D], the rest [B, L - n_ctx, H*D]); e4m3 / out_scale if given."""
+def _attention_fp8_split(qkv8: QKV8, n_ctx: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None,
+                         rows: bool = False) -> tuple[torch.Tensor, ...]:
+    """-> (rows < n_ctx [B, n_ctx, H*D], the rest [B, L - n_ctx, H*D]); e4m3 / out_scale if given.
+    rows: e4m3 / s_b per batch row (the kernel's OUT_MODE 2), and their row scales [B*n_ctx, 1],
+    [B*(L - n_ctx), 1] fp32 as third and fourth outputs."""
     q8, k8, v8t, scale, L = qkv8
     B, H, _, D = q8.shape
-    dtype = FP8_DTYPE if out_scale is not None else out_dtype
+    dtype = FP8_DTYPE if out_scale is not None or rows else out_dtype
     oc = torch.empty(B, n_ctx, H * D, device=q8.device, dtype=dtype)
     ox = torch.empty(B, L - n_ctx, H * D, device=q8.device, dtype=dtype)
     inv = None if out_scale is None else out_scale.float().reshape(2).reciprocal()
+    srow = (torch.empty(B * n_ctx, 1, device=q8.device, dtype=torch.float32),
+            torch.empty(B * (L - n_ctx), 1, device=q8.device, dtype=torch.float32)) if rows else None
     _launch(q8, k8, v8t, oc, ox, n_ctx, scale, inv, q8.stride()[:3], k8.stride()[:3],
-            (*v8t.stride()[:2], 1, v8t.stride(2)), B, H, L, D, fp8=True)
-    return oc, ox
+            (*v8t.stride()[:2], 1, v8t.stride(2)), B, H, L, D, fp8=True, out_rows=srow)
+    return (oc, ox) if srow is None else (oc, ox, *srow)
 
 
-def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D, fp8: bool) -> None:
+def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D, fp8: bool,
+            out_rows: tuple | None = None) -> None:
     """sq, sk: (batch, head, seq) strides; sv: (batch, head, seq, dim) strides; oc [B, n_ctx, H*D],
-    ox [B, L - n_ctx, H*D]; out_inv_scale [2] (1 / s of oc, ox) stores e4m3, None the outputs' dtype."""
-    out_fp8 = out_inv_scale is not None
-    args = (q, k, v, oc, ox, scale, out_inv_scale if out_fp8 else scale, _LOG2E / math.sqrt(D),
-            *sq, *sk, *sv, H, L, n_ctx)
-    meta = dict(HEAD_DIM=D, FP8=fp8, P_SHIFT=P_LOG2_SCALE if fp8 else 0.0, OUT_FP8=out_fp8,
-                EXP=exp_mode() if q.is_cuda else 0)  # the interpreter has no inline PTX
+    ox [B, L - n_ctx, H*D]; out_inv_scale [2] (1 / s of oc, ox) stores e4m3, None the outputs' dtype;
+    out_rows (fp8 only): (row scales of oc, of ox) for e4m3 outputs scaled per batch row (OUT_MODE 2)."""
+    out_mode = 2 if out_rows is not None else int(out_inv_scale is not None)
+    srow_c, srow_x = out_rows if out_rows is not None else (scale, scale)  # unread unless OUT_MODE 2
+    args = (q, k, v, oc, ox, scale, out_inv_scale if out_mode == 1 else scale, srow_c, srow_x,
+            _LOG2E / math.sqrt(D), *sq, *sk, *sv, H, L, n_ctx)
+    meta = dict(HEAD_DIM=D, FP8=fp8, P_SHIFT=P_LOG2_SCALE if fp8 else 0.0, OUT_MODE=out_mode,
+                EXP=exp_mode() if q.is_cuda else 0,  # the interpreter has no inline PTX
+                H_P2=triton.next_power_of_2(H))
     grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
     pinned = pinned_config(q.device, D, fp8) if q.is_cuda else None
     if pinned is not None:

@@ -187,13 +187,20 @@ ATTN_KEYS = {"attn": ("c", "x", "c.proj", "x.proj"), "x.attn2": ("x.attn2", "x.a
              "self": ("x", "x", None, "x.proj")}
 
 
+# dynamic mode: the FP8 attention writes its outputs as the proj GEMMs' e4m3 inputs, one scale per batch row
+# (attention_triton.joint_attention_fp8_rows_op), instead of bf16 and a per-token quantise pass; False: the latter
+# (benchmarks/faster.py times both)
+ATTN_OUT_ROWS = True
+
+
 def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
     """FP8 joint attention from the raw qkv outputs, qk RMS-norm (weights p[stem + '.ln_q' / '.ln_k'])
     fused (fast/attention_triton.py) -> (o_ctx [B, Lc, C], o_x [B, Lx, C]). key: "attn" (joint) or
     "x.attn2" (MMDiT-X self-attention, n_ctx 0). Static mode with calibrated scales (p[key + '.s']
-    [3, H]): no amax pass, and the outputs come as e4m3 scaled for the proj linears. `rec`
-    (calibration): records the per-head q/k/v amax under `key`."""
-    from sd35fp8.fast.attention_triton import joint_attention_amax, joint_attention_fp8_op
+    [3, H]): no amax pass, and the outputs come as e4m3 scaled for the proj linears. Dynamic mode
+    (ATTN_OUT_ROWS, proj linears dynamic): each output comes as (e4m3 [B, L, C], row scales [B*L, 1]) for
+    its proj linear. `rec` (calibration): records the per-head q/k/v amax under `key`."""
+    from sd35fp8.fast.attention_triton import joint_attention_amax, joint_attention_fp8_op, joint_attention_fp8_rows_op
 
     stem_c, stem_x, proj_c, proj_x = ATTN_KEYS[key]
     w = (p.get(stem_c + ".ln_q"), p.get(stem_c + ".ln_k"), p.get(stem_x + ".ln_q"), p.get(stem_x + ".ln_k"))
@@ -201,7 +208,11 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
         amax = joint_attention_amax(qkv_c, qkv_x, n_ctx, heads, *w)  # [3, H]
         rec[key] = amax if key not in rec else torch.maximum(rec[key], amax)
     out_scale = None
-    projs_static = all(_lm(p, n, mode) == "static" for n in (proj_c, proj_x) if n is not None and n + ".w" in p)
+    projs = [n for n in (proj_c, proj_x) if n is not None and n + ".w" in p]
+    if mode == "dynamic" and rec is None and ATTN_OUT_ROWS and all(_lm(p, n, mode) == "dynamic" for n in projs):
+        oc, ox, sc, sx = joint_attention_fp8_rows_op(qkv_c, qkv_x, n_ctx, heads, *w)
+        return (oc, sc), (ox, sx)
+    projs_static = all(_lm(p, n, mode) == "static" for n in projs)
     if mode == "static" and projs_static and p.get(proj_x + ".xs") is not None:
         xs_x = p[proj_x + ".xs"].reshape(1)
         xs_c = p[proj_c + ".xs"].reshape(1) if proj_c is not None and proj_c + ".xs" in p else xs_x
@@ -211,9 +222,13 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
 
 
 def _proj(p, name, o, mode, dtype, rec, impl):
-    """Attention output o [B, L, C] (fp8: already quantised with p[name + '.xs']) -> proj(o) [B*L, C]."""
-    B, L, C = o.shape
+    """Attention output o [B, L, C] (fp8: already quantised with p[name + '.xs']; or (e4m3 [B, L, C], row
+    scales [B*L, 1]) from the dynamic FP8 attention) -> proj(o) [B*L, C]."""
     mode = _lm(p, name, mode)
+    if isinstance(o, tuple):
+        o8, s = o
+        return _linear_on(p, name, (o8.view(-1, o8.shape[-1]), s), mode, dtype, rec)
+    B, L, C = o.shape
     if o.dtype == torch.float8_e4m3fn:
         act = (o.view(B * L, C), static_row_scale(p[name + ".xs"], B * L))
     else:
