@@ -223,6 +223,27 @@ def large(args) -> dict:
         print(f"step {name}: {step_ms[name]:.2f} ms", flush=True)
     res["step_ms_variants"] = {"fp8_attention_bf16_out": step_ms.pop("fp8_attention_bf16_out"),
                                "fp8_attention_bf16_out_sqnr_db": float(sqnr(ref32, outs["fp8_attention_bf16_out"]))}
+    try:  # FlashAttention-3's FP8 forward in the step, when installed (benchmarks/attention_fa3.py)
+        import flash_attn_interface  # noqa: F401
+        from attention_fa3 import fa3_step_attention  # noqa: E402  (benchmarks/ is on sys.path)
+    except ImportError:
+        fa3_step_attention = None
+    if fa3_step_attention is not None:
+        own = step_mod._fp8_attention
+        step_mod._fp8_attention = fa3_step_attention
+        try:
+            eng.graphs.clear()
+            out = eng(x, sigma, ctx, pooled).float().clone()
+            eng(x, sigma, ctx, pooled)
+            ms = _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
+            res["step_ms_variants"].update(fp8_attention_fa3=ms, fp8_attention_fa3_sqnr_db=float(sqnr(ref32, out)))
+            print(f"step fp8_attention_fa3: {ms:.2f} ms, SQNR {float(sqnr(ref32, out)):.2f} dB", flush=True)
+        except Exception as err:  # noqa: BLE001
+            res["step_ms_variants"]["fp8_attention_fa3_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            print(f"step fp8_attention_fa3: {res['step_ms_variants']['fp8_attention_fa3_error']}", flush=True)
+        finally:
+            step_mod._fp8_attention = own
+            eng.graphs.clear()
     res["step_ms"] = step_ms
     res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
     res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],

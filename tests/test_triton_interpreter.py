@@ -109,6 +109,12 @@ for L in (200, 333):  # a tail block (200 = 3 x 64 + 8); 333: 5 full blocks + 13
     out[f"{L} rows"] = {"vs_emulation": sqnr(ref, deq), "vs_bf16_out": sqnr(out_k.float(), deq),
                         "dtype": str(oc8.dtype), "scales": bool(torch.equal(sc.view(2, 50), s_b[:, None].expand(2, 50))
                                                                 and torch.equal(sx.view(2, -1)[:, -1], s_b))}
+# the quantise pass's V layouts: V^T [B, H, D, Lp] (our kernel) or [B, H, Lp, D] (v_transposed=False), same codes
+# (without the Hadamard rotation: its bf16 MMA does not run in the interpreter)
+a = at._quantize(None, (q, k, v), None, hadamard=False, v_transposed=True)
+b = at._quantize(None, (q, k, v), None, hadamard=False, v_transposed=False)
+out["v_layout"] = {"equal": bool(torch.equal(a.vt.transpose(2, 3).float(), b.vt.float())
+                                 and torch.equal(a.q.float(), b.q.float())), "shape": list(b.vt.shape)}
 print(json.dumps(out))
 """
 
@@ -119,6 +125,8 @@ def test_fp8_attention_kernel_in_the_interpreter():
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    v_layout = res.pop("v_layout")
+    assert v_layout["equal"] and v_layout["shape"] == [2, 3, 384, 64], v_layout
     assert len(res) == 4, res
     for L, r in res.items():
         # the emulation's numerics but for summation order and the interpreter's fp32 -> e4m3 cast of P, which

@@ -320,8 +320,10 @@ if triton is not None:
     def _quant_kernel(QC, KC, VC, QX, KX, VX, WQC, WKC, WQX, WKX, Q8, K8, V8T, SCALE,
                       sqcb, sqch, sqcl, skcb, skch, skcl, svcb, svch, svcl,
                       sqxb, sqxh, sqxl, skxb, skxh, skxl, svxb, svxh, svxl, H, LC, L, LP,
-                      HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr):
-        """q8, k8 [B, H, Lp, D] and v8t [B, H, D, Lp] <- clamp(x / s) as e4m3; grid covers Lp (pads = 0)."""
+                      HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
+                      V_T: tl.constexpr = True):
+        """q8, k8 [B, H, Lp, D] and v8t [B, H, D, Lp] <- clamp(x / s) as e4m3; grid covers Lp (pads = 0).
+        V_T False: v8 [B, H, Lp, D] as q8 (in V8T's place; a library kernel taking V with D contiguous)."""
         bh, nbh, b, h, offs_l, offs_d = _quant_program(H, HEAD_DIM, BLOCK_L)
         q, k, v = _qkv_tiles(QC, KC, VC, QX, KX, VX, WQC, WKC, WQX, WKX, b, h, offs_l, offs_d, LC, L,
                              sqcb, sqch, sqcl, skcb, skch, skcl, svcb, svch, svcl,
@@ -330,8 +332,11 @@ if triton is not None:
         tl.store(Q8 + row, _to_e4m3(q, tl.load(SCALE + bh)))
         tl.store(K8 + row, _to_e4m3(k, tl.load(SCALE + nbh + bh)))
         v = _to_e4m3(v, tl.load(SCALE + 2 * nbh + bh))
-        col = bh.to(tl.int64) * HEAD_DIM * LP + offs_d[:, None] * LP + offs_l[None, :]  # [D, BL]
-        tl.store(V8T + col, tl.trans(v))
+        if V_T:
+            col = bh.to(tl.int64) * HEAD_DIM * LP + offs_d[:, None] * LP + offs_l[None, :]  # [D, BL]
+            tl.store(V8T + col, tl.trans(v))
+        else:
+            tl.store(V8T + row, v)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -431,12 +436,13 @@ def _amax(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool, qk_b
 
 
 def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool,
-              scale: torch.Tensor | None = None) -> QKV8:
+              scale: torch.Tensor | None = None, v_transposed: bool = True) -> QKV8:
     """The joint sequence [ctx; x] of (q, k, v) [B, L*, H, D] views -> QKV8, q and k RMS-normed first when
     norms = (wq_ctx, wk_ctx, wq_x, wk_x) [D] is given (ctx None: x alone). scale [3, H] (static: the
     same for every batch row) skips the amax pass; None: amax / 448 per (batch, head) for v (and for q, k
     without norms); with norms, q and k use their norm bound (`qk_norm_bound` / 448: the amax pass reads v
-    alone, a third of its bytes and none of the norm / rotation work)."""
+    alone, a third of its bytes and none of the norm / rotation work). v_transposed False: the QKV8's `vt`
+    holds V as [B, H, Lp, D] (D contiguous, as q and k) instead of V^T."""
     qx = x[0]
     B, _, H, D = qx.shape
     tensors, strides, lc, L, meta = _quant_args(ctx, x, norms, hadamard)
@@ -447,9 +453,9 @@ def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool,
         scale = scale.float().repeat(1, B)  # [3, H] -> [3, B*H] (index b*H + h)
     q8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
     k8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
-    v8t = torch.empty(B, H, D, lp, device=qx.device, dtype=FP8_DTYPE)
+    v8t = torch.empty((B, H, D, lp) if v_transposed else (B, H, lp, D), device=qx.device, dtype=FP8_DTYPE)
     _quant_kernel[(lp // QUANT_LAUNCH["BLOCK_L"], B * H)](*tensors, q8, k8, v8t, scale, *strides, H, lc, L, lp,
-                                                          **meta, **QUANT_LAUNCH)
+                                                          V_T=v_transposed, **meta, **QUANT_LAUNCH)
     return QKV8(q8, k8, v8t, scale.view(3, B, H), L)
 
 
