@@ -43,17 +43,21 @@ def _gelu_tanh(h):
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """Grouped tile order (GROUP row tiles share their column tiles in L2)."""
+def _tile(A, W, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """This program's output tile in grouped order (GROUP row tiles share their column tiles in L2) ->
+    (offs_m, offs_n, rows clamped to M - 1 (loads need no mask, stores do), A and W tile pointers at k = 0)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP * num_n
+    per_group = GROUP * tl.cdiv(N, BLOCK_N)
     first_m = (pid // per_group) * GROUP
     size_m = tl.minimum(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    return pid_m, pid_n
+    offs_m = (first_m + (pid % per_group) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = ((pid % per_group) // size_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.minimum(offs_m, M - 1)
+    a_ptr = A + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    w_ptr = W + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    return offs_m, offs_n, rows, a_ptr, w_ptr
 
 
 @triton.jit
@@ -61,13 +65,7 @@ def _mm_kernel(A, W, SA, SW, BIAS, OUT, OS, M, N, K, EPI: tl.constexpr, BLOCK_M:
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, GROUP: tl.constexpr):
     """A [M, K] e4m3 @ W [N, K]^T e4m3 * SA [M] * SW [N] + BIAS [N]. EPI 0: bf16 out [M, N]. EPI 1: GELU, then
     e4m3 out [M, N] with one scale per row and QB columns, OS [M, N / QB] fp32 (amax / 448)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.minimum(offs_m, M - 1)
-    a_ptr = A + rows[:, None].to(tl.int64) * K + offs_k[None, :]
-    w_ptr = W + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    offs_m, offs_n, rows, a_ptr, w_ptr = _tile(A, W, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for _ in tl.range(0, K, BLOCK_K):
         acc = tl.dot(tl.load(a_ptr), tl.trans(tl.load(w_ptr)), acc)
@@ -92,13 +90,7 @@ def _mm_blockscaled_kernel(A, SA, W, SW, BIAS, OUT, M, N, K, BLOCK_M: tl.constex
                            QB: tl.constexpr, GROUP: tl.constexpr):
     """OUT [M, N] bf16 = sum over K blocks of (A[:, kb] e4m3 @ W[:, kb]^T e4m3) * SA[:, kb] (SA [M, K / QB]),
     * SW [N] + BIAS [N]: the K loop steps one quantisation block (BLOCK_K = QB)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, QB)
-    rows = tl.minimum(offs_m, M - 1)
-    a_ptr = A + rows[:, None].to(tl.int64) * K + offs_k[None, :]
-    w_ptr = W + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    offs_m, offs_n, rows, a_ptr, w_ptr = _tile(A, W, M, N, K, BLOCK_M, BLOCK_N, QB, GROUP)
     s_ptr = SA + rows.to(tl.int64) * (K // QB)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in tl.range(0, K // QB):
