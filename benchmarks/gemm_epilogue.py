@@ -81,7 +81,7 @@ def _mm_kernel(A, W, SA, SW, BIAS, OUT, OS, M, N, K, EPI: tl.constexpr, BLOCK_M:
         s = tl.maximum(tl.max(tl.abs(g), axis=2), 1e-12) / 448.0  # [BM, BN / QB]
         q = tl.reshape(tl.clamp(g / s[:, :, None], -448.0, 448.0), (BLOCK_M, BLOCK_N)).to(tl.float8e4nv)
         tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], q, mask=mask)
-        offs_s = pid_n * (BLOCK_N // QB) + tl.arange(0, BLOCK_N // QB)
+        offs_s = tl.min(offs_n, axis=0) // QB + tl.arange(0, BLOCK_N // QB)  # this tile's scale columns
         tl.store(OS + offs_m[:, None].to(tl.int64) * (N // QB) + offs_s[None, :], s, mask=mask)
 
 
