@@ -11,15 +11,15 @@ LOG=$OUT/session24.log
 source benchmarks/gpu_run.sh
 source benchmarks/fa3_setup.sh
 echo "== faster $(date -u +%T)" | tee "$LOG"
-timeout 180 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json" 2>&1 \
+timeout 170 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json" 2>&1 \
     | grep -E "^step|^profile|^image|^fp8_gemm|^triton_fp8|^vae|Error|error" | tee -a "$LOG"
 echo "== fa3 $(date -u +%T)" | tee -a "$LOG"
 timeout 60 python3 benchmarks/attention_fa3.py --out "$OUT" 2>&1 | grep -v -i warn | tail -8 | tee -a "$LOG"
 echo "== gemm epilogue $(date -u +%T)" | tee -a "$LOG"
-timeout 70 python3 benchmarks/gemm_epilogue.py --out "$OUT" 2>&1 | grep -v -i warn | tail -9 | tee -a "$LOG"
+timeout 60 python3 benchmarks/gemm_epilogue.py --out "$OUT" 2>&1 | grep -v -i warn | tail -9 | tee -a "$LOG"
 echo "== tests $(date -u +%T)" | tee -a "$LOG"
-timeout 80 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py -k "fp8_attention or joint_op" \
+timeout 60 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py -k "fp8_attention or joint_op" \
     2>&1 | tail -4 | tee -a "$LOG"
-timeout 60 python3 -m pytest -q -x tests/test_pipeline.py tests/test_vae.py 2>&1 | tail -4 | tee -a "$LOG"
+timeout 40 python3 -m pytest -q -x tests/test_pipeline.py tests/test_vae.py 2>&1 | tail -4 | tee -a "$LOG"
 echo "== done $(date -u +%T)" | tee -a "$LOG"
 ls "$OUT"
