@@ -8,7 +8,8 @@ the fc2 input scaled on their own (DeepSeek-V3's activation tiles), fc1's epilog
 fc2 applies the scales per K block:
 
     cublas      _scaled_mm fc1 -> gelu_act (Triton row pass) -> _scaled_mm fc2       (the step as it is)
-    triton      the same two GEMMs as a plain Triton kernel (tl.dot, row-wise scales, bf16 out): the raw rate
+    triton      fc1 as a plain Triton kernel (tl.dot, row-wise scales, bf16 out), and as a persistent kernel with TMA
+                loads (Triton's Hopper matmul recipe): the raw rates against cuBLAS's
     fused       Triton fc1 with GELU + 1 x 128 e4m3 block quantise in the epilogue (fp8 out + scales [M, N/128])
                 -> Triton fc2 over block-scaled A (each K block's partial product times its row scales)
 
@@ -61,16 +62,9 @@ def _tile(A, W, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _mm_kernel(A, W, SA, SW, BIAS, OUT, OS, M, N, K, EPI: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, GROUP: tl.constexpr):
-    """A [M, K] e4m3 @ W [N, K]^T e4m3 * SA [M] * SW [N] + BIAS [N]. EPI 0: bf16 out [M, N]. EPI 1: GELU, then
-    e4m3 out [M, N] with one scale per row and QB columns, OS [M, N / QB] fp32 (amax / 448)."""
-    offs_m, offs_n, rows, a_ptr, w_ptr = _tile(A, W, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for _ in tl.range(0, K, BLOCK_K):
-        acc = tl.dot(tl.load(a_ptr), tl.trans(tl.load(w_ptr)), acc)
-        a_ptr += BLOCK_K
-        w_ptr += BLOCK_K
+def _epilogue(acc, SA, SW, BIAS, OUT, OS, offs_m, offs_n, rows, M, N, EPI: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, QB: tl.constexpr):
+    """acc [BM, BN] fp32 -> * SA[rows] * SW + BIAS -> OUT (EPI 0: bf16; 1: GELU, e4m3 per row and QB columns, OS)."""
     acc = acc * tl.load(SA + rows)[:, None] * tl.load(SW + offs_n)[None, :]
     acc += tl.load(BIAS + offs_n).to(tl.float32)[None, :]
     mask = (offs_m < M)[:, None]
@@ -83,6 +77,43 @@ def _mm_kernel(A, W, SA, SW, BIAS, OUT, OS, M, N, K, EPI: tl.constexpr, BLOCK_M:
         tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], q, mask=mask)
         offs_s = tl.min(offs_n, axis=0) // QB + tl.arange(0, BLOCK_N // QB)  # this tile's scale columns
         tl.store(OS + offs_m[:, None].to(tl.int64) * (N // QB) + offs_s[None, :], s, mask=mask)
+
+
+@triton.jit
+def _mm_kernel(A, W, SA, SW, BIAS, OUT, OS, M, N, K, EPI: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, GROUP: tl.constexpr):
+    """A [M, K] e4m3 @ W [N, K]^T e4m3 * SA [M] * SW [N] + BIAS [N]. EPI 0: bf16 out [M, N]. EPI 1: GELU, then
+    e4m3 out [M, N] with one scale per row and QB columns, OS [M, N / QB] fp32 (amax / 448)."""
+    offs_m, offs_n, rows, a_ptr, w_ptr = _tile(A, W, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for _ in tl.range(0, K, BLOCK_K):
+        acc = tl.dot(tl.load(a_ptr), tl.trans(tl.load(w_ptr)), acc)
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    _epilogue(acc, SA, SW, BIAS, OUT, OS, offs_m, offs_n, rows, M, N, EPI, BLOCK_M, BLOCK_N, QB)
+
+
+@triton.jit
+def _mm_tma_kernel(a_desc, w_desc, SA, SW, BIAS, OUT, OS, M, N, K, EPI: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, GROUP: tl.constexpr,
+                   NUM_SMS: tl.constexpr):
+    """_mm_kernel persistent (NUM_SMS programs walk the output tiles in grouped order) with TMA loads of A and W
+    (tensor descriptors, blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]): Triton's Hopper matmul recipe."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        first_m = (tile // per_group) * GROUP
+        size_m = tl.minimum(num_m - first_m, GROUP)
+        m0 = (first_m + (tile % per_group) % size_m) * BLOCK_M
+        n0 = ((tile % per_group) // size_m) * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            acc = tl.dot(a_desc.load([m0, k0]), w_desc.load([n0, k0]).T, acc)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        _epilogue(acc, SA, SW, BIAS, OUT, OS, offs_m, offs_n, tl.minimum(offs_m, M - 1), M, N, EPI, BLOCK_M, BLOCK_N,
+                  QB)
 
 
 @triton.jit
@@ -116,6 +147,23 @@ def triton_mm(a, w, sa, sw, bias, tile, gelu_q: bool = False):
     os_ = torch.empty(M, N // QBLOCK, device=a.device, dtype=torch.float32) if gelu_q else sw
     _mm_kernel[_grid(M, N, bm, bn)](a, w, sa, sw, bias, out, os_, M, N, K, EPI=int(gelu_q), BLOCK_M=bm, BLOCK_N=bn,
                                     BLOCK_K=bk, QB=QBLOCK, GROUP=8, num_warps=warps, num_stages=stages)
+    return (out, os_) if gelu_q else out
+
+
+def triton_mm_tma(a, w, sa, sw, bias, tile, gelu_q: bool = False):
+    """triton_mm by the persistent TMA kernel."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk, warps, stages = tile
+    M, K = a.shape
+    N = w.shape[0]
+    out = torch.empty(M, N, device=a.device, dtype=torch.float8_e4m3fn if gelu_q else torch.bfloat16)
+    os_ = torch.empty(M, N // QBLOCK, device=a.device, dtype=torch.float32) if gelu_q else sw
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    _mm_tma_kernel[grid](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), sa, sw,
+                         bias, out, os_, M, N, K, EPI=int(gelu_q), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, QB=QBLOCK,
+                         GROUP=8, NUM_SMS=grid[0], num_warps=warps, num_stages=stages)
     return (out, os_) if gelu_q else out
 
 
@@ -160,9 +208,9 @@ def chain_cublas(a8, sa, w18, s1, b1, w28, s2, b2):
                             use_fast_accum=True)
 
 
-def chain_fused(ops, t1, t2):
+def chain_fused(ops, t1, t2, tma: bool = False):
     a8, sa, w18, s1, b1, w28, s2, b2 = ops
-    g8, gs = triton_mm(a8, w18, sa, s1, b1, t1, gelu_q=True)
+    g8, gs = (triton_mm_tma if tma else triton_mm)(a8, w18, sa, s1, b1, t1, gelu_q=True)
     return triton_mm_blockscaled(g8, gs, w28, s2, b2, t2)
 
 
@@ -179,9 +227,11 @@ def check_cpu() -> int:
     h = triton_mm(a8, w18, sa, s1, b1, tile)
     h_ref = (a8.float() @ w18.float().t() * sa[:, None] * s1[None, :] + b1.float())
     out = chain_fused(ops, tile, (32, 128, 128, 4, 2))
-    res = {"fc1_sqnr_db": float(sqnr(h_ref, h.float())), "fused_chain_sqnr_db": float(sqnr(ref, out.float()))}
+    out_tma = chain_fused(ops, tile, (32, 128, 128, 4, 2), tma=True)
+    res = {"fc1_sqnr_db": float(sqnr(h_ref, h.float())), "fused_chain_sqnr_db": float(sqnr(ref, out.float())),
+           "tma_chain_equal": bool(torch.equal(out, out_tma))}
     print(f"interpreter: {res}")
-    return 0 if res["fc1_sqnr_db"] > 40 and res["fused_chain_sqnr_db"] > 20 else 1
+    return 0 if res["fc1_sqnr_db"] > 40 and res["fused_chain_sqnr_db"] > 20 and res["tma_chain_equal"] else 1
 
 
 def main(argv=None) -> int:
@@ -215,6 +265,12 @@ def main(argv=None) -> int:
         try:
             row["fc1_ms"] = bench(lambda: triton_mm(a8, w18, sa, s1, b1, tile))
             row["fc1_gelu_q_ms"] = bench(lambda: triton_mm(a8, w18, sa, s1, b1, tile, gelu_q=True))
+            try:  # the persistent TMA kernel (its tiles' shared memory may not fit)
+                row["fc1_tma_ms"] = bench(lambda: triton_mm_tma(a8, w18, sa, s1, b1, tile))
+                row["fc1_tma_gelu_q_ms"] = bench(lambda: triton_mm_tma(a8, w18, sa, s1, b1, tile, gelu_q=True))
+                row["fc1_tma_tflops"] = flops1 / row["fc1_tma_ms"] / 1e9
+            except Exception as err:  # noqa: BLE001
+                row["tma_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             g8, gs = triton_mm(a8, w18, sa, s1, b1, tile, gelu_q=True)
             row["fc2_blockscaled_ms"] = bench(lambda: triton_mm_blockscaled(g8, gs, w28, s2, b2, tile))
             row["fc1_tflops"] = flops1 / row["fc1_ms"] / 1e9
@@ -226,11 +282,12 @@ def main(argv=None) -> int:
     res["tiles"] = rows
     ok = [r for r in rows if "fc1_gelu_q_ms" in r]
     if ok:
-        t1 = min(ok, key=lambda r: r["fc1_gelu_q_ms"])
+        fc1 = min([(r["fc1_gelu_q_ms"], r["tile"], False) for r in ok]
+                  + [(r["fc1_tma_gelu_q_ms"], r["tile"], True) for r in ok if "fc1_tma_gelu_q_ms" in r])
         t2 = min(ok, key=lambda r: r["fc2_blockscaled_ms"])
-        out = chain_fused(ops, t1["tile"], t2["tile"])
-        res["fused"] = {"fc1_tile": t1["tile"], "fc2_tile": t2["tile"],
-                        "chain_ms": bench(lambda: chain_fused(ops, t1["tile"], t2["tile"])),
+        out = chain_fused(ops, fc1[1], t2["tile"], tma=fc1[2])
+        res["fused"] = {"fc1_tile": fc1[1], "fc1_tma": fc1[2], "fc2_tile": t2["tile"],
+                        "chain_ms": bench(lambda: chain_fused(ops, fc1[1], t2["tile"], tma=fc1[2])),
                         "sqnr_db": float(sqnr(ref, out.float()))}
         print(f"fused chain {res['fused']['chain_ms']:.3f} ms, SQNR {res['fused']['sqnr_db']:.2f} dB "
               f"(cuBLAS chain {res['cublas']['chain_ms']:.3f} ms): x 38 blocks "

@@ -16,7 +16,7 @@ timeout 170 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json
 echo "== fa3 $(date -u +%T)" | tee -a "$LOG"
 timeout 60 python3 benchmarks/attention_fa3.py --out "$OUT" 2>&1 | grep -v -i warn | tail -8 | tee -a "$LOG"
 echo "== gemm epilogue $(date -u +%T)" | tee -a "$LOG"
-timeout 60 python3 benchmarks/gemm_epilogue.py --out "$OUT" 2>&1 | grep -v -i warn | tail -9 | tee -a "$LOG"
+timeout 90 python3 benchmarks/gemm_epilogue.py --out "$OUT" 2>&1 | grep -v -i warn | tail -9 | tee -a "$LOG"
 echo "== tests $(date -u +%T)" | tee -a "$LOG"
 timeout 60 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py -k "fp8_attention or joint_op" \
     2>&1 | tail -4 | tee -a "$LOG"
