@@ -138,32 +138,24 @@ def _grid(M, N, bm, bn):
     return (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
 
 
-def triton_mm(a, w, sa, sw, bias, tile, gelu_q: bool = False):
-    """-> bf16 [M, N]; gelu_q: (e4m3 [M, N] of GELU, scales [M, N / QBLOCK])."""
+def triton_mm(a, w, sa, sw, bias, tile, gelu_q: bool = False, tma: bool = False):
+    """-> bf16 [M, N]; gelu_q: (e4m3 [M, N] of GELU, scales [M, N / QBLOCK]). tma: the persistent TMA kernel."""
     bm, bn, bk, warps, stages = tile
     M, K = a.shape
     N = w.shape[0]
     out = torch.empty(M, N, device=a.device, dtype=torch.float8_e4m3fn if gelu_q else torch.bfloat16)
     os_ = torch.empty(M, N // QBLOCK, device=a.device, dtype=torch.float32) if gelu_q else sw
-    _mm_kernel[_grid(M, N, bm, bn)](a, w, sa, sw, bias, out, os_, M, N, K, EPI=int(gelu_q), BLOCK_M=bm, BLOCK_N=bn,
-                                    BLOCK_K=bk, QB=QBLOCK, GROUP=8, num_warps=warps, num_stages=stages)
-    return (out, os_) if gelu_q else out
+    meta = dict(EPI=int(gelu_q), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, QB=QBLOCK, GROUP=8, num_warps=warps,
+                num_stages=stages)
+    if not tma:
+        _mm_kernel[_grid(M, N, bm, bn)](a, w, sa, sw, bias, out, os_, M, N, K, **meta)
+    else:
+        from triton.tools.tensor_descriptor import TensorDescriptor
 
-
-def triton_mm_tma(a, w, sa, sw, bias, tile, gelu_q: bool = False):
-    """triton_mm by the persistent TMA kernel."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    bm, bn, bk, warps, stages = tile
-    M, K = a.shape
-    N = w.shape[0]
-    out = torch.empty(M, N, device=a.device, dtype=torch.float8_e4m3fn if gelu_q else torch.bfloat16)
-    os_ = torch.empty(M, N // QBLOCK, device=a.device, dtype=torch.float32) if gelu_q else sw
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
-    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    _mm_tma_kernel[grid](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), sa, sw,
-                         bias, out, os_, M, N, K, EPI=int(gelu_q), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, QB=QBLOCK,
-                         GROUP=8, NUM_SMS=grid[0], num_warps=warps, num_stages=stages)
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+        grid = (min(sms, _grid(M, N, bm, bn)[0]),)
+        _mm_tma_kernel[grid](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), sa,
+                             sw, bias, out, os_, M, N, K, NUM_SMS=grid[0], **meta)
     return (out, os_) if gelu_q else out
 
 
@@ -210,7 +202,7 @@ def chain_cublas(a8, sa, w18, s1, b1, w28, s2, b2):
 
 def chain_fused(ops, t1, t2, tma: bool = False):
     a8, sa, w18, s1, b1, w28, s2, b2 = ops
-    g8, gs = (triton_mm_tma if tma else triton_mm)(a8, w18, sa, s1, b1, t1, gelu_q=True)
+    g8, gs = triton_mm(a8, w18, sa, s1, b1, t1, gelu_q=True, tma=tma)
     return triton_mm_blockscaled(g8, gs, w28, s2, b2, t2)
 
 
@@ -266,8 +258,8 @@ def main(argv=None) -> int:
             row["fc1_ms"] = bench(lambda: triton_mm(a8, w18, sa, s1, b1, tile))
             row["fc1_gelu_q_ms"] = bench(lambda: triton_mm(a8, w18, sa, s1, b1, tile, gelu_q=True))
             try:  # the persistent TMA kernel (its tiles' shared memory may not fit)
-                row["fc1_tma_ms"] = bench(lambda: triton_mm_tma(a8, w18, sa, s1, b1, tile))
-                row["fc1_tma_gelu_q_ms"] = bench(lambda: triton_mm_tma(a8, w18, sa, s1, b1, tile, gelu_q=True))
+                row["fc1_tma_ms"] = bench(lambda: triton_mm(a8, w18, sa, s1, b1, tile, tma=True))
+                row["fc1_tma_gelu_q_ms"] = bench(lambda: triton_mm(a8, w18, sa, s1, b1, tile, gelu_q=True, tma=True))
                 row["fc1_tma_tflops"] = flops1 / row["fc1_tma_ms"] / 1e9
             except Exception as err:  # noqa: BLE001
                 row["tma_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
