@@ -177,8 +177,7 @@ if triton is not None:
 
         bf16: Q, K, V [B, L, H, D] strided. fp8: Q, K [B, H, Lp, D], V = V^T [B, H, D, Lp], SCALE [3, B*H].
         Output rows m < LC go to OC [B, LC, H*D], the others to OX [B, L - LC, H*D] (contiguous; LC = 0:
-        OX is the whole output). OUT_FP8: the output is stored as e4m3 x / s with OSCALE = [1/s_c, 1/s_x]
-        (the proj linears' static input scales). Strides are in elements; D is contiguous (stride 1).
+        OX is the whole output). Strides are in elements; D is contiguous (stride 1).
         OUT_MODE: 0 the outputs' dtype; 1 e4m3 x / s with OSCALE = [1/s_c, 1/s_x] (the proj linears' static
         input scales); 2 (fp8 only) e4m3 x / s_b with s_b = max over heads of s_v[b, :] (an output row is a
         convex combination of v rows, so |o| <= amax(v) = 448 s_v: never saturates, apart from P's rounding),
