@@ -209,3 +209,32 @@ def test_fp8_attention_step_close_to_cudnn_gpu(cfg, monkeypatch):
             assert sqnr(ref.float(), static(*args).float()) > 20
     assert sqnr(ref.float(), out.float()) > 20 and sqnr(out.float(), out2.float()) > 25
 
+
+
+def test_proj_takes_e4m3_attention_outputs_with_row_scales():
+    """fast/step.py _proj: the dynamic FP8 attention's (e4m3 [B, L, C], row scales [B*L, 1]) output goes
+    into the proj GEMM as it is, and gives the proj of the dequantised output (CPU: torch._scaled_mm)."""
+    from torch import nn
+
+    from sd35fp8.fast.step import _proj
+    from sd35fp8.fast.weights import linear_weights, put
+
+    g = torch.Generator().manual_seed(0)
+    B, L, C = 2, 40, 64
+    lin = nn.Linear(C, C)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(C, C, generator=g) / 8)
+        lin.bias.copy_(torch.randn(C, generator=g) / 10)
+    p: dict = {}
+    put(p, "x.proj", linear_weights(lin.to(torch.bfloat16), "dynamic", torch.bfloat16, "x.proj"))
+    o = torch.randn(B, L, C, generator=g) * torch.rand(1, 1, C, generator=g)  # an attention output
+    s_b = o.abs().amax(dim=(1, 2)) / 448  # [B]: one scale per batch row
+    s = s_b.repeat_interleave(L).unsqueeze(1)  # [B*L, 1]
+    o8 = (o / s_b[:, None, None]).to(torch.float8_e4m3fn)
+    y = _proj(p, "x.proj", (o8, s), "dynamic", torch.bfloat16, None, "auto")  # [B*L, C]
+    deq = o8.float() * s_b[:, None, None]
+    ref = deq.reshape(B * L, C) @ lin.weight.float().t() + lin.bias.float()
+    assert y.shape == (B * L, C) and y.dtype == torch.bfloat16
+    assert sqnr(ref, y.float()) > 25  # the weight's e4m3 rounding and the bf16 output
+    y_bf16 = _proj(p, "x.proj", deq.to(torch.bfloat16), "dynamic", torch.bfloat16, None, "auto")  # per-token pass
+    assert sqnr(y_bf16.float(), y.float()) > 25
