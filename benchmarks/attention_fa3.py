@@ -9,9 +9,8 @@ q and k Hadamard-rotated, q, k, v quantised with one scale per (batch, head) (qu
 them as q / k / v descale [B, H]). Timed: each attention kernel alone (triton.testing.do_bench), and FA3 BF16 for
 reference; accuracy: SQNR of each output against float32 attention on the same bf16 q, k, v.
 
-The wheel (63 MB, CUDA 13, torch's stable C ABI) is not on the device image: download it next to einops into an
-ignored folder and carry that folder alone (the tracked tree, ~43 MB, and the carry share a 64 MiB limit; the
-wheel itself, 63 MB, does not fit beside the tree):
+The wheel (63 MB, CUDA 13, torch's stable C ABI) is not on the device image, and does not fit a device call beside
+the tracked tree (~43 MB; the two share 64 MiB): carry its files instead, the big one compressed:
 
     bash benchmarks/fa3_carry.sh        # here: the wheel's files into carry/fa3, its 300 MB .so as 23 MB of xz
     # on the device (benchmarks/gpu_fa3.sh): source benchmarks/fa3_setup.sh; python benchmarks/attention_fa3.py
@@ -33,27 +32,6 @@ def fa3_fp8_inputs(q, k, v):
     """quantize_qkv's numerics in BSHD layout for FA3: (q8, k8, v8 [B, L, H, D] e4m3, descales [B, H] each)."""
     x8, scales = at.quantize_qkv_reference(q, k, v)
     return [t.contiguous() for t in x8], [s.reshape(s.shape[0], s.shape[2]).contiguous() for s in scales]
-
-
-def fa3_step_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
-    """fast/step.py `_fp8_attention` (same arguments and contract, dynamic scales) on FA3's FP8 forward: our
-    quantise pass (qk RMS-norm, Hadamard rotation, per-(batch, head) e4m3; V as [B, H, Lp, D]), FA3 on [B, L, H, D]
-    views of it with the scales as descales, bf16 out split at n_ctx (the proj linears quantise it per token).
-    faster.py swaps it in to time the step with FA3 (eager + CUDA graphs)."""
-    import flash_attn_interface as fa3
-
-    from sd35fp8.fast.step import ATTN_KEYS
-
-    stem_c, stem_x = ATTN_KEYS[key][:2]
-    w = (p.get(stem_c + ".ln_q"), p.get(stem_c + ".ln_k"), p.get(stem_x + ".ln_q"), p.get(stem_x + ".ln_k"))
-    ctx, x, norms = at._joint_split(qkv_c, qkv_x, n_ctx, heads, *w)
-    q8, k8, v8, scale, length = at._quantize(ctx, x, norms, hadamard=True, v_transposed=False)
-    b, h, _, d = q8.shape
-    view = lambda t: t[:, :, :length].transpose(1, 2)  # noqa: E731  [B, L, H, D], D contiguous
-    out = fa3.flash_attn_func(view(q8), view(k8), view(v8), softmax_scale=1.0 / math.sqrt(d), q_descale=scale[0],
-                              k_descale=scale[1], v_descale=scale[2])
-    out = (out[0] if isinstance(out, tuple) else out).reshape(b, length, h * d)
-    return out[:, :n_ctx], out[:, n_ctx:]
 
 
 def main(argv=None) -> int:

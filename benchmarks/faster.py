@@ -223,15 +223,11 @@ def large(args) -> dict:
         print(f"step {name}: {step_ms[name]:.2f} ms", flush=True)
     res["step_ms_variants"] = {"fp8_attention_bf16_out": step_ms.pop("fp8_attention_bf16_out"),
                                "fp8_attention_bf16_out_sqnr_db": float(sqnr(ref32, outs["fp8_attention_bf16_out"]))}
-    try:  # FlashAttention-3's FP8 forward in the step, when installed (benchmarks/attention_fa3.py)
-        import flash_attn_interface  # noqa: F401
-        from attention_fa3 import fa3_step_attention  # noqa: E402  (benchmarks/ is on sys.path)
-    except ImportError:
-        fa3_step_attention = None
-    if fa3_step_attention is not None:
-        own = step_mod._fp8_attention
-        step_mod._fp8_attention = fa3_step_attention
+    from sd35fp8.fast import attention_fa3
+
+    if attention_fa3.available(dev):  # FlashAttention-3's FP8 forward in the step (opt-in kind fa3_fp8)
         try:
+            eng.attention_backend, eng._attn = "fa3_fp8", "fa3_fp8"
             eng.graphs.clear()
             out = eng(x, sigma, ctx, pooled).float().clone()
             eng(x, sigma, ctx, pooled)
@@ -242,8 +238,10 @@ def large(args) -> dict:
             res["step_ms_variants"]["fp8_attention_fa3_error"] = f"{type(err).__name__}: {str(err)[:300]}"
             print(f"step fp8_attention_fa3: {res['step_ms_variants']['fp8_attention_fa3_error']}", flush=True)
         finally:
-            step_mod._fp8_attention = own
+            eng.attention_backend, eng._attn = "triton_fp8", "triton_fp8"
             eng.graphs.clear()
+    else:
+        res["step_ms_variants"]["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
     res["step_ms"] = step_ms
     res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
     res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],

@@ -31,7 +31,7 @@ from collections import Counter
 import torch
 
 from sd35fp8.errors import InputError
-from sd35fp8.fast.attention import EMULATED_KINDS, TRITON_KINDS, backend_context, default_backend
+from sd35fp8.fast.attention import EMULATED_KINDS, LIBRARY_KINDS, TRITON_KINDS, backend_context, default_backend
 from sd35fp8.fast.graphs import TensorGraphs
 from sd35fp8.fast.kernels import plain_act
 from sd35fp8.fast.step import MMDiTEngine, _linear_on, _lm, joint_block, single_block, stream_weights
@@ -41,7 +41,7 @@ from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.models.controlnet import ControlNet
 from sd35fp8.models.mmdit import batched, per_row
 
-FP8_ATTENTION = ("triton_fp8", "fp8_emulated")
+FP8_ATTENTION = ("triton_fp8", "fp8_emulated", *LIBRARY_KINDS)
 
 
 def controlnet_fp8_mode(net: ControlNet, device: torch.device) -> str | None:
@@ -82,7 +82,7 @@ class ControlNetEngine:
             self._attn, self.sdpa_backend = "sdpa", default_backend(self.device)  # 16-bit / weight-only net
         else:
             self._attn, self.sdpa_backend = base._attn, base.attention_backend
-        if self._attn not in ("sdpa", *TRITON_KINDS, *EMULATED_KINDS):
+        if self._attn not in ("sdpa", *TRITON_KINDS, *EMULATED_KINDS, *LIBRARY_KINDS):
             raise InputError(f"ControlNetEngine: attention {self._attn!r}")
         with torch.no_grad():
             self._build_weights()

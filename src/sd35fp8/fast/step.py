@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import InputError
-from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, TRITON_KINDS, attend, backend_context
+from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, LIBRARY_KINDS, TRITON_KINDS, attend, backend_context
 from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, put
 from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
@@ -182,6 +182,7 @@ def _qkv(p, name, x, shift, scale, mode, heads, rec, impl):
     return x, (_rms(q, p.get(stem + ".ln_q")), _rms(k, p.get(stem + ".ln_k")), v)
 
 
+FP8_JOINT_KINDS = ("triton_fp8", *LIBRARY_KINDS)  # joint_block's fused FP8 attention road (_fp8_attention)
 # FP8 attention key -> (ctx stem, x stem, ctx proj, x proj): "self" is a single block's attention (x alone)
 ATTN_KEYS = {"attn": ("c", "x", "c.proj", "x.proj"), "x.attn2": ("x.attn2", "x.attn2", None, "x.attn2.proj"),
              "self": ("x", "x", None, "x.proj")}
@@ -193,13 +194,15 @@ ATTN_KEYS = {"attn": ("c", "x", "c.proj", "x.proj"), "x.attn2": ("x.attn2", "x.a
 ATTN_OUT_ROWS = True
 
 
-def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
+def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec, kind: str = "triton_fp8"):
     """FP8 joint attention from the raw qkv outputs, qk RMS-norm (weights p[stem + '.ln_q' / '.ln_k'])
     fused (fast/attention_triton.py) -> (o_ctx [B, Lc, C], o_x [B, Lx, C]). key: "attn" (joint) or
     "x.attn2" (MMDiT-X self-attention, n_ctx 0). Static mode with calibrated scales (p[key + '.s']
     [3, H]): no amax pass, and the outputs come as e4m3 scaled for the proj linears. Dynamic mode
     (ATTN_OUT_ROWS, proj linears dynamic): each output comes as (e4m3 [B, L, C], row scales [B*L, 1]) for
-    its proj linear. `rec` (calibration): records the per-head q/k/v amax under `key`."""
+    its proj linear. `rec` (calibration): records the per-head q/k/v amax under `key`. kind "fa3_fp8":
+    FlashAttention-3's FP8 forward (fast/attention_fa3.py) in dynamic mode, bf16 outputs; static mode and
+    calibration take the Triton kernel."""
     from sd35fp8.fast.attention_triton import joint_attention_amax, joint_attention_fp8_op, joint_attention_fp8_rows_op
 
     stem_c, stem_x, proj_c, proj_x = ATTN_KEYS[key]
@@ -208,6 +211,10 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec):
         amax = joint_attention_amax(qkv_c, qkv_x, n_ctx, heads, *w)  # [3, H]
         rec[key] = amax if key not in rec else torch.maximum(rec[key], amax)
     out_scale = None
+    if kind == "fa3_fp8" and mode == "dynamic" and rec is None:
+        from sd35fp8.fast.attention_fa3 import joint_attention_fa3_op
+
+        return joint_attention_fa3_op(qkv_c, qkv_x, n_ctx, heads, *w)
     projs = [n for n in (proj_c, proj_x) if n is not None and n + ".w" in p]
     if mode == "dynamic" and rec is None and ATTN_OUT_ROWS and all(_lm(p, n, mode) == "dynamic" for n in projs):
         oc, ox, sc, sx = joint_attention_fp8_rows_op(qkv_c, qkv_x, n_ctx, heads, *w)
@@ -265,10 +272,10 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     C = _stream(x).shape[-1]
     m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
     n_ctx = _stream(ctx).shape[1]
-    if attn == "triton_fp8":  # q/k norm, concatenation and fp8 quantisation in one pass
+    if attn in FP8_JOINT_KINDS:  # q/k norm, concatenation and fp8 quantisation in one pass
         ctx, qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
         x, qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
-        o_c, o_x = _fp8_attention(p, "attn", qkv_c, qkv_x, n_ctx, heads, mode, rec)  # [B, Lc, C], [B, Lx, C]
+        o_c, o_x = _fp8_attention(p, "attn", qkv_c, qkv_x, n_ctx, heads, mode, rec, attn)  # [B, Lc, C], [B, Lx, C]
     else:
         ctx, (qc, kc, vc) = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
         x, (qx, kx, vx) = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
@@ -281,9 +288,9 @@ def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tenso
     y = _proj(p, "x.proj", o_x, mode, x.dtype, rec, impl)
     gate = m(mods_x, 2)
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
-        if attn == "triton_fp8":
+        if attn in FP8_JOINT_KINDS:
             qkv2 = _qkv_out(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, rec, impl)[1]  # [B, Lx, 3C]
-            o2 = _fp8_attention(p, "x.attn2", qkv2, qkv2, 0, heads, mode, rec)[1]  # [B, Lx, C]
+            o2 = _fp8_attention(p, "x.attn2", qkv2, qkv2, 0, heads, mode, rec, attn)[1]  # [B, Lx, C]
         else:
             o2 = attend(*_qkv(p, "x.attn2.qkv", x, m(mods_x, 6), m(mods_x, 7), mode, heads, rec, impl)[1], attn)
         x = torch.addcmul(x, gate.unsqueeze(1), y.view(x.shape))
@@ -318,9 +325,9 @@ def single_block(p: dict, x: torch.Tensor, mods: torch.Tensor, mode: str | None,
     the x stream of joint_block with attention over x alone. x [B, L, C]; mods [B, 6*C]; weights "x.*"."""
     C = x.shape[-1]
     m = lambda i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
-    if attn == "triton_fp8":
+    if attn in FP8_JOINT_KINDS:
         qkv = _qkv_out(p, "x.qkv", x, m(0), m(1), mode, rec, impl)[1]  # [B, L, 3C]
-        o = _fp8_attention(p, "self", qkv, qkv, 0, heads, mode, rec)[1]  # [B, L, C]
+        o = _fp8_attention(p, "self", qkv, qkv, 0, heads, mode, rec, attn)[1]  # [B, L, C]
     else:
         o = attend(*_qkv(p, "x.qkv", x, m(0), m(1), mode, heads, rec, impl)[1], attn)
     y = _proj(p, "x.proj", o, mode, x.dtype, rec, impl)
@@ -359,10 +366,14 @@ class MMDiTEngine(nn.Module):
         if attention_backend == "auto":
             attention_backend = auto_attention(device, fp8_mode)
         self.attention_backend = attention_backend
-        kinds = (*TRITON_KINDS, *EMULATED_KINDS)
+        kinds = (*TRITON_KINDS, *EMULATED_KINDS, *LIBRARY_KINDS)
         if self.attention_backend is not None and self.attention_backend not in (*BACKENDS, *kinds):
             raise InputError(f"MMDiTEngine: attention_backend {attention_backend!r} not in "
                              f"{('auto', None, *BACKENDS, *kinds)}")
+        if self.attention_backend in LIBRARY_KINDS:
+            from sd35fp8.fast import attention_fa3
+
+            attention_fa3.check(device)
         self._attn = self.attention_backend if self.attention_backend in kinds else "sdpa"
         # joint blocks whose attention stays 16-bit SDPA (torch's backend choice) under an FP8 attention kind:
         # an attention policy's kept blocks (fp8/attention_policy.py)
