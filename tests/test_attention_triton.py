@@ -186,6 +186,15 @@ def test_joint_op_equals_unfused_path():
     assert sqnr(torch.cat([oc, ox], 1).float(), deq) > 27  # one more e4m3 rounding of the bf16 outputs
     assert sqnr(exact, deq) > dyn_db - 1.0, (sqnr(exact, deq), dyn_db)
 
+    # FlashAttention-3's FP8 forward on the same codes (the opt-in kind fa3_fp8), where it is installed
+    from sd35fp8.fast import attention_fa3
+
+    if attention_fa3.available("cuda"):
+        oc3, ox3 = attention_fa3.joint_attention_fa3_op(qkv_c, qkv_x, Lc, H, *w)
+        assert oc3.shape == (B, Lc, H * D) and ox3.shape == (B, Lx, H * D) and oc3.dtype == torch.bfloat16
+        fa3_db = sqnr(exact, torch.cat([oc3, ox3], 1).float())
+        assert fa3_db > dyn_db - 2.0, (fa3_db, dyn_db)
+
 
 @gpu
 def test_pinned_config_is_used_and_autotune_env_restores_the_tuner(monkeypatch):
