@@ -242,6 +242,22 @@ def large(args) -> dict:
             eng.graphs.clear()
     else:
         res["step_ms_variants"]["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
+    # the MLP's GEMMs in Triton with the GELU + quantise pass in fc1's epilogue (fast/mlp_triton.py, opt-in)
+    try:
+        step_mod.MLP_FUSED = True
+        eng.graphs.clear()
+        out = eng(x, sigma, ctx, pooled).float().clone()
+        eng(x, sigma, ctx, pooled)
+        ms = _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
+        res["step_ms_variants"].update(fp8_attention_mlp_fused=ms,
+                                       fp8_attention_mlp_fused_sqnr_db=float(sqnr(ref32, out)))
+        print(f"step fp8_attention_mlp_fused: {ms:.2f} ms, SQNR {float(sqnr(ref32, out)):.2f} dB", flush=True)
+    except Exception as err:  # noqa: BLE001
+        res["step_ms_variants"]["fp8_attention_mlp_fused_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        print(f"step fp8_attention_mlp_fused: {res['step_ms_variants']['fp8_attention_mlp_fused_error']}", flush=True)
+    finally:
+        step_mod.MLP_FUSED = False
+        eng.graphs.clear()
     res["step_ms"] = step_ms
     res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
     res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],

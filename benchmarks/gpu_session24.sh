@@ -18,8 +18,8 @@ timeout 60 python3 benchmarks/attention_fa3.py --out "$OUT" 2>&1 | grep -v -i wa
 echo "== gemm epilogue $(date -u +%T)" | tee -a "$LOG"
 timeout 90 python3 benchmarks/gemm_epilogue.py --out "$OUT" 2>&1 | grep -v -i warn | tail -9 | tee -a "$LOG"
 echo "== tests $(date -u +%T)" | tee -a "$LOG"
-timeout 60 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py tests/test_attention_fa3.py \
-    -k "fp8_attention or joint_op or fa3" \
+timeout 60 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py tests/test_attention_fa3.py tests/test_mlp_triton.py \
+    -k "fp8_attention or joint_op or fa3 or mlp" \
     2>&1 | tail -4 | tee -a "$LOG"
 timeout 40 python3 -m pytest -q -x tests/test_pipeline.py tests/test_vae.py 2>&1 | tail -4 | tee -a "$LOG"
 echo "== done $(date -u +%T)" | tee -a "$LOG"

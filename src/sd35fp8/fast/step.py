@@ -249,9 +249,32 @@ def _attn_residual_then_mlp_input(p, s, x, gate, y, shift, scale, mode, impl):
     return residual_ln_modulate_act(x, gate, y, shift, scale, m1, p.get(s + ".fc1.xs"), impl, _spare(p, s + ".fc1", m1))
 
 
+# opt-in, being measured (benchmarks/gemm_epilogue.py, faster.py): the MLP's GEMMs in Triton with the GELU + quantise
+# pass in fc1's epilogue (fast/mlp_triton.py), for dynamic-mode layers without LoRA on CUDA; off: cuBLAS + the row pass
+MLP_FUSED = False
+
+
+def _mlp_fused_fits(p, s, act, m1, m2, rec) -> bool:
+    if (not MLP_FUSED or rec is not None or m1 != "dynamic" or m2 != "dynamic" or not act[0].is_cuda
+            or torch.compiler.is_compiling()):
+        return False
+    if p.get(s + ".fc1.lora") or p.get(s + ".fc2.lora"):
+        return False
+    from sd35fp8.fast.mlp_triton import fits
+
+    (n1, k), n2 = p[s + ".fc1.w"].shape, p[s + ".fc2.w"].shape[0]
+    return act[0].shape[1] == k and fits(k, n1, n2)
+
+
 def _mlp_residual(p, s, x, act, gate, mode, rec, impl, defer: bool = False):
     """x + gate * fc2(GELU(fc1(act))); act = the fc1 input. defer: as a Residual (not added yet)."""
     m1, m2 = _lm(p, s + ".fc1", mode), _lm(p, s + ".fc2", mode)
+    if _mlp_fused_fits(p, s, act, m1, m2, rec):
+        from sd35fp8.fast.mlp_triton import mlp_fused
+
+        y = mlp_fused(act[0], act[1], p[s + ".fc1.w"], p[s + ".fc1.ws"], p.get(s + ".fc1.b"), p[s + ".fc2.w"],
+                      p[s + ".fc2.ws"], p.get(s + ".fc2.b")).to(x.dtype)  # [M, C]
+        return Residual(x, gate, y) if defer else settle(Residual(x, gate, y))
     h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
     act = gelu_act(h, m2, p.get(s + ".fc2.xs"), impl, _spare(p, s + ".fc2", m2))
     y = _linear_on(p, s + ".fc2", act, m2, x.dtype, rec)
