@@ -5,15 +5,12 @@ operands; on a GPU, the fused MLP against the step's own road (cuBLAS fc1, the G
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from interpreted import run_interpreted  # noqa: E402  (tests/ helper)
 
 CHILD = r"""
 import json, math
@@ -48,10 +45,7 @@ print(json.dumps(out))
 
 
 def test_mlp_fused_kernels_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(CHILD)
     assert len(res) == 2, res
     for name, r in res.items():
         # e4m3 rounding of GELU's output per 1 x 128 block (~26 dB measured), the interpreter's e4m3 casts

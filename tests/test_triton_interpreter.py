@@ -11,14 +11,11 @@ runs here with tl.math.exp2 in place of its inline-PTX exponential (EXP 0), agai
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
+
+from interpreted import run_interpreted  # noqa: E402  (tests/ helper)
 
 CHILD = r"""
 import json
@@ -62,10 +59,7 @@ print(json.dumps(out))
 
 
 def test_row_kernels_match_torch_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(CHILD)
     assert len(res) == 8, res
     for name, r in res.items():
         # the interpreter's fp32 -> e4m3 / bf16 casts do not round as the GPU's (measured: ~22 dB against
@@ -120,11 +114,7 @@ print(json.dumps(out))
 
 
 def test_fp8_attention_kernel_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", ATTENTION_CHILD], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(ATTENTION_CHILD)
     v_layout = res.pop("v_layout")
     assert v_layout["equal"] and v_layout["shape"] == [2, 3, 384, 64], v_layout
     assert len(res) == 4, res
