@@ -27,10 +27,14 @@ KIND = "fa3_fp8"
 INSTALL = "pip install tokenspeed-fa3 (FlashAttention-3 for CUDA 13, Hopper)"
 
 
+_IMPORT_ERROR: list[str] = []  # why flash_attn_interface did not import (for check's message)
+
+
 def _module():
     try:
         import flash_attn_interface
-    except ImportError:
+    except Exception as err:  # noqa: BLE001  ImportError, or its extension failing to load or register its ops
+        _IMPORT_ERROR[:] = [f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"]
         return None
     return flash_attn_interface
 
@@ -49,7 +53,8 @@ def check(device: torch.device | str) -> None:
         raise DeviceError(f"attention {KIND!r}: FlashAttention-3's FP8 forward runs on Hopper GPUs (sm_90) only, "
                           f"not on {device}")
     if at.triton is None or _module() is None:
-        raise DeviceError(f"attention {KIND!r}: flash_attn_interface is not installed ({INSTALL})")
+        why = f": {_IMPORT_ERROR[0]}" if _IMPORT_ERROR else ""
+        raise DeviceError(f"attention {KIND!r}: flash_attn_interface is not importable ({INSTALL}){why}")
 
 
 @torch.library.custom_op("sd35fp8::joint_attention_fa3", mutates_args=())
