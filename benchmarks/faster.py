@@ -209,55 +209,53 @@ def large(args) -> dict:
     from sd35fp8.fast import step as step_mod
 
     eng = build_engine(mmdit, dev, attention_backend="triton_fp8")
+
+    def timed_step():
+        """(the step's output captured afresh as a CUDA graph, float32; its median ms)"""
+        eng.graphs.clear()
+        out = eng(x, sigma, ctx, pooled).float().clone()  # capture
+        eng(x, sigma, ctx, pooled)
+        return out, _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
+
+    def attend_with(backend):
+        eng.attention_backend, eng._attn = backend, (backend if backend in step_mod.FP8_JOINT_KINDS else "sdpa")
+
     step_ms, outs = {}, {}
     # fp8_attention_bf16_out: the FP8 attention writing bf16 outputs that a per-token pass quantises for the proj
     # GEMMs (fast/step.py ATTN_OUT_ROWS False), against the default e4m3 outputs scaled per batch row
     for name, backend, rows in (("bf16_attention", "cudnn", True), ("fp8_attention_bf16_out", "triton_fp8", False),
                                 ("fp8_attention", "triton_fp8", True)):
         step_mod.ATTN_OUT_ROWS = rows
-        eng.attention_backend, eng._attn = backend, (backend if backend == "triton_fp8" else "sdpa")
-        eng.graphs.clear()
-        outs[name] = eng(x, sigma, ctx, pooled).float().clone()  # capture
-        eng(x, sigma, ctx, pooled)
-        step_ms[name] = _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
+        attend_with(backend)
+        outs[name], step_ms[name] = timed_step()
         print(f"step {name}: {step_ms[name]:.2f} ms", flush=True)
-    res["step_ms_variants"] = {"fp8_attention_bf16_out": step_ms.pop("fp8_attention_bf16_out"),
-                               "fp8_attention_bf16_out_sqnr_db": float(sqnr(ref32, outs["fp8_attention_bf16_out"]))}
+    variants = res["step_ms_variants"] = {
+        "fp8_attention_bf16_out": step_ms.pop("fp8_attention_bf16_out"),
+        "fp8_attention_bf16_out_sqnr_db": float(sqnr(ref32, outs["fp8_attention_bf16_out"]))}
+
+    def opt_in(name, on, off):
+        """The step with an opt-in road (on() ... off()) -> variants[name], its SQNR, or the error it raised."""
+        try:
+            on()
+            out, ms = timed_step()
+            variants.update({name: ms, f"{name}_sqnr_db": float(sqnr(ref32, out))})
+            print(f"step {name}: {ms:.2f} ms, SQNR {variants[f'{name}_sqnr_db']:.2f} dB", flush=True)
+        except Exception as err:  # noqa: BLE001
+            variants[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            print(f"step {name}: {variants[f'{name}_error']}", flush=True)
+        finally:
+            off()
+            eng.graphs.clear()
+
     from sd35fp8.fast import attention_fa3
 
     if attention_fa3.available(dev):  # FlashAttention-3's FP8 forward in the step (opt-in kind fa3_fp8)
-        try:
-            eng.attention_backend, eng._attn = "fa3_fp8", "fa3_fp8"
-            eng.graphs.clear()
-            out = eng(x, sigma, ctx, pooled).float().clone()
-            eng(x, sigma, ctx, pooled)
-            ms = _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
-            res["step_ms_variants"].update(fp8_attention_fa3=ms, fp8_attention_fa3_sqnr_db=float(sqnr(ref32, out)))
-            print(f"step fp8_attention_fa3: {ms:.2f} ms, SQNR {float(sqnr(ref32, out)):.2f} dB", flush=True)
-        except Exception as err:  # noqa: BLE001
-            res["step_ms_variants"]["fp8_attention_fa3_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-            print(f"step fp8_attention_fa3: {res['step_ms_variants']['fp8_attention_fa3_error']}", flush=True)
-        finally:
-            eng.attention_backend, eng._attn = "triton_fp8", "triton_fp8"
-            eng.graphs.clear()
+        opt_in("fp8_attention_fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))
     else:
-        res["step_ms_variants"]["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
+        variants["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
     # the MLP's GEMMs in Triton with the GELU + quantise pass in fc1's epilogue (fast/mlp_triton.py, opt-in)
-    try:
-        step_mod.MLP_FUSED = True
-        eng.graphs.clear()
-        out = eng(x, sigma, ctx, pooled).float().clone()
-        eng(x, sigma, ctx, pooled)
-        ms = _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
-        res["step_ms_variants"].update(fp8_attention_mlp_fused=ms,
-                                       fp8_attention_mlp_fused_sqnr_db=float(sqnr(ref32, out)))
-        print(f"step fp8_attention_mlp_fused: {ms:.2f} ms, SQNR {float(sqnr(ref32, out)):.2f} dB", flush=True)
-    except Exception as err:  # noqa: BLE001
-        res["step_ms_variants"]["fp8_attention_mlp_fused_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        print(f"step fp8_attention_mlp_fused: {res['step_ms_variants']['fp8_attention_mlp_fused_error']}", flush=True)
-    finally:
-        step_mod.MLP_FUSED = False
-        eng.graphs.clear()
+    opt_in("fp8_attention_mlp_fused", lambda: setattr(step_mod, "MLP_FUSED", True),
+           lambda: setattr(step_mod, "MLP_FUSED", False))
     res["step_ms"] = step_ms
     res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
     res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],

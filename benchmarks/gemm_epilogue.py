@@ -35,17 +35,17 @@ TILES = [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (2
          (128, 256, 64, 8, 4)]  # BM, BN, BK, warps, stages (BN a multiple of QBLOCK for the fused fc1)
 
 
-def operands(m, g, device):
-    """e4m3 fc1 input [M, C] and per-token scales, fc1 / fc2 weights (e4m3, per-channel scales, bf16 bias)."""
-    x = torch.randn(m, C, device=device, generator=g)
+def operands(m, g, device, c=C, mlp=MLP):
+    """e4m3 fc1 input [M, c] and per-token scales, fc1 / fc2 weights (e4m3, per-channel scales, bf16 bias)."""
+    x = torch.randn(m, c, device=device, generator=g)
     sa = x.abs().amax(1) / 448
     a8 = (x / sa[:, None]).to(torch.float8_e4m3fn)
-    w1 = torch.randn(MLP, C, device=device, generator=g) / math.sqrt(C)
-    w2 = torch.randn(C, MLP, device=device, generator=g) / math.sqrt(MLP)
+    w1 = torch.randn(mlp, c, device=device, generator=g) / math.sqrt(c)
+    w2 = torch.randn(c, mlp, device=device, generator=g) / math.sqrt(mlp)
     s1, s2 = w1.abs().amax(1) / 448, w2.abs().amax(1) / 448
     w18, w28 = (w1 / s1[:, None]).to(torch.float8_e4m3fn), (w2 / s2[:, None]).to(torch.float8_e4m3fn)
-    b1 = (torch.randn(MLP, device=device, generator=g) * 0.1).bfloat16()
-    b2 = (torch.randn(C, device=device, generator=g) * 0.1).bfloat16()
+    b1 = (torch.randn(mlp, device=device, generator=g) * 0.1).bfloat16()
+    b2 = (torch.randn(c, device=device, generator=g) * 0.1).bfloat16()
     return a8, sa, w18, s1, b1, w28, s2, b2
 
 
@@ -75,10 +75,8 @@ def chain_fused(ops, t1, t2, tma: bool = False):
 def check_cpu() -> int:
     from sd35fp8.fp8.scaling import sqnr
 
-    global C, MLP
-    C, MLP = 256, 512
     g = torch.Generator().manual_seed(0)
-    ops = operands(96, g, "cpu")
+    ops = operands(96, g, "cpu", c=256, mlp=512)
     ref = reference(*ops)
     tile = (32, 128, 64, 4, 2)
     a8, sa, w18, s1, b1, w28, s2, b2 = ops

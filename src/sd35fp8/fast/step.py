@@ -210,7 +210,6 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec, kind: str = "t
     if rec is not None:
         amax = joint_attention_amax(qkv_c, qkv_x, n_ctx, heads, *w)  # [3, H]
         rec[key] = amax if key not in rec else torch.maximum(rec[key], amax)
-    out_scale = None
     if kind == "fa3_fp8" and mode == "dynamic" and rec is None:
         from sd35fp8.fast.attention_fa3 import joint_attention_fa3_op
 
@@ -220,6 +219,7 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec, kind: str = "t
         oc, ox, sc, sx = joint_attention_fp8_rows_op(qkv_c, qkv_x, n_ctx, heads, *w)
         return (oc, sc), (ox, sx)
     projs_static = all(_lm(p, n, mode) == "static" for n in projs)
+    out_scale = None
     if mode == "static" and projs_static and p.get(proj_x + ".xs") is not None:
         xs_x = p[proj_x + ".xs"].reshape(1)
         xs_c = p[proj_c + ".xs"].reshape(1) if proj_c is not None and proj_c + ".xs" in p else xs_x
@@ -274,10 +274,10 @@ def _mlp_residual(p, s, x, act, gate, mode, rec, impl, defer: bool = False):
 
         y = mlp_fused(act[0], act[1], p[s + ".fc1.w"], p[s + ".fc1.ws"], p.get(s + ".fc1.b"), p[s + ".fc2.w"],
                       p[s + ".fc2.ws"], p.get(s + ".fc2.b")).to(x.dtype)  # [M, C]
-        return Residual(x, gate, y) if defer else settle(Residual(x, gate, y))
-    h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
-    act = gelu_act(h, m2, p.get(s + ".fc2.xs"), impl, _spare(p, s + ".fc2", m2))
-    y = _linear_on(p, s + ".fc2", act, m2, x.dtype, rec)
+    else:
+        h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
+        act = gelu_act(h, m2, p.get(s + ".fc2.xs"), impl, _spare(p, s + ".fc2", m2))
+        y = _linear_on(p, s + ".fc2", act, m2, x.dtype, rec)
     res = Residual(x, gate, y)
     return res if defer else settle(res)
 
