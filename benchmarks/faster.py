@@ -227,7 +227,16 @@ def large(args) -> dict:
                                 ("fp8_attention", "triton_fp8", True)):
         step_mod.ATTN_OUT_ROWS = rows
         attend_with(backend)
-        outs[name], step_ms[name] = timed_step()
+        try:
+            outs[name], step_ms[name] = timed_step()
+        except Exception as err:  # noqa: BLE001  # the e4m3-output road failed: the JSON says so, the old road stands in
+            if name != "fp8_attention":
+                raise
+            res["fp8_attention_rows_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            print(f"step fp8_attention (e4m3 outputs): {res['fp8_attention_rows_error']}", flush=True)
+            step_mod.ATTN_OUT_ROWS = False
+            eng.graphs.clear()
+            outs[name], step_ms[name] = outs["fp8_attention_bf16_out"], step_ms["fp8_attention_bf16_out"]
         print(f"step {name}: {step_ms[name]:.2f} ms", flush=True)
     variants = res["step_ms_variants"] = {
         "fp8_attention_bf16_out": step_ms.pop("fp8_attention_bf16_out"),
