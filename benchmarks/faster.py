@@ -159,6 +159,25 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def profile_step(eng, inputs) -> dict:
+    """One eager fused step under torch.profiler -> {"groups": ms by kernel kind, "top_kernels"}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng._forward(*inputs, ())
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    ms = lambda e: (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / 1000  # noqa: E731
+    for e in prof.key_averages():
+        n = e.key.lower()
+        g = ("attention" if ("attn" in n or "flash" in n) else  # before the GEMMs: FA3's kernel names say sm90
+             "fp8_gemm" if ("gemm" in n or "scaled_mm" in n or "sm90" in n or "cutlass" in n) else
+             "quantize_qkv" if ("quant" in n or "amax" in n) else "elementwise/other")
+        groups[g] = groups.get(g, 0.0) + ms(e)
+    top = sorted(((e.key[:90], ms(e)) for e in prof.key_averages()), key=lambda r: -r[1])[:15]
+    return {"groups": groups, "top_kernels": top}
+
+
 def random_large_mmdit(device: torch.device, reference_inputs: tuple | None = None):
     """Random SD3.5 Large MMDiT, quantised fp8 dynamic with the default policy (benchmarks/paths.py's
     build_file, without writing the file) -> (model, float32 forward of the unquantised weights on
@@ -262,9 +281,6 @@ def large(args) -> dict:
         opt_in("fp8_attention_fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))
     else:
         variants["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
-    # the MLP's GEMMs in Triton with the GELU + quantise pass in fc1's epilogue (fast/mlp_triton.py, opt-in)
-    opt_in("fp8_attention_mlp_fused", lambda: setattr(step_mod, "MLP_FUSED", True),
-           lambda: setattr(step_mod, "MLP_FUSED", False))
     res["step_ms"] = step_ms
     res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
     res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],
@@ -306,23 +322,13 @@ def large(args) -> dict:
     for kname, r in att.items():
         print(f"{kname}: {r}", flush=True)
 
-    # where the FP8 step's time goes (eager fused step, kernels grouped by name)
-    eng.attention_backend, eng._attn = "triton_fp8", "triton_fp8"
-    from torch.profiler import ProfilerActivity, profile
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        eng._forward(x, sigma, ctx, pooled, ())
-        torch.cuda.synchronize()
-    groups: dict[str, float] = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        n = e.key.lower()
-        g = ("fp8_gemm" if ("gemm" in n or "scaled_mm" in n or "sm90" in n or "cutlass" in n) else
-             "attention" if "attn" in n else "quantize_qkv" if ("quant" in n or "amax" in n) else "elementwise/other")
-        groups[g] = groups.get(g, 0.0) + t / 1000.0
-    top = sorted(((e.key[:90], (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / 1000)
-                  for e in prof.key_averages()), key=lambda r: -r[1])[:15]
-    res["profile_fp8_step_ms"] = {"groups": groups, "top_kernels": top}
-    print("profile (ms):", {k: round(v, 2) for k, v in groups.items()}, flush=True)
+    # where the FP8 step's time goes (eager fused step, kernels grouped by name); FA3's step too where it runs
+    for key, backend in (("profile_fp8_step_ms", "triton_fp8"), ("profile_fa3_step_ms", "fa3_fp8")):
+        if backend == "triton_fp8" or "fp8_attention_fa3" in variants:
+            attend_with(backend)
+            res[key] = profile_step(eng, (x, sigma, ctx, pooled))
+            print(f"{key}:", {k: round(v, 2) for k, v in res[key]["groups"].items()}, flush=True)
+    attend_with("triton_fp8")
 
     # whole 20-step image (sampling, CFG batch 2, + VAE decode) without / with the cache
     from e2e import fill_random_  # noqa: E402  (benchmarks/ is on sys.path: random_large_mmdit)

@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from sd35fp8.fast.mlp_triton import QBLOCK, triton_mm, triton_mm_blockscaled
+from gemm_epilogue_kernels import QBLOCK, triton_mm, triton_mm_blockscaled
 
 C, MLP, M_X = 2432, 9728, 2 * 4096
 TILES = [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3),

@@ -1,6 +1,6 @@
 """Run a snippet under Triton's interpreter (TRITON_INTERPRET=1: Triton kernels on CPU tensors). The interpreter is
 chosen when `triton.jit` decorates, so the snippet runs in a child process with the variable set; it prints one
-JSON line last, which comes back as a dict (tests/test_triton_interpreter.py, tests/test_mlp_triton.py)."""
+JSON line last, which comes back as a dict (tests/test_triton_interpreter.py)."""
 
 from __future__ import annotations
 

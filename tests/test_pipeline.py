@@ -21,6 +21,7 @@ def pipe(tiny_random_checkpoint):
 
 
 def _diffusers_pipeline(modules, pipe):
+    pytest.importorskip("diffusers")  # the [test] extra has it; a bare GPU machine may not
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_sd3_transformer_checkpoint_to_diffusers
 
@@ -180,7 +181,10 @@ def test_prompts_that_cannot_share_a_batch_run_in_passes(pipe):
     both = pipe(["a red circle", long], callback=lambda i, total, x: steps.append(total), **kw)
     assert len(both.images) == 2 and steps == [2, 2, 2, 2]  # two passes of 2 steps
     first = pipe(["a red circle", "a blue square"], **kw)  # batchable: one pass, same noise rows
-    np.testing.assert_array_equal(np.asarray(both.images[0]), np.asarray(first.images[0]))
+    # equal up to a pixel level: a pass of 1 prompt and one of 2 split the matmuls over threads differently
+    # (seen on a 16-core machine: one value 86 against 87)
+    diff = np.abs(np.asarray(both.images[0], np.int16) - np.asarray(first.images[0], np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     assert [p["prompt"] for p in both.params] == ["a red circle", long]
 
 

@@ -10,8 +10,9 @@ express on sm_90. `auto` keeps our kernel until FA3 is measured faster in the st
 Numerics: our quantise pass as it is (attention_triton._quantize: qk RMS-norm fused, Hadamard-rotated q and k,
 one e4m3 scale per (batch, head), q / k from their norm bound, v from its amax), V written [B, H, Lp, D] (D
 contiguous, as FA3 takes it); FA3 runs on [B, L, H, D] views of those codes with the scales as its descales and
-rounds P to e4m3 its own way; bf16 outputs split at the context length (the proj linears quantise them per
-token). Dynamic mode only: static mode and calibration take the Triton kernel (fast/step.py `_fp8_attention`).
+rounds P to e4m3 its own way; one bf16 output [B, L, C] (ctx rows first), which the proj linears' per-token
+quantise pass reads in place, one window of rows for each (fast/kernels.py plain_act_window; fast/step.py
+`_fp8_attention`). Dynamic mode only: static mode and calibration take the Triton kernel.
 """
 
 from __future__ import annotations
@@ -60,20 +61,20 @@ def check(device: torch.device | str) -> None:
 @torch.library.custom_op("sd35fp8::joint_attention_fa3", mutates_args=())
 def joint_attention_fa3_op(qkv_ctx: torch.Tensor, qkv_x: torch.Tensor, n_ctx: int, heads: int,
                            wq_ctx: torch.Tensor | None, wk_ctx: torch.Tensor | None,
-                           wq_x: torch.Tensor | None, wk_x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """attention_triton.joint_attention_fp8_op's contract (dynamic scales) on FA3's FP8 forward:
-    qkv_ctx [B, Lc, 3*C], qkv_x [B, Lx, 3*C] -> (o_ctx [B, Lc, C], o_x [B, Lx, C]) bf16, each contiguous."""
+                           wq_x: torch.Tensor | None, wk_x: torch.Tensor | None) -> torch.Tensor:
+    """attention_triton.joint_attention_fp8_op's inputs (dynamic scales) on FA3's FP8 forward:
+    qkv_ctx [B, Lc, 3*C], qkv_x [B, Lx, 3*C] -> o [B, Lc + Lx, C] bf16, ctx rows first (n_ctx = Lc; 0 with
+    qkv_ctx = qkv_x: self-attention over x alone)."""
     ctx, x, norms = at._joint_split(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x)
     q8, k8, v8, scale, length = at._quantize(ctx, x, norms, hadamard=True, v_transposed=False)
     b, h, _, d = q8.shape
     view = lambda t: t[:, :, :length].transpose(1, 2)  # noqa: E731  [B, L, H, D] views, D contiguous
     out = _module().flash_attn_func(view(q8), view(k8), view(v8), softmax_scale=1.0 / math.sqrt(d),
                                     q_descale=scale[0], k_descale=scale[1], v_descale=scale[2])
-    out = (out[0] if isinstance(out, tuple) else out).reshape(b, length, h * d)  # [B, L, C]
-    return out[:, :n_ctx].contiguous(), out[:, n_ctx:].contiguous()
+    return (out[0] if isinstance(out, tuple) else out).reshape(b, length, h * d)  # [B, L, C]
 
 
 @joint_attention_fa3_op.register_fake
 def _(qkv_ctx, qkv_x, n_ctx, heads, wq_ctx, wk_ctx, wq_x, wk_x):
     B, L, C3 = qkv_x.shape
-    return qkv_x.new_empty(B, n_ctx, C3 // 3), qkv_x.new_empty(B, L, C3 // 3)
+    return qkv_x.new_empty(B, n_ctx + L, C3 // 3)

@@ -4,6 +4,7 @@
     residual_ln_modulate_act(x, gate, y, ...) x + gate*y, then the same (fc1 input after attention)
     gelu_act(h, mode)                        GELU(tanh) -> (per-token fp8 quantise)     (fc2 input)
     plain_act(y, mode)                       (per-token fp8 quantise)                    (proj input)
+    plain_act_window(y, start, length, mode) the same over rows start..start+length of each batch row
 
 Each returns `(a, a_scale)`: for mode None / "weight_only" `a` is the activation in the compute
 dtype and `a_scale` is None; for "dynamic" `a` is float8_e4m3fn [M, K] with per-token scales
@@ -190,13 +191,15 @@ if triton is not None:
         return 0.5 * h * (1.0 + t)
 
     @triton.jit
-    def _act_rows_kernel(Y, Q, S, SSTATIC, N, QS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    def _act_rows_kernel(Y, Q, S, SSTATIC, N, QS, LI, LO, OFF, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                          MODE: tl.constexpr, GELU: tl.constexpr):
-        # one row per program (dynamic mode needs the row's amax)
+        # one row per program (dynamic mode needs the row's amax). Output row r reads input row
+        # (r // LO) * LI + OFF + r % LO: a window of LO rows at OFF in each group of LI (plain_act_window)
         row = tl.program_id(0).to(tl.int64)
+        src = (row // LO) * LI + OFF + row % LO
         ca, ma, cb, mb = _row_parts(N, BLOCK_A, BLOCK_B)
-        ya = tl.load(Y + row * N + ca, mask=ma, other=0.0).to(tl.float32)
-        yb = tl.load(Y + row * N + cb, mask=mb, other=0.0).to(tl.float32)
+        ya = tl.load(Y + src * N + ca, mask=ma, other=0.0).to(tl.float32)
+        yb = tl.load(Y + src * N + cb, mask=mb, other=0.0).to(tl.float32)
         if GELU:
             ya = _gelu_tanh(ya)
             yb = _gelu_tanh(yb)
@@ -424,6 +427,20 @@ def plain_act(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | No
     return _rows(y.contiguous(), mode, static_scale, gelu=False, extra=extra)
 
 
+def plain_act_window(y: torch.Tensor, start: int, length: int, mode: str | None,
+                     static_scale: torch.Tensor | None = None, impl: str = "auto"):
+    """y [B, L, K] -> plain_act(y[:, start:start + length]) as [B * length, K] rows, read in place (no copy
+    of the window first): the proj inputs of a joint attention's [ctx | x] output (fast/attention_fa3.py)."""
+    _check_static(mode, static_scale, "plain_act_window")
+    B, L, K = y.shape
+    win = y[:, start:start + length]
+    if mode not in MATMUL_MODES:
+        return win.reshape(B * length, K), None
+    if act_impl(y, impl) == "torch":
+        return _plain_torch(win.reshape(B * length, K), mode, static_scale)
+    return _rows(y.contiguous().view(B * L, K), mode, static_scale, gelu=False, window=(L, start, length))
+
+
 _STATIC_BLOCK = 2048
 
 
@@ -450,17 +467,23 @@ def row_launch(n: int) -> dict:
     return dict(BLOCK_A=a, BLOCK_B=b, num_warps=row_warps(a + b))
 
 
-def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, gelu: bool, extra: int = 0):
+def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, gelu: bool, extra: int = 0,
+          window: tuple[int, int, int] | None = None):
+    """window (L, start, length): y [M, N] is groups of L rows, and the pass reads rows start..start+length
+    of each group (plain_act_window) -> [M / L * length, N]."""
     M, N = y.shape
     code = _mode_code(mode)
-    if code == 2 and not extra:  # static: flat elementwise pass; the [M, 1] scale is the scalar broadcast
+    li, off, lo = window if window is not None else (1, 0, 1)  # (1, 0, 1): row r reads row r
+    M = M // li * lo
+    if code == 2 and not extra and window is None:  # static: flat elementwise pass; the [M, 1] scale is the scalar
         q = torch.empty(M, N, device=y.device, dtype=FP8_DTYPE)
         _act_static_kernel[(triton.cdiv(M * N, _STATIC_BLOCK),)](y, q, static_scale, M * N, BLOCK=_STATIC_BLOCK,
                                                                  GELU=gelu, num_warps=4)
         return q, static_row_scale(static_scale, M)
     q, s = _act_out(M, N, code, y, extra)
-    _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, N + extra, MODE=code, GELU=gelu,
-                           **row_launch(N))  # MODE 0 / 1 (2: static with spare columns)
+    if M:
+        _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, N + extra, li, lo, off, MODE=code,
+                               GELU=gelu, **row_launch(N))  # MODE 0 / 1 (2: static with spare columns)
     return q, (s if code else None)
 
 

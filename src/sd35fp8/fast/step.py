@@ -47,7 +47,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, LIBRARY_KINDS, TRITON_KINDS, attend, backend_context
 from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, put
-from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
+from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act, plain_act_window,
                                    residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.device import MODES, fp8_gemm_fp32, rowwise_scaled_mm
@@ -201,8 +201,9 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec, kind: str = "t
     [3, H]): no amax pass, and the outputs come as e4m3 scaled for the proj linears. Dynamic mode
     (ATTN_OUT_ROWS, proj linears dynamic): each output comes as (e4m3 [B, L, C], row scales [B*L, 1]) for
     its proj linear. `rec` (calibration): records the per-head q/k/v amax under `key`. kind "fa3_fp8":
-    FlashAttention-3's FP8 forward (fast/attention_fa3.py) in dynamic mode, bf16 outputs; static mode and
-    calibration take the Triton kernel."""
+    FlashAttention-3's FP8 forward (fast/attention_fa3.py) in dynamic mode, its bf16 output quantised per token
+    for the proj linears in one pass a stream (fast/kernels.py plain_act_window); static mode and calibration
+    take the Triton kernel."""
     from sd35fp8.fast.attention_triton import joint_attention_amax, joint_attention_fp8_op, joint_attention_fp8_rows_op
 
     stem_c, stem_x, proj_c, proj_x = ATTN_KEYS[key]
@@ -210,12 +211,17 @@ def _fp8_attention(p, key, qkv_c, qkv_x, n_ctx, heads, mode, rec, kind: str = "t
     if rec is not None:
         amax = joint_attention_amax(qkv_c, qkv_x, n_ctx, heads, *w)  # [3, H]
         rec[key] = amax if key not in rec else torch.maximum(rec[key], amax)
+    projs = [n for n in (proj_c, proj_x) if n is not None and n + ".w" in p]
+    projs_dynamic = all(_lm(p, n, mode) == "dynamic" for n in projs)
     if kind == "fa3_fp8" and mode == "dynamic" and rec is None:
         from sd35fp8.fast.attention_fa3 import joint_attention_fa3_op
 
-        return joint_attention_fa3_op(qkv_c, qkv_x, n_ctx, heads, *w)
-    projs = [n for n in (proj_c, proj_x) if n is not None and n + ".w" in p]
-    if mode == "dynamic" and rec is None and ATTN_OUT_ROWS and all(_lm(p, n, mode) == "dynamic" for n in projs):
+        o = joint_attention_fa3_op(qkv_c, qkv_x, n_ctx, heads, *w)  # [B, Lc + Lx, C] bf16
+        if not projs_dynamic:
+            return o[:, :n_ctx], o[:, n_ctx:]
+        windows = ((0, n_ctx), (n_ctx, o.shape[1] - n_ctx))  # each proj's input: per-token e4m3 of its rows
+        return tuple(plain_act_window(o, start, n, "dynamic") if n else None for start, n in windows)
+    if mode == "dynamic" and rec is None and ATTN_OUT_ROWS and projs_dynamic:
         oc, ox, sc, sx = joint_attention_fp8_rows_op(qkv_c, qkv_x, n_ctx, heads, *w)
         return (oc, sc), (ox, sx)
     projs_static = all(_lm(p, n, mode) == "static" for n in projs)
@@ -249,36 +255,12 @@ def _attn_residual_then_mlp_input(p, s, x, gate, y, shift, scale, mode, impl):
     return residual_ln_modulate_act(x, gate, y, shift, scale, m1, p.get(s + ".fc1.xs"), impl, _spare(p, s + ".fc1", m1))
 
 
-# opt-in, being measured (benchmarks/gemm_epilogue.py, faster.py): the MLP's GEMMs in Triton with the GELU + quantise
-# pass in fc1's epilogue (fast/mlp_triton.py), for dynamic-mode layers without LoRA on CUDA; off: cuBLAS + the row pass
-MLP_FUSED = False
-
-
-def _mlp_fused_fits(p, s, act, m1, m2, rec) -> bool:
-    if (not MLP_FUSED or rec is not None or m1 != "dynamic" or m2 != "dynamic" or not act[0].is_cuda
-            or torch.compiler.is_compiling()):
-        return False
-    if p.get(s + ".fc1.lora") or p.get(s + ".fc2.lora"):
-        return False
-    from sd35fp8.fast.mlp_triton import fits
-
-    (n1, k), n2 = p[s + ".fc1.w"].shape, p[s + ".fc2.w"].shape[0]
-    return act[0].shape[1] == k and fits(k, n1, n2)
-
-
 def _mlp_residual(p, s, x, act, gate, mode, rec, impl, defer: bool = False):
     """x + gate * fc2(GELU(fc1(act))); act = the fc1 input. defer: as a Residual (not added yet)."""
     m1, m2 = _lm(p, s + ".fc1", mode), _lm(p, s + ".fc2", mode)
-    if _mlp_fused_fits(p, s, act, m1, m2, rec):
-        from sd35fp8.fast.mlp_triton import mlp_fused
-
-        y = mlp_fused(act[0], act[1], p[s + ".fc1.w"], p[s + ".fc1.ws"], p.get(s + ".fc1.b"), p[s + ".fc2.w"],
-                      p[s + ".fc2.ws"], p.get(s + ".fc2.b")).to(x.dtype)  # [M, C]
-    else:
-        h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
-        act = gelu_act(h, m2, p.get(s + ".fc2.xs"), impl, _spare(p, s + ".fc2", m2))
-        y = _linear_on(p, s + ".fc2", act, m2, x.dtype, rec)
-    res = Residual(x, gate, y)
+    h = _linear_on(p, s + ".fc1", act, m1, x.dtype, rec)
+    act = gelu_act(h, m2, p.get(s + ".fc2.xs"), impl, _spare(p, s + ".fc2", m2))
+    res = Residual(x, gate, _linear_on(p, s + ".fc2", act, m2, x.dtype, rec))
     return res if defer else settle(res)
 
 

@@ -1,20 +1,15 @@
-"""The MLP's two FP8 GEMMs owned by Triton, the GELU + quantise pass folded into fc1's epilogue (opt-in, measuring).
-
-    y = mlp_fused(a8, sa, w1, ws1, b1, w2, ws2, b2)   # fc2(GELU(fc1(a))), fast/step.py MLP_FUSED
-
-The fused step otherwise runs fc1 and fc2 as cuBLAS FP8 GEMMs with one row pass between them (fast/kernels.py
-gelu_act: GELU(tanh) and a per-token e4m3 quantise of fc1's output, a third of the step's elementwise time). A
-per-token scale needs the whole row's amax, which no output tile of fc1 sees, so here the fc2 input is scaled per
-1 x QBLOCK block (each fc1 output tile quantises its own columns: DeepSeek-V3's activation tiles), and fc2 applies
-those scales per K block (each block's partial product times its rows' scales, accumulated in fp32):
+"""benchmarks/gemm_epilogue.py's kernels: the MLP's two FP8 GEMMs in Triton, the GELU + quantise pass folded into
+fc1's epilogue. Measured and not adopted (H100, session 25: the chain 0.947 ms against cuBLAS + the row pass 0.678 ms;
+in the step 89.0 against 79.2 ms; docs/PERF.md), kept here as the benchmark's contender.
 
     triton_mm(a, w, sa, sw, b, gelu_q=True)   fc1 -> (e4m3 GELU(fc1) [M, N], scales [M, N / QBLOCK])
     triton_mm_blockscaled(g8, gs, w, sw, b)   fc2 over the block-scaled input -> bf16 [M, N]
 
-fc1 runs as a plain tiled kernel or persistent with TMA loads (Triton's Hopper recipe); GELU's tanh is computed
-from a sigmoid (portable: Triton's interpreter runs these kernels in the CPU tests). benchmarks/gemm_epilogue.py
-times this chain against cuBLAS + the row pass; FC1_TILE / FC1_TMA / FC2_TILE are its first guesses until a GPU run
-picks them. Needs N % BN == 0, K % BK == 0 (fc1) and K % QBLOCK == 0 (fc2): `fits`.
+A per-token scale needs the whole row's amax, which no output tile of fc1 sees, so the fc2 input is scaled per
+1 x QBLOCK block (each fc1 output tile quantises its own columns: DeepSeek-V3's activation tiles), and fc2 applies
+those scales per K block (each block's partial product times its rows' scales, accumulated in fp32). fc1 runs as a
+plain tiled kernel or persistent with TMA loads (Triton's Hopper recipe); GELU's tanh is computed from a sigmoid
+(portable: `gemm_epilogue.py --check-cpu` runs these kernels in Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -32,20 +27,6 @@ QBLOCK = 128  # the fc2 input's quantisation block (columns)
 FC1_TILE = (128, 256, 128, 8, 3)  # BM, BN, BK, warps, stages (BN a multiple of QBLOCK)
 FC1_TMA = True
 FC2_TILE = (128, 128, QBLOCK, 8, 4)
-
-
-def fits(k: int, n1: int, n2: int) -> bool:
-    """The shapes the kernels take at the default tiles: fc1 [n1, k], fc2 [n2, n1]."""
-    return (triton is not None and k % FC1_TILE[2] == 0 and n1 % FC1_TILE[1] == 0 and n1 % QBLOCK == 0
-            and n2 % FC2_TILE[1] == 0)
-
-
-def mlp_fused(a8: torch.Tensor, sa: torch.Tensor, w1: torch.Tensor, ws1: torch.Tensor, b1: torch.Tensor | None,
-              w2: torch.Tensor, ws2: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
-    """fc2(GELU(fc1(a))): a8 [M, K] e4m3 with per-token scales sa [M, 1], fp8 weights [N, K] with per-channel
-    scales [1, N] and bf16 biases (the engine's layout, fast/weights.py) -> bf16 [M, N2]."""
-    g8, gs = triton_mm(a8, w1, sa, ws1, b1, gelu_q=True)
-    return triton_mm_blockscaled(g8, gs, w2, ws2, b2)
 
 
 if triton is not None:
