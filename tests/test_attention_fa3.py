@@ -46,3 +46,31 @@ def test_fa3_step_close_to_cudnn_gpu():
         assert fa3.attention_backend == "fa3_fp8"
         out = fa3(*args).float()
     assert sqnr(ref, out) > sqnr(ref, ours) - 2.0
+
+
+@pytest.mark.parametrize("key, n_ctx", [("attn", 5), ("x.attn2", 0)])
+def test_fa3_road_gives_each_proj_its_rows(monkeypatch, key, n_ctx):
+    """fast/step.py's FA3 road on the CPU, FA3 itself stood in for by a known output [B, Lc + Lx, C]: with dynamic
+    proj linears each stream gets the per-token e4m3 of its own rows (kernels.plain_act_window: ctx rows first,
+    none for a self-attention's missing context); with a proj kept 16-bit, views of its rows in bf16."""
+    from sd35fp8.fast import step
+    from sd35fp8.fast.kernels import plain_act
+
+    B, Lx, C = 2, 7, 16
+    out = torch.randn(B, n_ctx + Lx, C, generator=torch.Generator().manual_seed(0)).bfloat16()
+    monkeypatch.setattr(attention_fa3, "joint_attention_fa3_op", lambda *args: out)
+    qkv_x = torch.zeros(B, Lx, 3 * C)
+    qkv_c = torch.zeros(B, n_ctx, 3 * C) if n_ctx else qkv_x
+    _, _, proj_c, proj_x = step.ATTN_KEYS[key]
+    p = {n + ".w": torch.zeros(C, C) for n in (proj_c, proj_x) if n is not None}
+    oc, ox = step._fp8_attention(p, key, qkv_c, qkv_x, n_ctx, 2, "dynamic", None, "fa3_fp8")
+    for act, rows in ((oc, out[:, :n_ctx]), (ox, out[:, n_ctx:])):
+        if not n_ctx and act is oc:
+            assert act is None
+            continue
+        q, s = act
+        qr, sr = plain_act(rows.reshape(-1, C), "dynamic")
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    p[proj_x + ".mode"] = "bf16"  # a policy kept the proj 16-bit: bf16 rows, no quantise pass
+    oc, ox = step._fp8_attention(p, key, qkv_c, qkv_x, n_ctx, 2, "dynamic", None, "fa3_fp8")
+    assert torch.equal(ox, out[:, n_ctx:]) and torch.equal(oc, out[:, :n_ctx])
