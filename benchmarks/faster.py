@@ -175,7 +175,30 @@ def profile_step(eng, inputs) -> dict:
              "quantize_qkv" if ("quant" in n or "amax" in n) else "elementwise/other")
         groups[g] = groups.get(g, 0.0) + ms(e)
     top = sorted(((e.key[:90], ms(e)) for e in prof.key_averages()), key=lambda r: -r[1])[:15]
-    return {"groups": groups, "top_kernels": top}
+    return {"groups": groups, "top_kernels": top, "by_launch_grid": _by_grid(prof)}
+
+
+def _by_grid(prof, most: int = 40) -> list | str:
+    """The profile's kernels grouped by (name, grid) from its trace: [name, grid, calls, total ms, mean us]. A row
+    pass's grid is its row count, so the image stream's (8192 rows) and the context's (308) come apart."""
+    import json as _json
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            events = _json.load(open(f.name)).get("traceEvents", [])
+        rows: dict = {}
+        for ev in events:
+            if ev.get("cat") != "kernel":
+                continue
+            key = (ev.get("name", "")[:70], str(ev.get("args", {}).get("grid")))
+            n, t = rows.get(key, (0, 0.0))
+            rows[key] = (n + 1, t + float(ev.get("dur", 0.0)))
+        out = [[name, grid, n, t / 1000, t / n] for (name, grid), (n, t) in rows.items()]
+        return sorted(out, key=lambda r: -r[3])[:most]
+    except Exception as err:  # noqa: BLE001  (a trace format change must not end the benchmark)
+        return f"{type(err).__name__}: {err}"
 
 
 def random_large_mmdit(device: torch.device, reference_inputs: tuple | None = None):
