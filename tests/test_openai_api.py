@@ -18,8 +18,8 @@ from PIL import Image
 from comfy_models import build_models_folder
 from live_server import LiveServer
 from sd35fp8.server import create_app
-from sd35fp8.server.openai_api import (ImageRequest, build_graph, checkpoint_defaults, checkpoint_max_side,
-                                       parse_size)
+from sd35fp8.server.openai_api import (EditRequest, ImageRequest, build_edit_graph, build_graph, checkpoint_defaults,
+                                       checkpoint_max_side, edit_image, parse_size)
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
 
 openai = pytest.importorskip("openai")
@@ -106,6 +106,65 @@ def test_errors_have_openai_shape(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(model=MODEL, prompt="x", size="1024x1024", extra_body={"steps": 1})
     assert e.value.body["param"] == "size" and "256x256" in e.value.body["message"]
+
+
+def _png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_edit_with_the_openai_client(server, client):
+    """client.images.edit: a whole-image edit (img2img), a masked edit (only the transparent part of the mask
+    changes much), n images, and the graph the route builds equals POST /prompt's result pixel for pixel."""
+    rng = np.random.default_rng(0)
+    src = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))  # 40 x 48: not a multiple of 16
+    extra = {"steps": 4, "seed": 3, "sampler_name": "euler"}
+    whole = client.images.edit(model=MODEL, image=("src.png", _png(src), "image/png"), prompt="a red cube",
+                               extra_body=extra)
+    (w,) = [pixels(base64.b64decode(d.b64_json)) for d in whole.data]
+    assert w.shape == (48, 32, 3)  # the image's size rounded down to multiples of 16
+
+    ramp = np.linspace(40, 215, 64)
+    src = Image.fromarray(np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
+                                    np.full((64, 64), 128.0)], -1).astype(np.uint8))  # smooth: the VAE keeps it
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 64, 32))  # top half transparent: repaint it, keep the bottom
+    got = client.images.edit(model=MODEL, image=("src.png", _png(src), "image/png"), prompt="a red cube",
+                             mask=("mask.png", _png(mask), "image/png"), n=2, response_format="b64_json",
+                             extra_body=extra)
+    imgs = [pixels(base64.b64decode(d.b64_json)) for d in got.data]
+    assert len(imgs) == 2 and imgs[0].shape == (64, 64, 3) and not np.array_equal(imgs[0], imgs[1])
+    # what the route ran: the image stored with the mask's alpha (LoadImage: MASK = 1 - alpha, 1 = repaint),
+    # its MASK into SetLatentNoiseMask, the latent repeated for n (the sampler's masking: test_inpaint_nodes.py)
+    png, masked, size = edit_image(_png(src), _png(mask), 64 * 64)
+    alpha = np.asarray(Image.open(io.BytesIO(png)))[..., 3]
+    assert masked and size == (64, 64) and (alpha[:32] == 0).all() and (alpha[32:] == 255).all()
+    req = EditRequest(prompt="a red cube", n=2, **extra)
+    graph, w, h = build_edit_graph(req, f"{MODEL}.safetensors", checkpoint_defaults(SHIPPED_CHECKPOINT), "x",
+                                   "openai/a.png", True, (64, 64))
+    assert (w, h) == (64, 64) and graph["14"]["inputs"]["mask"] == ["11", 1]
+    assert graph["15"]["inputs"] == {"samples": ["14", 0], "amount": 2} and graph["3"]["inputs"]["denoise"] == 1.0
+    assert graph["3"]["inputs"]["latent_image"] == ["15", 0] and "5" not in graph
+    assert not edit_image(_png(src), None, 64 * 64)[1]  # an opaque image without a mask: a whole-image edit
+
+    with pytest.raises(openai.BadRequestError) as e:  # a mask of another size
+        client.images.edit(model=MODEL, image=("src.png", _png(src), "image/png"), prompt="x",
+                           mask=("mask.png", _png(Image.new("RGBA", (16, 16))), "image/png"), extra_body=extra)
+    assert e.value.body["param"] == "mask" and "same size" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # not an image
+        client.images.edit(model=MODEL, image=("src.png", b"not a png", "image/png"), prompt="x")
+    assert e.value.body["param"] == "image"
+    url = f"{server.url}/v1/images/edits"
+    for kw in ({"json": {"prompt": "x"}},  # not multipart
+               {"data": {"prompt": "x", "image": "text"}},  # image not a file
+               {"files": {"image": ("a.png", _png(src))}},  # no prompt
+               {"files": {"image": ("a.png", _png(src)), "mask": ("m.png", b"junk")}, "data": {"prompt": "x"}},
+               {"files": {"image": ("a.png", _png(src))}, "data": {"prompt": "x", "n": "many"}},
+               {"files": {"image": ("a.png", _png(src)), "other": ("b.png", _png(src))}, "data": {"prompt": "x"}},
+               {"data": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}):
+        r = requests.post(url, timeout=30, **kw)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (kw.keys(), r.text)
 
 
 def test_input_error_while_running_is_400(tmp_path, monkeypatch):

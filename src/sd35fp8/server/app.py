@@ -202,8 +202,10 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     app.state.folders, app.state.user_store, app.state.logs = folders, store, logs
     app.state.limits, app.state.redactor, app.state.text_budget = limits, redactor, text_budget
 
+    app.state.max_upload_bytes, app.state.max_upload_pixels = max_upload_bytes, max_upload_pixels
+
     def body_limit(path: str) -> int:
-        if "/upload/" in path:
+        if "/upload/" in path or path.rstrip("/").endswith("/images/edits"):
             return max_upload_bytes + files.FORM_OVERHEAD
         if "/userdata/" in path:
             return MAX_USERDATA_BYTES

@@ -1,4 +1,4 @@
-"""OpenAI-compatible images API: POST /v1/images/generations and GET /v1/models.
+"""OpenAI-compatible images API: POST /v1/images/generations, POST /v1/images/edits and GET /v1/models.
 
     client = openai.OpenAI(base_url="http://127.0.0.1:8188/v1", api_key="<token or anything>")
     img = client.images.generate(model="stable-diffusion-3.5-fp8", prompt="a red cube", size="64x64",
@@ -18,12 +18,22 @@ names: `cfg`, `sampler_name`, `scheduler`, `denoise`, `shift`. Unknown fields ar
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for the request's
 fault (a size larger than the checkpoint's position table covers is refused before queueing; an
 InputError raised while the prompt runs is answered 400 too), 500 only for a failed generation.
+
+/v1/images/edits (multipart, as `client.images.edit(image=..., mask=..., prompt=...)` sends it): one `image`
+file and an optional `mask` file of the same size whose fully transparent pixels mark where to edit (OpenAI's
+rule; without a mask the image's own transparent pixels, if it has any). The image is stored under
+input/openai/ and the graph is LoadImage -> ImageScale (to `size`, or the image's size rounded down to a
+multiple of 16; stretched, so the mask stays aligned) -> VAEEncode [-> SetLatentNoiseMask] [-> RepeatLatentBatch
+for n] -> KSampler -> VAEDecode -> SaveImage. `denoise` (img2img strength) defaults to 1.0 where a mask says what
+to repaint and to 0.6 for a whole-image edit (diffusers' SD3 img2img strength). The same other fields and errors
+as generations; the upload is bounded as POST /upload/image (bytes, pixels, a readable image).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import math
 import random
 import time
@@ -40,6 +50,7 @@ from safetensors import safe_open
 from sd35fp8.defaults import GenerationDefaults, defaults_for
 from sd35fp8.errors import InputError
 from sd35fp8.models.mmdit import LATENT_DOWNSCALE
+from sd35fp8.server.files import DEFAULT_MAX_UPLOAD_PIXELS, FORM_OVERHEAD, image_error, read_bounded, write_atomic
 from sd35fp8.server.validation import RequestError, check_prompt_work
 
 # quality -> fraction of the model's default steps (OpenAI: dall-e-3 standard/hd, gpt-image low/medium/high)
@@ -48,6 +59,12 @@ MAX_N = 10  # OpenAI's bound on n
 POLL_S = 0.02  # how often the route looks for its history entry
 OWNER = "sd35fp8"
 INPUT_ERRORS = {"sd35fp8.errors.InputError"}  # execution errors answered 400 (invalid_value), not 500
+
+
+EDIT_DENOISE = {"masked": 1.0, "whole": 0.6}  # /v1/images/edits' default denoise (module docstring)
+EDIT_FIELDS = 32  # multipart fields an edit request may have
+EDIT_SUBFOLDER = "openai"  # the edits' images, under the input folder
+DEFAULT_EDIT_BYTES = 100 * 1024 * 1024  # without app.state.max_upload_bytes (the server sets it)
 
 
 class ImageRequest(BaseModel):
@@ -75,6 +92,13 @@ class ImageRequest(BaseModel):
     scheduler: str | None = None
     denoise: float = Field(1.0, ge=0.0, le=1.0)
     shift: float | None = Field(None, gt=0.0)
+
+
+class EditRequest(ImageRequest):
+    """The fields of POST /v1/images/edits besides its files (multipart: numbers arrive as text)."""
+
+    denoise: float | None = Field(None, ge=0.0, le=1.0)  # None: EDIT_DENOISE
+    input_fidelity: Literal["low", "high"] | None = None  # gpt-image-1's; accepted, no effect
 
 
 def openai_error(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -120,15 +144,12 @@ def checkpoint_max_side(path: Path) -> int | None:
     return side * patch * LATENT_DOWNSCALE if side * side == cells else None
 
 
-def check_size(graph: dict, max_side: int | None) -> None:
+def check_size(width: int, height: int, max_side: int | None) -> None:
     """InputError when the request's image is larger than the model's position table covers (the
     MMDiT would refuse it at sampling time: a request error, not a failed generation)."""
-    if max_side is None:
-        return
-    latent = graph["5"]["inputs"]
-    if latent["width"] > max_side or latent["height"] > max_side:
-        raise InputError(f"size {latent['width']}x{latent['height']} is too large for this model: its position "
-                         f"table covers at most {max_side}x{max_side} px")
+    if max_side is not None and (width > max_side or height > max_side):
+        raise InputError(f"size {width}x{height} is too large for this model: its position table covers at most "
+                         f"{max_side}x{max_side} px")
 
 
 def build_graph(req: ImageRequest, ckpt_name: str, defaults: GenerationDefaults, prefix: str) -> dict:
@@ -153,6 +174,57 @@ def build_graph(req: ImageRequest, ckpt_name: str, defaults: GenerationDefaults,
     graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
     graph["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}}
     return graph
+
+
+def edit_image(image: bytes, mask: bytes | None, max_pixels: int) -> tuple[bytes, bool, tuple[int, int]]:
+    """An edit's upload -> (the PNG to store: RGB, or RGBA whose alpha marks what to keep, whether it has a
+    mask, (width, height)). The mask's alpha replaces the image's; transparent pixels are repainted (LoadImage's
+    MASK = 1 - alpha). InputError naming the field for an unreadable or oversized file, or a size mismatch."""
+    from PIL import Image
+
+    for field, data in (("image", image), ("mask", mask)):
+        error = data is not None and image_error(data, max_pixels)
+        if error:
+            raise InputError(f"{field}: not a readable image: {error}")
+    with Image.open(io.BytesIO(image)) as img:
+        rgba = img.convert("RGBA")
+    if mask is not None:
+        with Image.open(io.BytesIO(mask)) as m:
+            alpha = m.convert("RGBA").getchannel("A")
+        if alpha.size != rgba.size:
+            raise InputError(f"mask is {alpha.size[0]}x{alpha.size[1]}, the image {rgba.size[0]}x{rgba.size[1]}: "
+                             "they must be the same size")
+        rgba.putalpha(alpha)
+    masked = rgba.getchannel("A").getextrema()[0] < 255
+    out = io.BytesIO()
+    (rgba if masked else rgba.convert("RGB")).save(out, format="PNG", compress_level=4)
+    return out.getvalue(), masked, rgba.size
+
+
+def build_edit_graph(req: EditRequest, ckpt_name: str, defaults: GenerationDefaults, prefix: str, image_name: str,
+                     masked: bool, image_size: tuple[int, int]) -> tuple[dict, int, int]:
+    """The ComfyUI API-format prompt of an edit (module docstring) -> (graph, width, height)."""
+    if req.size not in (None, "auto"):
+        width, height = parse_size(req.size, image_size)
+    else:
+        width, height = (max(16, side // 16 * 16) for side in image_size)
+    denoise = req.denoise if req.denoise is not None else EDIT_DENOISE["masked" if masked else "whole"]
+    graph = build_graph(req.model_copy(update={"denoise": denoise, "size": f"{width}x{height}"}), ckpt_name,
+                        defaults, prefix)
+    del graph["5"]  # the empty latent: the image's instead
+    graph["11"] = {"class_type": "LoadImage", "inputs": {"image": image_name}}
+    graph["12"] = {"class_type": "ImageScale", "inputs": {"image": ["11", 0], "upscale_method": "bicubic",
+                                                          "width": width, "height": height, "crop": "disabled"}}
+    graph["13"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["4", 2]}}
+    latent: list = ["13", 0]
+    if masked:
+        graph["14"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": latent, "mask": ["11", 1]}}
+        latent = ["14", 0]
+    if req.n > 1:
+        graph["15"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": latent, "amount": req.n}}
+        latent = ["15", 0]
+    graph["3"]["inputs"]["latent_image"] = latent
+    return graph, width, height
 
 
 def _model_names(folders: Any) -> list[str]:
@@ -192,29 +264,71 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
             return openai_error(str(e), param="model", code="model_not_found", status=404)
         return {"id": name.removesuffix(".safetensors"), "object": "model", "created": 0, "owned_by": OWNER}
 
+    async def model_defaults(req: ImageRequest) -> tuple[str, GenerationDefaults, int | None]:
+        """(checkpoint file, its generation defaults, its largest side in px); LookupError for an unknown model."""
+        ckpt = _resolve_model(folders, req.model)
+        if ckpt not in defaults_cache:
+            path = Path(folders.get_full_path("checkpoints", ckpt))
+            defaults_cache[ckpt] = (await asyncio.to_thread(checkpoint_defaults, path),
+                                    await asyncio.to_thread(checkpoint_max_side, path))
+        return (ckpt, *defaults_cache[ckpt])
+
     @r.post("/images/generations")
     async def generate(request: Request) -> JSONResponse:
         try:
             req = ImageRequest.model_validate_json(await request.body())
         except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            return openai_error(f"{param}: {first['msg']}" if param else first["msg"], param=param,
-                                code="invalid_value")
+            return _validation_error(e)
         try:
-            ckpt = _resolve_model(folders, req.model)
+            ckpt, defaults, max_side = await model_defaults(req)
         except LookupError as e:
             return openai_error(str(e), param="model", code="model_not_found", status=404)
-        if ckpt not in defaults_cache:
-            path = Path(folders.get_full_path("checkpoints", ckpt))
-            defaults_cache[ckpt] = (await asyncio.to_thread(checkpoint_defaults, path),
-                                    await asyncio.to_thread(checkpoint_max_side, path))
-        defaults, max_side = defaults_cache[ckpt]
-        prompt_id = str(uuid.uuid4())
         try:
             graph = build_graph(req, ckpt, defaults, "openai/img")
         except InputError as e:
             return openai_error(str(e), param="size", code="invalid_value")
+        latent = graph["5"]["inputs"]
+        return await run(request, req, graph, latent["width"], latent["height"], max_side)
+
+    @r.post("/images/edits")
+    async def edit(request: Request) -> JSONResponse:
+        max_bytes = getattr(request.app.state, "max_upload_bytes", None) or DEFAULT_EDIT_BYTES
+        body = await read_bounded(request, max_bytes + FORM_OVERHEAD)
+        if body is None:
+            return openai_error(f"upload larger than the limit of {max_bytes} bytes", code="payload_too_large",
+                                status=413)
+        try:
+            fields, files = await _edit_form(request, body)
+            req = EditRequest.model_validate(fields)
+        except InputError as e:
+            return openai_error(str(e), code="invalid_value")
+        except ValidationError as e:
+            return _validation_error(e)
+        try:
+            ckpt, defaults, max_side = await model_defaults(req)
+        except LookupError as e:
+            return openai_error(str(e), param="model", code="model_not_found", status=404)
+        max_pixels = getattr(request.app.state, "max_upload_pixels", None) or DEFAULT_MAX_UPLOAD_PIXELS
+        try:
+            png, masked, image_size = await asyncio.to_thread(edit_image, files["image"], files.get("mask"),
+                                                              max_pixels)
+            name = f"{uuid.uuid4().hex}.png"
+            graph, width, height = build_edit_graph(req, ckpt, defaults, "openai/edit", f"{EDIT_SUBFOLDER}/{name}",
+                                                    masked, image_size)
+        except InputError as e:
+            return openai_error(str(e), param="mask" if str(e).startswith("mask") else "image",
+                                code="invalid_value")
+        target = Path(folders.input_dir) / EDIT_SUBFOLDER
+        try:
+            await asyncio.to_thread(_store, target, name, png)
+        except OSError as e:
+            return openai_error(f"could not store the image in input/{EDIT_SUBFOLDER}: {e.strerror or e}",
+                                type_="server_error", code="storage_failed", status=507 if e.errno == 28 else 500)
+        return await run(request, req, graph, width, height, max_side)
+
+    async def run(request: Request, req: ImageRequest, graph: dict, width: int, height: int,
+                  max_side: int | None) -> JSONResponse:
+        """Validate the graph and its cost, queue it, wait for it, answer with its images."""
         max_text = limits.max_text_chars if limits is not None else None
         ok, error, outputs, node_errors = validate_prompt(graph, executor.classes, folders, None, max_text)
         if not ok:
@@ -222,14 +336,17 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
                                for e in ne.get("errors", [])) or f"{error.get('message')}: {error.get('details')}"
             return openai_error(f"invalid request: {detail}", code="invalid_value")
         if limits is not None:
-            try:
-                check_prompt_work(graph, limits)
+            steps = graph["3"]["inputs"]["steps"]
+            try:  # the image's pixels x n x steps, whatever node makes the latent
+                check_prompt_work({"work": {"inputs": {"width": width, "height": height, "batch_size": req.n,
+                                                       "steps": steps}}}, limits)
             except RequestError as e:
                 return openai_error(f"{e.message}: {e.details}", param="size", code=e.type, status=e.status)
         try:
-            check_size(graph, max_side)
+            check_size(width, height, max_side)
         except InputError as e:
             return openai_error(str(e), param="size", code="invalid_value")
+        prompt_id = str(uuid.uuid4())
         extra = {"create_time": int(time.time() * 1000), "openai": True}
         budget = getattr(request.app.state, "text_budget", None)
         if budget is not None:  # the prompt text cut to --max-prompt-tokens (prompt_text.py)
@@ -265,6 +382,51 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         return JSONResponse({"created": int(time.time()), "data": data, "prompt_id": prompt_id})
 
     return r
+
+
+def _validation_error(e: ValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    return openai_error(f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value")
+
+
+async def _edit_form(request: Request, body: bytes) -> tuple[dict, dict[str, bytes]]:
+    """An edit's multipart body -> (its text fields, {"image": bytes, "mask": bytes}); InputError when it is not
+    multipart, has no image, more than one image, or a text field given twice."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request as StarletteRequest
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InputError("images/edits takes multipart/form-data (fields image, prompt, optional mask, ...)")
+    try:
+        form = await StarletteRequest(request.scope, receive).form(max_files=4, max_fields=EDIT_FIELDS)
+    except Exception as e:  # noqa: BLE001  (starlette's MultiPartException / a malformed body)
+        raise InputError(f"unreadable multipart body: {e}") from None
+    fields: dict = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        name = key.removesuffix("[]")  # gpt-image clients send image[]
+        if isinstance(value, UploadFile):
+            if name not in ("image", "mask"):
+                raise InputError(f"unexpected file field {key!r} (image, mask)")
+            if name in files:
+                raise InputError(f"one {name} per request")
+            files[name] = await value.read()
+        elif name in fields:
+            raise InputError(f"field {key!r} given twice")
+        else:
+            fields[name] = value
+    if "image" not in files:
+        raise InputError("multipart field 'image' (a file) is required")
+    return fields, files
+
+
+def _store(folder: Path, name: str, data: bytes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / name, data)
 
 
 async def _wait_for(queue: Any, prompt_id: str, request: Request) -> dict | None:

@@ -1,5 +1,6 @@
 """ComfyUI's latent resize nodes (nodes.py LatentUpscale, LatentUpscaleBy): comfy.utils.common_upscale on
-the latent. "bislerp" (ComfyUI's slerp resampler) is listed for compatibility and refused by name."""
+the latent. "bislerp" (ComfyUI's slerp resampler) is listed for compatibility and refused by name. And
+RepeatLatentBatch (nodes.py): the batch repeated `amount` times, its noise mask and batch_index with it."""
 
 from __future__ import annotations
 
@@ -74,4 +75,33 @@ class LatentUpscaleBy(Node):
         return (out,)
 
 
-LATENT_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (LatentUpscale, LatentUpscaleBy)}
+class RepeatLatentBatch(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "repeat"
+    CATEGORY = "latent/batch"
+    DISPLAY_NAME = "Repeat Latent Batch"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples": ("LATENT",), "amount": ("INT", {"default": 1, "min": 1, "max": 64})}}
+
+    def repeat(self, samples, amount):
+        """ComfyUI's: samples [B, C, h, w] -> [amount * B, ...]; a per-item noise mask is first brought to B
+        items (cycled), then repeated; batch_index continues past the batch's own span for each copy."""
+        z = samples["samples"]
+        out = dict(samples)
+        out["samples"] = z.repeat((amount, 1, 1, 1))
+        masks = samples.get("noise_mask")
+        if masks is not None and masks.shape[0] > 1:
+            if masks.shape[0] < z.shape[0]:
+                masks = masks.repeat(-(-z.shape[0] // masks.shape[0]), 1, 1, 1)[:z.shape[0]]
+            out["noise_mask"] = masks.repeat((amount, 1, 1, 1))
+        if "batch_index" in samples:
+            idx = list(samples["batch_index"])
+            offset = max(idx) - min(idx) + 1
+            out["batch_index"] = idx + [x + i * offset for i in range(1, amount) for x in idx]
+        return (out,)
+
+
+LATENT_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (LatentUpscale, LatentUpscaleBy,
+                                                                      RepeatLatentBatch)}
