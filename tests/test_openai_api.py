@@ -155,6 +155,9 @@ def test_edit_with_the_openai_client(server, client):
     with pytest.raises(openai.BadRequestError) as e:  # not an image
         client.images.edit(model=MODEL, image=("src.png", b"not a png", "image/png"), prompt="x")
     assert e.value.body["param"] == "image"
+    with pytest.raises(openai.BadRequestError) as e:  # a size that is not WIDTHxHEIGHT in 16s
+        client.images.edit(model=MODEL, image=("src.png", _png(src), "image/png"), prompt="x", size="65x64")
+    assert e.value.body["param"] == "size"
     url = f"{server.url}/v1/images/edits"
     for kw in ({"json": {"prompt": "x"}},  # not multipart
                {"data": {"prompt": "x", "image": "text"}},  # image not a file

@@ -312,12 +312,15 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         try:
             png, masked, image_size = await asyncio.to_thread(edit_image, files["image"], files.get("mask"),
                                                               max_pixels)
-            name = f"{uuid.uuid4().hex}.png"
-            graph, width, height = build_edit_graph(req, ckpt, defaults, "openai/edit", f"{EDIT_SUBFOLDER}/{name}",
-                                                    masked, image_size)
         except InputError as e:
             return openai_error(str(e), param="mask" if str(e).startswith("mask") else "image",
                                 code="invalid_value")
+        name = f"{uuid.uuid4().hex}.png"
+        try:
+            graph, width, height = build_edit_graph(req, ckpt, defaults, "openai/edit", f"{EDIT_SUBFOLDER}/{name}",
+                                                    masked, image_size)
+        except InputError as e:
+            return openai_error(str(e), param="size", code="invalid_value")
         target = Path(folders.input_dir) / EDIT_SUBFOLDER
         try:
             await asyncio.to_thread(_store, target, name, png)
