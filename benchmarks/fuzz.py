@@ -158,7 +158,7 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
     """One hostile request of a random kind: {kind, method, path, body, headers, files?, ws?}."""
     J = {"Content-Type": "application/json"}
     kind = rng.choice(["json", "types", "mutate", "mutate", "size", "routes", "query", "view", "upload",
-                       "headers", "ws"])
+                       "headers", "ws", "openai"])
     if kind == "json":
         body = rng.choice([b"{", b"[" * rng.randint(100, 50_000), b'{"prompt": NaN}', b'{"prompt": {}, "number": Infinity}',
                            b'{"prompt": 1e999}', bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 500))),
@@ -234,6 +234,29 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
                            {"overwrite": "true"}])
         return [{"kind": kind, "method": "POST", "path": "/upload/image", "files": {"image": (name, data, "image/png")},
                  "data": form, "headers": {}}]
+    if kind == "openai":  # the OpenAI images API: JSON generations and multipart edits
+        if rng.random() < 0.4:
+            body = rng.choice([{"prompt": "a cat", "n": rng.choice([0, -1, 10**9, "2", None])},
+                               {"prompt": "a cat", "size": rng.choice(["65x64", "0x0", "99999x99999", "axb", "", 5])},
+                               {"prompt": "a cat " * 50_000}, {"prompt": None}, {"prompt": ["a"]},
+                               {"prompt": "x", "model": rng.choice(["../x", "", "a" * 5000, 5])},
+                               {"prompt": "x", "response_format": "xml"}, {"prompt": "x", "steps": 10**6},
+                               {"prompt": "x", "seed": 2**80}, {"prompt": "x", "cfg": float("nan")}])
+            raw = rng.choice([dumps(body), b"{", b"[" * 20_000, b"\x00" * 64])
+            return [{"kind": kind, "method": "POST", "path": "/v1/images/generations", "body": raw, "headers": J}]
+        image = rng.choice([png(), png(64), bomb(), b"not an image", b"", bytes(rng.getrandbits(8) for _ in range(500))])
+        files = {"image": ("a.png", image, "image/png")}
+        if rng.random() < 0.5:
+            files["mask"] = ("m.png", rng.choice([png(), png(16), b"junk", bomb(200, 200)]), "image/png")
+        if rng.random() < 0.2:
+            files["other"] = ("b.png", png(), "image/png")
+        data = rng.choice([{"prompt": "x"}, {}, {"prompt": "x", "n": "many"}, {"prompt": "x", "size": "17x17"},
+                           {"prompt": "x", "size": "16384x16384"}, {"prompt": "x", "denoise": "2"},
+                           {"prompt": "x" * 100_000}, {"prompt": "x", "model": "nope"}])
+        if rng.random() < 0.1:  # not multipart at all
+            return [{"kind": kind, "method": "POST", "path": "/v1/images/edits", "body": dumps(data), "headers": J}]
+        return [{"kind": kind, "method": "POST", "path": "/v1/images/edits", "files": files, "data": data,
+                 "headers": {}}]
     if kind == "headers":
         h = rng.choice([{"Origin": "http://localhost:3000"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
                         {"Host": "rebind.evil.example"}, {"Content-Type": "text/plain"}, {"Content-Type": ""},

@@ -238,3 +238,38 @@ def test_proj_takes_e4m3_attention_outputs_with_row_scales():
     assert sqnr(ref, y.float()) > 25  # the weight's e4m3 rounding and the bf16 output
     y_bf16 = _proj(p, "x.proj", deq.to(torch.bfloat16), "dynamic", torch.bfloat16, None, "auto")  # per-token pass
     assert sqnr(y_bf16.float(), y.float()) > 25
+
+
+@pytest.mark.parametrize("mode", [None, "weight_only", "dynamic"])
+def test_adaln_columns_equal_the_whole_gemv(mode):
+    """The overlapped adaLN road (_modulations) computes the first block's columns and the rest apart:
+    each part equals those columns of the one GEMV (dynamic: the same per-row activation scale)."""
+    model = _model(TINY)
+    fast = MMDiTEngine(model, mode, compile=False, cuda_graphs=False)
+    c = torch.randn(2, TINY.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = fast._adaln(c, mode, None)
+        split = max(hi for _, hi in fast.ada_slices[0].values())
+        parts = [fast._adaln(c, mode, None, rows) for rows in ((0, split), (split, whole.shape[1]))]
+    assert 0 < split < whole.shape[1]
+    assert torch.allclose(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("skip", [(), (0,), (1, 2)])
+def test_adaln_overlap_equals_one_gemv_gpu(skip, monkeypatch):
+    """ADALN_OVERLAP: the later blocks' modulation on a side stream (eager and captured) gives the same step,
+    also when the first block or every later block is skipped."""
+    from sd35fp8.fast import step as step_mod
+
+    dev = torch.device("cuda")
+    model = _model(TINY).to(dev, torch.bfloat16)
+    args = [t.to(dev) for t in _inputs(TINY)]
+    with torch.no_grad():
+        ref = MMDiTEngine(model, "dynamic", cuda_graphs=False)(*args, skip_layers=skip)
+        monkeypatch.setattr(step_mod, "ADALN_OVERLAP", True)
+        eager = MMDiTEngine(model, "dynamic", cuda_graphs=False)(*args, skip_layers=skip)
+        graphed = MMDiTEngine(model, "dynamic", cuda_graphs=True)
+        outs = [graphed(*args, skip_layers=skip).clone() for _ in range(3)]
+    for out in (eager, *outs):
+        assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2), (out.float() - ref.float()).abs().max()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -340,6 +340,24 @@ def single_block(p: dict, x: torch.Tensor, mods: torch.Tensor, mode: str | None,
     return _mlp_residual(p, "x", x, act, m(5), mode, rec, impl)
 
 
+# CUDA: the adaLN GEMV of the blocks after the first runs on a side stream beside the first block
+# (MMDiTEngine._modulations); False: one GEMV before the blocks (benchmarks/faster.py times both)
+ADALN_OVERLAP = False
+
+
+class Modulations(NamedTuple):
+    """The blocks' adaLN output y [B, sum n_i*C]; with `done` (an event on the side stream that writes the columns
+    after block `first`'s), ready(i) makes the current stream wait for it before block i > first reads them."""
+
+    y: torch.Tensor
+    first: int = -1
+    done: Any = None
+
+    def ready(self, i: int) -> None:
+        if self.done is not None and i > self.first:
+            torch.cuda.current_stream(self.y.device).wait_event(self.done)
+
+
 class MMDiTEngine(nn.Module):
     """The MMDiT's executor, with MMDiT's forward contract. See the module docstring; build it with
     fast.build_engine (which reads the mode from the weights and the device and sets the flags)."""
@@ -511,21 +529,28 @@ class MMDiTEngine(nn.Module):
         return static_qkv_scale(amax, norms, self.config.hidden_size // self.config.num_heads)
 
     # -------------------------------------------------------------- forward
-    def _adaln(self, c: torch.Tensor, mode: str | None, rec: dict | None) -> torch.Tensor:
-        """silu(c) [B, C] -> every block's modulation [B, sum n_i*C] in one matmul."""
+    def _adaln(self, c: torch.Tensor, mode: str | None, rec: dict | None,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """silu(c) [B, C] -> every block's modulation [B, sum n_i*C] in one matmul. rows (lo, hi): only
+        those output columns [B, hi - lo] (the overlapped road, _modulations; no LoRA there)."""
         a = F.silu(c)
-        w, b = self.ada["w"], self.ada.get("b")
+        w, b, ws = self.ada["w"], self.ada.get("b"), self.ada.get("ws")
+        if rows is not None:
+            lo, hi = rows
+            w, b, ws = w[lo:hi], None if b is None else b[lo:hi], None if ws is None else ws[:, lo:hi]
         if self.ada_mode != self.fp8_mode:  # the adaLN group keeps its own mode (see _build_adaln)
             mode = self.ada_mode
         if mode is None:
             y = F.linear(a, w, b)
         elif mode == "weight_only":
-            y = fp8_weight_gemv(a, w, self.ada["ws"], b, c.dtype)
+            y = fp8_weight_gemv(a, w, ws, b, c.dtype)
         else:
             act = plain_act(a, mode, self.ada.get("xs"))
             _record(rec, "ada", act[1])
-            y = matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
+            y = matmul({"ada.w": w, "ada.ws": ws, "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
                        fast_accum=self.fast_accum)
+        if rows is not None:
+            return y
         pack = fused.ada_pack_for(self.ada_lora, a.dtype)  # the slots' LoRAs grouped (lora/fused.py)
         if pack is not None:
             y = fused.ada_apply(y, a, pack)
@@ -534,6 +559,31 @@ class MMDiTEngine(nn.Module):
                 bias = None if b is None else b[off:off + n]
                 y = torch.cat([y[:, :off], apply_lora(y[:, off:off + n], a, slot, bias), y[:, off + n:]], dim=1)
         return y
+
+    def _modulations(self, c: torch.Tensor, mode: str | None, rec: dict | None, vec, skip) -> "Modulations":
+        """Every block's adaLN output [B, sum n_i*C]. ADALN_OVERLAP on CUDA (no adaLN LoRA, not calibrating):
+        the first computed block's columns first, the rest on a side stream beside that block (a memory-bound
+        GEMV of 2.7 GB at Large beside its compute-bound GEMMs), joined before the next block reads them."""
+        first = next((i for i in range(len(self.blocks)) if i not in skip), None)
+        if (not ADALN_OVERLAP or c.device.type != "cuda" or rec is not None or first is None
+                or first + 1 >= len(self.blocks) or any(slot for _, _, slot in self.ada_lora)):
+            return Modulations(vec(lambda ci: self._adaln(ci, mode, rec), c))
+        split = max(hi for lo, hi in self.ada_slices[first].values())  # blocks' columns are in block order
+        total = self.ada["w"].shape[0]
+        y = c.new_empty(c.shape[0], total)  # [B, sum n_i*C]
+        y[:, :split] = vec(lambda ci: self._adaln(ci, mode, None, (0, split)), c)
+        main, side = torch.cuda.current_stream(c.device), self._side_stream(c.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            y[:, split:] = vec(lambda ci: self._adaln(ci, mode, None, (split, total)), c)
+            done = torch.cuda.Event()
+            done.record(side)
+        return Modulations(y, first, done)
+
+    def _side_stream(self, device: torch.device):
+        if getattr(self, "_side", None) is None:
+            self._side = torch.cuda.Stream(device)
+        return self._side
 
     def _forward(self, x, sigma, context, pooled, skip: tuple[int, ...], mode: str | None = "model",
                  rec: tuple | None = None, control: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -552,7 +602,7 @@ class MMDiTEngine(nn.Module):
         c = vec(lambda ti, yi: model.t_embedder(ti, dt) + model.y_embedder(yi.to(dt)), t, pooled)  # [B, C]
         ctx = model.context_embedder(context.to(dt))  # [B, L, C]
         rec_ada = None if rec is None else rec[0]
-        mods = vec(lambda ci: self._adaln(ci, mode, rec_ada), c)  # [B, sum n_i*C]
+        mods = self._modulations(c, mode, rec_ada, vec, skip)  # [B, sum n_i*C] and its readiness per block
         fn = self._block_fn if rec is None and mode == self.fp8_mode else joint_block
         # eager blocks hand their last residuals on as Residuals (added by the next block's first LN pass)
         extra = {"defer": True} if fn is joint_block else {}
@@ -561,14 +611,16 @@ class MMDiTEngine(nn.Module):
                 if i in skip:
                     continue
                 blk = self._block_weights(i)
+                mods.ready(i)
                 (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
                 attn = "sdpa" if i in self.attention_16bit_blocks else self._attn
-                ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
+                ctx, tokens = fn(blk, ctx, tokens, mods.y[:, c0:c1], mods.y[:, x0:x1], mode, cfg.num_heads,
                                  None if rec is None else rec[1][i], self.kernels, attn, **extra)
                 if self.streamer is not None:
                     self.streamer.done(i)
                 if control is not None and control[i] is not None:  # ControlNet residual [B, hp*wp, C]
                     tokens = settle(tokens) + control[i].to(dt)
+        mods.ready(len(self.blocks))  # joined even when every later block was skipped
         out = model.final_layer(settle(tokens), c, vec)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)
