@@ -14,7 +14,7 @@ timeout 260 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json
     | grep -E "^step|^profile|^image|^fp8_gemm|^triton_fp8|^vae|Error|error" | tee -a "$LOG"
 echo "== tests $(date -u +%T)" | tee -a "$LOG"
 timeout 120 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py tests/test_attention_fa3.py \
-    -k "fp8_attention or joint_op or fa3 or adaln or side_stream" 2>&1 | tail -4 | tee -a "$LOG"
+    -k "fp8_attention or joint_op or fa3 or adaln or side_stream" -rf 2>&1 | tail -15 | tee -a "$LOG"
 # (test_pipeline ran in session 25)
 echo "== done $(date -u +%T)" | tee -a "$LOG"
 ls "$OUT"
