@@ -304,14 +304,6 @@ def large(args) -> dict:
         opt_in("fp8_attention_fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))
     else:
         variants["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
-    # the adaLN GEMV of the later blocks on a side stream beside the first block (fast/step.py ADALN_OVERLAP)
-    # and the context stream's work on a side stream beside the image stream's (CTX_OVERLAP), then both
-    def flags(*names, on=True):
-        return lambda: [setattr(step_mod, n, on) for n in names]
-
-    for name, names in (("adaln_overlap", ("ADALN_OVERLAP",)), ("ctx_overlap", ("CTX_OVERLAP",)),
-                        ("adaln_ctx_overlap", ("ADALN_OVERLAP", "CTX_OVERLAP"))):
-        opt_in(name, flags(*names), flags(*names, on=False))
     res["step_ms"] = step_ms
     res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
     res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],

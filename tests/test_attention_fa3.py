@@ -1,4 +1,5 @@
-"""fast/attention_fa3.py: FlashAttention-3's FP8 forward as the opt-in attention kind "fa3_fp8". Without a Hopper GPU
+"""fast/attention_fa3.py: FlashAttention-3's FP8 forward as the attention kind "fa3_fp8" (auto's pick in dynamic mode where
+it is installed). Without a Hopper GPU
 and flash_attn_interface the kind is refused with a DeviceError naming what is missing; with them (GPU tests, skipped
 elsewhere) the engine's step with it stays as close to the cuDNN step as the Triton kind's; its joint op against the
 exact attention: tests/test_attention_triton.py test_joint_op_equals_unfused_path."""
@@ -45,7 +46,11 @@ def test_fa3_step_close_to_cudnn_gpu():
         fa3 = MMDiTEngine(model, "dynamic", cuda_graphs=True, attention_backend="fa3_fp8")
         assert fa3.attention_backend == "fa3_fp8"
         out = fa3(*args).float()
+        auto = MMDiTEngine(model, "dynamic", compile=True, cuda_graphs=True)  # auto picks FA3 here; compiled blocks
+        assert auto.attention_backend == "fa3_fp8"
+        compiled = auto(*args).float()
     assert sqnr(ref, out) > sqnr(ref, ours) - 2.0
+    assert sqnr(out, compiled) > 30
 
 
 @pytest.mark.parametrize("key, n_ctx", [("attn", 5), ("x.attn2", 0)])

@@ -55,7 +55,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 TRITON_KINDS = ("triton", "triton_fp8")  # our Triton flash attention (fast/attention_triton.py), bf16 / fp8
 EMULATED_KINDS = ("fp8_emulated",)  # the FP8 kernel's numerics in torch ops (CPU / no Triton; slow, exact spec)
-LIBRARY_KINDS = ("fa3_fp8",)  # FlashAttention-3's FP8 forward (fast/attention_fa3.py; opt-in, joint attention only)
+# FlashAttention-3's FP8 forward (fast/attention_fa3.py; auto's pick in dynamic mode where installed; joint attention)
+LIBRARY_KINDS = ("fa3_fp8",)
 ATTENTION_CHOICES = ("auto", "fp8", "bf16")  # build_engine(attention=...), --attention
 
 

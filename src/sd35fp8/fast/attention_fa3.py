@@ -1,11 +1,12 @@
-"""FlashAttention-3's FP8 forward as the fast step's joint attention: attention kind "fa3_fp8" (opt-in).
+"""FlashAttention-3's FP8 forward as the fast step's joint attention: attention kind "fa3_fp8" (auto's pick).
 
     MMDiTEngine(model, "dynamic", attention_backend="fa3_fp8")    # or build_engine(..., attention_backend=...)
 
 FA3 is a library kernel (the optional module `flash_attn_interface`, e.g. PyPI `tokenspeed-fa3`: CUDA 13, Hopper);
 it overlaps one warp group's softmax with another's MMAs, which our Triton kernel (fast/attention_triton.py) cannot
-express on sm_90. `auto` keeps our kernel until FA3 is measured faster in the step here (docs/PERF.md session 24:
-`benchmarks/faster.py` times both in one process).
+express on sm_90. `auto` (fast/weights.py auto_attention) picks it in dynamic mode where it is installed: the Large
+step 73.32 against 75.30 ms with our kernel, the same SQNR (H200, docs/PERF.md session 26: `benchmarks/faster.py`
+times both in one process).
 
 Numerics: our quantise pass as it is (attention_triton._quantize: qk RMS-norm fused, Hadamard-rotated q and k,
 one e4m3 scale per (batch, head), q / k from their norm bound, v from its amax), V written [B, H, Lp, D] (D

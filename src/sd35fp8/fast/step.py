@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -264,80 +264,32 @@ def _mlp_residual(p, s, x, act, gate, mode, rec, impl, defer: bool = False):
     return res if defer else settle(res)
 
 
-def _used_on(obj: Any, stream: Any) -> None:
-    """Tell the caching allocator that the tensors in obj (a tensor, a Residual or tuple of them) are used on
-    `stream` too, so their memory is not reused before that stream's work on them is done."""
-    if isinstance(obj, torch.Tensor):
-        obj.record_stream(stream)
-    elif isinstance(obj, tuple):
-        for t in obj:
-            _used_on(t, stream)
-
-
 def joint_block(p: dict, ctx: torch.Tensor, x: torch.Tensor, mods_c: torch.Tensor, mods_x: torch.Tensor,
                 mode: str | None, heads: int, rec: dict | None = None,
-                impl: str = "auto", attn: str = "sdpa", defer: bool = False,
-                side: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                impl: str = "auto", attn: str = "sdpa", defer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One joint block. ctx [B, Lc, C], x [B, Lx, C] (or Residuals: added by the first LayerNorm pass);
     mods_* [B, n*C] = this block's adaLN output. defer: return the MLP residuals as Residuals.
 
     Chunks as in the reference: shift, scale, gate (msa), shift, scale, gate (mlp)[, msa2 x3].
     `impl`: the elementwise kernels' implementation (fast/kernels.py act_impl); `attn`: "sdpa" or a
-    Triton attention kind (fast/attention.py attend). `side` (a CUDA stream; FP8 joint attention kinds): the
-    context stream's work (its qkv, then its proj and MLP) runs on it beside the image stream's, joined for the
-    attention; the returned ctx is `side`'s (the caller joins it after the last block).
+    Triton attention kind (fast/attention.py attend).
     """
     C = _stream(x).shape[-1]
     m = lambda mods, i: mods[:, i * C:(i + 1) * C]  # noqa: E731  [B, C]
     n_ctx = _stream(ctx).shape[1]
     if attn in FP8_JOINT_KINDS:  # q/k norm, concatenation and fp8 quantisation in one pass
-        main = None
-        if side is not None:
-            main = torch.cuda.current_stream(_stream(x).device)
-            side.wait_stream(main)
-            _used_on(ctx, side)  # the first block's ctx comes from the main stream
-        ctx, qkv_c = _on_side(side, _qkv_out, p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec,
-                              impl)  # [B, Lc, 3C]
+        ctx, qkv_c = _qkv_out(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, rec, impl)  # [B, Lc, 3C]
         x, qkv_x = _qkv_out(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, rec, impl)  # [B, Lx, 3C]
-        if side is not None:
-            main.wait_stream(side)
-            _used_on(qkv_c, main)
         o_c, o_x = _fp8_attention(p, "attn", qkv_c, qkv_x, n_ctx, heads, mode, rec, attn)  # [B, Lc, C], [B, Lx, C]
-        if side is not None:
-            side.wait_stream(main)
-            _used_on(o_c, side)
     else:
-        if side is not None:  # a 16-bit attention block among FP8 ones: the context stream's work comes back here
-            torch.cuda.current_stream(_stream(x).device).wait_stream(side)
-            _used_on(ctx, torch.cuda.current_stream(_stream(x).device))
-            side = None
         ctx, (qc, kc, vc) = _qkv(p, "c.qkv", ctx, m(mods_c, 0), m(mods_c, 1), mode, heads, rec, impl)  # [B, Lc, H, D]
         x, (qx, kx, vx) = _qkv(p, "x.qkv", x, m(mods_x, 0), m(mods_x, 1), mode, heads, rec, impl)  # [B, Lx, H, D]
         o = attend(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1), attn)  # [B, Lc+Lx, C]
         o_c, o_x = o[:, :n_ctx], o[:, n_ctx:]
-    ctx = _on_side(side, _ctx_tail, p, ctx, o_c, mods_c, m, mode, rec, impl, defer)
-    return ctx, _x_tail(p, x, o_x, mods_x, m, mode, heads, rec, impl, attn, defer)
-
-
-def _on_side(side: Any, fn, *args):
-    """fn(*args) on the CUDA stream `side`, or where it is called for None."""
-    if side is None:
-        return fn(*args)
-    with torch.cuda.stream(side):
-        return fn(*args)
-
-
-def _ctx_tail(p, ctx, o_c, mods_c, m, mode, rec, impl, defer):
-    """The context stream after the joint attention: proj, residual, MLP (none in the last, pre-only block)."""
-    if "c.proj.w" not in p:
-        return ctx
-    y = _proj(p, "c.proj", o_c, mode, _stream(ctx).dtype, rec, impl)
-    ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode, impl)
-    return _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl, defer)
-
-
-def _x_tail(p, x, o_x, mods_x, m, mode, heads, rec, impl, attn, defer):
-    """The image stream after the joint attention: proj, (MMDiT-X) self-attention, residual, MLP."""
+    if "c.proj.w" in p:  # not the last (pre-only) context block
+        y = _proj(p, "c.proj", o_c, mode, ctx.dtype, rec, impl)
+        ctx, act = _attn_residual_then_mlp_input(p, "c", ctx, m(mods_c, 2), y, m(mods_c, 3), m(mods_c, 4), mode, impl)
+        ctx = _mlp_residual(p, "c", ctx, act, m(mods_c, 5), mode, rec, impl, defer)
     y = _proj(p, "x.proj", o_x, mode, x.dtype, rec, impl)
     gate = m(mods_x, 2)
     if "x.attn2.qkv.w" in p:  # MMDiT-X self-attention on the same normed input, its own modulation
@@ -349,7 +301,8 @@ def _x_tail(p, x, o_x, mods_x, m, mode, heads, rec, impl, attn, defer):
         x = torch.addcmul(x, gate.unsqueeze(1), y.view(x.shape))
         y, gate = _proj(p, "x.attn2.proj", o2, mode, x.dtype, rec, impl), m(mods_x, 8)
     x, act = _attn_residual_then_mlp_input(p, "x", x, gate, y, m(mods_x, 3), m(mods_x, 4), mode, impl)
-    return _mlp_residual(p, "x", x, act, m(mods_x, 5), mode, rec, impl, defer)
+    x = _mlp_residual(p, "x", x, act, m(mods_x, 5), mode, rec, impl, defer)
+    return ctx, x
 
 
 def stream_weights(p: dict, s: str, db: nn.Module, where: str, mode: str | None, dtype: torch.dtype,
@@ -385,29 +338,6 @@ def single_block(p: dict, x: torch.Tensor, mods: torch.Tensor, mode: str | None,
     y = _proj(p, "x.proj", o, mode, x.dtype, rec, impl)
     x, act = _attn_residual_then_mlp_input(p, "x", x, m(2), y, m(3), m(4), mode, impl)
     return _mlp_residual(p, "x", x, act, m(5), mode, rec, impl)
-
-
-# CUDA, FP8 joint attention, eager blocks (not torch.compile), resident weights: the context stream's qkv, proj
-# and MLP (M = B x ~154-333 rows: small, low-occupancy GEMMs and row passes) run on a side stream beside the image
-# stream's, joined for each attention (joint_block `side`); False: one stream (benchmarks/faster.py times both)
-CTX_OVERLAP = False
-
-# CUDA: the adaLN GEMV of the blocks after the first runs on a side stream beside the first block
-# (MMDiTEngine._modulations); False: one GEMV before the blocks (benchmarks/faster.py times both)
-ADALN_OVERLAP = False
-
-
-class Modulations(NamedTuple):
-    """The blocks' adaLN output y [B, sum n_i*C]; with `done` (an event on the side stream that writes the columns
-    after block `first`'s), ready(i) makes the current stream wait for it before block i > first reads them."""
-
-    y: torch.Tensor
-    first: int = -1
-    done: Any = None
-
-    def ready(self, i: int) -> None:
-        if self.done is not None and i > self.first:
-            torch.cuda.current_stream(self.y.device).wait_event(self.done)
 
 
 class MMDiTEngine(nn.Module):
@@ -581,28 +511,21 @@ class MMDiTEngine(nn.Module):
         return static_qkv_scale(amax, norms, self.config.hidden_size // self.config.num_heads)
 
     # -------------------------------------------------------------- forward
-    def _adaln(self, c: torch.Tensor, mode: str | None, rec: dict | None,
-               rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """silu(c) [B, C] -> every block's modulation [B, sum n_i*C] in one matmul. rows (lo, hi): only
-        those output columns [B, hi - lo] (the overlapped road, _modulations; no LoRA there)."""
+    def _adaln(self, c: torch.Tensor, mode: str | None, rec: dict | None) -> torch.Tensor:
+        """silu(c) [B, C] -> every block's modulation [B, sum n_i*C] in one matmul."""
         a = F.silu(c)
-        w, b, ws = self.ada["w"], self.ada.get("b"), self.ada.get("ws")
-        if rows is not None:
-            lo, hi = rows
-            w, b, ws = w[lo:hi], None if b is None else b[lo:hi], None if ws is None else ws[:, lo:hi]
+        w, b = self.ada["w"], self.ada.get("b")
         if self.ada_mode != self.fp8_mode:  # the adaLN group keeps its own mode (see _build_adaln)
             mode = self.ada_mode
         if mode is None:
             y = F.linear(a, w, b)
         elif mode == "weight_only":
-            y = fp8_weight_gemv(a, w, ws, b, c.dtype)
+            y = fp8_weight_gemv(a, w, self.ada["ws"], b, c.dtype)
         else:
             act = plain_act(a, mode, self.ada.get("xs"))
             _record(rec, "ada", act[1])
-            y = matmul({"ada.w": w, "ada.ws": ws, "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
+            y = matmul({"ada.w": w, "ada.ws": self.ada["ws"], "ada.b": b}, "ada", act[0], act[1], mode, c.dtype,
                        fast_accum=self.fast_accum)
-        if rows is not None:
-            return y
         pack = fused.ada_pack_for(self.ada_lora, a.dtype)  # the slots' LoRAs grouped (lora/fused.py)
         if pack is not None:
             y = fused.ada_apply(y, a, pack)
@@ -611,33 +534,6 @@ class MMDiTEngine(nn.Module):
                 bias = None if b is None else b[off:off + n]
                 y = torch.cat([y[:, :off], apply_lora(y[:, off:off + n], a, slot, bias), y[:, off + n:]], dim=1)
         return y
-
-    def _modulations(self, c: torch.Tensor, mode: str | None, rec: dict | None, vec, skip) -> "Modulations":
-        """Every block's adaLN output [B, sum n_i*C]. ADALN_OVERLAP on CUDA (no adaLN LoRA, not calibrating):
-        the first computed block's columns first, the rest on a side stream beside that block (a memory-bound
-        GEMV of 2.7 GB at Large beside its compute-bound GEMMs), joined before the next block reads them."""
-        first = next((i for i in range(len(self.blocks)) if i not in skip), None)
-        if (not ADALN_OVERLAP or c.device.type != "cuda" or rec is not None or first is None
-                or first + 1 >= len(self.blocks) or any(slot for _, _, slot in self.ada_lora)):
-            return Modulations(vec(lambda ci: self._adaln(ci, mode, rec), c))
-        split = max(hi for lo, hi in self.ada_slices[first].values())  # blocks' columns are in block order
-        total = self.ada["w"].shape[0]
-        y = c.new_empty(c.shape[0], total)  # [B, sum n_i*C]
-        y[:, :split] = vec(lambda ci: self._adaln(ci, mode, None, (0, split)), c)
-        main, side = torch.cuda.current_stream(c.device), self._side_stream(c.device, "adaln")
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            y[:, split:] = vec(lambda ci: self._adaln(ci, mode, None, (split, total)), c)
-            done = torch.cuda.Event()
-            done.record(side)
-        return Modulations(y, first, done)
-
-    def _side_stream(self, device: torch.device, name: str):
-        """The engine's CUDA side stream `name` ("adaln", "ctx"), made on first use."""
-        streams = self.__dict__.setdefault("_side_streams", {})
-        if name not in streams:
-            streams[name] = torch.cuda.Stream(device)
-        return streams[name]
 
     def _forward(self, x, sigma, context, pooled, skip: tuple[int, ...], mode: str | None = "model",
                  rec: tuple | None = None, control: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -656,31 +552,23 @@ class MMDiTEngine(nn.Module):
         c = vec(lambda ti, yi: model.t_embedder(ti, dt) + model.y_embedder(yi.to(dt)), t, pooled)  # [B, C]
         ctx = model.context_embedder(context.to(dt))  # [B, L, C]
         rec_ada = None if rec is None else rec[0]
-        mods = self._modulations(c, mode, rec_ada, vec, skip)  # [B, sum n_i*C] and its readiness per block
+        mods = vec(lambda ci: self._adaln(ci, mode, rec_ada), c)  # [B, sum n_i*C]
         fn = self._block_fn if rec is None and mode == self.fp8_mode else joint_block
         # eager blocks hand their last residuals on as Residuals (added by the next block's first LN pass)
         extra = {"defer": True} if fn is joint_block else {}
-        side = None
-        if (CTX_OVERLAP and fn is joint_block and rec is None and x.device.type == "cuda" and self.streamer is None
-                and self._attn in FP8_JOINT_KINDS):
-            side = extra["side"] = self._side_stream(x.device, "ctx")
         with backend_context(None if self._attn != "sdpa" else self.attention_backend):
             for i in range(len(self.blocks)):
                 if i in skip:
                     continue
                 blk = self._block_weights(i)
-                mods.ready(i)
                 (c0, c1), (x0, x1) = self.ada_slices[i]["c"], self.ada_slices[i]["x"]
                 attn = "sdpa" if i in self.attention_16bit_blocks else self._attn
-                ctx, tokens = fn(blk, ctx, tokens, mods.y[:, c0:c1], mods.y[:, x0:x1], mode, cfg.num_heads,
+                ctx, tokens = fn(blk, ctx, tokens, mods[:, c0:c1], mods[:, x0:x1], mode, cfg.num_heads,
                                  None if rec is None else rec[1][i], self.kernels, attn, **extra)
                 if self.streamer is not None:
                     self.streamer.done(i)
                 if control is not None and control[i] is not None:  # ControlNet residual [B, hp*wp, C]
                     tokens = settle(tokens) + control[i].to(dt)
-        mods.ready(len(self.blocks))  # joined even when every later block was skipped
-        if side is not None:  # the context stream's last work (its value is not needed: the final layer reads x)
-            torch.cuda.current_stream(x.device).wait_stream(side)
         out = model.final_layer(settle(tokens), c, vec)  # [B, hp*wp, p*p*out]
         out = out.view(B, hp, wp, p, p, cfg.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out).reshape(B, cfg.out_channels, hp * p, wp * p)

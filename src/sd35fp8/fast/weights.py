@@ -78,13 +78,15 @@ def put(p: dict, name: str, lin: dict) -> None:
 
 def auto_attention(device: torch.device, fp8_mode: str | None) -> str | None:
     """FP8 matmul modes on a GPU with fp8 tensor cores (sm_89+) and Triton: our FP8 flash attention
-    (Large step 103.4 -> 99.2 ms, step SQNR 29.0 -> 28.9 dB on the H100; docs/PERF.md). Otherwise
+    (Large step 103.4 -> 99.2 ms, step SQNR 29.0 -> 28.9 dB on the H100; docs/PERF.md), or, in dynamic mode on
+    a Hopper GPU where FlashAttention-3 is installed (fast/attention_fa3.py), FA3's FP8 forward on our quantise
+    pass (Large step 75.30 -> 73.32 ms, SQNR 28.96 dB both, H200; docs/PERF.md session 26). Otherwise
     cuDNN SDPA on CUDA, torch's choice on CPU."""
-    from sd35fp8.fast import attention_triton
+    from sd35fp8.fast import attention_fa3, attention_triton
 
     if (fp8_mode in ("dynamic", "static") and device.type == "cuda" and attention_triton.triton is not None
             and torch.cuda.get_device_capability(device) >= (8, 9)):
-        return "triton_fp8"
+        return attention_fa3.KIND if fp8_mode == "dynamic" and attention_fa3.available(device) else "triton_fp8"
     return default_backend(device)
 
 
