@@ -81,7 +81,8 @@ def add_engine_args(p: argparse.ArgumentParser, compile_default: str) -> None:
     g.add_argument("--attention", default="auto", choices=("auto", "fp8", "bf16"),
                    help="MMDiT attention: fp8 = FP8 flash attention (Triton, sm_89+; its torch emulation on the "
                    "CPU), bf16 = SDPA (cuDNN on CUDA). Default auto: fp8 where the FP8 matmul modes run on an "
-                   "sm_89+ GPU, else bf16")
+                   "sm_89+ GPU (FlashAttention-3's FP8 kernel on Hopper in dynamic mode when installed: "
+                   "pip install 'sd35fp8[fa3]'), else bf16")
     from ..defaults import DEFAULT_CACHE_THRESHOLD  # torch-free: --help stays light
 
     g.add_argument("--cache-threshold", type=non_negative_float, nargs="?", const=DEFAULT_CACHE_THRESHOLD,
