@@ -1,5 +1,5 @@
 #!/bin/bash
-# One GPU call (session 26): faster.py large (the issue-23 JSON; the adaLN overlap variant; FA3 in the step with its output quantised in place,
+# The GPU call that ran in session 26 (results: PERF.md session 26): faster.py large (the issue-23 JSON; the adaLN overlap variant; FA3 in the step with its output quantised in place,
 # fast/kernels.py plain_act_window, and its profile), then the GPU tests of the FP8 attention, FA3 and the
 # pipeline. Each step writes into OUT as it ends (a step cut by its timeout loses only its own files).
 # Carry carry/fa3 alone (benchmarks/fa3_carry.sh): the tree and the carry share 64 MiB.
