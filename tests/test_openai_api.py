@@ -63,12 +63,18 @@ def test_generate_b64_and_url_match_comfy_route(server, client):
     imgs = [pixels(base64.b64decode(d.b64_json)) for d in got.data]
     assert imgs[0].shape == (32, 32, 3) and not np.array_equal(imgs[0], imgs[1])  # n = a batch of 2 noises
 
+    for fmt, magic in (("jpeg", b"\xff\xd8"), ("webp", b"RIFF")):  # gpt-image-1's output_format
+        enc = client.images.generate(model=MODEL, prompt="a red cube", size="32x32", output_format=fmt,
+                                     output_compression=90, extra_body=extra)
+        raw = base64.b64decode(enc.data[0].b64_json)
+        assert raw.startswith(magic) and pixels(raw).shape == (32, 32, 3)
+        assert np.abs(pixels(raw).astype(int) - imgs[0].astype(int)).mean() < 12  # the same image, lossy
     by_url = client.images.generate(model=MODEL, prompt="a red cube", size="32x32", n=2,
                                     response_format="url", extra_body=extra)
     assert [pixels(requests.get(d.url, timeout=30).content).tolist() for d in by_url.data] == \
         [i.tolist() for i in imgs]
 
-    # the same graph through POST /prompt gives the same pixels; history has both OpenAI prompts
+    # the same graph through POST /prompt gives the same pixels; history has the four OpenAI prompts and it
     req = ImageRequest(prompt="a red cube", size="32x32", n=2, **extra)
     defaults = checkpoint_defaults(SHIPPED_CHECKPOINT)
     graph = build_graph(req, f"{MODEL}.safetensors", defaults, "comfy")
@@ -83,7 +89,7 @@ def test_generate_b64_and_url_match_comfy_route(server, client):
     (ui,) = hist[pid]["outputs"].values()
     comfy = [pixels(requests.get(f"{server.url}/view", params=i, timeout=30).content) for i in ui["images"]]
     assert [c.tolist() for c in comfy] == [i.tolist() for i in imgs]
-    assert len(requests.get(f"{server.url}/history", timeout=30).json()) == 3
+    assert len(requests.get(f"{server.url}/history", timeout=30).json()) == 5
 
 
 def test_errors_have_openai_shape(client):

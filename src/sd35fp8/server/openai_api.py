@@ -11,7 +11,8 @@ WebSocket events as POST /prompt; the route then waits for its history entry.
 
 Fields: `model` (a checkpoint file in models/checkpoints, with or without ".safetensors"; it must hold
 the text encoders), `prompt`, `n` (the latent batch: n images from one seed, as ComfyUI's batch_size),
-`size` ("WxH"), `response_format` ("b64_json" or "url": a /view URL on this server), `quality`
+`size` ("WxH"), `response_format` ("b64_json" or "url": a /view URL on this server, the saved PNG),
+`output_format` (png, jpeg or webp for b64_json, at `output_compression` quality), `quality`
 (low/medium/standard/high/hd/auto: a fraction of the model's default steps, see QUALITY_STEPS),
 `steps` (wins over quality), `seed`, `negative_prompt`, and SD3.5's own fields under their own
 names: `cfg`, `sampler_name`, `scheduler`, `denoise`, `shift`. Unknown fields are an error.
@@ -79,10 +80,10 @@ class ImageRequest(BaseModel):
     quality: Literal["low", "medium", "standard", "high", "hd", "auto"] | None = None
     style: str | None = None  # dall-e-3's; accepted and ignored (SD3.5 has no such switch)
     user: str | None = None
-    output_format: Literal["png"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None  # b64_json: the image re-encoded (url: the PNG)
     background: Literal["auto", "opaque"] | None = None
     moderation: str | None = None
-    output_compression: int | None = Field(None, ge=0, le=100)  # png only: accepted, no effect
+    output_compression: int | None = Field(None, ge=0, le=100)  # jpeg / webp quality (default 100); png: no effect
     stream: Literal[False] | None = None  # partial images are not streamed
     steps: int | None = Field(None, ge=1, le=1000)
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
@@ -380,11 +381,25 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
                 data.append({"url": f"{request.base_url}view?{query}", "revised_prompt": req.prompt})
             else:
                 path = Path(folders.output_dir) / img["subfolder"] / img["filename"]
-                raw = await asyncio.to_thread(path.read_bytes)
+                raw = await asyncio.to_thread(encode_output, path, req.output_format, req.output_compression)
                 data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": req.prompt})
         return JSONResponse({"created": int(time.time()), "data": data, "prompt_id": prompt_id})
 
     return r
+
+
+def encode_output(path: Path, output_format: str | None, compression: int | None) -> bytes:
+    """A saved PNG's bytes as `output_format` asks: the file itself for png, else re-encoded by Pillow at quality
+    `compression` (OpenAI's output_compression, 0-100, default 100)."""
+    if output_format in (None, "png"):
+        return path.read_bytes()
+    from PIL import Image
+
+    with Image.open(path) as im:
+        out = io.BytesIO()
+        quality = 100 if compression is None else compression
+        im.convert("RGB").save(out, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)
+    return out.getvalue()
 
 
 def _validation_error(e: ValidationError) -> JSONResponse:
