@@ -241,6 +241,8 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
                                {"prompt": "a cat " * 50_000}, {"prompt": None}, {"prompt": ["a"]},
                                {"prompt": "x", "model": rng.choice(["../x", "", "a" * 5000, 5])},
                                {"prompt": "x", "response_format": "xml"}, {"prompt": "x", "steps": 10**6},
+                               {"prompt": "x", "output_format": rng.choice(["gif", "jpeg", "webp"]),
+                                "output_compression": rng.choice([-1, 101, "x", 0])},
                                {"prompt": "x", "seed": 2**80}, {"prompt": "x", "cfg": float("nan")}])
             raw = rng.choice([dumps(body), b"{", b"[" * 20_000, b"\x00" * 64])
             return [{"kind": kind, "method": "POST", "path": "/v1/images/generations", "body": raw, "headers": J}]

@@ -183,15 +183,19 @@ def edit_image(image: bytes, mask: bytes | None, max_pixels: int) -> tuple[bytes
     MASK = 1 - alpha). InputError naming the field for an unreadable or oversized file, or a size mismatch."""
     from PIL import Image
 
-    for field, data in (("image", image), ("mask", mask)):
-        error = data is not None and image_error(data, max_pixels)
+    def decode(field: str, data: bytes) -> Image.Image:  # RGBA; a header that reads but data that does not: 400
+        error = image_error(data, max_pixels)
         if error:
             raise InputError(f"{field}: not a readable image: {error}")
-    with Image.open(io.BytesIO(image)) as img:
-        rgba = img.convert("RGBA")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGBA")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise InputError(f"{field}: not a readable image: {e}") from None
+
+    rgba = decode("image", image)
     if mask is not None:
-        with Image.open(io.BytesIO(mask)) as m:
-            alpha = m.convert("RGBA").getchannel("A")
+        alpha = decode("mask", mask).getchannel("A")
         if alpha.size != rgba.size:
             raise InputError(f"mask is {alpha.size[0]}x{alpha.size[1]}, the image {rgba.size[0]}x{rgba.size[1]}: "
                              "they must be the same size")
