@@ -60,6 +60,22 @@ def test_upload_mask_copies_the_alpha_onto_the_original(tmp_path):
         r = client.post("/upload/mask", files={"image": ("m.png", _png(Image.fromarray(mask_rgba)), "image/png")},
                         data={"original_ref": outside})
         assert r.status_code == 403
+        # a mask whose header reads but whose pixel data is cut short: a 400, not a 500
+        r = client.post("/upload/mask", files={"image": ("m.png", short_png(8), "image/png")},
+                        data={"original_ref": ref})
+        assert r.status_code == 400, r.text
+
+
+def short_png(side: int) -> bytes:
+    """A well-formed PNG (chunks and CRCs intact) whose one IDAT holds far fewer pixels than its header says."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def torch_equal_mask(mask, expected: np.ndarray) -> bool:

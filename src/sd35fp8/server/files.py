@@ -199,18 +199,21 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
     error = image_error(path.read_bytes(), max_pixels)
     if error:
         return _fail(400, f"original image {filename!r} is not a readable image: {error}")
-    with Image.open(path) as original, Image.open(io.BytesIO(mask_png)) as mask_img:
-        info = PngImagePlugin.PngInfo()
-        for key, value in (getattr(original, "text", None) or {}).items():
-            info.add_text(key, value)
-        rgba = original.convert("RGBA")
-        alpha = mask_img.convert("RGBA").getchannel("A")
-        if alpha.size != rgba.size:
-            return _fail(400, f"mask is {alpha.size[0]}x{alpha.size[1]}, the original image {filename!r} is "
-                         f"{rgba.size[0]}x{rgba.size[1]}")
-        rgba.putalpha(alpha)
-        out = io.BytesIO()
-        rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
+    try:  # a header that reads but pixel data cut short fails only here
+        with Image.open(path) as original, Image.open(io.BytesIO(mask_png)) as mask_img:
+            info = PngImagePlugin.PngInfo()
+            for key, value in (getattr(original, "text", None) or {}).items():
+                info.add_text(key, value)
+            rgba = original.convert("RGBA")
+            alpha = mask_img.convert("RGBA").getchannel("A")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return _fail(400, f"the mask or the original image {filename!r} does not decode: {e}")
+    if alpha.size != rgba.size:
+        return _fail(400, f"mask is {alpha.size[0]}x{alpha.size[1]}, the original image {filename!r} is "
+                     f"{rgba.size[0]}x{rgba.size[1]}")
+    rgba.putalpha(alpha)
+    out = io.BytesIO()
+    rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
     return out.getvalue()
 
 
