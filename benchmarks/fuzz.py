@@ -232,6 +232,14 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
                                  (bytes(rng.getrandbits(8) for _ in range(2000)), "noise.png")])
         form = rng.choice([{}, {"subfolder": "../.."}, {"type": "models"}, {"subfolder": "s" * 300},
                            {"overwrite": "true"}])
+        if rng.random() < 0.3:  # the mask editor's upload: a (short, mismatched, hostile) mask onto an original
+            ref = rng.choice([{"filename": "example.png", "type": "input"}, {"filename": "short.png", "type": "input"},
+                              {"filename": "../x.png", "type": "input"},
+                              {"filename": "a.png", "type": "models"}, "not json", {"filename": ["x"]}])
+            mask = rng.choice([bomb(8, 8), png(8), png(64), b"junk", data])
+            form = {**form, "original_ref": ref if isinstance(ref, str) else json.dumps(ref)}
+            return [{"kind": kind, "method": "POST", "path": "/upload/mask",
+                     "files": {"image": ("mask.png", mask, "image/png")}, "data": form, "headers": {}}]
         return [{"kind": kind, "method": "POST", "path": "/upload/image", "files": {"image": (name, data, "image/png")},
                  "data": form, "headers": {}}]
     if kind == "openai":  # the OpenAI images API: JSON generations and multipart edits
@@ -246,7 +254,8 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
                                {"prompt": "x", "seed": 2**80}, {"prompt": "x", "cfg": float("nan")}])
             raw = rng.choice([dumps(body), b"{", b"[" * 20_000, b"\x00" * 64])
             return [{"kind": kind, "method": "POST", "path": "/v1/images/generations", "body": raw, "headers": J}]
-        image = rng.choice([png(), png(64), bomb(), b"not an image", b"", bytes(rng.getrandbits(8) for _ in range(500))])
+        image = rng.choice([png(), png(64), bomb(), bomb(64, 64), b"not an image", b"",
+                            bytes(rng.getrandbits(8) for _ in range(500))])
         files = {"image": ("a.png", image, "image/png")}
         if rng.random() < 0.5:
             files["mask"] = ("m.png", rng.choice([png(), png(16), b"junk", bomb(200, 200)]), "image/png")
@@ -325,6 +334,9 @@ def fuzz(args, work: Path) -> dict:
         assert wait_idle(url, 300), "warm-up prompt did not finish"
         warm = requests.get(f"{url}/history/{r.json()['prompt_id']}", timeout=10).json()
         assert warm[r.json()["prompt_id"]]["status"]["status_str"] == "success", warm
+        for name, data in (("example.png", png(64)), ("short.png", bomb(8, 8))):  # originals for /upload/mask
+            up = requests.post(f"{url}/upload/image", files={"image": (name, data, "image/png")}, timeout=30)
+            assert up.status_code == 200, up.text
         time.sleep(1.0)
         idle = rss_kb(proc.pid)
         sampler = Sampler(proc.pid)
