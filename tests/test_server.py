@@ -300,6 +300,15 @@ def test_bad_prompts_then_good(client):
     r = client.post("/prompt", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
     assert client.post("/prompt", json={"nothing": 1}).json()["error"]["type"] == "no_prompt"
+    # a lone surrogate escape (no UTF-8 text holds it; echoing it back in the error was a 500), as a key and a value
+    for raw in (b'{"prompt": {"\\ud800": {"class_type": "SaveImage", "inputs": {}}}}',
+                b'{"prompt": {"1": {"class_type": "SaveImage", "inputs": {"images": ["\\uDC00", 0]}}}}'):
+        r = client.post("/prompt", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json", r.text
+    p = fake_prompt()  # an escaped surrogate pair is one character: fine
+    p["3"]["inputs"]["filename_prefix"] = "\U0001F600"
+    raw = json.dumps({"prompt": p}).encode()
+    assert b"\\ud83d\\ude00" in raw and client.post("/prompt", content=raw).status_code == 200
 
     p = fake_prompt()
     p["4"] = {"class_type": "NoSuchNode", "inputs": {}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,31 @@ def parse_json(raw: bytes, limits: Limits) -> Any:
     if _depth(value, limits.max_json_depth) > limits.max_json_depth:
         raise RequestError(400, "json_too_deep", "Request body is nested too deeply",
                            f"more than {limits.max_json_depth} levels", max_depth=limits.max_json_depth)
+    if _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(value):
+        raise RequestError(400, "invalid_json", "Request body is not valid JSON",
+                           "a \\uD800-\\uDFFF escape that is not half of a surrogate pair (no UTF-8 text holds it)")
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only an escape can put a surrogate into parsed JSON
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string (key or value) of the parsed JSON holds a lone surrogate (a pair was joined by json)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def _finite_float(text: str) -> float:
