@@ -162,7 +162,8 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
     if kind == "json":
         body = rng.choice([b"{", b"[" * rng.randint(100, 50_000), b'{"prompt": NaN}', b'{"prompt": {}, "number": Infinity}',
                            b'{"prompt": 1e999}', bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 500))),
-                           b"\xef\xbb\xbf{}", b'{"prompt": {"1": {"class_type": "KSampler"}}}' * 3, b"null", b'"x"'])
+                           b"\xef\xbb\xbf{}", b'{"prompt": {"1": {"class_type": "KSampler"}}}' * 3, b"null", b'"x"',
+                           b'{"prompt": {"\\ud800": {"class_type": "SaveImage", "inputs": {}}}}'])  # lone surrogate
         return [{"kind": kind, "method": "POST", "path": "/prompt", "body": body, "headers": J}]
     if kind == "types":
         p = copy.deepcopy(base)
