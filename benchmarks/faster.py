@@ -415,7 +415,8 @@ def large(args) -> dict:
                                                                    cache_large["cache"]["latent"])),
                           "note": "random weights: the velocity field is not a trained one, skips are not "
                                   "representative of a real model"}
-    print(f"image (20 steps + decode, {res['image_attention']}) s: {image_s}; sampling s: {sampling_s}; cache {res['large_cache']}", flush=True)
+    print(f"image (20 steps + decode, {res['image_attention']}) s: {image_s}; sampling s: {sampling_s}; "
+          f"cache {res['large_cache']}", flush=True)
 
     if args.tiny_json and Path(args.tiny_json).exists():
         add_tiny_cache(res, Path(args.tiny_json))

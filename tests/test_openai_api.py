@@ -75,7 +75,7 @@ def test_generate_b64_and_url_match_comfy_route(server, client):
     assert [pixels(requests.get(d.url, timeout=30).content).tolist() for d in by_url.data] == \
         [i.tolist() for i in imgs]
 
-    # the same graph through POST /prompt gives the same pixels; history has the four OpenAI prompts and it
+    # the same graph through POST /prompt gives the same pixels; history holds the four OpenAI prompts and it
     req = ImageRequest(prompt="a red cube", size="32x32", n=2, **extra)
     defaults = checkpoint_defaults(SHIPPED_CHECKPOINT)
     graph = build_graph(req, f"{MODEL}.safetensors", defaults, "comfy")

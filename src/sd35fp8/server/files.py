@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -176,7 +177,7 @@ async def _upload(request: Request, folders: ModelFolders, max_upload_bytes: int
 def _masked_original(original_ref: object, folders: ModelFolders, mask_png: bytes,
                      max_pixels: int) -> bytes | JSONResponse:
     """The PNG bytes of `original_ref`'s image with the alpha channel of `mask_png` (ComfyUI's alpha copy)."""
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
 
     try:
         ref = json.loads(str(original_ref)) if original_ref is not None else None
@@ -199,15 +200,14 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
     error = image_error(path.read_bytes(), max_pixels)
     if error:
         return _fail(400, f"original image {filename!r} is not a readable image: {error}")
-    try:  # a header that reads but pixel data cut short fails only here
-        with Image.open(path) as original, Image.open(io.BytesIO(mask_png)) as mask_img:
-            info = PngImagePlugin.PngInfo()
-            for key, value in (getattr(original, "text", None) or {}).items():
-                info.add_text(key, value)
-            rgba = original.convert("RGBA")
-            alpha = mask_img.convert("RGBA").getchannel("A")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return _fail(400, f"the mask or the original image {filename!r} does not decode: {e}")
+    original, mask = decode_rgba(path), decode_rgba(mask_png)
+    for what, got in ((f"original image {filename!r}", original), ("mask", mask)):
+        if isinstance(got, str):
+            return _fail(400, f"{what} does not decode: {got}")
+    (rgba, text), alpha = original, mask[0].getchannel("A")
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
     if alpha.size != rgba.size:
         return _fail(400, f"mask is {alpha.size[0]}x{alpha.size[1]}, the original image {filename!r} is "
                      f"{rgba.size[0]}x{rgba.size[1]}")
@@ -215,6 +215,19 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
     out = io.BytesIO()
     rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
     return out.getvalue()
+
+
+def decode_rgba(source: bytes | Path) -> tuple[Any, dict] | str:
+    """(the image as RGBA, its PNG text chunks), or why it does not decode. image_error reads the header and
+    verifies the chunks; a PNG whose chunks verify can still hold too little pixel data, which only the decode
+    finds."""
+    from PIL import Image
+
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
+            return img.convert("RGBA"), dict(getattr(img, "text", None) or {})
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
 
 
 def image_type(path: Path) -> str | None:

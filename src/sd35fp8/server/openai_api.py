@@ -51,7 +51,8 @@ from safetensors import safe_open
 from sd35fp8.defaults import GenerationDefaults, defaults_for
 from sd35fp8.errors import InputError
 from sd35fp8.models.mmdit import LATENT_DOWNSCALE
-from sd35fp8.server.files import DEFAULT_MAX_UPLOAD_PIXELS, FORM_OVERHEAD, image_error, read_bounded, write_atomic
+from sd35fp8.server.files import (DEFAULT_MAX_UPLOAD_PIXELS, FORM_OVERHEAD, decode_rgba, image_error, read_bounded,
+                                  write_atomic)
 from sd35fp8.server.validation import RequestError, check_prompt_work
 
 # quality -> fraction of the model's default steps (OpenAI: dall-e-3 standard/hd, gpt-image low/medium/high)
@@ -181,17 +182,12 @@ def edit_image(image: bytes, mask: bytes | None, max_pixels: int) -> tuple[bytes
     """An edit's upload -> (the PNG to store: RGB, or RGBA whose alpha marks what to keep, whether it has a
     mask, (width, height)). The mask's alpha replaces the image's; transparent pixels are repainted (LoadImage's
     MASK = 1 - alpha). InputError naming the field for an unreadable or oversized file, or a size mismatch."""
-    from PIL import Image
 
-    def decode(field: str, data: bytes) -> Image.Image:  # RGBA; a header that reads but data that does not: 400
-        error = image_error(data, max_pixels)
-        if error:
-            raise InputError(f"{field}: not a readable image: {error}")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGBA")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise InputError(f"{field}: not a readable image: {e}") from None
+    def decode(field: str, data: bytes) -> Any:  # a PIL image, RGBA
+        got = image_error(data, max_pixels) or decode_rgba(data)
+        if isinstance(got, str):
+            raise InputError(f"{field}: not a readable image: {got}")
+        return got[0]
 
     rgba = decode("image", image)
     if mask is not None:
