@@ -82,7 +82,7 @@ def add_engine_args(p: argparse.ArgumentParser, compile_default: str) -> None:
                    help="MMDiT attention: fp8 = FP8 flash attention (Triton, sm_89+; its torch emulation on the "
                    "CPU), bf16 = SDPA (cuDNN on CUDA). Default auto: fp8 where the FP8 matmul modes run on an "
                    "sm_89+ GPU (FlashAttention-3's FP8 kernel on Hopper in dynamic mode when installed: "
-                   "pip install 'sd35fp8[fa3]'), else bf16")
+                   "the fa3 extra: pip install -e '.[fa3]'), else bf16")
     from ..defaults import DEFAULT_CACHE_THRESHOLD  # torch-free: --help stays light
 
     g.add_argument("--cache-threshold", type=non_negative_float, nargs="?", const=DEFAULT_CACHE_THRESHOLD,
