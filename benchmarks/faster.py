@@ -178,16 +178,21 @@ def profile_step(eng, inputs) -> dict:
     return {"groups": groups, "top_kernels": top, "by_launch_grid": _by_grid(prof)}
 
 
+def _trace_events(prof) -> list:
+    """A finished torch.profiler run's chrome-trace events."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as fh:
+            return json.load(fh).get("traceEvents", [])
+
+
 def _by_grid(prof, most: int = 40) -> list | str:
     """The profile's kernels grouped by (name, grid) from its trace: [name, grid, calls, total ms, mean us]. A row
     pass's grid is its row count, so the image stream's (8192 rows) and the context's (308) come apart."""
-    import json as _json
-    import tempfile
-
     try:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            prof.export_chrome_trace(f.name)
-            events = _json.load(open(f.name)).get("traceEvents", [])
+        events = _trace_events(prof)
         rows: dict = {}
         for ev in events:
             if ev.get("cat") != "kernel":
@@ -199,6 +204,39 @@ def _by_grid(prof, most: int = 40) -> list | str:
         return sorted(out, key=lambda r: -r[3])[:most]
     except Exception as err:  # noqa: BLE001  (a trace format change must not end the benchmark)
         return f"{type(err).__name__}: {err}"
+
+
+def _kind(name: str) -> str:
+    """A kernel's family for the gap table: gemm, attention, row pass, quantise or torch."""
+    n = name.lower()
+    return ("attention" if ("attn" in n or "flash" in n) else "gemm" if ("nvjet" in n or "gemm" in n or "cutlass" in n)
+            else "quantise" if ("quant" in n or "amax" in n) else "row" if n.startswith("_") else "torch")
+
+
+def graph_gaps(eng, inputs) -> dict:
+    """One replay of the engine's captured step under torch.profiler -> its span, kernel time, the idle time
+    between consecutive kernels (summed by (kind before, kind after)) and the count of kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng(*inputs)
+        torch.cuda.synchronize()
+    events = _trace_events(prof)
+    ks = sorted(((float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", "")) for e in events
+                 if e.get("cat") == "kernel"), key=lambda r: r[0])
+    pairs: dict = {}
+    gap = 0.0
+    for (t0, d0, n0), (t1, _, n1) in zip(ks, ks[1:]):
+        g = max(0.0, t1 - (t0 + d0))
+        gap += g
+        key = f"{_kind(n0)}->{_kind(n1)}"
+        c, tot = pairs.get(key, (0, 0.0))
+        pairs[key] = (c + 1, tot + g)
+    by_pair = sorted(([k, c, round(tot / 1000, 3), round(tot / c, 2)] for k, (c, tot) in pairs.items()),
+                     key=lambda r: -r[2])
+    span = (ks[-1][0] + ks[-1][1] - ks[0][0]) if ks else 0.0
+    return {"span_ms": span / 1000, "kernel_ms": sum(r[1] for r in ks) / 1000, "gap_ms": gap / 1000,
+            "kernels": len(ks), "by_pair": by_pair, "note": "[before->after, count, gap ms, mean gap us]"}
 
 
 def random_large_mmdit(device: torch.device, reference_inputs: tuple | None = None):
@@ -304,6 +342,39 @@ def large(args) -> dict:
         opt_in("fp8_attention_fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))
     else:
         variants["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
+    # programmatic dependent launch of our Triton kernels (fast/kernels.py PDL), our attention and FA3's; then
+    # the default step again (the spread between two timings of one road in one process)
+    from sd35fp8.fast import kernels as kmod
+
+    pdl = lambda on: setattr(kmod, "PDL", on)  # noqa: E731
+    if kmod.gdc_wait is not None:
+        opt_in("pdl", lambda: pdl(True), lambda: pdl(False))
+        if attention_fa3.available(dev):
+            opt_in("fp8_attention_fa3_pdl", lambda: (attend_with("fa3_fp8"), pdl(True)),
+                   lambda: (attend_with("triton_fp8"), pdl(False)))
+    else:
+        variants["pdl_error"] = "this Triton has no gdc_wait"
+    opt_in("fp8_attention_again", lambda: None, lambda: None)
+    # where the graphed step's time goes between kernels (a CUDA-graph replay under the profiler)
+    res["graph_gaps"] = {}
+    for name, on, off in (("fp8_attention", lambda: None, lambda: None), ("pdl", lambda: pdl(True), lambda: pdl(False)),
+                          ("fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))):
+        if name == "fa3" and "fp8_attention_fa3" not in variants or name == "pdl" and "pdl" not in variants:
+            continue
+        try:
+            on()
+            eng.graphs.clear()
+            eng(x, sigma, ctx, pooled)
+            res["graph_gaps"][name] = graph_gaps(eng, (x, sigma, ctx, pooled))
+            gg = res["graph_gaps"][name]
+            print(f"graph gaps {name}: span {gg['span_ms']:.2f} ms, kernels {gg['kernel_ms']:.2f}, gaps {gg['gap_ms']:.2f} "
+                  f"over {gg['kernels']} kernels; top {gg['by_pair'][:4]}", flush=True)
+        except Exception as err:  # noqa: BLE001
+            res["graph_gaps"][name] = f"{type(err).__name__}: {str(err)[:300]}"
+            print(f"graph gaps {name}: {res['graph_gaps'][name]}", flush=True)
+        finally:
+            off()
+            eng.graphs.clear()
     res["step_ms"] = step_ms
     res["step_sqnr_db"] = float(sqnr(ref32, outs["fp8_attention"]))  # vs float32 forward, unquantised weights
     res["step_sqnr_detail_db"] = {"fp8_attention_vs_float32": res["step_sqnr_db"],
@@ -388,7 +459,11 @@ def large(args) -> dict:
     eng.graphs.clear()
     res["image_attention"] = eng.attention_backend
     image_s, sampling_s, cache_large = {}, {}, {}
-    for name, t in (("no_cache", 0.0), ("cache", th)):
+    runs = [("no_cache", 0.0), ("cache", th)] + ([("no_cache_pdl", 0.0), ("cache_pdl", th)] if "pdl" in variants else [])
+    for name, t in runs:
+        pdl(name.endswith("_pdl"))
+        if name == "no_cache_pdl":  # recapture with PDL launches
+            eng.graphs.clear()
         st = SampleSettings(steps=20, cfg=4.5, sampler="euler", scheduler="normal", shift=3.0, cache_threshold=t)
         with torch.inference_mode():
             decode(vae, sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16).to(torch.bfloat16))
@@ -403,6 +478,8 @@ def large(args) -> dict:
         image_s[name] = time.perf_counter() - t0
         sampling_s[name] = t1 - t0
         cache_large[name] = {"stats": stats, "latent": z}
+    pdl(False)
+    res["image_s_pdl"] = {k[:-4]: image_s.pop(k) for k in list(image_s) if k.endswith("_pdl")}
     res["sampling_s"] = sampling_s
     res["image_s_note"] = ("image_s = 20 sampling steps (CFG batch 2) + VAE decode (compiled, as on the serving "
                            "road: vae_decode_ms), random weights; text encoding is not included (paths_<device>.json "
@@ -415,7 +492,8 @@ def large(args) -> dict:
                                                                    cache_large["cache"]["latent"])),
                           "note": "random weights: the velocity field is not a trained one, skips are not "
                                   "representative of a real model"}
-    print(f"image (20 steps + decode, {res['image_attention']}) s: {image_s}; sampling s: {sampling_s}; "
+    print(f"image (20 steps + decode, {res['image_attention']}) s: {image_s}; with PDL {res['image_s_pdl']}; "
+          f"sampling s: {sampling_s}; "
           f"cache {res['large_cache']}", flush=True)
 
     if args.tiny_json and Path(args.tiny_json).exists():

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU call (session 27): faster.py large (the issue-23 JSON; FA3 in the step, the image on auto's pick (FA3),
-# fast/kernels.py plain_act_window, and its profile), then the GPU tests of the FP8 attention, FA3 and the
+# fast/kernels.py plain_act_window, and its profile; PDL launches of our Triton kernels; the graphed step's gaps), then the GPU tests of the FP8 attention, FA3 and the
 # pipeline. Each step writes into OUT as it ends (a step cut by its timeout loses only its own files).
 # Carry carry/fa3 alone (benchmarks/fa3_carry.sh): the tree and the carry share 64 MiB.
 #   bash benchmarks/gpu_session27.sh OUTDIR
@@ -10,11 +10,11 @@ LOG=$OUT/session27.log
 source benchmarks/gpu_run.sh
 source benchmarks/fa3_setup.sh
 echo "== faster $(date -u +%T)" | tee "$LOG"
-timeout 260 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json" 2>&1 \
-    | grep -E "^step|^profile|^image|^fp8_gemm|^triton_fp8|^vae|Error|error" | tee -a "$LOG"
+timeout 300 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json" 2>&1 \
+    | grep -E "^step|^profile|^graph|^image|^fp8_gemm|^triton_fp8|^vae|Error|error" | tee -a "$LOG"
 echo "== tests $(date -u +%T)" | tee -a "$LOG"
 timeout 120 python3 -m pytest -q tests/test_attention_triton.py tests/test_fast.py tests/test_attention_fa3.py \
-    -k "fp8_attention or joint_op or fa3" -rf 2>&1 | tail -15 | tee -a "$LOG"
+    -k "fp8_attention or joint_op or fa3 or pdl" -rf 2>&1 | tail -15 | tee -a "$LOG"
 timeout 90 python3 -m pytest -q tests/test_pipeline.py -k "compiled" -rf 2>&1 | tail -6 | tee -a "$LOG"
 echo "== done $(date -u +%T)" | tee -a "$LOG"
 ls "$OUT"
