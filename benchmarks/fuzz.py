@@ -86,7 +86,7 @@ class Sampler(threading.Thread):
 
 def start_server(models: Path, out: Path, port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sd35fp8.cli", "serve", "--models", str(models), "--output", str(out),
-           "--device", "cpu", "--port", str(port), "--max-queue", "20", "--max-batch", "1",
+           "--input", str(out.parent / "input"), "--device", "cpu", "--port", str(port), "--max-queue", "20", "--max-batch", "1",
            "--max-pixel-steps", str(SIZE * SIZE * 4 * 20), "--max-upload-mb", "4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -335,9 +335,13 @@ def fuzz(args, work: Path) -> dict:
         assert wait_idle(url, 300), "warm-up prompt did not finish"
         warm = requests.get(f"{url}/history/{r.json()['prompt_id']}", timeout=10).json()
         assert warm[r.json()["prompt_id"]]["status"]["status_str"] == "success", warm
-        for name, data in (("example.png", png(64)), ("short.png", bomb(8, 8))):  # originals for /upload/mask
-            up = requests.post(f"{url}/upload/image", files={"image": (name, data, "image/png")}, timeout=30)
-            assert up.status_code == 200, up.text
+        # originals for /upload/mask: one uploaded; one whose pixel data is cut short, which /upload/image refuses,
+        # put into the input folder by hand (as a user's copy could be)
+        up = requests.post(f"{url}/upload/image", files={"image": ("example.png", png(64), "image/png")}, timeout=30)
+        assert up.status_code == 200, up.text
+        short = requests.post(f"{url}/upload/image", files={"image": ("short.png", bomb(8, 8), "image/png")}, timeout=30)
+        assert short.status_code == 400, short.text
+        (work / "input" / "short.png").write_bytes(bomb(8, 8))
         time.sleep(1.0)
         idle = rss_kb(proc.pid)
         sampler = Sampler(proc.pid)

@@ -64,6 +64,9 @@ def test_upload_mask_copies_the_alpha_onto_the_original(tmp_path):
         r = client.post("/upload/mask", files={"image": ("m.png", short_png(8), "image/png")},
                         data={"original_ref": ref})
         assert r.status_code == 400, r.text
+        # the same as a plain upload: refused at once, not stored for LoadImage to fail on later
+        r = client.post("/upload/image", files={"image": ("s.png", short_png(8), "image/png")})
+        assert r.status_code == 400 and "s.png" in r.text, r.text
 
 
 def short_png(side: int) -> bytes:

@@ -218,9 +218,8 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
 
 
 def decode_rgba(source: bytes | Path) -> tuple[Any, dict] | str:
-    """(the image as RGBA, its PNG text chunks), or why it does not decode. image_error reads the header and
-    verifies the chunks; a PNG whose chunks verify can still hold too little pixel data, which only the decode
-    finds."""
+    """(the image as RGBA, its PNG text chunks), or why it does not decode (a file may have changed on disk
+    since image_error read it)."""
     from PIL import Image
 
     try:
@@ -242,7 +241,8 @@ def image_type(path: Path) -> str | None:
 
 
 def image_error(data: bytes, max_pixels: int) -> str | None:
-    """Why `data` is not an acceptable image (None = it is): unreadable, or more than max_pixels."""
+    """Why `data` is not an acceptable image (None = it is): unreadable, more than max_pixels, chunks that do
+    not verify, or too little pixel data (a truncated PNG whose chunks verify: only the decode finds it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -251,6 +251,8 @@ def image_error(data: bytes, max_pixels: int) -> str | None:
             if w * h > max_pixels:
                 return f"{w}x{h} is {w * h} pixels; the limit is {max_pixels}"
             img.verify()
+        with Image.open(io.BytesIO(data)) as img:  # verify() leaves the image unusable: open it again to decode
+            img.load()
     except Image.DecompressionBombError as e:
         return str(e)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
