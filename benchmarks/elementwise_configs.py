@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096 + 154)
     ap.add_argument("--hidden", type=int, default=2432)
-    ap.add_argument("--only", choices=("all", "rows", "attention"), default="all")
+    ap.add_argument("--only", choices=("all", "rows", "attention", "persistent"), default="all")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -84,17 +85,71 @@ def main(argv=None) -> int:
               lambda meta: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C,
                                                                 mods.stride(0), EPS=k.NORM_EPS, MODE=1, **meta))
 
+    if args.only in ("all", "rows", "persistent"):
+        persistent_rows(res, k, x, y, gate, shift, scale, mods, h, M, L, C, dev, do_bench)
     for name, rows in res["kernels"].items():
         print(name)
         for r in rows:
             print(f"  {r['layout']:9s} {r['lanes']:5d} lanes, warps {r['num_warps']:2d}: {r['ms'] * 1000:7.1f} us  "
-                  f"{r['gb_s']:7.0f} GB/s{'  <- project' if r['project'] else ''}")
+                  f"{r['gb_s']:7.0f} GB/s{'  <- project' if r['project'] else ''}{'  ' + r['error'] if 'error' in r else ''}")
     if args.only in ("all", "attention"):
         attention_quantize(res, B, args.tokens - 4096, 4096, C, dev, g, do_bench)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     return 0
+
+
+def persistent_rows(res: dict, k, x, y, gate, shift, scale, mods, h, M, L, C, dev, do_bench) -> None:
+    """The persistent row passes (row_persistent_kernels.py) over programs per SM x num_stages x num_warps, beside a
+    torch copy of the same tensors (the bandwidth a plain read + write reaches here)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from row_persistent_kernels import gelu_rows, residual_ln
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    x_new = torch.empty_like(x)
+    q = torch.empty(M, C, device=dev, dtype=torch.float8_e4m3fn)
+    s = torch.empty(M, 1, device=dev, dtype=torch.float32)
+    qh = torch.empty(h.shape, device=dev, dtype=torch.float8_e4m3fn)
+    nbytes_res = x.numel() * 2 * 2 + y.numel() * 2 + q.numel() + s.numel() * 4
+    nbytes_gelu = h.numel() * 2 + qh.numel() + s.numel() * 4
+    out = res["kernels"]
+    for name, t in (("copy_x", x), ("copy_fc1_out", h)):
+        dst = torch.empty_like(t)
+        ms = do_bench(lambda: dst.copy_(t), warmup=10, rep=100)  # noqa: B023
+        out[name] = [{"layout": "torch copy", "lanes": 0, "num_warps": 0, "ms": ms,
+                      "gb_s": t.numel() * 4 / ms / 1e6, "project": False}]
+    rows_res, rows_gelu = [], []
+    for per_sm in (2, 4, 8, 16):
+        for stages in (1, 2, 3):
+            for w in (4, 8):
+                grid = (min(M, sms * per_sm),)
+                ba, bb = k.row_blocks(C)
+                meta = dict(BLOCK_A=ba, BLOCK_B=bb, STAGES=stages, num_warps=w)
+                fn = lambda: residual_ln[grid](x, y, gate, shift, scale, x_new, q, s, M, L, C, C,  # noqa: E731,B023
+                                               mods.stride(0), EPS=k.NORM_EPS, **meta)  # noqa: B023
+                try:
+                    fn()
+                    ms = do_bench(fn, warmup=10, rep=100)
+                    rows_res.append({"layout": f"persistent {per_sm}/SM, {stages} stages", "lanes": ba + bb,
+                                     "num_warps": w, "ms": ms, "gb_s": nbytes_res / ms / 1e6, "project": False})
+                except Exception as err:  # noqa: BLE001
+                    rows_res.append({"layout": f"persistent {per_sm}/SM, {stages} stages", "num_warps": w,
+                                     "error": f"{type(err).__name__}: {str(err)[:200]}", "ms": 0, "gb_s": 0,
+                                     "lanes": 0, "project": False})
+                ba, bb = k.row_blocks(h.shape[1])
+                meta = dict(BLOCK_A=ba, BLOCK_B=bb, STAGES=stages, num_warps=2 * w)
+                fn = lambda: gelu_rows[grid](h, qh, s, M, h.shape[1], **meta)  # noqa: E731,B023
+                try:
+                    fn()
+                    ms = do_bench(fn, warmup=10, rep=100)
+                    rows_gelu.append({"layout": f"persistent {per_sm}/SM, {stages} stages", "lanes": ba + bb,
+                                      "num_warps": 2 * w, "ms": ms, "gb_s": nbytes_gelu / ms / 1e6, "project": False})
+                except Exception as err:  # noqa: BLE001
+                    rows_gelu.append({"layout": f"persistent {per_sm}/SM, {stages} stages", "num_warps": 2 * w,
+                                      "error": f"{type(err).__name__}: {str(err)[:200]}", "ms": 0, "gb_s": 0,
+                                      "lanes": 0, "project": False})
+    out["residual_ln_modulate_quant_persistent"] = rows_res
+    out["gelu_quant_fc2_input_persistent"] = rows_gelu
 
 
 def attention_quantize(res: dict, B: int, lc: int, lx: int, C: int, dev, g, do_bench) -> None:
