@@ -235,8 +235,13 @@ def graph_gaps(eng, inputs) -> dict:
     by_pair = sorted(([k, c, round(tot / 1000, 3), round(tot / c, 2)] for k, (c, tot) in pairs.items()),
                      key=lambda r: -r[2])
     span = (ks[-1][0] + ks[-1][1] - ks[0][0]) if ks else 0.0
+    by_kind: dict = {}
+    for _, d, n in ks:
+        by_kind[_kind(n)] = round(by_kind.get(_kind(n), 0.0) + d / 1000, 3)
+    longest = [[n[:80], round(d, 1)] for _, d, n in sorted(ks, key=lambda r: -r[1])[:8]]
     return {"span_ms": span / 1000, "kernel_ms": sum(r[1] for r in ks) / 1000, "gap_ms": gap / 1000,
-            "kernels": len(ks), "by_pair": by_pair, "note": "[before->after, count, gap ms, mean gap us]"}
+            "kernels": len(ks), "by_pair": by_pair, "kernel_ms_by_kind": by_kind, "longest_us": longest,
+            "note": "by_pair: [before->after, count, gap ms, mean gap us]"}
 
 
 def random_large_mmdit(device: torch.device, reference_inputs: tuple | None = None):
