@@ -20,6 +20,7 @@ own latency: the body is cached per history version) and to the last byte (the w
 
     python benchmarks/fuzz.py                  # writes benchmarks/results/fuzz_cpu.json
     python benchmarks/fuzz.py --count 50 --out /tmp/fuzz.json
+    python benchmarks/fuzz.py --schemathesis 40   # + schemathesis over /openapi.json (pip install schemathesis)
 Stops by itself: at most --count requests and --max-seconds of fuzzing.
 """
 
@@ -372,6 +373,7 @@ def fuzz(args, work: Path) -> dict:
                 break
             if requests.get(f"{url}/prompt", timeout=10).json()["exec_info"]["queue_remaining"] > 10:
                 wait_idle(url, 60)  # let accepted prompts run rather than fill the queue with 429s
+        schema = schema_fuzz(args, url, host, work) if args.schemathesis and proc.poll() is None else None
         drained = proc.poll() is None and wait_idle(url, 300)
         sampler.stop.set()
         alive = proc.poll() is None and requests.get(f"{url}/queue", timeout=10).status_code == 200
@@ -391,6 +393,7 @@ def fuzz(args, work: Path) -> dict:
             "latency_ms_max": round(max(latencies) * 1000, 1),
             "server_errors": errors,  # the first 20 requests answered 5xx (not 503 / 507), to reproduce them
             "server_log_tracebacks": _tracebacks(work / "server.log"),
+            "schemathesis": schema,
         }
     finally:
         proc.terminate()
@@ -398,6 +401,28 @@ def fuzz(args, work: Path) -> dict:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def schema_fuzz(args, url: str, host: str, work: Path) -> dict:
+    """Schemathesis (`st`, a separate install: python -m pip install schemathesis) over the server's own OpenAPI
+    schema (every route, its coverage, fuzzing and stateful phases) with the check not_a_server_error: whether any
+    generated request is answered 5xx. -> {"command", "returncode", "summary" (its last lines)}."""
+    import shutil
+
+    st = args.schemathesis_bin or shutil.which("st")
+    if st is None:
+        return {"error": "schemathesis is not installed (python -m pip install schemathesis)"}
+    cmd = [st, "run", f"{url}/openapi.json", "--checks", "not_a_server_error", "--max-examples",
+           str(args.schemathesis), "--workers", "2", "-H", f"Host: {host}", "--request-timeout", str(args.timeout),
+           "--seed", str(args.seed), "--no-color"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.max_seconds, cwd=work)
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(cmd[1:]), "error": f"did not finish in {args.max_seconds} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    cases = next((ln.strip() for ln in lines if "generated" in ln and ("passed" in ln or "failed" in ln)), None)
+    return {"command": "st " + " ".join(cmd[1:]), "returncode": done.returncode, "test_cases": cases,
+            "summary": lines[-25:]}
 
 
 def _tracebacks(log: Path, limit: int = 5) -> list[str]:
@@ -485,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=27)
     ap.add_argument("--history-entries", type=int, default=10_000)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz_cpu.json"))
+    ap.add_argument("--schemathesis", type=int, default=0, metavar="N",
+                    help="then run schemathesis (installed separately) over the server's OpenAPI schema, N examples "
+                         "an operation, checking that no generated request is answered 5xx")
+    ap.add_argument("--schemathesis-bin", default=None, help="the `st` executable (default: on PATH)")
     ap.add_argument("--history-only", action="store_true",
                     help="re-measure only part 2 and replace history_scale in the existing --out file")
     args = ap.parse_args(argv)
@@ -515,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"requests {fz['requests']}  500s {fz['count_500']}  hangs {fz['hangs']}  crashes {fz['crashes']}  "
           f"RSS idle {fz['rss_idle_mb']} MB, peak per request {fz['rss_peak_per_request_mb']} MB "
           f"({fz['peak_over_idle']}x idle), run peak {fz['rss_peak_run_mb']} MB")
+    if fz.get("schemathesis"):
+        sc = fz["schemathesis"]
+        print(f"schemathesis: {sc.get('test_cases') or sc.get('error')} (exit {sc.get('returncode')})")
     print(f"{'route at ' + str(hs['entries']) + ' history entries':<40} {'ms':>8} {'bytes':>10}")
     print_history(hs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
