@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         q = torch.empty(t.shape, device=dev, dtype=torch.float8_e4m3fn)
         s = torch.empty(t.shape[0], 1, device=dev, dtype=torch.float32)
         sweep(name, n, t.numel() * 2 + q.numel() + s.numel() * 4,
-              lambda meta: k._act_rows_kernel[(t.shape[0],)](t, q, s, q, n, n, MODE=1, GELU=gelu, **meta))
+              lambda meta: k._act_rows_kernel[(t.shape[0],)](t, q, s, q, n, n, 1, 1, 0, MODE=1, GELU=gelu,
+                                                             **meta))  # LI, LO, OFF: each row reads itself
 
     if args.only in ("all", "rows"):
         rows_case("gelu_quant_fc2_input", h, True)
