@@ -347,24 +347,13 @@ def large(args) -> dict:
         opt_in("fp8_attention_fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))
     else:
         variants["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
-    # programmatic dependent launch of our Triton kernels (fast/kernels.py PDL), our attention and FA3's; then
-    # the default step again (the spread between two timings of one road in one process)
-    from sd35fp8.fast import kernels as kmod
-
-    pdl = lambda on: setattr(kmod, "PDL", on)  # noqa: E731
-    if kmod.gdc_wait is not None:
-        opt_in("pdl", lambda: pdl(True), lambda: pdl(False))
-        if attention_fa3.available(dev):
-            opt_in("fp8_attention_fa3_pdl", lambda: (attend_with("fa3_fp8"), pdl(True)),
-                   lambda: (attend_with("triton_fp8"), pdl(False)))
-    else:
-        variants["pdl_error"] = "this Triton has no gdc_wait"
+    # the default step again: the spread between two timings of one road in one process
     opt_in("fp8_attention_again", lambda: None, lambda: None)
     # where the graphed step's time goes between kernels (a CUDA-graph replay under the profiler)
     res["graph_gaps"] = {}
-    for name, on, off in (("fp8_attention", lambda: None, lambda: None), ("pdl", lambda: pdl(True), lambda: pdl(False)),
+    for name, on, off in (("fp8_attention", lambda: None, lambda: None),
                           ("fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))):
-        if name == "fa3" and "fp8_attention_fa3" not in variants or name == "pdl" and "pdl" not in variants:
+        if name == "fa3" and "fp8_attention_fa3" not in variants:
             continue
         try:
             on()
@@ -464,11 +453,7 @@ def large(args) -> dict:
     eng.graphs.clear()
     res["image_attention"] = eng.attention_backend
     image_s, sampling_s, cache_large = {}, {}, {}
-    runs = [("no_cache", 0.0), ("cache", th)] + ([("no_cache_pdl", 0.0), ("cache_pdl", th)] if "pdl" in variants else [])
-    for name, t in runs:
-        pdl(name.endswith("_pdl"))
-        if name == "no_cache_pdl":  # recapture with PDL launches
-            eng.graphs.clear()
+    for name, t in (("no_cache", 0.0), ("cache", th)):
         st = SampleSettings(steps=20, cfg=4.5, sampler="euler", scheduler="normal", shift=3.0, cache_threshold=t)
         with torch.inference_mode():
             decode(vae, sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16).to(torch.bfloat16))
@@ -483,8 +468,6 @@ def large(args) -> dict:
         image_s[name] = time.perf_counter() - t0
         sampling_s[name] = t1 - t0
         cache_large[name] = {"stats": stats, "latent": z}
-    pdl(False)
-    res["image_s_pdl"] = {k[:-4]: image_s.pop(k) for k in list(image_s) if k.endswith("_pdl")}
     res["sampling_s"] = sampling_s
     res["image_s_note"] = ("image_s = 20 sampling steps (CFG batch 2) + VAE decode (compiled, as on the serving "
                            "road: vae_decode_ms), random weights; text encoding is not included (paths_<device>.json "
@@ -497,7 +480,7 @@ def large(args) -> dict:
                                                                    cache_large["cache"]["latent"])),
                           "note": "random weights: the velocity field is not a trained one, skips are not "
                                   "representative of a real model"}
-    print(f"image (20 steps + decode, {res['image_attention']}) s: {image_s}; with PDL {res['image_s_pdl']}; "
+    print(f"image (20 steps + decode, {res['image_attention']}) s: {image_s}; "
           f"sampling s: {sampling_s}; "
           f"cache {res['large_cache']}", flush=True)
 

@@ -1,6 +1,7 @@
 #!/bin/bash
 # One GPU call (session 27): faster.py large (the issue-23 JSON; FA3 in the step, the image on auto's pick (FA3),
-# fast/kernels.py plain_act_window, and its profile; PDL launches of our Triton kernels; the graphed step's gaps), then the GPU tests of the FP8 attention, FA3 and the
+# fast/kernels.py plain_act_window, and its profile; the graphed step's gaps; PDL launches of our Triton kernels as it
+# ran at commit a7dfcff, removed after it), then the GPU tests of the FP8 attention, FA3 and the
 # pipeline, then the row kernels' launch sweep with persistent forms (elementwise_configs.py). Each step writes into OUT as it ends (a step cut by its timeout loses only its own files).
 # Carry carry/fa3 alone (benchmarks/fa3_carry.sh): the tree and the carry share 64 MiB.
 #   bash benchmarks/gpu_session27.sh OUTDIR

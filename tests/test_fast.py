@@ -211,34 +211,6 @@ def test_fp8_attention_step_close_to_cudnn_gpu(cfg, monkeypatch):
 
 
 
-def test_pdl_meta_only_on_cuda(monkeypatch):
-    """Programmatic dependent launch (fast/kernels.py PDL) is off by default, and never asked of a CPU tensor."""
-    x = torch.zeros(2)
-    assert kernels.pdl_meta(x) == {"PDL": False}
-    monkeypatch.setattr(kernels, "PDL", True)
-    assert kernels.pdl_meta(x) == {"PDL": False}
-
-
-@pytest.mark.skipif(not CUDA or kernels.triton is None or kernels.gdc_wait is None, reason="needs CUDA, Triton's gdc")
-def test_pdl_step_equals_plain_launches_gpu(monkeypatch):
-    """The fused FP8 step with its Triton kernels launched programmatically dependent (eager, then captured in a
-    CUDA graph and replayed) gives the same bits as with plain launches: PDL moves launches, not values."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("programmatic dependent launch needs sm_90+")
-    dev = torch.device("cuda")
-    model = _model(TINY_X).to(dev, torch.bfloat16)
-    args = [t.to(dev) for t in _inputs(TINY_X)]
-    with torch.no_grad():
-        plain = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="triton_fp8")(*args)
-        monkeypatch.setattr(kernels, "PDL", True)
-        assert kernels.pdl_meta(args[0]) == {"PDL": True, "launch_pdl": True}
-        eager = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False, attention_backend="triton_fp8")(*args)
-        graphed = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=True, attention_backend="triton_fp8")
-        outs = [graphed(*args).clone() for _ in range(3)]  # capture, then replays
-    assert torch.equal(plain, eager)
-    assert all(torch.equal(plain, o) for o in outs)
-
-
 def test_proj_takes_e4m3_attention_outputs_with_row_scales():
     """fast/step.py _proj: the dynamic FP8 attention's (e4m3 [B, L, C], row scales [B*L, 1]) output goes
     into the proj GEMM as it is, and gives the proj of the dequantised output (CPU: torch._scaled_mm)."""

@@ -58,7 +58,6 @@ from typing import NamedTuple
 import torch
 
 from sd35fp8.errors import DeviceError, InputError
-from sd35fp8.fast.kernels import pdl_meta
 from sd35fp8.fp8.scaling import FP8_DTYPE, amax_to_scale, to_fp8_saturated
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none
@@ -68,8 +67,7 @@ try:  # Triton ships with CUDA builds of torch; CPU builds have none
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
     tl = None
-if triton is not None:
-    from sd35fp8.fast.kernels import _pdl_enter  # a Triton function: called from the kernels below
+
 HEAD_DIMS = (32, 64, 128)
 IN_DTYPES = (torch.bfloat16, torch.float16)
 PAD = 128  # fp8 layouts pad L to a multiple of this (>= every BLOCK_M / BLOCK_N below)
@@ -174,8 +172,7 @@ if triton is not None:
     def _attn_fwd(Q, K, V, OC, OX, SCALE, OSCALE, SROWC, SROWX, sm_scale_log2e,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, H, L, LC,
                   HEAD_DIM: tl.constexpr, FP8: tl.constexpr, P_SHIFT: tl.constexpr, OUT_MODE: tl.constexpr,
-                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_P2: tl.constexpr = 64,
-                  PDL: tl.constexpr = False):
+                  EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H_P2: tl.constexpr = 64):
         """O[b, m, h, :] = softmax(q k^T / sqrt(D)) v for one [BLOCK_M] query tile of one (b, h).
 
         bf16: Q, K, V [B, L, H, D] strided. fp8: Q, K [B, H, Lp, D], V = V^T [B, H, D, Lp], SCALE [3, B*H].
@@ -185,9 +182,8 @@ if triton is not None:
         input scales); 2 (fp8 only) e4m3 x / s_b with s_b = max over heads of s_v[b, :] (an output row is a
         convex combination of v rows, so |o| <= amax(v) = 448 s_v: never saturates, apart from P's rounding),
         and s_b written to SROWC [B*LC] / SROWX [B*(L-LC)] for the output rows (the proj GEMMs' row scales) by
-        the h = 0 programs. H_P2 >= H (a power of 2). PDL: fast/kernels.py pdl_meta.
+        the h = 0 programs. H_P2 >= H (a power of 2).
         """
-        _pdl_enter(PDL)
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -292,11 +288,10 @@ if triton is not None:
                      sqcb, sqch, sqcl, skcb, skch, skcl, svcb, svch, svcl,
                      sqxb, sqxh, sqxl, skxb, skxh, skxl, svxb, svxh, svxl, H, LC, L,
                      HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
-                     QK_BOUND: tl.constexpr = 0.0, PDL: tl.constexpr = False):
+                     QK_BOUND: tl.constexpr = 0.0):
         """AMAX [3, B*H] (zero-initialised) <- max |x| over each (b, h) of (normed, rotated) q, k and v.
         QK_BOUND > 0 (needs NORM; = 1.01 * sqrt(D)): q and k are not read; their entry is the norm bound
         QK_BOUND * max|w| (`qk_norm_bound`), written by the first L-block's programs; only v is reduced."""
-        _pdl_enter(PDL)
         bh, nbh, b, h, offs_l, offs_d = _quant_program(H, HEAD_DIM, BLOCK_L)
         if QK_BOUND > 0.0:
             if tl.program_id(0) == 0:
@@ -325,10 +320,9 @@ if triton is not None:
                       sqcb, sqch, sqcl, skcb, skch, skcl, svcb, svch, svcl,
                       sqxb, sqxh, sqxl, skxb, skxh, skxl, svxb, svxh, svxl, H, LC, L, LP,
                       HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
-                      V_T: tl.constexpr = True, PDL: tl.constexpr = False):
+                      V_T: tl.constexpr = True):
         """q8, k8 [B, H, Lp, D] and v8t [B, H, D, Lp] <- clamp(x / s) as e4m3; grid covers Lp (pads = 0).
         V_T False: v8 [B, H, Lp, D] as q8 (in V8T's place; a library kernel taking V with D contiguous)."""
-        _pdl_enter(PDL)
         bh, nbh, b, h, offs_l, offs_d = _quant_program(H, HEAD_DIM, BLOCK_L)
         q, k, v = _qkv_tiles(QC, KC, VC, QX, KX, VX, WQC, WKC, WQX, WKX, b, h, offs_l, offs_d, LC, L,
                              sqcb, sqch, sqcl, skcb, skch, skcl, svcb, svch, svcl,
@@ -436,7 +430,7 @@ def _amax(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool, qk_b
     amax = torch.zeros(3, B * H, device=x[0].device, dtype=torch.float32)  # [3, B*H]
     bound = QK_BOUND_MARGIN * math.sqrt(D) if qk_bound and norms is not None else 0.0  # qk_norm_bound / max|w|
     _amax_kernel[(triton.cdiv(L, AMAX_LAUNCH["BLOCK_L"]), B * H)](*tensors, amax, *strides, H, lc, L, QK_BOUND=bound,
-                                                                  **meta, **AMAX_LAUNCH, **pdl_meta(amax))
+                                                                  **meta, **AMAX_LAUNCH)
     return amax
 
 
@@ -460,7 +454,7 @@ def _quantize(ctx: tuple | None, x: tuple, norms: tuple | None, hadamard: bool,
     k8 = torch.empty(B, H, lp, D, device=qx.device, dtype=FP8_DTYPE)
     v8t = torch.empty((B, H, D, lp) if v_transposed else (B, H, lp, D), device=qx.device, dtype=FP8_DTYPE)
     _quant_kernel[(lp // QUANT_LAUNCH["BLOCK_L"], B * H)](*tensors, q8, k8, v8t, scale, *strides, H, lc, L, lp,
-                                                          V_T=v_transposed, **meta, **QUANT_LAUNCH, **pdl_meta(q8))
+                                                          V_T=v_transposed, **meta, **QUANT_LAUNCH)
     return QKV8(q8, k8, v8t, scale.view(3, B, H), L)
 
 
@@ -603,7 +597,7 @@ def _launch(q, k, v, oc, ox, n_ctx, scale, out_inv_scale, sq, sk, sv, B, H, L, D
     grid = lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)  # noqa: E731
     pinned = pinned_config(q.device, D, fp8) if q.is_cuda else None
     if pinned is not None:
-        _attn_fwd[grid(pinned)](*args, **meta, **pinned, **pdl_meta(q))
+        _attn_fwd[grid(pinned)](*args, **meta, **pinned)
     elif q.is_cuda:
         _attn_fwd_tuned[grid](*args, **meta)
     else:  # interpreter checks only (_ALLOW_CPU)

@@ -37,32 +37,8 @@ try:  # Triton ships with CUDA builds of torch; CPU builds have none
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
     tl = None
-try:  # grid dependency control for programmatic dependent launch (Triton >= 3.4, sm_90+)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - depends on the Triton version
-    gdc_launch_dependents = gdc_wait = None
 
 NORM_EPS = 1e-6
-
-PDL = False
-"""Programmatic dependent launch of the step's Triton kernels (the row passes here, the FP8 attention's
-quantise, amax and attention kernels): launched with the stream-serialisation attribute, a kernel starts
-while the kernel before it drains and waits (`griddepcontrol.wait`) before its first load; it lets the
-kernel after it launch early too. sm_90+ with a Triton that has `gdc_wait`. Off unless set: measured by
-benchmarks/faster.py (variant `pdl`)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl_meta(x: torch.Tensor) -> dict:
-    """Launch kwargs of a step kernel: {"PDL": False}, or with PDL on (and a CUDA tensor on sm_90+)
-    {"PDL": True, "launch_pdl": True} (the kernel's wait and Triton's launch attribute)."""
-    if PDL and gdc_wait is not None and x.is_cuda and _pdl_device(x.device.index or 0):
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -125,13 +101,6 @@ def _plain_torch(y, mode, static_scale):
 if triton is not None:
 
     @triton.jit
-    def _pdl_enter(PDL: tl.constexpr):
-        # PDL (pdl_meta): wait for the kernel before this one (its writes visible), then let the next launch
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-
-    @triton.jit
     def _e4m3(y, s):
         return tl.minimum(tl.maximum(y / s, -448.0), 448.0).to(tl.float8e4nv)
 
@@ -180,8 +149,7 @@ if triton is not None:
 
     @triton.jit
     def _ln_modulate_kernel(X, SHIFT, SCALE, Q, S, SSTATIC, L, C, QS, stride_mod, EPS: tl.constexpr,
-                            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr = False):
-        _pdl_enter(PDL)
+                            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, MODE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
         xa = tl.load(X + row * C + ca, mask=ma, other=0.0).to(tl.float32)
@@ -203,10 +171,9 @@ if triton is not None:
     @triton.jit
     def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, QS, stride_mod,
                                      EPS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                                     MODE: tl.constexpr, PDL: tl.constexpr = False):
+                                     MODE: tl.constexpr):
         # x + gate * y, stored; then LN -> modulate -> Q (one row a program: several rows of one batch item,
         # reading the gate / shift / scale columns once for them, were slower on the H100, docs/PERF.md)
-        _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         b = row // L
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
@@ -225,10 +192,9 @@ if triton is not None:
 
     @triton.jit
     def _act_rows_kernel(Y, Q, S, SSTATIC, N, QS, LI, LO, OFF, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                         MODE: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr = False):
+                         MODE: tl.constexpr, GELU: tl.constexpr):
         # one row per program (dynamic mode needs the row's amax). Output row r reads input row
         # (r // LO) * LI + OFF + r % LO: a window of LO rows at OFF in each group of LI (plain_act_window)
-        _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         src = (row // LO) * LI + OFF + row % LO
         ca, ma, cb, mb = _row_parts(N, BLOCK_A, BLOCK_B)
@@ -413,7 +379,7 @@ def ln_modulate_act(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, m
     code = _mode_code(mode)
     q, s = _act_out(B * L, C, code, x, extra)
     _ln_modulate_kernel[(B * L,)](x, shift, scale, q, s, static_scale if code == 2 else q, L, C, C + extra,
-                                  shift.stride(0), EPS=NORM_EPS, MODE=code, **row_launch(C), **pdl_meta(x))
+                                  shift.stride(0), EPS=NORM_EPS, MODE=code, **row_launch(C))
     return q, (s if code else None)
 
 
@@ -437,7 +403,7 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
     q, s = _act_out(B * L, C, code, x, extra)
     _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
                                            L, C, C + extra, shift.stride(0), EPS=NORM_EPS, MODE=code,
-                                           **row_launch(C), **pdl_meta(x))
+                                           **row_launch(C))
     return x_new, (q, (s if code else None))
 
 
@@ -517,7 +483,7 @@ def _rows(y: torch.Tensor, mode: str | None, static_scale: torch.Tensor | None, 
     q, s = _act_out(M, N, code, y, extra)
     if M:
         _act_rows_kernel[(M,)](y, q, s, static_scale if code == 2 else q, N, N + extra, li, lo, off, MODE=code,
-                               GELU=gelu, **row_launch(N), **pdl_meta(y))  # MODE 0 / 1 (2: static, spare columns)
+                               GELU=gelu, **row_launch(N))  # MODE 0 / 1 (2: static with spare columns)
     return q, (s if code else None)
 
 
