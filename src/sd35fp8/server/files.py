@@ -19,12 +19,14 @@ text chunks kept); a missing original is a 404 naming it (ComfyUI answers 200 an
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +158,12 @@ async def _upload(request: Request, folders: ModelFolders, max_upload_bytes: int
     target_dir = resolve_inside(root, subfolder)
     if target_dir is None or resolve_inside(root, subfolder, name) is None:
         return _fail(403, "subfolder is outside the allowed folder or too long")
-    error = image_error(data, max_upload_pixels)
+    error = await asyncio.to_thread(_decoding, image_error, data, max_upload_pixels)  # a full decode: off the loop
     if error:
         return _fail(400, f"{name!r} is not a readable image: {error}")
     if mask:
-        data_or_error = _masked_original(form.get("original_ref"), folders, data, max_upload_pixels)
+        data_or_error = await asyncio.to_thread(_decoding, _masked_original, form.get("original_ref"), folders, data,
+                                                max_upload_pixels)
         if isinstance(data_or_error, JSONResponse):
             return data_or_error
         data = data_or_error
@@ -197,7 +200,7 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
     if not path.is_file():
         return _fail(404, f"original image not found: {filename!r} in {folder_type}/{ref.get('subfolder') or ''}"
                      .rstrip("/"))
-    error = image_error(path.read_bytes(), max_pixels)
+    error = image_error(path.read_bytes(), max_pixels, decode=False)  # decode_rgba below decodes it
     if error:
         return _fail(400, f"original image {filename!r} is not a readable image: {error}")
     original, mask = decode_rgba(path), decode_rgba(mask_png)
@@ -218,8 +221,8 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
 
 
 def decode_rgba(source: bytes | Path) -> tuple[Any, dict] | str:
-    """(the image as RGBA, its PNG text chunks), or why it does not decode (a file may have changed on disk
-    since image_error read it)."""
+    """(the image as RGBA, its PNG text chunks), or why it does not decode: the pixel check after
+    image_error(..., decode=False), which reads the header and chunks only."""
     from PIL import Image
 
     try:
@@ -240,9 +243,19 @@ def image_type(path: Path) -> str | None:
         return None
 
 
-def image_error(data: bytes, max_pixels: int) -> str | None:
+_DECODES = threading.BoundedSemaphore(2)  # uploads decoded at once: each holds up to max_upload_pixels x 4 bytes
+
+
+def _decoding(fn, *args):
+    """fn(*args) while holding one of the _DECODES slots (a worker thread's full decode of an upload)."""
+    with _DECODES:
+        return fn(*args)
+
+
+def image_error(data: bytes, max_pixels: int, decode: bool = True) -> str | None:
     """Why `data` is not an acceptable image (None = it is): unreadable, more than max_pixels, chunks that do
-    not verify, or too little pixel data (a truncated PNG whose chunks verify: only the decode finds it)."""
+    not verify, or (decode) too little pixel data (a truncated PNG whose chunks verify: only the decode finds
+    it). decode=False: header, size and chunks only, for a caller that decodes the image next (decode_rgba)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -251,8 +264,9 @@ def image_error(data: bytes, max_pixels: int) -> str | None:
             if w * h > max_pixels:
                 return f"{w}x{h} is {w * h} pixels; the limit is {max_pixels}"
             img.verify()
-        with Image.open(io.BytesIO(data)) as img:  # verify() leaves the image unusable: open it again to decode
-            img.load()
+        if decode:
+            with Image.open(io.BytesIO(data)) as img:  # verify() leaves the image unusable: open it again
+                img.load()
     except Image.DecompressionBombError as e:
         return str(e)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -184,7 +184,7 @@ def edit_image(image: bytes, mask: bytes | None, max_pixels: int) -> tuple[bytes
     MASK = 1 - alpha). InputError naming the field for an unreadable or oversized file, or a size mismatch."""
 
     def decode(field: str, data: bytes) -> Any:  # a PIL image, RGBA
-        got = image_error(data, max_pixels) or decode_rgba(data)
+        got = image_error(data, max_pixels, decode=False) or decode_rgba(data)
         if isinstance(got, str):
             raise InputError(f"{field}: not a readable image: {got}")
         return got[0]
