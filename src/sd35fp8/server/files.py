@@ -158,12 +158,13 @@ async def _upload(request: Request, folders: ModelFolders, max_upload_bytes: int
     target_dir = resolve_inside(root, subfolder)
     if target_dir is None or resolve_inside(root, subfolder, name) is None:
         return _fail(403, "subfolder is outside the allowed folder or too long")
-    error = await asyncio.to_thread(_decoding, image_error, data, max_upload_pixels)  # a full decode: off the loop
+    # a full decode (a mask is decoded with its original below), off the event loop
+    error = await asyncio.to_thread(bounded_decode, image_error, data, max_upload_pixels, not mask)
     if error:
         return _fail(400, f"{name!r} is not a readable image: {error}")
     if mask:
-        data_or_error = await asyncio.to_thread(_decoding, _masked_original, form.get("original_ref"), folders, data,
-                                                max_upload_pixels)
+        data_or_error = await asyncio.to_thread(bounded_decode, _masked_original, form.get("original_ref"), folders,
+                                                data, max_upload_pixels)
         if isinstance(data_or_error, JSONResponse):
             return data_or_error
         data = data_or_error
@@ -246,8 +247,8 @@ def image_type(path: Path) -> str | None:
 _DECODES = threading.BoundedSemaphore(2)  # uploads decoded at once: each holds up to max_upload_pixels x 4 bytes
 
 
-def _decoding(fn, *args):
-    """fn(*args) while holding one of the _DECODES slots (a worker thread's full decode of an upload)."""
+def bounded_decode(fn, *args):
+    """fn(*args) holding one of the _DECODES slots: a worker thread's decode of an upload (asyncio.to_thread)."""
     with _DECODES:
         return fn(*args)
 

@@ -51,8 +51,8 @@ from safetensors import safe_open
 from sd35fp8.defaults import GenerationDefaults, defaults_for
 from sd35fp8.errors import InputError
 from sd35fp8.models.mmdit import LATENT_DOWNSCALE
-from sd35fp8.server.files import (DEFAULT_MAX_UPLOAD_PIXELS, FORM_OVERHEAD, decode_rgba, image_error, read_bounded,
-                                  write_atomic)
+from sd35fp8.server.files import (DEFAULT_MAX_UPLOAD_PIXELS, FORM_OVERHEAD, bounded_decode, decode_rgba, image_error,
+                                  read_bounded, write_atomic)
 from sd35fp8.server.validation import RequestError, check_prompt_work
 
 # quality -> fraction of the model's default steps (OpenAI: dall-e-3 standard/hd, gpt-image low/medium/high)
@@ -311,8 +311,8 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
             return openai_error(str(e), param="model", code="model_not_found", status=404)
         max_pixels = getattr(request.app.state, "max_upload_pixels", None) or DEFAULT_MAX_UPLOAD_PIXELS
         try:
-            png, masked, image_size = await asyncio.to_thread(edit_image, files["image"], files.get("mask"),
-                                                              max_pixels)
+            png, masked, image_size = await asyncio.to_thread(bounded_decode, edit_image, files["image"],
+                                                              files.get("mask"), max_pixels)
         except InputError as e:
             return openai_error(str(e), param="mask" if str(e).startswith("mask") else "image",
                                 code="invalid_value")
