@@ -104,14 +104,18 @@ def _queue_with_history(done: int, pending: int, running: int = 1):
     return q
 
 
-def test_queue_json_is_current_queue():
-    """GET /queue's cached bytes are exactly current_queue() through every kind of change."""
+def test_queue_json_is_comfy_queue():
+    """GET /queue's cached bytes are exactly comfy_queue() through every kind of change: one running item as in
+    ComfyUI, the rest of a running batch first among the pending."""
     import json
 
     q = _queue_with_history(3, 6, running=2)
+    running = sorted(q.current_queue()[0], key=lambda i: i[0])
+    shown = json.loads(q.queue_json())
+    assert len(running) == 2 and shown["queue_running"] == running[:1] and shown["queue_pending"][0] == running[1]
 
     def check():
-        running, pending = q.current_queue()
+        running, pending = q.comfy_queue()
         body = q.queue_json()
         assert json.loads(body) == {"queue_running": running, "queue_pending": pending}
         assert body == json.dumps({"queue_running": running, "queue_pending": pending}, ensure_ascii=False,
@@ -120,7 +124,7 @@ def test_queue_json_is_current_queue():
     check()
     q.put([-1, "front", {}, {"create_time": 1}, []])
     check()
-    assert json.loads(q.queue_json())["queue_pending"][0][1] == "front"
+    assert [i[1] for i in json.loads(q.queue_json())["queue_pending"][:2]] == [running[1][1], "front"]
     q.delete_queue_item("q3")
     check()
     task, _ = q.get(timeout=1)
@@ -129,7 +133,8 @@ def test_queue_json_is_current_queue():
     check()
     q.wipe_queue()
     check()
-    assert json.loads(q.queue_json())["queue_pending"] == [] and not q._item_json
+    assert q.pending() == [] and not q._item_json
+    assert json.loads(q.queue_json())["queue_pending"] == [running[1]]  # still running in the first one's batch
 
 
 def test_jobs_pages_match_a_full_sort():
@@ -272,7 +277,7 @@ def test_jobs_rows_follow_the_history_change_by_change():
 
 
 def test_queue_chunks_keep_unchanged_blocks():
-    """GET /queue's chunks: the joined bytes are current_queue() rendered, through puts at both ends,
+    """GET /queue's chunks: the joined bytes are comfy_queue() rendered, through puts at both ends,
     takes, removals and batches; a change leaves most blocks the same objects."""
     import json
     import random
@@ -286,7 +291,7 @@ def test_queue_chunks_keep_unchanged_blocks():
         q.put([n, pid, {"1": {"class_type": "X", "inputs": {"seed": rng.randrange(9)}}}, {"create_time": 1}, ["1"]])
 
     def check() -> tuple[bytes, ...]:
-        running, pending = q.current_queue()
+        running, pending = q.comfy_queue()
         chunks = q.queue_chunks()
         assert b"".join(chunks) == q.queue_json() == json.dumps(
             {"queue_running": running, "queue_pending": pending}, ensure_ascii=False,
@@ -306,4 +311,6 @@ def test_queue_chunks_keep_unchanged_blocks():
     q.get_batch(timeout=1, max_batch=4)
     check()
     q.wipe_queue()
-    assert check()[-1] == b"]}" and json.loads(q.queue_json())["queue_pending"] == [] and not q._blocks
+    running = sorted(q.current_queue()[0], key=lambda i: i[0])
+    assert check()[-1] == b"]}" and q.pending() == [] and not q._blocks
+    assert len(running) > 1 and json.loads(q.queue_json())["queue_pending"] == running[1:]  # one batch, one shown

@@ -39,6 +39,12 @@ class QueueFullError(InputError):
     """POST /prompt when `max_queue` prompts are already waiting."""
 
 
+def _comfy_split(running: list[QueueItem], pending: list[QueueItem]) -> tuple[list[QueueItem], list[QueueItem]]:
+    """(running, pending) -> (the first running item in run order, the other running items + pending)."""
+    running = sorted(running, key=lambda item: item[0])
+    return running[:1], running[1:] + pending
+
+
 class PromptQueue:
     """Thread-safe heap of pending items and the running ones; `histories` holds the finished."""
 
@@ -174,6 +180,14 @@ class PromptQueue:
             pending = [copy.deepcopy(e[2]) for e in sorted(self._heap)]
         return running, pending
 
+    def comfy_queue(self) -> tuple[list[QueueItem], list[QueueItem]]:
+        """GET /queue's (queue_running, queue_pending), as ComfyUI shows them: ComfyUI runs one prompt at a time
+        and clients rely on it (comfy-ui-client asserts at most one running item), so of the prompts running as
+        one batch (--max-batch) the first in run order is listed as running and the others lead the pending
+        list. current_queue() and /jobs keep them all running."""
+        running, pending = self.current_queue()
+        return _comfy_split(running, pending)
+
     def snapshot(self) -> tuple[int, list[QueueItem], list[QueueItem]]:
         """(version, running, pending in run order) for read-only views (GET /queue, /jobs). Running
         items are deep copies; pending items are the queued lists themselves (nothing changes them
@@ -195,9 +209,12 @@ class PromptQueue:
         if cached is not None and cached[0] == self.version:
             return cached[1]
         version, running, pending = self.snapshot()
+        running, batched = _comfy_split(running, [])  # comfy_queue(): one running item
         known, rendered = self._item_json, {}
         blocks, kept = self._blocks, {}
         chunks = [b'{"queue_running":' + _dumps(running) + b',"queue_pending":[']
+        if batched:  # the rest of the running batch, rendered afresh (running items are copies)
+            chunks.append(b",".join(_dumps(item) for item in batched))
         run: list[bytes] = []
         last = len(pending) - 1
         for k, item in enumerate(pending):
