@@ -376,3 +376,26 @@ def test_worker_stop_races_start(tmp_path):
     w.start()
     w.restart("test")
     assert not w.alive and w._thread is None
+
+
+def test_a_second_server_on_one_journal_is_refused(tmp_path):
+    """Two servers whose --state-dir is the same folder (two output folders in one parent, by default) would show,
+    run and re-queue each other's prompts: a journal whose owner is another live process on this host is refused,
+    naming it; a stale owner (its process gone) is taken over."""
+    import socket
+
+    from sd35fp8.errors import InputError
+    from sd35fp8.server.journal import OWNER_NAME, Journal
+
+    state = tmp_path / "state"
+    state.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (state / OWNER_NAME).write_text(f"{other.pid}@{socket.gethostname()}")
+        with pytest.raises(InputError, match=f"in use by another running sd35fp8 server \\(pid {other.pid}\\)"):
+            Journal(state)
+    finally:
+        other.kill()
+        other.wait()
+    Journal(state).close()  # its owner has exited: taken
+    assert (state / OWNER_NAME).read_text().startswith(f"{os.getpid()}@")

@@ -11,13 +11,16 @@ the file. On start-up `recover()` hands back the history and the prompts that we
 running when the last process stopped; the server re-queues them or marks them failed
 (`--on-restart requeue|fail`).
 
-The file is `<state_dir>/sd35fp8-queue.sqlite3` (plus SQLite's -wal / -shm files beside it).
+The file is `<state_dir>/sd35fp8-queue.sqlite3` (plus SQLite's -wal / -shm files beside it); beside it
+`sd35fp8-queue.owner` names the process that opened it, and a second live server on this host is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from sd35fp8.errors import InputError
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "sd35fp8-queue.sqlite3"
+OWNER_NAME = "sd35fp8-queue.owner"  # "<pid>@<host>" of the server process that opened the journal last
 STATES = ("pending", "running", "done")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS prompts (
@@ -56,6 +60,42 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, default=str, allow_nan=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _claim(state_dir: Path) -> None:
+    """Write this process into the state folder's owner file, or InputError when another live sd35fp8 process
+    on this host holds the journal (two servers on one journal would show, run and re-queue each other's
+    prompts). A stale owner (its process gone) or one of another host (its liveness unknown: logged) is taken."""
+    owner = state_dir / OWNER_NAME
+    me, host = f"{os.getpid()}@{socket.gethostname()}", socket.gethostname()
+    try:
+        text = owner.read_text().strip()
+    except OSError:
+        text = ""
+    pid, _, their_host = text.partition("@")
+    if text and text != me and pid.isdigit():
+        if their_host == host and _alive(int(pid)):
+            raise InputError(f"--state-dir {state_dir}: its queue journal is in use by another running sd35fp8 server "
+                             f"(pid {pid}); two servers on one journal would show and run each other's prompts. Give "
+                             f"this one its own --state-dir (the default is sd35fp8-state/ beside the output folder), "
+                             f"or --state-dir none")
+        if their_host != host:
+            log.warning("queue journal in %s was last opened by %s on host %s; taking it over", state_dir, pid,
+                        their_host)
+    try:
+        owner.write_text(me)
+    except OSError as e:
+        raise InputError(f"--state-dir {state_dir}: cannot write {OWNER_NAME} ({e.strerror})") from e
+
+
 class Journal:
     """Thread-safe access to the journal file (one connection, one lock)."""
 
@@ -65,6 +105,7 @@ class Journal:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"--state-dir {self.state_dir}: cannot create the folder ({e.strerror})") from e
+        _claim(self.state_dir)
         self.path = self.state_dir / JOURNAL_NAME
         self._lock = threading.Lock()
         try:
