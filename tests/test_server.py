@@ -208,7 +208,8 @@ def test_cache_second_prompt_only_reruns_changed_nodes(client):
 def test_queue_lists_one_running_prompt_of_a_batch(tmp_path, monkeypatch):
     """ComfyUI runs one prompt at a time and its clients rely on it (comfy-ui-client asserts at most one item in
     queue_running): of prompts taken as one batch (--max-batch), GET /queue lists the first as running and the
-    others first among the pending; /jobs has all of them in progress."""
+    others first among the pending; /jobs has all of them in progress. Deleting one of those "pending" prompts
+    stops it, as deleting keeps a pending prompt from running in ComfyUI."""
     import sd35fp8.server.queue as server_queue
 
     monkeypatch.setattr(server_queue, "batch_key", lambda prompt: "one key")  # every prompt batchable
@@ -216,16 +217,18 @@ def test_queue_lists_one_running_prompt_of_a_batch(tmp_path, monkeypatch):
     app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), max_queue=5,
                      allow_hosts=TESTCLIENT_HOSTS, max_batch=3, batch_wait_ms=3000)
     with TestClient(app) as client:
-        ids = [client.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED)}).json()["prompt_id"]
-               for _ in range(3)]
+        ids = [client.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED, steps=3 + k)}).json()["prompt_id"]
+               for k in range(3)]  # held, and not served from each other's cache
         in_progress = lambda: [j["id"] for j in client.get("/jobs?status=in_progress").json()["jobs"]]  # noqa: E731
         wait_for(lambda: len(in_progress()) == 3)
         q = client.get("/queue").json()
         assert [i[1] for i in q["queue_running"]] == ids[:1] and [i[1] for i in q["queue_pending"]] == ids[1:]
         assert client.get("/prompt").json() == {"exec_info": {"queue_remaining": 3}}
+        assert client.post("/queue", json={"delete": [ids[2]]}).status_code == 200
         HOLD.set()
-        for pid in ids:
+        for pid in ids[:2]:
             assert run_to_end(client, pid)["status"]["status_str"] == "success"
+        assert run_to_end(client, ids[2])["status"]["messages"][-1][0] == "execution_interrupted"
         assert client.get("/queue").json() == {"queue_running": [], "queue_pending": []}
 
 

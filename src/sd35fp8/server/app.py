@@ -290,8 +290,13 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
 
     @r.post("/queue")
     async def post_queue(request: Request) -> Response:
-        return _clear_or_delete(await read_model(request, ClearOrDelete, {}), queue.wipe_queue,
-                                queue.delete_queue_item)
+        body = await read_model(request, ClearOrDelete, {})
+        # the prompts GET /queue lists as pending although they run in the first one's batch (comfy_queue):
+        # deleting them, or clearing the queue, stops them, as it keeps a pending prompt from running in ComfyUI
+        batched = set(queue.batched_ids())
+        for prompt_id in batched if body.clear else batched & set(body.delete):
+            worker.interrupt(prompt_id)
+        return _clear_or_delete(body, queue.wipe_queue, queue.delete_queue_item)
 
     @r.get("/history")
     async def get_history(max_items: int | None = None, offset: int = -1) -> Response:

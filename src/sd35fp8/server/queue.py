@@ -188,6 +188,11 @@ class PromptQueue:
         running, pending = self.current_queue()
         return _comfy_split(running, pending)
 
+    def batched_ids(self) -> list[str]:
+        """The running prompts comfy_queue() lists as pending: those of a running batch after its first."""
+        with self._cond:
+            return [item[1] for item in sorted(self._running.values(), key=lambda item: item[0])[1:]]
+
     def snapshot(self) -> tuple[int, list[QueueItem], list[QueueItem]]:
         """(version, running, pending in run order) for read-only views (GET /queue, /jobs). Running
         items are deep copies; pending items are the queued lists themselves (nothing changes them
