@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -416,6 +417,31 @@ def test_save_images_counter_metadata_and_latents(tmp_path):
         assert json.loads(im.text["workflow"]) == {"a": 1} and json.loads(im.text["prompt"]) == {"1": {}}
     with pytest.raises(InputError, match="outside the output folder"):
         engine.save_images(img, tmp_path, "../evil", None, None, "output", 4)
+
+
+def test_save_images_from_threads_at_once_keep_every_image(tmp_path):
+    """Workers (or replicas) saving into one folder at once: each image gets a name of its own (the counter moves
+    past names taken meanwhile), none is replaced, no temporary file is left, and files get the usual mode."""
+    import threading
+
+    from sd35fp8.workflow import engine
+
+    imgs, got = torch.rand(2, 8, 8, 3), []
+
+    def save():
+        for _ in range(10):
+            got.extend(r["filename"] for r in engine.save_images(imgs, tmp_path, "race", None, None, "output", 1))
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(got) == len(set(got)) == 80 and files == sorted(got)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / files[0]).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 class TinyModels(Node):

@@ -8,12 +8,14 @@ object_info never import the models. Sampling and the VAE run through the genera
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -546,11 +548,16 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
             meta.add_text("prompt", json.dumps(prompt))
         for key, value in (extra_pnginfo or {}).items():
             meta.add_text(key, json.dumps(value))
-        file = f"{base.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        tmp = folder / f".{file}.partial"
-        try:  # written whole under a temporary name, then renamed: never a partial image in the folder
-            Image.fromarray(arr).save(tmp, format="PNG", pnginfo=meta, compress_level=compress_level)
-            os.replace(tmp, folder / file)
+        name = base.replace("%batch_num%", str(batch_number))
+        file = f"{name}_{counter:05}_.png"
+        # written whole under a name of its own, then linked to the first free counter: never a partial image in
+        # the folder, and never another writer's image replaced (two workers or replicas saving at once)
+        tmp = folder / f".{name}_{uuid.uuid4().hex}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(arr).save(f, format="PNG", pnginfo=meta, compress_level=compress_level)
+            counter, file = _claim_name(tmp, folder, name, counter)
         except OSError as e:
             raise OutputError(f"cannot write {file} into the {folder_type} folder {folder}: {e.strerror or e} "
                               f"(free disk space or make the folder writable)") from e
@@ -559,4 +566,21 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
         results.append({"filename": file, "subfolder": subfolder, "type": folder_type})
         counter += 1
     return results
+
+
+def _claim_name(tmp: Path, folder: Path, name: str, counter: int) -> tuple[int, str]:
+    """Give the finished file `tmp` the name {name}_{counter:05}_.png, counting up past names another writer took
+    meanwhile (os.link fails on an existing name); a filesystem without hard links gets os.replace."""
+    while True:
+        file = f"{name}_{counter:05}_.png"
+        try:
+            os.link(tmp, folder / file)
+            return counter, file
+        except FileExistsError:
+            counter += 1
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            os.replace(tmp, folder / file)
+            return counter, file
 
