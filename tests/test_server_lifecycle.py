@@ -313,7 +313,11 @@ def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
     real_save = Image.Image.save
 
     def full_disk(self, fp, *args, **kwargs):
-        Path(fp).write_bytes(b"\x89PNG partial")  # some bytes reach the disk, then it is full
+        if hasattr(fp, "write"):  # some bytes reach the disk, then it is full
+            fp.write(b"\x89PNG partial")
+            fp.flush()
+        else:
+            Path(fp).write_bytes(b"\x89PNG partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     ex = make_fake_executor(tmp_path)
