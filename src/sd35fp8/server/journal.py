@@ -86,7 +86,7 @@ def _claim(state_dir: Path) -> None:
             raise InputError(f"--state-dir {state_dir}: its queue journal is in use by another running sd35fp8 server "
                              f"(pid {pid}); two servers on one journal would show and run each other's prompts. Give "
                              f"this one its own --state-dir (the default is sd35fp8-state/ beside the output folder), "
-                             f"or --state-dir none")
+                             f"or --state-dir none (if pid {pid} is no sd35fp8 server, delete {owner})")
         if their_host != host:
             log.warning("queue journal in %s was last opened by %s on host %s; taking it over", state_dir, pid,
                         their_host)
