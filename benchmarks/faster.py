@@ -169,10 +169,7 @@ def profile_step(eng, inputs) -> dict:
     groups: dict[str, float] = {}
     ms = lambda e: (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) / 1000  # noqa: E731
     for e in prof.key_averages():
-        n = e.key.lower()
-        g = ("attention" if ("attn" in n or "flash" in n) else  # before the GEMMs: FA3's kernel names say sm90
-             "fp8_gemm" if ("gemm" in n or "scaled_mm" in n or "sm90" in n or "cutlass" in n) else
-             "quantize_qkv" if ("quant" in n or "amax" in n) else "elementwise/other")
+        g = PROFILE_GROUPS[_kind(e.key)]
         groups[g] = groups.get(g, 0.0) + ms(e)
     top = sorted(((e.key[:90], ms(e)) for e in prof.key_averages()), key=lambda r: -r[1])[:15]
     return {"groups": groups, "top_kernels": top, "by_launch_grid": _by_grid(prof)}
@@ -207,10 +204,17 @@ def _by_grid(prof, most: int = 40) -> list | str:
 
 
 def _kind(name: str) -> str:
-    """A kernel's family for the gap table: gemm, attention, row pass, quantise or torch."""
+    """A kernel's family: attention (before the GEMMs: FA3's kernel names say sm90 and cutlass), gemm, quantise,
+    row (our Triton row passes) or torch."""
     n = name.lower()
-    return ("attention" if ("attn" in n or "flash" in n) else "gemm" if ("nvjet" in n or "gemm" in n or "cutlass" in n)
-            else "quantise" if ("quant" in n or "amax" in n) else "row" if n.startswith("_") else "torch")
+    return ("attention" if ("attn" in n or "flash" in n) else
+            "gemm" if any(w in n for w in ("nvjet", "gemm", "scaled_mm", "sm90", "cutlass")) else
+            "quantise" if ("quant" in n or "amax" in n) else "row" if n.startswith("_") else "torch")
+
+
+# profile_step's groups (the JSON's profile_*_step_ms keys) by kernel family
+PROFILE_GROUPS = {"attention": "attention", "gemm": "fp8_gemm", "quantise": "quantize_qkv",
+                  "row": "elementwise/other", "torch": "elementwise/other"}
 
 
 def graph_gaps(eng, inputs) -> dict:

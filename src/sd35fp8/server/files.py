@@ -201,10 +201,11 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
     if not path.is_file():
         return _fail(404, f"original image not found: {filename!r} in {folder_type}/{ref.get('subfolder') or ''}"
                      .rstrip("/"))
-    error = image_error(path.read_bytes(), max_pixels, decode=False)  # decode_rgba below decodes it
+    raw = path.read_bytes()
+    error = image_error(raw, max_pixels, decode=False)  # decode_rgba below decodes it
     if error:
         return _fail(400, f"original image {filename!r} is not a readable image: {error}")
-    original, mask = decode_rgba(path), decode_rgba(mask_png)
+    original, mask = decode_rgba(raw), decode_rgba(mask_png)
     for what, got in ((f"original image {filename!r}", original), ("mask", mask)):
         if isinstance(got, str):
             return _fail(400, f"{what} does not decode: {got}")
@@ -221,13 +222,13 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
     return out.getvalue()
 
 
-def decode_rgba(source: bytes | Path) -> tuple[Any, dict] | str:
+def decode_rgba(data: bytes) -> tuple[Any, dict] | str:
     """(the image as RGBA, its PNG text chunks), or why it does not decode: the pixel check after
     image_error(..., decode=False), which reads the header and chunks only."""
     from PIL import Image
 
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
+        with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGBA"), dict(getattr(img, "text", None) or {})
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return str(e) or type(e).__name__

@@ -191,7 +191,7 @@ class PromptQueue:
     def batched_ids(self) -> list[str]:
         """The running prompts comfy_queue() lists as pending: those of a running batch after its first."""
         with self._cond:
-            return [item[1] for item in sorted(self._running.values(), key=lambda item: item[0])[1:]]
+            return [item[1] for item in _comfy_split(list(self._running.values()), [])[1]]
 
     def snapshot(self) -> tuple[int, list[QueueItem], list[QueueItem]]:
         """(version, running, pending in run order) for read-only views (GET /queue, /jobs). Running
