@@ -181,6 +181,55 @@ def test_edit_with_the_openai_client(server, client):
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (kw.keys(), r.text)
 
 
+def test_stream_with_partial_images(client):
+    """stream=True: server-sent events as the openai client parses them: partial_images partial images (the step's
+    prediction decoded by the VAE, full size), then the image, equal to the one a plain request makes."""
+    extra = {"steps": 8, "seed": 11, "sampler_name": "euler"}
+    events = list(client.images.generate(model=MODEL, prompt="a red cube", size="64x64", stream=True,
+                                         partial_images=3, extra_body=extra))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:3]] == [0, 1, 2]
+    done = events[-1]
+    assert (done.size, done.output_format, done.quality, done.background) == ("64x64", "png", "auto", "auto")
+    assert done.usage.input_tokens == done.usage.input_tokens_details.text_tokens > 0
+    parts = [pixels(base64.b64decode(e.b64_json)) for e in events[:3]]
+    final = pixels(base64.b64decode(done.b64_json))
+    assert all(p.shape == (64, 64, 3) for p in parts)
+    plain = client.images.generate(model=MODEL, prompt="a red cube", size="64x64", extra_body=extra)
+    assert np.array_equal(final, pixels(base64.b64decode(plain.data[0].b64_json)))
+    assert np.abs(parts[-1] - final).mean() < np.abs(parts[0] - final).mean()  # the previews converge
+    # no partial images asked: the image alone; n = 2: one completed event each; edits stream as image_edit.*
+    assert [e.type for e in client.images.generate(model=MODEL, prompt="a red cube", size="32x32", stream=True,
+                                                   n=2, output_format="jpeg", extra_body=extra)] == \
+        ["image_generation.completed"] * 2
+    src = base64.b64decode(plain.data[0].b64_json)
+    kinds = [e.type for e in client.images.edit(model=MODEL, image=("a.png", src, "image/png"), prompt="a blue cube",
+                                                stream=True, partial_images=1, extra_body={"steps": 4, "seed": 1})]
+    assert kinds == ["image_edit.partial_image", "image_edit.completed"]
+
+
+def test_variations_and_newer_fields(client):
+    """client.images.create_variation (img2img with no prompt), the newer gpt-image fields (safety_identifier,
+    complexity, quality xhigh / max accepted), and clear 400s for what SD3.5 cannot make."""
+    extra = {"steps": 2, "seed": 4, "sampler_name": "euler"}
+    src = _png(Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8)))
+    got = client.images.create_variation(model=MODEL, image=("v.png", src, "image/png"), n=2, extra_body=extra)
+    imgs = [pixels(base64.b64decode(d.b64_json)) for d in got.data]
+    assert len(imgs) == 2 and imgs[0].shape == (48, 48, 3) and not np.array_equal(imgs[0], imgs[1])
+    ok = client.images.generate(model=MODEL, prompt="x", size="32x32", quality="xhigh", safety_identifier="u-1",
+                                complexity="low", partial_images=2, extra_body=extra)
+    assert len(ok.data) == 1
+    for kw, param in ((dict(background="transparent"), "background"), (dict(output_format="gif"), "output_format"),
+                      (dict(output_format="svg"), "output_format"), (dict(frame_count=4), "frame_count")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(model=MODEL, prompt="x", size="32x32", extra_body=extra, **kw)
+        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_value", kw
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.create_variation(model=MODEL, image=("v.png", src, "image/png"),
+                                       extra_body={**extra, "stream": "true"})
+    assert e.value.body["param"] == "stream"
+
+
 def test_input_error_while_running_is_400(tmp_path, monkeypatch):
     """An InputError raised while the prompt runs (here the MMDiT's own size check, with the route's
     header check switched off) is the request's fault: 400 invalid_value, not 500 generation_failed."""
@@ -191,6 +240,10 @@ def test_input_error_while_running_is_400(tmp_path, monkeypatch):
     with LiveServer(app) as srv:
         r = requests.post(f"{srv.url}/v1/images/generations", timeout=300, json={
             "model": MODEL, "prompt": "x", "size": "512x512", "steps": 1, "seed": 0})
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        with pytest.raises(openai.APIError, match="position table"):  # streamed: an error event, the client raises
+            list(client.images.generate(model=MODEL, prompt="x", size="512x512", stream=True,
+                                        extra_body={"steps": 1, "seed": 0}))
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "invalid_value" and "position table" in err["message"]

@@ -87,3 +87,7 @@ def defaults_for(depth: int, mmdit_x: bool, metadata: Mapping[str, str] | None =
 # and +1.2 at 20. Without warmup and caps (faster_tiny_euler_cpu_no_warmup.json) 0.2 gave 1.82x / 2.02x at
 # 33.0 / 38.3 dB, -3.1 / -2.0 points. The earlier TeaCache-style cache (rule "input") used 0.10.
 DEFAULT_CACHE_THRESHOLD = 1.0
+
+# Live sampler previews (ComfyUI --preview-method / --preview-size; workflow/previews.py). ComfyUI's default is none.
+PREVIEW_METHODS = ("none", "auto", "latent2rgb", "taesd")
+DEFAULT_PREVIEW_SIZE = 512

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Callable
 
+from ..defaults import DEFAULT_PREVIEW_SIZE, PREVIEW_METHODS
 from ..errors import InputError
 from ..scale.options import add_gpus_args, add_scale_args, gpus_per_image, scale_options
 from .common import add_engine_args, parse_shape, positive_int
@@ -78,6 +79,13 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     srv.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     srv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="a sampling progress bar per prompt on stderr (default on)")
+    srv.add_argument("--preview-method", default="none", choices=PREVIEW_METHODS,
+                     help="live previews of each sampling step over /ws, as ComfyUI's flag: latent2rgb (auto and "
+                     "taesd use it too: no TAESD decoder ships) is SD3's latent -> RGB map at 1/8 of the image's "
+                     "size; a prompt's extra_data.preview_method (the web UI's 'Live preview method' setting) "
+                     "overrides it. Default none")
+    srv.add_argument("--preview-size", type=positive_int, default=DEFAULT_PREVIEW_SIZE, metavar="PX",
+                     help=f"largest side of a live preview (default {DEFAULT_PREVIEW_SIZE})")
     life = srv.add_argument_group("durable queue and lifecycle")
     life.add_argument("--state-dir", default="auto",
                       help="folder of the queue + history journal (SQLite); accepted prompts survive a crash or "
@@ -143,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    state_dir=None if args.state_dir == "none" else args.state_dir, on_restart=args.on_restart,
                    drain_seconds=args.drain_seconds, hang_seconds=args.hang_seconds, compile=args.compile,
                    offload=args.offload, console_progress=args.progress, attention=args.attention,
-                   cache_threshold=args.cache_threshold,
+                   cache_threshold=args.cache_threshold, preview_method=args.preview_method,
+                   preview_size=args.preview_size,
                    **({"warmup_workflow": args.warmup, "warmup_shapes": args.warmup_shapes} if args.warmup else {}),
                    **given)
     if layout is None:
@@ -155,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         ranks = RankOptions(world=layout[0], cfg=layout[1], device=device.type, models_dir=args.models,
                             input_dir=args.input, extra_model_paths=args.extra_model_paths, attention=args.attention,
-                            cache_threshold=args.cache_threshold, max_prompt_tokens=limits.max_prompt_tokens,
+                            cache_threshold=args.cache_threshold, preview_method=args.preview_method,
+                            preview_size=args.preview_size, max_prompt_tokens=limits.max_prompt_tokens,
                             max_text_chars=limits.max_text_chars, log_level=logging.getLogger().level)
         pending = serve_ranks(ranks, lambda executor: serve(**options, executor=executor), output_dir=args.output)
     if pending:

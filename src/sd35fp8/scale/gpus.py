@@ -72,6 +72,8 @@ class RankOptions:
     extra_model_paths: str | None = None
     attention: str = "auto"
     cache_threshold: float = 0.0
+    preview_method: str = "none"  # rank 0's (the only rank whose events reach clients)
+    preview_size: int = 512
     max_prompt_tokens: int | None = None
     max_text_chars: int | None = None
     log_level: int = logging.WARNING
@@ -110,10 +112,12 @@ class DistributedExecutor(PromptExecutor):
     on the other ranks (`follow`); its interrupts are agreed at each check (module docstring)."""
 
     def __init__(self, folders: ModelFolders, device: str | torch.device, *, cfg: int, groups: tuple,
-                 control: Any, attention: str = "auto", cache_threshold: float = 0.0):
+                 control: Any, attention: str = "auto", cache_threshold: float = 0.0, preview_method: str = "none",
+                 preview_size: int = 512):
         super().__init__(folders, device=device, compile=False, offload="none", attention=attention,
-                         cache_threshold=cache_threshold)
+                         cache_threshold=cache_threshold, preview_method=preview_method, preview_size=preview_size)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.sends_previews = self.rank == 0  # the followers' events go nowhere: no preview work there
         self.cfg, self.groups, self.control = cfg, groups, control
         self.engine_options = replace(self.engine_options, parallel=self._parallel)
         self.command_lock = threading.Lock()  # rank 0: one command at a time crosses the ranks
@@ -402,7 +406,8 @@ def _leader(options: RankOptions, init_method: str, local_rank: int, output_dir:
     folders = ModelFolders(options.models_dir, output_dir=output_dir, input_dir=options.input_dir, temp_dir=temp_dir,
                            extra_config=options.extra_model_paths)
     executor = DistributedExecutor(folders, device, cfg=options.cfg, groups=groups, control=control,
-                                   attention=options.attention, cache_threshold=options.cache_threshold)
+                                   attention=options.attention, cache_threshold=options.cache_threshold,
+                                   preview_method=options.preview_method, preview_size=options.preview_size)
     return executor
 
 

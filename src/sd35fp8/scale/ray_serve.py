@@ -205,13 +205,19 @@ class RemoteExecutor:
         return [results[i] for i in range(len(jobs))]
 
 
+# create_app options that are the replicas' PromptExecutor options (create_app uses them only for its own executor)
+REPLICA_ENGINE_OPTIONS = ("attention", "cache_threshold", "preview_method", "preview_size")
+
+
 def start_engines(models_dir: str | os.PathLike, *, replicas: int = 1, ray_address: str | None = None,
                   attach: bool = False, app_name: str = APP_NAME, input_dir: str | os.PathLike | None = None,
                   device: str | None = None, extra_model_paths: str | os.PathLike | None = None,
-                  compile: bool | None = None, offload: str = "none", **deployment: Any) -> Any:
+                  compile: bool | None = None, offload: str = "none", engine: dict | None = None,
+                  **deployment: Any) -> Any:
     """Connect to (or start) Ray, run the engine deployment (or attach to a deployed one); its handle.
-    compile / offload: every replica's engine options (EngineReplica); with attach the deployed
-    config's args decide, and giving them here is an InputError."""
+    compile / offload: every replica's engine options (EngineReplica); engine: its other PromptExecutor
+    options (attention, cache_threshold, preview_method, preview_size); with attach the deployed config's
+    args decide, and giving compile / offload here is an InputError."""
     import ray
     from ray import serve
 
@@ -225,7 +231,7 @@ def start_engines(models_dir: str | os.PathLike, *, replicas: int = 1, ray_addre
     serve.start(proxy_location="Disabled")
     ctor = {"input_dir": str(input_dir) if input_dir is not None else None, "device": device,
             "extra_model_paths": str(extra_model_paths) if extra_model_paths is not None else None,
-            "compile": compile, "offload": offload}
+            "compile": compile, "offload": offload, "engine": dict(engine or {})}
     app = engine_deployment(replicas, **deployment).bind(str(models_dir), **ctor)
     return serve.run(app, name=app_name, route_prefix=None)
 
@@ -245,9 +251,10 @@ def create_ray_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike 
     folders = ModelFolders(models_dir, output_dir=output_dir, input_dir=input_dir, temp_dir=temp_dir,
                            extra_config=extra_model_paths)
     deployment = dict(deployment or {})
+    engine = {k: app_kwargs[k] for k in REPLICA_ENGINE_OPTIONS if k in app_kwargs}  # the replicas' executors'
     handle = start_engines(models_dir, replicas=replicas, ray_address=ray_address, attach=attach, app_name=app_name,
                            input_dir=folders.input_dir, device=device, extra_model_paths=extra_model_paths,
-                           compile=compile, offload=offload, **deployment)
+                           compile=compile, offload=offload, engine=engine, **deployment)
     executor = RemoteExecutor(handle, folders)
     app = create_app(models_dir, executor=executor, **app_kwargs)
     main = app.state.worker

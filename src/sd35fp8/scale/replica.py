@@ -40,15 +40,18 @@ class EngineReplica:
 
     def __init__(self, models_dir: str | os.PathLike, device: str | None = None,
                  input_dir: str | os.PathLike | None = None, extra_model_paths: str | os.PathLike | None = None,
-                 executor_options: dict | None = None, compile: bool | None = None, offload: str = "none"):
+                 executor_options: dict | None = None, compile: bool | None = None, offload: str = "none",
+                 engine: dict | None = None):
         """compile / offload: the engine options of the replica's PromptExecutor (as `sd35fp8 serve
-        --compile/--no-compile --offload`; None = the device's default for a server)."""
+        --compile/--no-compile --offload`; None = the device's default for a server); engine: its other
+        keyword options (attention, cache_threshold, preview_method, preview_size)."""
         self.replica_id = uuid.uuid4().hex[:12]
         self.work = Path(tempfile.mkdtemp(prefix=f"sd35fp8-replica-{self.replica_id}-"))
         folders = ModelFolders(models_dir, output_dir=self.work / "output", input_dir=input_dir,
                                temp_dir=self.work / "temp", extra_config=extra_model_paths)
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.executor = PromptExecutor(folders, device=dev, options=executor_options, compile=compile, offload=offload)
+        self.executor = PromptExecutor(folders, device=dev, options=executor_options, compile=compile, offload=offload,
+                                       **(engine or {}))
         self.broken: str | None = None  # set when the executor thread raised something it must not
         self.busy = threading.Lock()
         log.info("engine replica %s on %s (pid %d, compile %s, offload %s)", self.replica_id, dev, os.getpid(),

@@ -50,6 +50,7 @@ from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
 from sd35fp8.workflow.nodes import node_info
+from sd35fp8.workflow.previews import DEFAULT_PREVIEW_SIZE
 from sd35fp8.workflow.progress_bars import ProgressBars
 from sd35fp8.workflow.run import load_workflow
 
@@ -102,15 +103,16 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                state_dir: str | os.PathLike | None = None, on_restart: str = "requeue",
                warmup: Callable[[], Any] | None = None, hang_seconds: float = DEFAULT_HANG_SECONDS,
                check_seconds: float = 1.0, compile: bool | None = None, offload: str = "none",
-               attention: str = "auto", cache_threshold: float = 0.0,
-               warmup_workflow: str | os.PathLike | None = None,
+               attention: str = "auto", cache_threshold: float = 0.0, preview_method: str = "none",
+               preview_size: int = DEFAULT_PREVIEW_SIZE, warmup_workflow: str | os.PathLike | None = None,
                warmup_shapes: Sequence[tuple[int, int, int]] | None = None,
                console_progress: bool = False) -> FastAPI:
     """Build the app. `executor` replaces the PromptExecutor (tests, or a pre-loaded one).
 
     compile / offload: the new PromptExecutor's engine options (None = the device's default for a
     server: compiled on CUDA; offload "none" | "model" | "sequential"; attention auto | fp8 | bf16;
-    cache_threshold: step caching for every KSampler, 0 = off).
+    cache_threshold: step caching for every KSampler, 0 = off; preview_method / preview_size: ComfyUI's
+    --preview-method / --preview-size, the samplers' live previews over /ws, workflow/previews.py).
 
     state_dir: the durable queue + history journal (journal.py) lives there; None = memory only;
     "auto" = sd35fp8-state/ beside the output folder (never inside it: /view serves the output folder).
@@ -142,7 +144,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
                                extra_config=extra_model_paths)
         dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         executor = PromptExecutor(folders, device=dev, compile=compile, offload=offload, attention=attention,
-                                  cache_threshold=cache_threshold)
+                                  cache_threshold=cache_threshold, preview_method=preview_method,
+                                  preview_size=preview_size)
     folders = executor.folders
     if warmup_workflow is not None:
         warmup = _workflow_warmup(executor, warmup_workflow, warmup_shapes, warmup)

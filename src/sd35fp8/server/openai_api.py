@@ -35,16 +35,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
@@ -55,8 +57,11 @@ from sd35fp8.server.files import (DEFAULT_MAX_UPLOAD_PIXELS, FORM_OVERHEAD, boun
                                   read_bounded, write_atomic)
 from sd35fp8.server.validation import RequestError, check_prompt_work
 
-# quality -> fraction of the model's default steps (OpenAI: dall-e-3 standard/hd, gpt-image low/medium/high)
-QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
+# quality -> fraction of the model's default steps (OpenAI: dall-e-3 standard/hd, gpt-image low/medium/high/xhigh/max)
+QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5, "xhigh": 2.0,
+                 "max": 2.5}
+# the quality named in stream events (OpenAI's event types know no dall-e-3 names)
+EVENT_QUALITY = {"standard": "medium", "hd": "high", None: "auto"}
 MAX_N = 10  # OpenAI's bound on n
 POLL_S = 0.02  # how often the route looks for its history entry
 OWNER = "sd35fp8"
@@ -78,14 +83,21 @@ class ImageRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
-    quality: Literal["low", "medium", "standard", "high", "hd", "auto"] | None = None
+    quality: Literal["low", "medium", "standard", "high", "hd", "xhigh", "max", "auto"] | None = None
     style: str | None = None  # dall-e-3's; accepted and ignored (SD3.5 has no such switch)
     user: str | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None  # b64_json: the image re-encoded (url: the PNG)
-    background: Literal["auto", "opaque"] | None = None
+    safety_identifier: str | None = None  # accepted and ignored, as `user`
+    complexity: Literal["low", "medium", "high"] | None = None  # gpt-image's planning effort; accepted, no effect
+    # b64_json: the image re-encoded (url: the PNG); gif / svg and their options are refused (`unsupported`)
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
+    svg: dict | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
     moderation: str | None = None
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg / webp quality (default 100); png: no effect
-    stream: Literal[False] | None = None  # partial images are not streamed
+    stream: bool | None = None  # True: server-sent events (partial images, then each image: see `stream_events`)
+    partial_images: int | None = Field(None, ge=0, le=3)
     steps: int | None = Field(None, ge=1, le=1000)
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     negative_prompt: str = ""
@@ -101,6 +113,14 @@ class EditRequest(ImageRequest):
 
     denoise: float | None = Field(None, ge=0.0, le=1.0)  # None: EDIT_DENOISE
     input_fidelity: Literal["low", "high"] | None = None  # gpt-image-1's; accepted, no effect
+
+
+class VariationRequest(EditRequest):
+    """The fields of POST /v1/images/variations besides its image: an edit whose prompt may be empty (dall-e-2's
+    variations take none) and which does not stream."""
+
+    prompt: str = ""
+    stream: Literal[False] | None = None
 
 
 def openai_error(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -275,11 +295,14 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         return (ckpt, *defaults_cache[ckpt])
 
     @r.post("/images/generations")
-    async def generate(request: Request) -> JSONResponse:
+    async def generate(request: Request) -> Response:
         try:
             req = ImageRequest.model_validate_json(await request.body())
         except ValidationError as e:
             return _validation_error(e)
+        refused = unsupported(req)
+        if refused is not None:
+            return openai_error(refused[1], param=refused[0], code="unsupported_value")
         try:
             ckpt, defaults, max_side = await model_defaults(req)
         except LookupError as e:
@@ -292,7 +315,15 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         return await run(request, req, graph, latent["width"], latent["height"], max_side)
 
     @r.post("/images/edits")
-    async def edit(request: Request) -> JSONResponse:
+    async def edit(request: Request) -> Response:
+        return await from_image(request, EditRequest, "openai/edit", "image_edit")
+
+    @r.post("/images/variations")
+    async def variation(request: Request) -> Response:
+        return await from_image(request, VariationRequest, "openai/variation", "image_generation")
+
+    async def from_image(request: Request, model: type[EditRequest], prefix: str, kind: str) -> Response:
+        """An edit or a variation: its multipart form, image (and mask) checked and stored, its graph run."""
         max_bytes = getattr(request.app.state, "max_upload_bytes", None) or DEFAULT_EDIT_BYTES
         body = await read_bounded(request, max_bytes + FORM_OVERHEAD)
         if body is None:
@@ -300,11 +331,16 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
                                 status=413)
         try:
             fields, files = await _edit_form(request, body)
-            req = EditRequest.model_validate(fields)
+            req = model.model_validate(fields)
         except InputError as e:
             return openai_error(str(e), code="invalid_value")
         except ValidationError as e:
             return _validation_error(e)
+        refused = unsupported(req)
+        if refused is None and model is VariationRequest and "mask" in files:
+            refused = ("mask", "a variation takes no mask (an edit does: /v1/images/edits)")
+        if refused is not None:
+            return openai_error(refused[1], param=refused[0], code="unsupported_value")
         try:
             ckpt, defaults, max_side = await model_defaults(req)
         except LookupError as e:
@@ -318,7 +354,7 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
                                 code="invalid_value")
         name = f"{uuid.uuid4().hex}.png"
         try:
-            graph, width, height = build_edit_graph(req, ckpt, defaults, "openai/edit", f"{EDIT_SUBFOLDER}/{name}",
+            graph, width, height = build_edit_graph(req, ckpt, defaults, prefix, f"{EDIT_SUBFOLDER}/{name}",
                                                     masked, image_size)
         except InputError as e:
             return openai_error(str(e), param="size", code="invalid_value")
@@ -328,11 +364,12 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         except OSError as e:
             return openai_error(f"could not store the image in input/{EDIT_SUBFOLDER}: {e.strerror or e}",
                                 type_="server_error", code="storage_failed", status=507 if e.errno == 28 else 500)
-        return await run(request, req, graph, width, height, max_side)
+        return await run(request, req, graph, width, height, max_side, kind)
 
     async def run(request: Request, req: ImageRequest, graph: dict, width: int, height: int,
-                  max_side: int | None) -> JSONResponse:
-        """Validate the graph and its cost, queue it, wait for it, answer with its images."""
+                  max_side: int | None, kind: str = "image_generation") -> Response:
+        """Validate the graph and its cost, queue it, then answer with its images: as one JSON body, or
+        (req.stream) as server-sent events. kind: the events' prefix (image_generation, image_edit)."""
         max_text = limits.max_text_chars if limits is not None else None
         ok, error, outputs, node_errors = validate_prompt(graph, executor.classes, folders, None, max_text)
         if not ok:
@@ -351,51 +388,161 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         except InputError as e:
             return openai_error(str(e), param="size", code="invalid_value")
         prompt_id = str(uuid.uuid4())
-        extra = {"create_time": int(time.time() * 1000), "openai": True}
+        extra: dict[str, Any] = {"create_time": int(time.time() * 1000), "openai": True}
+        if req.stream and req.partial_images:
+            extra["partial_images"] = req.partial_images  # workflow/previews.py decodes them while sampling
         budget = getattr(request.app.state, "text_budget", None)
         if budget is not None:  # the prompt text cut to --max-prompt-tokens (prompt_text.py)
             warnings = budget.apply(graph)
             if warnings:
                 extra["warnings"] = warnings
+        hub = getattr(request.app.state, "hub", None) if req.stream else None
+        partials = hub.subscribe(prompt_id) if hub is not None else None  # before queueing: nothing missed
         try:
             queue.put([queue.next_number(), prompt_id, graph, extra, outputs])
         except InputError as e:  # QueueFullError
+            if hub is not None:
+                hub.unsubscribe(prompt_id)
             return openai_error(str(e), type_="rate_limit_exceeded", code="queue_full", status=429)
+        if req.stream:
+            usage = _usage(budget, req.prompt)
+            events = stream_events(request, req, prompt_id, partials, kind, f"{width}x{height}", usage)
+            return StreamingResponse(_unsubscribing(events, hub, queue, prompt_id), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         entry = await _wait_for(queue, prompt_id, request)
         if entry is None:
             return openai_error("the request was cancelled", type_="server_error", code="cancelled", status=499)
-        status = entry.get("status", {})
-        if status.get("status_str") != "success":
-            errors = [m[1] for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
-            msg = errors[0].get("exception_message", "interrupted") if errors else "generation failed"
-            if errors and errors[0].get("exception_type") in INPUT_ERRORS:  # the request's fault, found while running
-                return openai_error(f"invalid request: {msg}", code="invalid_value")
-            return openai_error(f"generation failed: {msg}", type_="server_error", code="generation_failed",
-                                status=500)
-        images = [img for ui in entry.get("outputs", {}).values() for img in ui.get("images", [])
-                  if img.get("type") == "output"]
+        failed = _failure(entry)
+        if failed is not None:
+            return failed
         data = []
-        for img in images:
+        for img in _output_images(entry):
             if req.response_format == "url":
                 query = urlencode({"filename": img["filename"], "subfolder": img["subfolder"], "type": img["type"]})
                 data.append({"url": f"{request.base_url}view?{query}", "revised_prompt": req.prompt})
             else:
-                path = Path(folders.output_dir) / img["subfolder"] / img["filename"]
-                raw = await asyncio.to_thread(encode_output, path, req.output_format, req.output_compression)
+                raw = await asyncio.to_thread(encode_output, _output_path(img), req.output_format,
+                                              req.output_compression)
                 data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": req.prompt})
         return JSONResponse({"created": int(time.time()), "data": data, "prompt_id": prompt_id})
+
+    async def stream_events(request: Request, req: ImageRequest, prompt_id: str, partials: asyncio.Queue | None,
+                            kind: str, size: str, usage: dict) -> AsyncIterator[bytes]:
+        """OpenAI's image stream: `{kind}.partial_image` events while sampling (req.partial_images of them, the
+        step's prediction of the clean image decoded by the model's VAE, for the batch's first image), then one
+        `{kind}.completed` per image; a failure is an `error` event ({"error": {...}}, as the openai client
+        raises it); the prompt is taken off the queue if the client leaves first."""
+        common = {"background": req.background or "auto", "output_format": req.output_format or "png",
+                  "quality": EVENT_QUALITY.get(req.quality, req.quality), "size": size}
+        pending: list[tuple[str, dict]] = []
+        while True:
+            entry = queue.history(prompt_id).get(prompt_id)
+            if entry is not None:
+                await asyncio.sleep(0)  # a partial the worker sent before finishing may still wait in the loop
+            while partials is not None and not partials.empty():
+                pending.append(partials.get_nowait())
+            for _, data in pending:
+                raw = await asyncio.to_thread(encode_bytes, data["image"], req.output_format, req.output_compression)
+                yield _sse(f"{kind}.partial_image", {
+                    "type": f"{kind}.partial_image", "b64_json": base64.b64encode(raw).decode("ascii"),
+                    "created_at": int(time.time()), "partial_image_index": int(data["index"]), **common})
+            pending.clear()
+            if entry is not None:
+                break
+            if await request.is_disconnected():
+                queue.delete_queue_item(prompt_id)
+                return
+            if partials is None:
+                await asyncio.sleep(POLL_S)
+                continue
+            try:
+                pending.append(await asyncio.wait_for(partials.get(), POLL_S))
+            except TimeoutError:
+                pass
+        failed = _failure(entry)
+        if failed is not None:
+            yield _sse("error", json.loads(failed.body))
+            return
+        for img in _output_images(entry):
+            raw = await asyncio.to_thread(encode_output, _output_path(img), req.output_format, req.output_compression)
+            yield _sse(f"{kind}.completed", {"type": f"{kind}.completed", "b64_json": base64.b64encode(raw).decode(
+                "ascii"), "created_at": int(time.time()), **common, "usage": usage})
+
+    def _output_path(img: dict) -> Path:
+        return Path(folders.output_dir) / img["subfolder"] / img["filename"]
 
     return r
 
 
+def _failure(entry: dict) -> JSONResponse | None:
+    """The OpenAI error answer for a history entry that did not succeed (None when it did)."""
+    status = entry.get("status", {})
+    if status.get("status_str") == "success":
+        return None
+    errors = [m[1] for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
+    msg = errors[0].get("exception_message", "interrupted") if errors else "generation failed"
+    if errors and errors[0].get("exception_type") in INPUT_ERRORS:  # the request's fault, found while running
+        return openai_error(f"invalid request: {msg}", code="invalid_value")
+    return openai_error(f"generation failed: {msg}", type_="server_error", code="generation_failed", status=500)
+
+
+def _output_images(entry: dict) -> list[dict]:
+    return [img for ui in entry.get("outputs", {}).values() for img in ui.get("images", [])
+            if img.get("type") == "output"]
+
+
+def _usage(budget: Any, prompt: str) -> dict:
+    """A stream's `usage`: the prompt's CLIP tokens as its text tokens (no image tokens: a diffusion model
+    emits none)."""
+    try:
+        text = budget.count(prompt, ["clip"])["clip"] if budget is not None else 0
+    except Exception:  # noqa: BLE001 - a count is informative only; never fail a finished image over it
+        text = 0
+    return {"input_tokens": text, "input_tokens_details": {"image_tokens": 0, "text_tokens": text},
+            "output_tokens": 0, "total_tokens": text}
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _unsubscribing(events: AsyncIterator[bytes], hub: Any, queue: Any, prompt_id: str) -> AsyncIterator[bytes]:
+    """The stream's events; whatever ends it (the last event, or the client leaving, which cancels the response),
+    the prompt's subscription goes, and a prompt still pending leaves the queue (nobody would hear its images)."""
+    try:
+        async for chunk in events:
+            yield chunk
+    finally:
+        if hub is not None:
+            hub.unsubscribe(prompt_id)
+        queue.delete_queue_item(prompt_id)  # a no-op once it runs or ran
+
+
+def unsupported(req: ImageRequest) -> tuple[str, str] | None:
+    """(param, message) for what SD3.5 cannot make (transparent backgrounds, GIF, SVG); None when all is fine."""
+    if req.background == "transparent":
+        return "background", "background 'transparent' is not supported: SD3.5 makes opaque images (use auto or opaque)"
+    if req.output_format in ("gif", "svg"):
+        return "output_format", f"output_format {req.output_format!r} is not supported (png, jpeg or webp)"
+    for name in ("frame_count", "frame_duration_ms", "svg"):
+        if getattr(req, name) is not None:
+            return name, f"{name} is for gif / svg output, which this server does not make"
+    return None
+
+
 def encode_output(path: Path, output_format: str | None, compression: int | None) -> bytes:
-    """A saved PNG's bytes as `output_format` asks: the file itself for png, else re-encoded by Pillow at quality
+    """A saved PNG's bytes as `output_format` asks (encode_bytes)."""
+    return encode_bytes(path.read_bytes(), output_format, compression)
+
+
+def encode_bytes(png: bytes, output_format: str | None, compression: int | None) -> bytes:
+    """PNG bytes as `output_format` asks: themselves for png, else re-encoded by Pillow at quality
     `compression` (OpenAI's output_compression, 0-100, default 100)."""
     if output_format in (None, "png"):
-        return path.read_bytes()
+        return png
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(png)) as im:
         out = io.BytesIO()
         quality = 100 if compression is None else compression
         im.convert("RGB").save(out, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)

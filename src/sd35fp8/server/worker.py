@@ -25,12 +25,14 @@ import torch
 from sd35fp8.errors import InputError, SD35Error
 from sd35fp8.server.batching import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH, BatchStats, run_batch
 from sd35fp8.server.queue import PromptQueue, QueueItem
+from sd35fp8.server.ws import PRIVATE_EVENTS
 from sd35fp8.workflow.executor import early_error
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, Any, "str | None"], None]
-BROADCAST_EVENTS = ("progress", "progress_state", "execution_interrupted")  # sent to all without a client_id
+# sent to all without a client_id (ComfyUI's progress hook sends a step's preview frame as its progress)
+BROADCAST_EVENTS = ("progress", "progress_state", "execution_interrupted", "preview_image")
 # Events that ComfyUI keeps in history status.messages (execution.py add_message(broadcast=...)).
 STATUS_EVENTS = ("execution_start", "execution_cached", "execution_success", "execution_error",
                  "execution_interrupted")
@@ -263,6 +265,9 @@ class _PromptTracker:
             self._last_step = now
         if event == "executing" and data.get("node") is None:
             self.done.append(data)  # ComfyUI sends this after the history is stored (prompt_worker)
+            return
+        if event in PRIVATE_EVENTS:  # for the route that waits on this prompt (ws.WebSocketHub.subscribe)
+            self.worker.send(event, data, None)
             return
         if event in STATUS_EVENTS:
             self.messages.append([event, data])

@@ -23,6 +23,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 log = logging.getLogger(__name__)
 
 PREVIEW_IMAGE = 1  # ComfyUI BinaryEventTypes.PREVIEW_IMAGE
+# events no socket sees: they go to the in-process subscriber of data["prompt_id"] (the /v1 route streaming it)
+PRIVATE_EVENTS = ("partial_image",)
 IMAGE_TYPES = {"JPEG": 1, "PNG": 2}
 _CLOSE = object()
 
@@ -41,6 +43,7 @@ class WebSocketHub:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}
+        self._subscribers: dict[str, asyncio.Queue] = {}  # prompt id -> (event, data) of its PRIVATE_EVENTS
         self._lock = threading.Lock()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -55,13 +58,23 @@ class WebSocketHub:
     def send(self, event: str, data: Any, sid: str | None = None) -> None:
         """Queue a message for one client (sid) or all (None). Safe to call from the worker thread.
 
-        event "preview_image" with data {"image": bytes, "format": "JPEG"|"PNG"} goes out binary.
+        event "preview_image" with data {"image": bytes, "format": "JPEG"|"PNG"} goes out binary; PRIVATE_EVENTS
+        go only to the subscriber of data["prompt_id"].
         """
+        loop = self._loop
+        if event in PRIVATE_EVENTS:
+            with self._lock:
+                sub = self._subscribers.get(data.get("prompt_id")) if isinstance(data, dict) else None
+            if sub is not None and loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(sub.put_nowait, (event, data))
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+            return
         if event == "preview_image":
             message: str | bytes = encode_preview(data["image"], data.get("format", "JPEG"))
         else:
             message = json.dumps({"type": event, "data": data})
-        loop = self._loop
         if loop is None or loop.is_closed():
             return  # no server loop yet: nobody can be listening
         with self._lock:
@@ -74,6 +87,18 @@ class WebSocketHub:
                 return
 
     # ---- inside the loop --------------------------------------------------------------------
+    def subscribe(self, prompt_id: str) -> asyncio.Queue:
+        """A queue of (event, data) for the prompt's PRIVATE_EVENTS, until `unsubscribe`."""
+        self.bind(asyncio.get_running_loop())
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._subscribers[prompt_id] = q
+        return q
+
+    def unsubscribe(self, prompt_id: str) -> None:
+        with self._lock:
+            self._subscribers.pop(prompt_id, None)
+
     async def serve(self, ws: WebSocket, client_id: str | None, hello: dict, server_features: dict,
                     resume: list[dict] | None = None) -> None:
         """Accept, send the status hello (and `resume`: messages for a reconnecting client, such as the

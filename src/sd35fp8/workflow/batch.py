@@ -110,7 +110,7 @@ def check_batchable(calls: Sequence[dict]) -> None:
             raise NotBatchable("the prompts' latent images differ")
 
 
-def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[int, int], None]],
+def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[..., None]],
                  check_interrupt: Callable[[], None]) -> list[dict[str, torch.Tensor]]:
     """One sampling call (the generation core's `sample_rows`: each prompt's rows with the noise it
     draws alone) for prompts whose contexts have equal shapes -> each call's {"samples"} (CPU)."""
@@ -129,9 +129,11 @@ def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[[i
                                first["scheduler"], first.get("denoise", 1.0), first.get("start_step"),
                                first.get("last_step"), first.get("force_full_denoise", False))
 
-    def callback(step: int, total: int, _denoised: torch.Tensor) -> None:
-        for p in progress:
-            p(step, total)
+    ends = torch.tensor([r.latent.shape[0] for r in rows]).cumsum(0).tolist()  # each call's rows of the batch
+
+    def callback(step: int, total: int, denoised: torch.Tensor) -> None:  # denoised [sum B_i, 16, h, w]
+        for p, start, end in zip(progress, [0, *ends[:-1]], ends):
+            p(step, total, denoised[start:end])
 
     with lora_active(first["model"]):  # one model object per batch (check_batchable): one LoRA set
         outs = generation.sample_rows(first["model"].mmdit, rows, settings, device=torch.device(ctx.device),
@@ -247,7 +249,8 @@ def _run_group(ex: Any, runs: list[PromptRun], nids: list[str], inputs: list[dic
     while len(live) > 1:
         first = runs[live[0]]
         ctx = ex.node_context(nids[live[0]], first.prompt_id, first.send)
-        progress = [ex.node_context(nids[k], runs[k].prompt_id, runs[k].send).progress for k in live]
+        progress = [ex.node_context(nids[k], runs[k].prompt_id, runs[k].send, preview=runs[k].preview(nids[k])).progress
+                    for k in live]
         try:
             outs = sample_group(ctx, [calls[k] for k in live], progress, check_interrupt)
         except _BatchInterrupt as stop:

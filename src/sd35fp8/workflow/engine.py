@@ -417,7 +417,7 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
         out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
                                 sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples,
                                 settings, seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
-                                callback=lambda step, total, _denoised: ctx.progress(step, total),
+                                callback=lambda step, total, denoised: ctx.progress(step, total, denoised),
                                 interrupt=ctx.check_interrupt, mask=_noise_mask(latent, dev))
     if out is samples:
         return {"samples": latent["samples"]}

@@ -28,6 +28,7 @@ from sd35fp8.workflow.engine import EngineOptions
 from sd35fp8.workflow.folders import ModelFolders
 from sd35fp8.workflow.graph import is_link, parse_prompt
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node, NodeContext
+from sd35fp8.workflow.previews import DEFAULT_PREVIEW_SIZE, StepPreview, check_method
 from sd35fp8.workflow.prompt_run import (  # noqa: F401 - re-exported: the executor's public values
     ExecutionResult, Hooks, InterruptProcessing, PromptJob, PromptRun, PromptValidationError, early_error,
     explain_error, format_value)
@@ -37,16 +38,21 @@ log = logging.getLogger(__name__)
 class PromptExecutor:
     """Executes prompts against one models folder on one device; keeps the output cache."""
 
+    sends_previews = True  # False where nobody hears this executor's events (a follower rank of scale/gpus.py)
+
     def __init__(self, folders: ModelFolders, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  classes: Mapping[str, type[Node]] | None = None, options: dict[str, Any] | None = None, *,
                  compile: bool | None = None, offload: str = "none", attention: str = "auto",
-                 cache_threshold: float = 0.0):
+                 cache_threshold: float = 0.0, preview_method: str = "none",
+                 preview_size: int = DEFAULT_PREVIEW_SIZE):
         """compile: torch.compile the MMDiT engine's step (None: the device's default for a long-running
         executor, fast.default_compile: on for CUDA); offload: "none" | "model" (MMDiT resident, text
         encoders and VAE visit the device) | "sequential" (MMDiT blocks streamed too). Loaders build
         every MMDiT through sd35fp8.fast.build_engine with these (NodeContext.engine_options).
         attention: build_engine's auto | fp8 | bf16; cache_threshold: step caching for every KSampler
-        (sd35fp8.step_cache; 0 = off)."""
+        (sd35fp8.step_cache; 0 = off). preview_method / preview_size: ComfyUI's --preview-method /
+        --preview-size, the live previews a sampler sends after each step (workflow/previews.py; a prompt's
+        extra_data["preview_method"] overrides the method)."""
         from sd35fp8.fast import OFFLOAD_MODES, default_compile
 
         self.folders = folders
@@ -69,6 +75,8 @@ class PromptExecutor:
             raise InputError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
         self.engine_options = EngineOptions(compile=self.compile, offload=offload, offloader=offloader,
                                             attention=attention, cache_threshold=check_threshold(cache_threshold))
+        self.preview_method = check_method(preview_method)
+        self.preview_size = int(preview_size)
         self.classes = dict(NODE_CLASS_MAPPINGS if classes is None else classes)
         self.options = dict(options or {})
         self._cache: dict[str, tuple[tuple, dict | None]] = {}  # key -> (outputs, ui)
@@ -263,9 +271,13 @@ class PromptExecutor:
         return out
 
     def node_context(self, nid: str, prompt_id: str, send: Hooks,
-                     check_interrupt: Callable[[], None] | None = None) -> NodeContext:
-        def progress(value: int, total: int) -> None:
+                     check_interrupt: Callable[[], None] | None = None,
+                     preview: StepPreview | None = None) -> NodeContext:
+        def progress(value: int, total: int, denoised: torch.Tensor | None = None) -> None:
             send("progress", {"value": int(value), "max": int(total), "prompt_id": prompt_id, "node": nid})
+            if preview is not None and denoised is not None:
+                preview(int(value), int(total), denoised,
+                        lambda event, data: send(event, {**data, "prompt_id": prompt_id, "node": nid}))
 
         return NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid,
                            progress=progress, check_interrupt=check_interrupt or self._check_interrupt,
@@ -273,9 +285,10 @@ class PromptExecutor:
                            text_limit=self.text_limit)
 
     def _run_node(self, nid: str, class_type: str, inputs: dict, prompt_id: str, send: Hooks,
-                  check_interrupt: Callable[[], None] | None = None) -> tuple[tuple, dict | None]:
+                  check_interrupt: Callable[[], None] | None = None,
+                  preview: StepPreview | None = None) -> tuple[tuple, dict | None]:
         cls = self.classes[class_type]
-        ctx = self.node_context(nid, prompt_id, send, check_interrupt)
+        ctx = self.node_context(nid, prompt_id, send, check_interrupt, preview)
         ret = getattr(cls(ctx), cls.FUNCTION)(**inputs)
         ui = None
         if isinstance(ret, dict):

@@ -33,7 +33,8 @@ class NodeContext:
     device: Any = "cpu"
     dtype: Any = None
     node_id: str = ""
-    progress: Callable[[int, int], None] = lambda value, total: None
+    # progress(step, total, denoised=None): a sampler's step; denoised [B, 16, h, w] (model space) feeds previews
+    progress: Callable[..., None] = lambda value, total, denoised=None: None
     check_interrupt: Callable[[], None] = lambda: None
     options: dict[str, Any] = field(default_factory=dict)
     engine_options: EngineOptions = field(default_factory=EngineOptions)  # compile / offload for loaders

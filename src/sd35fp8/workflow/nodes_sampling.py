@@ -78,7 +78,7 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     def on_step(info: dict) -> None:
         last["x0"] = info["denoised"]
         ctx.check_interrupt()
-        ctx.progress(int(info["i"]) + 1, total)
+        ctx.progress(int(info["i"]) + 1, total, info["denoised"])
 
     ctx.check_interrupt()
     out = sampling.sample(sampler.name, denoiser, x, sigmas, extra_args={"seed": noise.seed or 0}, callback=on_step,

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from sd35fp8.errors import InputError
-from sd35fp8.workflow.graph import execution_order, parse_prompt
+from sd35fp8.workflow.graph import execution_order, is_link, parse_prompt
+from sd35fp8.workflow.previews import StepPreview, resolve_method
 from sd35fp8.workflow.validate import full_type_name, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class PromptRun:
             self.executing(nid)
             inputs = self.inputs(nid)
             outputs, ui = self.ex._run_node(nid, node["class_type"], inputs, self.prompt_id, self.send,
-                                            self.check_interrupt)
+                                            self.check_interrupt, self.preview(nid))
         except InterruptProcessing:
             self.interrupted(nid)
             return False
@@ -166,6 +167,39 @@ class PromptRun:
             return False
         self.store(nid, outputs, ui)
         return True
+
+    def preview(self, nid: str) -> StepPreview | None:
+        """The step previews node `nid` sends if it samples (workflow/previews.py): the prompt's
+        extra_data["preview_method"] over the executor's, and extra_data["partial_images"] (the /v1 route's)
+        decoded by the VAE that a VAEDecode of this node's output uses. None when there is nothing to send."""
+        if not self.ex.sends_previews:
+            return None
+        method = resolve_method(self.extra_data.get("preview_method"), self.ex.preview_method)
+        count = self.extra_data.get("partial_images")
+        count = count if isinstance(count, int) and not isinstance(count, bool) else 0
+        decode = self._decoder(nid) if count > 0 else None
+        preview = StepPreview(method, count, decode, self.ex.preview_size)
+        return preview if preview.active else None
+
+    def _decoder(self, nid: str) -> Any:
+        """denoised [1, 16, h, w] (model space) -> IMAGE, by the VAE of the first VAEDecode whose samples are
+        output 0 of `nid`; None when none is found or its VAE is not computed yet."""
+        for node in self.prompt.values():
+            inputs = node.get("inputs", {})
+            vae = inputs.get("vae")
+            if node.get("class_type") != "VAEDecode" or list(inputs.get("samples") or ()) != [nid, 0] or \
+                    not is_link(vae) or str(vae[0]) not in self.keys:
+                continue
+            cached = self.ex._cache.get(self.keys[str(vae[0])])
+            if cached is None:
+                return None
+            from sd35fp8.models.vae import to_vae_space
+            from sd35fp8.workflow.engine import vae_decode
+
+            model = cached[0][int(vae[1])]
+            offloader = self.ex.engine_options.offloader
+            return lambda z: vae_decode(model, {"samples": to_vae_space(z.float())}, offloader)
+        return None
 
     def executing(self, nid: str) -> None:
         self.send("executing", {"node": nid, "display_node": nid, "prompt_id": self.prompt_id})
