@@ -57,7 +57,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     models = build_models_folder(root)
     app = create_ray_app(models, root / "output", replicas=2, device="cpu", serve_frontend=False, max_batch=1,
-                         deployment={"health_check_period_s": 2.0, "num_cpus": 0.5})
+                         deployment={"health_check_period_s": 2.0, "num_cpus": 0.5}, preview_method="latent2rgb")
     with LiveServer(app, timeout=120) as srv:
         srv.models, srv.root = models, root
         yield srv
@@ -180,6 +180,32 @@ def test_killed_replica_loses_no_prompt_and_comes_back(cluster, reference):
         assert time.monotonic() < deadline, after
         time.sleep(1)
     assert after != before
+
+
+def test_previews_and_stream_through_replicas(cluster):
+    """The replicas run with the server's --preview-method (create_ray_app passes it with the other engine
+    options): /ws preview frames and the OpenAI stream's partial images come back from a replica."""
+    import json
+    import struct
+
+    import websockets.sync.client as ws_client
+
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    events = list(client.images.generate(model=MODEL, prompt="a red cube", size="32x32", stream=True, partial_images=2,
+                                         extra_body={"steps": 4, "seed": 1, "sampler_name": "euler"}))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    g = build_graph(request(0), f"{MODEL}.safetensors", checkpoint_defaults(SHIPPED_CHECKPOINT), "ws")
+    shots = []
+    with ws_client.connect(f"{cluster.url.replace('http', 'ws')}/ws?clientId=rw", open_timeout=30) as ws:
+        ws.recv(timeout=30)
+        requests.post(f"{cluster.url}/prompt", json={"prompt": g, "client_id": "rw"}, timeout=30).raise_for_status()
+        while True:
+            m = ws.recv(timeout=600)
+            if isinstance(m, bytes):
+                shots.append(struct.unpack(">II", m[:8]))
+            elif json.loads(m)["type"] == "executing" and json.loads(m)["data"]["node"] is None:
+                break
+    assert shots == [(1, 1)] * 3  # request(0): 3 steps, one JPEG frame each
 
 
 def test_deploy_config_is_valid_and_builds():

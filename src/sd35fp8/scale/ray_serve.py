@@ -43,6 +43,8 @@ from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
 log = logging.getLogger(__name__)
 
 APP_NAME = "sd35fp8"
+# create_app options that are the replicas' PromptExecutor options (create_app uses them only for its own executor)
+REPLICA_ENGINE_OPTIONS = ("attention", "cache_threshold", "preview_method", "preview_size")
 DEPLOYMENT_NAME = "SD35Engine"
 
 
@@ -80,10 +82,14 @@ def build_app(args: dict) -> Any:
         applications: [{name: sd35fp8, import_path: "sd35fp8.scale.ray_serve:build_app",
                         args: {models_dir: /models, replicas: 2}}]
     args: models_dir (required), replicas, num_gpus, min_replicas, max_replicas, max_ongoing_requests,
-    max_queued_requests, device, input_dir, extra_model_paths, compile, offload."""
+    max_queued_requests, device, input_dir, extra_model_paths, compile, offload, and the replicas' other
+    executor options (REPLICA_ENGINE_OPTIONS: attention, cache_threshold, preview_method, preview_size)."""
     args = dict(args)
     models_dir = args.pop("models_dir")
     ctor = {k: args.pop(k) for k in ("device", "input_dir", "extra_model_paths", "compile", "offload") if k in args}
+    engine = {k: args.pop(k) for k in REPLICA_ENGINE_OPTIONS if k in args}
+    if engine:
+        ctor["engine"] = engine
     return engine_deployment(**args).bind(models_dir, **ctor)
 
 
@@ -205,8 +211,6 @@ class RemoteExecutor:
         return [results[i] for i in range(len(jobs))]
 
 
-# create_app options that are the replicas' PromptExecutor options (create_app uses them only for its own executor)
-REPLICA_ENGINE_OPTIONS = ("attention", "cache_threshold", "preview_method", "preview_size")
 
 
 def start_engines(models_dir: str | os.PathLike, *, replicas: int = 1, ray_address: str | None = None,
