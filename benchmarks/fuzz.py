@@ -253,7 +253,14 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
                                {"prompt": "x", "response_format": "xml"}, {"prompt": "x", "steps": 10**6},
                                {"prompt": "x", "output_format": rng.choice(["gif", "jpeg", "webp"]),
                                 "output_compression": rng.choice([-1, 101, "x", 0])},
-                               {"prompt": "x", "seed": 2**80}, {"prompt": "x", "cfg": float("nan")}])
+                               {"prompt": "x", "seed": 2**80}, {"prompt": "x", "cfg": float("nan")},
+                               # the stream (server-sent events) and the newer gpt-image fields
+                               {"prompt": "x", "stream": rng.choice([True, "yes", 1, None]),
+                                "partial_images": rng.choice([0, 3, 4, -1, 10**9, "2"]), "steps": 2},
+                               {"prompt": "x", "background": rng.choice(["transparent", "pink"]),
+                                "svg": rng.choice([{}, {"model": "x"}, "x"]), "frame_count": rng.choice([2, -5, 10**9]),
+                                "quality": rng.choice(["xhigh", "max", "ultra"]), "safety_identifier": "a" * 5000,
+                                "complexity": rng.choice(["low", "extreme"])}])
             raw = rng.choice([dumps(body), b"{", b"[" * 20_000, b"\x00" * 64])
             return [{"kind": kind, "method": "POST", "path": "/v1/images/generations", "body": raw, "headers": J}]
         image = rng.choice([png(), png(64), bomb(), bomb(64, 64), b"not an image", b"",
@@ -266,10 +273,12 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
         data = rng.choice([{"prompt": "x"}, {}, {"prompt": "x", "n": "many"}, {"prompt": "x", "size": "17x17"},
                            {"prompt": "x", "size": "16384x16384"}, {"prompt": "x", "denoise": "2"},
                            {"prompt": "x" * 100_000}, {"prompt": "x", "model": "nope"}])
+        if rng.random() < 0.3:  # stream an edit
+            data = {**data, "stream": rng.choice(["true", "false", "maybe"]), "partial_images": rng.choice(["1", "9"])}
+        path = rng.choice(["/v1/images/edits", "/v1/images/variations"])
         if rng.random() < 0.1:  # not multipart at all
-            return [{"kind": kind, "method": "POST", "path": "/v1/images/edits", "body": dumps(data), "headers": J}]
-        return [{"kind": kind, "method": "POST", "path": "/v1/images/edits", "files": files, "data": data,
-                 "headers": {}}]
+            return [{"kind": kind, "method": "POST", "path": path, "body": dumps(data), "headers": J}]
+        return [{"kind": kind, "method": "POST", "path": path, "files": files, "data": data, "headers": {}}]
     if kind == "headers":
         h = rng.choice([{"Origin": "http://localhost:3000"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
                         {"Host": "rebind.evil.example"}, {"Content-Type": "text/plain"}, {"Content-Type": ""},

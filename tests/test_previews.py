@@ -60,11 +60,15 @@ def graph(seed: int = 1, steps: int = 3, size: int = 64) -> dict:
     return build_graph(req, CKPT, checkpoint_defaults(SHIPPED_CHECKPOINT), "preview")
 
 
-def run(client: TestClient, sid: str, extra: dict | None = None, **kw) -> list:
-    """Queue a prompt for client `sid`; its messages up to the end: dicts (JSON) and bytes (binary frames)."""
+def run(client: TestClient, sid: str, extra: dict | None = None, flags: dict | None = None, **kw) -> list:
+    """Queue a prompt for client `sid` (whose feature_flags message says `flags`); its messages up to the end:
+    dicts (JSON) and bytes (binary frames)."""
     out = []
     with client.websocket_connect(f"/ws?clientId={sid}") as ws:
         ws.receive_json()
+        if flags is not None:  # as ComfyUI's frontend does first thing; the server answers with its own
+            ws.send_json({"type": "feature_flags", "data": flags})
+            assert ws.receive_json()["data"]["supports_preview_metadata"] is True
         body = {"prompt": graph(**kw), "client_id": sid}
         if extra is not None:
             body["extra_data"] = extra
@@ -82,12 +86,22 @@ def run(client: TestClient, sid: str, extra: dict | None = None, **kw) -> list:
                 return out
 
 
-def frames(messages: list) -> list[Image.Image]:
+def frames(messages: list, meta: list | None = None) -> list[Image.Image]:
+    """The JPEG preview frames of `messages`: PREVIEW_IMAGE (1) frames, or with `meta` given
+    PREVIEW_IMAGE_WITH_METADATA (4) frames, whose metadata are appended to it."""
+    import json
+
     images = []
     for m in messages:
         if isinstance(m, bytes):
-            assert struct.unpack(">II", m[:8]) == (1, 1)  # PREVIEW_IMAGE, JPEG
-            images.append(Image.open(io.BytesIO(m[8:])))
+            if meta is None:
+                assert struct.unpack(">II", m[:8]) == (1, 1)  # PREVIEW_IMAGE, JPEG
+                images.append(Image.open(io.BytesIO(m[8:])))
+            else:
+                kind, n = struct.unpack(">II", m[:8])
+                assert kind == 4
+                meta.append(json.loads(m[8:8 + n]))
+                images.append(Image.open(io.BytesIO(m[8 + n:])))
     return images
 
 
@@ -106,6 +120,16 @@ def test_ws_preview_frames(models, tmp_path):
         for i, m in enumerate(msgs):  # each frame right after its step's progress, as ComfyUI's hook sends it
             if isinstance(m, bytes):
                 assert msgs[i - 1]["type"] == "progress"
+        # a client that supports preview metadata (the frontend's feature_flags) gets ComfyUI's type-4 frames
+        meta: list = []
+        msgs = run(client, "m", {"preview_method": "latent2rgb"}, flags={"supports_preview_metadata": True},
+                   steps=2, seed=5)
+        pid = next(m["data"]["prompt_id"] for m in msgs if isinstance(m, dict) and m["type"] == "execution_start")
+        assert len(frames(msgs, meta)) == 2
+        assert meta[0] == {"node_id": "3", "prompt_id": pid, "display_node_id": "3", "parent_node_id": None,
+                           "real_node_id": "3", "image_type": "image/jpeg"}
+        assert len(frames(run(client, "m", {"preview_method": "latent2rgb"}, flags={"supports_preview_metadata": 1},
+                              steps=2, seed=6))) == 2  # not exactly true (ComfyUI's supports_feature): legacy
     app = create_app(models, tmp_path / "output2", device="cpu", serve_frontend=False, allow_hosts=HOSTS,
                      preview_method="auto")
     with TestClient(app) as client:

@@ -177,7 +177,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     lifecycle = Lifecycle(worker, metrics, warmup=warmup, hang_seconds=hang_seconds, check_seconds=check_seconds)
     queue.on_change = lambda: hub.send("status", {"status": queue_info(queue)}, None)
     store = UserStore(user_dir if user_dir is not None else folders.output_dir.parent / "user")
-    features = {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
+    features = {"supports_preview_metadata": True, "max_upload_size": max_upload_bytes}
     logs = LogBuffer(hub.send, lambda: hub.client_ids)
     redactor = Redactor([auth_token])
     text_budget = TextBudget(limits.max_prompt_tokens, folders, max_chars=limits.max_text_chars)
