@@ -534,3 +534,30 @@ def test_batch_key_and_select():
 def test_encode_preview():
     assert encode_preview(b"abc", "PNG") == b"\0\0\0\1\0\0\0\2abc"
     assert encode_preview(b"abc")[:8] == b"\0\0\0\1\0\0\0\1"
+
+
+def test_private_events_reach_only_their_subscriber():
+    """The OpenAI stream's partial images (ws.PRIVATE_EVENTS) go to the route that subscribed to the prompt, never
+    to a socket; the hub holds a subscription weakly, so one dropped unread frees what piled up in it."""
+    import asyncio
+    import gc
+
+    from sd35fp8.server.ws import WebSocketHub
+
+    async def main() -> tuple[int, int, int]:
+        hub = WebSocketHub()
+        q = hub.subscribe("p")
+        hub.send("partial_image", {"prompt_id": "p", "index": 0, "image": b"x"})
+        hub.send("partial_image", {"prompt_id": "other", "index": 0, "image": b"y"})
+        await asyncio.sleep(0)
+        got = q.qsize()
+        hub.unsubscribe("p")
+        hub.send("partial_image", {"prompt_id": "p", "index": 1, "image": b"x"})
+        await asyncio.sleep(0)
+        after = q.qsize()
+        q2 = hub.subscribe("dropped")
+        del q2
+        gc.collect()
+        return got, after, len(hub._subscribers)
+
+    assert asyncio.run(main()) == (1, 1, 0)

@@ -19,6 +19,7 @@ import logging
 import struct
 import threading
 import uuid
+import weakref
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -58,7 +59,9 @@ class WebSocketHub:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}
-        self._subscribers: dict[str, asyncio.Queue] = {}  # prompt id -> (event, data) of its PRIVATE_EVENTS
+        # prompt id -> queue of (event, data) of its PRIVATE_EVENTS; weak: a subscriber that is dropped unread (a
+        # streamed response never started, its client gone) takes its queue and what piles up in it along
+        self._subscribers: weakref.WeakValueDictionary[str, asyncio.Queue] = weakref.WeakValueDictionary()
         self._metadata_previews: set[str] = set()  # sids whose feature_flags said supports_preview_metadata
         self._lock = threading.Lock()
 
@@ -110,7 +113,8 @@ class WebSocketHub:
 
     # ---- inside the loop --------------------------------------------------------------------
     def subscribe(self, prompt_id: str) -> asyncio.Queue:
-        """A queue of (event, data) for the prompt's PRIVATE_EVENTS, until `unsubscribe`."""
+        """A queue of (event, data) for the prompt's PRIVATE_EVENTS, until `unsubscribe` or until the caller drops
+        the queue (the hub holds it weakly)."""
         self.bind(asyncio.get_running_loop())
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
