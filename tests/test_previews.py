@@ -183,3 +183,71 @@ def test_previews_and_partial_images_on_the_gpu_server_gpu(models, tmp_path):
                                   extra_body=extra)
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert base64.b64decode(events[-1].b64_json) == base64.b64decode(plain.data[0].b64_json)
+
+
+def reference_taesd(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """madebyollin's TAESD decoder written out with torch.nn.functional from the released key names."""
+    import torch.nn.functional as F
+
+    def conv(i: int | str, h: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(h, sd[f"{i}.weight"], sd.get(f"{i}.bias"), padding=1)
+
+    def block(i: int, h: torch.Tensor) -> torch.Tensor:
+        y = conv(f"{i}.conv.4", F.relu(conv(f"{i}.conv.2", F.relu(conv(f"{i}.conv.0", h)))))
+        return F.relu(y + h)
+
+    h = F.relu(conv(1, torch.tanh(x / 3) * 3))
+    for first in (3, 8, 13):
+        for i in range(first, first + 3):
+            h = block(i, h)
+        h = conv(first + 4, F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    return conv(19, block(18, h))
+
+
+def random_taesd(path, channels: int = 16) -> dict:
+    from safetensors.torch import save_file
+
+    from sd35fp8.models.taesd import TAESDDecoder
+
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in TAESDDecoder(channels).state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return sd
+
+
+def test_taesd_decoder_loads_released_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    from sd35fp8.checkpoints.taesd import load_taesd_decoder
+    from sd35fp8.errors import CheckpointError
+
+    sd = random_taesd(tmp_path / "taesd3_decoder.safetensors")
+    dec = load_taesd_decoder(tmp_path / "taesd3_decoder.safetensors")
+    assert dec.latent_channels == 16
+    x = torch.randn(1, 16, 5, 4, generator=torch.Generator().manual_seed(1))
+    out = dec(x)
+    assert out.shape == (1, 3, 40, 32)
+    torch.testing.assert_close(out, reference_taesd(sd, x), rtol=1e-5, atol=1e-5)
+    torch.save(sd, tmp_path / "taesd3_decoder.pth")  # ComfyUI's other released form
+    torch.testing.assert_close(load_taesd_decoder(tmp_path / "taesd3_decoder.pth")(x), out)
+    save_file({k: v for k, v in sd.items() if k != "19.bias"}, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*19\.bias"):
+        load_taesd_decoder(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_taesd_decoder(tmp_path / "junk.safetensors")
+
+
+def test_taesd_previews_from_vae_approx(models, tmp_path, caplog):
+    """preview_method taesd: previews at the image's size by models/vae_approx/taesd3_decoder.*; without the file
+    (or with one that does not load) latent2rgb's, as ComfyUI falls back."""
+    app = create_app(models, tmp_path / "output", device="cpu", serve_frontend=False, allow_hosts=HOSTS)
+    approx = models / "vae_approx" / "taesd3_decoder.safetensors"
+    with TestClient(app) as client:
+        shots = frames(run(client, "t", {"preview_method": "taesd"}, steps=2, seed=7))
+        assert [s.size for s in shots] == [(8, 8)] * 2 and "previews use latent2rgb" in caplog.text
+        random_taesd(approx)
+        shots = frames(run(client, "t", {"preview_method": "taesd"}, steps=2, seed=8))
+        assert [s.size for s in shots] == [(64, 64)] * 2
+    approx.unlink()

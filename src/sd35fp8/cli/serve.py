@@ -80,10 +80,11 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     srv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="a sampling progress bar per prompt on stderr (default on)")
     srv.add_argument("--preview-method", default="none", choices=PREVIEW_METHODS,
-                     help="live previews of each sampling step over /ws, as ComfyUI's flag: latent2rgb (auto and "
-                     "taesd use it too: no TAESD decoder ships) is SD3's latent -> RGB map at 1/8 of the image's "
-                     "size; a prompt's extra_data.preview_method (the web UI's 'Live preview method' setting) "
-                     "overrides it. Default none")
+                     help="live previews of each sampling step over /ws, as ComfyUI's flag: latent2rgb (and auto) "
+                     "is SD3's latent -> RGB map at 1/8 of the image's size; taesd decodes at the image's size "
+                     "with models/vae_approx/taesd3_decoder.* (latent2rgb without one); a prompt's "
+                     "extra_data.preview_method (the web UI's 'Live preview method' setting) overrides it. "
+                     "Default none")
     srv.add_argument("--preview-size", type=positive_int, default=DEFAULT_PREVIEW_SIZE, metavar="PX",
                      help=f"largest side of a live preview (default {DEFAULT_PREVIEW_SIZE})")
     life = srv.add_argument_group("durable queue and lifecycle")

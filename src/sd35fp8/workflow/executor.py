@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from sd35fp8.errors import InputError
+from sd35fp8.errors import CheckpointError, InputError
 from sd35fp8.workflow.batch import execute_batch
 from sd35fp8.workflow.engine import EngineOptions
 from sd35fp8.workflow.folders import ModelFolders
 from sd35fp8.workflow.graph import is_link, parse_prompt
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node, NodeContext
-from sd35fp8.workflow.previews import DEFAULT_PREVIEW_SIZE, StepPreview, check_method
+from sd35fp8.workflow.previews import DEFAULT_PREVIEW_SIZE, TAESD_DECODER_NAME, StepPreview, check_method
 from sd35fp8.workflow.prompt_run import (  # noqa: F401 - re-exported: the executor's public values
     ExecutionResult, Hooks, InterruptProcessing, PromptJob, PromptRun, PromptValidationError, early_error,
     explain_error, format_value)
@@ -77,6 +77,7 @@ class PromptExecutor:
                                             attention=attention, cache_threshold=check_threshold(cache_threshold))
         self.preview_method = check_method(preview_method)
         self.preview_size = int(preview_size)
+        self._taesd: tuple[str | None, Any] | None = None  # (file, decoder or None) once looked for
         self.classes = dict(NODE_CLASS_MAPPINGS if classes is None else classes)
         self.options = dict(options or {})
         self._cache: dict[str, tuple[tuple, dict | None]] = {}  # key -> (outputs, ui)
@@ -269,6 +270,27 @@ class PromptExecutor:
             elif kind == "UNIQUE_ID":
                 out[name] = nid
         return out
+
+    def taesd_decoder(self) -> Any:
+        """The TAESD decoder for "taesd" previews: the first models/vae_approx file named taesd3_decoder*
+        (ComfyUI's lookup), on the executor's device; None (a warning, once) when there is none or it does not
+        load, and previews fall back to latent2rgb. Looked for again when the folder's file list changes."""
+        names = [n for n in self.folders.get_filename_list("vae_approx") if n.startswith(TAESD_DECODER_NAME)]
+        name = names[0] if names else None
+        if self._taesd is None or self._taesd[0] != name:
+            decoder = None
+            if name is None:
+                log.warning("taesd previews: no models/vae_approx/%s*; previews use latent2rgb", TAESD_DECODER_NAME)
+            else:
+                try:
+                    from sd35fp8.checkpoints.taesd import load_taesd_decoder
+
+                    decoder = load_taesd_decoder(self.folders.get_full_path("vae_approx", name)).to(
+                        self.device, self.dtype)
+                except CheckpointError as e:
+                    log.warning("taesd previews: %s; previews use latent2rgb", e)
+            self._taesd = (name, decoder)
+        return self._taesd[1]
 
     def node_context(self, nid: str, prompt_id: str, send: Hooks,
                      check_interrupt: Callable[[], None] | None = None,

@@ -26,6 +26,7 @@ _DEFAULT_SUBDIRS: dict[str, tuple[str, ...]] = {
     "vae": ("vae",),
     "loras": ("loras",),
     "controlnet": ("controlnet", "t2i_adapter"),
+    "vae_approx": ("vae_approx",),  # TAESD decoders for live previews (workflow/previews.py)
 }
 LEGACY_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
 _EXCLUDED_DIR_NAMES = {".git"}

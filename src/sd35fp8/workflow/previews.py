@@ -5,12 +5,12 @@
 
 `method` is ComfyUI's preview method (`--preview-method`, or a prompt's extra_data["preview_method"], which the
 web UI sends from its "Live preview method" setting; "default" or a name ComfyUI does not know means the server's
-own): "none", "auto", "latent2rgb" or "taesd". auto is latent2rgb, as in ComfyUI; taesd falls back to latent2rgb,
-as ComfyUI does when models/vae_approx holds no taesd3_decoder (sd35fp8 ships no TAESD). Latent2RGB is ComfyUI's
-(latent_preview.py): the first image's denoised latent (model space, [B, 16, h, w]) through SD3's 16 -> 3 linear
-map, clamp(-1, 1), (x + 1) * 127.5 rounded, shrunk to fit `preview_size` (ComfyUI --preview-size, 512), JPEG at
-quality 95 -> event "preview_image" {"image": bytes, "format": "JPEG"} (the /ws binary frame; at latent size,
-1/8 of the image's).
+own): "none", "auto", "latent2rgb" or "taesd". auto is latent2rgb, as in ComfyUI. taesd decodes with the TAESD
+decoder `taesd` (models/vae_approx/taesd3_decoder.*, models/taesd.py; sd35fp8 ships none) at the image's size;
+without one it falls back to latent2rgb, as ComfyUI does. Latent2RGB is ComfyUI's (latent_preview.py): the first
+image's denoised latent (model space, [B, 16, h, w]) through SD3's 16 -> 3 linear map, at 1/8 of the image's size.
+Either way clamp(-1, 1), (x + 1) * 127.5 rounded, shrunk to fit `preview_size` (ComfyUI --preview-size, 512),
+JPEG at quality 95 -> event "preview_image" {"image": bytes, "format": "JPEG"} (the /ws binary frame).
 
 `partial_images` (the OpenAI API's, 0-3): at that many steps spread evenly before the last, the step's prediction
 of the clean image, decoded by `decode` (the prompt's own VAE) -> event "partial_image" {"index", "image": PNG}
@@ -32,6 +32,7 @@ from sd35fp8.errors import InputError
 log = logging.getLogger(__name__)
 
 MAX_PARTIAL_IMAGES = 3  # OpenAI: partial_images 0-3
+TAESD_DECODER_NAME = "taesd3_decoder"  # ComfyUI latent_formats.SD3.taesd_decoder_name (models/vae_approx)
 JPEG_QUALITY = 95  # ComfyUI server.py encodes previews at quality 95
 
 # ComfyUI comfy/latent_formats.py SD3: latent (model space) -> RGB in about [-1, 1]; rows are latent channels
@@ -77,6 +78,13 @@ def latent_rgb(denoised: torch.Tensor) -> torch.Tensor:
     return rgb.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
 
 
+def taesd_rgb(decoder: torch.nn.Module, denoised: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's TAESD preview of the first image: [B, C, h, w] (model space) -> uint8 [8h, 8w, 3] (CPU)."""
+    p = next(decoder.parameters())
+    rgb = decoder(denoised[:1].to(p.device, p.dtype))[0].float().sub(0.5).mul(2).movedim(0, -1).cpu()  # [H, W, 3]
+    return rgb.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
 def encode_jpeg(rgb: torch.Tensor, max_size: int) -> bytes:
     """uint8 [h, w, 3] -> JPEG bytes, shrunk (never enlarged) to fit max_size x max_size."""
     from PIL import Image
@@ -102,8 +110,9 @@ class StepPreview:
     """What one sampler node of one prompt sends after its steps (module docstring)."""
 
     def __init__(self, method: str = "none", partial_images: int = 0, decode: Decode | None = None,
-                 preview_size: int = DEFAULT_PREVIEW_SIZE):
+                 preview_size: int = DEFAULT_PREVIEW_SIZE, taesd: torch.nn.Module | None = None):
         self.method = check_method(method)
+        self.taesd = taesd if self.method == "taesd" else None
         self.partial_images = max(0, min(MAX_PARTIAL_IMAGES, int(partial_images))) if decode is not None else 0
         self.decode = decode
         self.preview_size = int(preview_size)
@@ -115,7 +124,8 @@ class StepPreview:
 
     def __call__(self, step: int, total: int, denoised: torch.Tensor, send: Send) -> None:
         if self.method != "none":
-            send("preview_image", {"image": encode_jpeg(latent_rgb(denoised), self.preview_size), "format": "JPEG"})
+            rgb = taesd_rgb(self.taesd, denoised) if self.taesd is not None else latent_rgb(denoised)
+            send("preview_image", {"image": encode_jpeg(rgb, self.preview_size), "format": "JPEG"})
         if self.partial_images and step in partial_steps(self.partial_images, total):
             image = self.decode(denoised[:1])[0]  # [H, W, 3]
             send("partial_image", {"index": self._sent, "image": encode_png(image)})

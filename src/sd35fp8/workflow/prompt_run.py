@@ -178,7 +178,8 @@ class PromptRun:
         count = self.extra_data.get("partial_images")
         count = count if isinstance(count, int) and not isinstance(count, bool) else 0
         decode = self._decoder(nid) if count > 0 else None
-        preview = StepPreview(method, count, decode, self.ex.preview_size)
+        taesd = self.ex.taesd_decoder() if method == "taesd" else None
+        preview = StepPreview(method, count, decode, self.ex.preview_size, taesd)
         return preview if preview.active else None
 
     def _decoder(self, nid: str) -> Any:
