@@ -236,3 +236,41 @@ def test_compiled_pipeline_close_to_plain_gpu(tiny_random_checkpoint):
         z = rb.latents.to("cuda", fast.vae.dtype)
         assert sqnr(fast.vae.decoder(z).float(), fast.vae.decode(z).float()) > 30
     assert fast.warmup([(64, 64, 2)]) > 0
+
+
+def test_prompt_embeds_and_latents_match_diffusers(pipe, tiny_random_checkpoint):
+    """diffusers' habits: prompt_embeds / pooled_prompt_embeds (+ negatives) and latents (the initial noise, here
+    not from any seed) given to our StableDiffusion3Pipeline call -> the latents diffusers makes from them."""
+    _, modules = tiny_random_checkpoint
+    steps, size = 3, 48
+    cond = pipe.encode_prompt(["a red circle", "a blue square"])
+    uncond = pipe.encode_prompt(["blurry", "dark"])
+    noise = torch.randn(2, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(123))
+    ours = pipe(prompt_embeds=cond.context, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=uncond.context,
+                negative_pooled_prompt_embeds=uncond.pooled, latents=noise.clone(), guidance_scale=3.0,
+                num_inference_steps=steps, sampler="euler", scheduler="normal", output_type="latent", progress=False)
+    ref_pipe = _diffusers_pipeline(modules, pipe)
+    sigmas = get_sigmas("normal", steps, shift=3.0)[:-1].tolist()
+    with torch.no_grad():
+        ref = ref_pipe(prompt_embeds=cond.context, pooled_prompt_embeds=cond.pooled,
+                       negative_prompt_embeds=uncond.context, negative_pooled_prompt_embeds=uncond.pooled,
+                       guidance_scale=3.0, num_inference_steps=steps, sigmas=sigmas, latents=noise.clone(),
+                       height=size, width=size, output_type="latent").images  # model space, as ours
+    got = ours.images
+    assert got.shape == ref.shape == (2, 16, size // 8, size // 8)
+    assert (got - ref).abs().max() / ref.abs().max() <= 1e-3
+    # without negative embeddings the negative text ("" unless given) is encoded, as diffusers does
+    plain = pipe(prompt_embeds=cond.context[:1], pooled_prompt_embeds=cond.pooled[:1], latents=noise[:1],
+                 guidance_scale=3.0, num_inference_steps=steps, sampler="euler", output_type="latent", progress=False)
+    by_text = pipe("a red circle", guidance_scale=3.0, num_inference_steps=steps, sampler="euler", width=size,
+                   height=size, output_type="latent", progress=False, latents=noise[:1])
+    assert torch.allclose(plain.images, by_text.images, atol=1e-5)
+    for bad, msg in (({"prompt": "x"}, "not both"), ({"pooled_prompt_embeds": None}, "pooled_prompt_embeds"),
+                     ({"latents": noise[:, :8]}, "latents must be"), ({"height": 64}, "latents are for")):
+        kw = dict(prompt_embeds=cond.context, pooled_prompt_embeds=cond.pooled, latents=noise, num_inference_steps=1,
+                  progress=False)
+        with pytest.raises(InputError, match=msg):
+            pipe(**{**kw, **bad})
+    with pytest.raises(InputError, match=r"prompt_embeds must be \[2, tokens"):
+        pipe(prompt_embeds=cond.context[..., :8], pooled_prompt_embeds=cond.pooled, num_inference_steps=1,
+             progress=False)

@@ -26,6 +26,12 @@ the native call (`SD35Pipeline.generate`, which runs the generation core) or ref
   offload without CUDA. `enable_vae_tiling()`: always decode in tiles.
 - Unset num_inference_steps / guidance_scale take the MODEL's defaults (defaults.py), not
   diffusers' fixed 28 / 7.0.
+- `prompt_embeds` + `pooled_prompt_embeds` (instead of `prompt`, diffusers' rule: both or neither) and
+  `negative_prompt_embeds` + `negative_pooled_prompt_embeds` (else the negative text, "" by default, is encoded
+  as usual): [B, L, 4096] and [B, 2048], as diffusers' encode_prompt returns them; repeated for
+  num_images_per_prompt. `latents`: the initial noise [B x num_images_per_prompt, 16, height/8, width/8]
+  (text-to-image; it sets the size when height / width are unset), which is diffusers' starting latent at
+  the schedule's first sigma (1.0): the same images as diffusers from the same latents.
 """
 
 from __future__ import annotations
@@ -49,8 +55,7 @@ log = logging.getLogger(__name__)
 
 LOAD_KWARGS_ACCEPTED = ("variant", "use_safetensors", "low_cpu_mem_usage", "local_files_only")
 # diffusers' call arguments we do not implement: refused by name when given (not None)
-UNSUPPORTED_CALL_ARGS = ("sigmas", "latents", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                         "negative_pooled_prompt_embeds", "ip_adapter_image", "ip_adapter_image_embeds",
+UNSUPPORTED_CALL_ARGS = ("sigmas", "ip_adapter_image", "ip_adapter_image_embeds",
                          "joint_attention_kwargs", "clip_skip", "skip_guidance_layers", "mu", "masked_image_latents",
                          "padding_mask_crop")
 # diffusers' skip-layer guidance knobs: used by diffusers only with skip_guidance_layers (refused above), so
@@ -337,7 +342,10 @@ class DiffusersSurface:
                  mask_image=None, seed: int | None = None, sampler: str | None = None, scheduler: str | None = None,
                  shift: float | None = None, denoise: float | None = None, callback=None, slg: bool | None = None,
                  progress: bool | None = None, interrupt: Callable[[], None] | None = None,
-                 cache_threshold: float = 0.0, **unsupported):
+                 cache_threshold: float = 0.0, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, **unsupported):
         """diffusers' StableDiffusion3Pipeline call (and its img2img / inpaint pipelines' image,
         strength, mask_image), plus our own names (seed, sampler, scheduler, shift, denoise,
         callback, slg, progress, interrupt, cache_threshold). Translation rules: the module docstring."""
@@ -352,8 +360,10 @@ class DiffusersSurface:
             slg = (" (sd35fp8 applies the model's own skip-layer guidance, SD3.5 Medium's layers 7, 8, 9 as the "
                    "reference sd3_infer.py; slg=False turns it off)" if "skip_guidance_layers" in given else "")
             raise InputError(f"diffusers argument(s) {', '.join(given)} not supported by sd35fp8{slg}")
-        if prompt is None:
-            raise InputError("prompt must be a string or a list of strings, got None (prompt_embeds are not supported)")
+        conditioning = self._given_embeddings(prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                                              negative_pooled_prompt_embeds)
+        if prompt is None and conditioning is None:
+            raise InputError("prompt must be a string or a list of strings (or give prompt_embeds), got None")
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
         extra = [t for t in callback_on_step_end_tensor_inputs if t not in CALLBACK_TENSOR_INPUTS]
@@ -385,10 +395,14 @@ class DiffusersSurface:
                 width = height = None  # the resized PIL image sets the size
         mask = None if mask_image is None else _mask_tensor(mask_image)
         negative = "" if negative_prompt is None else negative_prompt
+        if conditioning is not None:
+            prompt = [""] * int(conditioning[0].context.shape[0])  # labels only: the rows are the given embeddings
         prompts = _texts(prompt, prompt_2, prompt_3, max_sequence_length, "prompt")
         if isinstance(prompt, (list, tuple)) and isinstance(negative, str):
             negative = [negative] * len(prompt)
         negatives = _texts(negative, negative_prompt_2, negative_prompt_3, max_sequence_length, "negative_prompt")
+        if conditioning is not None and conditioning[1] is None:  # (unused where cfg is 1)
+            conditioning = (conditioning[0], self._encode_negatives(negatives))
         step_cb = callback
         if callback_on_step_end is not None:
             step_cb = self._step_end(callback_on_step_end, callback, sampler, scheduler, shift, steps, denoise)
@@ -403,11 +417,42 @@ class DiffusersSurface:
             kwargs["mask"] = mask
         if interrupt is not None:
             kwargs["interrupt"] = interrupt
+        if conditioning is not None:
+            kwargs["conditioning"] = conditioning
+        if latents is not None:
+            kwargs["noise"] = latents
         out = self.generate(prompts, **kwargs)
         images = _convert(out, output_type)
         if not return_dict:
             return (images,)
         return out if output_type == "pil" else GenerationOutput(images=images, latents=out.latents, params=out.params)
+
+    @staticmethod
+    def _given_embeddings(prompt, prompt_embeds, pooled, negative_embeds, negative_pooled) -> tuple | None:
+        """diffusers' precomputed embeddings -> (Conditioning, Conditioning or None), or None when none are given;
+        InputError for the combinations diffusers refuses (check_inputs)."""
+        from .sampling import Conditioning
+
+        if prompt_embeds is None:
+            if pooled is not None or negative_embeds is not None or negative_pooled is not None:
+                raise InputError("pooled / negative prompt embeddings need prompt_embeds")
+            return None
+        if prompt is not None:
+            raise InputError("give prompt or prompt_embeds, not both")
+        if pooled is None:
+            raise InputError("prompt_embeds needs pooled_prompt_embeds (from the same encode_prompt call)")
+        if (negative_embeds is None) != (negative_pooled is None):
+            raise InputError("negative_prompt_embeds and negative_pooled_prompt_embeds go together")
+        uncond = None if negative_embeds is None else Conditioning(negative_embeds, negative_pooled)
+        return Conditioning(prompt_embeds, pooled), uncond
+
+    def _encode_negatives(self, negatives):
+        """The negative texts' conditioning (diffusers encodes negative_prompt, "" by default, beside given
+        prompt_embeds): one row for a shared text, else one per prompt."""
+        texts = negatives if isinstance(negatives, (list, tuple)) else [negatives]
+        if len(texts) > 1 and all(t == texts[0] for t in texts):
+            texts = texts[:1]
+        return self.encode_prompt(list(texts))
 
     def _step_end(self, fn: Callable, callback, sampler: str, scheduler: str, shift: float, steps: int,
                   denoise: float):

@@ -293,7 +293,10 @@ class GenerationRequest:
     """One call's prompts and parameters, already checked (the pipeline fills in the model's defaults).
 
     init_pixels: img2img source [1 or P, 3, H, W] in [-1, 1] (one image for every prompt, or one per
-    prompt) with settings.denoise < 1; it must be width x height."""
+    prompt) with settings.denoise < 1; it must be width x height. conditioning: (cond [P, L, C], uncond
+    [P or 1, L', C] or None) given instead of encoding the texts (diffusers' prompt_embeds; `prompts` then
+    only count and label the rows). noise: the batch's initial noise [P x images_per_prompt, C, h, w] (model
+    space, diffusers' latents) instead of the draw from `seed`."""
 
     prompts: Sequence[str]
     negatives: Sequence[str] | str
@@ -307,6 +310,8 @@ class GenerationRequest:
     callback: StepCallback | None = None
     interrupt: Interrupt | None = None
     progress: bool = False
+    conditioning: tuple[Conditioning, Conditioning | None] | None = None
+    noise: torch.Tensor | None = None
 
 
 @dataclass
@@ -331,9 +336,16 @@ def generate(c: Components, r: GenerationRequest) -> Generated:
     the per-step noise of ancestral/SDE samplers is then drawn per pass.
     """
     s, n, p = r.settings, r.images_per_prompt, len(r.prompts)
-    with _stage(c, "encode"):
-        groups = encode(c.text_encoder, r.prompts, r.negatives, use_cfg=s.use_cfg, device=c.device, dtype=c.dtype,
-                        batched=c.batch_encode, on_device=c.on_device)
+    if r.conditioning is not None:  # given embeddings: one group, as the texts' encoding would give
+        def placed(e: Conditioning | None) -> Conditioning | None:
+            return None if e is None else Conditioning(e.context.to(c.device, c.dtype), e.pooled.to(c.device, c.dtype))
+
+        cond, uncond = (placed(e) for e in r.conditioning)
+        groups = [CondGroup(0, p, cond, uncond if s.use_cfg else None)]
+    else:
+        with _stage(c, "encode"):
+            groups = encode(c.text_encoder, r.prompts, r.negatives, use_cfg=s.use_cfg, device=c.device,
+                            dtype=c.dtype, batched=c.batch_encode, on_device=c.on_device)
 
     def repeat(cond: Conditioning | None, prompts: int) -> Conditioning | None:
         """A group's conditioning, one row per prompt -> one row per image (a shared batch-1 negative
@@ -350,7 +362,10 @@ def generate(c: Components, r: GenerationRequest) -> Generated:
             encoded = vae_encode(vae, r.init_pixels)  # [1 or P, C, h, w]
             latent = (encoded.repeat(batch, 1, 1, 1) if encoded.shape[0] == 1
                       else encoded.repeat_interleave(n, 0))  # image i goes with prompt i's images
-    noise = None if len(groups) == 1 else prepare_noise(r.seed, shape)  # separate passes take their rows
+    if r.noise is not None and tuple(r.noise.shape) != shape:
+        raise InputError(f"initial noise (latents) is {list(r.noise.shape)}, the batch's latent is {list(shape)}")
+    noise = r.noise if r.noise is not None else (
+        None if len(groups) == 1 else prepare_noise(r.seed, shape))  # separate passes take their rows
     parts = []
     cache_stats: dict = {}
     with _stage(c, "sampling"), c.on_device(c.mmdit) as mmdit:

@@ -29,7 +29,7 @@ from .generation import Components, GenerationRequest, SampleSettings, StepCallb
 from .models.mmdit import MMDiT
 from .lora.pipeline import LoraPipelineMixin
 from .output import GenerationOutput
-from .sampling import SLGConfig
+from .sampling import Conditioning, SLGConfig
 from .step_cache import check_threshold
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,9 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                  num_images_per_prompt: int = 1, callback: StepCallback | None = None,
                  slg: bool | None = None, progress: bool = True,
                  interrupt: Callable[[], None] | None = None,
-                 mask: torch.Tensor | None = None, cache_threshold: float = 0.0) -> GenerationOutput:
+                 mask: torch.Tensor | None = None, cache_threshold: float = 0.0, *,
+                 conditioning: tuple[Conditioning, Conditioning | None] | None = None,
+                 noise: torch.Tensor | None = None) -> GenerationOutput:
         """Generate images; missing parameters take the model's defaults (see defaults.py).
 
         Checks the arguments, then runs the generation core (`sd35fp8.generation.generate`, the
@@ -331,12 +333,17 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         `--cache-threshold`): an evaluation is skipped, and its velocity forecast linearly in sigma from the
         last two full ones, while the forecast's estimated error stays under the threshold (never in the first
         20% of the schedule or at the last step; at most one or two skips in a row); the counts land in
-        `self.stats.cache`.
+        `self.stats.cache`. conditioning: (cond [P, L, C], uncond or None) instead of encoding `prompt` (then only
+        labels: one string per row of cond, or one for all); noise: the initial noise [P x images, 16, h, w]
+        (model space) instead of the draw from `seed` (text-to-image only; it sets the size when width /
+        height are unset).
         """
         from .models.vae import image_to_uint8
         from .sampling import check_scheduler, get_sampler
 
         d = self.defaults
+        if conditioning is not None and isinstance(prompt, str):
+            prompt = [prompt] * int(conditioning[0].context.shape[0])  # one label per row of the given embeddings
         prompts = _prompt_list(prompt, "prompt")
         negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str)
                      else _prompt_list(negative_prompt, "negative_prompt"))
@@ -376,6 +383,18 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                                  "or one per prompt")
         if mask is not None and pixels is None:
             raise InputError("mask (inpainting) needs the init image (image=)")
+        if conditioning is not None:
+            self._check_conditioning(conditioning, len(prompts))
+        if noise is not None:
+            if pixels is not None:
+                raise InputError("initial noise (latents) with an init image: the image sets the starting latent")
+            if noise.ndim != 4 or noise.shape[0] != len(prompts) * n or noise.shape[1] != self.mmdit.config.in_channels:
+                raise InputError(f"latents must be [{len(prompts) * n}, {self.mmdit.config.in_channels}, height/8, "
+                                 f"width/8] (prompts x images per prompt), got {list(noise.shape)}")
+            lh, lw = int(noise.shape[2]) * 8, int(noise.shape[3]) * 8
+            if (width is not None and width != lw) or (height is not None and height != lh):
+                raise InputError(f"latents are for {lw}x{lh} images, width/height are {width}x{height}")
+            width, height = lw, lh
         width = d.width if width is None else width
         height = d.height if height is None else height
         self.check_size(width, height)
@@ -386,7 +405,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         request = GenerationRequest(prompts=prompts, negatives=negatives, settings=settings, width=width,
                                     height=height, seed=seed, images_per_prompt=n, init_pixels=pixels,
                                     callback=callback, interrupt=interrupt, progress=progress,
-                                    mask=mask)
+                                    mask=mask, conditioning=conditioning,
+                                    noise=None if noise is None else noise.float())
         out = generate(self.components(), request)
         self.stats.cache = out.cache_stats
         images = [Image.fromarray(a) for a in image_to_uint8(out.pixels)]
@@ -396,6 +416,21 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                        mmdit=self.description.get("mmdit", ""), fp8=self.fp8_mode)
                   for i in range(len(images))]
         return GenerationOutput(images=images, latents=out.latents.cpu(), params=params)
+
+    def _check_conditioning(self, conditioning: tuple, prompts: int) -> None:
+        """Given embeddings: (cond, uncond or None), each Conditioning(context [B, L, context_dim], pooled
+        [B, pooled_dim]); cond has a row per prompt, uncond one or as many."""
+        cfg = self.mmdit.config
+        for name, e in zip(("prompt", "negative_prompt"), conditioning):
+            if e is None:
+                continue
+            ctx, pooled = e.context, e.pooled
+            rows = (prompts,) if name == "prompt" else (1, prompts)
+            if ctx.ndim != 3 or ctx.shape[-1] != cfg.context_dim or ctx.shape[0] not in rows:
+                raise InputError(f"{name}_embeds must be [{prompts}, tokens, {cfg.context_dim}], got {list(ctx.shape)}")
+            if pooled.ndim != 2 or pooled.shape[-1] != cfg.pooled_dim or pooled.shape[0] != ctx.shape[0]:
+                raise InputError(f"pooled {name}_embeds must be [{ctx.shape[0]}, {cfg.pooled_dim}], "
+                                 f"got {list(pooled.shape)}")
 
     def summary(self) -> str:
         """One line: model, device, dtype and the MMDiT's compute mode (with the reason for FP8 choices)."""
