@@ -87,8 +87,8 @@ def test_generator_rules(pipe):
 
 
 def test_unsupported_arguments_are_named(pipe):
-    with pytest.raises(InputError, match="sigmas not supported"):
-        pipe(PROMPT, sigmas=[1.0, 0.5])
+    with pytest.raises(InputError, match="ip_adapter_image not supported"):
+        pipe(PROMPT, ip_adapter_image=Image.new("RGB", (8, 8)))
     with pytest.raises(InputError, match="prompt or prompt_embeds, not both"):  # diffusers' check_inputs rule
         pipe(PROMPT, prompt_embeds=torch.zeros(1, 4, 8))
     with pytest.raises(InputError, match="unknown argument.*guidance_rescale_typo"):

@@ -274,3 +274,31 @@ def test_prompt_embeds_and_latents_match_diffusers(pipe, tiny_random_checkpoint)
     with pytest.raises(InputError, match=r"prompt_embeds must be \[2, tokens"):
         pipe(prompt_embeds=cond.context[..., :8], pooled_prompt_embeds=cond.pooled, num_inference_steps=1,
              progress=False)
+
+
+def test_custom_sigmas_match_diffusers(pipe, tiny_random_checkpoint):
+    """sigmas= as diffusers' FlowMatchEulerDiscreteScheduler takes it (shifted by the scheduler's shift, 3.0 for
+    SD3.5, then a final 0): the same latents as diffusers with that scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _, modules = tiny_random_checkpoint
+    size, custom = 32, [1.0, 0.75, 0.4, 0.1]
+    cond, uncond = pipe.encode_prompt(["a red circle"]), pipe.encode_prompt([""])
+    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(5))
+    kw = dict(prompt_embeds=cond.context, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=uncond.context,
+              negative_pooled_prompt_embeds=uncond.pooled, guidance_scale=2.0, latents=noise.clone(),
+              output_type="latent")
+    seen = []
+    ours = pipe(**kw, sigmas=custom, sampler="euler", progress=False,
+                callback_on_step_end=lambda p, i, t, k: seen.append(float(t)) or k)
+    ref_pipe = _diffusers_pipeline(modules, pipe)
+    ref_pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    with torch.no_grad():
+        ref = ref_pipe(**kw, sigmas=custom, height=size, width=size).images
+    assert (ours.images - ref).abs().max() / ref.abs().max() <= 1e-3
+    shifted = [3 * s / (1 + 2 * s) for s in custom]
+    assert seen == pytest.approx([s * 1000 for s in shifted], rel=1e-5)  # diffusers' timesteps
+    with pytest.raises(InputError, match="sigmas must decrease"):
+        pipe("x", sigmas=[0.5, 0.9], progress=False)
+    with pytest.raises(InputError, match="are 2 steps, num_inference_steps is 5"):
+        pipe.generate("x", sigmas=[1.0, 0.5, 0.0], num_inference_steps=5, progress=False)

@@ -32,6 +32,8 @@ the native call (`SD35Pipeline.generate`, which runs the generation core) or ref
   num_images_per_prompt. `latents`: the initial noise [B x num_images_per_prompt, 16, height/8, width/8]
   (text-to-image; it sets the size when height / width are unset), which is diffusers' starting latent at
   the schedule's first sigma (1.0): the same images as diffusers from the same latents.
+- `sigmas`: a custom schedule, as FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=) takes it: shifted by
+  the scheduler's shift (3.0 for SD3.5), a final 0 appended; num_inference_steps = len(sigmas).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 
 LOAD_KWARGS_ACCEPTED = ("variant", "use_safetensors", "low_cpu_mem_usage", "local_files_only")
 # diffusers' call arguments we do not implement: refused by name when given (not None)
-UNSUPPORTED_CALL_ARGS = ("sigmas", "ip_adapter_image", "ip_adapter_image_embeds",
+UNSUPPORTED_CALL_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds",
                          "joint_attention_kwargs", "clip_skip", "skip_guidance_layers", "mu", "masked_image_latents",
                          "padding_mask_crop")
 # diffusers' skip-layer guidance knobs: used by diffusers only with skip_guidance_layers (refused above), so
@@ -345,7 +347,8 @@ class DiffusersSurface:
                  cache_threshold: float = 0.0, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
-                 negative_pooled_prompt_embeds: torch.Tensor | None = None, **unsupported):
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, sigmas: Sequence[float] | None = None,
+                 **unsupported):
         """diffusers' StableDiffusion3Pipeline call (and its img2img / inpaint pipelines' image,
         strength, mask_image), plus our own names (seed, sampler, scheduler, shift, denoise,
         callback, slg, progress, interrupt, cache_threshold). Translation rules: the module docstring."""
@@ -376,6 +379,11 @@ class DiffusersSurface:
         scheduler = scheduler or sched.scheduler
         shift = sched.shift if shift is None else shift
         steps = self.defaults.steps if num_inference_steps is None else num_inference_steps
+        schedule = None
+        if sigmas is not None:  # FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=): shifted, then a final 0
+            given = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+            schedule = [shift * s / (1 + (shift - 1) * s) for s in given] + [0.0]
+            steps = len(given)
         if strength is not None and denoise is not None:
             raise InputError("give strength= (diffusers) or denoise= (ComfyUI), not both")
         if strength is not None or (image is not None and denoise is None):
@@ -405,7 +413,8 @@ class DiffusersSurface:
             conditioning = (conditioning[0], self._encode_negatives(negatives))
         step_cb = callback
         if callback_on_step_end is not None:
-            step_cb = self._step_end(callback_on_step_end, callback, sampler, scheduler, shift, steps, denoise)
+            step_cb = self._step_end(callback_on_step_end, callback, sampler, scheduler, shift, steps, denoise,
+                                     schedule)
         self._guidance_scale = self.defaults.cfg if guidance_scale is None else float(guidance_scale)
         self._num_timesteps = steps
         progress = (not self._progress_disabled) if progress is None else progress
@@ -421,6 +430,9 @@ class DiffusersSurface:
             kwargs["conditioning"] = conditioning
         if latents is not None:
             kwargs["noise"] = latents
+        if schedule is not None:
+            kwargs["sigmas"] = schedule
+            kwargs["num_inference_steps"] = None
         out = self.generate(prompts, **kwargs)
         images = _convert(out, output_type)
         if not return_dict:
@@ -455,10 +467,11 @@ class DiffusersSurface:
         return self.encode_prompt(list(texts))
 
     def _step_end(self, fn: Callable, callback, sampler: str, scheduler: str, shift: float, steps: int,
-                  denoise: float):
+                  denoise: float, schedule: Sequence[float] | None = None):
         """callback_on_step_end(pipe, step, timestep, callback_kwargs) on top of our step callback."""
-        sigmas = get_sigmas(scheduler, int(steps), shift=float(shift), denoise=float(denoise), sampler=sampler,
-                            model_sampling=FlowMatching(float(shift)))
+        sigmas = torch.tensor(schedule) if schedule is not None else get_sigmas(
+            scheduler, int(steps), shift=float(shift), denoise=float(denoise), sampler=sampler,
+            model_sampling=FlowMatching(float(shift)))
 
         def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
             if callback is not None:

@@ -61,6 +61,8 @@ class SampleSettings:
     last_step: int | None = None
     force_full_denoise: bool = False
     cache_threshold: float = 0.0  # step caching (step_cache.py): 0 = every step runs the MMDiT
+    # a schedule given whole (steps + 1 sigmas, the last one 0) instead of `scheduler`'s (diffusers' sigmas=)
+    sigmas: tuple[float, ...] | None = None
 
     @property
     def use_cfg(self) -> bool:
@@ -165,7 +167,11 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
     if s.denoise <= 0.0:
         return latent
     ms = FlowMatching(s.shift)
-    sigmas = get_sigmas(s.scheduler, s.steps, shift=s.shift, denoise=s.denoise, sampler=s.sampler, model_sampling=ms)
+    if s.sigmas is not None:
+        sigmas = torch.tensor(s.sigmas, dtype=torch.float32)
+    else:
+        sigmas = get_sigmas(s.scheduler, s.steps, shift=s.shift, denoise=s.denoise, sampler=s.sampler,
+                            model_sampling=ms)
     if s.last_step is not None and s.last_step < len(sigmas) - 1:
         sigmas = sigmas[: s.last_step + 1].clone()
         if s.force_full_denoise:

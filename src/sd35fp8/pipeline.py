@@ -313,7 +313,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                  interrupt: Callable[[], None] | None = None,
                  mask: torch.Tensor | None = None, cache_threshold: float = 0.0, *,
                  conditioning: tuple[Conditioning, Conditioning | None] | None = None,
-                 noise: torch.Tensor | None = None) -> GenerationOutput:
+                 noise: torch.Tensor | None = None, sigmas: Sequence[float] | None = None) -> GenerationOutput:
         """Generate images; missing parameters take the model's defaults (see defaults.py).
 
         Checks the arguments, then runs the generation core (`sd35fp8.generation.generate`, the
@@ -336,7 +336,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         `self.stats.cache`. conditioning: (cond [P, L, C], uncond or None) instead of encoding `prompt` (then only
         labels: one string per row of cond, or one for all); noise: the initial noise [P x images, 16, h, w]
         (model space) instead of the draw from `seed` (text-to-image only; it sets the size when width /
-        height are unset).
+        height are unset). sigmas: the whole schedule (steps + 1 decreasing sigmas in (0, 1], the last 0), used
+        as given instead of `scheduler`'s (text-to-image; num_inference_steps must be unset or len(sigmas) - 1).
         """
         from .models.vae import image_to_uint8
         from .sampling import check_scheduler, get_sampler
@@ -352,6 +353,9 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         if len(negatives) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         steps = d.steps if num_inference_steps is None else _as_int(num_inference_steps, "num_inference_steps")
+        if sigmas is not None:
+            sigmas = _check_sigmas(sigmas, None if num_inference_steps is None else steps, image is not None)
+            steps = len(sigmas) - 1
         n = _as_int(num_images_per_prompt, "num_images_per_prompt")
         seed = _as_int(seed, "seed")
         width = None if width is None else _as_int(width, "width")
@@ -401,7 +405,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
 
         self.stats = StageStats()
         settings = SampleSettings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift,
-                                  denoise=denoise, slg=slg_config, cache_threshold=check_threshold(cache_threshold))
+                                  denoise=denoise, slg=slg_config, cache_threshold=check_threshold(cache_threshold),
+                                  sigmas=sigmas)
         request = GenerationRequest(prompts=prompts, negatives=negatives, settings=settings, width=width,
                                     height=height, seed=seed, images_per_prompt=n, init_pixels=pixels,
                                     callback=callback, interrupt=interrupt, progress=progress,
@@ -457,6 +462,22 @@ def _prompt_list(value, name: str) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise InputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _check_sigmas(sigmas, steps: int | None, img2img: bool) -> tuple[float, ...]:
+    """A whole schedule given as sigmas: finite, in [0, 1], decreasing, ending at 0 -> a tuple."""
+    try:
+        values = tuple(float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas))
+    except (TypeError, ValueError):
+        raise InputError(f"sigmas must be a sequence of numbers, got {type(sigmas).__name__}") from None
+    if img2img:
+        raise InputError("sigmas with an init image: give denoise / strength and a scheduler instead")
+    if len(values) < 2 or values[-1] != 0.0 or not all(0.0 <= s <= 1.0 for s in values) or \
+            any(b >= a for a, b in zip(values, values[1:])):
+        raise InputError(f"sigmas must decrease from at most 1.0 to a final 0.0, got {list(values)[:8]}")
+    if steps is not None and steps != len(values) - 1:
+        raise InputError(f"{len(values)} sigmas are {len(values) - 1} steps, num_inference_steps is {steps}")
+    return values
 
 
 def _as_int(value, name: str) -> int:
