@@ -37,3 +37,21 @@ def test_shipped_lora() -> None:
     assert max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(with_lora, base)) > 20
     pipe.unload_lora_weights()
     assert all(np.array_equal(a, b) for a, b in zip(images(pipe, prompts), base))
+
+
+def test_joint_attention_kwargs_scale_is_the_lora_weight() -> None:
+    """diffusers' joint_attention_kwargs={"scale": s}: the active adapters' weights times s for that call only."""
+    pipe = SD35Pipeline.from_pretrained(device="cpu")
+    prompts = ["a photo of a brown circle"]
+    pipe.load_lora_weights(LORA, adapter_name="brown", weight=0.8)
+    scaled = pipe(prompts, num_inference_steps=6, seed=1, progress=False, joint_attention_kwargs={"scale": 0.5})
+    assert pipe.loras.active == {"brown": 0.8}  # restored after the call
+    pipe.set_adapters("brown", 0.4)
+    direct = pipe(prompts, num_inference_steps=6, seed=1, progress=False)
+    assert np.array_equal(np.asarray(scaled.images[0]), np.asarray(direct.images[0]))
+    off = pipe(prompts, num_inference_steps=6, seed=1, progress=False, joint_attention_kwargs={"scale": 0.0})
+    pipe.unload_lora_weights()
+    base = pipe(prompts, num_inference_steps=6, seed=1, progress=False)
+    assert np.array_equal(np.asarray(off.images[0]), np.asarray(base.images[0]))
+    with pytest.raises(Exception, match="only 'scale'"):
+        pipe(prompts, num_inference_steps=1, progress=False, joint_attention_kwargs={"attention_mask": 1})

@@ -32,6 +32,8 @@ the native call (`SD35Pipeline.generate`, which runs the generation core) or ref
   num_images_per_prompt. `latents`: the initial noise [B x num_images_per_prompt, 16, height/8, width/8]
   (text-to-image; it sets the size when height / width are unset), which is diffusers' starting latent at
   the schedule's first sigma (1.0): the same images as diffusers from the same latents.
+- `joint_attention_kwargs={"scale": s}`: the LoRA scale, every active adapter's weight times s for the call
+  (the text encoders' LoRAs too, as diffusers' lora_scale); fused LoRAs keep theirs.
 - `sigmas`: a custom schedule, as FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=) takes it: shifted by
   the scheduler's shift (3.0 for SD3.5), a final 0 appended; num_inference_steps = len(sigmas).
 """
@@ -40,7 +42,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +61,7 @@ log = logging.getLogger(__name__)
 LOAD_KWARGS_ACCEPTED = ("variant", "use_safetensors", "low_cpu_mem_usage", "local_files_only")
 # diffusers' call arguments we do not implement: refused by name when given (not None)
 UNSUPPORTED_CALL_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds",
-                         "joint_attention_kwargs", "clip_skip", "skip_guidance_layers", "mu", "masked_image_latents",
+                         "clip_skip", "skip_guidance_layers", "mu", "masked_image_latents",
                          "padding_mask_crop")
 # diffusers' skip-layer guidance knobs: used by diffusers only with skip_guidance_layers (refused above), so
 # accepted and unused without it
@@ -348,7 +351,7 @@ class DiffusersSurface:
                  prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, sigmas: Sequence[float] | None = None,
-                 **unsupported):
+                 joint_attention_kwargs: dict | None = None, **unsupported):
         """diffusers' StableDiffusion3Pipeline call (and its img2img / inpaint pipelines' image,
         strength, mask_image), plus our own names (seed, sampler, scheduler, shift, denoise,
         callback, slg, progress, interrupt, cache_threshold). Translation rules: the module docstring."""
@@ -433,11 +436,34 @@ class DiffusersSurface:
         if schedule is not None:
             kwargs["sigmas"] = schedule
             kwargs["num_inference_steps"] = None
-        out = self.generate(prompts, **kwargs)
+        with self._lora_scale(joint_attention_kwargs):
+            out = self.generate(prompts, **kwargs)
         images = _convert(out, output_type)
         if not return_dict:
             return (images,)
         return out if output_type == "pil" else GenerationOutput(images=images, latents=out.latents, params=out.params)
+
+    @contextmanager
+    def _lora_scale(self, joint_attention_kwargs: dict | None) -> Iterator[None]:
+        """diffusers' joint_attention_kwargs={"scale": s}: every active (unfused) LoRA's weight times s for this
+        call, the text encoders' too (diffusers passes it to encode_prompt as lora_scale); other keys refused."""
+        if not joint_attention_kwargs:
+            yield
+            return
+        other = sorted(set(joint_attention_kwargs) - {"scale"})
+        if other:
+            raise InputError(f"joint_attention_kwargs: only 'scale' (the LoRA scale) is supported, got {other}")
+        scale = float(joint_attention_kwargs["scale"])
+        loras = self._loras
+        if loras is None or not loras.active or scale == 1.0:
+            yield
+            return
+        before = dict(loras.active)
+        loras.set_active({name: weight * scale for name, weight in before.items()})
+        try:
+            yield
+        finally:
+            loras.set_active(before)
 
     @staticmethod
     def _given_embeddings(prompt, prompt_embeds, pooled, negative_embeds, negative_pooled) -> tuple | None:
