@@ -346,6 +346,66 @@ def test_sd3_encoder_matches_reference(refs, ours, spiece):
     torch.testing.assert_close(batch_pooled[1:], onep, atol=1e-5, rtol=1e-5)
 
 
+def _hooked(model, blocks, index: int, ids: torch.Tensor) -> tuple:
+    """model's output and what block `index` of `blocks` returned (a forward hook: the reference for a
+    layer's output that does not rely on how transformers lays out hidden_states)."""
+    got = []
+    h = blocks[index].register_forward_hook(lambda m, i, out: got.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        out = model(input_ids=ids)
+    finally:
+        h.remove()
+    return out, got[0]
+
+
+@torch.no_grad()
+def _reference_at(refs, tokens, layer: int, context_dim=256):
+    """ComfyUI's SD3ClipModel with clip_layer(layer): CLIP-L/G give the output of layer `layer` un-normed (the
+    final-LN output when |layer| exceeds the depth); T5 the output of block `layer` through its final LayerNorm."""
+    parts, pooled = [], []
+    for name, project in (("l", False), ("g", True)):
+        model = refs[name]
+        ids = torch.tensor(tokens[name])
+        layers = model.text_model.encoder.layers if hasattr(model, "text_model") else model.encoder.layers
+        if abs(layer) > len(layers):
+            out = model(input_ids=ids)
+            states = out.last_hidden_state
+        else:
+            out, states = _hooked(model, layers, len(layers) + layer, ids)
+        eos = (ids == EOS).int().argmax(-1)
+        p = out.last_hidden_state[torch.arange(len(ids)), eos] if project else out.last_hidden_state[0, eos[:1]]
+        pooled.append(model.text_projection(p)[:1] if project else p)
+        parts.append(states.reshape(1, -1, states.shape[-1]))
+    lg = nn.functional.pad(torch.cat(parts, -1), (0, context_dim - 64 - 128))
+    t5 = refs["t5"]
+    ids = torch.tensor([tokens["t5"]])
+    blocks = t5.encoder.block
+    if layer == -1 or abs(layer) > len(blocks):
+        t5_out = t5(input_ids=ids).last_hidden_state
+    else:
+        t5_out = t5.encoder.final_layer_norm(_hooked(t5, blocks, len(blocks) + layer, ids)[1])
+    return torch.cat([lg, t5_out], dim=1), torch.cat(pooled, -1)
+
+
+def test_clip_set_last_layer_matches_comfyui_rule(refs, ours, spiece):
+    """CLIPSetLastLayer (SD3TextEncoder.last_layer): every encoder's states after the chosen layer, as ComfyUI's
+    SD3ClipModel.set_clip_options; -2 is SD3's own choice for CLIP (and leaves T5 at its normed block -2)."""
+    tok = SD3Tokenizer(t5=T5Tokenizer(spiece))
+    enc = SD3TextEncoder(ours["l"], ours["g"], ours["t5"], tokenizer=tok)
+    tokens = tok.tokenize("a photo of a cat on a mat")
+    default, default_pooled = enc.encode([tokens])
+    for layer in (-1, -2, -3, -24):
+        with enc.last_layer(layer):
+            ctx, pooled = enc.encode([tokens])
+        rctx, rpooled = _reference_at(refs, tokens, layer)
+        torch.testing.assert_close(ctx, rctx, atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
+        torch.testing.assert_close(pooled, default_pooled)  # the pooled output never moves
+    assert enc.clip_layer is None
+    with enc.last_layer(-2):
+        ctx, _ = enc.encode([tokens])
+    torch.testing.assert_close(ctx[:, :77], default[:, :77])  # CLIP at -2 is the default
+
+
 def test_token_weights(refs, ours):
     tok = SD3Tokenizer()
     enc = SD3TextEncoder(ours["l"], ours["g"], None, context_dim=256)

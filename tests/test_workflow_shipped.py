@@ -168,3 +168,30 @@ def test_warmup_shapes_need_a_workflow(models, tmp_path):
         create_app(models, output_dir=tmp_path / "out", device="cpu", warmup_shapes=[(SIZE, SIZE, 1)])
     with pytest.raises(InputError, match="warmup.json"):
         create_app(models, output_dir=tmp_path / "out", device="cpu", warmup_workflow=tmp_path / "warmup.json")
+
+
+def test_clip_set_last_layer_node(models, tmp_path):
+    """A workflow with ComfyUI's CLIPSetLastLayer between the loader and the text encoders runs; -1 changes the
+    conditioning (so the image), and the node's CLIP leaves the loader's own CLIP as it was."""
+    prompt = _prompt("seed-fp8-allinone.json")
+    lat = _latent_node(prompt)
+    loader = next(i for i, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
+    sets = [f"{lat}.width=64", f"{lat}.height=64", *(f"{k}.steps=3" for k, n in prompt.items()
+                                                     if n["class_type"] == "KSampler")]
+
+    def image(graph: dict, name: str) -> np.ndarray:
+        (tmp_path / name).write_text(json.dumps(graph))
+        result = run_workflow(tmp_path / name, models, output_dir=tmp_path / name.removesuffix(".json"), sets=sets)
+        assert result.success, result.error
+        (ui,) = result.outputs.values()
+        img = ui["images"][0]
+        return np.asarray(Image.open(tmp_path / name.removesuffix(".json") / img["subfolder"] / img["filename"]))
+
+    base = image(prompt, "base.json")
+    layered = json.loads(json.dumps(prompt))
+    layered["99"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": [loader, 1], "stop_at_clip_layer": -1}}
+    for node in layered.values():
+        if node["class_type"] == "CLIPTextEncode":
+            node["inputs"]["clip"] = ["99", 0]
+    assert not np.array_equal(image(layered, "layered.json"), base)
+    assert np.array_equal(image(prompt, "again.json"), base)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +142,10 @@ def describe_text_config(cfg: CLIPTextConfig | T5Config) -> str:
 class ClipTextEncoder(nn.Module):
     """transformers ``CLIPTextModel`` under ``text_model`` + optional ``text_projection`` (no bias).
 
-    ``forward(ids [B, L]) -> (penultimate hidden [B, L, H], pooled [B, H])``: the hidden states
-    of the second-to-last layer without the final LayerNorm, and the final-LN state at the first
-    EOS (49407). Project the pooled with ``text_projection`` where wanted (CLIP-G in SD3).
+    ``forward(ids [B, L], layer=-2) -> (hidden [B, L, H], pooled [B, H])``: the hidden states after
+    layer `layer` (ComfyUI's layer_idx: -2 = the second-to-last, SD3's) without the final LayerNorm, or
+    the final-LN output when |layer| exceeds the depth (ComfyUI's "last"); and the final-LN state at the
+    first EOS (49407). Project the pooled with ``text_projection`` where wanted (CLIP-G in SD3).
     """
 
     def __init__(self, config: CLIPTextConfig, with_projection: bool = True):
@@ -158,9 +160,11 @@ class ClipTextEncoder(nn.Module):
     def width(self) -> int:
         return self.config.hidden_size
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.text_model(input_ids=ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.pooler_output  # [B, L, H], [B, H]
+        if abs(layer) > self.config.num_hidden_layers:
+            return out.last_hidden_state, out.pooler_output
+        return out.hidden_states[layer], out.pooler_output  # [B, L, H], [B, H]
 
 
 def build_clip(config: CLIPTextConfig, with_projection: bool = True) -> ClipTextEncoder:
@@ -294,6 +298,18 @@ def _empty_row(name: str, length: int) -> list[int]:
     return [CLIP_BOS, CLIP_EOS] + [pad] * (length - 2)
 
 
+def _t5_states(model: T5EncoderModel, ids: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """T5's output [N, L, C]: the last (final-LayerNorm) states, or with ComfyUI's layer_idx `layer` the states
+    after that block through the final LayerNorm (ComfyUI's T5 normalises its intermediate output)."""
+    depth = model.config.num_layers
+    if layer is None or layer == -1 or abs(layer) > depth:
+        return model(input_ids=ids).last_hidden_state
+    # transformers' hidden_states: the embeddings, then each block's input; [-k] (k >= 2) is the output of
+    # block depth - k + 1 before the final LayerNorm
+    states = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+    return model.encoder.final_layer_norm(states)
+
+
 class SD3TextEncoder(nn.Module):
     """CLIP-L + CLIP-G (+ T5-XXL) -> (context [B, L, C], pooled [B, 2048]) as ComfyUI's SD3ClipModel.
 
@@ -320,6 +336,7 @@ class SD3TextEncoder(nn.Module):
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tokenizer = tokenizer
         self.out_dtype = out_dtype
+        self.clip_layer: int | None = None  # CLIPSetLastLayer's layer while encoding (last_layer); None: defaults
         self.l_width = clip_l.width if clip_l is not None else CLIP_L_WIDTH
         self.g_width = clip_g.width if clip_g is not None else CLIP_G_WIDTH
         if context_dim is None:
@@ -344,6 +361,18 @@ class SD3TextEncoder(nn.Module):
             return _compute_device(m)
         return torch.device("cpu")
 
+    @contextmanager
+    def last_layer(self, layer: int | None) -> Iterator[None]:
+        """Encode with ComfyUI's CLIPSetLastLayer `layer` (-1 .. -24) for the block: every encoder's output
+        taken after that layer (SD3ClipModel.set_clip_options: CLIP-L, CLIP-G and T5 alike; CLIP un-normed,
+        T5 through its final LayerNorm; an encoder shallower than |layer| gives its last, normed output).
+        None: the defaults (CLIP -2, T5 last)."""
+        before, self.clip_layer = self.clip_layer, layer
+        try:
+            yield
+        finally:
+            self.clip_layer = before
+
     def _run(self, name: str, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Encode token rows (grouped by length; rows are independent: no attention mask)."""
         model = self._models()[name]
@@ -355,9 +384,9 @@ class SD3TextEncoder(nn.Module):
         for idx in by_len.values():
             ids = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device)  # [N, L]
             if name == "t5":
-                hidden, pooled = model(input_ids=ids).last_hidden_state, None  # [N, L, C]
+                hidden, pooled = _t5_states(model, ids, self.clip_layer), None  # [N, L, C]
             else:
-                hidden, pooled = model(ids)  # [N, L, H], [N, H]
+                hidden, pooled = model(ids, -2 if self.clip_layer is None else self.clip_layer)  # [N, L, H], [N, H]
                 if name == "g":
                     pooled = model.text_projection(pooled)  # [N, P]
             hidden = hidden.to(self.device, self.out_dtype)

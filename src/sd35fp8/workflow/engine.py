@@ -69,9 +69,14 @@ class SD3Clip:
     name: str = ""
     loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while encoding
     offload: Any = None
+    layer_idx: int | None = None  # CLIPSetLastLayer's stop_at_clip_layer (-1 .. -24); None: SD3's defaults
 
     def on_device(self):
         return self.offload.on_device(self.encoder) if self.offload is not None else nullcontext()
+
+    def last_layer(self):
+        """While encoding: the encoders' outputs taken at `layer_idx` (SD3TextEncoder.last_layer)."""
+        return self.encoder.last_layer(self.layer_idx) if self.layer_idx is not None else nullcontext()
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,7 @@ def lora_active(obj: SD3Model | SD3Clip):
 def encode_text(clip: Any, text: str) -> list:
     """CLIPTextEncode: the same text to clip_l, clip_g and t5xxl -> [[cond, {"pooled_output"}]]."""
     clip = _require_clip(clip)
-    with clip.on_device(), lora_active(clip):
+    with clip.on_device(), lora_active(clip), clip.last_layer():
         context, pooled = clip.encoder.encode_prompts([text])  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 
@@ -322,7 +327,7 @@ def encode_text_sd3(clip: Any, clip_l: str, clip_g: str, t5xxl: str, empty_paddi
         enc = SD3TextEncoder(enc.clip_l if use["l"] else None, enc.clip_g if use["g"] else None,
                              enc.t5 if use["t5"] else None, context_dim=enc.context_dim, tokenizer=tok,
                              out_dtype=enc.out_dtype)
-    with clip.on_device(), lora_active(clip):
+    with clip.on_device(), lora_active(clip), clip.last_layer():
         context, pooled = enc.encode(tokens)  # [1, L, 4096], [1, 2048]
     return [[context, {"pooled_output": pooled}]]
 

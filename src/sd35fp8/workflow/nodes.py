@@ -204,6 +204,27 @@ class CLIPTextEncode(Node):
         return (engine.encode_text(clip, self.ctx.limit_text("CLIPTextEncode", "text", text)),)
 
 
+class CLIPSetLastLayer(Node):
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "set_last_layer"
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "CLIP Set Last Layer"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "clip": ("CLIP",),
+            "stop_at_clip_layer": ("INT", {"default": -1, "min": -24, "max": -1, "step": 1}),
+        }}
+
+    def set_last_layer(self, clip, stop_at_clip_layer):
+        """ComfyUI's clip.clip_layer(stop_at_clip_layer): CLIP-L, CLIP-G and T5 give the states after that layer
+        (text/encoders.py SD3TextEncoder.last_layer)."""
+        from dataclasses import replace
+
+        return (replace(engine._require_clip(clip), layer_idx=int(stop_at_clip_layer)),)
+
+
 class CLIPTextEncodeSD3(Node):
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
@@ -563,7 +584,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
     cls.__name__: cls
     for cls in (
         CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, DualCLIPLoader, CLIPLoader, CLIPTextEncode,
-        CLIPTextEncodeSD3, ConditioningZeroOut, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
+        CLIPSetLastLayer, CLIPTextEncodeSD3, ConditioningZeroOut, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, LoadImage, SaveImage,
         PreviewImage, LoraLoader, LoraLoaderModelOnly,
     )
