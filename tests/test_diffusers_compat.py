@@ -175,20 +175,29 @@ def test_every_diffusers_argument_and_method_is_known(name):
     import inspect
 
     import sd35fp8
-    from sd35fp8.diffusers_compat import DiffusersSurface, SLG_KNOBS, UNSUPPORTED_CALL_ARGS
+    from sd35fp8.diffusers_compat import DiffusersSurface, UNSUPPORTED_CALL_ARGS
 
     diffusers = pytest.importorskip("diffusers")
     theirs = getattr(diffusers, name)
-    ours = set(inspect.signature(DiffusersSurface.__call__).parameters) | set(UNSUPPORTED_CALL_ARGS) | set(SLG_KNOBS)
+    ours = set(inspect.signature(DiffusersSurface.__call__).parameters) | set(UNSUPPORTED_CALL_ARGS)
     assert set(inspect.signature(theirs.__call__).parameters) - ours == set()
     for method in ("from_pretrained", "from_single_file", "from_pipe", "to", "enable_model_cpu_offload",
                    "enable_sequential_cpu_offload", "set_progress_bar_config"):
         assert hasattr(theirs, method) and callable(getattr(getattr(sd35fp8, name), method)), method
 
 
+def test_clip_skip(pipe):
+    base = pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np").images
+    assert np.array_equal(pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np", clip_skip=0).images, base)
+    assert not np.array_equal(pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np", clip_skip=1).images, base)
+    assert pipe.text_encoder.clip_layer is None  # only for that call
+    with pytest.raises(InputError, match="clip_skip must be"):
+        pipe(PROMPT, num_inference_steps=1, clip_skip=-1)
+
+
 def test_skip_layer_knobs_without_layers_are_ignored_as_diffusers_does(pipe):
     a = pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np", skip_layer_guidance_scale=2.8,
              skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.2).images
     assert np.array_equal(a, pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np").images)
-    with pytest.raises(InputError, match="skip_guidance_layers not supported.*slg=False"):
-        pipe(PROMPT, skip_guidance_layers=[7, 8, 9])
+    with pytest.raises(InputError, match=r"skip-layer guidance layers \[7, 8, 99\]: the MMDiT has joint blocks"):
+        pipe(PROMPT, skip_guidance_layers=[7, 8, 99])

@@ -302,3 +302,27 @@ def test_custom_sigmas_match_diffusers(pipe, tiny_random_checkpoint):
         pipe("x", sigmas=[0.5, 0.9], progress=False)
     with pytest.raises(InputError, match="are 2 steps, num_inference_steps is 5"):
         pipe.generate("x", sigmas=[1.0, 0.5, 0.0], num_inference_steps=5, progress=False)
+
+
+def test_skip_guidance_layers_match_diffusers(pipe, tiny_random_checkpoint):
+    """diffusers' skip_guidance_layers / skip_layer_guidance_* (its SLG: a cond pass without those joint blocks
+    on the steps i with start < i / steps < stop): the same latents as diffusers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _, modules = tiny_random_checkpoint
+    size, steps = 32, 5
+    cond, uncond = pipe.encode_prompt(["a red circle"]), pipe.encode_prompt(["blurry"])
+    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(9))
+    kw = dict(prompt_embeds=cond.context, pooled_prompt_embeds=cond.pooled, negative_prompt_embeds=uncond.context,
+              negative_pooled_prompt_embeds=uncond.pooled, guidance_scale=3.0, latents=noise.clone(),
+              output_type="latent", num_inference_steps=steps, skip_guidance_layers=[1],
+              skip_layer_guidance_scale=2.5, skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.7)
+    ours = pipe(**kw, sampler="euler", scheduler="normal", progress=False)
+    without = pipe(**{**kw, "skip_guidance_layers": None}, sampler="euler", scheduler="normal", slg=False,
+                   progress=False)
+    ref_pipe = _diffusers_pipeline(modules, pipe)
+    ref_pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    with torch.no_grad():
+        ref = ref_pipe(**kw, height=size, width=size).images
+    assert (ours.images - ref).abs().max() / ref.abs().max() <= 1e-3
+    assert (ours.images - without.images).abs().max() / ref.abs().max() > 1e-2  # the guidance did something

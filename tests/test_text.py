@@ -400,7 +400,15 @@ def test_clip_set_last_layer_matches_comfyui_rule(refs, ours, spiece):
         rctx, rpooled = _reference_at(refs, tokens, layer)
         torch.testing.assert_close(ctx, rctx, atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
         torch.testing.assert_close(pooled, default_pooled)  # the pooled output never moves
-    assert enc.clip_layer is None
+    assert enc.clip_layer is None and enc.t5_layer is None
+    with enc.last_layer(-1, t5=False):  # diffusers' clip_skip: the CLIPs only
+        ctx, _ = enc.encode([tokens])
+    torch.testing.assert_close(ctx[:, 77:], default[:, 77:])
+    torch.testing.assert_close(ctx[:, :77], _reference_at(refs, tokens, -1)[0][:, :77], atol=1e-5, rtol=1e-5)
+    with enc.last_layer(-3, t5=False):  # clip_skip 1: hidden_states[-3]
+        ctx, _ = enc.encode([tokens])
+    ref = [refs[n](input_ids=torch.tensor(tokens[n]), output_hidden_states=True).hidden_states[-3] for n in "lg"]
+    torch.testing.assert_close(ctx[:, :77, :192], torch.cat(ref, -1), atol=1e-5, rtol=1e-5)
     with enc.last_layer(-2):
         ctx, _ = enc.encode([tokens])
     torch.testing.assert_close(ctx[:, :77], default[:, :77])  # CLIP at -2 is the default

@@ -34,6 +34,11 @@ the native call (`SD35Pipeline.generate`, which runs the generation core) or ref
   the schedule's first sigma (1.0): the same images as diffusers from the same latents.
 - `joint_attention_kwargs={"scale": s}`: the LoRA scale, every active adapter's weight times s for the call
   (the text encoders' LoRAs too, as diffusers' lora_scale); fused LoRAs keep theirs.
+- `skip_guidance_layers` (+ `skip_layer_guidance_scale` / `_start` / `_stop`, diffusers' defaults 2.8, 0.01,
+  0.2): diffusers' skip-layer guidance (SLGConfig window "steps": the steps i with start < i / steps < stop,
+  the cond rows without those joint blocks); the knobs alone do nothing, as in diffusers. Without it the
+  model's own SLG applies (SD3.5 Medium's, as the reference sd3_infer.py; slg=False turns it off).
+- `clip_skip` k: CLIP-L / CLIP-G states from hidden_states[-(k + 2)] (diffusers' rule), T5 unchanged.
 - `sigmas`: a custom schedule, as FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=) takes it: shifted by
   the scheduler's shift (3.0 for SD3.5), a final 0 appended; num_inference_steps = len(sigmas).
 """
@@ -42,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -60,12 +65,8 @@ log = logging.getLogger(__name__)
 
 LOAD_KWARGS_ACCEPTED = ("variant", "use_safetensors", "low_cpu_mem_usage", "local_files_only")
 # diffusers' call arguments we do not implement: refused by name when given (not None)
-UNSUPPORTED_CALL_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds",
-                         "clip_skip", "skip_guidance_layers", "mu", "masked_image_latents",
+UNSUPPORTED_CALL_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "mu", "masked_image_latents",
                          "padding_mask_crop")
-# diffusers' skip-layer guidance knobs: used by diffusers only with skip_guidance_layers (refused above), so
-# accepted and unused without it
-SLG_KNOBS = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
 CALLBACK_TENSOR_INPUTS = ("latents",)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DIFFUSERS_IMG2IMG_STRENGTH = 0.6  # diffusers' default strength for img2img / inpainting
@@ -351,21 +352,25 @@ class DiffusersSurface:
                  prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, sigmas: Sequence[float] | None = None,
-                 joint_attention_kwargs: dict | None = None, **unsupported):
+                 joint_attention_kwargs: dict | None = None, skip_guidance_layers: Sequence[int] | None = None,
+                 skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
+                 skip_layer_guidance_stop: float = 0.2, clip_skip: int | None = None, **unsupported):
         """diffusers' StableDiffusion3Pipeline call (and its img2img / inpaint pipelines' image,
         strength, mask_image), plus our own names (seed, sampler, scheduler, shift, denoise,
         callback, slg, progress, interrupt, cache_threshold). Translation rules: the module docstring."""
-        if unsupported.get("skip_guidance_layers") is None:
-            for k in SLG_KNOBS:  # diffusers reads them only with skip_guidance_layers
-                unsupported.pop(k, None)
         given = sorted(k for k, v in unsupported.items() if v is not None)
-        unknown = [k for k in given if k not in UNSUPPORTED_CALL_ARGS + SLG_KNOBS]
+        unknown = [k for k in given if k not in UNSUPPORTED_CALL_ARGS]
         if unknown:
             raise InputError(f"unknown argument(s) {', '.join(unknown)}")
         if given:
-            slg = (" (sd35fp8 applies the model's own skip-layer guidance, SD3.5 Medium's layers 7, 8, 9 as the "
-                   "reference sd3_infer.py; slg=False turns it off)" if "skip_guidance_layers" in given else "")
-            raise InputError(f"diffusers argument(s) {', '.join(given)} not supported by sd35fp8{slg}")
+            raise InputError(f"diffusers argument(s) {', '.join(given)} not supported by sd35fp8")
+        if skip_guidance_layers is not None:  # diffusers' SLG: on the cond rows, steps i with start < i / steps < stop
+            if slg is not None:
+                raise InputError("give skip_guidance_layers (diffusers) or slg, not both")
+            from .sampling import SLGConfig
+
+            slg = SLGConfig(scale=float(skip_layer_guidance_scale), start=float(skip_layer_guidance_start),
+                            end=float(skip_layer_guidance_stop), layers=tuple(skip_guidance_layers), window="steps")
         conditioning = self._given_embeddings(prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                                               negative_pooled_prompt_embeds)
         if prompt is None and conditioning is None:
@@ -436,12 +441,21 @@ class DiffusersSurface:
         if schedule is not None:
             kwargs["sigmas"] = schedule
             kwargs["num_inference_steps"] = None
-        with self._lora_scale(joint_attention_kwargs):
+        with self._lora_scale(joint_attention_kwargs), self._clip_skip(clip_skip):
             out = self.generate(prompts, **kwargs)
         images = _convert(out, output_type)
         if not return_dict:
             return (images,)
         return out if output_type == "pil" else GenerationOutput(images=images, latents=out.latents, params=out.params)
+
+    def _clip_skip(self, clip_skip: int | None):
+        """diffusers' clip_skip k: the CLIP encoders' states k layers before their usual one (hidden_states
+        [-(k + 2)]), T5 unchanged."""
+        if clip_skip is None:
+            return nullcontext()
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0:
+            raise InputError(f"clip_skip must be a non-negative integer, got {clip_skip!r}")
+        return self.text_encoder.last_layer(-(clip_skip + 2), t5=False)
 
     @contextmanager
     def _lora_scale(self, joint_attention_kwargs: dict | None) -> Iterator[None]:

@@ -294,9 +294,15 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
             return width * height > TILED_DECODE_PIXELS
         return batch * vae_decode_bytes(width, height) > 0.9 * free
 
-    def _slg(self, slg: bool | None) -> SLGConfig | None:
+    def _slg(self, slg: bool | SLGConfig | None) -> SLGConfig | None:
         """The model's skip-layer guidance (defaults.py; the sd3.5 reference's step window), unless
-        slg is False or the model has none."""
+        slg is False or the model has none; an SLGConfig as given (its layers checked against the depth)."""
+        if isinstance(slg, SLGConfig):
+            depth = self.mmdit.config.depth
+            bad = [i for i in slg.layers if not 0 <= i < depth]
+            if bad or not slg.layers:
+                raise InputError(f"skip-layer guidance layers {list(slg.layers)}: the MMDiT has joint blocks 0-{depth - 1}")
+            return slg
         d = self.defaults
         if slg is False or d.slg_scale <= 0 or not d.slg_layers:
             return None
@@ -309,7 +315,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
                  sampler: str | None = None, scheduler: str | None = None, shift: float | None = None,
                  denoise: float = 1.0, image: Image.Image | torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, callback: StepCallback | None = None,
-                 slg: bool | None = None, progress: bool = True,
+                 slg: bool | SLGConfig | None = None, progress: bool = True,
                  interrupt: Callable[[], None] | None = None,
                  mask: torch.Tensor | None = None, cache_threshold: float = 0.0, *,
                  conditioning: tuple[Conditioning, Conditioning | None] | None = None,

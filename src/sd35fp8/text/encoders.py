@@ -336,7 +336,9 @@ class SD3TextEncoder(nn.Module):
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tokenizer = tokenizer
         self.out_dtype = out_dtype
-        self.clip_layer: int | None = None  # CLIPSetLastLayer's layer while encoding (last_layer); None: defaults
+        # CLIPSetLastLayer's layer while encoding (last_layer) for the CLIPs and for T5; None: the defaults
+        self.clip_layer: int | None = None
+        self.t5_layer: int | None = None
         self.l_width = clip_l.width if clip_l is not None else CLIP_L_WIDTH
         self.g_width = clip_g.width if clip_g is not None else CLIP_G_WIDTH
         if context_dim is None:
@@ -362,16 +364,19 @@ class SD3TextEncoder(nn.Module):
         return torch.device("cpu")
 
     @contextmanager
-    def last_layer(self, layer: int | None) -> Iterator[None]:
+    def last_layer(self, layer: int | None, t5: bool = True) -> Iterator[None]:
         """Encode with ComfyUI's CLIPSetLastLayer `layer` (-1 .. -24) for the block: every encoder's output
         taken after that layer (SD3ClipModel.set_clip_options: CLIP-L, CLIP-G and T5 alike; CLIP un-normed,
         T5 through its final LayerNorm; an encoder shallower than |layer| gives its last, normed output).
-        None: the defaults (CLIP -2, T5 last)."""
-        before, self.clip_layer = self.clip_layer, layer
+        None: the defaults (CLIP -2, T5 last). t5=False: the CLIPs only (diffusers' clip_skip)."""
+        before = self.clip_layer, self.t5_layer
+        self.clip_layer = layer
+        if t5:
+            self.t5_layer = layer
         try:
             yield
         finally:
-            self.clip_layer = before
+            self.clip_layer, self.t5_layer = before
 
     def _run(self, name: str, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Encode token rows (grouped by length; rows are independent: no attention mask)."""
@@ -384,7 +389,7 @@ class SD3TextEncoder(nn.Module):
         for idx in by_len.values():
             ids = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device)  # [N, L]
             if name == "t5":
-                hidden, pooled = _t5_states(model, ids, self.clip_layer), None  # [N, L, C]
+                hidden, pooled = _t5_states(model, ids, self.t5_layer), None  # [N, L, C]
             else:
                 hidden, pooled = model(ids, -2 if self.clip_layer is None else self.clip_layer)  # [N, L, H], [N, H]
                 if name == "g":
