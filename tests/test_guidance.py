@@ -160,3 +160,38 @@ def test_slg_reference_window_at_50_steps():
         if len(model.calls) - n == 2:
             active.append(i)
     assert active == list(range(1, 10))
+
+
+def test_combined_conditioning_follows_comfyui_windows_and_weights():
+    """CondSet (ConditioningCombine + ConditioningSetTimestepRange): an entry counts while sigma(end) <= sigma <=
+    sigma(start) (ComfyUI get_area_and_mult on percent_to_sigma); active entries' predictions are averaged by
+    strength; a step with one active entry on each side is the plain batched call."""
+    from sd35fp8.sampling import CondEntry, CondSet
+
+    ms = FlowMatching(3.0)
+    cond, neg, zero = _cond(0.2), _cond(-0.1), _cond(0.0)
+    split = CondSet((CondEntry(neg, 0.0, 0.1), CondEntry(zero, 0.1, 1.0)))  # the SD3 example's negative
+    boundary = ms.percent_to_sigma(0.1)
+    x = _x(2)
+    for s, active in ((0.99, neg), (boundary + 1e-3, neg), (boundary - 1e-3, zero), (0.3, zero)):
+        model = VelocityModel()
+        sigma = torch.full((2,), s)
+        out = CFGDenoiser(model, cond, split, cfg=3.0, model_sampling=ms)(x, sigma)
+        c, u = _x0(x, sigma, cond), _x0(x, sigma, active)
+        torch.testing.assert_close(out, u + 3.0 * (c - u))
+        assert [call["batch"] for call in model.calls] == [4]  # one batched call, as without combining
+    # overlapping entries: the strength-weighted mean of their predictions, each its own call
+    both = CondSet((CondEntry(neg, 0.0, 1.0, strength=1.0), CondEntry(zero, 0.0, 1.0, strength=3.0)))
+    model = VelocityModel()
+    sigma = torch.full((2,), 0.5)
+    out = CFGDenoiser(model, cond, both, cfg=2.0, model_sampling=ms)(x, sigma)
+    u = (_x0(x, sigma, neg) * 1.0 + _x0(x, sigma, zero) * 3.0) / 4.0
+    c = _x0(x, sigma, cond)
+    torch.testing.assert_close(out, u + 2.0 * (c - u))
+    assert len(model.calls) == 3
+    # no entry active: ComfyUI's zero prediction for that side
+    none = CondSet((CondEntry(neg, 0.5, 0.6),))
+    out = CFGDenoiser(VelocityModel(), cond, none, cfg=2.0, model_sampling=ms)(x, torch.full((2,), 0.95))
+    torch.testing.assert_close(out, 2.0 * _x0(x, torch.full((2,), 0.95), cond))
+    # a lone full-range entry is the plain conditioning
+    assert CondSet((CondEntry(neg),)).simple is neg and split.simple is None

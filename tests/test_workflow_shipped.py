@@ -195,3 +195,48 @@ def test_clip_set_last_layer_node(models, tmp_path):
             node["inputs"]["clip"] = ["99", 0]
     assert not np.array_equal(image(layered, "layered.json"), base)
     assert np.array_equal(image(prompt, "again.json"), base)
+
+
+def test_combined_and_timestep_ranged_conditioning(models, tmp_path):
+    """The SD3 example workflows' negative: ConditioningCombine of the negative (ConditioningSetTimestepRange 0 -> 0.1)
+    and its ConditioningZeroOut (0.1 -> 1). A combination whose second entry is never active gives the plain
+    image bit for bit; the SD3 split differs from it; ConditioningAverage at strength 1 changes nothing;
+    ConditioningConcat runs."""
+    prompt = _prompt("seed-fp8-allinone.json")
+    lat = _latent_node(prompt)
+    ks = next(k for k, n in prompt.items() if n["class_type"] == "KSampler")
+    sets = [f"{lat}.width=64", f"{lat}.height=64", f"{ks}.steps=4"]
+
+    def image(graph: dict, name: str) -> np.ndarray:
+        (tmp_path / name).write_text(json.dumps(graph))
+        result = run_workflow(tmp_path / name, models, output_dir=tmp_path / name.removesuffix(".json"), sets=sets)
+        assert result.success, result.error
+        (ui,) = result.outputs.values()
+        img = ui["images"][0]
+        return np.asarray(Image.open(tmp_path / name.removesuffix(".json") / img["subfolder"] / img["filename"]))
+
+    def with_negative(first: tuple, second: tuple) -> dict:
+        g = json.loads(json.dumps(prompt))
+        neg = g[ks]["inputs"]["negative"]
+        g["90"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": neg}}
+        g["91"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": neg, "start": first[0],
+                                                                             "end": first[1]}}
+        g["92"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["90", 0],
+                                                                             "start": second[0], "end": second[1]}}
+        g["93"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["91", 0],
+                                                                    "conditioning_2": ["92", 0]}}
+        g[ks]["inputs"]["negative"] = ["93", 0]
+        return g
+
+    base = image(prompt, "base.json")
+    assert np.array_equal(image(with_negative((0.0, 1.0), (1.0, 1.0)), "never.json"), base)
+    assert not np.array_equal(image(with_negative((0.0, 0.1), (0.1, 1.0)), "sd3split.json"), base)
+    g = json.loads(json.dumps(prompt))
+    pos = g[ks]["inputs"]["positive"]
+    g["94"] = {"class_type": "ConditioningAverage", "inputs": {"conditioning_to": pos, "conditioning_from":
+                                                               g[ks]["inputs"]["negative"], "conditioning_to_strength": 1.0}}
+    g[ks]["inputs"]["positive"] = ["94", 0]
+    assert np.array_equal(image(g, "average.json"), base)
+    g["95"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["94", 0], "conditioning_from": pos}}
+    g[ks]["inputs"]["positive"] = ["95", 0]
+    assert image(g, "concat.json").shape == base.shape

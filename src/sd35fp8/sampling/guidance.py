@@ -58,6 +58,33 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class CondEntry:
+    """One entry of a combined conditioning (ComfyUI's CONDITIONING list): active while start_percent <= the
+    schedule's progress <= end_percent (ConditioningSetTimestepRange), weighted by `strength` where entries
+    overlap."""
+
+    cond: Conditioning
+    start: float = 0.0
+    end: float = 1.0
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class CondSet:
+    """A combined conditioning (ConditioningCombine): at each step the denoised predictions of its active
+    entries are averaged, weighted by strength (ComfyUI samplers.calc_cond_batch); none active gives zeros."""
+
+    entries: tuple[CondEntry, ...]
+
+    @property
+    def simple(self) -> Conditioning | None:
+        """The one always-active entry's conditioning when that is all there is (the fast road), else None."""
+        if len(self.entries) == 1 and self.entries[0].start <= 0.0 and self.entries[0].end >= 1.0:
+            return self.entries[0].cond
+        return None
+
+
+@dataclass(frozen=True)
 class SLGConfig:
     scale: float = SLG_SCALE
     start: float = SLG_START
@@ -146,8 +173,8 @@ class CFGDenoiser:
     def __init__(
         self,
         model: ModelFn,
-        cond: Conditioning,
-        uncond: Conditioning | None = None,
+        cond: Conditioning | CondSet,
+        uncond: Conditioning | CondSet | None = None,
         cfg: float = 1.0,
         slg: SLGConfig | None = None,
         steps: int | None = None,
@@ -157,8 +184,9 @@ class CFGDenoiser:
         if not math.isfinite(cfg):
             raise InputError(f"cfg must be a finite number, got {cfg!r}")
         self.model = model
-        self.cond = cond
-        self.uncond = uncond
+        # a combined conditioning (CondSet) with one always-active entry is just that entry
+        self.cond = cond.simple or cond if isinstance(cond, CondSet) else cond
+        self.uncond = uncond.simple or uncond if isinstance(uncond, CondSet) else uncond
         self.cfg = float(cfg)
         self.use_uncond = not math.isclose(self.cfg, 1.0)
         if self.use_uncond and uncond is None:
@@ -173,6 +201,10 @@ class CFGDenoiser:
         if self.slg is not None and self.slg.window == "sigma":
             self._sigma_hi = self.model_sampling.percent_to_sigma(self.slg.start)
             self._sigma_lo = self.model_sampling.percent_to_sigma(self.slg.end)
+        # each CondSet entry's sigma window [lo, hi], float32 as ComfyUI compares the step's sigma tensor
+        self._windows = {id(e): (torch.tensor(self.model_sampling.percent_to_sigma(e.end)).float().item(),
+                                 torch.tensor(self.model_sampling.percent_to_sigma(e.start)).float().item())
+                         for c in (self.cond, self.uncond) if isinstance(c, CondSet) for e in c.entries}
 
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, context, pooled, skip_layers=(),
                   controls: Sequence[tuple[Any, slice]] = ()) -> torch.Tensor:
@@ -198,25 +230,66 @@ class CFGDenoiser:
         s = float(sigma[0])
         return self._sigma_lo <= s <= self._sigma_hi
 
+    def _active(self, c: Conditioning | CondSet | None, sigma: torch.Tensor) -> list[CondEntry] | Conditioning | None:
+        """A plain conditioning as it is; a CondSet's entries active at this sigma (ComfyUI get_area_and_mult:
+        lo <= sigma <= hi)."""
+        if not isinstance(c, CondSet):
+            return c
+        s = float(sigma.reshape(-1)[0].float())
+        return [e for e in c.entries if self._windows[id(e)][0] <= s <= self._windows[id(e)][1]]
+
+    def _combined(self, entries: list[CondEntry], x, sigma, skip_layers=()) -> torch.Tensor:
+        """The strength-weighted average of the entries' denoised predictions (zeros when none is active)."""
+        B = x.shape[0]
+        total, weight = torch.zeros_like(x, dtype=torch.float32), 0.0
+        for e in entries:
+            ctx, pool = _batch(e.cond.context, B, "conditioning context"), _batch(e.cond.pooled, B, "pooled")
+            total = total + self._denoise(x, sigma, ctx, pool, skip_layers,
+                                          controls=[(e.cond.control, slice(0, B))]) * e.strength
+            weight += e.strength
+        return total / weight if weight else total
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        cond, uncond = self._active(self.cond, sigma), self._active(self.uncond if self.use_uncond else None, sigma)
+        one = [c[0].cond if isinstance(c, list) and len(c) == 1 else c for c in (cond, uncond)]
+        if not all(isinstance(c, (Conditioning, type(None))) for c in one):  # several (or no) active entries
+            return self._call_combined(x, sigma, cond, uncond)
+        return self._call_plain(x, sigma, one[0], one[1])
+
+    def _call_combined(self, x, sigma, cond, uncond) -> torch.Tensor:
+        """A step where a combined conditioning has several or no active entries: each entry its own pass."""
+        def as_entries(c):
+            return c if isinstance(c, list) else [CondEntry(c)]
+
+        cond_x0 = self._combined(as_entries(cond), x, sigma)
+        out = cond_x0
+        if self.use_uncond:
+            uncond_x0 = self._combined(as_entries(uncond), x, sigma)
+            out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
+        if self._slg_active(sigma):
+            out = out + (cond_x0 - self._combined(as_entries(cond), x, sigma, self.slg.layers)) * self.slg.scale
+        self.calls += 1
+        return out
+
+    def _call_plain(self, x, sigma, cond: Conditioning, uncond: Conditioning | None) -> torch.Tensor:
         B = x.shape[0]  # x: [B, C, H, W], sigma: [B]
-        c_ctx, c_pool = _batch(self.cond.context, B, "cond context"), _batch(self.cond.pooled, B, "cond pooled")
+        c_ctx, c_pool = _batch(cond.context, B, "cond context"), _batch(cond.pooled, B, "cond pooled")
         rows = slice(0, B)
-        c_ctl = [(self.cond.control, rows)]
+        c_ctl = [(cond.control, rows)]
         if not self.use_uncond:
             cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
             out = cond_x0
         else:
-            u_ctx, u_pool = _batch(self.uncond.context, B, "uncond context"), _batch(self.uncond.pooled, B, "uncond pooled")
+            u_ctx, u_pool = _batch(uncond.context, B, "uncond context"), _batch(uncond.pooled, B, "uncond pooled")
             matched = _match_lengths(c_ctx, u_ctx)
             if matched is not None:
                 ctx = torch.cat(matched)  # [2B, L, C]
                 both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, torch.cat([c_pool, u_pool]),
-                                     controls=[(self.cond.control, rows), (self.uncond.control, slice(B, 2 * B))])
+                                     controls=[(cond.control, rows), (uncond.control, slice(B, 2 * B))])
                 cond_x0, uncond_x0 = both.chunk(2)
             else:  # ComfyUI runs them as separate batches too
                 cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
-                uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool, controls=[(self.uncond.control, rows)])
+                uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool, controls=[(uncond.control, rows)])
             out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
         if self._slg_active(sigma):
             skip_x0 = self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers, controls=c_ctl)

@@ -343,6 +343,68 @@ def zero_out(conditioning: list) -> list:
     return out
 
 
+def set_timestep_range(conditioning: list, start: float, end: float) -> list:
+    """ConditioningSetTimestepRange: every entry active from `start` to `end` of the schedule (fractions)."""
+    return [[cond, {**extra, "start_percent": float(start), "end_percent": float(end)}] for cond, extra in conditioning]
+
+
+def average_conditioning(to: list, from_: list, to_strength: float) -> list:
+    """ConditioningAverage: each entry of `to` blended with the first of `from_` (its tokens cut or zero-padded
+    to `to`'s length), context and pooled alike, w = to_strength."""
+    if len(from_) > 1:
+        log.warning("ConditioningAverage: conditioning_from has %d entries; only the first is used", len(from_))
+    cond_from = from_[0][0]
+    pooled_from = from_[0][1].get("pooled_output")
+    out = []
+    for t1, extra in to:
+        t0 = cond_from[:, :t1.shape[1]]
+        if t0.shape[1] < t1.shape[1]:
+            t0 = torch.cat([t0, torch.zeros((1, t1.shape[1] - t0.shape[1], t1.shape[2]), dtype=t0.dtype)], dim=1)
+        d = dict(extra)
+        pooled_to = extra.get("pooled_output", pooled_from)
+        if pooled_from is not None and pooled_to is not None:
+            d["pooled_output"] = pooled_to * to_strength + pooled_from * (1.0 - to_strength)
+        elif pooled_from is not None:
+            d["pooled_output"] = pooled_from
+        out.append([t1 * to_strength + t0 * (1.0 - to_strength), d])
+    return out
+
+
+def concat_conditioning(to: list, from_: list) -> list:
+    """ConditioningConcat: the first entry of `from_`'s tokens appended to each entry of `to` (its pooled kept)."""
+    if len(from_) > 1:
+        log.warning("ConditioningConcat: conditioning_from has %d entries; only the first is used", len(from_))
+    return [[torch.cat((t1, from_[0][0]), 1), dict(extra)] for t1, extra in to]
+
+
+AREA_KEYS = ("area", "mask", "set_area_to_bounds", "mask_strength")  # ConditioningSetArea* / SetMask
+
+
+def conditioning_of(conditioning: list, which: str, device: Any) -> Any:
+    """A CONDITIONING list -> what the denoiser takes: a sampling.Conditioning for one entry without a timestep
+    range (the batched CFG road), else a sampling.CondSet (ConditioningCombine / ConditioningSetTimestepRange:
+    per step the active entries' predictions averaged by strength, as ComfyUI). Area and mask conditioning
+    are refused by name."""
+    from sd35fp8.sampling import CondEntry, Conditioning, CondSet
+
+    if not conditioning:
+        raise InputError(f"{which} conditioning is empty")
+    entries = []
+    for cond, extra in conditioning:
+        area = [k for k in AREA_KEYS if extra.get(k) is not None]
+        if area:
+            raise unsupported(f"{which} conditioning sets {', '.join(area)} (ConditioningSetArea / SetMask): area "
+                              "and mask conditioning are not supported")
+        pooled = extra.get("pooled_output")
+        if pooled is None:
+            raise InputError(f"{which} conditioning has no pooled_output (SD3 needs the CLIP pooled vector)")
+        entries.append(CondEntry(Conditioning(cond.to(device), pooled.to(device), control=extra.get("control")),
+                                 start=float(extra.get("start_percent", 0.0)), end=float(extra.get("end_percent", 1.0)),
+                                 strength=float(extra.get("strength", 1.0))))
+    combined = CondSet(tuple(entries))
+    return combined.simple or combined
+
+
 def _single_cond(conditioning: list, which: str) -> tuple[torch.Tensor, torch.Tensor]:
     if len(conditioning) != 1:
         raise unsupported(f"{which} conditioning has {len(conditioning)} entries; combined/area "
@@ -407,21 +469,17 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
            start_step: int | None = None, last_step: int | None = None,
            force_full_denoise: bool = False) -> dict[str, torch.Tensor]:
     """KSampler / KSamplerAdvanced: the generation core's `sample` (ComfyUI's CONST flow sampling, float32)."""
-    from sd35fp8 import generation, sampling
+    from sd35fp8 import generation
 
     dev = torch.device(ctx.device)
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)  # [B, 16, h, w] raw
-    cond, pooled = _single_cond(positive, "positive")
-    ucond, upooled = _single_cond(negative, "negative")
+    cond, ucond = conditioning_of(positive, "positive", dev), conditioning_of(negative, "negative", dev)
     settings = sample_settings(model, steps, cfg, sampler_name, scheduler, denoise, start_step, last_step,
                                force_full_denoise)
     if ctx.engine_options.cache_threshold > 0:  # the executor's --cache-threshold
         settings = replace(settings, cache_threshold=ctx.engine_options.cache_threshold)
-    c_ctl, u_ctl = positive[0][1].get("control"), negative[0][1].get("control")  # ControlNetApply* chains
-    with lora_active(model):
-        out = generation.sample(model.mmdit, sampling.Conditioning(cond.to(dev), pooled.to(dev), control=c_ctl),
-                                sampling.Conditioning(ucond.to(dev), upooled.to(dev), control=u_ctl), samples,
-                                settings, seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
+    with lora_active(model):  # (each entry keeps its ControlNetApply* chain: Conditioning.control)
+        out = generation.sample(model.mmdit, cond, ucond, samples, settings, seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
                                 callback=lambda step, total, denoised: ctx.progress(step, total, denoised),
                                 interrupt=ctx.check_interrupt, mask=_noise_mask(latent, dev))
     if out is samples:

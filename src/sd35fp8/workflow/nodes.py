@@ -258,6 +258,68 @@ class ConditioningZeroOut(Node):
         return (engine.zero_out(conditioning),)
 
 
+class ConditioningCombine(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "combine"
+    CATEGORY = "conditioning"
+    DISPLAY_NAME = "Conditioning (Combine)"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"conditioning_1": ("CONDITIONING",), "conditioning_2": ("CONDITIONING",)}}
+
+    def combine(self, conditioning_1, conditioning_2):
+        """Both lists' entries; the sampler averages the predictions of those active at each step."""
+        return (conditioning_1 + conditioning_2,)
+
+
+class ConditioningSetTimestepRange(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "set_range"
+    CATEGORY = "advanced/conditioning"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "conditioning": ("CONDITIONING",),
+            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        }}
+
+    def set_range(self, conditioning, start, end):
+        return (engine.set_timestep_range(conditioning, start, end),)
+
+
+class ConditioningAverage(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "addWeighted"
+    CATEGORY = "conditioning"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "conditioning_to": ("CONDITIONING",),
+            "conditioning_from": ("CONDITIONING",),
+            "conditioning_to_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }}
+
+    def addWeighted(self, conditioning_to, conditioning_from, conditioning_to_strength):  # noqa: N802 (ComfyUI's)
+        return (engine.average_conditioning(conditioning_to, conditioning_from, conditioning_to_strength),)
+
+
+class ConditioningConcat(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "concat"
+    CATEGORY = "conditioning"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"conditioning_to": ("CONDITIONING",), "conditioning_from": ("CONDITIONING",)}}
+
+    def concat(self, conditioning_to, conditioning_from):
+        return (engine.concat_conditioning(conditioning_to, conditioning_from),)
+
+
 # ---- latents --------------------------------------------------------------------------------
 class EmptyLatentImage(Node):
     RETURN_TYPES = ("LATENT",)
@@ -584,7 +646,8 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
     cls.__name__: cls
     for cls in (
         CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, DualCLIPLoader, CLIPLoader, CLIPTextEncode,
-        CLIPSetLastLayer, CLIPTextEncodeSD3, ConditioningZeroOut, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
+        CLIPSetLastLayer, CLIPTextEncodeSD3, ConditioningZeroOut, ConditioningCombine, ConditioningSetTimestepRange,
+        ConditioningAverage, ConditioningConcat, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, LoadImage, SaveImage,
         PreviewImage, LoraLoader, LoraLoaderModelOnly,
     )

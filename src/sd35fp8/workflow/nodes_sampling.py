@@ -54,18 +54,15 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     """SamplerCustomAdvanced: -> (output, denoised_output) LATENTs (raw VAE space)."""
     from sd35fp8 import sampling
     from sd35fp8.models.vae import to_model_space, to_vae_space
-    from sd35fp8.workflow.engine import _single_cond, fix_empty_latent_channels
+    from sd35fp8.workflow.engine import conditioning_of, fix_empty_latent_channels
 
     dev = torch.device(ctx.device)
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)
     if len(sigmas) < 2:  # nothing to sample (ComfyUI returns the latent)
         return {"samples": latent["samples"]}, {"samples": latent["samples"]}
-    cond, pooled = _single_cond(guider.positive, "positive")
-    conds = [sampling.Conditioning(cond.to(dev), pooled.to(dev), control=guider.positive[0][1].get("control"))]
+    conds = [conditioning_of(guider.positive, "positive", dev)]  # Conditioning, or CondSet for combined ones
     if guider.negative is not None:
-        ucond, upooled = _single_cond(guider.negative, "negative")
-        conds.append(sampling.Conditioning(ucond.to(dev), upooled.to(dev),
-                                           control=guider.negative[0][1].get("control")))
+        conds.append(conditioning_of(guider.negative, "negative", dev))
     ms = sampling.FlowMatching(guider.model.shift)
     sigmas = sigmas.to(dev, torch.float32)
     x0 = to_model_space(samples) if torch.count_nonzero(samples) > 0 else samples  # ComfyUI: empty not shifted
