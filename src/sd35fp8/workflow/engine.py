@@ -507,6 +507,35 @@ def vae_decode(vae: Any, latent: dict, offload: Any = None) -> torch.Tensor:
     return torch.clamp((img.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu()
 
 
+def vae_decode_tiled(vae: Any, latent: dict, tile_size: int, overlap: int, offload: Any = None) -> torch.Tensor:
+    """VAEDecodeTiled: tiles of `tile_size` pixels overlapping by `overlap` (cut to tile_size / 4, as ComfyUI),
+    blended by linear feathers (SD3VAE.decode_tiled: one tile's activations at a time) -> IMAGE."""
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    f = vae.config.downscale
+    z = latent["samples"]
+    with _vae_device(vae, offload), torch.inference_mode():
+        p = next(vae.parameters())
+        img = vae.decode_tiled(z.to(p.device, p.dtype), tile_latent=max(1, tile_size // f), overlap=overlap // f)
+    return torch.clamp((img.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu()
+
+
+def vae_encode_tiled(vae: Any, pixels: torch.Tensor, tile_size: int, overlap: int,
+                     offload: Any = None) -> dict[str, torch.Tensor]:
+    """VAEEncodeTiled: IMAGE [B, H, W, C] (cropped to multiples of 8) in tiles of `tile_size` pixels overlapping
+    by `overlap` (cut to tile_size / 4) -> raw latents."""
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    f = vae.config.downscale
+    h, w = (pixels.shape[1] // f) * f, (pixels.shape[2] // f) * f
+    x = pixels[:, :h, :w, :3].permute(0, 3, 1, 2)  # [B, 3, H, W]
+    with _vae_device(vae, offload), torch.inference_mode():
+        p = next(vae.parameters())
+        z = vae.encode_tiled(x.to(p.device, p.dtype) * 2.0 - 1.0, tile_latent=max(1, tile_size // f),
+                             overlap=overlap // f)
+    return {"samples": z.float().cpu()}
+
+
 def vae_encode(vae: Any, pixels: torch.Tensor, offload: Any = None) -> dict[str, torch.Tensor]:
     """VAEEncode: IMAGE [B, H, W, C] 0..1 (cropped to multiples of 8) -> raw latents."""
     from sd35fp8 import generation

@@ -571,6 +571,50 @@ class VAEEncode(Node):
         return (engine.vae_encode(vae, pixels, self.ctx.engine_options.offloader),)
 
 
+class VAEDecodeTiled(Node):
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = "_for_testing"
+    DISPLAY_NAME = "VAE Decode (Tiled)"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "samples": ("LATENT",), "vae": ("VAE",),
+            "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32}),
+            "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32}),
+            "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4,
+                                      "tooltip": "Only used for video VAEs: Amount of frames to decode at a time."}),
+            "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4,
+                                         "tooltip": "Only used for video VAEs: Amount of frames to overlap."}),
+        }}
+
+    def decode(self, vae, samples, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
+        return (engine.vae_decode_tiled(vae, samples, tile_size, overlap, self.ctx.engine_options.offloader),)
+
+
+class VAEEncodeTiled(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = "_for_testing"
+    DISPLAY_NAME = "VAE Encode (Tiled)"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "pixels": ("IMAGE",), "vae": ("VAE",),
+            "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64}),
+            "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32}),
+            "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4,
+                                      "tooltip": "Only used for video VAEs: Amount of frames to encode at a time."}),
+            "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4,
+                                         "tooltip": "Only used for video VAEs: Amount of frames to overlap."}),
+        }}
+
+    def encode(self, vae, pixels, tile_size, overlap, temporal_size=64, temporal_overlap=8):
+        return (engine.vae_encode_tiled(vae, pixels, tile_size, overlap, self.ctx.engine_options.offloader),)
+
+
 # ---- images ---------------------------------------------------------------------------------
 class LoadImage(Node):
     RETURN_TYPES = ("IMAGE", "MASK")
@@ -648,7 +692,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
         CheckpointLoaderSimple, UNETLoader, VAELoader, TripleCLIPLoader, DualCLIPLoader, CLIPLoader, CLIPTextEncode,
         CLIPSetLastLayer, CLIPTextEncodeSD3, ConditioningZeroOut, ConditioningCombine, ConditioningSetTimestepRange,
         ConditioningAverage, ConditioningConcat, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
-        SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, LoadImage, SaveImage,
+        SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled, LoadImage, SaveImage,
         PreviewImage, LoraLoader, LoraLoaderModelOnly,
     )
 }
