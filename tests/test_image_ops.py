@@ -43,3 +43,38 @@ def test_blur_keeps_constant_images():
     img = torch.full((1, 16, 16, 3), 0.5)
     assert torch.allclose(blur(img, 3, 1.0), img, atol=1e-6)
     assert blur(img, 0, 1.0) is img
+
+
+def comfy_pad_for_outpaint(image, left, top, right, bottom, feathering):
+    """ComfyUI nodes.py ImagePadForOutpaint.expand_image, loop for loop."""
+    d1, d2, d3, d4 = image.size()
+    new_image = torch.ones((d1, d2 + top + bottom, d3 + left + right, d4), dtype=torch.float32) * 0.5
+    new_image[:, top:top + d2, left:left + d3, :] = image
+    mask = torch.ones((d2 + top + bottom, d3 + left + right), dtype=torch.float32)
+    t = torch.zeros((d2, d3), dtype=torch.float32)
+    if feathering > 0 and feathering * 2 < d2 and feathering * 2 < d3:
+        for i in range(d2):
+            for j in range(d3):
+                dt = i if top != 0 else d2
+                db = d2 - i if bottom != 0 else d2
+                dl = j if left != 0 else d3
+                dr = d3 - j if right != 0 else d3
+                d = min(dt, db, dl, dr)
+                if d >= feathering:
+                    continue
+                v = (feathering - d) / feathering
+                t[i, j] = v * v
+    mask[top:top + d2, left:left + d3] = t
+    return new_image, mask.unsqueeze(0)
+
+
+@pytest.mark.parametrize("sides", [(16, 0, 8, 0), (0, 8, 0, 24), (8, 8, 8, 8), (0, 0, 0, 0)])
+@pytest.mark.parametrize("feathering", [0, 5, 12, 40])
+def test_pad_for_outpaint_is_comfyuis(sides, feathering):
+    from sd35fp8.image_ops import pad_for_outpaint
+
+    image = torch.rand(2, 30, 26, 3, generator=torch.Generator().manual_seed(0))
+    got, mask = pad_for_outpaint(image, *sides, feathering)
+    ref, ref_mask = comfy_pad_for_outpaint(image, *sides, feathering)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(mask, ref_mask, rtol=0, atol=1e-7)

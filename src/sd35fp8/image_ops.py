@@ -96,3 +96,25 @@ def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
     img = F.pad(image.movedim(-1, 1), (blur_radius,) * 4, "reflect")
     out = F.conv2d(img, kernel, padding=k // 2, groups=channels)  # [B, C, H + 2r, W + 2r]
     return out[:, :, blur_radius:-blur_radius, blur_radius:-blur_radius].movedim(1, -1)
+
+
+def pad_for_outpaint(image: torch.Tensor, left: int, top: int, right: int, bottom: int,
+                     feathering: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's ImagePadForOutpaint: IMAGE [B, H, W, C] on a grey (0.5) canvas grown by the margins, and the MASK
+    [1, H', W'] (1 = paint: the margins; inside, a quadratic ramp ((f - d) / f)^2 over the `feathering` pixels
+    next to each padded side, d the distance to it; no ramp unless 2 * feathering < H and < W)."""
+    b, h, w, c = image.shape
+    canvas = torch.full((b, h + top + bottom, w + left + right, c), 0.5, dtype=torch.float32)
+    canvas[:, top:top + h, left:left + w, :] = image
+    mask = torch.ones((h + top + bottom, w + left + right), dtype=torch.float32)
+    inner = torch.zeros((h, w), dtype=torch.float32)
+    if feathering > 0 and feathering * 2 < h and feathering * 2 < w:
+        i = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+        j = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+        big_h, big_w = torch.full((h, w), float(h)), torch.full((h, w), float(w))
+        d = torch.stack([i if top else big_h, h - i if bottom else big_h,
+                         j if left else big_w, w - j if right else big_w]).amin(0)
+        v = (feathering - d) / feathering
+        inner = torch.where(d < feathering, v * v, inner)
+    mask[top:top + h, left:left + w] = inner
+    return canvas, mask.unsqueeze(0)

@@ -252,6 +252,24 @@ class ImageBlur(Node):
         return (blur(image, int(blur_radius), float(sigma)),)
 
 
+class ImagePadForOutpaint(Node):
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "expand_image"
+    CATEGORY = "image"
+    DISPLAY_NAME = "Pad Image for Outpainting"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        side = ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8})
+        return {"required": {"image": ("IMAGE",), "left": side, "top": side, "right": side, "bottom": side,
+                             "feathering": ("INT", {"default": 40, "min": 0, "max": MAX_RESOLUTION, "step": 1})}}
+
+    def expand_image(self, image, left, top, right, bottom, feathering):
+        from sd35fp8.image_ops import pad_for_outpaint
+
+        return pad_for_outpaint(image, int(left), int(top), int(right), int(bottom), int(feathering))
+
+
 def check_available(class_type: str, where: str) -> None:
     """Raise the clear error for a template node whose model cannot exist here (UNAVAILABLE_NODES)."""
     if class_type in UNAVAILABLE_NODES:
@@ -260,5 +278,5 @@ def check_available(class_type: str, where: str) -> None:
 
 CONTROL_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     ControlNetLoader, ControlNetApplyAdvanced, ControlNetApplySD3, Canny, ImageScale, ImageScaleBy,
-    ImageScaleToTotalPixels, ImageInvert, ImageBlur,
+    ImageScaleToTotalPixels, ImageInvert, ImageBlur, ImagePadForOutpaint,
 )}
