@@ -33,6 +33,17 @@ def _latent_node(prompt: dict) -> str:
     return next(i for i, n in prompt.items() if n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"))
 
 
+def _run_image(models, tmp_path, graph: dict, name: str, sets: list[str]) -> np.ndarray:
+    """Run `graph` (saved as tmp_path/name) with --set overrides; its one saved image."""
+    (tmp_path / name).write_text(json.dumps(graph))
+    out = tmp_path / name.removesuffix(".json")
+    result = run_workflow(tmp_path / name, models, output_dir=out, sets=sets)
+    assert result.success, result.error
+    (ui,) = result.outputs.values()
+    img = ui["images"][0]
+    return np.asarray(Image.open(out / img["subfolder"] / img["filename"]))
+
+
 def _generate(models, prompt: dict) -> np.ndarray:
     """`sd35fp8 generate` with the workflow's parameters (Python API, same code path as the CLI)."""
     nodes = {n["class_type"]: n["inputs"] for n in prompt.values()}
@@ -180,12 +191,7 @@ def test_clip_set_last_layer_node(models, tmp_path):
                                                      if n["class_type"] == "KSampler")]
 
     def image(graph: dict, name: str) -> np.ndarray:
-        (tmp_path / name).write_text(json.dumps(graph))
-        result = run_workflow(tmp_path / name, models, output_dir=tmp_path / name.removesuffix(".json"), sets=sets)
-        assert result.success, result.error
-        (ui,) = result.outputs.values()
-        img = ui["images"][0]
-        return np.asarray(Image.open(tmp_path / name.removesuffix(".json") / img["subfolder"] / img["filename"]))
+        return _run_image(models, tmp_path, graph, name, sets)
 
     base = image(prompt, "base.json")
     layered = json.loads(json.dumps(prompt))
@@ -208,12 +214,7 @@ def test_combined_and_timestep_ranged_conditioning(models, tmp_path):
     sets = [f"{lat}.width=64", f"{lat}.height=64", f"{ks}.steps=4"]
 
     def image(graph: dict, name: str) -> np.ndarray:
-        (tmp_path / name).write_text(json.dumps(graph))
-        result = run_workflow(tmp_path / name, models, output_dir=tmp_path / name.removesuffix(".json"), sets=sets)
-        assert result.success, result.error
-        (ui,) = result.outputs.values()
-        img = ui["images"][0]
-        return np.asarray(Image.open(tmp_path / name.removesuffix(".json") / img["subfolder"] / img["filename"]))
+        return _run_image(models, tmp_path, graph, name, sets)
 
     def with_negative(first: tuple, second: tuple) -> dict:
         g = json.loads(json.dumps(prompt))
@@ -254,12 +255,7 @@ def test_tiled_vae_nodes(models, tmp_path):
     sets = [f"{lat}.width=128", f"{lat}.height=128", f"{ks}.steps=3"]
 
     def image(graph: dict, name: str) -> np.ndarray:
-        (tmp_path / name).write_text(json.dumps(graph))
-        result = run_workflow(tmp_path / name, models, output_dir=tmp_path / name.removesuffix(".json"), sets=sets)
-        assert result.success, result.error
-        (ui,) = result.outputs.values()
-        img = ui["images"][0]
-        return np.asarray(Image.open(tmp_path / name.removesuffix(".json") / img["subfolder"] / img["filename"]))
+        return _run_image(models, tmp_path, graph, name, sets)
 
     base = image(prompt, "base.json")
     for tile, same in ((512, True), (64, False)):

@@ -571,6 +571,19 @@ class VAEEncode(Node):
         return (engine.vae_encode(vae, pixels, self.ctx.engine_options.offloader),)
 
 
+def _tiled_inputs(first: str, first_type: str, tile_step: int, verb: str) -> dict:
+    """VAEDecodeTiled / VAEEncodeTiled's inputs (ComfyUI's; the temporal ones only matter for video VAEs)."""
+    return {"required": {
+        first: (first_type,), "vae": ("VAE",),
+        "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": tile_step}),
+        "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32}),
+        "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4,
+                                  "tooltip": f"Only used for video VAEs: Amount of frames to {verb} at a time."}),
+        "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4,
+                                     "tooltip": "Only used for video VAEs: Amount of frames to overlap."}),
+    }}
+
+
 class VAEDecodeTiled(Node):
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -579,15 +592,7 @@ class VAEDecodeTiled(Node):
 
     @classmethod
     def INPUT_TYPES(cls, folders):
-        return {"required": {
-            "samples": ("LATENT",), "vae": ("VAE",),
-            "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32}),
-            "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32}),
-            "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4,
-                                      "tooltip": "Only used for video VAEs: Amount of frames to decode at a time."}),
-            "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4,
-                                         "tooltip": "Only used for video VAEs: Amount of frames to overlap."}),
-        }}
+        return _tiled_inputs("samples", "LATENT", 32, "decode")
 
     def decode(self, vae, samples, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
         return (engine.vae_decode_tiled(vae, samples, tile_size, overlap, self.ctx.engine_options.offloader),)
@@ -601,15 +606,7 @@ class VAEEncodeTiled(Node):
 
     @classmethod
     def INPUT_TYPES(cls, folders):
-        return {"required": {
-            "pixels": ("IMAGE",), "vae": ("VAE",),
-            "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64}),
-            "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32}),
-            "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4,
-                                      "tooltip": "Only used for video VAEs: Amount of frames to encode at a time."}),
-            "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4,
-                                         "tooltip": "Only used for video VAEs: Amount of frames to overlap."}),
-        }}
+        return _tiled_inputs("pixels", "IMAGE", 64, "encode")
 
     def encode(self, vae, pixels, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         return (engine.vae_encode_tiled(vae, pixels, tile_size, overlap, self.ctx.engine_options.offloader),)
