@@ -276,3 +276,18 @@ def test_tiled_vae_nodes(models, tmp_path):
     torch.testing.assert_close(engine.vae_encode_tiled(vae, pixels, 1024, 64)["samples"], whole)
     tiled = engine.vae_encode_tiled(vae, pixels, 64, 16)["samples"]
     assert tiled.shape == whole.shape and np.corrcoef(tiled.ravel().numpy(), whole.ravel().numpy())[0, 1] > 0.8
+
+
+def test_conditioning_chains_are_bounded():
+    """A chain of ConditioningCombine / ConditioningConcat doubles at each link: both stop at a clear bound."""
+    from sd35fp8.errors import InputError
+    from sd35fp8.workflow import engine
+
+    c = [[torch.zeros(1, 154, 8), {"pooled_output": torch.zeros(1, 4)}]]
+    with pytest.raises(InputError, match="conditioning entries"):
+        for _ in range(10):
+            c = engine.combine_conditioning(c, c)
+    c = [[torch.zeros(1, 154, 8), {"pooled_output": torch.zeros(1, 4)}]]
+    with pytest.raises(InputError, match="tokens"):
+        for _ in range(10):
+            c = engine.concat_conditioning(c, c)

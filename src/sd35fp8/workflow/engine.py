@@ -343,6 +343,19 @@ def zero_out(conditioning: list) -> list:
     return out
 
 
+# bounds on what conditioning nodes can build (a chain of ConditioningConcat / Combine nodes doubles at each link)
+MAX_CONDITIONING_ENTRIES = 64  # each active entry is one model call per step
+MAX_CONTEXT_TOKENS = 16384  # SD3: 154 CLIP + the T5 tokens (--max-prompt-tokens bounds a prompt's)
+
+
+def combine_conditioning(first: list, second: list) -> list:
+    """ConditioningCombine: both lists' entries (at most MAX_CONDITIONING_ENTRIES)."""
+    if len(first) + len(second) > MAX_CONDITIONING_ENTRIES:
+        raise InputError(f"ConditioningCombine: {len(first) + len(second)} conditioning entries, more than the "
+                         f"{MAX_CONDITIONING_ENTRIES} this server samples (each active entry is a model call a step)")
+    return first + second
+
+
 def set_timestep_range(conditioning: list, start: float, end: float) -> list:
     """ConditioningSetTimestepRange: every entry active from `start` to `end` of the schedule (fractions)."""
     return [[cond, {**extra, "start_percent": float(start), "end_percent": float(end)}] for cond, extra in conditioning]
@@ -374,6 +387,9 @@ def concat_conditioning(to: list, from_: list) -> list:
     """ConditioningConcat: the first entry of `from_`'s tokens appended to each entry of `to` (its pooled kept)."""
     if len(from_) > 1:
         log.warning("ConditioningConcat: conditioning_from has %d entries; only the first is used", len(from_))
+    longest = max((t1.shape[1] for t1, _ in to), default=0) + from_[0][0].shape[1]
+    if longest > MAX_CONTEXT_TOKENS:
+        raise InputError(f"ConditioningConcat: a context of {longest} tokens, more than {MAX_CONTEXT_TOKENS}")
     return [[torch.cat((t1, from_[0][0]), 1), dict(extra)] for t1, extra in to]
 
 

@@ -270,7 +270,7 @@ class ConditioningCombine(Node):
 
     def combine(self, conditioning_1, conditioning_2):
         """Both lists' entries; the sampler averages the predictions of those active at each step."""
-        return (conditioning_1 + conditioning_2,)
+        return (engine.combine_conditioning(conditioning_1, conditioning_2),)
 
 
 class ConditioningSetTimestepRange(Node):
