@@ -78,3 +78,10 @@ def test_pad_for_outpaint_is_comfyuis(sides, feathering):
     ref, ref_mask = comfy_pad_for_outpaint(image, *sides, feathering)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(mask, ref_mask, rtol=0, atol=1e-7)
+
+
+def test_pad_for_outpaint_is_bounded():
+    from sd35fp8.image_ops import pad_for_outpaint
+
+    with pytest.raises(InputError, match="canvas"):
+        pad_for_outpaint(torch.zeros(1, 8, 8, 3), 16384, 16384, 16384, 16384, 0)

@@ -98,12 +98,17 @@ def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
     return out[:, :, blur_radius:-blur_radius, blur_radius:-blur_radius].movedim(1, -1)
 
 
+MAX_CANVAS_PIXELS = 1 << 26  # what an image node may build (64 Mpx: 0.8 GB of float32 RGB)
+
 def pad_for_outpaint(image: torch.Tensor, left: int, top: int, right: int, bottom: int,
                      feathering: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's ImagePadForOutpaint: IMAGE [B, H, W, C] on a grey (0.5) canvas grown by the margins, and the MASK
     [1, H', W'] (1 = paint: the margins; inside, a quadratic ramp ((f - d) / f)^2 over the `feathering` pixels
     next to each padded side, d the distance to it; no ramp unless 2 * feathering < H and < W)."""
     b, h, w, c = image.shape
+    if (h + top + bottom) * (w + left + right) * b > MAX_CANVAS_PIXELS:
+        raise InputError(f"ImagePadForOutpaint: a {w + left + right}x{h + top + bottom} canvas (x{b}) is more than "
+                         f"{MAX_CANVAS_PIXELS} pixels")
     canvas = torch.full((b, h + top + bottom, w + left + right, c), 0.5, dtype=torch.float32)
     canvas[:, top:top + h, left:left + w, :] = image
     mask = torch.ones((h + top + bottom, w + left + right), dtype=torch.float32)
