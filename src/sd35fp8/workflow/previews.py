@@ -10,7 +10,9 @@ decoder `taesd` (models/vae_approx/taesd3_decoder.*, models/taesd.py; sd35fp8 sh
 without one it falls back to latent2rgb, as ComfyUI does. Latent2RGB is ComfyUI's (latent_preview.py): the first
 image's denoised latent (model space, [B, 16, h, w]) through SD3's 16 -> 3 linear map, at 1/8 of the image's size.
 Either way clamp(-1, 1), (x + 1) * 127.5 rounded, shrunk to fit `preview_size` (ComfyUI --preview-size, 512),
-JPEG at quality 95 -> event "preview_image" {"image": bytes, "format": "JPEG"} (the /ws binary frame).
+JPEG at quality 95 -> event "preview_image" {"image": bytes, "format": "JPEG"} (the /ws binary frame). On CUDA
+the preview is copied to the host behind the step's kernels and encoded and sent by one finisher thread (in
+order), so the sampler does not wait for the GPU; the last step waits for every preview to be sent.
 
 `partial_images` (the OpenAI API's, 0-3): at that many steps spread evenly before the last, the step's prediction
 of the clean image, decoded by `decode` (the prompt's own VAE) -> event "partial_image" {"index", "image": PNG}
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -69,20 +73,59 @@ def partial_steps(count: int, total: int) -> list[int]:
     return sorted(s for s in picked if 1 <= s < total)
 
 
+def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's preview_to_image: [-1, 1] -> clamp, (x + 1) * 127.5, rounded, uint8 (on rgb's device)."""
+    return rgb.float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
 def latent_rgb(denoised: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's Latent2RGB of the first image: [B, 16, h, w] (model space) -> uint8 [h, w, 3] (CPU)."""
+    """ComfyUI's Latent2RGB of the first image: [B, 16, h, w] (model space) -> uint8 [h, w, 3] on its device."""
     x0 = denoised[0].float().movedim(0, -1)  # [h, w, 16]
-    factors = torch.tensor(SD3_LATENT_RGB_FACTORS, device=x0.device).T  # [3, 16]
-    bias = torch.tensor(SD3_LATENT_RGB_BIAS, device=x0.device)
-    rgb = torch.nn.functional.linear(x0, factors, bias).cpu()  # [h, w, 3]
-    return rgb.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+    factors = torch.tensor(SD3_LATENT_RGB_FACTORS).to(x0.device, non_blocking=True).T  # [3, 16]
+    bias = torch.tensor(SD3_LATENT_RGB_BIAS).to(x0.device, non_blocking=True)
+    return _to_uint8(torch.nn.functional.linear(x0, factors, bias))  # [h, w, 3]
 
 
 def taesd_rgb(decoder: torch.nn.Module, denoised: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's TAESD preview of the first image: [B, C, h, w] (model space) -> uint8 [8h, 8w, 3] (CPU)."""
+    """ComfyUI's TAESD preview of the first image: [B, C, h, w] (model space) -> uint8 [8h, 8w, 3] on the
+    decoder's device."""
     p = next(decoder.parameters())
-    rgb = decoder(denoised[:1].to(p.device, p.dtype))[0].float().sub(0.5).mul(2).movedim(0, -1).cpu()  # [H, W, 3]
-    return rgb.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+    return _to_uint8(decoder(denoised[:1].to(p.device, p.dtype))[0].float().sub(0.5).mul(2).movedim(0, -1))
+
+
+class _Finisher:
+    """One daemon thread that finishes GPU previews in order: it waits for a preview's copy to the host, then
+    encodes and sends it, so the sampler never waits for the GPU (ComfyUI's --preview-stream idea; a
+    synchronising preview cost a Large step ~15 ms on an H100, benchmarks/preview_cost.py)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sd35fp8-previews", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def flush(self) -> None:
+        """Wait until every submitted preview is sent."""
+        self._jobs.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - a preview that fails is dropped, never the generation
+                log.exception("a live preview could not be sent")
+            finally:
+                self._jobs.task_done()
+
+
+FINISHER = _Finisher()
 
 
 def encode_jpeg(rgb: torch.Tensor, max_size: int) -> bytes:
@@ -125,8 +168,23 @@ class StepPreview:
     def __call__(self, step: int, total: int, denoised: torch.Tensor, send: Send) -> None:
         if self.method != "none":
             rgb = taesd_rgb(self.taesd, denoised) if self.taesd is not None else latent_rgb(denoised)
-            send("preview_image", {"image": encode_jpeg(rgb, self.preview_size), "format": "JPEG"})
+            size = self.preview_size
+            if rgb.is_cuda:  # copy to pinned memory behind the step's kernels; the finisher thread encodes
+                host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
+                host.copy_(rgb, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+
+                def finish() -> None:
+                    done.synchronize()
+                    send("preview_image", {"image": encode_jpeg(host, size), "format": "JPEG"})
+
+                FINISHER.submit(finish)
+            else:
+                send("preview_image", {"image": encode_jpeg(rgb, size), "format": "JPEG"})
         if self.partial_images and step in partial_steps(self.partial_images, total):
-            image = self.decode(denoised[:1])[0]  # [H, W, 3]
-            send("partial_image", {"index": self._sent, "image": encode_png(image)})
+            image, index = self.decode(denoised[:1])[0], self._sent  # [H, W, 3] on the host
+            FINISHER.submit(lambda: send("partial_image", {"index": index, "image": encode_png(image)}))
             self._sent += 1
+        if step >= total:  # the last step: everything this node previewed is out before its prompt finishes
+            FINISHER.flush()
