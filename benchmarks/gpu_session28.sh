@@ -10,8 +10,8 @@ LOG=$OUT/session28.log
 source benchmarks/gpu_run.sh
 # (no FA3 this call: the tree and both carries pass 64 MiB)
 echo "== tests $(date -u +%T)" | tee "$LOG"
-timeout 200 python3 -m pytest -q tests/test_previews.py -k gpu -rf -p no:cacheprovider 2>&1 | tail -15 | tee -a "$LOG"
+timeout 170 python3 -m pytest -q tests/test_previews.py -k gpu -rf -p no:cacheprovider 2>&1 | tail -15 | tee -a "$LOG"
 echo "== preview cost $(date -u +%T)" | tee -a "$LOG"
-timeout 200 python3 benchmarks/preview_cost.py --out "$OUT/preview_cost.json" 2>&1 | tail -12 | tee -a "$LOG"
+timeout 150 python3 benchmarks/preview_cost.py --out "$OUT/preview_cost.json" 2>&1 | tail -12 | tee -a "$LOG"
 echo "== done $(date -u +%T)" | tee -a "$LOG"
 ls "$OUT"
