@@ -251,3 +251,26 @@ def test_taesd_previews_from_vae_approx(models, tmp_path, caplog):
         shots = frames(run(client, "t", {"preview_method": "taesd"}, steps=2, seed=8))
         assert [s.size for s in shots] == [(64, 64)] * 2
     approx.unlink()
+
+
+def test_finisher_sends_in_order_and_flushes():
+    """The finisher thread behind GPU previews: jobs run in submission order, a failing one is logged and
+    dropped, flush() returns once everything submitted has run."""
+    import time as _time
+
+    from sd35fp8.workflow.previews import FINISHER
+
+    seen = []
+
+    def job(i):
+        def run():
+            _time.sleep(0.002)
+            if i == 3:
+                raise RuntimeError("a broken preview")
+            seen.append(i)
+        return run
+
+    for i in range(8):
+        FINISHER.submit(job(i))
+    FINISHER.flush()
+    assert seen == [0, 1, 2, 4, 5, 6, 7]
