@@ -23,6 +23,7 @@ from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WE
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
+from sd35fp8.workflow.nodes_mask import MASK_NODES
 from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 
@@ -698,6 +699,7 @@ NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)
+NODE_CLASS_MAPPINGS.update(MASK_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,
