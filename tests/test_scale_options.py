@@ -45,12 +45,18 @@ def test_replicas_get_the_engine_options(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ray_serve, "start_engines", fake_start_engines)
     app = ray_serve.create_ray_app(tmp_path / "models", tmp_path / "out", replicas=2, compile=False,
-                                   offload="model", state_dir=None)
+                                   offload="model", state_dir=None, attention="bf16", cache_threshold=0.5,
+                                   preview_method="latent2rgb")
     stop_app(app, timeout=0)
     assert seen["compile"] is False and seen["offload"] == "model" and seen["replicas"] == 2
-    replica = EngineReplica(tmp_path / "models", device="cpu", compile=False, offload="sequential")
+    # the executor options create_app would only give its own executor reach the replicas too (they were lost)
+    assert seen["engine"] == {"attention": "bf16", "cache_threshold": 0.5, "preview_method": "latent2rgb"}
+    replica = EngineReplica(tmp_path / "models", device="cpu", compile=False, offload="sequential",
+                            engine=seen["engine"])
     assert replica.info()["offload"] == "sequential" and replica.info()["compile"] is False
-    assert replica.executor.engine_options.offload == "sequential"
+    options = replica.executor.engine_options
+    assert options.offload == "sequential" and options.attention == "bf16" and options.cache_threshold == 0.5
+    assert replica.executor.preview_method == "latent2rgb"
 
 
 def test_attach_refuses_engine_options():
