@@ -291,3 +291,25 @@ def test_conditioning_chains_are_bounded():
     with pytest.raises(InputError, match="tokens"):
         for _ in range(10):
             c = engine.concat_conditioning(c, c)
+
+
+def test_latent_from_batch_keeps_each_items_noise(models, tmp_path):
+    """LatentFromBatch picks items of a batch with their batch_index; the KSampler then draws each item's noise
+    as in the whole batch (ComfyUI's prepare_noise with batch_inds): item 2 alone is item 2 of the batch."""
+    prompt = _prompt("seed-fp8-allinone.json")
+    lat = _latent_node(prompt)
+    ks = next(k for k, n in prompt.items() if n["class_type"] == "KSampler")
+    save = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
+    sets = [f"{lat}.width=64", f"{lat}.height=64", f"{ks}.steps=3", f"{lat}.batch_size=3"]
+    (tmp_path / "batch.json").write_text(json.dumps(prompt))
+    result = run_workflow(tmp_path / "batch.json", models, output_dir=tmp_path / "b", sets=sets)
+    assert result.success, result.error
+    third = result.outputs[save]["images"][2]
+    whole = np.asarray(Image.open(tmp_path / "b" / third["subfolder"] / third["filename"]))
+    g = json.loads(json.dumps(prompt))
+    g["97"] = {"class_type": "LatentFromBatch", "inputs": {"samples": [lat, 0], "batch_index": 2, "length": 1}}
+    g[ks]["inputs"]["latent_image"] = ["97", 0]
+    alone = _run_image(models, tmp_path, g, "alone.json", sets)
+    assert np.abs(alone.astype(int) - whole.astype(int)).max() <= 1  # batch-size rounding at most (issue 22)
+    first = _run_image(models, tmp_path, prompt, "first.json", sets[:3])  # batch 1: item 0's noise
+    assert np.abs(alone.astype(int) - first.astype(int)).mean() > 5

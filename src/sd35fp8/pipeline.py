@@ -301,7 +301,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
             depth = self.mmdit.config.depth
             bad = [i for i in slg.layers if not 0 <= i < depth]
             if bad or not slg.layers:
-                raise InputError(f"skip-layer guidance layers {list(slg.layers)}: the MMDiT has joint blocks 0-{depth - 1}")
+                raise InputError(f"skip-layer guidance layers {list(slg.layers)}: the MMDiT has joint blocks "
+                                 f"0-{depth - 1}")
             return slg
         d = self.defaults
         if slg is False or d.slg_scale <= 0 or not d.slg_layers:

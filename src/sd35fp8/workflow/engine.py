@@ -494,8 +494,14 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
                                force_full_denoise)
     if ctx.engine_options.cache_threshold > 0:  # the executor's --cache-threshold
         settings = replace(settings, cache_threshold=ctx.engine_options.cache_threshold)
+    noise = None  # ComfyUI common_ksampler: the seed's draw picked by the LATENT's batch_index, when it has one
+    if latent.get("batch_index") is not None and not disable_noise:
+        from sd35fp8.sampling import prepare_noise
+
+        noise = prepare_noise(seed, tuple(samples.shape), latent["batch_index"])
     with lora_active(model):  # (each entry keeps its ControlNetApply* chain: Conditioning.control)
-        out = generation.sample(model.mmdit, cond, ucond, samples, settings, seed=seed, add_noise=not disable_noise, dtype=ctx.dtype,
+        out = generation.sample(model.mmdit, cond, ucond, samples, settings, seed=seed, noise=noise,
+                                add_noise=not disable_noise, dtype=ctx.dtype,
                                 callback=lambda step, total, denoised: ctx.progress(step, total, denoised),
                                 interrupt=ctx.check_interrupt, mask=_noise_mask(latent, dev))
     if out is samples:

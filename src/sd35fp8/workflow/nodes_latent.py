@@ -103,5 +103,39 @@ class RepeatLatentBatch(Node):
         return (out,)
 
 
+class LatentFromBatch(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "frombatch"
+    CATEGORY = "latent/batch"
+    DISPLAY_NAME = "Latent From Batch"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples": ("LATENT",), "batch_index": ("INT", {"default": 0, "min": 0, "max": 63}),
+                             "length": ("INT", {"default": 1, "min": 1, "max": 64})}}
+
+    def frombatch(self, samples, batch_index, length):
+        """ComfyUI's: items [batch_index, batch_index + length) (clipped), their noise masks, and their batch_index
+        (the KSampler then draws each item's noise as it would in the whole batch)."""
+        z = samples["samples"]
+        out = dict(samples)
+        batch_index = min(z.shape[0] - 1, batch_index)
+        length = min(z.shape[0] - batch_index, length)
+        out["samples"] = z[batch_index:batch_index + length].clone()
+        masks = samples.get("noise_mask")
+        if masks is not None:
+            if masks.shape[0] == 1:
+                out["noise_mask"] = masks.clone()
+            else:
+                if masks.shape[0] < z.shape[0]:
+                    masks = masks.repeat(-(-z.shape[0] // masks.shape[0]), 1, 1, 1)[:z.shape[0]]
+                out["noise_mask"] = masks[batch_index:batch_index + length].clone()
+        if "batch_index" not in samples:
+            out["batch_index"] = list(range(batch_index, batch_index + length))
+        else:
+            out["batch_index"] = list(samples["batch_index"])[batch_index:batch_index + length]
+        return (out,)
+
+
 LATENT_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (LatentUpscale, LatentUpscaleBy,
-                                                                      RepeatLatentBatch)}
+                                                                      RepeatLatentBatch, LatentFromBatch)}

@@ -210,7 +210,8 @@ class MaskComposite(Node):
     def combine(self, destination, source, x, y, operation):
         output = _batch(destination).clone()
         source = _batch(source)
-        right, bottom = min(x + source.shape[-1], destination.shape[-1]), min(y + source.shape[-2], destination.shape[-2])
+        right = min(x + source.shape[-1], destination.shape[-1])
+        bottom = min(y + source.shape[-2], destination.shape[-2])
         src = source[:, :bottom - y, :right - x]
         dst = _batch(destination)[:, y:bottom, x:right]
         if operation == "multiply":

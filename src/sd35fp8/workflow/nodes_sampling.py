@@ -22,12 +22,13 @@ from sd35fp8.workflow.node_base import SEED_MAX, Node
 class Noise:
     seed: int | None  # None: DisableNoise
 
-    def generate(self, latent: torch.Tensor) -> torch.Tensor:
+    def generate(self, latent: torch.Tensor, batch_index: list | None = None) -> torch.Tensor:
+        """ComfyUI's Noise_RandomNoise.generate_noise: the seed's draw, picked by the LATENT's batch_index."""
         from sd35fp8.sampling import prepare_noise
 
         if self.seed is None:
             return torch.zeros(latent.shape, dtype=torch.float32)
-        return prepare_noise(self.seed, tuple(latent.shape))
+        return prepare_noise(self.seed, tuple(latent.shape), batch_index)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     ms = sampling.FlowMatching(guider.model.shift)
     sigmas = sigmas.to(dev, torch.float32)
     x0 = to_model_space(samples) if torch.count_nonzero(samples) > 0 else samples  # ComfyUI: empty not shifted
-    x = ms.noise_scaling(sigmas[0], noise.generate(samples).to(dev), x0)
+    x = ms.noise_scaling(sigmas[0], noise.generate(samples, latent.get("batch_index")).to(dev), x0)
     denoiser = sampling.CFGDenoiser(guider.model.mmdit, conds[0], conds[1] if len(conds) > 1 else None,
                                     cfg=guider.cfg if len(conds) > 1 else 1.0, model_sampling=ms, dtype=ctx.dtype)
     last: dict[str, torch.Tensor] = {}
