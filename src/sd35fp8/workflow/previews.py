@@ -78,11 +78,16 @@ def _to_uint8(rgb: torch.Tensor) -> torch.Tensor:
     return rgb.float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
 
 
+_FACTORS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (factors [3, 16], bias [3])
+
+
 def latent_rgb(denoised: torch.Tensor) -> torch.Tensor:
     """ComfyUI's Latent2RGB of the first image: [B, 16, h, w] (model space) -> uint8 [h, w, 3] on its device."""
     x0 = denoised[0].float().movedim(0, -1)  # [h, w, 16]
-    factors = torch.tensor(SD3_LATENT_RGB_FACTORS).to(x0.device, non_blocking=True).T  # [3, 16]
-    bias = torch.tensor(SD3_LATENT_RGB_BIAS).to(x0.device, non_blocking=True)
+    if x0.device not in _FACTORS:  # once a device: a copy from pageable memory would wait for the step's kernels
+        _FACTORS[x0.device] = (torch.tensor(SD3_LATENT_RGB_FACTORS, device=x0.device).T.contiguous(),
+                               torch.tensor(SD3_LATENT_RGB_BIAS, device=x0.device))
+    factors, bias = _FACTORS[x0.device]
     return _to_uint8(torch.nn.functional.linear(x0, factors, bias))  # [h, w, 3]
 
 
