@@ -273,8 +273,8 @@ def test_tiled_vae_nodes(models, tmp_path):
         device="cpu", dtype=torch.float32).vae
     pixels = torch.from_numpy(base[None].astype(np.float32) / 255.0)  # IMAGE [1, 128, 128, 3]
     whole = engine.vae_encode(vae, pixels)["samples"]
-    torch.testing.assert_close(engine.vae_encode_tiled(vae, pixels, 1024, 64)["samples"], whole)
-    tiled = engine.vae_encode_tiled(vae, pixels, 64, 16)["samples"]
+    torch.testing.assert_close(engine.vae_encode(vae, pixels, tiles=(1024, 64))["samples"], whole)
+    tiled = engine.vae_encode(vae, pixels, tiles=(64, 16))["samples"]
     assert tiled.shape == whole.shape and np.corrcoef(tiled.ravel().numpy(), whole.ravel().numpy())[0, 1] > 0.8
 
 

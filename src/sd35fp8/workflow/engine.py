@@ -517,56 +517,43 @@ def _noise_mask(latent: dict, device: torch.device) -> torch.Tensor | None:
 
 
 # ---- VAE ------------------------------------------------------------------------------------
-def vae_decode(vae: Any, latent: dict, offload: Any = None) -> torch.Tensor:
+def _latent_tiles(vae: Any, tile_size: int, overlap: int) -> dict[str, int]:
+    """VAEDecodeTiled / VAEEncodeTiled's pixel tile size and overlap (overlap cut to tile_size / 4, as ComfyUI)
+    -> SD3VAE.decode_tiled / encode_tiled's arguments, in latents."""
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    f = vae.config.downscale
+    return {"tile_latent": max(1, tile_size // f), "overlap": overlap // f}
+
+
+def vae_decode(vae: Any, latent: dict, offload: Any = None, tiles: tuple[int, int] | None = None) -> torch.Tensor:
     """VAEDecode: raw latents -> IMAGE [B, H, W, 3] in 0..1 (ComfyUI clamp((x + 1) / 2)).
-    offload: the executor's ModelOffload (the VAE visits the device for the decode)."""
+    offload: the executor's ModelOffload (the VAE visits the device for the decode). tiles: VAEDecodeTiled's
+    (tile_size, overlap) in pixels: feathered tiles, one tile's activations at a time (SD3VAE.decode_tiled)."""
     from sd35fp8 import generation
 
     z = latent["samples"]
     with _vae_device(vae, offload), torch.inference_mode():
         p = next(vae.parameters())
-        img = generation.decode(vae, z.to(p.device, p.dtype))  # [B, 3, H, W] in [-1, 1]
+        z = z.to(p.device, p.dtype)
+        img = (generation.decode(vae, z) if tiles is None  # [B, 3, H, W] in [-1, 1]
+               else vae.decode_tiled(z, **_latent_tiles(vae, *tiles)))
     return torch.clamp((img.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu()
 
 
-def vae_decode_tiled(vae: Any, latent: dict, tile_size: int, overlap: int, offload: Any = None) -> torch.Tensor:
-    """VAEDecodeTiled: tiles of `tile_size` pixels overlapping by `overlap` (cut to tile_size / 4, as ComfyUI),
-    blended by linear feathers (SD3VAE.decode_tiled: one tile's activations at a time) -> IMAGE."""
-    if tile_size < overlap * 4:
-        overlap = tile_size // 4
-    f = vae.config.downscale
-    z = latent["samples"]
-    with _vae_device(vae, offload), torch.inference_mode():
-        p = next(vae.parameters())
-        img = vae.decode_tiled(z.to(p.device, p.dtype), tile_latent=max(1, tile_size // f), overlap=overlap // f)
-    return torch.clamp((img.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu()
-
-
-def vae_encode_tiled(vae: Any, pixels: torch.Tensor, tile_size: int, overlap: int,
-                     offload: Any = None) -> dict[str, torch.Tensor]:
-    """VAEEncodeTiled: IMAGE [B, H, W, C] (cropped to multiples of 8) in tiles of `tile_size` pixels overlapping
-    by `overlap` (cut to tile_size / 4) -> raw latents."""
-    if tile_size < overlap * 4:
-        overlap = tile_size // 4
-    f = vae.config.downscale
-    h, w = (pixels.shape[1] // f) * f, (pixels.shape[2] // f) * f
-    x = pixels[:, :h, :w, :3].permute(0, 3, 1, 2)  # [B, 3, H, W]
-    with _vae_device(vae, offload), torch.inference_mode():
-        p = next(vae.parameters())
-        z = vae.encode_tiled(x.to(p.device, p.dtype) * 2.0 - 1.0, tile_latent=max(1, tile_size // f),
-                             overlap=overlap // f)
-    return {"samples": z.float().cpu()}
-
-
-def vae_encode(vae: Any, pixels: torch.Tensor, offload: Any = None) -> dict[str, torch.Tensor]:
-    """VAEEncode: IMAGE [B, H, W, C] 0..1 (cropped to multiples of 8) -> raw latents."""
+def vae_encode(vae: Any, pixels: torch.Tensor, offload: Any = None,
+               tiles: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """VAEEncode: IMAGE [B, H, W, C] 0..1 (cropped to multiples of 8) -> raw latents. tiles: VAEEncodeTiled's
+    (tile_size, overlap) in pixels (SD3VAE.encode_tiled)."""
     from sd35fp8 import generation
 
     h, w = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
     x = pixels[:, :h, :w, :3].permute(0, 3, 1, 2)  # [B, 3, H, W]
     with _vae_device(vae, offload), torch.inference_mode():
         p = next(vae.parameters())
-        z = generation.vae_encode(vae, x.to(p.device, p.dtype) * 2.0 - 1.0)  # [B, 16, H/8, W/8]
+        x = x.to(p.device, p.dtype) * 2.0 - 1.0
+        z = (generation.vae_encode(vae, x) if tiles is None  # [B, 16, H/8, W/8]
+             else vae.encode_tiled(x, **_latent_tiles(vae, *tiles)).float())
     return {"samples": z.cpu()}
 
 

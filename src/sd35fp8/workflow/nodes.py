@@ -596,7 +596,7 @@ class VAEDecodeTiled(Node):
         return _tiled_inputs("samples", "LATENT", 32, "decode")
 
     def decode(self, vae, samples, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
-        return (engine.vae_decode_tiled(vae, samples, tile_size, overlap, self.ctx.engine_options.offloader),)
+        return (engine.vae_decode(vae, samples, self.ctx.engine_options.offloader, (tile_size, overlap)),)
 
 
 class VAEEncodeTiled(Node):
@@ -610,7 +610,7 @@ class VAEEncodeTiled(Node):
         return _tiled_inputs("pixels", "IMAGE", 64, "encode")
 
     def encode(self, vae, pixels, tile_size, overlap, temporal_size=64, temporal_overlap=8):
-        return (engine.vae_encode_tiled(vae, pixels, tile_size, overlap, self.ctx.engine_options.offloader),)
+        return (engine.vae_encode(vae, pixels, self.ctx.engine_options.offloader, (tile_size, overlap)),)
 
 
 # ---- images ---------------------------------------------------------------------------------
