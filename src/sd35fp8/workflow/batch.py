@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -249,8 +250,8 @@ def _run_group(ex: Any, runs: list[PromptRun], nids: list[str], inputs: list[dic
     while len(live) > 1:
         first = runs[live[0]]
         ctx = ex.node_context(nids[live[0]], first.prompt_id, first.send)
-        progress = [ex.node_context(nids[k], runs[k].prompt_id, runs[k].send, preview=runs[k].preview(nids[k])).progress
-                    for k in live]
+        progress = [ex.node_context(nids[k], runs[k].prompt_id, runs[k].send,
+                                    preview=partial(runs[k].preview, nids[k])).progress for k in live]
         try:
             outs = sample_group(ctx, [calls[k] for k in live], progress, check_interrupt)
         except _BatchInterrupt as stop:

@@ -294,11 +294,18 @@ class PromptExecutor:
 
     def node_context(self, nid: str, prompt_id: str, send: Hooks,
                      check_interrupt: Callable[[], None] | None = None,
-                     preview: StepPreview | None = None) -> NodeContext:
+                     preview: Callable[[], StepPreview | None] | None = None) -> NodeContext:
+        """preview: makes the node's StepPreview (PromptRun.preview), at its first step: only samplers pay for it."""
+        made: list[StepPreview | None] = []
+
         def progress(value: int, total: int, denoised: torch.Tensor | None = None) -> None:
             send("progress", {"value": int(value), "max": int(total), "prompt_id": prompt_id, "node": nid})
-            if preview is not None and denoised is not None:
-                preview(int(value), int(total), denoised,
+            if preview is None or denoised is None:
+                return
+            if not made:
+                made.append(preview())
+            if made[0] is not None:
+                made[0](int(value), int(total), denoised,
                         lambda event, data: send(event, {**data, "prompt_id": prompt_id, "node": nid}))
 
         return NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid,
@@ -308,7 +315,7 @@ class PromptExecutor:
 
     def _run_node(self, nid: str, class_type: str, inputs: dict, prompt_id: str, send: Hooks,
                   check_interrupt: Callable[[], None] | None = None,
-                  preview: StepPreview | None = None) -> tuple[tuple, dict | None]:
+                  preview: Callable[[], StepPreview | None] | None = None) -> tuple[tuple, dict | None]:
         cls = self.classes[class_type]
         ctx = self.node_context(nid, prompt_id, send, check_interrupt, preview)
         ret = getattr(cls(ctx), cls.FUNCTION)(**inputs)

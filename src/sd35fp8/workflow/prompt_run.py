@@ -12,6 +12,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ class PromptRun:
             self.executing(nid)
             inputs = self.inputs(nid)
             outputs, ui = self.ex._run_node(nid, node["class_type"], inputs, self.prompt_id, self.send,
-                                            self.check_interrupt, self.preview(nid))
+                                            self.check_interrupt, partial(self.preview, nid))
         except InterruptProcessing:
             self.interrupted(nid)
             return False
