@@ -313,3 +313,15 @@ def test_latent_from_batch_keeps_each_items_noise(models, tmp_path):
     assert np.abs(alone.astype(int) - whole.astype(int)).max() <= 1  # batch-size rounding at most (issue 22)
     first = _run_image(models, tmp_path, prompt, "first.json", sets[:3])  # batch 1: item 0's noise
     assert np.abs(alone.astype(int) - first.astype(int)).mean() > 5
+
+
+def test_timestep_ranged_conditioning_is_not_batched_across_prompts():
+    """Cross-prompt batching takes plain conditionings only: a lone entry with a timestep range samples alone
+    (batched, its range would be lost)."""
+    from sd35fp8.workflow.batch import NotBatchable, _conds
+    from sd35fp8.workflow.engine import set_timestep_range
+
+    c = [[torch.zeros(1, 154, 8), {"pooled_output": torch.zeros(1, 4)}]]
+    assert len(_conds({"positive": c, "negative": c})) == 4
+    with pytest.raises(NotBatchable, match="timestep-ranged"):
+        _conds({"positive": set_timestep_range(c, 0.0, 0.5), "negative": c})

@@ -82,11 +82,13 @@ def batch_key(prompt: dict) -> str | None:
 
 # ---- sampling several prompts at once ---------------------------------------------------------
 def _conds(args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sd35fp8.workflow.engine import _single_cond
+    from sd35fp8.sampling import Conditioning
+    from sd35fp8.workflow.engine import conditioning_of
 
-    cond, pooled = _single_cond(args["positive"], "positive")  # [1, L, C], [1, P]
-    ucond, upooled = _single_cond(args["negative"], "negative")
-    return cond, pooled, ucond, upooled
+    cond, ucond = conditioning_of(args["positive"], "positive"), conditioning_of(args["negative"], "negative")
+    if not isinstance(cond, Conditioning) or not isinstance(ucond, Conditioning):  # a CondSet: its own passes
+        raise NotBatchable("combined or timestep-ranged conditioning is not batched across prompts")
+    return cond.context, cond.pooled, ucond.context, ucond.pooled  # [1, L, C], [1, P] each
 
 
 def check_batchable(calls: Sequence[dict]) -> None:

@@ -396,12 +396,15 @@ def concat_conditioning(to: list, from_: list) -> list:
 AREA_KEYS = ("area", "mask", "set_area_to_bounds", "mask_strength")  # ConditioningSetArea* / SetMask
 
 
-def conditioning_of(conditioning: list, which: str, device: Any) -> Any:
+def conditioning_of(conditioning: list, which: str, device: Any = None) -> Any:
     """A CONDITIONING list -> what the denoiser takes: a sampling.Conditioning for one entry without a timestep
     range (the batched CFG road), else a sampling.CondSet (ConditioningCombine / ConditioningSetTimestepRange:
     per step the active entries' predictions averaged by strength, as ComfyUI). Area and mask conditioning
-    are refused by name."""
+    are refused by name. device None: the tensors stay where they are."""
     from sd35fp8.sampling import CondEntry, Conditioning, CondSet
+
+    def placed(t: torch.Tensor) -> torch.Tensor:
+        return t if device is None else t.to(device)
 
     if not conditioning:
         raise InputError(f"{which} conditioning is empty")
@@ -414,22 +417,11 @@ def conditioning_of(conditioning: list, which: str, device: Any) -> Any:
         pooled = extra.get("pooled_output")
         if pooled is None:
             raise InputError(f"{which} conditioning has no pooled_output (SD3 needs the CLIP pooled vector)")
-        entries.append(CondEntry(Conditioning(cond.to(device), pooled.to(device), control=extra.get("control")),
+        entries.append(CondEntry(Conditioning(placed(cond), placed(pooled), control=extra.get("control")),
                                  start=float(extra.get("start_percent", 0.0)), end=float(extra.get("end_percent", 1.0)),
                                  strength=float(extra.get("strength", 1.0))))
     combined = CondSet(tuple(entries))
     return combined.simple or combined
-
-
-def _single_cond(conditioning: list, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(conditioning) != 1:
-        raise unsupported(f"{which} conditioning has {len(conditioning)} entries; combined/area "
-                          "conditioning is not supported, give one encoded prompt")
-    cond, extra = conditioning[0]
-    pooled = extra.get("pooled_output")
-    if pooled is None:
-        raise InputError(f"{which} conditioning has no pooled_output (SD3 needs the CLIP pooled vector)")
-    return cond, pooled
 
 
 # ---- latents and sampling -------------------------------------------------------------------
