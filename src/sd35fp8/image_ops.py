@@ -98,6 +98,15 @@ def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
     return out[:, :, blur_radius:-blur_radius, blur_radius:-blur_radius].movedim(1, -1)
 
 
+def repeat_to_batch_size(t: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """comfy.utils.repeat_to_batch_size: dim 0 cut, or cycled, to batch_size."""
+    if t.shape[0] > batch_size:
+        return t[:batch_size]
+    if t.shape[0] < batch_size:
+        return t.repeat([-(-batch_size // t.shape[0])] + [1] * (t.ndim - 1))[:batch_size]
+    return t
+
+
 MAX_CANVAS_PIXELS = 1 << 26  # what an image node may build (64 Mpx: 0.8 GB of float32 RGB)
 
 def pad_for_outpaint(image: torch.Tensor, left: int, top: int, right: int, bottom: int,

@@ -5,7 +5,7 @@ RepeatLatentBatch (nodes.py): the batch repeated `amount` times, its noise mask 
 from __future__ import annotations
 
 from sd35fp8.errors import InputError
-from sd35fp8.image_ops import CROP_METHODS
+from sd35fp8.image_ops import CROP_METHODS, repeat_to_batch_size
 from sd35fp8.workflow.node_base import MAX_RESOLUTION, Node
 
 LATENT_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
@@ -94,7 +94,7 @@ class RepeatLatentBatch(Node):
         masks = samples.get("noise_mask")
         if masks is not None and masks.shape[0] > 1:
             if masks.shape[0] < z.shape[0]:
-                masks = masks.repeat(-(-z.shape[0] // masks.shape[0]), 1, 1, 1)[:z.shape[0]]
+                masks = repeat_to_batch_size(masks, z.shape[0])
             out["noise_mask"] = masks.repeat((amount, 1, 1, 1))
         if "batch_index" in samples:
             idx = list(samples["batch_index"])
@@ -128,7 +128,7 @@ class LatentFromBatch(Node):
                 out["noise_mask"] = masks.clone()
             else:
                 if masks.shape[0] < z.shape[0]:
-                    masks = masks.repeat(-(-z.shape[0] // masks.shape[0]), 1, 1, 1)[:z.shape[0]]
+                    masks = repeat_to_batch_size(masks, z.shape[0])
                 out["noise_mask"] = masks[batch_index:batch_index + length].clone()
         if "batch_index" not in samples:
             out["batch_index"] = list(range(batch_index, batch_index + length))

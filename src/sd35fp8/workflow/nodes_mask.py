@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sd35fp8.image_ops import repeat_to_batch_size
 from sd35fp8.workflow.node_base import MAX_RESOLUTION, Node
 
 CHANNELS = ["red", "green", "blue", "alpha"]
@@ -19,15 +20,6 @@ OPERATIONS = ["multiply", "add", "subtract", "and", "or", "xor"]
 
 def _batch(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape((-1, mask.shape[-2], mask.shape[-1]))
-
-
-def repeat_to_batch_size(t: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """comfy.utils.repeat_to_batch_size: cut or tile dim 0 to batch_size."""
-    if t.shape[0] > batch_size:
-        return t[:batch_size]
-    if t.shape[0] < batch_size:
-        return t.repeat([-(-batch_size // t.shape[0])] + [1] * (t.ndim - 1))[:batch_size]
-    return t
 
 
 def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int, mask: torch.Tensor | None = None,
