@@ -389,9 +389,9 @@ class DiffusersSurface:
         steps = self.defaults.steps if num_inference_steps is None else num_inference_steps
         schedule = None
         if sigmas is not None:  # FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=): shifted, then a final 0
-            given = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
-            schedule = [shift * s / (1 + (shift - 1) * s) for s in given] + [0.0]
-            steps = len(given)
+            unshifted = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+            schedule = [shift * s / (1 + (shift - 1) * s) for s in unshifted] + [0.0]
+            steps = len(unshifted)
         if strength is not None and denoise is not None:
             raise InputError("give strength= (diffusers) or denoise= (ComfyUI), not both")
         if strength is not None or (image is not None and denoise is None):

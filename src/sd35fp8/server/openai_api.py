@@ -449,8 +449,7 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
             pending.clear()
             if entry is not None:
                 break
-            if await request.is_disconnected():
-                queue.delete_queue_item(prompt_id)
+            if await request.is_disconnected():  # _unsubscribing takes a still pending prompt off the queue
                 return
             if partials is None:
                 await asyncio.sleep(POLL_S)
