@@ -63,6 +63,9 @@ class SampleSettings:
     cache_threshold: float = 0.0  # step caching (step_cache.py): 0 = every step runs the MMDiT
     # a schedule given whole (steps + 1 sigmas, the last one 0) instead of `scheduler`'s (diffusers' sigmas=)
     sigmas: tuple[float, ...] | None = None
+    # the sampler's own arguments, as ComfyUI's SamplerEulerAncestral / SamplerDPMPP_2M_SDE / ... nodes set
+    # them (eta, s_noise, solver_type, r, order): (name, value) pairs
+    sampler_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def use_cfg(self) -> bool:
@@ -204,7 +207,7 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
             callback(int(info["i"]) + 1, total, info["denoised"])
 
     out = run_sampler(s.sampler, denoiser, x, sigmas, extra_args={"seed": seed}, callback=on_step,
-                      disable=not progress)
+                      disable=not progress, **dict(s.sampler_options))
     if cache is not None:
         logger.info("%s", cache.describe())
         if cache_stats is not None:

@@ -78,17 +78,42 @@ def sgm_uniform(ms: FlowMatching, steps: int) -> torch.Tensor:
     return normal(ms, steps, sgm=True)
 
 
-def karras(ms: FlowMatching, steps: int, rho: float = 7.0) -> torch.Tensor:
-    sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
-    ramp = torch.linspace(0, 1, steps)
+# ---- k-diffusion's schedules over explicit bounds (comfy/k_diffusion/sampling.py get_sigmas_*): the
+# KarrasScheduler / ExponentialScheduler / ... nodes call these with their own sigma_min / sigma_max
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, n)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
+
+
+def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    ramp = torch.linspace(1, 0, n) ** rho
+    return _append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
+
+
+def vp_sigmas(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
+    t = torch.linspace(1, eps_s, n)
+    return _append_zero(torch.sqrt(torch.special.expm1(beta_d * t ** 2 / 2 + beta_min * t)))
+
+
+def laplace_sigmas(n: int, sigma_min: float, sigma_max: float, mu: float = 0.0, beta_: float = 0.5) -> torch.Tensor:
+    """Tiankai et al. 2024. n sigmas, no final 0 (as ComfyUI's: sampling then stops at sigma_min)."""
+    x = torch.linspace(0, 1, n)
+    lmb = mu - beta_ * torch.sign(0.5 - x) * torch.log(1 - 2 * torch.abs(0.5 - x) + 1e-5)
+    return torch.clamp(torch.exp(lmb), min=sigma_min, max=sigma_max)
+
+
+def karras(ms: FlowMatching, steps: int, rho: float = 7.0) -> torch.Tensor:
+    return karras_sigmas(steps, float(ms.sigma_min), float(ms.sigma_max), rho)
+
+
 def exponential(ms: FlowMatching, steps: int) -> torch.Tensor:
-    sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
-    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp())
+    return exponential_sigmas(steps, float(ms.sigma_min), float(ms.sigma_max))
 
 
 def beta(ms: FlowMatching, steps: int, alpha: float = 0.6, beta_: float = 0.6) -> torch.Tensor:

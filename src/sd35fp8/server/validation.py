@@ -24,6 +24,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sd35fp8.workflow.nodes_sigmas import manual_sigma_count
+
 JSON_TYPES = ("application/json",)  # and any application/*+json
 
 
@@ -264,14 +266,22 @@ def _literal_int(inputs: dict, name: str, default: int = 0) -> int:
 
 def prompt_work(prompt: dict) -> int:
     """width x height x batch of the largest image any node makes, times the steps of every sampler
-    (literal inputs named width/height/batch_size/steps, after validation has made them ints)."""
-    pixels, steps = 0, 0
+    (literal inputs named width/height/batch_size/steps, after validation has made them ints). A ManualSigmas
+    string counts its numbers as steps, and an ExtendIntermediateSigmas multiplies the steps by its own (an upper
+    bound: it may extend only part of a schedule)."""
+    pixels, steps, extend = 0, 0, 1
     for node in prompt.values():
         inputs = node.get("inputs", {})
         w, h = _literal_int(inputs, "width"), _literal_int(inputs, "height")
         pixels = max(pixels, w * h * max(_literal_int(inputs, "batch_size", 1), 1))
+        kind = node.get("class_type")
+        if kind == "ExtendIntermediateSigmas":
+            extend *= max(_literal_int(inputs, "steps", 1), 1)
+            continue
+        if kind == "ManualSigmas" and isinstance(inputs.get("sigmas"), str):
+            steps += manual_sigma_count(inputs["sigmas"])
         steps += max(_literal_int(inputs, "steps"), 0)
-    return pixels * max(steps, 1)
+    return pixels * max(steps * extend, 1)
 
 
 def check_prompt_work(prompt: dict, limits: Limits) -> None:

@@ -495,13 +495,13 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
         out = generation.sample(model.mmdit, cond, ucond, samples, settings, seed=seed, noise=noise,
                                 add_noise=not disable_noise, dtype=ctx.dtype,
                                 callback=lambda step, total, denoised: ctx.progress(step, total, denoised),
-                                interrupt=ctx.check_interrupt, mask=_noise_mask(latent, dev))
+                                interrupt=ctx.check_interrupt, mask=noise_mask_of(latent, dev))
     if out is samples:
-        return {"samples": latent["samples"]}
-    return {"samples": out.float().cpu()}
+        return {**latent}
+    return {**latent, "samples": out.float().cpu()}  # ComfyUI: the LATENT's other keys (noise_mask, ...) stay
 
 
-def _noise_mask(latent: dict, device: torch.device) -> torch.Tensor | None:
+def noise_mask_of(latent: dict, device: torch.device) -> torch.Tensor | None:
     """The LATENT's "noise_mask" (SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning):
     [B or 1, 1, H, W] in [0, 1], 1 = repaint; None without one."""
     mask = latent.get("noise_mask")

@@ -308,8 +308,12 @@ class PromptExecutor:
                 made[0](int(value), int(total), denoised,
                         lambda event, data: send(event, {**data, "prompt_id": prompt_id, "node": nid}))
 
+        def image_frame(value: int, total: int, image: bytes, fmt: str) -> None:
+            send("progress", {"value": int(value), "max": int(total), "prompt_id": prompt_id, "node": nid})
+            send("preview_image", {"image": image, "format": fmt, "prompt_id": prompt_id, "node": nid})
+
         return NodeContext(folders=self.folders, device=self.device, dtype=self.dtype, node_id=nid,
-                           progress=progress, check_interrupt=check_interrupt or self._check_interrupt,
+                           progress=progress, image_frame=image_frame, check_interrupt=check_interrupt or self._check_interrupt,
                            options=self.options, engine_options=self.engine_options,
                            text_limit=self.text_limit)
 

@@ -35,6 +35,9 @@ class NodeContext:
     node_id: str = ""
     # progress(step, total, denoised=None): a sampler's step; denoised [B, 16, h, w] (model space) feeds previews
     progress: Callable[..., None] = lambda value, total, denoised=None: None
+    # image_frame(value, total, image, fmt): a whole image (encoded bytes, "PNG" or "JPEG") to the prompt's client
+    # over /ws as a preview frame, with its progress (ComfyUI's ProgressBar.update_absolute with a preview)
+    image_frame: Callable[[int, int, bytes, str], None] = lambda value, total, image, fmt: None
     check_interrupt: Callable[[], None] = lambda: None
     options: dict[str, Any] = field(default_factory=dict)
     engine_options: EngineOptions = field(default_factory=EngineOptions)  # compile / offload for loaders

@@ -14,6 +14,8 @@ Value types between nodes (ComfyUI's shapes):
 
 from __future__ import annotations
 
+import io
+import time
 from typing import TYPE_CHECKING, Any
 
 from sd35fp8.errors import InputError
@@ -26,6 +28,7 @@ from sd35fp8.workflow.nodes_latent import LATENT_NODES
 from sd35fp8.workflow.nodes_mask import MASK_NODES
 from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
+from sd35fp8.workflow.nodes_sigmas import SIGMAS_NODES
 
 if TYPE_CHECKING:
     from sd35fp8.workflow.folders import ModelFolders
@@ -684,6 +687,37 @@ class PreviewImage(SaveImage):
         return {"ui": {"images": saved}}
 
 
+class SaveImageWebsocket(Node):
+    """ComfyUI's SaveImageWebsocket (custom_nodes/websocket_image_save.py, in every ComfyUI install): each image
+    as a PNG preview frame on /ws (8-byte header: event 1, format 2), nothing written to disk, no metadata.
+    script_examples/websockets_api_example_ws_images.py reads images this way."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    CATEGORY = "image"
+    PYTHON_MODULE = "custom_nodes.websocket_image_save"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"images": ("IMAGE",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, folders, **inputs):
+        return time.time()  # ComfyUI: never served from the cache, the frames go out on every run
+
+    def save_images(self, images):
+        import numpy as np
+        from PIL import Image
+
+        for step, image in enumerate(images):  # [H, W, C]
+            arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # ComfyUI's send_image
+            self.ctx.image_frame(step, images.shape[0], buf.getvalue(), "PNG")
+        return {}
+
+
 NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
     cls.__name__: cls
     for cls in (
@@ -691,11 +725,12 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
         CLIPSetLastLayer, CLIPTextEncodeSD3, ConditioningZeroOut, ConditioningCombine, ConditioningSetTimestepRange,
         ConditioningAverage, ConditioningConcat, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled, LoadImage, SaveImage,
-        PreviewImage, LoraLoader, LoraLoaderModelOnly,
+        PreviewImage, SaveImageWebsocket, LoraLoader, LoraLoaderModelOnly,
     )
 }
 NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
 NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
+NODE_CLASS_MAPPINGS.update(SIGMAS_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)

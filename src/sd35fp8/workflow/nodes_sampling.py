@@ -2,10 +2,9 @@
 separate values, same names, inputs, defaults, outputs and categories.
 
     NOISE: Noise (a seed, or none)   GUIDER: Guider (model + conditionings + cfg)
-    SAMPLER: Sampler (a sampler name) SIGMAS: float32 [n+1]
-SamplerCustomAdvanced / SamplerCustom run the same sampling arithmetic as KSampler (generation.sample; not yet through it):
-ComfyUI's noise draw, an empty latent not shifted into model space, noise scaling at sigmas[0], CFG
-batched, ControlNets in the conditionings.
+    SAMPLER: Sampler (a sampler name and its options: eta, s_noise, ...)   SIGMAS: float32 [n+1]
+SamplerCustomAdvanced / SamplerCustom sample through the generation core as KSampler does (run_guider). The
+schedulers and the nodes that edit SIGMAS are in nodes_sigmas.py.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sd35fp8.errors import InputError
 from sd35fp8.workflow.node_base import SEED_MAX, Node
 
 
@@ -42,6 +42,7 @@ class Guider:
 @dataclass(frozen=True)
 class Sampler:
     name: str
+    options: tuple[tuple[str, Any], ...] = ()  # the sampler's own arguments (SamplerEulerAncestral's eta, ...)
 
 
 def _names(kind: str) -> list[str]:
@@ -52,38 +53,38 @@ def _names(kind: str) -> list[str]:
 
 def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torch.Tensor,
                latent: dict) -> tuple[dict, dict]:
-    """SamplerCustomAdvanced: -> (output, denoised_output) LATENTs (raw VAE space)."""
-    from sd35fp8 import sampling
-    from sd35fp8.models.vae import to_model_space, to_vae_space
-    from sd35fp8.workflow.engine import conditioning_of, fix_empty_latent_channels
+    """SamplerCustomAdvanced: -> (output, denoised_output) LATENTs (raw VAE space), through the generation core
+    (generation.sample) as KSampler: ComfyUI's noise draw (by the LATENT's batch_index), an empty latent not
+    shifted into model space, noise scaling at sigmas[0], CFG batched, the MODEL's LoRAs and SkipLayerGuidanceSD3,
+    the latent's noise_mask (inpainting), the server's step cache."""
+    from sd35fp8 import generation
+    from sd35fp8.models.vae import to_vae_space
+    from sd35fp8.workflow.engine import conditioning_of, fix_empty_latent_channels, lora_active, noise_mask_of, slg_config
 
     dev = torch.device(ctx.device)
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)
     if len(sigmas) < 2:  # nothing to sample (ComfyUI returns the latent)
         return {"samples": latent["samples"]}, {"samples": latent["samples"]}
-    conds = [conditioning_of(guider.positive, "positive", dev)]  # Conditioning, or CondSet for combined ones
-    if guider.negative is not None:
-        conds.append(conditioning_of(guider.negative, "negative", dev))
-    ms = sampling.FlowMatching(guider.model.shift)
-    sigmas = sigmas.to(dev, torch.float32)
-    x0 = to_model_space(samples) if torch.count_nonzero(samples) > 0 else samples  # ComfyUI: empty not shifted
-    x = ms.noise_scaling(sigmas[0], noise.generate(samples, latent.get("batch_index")).to(dev), x0)
-    denoiser = sampling.CFGDenoiser(guider.model.mmdit, conds[0], conds[1] if len(conds) > 1 else None,
-                                    cfg=guider.cfg if len(conds) > 1 else 1.0, model_sampling=ms, dtype=ctx.dtype)
+    cond = conditioning_of(guider.positive, "positive", dev)  # Conditioning, or CondSet for combined ones
+    uncond = None if guider.negative is None else conditioning_of(guider.negative, "negative", dev)
+    model = guider.model
+    settings = generation.SampleSettings(
+        steps=len(sigmas) - 1, cfg=guider.cfg if uncond is not None else 1.0, sampler=sampler.name,
+        scheduler="simple", shift=model.shift, slg=slg_config(model), sigmas=tuple(float(v) for v in sigmas),
+        sampler_options=sampler.options, cache_threshold=ctx.engine_options.cache_threshold)
     last: dict[str, torch.Tensor] = {}
-    total = len(sigmas) - 1
 
-    def on_step(info: dict) -> None:
-        last["x0"] = info["denoised"]
-        ctx.check_interrupt()
-        ctx.progress(int(info["i"]) + 1, total, info["denoised"])
+    def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
+        last["x0"] = denoised
+        ctx.progress(step, total, denoised)
 
-    ctx.check_interrupt()
-    out = sampling.sample(sampler.name, denoiser, x, sigmas, extra_args={"seed": noise.seed or 0}, callback=on_step,
-                          disable=True)
-    out = to_vae_space(ms.inverse_noise_scaling(sigmas[-1], out)).float().cpu()
+    with lora_active(model):
+        out = generation.sample(model.mmdit, cond, uncond, samples, settings, seed=noise.seed or 0,
+                                noise=noise.generate(samples, latent.get("batch_index")), dtype=ctx.dtype,
+                                callback=on_step, interrupt=ctx.check_interrupt, mask=noise_mask_of(latent, dev))
+    out = out.float().cpu()
     denoised = to_vae_space(last["x0"]).float().cpu() if "x0" in last else out
-    return {"samples": out}, {"samples": denoised}
+    return {**latent, "samples": out}, {**latent, "samples": denoised}
 
 
 class KSamplerSelect(Node):
@@ -98,6 +99,86 @@ class KSamplerSelect(Node):
 
     def get_sampler(self, sampler_name):
         return (Sampler(sampler_name),)
+
+
+_NOISE_SCALE = {"min": 0.0, "max": 100.0, "step": 0.01, "round": False}
+
+
+class _SamplerNode(Node):
+    """A KSamplerSelect with the sampler's own arguments (ComfyUI's comfy.samplers.ksampler(name, options))."""
+
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "get_sampler"
+    CATEGORY = "sampling/custom_sampling/samplers"
+    PYTHON_MODULE = "comfy_extras.nodes_custom_sampler"
+
+
+def _options(**kw: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(kw.items()))
+
+
+class SamplerEulerAncestral(_SamplerNode):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"eta": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE})}}
+
+    def get_sampler(self, eta, s_noise):
+        return (Sampler("euler_ancestral", _options(eta=float(eta), s_noise=float(s_noise))),)
+
+
+class SamplerDPMPP_2S_Ancestral(SamplerEulerAncestral):
+    def get_sampler(self, eta, s_noise):
+        return (Sampler("dpmpp_2s_ancestral", _options(eta=float(eta), s_noise=float(s_noise))),)
+
+
+class SamplerLMS(_SamplerNode):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"order": ("INT", {"default": 4, "min": 1, "max": 100})}}
+
+    def get_sampler(self, order):
+        return (Sampler("lms", _options(order=int(order))),)
+
+
+class SamplerDPMPP_SDE(_SamplerNode):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"eta": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "r": ("FLOAT", {"default": 0.5, **_NOISE_SCALE}),
+                             "noise_device": (["gpu", "cpu"],)}}
+
+    def get_sampler(self, eta, s_noise, r, noise_device):
+        if not r > 0:
+            raise InputError(f"SamplerDPMPP_SDE: r must be > 0 (the midpoint's fraction of the step), got {r}")
+        name = "dpmpp_sde" if noise_device == "cpu" else "dpmpp_sde_gpu"
+        return (Sampler(name, _options(eta=float(eta), s_noise=float(s_noise), r=float(r))),)
+
+
+class SamplerDPMPP_2M_SDE(_SamplerNode):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"solver_type": (["midpoint", "heun"],),
+                             "eta": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "noise_device": (["gpu", "cpu"],)}}
+
+    def get_sampler(self, solver_type, eta, s_noise, noise_device):
+        name = "dpmpp_2m_sde" if noise_device == "cpu" else "dpmpp_2m_sde_gpu"
+        return (Sampler(name, _options(eta=float(eta), s_noise=float(s_noise), solver_type=solver_type)),)
+
+
+class SamplerDPMPP_3M_SDE(_SamplerNode):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"eta": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "noise_device": (["gpu", "cpu"],)}}
+
+    def get_sampler(self, eta, s_noise, noise_device):
+        name = "dpmpp_3m_sde" if noise_device == "cpu" else "dpmpp_3m_sde_gpu"
+        return (Sampler(name, _options(eta=float(eta), s_noise=float(s_noise))),)
 
 
 class BasicScheduler(Node):
@@ -263,7 +344,38 @@ class SamplerCustom(Node):
                           latent_image)
 
 
+class AddNoise(Node):
+    """The noise of `sigmas`' span added to a latent (ComfyUI's experimental AddNoise): noise scaling at
+    |sigmas[0] - sigmas[-1]| (sigmas[0] alone for one sigma), back in VAE space."""
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "add_noise"
+    CATEGORY = "_for_testing/custom_sampling/noise"
+    PYTHON_MODULE = "comfy_extras.nodes_custom_sampler"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"model": ("MODEL",), "noise": ("NOISE",), "sigmas": ("SIGMAS",),
+                             "latent_image": ("LATENT",)}}
+
+    def add_noise(self, model, noise, sigmas, latent_image):
+        from sd35fp8.models.vae import to_model_space, to_vae_space
+        from sd35fp8.sampling import FlowMatching
+
+        if len(sigmas) == 0:
+            return (latent_image,)
+        samples = latent_image["samples"]
+        noisy = noise.generate(samples, latent_image.get("batch_index"))
+        scale = torch.abs(sigmas[0] - sigmas[-1]) if len(sigmas) > 1 else sigmas[0]
+        if torch.count_nonzero(samples) > 0:  # ComfyUI: the empty latent is not shifted
+            samples = to_model_space(samples.float())
+        noisy = to_vae_space(FlowMatching(model.shift).noise_scaling(scale, noisy, samples))
+        return ({**latent_image, "samples": torch.nan_to_num(noisy, nan=0.0, posinf=0.0, neginf=0.0)},)
+
+
 SAMPLING_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     KSamplerSelect, BasicScheduler, RandomNoise, DisableNoise, SetFirstSigma, SplitSigmas, BasicGuider, CFGGuider,
-    SamplerCustomAdvanced, SamplerCustom,
+    SamplerCustomAdvanced, SamplerCustom, SamplerEulerAncestral, SamplerDPMPP_2S_Ancestral, SamplerLMS, SamplerDPMPP_SDE,
+    SamplerDPMPP_2M_SDE, SamplerDPMPP_3M_SDE, AddNoise,
 )}
