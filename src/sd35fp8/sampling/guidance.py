@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ..defaults import SLG_END, SLG_LAYERS, SLG_SCALE, SLG_START
 from ..errors import InputError
+from . import regions
 from .model_sampling import FlowMatching
 
 
@@ -67,6 +69,17 @@ class CondEntry:
     start: float = 0.0
     end: float = 1.0
     strength: float = 1.0
+    # ConditioningSetArea / SetAreaPercentage: (h, w, y, x) in latent pixels or ("percentage", h, w, y, x);
+    # ConditioningSetMask: mask [b, H, W] (any size; resized to the latent), its strength, "mask bounds"
+    area: tuple | None = None
+    mask: torch.Tensor | None = field(default=None, compare=False)
+    mask_strength: float = 1.0
+    set_area_to_bounds: bool = False
+
+    @property
+    def regional(self) -> bool:
+        """Acts on part of the image (an area or a mask): its own model call on that part (sampling/regions.py)."""
+        return self.area is not None or self.mask is not None
 
 
 @dataclass(frozen=True)
@@ -79,8 +92,9 @@ class CondSet:
     @property
     def simple(self) -> Conditioning | None:
         """The one always-active entry's conditioning when that is all there is (the fast road), else None."""
-        if len(self.entries) == 1 and self.entries[0].start <= 0.0 and self.entries[0].end >= 1.0:
-            return self.entries[0].cond
+        e = self.entries[0]  # (a strength other than 1 matters once the other side's areas pair with it)
+        if len(self.entries) == 1 and e.start <= 0.0 and e.end >= 1.0 and not e.regional and e.strength == 1.0:
+            return e.cond
         return None
 
 
@@ -101,6 +115,13 @@ class SLGConfig:
 
     def describe(self) -> str:
         return f"SLG scale {self.scale} layers {list(self.layers)} window {self.start}-{self.end} ({self.window})"
+
+
+PATCH = 2  # the MMDiT's patch size: SD3's latents are cut in 2 x 2 patches
+
+
+def _entries(c: Conditioning | CondSet) -> list[CondEntry]:
+    return list(c.entries) if isinstance(c, CondSet) else [CondEntry(c)]
 
 
 def _batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
@@ -202,9 +223,15 @@ class CFGDenoiser:
             self._sigma_hi = self.model_sampling.percent_to_sigma(self.slg.start)
             self._sigma_lo = self.model_sampling.percent_to_sigma(self.slg.end)
         # each CondSet entry's sigma window [lo, hi], float32 as ComfyUI compares the step's sigma tensor
-        self._windows = {id(e): (torch.tensor(self.model_sampling.percent_to_sigma(e.end)).float().item(),
-                                 torch.tensor(self.model_sampling.percent_to_sigma(e.start)).float().item())
+        self._windows = {id(e): self._window(e)
                          for c in (self.cond, self.uncond) if isinstance(c, CondSet) for e in c.entries}
+        self.regional = any(e.regional for c in (self.cond, self.uncond) if isinstance(c, CondSet) for e in c.entries)
+        self._regions: dict[tuple[int, int], tuple[list[CondEntry], list[CondEntry]]] = {}
+
+    def _window(self, e: CondEntry) -> tuple[float, float]:
+        """The entry's sigma window [lo, hi], float32 as ComfyUI compares the step's sigma tensor."""
+        return (torch.tensor(self.model_sampling.percent_to_sigma(e.end)).float().item(),
+                torch.tensor(self.model_sampling.percent_to_sigma(e.start)).float().item())
 
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, context, pooled, skip_layers=(),
                   controls: Sequence[tuple[Any, slice]] = ()) -> torch.Tensor:
@@ -215,8 +242,12 @@ class CFGDenoiser:
             control = control_residuals(controls, x, sigma, context, pooled, self.model, self.model_sampling)
             if control is not None:
                 extra["control"] = control
+        h, w = x.shape[-2:]
+        pad_h, pad_w = h % PATCH, w % PATCH  # an area's crop of odd size: padded around, as ComfyUI's MMDiT does
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
         v = self.model(x, sigma, context, pooled, skip_layers=skip_layers, **extra)
-        return v.float()
+        return v[..., :h, :w].float()
 
     def _denoise(self, x, sigma, context, pooled, skip_layers=(), controls=()) -> torch.Tensor:
         v = self._velocity(x, sigma, context, pooled, skip_layers, controls)  # [n, C, H, W] float32
@@ -250,6 +281,8 @@ class CFGDenoiser:
         return total / weight if weight else total
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        if self.regional:
+            return self._call_regional(x, sigma)
         cond, uncond = self._active(self.cond, sigma), self._active(self.uncond if self.use_uncond else None, sigma)
         one = [c[0].cond if isinstance(c, list) and len(c) == 1 else c for c in (cond, uncond)]
         if not all(isinstance(c, (Conditioning, type(None))) for c in one):  # several (or no) active entries
@@ -268,6 +301,49 @@ class CFGDenoiser:
             out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
         if self._slg_active(sigma):
             out = out + (cond_x0 - self._combined(as_entries(cond), x, sigma, self.slg.layers)) * self.slg.scale
+        self.calls += 1
+        return out
+
+    def _region_entries(self, x: torch.Tensor) -> tuple[list[CondEntry], list[CondEntry]]:
+        """Both sides' entries resolved for x's latent size and paired by area (sampling/regions.py), once a size."""
+        dims = tuple(x.shape[-2:])
+        if dims not in self._regions:
+            sides = [[regions.resolve(e, dims, x.device) for e in _entries(c)] for c in (self.cond, self.uncond)
+                     if c is not None]
+            regions.pair(sides)
+            for e in (e for side in sides for e in side):
+                self._windows.setdefault(id(e), self._window(e))
+            self._regions[dims] = (sides[0], sides[1] if len(sides) > 1 else [])
+        return self._regions[dims]
+
+    def _accumulated(self, entries: list[CondEntry], x, sigma, skip_layers=()) -> torch.Tensor:
+        """ComfyUI calc_cond_batch for one side: each entry's prediction over its area, weighted by its mult, summed
+        and divided by the summed mults (+1e-37)."""
+        s = float(sigma.reshape(-1)[0].float())
+        B = x.shape[0]
+        out = torch.zeros_like(x, dtype=torch.float32)
+        count = torch.ones_like(x, dtype=torch.float32) * 1e-37
+        for e in entries:
+            lo, hi = self._windows[id(e)]
+            if not lo <= s <= hi:
+                continue
+            crop, (h, w, y, x0), mult = regions.crop_and_mult(e, x)
+            ctx, pool = _batch(e.cond.context, B, "conditioning context"), _batch(e.cond.pooled, B, "pooled")
+            pred = self._denoise(crop, sigma, ctx, pool, skip_layers, controls=[(e.cond.control, slice(0, B))])
+            out[:, :, y:y + h, x0:x0 + w] += pred * mult
+            count[:, :, y:y + h, x0:x0 + w] += mult
+        return out / count
+
+    def _call_regional(self, x, sigma) -> torch.Tensor:
+        """A step with area or mask conditioning: every entry its own call on its part of x."""
+        conds, unconds = self._region_entries(x)
+        cond_x0 = self._accumulated(conds, x, sigma)
+        out = cond_x0
+        if self.use_uncond:
+            uncond_x0 = self._accumulated(unconds, x, sigma)
+            out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
+        if self._slg_active(sigma):
+            out = out + (cond_x0 - self._accumulated(conds, x, sigma, self.slg.layers)) * self.slg.scale
         self.calls += 1
         return out
 

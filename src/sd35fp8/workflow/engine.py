@@ -393,14 +393,12 @@ def concat_conditioning(to: list, from_: list) -> list:
     return [[torch.cat((t1, from_[0][0]), 1), dict(extra)] for t1, extra in to]
 
 
-AREA_KEYS = ("area", "mask", "set_area_to_bounds", "mask_strength")  # ConditioningSetArea* / SetMask
-
-
 def conditioning_of(conditioning: list, which: str, device: Any = None) -> Any:
     """A CONDITIONING list -> what the denoiser takes: a sampling.Conditioning for one entry without a timestep
-    range (the batched CFG road), else a sampling.CondSet (ConditioningCombine / ConditioningSetTimestepRange:
-    per step the active entries' predictions averaged by strength, as ComfyUI). Area and mask conditioning
-    are refused by name. device None: the tensors stay where they are."""
+    range, area or mask (the batched CFG road), else a sampling.CondSet (ConditioningCombine /
+    ConditioningSetTimestepRange / ConditioningSetArea* / ConditioningSetMask: per step the active entries'
+    predictions, each over its area, averaged by strength and mask, as ComfyUI). device None: the tensors stay
+    where they are."""
     from sd35fp8.sampling import CondEntry, Conditioning, CondSet
 
     def placed(t: torch.Tensor) -> torch.Tensor:
@@ -410,16 +408,16 @@ def conditioning_of(conditioning: list, which: str, device: Any = None) -> Any:
         raise InputError(f"{which} conditioning is empty")
     entries = []
     for cond, extra in conditioning:
-        area = [k for k in AREA_KEYS if extra.get(k) is not None]
-        if area:
-            raise unsupported(f"{which} conditioning sets {', '.join(area)} (ConditioningSetArea / SetMask): area "
-                              "and mask conditioning are not supported")
         pooled = extra.get("pooled_output")
         if pooled is None:
             raise InputError(f"{which} conditioning has no pooled_output (SD3 needs the CLIP pooled vector)")
+        mask = extra.get("mask")
         entries.append(CondEntry(Conditioning(placed(cond), placed(pooled), control=extra.get("control")),
                                  start=float(extra.get("start_percent", 0.0)), end=float(extra.get("end_percent", 1.0)),
-                                 strength=float(extra.get("strength", 1.0))))
+                                 strength=float(extra.get("strength", 1.0)), area=extra.get("area"),
+                                 mask=None if mask is None else placed(mask),
+                                 mask_strength=float(extra.get("mask_strength", 1.0)),
+                                 set_area_to_bounds=bool(extra.get("set_area_to_bounds", False))))
     combined = CondSet(tuple(entries))
     return combined.simple or combined
 

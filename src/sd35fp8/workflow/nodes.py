@@ -22,6 +22,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.workflow import engine
 from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WEIGHT_DTYPES, Node,  # noqa: F401
                                          NodeContext, _file_stamps, _files, _tip)
+from sd35fp8.workflow.nodes_area import AREA_NODES
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
@@ -731,6 +732,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
 NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
 NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
 NODE_CLASS_MAPPINGS.update(SIGMAS_NODES)
+NODE_CLASS_MAPPINGS.update(AREA_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)

@@ -1,0 +1,343 @@
+"""ComfyUI's latent arithmetic and transform nodes: LatentComposite, LatentBlend, LatentCrop, LatentFlip,
+LatentRotate (nodes.py) and LatentAdd, LatentSubtract, LatentMultiply, LatentInterpolate, LatentBatch,
+LatentBatchSeedBehavior (comfy_extras/nodes_latent.py), with ComfyUI's inputs, outputs and arithmetic.
+
+LATENT is a dict {"samples": [B, C, h, w], optional "noise_mask", "batch_index", ...}; each node returns a
+shallow copy of its first latent with new samples, so the other keys ride along as in ComfyUI (LatentBatch
+writes batch_index, LatentBatchSeedBehavior sets or drops it). Where ComfyUI's tensor code cannot run (channel
+counts that differ, batches that do not broadcast) the node raises an InputError naming itself and the shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sd35fp8.errors import InputError
+from sd35fp8.image_ops import common_upscale, repeat_to_batch_size
+from sd35fp8.workflow.node_base import MAX_RESOLUTION, Node
+from sd35fp8.workflow.nodes_image import FLIP_METHODS, ROTATIONS, check_widgets, rotation_turns
+
+
+def _samples(node: str, name: str, latent: Any) -> torch.Tensor:
+    """latent["samples"], checked to be [B, C, h, w]."""
+    z = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(z, torch.Tensor) or z.ndim != 4:
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(latent).__name__
+        raise InputError(f"{node}: {name} must be a LATENT with samples [B, C, h, w], got {got}")
+    return z
+
+
+def _broadcast(node: str, what: str, *shapes: torch.Size) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError as e:
+        raise InputError(f"{node}: {what} " + " and ".join(str(tuple(s)) for s in shapes)
+                         + " do not broadcast") from e
+
+
+def reshape_latent_to(node: str, target_shape: torch.Size, latent: torch.Tensor,
+                      repeat_batch: bool = True) -> torch.Tensor:
+    """comfy_extras.nodes_latent.reshape_latent_to: `latent` scaled to the target's h x w (bilinear, center
+    crop) where its [C, h, w] differ, then cut or cycled to the target's batch size (repeat_batch)."""
+    if latent.shape[1:] != target_shape[1:]:
+        if latent.shape[1] != target_shape[1]:
+            raise InputError(f"{node}: latents of {target_shape[1]} and {latent.shape[1]} channels cannot be "
+                             "combined")
+        latent = common_upscale(latent, target_shape[-1], target_shape[-2], "bilinear", "center")
+    return repeat_to_batch_size(latent, target_shape[0]) if repeat_batch else latent
+
+
+class LatentComposite(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "composite"
+    CATEGORY = "latent"
+    DISPLAY_NAME = "Latent Composite"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "samples_to": ("LATENT",), "samples_from": ("LATENT",),
+            "x": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+            "y": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+            "feather": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+        }}
+
+    def composite(self, samples_to, samples_from, x, y, composite_method="normal", feather=0):
+        """samples_from pasted into a copy of samples_to at (x, y) px (// 8), cut at its right and bottom edges.
+        feather (px // 8) > 0: the pasted block fades in over that many latent rows / columns from each side
+        that lies inside the destination (linear, (t + 1) / feather at the t-th from the edge), blended with
+        the destination as from * mask + to * (1 - mask); ComfyUI's slicing kept as is, so a feather wider
+        than the block wraps to its other side."""
+        check_widgets(LatentComposite, x=x, y=y, feather=feather)
+        dest = _samples("LatentComposite", "samples_to", samples_to)
+        src_full = _samples("LatentComposite", "samples_from", samples_from)
+        x, y, feather = int(x) // 8, int(y) // 8, int(feather) // 8
+        out = dict(samples_to)
+        s = dest.clone()
+        h, w = dest.shape[2], dest.shape[3]
+        src = src_full[:, :, :h - y, :w - x]
+        # feather == 0 writes the full source's extent, feathering the cut one's: they differ only off-canvas
+        extent = src_full if feather == 0 else src
+        region = s[:, :, y:y + extent.shape[2], x:x + extent.shape[3]]
+        if region.shape[2:] != src.shape[2:]:
+            raise InputError(f"LatentComposite: x={x * 8}, y={y * 8} puts samples_from {tuple(src_full.shape)} "
+                             f"outside samples_to {tuple(dest.shape)}")
+        if _broadcast("LatentComposite", "samples_from and samples_to batches", src.shape, region.shape) \
+                != region.shape:
+            raise InputError(f"LatentComposite: samples_from {tuple(src_full.shape)} does not fit the batch / "
+                             f"channels of samples_to {tuple(dest.shape)}")
+        if feather == 0:
+            s[:, :, y:y + src_full.shape[2], x:x + src_full.shape[3]] = src
+        else:
+            mask = torch.ones_like(src)
+            mh, mw = mask.shape[2], mask.shape[3]
+            for t in range(feather):
+                ramp = (1.0 / feather) * (t + 1)
+                if y != 0:
+                    mask[:, :, t:1 + t, :] *= ramp
+                if y + mh < h:
+                    mask[:, :, mh - 1 - t:mh - t, :] *= ramp
+                if x != 0:
+                    mask[:, :, :, t:1 + t] *= ramp
+                if x + mw < w:
+                    mask[:, :, :, mw - 1 - t:mw - t] *= ramp
+            rev_mask = torch.ones_like(mask) - mask
+            s[:, :, y:y + mh, x:x + mw] = src * mask + s[:, :, y:y + mh, x:x + mw] * rev_mask
+        out["samples"] = s
+        return (out,)
+
+
+class LatentBlend(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "blend"
+    CATEGORY = "_for_testing"
+    DISPLAY_NAME = "Latent Blend"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "samples1": ("LATENT",), "samples2": ("LATENT",),
+            "blend_factor": ("FLOAT", {"default": 0.5, "min": 0, "max": 1, "step": 0.01}),
+        }}
+
+    def blend(self, samples1, samples2, blend_factor, blend_mode="normal"):
+        """samples1 * blend_factor + samples2 * (1 - blend_factor); samples2 scaled to samples1's h x w (bicubic,
+        center crop) when their shapes differ."""
+        check_widgets(LatentBlend, blend_factor=blend_factor)
+        if blend_mode != "normal":
+            raise InputError(f"LatentBlend: unsupported blend mode {blend_mode!r} (only 'normal')")
+        s1 = _samples("LatentBlend", "samples1", samples1)
+        s2 = _samples("LatentBlend", "samples2", samples2)
+        if s1.shape != s2.shape:
+            s2 = common_upscale(s2, s1.shape[3], s1.shape[2], "bicubic", "center")
+        _broadcast("LatentBlend", "samples1 and samples2 of shapes", s1.shape, s2.shape)
+        out = dict(samples1)
+        out["samples"] = s1 * blend_factor + s2 * (1 - blend_factor)
+        return (out,)
+
+
+class LatentCrop(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "crop"
+    CATEGORY = "latent/transform"
+    DISPLAY_NAME = "Crop Latent"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "samples": ("LATENT",),
+            "width": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
+            "x": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+            "y": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+        }}
+
+    def crop(self, samples, width, height, x, y):
+        """The (width // 8) x (height // 8) window at (x // 8, y // 8), its corner kept at least 8 latent
+        pixels (64 px) from the right and bottom edges; the noise mask is left as it is (ComfyUI's)."""
+        check_widgets(LatentCrop, width=width, height=height, x=x, y=y)
+        z = _samples("LatentCrop", "samples", samples)
+        x, y = int(x) // 8, int(y) // 8
+        x = min(x, z.shape[3] - 8)
+        y = min(y, z.shape[2] - 8)
+        out = dict(samples)
+        out["samples"] = z[:, :, y:y + int(height) // 8, x:x + int(width) // 8]
+        return (out,)
+
+
+class LatentFlip(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "flip"
+    CATEGORY = "latent/transform"
+    DISPLAY_NAME = "Flip Latent"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples": ("LATENT",), "flip_method": (list(FLIP_METHODS),)}}
+
+    def flip(self, samples, flip_method):
+        check_widgets(LatentFlip, flip_method=flip_method)
+        z = _samples("LatentFlip", "samples", samples)
+        out = dict(samples)
+        out["samples"] = torch.flip(z, dims=[2] if flip_method.startswith("x") else [3])
+        return (out,)
+
+
+class LatentRotate(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "rotate"
+    CATEGORY = "latent/transform"
+    DISPLAY_NAME = "Rotate Latent"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples": ("LATENT",), "rotation": (list(ROTATIONS),)}}
+
+    def rotate(self, samples, rotation):
+        check_widgets(LatentRotate, rotation=rotation)
+        z = _samples("LatentRotate", "samples", samples)
+        out = dict(samples)
+        out["samples"] = torch.rot90(z, k=rotation_turns(rotation), dims=[3, 2])
+        return (out,)
+
+
+class LatentAdd(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}
+
+    def op(self, samples1, samples2):
+        s1 = _samples("LatentAdd", "samples1", samples1)
+        s2 = reshape_latent_to("LatentAdd", s1.shape, _samples("LatentAdd", "samples2", samples2))
+        out = dict(samples1)
+        out["samples"] = s1 + s2
+        return (out,)
+
+
+class LatentSubtract(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}
+
+    def op(self, samples1, samples2):
+        s1 = _samples("LatentSubtract", "samples1", samples1)
+        s2 = reshape_latent_to("LatentSubtract", s1.shape, _samples("LatentSubtract", "samples2", samples2))
+        out = dict(samples1)
+        out["samples"] = s1 - s2
+        return (out,)
+
+
+class LatentMultiply(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples": ("LATENT",),
+                             "multiplier": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})}}
+
+    def op(self, samples, multiplier):
+        check_widgets(LatentMultiply, multiplier=multiplier)
+        z = _samples("LatentMultiply", "samples", samples)
+        out = dict(samples)
+        out["samples"] = z * multiplier
+        return (out,)
+
+
+class LatentInterpolate(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",),
+                             "ratio": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})}}
+
+    def op(self, samples1, samples2, ratio):
+        """Directions and lengths interpolated apart: each latent divided by its norm over the channels (0 / 0
+        -> 0), the unit vectors mixed (ratio for samples1), renormalised, then scaled by the mixed norms.
+        ComfyUI divides [B, C, h, w] by the [B, h, w] norm without keeping the channel axis, so the norm lines
+        up with the latent by broadcasting: right for a batch of 1; a batch that does not broadcast (not 1,
+        not C) is an InputError here (an exception in ComfyUI)."""
+        check_widgets(LatentInterpolate, ratio=ratio)
+        s1 = _samples("LatentInterpolate", "samples1", samples1)
+        s2 = reshape_latent_to("LatentInterpolate", s1.shape, _samples("LatentInterpolate", "samples2", samples2))
+        m1 = torch.linalg.vector_norm(s1, dim=1)
+        m2 = torch.linalg.vector_norm(s2, dim=1)
+        if s1.shape[0] not in (1, s1.shape[1]):
+            raise InputError(f"LatentInterpolate: ComfyUI's per-position norm only lines up with a batch of 1 "
+                             f"(or of {s1.shape[1]}, one per channel); samples1 has a batch of {s1.shape[0]}")
+        u1 = torch.nan_to_num(s1 / m1)
+        u2 = torch.nan_to_num(s2 / m2)
+        t = u1 * ratio + u2 * (1.0 - ratio)
+        mt = torch.linalg.vector_norm(t, dim=1)
+        st = torch.nan_to_num(t / mt)
+        out = dict(samples1)
+        out["samples"] = st * (m1 * ratio + m2 * (1.0 - ratio))
+        return (out,)
+
+
+class LatentBatch(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "batch"
+    CATEGORY = "latent/batch"
+    DEPRECATED = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}
+
+    def batch(self, samples1, samples2):
+        """samples1's items then samples2's (scaled to samples1's h x w, bilinear, center crop); batch_index
+        is each latent's own (0..B-1 where it has none) one after the other, so the KSampler draws each item's
+        noise as in its own batch. samples1's other keys (noise_mask) are kept as they are."""
+        s1 = _samples("LatentBatch", "samples1", samples1)
+        s2 = reshape_latent_to("LatentBatch", s1.shape, _samples("LatentBatch", "samples2", samples2),
+                               repeat_batch=False)
+        out = dict(samples1)
+        out["samples"] = torch.cat((s1, s2), dim=0)
+        out["batch_index"] = (list(samples1.get("batch_index", range(s1.shape[0])))
+                              + list(samples2.get("batch_index", range(s2.shape[0]))))
+        return (out,)
+
+
+class LatentBatchSeedBehavior(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples": ("LATENT",), "seed_behavior": (["random", "fixed"], {"default": "fixed"})}}
+
+    def op(self, samples, seed_behavior):
+        """random: no batch_index (each item its own noise); fixed: every item the batch_index of the first (0
+        where there is none), so all get the same noise."""
+        check_widgets(LatentBatchSeedBehavior, seed_behavior=seed_behavior)
+        z = _samples("LatentBatchSeedBehavior", "samples", samples)
+        out = dict(samples)
+        if seed_behavior == "random":
+            out.pop("batch_index", None)
+        else:
+            out["batch_index"] = [out.get("batch_index", [0])[0]] * z.shape[0]
+        return (out,)
+
+
+LATENT_OPS_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
+    LatentComposite, LatentBlend, LatentCrop, LatentFlip, LatentRotate, LatentAdd, LatentSubtract, LatentMultiply,
+    LatentInterpolate, LatentBatch, LatentBatchSeedBehavior,
+)}
+for _cls in (LatentAdd, LatentSubtract, LatentMultiply, LatentInterpolate, LatentBatch, LatentBatchSeedBehavior):
+    _cls.PYTHON_MODULE = "comfy_extras.nodes_latent"
