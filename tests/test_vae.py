@@ -8,7 +8,6 @@ import torch
 
 from sd35fp8.checkpoints.diffusers_vae import apply_op, vae_plan_from_diffusers
 from sd35fp8.errors import CheckpointError, InputError
-from sd35fp8.models import vae as vae_mod
 from sd35fp8.models.vae import (LATENT_SCALE, LATENT_SHIFT, SD3VAE, VAEConfig, image_to_uint8, to_model_space,
                                 to_vae_space)
 
@@ -178,10 +177,12 @@ def test_encode_tiled_single_tile_exact(pair):
 
 
 def test_tile_blend_weights_partition():
-    starts = vae_mod._tile_starts(40, 16, 8)
+    from sd35fp8 import tiles
+
+    starts = tiles.tile_starts(40, 16, 8)
     assert starts == [0, 8, 16, 24]
-    assert vae_mod._tile_starts(10, 16, 8) == [0]
-    w = vae_mod._ramp(16, 4, True, True)
+    assert tiles.tile_starts(10, 16, 8) == [0]
+    w = tiles.ramp(16, 4, True, True)
     assert (w > 0).all() and w[0] < w[1] < w[4] == 1.0
 
 

@@ -9,10 +9,9 @@ stride-2 downsampling, nearest x2 upsampling, no quant convs. `encode` returns t
 
 from __future__ import annotations
 
-import math
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import CheckpointError, InputError
+from sd35fp8.tiles import run_tiled
 
 # SD3 latent format (sd3_impls.SD3LatentFormat, ComfyUI latent_formats.SD3).
 LATENT_SCALE = 1.5305
@@ -253,57 +253,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, H, W]
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile offsets covering [0, size); the last tile is pushed back to end exactly at `size`."""
-    if size <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride)) + [size - tile]
-    return sorted(set(starts))
-
-
-def _balanced_tile(size: int, tile: int, overlap: int, align: int = 1) -> int:
-    """The smallest tile (<= `tile`, a multiple of `align`) that covers `size` with as few tiles as
-    `tile` needs, at least `overlap` apart: 128 latents with 64-tiles and overlap 16 take 3 tiles of 54,
-    not 3 of 64 (a third less decode work and a lower peak, same overlap)."""
-    if size <= tile:
-        return size
-    n = math.ceil((size - overlap) / (tile - overlap))
-    return min(tile, math.ceil(math.ceil((size + (n - 1) * overlap) / n) / align) * align)
-
-
-def _ramp(length: int, feather: int, lead: bool, trail: bool) -> torch.Tensor:
-    """1-D blend weights: linear ramps (t + 1) / (feather + 1) on interior sides, 1 elsewhere; never 0."""
-    w = torch.ones(length, dtype=torch.float32)
-    f = min(feather, length)
-    ramp = torch.arange(1, f + 1, dtype=torch.float32) / (f + 1)
-    if lead:
-        w[:f] = torch.minimum(w[:f], ramp)
-    if trail:
-        w[length - f:] = torch.minimum(w[length - f:], ramp.flip(0))
-    return w
-
-
-def _run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-               out_channels: int, num: int, den: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Apply `fn` on overlapping spatial tiles of x and blend: output size = input size * num / den."""
-    b, _, hgt, wid = x.shape
-    out = torch.zeros(b, out_channels, hgt * num // den, wid * num // den, dtype=torch.float32, device=x.device)
-    weight = torch.zeros(1, 1, out.shape[2], out.shape[3], dtype=torch.float32, device=x.device)
-    feather = overlap * num // den
-    th, tw = _balanced_tile(hgt, tile, overlap, den), _balanced_tile(wid, tile, overlap, den)
-    for y0 in _tile_starts(hgt, th, overlap):
-        wy = _ramp(th * num // den, feather, y0 > 0, y0 + th < hgt)
-        for x0 in _tile_starts(wid, tw, overlap):
-            wx = _ramp(tw * num // den, feather, x0 > 0, x0 + tw < wid)
-            piece = fn(x[:, :, y0:y0 + th, x0:x0 + tw]).float()  # [B, C, th*num/den, tw*num/den]
-            mask = (wy[:, None] * wx[None, :]).to(x.device)  # [th', tw']
-            oy, ox = y0 * num // den, x0 * num // den
-            out[:, :, oy:oy + piece.shape[2], ox:ox + piece.shape[3]] += piece * mask
-            weight[:, :, oy:oy + piece.shape[2], ox:ox + piece.shape[3]] += mask
-    return (out / weight).to(out_dtype)
-
-
 class SD3VAE(nn.Module):
     """Pure module: no device moves. Inputs are cast to the parameters' dtype; outputs keep that dtype."""
 
@@ -350,7 +299,7 @@ class SD3VAE(nn.Module):
         _check_tiles(tile_latent, overlap)
         f = self.config.downscale
         eager = lambda t: self.decoder(t.to(self.dtype))  # noqa: E731  (tile shapes vary: never compiled)
-        return _run_tiled(eager, z, tile_latent, overlap, self.config.out_channels, f, 1, self.dtype)
+        return run_tiled(eager, z, tile_latent, overlap, self.config.out_channels, f, 1, self.dtype)
 
     def encode_tiled(self, img: torch.Tensor, tile_latent: int = 64, overlap: int = 16) -> torch.Tensor:
         """Tiled `encode`: image tiles of 8*tile_latent pixels; H and W must be multiples of 8."""
@@ -358,7 +307,7 @@ class SD3VAE(nn.Module):
         f = self.config.downscale
         if img.shape[2] % f or img.shape[3] % f:
             raise InputError(f"encode_tiled needs H and W multiples of {f}, got {tuple(img.shape[2:])}")
-        return _run_tiled(self.encode, img, tile_latent * f, overlap * f, self.config.latent_channels, 1, f,
+        return run_tiled(self.encode, img, tile_latent * f, overlap * f, self.config.latent_channels, 1, f,
                           self.dtype)
 
 

@@ -15,17 +15,15 @@ computes it:
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 
-if TYPE_CHECKING:
-    from .guidance import CondEntry
-
 Area = tuple[int, int, int, int]  # (h, w, y, x) in latent pixels
+CondEntry = Any  # guidance.CondEntry (guidance imports this module, so not imported back)
 
 
 def _mask_aabb(mask: torch.Tensor) -> tuple[int, int, int, int] | None:

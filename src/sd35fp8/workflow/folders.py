@@ -27,6 +27,7 @@ _DEFAULT_SUBDIRS: dict[str, tuple[str, ...]] = {
     "loras": ("loras",),
     "controlnet": ("controlnet", "t2i_adapter"),
     "vae_approx": ("vae_approx",),  # TAESD decoders for live previews (workflow/previews.py)
+    "upscale_models": ("upscale_models",),  # ESRGAN-family image upscalers (workflow/nodes_upscale.py)
 }
 LEGACY_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
 _EXCLUDED_DIR_NAMES = {".git"}

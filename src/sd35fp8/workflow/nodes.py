@@ -24,12 +24,15 @@ from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WE
                                          NodeContext, _file_stamps, _files, _tip)
 from sd35fp8.workflow.nodes_area import AREA_NODES
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
+from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
+from sd35fp8.workflow.nodes_latent_ops import LATENT_OPS_NODES
 from sd35fp8.workflow.nodes_mask import MASK_NODES
 from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 from sd35fp8.workflow.nodes_sigmas import SIGMAS_NODES
+from sd35fp8.workflow.nodes_upscale import UPSCALE_NODES
 
 if TYPE_CHECKING:
     from sd35fp8.workflow.folders import ModelFolders
@@ -733,6 +736,9 @@ NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
 NODE_CLASS_MAPPINGS.update(SAMPLING_NODES)
 NODE_CLASS_MAPPINGS.update(SIGMAS_NODES)
 NODE_CLASS_MAPPINGS.update(AREA_NODES)
+NODE_CLASS_MAPPINGS.update(UPSCALE_NODES)
+NODE_CLASS_MAPPINGS.update(IMAGE_NODES)
+NODE_CLASS_MAPPINGS.update(LATENT_OPS_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)
