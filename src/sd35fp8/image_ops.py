@@ -27,6 +27,9 @@ def center_crop_to(samples: torch.Tensor, width: int, height: int) -> torch.Tens
         x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
     elif old_aspect < new_aspect:
         y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    if old_h - 2 * y < 1 or old_w - 2 * x < 1:
+        raise InputError(f"a center crop of {old_w}x{old_h} to the aspect ratio of {width}x{height} leaves nothing; "
+                         "use crop 'disabled'")
     return samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
 
 
@@ -80,6 +83,10 @@ def canny(image: torch.Tensor, low_threshold: float, high_threshold: float) -> t
 
     if low_threshold > high_threshold:
         raise InputError(f"Canny: low_threshold {low_threshold} is above high_threshold {high_threshold}")
+    if image.shape[-1] == 4:  # RGBA (ImageBatch of an RGBA image, ...): its colour
+        image = image[..., :3]
+    if image.shape[-1] not in (1, 3):
+        raise InputError(f"Canny: needs an RGB or grey image, got {image.shape[-1]} channels")
     _magnitude, edges = kornia_canny(image.movedim(-1, 1).float(), low_threshold, high_threshold)  # [B, 1, H, W]
     return edges.repeat(1, 3, 1, 1).movedim(1, -1)
 
@@ -88,6 +95,9 @@ def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
     """ImageBlur: ComfyUI's Gaussian (kernel over linspace(-1, 1), reflect padding); IMAGE in and out."""
     if blur_radius == 0:
         return image
+    if blur_radius >= min(image.shape[1], image.shape[2]):
+        raise InputError(f"ImageBlur: blur_radius {blur_radius} needs an image larger than {blur_radius} px each way, "
+                         f"got {image.shape[2]}x{image.shape[1]}")
     channels = image.shape[-1]
     k = blur_radius * 2 + 1
     x, y = torch.meshgrid(torch.linspace(-1, 1, k), torch.linspace(-1, 1, k), indexing="ij")

@@ -423,8 +423,14 @@ def conditioning_of(conditioning: list, which: str, device: Any = None) -> Any:
 
 
 # ---- latents and sampling -------------------------------------------------------------------
+MAX_LATENT_IMAGE_PIXELS = 1 << 30  # batch x width x height an empty latent may stand for (1 GB of SD3 latent)
+
+
 def empty_latent(width: int, height: int, batch_size: int, channels: int) -> dict[str, torch.Tensor]:
     """EmptyLatentImage (4 channels) / EmptySD3LatentImage (16): zeros [B, C, H/8, W/8]."""
+    if batch_size * width * height > MAX_LATENT_IMAGE_PIXELS:
+        raise InputError(f"an empty latent of {batch_size} x {width}x{height} px stands for more than "
+                         f"{MAX_LATENT_IMAGE_PIXELS >> 20} Mpx; use a smaller batch or size")
     return {"samples": torch.zeros([batch_size, channels, height // 8, width // 8])}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sd35fp8.errors import InputError
 from sd35fp8.image_ops import repeat_to_batch_size
 from sd35fp8.workflow.node_base import MAX_RESOLUTION, Node
 
@@ -130,7 +131,6 @@ class ImageToMask(Node):
     def image_to_mask(self, image, channel):
         index = CHANNELS.index(channel)
         if index >= image.shape[-1]:
-            from sd35fp8.errors import InputError
 
             raise InputError(f"ImageToMask: the image has {image.shape[-1]} channels, no {channel}")
         return (image[:, :, :, index],)
@@ -200,12 +200,19 @@ class MaskComposite(Node):
         }}
 
     def combine(self, destination, source, x, y, operation):
-        output = _batch(destination).clone()
-        source = _batch(source)
-        right = min(x + source.shape[-1], destination.shape[-1])
-        bottom = min(y + source.shape[-2], destination.shape[-2])
+        output, source = _batch(destination).clone(), _batch(source)
+        if output.shape[0] != source.shape[0]:  # one mask against a batch: every item (ComfyUI fails here)
+            if min(output.shape[0], source.shape[0]) != 1:
+                raise InputError(f"MaskComposite: {output.shape[0]} destination masks and {source.shape[0]} source "
+                                 "masks; give one of them a single mask or both the same number")
+            n = max(output.shape[0], source.shape[0])
+            output, source = output.expand(n, -1, -1).clone(), source.expand(n, -1, -1)
+        right = min(x + source.shape[-1], output.shape[-1])
+        bottom = min(y + source.shape[-2], output.shape[-2])
+        if right <= x or bottom <= y:  # the source lies outside the destination
+            return (torch.clamp(output, 0.0, 1.0),)
         src = source[:, :bottom - y, :right - x]
-        dst = _batch(destination)[:, y:bottom, x:right]
+        dst = output[:, y:bottom, x:right]
         if operation == "multiply":
             value = dst * src
         elif operation == "add":

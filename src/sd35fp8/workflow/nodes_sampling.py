@@ -251,6 +251,8 @@ class SetFirstSigma(Node):
                                                  "round": False})}}
 
     def set_first_sigma(self, sigmas, sigma):
+        if len(sigmas) == 0:
+            raise InputError("SetFirstSigma: the schedule is empty (nothing to set)")
         sigmas = sigmas.clone()
         sigmas[0] = sigma
         return (sigmas,)
