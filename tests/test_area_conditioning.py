@@ -220,3 +220,45 @@ def test_area_workflow_on_the_shipped_model(tmp_path):
     left = np.abs(regional[:, :48] - red[:, :48]).mean()
     right = np.abs(regional[:, 80:] - red[:, 80:]).mean()
     assert left < right
+
+
+def test_area_with_controlnet_and_odd_crop(tmp_path):
+    """An area of odd latent size (72 px = 9 latents: padded to the patch size, as ComfyUI's MMDiT) whose
+    conditioning carries the shipped ControlNet: the hint is taken at the crop's size and the step runs."""
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_CONTROLNET, SHIPPED_T5_TOKENIZER
+
+    if not SHIPPED_CHECKPOINT.exists() or not SHIPPED_CONTROLNET.exists():
+        pytest.skip("shipped weights not built")
+    import shutil
+
+    from PIL import Image
+
+    from sd35fp8.workflow.executor import PromptExecutor
+    from sd35fp8.workflow.folders import ModelFolders
+
+    for sub in ("checkpoints", "controlnet"):
+        (tmp_path / "models" / sub).mkdir(parents=True)
+    (tmp_path / "input").mkdir()
+    shutil.copy(SHIPPED_CHECKPOINT, tmp_path / "models" / "checkpoints" / "tiny.safetensors")
+    shutil.copy(SHIPPED_T5_TOKENIZER, tmp_path / "models" / "checkpoints" / "spiece.model")
+    shutil.copy(SHIPPED_CONTROLNET, tmp_path / "models" / "controlnet" / "canny.safetensors")
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "input" / "hint.png")
+    ex = PromptExecutor(ModelFolders(tmp_path), device="cpu", dtype=torch.float32)
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red circle"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "6": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.safetensors"}},
+        "7": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
+        "8": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["9", 0], "negative": ["3", 0], "control_net": ["6", 0], "image": ["7", 0], "strength": 0.8,
+            "start_percent": 0.0, "end_percent": 1.0, "vae": ["1", 2]}},
+        "9": {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["2", 0], "width": 72, "height": 72,
+                                                              "x": 16, "y": 8, "strength": 1.0}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 3, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["8", 0], "negative": ["8", 1], "latent_image": ["4", 0], "denoise": 1.0}},
+    }
+    result = ex.execute(prompt, prompt_id="c", extra_data={}, execute_outputs=["5"])
+    assert result.success, result.error

@@ -237,15 +237,15 @@ class CFGDenoiser:
                   controls: Sequence[tuple[Any, slice]] = ()) -> torch.Tensor:
         dtype = self.dtype if self.dtype is not None else x.dtype
         x, sigma, context, pooled = x.to(dtype), sigma.float(), context.to(dtype), pooled.to(dtype)
+        h, w = x.shape[-2:]
+        pad_h, pad_w = h % PATCH, w % PATCH  # an area's crop of odd size: padded around, as ComfyUI's MMDiT does
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
         extra = {}
         if any(c is not None for c, _ in controls):
             control = control_residuals(controls, x, sigma, context, pooled, self.model, self.model_sampling)
             if control is not None:
                 extra["control"] = control
-        h, w = x.shape[-2:]
-        pad_h, pad_w = h % PATCH, w % PATCH  # an area's crop of odd size: padded around, as ComfyUI's MMDiT does
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
         v = self.model(x, sigma, context, pooled, skip_layers=skip_layers, **extra)
         return v[..., :h, :w].float()
 
