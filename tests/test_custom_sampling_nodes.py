@@ -293,3 +293,14 @@ def test_save_image_websocket_over_ws(tmp_path):
                 images.append(Image.open(io.BytesIO(m["bytes"][8:])))
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     assert not list((tmp_path / "output").rglob("*.png"))  # nothing saved
+
+
+def test_primitive_ints_count_in_the_budget():
+    """A width or steps linked from a PrimitiveInt (the frontend's Int node) counts as the literal would."""
+    prompt = {"1": {"class_type": "EmptySD3LatentImage", "inputs": {"width": ["9", 0], "height": 64, "batch_size": 1}},
+              "2": {"class_type": "BasicScheduler", "inputs": {"steps": ["8", 0]}},
+              "8": {"class_type": "PrimitiveInt", "inputs": {"value": 30}},
+              "9": {"class_type": "PrimitiveInt", "inputs": {"value": 4096}}}
+    assert prompt_work(prompt) == 4096 * 64 * 30
+    for name, value in (("PrimitiveInt", 7), ("PrimitiveFloat", 0.25), ("PrimitiveBoolean", True)):
+        assert node(name)(value) == (value,)

@@ -259,28 +259,33 @@ def check_prompt_size(prompt: dict, limits: Limits) -> None:
                            f"{len(prompt)} nodes; the limit is {limits.max_nodes}", max_nodes=limits.max_nodes)
 
 
-def _literal_int(inputs: dict, name: str, default: int = 0) -> int:
+def _literal_int(inputs: dict, name: str, default: int = 0, prompt: dict | None = None) -> int:
+    """An int input's literal value, or the value of the PrimitiveInt it is linked to; `default` otherwise."""
     value = inputs.get(name, default)
+    if prompt is not None and isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+        source = prompt.get(value[0])
+        if isinstance(source, dict) and source.get("class_type") == "PrimitiveInt":
+            value = (source.get("inputs") or {}).get("value", default)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def prompt_work(prompt: dict) -> int:
     """width x height x batch of the largest image any node makes, times the steps of every sampler
-    (literal inputs named width/height/batch_size/steps, after validation has made them ints). A ManualSigmas
-    string counts its numbers as steps, and an ExtendIntermediateSigmas multiplies the steps by its own (an upper
-    bound: it may extend only part of a schedule)."""
+    (inputs named width/height/batch_size/steps, literal or linked from a PrimitiveInt, after validation has
+    made them ints). A ManualSigmas string counts its numbers as steps, and an ExtendIntermediateSigmas
+    multiplies the steps by its own (an upper bound: it may extend only part of a schedule)."""
     pixels, steps, extend = 0, 0, 1
     for node in prompt.values():
         inputs = node.get("inputs", {})
-        w, h = _literal_int(inputs, "width"), _literal_int(inputs, "height")
-        pixels = max(pixels, w * h * max(_literal_int(inputs, "batch_size", 1), 1))
+        w, h = _literal_int(inputs, "width", 0, prompt), _literal_int(inputs, "height", 0, prompt)
+        pixels = max(pixels, w * h * max(_literal_int(inputs, "batch_size", 1, prompt), 1))
         kind = node.get("class_type")
         if kind == "ExtendIntermediateSigmas":
-            extend *= max(_literal_int(inputs, "steps", 1), 1)
+            extend *= max(_literal_int(inputs, "steps", 1, prompt), 1)
             continue
         if kind == "ManualSigmas" and isinstance(inputs.get("sigmas"), str):
             steps += manual_sigma_count(inputs["sigmas"])
-        steps += max(_literal_int(inputs, "steps"), 0)
+        steps += max(_literal_int(inputs, "steps", 0, prompt), 0)
     return pixels * max(steps * extend, 1)
 
 

@@ -1,8 +1,12 @@
-"""ComfyUI's string primitives (comfy_extras/nodes_primitive.py String, StringMultiline): a text given once
-and linked into one or more text inputs (the current frontend's "String" nodes). Their output reaches the
-encoder nodes through a link; the server's token budget cuts it there too (server/prompt_text.py)."""
+"""ComfyUI's primitives (comfy_extras/nodes_primitive.py String, StringMultiline, Int, Float, Boolean): a value
+given once and linked into one or more inputs (the current frontend's primitive nodes). A string reaches the
+encoder nodes through a link, where the server's token budget cuts it too (server/prompt_text.py); an Int
+linked into a width, height, batch size or steps counts in the server's work budget as the literal would
+(server/validation.py prompt_work)."""
 
 from __future__ import annotations
+
+import sys
 
 from sd35fp8.workflow.node_base import Node
 
@@ -30,4 +34,33 @@ class PrimitiveStringMultiline(PrimitiveString):
         return {"required": {"value": ("STRING", {"multiline": True})}}
 
 
-PRIMITIVE_NODES = {cls.__name__: cls for cls in (PrimitiveString, PrimitiveStringMultiline)}
+class PrimitiveInt(PrimitiveString):
+    RETURN_TYPES = ("INT",)
+    DISPLAY_NAME = "Int"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"value": ("INT", {"min": -sys.maxsize, "max": sys.maxsize,
+                                               "control_after_generate": True})}}
+
+
+class PrimitiveFloat(PrimitiveString):
+    RETURN_TYPES = ("FLOAT",)
+    DISPLAY_NAME = "Float"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"value": ("FLOAT", {"min": -sys.maxsize, "max": sys.maxsize, "step": 0.1})}}
+
+
+class PrimitiveBoolean(PrimitiveString):
+    RETURN_TYPES = ("BOOLEAN",)
+    DISPLAY_NAME = "Boolean"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"value": ("BOOLEAN", {})}}
+
+
+PRIMITIVE_NODES = {cls.__name__: cls for cls in (PrimitiveString, PrimitiveStringMultiline, PrimitiveInt,
+                                                  PrimitiveFloat, PrimitiveBoolean)}
