@@ -32,6 +32,7 @@ from sd35fp8.workflow.nodes_mask import MASK_NODES
 from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 from sd35fp8.workflow.nodes_sigmas import SIGMAS_NODES
+from sd35fp8.workflow.nodes_string import STRING_NODES
 from sd35fp8.workflow.nodes_upscale import UPSCALE_NODES
 
 if TYPE_CHECKING:
@@ -739,6 +740,7 @@ NODE_CLASS_MAPPINGS.update(AREA_NODES)
 NODE_CLASS_MAPPINGS.update(UPSCALE_NODES)
 NODE_CLASS_MAPPINGS.update(IMAGE_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_OPS_NODES)
+NODE_CLASS_MAPPINGS.update(STRING_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)
