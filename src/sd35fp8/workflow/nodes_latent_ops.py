@@ -203,7 +203,9 @@ class LatentRotate(Node):
         return (out,)
 
 
-class LatentAdd(Node):
+class _LatentPair(Node):
+    """samples1 (op) samples2, samples2 reshaped to samples1 as ComfyUI's reshape_latent_to."""
+
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "op"
     CATEGORY = "latent/advanced"
@@ -212,29 +214,29 @@ class LatentAdd(Node):
     def INPUT_TYPES(cls, folders):
         return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}
 
+    @staticmethod
+    def combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def op(self, samples1, samples2):
-        s1 = _samples("LatentAdd", "samples1", samples1)
-        s2 = reshape_latent_to("LatentAdd", s1.shape, _samples("LatentAdd", "samples2", samples2))
+        name = type(self).__name__
+        s1 = _samples(name, "samples1", samples1)
+        s2 = reshape_latent_to(name, s1.shape, _samples(name, "samples2", samples2))
         out = dict(samples1)
-        out["samples"] = s1 + s2
+        out["samples"] = self.combine(s1, s2)
         return (out,)
 
 
-class LatentSubtract(Node):
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "op"
-    CATEGORY = "latent/advanced"
+class LatentAdd(_LatentPair):
+    @staticmethod
+    def combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
 
-    @classmethod
-    def INPUT_TYPES(cls, folders):
-        return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}
 
-    def op(self, samples1, samples2):
-        s1 = _samples("LatentSubtract", "samples1", samples1)
-        s2 = reshape_latent_to("LatentSubtract", s1.shape, _samples("LatentSubtract", "samples2", samples2))
-        out = dict(samples1)
-        out["samples"] = s1 - s2
-        return (out,)
+class LatentSubtract(_LatentPair):
+    @staticmethod
+    def combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - b
 
 
 class LatentMultiply(Node):
