@@ -44,17 +44,22 @@ def ramp(length: int, feather: int, lead: bool, trail: bool) -> torch.Tensor:
 
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-               out_channels: int, num: int, den: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Apply `fn` on overlapping spatial tiles of x and blend: output size = input size * num / den."""
+              out_channels: int, num: int, den: int, out_dtype: torch.dtype,
+              on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Apply `fn` on overlapping spatial tiles of x and blend: output size = input size * num / den.
+    on_tile(done, total) before each tile (progress, interrupts)."""
     b, _, hgt, wid = x.shape
     out = torch.zeros(b, out_channels, hgt * num // den, wid * num // den, dtype=torch.float32, device=x.device)
     weight = torch.zeros(1, 1, out.shape[2], out.shape[3], dtype=torch.float32, device=x.device)
     feather = overlap * num // den
     th, tw = balanced_tile(hgt, tile, overlap, den), balanced_tile(wid, tile, overlap, den)
-    for y0 in tile_starts(hgt, th, overlap):
+    ys, xs = tile_starts(hgt, th, overlap), tile_starts(wid, tw, overlap)
+    for i, y0 in enumerate(ys):
         wy = ramp(th * num // den, feather, y0 > 0, y0 + th < hgt)
-        for x0 in tile_starts(wid, tw, overlap):
+        for j, x0 in enumerate(xs):
             wx = ramp(tw * num // den, feather, x0 > 0, x0 + tw < wid)
+            if on_tile is not None:
+                on_tile(i * len(xs) + j, len(ys) * len(xs))
             piece = fn(x[:, :, y0:y0 + th, x0:x0 + tw]).float()  # [B, C, th*num/den, tw*num/den]
             mask = (wy[:, None] * wx[None, :]).to(x.device)  # [th', tw']
             oy, ox = y0 * num // den, x0 * num // den

@@ -10,6 +10,8 @@ import sys
 
 from sd35fp8.workflow.node_base import Node
 
+JS_SAFE_INT = 2**53 - 1
+
 
 class PrimitiveString(Node):
     RETURN_TYPES = ("STRING",)
@@ -50,7 +52,9 @@ class PrimitiveFloat(PrimitiveString):
 
     @classmethod
     def INPUT_TYPES(cls, folders):
-        return {"required": {"value": ("FLOAT", {"min": -sys.maxsize, "max": sys.maxsize, "step": 0.1})}}
+        # ComfyUI: +-sys.maxsize, which a float cannot hold (its rounding lands past the bound); the largest
+        # integer a JavaScript number (what the web UI sends) holds exactly instead
+        return {"required": {"value": ("FLOAT", {"min": -JS_SAFE_INT, "max": JS_SAFE_INT, "step": 0.1})}}
 
 
 class PrimitiveBoolean(PrimitiveString):

@@ -10,6 +10,8 @@ regular expression runs for at most REGEX_SECONDS (the `regex` package's timeout
 
 from __future__ import annotations
 
+import sys
+
 import regex
 
 from sd35fp8.errors import InputError
@@ -51,7 +53,8 @@ class StringSubstring(_StringNode):
 
     @classmethod
     def INPUT_TYPES(cls, folders):
-        return {"required": {"string": _TEXT, "start": ("INT", {}), "end": ("INT", {})}}
+        index = ("INT", {"min": -sys.maxsize, "max": sys.maxsize})  # Python's slice bounds (ComfyUI declares none)
+        return {"required": {"string": _TEXT, "start": index, "end": index}}
 
     def execute(self, string, start, end):
         return (string[start:end],)

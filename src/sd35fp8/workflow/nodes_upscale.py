@@ -69,7 +69,8 @@ class ImageUpscaleWithModel(Node):
             while True:
                 try:
                     with torch.inference_mode():
-                        out = run_tiled(net, x, tile, 32, upscale_model.config.out_channels, s, 1, torch.float32)
+                        out = run_tiled(net, x, tile, 32, upscale_model.config.out_channels, s, 1, torch.float32,
+                                        on_tile=self._tile_done)
                     break
                 except torch.OutOfMemoryError:
                     tile //= 2
@@ -79,6 +80,11 @@ class ImageUpscaleWithModel(Node):
         finally:
             upscale_model.to("cpu")
         return (torch.clamp(out.movedim(-3, -1), 0.0, 1.0).cpu(),)
+
+    def _tile_done(self, done: int, total: int) -> None:
+        """Before each tile: the prompt's interrupt, and the node's progress (ComfyUI's ProgressBar over tiles)."""
+        self.ctx.check_interrupt()
+        self.ctx.progress(done, total)
 
 
 UPSCALE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (UpscaleModelLoader, ImageUpscaleWithModel)}
