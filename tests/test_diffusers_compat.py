@@ -201,3 +201,16 @@ def test_skip_layer_knobs_without_layers_are_ignored_as_diffusers_does(pipe):
     assert np.array_equal(a, pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np").images)
     with pytest.raises(InputError, match=r"skip-layer guidance layers \[7, 8, 99\]: the MMDiT has joint blocks"):
         pipe(PROMPT, skip_guidance_layers=[7, 8, 99])
+
+
+def test_mu_is_ignored_as_diffusers_does(pipe):
+    """SD3.5's FlowMatchEulerDiscreteScheduler configs have use_dynamic_shifting off: diffusers ignores mu."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(4)
+    plain = sched.sigmas.clone()
+    sched.set_timesteps(4, mu=0.7)
+    assert torch.equal(sched.sigmas, plain)
+    base = pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np").images
+    assert np.array_equal(pipe(PROMPT, num_inference_steps=1, seed=5, output_type="np", mu=0.7).images, base)

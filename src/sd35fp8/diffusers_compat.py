@@ -32,6 +32,8 @@ the native call (`SD35Pipeline.generate`, which runs the generation core) or ref
   num_images_per_prompt. `latents`: the initial noise [B x num_images_per_prompt, 16, height/8, width/8]
   (text-to-image; it sets the size when height / width are unset), which is diffusers' starting latent at
   the schedule's first sigma (1.0): the same images as diffusers from the same latents.
+- `mu`: accepted and ignored, as diffusers ignores it for SD3.5 (its scheduler configs have
+  use_dynamic_shifting off; the shift is the model's, or `shift=`).
 - `joint_attention_kwargs={"scale": s}`: the LoRA scale, every active adapter's weight times s for the call
   (the text encoders' LoRAs too, as diffusers' lora_scale); fused LoRAs keep theirs.
 - `skip_guidance_layers` (+ `skip_layer_guidance_scale` / `_start` / `_stop`, diffusers' defaults 2.8, 0.01,
@@ -65,7 +67,7 @@ log = logging.getLogger(__name__)
 
 LOAD_KWARGS_ACCEPTED = ("variant", "use_safetensors", "low_cpu_mem_usage", "local_files_only")
 # diffusers' call arguments we do not implement: refused by name when given (not None)
-UNSUPPORTED_CALL_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "mu", "masked_image_latents",
+UNSUPPORTED_CALL_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "masked_image_latents",
                          "padding_mask_crop")
 CALLBACK_TENSOR_INPUTS = ("latents",)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -354,10 +356,13 @@ class DiffusersSurface:
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, sigmas: Sequence[float] | None = None,
                  joint_attention_kwargs: dict | None = None, skip_guidance_layers: Sequence[int] | None = None,
                  skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
-                 skip_layer_guidance_stop: float = 0.2, clip_skip: int | None = None, **unsupported):
+                 skip_layer_guidance_stop: float = 0.2, clip_skip: int | None = None, mu: float | None = None,
+                 **unsupported):
         """diffusers' StableDiffusion3Pipeline call (and its img2img / inpaint pipelines' image,
         strength, mask_image), plus our own names (seed, sampler, scheduler, shift, denoise,
         callback, slg, progress, interrupt, cache_threshold). Translation rules: the module docstring."""
+        if mu is not None:  # SD3.5's scheduler configs have use_dynamic_shifting off: diffusers ignores mu too
+            log.info("mu=%s ignored: SD3.5's flow schedule has a fixed shift (the model's, or shift=)", mu)
         given = sorted(k for k, v in unsupported.items() if v is not None)
         unknown = [k for k in given if k not in UNSUPPORTED_CALL_ARGS]
         if unknown:
