@@ -92,10 +92,10 @@ class CondSet:
     @property
     def simple(self) -> Conditioning | None:
         """The one always-active entry's conditioning when that is all there is (the fast road), else None."""
+        if len(self.entries) != 1:
+            return None
         e = self.entries[0]  # (a strength other than 1 matters once the other side's areas pair with it)
-        if len(self.entries) == 1 and e.start <= 0.0 and e.end >= 1.0 and not e.regional and e.strength == 1.0:
-            return e.cond
-        return None
+        return e.cond if e.start <= 0.0 and e.end >= 1.0 and not e.regional and e.strength == 1.0 else None
 
 
 @dataclass(frozen=True)
