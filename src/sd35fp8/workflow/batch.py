@@ -142,8 +142,8 @@ def sample_group(ctx: Any, calls: Sequence[dict], progress: Sequence[Callable[..
         outs = generation.sample_rows(first["model"].mmdit, rows, settings, device=torch.device(ctx.device),
                                       dtype=ctx.dtype, callback=callback, interrupt=check_interrupt)
     if outs[0] is rows[0].latent:  # nothing left to sample: each prompt gets its latent back, as engine.sample
-        return [{"samples": c["latent"]["samples"]} for c in calls]
-    return [{"samples": part} for part in outs]
+        return [dict(c["latent"]) for c in calls]
+    return [{**c["latent"], "samples": part} for c, part in zip(calls, outs)]  # the LATENT's other keys stay
 
 
 def _context_shapes(args: dict) -> tuple:
