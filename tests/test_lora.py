@@ -256,13 +256,46 @@ def test_text_encoder_lora_matches_transformers_peft(tmp_path: Path) -> None:
         assert rel(out, refs["t5xxl"](input_ids=ids).last_hidden_state) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr_full"])
+def test_lycoris_loha_lokr_match_peft(tmp_path: Path, kind: str) -> None:
+    """LyCORIS LoHa / LoKr factors (kohya stems + alpha, as LyCORIS saves them) become exact low-rank terms:
+    up @ down equals peft's get_delta_weight for the same factors (alpha / r: ComfyUI's alpha / dim). A LoKr with
+    both factors whole is ComfyUI's kron(w1, w2) unscaled (peft would scale it; ComfyUI, whose files these are,
+    does not), kept as one full-rank term."""
+    from collections import OrderedDict
+
+    from peft import LoHaConfig, LoKrConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    base = nn.Sequential(OrderedDict(q=nn.Linear(256, 384)))
+    cfg = {"loha": LoHaConfig(r=4, alpha=8, target_modules=["q"], init_weights=False),
+           "lokr": LoKrConfig(r=4, alpha=8, target_modules=["q"], init_weights=False, decompose_both=True),
+           "lokr_full": LoKrConfig(r=64, alpha=8, target_modules=["q"], init_weights=False)}[kind]
+    pm = get_peft_model(base, cfg)
+    sd = {k.rsplit(".", 1)[-1]: v.detach() for k, v in get_peft_model_state_dict(pm).items()}
+    stem = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    lora = read_lora(_save({**{f"{stem}.{k}": v for k, v in sd.items()}, f"{stem}.alpha": torch.tensor(8.0)},
+                           tmp_path / f"{kind}.safetensors"))
+    ((key, (term,)),) = lora.terms.items()
+    assert key == ("mmdit", "joint_blocks.0.x_block.attn.proj") and "LyCORIS" in lora.format
+    got = term.up @ term.down
+    if kind == "lokr_full":
+        assert set(sd) == {"lokr_w1", "lokr_w2"}
+        want = torch.kron(sd["lokr_w1"], sd["lokr_w2"])
+        assert term.rank == 256  # the layer's size: one full-rank term
+    else:
+        want = pm.base_model.model.q.get_delta_weight("default")
+        assert term.rank == 16  # r1 * r2
+    assert rel(got, want) <= 1e-5
+
+
 def test_formats_refused_other_models_and_partial(tmp_path: Path, caplog) -> None:
     r = torch.zeros(2, 8)
-    loha = {"lora_unet_joint_blocks_0_x_block_attn_qkv.hada_w1_a": r}
-    with pytest.raises(CheckpointError, match="LoHa"):
+    loha = {"lora_unet_joint_blocks_0_x_block_attn_qkv.hada_t1": r}
+    with pytest.raises(CheckpointError, match="LoHa with a Tucker core"):
         read_lora(_save(loha, tmp_path / "loha.safetensors"))
     lokr = {"lora_unet_joint_blocks_0_x_block_attn_qkv.lokr_w1": r}
-    with pytest.raises(CheckpointError, match="LoKr"):
+    with pytest.raises(CheckpointError, match="lokr_w2"):
         read_lora(_save(lokr, tmp_path / "lokr.safetensors"))
     sdxl = {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": r, "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": r.T.contiguous()}
     with pytest.raises(CheckpointError, match="UNet"):

@@ -21,7 +21,7 @@ import torch
 from sd35fp8.checkpoints.safetensors_file import SafetensorsFile
 from sd35fp8.errors import CheckpointError
 
-from .keys import REFUSED, SUFFIXES, max_diffusers_block, other_model, resolve_stem, split_key
+from .keys import LYCORIS, REFUSED, SUFFIXES, max_diffusers_block, other_model, resolve_stem, split_key
 
 
 @dataclass
@@ -93,6 +93,61 @@ def _magnitude(t: torch.Tensor, n: int, path: str, stem: str) -> torch.Tensor:
     return t.reshape(n).float()
 
 
+def _low_rank(w: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None, what: str, path: str,
+              stem: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LyCORIS factor as (left [m, r], right [r, n]) with left @ right = it: given as a @ b, or whole (then the
+    identity on its shorter side)."""
+    if w is not None:
+        w = w.float()
+        if w.ndim != 2:
+            raise CheckpointError(f"{path}: {stem} {what} is {tuple(w.shape)}; only linear layers' LyCORIS factors "
+                                  "are supported", path, [stem])
+        eye = torch.eye(min(w.shape), dtype=w.dtype)
+        return (eye, w) if w.shape[0] <= w.shape[1] else (w, eye)
+    if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise CheckpointError(f"{path}: {stem} lacks a usable {what} (its _a / _b factors)", path, [stem])
+    return a.float(), b.float()
+
+
+def lycoris_factors(roles: dict[str, torch.Tensor], path: str, stem: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LyCORIS LoHa / LoKr module -> (down [r, K], up [N, r]) with up @ down = ComfyUI's weight difference
+    (comfy/weight_adapter loha.py / lokr.py calculate_weight, strength 1), exactly:
+
+        LoHa  (w1a @ w1b) * (w2a @ w2b) * alpha / w1b.shape[0]      (Hadamard product: rank r1 * r2, the
+              face-splitting products of the factors)
+        LoKr  kron(w1, w2) * alpha / dim, dim = the rank of the last factor given as a / b (no alpha scaling when
+              both are whole), kron(A1 B1, A2 B2) = kron(A1, A2) kron(B1, B2): rank r1 * r2
+
+    A product whose rank reaches the layer's size is kept as one full-rank term (the difference itself beside an
+    identity: fuse such LoRAs for speed)."""
+    alpha = float(roles["alpha"]) if "alpha" in roles else None
+    if "hada_w1_a" in roles:
+        a1, b1 = _low_rank(None, roles.get("hada_w1_a"), roles.get("hada_w1_b"), "hada_w1", path, stem)
+        a2, b2 = _low_rank(None, roles.get("hada_w2_a"), roles.get("hada_w2_b"), "hada_w2", path, stem)
+        if a1.shape[0] != a2.shape[0] or b1.shape[1] != b2.shape[1]:
+            raise CheckpointError(f"{path}: {stem} LoHa factors of different shapes", path, [stem])
+        scale = alpha / b1.shape[0] if alpha is not None else 1.0
+        up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)  # [N, r1 r2]
+        down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])  # [r1 r2, K]
+    else:
+        a1, b1 = _low_rank(roles.get("lokr_w1"), roles.get("lokr_w1_a"), roles.get("lokr_w1_b"), "lokr_w1", path,
+                           stem)
+        a2, b2 = _low_rank(roles.get("lokr_w2"), roles.get("lokr_w2_a"), roles.get("lokr_w2_b"), "lokr_w2", path,
+                           stem)
+        dim = None
+        if "lokr_w1" not in roles:
+            dim = roles["lokr_w1_b"].shape[0]
+        if "lokr_w2" not in roles:
+            dim = roles["lokr_w2_b"].shape[0]
+        scale = alpha / dim if alpha is not None and dim is not None else 1.0
+        up, down = torch.kron(a1, a2), torch.kron(b1, b2)  # [N, r1 r2], [r1 r2, K]
+    n, k = up.shape[0], down.shape[1]
+    if up.shape[1] >= min(n, k):  # as much work as the difference itself: one full-rank term
+        diff = up @ down
+        up, down = (torch.eye(n), diff) if n <= k else (diff, torch.eye(k))
+    return down.contiguous(), up * scale
+
+
 def read_lora(path: str | Path, depth: int | None = None, name: str | None = None) -> LoraFile:
     """Parse a LoRA file. depth: the MMDiT's number of joint blocks (places diffusers' pre-only last
     context block); None takes the largest block index in the file."""
@@ -117,8 +172,8 @@ def parse_lora(tensors: dict[str, torch.Tensor], path: str, depth: int | None = 
         groups.setdefault(parts[0], {})[parts[1]] = t
     refused = sorted({REFUSED[s] for g in groups.values() for s in g if s in REFUSED})
     if refused:
-        raise CheckpointError(f"{path}: {', '.join(refused)} weights are not supported (only LoRA / LoCon / DoRA "
-                              "factors: lora_up/lora_down, lora_A/lora_B, alpha, dora_scale)", path)
+        raise CheckpointError(f"{path}: {', '.join(refused)} weights are not supported (LoRA / LoCon / DoRA factors, "
+                              "LyCORIS LoHa and LoKr without Tucker cores are)", path)
     stems = sorted(groups)
     family = other_model(stems + unknown)
     last = (depth - 1) if depth is not None else max_diffusers_block(stems)
@@ -132,17 +187,21 @@ def parse_lora(tensors: dict[str, torch.Tensor], path: str, depth: int | None = 
         if target is None:
             skipped.append(stem)
             continue
-        if "down" not in {SUFFIXES[s] for s in g} or "up" not in {SUFFIXES[s] for s in g}:
-            raise CheckpointError(f"{path}: LoRA module {stem} lacks its down or up factor (has {sorted(g)})",
-                                  path, [stem])
         roles = {SUFFIXES[s]: t for s, t in g.items()}
-        down, up = roles["down"].float(), roles["up"].float()
-        rank = down.shape[0]
-        if up.shape[1] != rank:
-            raise CheckpointError(f"{path}: {stem} up {tuple(up.shape)} does not match down {tuple(down.shape)}",
-                                  path, [stem])
-        alpha = float(roles["alpha"]) if "alpha" in roles else _peft_alpha(metadata, stem)
-        up = up * ((alpha / rank) if alpha is not None else 1.0)
+        if any(r in LYCORIS for r in roles):
+            down, up = lycoris_factors(roles, path, stem)
+            layout = f"LyCORIS {'LoKr' if any(r.startswith('lokr') for r in roles) else 'LoHa'} ({layout})"
+        else:
+            if "down" not in roles or "up" not in roles:
+                raise CheckpointError(f"{path}: LoRA module {stem} lacks its down or up factor (has {sorted(g)})",
+                                      path, [stem])
+            down, up = roles["down"].float(), roles["up"].float()
+            rank = down.shape[0]
+            if up.shape[1] != rank:
+                raise CheckpointError(f"{path}: {stem} up {tuple(up.shape)} does not match down "
+                                      f"{tuple(down.shape)}", path, [stem])
+            alpha = float(roles["alpha"]) if "alpha" in roles else _peft_alpha(metadata, stem)
+            up = up * ((alpha / rank) if alpha is not None else 1.0)
         n = up.shape[0]
         mag = None if "dora" not in roles else _magnitude(roles["dora"], n, path, stem)
         dora = dora or mag is not None

@@ -39,12 +39,17 @@ SUFFIXES: dict[str, str] = {
     "dora_scale": "dora", "lora_magnitude_vector": "dora", "lora_magnitude_vector.weight": "dora",
     "lora_magnitude_vector.default.weight": "dora",
 }
+# LyCORIS LoHa / LoKr factors: turned into exact low-rank terms at load (files.py lycoris_factors)
+LYCORIS: dict[str, str] = {
+    "hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a", "hada_w2_b": "hada_w2_b",
+    "lokr_w1": "lokr_w1", "lokr_w2": "lokr_w2", "lokr_w1_a": "lokr_w1_a", "lokr_w1_b": "lokr_w1_b",
+    "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b",
+}
+SUFFIXES.update(LYCORIS)
 # suffixes of formats we recognise but do not apply -> the format's name (the error names it)
 REFUSED: dict[str, str] = {
-    "hada_w1_a": "LyCORIS LoHa", "hada_w1_b": "LyCORIS LoHa", "hada_w2_a": "LyCORIS LoHa",
-    "hada_w2_b": "LyCORIS LoHa", "hada_t1": "LyCORIS LoHa", "hada_t2": "LyCORIS LoHa",
-    "lokr_w1": "LyCORIS LoKr", "lokr_w2": "LyCORIS LoKr", "lokr_w1_a": "LyCORIS LoKr", "lokr_w1_b": "LyCORIS LoKr",
-    "lokr_w2_a": "LyCORIS LoKr", "lokr_w2_b": "LyCORIS LoKr", "lokr_t2": "LyCORIS LoKr",
+    "hada_t1": "LyCORIS LoHa with a Tucker core (hada_t1)", "hada_t2": "LyCORIS LoHa with a Tucker core (hada_t2)",
+    "lokr_t2": "LyCORIS LoKr with a Tucker core (lokr_t2)",
     "lora_mid.weight": "LyCORIS LoCon with a Tucker core (lora_mid)",
     "on_input": "LyCORIS (IA)^3", "a1.weight": "LyCORIS GLoRA", "b1.weight": "LyCORIS GLoRA",
     "oft_blocks": "LyCORIS OFT", "oft_diag": "LyCORIS OFT", "diff": "full weight difference (diff)",
