@@ -304,3 +304,14 @@ def test_primitive_ints_count_in_the_budget():
     assert prompt_work(prompt) == 4096 * 64 * 30
     for name, value in (("PrimitiveInt", 7), ("PrimitiveFloat", 0.25), ("PrimitiveBoolean", True)):
         assert node(name)(value) == (value,)
+
+
+def test_cfg_zero_star_through_ksampler_and_custom(executor):
+    """CFGZeroStar's patched MODEL changes the image, the same way through KSampler and SamplerCustomAdvanced."""
+    ex, root = executor
+    plain = _pixels(ex, root, {**_base(), "5": _ksampler(("1", 0))}, "5")
+    patch = {"30": {"class_type": "CFGZeroStar", "inputs": {"model": ["1", 0]}}}
+    via_k = _pixels(ex, root, {**_base(), **patch, "5": _ksampler(("30", 0))}, "5")
+    euler = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    via_c = _pixels(ex, root, {**_base(), **patch, **_custom(("30", 0), euler)}, "24")
+    assert np.array_equal(via_k, via_c) and not np.array_equal(via_k, plain)

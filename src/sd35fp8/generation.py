@@ -66,6 +66,9 @@ class SampleSettings:
     # the sampler's own arguments, as ComfyUI's SamplerEulerAncestral / SamplerDPMPP_2M_SDE / ... nodes set
     # them (eta, s_noise, solver_type, r, order): (name, value) pairs
     sampler_options: tuple[tuple[str, Any], ...] = ()
+    # the MODEL's post-CFG functions in patch order: ("slg",), ("cfg_zero_star",), ("cfg_norm", strength)
+    # (sampling.guidance CFGDenoiser._finish); empty: skip-layer guidance alone, when `slg` is set
+    post_cfg: tuple[tuple, ...] = ()
 
     @property
     def use_cfg(self) -> bool:
@@ -196,6 +199,7 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
     total = len(sigmas) - 1
     cache = StepCache(model, s.cache_threshold, sigmas) if s.cache_threshold > 0 else None
     denoiser = CFGDenoiser(model if cache is None else cache, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total,
+                           post_cfg=s.post_cfg,
                            model_sampling=ms, dtype=dtype)
     if mask is not None:
         denoiser = MaskedDenoiser(denoiser, prepare_mask(mask, tuple(x.shape)).to(device), x0, noise.to(device), ms)

@@ -117,6 +117,16 @@ class SLGConfig:
         return f"SLG scale {self.scale} layers {list(self.layers)} window {self.start}-{self.end} ({self.window})"
 
 
+POST_CFG = ("slg", "cfg_zero_star", "cfg_norm")
+
+
+def optimized_scale(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """CFG-Zero*'s s* per batch row: <positive, negative> / ||negative||^2 (+1e-8) -> [B, 1, 1, 1]."""
+    p, n = positive.reshape(positive.shape[0], -1), negative.reshape(negative.shape[0], -1)
+    st = (p * n).sum(dim=1, keepdim=True) / ((n ** 2).sum(dim=1, keepdim=True) + 1e-8)
+    return st.reshape([positive.shape[0]] + [1] * (positive.ndim - 1))
+
+
 PATCH = 2  # the MMDiT's patch size: SD3's latents are cut in 2 x 2 patches
 
 
@@ -201,6 +211,7 @@ class CFGDenoiser:
         steps: int | None = None,
         model_sampling: FlowMatching | None = None,
         dtype: torch.dtype | None = None,
+        post_cfg: Sequence[tuple] = (),
     ):
         if not math.isfinite(cfg):
             raise InputError(f"cfg must be a finite number, got {cfg!r}")
@@ -219,6 +230,13 @@ class CFGDenoiser:
         self.steps = steps
         self.dtype = dtype  # compute dtype of the model (None: use the model's own)
         self.calls = 0  # denoiser calls so far (the reference's SLG step counter)
+        # post-CFG functions in order: ("slg",), ("cfg_zero_star",), ("cfg_norm", strength); SLG goes first
+        # unless the list places it (ComfyUI applies the MODEL's patches in the order they were set)
+        post = tuple(tuple(p) for p in post_cfg)
+        bad = [p for p in post if p[0] not in POST_CFG]
+        if bad:
+            raise InputError(f"unknown post-CFG function(s) {bad}; known: {', '.join(POST_CFG)}")
+        self.post_cfg = post if any(p[0] == "slg" for p in post) else (("slg",), *post)
         if self.slg is not None and self.slg.window == "sigma":
             self._sigma_hi = self.model_sampling.percent_to_sigma(self.slg.start)
             self._sigma_lo = self.model_sampling.percent_to_sigma(self.slg.end)
@@ -295,14 +313,9 @@ class CFGDenoiser:
             return c if isinstance(c, list) else [CondEntry(c)]
 
         cond_x0 = self._combined(as_entries(cond), x, sigma)
-        out = cond_x0
-        if self.use_uncond:
-            uncond_x0 = self._combined(as_entries(uncond), x, sigma)
-            out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
-        if self._slg_active(sigma):
-            out = out + (cond_x0 - self._combined(as_entries(cond), x, sigma, self.slg.layers)) * self.slg.scale
-        self.calls += 1
-        return out
+        uncond_x0 = self._combined(as_entries(uncond), x, sigma) if self.use_uncond else None
+        return self._finish(x, sigma, cond_x0, uncond_x0,
+                            lambda: self._combined(as_entries(cond), x, sigma, self.slg.layers))
 
     def _region_entries(self, x: torch.Tensor) -> tuple[list[CondEntry], list[CondEntry]]:
         """Both sides' entries resolved for x's latent size and paired by area (sampling/regions.py), once a size."""
@@ -338,23 +351,17 @@ class CFGDenoiser:
         """A step with area or mask conditioning: every entry its own call on its part of x."""
         conds, unconds = self._region_entries(x)
         cond_x0 = self._accumulated(conds, x, sigma)
-        out = cond_x0
-        if self.use_uncond:
-            uncond_x0 = self._accumulated(unconds, x, sigma)
-            out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
-        if self._slg_active(sigma):
-            out = out + (cond_x0 - self._accumulated(conds, x, sigma, self.slg.layers)) * self.slg.scale
-        self.calls += 1
-        return out
+        uncond_x0 = self._accumulated(unconds, x, sigma) if self.use_uncond else None
+        return self._finish(x, sigma, cond_x0, uncond_x0, lambda: self._accumulated(conds, x, sigma, self.slg.layers))
 
     def _call_plain(self, x, sigma, cond: Conditioning, uncond: Conditioning | None) -> torch.Tensor:
         B = x.shape[0]  # x: [B, C, H, W], sigma: [B]
         c_ctx, c_pool = _batch(cond.context, B, "cond context"), _batch(cond.pooled, B, "cond pooled")
         rows = slice(0, B)
         c_ctl = [(cond.control, rows)]
+        uncond_x0 = None
         if not self.use_uncond:
             cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
-            out = cond_x0
         else:
             u_ctx, u_pool = _batch(uncond.context, B, "uncond context"), _batch(uncond.pooled, B, "uncond pooled")
             matched = _match_lengths(c_ctx, u_ctx)
@@ -366,9 +373,26 @@ class CFGDenoiser:
             else:  # ComfyUI runs them as separate batches too
                 cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
                 uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool, controls=[(uncond.control, rows)])
-            out = uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
-        if self._slg_active(sigma):
-            skip_x0 = self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers, controls=c_ctl)
-            out = out + (cond_x0 - skip_x0) * self.slg.scale
+        return self._finish(x, sigma, cond_x0, uncond_x0,
+                            lambda: self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers, controls=c_ctl))
+
+    def _finish(self, x, sigma, cond_x0: torch.Tensor, uncond_x0: torch.Tensor | None, skip_x0) -> torch.Tensor:
+        """ComfyUI's cfg_function: uncond + (cond - uncond) * cfg (cond alone when the uncond pass is skipped),
+        then the MODEL's post-CFG functions in the order they were patched in (sampler_post_cfg_function):
+        skip-layer guidance (skip_x0() runs the cond pass without the layers), CFGZeroStar, CFGNorm. Without an
+        uncond pass ComfyUI hands them zeros as the uncond prediction."""
+        out = cond_x0 if uncond_x0 is None else uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
+        for entry in self.post_cfg:
+            if entry[0] == "slg":
+                if self._slg_active(sigma):
+                    out = out + (cond_x0 - skip_x0()) * self.slg.scale
+                continue
+            uncond = torch.zeros_like(cond_x0) if uncond_x0 is None else uncond_x0
+            if entry[0] == "cfg_zero_star":  # CFG-Zero*: the uncond prediction rescaled by its projection
+                alpha = optimized_scale(x - cond_x0, x - uncond)
+                out = out + uncond * (alpha - 1.0) + self.cfg * uncond * (1.0 - alpha)
+            elif entry[0] == "cfg_norm":  # the result's channel norm capped at the cond prediction's, times strength
+                scale = (cond_x0.norm(dim=1, keepdim=True) / (out.norm(dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
+                out = out * scale * entry[1]
         self.calls += 1
         return out

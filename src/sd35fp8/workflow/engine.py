@@ -55,6 +55,8 @@ class SD3Model:
     slg: SLGSettings | None = None
     name: str = ""
     loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while sampling
+    # post-CFG patches in the order the workflow applied them (SkipLayerGuidanceSD3, CFGZeroStar, CFGNorm)
+    post_cfg: tuple[tuple, ...] = ()
 
     def with_shift(self, shift: float) -> SD3Model:
         return replace(self, shift=float(shift))
@@ -452,7 +454,8 @@ def with_skip_layer_guidance(model: SD3Model, layers: str, scale: float, start_p
         idx = tuple(int(x.strip()) for x in layers.split(",") if x.strip())
     except ValueError as e:
         raise InputError(f"SkipLayerGuidanceSD3 layers must be comma-separated integers, got {layers!r}") from e
-    return replace(model, slg=SLGSettings(idx, float(scale), float(start_percent), float(end_percent)))
+    post = tuple(p for p in model.post_cfg if p[0] != "slg") + (("slg",),)  # a second SLG node replaces the first
+    return replace(model, slg=SLGSettings(idx, float(scale), float(start_percent), float(end_percent)), post_cfg=post)
 
 
 def slg_config(model: SD3Model) -> Any:
@@ -473,7 +476,7 @@ def sample_settings(model: SD3Model, steps: int, cfg: float, sampler_name: str, 
 
     return SampleSettings(steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=model.shift,
                           denoise=denoise, slg=slg_config(model), start_step=start_step, last_step=last_step,
-                          force_full_denoise=force_full_denoise)
+                          force_full_denoise=force_full_denoise, post_cfg=model.post_cfg)
 
 
 def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,

@@ -24,6 +24,7 @@ from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WE
                                          NodeContext, _file_stamps, _files, _tip)
 from sd35fp8.workflow.nodes_area import AREA_NODES
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
+from sd35fp8.workflow.nodes_guidance import GUIDANCE_NODES
 from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
@@ -741,6 +742,7 @@ NODE_CLASS_MAPPINGS.update(UPSCALE_NODES)
 NODE_CLASS_MAPPINGS.update(IMAGE_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_OPS_NODES)
 NODE_CLASS_MAPPINGS.update(STRING_NODES)
+NODE_CLASS_MAPPINGS.update(GUIDANCE_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)

@@ -71,7 +71,7 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     settings = generation.SampleSettings(
         steps=len(sigmas) - 1, cfg=guider.cfg if uncond is not None else 1.0, sampler=sampler.name,
         scheduler="simple", shift=model.shift, slg=slg_config(model), sigmas=tuple(float(v) for v in sigmas),
-        sampler_options=sampler.options, cache_threshold=ctx.engine_options.cache_threshold)
+        sampler_options=sampler.options, cache_threshold=ctx.engine_options.cache_threshold, post_cfg=model.post_cfg)
     last: dict[str, torch.Tensor] = {}
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:

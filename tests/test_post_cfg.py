@@ -1,0 +1,78 @@
+"""The MODEL's post-CFG functions (CFGZeroStar, CFGNorm, SkipLayerGuidanceSD3) in CFGDenoiser against
+ComfyUI's cfg_function + comfy_extras/nodes_cfg.py arithmetic written out here, in patch order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd35fp8.sampling import CFGDenoiser, Conditioning, FlowMatching, SLGConfig
+from sd35fp8.workflow.engine import SD3Model, with_skip_layer_guidance
+from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
+
+
+def toy(x, sigma, context, pooled, skip_layers=(), **_):
+    v = torch.tanh(x * context.mean(dim=(1, 2))[:, None, None, None]) + pooled.mean(1)[:, None, None, None]
+    return v * (0.5 if skip_layers else 1.0)  # skipping layers changes the prediction
+
+
+def text(v):
+    return Conditioning(torch.full((1, 4, 8), v), torch.full((1, 6), v / 3))
+
+
+def denoised(x, sigma, c, skip=False):
+    v = toy(x, sigma, c.context.expand(x.shape[0], -1, -1), c.pooled.expand(x.shape[0], -1), (1,) if skip else ())
+    return x - v * sigma.reshape(-1, 1, 1, 1)
+
+
+def zero_star(out, x, cond_p, uncond_p, cfg):
+    pf, nf = (x - cond_p).reshape(x.shape[0], -1), (x - uncond_p).reshape(x.shape[0], -1)
+    alpha = ((pf * nf).sum(1, keepdim=True) / ((nf ** 2).sum(1, keepdim=True) + 1e-8)).reshape(-1, 1, 1, 1)
+    return out + uncond_p * (alpha - 1.0) + cfg * uncond_p * (1.0 - alpha)
+
+
+def cfg_norm(out, cond_p, strength):
+    scale = (torch.norm(cond_p, dim=1, keepdim=True) / (torch.norm(out, dim=1, keepdim=True) + 1e-8)).clamp(0, 1)
+    return out * scale * strength
+
+
+@pytest.mark.parametrize("order", [("cfg_zero_star",), ("cfg_norm",), ("slg", "cfg_zero_star"),
+                                   ("cfg_zero_star", "slg"), ("cfg_norm", "cfg_zero_star")])
+def test_post_cfg_functions_in_patch_order(order):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.6)
+    c, u, cfg = text(1.0), text(-0.5), 4.5
+    slg = SLGConfig(scale=2.0, start=0.0, end=1.0, layers=(1,), window="sigma")
+    post = tuple(("cfg_norm", 0.8) if p == "cfg_norm" else (p,) for p in order)
+    got = CFGDenoiser(toy, c, u, cfg=cfg, slg=slg if "slg" in order else None, post_cfg=post,
+                      model_sampling=FlowMatching(3.0))(x, sigma)
+    cp, up = denoised(x, sigma, c), denoised(x, sigma, u)
+    want = up + (cp - up) * cfg
+    for p in order:
+        if p == "slg":
+            want = want + (cp - denoised(x, sigma, c, skip=True)) * 2.0
+        elif p == "cfg_zero_star":
+            want = zero_star(want, x, cp, up, cfg)
+        else:
+            want = cfg_norm(want, cp, 0.8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cfg_one_gives_zero_star_a_zero_uncond():
+    """ComfyUI skips the uncond pass at cfg 1 and hands the post-CFG functions zeros: CFG-Zero* changes nothing."""
+    x, sigma = torch.randn(1, 4, 8, 8), torch.full((1,), 0.5)
+    plain = CFGDenoiser(toy, text(1.0), None, cfg=1.0)(x, sigma)
+    torch.testing.assert_close(CFGDenoiser(toy, text(1.0), None, cfg=1.0, post_cfg=[("cfg_zero_star",)])(x, sigma),
+                               plain)
+
+
+def test_nodes_record_the_patch_order():
+    model = SD3Model(mmdit=None)
+    (m,) = NODE_CLASS_MAPPINGS["CFGZeroStar"](None).patch(model)
+    m = with_skip_layer_guidance(m, "7, 8", 3.0, 0.01, 0.15)
+    (m,) = NODE_CLASS_MAPPINGS["CFGNorm"](None).patch(m, 0.5)
+    assert m.post_cfg == (("cfg_zero_star",), ("slg",), ("cfg_norm", 0.5))
+    assert with_skip_layer_guidance(m, "9", 1.0, 0.0, 1.0).post_cfg == (("cfg_zero_star",), ("cfg_norm", 0.5),
+                                                                       ("slg",))
+    with pytest.raises(Exception, match="unknown post-CFG"):
+        CFGDenoiser(toy, text(1.0), None, post_cfg=[("apg",)])
