@@ -315,3 +315,23 @@ def test_cfg_zero_star_through_ksampler_and_custom(executor):
     euler = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
     via_c = _pixels(ex, root, {**_base(), **patch, **_custom(("30", 0), euler)}, "24")
     assert np.array_equal(via_k, via_c) and not np.array_equal(via_k, plain)
+
+
+def test_dual_cfg_guider_workflow(executor):
+    """DualCFGGuider with cond2 = cond1 (regular): neg + (cond - neg) * cfg_cond2_negative, CFGGuider's image at
+    that cfg (three passes instead of one batched pair: a level of rounding apart at most); a different cond2
+    changes it."""
+    ex, root = executor
+    m = ("1", 0)
+    euler = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    cfg = _custom(m, euler)
+    plain = _pixels(ex, root, {**_base(), **cfg}, "24")  # CFGGuider at cfg 4
+    dual = {**cfg, "21": {"class_type": "DualCFGGuider", "inputs": {
+        "model": ["1", 0], "cond1": ["2", 0], "cond2": ["2", 0], "negative": ["3", 0], "cfg_conds": 7.0,
+        "cfg_cond2_negative": 4.0, "style": "regular"}}}
+    same = _pixels(ex, root, {**_base(), **dual}, "24")
+    assert np.abs(same.astype(int) - plain).max() <= 2
+    other = {**_base(), "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a blue square"}},
+             **dual}
+    other["21"] = {**dual["21"], "inputs": {**dual["21"]["inputs"], "cond2": ["6", 0], "style": "nested"}}
+    assert np.abs(_pixels(ex, root, other, "24").astype(int) - plain).max() > 2

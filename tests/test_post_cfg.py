@@ -76,3 +76,35 @@ def test_nodes_record_the_patch_order():
                                                                        ("slg",))
     with pytest.raises(Exception, match="unknown post-CFG"):
         CFGDenoiser(toy, text(1.0), None, post_cfg=[("apg",)])
+
+
+@pytest.mark.parametrize("style, cfg1, cfg2", [("regular", 3.0, 2.0), ("regular", 3.0, 1.0), ("regular", 1.0, 1.0),
+                                               ("nested", 3.0, 2.0)])
+def test_dual_cfg_matches_comfyui(style, cfg1, cfg2):
+    """Guider_DualCFG.predict_noise written out: regular = cfg_function(mid, neg, cfg2) + (pos - mid) * cfg1 (the
+    negative pass skipped at cfg2 1, the middle one too at cfg1 1: zeros), nested = neg + cfg2 * (cfg_function(pos,
+    mid, cfg1) - neg); cfg_function's post-CFG functions (here SLG, then CFG-Zero*) on that call's sides."""
+    from sd35fp8.sampling import DualCFGDenoiser
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.full((2,), 0.4)
+    pos, mid, neg = text(1.0), text(0.3), text(-0.7)
+    slg = SLGConfig(scale=1.5, start=0.0, end=1.0, layers=(1,), window="sigma")
+    got = DualCFGDenoiser(toy, pos, mid, neg, cfg1, cfg2, nested=style == "nested", slg=slg,
+                          post_cfg=[("slg",), ("cfg_zero_star",)])(x, sigma)
+
+    def cfg_function(c, cp, up, scale):
+        out = up + (cp - up) * scale
+        out = out + (cp - (zeros if c is None else denoised(x, sigma, c, skip=True))) * 1.5
+        return zero_star(out, x, cp, up, scale)
+
+    zeros = torch.zeros_like(x)
+    if style == "nested":
+        p, m, n = (denoised(x, sigma, c) for c in (pos, mid, neg))
+        want = n + cfg2 * (cfg_function(pos, p, m, cfg1) - n)
+    else:
+        n = zeros if cfg2 == 1.0 else denoised(x, sigma, neg)
+        m = zeros if cfg2 == 1.0 and cfg1 == 1.0 else denoised(x, sigma, mid)
+        skip_mid = cfg2 == 1.0 and cfg1 == 1.0  # ComfyUI then passes no middle cond (None) to cfg_function
+        want = cfg_function(None if skip_mid else mid, m, n, cfg2) + (denoised(x, sigma, pos) - m) * cfg1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

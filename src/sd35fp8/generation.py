@@ -33,7 +33,7 @@ import torch
 
 from .errors import InputError
 from .models.vae import to_model_space, to_vae_space
-from .sampling import CFGDenoiser, Conditioning, FlowMatching, SLGConfig, ModelFn, get_sigmas, prepare_noise
+from .sampling import CFGDenoiser, Conditioning, DualCFGDenoiser, FlowMatching, SLGConfig, ModelFn, get_sigmas, prepare_noise
 from .sampling import sample as run_sampler
 from .sampling.inpaint import MaskedDenoiser, prepare_mask
 from .step_cache import StepCache
@@ -69,6 +69,8 @@ class SampleSettings:
     # the MODEL's post-CFG functions in patch order: ("slg",), ("cfg_zero_star",), ("cfg_norm", strength)
     # (sampling.guidance CFGDenoiser._finish); empty: skip-layer guidance alone, when `slg` is set
     post_cfg: tuple[tuple, ...] = ()
+    # DualCFGGuider: (cfg_cond2_negative, nested) with `cfg` as its cfg_conds; sample() then takes `middle`
+    dual_cfg: tuple[float, bool] | None = None
 
     @property
     def use_cfg(self) -> bool:
@@ -153,7 +155,8 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
            settings: SampleSettings, *, seed: int, noise: torch.Tensor | None = None, add_noise: bool = True,
            dtype: torch.dtype | None = None, callback: StepCallback | None = None,
            interrupt: Interrupt | None = None, progress: bool = False,
-           mask: torch.Tensor | None = None, cache_stats: dict | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None, cache_stats: dict | None = None,
+           middle: Conditioning | None = None) -> torch.Tensor:
     """One KSampler run: latent [B, 16, h, w] raw (VAE space) on the device -> sampled latent, raw, float32.
 
     `noise` (CPU or device, shaped like `latent`) replaces the draw from `seed` (and add_noise):
@@ -198,9 +201,15 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
     x = ms.noise_scaling(sigmas[0], noise.to(device), x0)  # [B, 16, h, w]
     total = len(sigmas) - 1
     cache = StepCache(model, s.cache_threshold, sigmas) if s.cache_threshold > 0 else None
-    denoiser = CFGDenoiser(model if cache is None else cache, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total,
-                           post_cfg=s.post_cfg,
-                           model_sampling=ms, dtype=dtype)
+    if s.dual_cfg is not None:  # DualCFGGuider: positive, middle, negative
+        if middle is None or uncond is None:
+            raise InputError("dual CFG needs the middle (cond2) and negative conditionings")
+        denoiser = DualCFGDenoiser(model if cache is None else cache, cond, middle, uncond, s.cfg, s.dual_cfg[0],
+                                   s.dual_cfg[1], slg=s.slg, steps=total, model_sampling=ms, dtype=dtype,
+                                   post_cfg=s.post_cfg)
+    else:
+        denoiser = CFGDenoiser(model if cache is None else cache, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total,
+                               post_cfg=s.post_cfg, model_sampling=ms, dtype=dtype)
     if mask is not None:
         denoiser = MaskedDenoiser(denoiser, prepare_mask(mask, tuple(x.shape)).to(device), x0, noise.to(device), ms)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .guidance import CFGDenoiser, CondEntry, CondSet, Conditioning, ModelFn, SLGConfig
+from .guidance import CFGDenoiser, CondEntry, CondSet, Conditioning, DualCFGDenoiser, ModelFn, SLGConfig
 from .model_sampling import FlowMatching, time_snr_shift
 from .noise import BrownianTreeNoiseSampler, default_noise_sampler, noise_scaling, prepare_noise
 from .samplers import SAMPLERS, get_sampler, sample
@@ -10,6 +10,7 @@ from .schedulers import SCHEDULERS, calculate_sigmas, check_scheduler, get_sigma
 
 __all__ = [
     "CFGDenoiser",
+    "DualCFGDenoiser",
     "CondEntry",
     "CondSet",
     "Conditioning",

@@ -376,12 +376,14 @@ class CFGDenoiser:
         return self._finish(x, sigma, cond_x0, uncond_x0,
                             lambda: self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers, controls=c_ctl))
 
-    def _finish(self, x, sigma, cond_x0: torch.Tensor, uncond_x0: torch.Tensor | None, skip_x0) -> torch.Tensor:
+    def _finish(self, x, sigma, cond_x0: torch.Tensor, uncond_x0: torch.Tensor | None, skip_x0,
+                cfg: float | None = None) -> torch.Tensor:
         """ComfyUI's cfg_function: uncond + (cond - uncond) * cfg (cond alone when the uncond pass is skipped),
         then the MODEL's post-CFG functions in the order they were patched in (sampler_post_cfg_function):
         skip-layer guidance (skip_x0() runs the cond pass without the layers), CFGZeroStar, CFGNorm. Without an
         uncond pass ComfyUI hands them zeros as the uncond prediction."""
-        out = cond_x0 if uncond_x0 is None else uncond_x0 + (cond_x0 - uncond_x0) * self.cfg
+        cfg = self.cfg if cfg is None else cfg
+        out = cond_x0 if uncond_x0 is None else uncond_x0 + (cond_x0 - uncond_x0) * cfg
         for entry in self.post_cfg:
             if entry[0] == "slg":
                 if self._slg_active(sigma):
@@ -390,9 +392,62 @@ class CFGDenoiser:
             uncond = torch.zeros_like(cond_x0) if uncond_x0 is None else uncond_x0
             if entry[0] == "cfg_zero_star":  # CFG-Zero*: the uncond prediction rescaled by its projection
                 alpha = optimized_scale(x - cond_x0, x - uncond)
-                out = out + uncond * (alpha - 1.0) + self.cfg * uncond * (1.0 - alpha)
+                out = out + uncond * (alpha - 1.0) + cfg * uncond * (1.0 - alpha)
             elif entry[0] == "cfg_norm":  # the result's channel norm capped at the cond prediction's, times strength
                 scale = (cond_x0.norm(dim=1, keepdim=True) / (out.norm(dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
                 out = out * scale * entry[1]
         self.calls += 1
         return out
+
+
+class DualCFGDenoiser(CFGDenoiser):
+    """ComfyUI's DualCFGGuider (comfy_extras/nodes_custom_sampler.py Guider_DualCFG): positive, middle and negative
+    predictions (each side through the regional road: areas and masks paired across all three, as ComfyUI pairs
+    every cond type), combined
+
+        regular  cfg_function(middle, negative, cfg2) + (positive - middle) * cfg1
+                 (cfg2 = 1: no negative pass, zeros; cfg1 = 1 as well: no middle pass either)
+        nested   negative + cfg2 * (cfg_function(positive, middle, cfg1) - negative)
+
+    cfg_function runs the MODEL's post-CFG functions (skip-layer guidance on that call's cond side)."""
+
+    def __init__(self, model: ModelFn, cond: Conditioning | CondSet, middle: Conditioning | CondSet,
+                 uncond: Conditioning | CondSet, cfg_conds: float, cfg_cond2_negative: float, nested: bool = False,
+                 **kw):
+        for name, v in (("cfg_conds", cfg_conds), ("cfg_cond2_negative", cfg_cond2_negative)):
+            if not math.isfinite(v):
+                raise InputError(f"{name} must be a finite number, got {v!r}")
+        super().__init__(model, cond, uncond, cfg=cfg_cond2_negative, **kw)
+        self.middle = middle
+        self.cfg1, self.cfg2, self.nested = float(cfg_conds), float(cfg_cond2_negative), bool(nested)
+        self.regional = True  # every side through _accumulated: three entry lists
+
+    def _region_entries(self, x: torch.Tensor) -> tuple[list[CondEntry], ...]:
+        dims = tuple(x.shape[-2:])
+        if dims not in self._regions:
+            sides = [[regions.resolve(e, dims, x.device) for e in _entries(c)]
+                     for c in (self.cond, self.middle, self.uncond)]
+            regions.pair(sides)
+            for e in (e for side in sides for e in side):
+                self._windows.setdefault(id(e), self._window(e))
+            self._regions[dims] = tuple(sides)
+        return self._regions[dims]
+
+    def _call_regional(self, x, sigma) -> torch.Tensor:
+        pos, mid, neg = self._region_entries(x)
+        if self.nested:
+            pos_p, mid_p, neg_p = (self._accumulated(side, x, sigma) for side in (pos, mid, neg))
+            text = self._finish(x, sigma, pos_p, mid_p, lambda: self._accumulated(pos, x, sigma, self.slg.layers),
+                                cfg=self.cfg1)
+            return neg_p + self.cfg2 * (text - neg_p)
+        skip_neg = math.isclose(self.cfg2, 1.0)
+        skip_mid = skip_neg and math.isclose(self.cfg1, 1.0)
+        zeros = torch.zeros_like(x, dtype=torch.float32)
+        neg_p = zeros if skip_neg else self._accumulated(neg, x, sigma)
+        mid_p = zeros if skip_mid else self._accumulated(mid, x, sigma)
+        pos_p = self._accumulated(pos, x, sigma)
+        # no middle pass: ComfyUI's post-CFG functions get no middle conditioning either (their passes give 0)
+        out = self._finish(x, sigma, mid_p, neg_p,
+                           lambda: zeros if skip_mid else self._accumulated(mid, x, sigma, self.slg.layers), cfg=self.cfg2)
+        return out + (pos_p - mid_p) * self.cfg1
+

@@ -37,6 +37,9 @@ class Guider:
     positive: list
     negative: list | None
     cfg: float
+    middle: list | None = None  # DualCFGGuider's cond2, with cfg2 (its cfg_cond2_negative) and style
+    cfg2: float = 1.0
+    nested: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,13 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
         return {"samples": latent["samples"]}, {"samples": latent["samples"]}
     cond = conditioning_of(guider.positive, "positive", dev)  # Conditioning, or CondSet for combined ones
     uncond = None if guider.negative is None else conditioning_of(guider.negative, "negative", dev)
+    middle = None if guider.middle is None else conditioning_of(guider.middle, "cond2", dev)
     model = guider.model
     settings = generation.SampleSettings(
         steps=len(sigmas) - 1, cfg=guider.cfg if uncond is not None else 1.0, sampler=sampler.name,
         scheduler="simple", shift=model.shift, slg=slg_config(model), sigmas=tuple(float(v) for v in sigmas),
-        sampler_options=sampler.options, cache_threshold=ctx.engine_options.cache_threshold, post_cfg=model.post_cfg)
+        sampler_options=sampler.options, cache_threshold=ctx.engine_options.cache_threshold, post_cfg=model.post_cfg,
+        dual_cfg=None if middle is None else (guider.cfg2, guider.nested))
     last: dict[str, torch.Tensor] = {}
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
@@ -81,7 +86,8 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     with lora_active(model):
         out = generation.sample(model.mmdit, cond, uncond, samples, settings, seed=noise.seed or 0,
                                 noise=noise.generate(samples, latent.get("batch_index")), dtype=ctx.dtype,
-                                callback=on_step, interrupt=ctx.check_interrupt, mask=noise_mask_of(latent, dev))
+                                callback=on_step, interrupt=ctx.check_interrupt, mask=noise_mask_of(latent, dev),
+                                middle=middle)
     out = out.float().cpu()
     denoised = to_vae_space(last["x0"]).float().cpu() if "x0" in last else out
     return {**latent, "samples": out}, {**latent, "samples": denoised}
@@ -303,6 +309,27 @@ class CFGGuider(Node):
         return (Guider(model, positive, negative, float(cfg)),)
 
 
+class DualCFGGuider(Node):
+    """Two conditionings against one negative (ComfyUI's Guider_DualCFG; sampling.guidance.DualCFGDenoiser)."""
+
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+    CATEGORY = "sampling/custom_sampling/guiders"
+    DISPLAY_NAME = "Dual CFG Guider"
+    PYTHON_MODULE = "comfy_extras.nodes_custom_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        cfg = ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01})
+        return {"required": {"model": ("MODEL",), "cond1": ("CONDITIONING",), "cond2": ("CONDITIONING",),
+                             "negative": ("CONDITIONING",), "cfg_conds": cfg, "cfg_cond2_negative": cfg,
+                             "style": (["regular", "nested"],)}}
+
+    def get_guider(self, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style="regular"):
+        return (Guider(model, cond1, negative, float(cfg_conds), middle=cond2, cfg2=float(cfg_cond2_negative),
+                       nested=style == "nested"),)
+
+
 class SamplerCustomAdvanced(Node):
     RETURN_TYPES = ("LATENT", "LATENT")
     RETURN_NAMES = ("output", "denoised_output")
@@ -379,5 +406,5 @@ class AddNoise(Node):
 SAMPLING_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     KSamplerSelect, BasicScheduler, RandomNoise, DisableNoise, SetFirstSigma, SplitSigmas, BasicGuider, CFGGuider,
     SamplerCustomAdvanced, SamplerCustom, SamplerEulerAncestral, SamplerDPMPP_2S_Ancestral, SamplerLMS, SamplerDPMPP_SDE,
-    SamplerDPMPP_2M_SDE, SamplerDPMPP_3M_SDE, AddNoise,
+    SamplerDPMPP_2M_SDE, SamplerDPMPP_3M_SDE, AddNoise, DualCFGGuider,
 )}
