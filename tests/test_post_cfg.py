@@ -108,3 +108,14 @@ def test_dual_cfg_matches_comfyui(style, cfg1, cfg2):
         skip_mid = cfg2 == 1.0 and cfg1 == 1.0  # ComfyUI then passes no middle cond (None) to cfg_function
         want = cfg_function(None if skip_mid else mid, m, n, cfg2) + (denoised(x, sigma, pos) - m) * cfg1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_model_passes_the_model_through():
+    from sd35fp8.workflow.folders import ModelFolders
+    from sd35fp8.workflow.node_base import NodeContext
+
+    model = SD3Model(mmdit=None, shift=2.5)
+    node = NODE_CLASS_MAPPINGS["TorchCompileModel"](NodeContext(folders=ModelFolders(".")))
+    assert node.patch(model, "inductor") == (model,)
+    assert NODE_CLASS_MAPPINGS["TorchCompileModel"].INPUT_TYPES(None)["required"]["backend"][0] == ["inductor",
+                                                                                                    "cudagraphs"]
