@@ -427,3 +427,9 @@ def test_latent_batch_and_seed_behavior():
     assert "batch_index" not in out and given["batch_index"] == [5, 6, 7] and out["samples"] is lat["samples"]
     with pytest.raises(InputError, match="LatentBatchSeedBehavior: seed_behavior 'same' is not one of"):
         run("LatentBatchSeedBehavior", samples=lat, seed_behavior="same")
+
+
+def test_get_image_size():
+    from sd35fp8.workflow.nodes_image import GetImageSize
+
+    assert GetImageSize(None).get_size(torch.zeros(3, 40, 56, 3)) == (56, 40, 3)

@@ -266,8 +266,29 @@ class ImageFlip(Node):
         return (torch.flip(image, dims=[1] if flip_method.startswith("x") else [2]),)
 
 
+class GetImageSize(Node):
+    """The image's width, height and batch size (comfy_extras/nodes_images.py; its size text on the node is a web
+    UI nicety not sent here)."""
+
+    RETURN_TYPES = ("INT", "INT", "INT")
+    RETURN_NAMES = ("width", "height", "batch_size")
+    FUNCTION = "get_size"
+    CATEGORY = "image"
+    DISPLAY_NAME = "Get Image Size"
+    DESCRIPTION = "Returns width and height of the image, and passes it through unchanged."
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"image": ("IMAGE",)}}
+
+    def get_size(self, image):
+        image = check_image("GetImageSize", "image", image)
+        return (int(image.shape[2]), int(image.shape[1]), int(image.shape[0]))
+
+
 IMAGE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     LoadImageMask, ImageBatch, EmptyImage, ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip,
+    GetImageSize,
 )}
-for _cls in (ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip):
+for _cls in (ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip, GetImageSize):
     _cls.PYTHON_MODULE = "comfy_extras.nodes_images"
