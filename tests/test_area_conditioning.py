@@ -262,3 +262,17 @@ def test_area_with_controlnet_and_odd_crop(tmp_path):
     }
     result = ex.execute(prompt, prompt_id="c", extra_data={}, execute_outputs=["5"])
     assert result.success, result.error
+
+
+def test_step_cache_is_off_for_regional_runs():
+    """Calls on crops (and on sides) of equal shapes would share one cache stream: the run samples uncached."""
+    from sd35fp8 import generation
+
+    pos = node("ConditioningCombine", node("ConditioningSetArea", text(1.0), 64, 128, 0, 0, 1.0),
+               node("ConditioningSetArea", text(-1.0), 64, 128, 64, 0, 1.0))
+    settings = generation.SampleSettings(steps=4, cfg=3.0, sampler="euler", scheduler="simple", cache_threshold=1.0)
+    stats: dict = {}
+    latent = torch.zeros(1, 4, 16, 16)
+    out = generation.sample(toy_model, conditioning_of(pos, "positive"), conditioning_of(text(0.3), "negative"),
+                            latent, settings, seed=1, cache_stats=stats)
+    assert out.shape == latent.shape and stats == {}

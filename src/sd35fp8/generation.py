@@ -200,16 +200,19 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
         x0 = to_model_space(x0)
     x = ms.noise_scaling(sigmas[0], noise.to(device), x0)  # [B, 16, h, w]
     total = len(sigmas) - 1
-    cache = StepCache(model, s.cache_threshold, sigmas) if s.cache_threshold > 0 else None
     if s.dual_cfg is not None:  # DualCFGGuider: positive, middle, negative
         if middle is None or uncond is None:
             raise InputError("dual CFG needs the middle (cond2) and negative conditionings")
-        denoiser = DualCFGDenoiser(model if cache is None else cache, cond, middle, uncond, s.cfg, s.dual_cfg[0],
-                                   s.dual_cfg[1], slg=s.slg, steps=total, model_sampling=ms, dtype=dtype,
-                                   post_cfg=s.post_cfg)
+        denoiser = DualCFGDenoiser(model, cond, middle, uncond, s.cfg, s.dual_cfg[0], s.dual_cfg[1], slg=s.slg,
+                                   steps=total, model_sampling=ms, dtype=dtype, post_cfg=s.post_cfg)
     else:
-        denoiser = CFGDenoiser(model if cache is None else cache, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total,
-                               post_cfg=s.post_cfg, model_sampling=ms, dtype=dtype)
+        denoiser = CFGDenoiser(model, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total, post_cfg=s.post_cfg,
+                               model_sampling=ms, dtype=dtype)
+    cache = None
+    if s.cache_threshold > 0 and denoiser.regional:  # calls on crops and sides of equal shapes would share one
+        logger.info("step cache off for this run: area / mask conditioning or dual CFG")  # stream: no skipping
+    elif s.cache_threshold > 0:
+        cache = denoiser.model = StepCache(model, s.cache_threshold, sigmas)
     if mask is not None:
         denoiser = MaskedDenoiser(denoiser, prepare_mask(mask, tuple(x.shape)).to(device), x0, noise.to(device), ms)
 
