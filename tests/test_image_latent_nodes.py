@@ -22,7 +22,7 @@ from sd35fp8.workflow.nodes import node_info
 from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_latent_ops import LATENT_OPS_NODES
 
-NODES = {**IMAGE_NODES, **LATENT_OPS_NODES}
+NODES = {k: v for k, v in {**IMAGE_NODES, **LATENT_OPS_NODES}.items() if k != "GetImageSize"}  # 3 INT outputs
 CTX = NodeContext(folders=None)
 
 
@@ -80,6 +80,8 @@ SPEC = {
 
 def test_object_info_entries():
     assert set(NODES) == set(SPEC) and not set(IMAGE_NODES) & set(LATENT_OPS_NODES)
+    info = node_info("GetImageSize", IMAGE_NODES["GetImageSize"])
+    assert info["output"] == ["INT", "INT", "INT"] and info["output_name"] == ["width", "height", "batch_size"]
     for name, cls in NODES.items():
         info = json.loads(json.dumps(node_info(name, cls)))  # JSON-ready
         module, category, function, display, order = SPEC[name]
