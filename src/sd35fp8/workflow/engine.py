@@ -668,11 +668,45 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
     return results
 
 
-def _claim_name(tmp: Path, folder: Path, name: str, counter: int) -> tuple[int, str]:
-    """Give the finished file `tmp` the name {name}_{counter:05}_.png, counting up past names another writer took
+def save_latent(samples: torch.Tensor, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> dict:
+    """SaveLatent: `{prefix}_{counter:05}_.latent` (safetensors: latent_tensor, latent_format_version_0; metadata
+    prompt and each extra_pnginfo key as JSON), written whole, then named as save_images does."""
+    from safetensors.torch import save_file
+
+    try:
+        folder, base, counter, subfolder = save_image_path(prefix, output_dir)
+    except OSError as e:
+        raise OutputError(f"cannot use the output folder {output_dir}: {e.strerror or e}") from e
+    meta = {} if prompt is None else {"prompt": json.dumps(prompt)}
+    meta.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
+    tmp = folder / f".{base}_{uuid.uuid4().hex}.partial"
+    try:
+        save_file({"latent_tensor": samples.contiguous().cpu(), "latent_format_version_0": torch.tensor([])},
+                  str(tmp), metadata=meta)
+        counter, file = _claim_name(tmp, folder, base, counter, ".latent")
+    except OSError as e:
+        raise OutputError(f"cannot write a latent into the output folder {folder}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"filename": file, "subfolder": subfolder, "type": "output"}
+
+
+def load_latent(path: Path) -> dict[str, torch.Tensor]:
+    """LoadLatent: a .latent file's tensor, times 1 / 0.18215 for files older than latent_format_version_0."""
+    from sd35fp8.checkpoints.safetensors_file import SafetensorsFile
+
+    f = SafetensorsFile(path)  # validated header: a clear error for truncated or foreign files
+    if "latent_tensor" not in f.keys():
+        raise InputError(f"{path.name}: not a latent file (no latent_tensor)")
+    multiplier = 1.0 if "latent_format_version_0" in f.keys() else 1.0 / 0.18215
+    return {"samples": f.get("latent_tensor").float() * multiplier}
+
+
+def _claim_name(tmp: Path, folder: Path, name: str, counter: int, ext: str = ".png") -> tuple[int, str]:
+    """Give the finished file `tmp` the name {name}_{counter:05}_{ext}, counting up past names another writer took
     meanwhile (os.link fails on an existing name); a filesystem without hard links gets os.replace."""
     while True:
-        file = f"{name}_{counter:05}_.png"
+        file = f"{name}_{counter:05}_{ext}"
         try:
             os.link(tmp, folder / file)
             return counter, file

@@ -209,6 +209,12 @@ class ModelFolders:
         name, kind = split_annotation(name, default)
         return self.folder_of(kind) / safe_relative_name(name, f"{kind} image name")
 
+    def input_latents(self) -> list[str]:
+        """.latent files directly in input/ (LoadLatent's list)."""
+        if not self.input_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.input_dir.iterdir() if p.is_file() and p.name.endswith(".latent"))
+
     def input_image_path(self, name: str) -> Path:
         path = self.annotated_path(name)
         if not path.is_file():

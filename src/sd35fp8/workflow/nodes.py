@@ -28,6 +28,7 @@ from sd35fp8.workflow.nodes_guidance import GUIDANCE_NODES
 from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
+from sd35fp8.workflow.nodes_latent_files import LATENT_FILE_NODES
 from sd35fp8.workflow.nodes_latent_ops import LATENT_OPS_NODES
 from sd35fp8.workflow.nodes_mask import MASK_NODES
 from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
@@ -743,6 +744,7 @@ NODE_CLASS_MAPPINGS.update(IMAGE_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_OPS_NODES)
 NODE_CLASS_MAPPINGS.update(STRING_NODES)
 NODE_CLASS_MAPPINGS.update(GUIDANCE_NODES)
+NODE_CLASS_MAPPINGS.update(LATENT_FILE_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_NODES)
 NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)
