@@ -203,11 +203,11 @@ class ModelFolders:
         """The folder of a ComfyUI file type ("output", "input", "temp"); None for any other."""
         return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(kind)
 
-    def annotated_path(self, name: str, default: str = "input") -> Path:
+    def annotated_path(self, name: str, default: str = "input", what: str = "image") -> Path:
         """ComfyUI folder_paths.get_annotated_filepath: 'a.png [output]' / '[input]' / '[temp]' picks the
-        folder (else `default`); subfolders ('pasted/a.png') stay inside it."""
+        folder (else `default`); subfolders ('pasted/a.png') stay inside it. `what` names the file in errors."""
         name, kind = split_annotation(name, default)
-        return self.folder_of(kind) / safe_relative_name(name, f"{kind} image name")
+        return self.folder_of(kind) / safe_relative_name(name, f"{kind} {what} name")
 
     def input_latents(self) -> list[str]:
         """.latent files directly in input/ (LoadLatent's list)."""

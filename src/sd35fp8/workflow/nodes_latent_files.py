@@ -52,7 +52,7 @@ class LoadLatent(Node):
 
     @staticmethod
     def _path(folders, latent):
-        return folders.annotated_path(latent)
+        return folders.annotated_path(latent, what="latent")
 
     def load(self, latent):
         path = self._path(self.ctx.folders, latent)
