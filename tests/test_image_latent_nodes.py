@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sd35fp8.errors import InputError
@@ -22,7 +23,8 @@ from sd35fp8.workflow.nodes import node_info
 from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_latent_ops import LATENT_OPS_NODES
 
-NODES = {k: v for k, v in {**IMAGE_NODES, **LATENT_OPS_NODES}.items() if k != "GetImageSize"}  # 3 INT outputs
+NODES = {k: v for k, v in {**IMAGE_NODES, **LATENT_OPS_NODES}.items()
+         if k not in ("GetImageSize", "ImageScaleToMaxDimension")}  # checked on their own below
 CTX = NodeContext(folders=None)
 
 
@@ -435,3 +437,15 @@ def test_get_image_size():
     from sd35fp8.workflow.nodes_image import GetImageSize
 
     assert GetImageSize(None).get_size(torch.zeros(3, 40, 56, 3)) == (56, 40, 3)
+
+
+def test_image_scale_to_max_dimension():
+    from sd35fp8.workflow.nodes_image import ImageScaleToMaxDimension
+
+    img = torch.rand(2, 30, 50, 3)
+    (out,) = ImageScaleToMaxDimension(None).upscale(img, "bilinear", 20)
+    want = F.interpolate(img.movedim(-1, 1), size=(round(30 / 50 * 20), 20), mode="bilinear").movedim(1, -1)
+    torch.testing.assert_close(out, want)
+    assert ImageScaleToMaxDimension(None).upscale(torch.rand(1, 8, 8, 3), "area", 12)[0].shape == (1, 12, 12, 3)
+    with pytest.raises(InputError):
+        ImageScaleToMaxDimension(None).upscale(img, "area", 0)

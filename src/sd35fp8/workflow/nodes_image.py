@@ -286,9 +286,37 @@ class GetImageSize(Node):
         return (int(image.shape[2]), int(image.shape[1]), int(image.shape[0]))
 
 
+class ImageScaleToMaxDimension(Node):
+    """The image scaled so its longer side is `largest_size` (the other rounded to keep the aspect ratio; a square
+    to largest_size both ways), comfy_extras/nodes_images.py; its method list keeps ComfyUI's repeated bilinear."""
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "upscale"
+    CATEGORY = "image/upscaling"
+    DISPLAY_NAME = "Scale Image to Max Dimension"
+    METHODS = ["area", "lanczos", "bilinear", "nearest-exact", "bilinear", "bicubic"]
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"image": ("IMAGE",), "upscale_method": (cls.METHODS,),
+                             "largest_size": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1})}}
+
+    def upscale(self, image, upscale_method, largest_size):
+        image = check_image("ImageScaleToMaxDimension", "image", image)
+        height, width = image.shape[1], image.shape[2]
+        if height > width:
+            width, height = round((width / height) * largest_size), largest_size
+        elif width > height:
+            width, height = largest_size, round((height / width) * largest_size)
+        else:
+            width = height = largest_size
+        _check_canvas("ImageScaleToMaxDimension", image.shape[0], height, width)
+        return (common_upscale(image.movedim(-1, 1), width, height, upscale_method, "disabled").movedim(1, -1),)
+
+
 IMAGE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     LoadImageMask, ImageBatch, EmptyImage, ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip,
-    GetImageSize,
+    GetImageSize, ImageScaleToMaxDimension,
 )}
-for _cls in (ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip, GetImageSize):
+for _cls in (ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip, GetImageSize, ImageScaleToMaxDimension):
     _cls.PYTHON_MODULE = "comfy_extras.nodes_images"
