@@ -24,7 +24,7 @@ from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_latent_ops import LATENT_OPS_NODES
 
 NODES = {k: v for k, v in {**IMAGE_NODES, **LATENT_OPS_NODES}.items()
-         if k not in ("GetImageSize", "ImageScaleToMaxDimension")}  # checked on their own below
+         if k not in ("GetImageSize", "ImageScaleToMaxDimension", "ImageBlend")}  # checked on their own below
 CTX = NodeContext(folders=None)
 
 
@@ -449,3 +449,21 @@ def test_image_scale_to_max_dimension():
     assert ImageScaleToMaxDimension(None).upscale(torch.rand(1, 8, 8, 3), "area", 12)[0].shape == (1, 12, 12, 3)
     with pytest.raises(InputError):
         ImageScaleToMaxDimension(None).upscale(img, "area", 0)
+
+
+@pytest.mark.parametrize("mode", ["normal", "multiply", "screen", "overlay", "soft_light", "difference"])
+def test_image_blend(mode):
+    from sd35fp8.workflow.nodes_image import ImageBlend
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(2, 6, 5, 3, generator=g), torch.rand(2, 6, 5, 3, generator=g)
+    ref = {"normal": b, "multiply": a * b, "screen": 1 - (1 - a) * (1 - b),
+           "overlay": torch.where(a <= 0.5, 2 * a * b, 1 - 2 * (1 - a) * (1 - b)),
+           "soft_light": torch.where(b <= 0.5, a - (1 - 2 * b) * a * (1 - a),
+                                     a + (2 * b - 1) * (torch.where(a <= 0.25, ((16 * a - 12) * a + 4) * a,
+                                                                    a.sqrt()) - a)),
+           "difference": a - b}[mode]
+    (out,) = ImageBlend(None).blend_images(a, b, 0.3, mode)
+    torch.testing.assert_close(out, torch.clamp(a * 0.7 + ref * 0.3, 0, 1))
+    (resized,) = ImageBlend(None).blend_images(a, torch.rand(1, 12, 10, 3, generator=g), 0.5, mode)
+    assert resized.shape == a.shape

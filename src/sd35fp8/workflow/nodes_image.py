@@ -314,9 +314,59 @@ class ImageScaleToMaxDimension(Node):
         return (common_upscale(image.movedim(-1, 1), width, height, upscale_method, "disabled").movedim(1, -1),)
 
 
+class ImageBlend(Node):
+    """image1 blended with image2 (resized bicubic, centre-cropped, to image1's size when they differ) by a blend
+    mode, then mixed by blend_factor and clamped (comfy_extras/nodes_post_processing.py Blend)."""
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "blend_images"
+    CATEGORY = "image/postprocessing"
+    DISPLAY_NAME = "Image Blend"
+    MODES = ["normal", "multiply", "screen", "overlay", "soft_light", "difference"]
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",),
+                             "blend_factor": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
+                             "blend_mode": (cls.MODES,)}}
+
+    def blend_images(self, image1, image2, blend_factor, blend_mode):
+        image1 = check_image("ImageBlend", "image1", image1)
+        image2 = check_image("ImageBlend", "image2", image2)
+        if image1.shape[-1] != image2.shape[-1]:
+            raise InputError(f"ImageBlend: image1 has {image1.shape[-1]} channels, image2 {image2.shape[-1]}")
+        if image1.shape != image2.shape:
+            image2 = common_upscale(image2.movedim(-1, 1), image1.shape[2], image1.shape[1], "bicubic",
+                                    "center").movedim(1, -1)
+            if image2.shape[0] != image1.shape[0]:
+                if image1.shape[0] % image2.shape[0]:
+                    raise InputError(f"ImageBlend: {image2.shape[0]} images cannot blend into {image1.shape[0]}")
+                image2 = image2.repeat(image1.shape[0] // image2.shape[0], 1, 1, 1)
+        blended = self._mode(image1, image2, blend_mode)
+        return (torch.clamp(image1 * (1 - blend_factor) + blended * blend_factor, 0, 1),)
+
+    @staticmethod
+    def _mode(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "normal":
+            return b
+        if mode == "multiply":
+            return a * b
+        if mode == "screen":
+            return 1 - (1 - a) * (1 - b)
+        if mode == "overlay":
+            return torch.where(a <= 0.5, 2 * a * b, 1 - 2 * (1 - a) * (1 - b))
+        if mode == "soft_light":
+            g = torch.where(a <= 0.25, ((16 * a - 12) * a + 4) * a, torch.sqrt(a))
+            return torch.where(b <= 0.5, a - (1 - 2 * b) * a * (1 - a), a + (2 * b - 1) * (g - a))
+        if mode == "difference":
+            return a - b
+        raise InputError(f"ImageBlend: blend_mode {mode!r} is not one of {ImageBlend.MODES}")
+
+
 IMAGE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     LoadImageMask, ImageBatch, EmptyImage, ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip,
-    GetImageSize, ImageScaleToMaxDimension,
+    GetImageSize, ImageScaleToMaxDimension, ImageBlend,
 )}
+ImageBlend.PYTHON_MODULE = "comfy_extras.nodes_post_processing"
 for _cls in (ImageCrop, RepeatImageBatch, ImageFromBatch, ImageRotate, ImageFlip, GetImageSize, ImageScaleToMaxDimension):
     _cls.PYTHON_MODULE = "comfy_extras.nodes_images"
