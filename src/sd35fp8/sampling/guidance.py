@@ -317,16 +317,21 @@ class CFGDenoiser:
         return self._finish(x, sigma, cond_x0, uncond_x0,
                             lambda: self._combined(as_entries(cond), x, sigma, self.slg.layers))
 
-    def _region_entries(self, x: torch.Tensor) -> tuple[list[CondEntry], list[CondEntry]]:
-        """Both sides' entries resolved for x's latent size and paired by area (sampling/regions.py), once a size."""
+    def _sides(self) -> tuple[Conditioning | CondSet | None, ...]:
+        """The conditionings whose predictions a step combines (DualCFGDenoiser adds the middle one)."""
+        return self.cond, self.uncond
+
+    def _region_entries(self, x: torch.Tensor) -> tuple[list[CondEntry], ...]:
+        """Every side's entries resolved for x's latent size and paired by area (sampling/regions.py), once a size;
+        an absent side (no uncond) has none."""
         dims = tuple(x.shape[-2:])
         if dims not in self._regions:
-            sides = [[regions.resolve(e, dims, x.device) for e in _entries(c)] for c in (self.cond, self.uncond)
-                     if c is not None]
+            sides = [[] if c is None else [regions.resolve(e, dims, x.device) for e in _entries(c)]
+                     for c in self._sides()]
             regions.pair(sides)
             for e in (e for side in sides for e in side):
                 self._windows.setdefault(id(e), self._window(e))
-            self._regions[dims] = (sides[0], sides[1] if len(sides) > 1 else [])
+            self._regions[dims] = tuple(sides)
         return self._regions[dims]
 
     def _accumulated(self, entries: list[CondEntry], x, sigma, skip_layers=()) -> torch.Tensor:
@@ -422,16 +427,8 @@ class DualCFGDenoiser(CFGDenoiser):
         self.cfg1, self.cfg2, self.nested = float(cfg_conds), float(cfg_cond2_negative), bool(nested)
         self.regional = True  # every side through _accumulated: three entry lists
 
-    def _region_entries(self, x: torch.Tensor) -> tuple[list[CondEntry], ...]:
-        dims = tuple(x.shape[-2:])
-        if dims not in self._regions:
-            sides = [[regions.resolve(e, dims, x.device) for e in _entries(c)]
-                     for c in (self.cond, self.middle, self.uncond)]
-            regions.pair(sides)
-            for e in (e for side in sides for e in side):
-                self._windows.setdefault(id(e), self._window(e))
-            self._regions[dims] = tuple(sides)
-        return self._regions[dims]
+    def _sides(self) -> tuple[Conditioning | CondSet | None, ...]:
+        return self.cond, self.middle, self.uncond
 
     def _call_regional(self, x, sigma) -> torch.Tensor:
         pos, mid, neg = self._region_entries(x)
@@ -447,7 +444,7 @@ class DualCFGDenoiser(CFGDenoiser):
         mid_p = zeros if skip_mid else self._accumulated(mid, x, sigma)
         pos_p = self._accumulated(pos, x, sigma)
         # no middle pass: ComfyUI's post-CFG functions get no middle conditioning either (their passes give 0)
-        out = self._finish(x, sigma, mid_p, neg_p,
-                           lambda: zeros if skip_mid else self._accumulated(mid, x, sigma, self.slg.layers), cfg=self.cfg2)
+        skip_mid_x0 = lambda: zeros if skip_mid else self._accumulated(mid, x, sigma, self.slg.layers)  # noqa: E731
+        out = self._finish(x, sigma, mid_p, neg_p, skip_mid_x0, cfg=self.cfg2)
         return out + (pos_p - mid_p) * self.cfg1
 

@@ -24,6 +24,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sd35fp8.workflow.graph import is_link
 from sd35fp8.workflow.nodes_sigmas import manual_sigma_count
 
 JSON_TYPES = ("application/json",)  # and any application/*+json
@@ -262,8 +263,8 @@ def check_prompt_size(prompt: dict, limits: Limits) -> None:
 def _literal_int(inputs: dict, name: str, default: int = 0, prompt: dict | None = None) -> int:
     """An int input's literal value, or the value of the PrimitiveInt it is linked to; `default` otherwise."""
     value = inputs.get(name, default)
-    if prompt is not None and isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-        source = prompt.get(value[0])
+    if prompt is not None and is_link(value):
+        source = prompt.get(str(value[0]))
         if isinstance(source, dict) and source.get("class_type") == "PrimitiveInt":
             value = (source.get("inputs") or {}).get("value", default)
     return value if isinstance(value, int) and not isinstance(value, bool) else default

@@ -628,10 +628,16 @@ def save_image_path(prefix: str, output_dir: Path, width: int = 0, height: int =
     return Path(folder), filename, counter + 1, subfolder
 
 
+def pixels_uint8(image: torch.Tensor) -> Any:
+    """One IMAGE [H, W, C] in [0, 1] -> uint8 numpy [H, W, C], as ComfyUI's SaveImage (truncated, not rounded)."""
+    import numpy as np
+
+    return np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+
+
 def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any,
                 folder_type: str, compress_level: int) -> list[dict[str, str]]:
     """SaveImage: `{prefix}_{counter:05}_.png` with tEXt `prompt` and each extra_pnginfo key as JSON."""
-    import numpy as np
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -642,7 +648,7 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
                           f"(check that it is a writable folder)") from e
     results = []
     for batch_number, image in enumerate(images):  # [H, W, C]
-        arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+        arr = pixels_uint8(image)
         meta = PngInfo()
         if prompt is not None:
             meta.add_text("prompt", json.dumps(prompt))

@@ -714,13 +714,11 @@ class SaveImageWebsocket(Node):
         return time.time()  # ComfyUI: never served from the cache, the frames go out on every run
 
     def save_images(self, images):
-        import numpy as np
         from PIL import Image
 
         for step, image in enumerate(images):  # [H, W, C]
-            arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # ComfyUI's send_image
+            buf = io.BytesIO()  # PNG at compress_level 1: ComfyUI's send_image
+            Image.fromarray(engine.pixels_uint8(image)).save(buf, format="PNG", compress_level=1)
             self.ctx.image_frame(step, images.shape[0], buf.getvalue(), "PNG")
         return {}
 

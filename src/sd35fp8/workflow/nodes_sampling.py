@@ -9,7 +9,7 @@ schedulers and the nodes that edit SIGMAS are in nodes_sigmas.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -62,7 +62,8 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     the latent's noise_mask (inpainting), the server's step cache."""
     from sd35fp8 import generation
     from sd35fp8.models.vae import to_vae_space
-    from sd35fp8.workflow.engine import conditioning_of, fix_empty_latent_channels, lora_active, noise_mask_of, slg_config
+    from sd35fp8.workflow.engine import (conditioning_of, fix_empty_latent_channels, lora_active, noise_mask_of,
+                                         sample_settings)
 
     dev = torch.device(ctx.device)
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)
@@ -72,11 +73,12 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     uncond = None if guider.negative is None else conditioning_of(guider.negative, "negative", dev)
     middle = None if guider.middle is None else conditioning_of(guider.middle, "cond2", dev)
     model = guider.model
-    settings = generation.SampleSettings(
-        steps=len(sigmas) - 1, cfg=guider.cfg if uncond is not None else 1.0, sampler=sampler.name,
-        scheduler="simple", shift=model.shift, slg=slg_config(model), sigmas=tuple(float(v) for v in sigmas),
-        sampler_options=sampler.options, cache_threshold=ctx.engine_options.cache_threshold, post_cfg=model.post_cfg,
-        dual_cfg=None if middle is None else (guider.cfg2, guider.nested))
+    # the MODEL's patches (shift, SLG, post-CFG) as KSampler takes them; the schedule given whole
+    settings = replace(sample_settings(model, len(sigmas) - 1, guider.cfg if uncond is not None else 1.0,
+                                       sampler.name, "simple"),
+                       sigmas=tuple(float(v) for v in sigmas), sampler_options=sampler.options,
+                       cache_threshold=ctx.engine_options.cache_threshold,
+                       dual_cfg=None if middle is None else (guider.cfg2, guider.nested))
     last: dict[str, torch.Tensor] = {}
 
     def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
