@@ -94,3 +94,31 @@ def test_apply_node_semantics(setup):
     assert p2[0][1]["control"].previous is p[0][1]["control"]
     with pytest.raises(InputError, match="needs a VAE"):
         apply_control(cond, neg, net, image, 0.7, 0.0, 1.0, None)
+
+
+def test_legacy_apply_and_diff_loader(setup, tmp_path):
+    """ControlNetApply (deprecated, no VAE input) stops with ComfyUI's message for an SD3 ControlNet, or passes the
+    conditioning through at strength 0; DiffControlNetLoader loads the file as ControlNetLoader does."""
+    from safetensors.torch import save_file
+
+    from sd35fp8.workflow.folders import ModelFolders
+    from sd35fp8.workflow.node_base import NodeContext
+    from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
+
+    _, image, _ = setup
+    cond = [[torch.zeros(1, 3, BASE.context_dim), {"pooled_output": torch.zeros(1, BASE.pooled_dim)}]]
+    legacy = NODE_CLASS_MAPPINGS["ControlNetApply"](None)
+    assert legacy.apply_controlnet(cond, tiny_net(1), image, 0.0) == (cond,)
+    with pytest.raises(InputError, match="needs a VAE"):
+        legacy.apply_controlnet(cond, tiny_net(1), image, 0.8)
+    (tmp_path / "controlnet").mkdir()
+    net = tiny_net(1)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "controlnet" / "c.safetensors"))
+    ctx = NodeContext(folders=ModelFolders(tmp_path))
+    (a,) = NODE_CLASS_MAPPINGS["ControlNetLoader"](ctx).load_controlnet("c.safetensors")
+    (b,) = NODE_CLASS_MAPPINGS["DiffControlNetLoader"](ctx).load_controlnet(None, "c.safetensors")
+    assert a.config == b.config
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    info = NODE_CLASS_MAPPINGS["DiffControlNetLoader"].INPUT_TYPES(ModelFolders(tmp_path))["required"]
+    assert list(info) == ["model", "control_net_name"]

@@ -105,6 +105,11 @@ class SLGConfig:
     end: float = SLG_END
     layers: tuple[int, ...] = SLG_LAYERS
     window: str = "steps"  # "steps" (sd3.5 reference) | "sigma" (ComfyUI SkipLayerGuidanceSD3)
+    # SkipLayerGuidanceDiT's rescaling_scale: the guided result's std pulled toward the cond prediction's
+    rescale: float = 0.0
+    # the MODEL's shift when the node patched it (ComfyUI reads its model_sampling then: a ModelSamplingSD3 applied
+    # after the SLG node does not move its window); None: the sampler's
+    shift: float | None = None
 
     def __post_init__(self):
         if self.window not in ("steps", "sigma"):
@@ -117,7 +122,31 @@ class SLGConfig:
         return f"SLG scale {self.scale} layers {list(self.layers)} window {self.start}-{self.end} ({self.window})"
 
 
-POST_CFG = ("slg", "cfg_zero_star", "cfg_norm")
+# The MODEL's sampling patches, as the denoiser takes them (SampleSettings.post_cfg), in the order they were applied:
+#   ("slg",) / ("slg", SLGConfig)   skip-layer guidance (the denoiser's `slg` / its own settings), post-CFG
+#   ("cfg_zero_star",), ("cfg_norm", strength)                                                     post-CFG
+#   ("rescale_cfg", multiplier)     RescaleCFG: replaces the CFG combination itself (ComfyUI's sampler_cfg_function:
+#                                   the last one set wins; it runs before every post-CFG function)
+#   ("slg_uncond", SLGConfig)       SkipLayerGuidanceDiTSimple: inside its window the uncond pass runs without the
+#                                   layers, as its own batch (ComfyUI's sampler_calc_cond_batch_function: last wins)
+POST_CFG = ("slg", "cfg_zero_star", "cfg_norm", "rescale_cfg", "slg_uncond")
+CFG_FUNCTIONS = ("rescale_cfg", "slg_uncond")  # not post-CFG functions: the last of each kind applies
+
+
+def rescale_cfg(x: torch.Tensor, sigma: torch.Tensor, cond_x0: torch.Tensor, uncond_x0: torch.Tensor, cfg: float,
+                multiplier: float) -> torch.Tensor:
+    """ComfyUI's RescaleCFG (comfy_extras/nodes_model_advanced.py) as its sampler_cfg_function computes it for any
+    model: the predictions taken to v-prediction form at sigma (cond = x - cond_x0 as ComfyUI hands it), the CFG
+    result's std per image rescaled to the cond prediction's, blended by `multiplier`, and back to x0."""
+    s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))  # [B, 1, 1, 1]
+    xs = x / (s * s + 1.0)
+    cond = (xs - (x - (x - cond_x0))) * (s ** 2 + 1.0) ** 0.5 / s
+    uncond = (xs - (x - (x - uncond_x0))) * (s ** 2 + 1.0) ** 0.5 / s
+    x_cfg = uncond + cfg * (cond - uncond)
+    ro_pos = torch.std(cond, dim=(1, 2, 3), keepdim=True)
+    ro_cfg = torch.std(x_cfg, dim=(1, 2, 3), keepdim=True)
+    x_final = multiplier * (x_cfg * (ro_pos / ro_cfg)) + (1.0 - multiplier) * x_cfg
+    return x - (x - (xs - x_final * s / (s * s + 1.0) ** 0.5))
 
 
 def optimized_scale(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -236,10 +265,16 @@ class CFGDenoiser:
         bad = [p for p in post if p[0] not in POST_CFG]
         if bad:
             raise InputError(f"unknown post-CFG function(s) {bad}; known: {', '.join(POST_CFG)}")
+        self._cfg_fn = {p[0]: p for p in post if p[0] in CFG_FUNCTIONS}  # the last of each kind
+        post = tuple(p for p in post if p[0] not in CFG_FUNCTIONS)
         self.post_cfg = post if any(p[0] == "slg" for p in post) else (("slg",), *post)
-        if self.slg is not None and self.slg.window == "sigma":
-            self._sigma_hi = self.model_sampling.percent_to_sigma(self.slg.start)
-            self._sigma_lo = self.model_sampling.percent_to_sigma(self.slg.end)
+        # every SLG's settings and sigma window [lo, hi] (ComfyUI: percent_to_sigma(end) <= sigma <= ..(start))
+        self._slg_windows: dict[int, tuple[float, float]] = {}
+        for cfg_ in [self.slg] + [p[1] for p in post if p[0] == "slg" and len(p) > 1] + \
+                [p[1] for p in self._cfg_fn.values() if p[0] == "slg_uncond"]:
+            if cfg_ is not None and cfg_.window == "sigma":
+                ms = self.model_sampling if cfg_.shift is None else FlowMatching(cfg_.shift)
+                self._slg_windows[id(cfg_)] = (ms.percent_to_sigma(cfg_.end), ms.percent_to_sigma(cfg_.start))
         # each CondSet entry's sigma window [lo, hi], float32 as ComfyUI compares the step's sigma tensor
         self._windows = {id(e): self._window(e)
                          for c in (self.cond, self.uncond) if isinstance(c, CondSet) for e in c.entries}
@@ -271,13 +306,21 @@ class CFGDenoiser:
         v = self._velocity(x, sigma, context, pooled, skip_layers, controls)  # [n, C, H, W] float32
         return self.model_sampling.calculate_denoised(sigma, v, x.float())
 
-    def _slg_active(self, sigma: torch.Tensor) -> bool:
-        if self.slg is None:
+    def _slg_active(self, sigma: torch.Tensor, slg: SLGConfig | None = None) -> bool:
+        slg = self.slg if slg is None else slg
+        if slg is None:
             return False
-        if self.slg.window == "steps":
-            return self.slg.start * self.steps < self.calls < self.slg.end * self.steps
-        s = float(sigma[0])
-        return self._sigma_lo <= s <= self._sigma_hi
+        if slg.window == "steps":
+            return slg.start * self.steps < self.calls < slg.end * self.steps
+        lo, hi = self._slg_windows[id(slg)]
+        return lo <= float(sigma[0]) <= hi
+
+    def _uncond_skip(self, sigma: torch.Tensor) -> tuple[int, ...] | None:
+        """SkipLayerGuidanceDiTSimple: the layers the uncond pass skips at this sigma (None: a normal pass)."""
+        entry = self._cfg_fn.get("slg_uncond")
+        if entry is None or not self.use_uncond or not self._slg_active(sigma, entry[1]):
+            return None
+        return entry[1].layers
 
     def _active(self, c: Conditioning | CondSet | None, sigma: torch.Tensor) -> list[CondEntry] | Conditioning | None:
         """A plain conditioning as it is; a CondSet's entries active at this sigma (ComfyUI get_area_and_mult:
@@ -313,9 +356,9 @@ class CFGDenoiser:
             return c if isinstance(c, list) else [CondEntry(c)]
 
         cond_x0 = self._combined(as_entries(cond), x, sigma)
-        uncond_x0 = self._combined(as_entries(uncond), x, sigma) if self.use_uncond else None
-        return self._finish(x, sigma, cond_x0, uncond_x0,
-                            lambda: self._combined(as_entries(cond), x, sigma, self.slg.layers))
+        uncond_x0 = self._combined(as_entries(uncond), x, sigma, self._uncond_skip(sigma) or ()) \
+            if self.use_uncond else None
+        return self._finish(x, sigma, cond_x0, uncond_x0, lambda layers: self._combined(as_entries(cond), x, sigma, layers))
 
     def _sides(self) -> tuple[Conditioning | CondSet | None, ...]:
         """The conditionings whose predictions a step combines (DualCFGDenoiser adds the middle one)."""
@@ -356,8 +399,8 @@ class CFGDenoiser:
         """A step with area or mask conditioning: every entry its own call on its part of x."""
         conds, unconds = self._region_entries(x)
         cond_x0 = self._accumulated(conds, x, sigma)
-        uncond_x0 = self._accumulated(unconds, x, sigma) if self.use_uncond else None
-        return self._finish(x, sigma, cond_x0, uncond_x0, lambda: self._accumulated(conds, x, sigma, self.slg.layers))
+        uncond_x0 = self._accumulated(unconds, x, sigma, self._uncond_skip(sigma) or ()) if self.use_uncond else None
+        return self._finish(x, sigma, cond_x0, uncond_x0, lambda layers: self._accumulated(conds, x, sigma, layers))
 
     def _call_plain(self, x, sigma, cond: Conditioning, uncond: Conditioning | None) -> torch.Tensor:
         B = x.shape[0]  # x: [B, C, H, W], sigma: [B]
@@ -370,7 +413,12 @@ class CFGDenoiser:
         else:
             u_ctx, u_pool = _batch(uncond.context, B, "uncond context"), _batch(uncond.pooled, B, "uncond pooled")
             matched = _match_lengths(c_ctx, u_ctx)
-            if matched is not None:
+            uncond_skip = self._uncond_skip(sigma)
+            if uncond_skip is not None:  # SkipLayerGuidanceDiTSimple: cond, then uncond without the layers
+                cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
+                uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool, skip_layers=uncond_skip,
+                                          controls=[(uncond.control, rows)])
+            elif matched is not None:
                 ctx = torch.cat(matched)  # [2B, L, C]
                 both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), ctx, torch.cat([c_pool, u_pool]),
                                      controls=[(cond.control, rows), (uncond.control, slice(B, 2 * B))])
@@ -379,7 +427,7 @@ class CFGDenoiser:
                 cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
                 uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool, controls=[(uncond.control, rows)])
         return self._finish(x, sigma, cond_x0, uncond_x0,
-                            lambda: self._denoise(x, sigma, c_ctx, c_pool, skip_layers=self.slg.layers, controls=c_ctl))
+                            lambda layers: self._denoise(x, sigma, c_ctx, c_pool, skip_layers=layers, controls=c_ctl))
 
     def _finish(self, x, sigma, cond_x0: torch.Tensor, uncond_x0: torch.Tensor | None, skip_x0,
                 cfg: float | None = None) -> torch.Tensor:
@@ -388,11 +436,23 @@ class CFGDenoiser:
         skip-layer guidance (skip_x0() runs the cond pass without the layers), CFGZeroStar, CFGNorm. Without an
         uncond pass ComfyUI hands them zeros as the uncond prediction."""
         cfg = self.cfg if cfg is None else cfg
-        out = cond_x0 if uncond_x0 is None else uncond_x0 + (cond_x0 - uncond_x0) * cfg
+        rescale = self._cfg_fn.get("rescale_cfg")
+        if rescale is not None:
+            out = rescale_cfg(x, sigma, cond_x0, torch.zeros_like(cond_x0) if uncond_x0 is None else uncond_x0, cfg,
+                              rescale[1])
+        else:
+            out = cond_x0 if uncond_x0 is None else uncond_x0 + (cond_x0 - uncond_x0) * cfg
         for entry in self.post_cfg:
             if entry[0] == "slg":
-                if self._slg_active(sigma):
-                    out = out + (cond_x0 - skip_x0()) * self.slg.scale
+                slg = entry[1] if len(entry) > 1 else self.slg
+                if slg is not None and slg.scale > 0 and self._slg_active(sigma, slg):
+                    # no layers (SkipLayerGuidanceDiT's single_layers alone: SD3 has no single blocks): the pass
+                    # without them is the cond pass itself
+                    skipped = skip_x0(slg.layers) if slg.layers else cond_x0
+                    out = out + (cond_x0 - skipped) * slg.scale
+                    if slg.rescale != 0:  # the whole batch's std, as ComfyUI's node
+                        factor = cond_x0.std() / out.std()
+                        out = out * (slg.rescale * factor + (1 - slg.rescale))
                 continue
             uncond = torch.zeros_like(cond_x0) if uncond_x0 is None else uncond_x0
             if entry[0] == "cfg_zero_star":  # CFG-Zero*: the uncond prediction rescaled by its projection
@@ -434,7 +494,7 @@ class DualCFGDenoiser(CFGDenoiser):
         pos, mid, neg = self._region_entries(x)
         if self.nested:
             pos_p, mid_p, neg_p = (self._accumulated(side, x, sigma) for side in (pos, mid, neg))
-            text = self._finish(x, sigma, pos_p, mid_p, lambda: self._accumulated(pos, x, sigma, self.slg.layers),
+            text = self._finish(x, sigma, pos_p, mid_p, lambda layers: self._accumulated(pos, x, sigma, layers),
                                 cfg=self.cfg1)
             return neg_p + self.cfg2 * (text - neg_p)
         skip_neg = math.isclose(self.cfg2, 1.0)
@@ -444,7 +504,7 @@ class DualCFGDenoiser(CFGDenoiser):
         mid_p = zeros if skip_mid else self._accumulated(mid, x, sigma)
         pos_p = self._accumulated(pos, x, sigma)
         # no middle pass: ComfyUI's post-CFG functions get no middle conditioning either (their passes give 0)
-        skip_mid_x0 = lambda: zeros if skip_mid else self._accumulated(mid, x, sigma, self.slg.layers)  # noqa: E731
+        skip_mid_x0 = lambda layers: zeros if skip_mid else self._accumulated(mid, x, sigma, layers)  # noqa: E731
         out = self._finish(x, sigma, mid_p, neg_p, skip_mid_x0, cfg=self.cfg2)
         return out + (pos_p - mid_p) * self.cfg1
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from contextlib import nullcontext
@@ -37,25 +38,15 @@ def unsupported(message: str) -> InputError:
 
 # ---- values passed between nodes ------------------------------------------------------------
 @dataclass(frozen=True)
-class SLGSettings:
-    """SkipLayerGuidanceSD3 settings (ComfyUI comfy_extras/nodes_slg.py)."""
-
-    layers: tuple[int, ...]
-    scale: float
-    start_percent: float
-    end_percent: float
-
-
-@dataclass(frozen=True)
 class SD3Model:
     """MODEL: the MMDiT plus its sampling patches (ModelSamplingSD3 shift, skip-layer guidance)."""
 
     mmdit: Any
     shift: float = DEFAULT_SHIFT
-    slg: SLGSettings | None = None
     name: str = ""
     loras: tuple[tuple[str, float], ...] = ()  # LoraLoader: (file, strength), applied while sampling
-    # post-CFG patches in the order the workflow applied them (SkipLayerGuidanceSD3, CFGZeroStar, CFGNorm)
+    # sampling patches in the order the workflow applied them (sampling.guidance POST_CFG: skip-layer guidance,
+    # CFGZeroStar, CFGNorm, RescaleCFG, SkipLayerGuidanceDiTSimple)
     post_cfg: tuple[tuple, ...] = ()
 
     def with_shift(self, shift: float) -> SD3Model:
@@ -447,25 +438,36 @@ def fix_empty_latent_channels(samples: torch.Tensor) -> torch.Tensor:
     return samples
 
 
-def with_skip_layer_guidance(model: SD3Model, layers: str, scale: float, start_percent: float,
-                             end_percent: float) -> SD3Model:
-    """SkipLayerGuidanceSD3: layers is ComfyUI's comma list ("7, 8, 9")."""
-    try:
-        idx = tuple(int(x.strip()) for x in layers.split(",") if x.strip())
-    except ValueError as e:
-        raise InputError(f"SkipLayerGuidanceSD3 layers must be comma-separated integers, got {layers!r}") from e
-    post = tuple(p for p in model.post_cfg if p[0] != "slg") + (("slg",),)  # a second SLG node replaces the first
-    return replace(model, slg=SLGSettings(idx, float(scale), float(start_percent), float(end_percent)), post_cfg=post)
+def layer_list(text: str) -> tuple[int, ...]:
+    """ComfyUI's SLG layer strings: every run of digits is a layer (re.findall(r'\\d+'): "7, 8, 9", "7 8 9")."""
+    return tuple(int(i) for i in re.findall(r"\d+", str(text)))
 
 
-def slg_config(model: SD3Model) -> Any:
-    """The sampler's SLGConfig for a model patched by SkipLayerGuidanceSD3 (ComfyUI's sigma window)."""
+def with_skip_layer_guidance(model: SD3Model, layers: str, scale: float, start_percent: float, end_percent: float,
+                             rescaling_scale: float = 0.0, single_layers: str = "",
+                             uncond_only: bool = False) -> SD3Model:
+    """SkipLayerGuidanceSD3 / SkipLayerGuidanceDiT (comfy_extras/nodes_slg.py): one more post-CFG function, after
+    the MODEL's others (a second SLG node adds a second one, as ComfyUI chains them). `layers` are the joint blocks
+    (the DiT node's double_layers); SD3 has no single blocks, so `single_layers` only keep the patch alive with no
+    layer skipped, as in ComfyUI. The window is taken with the MODEL's shift now, as the node reads its
+    model_sampling. uncond_only: SkipLayerGuidanceDiTSimple (the uncond pass skips the layers; no extra pass)."""
     from sd35fp8 import sampling
 
-    if model.slg is None:
-        return None
-    return sampling.SLGConfig(scale=model.slg.scale, start=model.slg.start_percent, end=model.slg.end_percent,
-                              layers=model.slg.layers, window="sigma")
+    double, single = layer_list(layers), layer_list(single_layers)
+    if not double and not single:  # ComfyUI returns the MODEL unpatched
+        return model
+    slg = sampling.SLGConfig(scale=float(scale), start=float(start_percent), end=float(end_percent), layers=double,
+                             window="sigma", rescale=float(rescaling_scale), shift=model.shift)
+    if uncond_only:  # the last one set replaces an earlier one (set_model_sampler_calc_cond_batch_function)
+        post = tuple(p for p in model.post_cfg if p[0] != "slg_uncond") + (("slg_uncond", slg),)
+    else:
+        post = model.post_cfg + (("slg", slg),)
+    return replace(model, post_cfg=post)
+
+
+def skip_layer_sets(model: SD3Model) -> list[tuple[int, ...]]:
+    """The joint-block sets the MODEL's skip-layer guidance runs without (one CUDA graph each)."""
+    return [p[1].layers for p in model.post_cfg if p[0] in ("slg", "slg_uncond") and len(p) > 1 and p[1].layers]
 
 
 def sample_settings(model: SD3Model, steps: int, cfg: float, sampler_name: str, scheduler: str,
@@ -475,7 +477,7 @@ def sample_settings(model: SD3Model, steps: int, cfg: float, sampler_name: str, 
     from sd35fp8.generation import SampleSettings
 
     return SampleSettings(steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=model.shift,
-                          denoise=denoise, slg=slg_config(model), start_step=start_step, last_step=last_step,
+                          denoise=denoise, start_step=start_step, last_step=last_step,
                           force_full_denoise=force_full_denoise, post_cfg=model.post_cfg)
 
 

@@ -213,8 +213,7 @@ class PromptExecutor:
                 outputs, _ = self._cache[run.keys[nid]]
                 for kind, value in zip(self.classes[parsed[nid]["class_type"]].RETURN_TYPES, outputs):
                     if kind == "MODEL" and value is not None:
-                        slg = value.slg
-                        value.mmdit.warmup(shapes, skip_layers=slg.layers if slg is not None else ())
+                        value.mmdit.warmup(shapes)  # a loader's MODEL: no sampling patches (SLG) yet
                     elif kind == "CLIP" and value is not None:
                         nodes_engine.encode_text(value, "warm-up")
                     elif kind == "VAE" and value is not None:

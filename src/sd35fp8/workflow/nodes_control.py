@@ -49,6 +49,20 @@ class ControlNetLoader(Node):
         return (net,)
 
 
+class DiffControlNetLoader(ControlNetLoader):
+    """ComfyUI's loader for "diff" ControlNets (SD1.x files holding the difference to a base UNet). SD3 ControlNets
+    are whole models, so the MODEL input is not needed, as comfy.controlnet.load_controlnet ignores it for them."""
+
+    DISPLAY_NAME = "Load ControlNet Model (diff)"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"model": ("MODEL",), "control_net_name": (_files(folders, "controlnet"),)}}
+
+    def load_controlnet(self, model=None, control_net_name=None):
+        return super().load_controlnet(control_net_name)
+
+
 def apply_control(positive: list, negative: list, control_net: Any, image: torch.Tensor, strength: float,
                   start_percent: float, end_percent: float, vae: Any = None) -> tuple[list, list]:
     """ComfyUI ControlNetApplyAdvanced.apply_controlnet: one ControlApply per previous control, shared by
@@ -99,6 +113,33 @@ class ControlNetApplyAdvanced(Node):
     def apply_controlnet(self, positive, negative, control_net, image, strength, start_percent, end_percent,
                          vae=None):
         return apply_control(positive, negative, control_net, image, strength, start_percent, end_percent, vae)
+
+
+class ControlNetApply(Node):
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "apply_controlnet"
+    CATEGORY = "conditioning/controlnet"
+    DISPLAY_NAME = "Apply ControlNet (OLD)"
+    DEPRECATED = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "conditioning": ("CONDITIONING",),
+            "control_net": ("CONTROL_NET",),
+            "image": ("IMAGE",),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+        }}
+
+    def apply_controlnet(self, conditioning, control_net, image, strength):
+        """ComfyUI's deprecated node: no VAE input, and every SD3 ControlNet takes its hint through the VAE, so
+        it stops with ComfyUI's own message (which ComfyUI raises once sampling starts)."""
+        from sd35fp8.control import ControlApply
+
+        if strength == 0:
+            return (conditioning,)
+        ControlApply(control_net, image, float(strength))  # raises: "This Controlnet needs a VAE ..."
+        raise InputError("ControlNetApply: use ControlNetApplyAdvanced with a VAE input for SD3 ControlNets")
 
 
 class ControlNetApplySD3(ControlNetApplyAdvanced):
@@ -277,6 +318,6 @@ def check_available(class_type: str, where: str) -> None:
 
 
 CONTROL_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
-    ControlNetLoader, ControlNetApplyAdvanced, ControlNetApplySD3, Canny, ImageScale, ImageScaleBy,
+    ControlNetLoader, DiffControlNetLoader, ControlNetApply, ControlNetApplyAdvanced, ControlNetApplySD3, Canny, ImageScale, ImageScaleBy,
     ImageScaleToTotalPixels, ImageInvert, ImageBlur, ImagePadForOutpaint,
 )}

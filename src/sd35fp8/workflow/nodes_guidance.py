@@ -1,5 +1,8 @@
-"""ComfyUI's MODEL patch nodes: TorchCompileModel (comfy_extras/nodes_torch_compile.py), and the post-CFG patches
-(comfy_extras/nodes_cfg.py): CFGZeroStar (CFG-Zero*, arXiv 2503.18886,
+"""ComfyUI's MODEL patch nodes: TorchCompileModel (comfy_extras/nodes_torch_compile.py); skip-layer guidance
+(comfy_extras/nodes_slg.py: SkipLayerGuidanceDiT, an extra cond pass without some joint blocks, with its
+rescaling; SkipLayerGuidanceDiTSimple, the uncond pass without them); RescaleCFG (comfy_extras/nodes_model_advanced.py:
+the CFG result's std rescaled to the cond prediction's, computed as ComfyUI does for every model); and the post-CFG
+patches (comfy_extras/nodes_cfg.py): CFGZeroStar (CFG-Zero*, arXiv 2503.18886,
 evaluated on SD3 / SD3.5: the uncond prediction rescaled by its projection onto the cond one) and CFGNorm (the
 guided prediction's channel norm capped at the cond prediction's). Each adds its function to the MODEL's
 post-CFG list, after the ones already there (SkipLayerGuidanceSD3 is one too); the denoiser runs them in that
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from sd35fp8.workflow import engine
 from sd35fp8.workflow.node_base import Node
 
 log = logging.getLogger(__name__)
@@ -68,4 +72,72 @@ class TorchCompileModel(Node):
         return (model,)
 
 
-GUIDANCE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (CFGZeroStar, CFGNorm, TorchCompileModel)}
+class SkipLayerGuidanceDiT(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "skip_guidance"
+    CATEGORY = "advanced/guidance"
+    DESCRIPTION = "Generic version of SkipLayerGuidance node that can be used on every DiT model."
+    PYTHON_MODULE = "comfy_extras.nodes_slg"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "double_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
+            "single_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
+            "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1}),
+            "start_percent": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "end_percent": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "rescaling_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+        }}
+
+    def skip_guidance(self, model, scale, start_percent, end_percent, double_layers="", single_layers="",
+                      rescaling_scale=0.0):
+        return (engine.with_skip_layer_guidance(model, double_layers, scale, start_percent, end_percent,
+                                                rescaling_scale=rescaling_scale, single_layers=single_layers),)
+
+
+class SkipLayerGuidanceDiTSimple(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "skip_guidance"
+    CATEGORY = "advanced/guidance"
+    DESCRIPTION = "Simple version of the SkipLayerGuidanceDiT node that only modifies the uncond pass."
+    PYTHON_MODULE = "comfy_extras.nodes_slg"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "double_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
+            "single_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        }}
+
+    def skip_guidance(self, model, start_percent, end_percent, double_layers="", single_layers=""):
+        return (engine.with_skip_layer_guidance(model, double_layers, 1.0, start_percent, end_percent,
+                                                single_layers=single_layers, uncond_only=True),)
+
+
+class RescaleCFG(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "advanced/model"
+    PYTHON_MODULE = "comfy_extras.nodes_model_advanced"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"model": ("MODEL",),
+                             "multiplier": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01})}}
+
+    def patch(self, model, multiplier):
+        # the last CFG function set wins (ModelPatcher.set_model_sampler_cfg_function replaces)
+        post = tuple(p for p in model.post_cfg if p[0] != "rescale_cfg") + (("rescale_cfg", float(multiplier)),)
+        return (replace(model, post_cfg=post),)
+
+
+GUIDANCE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
+    CFGZeroStar, CFGNorm, TorchCompileModel, SkipLayerGuidanceDiT,
+    SkipLayerGuidanceDiTSimple, RescaleCFG)}
