@@ -726,3 +726,71 @@ def _claim_name(tmp: Path, folder: Path, name: str, counter: int, ext: str = ".p
             os.replace(tmp, folder / file)
             return counter, file
 
+
+
+# ---- model merging and saving -------------------------------------------------------------------------------
+def merge_models(model1: SD3Model, model2: SD3Model, strengths: Any, what: str, device: Any, dtype: Any,
+                 options: EngineOptions = EngineOptions()) -> SD3Model:
+    """The model merge nodes (checkpoints/merge.py): model1's sampling patches (shift, guidance) kept, its MMDiT
+    rebuilt from the merged weights in model1's FP8 mode and run by a new engine, as its loader would. A merge
+    that changes no weight (every key's strengths (0, 1): ratio 1.0) gives model1 itself."""
+    from sd35fp8.checkpoints.load import load_mmdit
+    from sd35fp8.checkpoints.merge import base_mmdit, merged_source
+    from sd35fp8.fast.engine import fp8_mode_of
+
+    for m, which in ((model1, "model1"), (model2, "model2")):
+        if m.loras:
+            raise InputError(f"{what}: {which} carries LoRAs ({', '.join(f for f, _ in m.loras)}); ComfyUI folds "
+                             "them into the weights before merging, which sd35fp8 does not: apply LoraLoader to the "
+                             "merged MODEL instead")
+    source = merged_source(model1.mmdit, model2.mmdit, strengths, model1.name or "model1", model2.name or "model2")
+    if all(strengths(k) == (0.0, 1.0) for k in source.merged):
+        return model1
+    mode = fp8_mode_of(base_mmdit(model1.mmdit))
+    if mode == "static":  # model1's calibrated input scales do not describe the merged model's activations
+        mode = "dynamic"
+    log.info("%s: %d weights merged, %d of another shape kept from model1; FP8 mode %s", what, len(source.merged),
+             len(source.mismatched), mode or "none (16-bit)")
+    mmdit = load_mmdit(source, device=options.side(device), dtype=dtype, fp8=mode)
+    return replace(model1, mmdit=options.mmdit(mmdit, device), name=f"{model1.name}+{model2.name}")
+
+
+SD3_MODELSPEC = {"modelspec.architecture": "stable-diffusion-v3-medium",  # what ComfyUI writes for every SD3
+                 "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm"}
+
+
+def save_model(model: SD3Model, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> dict:
+    """ModelSave (comfy_extras/nodes_model_merging.py): the MMDiT as `{prefix}_{counter:05}_.safetensors` under the
+    output folder, ComfyUI's keys (`model.diffusion_model.` + the original SD3 names) and metadata (modelspec, the
+    prompt and each extra_pnginfo key as JSON). FP8 layers are written dequantised in bfloat16, which every SD3
+    loader reads (`sd35fp8 quantize` turns the file into FP8 again). Streamed tensor by tensor, written whole under
+    a temporary name first."""
+    from sd35fp8.checkpoints.export import Entry, write_safetensors
+    from sd35fp8.checkpoints.merge import ModuleSource, base_mmdit
+
+    source = ModuleSource(base_mmdit(model.mmdit), model.name or "model")
+    prefix_key = "model.diffusion_model."
+
+    def stored(key: str) -> torch.dtype:
+        return torch.bfloat16 if source.dequantized(key) else source.dtype(key)
+
+    entries = [Entry(prefix_key + k, stored(k), source.shape(k)) for k in source.keys()]
+    try:
+        folder, base, counter, subfolder = save_image_path(prefix, output_dir)
+    except OSError as e:
+        raise OutputError(f"cannot use the output folder {output_dir}: {e.strerror or e}") from e
+    meta = dict(SD3_MODELSPEC, **{"modelspec.title": f"{base} {counter}"})
+    meta["prompt"] = "" if prompt is None else json.dumps(prompt)
+    meta.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
+    tmp = folder / f".{base}_{uuid.uuid4().hex}.partial"
+    try:
+        write_safetensors(tmp, entries, lambda k: source.get(k[len(prefix_key):]).to(stored(k[len(prefix_key):])),
+                          meta)
+        counter, file = _claim_name(tmp, folder, base, counter, ".safetensors")
+    except OSError as e:
+        raise OutputError(f"cannot write a model into the output folder {folder}: {e.strerror or e} (free disk space "
+                          "or make the folder writable)") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("ModelSave: wrote %s", folder / file)
+    return {"filename": file, "subfolder": subfolder, "type": "output"}

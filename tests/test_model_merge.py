@@ -1,0 +1,178 @@
+"""The model merging nodes against ComfyUI's arithmetic written out here (ModelPatcher.add_patches + the "diff"
+patch of comfy.lora.calculate_weight: w1 * strength_model + strength_patch * w2 in float32, cast back), on tiny
+random MMDiTs in 16-bit and FP8, through the engines the loaders build; ModelSave's file read back by the loader;
+a merge inside a workflow on the shipped model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sd35fp8.checkpoints.load import load_mmdit
+from sd35fp8.checkpoints.merge import ModuleSource, base_mmdit
+from sd35fp8.errors import InputError
+from sd35fp8.fast.engine import fp8_mode_of
+from sd35fp8.workflow.engine import EngineOptions, SD3Model
+from sd35fp8.workflow.folders import ModelFolders
+from sd35fp8.workflow.node_base import NodeContext
+from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
+
+from mmdit_cases import CONFIGS, build, inputs
+
+CFG = CONFIGS["mmdit_qknorm"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    out = []
+    for seed in (0, 1):
+        sd = {k: v.to(torch.bfloat16).contiguous() for k, v in build(CFG, seed).state_dict().items()}
+        save_file(sd, str(root / f"m{seed}.safetensors"))
+        out.append(root / f"m{seed}.safetensors")
+    return out
+
+
+def model(path, fp8=None) -> SD3Model:
+    return SD3Model(EngineOptions().mmdit(load_mmdit(path, fp8=fp8), "cpu"), name=path.name)
+
+
+def ctx(tmp_path) -> NodeContext:
+    return NodeContext(folders=ModelFolders(tmp_path), device="cpu")
+
+
+def weights(m: SD3Model) -> dict[str, torch.Tensor]:
+    src = ModuleSource(base_mmdit(m.mmdit), "m")
+    return {k: src.get(k) for k in src.keys()}
+
+
+def comfy_merge(w1: dict, w2: dict, strengths) -> dict:
+    """ComfyUI: per key, weight (float32) *= strength_model (when != 1), += strength_patch * w2; cast back."""
+    out = {}
+    for k, a in w1.items():
+        sp, sm = strengths(k)
+        w = a.float().clone()
+        if sm != 1.0:
+            w *= sm
+        w += sp * w2[k].float()
+        out[k] = w.to(a.dtype)
+    return out
+
+
+@pytest.mark.parametrize("node, args, strengths", [
+    ("ModelMergeSimple", {"ratio": 0.3}, lambda k: (0.7, 0.3)),
+    ("ModelMergeSubtract", {"multiplier": 0.8}, lambda k: (-0.8, 0.8)),
+    ("ModelMergeAdd", {}, lambda k: (1.0, 1.0)),
+    ("ModelMergeSD3_2B", {"pos_embed.": 0.9, "x_embedder.": 1.0, "context_embedder.": 0.2, "y_embedder.": 1.0,
+                          "t_embedder.": 1.0, **{f"joint_blocks.{i}.": 1.0 for i in range(24)},
+                          "joint_blocks.1.": 0.25, "joint_blocks.2.": 0.0, "final_layer.": 0.6},
+     # the longest matching input name; "pos_embed" (no dot) matches none and takes the first input's ratio (the
+     # inputs in the prompt's order, as ComfyUI passes them)
+     lambda k: next(((1 - r, r) for p, r in (("joint_blocks.1.", 0.25), ("joint_blocks.2.", 0.0),
+                                             ("context_embedder.", 0.2), ("final_layer.", 0.6), ("pos_embed", 0.9))
+                     if k.startswith(p)), (0.0, 1.0))),
+])
+def test_merges_match_comfyui(files, tmp_path, node, args, strengths):
+    m1, m2 = model(files[0]), model(files[1])
+    (merged,) = getattr(NODE_CLASS_MAPPINGS[node](ctx(tmp_path)), "merge")(m1, m2, **args)
+    want = comfy_merge(weights(m1), weights(m2), strengths)
+    got = weights(merged)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    x, sigma, context, pooled = inputs(CFG, 8, 8)
+    with torch.no_grad():  # the merged engine runs
+        assert torch.isfinite(merged.mmdit(x, sigma, context, pooled)).all()
+
+
+def test_fp8_merge_keeps_model1_mode(files, tmp_path):
+    """FP8 weights are dequantised, merged in float32 and quantised again in model1's mode."""
+    m1, m2 = model(files[0], "dynamic"), model(files[1], "weight_only")
+    (merged,) = NODE_CLASS_MAPPINGS["ModelMergeSimple"](ctx(tmp_path)).merge(m1, m2, 0.5)
+    assert fp8_mode_of(base_mmdit(merged.mmdit)) == "dynamic"
+    want = comfy_merge(weights(m1), weights(m2), lambda k: (0.5, 0.5))
+    got = weights(merged)
+    for k in want:
+        err = (got[k].float() - want[k].float()).norm() / want[k].float().norm().clamp_min(1e-12)
+        assert err < 0.05, (k, float(err))  # one e4m3 rounding of the merged weight
+
+
+def test_identity_merge_and_refusals(files, tmp_path):
+    m1, m2 = model(files[0]), model(files[1])
+    node = NODE_CLASS_MAPPINGS["ModelMergeSimple"](ctx(tmp_path))
+    assert node.merge(m1, m2, 1.0)[0] is m1  # ratio 1: no weight changes, no rebuild
+    m1s = m1.with_shift(5.0)
+    assert node.merge(m1s, m2, 0.5)[0].shift == 5.0  # model1's patches kept (ComfyUI clones model1)
+    with pytest.raises(InputError, match="LoRA"):
+        node.merge(SD3Model(m1.mmdit, loras=(("a.safetensors", 1.0),)), m2, 0.5)
+
+
+def test_model_save_reads_back(files, tmp_path):
+    """ModelSave: ComfyUI's keys and metadata; the loader reads the file back to the same weights (an FP8 model's
+    layers dequantised to bfloat16)."""
+    m = model(files[0], "dynamic")
+    node = NODE_CLASS_MAPPINGS["ModelSave"](ctx(tmp_path))
+    node.save(m, "diffusion_models/merged", prompt={"1": {"class_type": "ModelSave"}}, extra_pnginfo={"a": 1})
+    out = node.ctx.folders.output_dir / "diffusion_models"
+    path = out / "merged_00001_.safetensors"
+    assert path.is_file(), sorted(p.name for p in out.parent.rglob("*"))
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert all(k.startswith("model.diffusion_model.") for k in keys)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v3-medium" and json.loads(meta["a"]) == 1
+    back = SD3Model(EngineOptions().mmdit(load_mmdit(path), "cpu"))
+    got, want = weights(back), weights(m)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].to(got[k].dtype).float(), rtol=0, atol=0, msg=k)
+    node.save(m, "diffusion_models/merged")  # the counter moves on
+    assert (out / "merged_00002_.safetensors").is_file()
+
+
+def test_merge_in_a_workflow(tmp_path):
+    """The shipped model merged with itself at 0.5 (w * 0.5 + w * 0.5 = w in float32) gives the unmerged image."""
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+    from sd35fp8.workflow import run_workflow
+
+    if not SHIPPED_CHECKPOINT.exists():
+        pytest.skip("shipped model weights not built")
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    shutil.copy(SHIPPED_CHECKPOINT, tmp_path / "models" / "checkpoints" / "a.safetensors")
+    shutil.copy(SHIPPED_CHECKPOINT, tmp_path / "models" / "checkpoints" / "b.safetensors")
+    shutil.copy(SHIPPED_T5_TOKENIZER, tmp_path / "models" / "checkpoints" / "spiece.model")
+
+    def prompt(model_ref):
+        return {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
+            "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}},
+            "3": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["2", 0], "ratio": 0.5}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red circle"}},
+            "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+            "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "7": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": 3, "steps": 2, "cfg": 4.0,
+                                                       "sampler_name": "euler", "scheduler": "simple",
+                                                       "positive": ["4", 0], "negative": ["5", 0],
+                                                       "latent_image": ["6", 0], "denoise": 1.0}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "m"}},
+        }
+
+    images = []
+    for ref in (["3", 0], ["1", 0]):
+        wf = tmp_path / "wf.json"
+        wf.write_text(json.dumps(prompt(ref)))
+        out = run_workflow(wf, models_dir=tmp_path / "models", output_dir=tmp_path / "out", device="cpu")
+        assert out.success, out.error
+        images.append(out)
+    from PIL import Image
+    import numpy as np
+
+    files = sorted((tmp_path / "out").glob("m_*.png"))
+    assert len(files) == 2
+    a, b = (np.asarray(Image.open(f)) for f in files)
+    assert np.array_equal(a, b)
