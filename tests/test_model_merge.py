@@ -79,7 +79,7 @@ def comfy_merge(w1: dict, w2: dict, strengths) -> dict:
 ])
 def test_merges_match_comfyui(files, tmp_path, node, args, strengths):
     m1, m2 = model(files[0]), model(files[1])
-    (merged,) = getattr(NODE_CLASS_MAPPINGS[node](ctx(tmp_path)), "merge")(m1, m2, **args)
+    (merged,) = NODE_CLASS_MAPPINGS[node](ctx(tmp_path)).merge(m1, m2, **args)
     want = comfy_merge(weights(m1), weights(m2), strengths)
     got = weights(merged)
     assert got.keys() == want.keys()
@@ -176,3 +176,27 @@ def test_merge_in_a_workflow(tmp_path):
     assert len(files) == 2
     a, b = (np.asarray(Image.open(f)) for f in files)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_merge_on_the_gpu_engine_gpu(files, tmp_path):
+    """On CUDA (Triton dequantisation, the fused FP8 engine with CUDA graphs): the merged engine's step against the
+    float32 forward of ComfyUI's merged weights."""
+    from sd35fp8.fp8.scaling import sqnr
+    from sd35fp8.models.mmdit import MMDiT
+
+    dev = torch.device("cuda")
+    m1, m2 = (SD3Model(EngineOptions().mmdit(load_mmdit(f, device=dev, fp8="dynamic"), dev), name=f.name)
+              for f in files)
+    node = NODE_CLASS_MAPPINGS["ModelMergeSimple"](NodeContext(folders=ModelFolders(tmp_path), device=dev))
+    (merged,) = node.merge(m1, m2, 0.4)
+    assert fp8_mode_of(base_mmdit(merged.mmdit)) == "dynamic"
+    want = comfy_merge(weights(m1), weights(m2), lambda k: (0.6, 0.4))
+    ref = MMDiT(CFG).to(dev)
+    ref.load_state_dict({k: v.float() for k, v in want.items()})
+    x, sigma, context, pooled = (t.to(dev) for t in inputs(CFG, 16, 16))
+    with torch.no_grad():
+        got = [merged.mmdit(x, sigma, context, pooled).float() for _ in range(3)]  # eager, capture, replay
+        r = ref(x, sigma, context, pooled).float()
+    assert torch.equal(got[1], got[2])
+    assert sqnr(r, got[2]) > 20.0

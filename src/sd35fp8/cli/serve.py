@@ -21,13 +21,13 @@ from .common import add_engine_args, parse_shape, positive_int
 SERVER_DEFAULTS = {
     "max_body_bytes": 16 * 1024 * 1024, "max_json_depth": 64, "max_nodes": 2000, "max_text_chars": 8192,
     "max_prompt_tokens": 512,
-    "max_pixel_steps": 2048 * 2048 * 8 * 100,  # validation.Limits
+    "max_pixel_steps": 2048 * 2048 * 8 * 100, "max_model_nodes": 2,  # validation.Limits
     "max_upload_pixels": 8192 * 8192,  # files.DEFAULT_MAX_UPLOAD_PIXELS
     "header_timeout": 10.0, "keep_alive": 5, "max_connections": 256,  # connections.DEFAULT_*
 }
 DRAIN_SECONDS, HANG_SECONDS = 60.0, 900.0  # server.lifecycle.DEFAULT_DRAIN_SECONDS / DEFAULT_HANG_SECONDS
 LIMITS_FIELDS = ("max_body_bytes", "max_json_depth", "max_nodes", "max_text_chars", "max_prompt_tokens",
-                 "max_pixel_steps")
+                 "max_pixel_steps", "max_model_nodes")
 LIMIT_FLAGS = (
     ("--max-body-bytes", positive_int, "largest JSON request body (413 beyond)"),
     ("--max-json-depth", positive_int, "deepest JSON nesting accepted"),
@@ -36,6 +36,8 @@ LIMIT_FLAGS = (
     ("--max-prompt-tokens", positive_int, "tokens per prompt text and encoder (CLIP, T5) kept; a longer text is "
      "cut, with a warning in the /prompt answer"),
     ("--max-pixel-steps", positive_int, "budget for width x height x batch x steps of one prompt"),
+    ("--max-model-nodes", positive_int, "model merge and ModelSave nodes in one prompt (each merge builds a new copy "
+     "of the MMDiT, each save writes one to disk)"),
     ("--max-upload-pixels", positive_int, "largest image an upload may declare, in pixels"),
     ("--header-timeout", float, "seconds a connection may take to send its request headers"),
     ("--keep-alive", positive_int, "seconds an idle keep-alive connection stays open"),

@@ -31,6 +31,7 @@ from sd35fp8.workflow.nodes_latent import LATENT_NODES
 from sd35fp8.workflow.nodes_latent_files import LATENT_FILE_NODES
 from sd35fp8.workflow.nodes_latent_ops import LATENT_OPS_NODES
 from sd35fp8.workflow.nodes_mask import MASK_NODES
+from sd35fp8.workflow.nodes_image_extra import IMAGE_EXTRA_NODES
 from sd35fp8.workflow.nodes_merge import MERGE_NODES
 from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
@@ -749,6 +750,7 @@ NODE_CLASS_MAPPINGS.update(INPAINT_NODES)
 NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)
 NODE_CLASS_MAPPINGS.update(MASK_NODES)
 NODE_CLASS_MAPPINGS.update(MERGE_NODES)
+NODE_CLASS_MAPPINGS.update(IMAGE_EXTRA_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,

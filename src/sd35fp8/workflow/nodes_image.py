@@ -55,7 +55,7 @@ def check_image(node: str, name: str, image: Any) -> torch.Tensor:
     return image
 
 
-def _check_canvas(node: str, batch: int, height: int, width: int) -> None:
+def check_canvas(node: str, batch: int, height: int, width: int) -> None:
     if batch * height * width > MAX_CANVAS_PIXELS:
         raise InputError(f"{node}: {batch} images of {width}x{height} are more than {MAX_CANVAS_PIXELS} pixels")
 
@@ -167,7 +167,7 @@ class EmptyImage(Node):
         """[batch_size, height, width, 3] of one colour, 0xRRGGBB, each byte / 255."""
         check_widgets(EmptyImage, width=width, height=height, batch_size=batch_size, color=color)
         width, height, batch_size, color = int(width), int(height), int(batch_size), int(color)
-        _check_canvas("EmptyImage", batch_size, height, width)
+        check_canvas("EmptyImage", batch_size, height, width)
         rgb = [((color >> shift) & 0xFF) / 0xFF for shift in (16, 8, 0)]
         planes = [torch.full([batch_size, height, width, 1], v, dtype=torch.float32) for v in rgb]
         return (torch.cat(planes, dim=-1),)
@@ -210,7 +210,7 @@ class RepeatImageBatch(Node):
     def repeat(self, image, amount):
         check_widgets(RepeatImageBatch, amount=amount)
         check_image("RepeatImageBatch", "image", image)
-        _check_canvas("RepeatImageBatch", image.shape[0] * int(amount), image.shape[1], image.shape[2])
+        check_canvas("RepeatImageBatch", image.shape[0] * int(amount), image.shape[1], image.shape[2])
         return (image.repeat((int(amount), 1, 1, 1)),)
 
 
@@ -310,7 +310,7 @@ class ImageScaleToMaxDimension(Node):
             width, height = largest_size, round((height / width) * largest_size)
         else:
             width = height = largest_size
-        _check_canvas("ImageScaleToMaxDimension", image.shape[0], height, width)
+        check_canvas("ImageScaleToMaxDimension", image.shape[0], height, width)
         return (common_upscale(image.movedim(-1, 1), width, height, upscale_method, "disabled").movedim(1, -1),)
 
 
