@@ -200,3 +200,16 @@ def test_fp8_merge_on_the_gpu_engine_gpu(files, tmp_path):
         r = ref(x, sigma, context, pooled).float()
     assert torch.equal(got[1], got[2])
     assert sqnr(r, got[2]) > 20.0
+
+
+def test_server_bounds_model_nodes_per_prompt():
+    """Each merge holds a new MMDiT and each ModelSave writes one: the server refuses more than --max-model-nodes."""
+    from sd35fp8.server.validation import Limits, RequestError, check_prompt_work
+
+    merge = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["9", 0], "model2": ["8", 0], "ratio": 0.5}}
+    save = {"class_type": "ModelSave", "inputs": {"model": ["1", 0], "filename_prefix": "x"}}
+    check_prompt_work({"1": merge, "2": save}, Limits())
+    with pytest.raises(RequestError) as e:
+        check_prompt_work({"1": merge, "2": dict(merge), "3": save}, Limits())
+    assert e.value.status == 400 and "--max-model-nodes" in e.value.details
+    check_prompt_work({"1": merge, "2": dict(merge), "3": save}, Limits(max_model_nodes=3))
