@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from sd35fp8.errors import SD35Error
+from sd35fp8.workflow.lists import NodeList
 from sd35fp8.workflow.prompt_run import ExecutionResult, InterruptProcessing, PromptJob, PromptRun
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ def _sample_together(ex: Any, runs: list[PromptRun], nids: list[str]) -> None:
     groups: list[tuple[tuple, list[int]]] = []  # (context shapes, members); members[0] is the reference
     for k, (run, nid) in enumerate(zip(runs, nids)):
         inputs.append(run.inputs(nid))
+        if any(isinstance(v, NodeList) for v in inputs[-1].values()):  # sampled once per item: step 3
+            log.info("prompt %s samples alone: its sampler maps over a list", run.prompt_id)
+            calls.append({})
+            continue
         calls.append(ex.classes[run.prompt[nid]["class_type"]].sample_args(**inputs[-1]))
         try:
             check_batchable([calls[k]])

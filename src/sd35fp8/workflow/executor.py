@@ -27,6 +27,7 @@ from sd35fp8.workflow.batch import execute_batch
 from sd35fp8.workflow.engine import EngineOptions
 from sd35fp8.workflow.folders import ModelFolders
 from sd35fp8.workflow.graph import is_link, parse_prompt
+from sd35fp8.workflow.lists import call_mapped
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node, NodeContext
 from sd35fp8.workflow.previews import DEFAULT_PREVIEW_SIZE, TAESD_DECODER_NAME, StepPreview, check_method
 from sd35fp8.workflow.prompt_run import (  # noqa: F401 - re-exported: the executor's public values
@@ -321,15 +322,8 @@ class PromptExecutor:
                   preview: Callable[[], StepPreview | None] | None = None) -> tuple[tuple, dict | None]:
         cls = self.classes[class_type]
         ctx = self.node_context(nid, prompt_id, send, check_interrupt, preview)
-        ret = getattr(cls(ctx), cls.FUNCTION)(**inputs)
-        ui = None
-        if isinstance(ret, dict):
-            ui = ret.get("ui")
-            ret = ret.get("result", ())
-        outputs = tuple(ret)
-        if len(outputs) != len(cls.RETURN_TYPES):
-            raise RuntimeError(f"node {nid} ({class_type}) returned {len(outputs)} outputs, "
-                               f"declares {len(cls.RETURN_TYPES)}")
-        return outputs, ui
+        # once, or once per item of its list inputs (ComfyUI's list execution, workflow/lists.py)
+        return call_mapped(getattr(cls(ctx), cls.FUNCTION), inputs, cls, f"node {nid} ({class_type})",
+                           ctx.check_interrupt)
 
 

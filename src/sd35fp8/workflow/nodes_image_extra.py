@@ -3,10 +3,8 @@
 PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha (comfy_extras/nodes_compositing.py) and
 ImageStitch (comfy_extras/nodes_images.py).
 
-RebatchLatents and RebatchImages (comfy_extras/nodes_rebatch.py) are here too, but in LIST_NODES, not in
-IMAGE_EXTRA_NODES: they take lists (INPUT_IS_LIST) and give lists (OUTPUT_IS_LIST), and the executor passes a node's
-outputs on as they are and runs each node once, so a node downstream of them would get a Python list where ComfyUI
-runs it once per item. Register them once the executor maps list outputs over the nodes downstream.
+RebatchLatents and RebatchImages (comfy_extras/nodes_rebatch.py, in LIST_NODES too) take lists (INPUT_IS_LIST) and
+give lists (OUTPUT_IS_LIST): the executor runs the nodes downstream once per item (workflow/lists.py).
 
 IMAGE is [B, H, W, C] float in 0..1, MASK [B, H, W] (a 2-D mask is one of a batch). Where ComfyUI fails with an
 exception (an empty image, channel counts that differ, a sharpen radius past the image's edge) the node raises an
@@ -523,7 +521,7 @@ class ImageStitch(Node):
 
 
 def _as_list(value: Any) -> list:
-    """An INPUT_IS_LIST input: ComfyUI passes a list; the executor here passes the value itself."""
+    """An INPUT_IS_LIST input: a list (the executor's); a lone value (a direct call) as a list of one."""
     return value if isinstance(value, list) else [value]
 
 
@@ -646,9 +644,9 @@ class RebatchImages(Node):
 
 IMAGE_EXTRA_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     ImageSharpen, ImageQuantize, Morphology, ImageRGBToYUV, ImageYUVToRGB, PorterDuffImageComposite,
-    SplitImageWithAlpha, JoinImageWithAlpha, ImageStitch,
+    SplitImageWithAlpha, JoinImageWithAlpha, ImageStitch, RebatchLatents, RebatchImages,
 )}
-LIST_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (RebatchLatents, RebatchImages)}
+LIST_NODES = {name: IMAGE_EXTRA_NODES[name] for name in ("RebatchLatents", "RebatchImages")}
 
 for _module, _classes in (
     ("comfy_extras.nodes_post_processing", (ImageSharpen, ImageQuantize)),

@@ -199,6 +199,8 @@ class PromptRun:
             from sd35fp8.workflow.engine import vae_decode
 
             model = cached[0][int(vae[1])]
+            if isinstance(model, list):  # several VAEs (a list output): no single decoder for the previews
+                return None
             offloader = self.ex.engine_options.offloader
             return lambda z: vae_decode(model, {"samples": to_vae_space(z.float())}, offloader)
         return None
