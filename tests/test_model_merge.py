@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from sd35fp8.checkpoints.load import load_mmdit
 from sd35fp8.checkpoints.merge import ModuleSource, base_mmdit
-from sd35fp8.errors import InputError
 from sd35fp8.fast.engine import fp8_mode_of
 from sd35fp8.workflow.engine import EngineOptions, SD3Model
 from sd35fp8.workflow.folders import ModelFolders
@@ -108,8 +107,36 @@ def test_identity_merge_and_refusals(files, tmp_path):
     assert node.merge(m1, m2, 1.0)[0] is m1  # ratio 1: no weight changes, no rebuild
     m1s = m1.with_shift(5.0)
     assert node.merge(m1s, m2, 0.5)[0].shift == 5.0  # model1's patches kept (ComfyUI clones model1)
-    with pytest.raises(InputError, match="LoRA"):
-        node.merge(SD3Model(m1.mmdit, loras=(("a.safetensors", 1.0),)), m2, 0.5)
+
+
+def lora_file(path, seed: int = 5):
+    """A kohya-style LoRA (rank 4, alpha 2) on joint block 1's x qkv; returns (path, its delta [576, 192])."""
+    g = torch.Generator().manual_seed(seed)
+    down, up = torch.randn(4, CFG.hidden_size, generator=g) * 0.1, torch.randn(3 * CFG.hidden_size, 4, generator=g)
+    stem = "diffusion_model.joint_blocks.1.x_block.attn.qkv"
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)},
+              str(path))
+    return path, up @ down * (2.0 / 4)
+
+
+@pytest.mark.parametrize("fp8", [None, "dynamic"])
+def test_loras_are_baked_before_the_merge(files, tmp_path, fp8):
+    """ComfyUI patches model1 in order: its LoRA, then the merge: (w1 + s * delta) * r + (1 - r) * w2. The merged
+    MODEL carries no LoRA any more (it is in the weights)."""
+    path, delta = lora_file(tmp_path / "l.safetensors")
+    m1, m2 = model(files[0], fp8), model(files[1], fp8)
+    base = weights(m1)
+    lora_m1 = SD3Model(m1.mmdit, name="a", loras=((str(path), 0.7),))
+    (merged,) = NODE_CLASS_MAPPINGS["ModelMergeSimple"](ctx(tmp_path)).merge(lora_m1, m2, 0.25)
+    assert merged.loras == ()
+    key = "joint_blocks.1.x_block.attn.qkv.weight"
+    w1 = {**base, key: (base[key].float() + 0.7 * delta).to(base[key].dtype)}
+    want = comfy_merge(w1, weights(m2), lambda k: (0.75, 0.25))
+    got = weights(merged)
+    for k in want:
+        err = (got[k].float() - want[k].float()).norm() / want[k].float().norm().clamp_min(1e-12)
+        assert err < (0.05 if fp8 else 0.004), (k, float(err))
+    assert weights(m1)[key].equal(base[key])  # model1's own weights untouched
 
 
 def test_model_save_reads_back(files, tmp_path):
@@ -213,3 +240,47 @@ def test_server_bounds_model_nodes_per_prompt():
         check_prompt_work({"1": merge, "2": dict(merge), "3": save}, Limits())
     assert e.value.status == 400 and "--max-model-nodes" in e.value.details
     check_prompt_work({"1": merge, "2": dict(merge), "3": save}, Limits(max_model_nodes=3))
+
+
+def test_checkpoint_clip_vae_save_read_back(tmp_path):
+    """CheckpointSave writes ComfyUI's all-in-one layout, which the loader reads back to the same MMDiT, VAE and text
+    encoders, with the CLIP's and MODEL's LoRAs baked in; CLIPSave writes one file per encoder, VAESave the VAE."""
+    from sd35fp8.checkpoints.sources import resolve
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+    from sd35fp8.workflow.engine import load_checkpoint
+
+    if not SHIPPED_CHECKPOINT.exists():
+        pytest.skip("shipped model weights not built")
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    shutil.copy(SHIPPED_CHECKPOINT, src_dir / "a.safetensors")
+    shutil.copy(SHIPPED_T5_TOKENIZER, src_dir / "spiece.model")
+    m, clip, vae = load_checkpoint(src_dir / "a.safetensors", "cpu", None)
+    path, delta = lora_file(tmp_path / "l.safetensors")
+    lm = SD3Model(m.mmdit, name=m.name, loras=((str(path), 0.5),))
+    c = ctx(tmp_path)
+    NODE_CLASS_MAPPINGS["CheckpointSave"](c).save(lm, clip, vae, "checkpoints/all", prompt={"1": {}})
+    out = c.folders.output_dir / "checkpoints" / "all_00001_.safetensors"
+    assert set(resolve(str(out)).__dict__) >= {"mmdit", "vae", "clip_l", "clip_g", "t5xxl"}
+    shutil.copy(SHIPPED_T5_TOKENIZER, out.parent / "spiece.model")
+    m2, clip2, vae2 = load_checkpoint(out, "cpu", None)
+    key = "joint_blocks.1.x_block.attn.qkv.weight"
+    want = weights(m)
+    want[key] = (want[key].float() + 0.5 * delta).to(want[key].dtype)
+    got = weights(m2)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    for a, b in ((vae, vae2), (clip.encoder.clip_l, clip2.encoder.clip_l), (clip.encoder.clip_g, clip2.encoder.clip_g),
+                 (clip.encoder.t5, clip2.encoder.t5)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    NODE_CLASS_MAPPINGS["CLIPSave"](c).save(clip, "clip/enc")
+    names = sorted(p.name for p in (c.folders.output_dir / "clip").iterdir())
+    assert names == ["enc_clip_g_00001_.safetensors", "enc_clip_l_00001_.safetensors", "enc_t5xxl_00001_.safetensors"]
+    with safe_open(str(c.folders.output_dir / "clip" / names[1]), "pt") as f:
+        assert set(f.keys()) == set(clip.encoder.clip_l.state_dict()) and f.metadata()["format"] == "pt"
+    NODE_CLASS_MAPPINGS["VAESave"](c).save(vae, "vae/v")
+    with safe_open(str(c.folders.output_dir / "vae" / "v_00001_.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(vae.state_dict())

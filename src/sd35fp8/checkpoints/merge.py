@@ -18,7 +18,7 @@ tensor by tensor, quantised to model1's FP8 mode as it streams in, so no second 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from sd35fp8.checkpoints.sources import TensorSource
 from sd35fp8.errors import InputError
 from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.linear import FP8Linear
+from sd35fp8.lora.apply import merged_weight
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,35 @@ def base_mmdit(mmdit: nn.Module) -> nn.Module:
 
 
 class ModuleSource(TensorSource):
-    """A loaded MMDiT's weights by original key (what its file held); FP8 linears dequantised to float32, their
-    scale buffers left out, so the loader sees a plain 16/32-bit model."""
+    """A loaded model's weights by original key (what its file held); FP8 linears dequantised to float32, their
+    scale buffers left out, so the loader sees a plain 16/32-bit model. `lora`: layer name -> (term, strength)
+    pairs baked into that layer's weight (float32, lora/apply.merged_weight), as ComfyUI patches a model's LoRAs
+    into its weights before merging or saving it."""
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str, component: str = "mmdit",
+                 lora: Mapping[str, list] | None = None):
         self.model = model
-        self.name = f"mmdit ({name})"
-        self.component, self.layout, self.files = "mmdit", "loaded model", ()
+        self.name = f"{component} ({name})"
+        self.component, self.layout, self.files = component, "loaded model", ()
         self._scales: dict[str, torch.Tensor] = {}
+        self._stored: dict[str, torch.dtype] = {}  # the dtype a save writes where it is not the tensor's
         dropped: set[str] = set()
         for mod_name, mod in model.named_modules():
             if isinstance(mod, FP8Linear):
                 prefix = f"{mod_name}." if mod_name else ""
                 self._scales[f"{prefix}weight"] = mod.weight_scale
+                self._stored[f"{prefix}weight"] = torch.bfloat16
                 dropped |= {f"{prefix}weight_scale", f"{prefix}input_scale"}
         self._tensors = {k: v for k, v in model.state_dict().items() if k not in dropped}
+        self._lora = {f"{mod}.weight": (mod, terms) for mod, terms in (lora or {}).items() if terms}
+        for key in self._lora:
+            if key not in self._tensors:
+                raise InputError(f"baking a LoRA: {self.name} has no weight {key}")
+            self._stored.setdefault(key, self._tensors[key].dtype)
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """What a save writes: an FP8 weight as bfloat16, a LoRA-baked one in its layer's dtype, else as held."""
+        return self._stored.get(key, self._tensors[key].dtype if key in self._tensors else torch.float32)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -76,19 +91,22 @@ class ModuleSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensor(key).shape)
 
-    def dequantized(self, key: str) -> bool:
-        """Whether the model holds this weight in FP8 (get() gives it dequantised to float32)."""
-        return key in self._scales
+    def computed(self, key: str) -> bool:
+        """Whether get() computes this weight in float32 (an FP8 layer dequantised, or a LoRA baked in)."""
+        return key in self._scales or key in self._lora
 
     def dtype(self, key: str) -> torch.dtype:
-        return torch.float32 if key in self._scales else self._tensor(key).dtype
+        return torch.float32 if self.computed(key) else self._tensor(key).dtype
 
     def nbytes(self, key: str) -> int:
         t = self._tensor(key)
-        return t.numel() * (4 if key in self._scales else t.element_size())
+        return t.numel() * (4 if self.computed(key) else t.element_size())
 
     def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         t = self._tensor(key)
+        if key in self._lora:
+            mod, terms = self._lora[key]
+            return merged_weight(self.model.get_submodule(mod), terms).reshape(t.shape).to(device)
         if key in self._scales:
             t = dequantize(t.contiguous(), self._scales[key], torch.float32)
         return t.to(device, copy=True)
@@ -136,11 +154,12 @@ class MergedSource(TensorSource):
         return out.to(w.dtype)
 
 
-def merged_source(model1: nn.Module, model2: nn.Module, strengths: Strengths, name1: str, name2: str
-                  ) -> MergedSource:
-    """Two MMDiTs (or their engines) -> the merged model's TensorSource."""
+def merged_source(model1: nn.Module, model2: nn.Module, strengths: Strengths, name1: str, name2: str,
+                  lora1: Mapping[str, list] | None = None, lora2: Mapping[str, list] | None = None) -> MergedSource:
+    """Two MMDiTs (or their engines), each with its LoRAs baked in -> the merged model's TensorSource."""
     a, b = base_mmdit(model1), base_mmdit(model2)
-    return MergedSource(ModuleSource(a, name1), ModuleSource(b, name2), strengths, f"{name1} + {name2}")
+    return MergedSource(ModuleSource(a, name1, lora=lora1), ModuleSource(b, name2, lora=lora2), strengths,
+                        f"{name1} + {name2}")
 
 
 def ratio_strengths(ratio: float) -> Strengths:

@@ -36,7 +36,7 @@ LIMIT_FLAGS = (
     ("--max-prompt-tokens", positive_int, "tokens per prompt text and encoder (CLIP, T5) kept; a longer text is "
      "cut, with a warning in the /prompt answer"),
     ("--max-pixel-steps", positive_int, "budget for width x height x batch x steps of one prompt"),
-    ("--max-model-nodes", positive_int, "model merge and ModelSave nodes in one prompt (each merge builds a new copy "
+    ("--max-model-nodes", positive_int, "model merge and save nodes in one prompt (each merge builds a new copy "
      "of the MMDiT, each save writes one to disk)"),
     ("--max-upload-pixels", positive_int, "largest image an upload may declare, in pixels"),
     ("--header-timeout", float, "seconds a connection may take to send its request headers"),

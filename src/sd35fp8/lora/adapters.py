@@ -154,16 +154,28 @@ class LoraSet:
         restored, self.fused = self.fused, {}
         self.set_active({**restored, **self.active})
 
-    @contextmanager
-    def using(self, entries: Sequence[tuple[str | Path, float]]) -> Iterator[None]:
-        """Within the block exactly these (file, strength) pairs are active (files loaded on first use,
-        named by their path; a file listed twice adds its strengths, as chained LoraLoader nodes do)."""
+    def _wanted(self, entries: Sequence[tuple[str | Path, float]]) -> dict[str, float]:
+        """(file, strength) pairs -> adapter strengths (files loaded on first use, named by their path; a file
+        listed twice adds its strengths, as chained LoraLoader nodes do)."""
         wanted: dict[str, float] = {}
         for path, strength in entries:
             name = str(path)
             if name not in self.adapters:
                 self.load(path, name, strength=None)
             wanted[name] = wanted.get(name, 0.0) + float(strength)
+        return wanted
+
+    def layer_terms(self, entries: Sequence[tuple[str | Path, float]]
+                    ) -> dict[tuple[str, str], list[tuple[LoraTerm, float]]]:
+        """(component, layer) -> the (term, strength) pairs these entries put on it (apply.merged_weight bakes
+        them: model merging and the save nodes)."""
+        return self._per_layer(self._wanted(entries))
+
+    @contextmanager
+    def using(self, entries: Sequence[tuple[str | Path, float]]) -> Iterator[None]:
+        """Within the block exactly these (file, strength) pairs are active (files loaded on first use,
+        named by their path; a file listed twice adds its strengths, as chained LoraLoader nodes do)."""
+        wanted = self._wanted(entries)
         previous = dict(self.active)
         self.set_active(wanted)
         try:

@@ -41,7 +41,7 @@ class Limits:
     max_text_chars: int = 8192  # any STRING input (prompt texts); ~2 000 words; the hard cap (400 beyond)
     max_prompt_tokens: int = 512  # per prompt text and encoder; longer texts are cut with a warning (prompt_text.py)
     max_pixel_steps: int = 2048 * 2048 * 8 * 100  # sum over samplers of width*height*batch*steps
-    max_model_nodes: int = 2  # model merge / ModelSave nodes: each merge holds a new MMDiT, each save writes one
+    max_model_nodes: int = 2  # model merge / save nodes: each merge holds a new MMDiT, each save writes a model
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -296,7 +296,7 @@ def check_prompt_work(prompt: dict, limits: Limits) -> None:
     models = sum(1 for node in prompt.values() if isinstance(node, dict) and node.get("class_type") in MERGE_NODES)
     if models > limits.max_model_nodes:
         raise RequestError(400, "prompt_over_budget", "Prompt merges or saves more models than this server allows",
-                           f"{models} model merge / ModelSave nodes (each merge holds a new copy of the MMDiT, each "
+                           f"{models} model merge / save nodes (each merge holds a new copy of the MMDiT, each "
                            f"save writes one to disk); the server allows {limits.max_model_nodes} (--max-model-nodes)",
                            model_nodes=models, budget=limits.max_model_nodes)
     work = prompt_work(prompt)

@@ -729,21 +729,37 @@ def _claim_name(tmp: Path, folder: Path, name: str, counter: int, ext: str = ".p
 
 
 # ---- model merging and saving -------------------------------------------------------------------------------
+def _components(obj: SD3Model | SD3Clip) -> dict[str, Any]:
+    if isinstance(obj, SD3Model):
+        return {"mmdit": obj.mmdit}
+    enc = obj.encoder
+    return {"clip_l": enc.clip_l, "clip_g": enc.clip_g, "t5xxl": enc.t5}
+
+
+def lora_layers(obj: SD3Model | SD3Clip) -> dict[str, dict[str, list]]:
+    """component -> layer name -> the (term, strength) pairs of the MODEL's / CLIP's LoRAs on it ({} without)."""
+    from sd35fp8.lora import shared_lora_set
+
+    if not obj.loras:
+        return {}
+    out: dict[str, dict[str, list]] = {}
+    for (comp, mod), terms in shared_lora_set(_components(obj)).layer_terms(obj.loras).items():
+        out.setdefault(comp, {})[mod] = terms
+    return out
+
+
 def merge_models(model1: SD3Model, model2: SD3Model, strengths: Any, what: str, device: Any, dtype: Any,
                  options: EngineOptions = EngineOptions()) -> SD3Model:
     """The model merge nodes (checkpoints/merge.py): model1's sampling patches (shift, guidance) kept, its MMDiT
-    rebuilt from the merged weights in model1's FP8 mode and run by a new engine, as its loader would. A merge
-    that changes no weight (every key's strengths (0, 1): ratio 1.0) gives model1 itself."""
+    rebuilt from the merged weights in model1's FP8 mode and run by a new engine, as its loader would. Each side's
+    LoRAs are baked into its weights first (ComfyUI applies a MODEL's patches in order: its LoRAs, then the
+    merge). A merge that changes no weight (every key's strengths (0, 1): ratio 1.0) gives model1 itself."""
     from sd35fp8.checkpoints.load import load_mmdit
     from sd35fp8.checkpoints.merge import base_mmdit, merged_source
     from sd35fp8.fast.engine import fp8_mode_of
 
-    for m, which in ((model1, "model1"), (model2, "model2")):
-        if m.loras:
-            raise InputError(f"{what}: {which} carries LoRAs ({', '.join(f for f, _ in m.loras)}); ComfyUI folds "
-                             "them into the weights before merging, which sd35fp8 does not: apply LoraLoader to the "
-                             "merged MODEL instead")
-    source = merged_source(model1.mmdit, model2.mmdit, strengths, model1.name or "model1", model2.name or "model2")
+    source = merged_source(model1.mmdit, model2.mmdit, strengths, model1.name or "model1", model2.name or "model2",
+                           lora_layers(model1).get("mmdit"), lora_layers(model2).get("mmdit"))
     if all(strengths(k) == (0.0, 1.0) for k in source.merged):
         return model1
     mode = fp8_mode_of(base_mmdit(model1.mmdit))
@@ -752,45 +768,108 @@ def merge_models(model1: SD3Model, model2: SD3Model, strengths: Any, what: str, 
     log.info("%s: %d weights merged, %d of another shape kept from model1; FP8 mode %s", what, len(source.merged),
              len(source.mismatched), mode or "none (16-bit)")
     mmdit = load_mmdit(source, device=options.side(device), dtype=dtype, fp8=mode)
-    return replace(model1, mmdit=options.mmdit(mmdit, device), name=f"{model1.name}+{model2.name}")
+    return replace(model1, mmdit=options.mmdit(mmdit, device), name=f"{model1.name}+{model2.name}", loras=())
 
 
 SD3_MODELSPEC = {"modelspec.architecture": "stable-diffusion-v3-medium",  # what ComfyUI writes for every SD3
                  "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm"}
 
 
-def save_model(model: SD3Model, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> dict:
-    """ModelSave (comfy_extras/nodes_model_merging.py): the MMDiT as `{prefix}_{counter:05}_.safetensors` under the
-    output folder, ComfyUI's keys (`model.diffusion_model.` + the original SD3 names) and metadata (modelspec, the
-    prompt and each extra_pnginfo key as JSON). FP8 layers are written dequantised in bfloat16, which every SD3
-    loader reads (`sd35fp8 quantize` turns the file into FP8 again). Streamed tensor by tensor, written whole under
-    a temporary name first."""
+def _write_parts(parts: list[tuple[str, Any]], output_dir: Path, prefix: str, meta: dict[str, str],
+                 what: str, title: bool = False) -> dict:
+    """parts: (key prefix, checkpoints.merge.ModuleSource) -> one safetensors file `{prefix}_{counter:05}_` in
+    the output folder, streamed tensor by tensor under a temporary name, then named as save_images does.
+    title: the modelspec title ComfyUI writes ("<file base> <counter>")."""
     from sd35fp8.checkpoints.export import Entry, write_safetensors
-    from sd35fp8.checkpoints.merge import ModuleSource, base_mmdit
 
-    source = ModuleSource(base_mmdit(model.mmdit), model.name or "model")
-    prefix_key = "model.diffusion_model."
-
-    def stored(key: str) -> torch.dtype:
-        return torch.bfloat16 if source.dequantized(key) else source.dtype(key)
-
-    entries = [Entry(prefix_key + k, stored(k), source.shape(k)) for k in source.keys()]
+    produce: dict[str, tuple[Any, str]] = {}
+    entries = []
+    for key_prefix, source in parts:
+        for k in source.keys():
+            produce[key_prefix + k] = (source, k)
+            entries.append(Entry(key_prefix + k, source.stored_dtype(k), source.shape(k)))
     try:
         folder, base, counter, subfolder = save_image_path(prefix, output_dir)
     except OSError as e:
         raise OutputError(f"cannot use the output folder {output_dir}: {e.strerror or e}") from e
-    meta = dict(SD3_MODELSPEC, **{"modelspec.title": f"{base} {counter}"})
-    meta["prompt"] = "" if prompt is None else json.dumps(prompt)
-    meta.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
+    if title:
+        meta = {**meta, "modelspec.title": f"{base} {counter}"}
     tmp = folder / f".{base}_{uuid.uuid4().hex}.partial"
+
+    def tensor(key: str) -> torch.Tensor:
+        source, k = produce[key]
+        return source.get(k).to(source.stored_dtype(k))
+
     try:
-        write_safetensors(tmp, entries, lambda k: source.get(k[len(prefix_key):]).to(stored(k[len(prefix_key):])),
-                          meta)
+        write_safetensors(tmp, entries, tensor, meta)
         counter, file = _claim_name(tmp, folder, base, counter, ".safetensors")
     except OSError as e:
-        raise OutputError(f"cannot write a model into the output folder {folder}: {e.strerror or e} (free disk space "
-                          "or make the folder writable)") from e
+        raise OutputError(f"cannot write {what} into the output folder {folder}: {e.strerror or e} (free disk "
+                          "space or make the folder writable)") from e
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("ModelSave: wrote %s", folder / file)
+    log.info("%s: wrote %s", what, folder / file)
     return {"filename": file, "subfolder": subfolder, "type": "output"}
+
+
+def _save_meta(prompt: Any, extra_pnginfo: Any, modelspec: bool) -> dict[str, str]:
+    meta = dict(SD3_MODELSPEC) if modelspec else {}
+    meta["prompt"] = "" if prompt is None else json.dumps(prompt)
+    meta.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
+    return meta
+
+
+def _model_parts(model: SD3Model) -> list[tuple[str, Any]]:
+    from sd35fp8.checkpoints.merge import ModuleSource, base_mmdit
+
+    return [("model.diffusion_model.", ModuleSource(base_mmdit(model.mmdit), model.name or "model",
+                                                    lora=lora_layers(model).get("mmdit")))]
+
+
+def _clip_parts(clip: SD3Clip, inner: str) -> list[tuple[str, str, Any]]:
+    """(component, key prefix, source) of each text encoder the CLIP holds; inner: "transformer." in a
+    checkpoint (ComfyUI's text_encoders.<name>.transformer.*), "" in CLIPSave's own files."""
+    from sd35fp8.checkpoints.merge import ModuleSource
+
+    layers = lora_layers(clip)
+    return [(comp, f"text_encoders.{comp}.{inner}" if inner else "",
+             ModuleSource(module, clip.name or "clip", comp, lora=layers.get(comp)))
+            for comp, module in _components(clip).items() if module is not None]
+
+
+def save_model(model: SD3Model, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> dict:
+    """ModelSave (comfy_extras/nodes_model_merging.py): the MMDiT as `{prefix}_{counter:05}_.safetensors`, ComfyUI's
+    keys (`model.diffusion_model.` + the original SD3 names) and metadata (modelspec, the prompt, each extra_pnginfo
+    key as JSON). The MODEL's LoRAs are baked in, as ComfyUI patches them before saving; FP8 layers are written
+    in bfloat16, which every SD3 loader reads (`sd35fp8 quantize` makes the file FP8 again)."""
+    return _write_parts(_model_parts(model), output_dir, prefix, _save_meta(prompt, extra_pnginfo, True), "ModelSave",
+                        title=True)
+
+
+def save_checkpoint(model: SD3Model, clip: Any, vae: Any, output_dir: Path, prefix: str, prompt: Any,
+                    extra_pnginfo: Any) -> dict:
+    """CheckpointSave: an all-in-one file in ComfyUI's layout: the MMDiT (as ModelSave), the VAE under
+    `first_stage_model.`, each text encoder under `text_encoders.<clip_l|clip_g|t5xxl>.transformer.`, LoRAs baked."""
+    from sd35fp8.checkpoints.merge import ModuleSource
+
+    clip = _require_clip(clip)
+    parts = _model_parts(model) + [("first_stage_model.", ModuleSource(vae, "vae", "vae"))]
+    parts += [(p, s) for _, p, s in _clip_parts(clip, "transformer.")]
+    return _write_parts(parts, output_dir, prefix, _save_meta(prompt, extra_pnginfo, True), "CheckpointSave",
+                        title=True)
+
+
+def save_clip(clip: Any, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> list[dict]:
+    """CLIPSave: one file per text encoder, `{prefix}_{clip_l|clip_g|t5xxl}_{counter:05}_.safetensors`, with the
+    encoder's own keys (ComfyUI strips the component and `transformer.` prefixes) and metadata format "pt"."""
+    meta = {"format": "pt", **_save_meta(prompt, extra_pnginfo, False)}
+    return [_write_parts([(p, s)], output_dir, f"{prefix}_{comp}", meta, "CLIPSave")
+            for comp, p, s in _clip_parts(_require_clip(clip), "")]
+
+
+def save_vae(vae: Any, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> dict:
+    """VAESave: the VAE's LDM keys, as ComfyUI's vae.get_sd()."""
+    from sd35fp8.checkpoints.merge import ModuleSource
+
+    return _write_parts([("", ModuleSource(vae, "vae", "vae"))], output_dir, prefix,
+                        _save_meta(prompt, extra_pnginfo, False), "VAESave")

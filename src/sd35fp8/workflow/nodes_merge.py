@@ -1,6 +1,7 @@
 """ComfyUI's model merging nodes (comfy_extras/nodes_model_merging.py, nodes_model_merging_model_specific.py):
-ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, ModelMergeSD3_2B, ModelMergeSD35_Large and
-ModelSave, with ComfyUI's inputs and arithmetic (checkpoints/merge.py). Each merge builds a new engine from the
+ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, ModelMergeSD3_2B, ModelMergeSD35_Large,
+and the save nodes (ModelSave, CheckpointSave, CLIPSave, VAESave: ComfyUI's file layouts, LoRAs baked in), with
+ComfyUI's inputs and arithmetic (checkpoints/merge.py). Each merge builds a new engine from the
 merged weights in model1's FP8 mode (workflow/engine.merge_models), so a merged Large model holds its own copy of
 the weights while both inputs stay loaded, as the executor caches them.
 """
@@ -108,6 +109,42 @@ class ModelSave(Node):
         return {}
 
 
+class CheckpointSave(ModelSave):
+    DISPLAY_NAME = "Save Checkpoint"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
+                             "filename_prefix": ("STRING", {"default": "checkpoints/ComfyUI"})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save(self, model, clip, vae, filename_prefix, prompt=None, extra_pnginfo=None):
+        engine.save_checkpoint(model, clip, vae, self.ctx.folders.output_dir, filename_prefix, prompt, extra_pnginfo)
+        return {}
+
+
+class CLIPSave(ModelSave):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"clip": ("CLIP",), "filename_prefix": ("STRING", {"default": "clip/ComfyUI"})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save(self, clip, filename_prefix, prompt=None, extra_pnginfo=None):
+        engine.save_clip(clip, self.ctx.folders.output_dir, filename_prefix, prompt, extra_pnginfo)
+        return {}
+
+
+class VAESave(ModelSave):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"vae": ("VAE",), "filename_prefix": ("STRING", {"default": "vae/ComfyUI_vae"})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save(self, vae, filename_prefix, prompt=None, extra_pnginfo=None):
+        engine.save_vae(vae, self.ctx.folders.output_dir, filename_prefix, prompt, extra_pnginfo)
+        return {}
+
+
 MERGE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, ModelMergeSD3_2B, ModelMergeSD35_Large,
-    ModelSave)}
+    ModelSave, CheckpointSave, CLIPSave, VAESave)}
