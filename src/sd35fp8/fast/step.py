@@ -370,6 +370,12 @@ class MMDiTEngine(nn.Module):
         self.device = device
         if attention_backend == "auto":
             attention_backend = auto_attention(device, fp8_mode)
+        if attention_backend in ("cudnn", "flash") and self.dtype == torch.float32:
+            # cuDNN and flash SDPA take 16-bit only ("No available kernel" on a float32 model): the memory-
+            # efficient kernel takes float32
+            logger.info("MMDiTEngine: a float32 model: SDPA on the memory-efficient kernel instead of %s",
+                        attention_backend)
+            attention_backend = "efficient"
         self.attention_backend = attention_backend
         kinds = (*TRITON_KINDS, *EMULATED_KINDS, *LIBRARY_KINDS)
         if self.attention_backend is not None and self.attention_backend not in (*BACKENDS, *kinds):
