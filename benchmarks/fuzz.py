@@ -159,7 +159,7 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
     """One hostile request of a random kind: {kind, method, path, body, headers, files?, ws?}."""
     J = {"Content-Type": "application/json"}
     kind = rng.choice(["json", "types", "mutate", "mutate", "size", "routes", "query", "view", "upload",
-                       "headers", "ws", "openai"])
+                       "headers", "ws", "openai", "models"])
     if kind == "json":
         body = rng.choice([b"{", b"[" * rng.randint(100, 50_000), b'{"prompt": NaN}', b'{"prompt": {}, "number": Infinity}',
                            b'{"prompt": 1e999}', bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 500))),
@@ -206,6 +206,27 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
         else:
             return [{"kind": kind, "method": "POST", "path": "/prompt", "headers": J,
                      "body": dumps({"prompt": base, "extra_data": {"pad": "x" * 20_000_000}})}]
+        return [{"kind": kind, "method": "POST", "path": "/prompt", "body": dumps({"prompt": p}), "headers": J}]
+    if kind == "models":  # the merge / save / list nodes, with hostile values (path prefixes, ratios, batch sizes)
+        p = copy.deepcopy(base)
+        ckpt = next(k for k, n in p.items() if n["class_type"] == "CheckpointLoaderSimple")
+        sampler = next(k for k, n in p.items() if n["class_type"] == "KSampler")
+        decode = next(k for k, n in p.items() if n["class_type"] == "VAEDecode")
+        merge = rng.choice(["ModelMergeSimple", "ModelMergeAdd", "ModelMergeSubtract", "ModelMergeSD3_2B",
+                            "ModelMergeBlocks"])
+        value = rng.choice(HOSTILE_VALUES + [0.5, 0.0, 1.0, -3.0])
+        p["m1"] = {"class_type": merge, "inputs": {"model1": [ckpt, 0], "model2": [ckpt, 0], "ratio": value,
+                                                   "multiplier": value, "input": value, "middle": 0.5, "out": 0.5,
+                                                   **{f"joint_blocks.{i}.": 0.5 for i in range(24)}}}
+        p[sampler]["inputs"]["model"] = ["m1", 0]
+        prefix = rng.choice(["../../x", "/etc/x", "a" * 5000, "m/%year%/x", "\u0000", "ok", "", ".."])
+        p["s1"] = {"class_type": rng.choice(["ModelSave", "CheckpointSave", "CLIPSave", "VAESave"]),
+                   "inputs": {"model": ["m1", 0], "clip": [ckpt, rng.choice([1, 0, 7])], "vae": [ckpt, 2],
+                              "filename_prefix": prefix}}
+        p["r1"] = {"class_type": "RebatchImages", "inputs": {"images": [decode, 0],
+                                                             "batch_size": rng.choice([1, 0, -1, 2**40, "x"])}}
+        p["r2"] = {"class_type": "ImageInvert", "inputs": {"image": ["r1", 0]}}
+        p["r3"] = {"class_type": "PreviewImage", "inputs": {"images": ["r2", 0]}}
         return [{"kind": kind, "method": "POST", "path": "/prompt", "body": dumps({"prompt": p}), "headers": J}]
     if kind == "routes":
         path = rng.choice(["/queue", "/history", "/interrupt", "/free", "/jobs/cancel", "/settings",

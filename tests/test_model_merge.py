@@ -6,6 +6,7 @@ a merge inside a workflow on the shipped model."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import shutil
 
 import pytest
@@ -284,3 +285,43 @@ def test_checkpoint_clip_vae_save_read_back(tmp_path):
     NODE_CLASS_MAPPINGS["VAESave"](c).save(vae, "vae/v")
     with safe_open(str(c.folders.output_dir / "vae" / "v_00001_.safetensors"), "pt") as f:
         assert set(f.keys()) == set(vae.state_dict())
+
+
+def test_clip_merges_match_comfyui(tmp_path):
+    """CLIPMergeSimple / Subtract / Add on the shipped text encoders and a perturbed copy: every weight as ComfyUI's
+    patch arithmetic, position ids and logit scales untouched, clip1 itself unchanged, the merged CLIP encodes."""
+    import copy
+
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+    from sd35fp8.workflow.engine import encode_text, load_checkpoint
+
+    if not SHIPPED_CHECKPOINT.exists():
+        pytest.skip("shipped model weights not built")
+    shutil.copy(SHIPPED_CHECKPOINT, tmp_path / "a.safetensors")
+    shutil.copy(SHIPPED_T5_TOKENIZER, tmp_path / "spiece.model")
+    _, clip1, _ = load_checkpoint(tmp_path / "a.safetensors", "cpu", None)
+    clip2 = replace(clip1, encoder=copy.deepcopy(clip1.encoder), name="b")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in clip2.encoder.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.01)
+    before = {k: v.clone() for k, v in clip1.encoder.state_dict().items()}
+    c = ctx(tmp_path)
+    cases = [("CLIPMergeSimple", {"ratio": 0.3}, (0.7, 0.3)), ("CLIPMergeSubtract", {"multiplier": 0.5}, (-0.5, 0.5)),
+             ("CLIPMergeAdd", {}, (1.0, 1.0))]
+    for node, args, (sp, sm) in cases:
+        (merged,) = NODE_CLASS_MAPPINGS[node](c).merge(clip1, clip2, **args)
+        got, a, b = merged.encoder.state_dict(), clip1.encoder.state_dict(), clip2.encoder.state_dict()
+        for k in a:
+            if k.endswith((".position_ids", ".logit_scale")):
+                assert torch.equal(got[k], a[k]), k
+                continue
+            want = a[k].float()
+            if sm != 1.0:
+                want = want * sm
+            want = (want + sp * b[k].float()).to(a[k].dtype)
+            assert torch.equal(got[k], want), (node, k)
+        assert encode_text(merged, "a red circle")[0][0].isfinite().all()
+    for k, v in clip1.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert NODE_CLASS_MAPPINGS["CLIPMergeSimple"](c).merge(clip1, clip2, 1.0)[0] is clip1

@@ -91,6 +91,10 @@ class ModuleSource(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensor(key).shape)
 
+    def baked(self) -> list[str]:
+        """The weights a LoRA is baked into."""
+        return list(self._lora)
+
     def computed(self, key: str) -> bool:
         """Whether get() computes this weight in float32 (an FP8 layer dequantised, or a LoRA baked in)."""
         return key in self._scales or key in self._lora
@@ -182,3 +186,21 @@ def block_strengths(ratios: dict[str, float]) -> Strengths:
         return 1.0 - ratio, ratio
 
     return strengths
+
+
+def assign(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Write one tensor of `root`'s state dict in place: an FP8 layer's weight quantised again at its own
+    granularity (new scales), anything else cast to the tensor's dtype."""
+    from sd35fp8.fp8.scaling import quantize_rowwise, quantize_tensorwise
+
+    mod_name, _, leaf = key.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    with torch.no_grad():
+        if isinstance(mod, FP8Linear) and leaf == "weight":
+            v = value.float().to(mod.weight.device)
+            q, scale = quantize_rowwise(v, dim=-1) if mod.weight_scale.numel() > 1 else quantize_tensorwise(v)
+            mod.weight.data.copy_(q)
+            mod.weight_scale.copy_(scale.reshape(mod.weight_scale.shape))
+        else:
+            t = getattr(mod, leaf)
+            t.data.copy_(value.to(device=t.device, dtype=t.dtype))

@@ -771,6 +771,53 @@ def merge_models(model1: SD3Model, model2: SD3Model, strengths: Any, what: str, 
     return replace(model1, mmdit=options.mmdit(mmdit, device), name=f"{model1.name}+{model2.name}", loras=())
 
 
+CLIP_MERGE_SKIPPED = (".position_ids", ".logit_scale")  # ComfyUI's CLIP merge nodes leave these alone
+
+
+def merge_clips(clip1: SD3Clip, clip2: SD3Clip, strengths: Any, what: str) -> SD3Clip:
+    """CLIPMergeSimple / Add / Subtract (comfy_extras/nodes_model_merging.py): a copy of clip1's text encoders with
+    each weight merged as the model merge nodes merge (checkpoints/merge.py; position ids and logit scales kept),
+    each side's LoRAs baked in first; FP8 layers (an FP8 T5) quantised again. An encoder only clip1 has stays as
+    it is. A merge that changes no weight gives clip1 itself."""
+    import copy
+
+    from sd35fp8.checkpoints.merge import MergedSource, ModuleSource, assign
+    from sd35fp8.lora.apply import remove_slot
+
+    clip1, clip2 = _require_clip(clip1), _require_clip(clip2)
+
+    def kept(key: str) -> tuple[float, float]:
+        return (0.0, 1.0) if key.endswith(CLIP_MERGE_SKIPPED) else strengths(key)
+
+    layers1, layers2 = lora_layers(clip1), lora_layers(clip2)
+    others = _components(clip2)
+    sources = {}
+    for comp, module in _components(clip1).items():
+        if module is None:
+            continue
+        base = ModuleSource(module, clip1.name or "clip1", comp, lora=layers1.get(comp))
+        other = others.get(comp)
+        other_src = ModuleSource(other, clip2.name or "clip2", comp, lora=layers2.get(comp)) if other is not None \
+            else ModuleSource(torch.nn.Module(), "none", comp)
+        sources[comp] = MergedSource(base, other_src, kept, f"{comp} merge")
+    changed = {comp: [k for k in src.merged if kept(k) != (0.0, 1.0)] + src.base.baked()
+               for comp, src in sources.items()}
+    if not any(changed.values()):
+        return clip1
+    encoder = copy.deepcopy(clip1.encoder)  # a whole new copy: clip1 stays usable as it was
+    copies = _components(SD3Clip(encoder))
+    for root in (m for m in copies.values() if m is not None):
+        if hasattr(root, "sd35_lora_set"):
+            delattr(root, "sd35_lora_set")  # the copy starts with no LoRA state
+        for module in root.modules():
+            remove_slot(module)
+    for comp, keys in changed.items():
+        for key in dict.fromkeys(keys):
+            assign(copies[comp], key, sources[comp].get(key))
+    log.info("%s: %s", what, ", ".join(f"{c} {len(k)} weights" for c, k in changed.items()))
+    return replace(clip1, encoder=encoder, name=f"{clip1.name}+{clip2.name}", loras=())
+
+
 SD3_MODELSPEC = {"modelspec.architecture": "stable-diffusion-v3-medium",  # what ComfyUI writes for every SD3
                  "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm"}
 

@@ -1,6 +1,6 @@
 """ComfyUI's model merging nodes (comfy_extras/nodes_model_merging.py, nodes_model_merging_model_specific.py):
 ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, ModelMergeSD3_2B, ModelMergeSD35_Large,
-and the save nodes (ModelSave, CheckpointSave, CLIPSave, VAESave: ComfyUI's file layouts, LoRAs baked in), with
+CLIPMergeSimple / Subtract / Add, and the save nodes (ModelSave, CheckpointSave, CLIPSave, VAESave: ComfyUI's file layouts, LoRAs baked in), with
 ComfyUI's inputs and arithmetic (checkpoints/merge.py). Each merge builds a new engine from the
 merged weights in model1's FP8 mode (workflow/engine.merge_models), so a merged Large model holds its own copy of
 the weights while both inputs stay loaded, as the executor caches them.
@@ -109,6 +109,42 @@ class ModelSave(Node):
         return {}
 
 
+class _ClipMerge(Node):
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "merge"
+    CATEGORY = "advanced/model_merging"
+    PYTHON_MODULE = "comfy_extras.nodes_model_merging"
+
+
+class CLIPMergeSimple(_ClipMerge):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"clip1": ("CLIP",), "clip2": ("CLIP",), "ratio": RATIO}}
+
+    def merge(self, clip1, clip2, ratio):
+        return (engine.merge_clips(clip1, clip2, ratio_strengths(float(ratio)), "CLIPMergeSimple"),)
+
+
+class CLIPMergeSubtract(_ClipMerge):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"clip1": ("CLIP",), "clip2": ("CLIP",),
+                             "multiplier": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})}}
+
+    def merge(self, clip1, clip2, multiplier):
+        m = float(multiplier)
+        return (engine.merge_clips(clip1, clip2, lambda key: (-m, m), "CLIPMergeSubtract"),)
+
+
+class CLIPMergeAdd(_ClipMerge):
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"clip1": ("CLIP",), "clip2": ("CLIP",)}}
+
+    def merge(self, clip1, clip2):
+        return (engine.merge_clips(clip1, clip2, lambda key: (1.0, 1.0), "CLIPMergeAdd"),)
+
+
 class CheckpointSave(ModelSave):
     DISPLAY_NAME = "Save Checkpoint"
 
@@ -147,4 +183,4 @@ class VAESave(ModelSave):
 
 MERGE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     ModelMergeSimple, ModelMergeBlocks, ModelMergeSubtract, ModelMergeAdd, ModelMergeSD3_2B, ModelMergeSD35_Large,
-    ModelSave, CheckpointSave, CLIPSave, VAESave)}
+    CLIPMergeSimple, CLIPMergeSubtract, CLIPMergeAdd, ModelSave, CheckpointSave, CLIPSave, VAESave)}
