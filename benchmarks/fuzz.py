@@ -451,8 +451,10 @@ def schema_fuzz(args, url: str, host: str, work: Path) -> dict:
         return {"command": " ".join(cmd[1:]), "error": f"did not finish in {args.max_seconds} s"}
     lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
     cases = next((ln.strip() for ln in lines if "generated" in ln and ("passed" in ln or "failed" in ln)), None)
+    failures = [ln for i, ln in enumerate(lines) if "Server error" in ln or (i and "Server error" in lines[i - 1])]
+    cut = next((i for i, ln in enumerate(lines) if "FAILURES" in ln), None)  # the failing requests, replayable
     return {"command": "st " + " ".join(cmd[1:]), "returncode": done.returncode, "test_cases": cases,
-            "summary": lines[-25:]}
+            "failures": lines[cut:cut + 60] if cut is not None else failures, "summary": lines[-25:]}
 
 
 def _tracebacks(log: Path, limit: int = 5) -> list[str]:

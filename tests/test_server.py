@@ -435,6 +435,10 @@ def test_info_routes(client):
         == "a.json"
     assert client.get("/api/userdata/workflows%2Fa.json").json() == {"nodes": []}
     assert client.post("/api/userdata/..%2F..%2Fescape.json", content=b"x").status_code == 400
+    # names no filesystem takes are a 400, not a 500 (schemathesis found the NUL one)
+    for bad in ("Wf%00%40", "x" * 300, "a%2F" * 2100):
+        assert client.get(f"/api/userdata?dir={bad}").status_code == 400, bad
+        assert client.get(f"/api/userdata/{bad}").status_code == 400, bad
     assert client.get("/").status_code == 200
 
 

@@ -102,14 +102,21 @@ class UserStore:
     def path(self, name: str) -> Path:
         """A file under the user folder; names that climb out raise InputError."""
         rel = safe_relative_name(name, "user data path")
-        path = (self.root / rel).resolve()
+        try:
+            path = (self.root / rel).resolve()
+        except (OSError, ValueError) as e:  # a name the filesystem refuses (too deep, ...)
+            raise InputError(f"invalid user data path {name[:80]!r}: {e}") from e
         if os.path.commonpath((self.root, path)) != str(self.root):
             raise InputError(f"user data path escapes the user folder: {name!r}")
         return path
 
     def listing(self, directory: str, recurse: bool, full_info: bool, split: bool) -> list:
         base = self.path(directory)
-        if not base.is_dir():
+        try:
+            found = base.is_dir()
+        except OSError as e:  # ENAMETOOLONG and the like: no such folder can exist
+            raise InputError(f"invalid user data folder {directory[:80]!r}: {e.strerror or e}") from e
+        if not found:
             raise FileNotFoundError(directory)
         files = sorted(base.rglob("*") if recurse else base.glob("*"))
         out: list = []

@@ -51,8 +51,9 @@ def split_annotation(name: str, default: str) -> tuple[str, str]:
 
 
 def safe_relative_name(name: str, what: str = "file name") -> str:
-    """Reject absolute names and names that climb out of their folder ('..')."""
-    if not isinstance(name, str) or name == "":
+    """Reject absolute names, names that climb out of their folder ('..'), and names no filesystem takes (a NUL
+    character, a part longer than 255 bytes)."""
+    if not isinstance(name, str) or name == "" or "\x00" in name:
         raise InputError(f"invalid {what}: {name!r}")
     norm = name.replace("\\", "/")
     if norm.startswith("/") or os.path.isabs(name) or (len(norm) > 1 and norm[1] == ":"):
@@ -60,6 +61,8 @@ def safe_relative_name(name: str, what: str = "file name") -> str:
     parts = [p for p in norm.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts) or not parts:
         raise InputError(f"{what} escapes its models folder: {name!r}")
+    if any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts) or len(norm) > 4096:
+        raise InputError(f"{what} is too long: {name[:80]!r}...")
     return "/".join(parts)
 
 
