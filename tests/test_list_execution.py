@@ -19,6 +19,7 @@ from sd35fp8.workflow.node_base import Node
 def test_rebatch_then_per_item_nodes(tmp_path):
     """EmptyImage x5 -> RebatchImages(2) gives batches of 2, 2, 1; ImageInvert and SaveImage run once per batch, and
     SaveImage's UI lists every image, as ComfyUI."""
+    (tmp_path / "models").mkdir()
     ex = PromptExecutor(ModelFolders(tmp_path), device="cpu", dtype=torch.float32)
     prompt = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 5, "color": 0x102030}},
@@ -88,3 +89,19 @@ def test_mapping_rules():
     # a CONDITIONING-like plain list is one value, not a list of values
     outs, _ = call_mapped(Add(None).run, {"a": [1], "b": [2]}, Add, "Add")
     assert outs == ([1, 2],) and not isinstance(outs[0], NodeList)
+
+
+def test_load_image_output_lists_and_loads_outputs(tmp_path):
+    """LoadImageOutput: the output folder's images, newest first, as 'name [output]'; a listed name loads."""
+    from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
+    from sd35fp8.workflow.node_base import NodeContext
+
+    (tmp_path / "models").mkdir()  # the output folder beside it, this test's own
+    folders = ModelFolders(tmp_path)
+    (folders.output_dir / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(folders.output_dir / "sub" / "a.png")
+    names = NODE_CLASS_MAPPINGS["LoadImageOutput"].INPUT_TYPES(folders)["required"]["image"][0]
+    assert names == ["sub/a.png [output]"]
+    assert NODE_CLASS_MAPPINGS["LoadImageOutput"].VALIDATE_INPUTS(folders, names[0]) is True
+    image, mask = NODE_CLASS_MAPPINGS["LoadImageOutput"](NodeContext(folders=folders)).load_image(names[0])
+    assert image.shape == (1, 3, 4, 3) and abs(float(image[0, 0, 0, 0]) - 10 / 255) < 1e-6

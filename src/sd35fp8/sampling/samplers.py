@@ -12,8 +12,10 @@ Per-step noise: see noise.py (CPU generator seeded from extra_args["seed"]).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import trange
 
@@ -442,6 +444,433 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x_next
 
 
+def _ipndm_v_coeffs(h_n, h_n_1, h_n_2=None, h_n_3=None):
+    """Variable-step iPNDM weights of (d_cur, d_prev1, d_prev2, d_prev3) for orders 2-4 (ComfyUI sample_ipndm_v)."""
+    if h_n_2 is None:
+        return ((2 + h_n / h_n_1) / 2, -(h_n / h_n_1) / 2)
+    temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+    if h_n_3 is None:
+        return ((2 + (h_n / h_n_1)) / 2 + temp1,
+                -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1,
+                temp1 * h_n_1 / h_n_2)
+    temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+        * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+    ratio = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+    return ((2 + (h_n / h_n_1)) / 2 + temp1 + temp2,
+            -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + ratio) * temp2,
+            temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio * (1 + h_n_2 / h_n_3)) * temp2,
+            -temp2 * ratio * h_n_1 / h_n_2)
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM with variable step sizes (ComfyUI sample_ipndm_v; zju-pi/diff-sampler)."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    x_next = x
+    history: list[torch.Tensor] = []  # previous derivatives, oldest first
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)  # ComfyUI reports the initial x here
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        else:
+            steps = [t_next - t_cur] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]  # h_n, h_n_1, ...
+            coeffs = _ipndm_v_coeffs(*steps)
+            total = coeffs[0] * d_cur
+            for c, d in zip(coeffs[1:], reversed(history)):
+                total = total + c * d
+            x_next = x_cur + (t_next - t_cur) * total
+        history = (history + [d_cur])[-(max_order - 1):]
+    return x_next
+
+
+# ---- DEIS "tab" coefficients (ComfyUI comfy/k_diffusion/deis.py, from zju-pi/diff-sampler): sigmas are read as
+# EDM sigmas of a VP process fitted to sigma_min 0.002 / sigma_max 80, whatever the model (as ComfyUI does)
+def _deis_vp_times(sigmas: torch.Tensor, epsilon_s: float = 1e-3, sigma_min: float = 0.002, sigma_max: float = 80):
+    """-> (VP times of sigmas, beta_0, beta_1), float32 on the CPU; the two scalar logs go through numpy as there."""
+    def np_log(v: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(np.log(v.numpy())))
+
+    log_min = np_log(torch.tensor(sigma_min) ** 2 + 1)
+    log_max = np_log(torch.tensor(sigma_max) ** 2 + 1)
+    beta_d = 2 * (log_min / epsilon_s - log_max) / (epsilon_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    s = sigmas.detach().cpu()
+    t = ((beta_min ** 2 + 2 * beta_d * (s ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+    return t, beta_min, beta_d + beta_min
+
+
+def _deis_integrand(beta_0, beta_1, taus):
+    """-0.5 d(log alpha)/dtau / sqrt(alpha (1 - alpha)), the derivative taken by autograd as ComfyUI does."""
+    with torch.inference_mode(mode=False), torch.enable_grad():
+        taus = taus.clone().requires_grad_(True)
+        alpha = torch.exp(-0.5 * taus ** 2 * (beta_1.clone() - beta_0.clone()) - taus * beta_0.clone())
+        alpha.log().sum().backward()
+        grad = taus.grad
+    return -0.5 * grad / torch.sqrt(alpha.detach() * (1 - alpha.detach()))
+
+
+def deis_coefficients(sigmas: torch.Tensor, max_order: int, n: int = 10000) -> list[list[torch.Tensor]]:
+    """Per step, the weights of (d_cur, d_prev1, ...) (empty for first-order steps): the integrals of the Lagrange
+    basis through the last `order` VP times against the integrand, a Riemann sum over n points."""
+    t_steps, beta_0, beta_1 = _deis_vp_times(sigmas)
+    out: list[list[torch.Tensor]] = []
+    for i in range(len(t_steps) - 1):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        order = min(i + 1, max_order)
+        if order == 1:
+            out.append([])
+            continue
+        taus = torch.linspace(t_cur, t_next, n)  # [n]
+        dtau = (t_next - t_cur) / n
+        prev_t = t_steps[[i - k for k in range(order)]]
+        integrand = _deis_integrand(beta_0, beta_1, taus)
+        coeffs = []
+        for j in range(order):
+            poly = 1
+            for k in range(order):
+                if k != j:
+                    poly = poly * ((taus - prev_t[k]) / (prev_t[j] - prev_t[k]))
+            coeffs.append(torch.sum(integrand * poly) * dtau)
+        out.append(coeffs)
+    return out
+
+
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
+    """DEIS multistep (ComfyUI sample_deis, "tab" coefficients)."""
+    if deis_mode != "tab":
+        raise InputError(f"deis_mode {deis_mode!r} is not supported here; only 'tab' (ComfyUI's default)")
+    if not 1 <= max_order <= 4:
+        raise InputError(f"deis max_order must be 1 to 4, got {max_order}")
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    coeff_list = deis_coefficients(sigmas, max_order)
+    x_next = x
+    history: list[torch.Tensor] = []  # previous derivatives, oldest first
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)  # ComfyUI reports the initial x here
+        d_cur = (x_cur - denoised) / t_cur
+        order = 1 if t_next <= 0 else min(max_order, i + 1)
+        if order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        else:
+            coeffs = coeff_list[i]
+            x_next = x_cur + coeffs[0] * d_cur
+            for c, d in zip(coeffs[1:], reversed(history)):
+                x_next = x_next + c * d
+        history = (history + [d_cur])[-(max_order - 1):]
+    return x_next
+
+
+@torch.no_grad()
+def _res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None, eta=1.0):
+    """ComfyUI res_multistep (cfg_pp off): RES 2nd-order multistep in t = -log(sigma) (arXiv 2308.02157).
+
+    The same update for every model type: the ancestral variant uses the variance-exploding ancestral
+    step (sigma_down, sigma_up) and adds sigma_up * noise also for flow models, as ComfyUI does.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    if eta > 0 and noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    old_sigma_down, old_denoised = None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigma_down == 0 or old_denoised is None:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1 = torch.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+            x = h.neg().exp() * x + h * (b1 * denoised + b2 * old_denoised)
+        # eta 0: ComfyUI still draws noise and adds it times sigma_up = 0; we skip the draw (same x)
+        if sigmas[i + 1] > 0 and eta > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
+@torch.no_grad()
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None):
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta=0.0)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta=eta)
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0):
+    """Euler plus a gradient-estimation correction (ComfyUI sample_gradient_estimation, cfg_pp off)."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = to_d(x, sigmas[i], denoised)
+        _report(callback, x, i, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+@torch.no_grad()
+def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None,
+                  noise_scaler=None, max_stage=3, model_sampling=None):
+    """ER-SDE-Solver-3, VP form (ComfyUI sample_er_sde; arXiv 2309.06169), er_lambda = sigma / alpha."""
+    extra_args = {} if extra_args is None else extra_args
+    if s_noise > 0 and noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    if noise_scaler is None:
+        noise_scaler = lambda v: v * ((v ** 0.3).exp() + 10.0)  # noqa: E731
+    n_points = 200.0
+    point_index = torch.arange(0, n_points, dtype=torch.float32, device=x.device)  # [200]
+    sigmas = _offset_first_sigma(sigmas, _model_sampling(model, model_sampling), "er_sde")
+    er_lambdas = FlowMatching.half_log_snr(sigmas).neg().exp()
+    old_denoised, old_denoised_d = None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        stage = min(max_stage, i + 1)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lam_s, lam_t = er_lambdas[i], er_lambdas[i + 1]
+            alpha_s, alpha_t = sigmas[i] / lam_s, sigmas[i + 1] / lam_t
+            r = noise_scaler(lam_t) / noise_scaler(lam_s)
+            x = (alpha_t / alpha_s) * r * x + alpha_t * (1 - r) * denoised
+            if stage >= 2:
+                dt = lam_t - lam_s
+                step = -dt / n_points
+                pos = lam_t + point_index * step
+                scaled = noise_scaler(pos)
+                s = torch.sum(1 / scaled) * step
+                denoised_d = (denoised - old_denoised) / (lam_s - er_lambdas[i - 1])
+                x = x + alpha_t * (dt + s * noise_scaler(lam_t)) * denoised_d
+                if stage >= 3:
+                    s_u = torch.sum((pos - lam_s) / scaled) * step
+                    denoised_u = (denoised_d - old_denoised_d) / ((lam_s - er_lambdas[i - 2]) / 2)
+                    x = x + alpha_t * ((dt ** 2) / 2 + s_u * noise_scaler(lam_t)) * denoised_u
+                old_denoised_d = denoised_d
+            if s_noise > 0:
+                scale = (lam_t ** 2 - lam_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
+                x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * scale
+        old_denoised = denoised
+    return x
+
+
+# ---- DPM-Solver fast / adaptive (ComfyUI DPMSolver, arXiv 2206.00927): time t = -log(sigma), eps prediction
+class _PIDStepSizeController:
+    """PID controller of the adaptive step size h (ComfyUI PIDStepSizeController)."""
+
+    def __init__(self, h, pcoeff, icoeff, dcoeff, order=1, accept_safety=0.81, eps=1e-8):
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.errs: list[float] = []
+
+    def propose_step(self, error) -> bool:
+        inv_error = 1 / (float(error) + self.eps)
+        if not self.errs:
+            self.errs = [inv_error, inv_error, inv_error]
+        self.errs[0] = inv_error
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
+        self.h *= factor
+        return accept
+
+
+class _DPMSolver:
+    """DPM-Solver-1/2/3 steps with a per-step cache of eps evaluations (keys "eps", "eps_r1", "eps_r2")."""
+
+    def __init__(self, model, extra_args, info_callback=None):
+        self.model, self.extra_args, self.info_callback = model, extra_args, info_callback
+
+    @staticmethod
+    def t(sigma):
+        return -sigma.log()
+
+    @staticmethod
+    def sigma(t):
+        return t.neg().exp()
+
+    def eps(self, cache: dict, key: str, x, t):
+        if key not in cache:
+            sigma = self.sigma(t) * x.new_ones([x.shape[0]])
+            cache[key] = (x - self.model(x, sigma, **self.extra_args)) / self.sigma(t)
+        return cache[key]
+
+    def step_1(self, x, t, t_next, cache):
+        h = t_next - t
+        return x - self.sigma(t_next) * h.expm1() * self.eps(cache, "eps", x, t)
+
+    def step_2(self, x, t, t_next, cache, r1=1 / 2):
+        h = t_next - t
+        eps = self.eps(cache, "eps", x, t)
+        s1 = t + r1 * h
+        u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
+        eps_r1 = self.eps(cache, "eps_r1", u1, s1)
+        return x - self.sigma(t_next) * h.expm1() * eps - self.sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+
+    def step_3(self, x, t, t_next, cache, r1=1 / 3, r2=2 / 3):
+        h = t_next - t
+        eps = self.eps(cache, "eps", x, t)
+        s1, s2 = t + r1 * h, t + r2 * h
+        u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
+        eps_r1 = self.eps(cache, "eps_r1", u1, s1)
+        u2 = (x - self.sigma(s2) * (r2 * h).expm1() * eps
+              - self.sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
+        eps_r2 = self.eps(cache, "eps_r2", u2, s2)
+        return x - self.sigma(t_next) * h.expm1() * eps - self.sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+
+    def _report(self, x, i, t, t_up, denoised, **info):
+        if self.info_callback is not None:
+            self.info_callback({"x": x, "i": i, "sigma": self.sigma(t), "sigma_hat": self.sigma(t_up),
+                                "denoised": denoised, "t": t, "t_up": t_up, **info})
+
+    def fast(self, x, t_start, t_end, nfe, eta=0.0, s_noise=1.0, noise_sampler=None):
+        if not t_end > t_start and eta:
+            raise InputError("dpm_fast: eta must be 0 for reverse sampling")
+        if eta and noise_sampler is None:
+            noise_sampler = default_noise_sampler(x, seed=self.extra_args.get("seed"))
+        m = math.floor(nfe / 3) + 1
+        ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
+        orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+        for i, order in enumerate(orders):
+            cache: dict = {}
+            t, t_next = ts[i], ts[i + 1]
+            if eta:
+                sd, _ = get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
+                t_next_ = torch.minimum(t_end, self.t(sd))
+                su = (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
+            else:
+                t_next_, su = t_next, 0.0
+            eps = self.eps(cache, "eps", x, t)
+            self._report(x, i, t, t, x - self.sigma(t) * eps)
+            step = (self.step_1, self.step_2, self.step_3)[order - 1]
+            x = step(x, t, t_next_, cache)
+            if eta:  # ComfyUI adds su * noise also when su is 0 (eta 0); we skip that draw (same x)
+                x = x + su * s_noise * noise_sampler(self.sigma(t), self.sigma(t_next))
+        return x
+
+    def adaptive(self, x, t_start, t_end, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0,
+                 dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0, noise_sampler=None):
+        if order not in {2, 3}:
+            raise InputError("dpm_adaptive: order should be 2 or 3")
+        forward = t_end > t_start
+        if not forward and eta:
+            raise InputError("dpm_adaptive: eta must be 0 for reverse sampling")
+        if eta and noise_sampler is None:
+            noise_sampler = default_noise_sampler(x, seed=self.extra_args.get("seed"))
+        h_init = abs(h_init) * (1 if forward else -1)
+        atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
+        s, x_prev = t_start, x
+        pid = _PIDStepSizeController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+        info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+        while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
+            cache: dict = {}
+            t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
+            if eta:
+                sd, _ = get_ancestral_step(self.sigma(s), self.sigma(t), eta)
+                t_ = torch.minimum(t_end, self.t(sd))
+                su = (self.sigma(t) ** 2 - self.sigma(t_) ** 2) ** 0.5
+            else:
+                t_, su = t, 0.0
+            eps = self.eps(cache, "eps", x, s)
+            denoised = x - self.sigma(s) * eps
+            if order == 2:
+                x_low = self.step_1(x, s, t_, cache)
+                x_high = self.step_2(x, s, t_, cache)
+            else:
+                x_low = self.step_2(x, s, t_, cache, r1=1 / 3)
+                x_high = self.step_3(x, s, t_, cache)
+            delta = torch.maximum(atol_t.to(x.device), rtol_t.to(x.device) * torch.maximum(x_low.abs(), x_prev.abs()))
+            error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+            if pid.propose_step(error):
+                x_prev = x_low
+                x = x_high
+                if eta:  # as in fast(): no draw when su is 0
+                    x = x + su * s_noise * noise_sampler(self.sigma(s), self.sigma(t))
+                s = t
+                info["n_accept"] += 1
+            else:
+                info["n_reject"] += 1
+            info["nfe"] += order
+            info["steps"] += 1
+            self._report(x, info["steps"] - 1, s, s, denoised, error=error, h=pid.h, **info)
+        return x, info
+
+
+def _dpm_sigma_range(sigmas):
+    """ComfyUI ksampler("dpm_fast"/"dpm_adaptive"): from sigmas[0] down to the last nonzero sigma."""
+    sigma_min = sigmas[-1]
+    if sigma_min == 0:
+        sigma_min = sigmas[-2]
+    sigma_max = sigmas[0]
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise InputError("dpm_fast / dpm_adaptive: sigma_min and sigma_max must not be 0")
+    return sigma_min, sigma_max
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, s_noise=1.0, noise_sampler=None):
+    """DPM-Solver-Fast: len(sigmas)-1 model calls on steps uniform in -log(sigma), whatever the schedule's
+    inner sigmas (ComfyUI only takes its first and last nonzero sigma)."""
+    if len(sigmas) <= 1:
+        return x
+    sigma_min, sigma_max = _dpm_sigma_range(sigmas)
+    solver = _DPMSolver(model, {} if extra_args is None else extra_args, callback)
+    return solver.fast(x, solver.t(sigma_max.clone()), solver.t(sigma_min.clone()), len(sigmas) - 1, eta, s_noise,
+                       noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disable=None, order=3, rtol=0.05,
+                        atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0,
+                        s_noise=1.0, noise_sampler=None, return_info=False):
+    """DPM-Solver-12/23 with adaptive steps between the schedule's first and last nonzero sigma (ComfyUI);
+    the number of model calls depends on the error control, not on the schedule's length."""
+    if len(sigmas) <= 1:
+        return x
+    sigma_min, sigma_max = _dpm_sigma_range(sigmas)
+    solver = _DPMSolver(model, {} if extra_args is None else extra_args, callback)
+    x, info = solver.adaptive(x, solver.t(sigma_max.clone()), solver.t(sigma_min.clone()), order, rtol, atol, h_init,
+                              pcoeff, icoeff, dcoeff, accept_safety, eta, s_noise, noise_sampler)
+    return (x, info) if return_info else x
+
+
 @torch.no_grad()
 def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """ComfyUI's "ddim" is euler (it only changes how inpainting noise is drawn)."""
@@ -456,6 +885,8 @@ SAMPLERS: dict[str, Callable] = {
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_sde_gpu": sample_dpmpp_sde,  # *_gpu: ComfyUI's GPU Brownian tree; ours is always on the CPU
@@ -468,6 +899,12 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde,
     "lcm": sample_lcm,
     "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "gradient_estimation": sample_gradient_estimation,
+    "er_sde": sample_er_sde,
     "ddim": sample_ddim,
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,

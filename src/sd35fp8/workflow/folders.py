@@ -202,6 +202,15 @@ class ModelFolders:
             p.name for p in self.input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )
 
+    def output_images(self) -> list[str]:
+        """Image files under output/, subfolders included, newest first (LoadImageOutput's list, as ComfyUI's
+        /internal/files/output)."""
+        if not self.output_dir.is_dir():
+            return []
+        found = [p for p in self.output_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [p.relative_to(self.output_dir).as_posix() for p in found]
+
     def folder_of(self, kind: str) -> Path | None:
         """The folder of a ComfyUI file type ("output", "input", "temp"); None for any other."""
         return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(kind)

@@ -654,6 +654,23 @@ class LoadImage(Node):
         return engine.load_image(self.ctx.folders.input_image_path(image))
 
 
+class LoadImageOutput(LoadImage):
+    """ComfyUI's LoadImageOutput (comfy_extras/nodes_images.py): LoadImage over the output folder's images
+    ('name.png [output]'); any existing annotated file validates, as LoadImage."""
+
+    DESCRIPTION = ("Load an image from the output folder. When the refresh button is clicked, the node will update "
+                   "the image list and automatically select the first image, allowing for easy iteration.")
+    DISPLAY_NAME = "Load Image (from Outputs)"
+    EXPERIMENTAL = True
+    PYTHON_MODULE = "comfy_extras.nodes_images"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        files = [f"{n} [output]" for n in folders.output_images()] if folders is not None else []
+        return {"required": {"image": (files, {"image_upload": True, "image_folder": "output", "remote": {
+            "route": "/internal/files/output", "refresh_button": True, "control_after_refresh": "first"}})}}
+
+
 class SaveImage(Node):
     RETURN_TYPES = ()
     FUNCTION = "save_images"
@@ -732,7 +749,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
         CLIPSetLastLayer, CLIPTextEncodeSD3, ConditioningZeroOut, ConditioningCombine, ConditioningSetTimestepRange,
         ConditioningAverage, ConditioningConcat, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled, LoadImage, SaveImage,
-        PreviewImage, SaveImageWebsocket, LoraLoader, LoraLoaderModelOnly,
+        PreviewImage, SaveImageWebsocket, LoraLoader, LoraLoaderModelOnly, LoadImageOutput,
     )
 }
 NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
