@@ -220,7 +220,8 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
         if interrupt is not None:
             interrupt()
         if callback is not None:
-            callback(int(info["i"]) + 1, total, info["denoised"])
+            # dpm_adaptive reports each attempted step: its count may pass the schedule's, never the progress
+            callback(min(int(info["i"]) + 1, total), total, info["denoised"])
 
     out = run_sampler(s.sampler, denoiser, x, sigmas, extra_args={"seed": seed}, callback=on_step,
                       disable=not progress, **dict(s.sampler_options))

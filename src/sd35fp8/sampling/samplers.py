@@ -6,8 +6,13 @@ where `model(x, sigma [B], **extra_args) -> denoised x0` and `x` is already nois
 "denoised"} once per step. Every sampler here is the variant ComfyUI runs for a CONST
 (flow) model: ancestral samplers use the RF re-noising, the SDE samplers use
 lambda = log((1-sigma)/sigma). Rules follow ComfyUI comfy/k_diffusion/sampling.py at
-commit 02159d814dee609acc27994c1bf25fc5b40e2aaa (uni_pc: comfy/extra_samplers/uni_pc.py).
-Per-step noise: see noise.py (CPU generator seeded from extra_args["seed"]).
+commit 02159d814dee609acc27994c1bf25fc5b40e2aaa (uni_pc: comfy/extra_samplers/uni_pc.py; deis
+coefficients: comfy/k_diffusion/deis.py). ComfyUI has no flow variant of res_multistep_ancestral:
+it takes the variance-exploding ancestral step on flow sigmas too, and so does ours. dpm_fast and
+dpm_adaptive take only the schedule's first and last nonzero sigma (ComfyUI's ksampler wrapper).
+Per-step noise: see noise.py (CPU generator seeded from extra_args["seed"]). No per-step noise:
+euler heun heunpp2 dpm_2 lms dpmpp_2m ipndm ipndm_v deis res_multistep gradient_estimation dpm_fast
+dpm_adaptive ddim uni_pc uni_pc_bh2 (dpm_adaptive's step control reads the whole batch, though).
 """
 
 from __future__ import annotations
@@ -584,7 +589,7 @@ def _res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=Non
     if eta > 0 and noise_sampler is None:
         noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
-    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    t_fn = lambda sigma: sigma.log().neg()
     old_sigma_down, old_denoised = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -648,7 +653,7 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
         noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     if noise_scaler is None:
-        noise_scaler = lambda v: v * ((v ** 0.3).exp() + 10.0)  # noqa: E731
+        noise_scaler = lambda v: v * ((v ** 0.3).exp() + 10.0)
     n_points = 200.0
     point_index = torch.arange(0, n_points, dtype=torch.float32, device=x.device)  # [200]
     sigmas = _offset_first_sigma(sigmas, _model_sampling(model, model_sampling), "er_sde")
