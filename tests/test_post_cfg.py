@@ -243,3 +243,19 @@ def test_torch_compile_model_passes_the_model_through():
     assert node.patch(model, "inductor") == (model,)
     assert NODE_CLASS_MAPPINGS["TorchCompileModel"].INPUT_TYPES(None)["required"]["backend"][0] == ["inductor",
                                                                                                     "cudagraphs"]
+
+
+def test_capture_uncond_for_cfg_pp_samplers():
+    """capture_uncond (ComfyUI's *_cfg_pp hook with disable_cfg1_optimization): the uncond pass runs at cfg 1 too,
+    and each call leaves the uncond prediction, after the MODEL's post-CFG functions ran on the result."""
+    x, sigma = torch.randn(1, 4, 8, 8), torch.full((1,), 0.5)
+    c, u = text(1.0), text(-0.5)
+    for cfg in (1.0, 3.0):
+        den = CFGDenoiser(toy, c, u, cfg=cfg, post_cfg=[("cfg_norm", 0.9)])
+        holder = den.capture_uncond()
+        out = den(x, sigma)
+        up = denoised(x, sigma, u)
+        torch.testing.assert_close(holder[0], up)
+        cp = denoised(x, sigma, c)
+        torch.testing.assert_close(out, cfg_norm(up + (cp - up) * cfg, cp, 0.9), rtol=1e-5, atol=1e-6)
+    assert CFGDenoiser(toy, c, None).capture_uncond() == [None]

@@ -280,6 +280,16 @@ class CFGDenoiser:
                          for c in (self.cond, self.uncond) if isinstance(c, CondSet) for e in c.entries}
         self.regional = any(e.regional for c in (self.cond, self.uncond) if isinstance(c, CondSet) for e in c.entries)
         self._regions: dict[tuple[int, int], tuple[list[CondEntry], list[CondEntry]]] = {}
+        self._uncond_sink: list | None = None  # capture_uncond's holder (the CFG++ samplers)
+
+    def capture_uncond(self) -> list:
+        """For the CFG++ samplers (ComfyUI's *_cfg_pp: a post-CFG function that keeps args["uncond_denoised"], set
+        with disable_cfg1_optimization): from now on the uncond pass runs at cfg 1 too, and each call leaves its
+        uncond prediction (zeros without a negative) in the returned one-item list."""
+        self._uncond_sink = [None]
+        if self.uncond is not None:
+            self.use_uncond = True
+        return self._uncond_sink
 
     def _window(self, e: CondEntry) -> tuple[float, float]:
         """The entry's sigma window [lo, hi], float32 as ComfyUI compares the step's sigma tensor."""
@@ -461,6 +471,8 @@ class CFGDenoiser:
             elif entry[0] == "cfg_norm":  # the result's channel norm capped at the cond prediction's, times strength
                 scale = (cond_x0.norm(dim=1, keepdim=True) / (out.norm(dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
                 out = out * scale * entry[1]
+        if self._uncond_sink is not None:  # after the MODEL's post-CFG functions, as ComfyUI appends its hook
+            self._uncond_sink[0] = torch.zeros_like(cond_x0) if uncond_x0 is None else uncond_x0
         self.calls += 1
         return out
 
