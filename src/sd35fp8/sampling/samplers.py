@@ -10,9 +10,13 @@ commit 02159d814dee609acc27994c1bf25fc5b40e2aaa (uni_pc: comfy/extra_samplers/un
 coefficients: comfy/k_diffusion/deis.py). ComfyUI has no flow variant of res_multistep_ancestral:
 it takes the variance-exploding ancestral step on flow sigmas too, and so does ours. dpm_fast and
 dpm_adaptive take only the schedule's first and last nonzero sigma (ComfyUI's ksampler wrapper).
+The CFG++ samplers (*_cfg_pp, same commit) step with the uncond prediction: their model must be a CFG
+denoiser with capture_uncond() (guidance.CFGDenoiser; it then runs the uncond pass at cfg 1 too, as
+ComfyUI's disable_cfg1_optimization does); dpmpp_2s_ancestral_cfg_pp is ComfyUI's RF (flow) variant.
 Per-step noise: see noise.py (CPU generator seeded from extra_args["seed"]). No per-step noise:
 euler heun heunpp2 dpm_2 lms dpmpp_2m ipndm ipndm_v deis res_multistep gradient_estimation dpm_fast
-dpm_adaptive ddim uni_pc uni_pc_bh2 (dpm_adaptive's step control reads the whole batch, though).
+dpm_adaptive ddim uni_pc uni_pc_bh2 euler_cfg_pp dpmpp_2m_cfg_pp res_multistep_cfg_pp
+gradient_estimation_cfg_pp (dpm_adaptive's step control reads the whole batch, though).
 """
 
 from __future__ import annotations
@@ -75,6 +79,17 @@ def _report(callback, x, i, sigma, denoised, sigma_hat=None) -> None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
+def _capture_uncond(model, name: str) -> list:
+    """The CFG++ samplers' uncond prediction (ComfyUI's *_cfg_pp: a post-CFG function that keeps
+    args["uncond_denoised"], set with disable_cfg1_optimization): the denoiser's capture_uncond() holder, whose
+    item 0 each model call replaces by that call's uncond prediction (zeros without a negative)."""
+    capture = getattr(model, "capture_uncond", None)
+    if capture is None:
+        raise InputError(f"sampler {name} (CFG++) needs CFG guidance: its model must be a CFG denoiser "
+                         "(sd35fp8.sampling.CFGDenoiser) that can report the uncond prediction")
+    return capture()
+
+
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
     extra_args = {} if extra_args is None else extra_args
@@ -104,6 +119,45 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         if eta > 0:
             x = alpha_ratio * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise
     return x
+
+
+def _euler_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, name):
+    """ComfyUI sample_euler_ancestral_cfg_pp: a DDIM step in x / alpha whose noise direction comes from the uncond
+    prediction; alpha = sigma * exp(half log-SNR) = 1 - sigma for the flow model (0 at sigma 1)."""
+    extra_args = {} if extra_args is None else extra_args
+    if eta > 0 and s_noise > 0 and noise_sampler is None:  # ComfyUI builds it always; it draws only then
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    holder = _capture_uncond(model, name)
+    lam_fn = FlowMatching.half_log_snr
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        uncond_denoised = holder[0]
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            alpha_s = sigmas[i] * lam_fn(sigmas[i]).exp()
+            alpha_t = sigmas[i + 1] * lam_fn(sigmas[i + 1]).exp()
+            d = to_d(x, sigmas[i], alpha_s * uncond_denoised)  # to noise
+            sigma_down, sigma_up = get_ancestral_step(sigmas[i] / alpha_s, sigmas[i + 1] / alpha_t, eta)
+            sigma_down = alpha_t * sigma_down
+            x = alpha_t * denoised + sigma_down * d
+            if eta > 0 and s_noise > 0:
+                x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """ComfyUI sample_euler_cfg_pp: euler_ancestral_cfg_pp with eta 0 and s_noise 0 (no per-step noise)."""
+    return _euler_cfg_pp(model, x, sigmas, extra_args, callback, disable, 0.0, 0.0, None, "euler_cfg_pp")
+
+
+@torch.no_grad()
+def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
+    return _euler_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
+                         "euler_ancestral_cfg_pp")
 
 
 @torch.no_grad()
@@ -256,6 +310,41 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
+    """ComfyUI sample_dpmpp_2s_ancestral_RF_cfg_pp (the CONST branch of sample_dpmpp_2s_ancestral_cfg_pp): both
+    stages step with the uncond prediction, then (1 - sigma_next) * (denoised - uncond) of the first call is added."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    holder = _capture_uncond(model, "dpmpp_2s_ancestral_cfg_pp")
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        uncond_denoised = holder[0]
+        guidance_vector = denoised - uncond_denoised
+        sigma_down, alpha_ratio, renoise = _rf_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], uncond_denoised) * (sigma_down - sigmas[i])
+        else:
+            if sigmas[i] == 1.0:
+                sigma_s = 0.9999
+            else:
+                lam_i = ((1 - sigmas[i]) / sigmas[i]).log()
+                lam_down = ((1 - sigma_down) / sigma_down).log()
+                sigma_s = ((lam_i + 0.5 * (lam_down - lam_i)).exp() + 1) ** -1
+            ratio_s = sigma_s / sigmas[i]
+            u = ratio_s * x + (1 - ratio_s) * uncond_denoised
+            model(u, sigma_s * s_in, **extra_args)  # only its uncond prediction is used
+            uncond_denoised_2 = holder[0]
+            ratio = sigma_down / sigmas[i]
+            x = ratio * x + (1 - ratio) * uncond_denoised_2
+        if sigmas[i + 1] > 0 and eta > 0:
+            x = alpha_ratio * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+        x = x + (1 - sigmas[i + 1]) * guidance_vector  # RF: alpha = 1 - sigma
+    return x
+
+
 def _brownian(x, sigmas, seed):
     sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
     return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seed)
@@ -320,6 +409,30 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """ComfyUI sample_dpmpp_2m_cfg_pp (one form for every model type: t = -log(sigma))."""
+    extra_args = {} if extra_args is None else extra_args
+    holder = _capture_uncond(model, "dpmpp_2m_cfg_pp")
+    s_in = x.new_ones([x.shape[0]])
+    t_fn = lambda sigma: sigma.log().neg()
+    old_uncond_denoised = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        uncond_denoised = holder[0]
+        _report(callback, x, i, sigmas[i], denoised)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_uncond_denoised is None or sigmas[i + 1] == 0:
+            denoised_mix = -torch.exp(-h) * uncond_denoised
+        else:
+            r = (t - t_fn(sigmas[i - 1])) / h
+            denoised_mix = -torch.exp(-h) * uncond_denoised - torch.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond_denoised)
+        x = denoised + denoised_mix + torch.exp(-h) * x
+        old_uncond_denoised = uncond_denoised
     return x
 
 
@@ -579,24 +692,31 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 @torch.no_grad()
-def _res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None, eta=1.0):
-    """ComfyUI res_multistep (cfg_pp off): RES 2nd-order multistep in t = -log(sigma) (arXiv 2308.02157).
+def _res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None, eta=1.0,
+                   cfg_pp: str | None = None):
+    """ComfyUI res_multistep: RES 2nd-order multistep in t = -log(sigma) (arXiv 2308.02157).
 
     The same update for every model type: the ancestral variant uses the variance-exploding ancestral
     step (sigma_down, sigma_up) and adds sigma_up * noise also for flow models, as ComfyUI does.
+    cfg_pp (the sampler's name, or None): ComfyUI's cfg_pp=True, steps with the uncond prediction.
     """
     extra_args = {} if extra_args is None else extra_args
     if eta > 0 and noise_sampler is None:
         noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    holder = _capture_uncond(model, cfg_pp) if cfg_pp else None
     s_in = x.new_ones([x.shape[0]])
     t_fn = lambda sigma: sigma.log().neg()
     old_sigma_down, old_denoised = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
+        uncond_denoised = holder[0] if cfg_pp else None
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         _report(callback, x, i, sigmas[i], denoised)
         if sigma_down == 0 or old_denoised is None:
-            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            if cfg_pp:
+                x = denoised + to_d(x, sigmas[i], uncond_denoised) * sigma_down
+            else:
+                x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
             t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
             h = t_next - t
@@ -605,11 +725,15 @@ def _res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=Non
             phi2 = (phi1 - 1.0) / -h
             b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
             b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
-            x = h.neg().exp() * x + h * (b1 * denoised + b2 * old_denoised)
+            if cfg_pp:
+                x = x + (denoised - uncond_denoised)
+                x = h.neg().exp() * x + h * (b1 * uncond_denoised + b2 * old_denoised)
+            else:
+                x = h.neg().exp() * x + h * (b1 * denoised + b2 * old_denoised)
         # eta 0: ComfyUI still draws noise and adds it times sigma_up = 0; we skip the draw (same x)
         if sigmas[i + 1] > 0 and eta > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
-        old_denoised, old_sigma_down = denoised, sigma_down
+        old_denoised, old_sigma_down = (uncond_denoised if cfg_pp else denoised), sigma_down
     return x
 
 
@@ -619,8 +743,20 @@ def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disab
 
 
 @torch.no_grad()
+def sample_res_multistep_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None):
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta=0.0,
+                          cfg_pp="res_multistep_cfg_pp")
+
+
+@torch.no_grad()
 def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
     return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta=eta)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0, noise_sampler=None):
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta=eta,
+                          cfg_pp="res_multistep_ancestral_cfg_pp")
 
 
 @torch.no_grad()
@@ -638,6 +774,28 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
             x = denoised
         else:
             x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+@torch.no_grad()
+def sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0):
+    """ComfyUI sample_gradient_estimation with cfg_pp: d from the uncond prediction, the step from denoised."""
+    extra_args = {} if extra_args is None else extra_args
+    holder = _capture_uncond(model, "gradient_estimation_cfg_pp")
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = to_d(x, sigmas[i], holder[0])
+        _report(callback, x, i, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigmas[i + 1]
             if i >= 1:
                 x = x + (ge_gamma - 1) * (d - old_d) * dt
         old_d = d
@@ -884,7 +1042,9 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None):
 
 SAMPLERS: dict[str, Callable] = {
     "euler": sample_euler,
+    "euler_cfg_pp": sample_euler_cfg_pp,
     "euler_ancestral": sample_euler_ancestral,
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
     "heun": sample_heun,
     "heunpp2": sample_heunpp2,
     "dpm_2": sample_dpm_2,
@@ -893,9 +1053,11 @@ SAMPLERS: dict[str, Callable] = {
     "dpm_fast": sample_dpm_fast,
     "dpm_adaptive": sample_dpm_adaptive,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_sde_gpu": sample_dpmpp_sde,  # *_gpu: ComfyUI's GPU Brownian tree; ours is always on the CPU
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
@@ -907,8 +1069,11 @@ SAMPLERS: dict[str, Callable] = {
     "ipndm_v": sample_ipndm_v,
     "deis": sample_deis,
     "res_multistep": sample_res_multistep,
+    "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
     "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
     "gradient_estimation": sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
     "er_sde": sample_er_sde,
     "ddim": sample_ddim,
     "uni_pc": sample_uni_pc,

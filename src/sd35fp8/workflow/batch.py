@@ -49,7 +49,8 @@ SAMPLER_CLASSES = ("KSampler", "KSamplerAdvanced")
 # samplers whose steps use no random numbers: a batch of seeds gives each row its lone result
 BATCHABLE_SAMPLERS = frozenset({"euler", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpmpp_2m", "ipndm",
                                 "ipndm_v", "deis", "res_multistep", "gradient_estimation", "ddim", "uni_pc",
-                                "uni_pc_bh2"})  # not dpm_adaptive: its step-size control reads the whole batch
+                                "uni_pc_bh2", "euler_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
+                                "gradient_estimation_cfg_pp"})  # not dpm_adaptive: its step control reads the batch
 # inputs that may differ between prompts of one batch (everything else must be identical)
 VARYING_INPUTS = {"KSampler": ("seed",), "KSamplerAdvanced": ("noise_seed",), "CLIPTextEncode": ("text",),
                   "CLIPTextEncodeSD3": ("clip_l", "clip_g", "t5xxl"), "SaveImage": ("filename_prefix",)}
