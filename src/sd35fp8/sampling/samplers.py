@@ -7,8 +7,10 @@ where `model(x, sigma [B], **extra_args) -> denoised x0` and `x` is already nois
 (flow) model: ancestral samplers use the RF re-noising, the SDE samplers use
 lambda = log((1-sigma)/sigma). Rules follow ComfyUI comfy/k_diffusion/sampling.py at
 commit 02159d814dee609acc27994c1bf25fc5b40e2aaa (uni_pc: comfy/extra_samplers/uni_pc.py; deis
-coefficients: comfy/k_diffusion/deis.py). ComfyUI has no flow variant of res_multistep_ancestral:
-it takes the variance-exploding ancestral step on flow sigmas too, and so does ours. dpm_fast and
+coefficients: comfy/k_diffusion/deis.py). ComfyUI has no flow variant of res_multistep_ancestral
+or ddpm: it takes the variance-exploding (EDM-sigma) step on flow sigmas too, and so does ours. seeds_2, seeds_3,
+sa_solver and sa_solver_pece: same commit (sa_solver coefficients: comfy/k_diffusion/sa_solver.py, stored at
+4328fa894d96811b), lambda = log((1-sigma)/sigma). dpm_fast and
 dpm_adaptive take only the schedule's first and last nonzero sigma (ComfyUI's ksampler wrapper).
 The CFG++ samplers (*_cfg_pp, same commit) step with the uncond prediction: their model must be a CFG
 denoiser with capture_uncond() (guidance.CFGDenoiser; it then runs the uncond pass at cfg 1 too, as
@@ -16,7 +18,8 @@ ComfyUI's disable_cfg1_optimization does); dpmpp_2s_ancestral_cfg_pp is ComfyUI'
 Per-step noise: see noise.py (CPU generator seeded from extra_args["seed"]). No per-step noise:
 euler heun heunpp2 dpm_2 lms dpmpp_2m ipndm ipndm_v deis res_multistep gradient_estimation dpm_fast
 dpm_adaptive ddim uni_pc uni_pc_bh2 euler_cfg_pp dpmpp_2m_cfg_pp res_multistep_cfg_pp
-gradient_estimation_cfg_pp (dpm_adaptive's step control reads the whole batch, though).
+gradient_estimation_cfg_pp (dpm_adaptive's step control reads the whole batch, though); seeds_2 / seeds_3 with
+eta 0, sa_solver(_pece) with a tau_func that is 0 everywhere.
 """
 
 from __future__ import annotations
@@ -519,6 +522,34 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return x
 
 
+def _ddpm_step(x, sigma, sigma_prev, noise, noise_sampler):
+    """ComfyUI DDPMSampler_step: ancestral DDPM posterior step on VP-scaled x, alpha_cumprod = 1 / (sigma^2 + 1)."""
+    alpha_cumprod = 1 / ((sigma * sigma) + 1)
+    alpha_cumprod_prev = 1 / ((sigma_prev * sigma_prev) + 1)
+    alpha = alpha_cumprod / alpha_cumprod_prev
+    mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * noise / (1 - alpha_cumprod).sqrt())
+    if sigma_prev > 0:
+        mu = mu + ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)).sqrt() * noise_sampler(sigma, sigma_prev)
+    return mu
+
+
+@torch.no_grad()
+def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """ComfyUI sample_ddpm (generic_step_sampler + DDPMSampler_step). ComfyUI has no flow variant: it reads the
+    flow sigmas as EDM (variance-exploding) sigmas, x / sqrt(1 + sigma^2) as the VP sample, and so do we."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        x = _ddpm_step(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1], (x - denoised) / sigmas[i],
+                       noise_sampler)
+        if sigmas[i + 1] != 0:
+            x = x * torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
+    return x
+
+
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
     """Jump to x0, then re-noise to the next sigma with flow noise scaling."""
@@ -848,6 +879,260 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
     return x
 
 
+def _ei_h_phi_1(h: torch.Tensor) -> torch.Tensor:
+    """h * phi_1(h) of the exponential integrators (ComfyUI ei_h_phi_1)."""
+    return torch.expm1(h)
+
+
+def _ei_h_phi_2(h: torch.Tensor) -> torch.Tensor:
+    """h * phi_2(h) (ComfyUI ei_h_phi_2)."""
+    return (torch.expm1(h) - h) / h
+
+
+@torch.no_grad()
+def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                   noise_sampler=None, r=0.5, solver_type="phi_1", model_sampling=None):
+    """SEEDS-2 (arXiv 2305.14267), VP data prediction in lambda = log((1-sigma)/sigma) (ComfyUI sample_seeds_2):
+    two model calls per step; with eta > 0 two noise draws per step (at the stage point and at the step's end)."""
+    if solver_type not in {"phi_1", "phi_2"}:
+        raise InputError(f"solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
+    extra_args = {} if extra_args is None else extra_args
+    inject_noise = eta > 0 and s_noise > 0
+    if inject_noise and noise_sampler is None:  # ComfyUI builds it always; it draws only then
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    lam_fn, sigma_fn = FlowMatching.half_log_snr, FlowMatching.sigma_from_half_log_snr
+    sigmas = _offset_first_sigma(sigmas, _model_sampling(model, model_sampling), "seeds_2")
+    fac = 1 / (2 * r)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = lam_fn(sigmas[i]), lam_fn(sigmas[i + 1])
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        lam_s1 = torch.lerp(lam_s, lam_t, r)
+        sigma_s1 = sigma_fn(lam_s1)
+        alpha_s1 = sigma_s1 * lam_s1.exp()
+        alpha_t = sigmas[i + 1] * lam_t.exp()
+        # stage 1
+        x_2 = sigma_s1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_s1 * _ei_h_phi_1(-r * h_eta) * denoised
+        if inject_noise:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s1)
+            x_2 = x_2 + sde_noise * sigma_s1 * s_noise
+        denoised_2 = model(x_2, sigma_s1 * s_in, **extra_args)
+        # stage 2
+        if solver_type == "phi_1":
+            denoised_d = torch.lerp(denoised, denoised_2, fac)
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * _ei_h_phi_1(-h_eta) * denoised_d
+        else:
+            b2 = _ei_h_phi_2(-h_eta) / r
+            b1 = _ei_h_phi_1(-h_eta) - b2
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b2 * denoised_2)
+        if inject_noise:  # the stage-1 noise carried to the step's end plus fresh noise for the rest
+            segment = (r - 1) * h * eta
+            sde_noise = sde_noise * segment.exp()
+            sde_noise = sde_noise + segment.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s1, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+@torch.no_grad()
+def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                   noise_sampler=None, r_1=1.0 / 3, r_2=2.0 / 3, model_sampling=None):
+    """SEEDS-3 (arXiv 2305.14267), VP data prediction (ComfyUI sample_seeds_3): three model calls per step;
+    with eta > 0 three noise draws per step."""
+    extra_args = {} if extra_args is None else extra_args
+    inject_noise = eta > 0 and s_noise > 0
+    if inject_noise and noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    lam_fn, sigma_fn = FlowMatching.half_log_snr, FlowMatching.sigma_from_half_log_snr
+    sigmas = _offset_first_sigma(sigmas, _model_sampling(model, model_sampling), "seeds_3")
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = lam_fn(sigmas[i]), lam_fn(sigmas[i + 1])
+        h = lam_t - lam_s
+        h_eta = h * (eta + 1)
+        lam_s1 = torch.lerp(lam_s, lam_t, r_1)
+        lam_s2 = torch.lerp(lam_s, lam_t, r_2)
+        sigma_s1, sigma_s2 = sigma_fn(lam_s1), sigma_fn(lam_s2)
+        alpha_s1 = sigma_s1 * lam_s1.exp()
+        alpha_s2 = sigma_s2 * lam_s2.exp()
+        alpha_t = sigmas[i + 1] * lam_t.exp()
+        # stage 1
+        x_2 = sigma_s1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_s1 * _ei_h_phi_1(-r_1 * h_eta) * denoised
+        if inject_noise:
+            sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s1)
+            x_2 = x_2 + sde_noise * sigma_s1 * s_noise
+        denoised_2 = model(x_2, sigma_s1 * s_in, **extra_args)
+        # stage 2
+        a3_2 = r_2 / r_1 * _ei_h_phi_2(-r_2 * h_eta)
+        a3_1 = _ei_h_phi_1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_s2 / sigmas[i] * (-r_2 * h * eta).exp() * x - alpha_s2 * (a3_1 * denoised + a3_2 * denoised_2)
+        if inject_noise:
+            segment = (r_1 - r_2) * h * eta
+            sde_noise = sde_noise * segment.exp()
+            sde_noise = sde_noise + segment.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s1, sigma_s2)
+            x_3 = x_3 + sde_noise * sigma_s2 * s_noise
+        denoised_3 = model(x_3, sigma_s2 * s_in, **extra_args)
+        # stage 3
+        b3 = _ei_h_phi_2(-h_eta) / r_2
+        b1 = _ei_h_phi_1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
+        if inject_noise:
+            segment = (r_2 - 1) * h * eta
+            sde_noise = sde_noise * segment.exp()
+            sde_noise = sde_noise + segment.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_s2, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+# ---- SA-Solver (stochastic Adams, arXiv 2309.05019; ComfyUI comfy/k_diffusion/sa_solver.py)
+def sa_exponential_coeffs(s: torch.Tensor, t: torch.Tensor, solver_order: int, tau_t: float) -> torch.Tensor:
+    """(1 + tau^2) * integral_s^t exp((1 + tau^2) x) x^p dx / exp((1 + tau^2) t) for p = 0..order-1 [order],
+    by the integration-by-parts recursion as a lower-triangular matrix (ComfyUI compute_exponential_coeffs)."""
+    tau_mul = 1 + tau_t ** 2
+    h = t - s
+    p = torch.arange(solver_order, dtype=s.dtype, device=s.device)  # [K]
+    product_terms = t ** p - s ** p * (-tau_mul * h).exp()  # [K]
+    depth = p.unsqueeze(1) - p.unsqueeze(0)  # [K, K]
+    log_factorial = (p + 1).lgamma()
+    coeff = log_factorial.unsqueeze(1) - log_factorial.unsqueeze(0)
+    if tau_t > 0:
+        coeff = coeff - depth * math.log(tau_mul)
+    signs = torch.where(depth % 2 == 0, 1.0, -1.0)
+    coeff = (coeff.exp() * signs).tril()
+    return coeff @ product_terms
+
+
+def sa_b_coeffs(sigma_next: torch.Tensor, curr_lambdas: torch.Tensor, lambda_s: torch.Tensor,
+                lambda_t: torch.Tensor, tau_t: float, simple_order_2: bool = False,
+                is_corrector_step: bool = False) -> torch.Tensor:
+    """Weights b_i [K] of the last K data predictions at lambdas curr_lambdas [K] for a step lambda_s -> lambda_t
+    (ComfyUI compute_stochastic_adams_b_coeffs): Lagrange-basis integrals via the transposed Vandermonde system."""
+    n = curr_lambdas.shape[0]
+    if simple_order_2 and n == 2:  # the paper's simplified order-2 scheme (Appendix D)
+        tau_mul = 1 + tau_t ** 2
+        h = lambda_t - lambda_s
+        alpha_t = sigma_next * lambda_t.exp()
+        if is_corrector_step:
+            b_1 = alpha_t * (0.5 * tau_mul * h)
+            b_2 = alpha_t * (-h * tau_mul).expm1().neg() - b_1
+        else:
+            b_2 = alpha_t * (0.5 * tau_mul * h ** 2) / (curr_lambdas[-2] - lambda_s)
+            b_1 = alpha_t * (-h * tau_mul).expm1().neg() - b_2
+        return torch.stack([b_2, b_1])
+    exp_coeffs = sa_exponential_coeffs(lambda_s, lambda_t, n, tau_t)
+    vander_t = torch.vander(curr_lambdas, n, increasing=True).T  # [K, K]
+    lagrange = torch.linalg.solve(vander_t, exp_coeffs)
+    alpha_t = sigma_next * lambda_t.exp()
+    return alpha_t * lagrange
+
+
+def sa_tau_interval_func(start_sigma: float, end_sigma: float, eta: float = 1.0) -> Callable:
+    """tau(sigma) = eta on start_sigma >= sigma >= end_sigma, else 0 (ODE) (ComfyUI get_tau_interval_func)."""
+    def tau_func(sigma) -> float:
+        if eta <= 0:
+            return 0.0
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.item()
+        return eta if start_sigma >= sigma >= end_sigma else 0.0
+    return tau_func
+
+
+def _sa_solver(model, x, sigmas, extra_args, callback, disable, tau_func, s_noise, noise_sampler, predictor_order,
+               corrector_order, use_pece, simple_order_2, model_sampling, name):
+    """ComfyUI sample_sa_solver: predictor of order <= predictor_order, corrector of order <= corrector_order
+    (the corrector reuses the next step's model call unless use_pece, which spends one more call on it)."""
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    ms = _model_sampling(model, model_sampling)
+    sigmas = _offset_first_sigma(sigmas, ms, name)
+    lambdas = FlowMatching.half_log_snr(sigmas)
+    if tau_func is None:  # stochastic between 20% and 80% of the schedule (in sigma, as ComfyUI)
+        if ms is None:
+            raise InputError(f"sampler {name} needs the model's FlowMatching (shift) for its default stochastic "
+                             "interval: pass model_sampling=... or tau_func=..., or use a denoiser with a "
+                             ".model_sampling attribute")
+        tau_func = sa_tau_interval_func(ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8), eta=1.0)
+    max_used_order = max(predictor_order, corrector_order)
+    x_pred = x  # x: the current state, x_pred: the predicted next state
+    h, tau_t, noise = 0.0, 0.0, 0.0
+    pred_list: list[torch.Tensor] = []
+    lower_order_to_end = sigmas[-1].item() == 0
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x_pred, sigmas[i] * s_in, **extra_args)
+        _report(callback, x_pred, i, sigmas[i], denoised)
+        pred_list = (pred_list + [denoised])[-max_used_order:]
+        predictor_order_used = min(predictor_order, len(pred_list))
+        if i == 0 or (sigmas[i + 1] == 0 and not use_pece):
+            corrector_order_used = 0
+        else:
+            corrector_order_used = min(corrector_order, len(pred_list))
+        if lower_order_to_end:
+            predictor_order_used = min(predictor_order_used, len(sigmas) - 2 - i)
+            corrector_order_used = min(corrector_order_used, len(sigmas) - 1 - i)
+        # corrector
+        if corrector_order_used == 0:
+            x = x_pred
+        else:
+            b = sa_b_coeffs(sigmas[i], lambdas[i - corrector_order_used + 1:i + 1], lambdas[i - 1], lambdas[i],
+                            tau_t, simple_order_2, is_corrector_step=True)
+            pred_mat = torch.stack(pred_list[-corrector_order_used:], dim=1)  # [B, K, ...]
+            x = sigmas[i] / sigmas[i - 1] * (-(tau_t ** 2) * h).exp() * x + torch.tensordot(pred_mat, b, dims=([1], [0]))
+            if tau_t > 0 and s_noise > 0:
+                x = x + noise  # the previous predictor step's noise
+            if use_pece:
+                denoised = model(x, sigmas[i] * s_in, **extra_args)
+                pred_list[-1] = denoised
+        # predictor
+        if sigmas[i + 1] == 0:
+            x_pred = denoised
+        else:
+            tau_t = tau_func(sigmas[i + 1])
+            b = sa_b_coeffs(sigmas[i + 1], lambdas[i - predictor_order_used + 1:i + 1], lambdas[i], lambdas[i + 1],
+                            tau_t, simple_order_2, is_corrector_step=False)
+            pred_mat = torch.stack(pred_list[-predictor_order_used:], dim=1)
+            pred_res = torch.tensordot(pred_mat, b, dims=([1], [0]))
+            h = lambdas[i + 1] - lambdas[i]
+            x_pred = sigmas[i + 1] / sigmas[i] * (-(tau_t ** 2) * h).exp() * x + pred_res
+            if tau_t > 0 and s_noise > 0:
+                noise = (noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
+                         * (-2 * tau_t ** 2 * h).expm1().neg().sqrt() * s_noise)
+                x_pred = x_pred + noise
+    return x_pred
+
+
+@torch.no_grad()
+def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, tau_func=None, s_noise=1.0,
+                     noise_sampler=None, predictor_order=3, corrector_order=4, use_pece=False, simple_order_2=False,
+                     model_sampling=None):
+    """SA-Solver (ComfyUI sample_sa_solver): per-step noise only where tau_func(sigma_next) > 0 (by default
+    sigma between percent_to_sigma(0.2) and percent_to_sigma(0.8))."""
+    return _sa_solver(model, x, sigmas, extra_args, callback, disable, tau_func, s_noise, noise_sampler,
+                      predictor_order, corrector_order, use_pece, simple_order_2, model_sampling, "sa_solver")
+
+
+@torch.no_grad()
+def sample_sa_solver_pece(model, x, sigmas, extra_args=None, callback=None, disable=None, tau_func=None, s_noise=1.0,
+                          noise_sampler=None, predictor_order=3, corrector_order=4, simple_order_2=False,
+                          model_sampling=None):
+    """SA-Solver in PECE mode (ComfyUI sample_sa_solver_pece): the corrected state is evaluated again."""
+    return _sa_solver(model, x, sigmas, extra_args, callback, disable, tau_func, s_noise, noise_sampler,
+                      predictor_order, corrector_order, True, simple_order_2, model_sampling, "sa_solver_pece")
+
+
 # ---- DPM-Solver fast / adaptive (ComfyUI DPMSolver, arXiv 2206.00927): time t = -log(sigma), eps prediction
 class _PIDStepSizeController:
     """PID controller of the adaptive step size h (ComfyUI PIDStepSizeController)."""
@@ -1064,6 +1349,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2m_sde_heun_gpu": sample_dpmpp_2m_sde_heun,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde,
+    "ddpm": sample_ddpm,
     "lcm": sample_lcm,
     "ipndm": sample_ipndm,
     "ipndm_v": sample_ipndm_v,
@@ -1075,6 +1361,10 @@ SAMPLERS: dict[str, Callable] = {
     "gradient_estimation": sample_gradient_estimation,
     "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
     "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": sample_sa_solver_pece,
     "ddim": sample_ddim,
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
