@@ -631,3 +631,15 @@ def test_generation_core_accepts_name(mmdit, name):
         z2 = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=3)
     assert z.shape == (1, 16, 8, 8) and torch.isfinite(z).all()
     assert torch.equal(z, z2) and steps
+
+
+def test_dpm_adaptive_is_bounded(monkeypatch):
+    """dpm_adaptive's steps follow its error control, not the schedule: past DPM_ADAPTIVE_MAX_STEPS attempts it
+    stops with an InputError (a served request's work stays bounded)."""
+    from sd35fp8.errors import InputError
+    from sd35fp8.sampling import samplers
+
+    monkeypatch.setattr(samplers, "DPM_ADAPTIVE_MAX_STEPS", 3)
+    sig = torch.linspace(1, 0, 6)
+    with pytest.raises(InputError, match="did not reach the end"):
+        samplers.SAMPLERS["dpm_adaptive"](lambda x, s, **k: x * 0.5, torch.randn(1, 4, 8, 8), sig)

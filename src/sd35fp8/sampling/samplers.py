@@ -1278,7 +1278,15 @@ class _DPMSolver:
             info["nfe"] += order
             info["steps"] += 1
             self._report(x, info["steps"] - 1, s, s, denoised, error=error, h=pid.h, **info)
+            if info["steps"] >= DPM_ADAPTIVE_MAX_STEPS:  # ComfyUI has no bound; a served request needs one
+                raise InputError(f"dpm_adaptive did not reach the end of the schedule in {DPM_ADAPTIVE_MAX_STEPS} "
+                                 f"attempted steps ({info['nfe']} model calls); use a fixed-step sampler")
         return x, info
+
+
+# dpm_adaptive's attempted steps before it stops with an error: its model calls follow its error control, not the
+# KSampler's steps (which the server's work budget counts); at its defaults it takes tens of steps
+DPM_ADAPTIVE_MAX_STEPS = 1000
 
 
 def _dpm_sigma_range(sigmas):
