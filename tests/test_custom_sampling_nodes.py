@@ -110,6 +110,8 @@ def test_sampler_nodes_carry_their_options():
     assert s.name == "dpmpp_sde_gpu" and dict(s.options)["r"] == 0.5
     assert node("SamplerLMS")(3)[0].options == (("order", 3),)
     assert node("SamplerDPMPP_3M_SDE")(0.0, 1.0, "cpu")[0].name == "dpmpp_3m_sde"
+    (s,) = node("SamplerDPMAdaptative")(2, 0.1, 0.01, 0.05, 0.0, 1.0, 0.0, 0.81, 0.0, 1.0)
+    assert s.name == "dpm_adaptive" and dict(s.options)["order"] == 2 and dict(s.options)["rtol"] == 0.1
 
 
 # ---- on the shipped model --------------------------------------------------------------------------------

@@ -149,6 +149,29 @@ class SamplerLMS(_SamplerNode):
         return (Sampler("lms", _options(order=int(order))),)
 
 
+class SamplerDPMAdaptative(_SamplerNode):
+    """dpm_adaptive with its step-size controller's settings (bounded: samplers.DPM_ADAPTIVE_MAX_STEPS)."""
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"order": ("INT", {"default": 3, "min": 2, "max": 3}),
+                             "rtol": ("FLOAT", {"default": 0.05, **_NOISE_SCALE}),
+                             "atol": ("FLOAT", {"default": 0.0078, **_NOISE_SCALE}),
+                             "h_init": ("FLOAT", {"default": 0.05, **_NOISE_SCALE}),
+                             "pcoeff": ("FLOAT", {"default": 0.0, **_NOISE_SCALE}),
+                             "icoeff": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+                             "dcoeff": ("FLOAT", {"default": 0.0, **_NOISE_SCALE}),
+                             "accept_safety": ("FLOAT", {"default": 0.81, **_NOISE_SCALE}),
+                             "eta": ("FLOAT", {"default": 0.0, **_NOISE_SCALE}),
+                             "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE})}}
+
+    def get_sampler(self, order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, eta, s_noise):
+        return (Sampler("dpm_adaptive", _options(
+            order=int(order), rtol=float(rtol), atol=float(atol), h_init=float(h_init), pcoeff=float(pcoeff),
+            icoeff=float(icoeff), dcoeff=float(dcoeff), accept_safety=float(accept_safety), eta=float(eta),
+            s_noise=float(s_noise))),)
+
+
 class SamplerDPMPP_SDE(_SamplerNode):
     @classmethod
     def INPUT_TYPES(cls, folders):
@@ -407,6 +430,7 @@ class AddNoise(Node):
 
 SAMPLING_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     KSamplerSelect, BasicScheduler, RandomNoise, DisableNoise, SetFirstSigma, SplitSigmas, BasicGuider, CFGGuider,
-    SamplerCustomAdvanced, SamplerCustom, SamplerEulerAncestral, SamplerDPMPP_2S_Ancestral, SamplerLMS, SamplerDPMPP_SDE,
+    SamplerCustomAdvanced, SamplerCustom, SamplerEulerAncestral, SamplerDPMPP_2S_Ancestral, SamplerLMS,
+    SamplerDPMAdaptative, SamplerDPMPP_SDE,
     SamplerDPMPP_2M_SDE, SamplerDPMPP_3M_SDE, AddNoise, DualCFGGuider,
 )}
