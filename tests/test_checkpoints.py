@@ -334,3 +334,31 @@ def test_diffusers_variant_shards(tmp_path):
     index = _component_file(folder)
     assert index.name == "model.safetensors.index.fp16.json"
     assert len(SafetensorsFile(index).keys()) > 10
+
+
+def test_diffusers_loader_node(tmp_path):
+    """DiffusersLoader: the folders with a model_index.json under models/diffusers, loaded as CheckpointLoaderSimple
+    would load them (the same MMDiT and VAE weights as the loaders read from the folder)."""
+    from sd35fp8.workflow.folders import ModelFolders
+    from sd35fp8.workflow.node_base import NodeContext
+    from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
+
+    folder = tmp_path / "models" / "diffusers" / "sd35-tiny"
+    folder.mkdir(parents=True)
+    ckpt_diffusers_folder(folder)
+    folders = ModelFolders(tmp_path)
+    cls = NODE_CLASS_MAPPINGS["DiffusersLoader"]
+    assert cls.INPUT_TYPES(folders)["required"]["model_path"][0] == ["sd35-tiny"]
+    node = cls(NodeContext(folders=folders, dtype=F32))
+    model, clip, vae = node.load_checkpoint("sd35-tiny", output_clip=False)  # the fixture's encoders are loose
+    assert clip is None                                                            # parts, no working CLIP
+    want = load_mmdit(folder, dtype=F32).state_dict()
+    got = model.mmdit.model.state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+    for k, v in load_vae(folder, dtype=F32).state_dict().items():
+        torch.testing.assert_close(vae.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(InputError, match="not found"):
+        node.load_checkpoint("other")
+    with pytest.raises(InputError):
+        node.load_checkpoint("../escape")

@@ -131,14 +131,15 @@ def scheduler_names() -> list[str]:
 
 
 # ---- loaders --------------------------------------------------------------------------------
-def load_checkpoint(path: Path, device: Any, dtype: Any, options: EngineOptions = EngineOptions()
-                    ) -> tuple[SD3Model, SD3Clip | None, Any]:
+def load_checkpoint(path: Path, device: Any, dtype: Any, options: EngineOptions = EngineOptions(),
+                    text_encoders: bool = True) -> tuple[SD3Model, SD3Clip | None, Any]:
     """CheckpointLoaderSimple: MMDiT (as its engine, sd35fp8.fast.build_engine) + VAE, and the text
     encoders when the file holds them. The file's precision decides the FP8 mode (an fp8 file runs
     FP8 matmuls where the device has them, fp8.device.choose_mode).
 
     A file without text encoders (the official sd3.5_large.safetensors) gives CLIP = None, as
-    ComfyUI does; a node that then uses that CLIP fails with ComfyUI's message.
+    ComfyUI does; a node that then uses that CLIP fails with ComfyUI's message. text_encoders False: none loaded
+    (DiffusersLoader's output_clip).
     """
     from sd35fp8.checkpoints.load import load_mmdit, load_text_encoders, load_vae
     from sd35fp8.checkpoints.sources import resolve
@@ -148,7 +149,7 @@ def load_checkpoint(path: Path, device: Any, dtype: Any, options: EngineOptions 
     mmdit = options.mmdit(load_mmdit(comps, device=side, dtype=dtype), device)
     vae = options.vae(load_vae(comps, device=side, dtype=dtype))
     clip = None
-    if comps.clip_l is not None or comps.clip_g is not None:
+    if text_encoders and (comps.clip_l is not None or comps.clip_g is not None):
         models = options.text_encoders(load_text_encoders(comps, device=side, dtype=dtype), device)
         clip = options.clip(_text_encoder(models, [path]), path.name)
     return SD3Model(mmdit, name=path.name), clip, vae

@@ -28,6 +28,7 @@ _DEFAULT_SUBDIRS: dict[str, tuple[str, ...]] = {
     "controlnet": ("controlnet", "t2i_adapter"),
     "vae_approx": ("vae_approx",),  # TAESD decoders for live previews (workflow/previews.py)
     "upscale_models": ("upscale_models",),  # ESRGAN-family image upscalers (workflow/nodes_upscale.py)
+    "diffusers": ("diffusers",),  # diffusers-format model folders (DiffusersLoader)
 }
 LEGACY_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
 _EXCLUDED_DIR_NAMES = {".git"}
@@ -210,6 +211,25 @@ class ModelFolders:
         found = [p for p in self.output_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         return [p.relative_to(self.output_dir).as_posix() for p in found]
+
+    def diffusers_models(self) -> list[str]:
+        """Folders holding a model_index.json under the diffusers/ folders (DiffusersLoader's list, as ComfyUI)."""
+        out = []
+        for base in self.folders("diffusers"):
+            if base.is_dir():
+                for root, dirs, files in os.walk(base, followlinks=True):
+                    dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIR_NAMES]
+                    if "model_index.json" in files:
+                        out.append(Path(os.path.relpath(root, base)).as_posix())
+        return sorted(out)
+
+    def diffusers_model_path(self, name: str) -> Path:
+        rel = safe_relative_name(name, "diffusers model folder")
+        for base in self.folders("diffusers"):
+            if (base / rel / "model_index.json").is_file():
+                return base / rel
+        raise InputError(f"diffusers model folder {name!r} not found under {', '.join(map(str, self.folders('diffusers')))}"
+                         " (a folder with a model_index.json)")
 
     def folder_of(self, kind: str) -> Path | None:
         """The folder of a ComfyUI file type ("output", "input", "temp"); None for any other."""

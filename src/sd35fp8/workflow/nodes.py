@@ -654,6 +654,25 @@ class LoadImage(Node):
         return engine.load_image(self.ctx.folders.input_image_path(image))
 
 
+class DiffusersLoader(Node):
+    """ComfyUI's deprecated DiffusersLoader: a diffusers-format folder under models/diffusers (model_index.json,
+    transformer/, vae/, text_encoder*/) as MODEL, CLIP and VAE, through the loaders that read diffusers layouts."""
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load_checkpoint"
+    CATEGORY = "advanced/loaders/deprecated"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"model_path": (folders.diffusers_models() if folders is not None else [],)}}
+
+    def load_checkpoint(self, model_path, output_vae=True, output_clip=True):
+        path = self.ctx.folders.diffusers_model_path(model_path)
+        model, clip, vae = engine.load_checkpoint(path, self.ctx.device, self.ctx.dtype, self.ctx.engine_options,
+                                                  text_encoders=bool(output_clip))
+        return model, clip, vae if output_vae else None
+
+
 class LoadImageOutput(LoadImage):
     """ComfyUI's LoadImageOutput (comfy_extras/nodes_images.py): LoadImage over the output folder's images
     ('name.png [output]'); any existing annotated file validates, as LoadImage."""
@@ -749,7 +768,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
         CLIPSetLastLayer, CLIPTextEncodeSD3, ConditioningZeroOut, ConditioningCombine, ConditioningSetTimestepRange,
         ConditioningAverage, ConditioningConcat, EmptyLatentImage, EmptySD3LatentImage, ModelSamplingSD3,
         SkipLayerGuidanceSD3, KSampler, KSamplerAdvanced, VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled, LoadImage, SaveImage,
-        PreviewImage, SaveImageWebsocket, LoraLoader, LoraLoaderModelOnly, LoadImageOutput,
+        PreviewImage, SaveImageWebsocket, LoraLoader, LoraLoaderModelOnly, LoadImageOutput, DiffusersLoader,
     )
 }
 NODE_CLASS_MAPPINGS.update(CONTROL_NODES)
