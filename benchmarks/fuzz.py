@@ -219,6 +219,8 @@ def generate(rng: random.Random, base: dict, host: str) -> list[dict]:
                                                    "multiplier": value, "input": value, "middle": 0.5, "out": 0.5,
                                                    **{f"joint_blocks.{i}.": 0.5 for i in range(24)}}}
         p[sampler]["inputs"]["model"] = ["m1", 0]
+        from sd35fp8.sampling.samplers import SAMPLERS  # every KSampler name, the new ones included
+        p[sampler]["inputs"]["sampler_name"] = rng.choice(list(SAMPLERS))
         prefix = rng.choice(["../../x", "/etc/x", "a" * 5000, "m/%year%/x", "\u0000", "ok", "", ".."])
         p["s1"] = {"class_type": rng.choice(["ModelSave", "CheckpointSave", "CLIPSave", "VAESave"]),
                    "inputs": {"model": ["m1", 0], "clip": [ckpt, rng.choice([1, 0, 7])], "vae": [ckpt, 2],
