@@ -19,19 +19,18 @@ from functools import partial
 import pytest
 import torch
 
-from sd35fp8 import generation
 from sd35fp8.errors import InputError
-from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.sampling import (
     SAMPLERS,
     CFGDenoiser,
     Conditioning,
     FlowMatching,
     get_sigmas,
-    prepare_noise,
     sample,
 )
 from sd35fp8.sampling.inpaint import MaskedDenoiser, prepare_mask
+
+from comfy_ksampling import sample_named, c_default_noise_sampler, c_to_d, c_get_ancestral_step, c_set_model_options_post_cfg_function, c_res_multistep, c_sample_gradient_estimation, start, tiny_mmdit
 
 CFG_PP = ["euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
           "res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"]
@@ -62,14 +61,6 @@ def toy_x0(x, sigma, c):
 
 
 # ------------------------------------------------------------------ ComfyUI's guider and post-CFG hook, in brief
-def c_set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
-    model_options["sampler_post_cfg_function"] = model_options.get("sampler_post_cfg_function", []) + \
-        [post_cfg_function]
-    if disable_cfg1_optimization:
-        model_options["disable_cfg1_optimization"] = True
-    return model_options
-
-
 class ComfyGuided:
     """ComfyUI's CFGGuider + sampling_function for a CONST model: cond and uncond x0, cfg_function, then the
     sampler_post_cfg_functions. The uncond pass is skipped at cfg 1 unless disable_cfg1_optimization."""
@@ -97,35 +88,6 @@ class ComfyGuided:
 
 
 # ------------------------------------------------------------------ ComfyUI transcriptions
-def c_default_noise_sampler(x, seed=None):
-    if seed is not None:
-        if x.device == torch.device("cpu"):
-            seed += 1
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(seed)
-    else:
-        generator = None
-    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
-                                                 generator=generator)
-
-
-def c_append_dims(x, target_dims):
-    dims_to_append = target_dims - x.ndim
-    return x[(...,) + (None,) * dims_to_append]
-
-
-def c_to_d(x, sigma, denoised):
-    return (x - denoised) / c_append_dims(sigma, x.ndim)
-
-
-def c_get_ancestral_step(sigma_from, sigma_to, eta=1.):
-    if not eta:
-        return sigma_to, 0.
-    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
-    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
-    return sigma_down, sigma_up
-
-
 def c_sigma_to_half_log_snr(sigma, model_sampling=None):
     # CONST: log((1 - t) / t) = log((1 - sigma) / sigma)
     return sigma.logit().neg()
@@ -268,71 +230,6 @@ def c_sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
-def c_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1., noise_sampler=None,
-                    eta=1., cfg_pp=False):
-    extra_args = {} if extra_args is None else extra_args
-    seed = extra_args.get("seed", None)
-    noise_sampler = c_default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
-    s_noise = s_noise * 1.0
-    s_in = x.new_ones([x.shape[0]])
-    sigma_fn = lambda t: t.neg().exp()
-    t_fn = lambda sigma: sigma.log().neg()
-    phi1_fn = lambda t: torch.expm1(t) / t
-    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t
-
-    old_sigma_down = None
-    old_denoised = None
-    uncond_denoised = None
-
-    def post_cfg_function(args):
-        nonlocal uncond_denoised
-        uncond_denoised = args["uncond_denoised"]
-        return args["denoised"]
-
-    if cfg_pp:
-        model_options = extra_args.get("model_options", {}).copy()
-        extra_args["model_options"] = c_set_model_options_post_cfg_function(model_options, post_cfg_function,
-                                                                            disable_cfg1_optimization=True)
-
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        sigma_down, sigma_up = c_get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if sigma_down == 0 or old_denoised is None:
-            if cfg_pp:
-                d = c_to_d(x, sigmas[i], uncond_denoised)
-                x = denoised + d * sigma_down
-            else:
-                d = c_to_d(x, sigmas[i], denoised)
-                dt = sigma_down - sigmas[i]
-                x = x + d * dt
-        else:
-            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
-            h = t_next - t
-            c2 = (t_prev - t_old) / h
-
-            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
-            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
-            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
-
-            if cfg_pp:
-                x = x + (denoised - uncond_denoised)
-                x = sigma_fn(h) * x + h * (b1 * uncond_denoised + b2 * old_denoised)
-            else:
-                x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
-
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
-
-        if cfg_pp:
-            old_denoised = uncond_denoised
-        else:
-            old_denoised = denoised
-        old_sigma_down = sigma_down
-    return x
-
-
 def c_sample_res_multistep_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
                                   noise_sampler=None):
     return c_res_multistep(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
@@ -343,48 +240,6 @@ def c_sample_res_multistep_ancestral_cfg_pp(model, x, sigmas, extra_args=None, c
                                             s_noise=1., noise_sampler=None):
     return c_res_multistep(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                            s_noise=s_noise, noise_sampler=noise_sampler, eta=eta, cfg_pp=True)
-
-
-def c_sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.,
-                                 cfg_pp=False):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    old_d = None
-
-    uncond_denoised = None
-
-    def post_cfg_function(args):
-        nonlocal uncond_denoised
-        uncond_denoised = args["uncond_denoised"]
-        return args["denoised"]
-
-    if cfg_pp:
-        model_options = extra_args.get("model_options", {}).copy()
-        extra_args["model_options"] = c_set_model_options_post_cfg_function(model_options, post_cfg_function,
-                                                                            disable_cfg1_optimization=True)
-
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if cfg_pp:
-            d = c_to_d(x, sigmas[i], uncond_denoised)
-        else:
-            d = c_to_d(x, sigmas[i], denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            if cfg_pp:
-                x = denoised + d * sigmas[i + 1]
-            else:
-                x = x + d * dt
-
-            if i >= 1:
-                d_bar = (ge_gamma - 1) * (d - old_d)
-                x = x + d_bar * dt
-        old_d = d
-    return x
 
 
 def c_sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.):
@@ -407,11 +262,6 @@ REFERENCE = {
 SCHEDULES = [("simple", 8, 1.0), ("normal", 6, 0.6), ("simple", 2, 1.0)]  # sigma 1 start; img2img; two steps
 
 
-def _start(sigmas, seed, shape=(2, 3, 4, 4)):
-    latent = torch.linspace(-1, 1, math.prod(shape)).reshape(shape) * 0.5
-    return FlowMatching(3.0).noise_scaling(sigmas[0], prepare_noise(seed, shape), latent)
-
-
 def _ours(name, x, sigmas, cfg, uncond=UNCOND, seed=1234, callback=None, **opts):
     den = CFGDenoiser(toy, COND, uncond, cfg=cfg, model_sampling=FlowMatching(3.0))
     out = sample(name, den, x.clone(), sigmas, extra_args={"seed": seed}, callback=callback, disable=True, **opts)
@@ -430,7 +280,7 @@ def _ref(name, x, sigmas, cfg, uncond=UNCOND, seed=1234, **opts):
 def test_matches_comfyui_transcription(name, cfg, schedule):
     scheduler, steps, denoise = schedule
     sigmas = get_sigmas(scheduler, steps, 3.0, denoise, sampler=name)
-    x = _start(sigmas, 1234)
+    x = start(sigmas, 1234)
     ours, our_calls = _ours(name, x, sigmas, cfg)
     ref, ref_calls = _ref(name, x, sigmas, cfg)
     assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
@@ -442,7 +292,7 @@ def test_matches_comfyui_transcription(name, cfg, schedule):
 def test_without_negative_the_uncond_prediction_is_zero(name):
     """No negative at cfg 1: the hook gets zeros as the uncond prediction (ComfyUI's calc_cond_batch of nothing)."""
     sigmas = get_sigmas("simple", 6, 3.0)
-    x = _start(sigmas, 7)
+    x = start(sigmas, 7)
     ours, _ = _ours(name, x, sigmas, 1.0, uncond=None, seed=7)
     ref, _ = _ref(name, x, sigmas, 1.0, uncond=None, seed=7)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6)
@@ -450,7 +300,7 @@ def test_without_negative_the_uncond_prediction_is_zero(name):
 
 def test_options_reach_the_samplers():
     sigmas = get_sigmas("simple", 8, 3.0)
-    x = _start(sigmas, 5)
+    x = start(sigmas, 5)
     cases = [("euler_ancestral_cfg_pp", {"eta": 0.5, "s_noise": 0.7}),
              ("dpmpp_2s_ancestral_cfg_pp", {"eta": 0.6, "s_noise": 0.8}),
              ("res_multistep_ancestral_cfg_pp", {"eta": 0.5, "s_noise": 0.7}),
@@ -469,7 +319,7 @@ def test_names_sit_after_their_base_names():
 
 def test_callbacks_and_deterministic_samplers_draw_no_noise():
     sigmas = get_sigmas("simple", 6, 3.0)
-    x = _start(sigmas, 3)
+    x = start(sigmas, 3)
     for name in CFG_PP:
         seen = []
         _ours(name, x, sigmas, 4.5, seed=3, callback=seen.append)
@@ -483,7 +333,7 @@ def test_callbacks_and_deterministic_samplers_draw_no_noise():
 @pytest.mark.parametrize("name", CFG_PP)
 def test_needs_cfg_guidance(name):
     sigmas = get_sigmas("simple", 3, 3.0)
-    x = _start(sigmas, 1)
+    x = start(sigmas, 1)
     bare = lambda x, sigma, seed=None: x * 0.5
     with pytest.raises(InputError, match="needs CFG guidance"):
         sample(name, bare, x, sigmas, extra_args={"seed": 1}, disable=True)
@@ -493,7 +343,7 @@ def test_masked_denoiser_forwards_capture_uncond():
     """Inpainting wraps the CFGDenoiser; the uncond prediction is the inner (unmasked) one, as ComfyUI's
     KSamplerX0Inpaint leaves args["uncond_denoised"]."""
     sigmas = get_sigmas("simple", 4, 3.0)
-    x = _start(sigmas, 2)
+    x = start(sigmas, 2)
     ms = FlowMatching(3.0)
     mask = prepare_mask(torch.ones(1, 1, 4, 4), tuple(x.shape))  # repaint everywhere: the inner denoiser's result
     den = MaskedDenoiser(CFGDenoiser(toy, COND, UNCOND, cfg=4.5, model_sampling=ms), mask, torch.zeros_like(x),
@@ -506,22 +356,13 @@ def test_masked_denoiser_forwards_capture_uncond():
 # ------------------------------------------------------------------ end to end through the generation core
 @pytest.fixture(scope="module")
 def mmdit():
-    cfg = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, context_dim=32, pooled_dim=48,
-                      qk_norm=True)
-    return init_random_(MMDiT(cfg).eval(), torch.Generator().manual_seed(0))
+    return tiny_mmdit()
 
 
 @pytest.mark.parametrize("cfg", [3.0, 1.0])
 @pytest.mark.parametrize("name", CFG_PP)
 def test_generation_core_accepts_name(mmdit, name, cfg):
-    g = torch.Generator().manual_seed(1)
-    ctx, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 48, generator=g)
-    cond, uncond = Conditioning(ctx, pooled), Conditioning(ctx.flip(1), pooled.flip(1))
-    settings = generation.SampleSettings(steps=4, cfg=cfg, sampler=name, scheduler="simple")
     steps = []
-    with torch.no_grad():
-        z = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=3,
-                              callback=lambda i, n, d: steps.append(i))
-        z2 = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=3)
+    z = sample_named(mmdit, name, cfg=cfg, callback=lambda i, n, d: steps.append(i))
     assert z.shape == (1, 16, 8, 8) and torch.isfinite(z).all()
-    assert torch.equal(z, z2) and steps == [1, 2, 3, 4]
+    assert torch.equal(z, sample_named(mmdit, name, cfg=cfg)) and steps == [1, 2, 3, 4]

@@ -18,16 +18,15 @@ import pytest
 import torch
 
 from sd35fp8 import generation
-from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.sampling import (
     SAMPLERS,
     Conditioning,
-    FlowMatching,
     get_sigmas,
-    prepare_noise,
     sample,
 )
 from sd35fp8.sampling.samplers import deis_coefficients
+
+from comfy_ksampling import sample_named, c_default_noise_sampler, c_get_ancestral_step, c_offset_first_sigma_for_snr, c_res_multistep, c_sample_gradient_estimation, Toy, start, tiny_mmdit
 
 NEW = ["dpm_fast", "dpm_adaptive", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral",
        "gradient_estimation", "er_sde"]
@@ -35,99 +34,12 @@ DETERMINISTIC = ["dpm_fast", "dpm_adaptive", "ipndm_v", "deis", "res_multistep",
 
 
 # ------------------------------------------------------------------ ComfyUI transcriptions
-def c_default_noise_sampler(x, seed=None):
-    if seed is not None:
-        if x.device == torch.device("cpu"):
-            seed += 1
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(seed)
-    else:
-        generator = None
-    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
-                                                 generator=generator)
-
-
-def c_to_d(x, sigma, denoised):
-    return (x - denoised) / sigma.view(sigma.shape + (1,) * (x.ndim - sigma.ndim))
-
-
-def c_get_ancestral_step(sigma_from, sigma_to, eta=1.):
-    if not eta:
-        return sigma_to, 0.
-    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
-    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
-    return sigma_down, sigma_up
-
-
-def c_offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
-    if len(sigmas) <= 1:
-        return sigmas
-    if sigmas[0] >= 1:
-        sigmas = sigmas.clone()
-        sigmas[0] = model_sampling.percent_to_sigma(percent_offset)
-    return sigmas
-
-
-def c_res_multistep(model, x, sigmas, extra_args=None, callback=None, s_noise=1., noise_sampler=None, eta=1.):
-    extra_args = {} if extra_args is None else extra_args
-    seed = extra_args.get("seed", None)
-    noise_sampler = c_default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
-    sigma_fn = lambda t: t.neg().exp()
-    t_fn = lambda sigma: sigma.log().neg()
-    phi1_fn = lambda t: torch.expm1(t) / t
-    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t
-    old_sigma_down = None
-    old_denoised = None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        sigma_down, sigma_up = c_get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if sigma_down == 0 or old_denoised is None:
-            d = c_to_d(x, sigmas[i], denoised)
-            dt = sigma_down - sigmas[i]
-            x = x + d * dt
-        else:
-            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
-            h = t_next - t
-            c2 = (t_prev - t_old) / h
-            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
-            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
-            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
-            x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
-        old_denoised = denoised
-        old_sigma_down = sigma_down
-    return x
-
-
 def c_sample_res_multistep(model, x, sigmas, extra_args=None, ms=None):
     return c_res_multistep(model, x, sigmas, extra_args=extra_args, eta=0.)
 
 
 def c_sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, ms=None):
     return c_res_multistep(model, x, sigmas, extra_args=extra_args, eta=1.)
-
-
-def c_sample_gradient_estimation(model, x, sigmas, extra_args=None, ms=None, ge_gamma=2.):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    old_d = None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        d = c_to_d(x, sigmas[i], denoised)
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            x = x + d * dt
-            if i >= 1:
-                d_bar = (ge_gamma - 1) * (d - old_d)
-                x = x + d_bar * dt
-        old_d = d
-    return x
 
 
 def c_sample_ipndm_v(model, x, sigmas, extra_args=None, ms=None, max_order=4):
@@ -493,26 +405,7 @@ REFERENCE = {
 
 
 # ------------------------------------------------------------------ toy model and runs
-class _Toy:
-    """A fixed nonlinear x0-predictor of (x, sigma) with the SD3 flow model_sampling; counts its calls."""
-
-    def __init__(self, shift=3.0):
-        self.model_sampling = FlowMatching(shift)
-        self.calls = 0
-
-    def __call__(self, x, sigma, seed=None):
-        assert sigma.shape == (x.shape[0],)
-        self.calls += 1
-        s = sigma.view(-1, 1, 1, 1)
-        return (0.8 * x + 0.1 * torch.sin(3 * x)) / (1 + s ** 2) + 0.05 * s * torch.tanh(x + 0.3)
-
-
 SCHEDULES = [("simple", 8, 1.0), ("karras", 8, 1.0), ("normal", 6, 0.6), ("simple", 3, 1.0)]
-
-
-def _start(sigmas, seed, shape=(2, 3, 4, 4)):
-    latent = torch.linspace(-1, 1, math.prod(shape)).reshape(shape) * 0.5
-    return FlowMatching(3.0).noise_scaling(sigmas[0], prepare_noise(seed, shape), latent)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"{s[0]}-{s[1]}-{s[2]}")
@@ -521,8 +414,8 @@ def test_matches_comfyui_transcription(name, schedule):
     scheduler, steps, denoise = schedule
     sigmas = get_sigmas(scheduler, steps, 3.0, denoise, sampler=name)
     seed = 1234
-    x = _start(sigmas, seed)
-    ours_model, ref_model = _Toy(), _Toy()
+    x = start(sigmas, seed)
+    ours_model, ref_model = Toy(), Toy()
     ours = sample(name, ours_model, x.clone(), sigmas, extra_args={"seed": seed}, disable=True)
     ref = REFERENCE[name](ref_model, x.clone(), sigmas.clone(), extra_args={"seed": seed},
                           ms=ref_model.model_sampling)
@@ -544,7 +437,7 @@ def test_deis_coefficients_match_comfyui():
 def test_samplers_options_match_comfyui():
     """Non-default options reach the sampler as ComfyUI's extra_options do."""
     sigmas = get_sigmas("simple", 8, 3.0)
-    x = _start(sigmas, 5)
+    x = start(sigmas, 5)
     cases = [
         ("res_multistep_ancestral", {"eta": 0.5, "s_noise": 0.7},
          lambda m, y: c_res_multistep(m, y, sigmas, {"seed": 5}, eta=0.5, s_noise=0.7)),
@@ -561,8 +454,8 @@ def test_samplers_options_match_comfyui():
          lambda m, y: CDPMSolver(m, {"seed": 5}).dpm_solver_fast(y, -sigmas[0].log(), -sigmas[-2].log(), 8, eta=0.5)),
     ]
     for name, opts, ref_fn in cases:
-        ours = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 5}, disable=True, **opts)
-        torch.testing.assert_close(ours, ref_fn(_Toy(), x.clone()), rtol=1e-5, atol=2e-6, msg=name)
+        ours = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 5}, disable=True, **opts)
+        torch.testing.assert_close(ours, ref_fn(Toy(), x.clone()), rtol=1e-5, atol=2e-6, msg=name)
 
 
 def test_names_in_comfyui_order():
@@ -582,16 +475,16 @@ def test_callbacks_and_deterministic_samplers_draw_no_noise():
     sigmas = get_sigmas("simple", 6, 3.0)
     for name in NEW:
         seen = []
-        sample(name, _Toy(), _start(sigmas, 3), sigmas, extra_args={"seed": 3}, callback=seen.append, disable=True)
+        sample(name, Toy(), start(sigmas, 3), sigmas, extra_args={"seed": 3}, callback=seen.append, disable=True)
         assert seen and all({"x", "i", "sigma", "sigma_hat", "denoised"} <= set(d) for d in seen)
         if name == "dpm_fast":  # one report per solver step: 6 model calls = orders 3, 2, 1
             assert [d["i"] for d in seen] == [0, 1, 2]
         elif name != "dpm_adaptive":  # adaptive: one report per attempted step
             assert [d["i"] for d in seen] == list(range(6))
-    x = _start(sigmas, 3)
+    x = start(sigmas, 3)
     for name in NEW:
-        a = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 3}, disable=True)
-        b = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 4}, disable=True)
+        a = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 3}, disable=True)
+        b = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 4}, disable=True)
         assert torch.equal(a, b) == (name in DETERMINISTIC), name
 
 
@@ -599,10 +492,10 @@ def test_rows_of_a_batch_match_lone_runs():
     """Cross-prompt batching: the deterministic samplers give each row its lone result, except dpm_adaptive,
     whose step-size control measures the error over the whole batch."""
     sigmas = get_sigmas("simple", 6, 3.0)
-    x = _start(sigmas, 9)
+    x = start(sigmas, 9)
     for name in DETERMINISTIC:
-        together = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 9}, disable=True)
-        alone = torch.cat([sample(name, _Toy(), x[i:i + 1].clone(), sigmas, extra_args={"seed": 9}, disable=True)
+        together = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 9}, disable=True)
+        alone = torch.cat([sample(name, Toy(), x[i:i + 1].clone(), sigmas, extra_args={"seed": 9}, disable=True)
                            for i in range(len(x))])
         if name == "dpm_adaptive":
             assert not torch.equal(together, alone)  # other step sizes (tiny effect on this smooth toy)
@@ -613,24 +506,15 @@ def test_rows_of_a_batch_match_lone_runs():
 # ------------------------------------------------------------------ end to end through the generation core
 @pytest.fixture(scope="module")
 def mmdit():
-    cfg = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, context_dim=32, pooled_dim=48,
-                      qk_norm=True)
-    return init_random_(MMDiT(cfg).eval(), torch.Generator().manual_seed(0))
+    return tiny_mmdit()
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_generation_core_accepts_name(mmdit, name):
-    g = torch.Generator().manual_seed(1)
-    ctx, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 48, generator=g)
-    cond, uncond = Conditioning(ctx, pooled), Conditioning(ctx.flip(1), pooled.flip(1))
-    settings = generation.SampleSettings(steps=4, cfg=3.0, sampler=name, scheduler="simple")
     steps = []
-    with torch.no_grad():
-        z = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=3,
-                              callback=lambda i, n, d: steps.append(i))
-        z2 = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=3)
+    z = sample_named(mmdit, name, callback=lambda i, n, d: steps.append(i))
     assert z.shape == (1, 16, 8, 8) and torch.isfinite(z).all()
-    assert torch.equal(z, z2) and steps
+    assert torch.equal(z, sample_named(mmdit, name)) and steps
 
 
 def test_dpm_adaptive_is_bounded(monkeypatch):

@@ -15,18 +15,16 @@ import math
 import pytest
 import torch
 
-from sd35fp8 import generation
 from sd35fp8.errors import InputError
-from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.sampling import (
     SAMPLERS,
-    Conditioning,
     FlowMatching,
     get_sigmas,
-    prepare_noise,
     sample,
 )
 from sd35fp8.sampling.samplers import sa_b_coeffs
+
+from comfy_ksampling import sample_named, c_default_noise_sampler, c_offset_first_sigma_for_snr, Toy, start, tiny_mmdit
 
 NEW = ["ddpm", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
 
@@ -49,33 +47,12 @@ class CFlow:
         return self.shift * t / (1 + (self.shift - 1) * t)
 
 
-def c_default_noise_sampler(x, seed=None):
-    if seed is not None:
-        if x.device == torch.device("cpu"):
-            seed += 1
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(seed)
-    else:
-        generator = None
-    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
-                                                 generator=generator)
-
-
 def c_sigma_to_half_log_snr(sigma):  # CONST
     return sigma.logit().neg()
 
 
 def c_half_log_snr_to_sigma(half_log_snr):  # CONST
     return half_log_snr.neg().sigmoid()
-
-
-def c_offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
-    if len(sigmas) <= 1:
-        return sigmas
-    if sigmas[0] >= 1:
-        sigmas = sigmas.clone()
-        sigmas[0] = model_sampling.percent_to_sigma(percent_offset)
-    return sigmas
 
 
 def c_ei_h_phi_1(h):
@@ -343,33 +320,14 @@ MODEL_CALLS_PER_STEP = {"ddpm": 1, "seeds_2": 2, "seeds_3": 3, "sa_solver": 1}
 
 
 # ------------------------------------------------------------------ toy model and runs
-class _Toy:
-    """A fixed nonlinear x0-predictor of (x, sigma) with the SD3 flow model_sampling; counts its calls."""
-
-    def __init__(self, shift=3.0):
-        self.model_sampling = FlowMatching(shift)
-        self.calls = 0
-
-    def __call__(self, x, sigma, seed=None):
-        assert sigma.shape == (x.shape[0],)
-        self.calls += 1
-        s = sigma.view(-1, 1, 1, 1)
-        return (0.8 * x + 0.1 * torch.sin(3 * x)) / (1 + s ** 2) + 0.05 * s * torch.tanh(x + 0.3)
-
-
 class _NoMS:
     """The toy without a model_sampling attribute."""
 
     def __call__(self, x, sigma, seed=None):
-        return _Toy()(x, sigma)
+        return Toy()(x, sigma)
 
 
 SCHEDULES = [("simple", 8, 1.0), ("karras", 8, 1.0), ("normal", 6, 0.6), ("simple", 3, 1.0), ("beta", 12, 1.0)]
-
-
-def _start(sigmas, seed, shape=(2, 3, 4, 4)):
-    latent = torch.linspace(-1, 1, math.prod(shape)).reshape(shape) * 0.5
-    return FlowMatching(3.0).noise_scaling(sigmas[0], prepare_noise(seed, shape), latent)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"{s[0]}-{s[1]}-{s[2]}")
@@ -378,8 +336,8 @@ def test_matches_comfyui_transcription(name, schedule):
     scheduler, steps, denoise = schedule
     sigmas = get_sigmas(scheduler, steps, 3.0, denoise, sampler=name)
     seed = 1234
-    x = _start(sigmas, seed)
-    ours_model, ref_model = _Toy(), _Toy()
+    x = start(sigmas, seed)
+    ours_model, ref_model = Toy(), Toy()
     ours = sample(name, ours_model, x.clone(), sigmas, extra_args={"seed": seed}, disable=True)
     ref = REFERENCE[name](ref_model, x.clone(), sigmas.clone(), extra_args={"seed": seed},
                           ms=ref_model.model_sampling)
@@ -417,10 +375,10 @@ def test_options_match_comfyui():
         ("sa_solver_pece", {"predictor_order": 1, "corrector_order": 1}),
     ]
     for sigmas in (get_sigmas("simple", 9, 3.0), get_sigmas("karras", 7, 3.0)):
-        x = _start(sigmas, 5)
+        x = start(sigmas, 5)
         for name, opts in cases:
-            ours = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 5}, disable=True, **opts)
-            m = _Toy()
+            ours = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 5}, disable=True, **opts)
+            m = Toy()
             ref = REFERENCE[name](m, x.clone(), sigmas.clone(), extra_args={"seed": 5}, ms=m.model_sampling, **opts)
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6, msg=f"{name} {opts}")
 
@@ -429,10 +387,10 @@ def test_schedule_not_ending_at_zero_matches_comfyui():
     """A split schedule (KSamplerAdvanced's end_at_step without force_full_denoise): sa_solver keeps its orders
     to the end, ddpm / seeds step to the last nonzero sigma with noise."""
     sigmas = get_sigmas("simple", 10, 3.0)[:7].clone()
-    x = _start(sigmas, 11)
+    x = start(sigmas, 11)
     for name in NEW:
-        ours = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 11}, disable=True)
-        m = _Toy()
+        ours = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 11}, disable=True)
+        m = Toy()
         ref = REFERENCE[name](m, x.clone(), sigmas.clone(), extra_args={"seed": 11}, ms=m.model_sampling)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6, msg=name)
 
@@ -467,74 +425,64 @@ def test_callbacks_and_noise():
     for name in NEW:
         seen = []
         ref_seen = []
-        x = _start(sigmas, 3)
-        sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 3}, callback=seen.append, disable=True)
+        x = start(sigmas, 3)
+        sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 3}, callback=seen.append, disable=True)
         assert [d["i"] for d in seen] == list(range(6))
         assert all({"x", "i", "sigma", "sigma_hat", "denoised"} <= set(d) for d in seen)
         if name.startswith("sa_solver"):  # ComfyUI reports the predicted state
-            m = _Toy()
+            m = Toy()
             REFERENCE[name](m, x.clone(), sigmas.clone(), extra_args={"seed": 3}, ms=m.model_sampling,
                             callback=ref_seen.append)
             for a, b in zip(seen, ref_seen):
                 torch.testing.assert_close(a["x"], b["x"], rtol=1e-5, atol=2e-6)
                 assert float(a["sigma"]) == float(b["sigma"])
-    x = _start(sigmas, 3)
+    x = start(sigmas, 3)
     quiet = {"seeds_2": {"eta": 0.0}, "seeds_3": {"eta": 0.0}, "sa_solver": {"tau_func": _no_tau},
              "sa_solver_pece": {"tau_func": _no_tau}}
     for name in NEW:
-        a = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 3}, disable=True)
-        b = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 4}, disable=True)
+        a = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 3}, disable=True)
+        b = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 4}, disable=True)
         assert not torch.equal(a, b), name
         if name in quiet:
-            a = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 3}, disable=True, **quiet[name])
-            b = sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 4}, disable=True, **quiet[name])
+            a = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 3}, disable=True, **quiet[name])
+            b = sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 4}, disable=True, **quiet[name])
             assert torch.equal(a, b), name
 
 
 def test_model_sampling_needed_and_passed():
     sigmas = get_sigmas("simple", 6, 3.0)
-    x = _start(sigmas, 2)
+    x = start(sigmas, 2)
     for name in ["seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]:
         with pytest.raises(InputError, match="FlowMatching"):
             sample(name, _NoMS(), x.clone(), sigmas, extra_args={"seed": 2}, disable=True)
         ours = sample(name, _NoMS(), x.clone(), sigmas, extra_args={"seed": 2}, disable=True,
                       model_sampling=FlowMatching(3.0))
-        torch.testing.assert_close(ours, sample(name, _Toy(), x.clone(), sigmas, extra_args={"seed": 2}, disable=True),
+        torch.testing.assert_close(ours, sample(name, Toy(), x.clone(), sigmas, extra_args={"seed": 2}, disable=True),
                                    rtol=0, atol=0)
     # sa_solver's default stochastic interval reads the shift even when the schedule starts below 1
     low = get_sigmas("simple", 6, 3.0, 0.5)
     with pytest.raises(InputError, match="FlowMatching"):
-        sample("sa_solver", _NoMS(), _start(low, 2), low, extra_args={"seed": 2}, disable=True)
-    sample("sa_solver", _NoMS(), _start(low, 2), low, extra_args={"seed": 2}, disable=True, tau_func=_no_tau)
+        sample("sa_solver", _NoMS(), start(low, 2), low, extra_args={"seed": 2}, disable=True)
+    sample("sa_solver", _NoMS(), start(low, 2), low, extra_args={"seed": 2}, disable=True, tau_func=_no_tau)
     sample("ddpm", _NoMS(), x.clone(), sigmas, extra_args={"seed": 2}, disable=True)  # needs none
 
 
 def test_seeds_solver_type_checked():
     sigmas = get_sigmas("simple", 4, 3.0)
     with pytest.raises(InputError, match="solver_type"):
-        sample("seeds_2", _Toy(), _start(sigmas, 1), sigmas, extra_args={"seed": 1}, disable=True, solver_type="x")
+        sample("seeds_2", Toy(), start(sigmas, 1), sigmas, extra_args={"seed": 1}, disable=True, solver_type="x")
 
 
 # ------------------------------------------------------------------ end to end through the generation core
 @pytest.fixture(scope="module")
 def mmdit():
-    cfg = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, context_dim=32, pooled_dim=48,
-                      qk_norm=True)
-    return init_random_(MMDiT(cfg).eval(), torch.Generator().manual_seed(0))
+    return tiny_mmdit()
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_generation_core_accepts_name(mmdit, name):
-    g = torch.Generator().manual_seed(1)
-    ctx, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 48, generator=g)
-    cond, uncond = Conditioning(ctx, pooled), Conditioning(ctx.flip(1), pooled.flip(1))
-    settings = generation.SampleSettings(steps=4, cfg=3.0, sampler=name, scheduler="simple")
     steps = []
-    with torch.no_grad():
-        z = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=3,
-                              callback=lambda i, n, d: steps.append(i))
-        z2 = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=3)
-        z3 = generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=4)
+    z = sample_named(mmdit, name, callback=lambda i, n, d: steps.append(i))
     assert z.shape == (1, 16, 8, 8) and torch.isfinite(z).all()
-    assert torch.equal(z, z2) and steps == [1, 2, 3, 4]
-    assert not torch.equal(z, z3)
+    assert torch.equal(z, sample_named(mmdit, name)) and steps == [1, 2, 3, 4]
+    assert not torch.equal(z, sample_named(mmdit, name, seed=4))

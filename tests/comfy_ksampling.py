@@ -1,0 +1,206 @@
+"""What the sampler tests share (tests/test_samplers_more.py, test_samplers_rest.py, test_samplers_cfg_pp.py): the
+helpers of ComfyUI's comfy/k_diffusion/sampling.py (comfyanonymous/ComfyUI 02159d814dee609a) transcribed once, with
+the two samplers that have a CFG++ form (res_multistep, gradient_estimation: cfg_pp False is the plain sampler); a
+toy x0-predictor over the SD3 flow model_sampling; the noisy start latent; a tiny MMDiT and a run of a named sampler
+through the generation core."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sd35fp8 import generation
+from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
+from sd35fp8.sampling import Conditioning, FlowMatching, prepare_noise
+
+
+# ------------------------------------------------------------------ ComfyUI transcriptions
+def c_default_noise_sampler(x, seed=None):
+    if seed is not None:
+        if x.device == torch.device("cpu"):
+            seed += 1
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+    else:
+        generator = None
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
+                                                 generator=generator)
+
+
+def c_append_dims(x, target_dims):
+    dims_to_append = target_dims - x.ndim
+    return x[(...,) + (None,) * dims_to_append]
+
+
+def c_to_d(x, sigma, denoised):
+    return (x - denoised) / c_append_dims(sigma, x.ndim)
+
+
+def c_get_ancestral_step(sigma_from, sigma_to, eta=1.):
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def c_offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
+    if len(sigmas) <= 1:
+        return sigmas
+    if sigmas[0] >= 1:
+        sigmas = sigmas.clone()
+        sigmas[0] = model_sampling.percent_to_sigma(percent_offset)
+    return sigmas
+
+
+def c_set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
+    model_options["sampler_post_cfg_function"] = model_options.get("sampler_post_cfg_function", []) + \
+        [post_cfg_function]
+    if disable_cfg1_optimization:
+        model_options["disable_cfg1_optimization"] = True
+    return model_options
+
+
+def c_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1., noise_sampler=None,
+                    eta=1., cfg_pp=False):
+    extra_args = {} if extra_args is None else extra_args
+    seed = extra_args.get("seed", None)
+    noise_sampler = c_default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
+    s_noise = s_noise * 1.0
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda t: t.neg().exp()
+    t_fn = lambda sigma: sigma.log().neg()
+    phi1_fn = lambda t: torch.expm1(t) / t
+    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t
+
+    old_sigma_down = None
+    old_denoised = None
+    uncond_denoised = None
+
+    def post_cfg_function(args):
+        nonlocal uncond_denoised
+        uncond_denoised = args["uncond_denoised"]
+        return args["denoised"]
+
+    if cfg_pp:
+        model_options = extra_args.get("model_options", {}).copy()
+        extra_args["model_options"] = c_set_model_options_post_cfg_function(model_options, post_cfg_function,
+                                                                            disable_cfg1_optimization=True)
+
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = c_get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if sigma_down == 0 or old_denoised is None:
+            if cfg_pp:
+                d = c_to_d(x, sigmas[i], uncond_denoised)
+                x = denoised + d * sigma_down
+            else:
+                d = c_to_d(x, sigmas[i], denoised)
+                dt = sigma_down - sigmas[i]
+                x = x + d * dt
+        else:
+            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+
+            if cfg_pp:
+                x = x + (denoised - uncond_denoised)
+                x = sigma_fn(h) * x + h * (b1 * uncond_denoised + b2 * old_denoised)
+            else:
+                x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+
+        if cfg_pp:
+            old_denoised = uncond_denoised
+        else:
+            old_denoised = denoised
+        old_sigma_down = sigma_down
+    return x
+
+
+def c_sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.,
+                                 cfg_pp=False, ms=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+
+    uncond_denoised = None
+
+    def post_cfg_function(args):
+        nonlocal uncond_denoised
+        uncond_denoised = args["uncond_denoised"]
+        return args["denoised"]
+
+    if cfg_pp:
+        model_options = extra_args.get("model_options", {}).copy()
+        extra_args["model_options"] = c_set_model_options_post_cfg_function(model_options, post_cfg_function,
+                                                                            disable_cfg1_optimization=True)
+
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if cfg_pp:
+            d = c_to_d(x, sigmas[i], uncond_denoised)
+        else:
+            d = c_to_d(x, sigmas[i], denoised)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            if cfg_pp:
+                x = denoised + d * sigmas[i + 1]
+            else:
+                x = x + d * dt
+
+            if i >= 1:
+                d_bar = (ge_gamma - 1) * (d - old_d)
+                x = x + d_bar * dt
+        old_d = d
+    return x
+
+
+# ------------------------------------------------------------------ toy model, start latent, tiny MMDiT
+class Toy:
+    """A fixed nonlinear x0-predictor of (x, sigma) with the SD3 flow model_sampling; counts its calls."""
+
+    def __init__(self, shift=3.0):
+        self.model_sampling = FlowMatching(shift)
+        self.calls = 0
+
+    def __call__(self, x, sigma, seed=None):
+        assert sigma.shape == (x.shape[0],)
+        self.calls += 1
+        s = sigma.view(-1, 1, 1, 1)
+        return (0.8 * x + 0.1 * torch.sin(3 * x)) / (1 + s ** 2) + 0.05 * s * torch.tanh(x + 0.3)
+
+
+def start(sigmas, seed, shape=(2, 3, 4, 4)):
+    latent = torch.linspace(-1, 1, math.prod(shape)).reshape(shape) * 0.5
+    return FlowMatching(3.0).noise_scaling(sigmas[0], prepare_noise(seed, shape), latent)
+
+
+def tiny_mmdit() -> MMDiT:
+    cfg = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, context_dim=32, pooled_dim=48,
+                      qk_norm=True)
+    return init_random_(MMDiT(cfg).eval(), torch.Generator().manual_seed(0))
+
+
+def sample_named(mmdit, name: str, cfg: float = 3.0, seed: int = 3, callback=None) -> torch.Tensor:
+    """A 4-step sample of a named sampler through the generation core, on tiny random conditionings."""
+    g = torch.Generator().manual_seed(1)
+    ctx, pooled = torch.randn(1, 5, 32, generator=g), torch.randn(1, 48, generator=g)
+    cond, uncond = Conditioning(ctx, pooled), Conditioning(ctx.flip(1), pooled.flip(1))
+    settings = generation.SampleSettings(steps=4, cfg=cfg, sampler=name, scheduler="simple")
+    with torch.no_grad():
+        return generation.sample(mmdit, cond, uncond, torch.zeros(1, 16, 8, 8), settings, seed=seed,
+                                 callback=callback)
