@@ -566,8 +566,10 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     return x
 
 
-@torch.no_grad()
-def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+def _ipndm(model, x, sigmas, extra_args, callback, disable, max_order, multistep):
+    """The iPNDM loop ComfyUI's sample_ipndm and sample_ipndm_v share: order 1 is an euler step, higher orders add
+    `multistep(i, order, d_cur, history, h)`, the step h times the combined derivative (history: earlier ones, oldest
+    first), in each sampler's own order of operations."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     x_next = x
@@ -583,14 +585,24 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
             x_next = denoised
         elif order == 1:
             x_next = x_cur + (t_next - t_cur) * d_cur
-        elif order == 2:
-            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - history[-1]) / 2
-        elif order == 3:
-            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * history[-1] + 5 * history[-2]) / 12
         else:
-            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+            x_next = x_cur + multistep(i, order, d_cur, history, t_next - t_cur)
         history = (history + [d_cur])[-(max_order - 1):]
     return x_next
+
+
+def _ipndm_fixed(i, order, d_cur, history, h):
+    """iPNDM's Adams-Bashforth weights for equal steps."""
+    if order == 2:
+        return h * (3 * d_cur - history[-1]) / 2
+    if order == 3:
+        return h * (23 * d_cur - 16 * history[-1] + 5 * history[-2]) / 12
+    return h * (55 * d_cur - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    return _ipndm(model, x, sigmas, extra_args, callback, disable, max_order, _ipndm_fixed)
 
 
 def _ipndm_v_coeffs(h_n, h_n_1, h_n_2=None, h_n_3=None):
@@ -614,30 +626,16 @@ def _ipndm_v_coeffs(h_n, h_n_1, h_n_2=None, h_n_3=None):
 @torch.no_grad()
 def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
     """iPNDM with variable step sizes (ComfyUI sample_ipndm_v; zju-pi/diff-sampler)."""
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
-    x_next = x
-    history: list[torch.Tensor] = []  # previous derivatives, oldest first
-    for i in trange(len(sigmas) - 1, disable=disable):
-        t_cur, t_next = sigmas[i], sigmas[i + 1]
-        x_cur = x_next
-        denoised = model(x_cur, t_cur * s_in, **extra_args)
-        _report(callback, x, i, sigmas[i], denoised)  # ComfyUI reports the initial x here
-        d_cur = (x_cur - denoised) / t_cur
-        order = min(max_order, i + 1)
-        if t_next == 0:
-            x_next = denoised
-        elif order == 1:
-            x_next = x_cur + (t_next - t_cur) * d_cur
-        else:
-            steps = [t_next - t_cur] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]  # h_n, h_n_1, ...
-            coeffs = _ipndm_v_coeffs(*steps)
-            total = coeffs[0] * d_cur
-            for c, d in zip(coeffs[1:], reversed(history)):
-                total = total + c * d
-            x_next = x_cur + (t_next - t_cur) * total
-        history = (history + [d_cur])[-(max_order - 1):]
-    return x_next
+
+    def multistep(i, order, d_cur, history, h):
+        steps = [h] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]
+        coeffs = _ipndm_v_coeffs(*steps)  # h_n, h_n_1, ...
+        total = coeffs[0] * d_cur
+        for c, d in zip(coeffs[1:], reversed(history)):
+            total = total + c * d
+        return h * total
+
+    return _ipndm(model, x, sigmas, extra_args, callback, disable, max_order, multistep)
 
 
 # ---- DEIS "tab" coefficients (ComfyUI comfy/k_diffusion/deis.py, from zju-pi/diff-sampler): sigmas are read as
