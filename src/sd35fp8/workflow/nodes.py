@@ -24,7 +24,7 @@ from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WE
                                          NodeContext, _file_stamps, _files, _tip)
 from sd35fp8.workflow.nodes_area import AREA_NODES
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
-from sd35fp8.workflow.nodes_guidance import GUIDANCE_NODES
+from sd35fp8.workflow.nodes_guidance import GUIDANCE_NODES, SLG_LAYERS, SLG_WINDOW, SkipLayerGuidanceDiT
 from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
@@ -393,23 +393,15 @@ class ModelSamplingSD3(Node):
         return (model.with_shift(shift),)
 
 
-class SkipLayerGuidanceSD3(Node):
-    RETURN_TYPES = ("MODEL",)
+class SkipLayerGuidanceSD3(SkipLayerGuidanceDiT):
+    """ComfyUI's SD3 form of SkipLayerGuidanceDiT (a subclass there too): one layer list, the joint blocks."""
+
     FUNCTION = "skip_guidance_sd3"
-    CATEGORY = "advanced/guidance"
-    DESCRIPTION = "Generic version of SkipLayerGuidance node that can be used on every DiT model."
     PYTHON_MODULE = "comfy_extras.nodes_sd3"
-    EXPERIMENTAL = True
 
     @classmethod
     def INPUT_TYPES(cls, folders):
-        return {"required": {
-            "model": ("MODEL",),
-            "layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
-            "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1}),
-            "start_percent": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001}),
-            "end_percent": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001}),
-        }}
+        return {"required": {"model": ("MODEL",), "layers": SLG_LAYERS, **SLG_WINDOW}}
 
     def skip_guidance_sd3(self, model, layers, scale, start_percent, end_percent):
         return (engine.with_skip_layer_guidance(model, layers, scale, start_percent, end_percent),)

@@ -72,6 +72,14 @@ class TorchCompileModel(Node):
         return (model,)
 
 
+SLG_LAYERS = ("STRING", {"default": "7, 8, 9", "multiline": False})
+SLG_WINDOW = {  # the scale and sigma window of SkipLayerGuidanceDiT and SkipLayerGuidanceSD3
+    "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1}),
+    "start_percent": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001}),
+    "end_percent": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001}),
+}
+
+
 class SkipLayerGuidanceDiT(Node):
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "skip_guidance"
@@ -84,11 +92,9 @@ class SkipLayerGuidanceDiT(Node):
     def INPUT_TYPES(cls, folders):
         return {"required": {
             "model": ("MODEL",),
-            "double_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
-            "single_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
-            "scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1}),
-            "start_percent": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001}),
-            "end_percent": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "double_layers": SLG_LAYERS,
+            "single_layers": SLG_LAYERS,
+            **SLG_WINDOW,
             "rescaling_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01}),
         }}
 
@@ -110,8 +116,8 @@ class SkipLayerGuidanceDiTSimple(Node):
     def INPUT_TYPES(cls, folders):
         return {"required": {
             "model": ("MODEL",),
-            "double_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
-            "single_layers": ("STRING", {"default": "7, 8, 9", "multiline": False}),
+            "double_layers": SLG_LAYERS,
+            "single_layers": SLG_LAYERS,
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
         }}
