@@ -25,7 +25,6 @@ from torch import nn
 
 from sd35fp8.checkpoints.sources import TensorSource
 from sd35fp8.errors import InputError
-from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.linear import FP8Linear
 from sd35fp8.lora.apply import merged_weight
 
@@ -57,13 +56,13 @@ class ModuleSource(TensorSource):
         self.model = model
         self.name = f"{component} ({name})"
         self.component, self.layout, self.files = component, "loaded model", ()
-        self._scales: dict[str, torch.Tensor] = {}
+        self._fp8: dict[str, FP8Linear] = {}  # weight key -> its FP8 layer
         self._stored: dict[str, torch.dtype] = {}  # the dtype a save writes where it is not the tensor's
         dropped: set[str] = set()
         for mod_name, mod in model.named_modules():
             if isinstance(mod, FP8Linear):
                 prefix = f"{mod_name}." if mod_name else ""
-                self._scales[f"{prefix}weight"] = mod.weight_scale
+                self._fp8[f"{prefix}weight"] = mod
                 self._stored[f"{prefix}weight"] = torch.bfloat16
                 dropped |= {f"{prefix}weight_scale", f"{prefix}input_scale"}
         self._tensors = {k: v for k, v in model.state_dict().items() if k not in dropped}
@@ -75,7 +74,7 @@ class ModuleSource(TensorSource):
 
     def stored_dtype(self, key: str) -> torch.dtype:
         """What a save writes: an FP8 weight as bfloat16, a LoRA-baked one in its layer's dtype, else as held."""
-        return self._stored.get(key, self._tensors[key].dtype if key in self._tensors else torch.float32)
+        return self._stored.get(key) or self._tensor(key).dtype
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -97,7 +96,7 @@ class ModuleSource(TensorSource):
 
     def computed(self, key: str) -> bool:
         """Whether get() computes this weight in float32 (an FP8 layer dequantised, or a LoRA baked in)."""
-        return key in self._scales or key in self._lora
+        return key in self._fp8 or key in self._lora
 
     def dtype(self, key: str) -> torch.dtype:
         return torch.float32 if self.computed(key) else self._tensor(key).dtype
@@ -111,8 +110,8 @@ class ModuleSource(TensorSource):
         if key in self._lora:
             mod, terms = self._lora[key]
             return merged_weight(self.model.get_submodule(mod), terms).reshape(t.shape).to(device)
-        if key in self._scales:
-            t = dequantize(t.contiguous(), self._scales[key], torch.float32)
+        if key in self._fp8:
+            return self._fp8[key].dequantized_weight(torch.float32).to(device)
         return t.to(device, copy=True)
 
 
@@ -121,8 +120,8 @@ class MergedSource(TensorSource):
 
     def __init__(self, base: TensorSource, other: TensorSource, strengths: Strengths, name: str):
         self.base, self.other, self.strengths = base, other, strengths
-        self.name = f"mmdit ({name})"
-        self.component, self.layout, self.files = "mmdit", "merged models", ()
+        self.name = f"{base.component} ({name})"
+        self.component, self.layout, self.files = base.component, "merged models", ()
         self.mismatched = [k for k in base.keys() if k in other and other.shape(k) != base.shape(k)]
         self.merged = [k for k in base.keys() if k in other and other.shape(k) == base.shape(k)]
         for k in self.mismatched:
@@ -190,17 +189,12 @@ def block_strengths(ratios: dict[str, float]) -> Strengths:
 
 def assign(root: nn.Module, key: str, value: torch.Tensor) -> None:
     """Write one tensor of `root`'s state dict in place: an FP8 layer's weight quantised again at its own
-    granularity (new scales), anything else cast to the tensor's dtype."""
-    from sd35fp8.fp8.scaling import quantize_rowwise, quantize_tensorwise
-
+    granularity (FP8Linear.requantize_), anything else cast to the tensor's dtype."""
     mod_name, _, leaf = key.rpartition(".")
     mod = root.get_submodule(mod_name) if mod_name else root
+    if isinstance(mod, FP8Linear) and leaf == "weight":
+        mod.requantize_(value)
+        return
+    t = getattr(mod, leaf)
     with torch.no_grad():
-        if isinstance(mod, FP8Linear) and leaf == "weight":
-            v = value.float().to(mod.weight.device)
-            q, scale = quantize_rowwise(v, dim=-1) if mod.weight_scale.numel() > 1 else quantize_tensorwise(v)
-            mod.weight.data.copy_(q)
-            mod.weight_scale.copy_(scale.reshape(mod.weight_scale.shape))
-        else:
-            t = getattr(mod, leaf)
-            t.data.copy_(value.to(device=t.device, dtype=t.dtype))
+        t.data.copy_(value.to(device=t.device, dtype=t.dtype))

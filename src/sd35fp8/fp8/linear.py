@@ -158,6 +158,15 @@ class FP8Linear(nn.Module):
             )
             logger.warning("FP8Linear %dx%d: %s", self.out_features, self.in_features, self.fallback_reason)
 
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store a new high-precision weight [N, K]: quantised again at this layer's granularity, with fresh scales
+        (a LoRA fused in, merged models)."""
+        with torch.no_grad():
+            w = weight.float().to(self.weight.device)
+            q, scale = quantize_rowwise(w, dim=-1) if self.granularity == "channel" else quantize_tensorwise(w)
+            self.weight.data.copy_(q)
+            self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
+
     def set_input_scale(self, amax: torch.Tensor | float, margin: float = 1.0) -> None:
         """Static calibration: input_scale = amax * margin / 448 (fp32 scalar)."""
         a = torch.as_tensor(amax, dtype=torch.float32, device=self.weight.device) * margin

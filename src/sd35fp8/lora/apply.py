@@ -28,7 +28,7 @@ from torch import nn
 
 from sd35fp8.errors import CheckpointError
 from sd35fp8.fp8.linear import FP8Linear
-from sd35fp8.fp8.scaling import FP8_DTYPE, quantize_rowwise, quantize_tensorwise
+from sd35fp8.fp8.scaling import FP8_DTYPE
 
 from .files import LoraTerm
 
@@ -231,15 +231,10 @@ def fuse(module: nn.Module, terms: list[tuple[LoraTerm, float]]) -> None:
     if not hasattr(module, _BACKUP_ATTR):
         scale = module.weight_scale.detach().clone() if isinstance(module, FP8Linear) else None
         setattr(module, _BACKUP_ATTR, (module.weight.detach().clone(), scale))
-    with torch.no_grad():
-        if isinstance(module, FP8Linear):
-            if module.granularity == "channel":
-                q, s = quantize_rowwise(new, dim=-1)  # [N, K] fp8, [N, 1]
-            else:
-                q, s = quantize_tensorwise(new)  # [N, K] fp8, []
-            module.weight.data.copy_(q)
-            module.weight_scale.copy_(s.reshape(module.weight_scale.shape))
-        else:
+    if isinstance(module, FP8Linear):
+        module.requantize_(new)
+    else:
+        with torch.no_grad():
             module.weight.data.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
     _GENERATION[0] += 1
 
