@@ -262,15 +262,19 @@ def with_lora(model: SD3Model, clip: SD3Clip | None, path: Path, strength_model:
     return model, clip
 
 
+def _components(obj: SD3Model | SD3Clip) -> dict[str, Any]:
+    """The modules a MODEL / CLIP holds, by LoRA component name (a missing text encoder as None)."""
+    if isinstance(obj, SD3Model):
+        return {"mmdit": obj.mmdit}
+    enc = obj.encoder
+    return {"clip_l": enc.clip_l, "clip_g": enc.clip_g, "t5xxl": enc.t5}
+
+
 def lora_active(obj: SD3Model | SD3Clip):
     """Context in which the MODEL's / CLIP's LoRAs are active on the shared modules (nothing else's)."""
     from sd35fp8.lora import shared_lora_set
 
-    if isinstance(obj, SD3Model):
-        components = {"mmdit": obj.mmdit}
-    else:
-        enc = obj.encoder
-        components = {"clip_l": enc.clip_l, "clip_g": enc.clip_g, "t5xxl": enc.t5}
+    components = _components(obj)
     if not obj.loras:
         owner = next((m for m in components.values() if m is not None), None)
         if owner is None or getattr(owner, "sd35_lora_set", None) is None:
@@ -677,27 +681,36 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
     return results
 
 
+def _save_one(output_dir: Path, prefix: str, ext: str, what: str, write: Any) -> dict:
+    """One file `{prefix}_{counter:05}_{ext}` in the output folder: `write(tmp, base, counter)` writes it whole under a
+    temporary name, then it takes the first free counter, as save_images names its images."""
+    try:
+        folder, base, counter, subfolder = save_image_path(prefix, output_dir)
+    except OSError as e:
+        raise OutputError(f"cannot use the output folder {output_dir}: {e.strerror or e}") from e
+    tmp = folder / f".{base}_{uuid.uuid4().hex}.partial"
+    try:
+        write(tmp, base, counter)
+        counter, file = _claim_name(tmp, folder, base, counter, ext)
+    except OSError as e:
+        raise OutputError(f"cannot write {what} into the output folder {folder}: {e.strerror or e} (free disk "
+                          "space or make the folder writable)") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s", folder / file)
+    return {"filename": file, "subfolder": subfolder, "type": "output"}
+
+
 def save_latent(samples: torch.Tensor, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> dict:
     """SaveLatent: `{prefix}_{counter:05}_.latent` (safetensors: latent_tensor, latent_format_version_0; metadata
     prompt and each extra_pnginfo key as JSON), written whole, then named as save_images does."""
     from safetensors.torch import save_file
 
-    try:
-        folder, base, counter, subfolder = save_image_path(prefix, output_dir)
-    except OSError as e:
-        raise OutputError(f"cannot use the output folder {output_dir}: {e.strerror or e}") from e
     meta = {} if prompt is None else {"prompt": json.dumps(prompt)}
     meta.update({k: json.dumps(v) for k, v in (extra_pnginfo or {}).items()})
-    tmp = folder / f".{base}_{uuid.uuid4().hex}.partial"
-    try:
-        save_file({"latent_tensor": samples.contiguous().cpu(), "latent_format_version_0": torch.tensor([])},
-                  str(tmp), metadata=meta)
-        counter, file = _claim_name(tmp, folder, base, counter, ".latent")
-    except OSError as e:
-        raise OutputError(f"cannot write a latent into the output folder {folder}: {e.strerror or e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"filename": file, "subfolder": subfolder, "type": "output"}
+    tensors = {"latent_tensor": samples.contiguous().cpu(), "latent_format_version_0": torch.tensor([])}
+    return _save_one(output_dir, prefix, ".latent", "a latent",
+                     lambda tmp, base, counter: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_latent(path: Path) -> dict[str, torch.Tensor]:
@@ -730,13 +743,6 @@ def _claim_name(tmp: Path, folder: Path, name: str, counter: int, ext: str = ".p
 
 
 # ---- model merging and saving -------------------------------------------------------------------------------
-def _components(obj: SD3Model | SD3Clip) -> dict[str, Any]:
-    if isinstance(obj, SD3Model):
-        return {"mmdit": obj.mmdit}
-    enc = obj.encoder
-    return {"clip_l": enc.clip_l, "clip_g": enc.clip_g, "t5xxl": enc.t5}
-
-
 def lora_layers(obj: SD3Model | SD3Clip) -> dict[str, dict[str, list]]:
     """component -> layer name -> the (term, strength) pairs of the MODEL's / CLIP's LoRAs on it ({} without)."""
     from sd35fp8.lora import shared_lora_set
@@ -824,10 +830,10 @@ SD3_MODELSPEC = {"modelspec.architecture": "stable-diffusion-v3-medium",  # what
 
 
 def _write_parts(parts: list[tuple[str, Any]], output_dir: Path, prefix: str, meta: dict[str, str],
-                 what: str, title: bool = False) -> dict:
+                 what: str) -> dict:
     """parts: (key prefix, checkpoints.merge.ModuleSource) -> one safetensors file `{prefix}_{counter:05}_` in
-    the output folder, streamed tensor by tensor under a temporary name, then named as save_images does.
-    title: the modelspec title ComfyUI writes ("<file base> <counter>")."""
+    the output folder, streamed tensor by tensor (_save_one). With modelspec metadata, its title is ComfyUI's
+    "<file base> <counter>"."""
     from sd35fp8.checkpoints.export import Entry, write_safetensors
 
     produce: dict[str, tuple[Any, str]] = {}
@@ -836,28 +842,16 @@ def _write_parts(parts: list[tuple[str, Any]], output_dir: Path, prefix: str, me
         for k in source.keys():
             produce[key_prefix + k] = (source, k)
             entries.append(Entry(key_prefix + k, source.stored_dtype(k), source.shape(k)))
-    try:
-        folder, base, counter, subfolder = save_image_path(prefix, output_dir)
-    except OSError as e:
-        raise OutputError(f"cannot use the output folder {output_dir}: {e.strerror or e}") from e
-    if title:
-        meta = {**meta, "modelspec.title": f"{base} {counter}"}
-    tmp = folder / f".{base}_{uuid.uuid4().hex}.partial"
 
     def tensor(key: str) -> torch.Tensor:
         source, k = produce[key]
         return source.get(k).to(source.stored_dtype(k))
 
-    try:
-        write_safetensors(tmp, entries, tensor, meta)
-        counter, file = _claim_name(tmp, folder, base, counter, ".safetensors")
-    except OSError as e:
-        raise OutputError(f"cannot write {what} into the output folder {folder}: {e.strerror or e} (free disk "
-                          "space or make the folder writable)") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("%s: wrote %s", what, folder / file)
-    return {"filename": file, "subfolder": subfolder, "type": "output"}
+    def write(tmp: Path, base: str, counter: int) -> None:
+        titled = {**meta, "modelspec.title": f"{base} {counter}"} if "modelspec.architecture" in meta else meta
+        write_safetensors(tmp, entries, tensor, titled)
+
+    return _save_one(output_dir, prefix, ".safetensors", what, write)
 
 
 def _save_meta(prompt: Any, extra_pnginfo: Any, modelspec: bool) -> dict[str, str]:
@@ -890,8 +884,7 @@ def save_model(model: SD3Model, output_dir: Path, prefix: str, prompt: Any, extr
     keys (`model.diffusion_model.` + the original SD3 names) and metadata (modelspec, the prompt, each extra_pnginfo
     key as JSON). The MODEL's LoRAs are baked in, as ComfyUI patches them before saving; FP8 layers are written
     in bfloat16, which every SD3 loader reads (`sd35fp8 quantize` makes the file FP8 again)."""
-    return _write_parts(_model_parts(model), output_dir, prefix, _save_meta(prompt, extra_pnginfo, True), "ModelSave",
-                        title=True)
+    return _write_parts(_model_parts(model), output_dir, prefix, _save_meta(prompt, extra_pnginfo, True), "ModelSave")
 
 
 def save_checkpoint(model: SD3Model, clip: Any, vae: Any, output_dir: Path, prefix: str, prompt: Any,
@@ -903,8 +896,7 @@ def save_checkpoint(model: SD3Model, clip: Any, vae: Any, output_dir: Path, pref
     clip = _require_clip(clip)
     parts = _model_parts(model) + [("first_stage_model.", ModuleSource(vae, "vae", "vae"))]
     parts += [(p, s) for _, p, s in _clip_parts(clip, "transformer.")]
-    return _write_parts(parts, output_dir, prefix, _save_meta(prompt, extra_pnginfo, True), "CheckpointSave",
-                        title=True)
+    return _write_parts(parts, output_dir, prefix, _save_meta(prompt, extra_pnginfo, True), "CheckpointSave")
 
 
 def save_clip(clip: Any, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any) -> list[dict]:
