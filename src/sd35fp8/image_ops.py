@@ -91,6 +91,14 @@ def canny(image: torch.Tensor, low_threshold: float, high_threshold: float) -> t
     return edges.repeat(1, 3, 1, 1).movedim(1, -1)
 
 
+def gaussian_kernel(kernel_size: int, sigma: float, device=None) -> torch.Tensor:
+    """ComfyUI's gaussian_kernel: exp(-d^2 / 2 sigma^2) over a linspace(-1, 1) grid, summing to 1 [k, k]."""
+    axis = torch.linspace(-1, 1, kernel_size, device=device)
+    x, y = torch.meshgrid(axis, axis, indexing="ij")
+    g = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    return g / g.sum()
+
+
 def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
     """ImageBlur: ComfyUI's Gaussian (kernel over linspace(-1, 1), reflect padding); IMAGE in and out."""
     if blur_radius == 0:
@@ -100,9 +108,7 @@ def blur(image: torch.Tensor, blur_radius: int, sigma: float) -> torch.Tensor:
                          f"got {image.shape[2]}x{image.shape[1]}")
     channels = image.shape[-1]
     k = blur_radius * 2 + 1
-    x, y = torch.meshgrid(torch.linspace(-1, 1, k), torch.linspace(-1, 1, k), indexing="ij")
-    g = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
-    kernel = (g / g.sum()).repeat(channels, 1, 1).unsqueeze(1).to(image.device, image.dtype)  # [C, 1, k, k]
+    kernel = gaussian_kernel(k, sigma).repeat(channels, 1, 1).unsqueeze(1).to(image.device, image.dtype)  # [C,1,k,k]
     img = F.pad(image.movedim(-1, 1), (blur_radius,) * 4, "reflect")
     out = F.conv2d(img, kernel, padding=k // 2, groups=channels)  # [B, C, H + 2r, W + 2r]
     return out[:, :, blur_radius:-blur_radius, blur_radius:-blur_radius].movedim(1, -1)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sd35fp8.errors import InputError
-from sd35fp8.image_ops import common_upscale, repeat_to_batch_size
+from sd35fp8.image_ops import common_upscale, gaussian_kernel, repeat_to_batch_size
 from sd35fp8.workflow.node_base import Node
 from sd35fp8.workflow.nodes_image import check_canvas, check_image, check_widgets
 
@@ -66,14 +66,6 @@ def _flag(node: str, name: str, value: Any) -> bool:
 
 
 # ---- comfy_extras/nodes_post_processing.py ---------------------------------------------------------------
-
-
-def gaussian_kernel(kernel_size: int, sigma: float, device=None) -> torch.Tensor:
-    """ComfyUI's gaussian_kernel: exp(-d^2 / 2 sigma^2) over a linspace(-1, 1) grid, summing to 1."""
-    axis = torch.linspace(-1, 1, kernel_size, device=device)
-    x, y = torch.meshgrid(axis, axis, indexing="ij")
-    g = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
-    return g / g.sum()
 
 
 class ImageSharpen(Node):
