@@ -204,8 +204,8 @@ class ModelFolders:
         )
 
     def output_images(self) -> list[str]:
-        """Image files under output/, subfolders included, newest first (LoadImageOutput's list, as ComfyUI's
-        /internal/files/output)."""
+        """Image files under output/, subfolders included, newest first (LoadImageOutput's list; the web UI refreshes
+        it from /internal/files/output, which lists output/'s own files)."""
         if not self.output_dir.is_dir():
             return []
         found = [p for p in self.output_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
