@@ -248,6 +248,48 @@ def graph_gaps(eng, inputs) -> dict:
             "note": "by_pair: [before->after, count, gap ms, mean gap us]"}
 
 
+def adaln_gemv_bench(eng, reps: int) -> dict:
+    """The fused adaLN matmul of one step alone (Large: [2, 2432] x [1 099 264, 2432] e4m3): cuBLAS's
+    _scaled_mm (the road before the memo), the gemv kernel at a few tiles, and the memo's hit (lookup, a
+    skipped gemv, the rows' copy). ms medians; GB/s of the weight read."""
+    from sd35fp8.fast import kernels
+    from sd35fp8.fast.ada_memo import AdaMemo, adaln_gemv
+
+    ada, dev = eng.ada, eng.device
+    w = ada["w"]
+    a = torch.nn.functional.silu(torch.randn(2, w.shape[1], device=dev, dtype=torch.bfloat16))
+    a8, s8 = kernels.plain_act(a, "dynamic")
+    gb = w.numel() * w.element_size() / 1e9
+    out: dict = {"weight_gb": gb}
+
+    def put(name, fn):
+        fn()
+        ms = _median_ms(fn, reps)
+        out[name] = {"ms": ms, "gb_s": gb / ms * 1e3}
+
+    put("cublas_scaled_mm", lambda: torch._scaled_mm(a8, w.t(), scale_a=s8, scale_b=ada["ws"], bias=ada.get("b"),
+                                                     out_dtype=torch.bfloat16, use_fast_accum=True))
+    ref = torch._scaled_mm(a8, w.t(), scale_a=s8, scale_b=ada["ws"], bias=ada.get("b"), out_dtype=torch.bfloat16,
+                           use_fast_accum=True).float()
+    for bn, bk, nw in ((64, 128, 4), (128, 128, 4), (32, 256, 4), (64, 256, 8), (128, 64, 4), (256, 128, 8)):
+        launch = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
+        y = torch.empty(2, w.shape[0], device=dev, dtype=torch.bfloat16)
+        fn = lambda: kernels.gemv(a8, s8.reshape(-1), w, ada["ws"], ada.get("b"), y, launch=launch)  # noqa: E731
+        try:
+            put(f"gemv_{bn}x{bk}_w{nw}", fn)
+            from sd35fp8.fp8.scaling import sqnr
+            out[f"gemv_{bn}x{bk}_w{nw}"]["sqnr_vs_cublas_db"] = float(sqnr(ref, y.float()))
+        except Exception as err:  # noqa: BLE001
+            out[f"gemv_{bn}x{bk}_w{nw}"] = f"{type(err).__name__}: {str(err)[:200]}"
+    memo = AdaMemo(64, w.shape[1], w.shape[0], torch.bfloat16, torch.bfloat16, dev)
+    adaln_gemv(a, ada, "dynamic", torch.bfloat16, memo)  # fills the rows: every later call hits
+    put("memo_hit", lambda: adaln_gemv(a, ada, "dynamic", torch.bfloat16, memo))
+    out["memo_stats"] = memo.stats()
+    del memo
+    torch.cuda.empty_cache()
+    return out
+
+
 def random_large_mmdit(device: torch.device, reference_inputs: tuple | None = None):
     """Random SD3.5 Large MMDiT, quantised fp8 dynamic with the default policy (benchmarks/paths.py's
     build_file, without writing the file) -> (model, float32 forward of the unquantised weights on
@@ -353,6 +395,11 @@ def large(args) -> dict:
         variants["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
     # the default step again: the spread between two timings of one road in one process
     opt_in("fp8_attention_again", lambda: None, lambda: None)
+    # the fused adaLN computed every step (its memo off, fast/ada_memo.py), and the adaLN matmul alone
+    memo = eng.ada_memo
+    opt_in("fp8_attention_no_ada_memo", lambda: setattr(eng, "ada_memo", None), lambda: setattr(eng, "ada_memo", memo))
+    res["adaln_gemv"] = adaln_gemv_bench(eng, args.reps)
+    print(f"adaln gemv: {res['adaln_gemv']}", flush=True)
     # where the graphed step's time goes between kernels (a CUDA-graph replay under the profiler)
     res["graph_gaps"] = {}
     for name, on, off in (("fp8_attention", lambda: None, lambda: None),
@@ -463,6 +510,8 @@ def large(args) -> dict:
             decode(vae, sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16).to(torch.bfloat16))
             torch.cuda.synchronize()
             stats: dict = {}
+            if eng.ada_memo is not None:  # the warm-up run's adaLN rows: forgotten, as for a new prompt
+                eng.ada_memo.clear()
             t0 = time.perf_counter()
             z = sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16, cache_stats=stats)
             torch.cuda.synchronize()

@@ -31,7 +31,7 @@ from sd35fp8.models.mmdit import MMDiTConfig  # noqa: E402
 
 OUR_ATTENTION = ("_attn_fwd", "_quant_kernel", "_amax_kernel")  # fast/attention_triton.py
 OUR_ELEMENTWISE = ("_ln_modulate_kernel", "_residual_ln_modulate_kernel", "_act_rows_kernel", "_act_static_kernel",
-                   "_fp8_gemv_kernel", "_dequant")  # fast/kernels.py, fp8/dequant.py
+                   "_gemv_kernel", "_dequant")  # fast/kernels.py, fp8/dequant.py
 
 
 def category(name: str) -> str:

@@ -217,29 +217,42 @@ if triton is not None:
         tl.store(Q + offs, q.to(tl.float8e4nv), mask=mask)
 
     @triton.jit
-    def _fp8_gemv_kernel(A, W, WS, BIAS, OUT, M, N, K, HAS_BIAS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-        # OUT[m, n] = sum_k A[m, k] * W[n, k] * WS[n] + BIAS[n]; W fp8 read once (M <= BLOCK_M)
+    def _gemv_kernel(A, AS, W, WS, BIAS, OUT, IDX, FLAG, M, N, K, HAS_AS: tl.constexpr, HAS_WS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, MEMO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+        # OUT[row(m), n] = (sum_k A[m, k] * W[n, k]) * AS[m] * WS[n] + BIAS[n] for M <= BLOCK_M rows, W (fp8 or
+        # 16-bit) read once, products and sums in fp32. MEMO (fast/ada_memo.py): row(m) = IDX[m], and the
+        # program does nothing unless FLAG[0] != 0 (a row missed the memo); else row(m) = m.
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         nmask = rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            kmask = rk < K
-            w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)  # [BN, BK]
-            for m in tl.static_range(BLOCK_M):
-                a = tl.load(A + m * K + rk, mask=kmask & (m < M), other=0.0).to(tl.float32)  # [BK]
-                part = tl.sum(w * a[None, :], axis=1)  # [BN]
-                acc += tl.where(rm[:, None] == m, part[None, :], 0.0)
-        ws = tl.load(WS + rn, mask=nmask, other=0.0)
-        out = acc * ws[None, :]
-        if HAS_BIAS:
-            out += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(OUT + rm[:, None] * N + rn[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(rm[:, None] < M) & nmask[None, :])
+        mmask = rm < M
+        run = True
+        if MEMO:
+            run = tl.load(FLAG) != 0
+        if run:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                kmask = rk < K
+                w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                            other=0.0).to(tl.float32)  # [BN, BK]
+                for m in tl.static_range(BLOCK_M):
+                    a = tl.load(A + m * K + rk, mask=kmask & ((rk * 0 + m) < M), other=0.0).to(tl.float32)  # [BK]
+                    part = tl.sum(w * a[None, :], axis=1)  # [BN]
+                    acc += tl.where(rm[:, None] == m, part[None, :], 0.0)
+            if HAS_AS:
+                acc = acc * tl.load(AS + rm, mask=mmask, other=0.0)[:, None]
+            if HAS_WS:
+                acc = acc * tl.load(WS + rn, mask=nmask, other=0.0)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            rows = rm
+            if MEMO:
+                rows = tl.load(IDX + rm, mask=mmask, other=0)
+            tl.store(OUT + rows[:, None].to(tl.int64) * N + rn[None, :], acc.to(OUT.dtype.element_ty),
+                     mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
     def _lora_store_h(A, h, INVB, rm, mmask, K, LDA, R: tl.constexpr, PAD: tl.constexpr, PAD_P2: tl.constexpr,
@@ -534,6 +547,32 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+GEMV_MAX_ROWS = 8  # gemv's rows (the adaLN input: 2 rows a call in batch-invariant mode)
+GEMV_LAUNCH = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4}  # gemv's tile (benchmarks/ada_memo.py sizes it)
+
+
+def gemv(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale_row: torch.Tensor | None,
+         bias: torch.Tensor | None, out: torch.Tensor, idx: torch.Tensor | None = None,
+         flag: torch.Tensor | None = None, launch: dict | None = None) -> torch.Tensor:
+    """out[m] = (a[m] @ w^T) * a_scale[m] * w_scale_row + bias for a [M, K] (M <= GEMV_MAX_ROWS; fp8 codes or
+    16-bit), w [N, K] (fp8 or 16-bit), a_scale [M] fp32 or None, w_scale_row [1, N] or None: the one big adaLN
+    matmul, reading the weight once. idx / flag (fast/ada_memo.py): write row m to out[idx[m]], and only when
+    flag [1] != 0. Always the Triton kernel (on CPU tensors only under the interpreter): callers choose."""
+    M, K = a.shape
+    N = w.shape[0]
+    if M > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv: {M} rows, at most {GEMV_MAX_ROWS}")
+    memo = idx is not None
+    launch = dict(launch or GEMV_LAUNCH)
+    block_n = launch.pop("BLOCK_N")
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        a.contiguous(), a_scale if a_scale is not None else out, w, w_scale_row if w_scale_row is not None else out,
+        bias if bias is not None else out, out, idx if memo else out, flag if memo else out, M, N, K,
+        HAS_AS=a_scale is not None, HAS_WS=w_scale_row is not None, HAS_BIAS=bias is not None, MEMO=memo,
+        BLOCK_N=block_n, BLOCK_M=triton.next_power_of_2(max(M, 2)), **launch)
+    return out
+
+
 def fp8_weight_gemv(a: torch.Tensor, w: torch.Tensor, w_scale_row: torch.Tensor, bias: torch.Tensor | None,
                     out_dtype: torch.dtype) -> torch.Tensor:
     """a [M, K] (M <= 8, e.g. the adaLN input) x fp8 weight [N, K] * scale [1, N] + bias -> [M, N].
@@ -542,16 +581,10 @@ def fp8_weight_gemv(a: torch.Tensor, w: torch.Tensor, w_scale_row: torch.Tensor,
     bf16 copy of it (2.7 G elements on Large) every step. Torch ops on CPU / under compile.
     """
     M, K = a.shape
-    N = w.shape[0]
-    if act_impl(a) == "torch" or M > 8:
+    if act_impl(a) == "torch" or M > GEMV_MAX_ROWS:
         y = F.linear(a.float(), w.float()) * w_scale_row.float()
         if bias is not None:
             y = y + bias.float()
         return y.to(out_dtype)
-    out = torch.empty(M, N, device=a.device, dtype=out_dtype)
-    a = a.contiguous()
-    block_n = 64
-    _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
-        a, w, w_scale_row, bias if bias is not None else out, out, M, N, K, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=128, BLOCK_M=triton.next_power_of_2(max(M, 2)), num_warps=4)
-    return out
+    return gemv(a, None, w, w_scale_row, bias, torch.empty(M, w.shape[0], device=a.device, dtype=out_dtype))
+

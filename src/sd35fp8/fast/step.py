@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import InputError
+from sd35fp8.fast.ada_memo import adaln_gemv, build_memo, kernel_road
 from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, LIBRARY_KINDS, TRITON_KINDS, attend, backend_context
 from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, put
-from sd35fp8.fast.kernels import (IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act, plain_act_window,
-                                   residual_ln_modulate_act, static_row_scale)
+from sd35fp8.fast.kernels import (GEMV_MAX_ROWS, IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
+                                   plain_act_window, residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
 from sd35fp8.fp8.device import MODES, fp8_gemm_fp32, rowwise_scaled_mm
 from sd35fp8.fp8.scaling import E4M3_MAX, amax_to_scale
@@ -476,6 +477,8 @@ class MMDiTEngine(nn.Module):
         if mode == "static":  # every adaLN layer sees the same silu(c): one scale (max of calibrated ones)
             xs = [lin.get("xs") for lin in lins]
             self.ada["xs"] = None if any(v is None for v in xs) else torch.stack(xs).amax()
+        # the output rows per input row (fast/ada_memo.py): a new one with the new weights
+        self.ada_memo = build_memo(self.ada, mode, self.dtype)
 
     # -------------------------------------------------------------- calibration (static mode)
     @torch.no_grad()
@@ -499,6 +502,8 @@ class MMDiTEngine(nn.Module):
                 p[name + ".xs"] = amax_to_scale(amax * margin).reshape(())
                 out[f"{i}.{name}"] = float(amax)
         self.ada["xs"] = amax_to_scale(rec_ada["ada"] * margin).reshape(())
+        if self.ada_memo is not None:
+            self.ada_memo.clear()  # rows computed with the old scale
         out["adaLN"] = float(rec_ada["ada"])
         if self.graphs is not None:
             self.graphs.clear()
@@ -523,7 +528,9 @@ class MMDiTEngine(nn.Module):
         w, b = self.ada["w"], self.ada.get("b")
         if self.ada_mode != self.fp8_mode:  # the adaLN group keeps its own mode (see _build_adaln)
             mode = self.ada_mode
-        if mode is None:
+        if rec is None and kernel_road(a.device) and a.shape[0] <= GEMV_MAX_ROWS:  # the kernel, memo (ada_memo.py)
+            y = adaln_gemv(a, self.ada, mode, c.dtype, self.ada_memo)
+        elif mode is None:
             y = F.linear(a, w, b)
         elif mode == "weight_only":
             y = fp8_weight_gemv(a, w, self.ada["ws"], b, c.dtype)
