@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         s = torch.empty(M, 1, device=dev, dtype=torch.float32)
         nbytes = x.numel() * 2 * 2 + y.numel() * 2 + q.numel() + s.numel() * 4
         sweep("residual_ln_modulate_quant", C, nbytes,
-              lambda meta: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C,
+              lambda meta: k._residual_ln_modulate_kernel[(M,)](x, y, gate, shift, scale, x_new, q, s, q, L, C, C, C,
                                                                 mods.stride(0), EPS=k.NORM_EPS, MODE=1, **meta))
 
     if args.only in ("all", "rows", "persistent"):

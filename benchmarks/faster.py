@@ -399,6 +399,16 @@ def large(args) -> dict:
     memo = eng.ada_memo
     opt_in("fp8_attention_no_ada_memo", lambda: setattr(eng, "ada_memo", None), lambda: setattr(eng, "ada_memo", memo))
     res["adaln_gemv"] = adaln_gemv_bench(eng, args.reps)
+    # the image stream's proj / fc2 at N = 2432 instead of padded to 2560 (fast/weights.py pad_output_rows)
+    import os
+
+    from sd35fp8.fast import weights as fast_weights
+
+    def pad(on: bool):
+        os.environ[fast_weights.PAD_ENV] = "1" if on else "0"
+        eng.refresh_weights()
+
+    opt_in("fp8_attention_no_pad_n", lambda: pad(False), lambda: pad(True))
     print(f"adaln gemv: {res['adaln_gemv']}", flush=True)
     # where the graphed step's time goes between kernels (a CUDA-graph replay under the profiler)
     res["graph_gaps"] = {}

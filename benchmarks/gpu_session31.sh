@@ -1,5 +1,6 @@
 #!/bin/bash
-# One GPU call (session 31): the fused adaLN's memo (fast/ada_memo.py) and the gemv kernel: their GPU tests, the
+# One GPU call (session 31): the fused adaLN's memo (fast/ada_memo.py), the gemv kernel and the padded proj / fc2
+# rows (fast/weights.py pad_output_rows): their GPU tests, the
 # engine / ControlNet / pipeline GPU tests that run through them, then faster.py large (the issue-23 JSON, with the
 # step memo on and off and the adaLN matmul alone: cuBLAS against the gemv kernel's tiles and the memo's hit).
 # Carry carry/fa3 (benchmarks/fa3_carry.sh): FA3 is auto's attention on sm_90.
@@ -10,8 +11,8 @@ LOG=$OUT/session31.log
 source benchmarks/gpu_run.sh
 source benchmarks/fa3_setup.sh
 echo "== tests $(date -u +%T)" | tee "$LOG"
-timeout 200 python3 -m pytest -q tests/test_ada_memo.py tests/test_fast.py tests/test_engine.py \
-    tests/test_engine_control.py tests/test_controlnet_engine.py tests/test_fp8_engine.py -k "gpu or memo or gemv" -rf -x 2>&1 | tail -15 | tee -a "$LOG"
+timeout 200 python3 -m pytest -q tests/test_ada_memo.py tests/test_pad_rows.py tests/test_fast.py tests/test_engine.py \
+    tests/test_engine_control.py tests/test_controlnet_engine.py tests/test_fp8_engine.py -k "gpu or memo or gemv or pad" -rf -x 2>&1 | tail -15 | tee -a "$LOG"
 echo "== faster $(date -u +%T)" | tee -a "$LOG"
 timeout 330 python3 benchmarks/faster.py large --reps 10 --out "$OUT/faster.json" 2>&1 \
     | grep -E "^step|^profile|^graph|^image|^adaln|^fp8_gemm|^triton_fp8|^vae|Error|error" | tee -a "$LOG"

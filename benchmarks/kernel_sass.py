@@ -90,13 +90,13 @@ def compile_residual_ln():
 
     launch = k.row_launch(2432)
     sig = {n: "*bf16" for n in ("X", "Y", "GATE", "SHIFT", "SCALE", "XOUT")}
-    sig.update({"Q": "*fp8e4nv", "S": "*fp32", "SSTATIC": "*fp32", "L": "i32", "C": "i32", "QS": "i32",
+    sig.update({"Q": "*fp8e4nv", "S": "*fp32", "SSTATIC": "*fp32", "L": "i32", "C": "i32", "LDY": "i32", "QS": "i32",
                 "stride_mod": "i32"})
     cst = dict(EPS=k.NORM_EPS, BLOCK_A=launch["BLOCK_A"], BLOCK_B=launch["BLOCK_B"], MODE=1)
     sig.update({n: "constexpr" for n in cst})
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]]
-             for n in ("X", "Y", "GATE", "SHIFT", "SCALE", "XOUT", "Q", "S", "L", "C", "QS", "stride_mod")}
+             for n in ("X", "Y", "GATE", "SHIFT", "SCALE", "XOUT", "Q", "S", "L", "C", "LDY", "QS", "stride_mod")}
     return triton.compile(ASTSource(fn=k._residual_ln_modulate_kernel, signature=sig, constexprs=cst, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]})
 

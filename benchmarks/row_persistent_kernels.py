@@ -17,8 +17,8 @@ def residual_ln(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, M, L, C, QS, stride_mod, E
     for r in tl.range(tl.program_id(0), M, tl.num_programs(0), num_stages=STAGES):
         row = tl.program_id(0).to(tl.int64) * 0 + r  # int64 (the interpreter gives r as a Python int)
         b = row // L
-        xa = _residual_part(X, Y, GATE, XOUT, row, b, ca, ma, C, stride_mod)
-        xb = _residual_part(X, Y, GATE, XOUT, row, b, cb, mb, C, stride_mod)
+        xa = _residual_part(X, Y, GATE, XOUT, row, b, ca, ma, C, C, stride_mod)
+        xb = _residual_part(X, Y, GATE, XOUT, row, b, cb, mb, C, C, stride_mod)
         _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, Q, C, QS, stride_mod, EPS, 1)
 
 

@@ -158,18 +158,18 @@ if triton is not None:
                          EPS, MODE)
 
     @triton.jit
-    def _residual_part(X, Y, GATE, XOUT, row, b, cols, mask, C, stride_mod):
-        # x + gate * y (rounded to x's dtype as torch.addcmul does), stored -> fp32
+    def _residual_part(X, Y, GATE, XOUT, row, b, cols, mask, C, LDY, stride_mod):
+        # x + gate * y (rounded to x's dtype as torch.addcmul does), stored -> fp32; y's rows LDY apart
         off = row * C + cols
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + row * LDY + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(GATE + b * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
         xn = (x + g * y).to(XOUT.dtype.element_ty)
         tl.store(XOUT + off, xn, mask=mask)
         return xn.to(tl.float32)
 
     @triton.jit
-    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, QS, stride_mod,
+    def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, Q, S, SSTATIC, L, C, LDY, QS, stride_mod,
                                      EPS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                                      MODE: tl.constexpr):
         # x + gate * y, stored; then LN -> modulate -> Q (one row a program: several rows of one batch item,
@@ -177,8 +177,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         b = row // L
         ca, ma, cb, mb = _row_parts(C, BLOCK_A, BLOCK_B)
-        xa = _residual_part(X, Y, GATE, XOUT, row, b, ca, ma, C, stride_mod)
-        xb = _residual_part(X, Y, GATE, XOUT, row, b, cb, mb, C, stride_mod)
+        xa = _residual_part(X, Y, GATE, XOUT, row, b, ca, ma, C, LDY, stride_mod)
+        xb = _residual_part(X, Y, GATE, XOUT, row, b, cb, mb, C, LDY, stride_mod)
         _ln_modulate_row(xa, xb, ca, ma, cb, mb, b, row, SHIFT, SCALE, Q, S, SSTATIC, C, QS, stride_mod, EPS, MODE)
 
     @triton.jit
@@ -401,7 +401,8 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
                              impl: str = "auto", extra: int = 0):
     """x + gate * y, then LayerNorm -> modulate -> (quantise), in one pass over the rows.
 
-    x [B, L, C], y [B*L, C] (a linear's output), gate/shift/scale [B, C] ->
+    x [B, L, C], y [B*L, C] (a linear's output; its rows may lie further apart: a padded GEMM's first C
+    columns, fast/weights.py pad_output_rows), gate/shift/scale [B, C] ->
     (x_new [B, L, C], (linear input [B*L, C (+ extra)], scale [B*L, 1] | None)); extra: ln_modulate_act.
     """
     _check_static(mode, static_scale, "residual_ln_modulate_act")
@@ -409,13 +410,15 @@ def residual_ln_modulate_act(x: torch.Tensor, gate: torch.Tensor, y: torch.Tenso
         x_new, act = _residual_ln_modulate_torch(x, gate, y, shift, scale, mode, static_scale)
         return x_new, _with_spare(act, extra)
     B, L, C = x.shape
-    x, y = x.contiguous(), y.contiguous()
+    x = x.contiguous()
+    if y.dim() != 2 or y.stride(1) != 1 or y.stride(0) < C:
+        y = y.contiguous().view(B * L, C)
     gate, shift, scale = _same_stride_mods(gate, shift, scale)
     code = _mode_code(mode)
     x_new = torch.empty_like(x)
     q, s = _act_out(B * L, C, code, x, extra)
     _residual_ln_modulate_kernel[(B * L,)](x, y, gate, shift, scale, x_new, q, s, static_scale if code == 2 else q,
-                                           L, C, C + extra, shift.stride(0), EPS=NORM_EPS, MODE=code,
+                                           L, C, y.stride(0), C + extra, shift.stride(0), EPS=NORM_EPS, MODE=code,
                                            **row_launch(C))
     return x_new, (q, (s if code else None))
 

@@ -47,7 +47,7 @@ from sd35fp8.errors import InputError
 from sd35fp8.fast.ada_memo import adaln_gemv, build_memo, kernel_road
 from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, LIBRARY_KINDS, TRITON_KINDS, attend, backend_context
 from sd35fp8.fast.graphs import GraphCache
-from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, put
+from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, pad_output_rows, put
 from sd35fp8.fast.kernels import (GEMV_MAX_ROWS, IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
                                    plain_act_window, residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
@@ -69,8 +69,10 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
     """a [M, K] -> [M, N] with the weights p[name + '.w' / '.ws' / '.b'].
 
     fast_accum: torch._scaled_mm's use_fast_accum (Hopper: no periodic promotion of the fp8 MMA
-    partial sums to fp32; faster, slightly less exact)."""
+    partial sums to fp32; faster, slightly less exact). p[name + '.n']: the weight's rows are padded
+    (fast/weights.py pad_output_rows); the result is the first n columns of the padded output (a view)."""
     w, b = p[name + ".w"], p.get(name + ".b")
+    n = p.get(name + ".n")
     if mode is None:
         y = F.linear(a, w, b)
     elif mode == "weight_only":
@@ -78,12 +80,14 @@ def matmul(p: dict, name: str, a: torch.Tensor, a_scale: torch.Tensor | None, mo
     elif not rowwise_scaled_mm(a.device):  # per-tensor-only _scaled_mm (fp8.device.matmul_scaling)
         y = _matmul_scaled_after(a, w, a_scale, p[name + ".ws"], b, out_dtype)
     elif (pack := _lora_pack(p, name, mode)) is not None:  # the LoRA inside the one GEMM (lora/fused.py)
-        y = fused.fused_matmul(a, a_scale, pack, b, MM_OUT_DTYPE, fast_accum)
-        return y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
+        y = fused.fused_matmul(a, a_scale, pack, b if n is None else b[:n], MM_OUT_DTYPE, fast_accum)
+        return y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)  # the pack holds the layer's own n rows
     else:
         y = torch._scaled_mm(a, w.t(), scale_a=a_scale, scale_b=p[name + ".ws"], bias=b, out_dtype=MM_OUT_DTYPE,
                              use_fast_accum=fast_accum)
         y = y if out_dtype == MM_OUT_DTYPE else y.to(out_dtype)
+    if n is not None:  # padded rows: the first n columns, a view whose rows lie w.shape[0] apart
+        y, b = y[:, :n], None if b is None else b[:n]
     lora = p.get(name + ".lora")  # the layer's active LoRA terms (lora/apply.py); empty: nothing to add
     return apply_lora(y, a, lora, b, a_scale) if lora else y
 
@@ -95,7 +99,11 @@ def _lora_pack(p: dict, name: str, mode: str | None) -> fused.FusedPack | None:
     if mode not in ("dynamic", "static") or p.get("streamed") or torch.compiler.is_compiling():
         return None
     slot = p.get(name + ".lora")
-    return fused.pack_for(slot, p[name + ".w"], p[name + ".ws"]) if slot else None
+    if not slot:
+        return None
+    n = p.get(name + ".n")  # padded rows (pad_output_rows): the pack takes the layer's own n
+    w, ws = (p[name + ".w"], p[name + ".ws"]) if n is None else (p[name + ".w"][:n], p[name + ".ws"][:, :n])
+    return fused.pack_for(slot, w, ws)
 
 
 def _spare(p: dict, name: str, mode: str | None) -> int:
@@ -421,6 +429,9 @@ class MMDiTEngine(nn.Module):
             for s, db in (("c", jb.context_block), ("x", jb.x_block)):
                 where = f"joint_blocks.{i}.{'context_block' if s == 'c' else 'x_block'}"
                 ada.append((i, s, *stream_weights(p, s, db, where, mode, dt, self.per_layer)))
+            xb = jb.x_block  # the image stream's N = hidden GEMMs, padded for the GEMM's tiling (fast/weights.py)
+            for name, mod in (("x.proj", xb.attn.proj), ("x.fc2", None if xb.mlp is None else xb.mlp.fc2)):
+                pad_output_rows(p, name, mod, _lm(p, name, mode))
             if self.fast_accum:
                 p["fast_accum"] = True  # a constant for the compiled block (read by _linear_on)
             self.blocks.append(p)

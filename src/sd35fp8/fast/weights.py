@@ -90,3 +90,46 @@ def auto_attention(device: torch.device, fp8_mode: str | None) -> str | None:
     return default_backend(device)
 
 
+
+
+# Output rows padded (pad_output_rows): the N = 2432 GEMMs of Large (x.proj, x.fc2: 1216 output tiles of 128 x 128,
+# 9.2 waves on 132 SMs) run faster at N = 2560 although they compute 5 % more: x.proj 84.3 -> 76.7 us, x.fc2 316.4 ->
+# 306.3 us on the H100 (benchmarks/gemm_pad.py, gemm_pad_nvidia-h100-80gb-hbm3.json; N = 2688 / 3072 slower).
+PAD_ROWS_TO = 256
+PAD_MIN_N = 1024  # narrower layers (the tiny models) stay as they are
+PAD_ENV = "SD35FP8_PAD_N"  # "0": no padding (benchmarks/faster.py times both)
+PADDED_LINEARS = ("x.proj", "x.fc2")
+_ALLOW_CPU = False  # tests only: pad CPU weights too (the engine's CPU road then reads the padded GEMMs)
+_PADDED_ATTR = "_sd35fp8_padded_weight"  # the padded buffer, kept on the layer (its weight is a view of it)  # the image stream's N = hidden GEMMs (M = 2 x 4096 rows at 1024², CFG)
+
+
+def pad_output_rows(p: dict, name: str, mod: nn.Module, mode: str | None) -> None:
+    """Give linear `name` of a block's weight dict `p` zero weight rows up to a multiple of PAD_ROWS_TO, for the
+    FP8 GEMM's tiling: p[name + '.w'] [Np, K] (ws padded with ones, bias with zeros) and p[name + '.n'] = N, the
+    columns the engine reads of its [M, Np] output (fast/step.py matmul: a view, rows Np apart; the row kernels
+    take the stride). The layer's own weight becomes a view of the first N rows (one copy, as the fused adaLN's).
+    Only where it pays: CUDA fp8 weights in a matmul mode (dynamic / static) with N >= PAD_MIN_N."""
+    import os
+
+    w = p.get(name + ".w")
+    if (os.environ.get(PAD_ENV, "1").strip() == "0" or w is None or not (w.is_cuda or _ALLOW_CPU)
+            or w.dtype != torch.float8_e4m3fn
+            or mode not in ("dynamic", "static") or p.get(name + ".mode") not in (None, mode) or name + ".n" in p):
+        return
+    n, k = w.shape
+    n_pad = -(-n // PAD_ROWS_TO) * PAD_ROWS_TO
+    if n < PAD_MIN_N or n_pad == n or not isinstance(mod, FP8Linear) or mod.weight.data_ptr() != w.data_ptr():
+        return
+    big = getattr(mod, _PADDED_ATTR, None)  # padded by an earlier build (refresh_weights): the same buffer
+    if big is None or big.data_ptr() != w.data_ptr() or tuple(big.shape) != (n_pad, k) or big.dtype != w.dtype:
+        big = torch.zeros(n_pad, k, dtype=w.dtype, device=w.device)
+        big[:n].copy_(w)
+        mod.weight.data = big[:n]  # the layer reads the first N rows of the padded buffer: no second copy
+        setattr(mod, _PADDED_ATTR, big)
+    p[name + ".w"] = big
+    ws = p[name + ".ws"]
+    p[name + ".ws"] = torch.cat([ws, torch.ones(1, n_pad - n, dtype=ws.dtype, device=ws.device)], dim=1)
+    if p.get(name + ".b") is not None:
+        b = p[name + ".b"]
+        p[name + ".b"] = torch.cat([b, torch.zeros(n_pad - n, dtype=b.dtype, device=b.device)])
+    p[name + ".n"] = n
