@@ -687,8 +687,9 @@ class MMDiTEngine(nn.Module):
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of the engine's weights: 'blocks' (joint-block linears, norms), 'adaln' (the fused adaLN),
-        'other' (embedders, final layer, pos_embed), 'total', 'resident' (on the device: all but the
-        streamed blocks with offload sequential)."""
+        'other' (embedders, final layer, pos_embed), 'total', 'adaln_memo' (the adaLN output rows kept,
+        fast/ada_memo.py), 'resident' (on the device: all but the streamed blocks with offload sequential, plus
+        the memo)."""
         seen: set[int] = set()
 
         def size(t: torch.Tensor) -> int:
@@ -702,9 +703,10 @@ class MMDiTEngine(nn.Module):
         adaln = sum(size(v) for v in self.ada.values() if isinstance(v, torch.Tensor))
         other = sum(size(t) for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
                     if not name.startswith("joint_blocks."))
-        resident = adaln + other + (0 if self.streamer is not None else blocks)
+        memo = 0 if self.ada_memo is None else self.ada_memo.nbytes()  # not weights, but resident (ada_memo.py)
+        resident = adaln + other + memo + (0 if self.streamer is not None else blocks)
         return {"blocks": blocks, "adaln": adaln, "other": other, "total": blocks + adaln + other,
-                "resident": resident}
+                "adaln_memo": memo, "resident": resident}
 
     def refresh_weights(self) -> None:
         """Re-read the model's weights after they were rewritten in place (a LoRA merge: new FP8 bytes and
