@@ -48,6 +48,12 @@ def synthetic(kind: str, rng: random.Random):
         return rng.choice(["", "1, 0.5", "a" * 50])
     if kind == "BOOLEAN":
         return rng.random() < 0.5
+    if kind == "LATENT_OPERATION":
+        from sd35fp8.workflow.nodes_latent_ops import Sharpen, TonemapReinhard
+
+        return rng.choice([TonemapReinhard(1.0), Sharpen(2, 1.0, 0.1)])
+    if kind == "*":  # PreviewAny's source: anything
+        return rng.choice([torch.rand(2, 3), {"a": 1}, "x", 3, None])
     raise KeyError(kind)
 
 

@@ -552,7 +552,8 @@ def test_checkpoint_loader_on_tiny_file(tmp_path):
     assert r.success, r.error
     images = r.outputs["9"]["images"]
     assert len(images) == 2 and all(i["type"] == "temp" for i in images)
-    assert images[0]["filename"].startswith("ComfyUI_temp_")
+    assert images[0]["filename"].startswith("ComfyUI_temp_")  # ComfyUI's "ComfyUI_temp_" + 5 letters, one "_"
+    assert len(images[0]["filename"]) == len("ComfyUI_temp_abcde_00001_.png")
     assert (folders.temp_dir / images[0]["filename"]).is_file()
     # this checkpoint has no text encoders: CLIP is None and encoding fails with ComfyUI's words
     prompt["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}}

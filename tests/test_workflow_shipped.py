@@ -325,3 +325,23 @@ def test_timestep_ranged_conditioning_is_not_batched_across_prompts():
     assert len(_conds({"positive": c, "negative": c})) == 4
     with pytest.raises(NotBatchable, match="timestep-ranged"):
         _conds({"positive": set_timestep_range(c, 0.0, 0.5), "negative": c})
+
+
+def test_batch_spanning_patches_are_not_batched_across_prompts():
+    """Mahiro's similarity mean and SkipLayerGuidanceDiT's rescaling std read every row of the batch: prompts
+    batched together would change each other's images, so they run alone."""
+    from types import SimpleNamespace
+
+    from sd35fp8.sampling.guidance import SLGConfig
+    from sd35fp8.workflow.batch import NotBatchable, _batch_coupled
+
+    assert _batch_coupled(SimpleNamespace(post_cfg=(("cfg_zero_star",), ("slg", SLGConfig())))) is None
+    assert _batch_coupled(SimpleNamespace(post_cfg=(("mahiro",),))) == "Mahiro"
+    assert "rescaling" in _batch_coupled(SimpleNamespace(post_cfg=(("slg", SLGConfig(rescale=0.5)),)))
+    from sd35fp8.workflow.batch import check_batchable
+
+    model = SimpleNamespace(post_cfg=(("mahiro",),))
+    call = {"sampler_name": "euler", "latent": {"samples": torch.zeros(1, 16, 8, 8)}, "positive": [], "negative": [],
+            "model": model}
+    with pytest.raises(NotBatchable, match="Mahiro"):
+        check_batchable([call, dict(call)])

@@ -92,10 +92,12 @@ def canny(image: torch.Tensor, low_threshold: float, high_threshold: float) -> t
 
 
 def gaussian_kernel(kernel_size: int, sigma: float, device=None) -> torch.Tensor:
-    """ComfyUI's gaussian_kernel: exp(-d^2 / 2 sigma^2) over a linspace(-1, 1) grid, summing to 1 [k, k]."""
+    """ComfyUI's gaussian_kernel (comfy_extras/nodes_post_processing.py): exp(-d^2 / 2 sigma^2) over a
+    linspace(-1, 1) grid, summing to 1 [k, k]; d square-rooted then squared, as written there (float32 rounding)."""
     axis = torch.linspace(-1, 1, kernel_size, device=device)
     x, y = torch.meshgrid(axis, axis, indexing="ij")
-    g = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    d = torch.sqrt(x * x + y * y)
+    g = torch.exp(-(d * d) / (2.0 * sigma * sigma))
     return g / g.sum()
 
 

@@ -7,7 +7,10 @@ The velocity model (our MMDiT, FP8 or not) follows `ModelFn`. `CFGDenoiser` turn
   uncond + cfg*(cond - uncond) (ComfyUI cfg_function, sd3.5 CFGDenoiser);
 - cfg == 1: only the cond pass runs (ComfyUI's cfg1 optimisation);
 - skip-layer guidance (SD3.5 Medium): inside its window an extra cond pass with
-  `skip_layers` adds slg_scale*(cond - cond_skip) to the result.
+  `skip_layers` adds slg_scale*(cond - cond_skip) to the result;
+- the MODEL's patches (`post_cfg`): pre-CFG functions on [cond, uncond] (APG, LatentApplyOperationCFG), then the
+  CFG combination (or RescaleCFG's), then post-CFG functions (SLG, CFGZeroStar, CFGNorm, Mahiro), as ComfyUI's
+  sampling_function / cfg_function order them.
 
 SLG window. The sd3.5 reference (sd3_impls.SkipLayerCFGDenoiser) counts denoiser calls and
 applies SLG when start*steps < call < end*steps (window="steps", needs `steps`). ComfyUI's
@@ -19,7 +22,7 @@ SkipLayerGuidanceSD3 applies it when percent_to_sigma(end) <= sigma <= percent_t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -129,7 +132,10 @@ class SLGConfig:
 #                                   the last one set wins; it runs before every post-CFG function)
 #   ("slg_uncond", SLGConfig)       SkipLayerGuidanceDiTSimple: inside its window the uncond pass runs without the
 #                                   layers, as its own batch (ComfyUI's sampler_calc_cond_batch_function: last wins)
-POST_CFG = ("slg", "cfg_zero_star", "cfg_norm", "rescale_cfg", "slg_uncond")
+#   ("mahiro",)                     Mahiro, post-CFG
+#   ("pre_cfg", PreCFG)             a sampler_pre_cfg_function (APG, LatentApplyOperationCFG): each runs, in patch
+#                                   order, on [cond, uncond] before the CFG combination
+POST_CFG = ("slg", "cfg_zero_star", "cfg_norm", "rescale_cfg", "slg_uncond", "mahiro", "pre_cfg")
 CFG_FUNCTIONS = ("rescale_cfg", "slg_uncond")  # not post-CFG functions: the last of each kind applies
 
 
@@ -147,6 +153,108 @@ def rescale_cfg(x: torch.Tensor, sigma: torch.Tensor, cond_x0: torch.Tensor, unc
     ro_cfg = torch.std(x_cfg, dim=(1, 2, 3), keepdim=True)
     x_final = multiplier * (x_cfg * (ro_pos / ro_cfg)) + (1.0 - multiplier) * x_cfg
     return x - (x - (xs - x_final * s / (s * s + 1.0) ** 0.5))
+
+
+def mahiro(denoised: torch.Tensor, cond_x0: torch.Tensor, uncond_x0: torch.Tensor, cfg: float) -> torch.Tensor:
+    """ComfyUI's Mahiro post-CFG function (comfy_extras/nodes_mahiro.py): the guided result blended with the
+    cond prediction's naive leap (cond * cfg), weighted by the cosine similarity (over channels, averaged over
+    the whole batch and every position) of the signed square roots of the uncond leap and of the mean of leap and
+    result. All [B, C, h, w] x0 predictions."""
+    leap = cond_x0 * cfg
+    u_leap = uncond_x0 * cfg
+    merge = (leap + denoised) / 2
+    normu = torch.sqrt(u_leap.abs()) * u_leap.sign()
+    normm = torch.sqrt(merge.abs()) * merge.sign()
+    sim = F.cosine_similarity(normu, normm).mean()  # one number for the whole batch, as ComfyUI's
+    simsc = 2 * (sim + 1)
+    return (simsc * denoised + (4 - simsc) * leap) / 4
+
+
+class PreCFG(Protocol):
+    """A sampler_pre_cfg_function's settings, as a MODEL patch carries them ("pre_cfg", settings).
+
+    start() gives the function one sampling run calls (ComfyUI's args dict: "conds_out" [cond_x0, uncond_x0],
+    "cond_scale", "sigma" [B], "timestep", "input" x) -> the new conds_out list. A function with state across
+    steps (APG's running average) keeps it in what start() returned, so every run begins fresh."""
+
+    def start(self) -> Callable[[dict], list[torch.Tensor]]: ...
+
+
+def _project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """APG's projection of v0 on v1 per image: (parallel, orthogonal) parts, [B, C, h, w] each."""
+    v1 = F.normalize(v1, dim=[-1, -2, -3])
+    parallel = (v0 * v1).sum(dim=[-1, -2, -3], keepdim=True) * v1
+    return parallel, v0 - parallel
+
+
+@dataclass(frozen=True)
+class APG:
+    """Adaptive Projected Guidance (comfy_extras/nodes_apg.py), a pre-CFG function on the x0 predictions.
+
+    guidance = cond - uncond; with momentum != 0 a running average (momentum * avg + guidance) replaces it; with
+    norm_threshold > 0 its norm per image is capped there; its part parallel to cond is scaled by eta. The cond
+    becomes uncond + guidance' + (cond - uncond) / cfg, so CFG gives cond + cfg * guidance'. The running average
+    restarts when sigma rises above the previous call's (ComfyUI's rule) and with every sampling run (start())."""
+
+    eta: float = 1.0
+    norm_threshold: float = 5.0
+    momentum: float = 0.0
+
+    def start(self) -> Callable[[dict], list[torch.Tensor]]:
+        return _APGRun(self)
+
+
+class _APGRun:
+    """One sampling run of APG: the running average and the previous sigma."""
+
+    def __init__(self, apg: APG):
+        self.apg = apg
+        self.running_avg: torch.Tensor | None = None
+        self.prev_sigma: float | None = None
+
+    def __call__(self, args: dict) -> list[torch.Tensor]:
+        conds_out = args["conds_out"]
+        if len(conds_out) == 1:
+            return conds_out
+        cond, uncond = conds_out[0], conds_out[1]  # [B, C, h, w] x0 predictions
+        sigma = float(args["sigma"].reshape(-1)[0])
+        cond_scale = args["cond_scale"]
+        if cond_scale == 0:
+            raise InputError("APG divides the guidance by cfg: cfg 0 would make every prediction NaN (as it does in "
+                             "ComfyUI); use a cfg other than 0")
+        if self.prev_sigma is not None and sigma > self.prev_sigma:
+            self.running_avg = None
+        self.prev_sigma = sigma
+        a = self.apg
+        guidance = cond - uncond
+        if a.momentum != 0:
+            self.running_avg = guidance if self.running_avg is None else a.momentum * self.running_avg + guidance
+            guidance = self.running_avg
+        if a.norm_threshold > 0:
+            norm = guidance.norm(p=2, dim=[-1, -2, -3], keepdim=True)  # [B, 1, 1, 1]
+            guidance = guidance * torch.minimum(torch.ones_like(norm), a.norm_threshold / norm)
+        parallel, orthogonal = _project(guidance, cond)
+        modified = orthogonal + a.eta * parallel
+        return [(uncond + modified) + (cond - uncond) / cond_scale, uncond, *conds_out[2:]]
+
+
+@dataclass(frozen=True)
+class LatentOperationCFG:
+    """LatentApplyOperationCFG's pre-CFG function (comfy_extras/nodes_latent.py): a LATENT_OPERATION on the
+    guidance, cond = operation(latent=cond - uncond) + uncond (operation(latent=cond) with a lone prediction)."""
+
+    operation: Callable[..., torch.Tensor]
+
+    def start(self) -> Callable[[dict], list[torch.Tensor]]:
+        return self
+
+    def __call__(self, args: dict) -> list[torch.Tensor]:
+        conds_out = list(args["conds_out"])
+        if len(conds_out) == 2:
+            conds_out[0] = self.operation(latent=(conds_out[0] - conds_out[1])) + conds_out[1]
+        else:
+            conds_out[0] = self.operation(latent=conds_out[0])
+        return conds_out
 
 
 def optimized_scale(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -266,7 +374,12 @@ class CFGDenoiser:
         if bad:
             raise InputError(f"unknown post-CFG function(s) {bad}; known: {', '.join(POST_CFG)}")
         self._cfg_fn = {p[0]: p for p in post if p[0] in CFG_FUNCTIONS}  # the last of each kind
-        post = tuple(p for p in post if p[0] not in CFG_FUNCTIONS)
+        # pre-CFG functions in patch order, each started for this run (its own state: APG's running average)
+        bad = [p for p in post if p[0] == "pre_cfg" and (len(p) != 2 or not callable(getattr(p[1], "start", None)))]
+        if bad:
+            raise InputError(f"a pre-CFG patch is ('pre_cfg', settings with start()), got {bad}")
+        self._pre_cfg = [p[1].start() for p in post if p[0] == "pre_cfg"]
+        post = tuple(p for p in post if p[0] not in CFG_FUNCTIONS and p[0] != "pre_cfg")
         self.post_cfg = post if any(p[0] == "slg" for p in post) else (("slg",), *post)
         # every SLG's settings and sigma window [lo, hi] (ComfyUI: percent_to_sigma(end) <= sigma <= ..(start))
         self._slg_windows: dict[int, tuple[float, float]] = {}
@@ -368,6 +481,7 @@ class CFGDenoiser:
         cond_x0 = self._combined(as_entries(cond), x, sigma)
         uncond_x0 = self._combined(as_entries(uncond), x, sigma, self._uncond_skip(sigma) or ()) \
             if self.use_uncond else None
+        cond_x0, uncond_x0 = self._pre(x, sigma, cond_x0, uncond_x0)
         return self._finish(x, sigma, cond_x0, uncond_x0, lambda layers: self._combined(as_entries(cond), x, sigma, layers))
 
     def _sides(self) -> tuple[Conditioning | CondSet | None, ...]:
@@ -410,6 +524,7 @@ class CFGDenoiser:
         conds, unconds = self._region_entries(x)
         cond_x0 = self._accumulated(conds, x, sigma)
         uncond_x0 = self._accumulated(unconds, x, sigma, self._uncond_skip(sigma) or ()) if self.use_uncond else None
+        cond_x0, uncond_x0 = self._pre(x, sigma, cond_x0, uncond_x0)
         return self._finish(x, sigma, cond_x0, uncond_x0, lambda layers: self._accumulated(conds, x, sigma, layers))
 
     def _call_plain(self, x, sigma, cond: Conditioning, uncond: Conditioning | None) -> torch.Tensor:
@@ -436,15 +551,28 @@ class CFGDenoiser:
             else:  # ComfyUI runs them as separate batches too
                 cond_x0 = self._denoise(x, sigma, c_ctx, c_pool, controls=c_ctl)
                 uncond_x0 = self._denoise(x, sigma, u_ctx, u_pool, controls=[(uncond.control, rows)])
+        cond_x0, uncond_x0 = self._pre(x, sigma, cond_x0, uncond_x0)
         return self._finish(x, sigma, cond_x0, uncond_x0,
                             lambda layers: self._denoise(x, sigma, c_ctx, c_pool, skip_layers=layers, controls=c_ctl))
+
+    def _pre(self, x, sigma, cond_x0: torch.Tensor, uncond_x0: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ComfyUI's sampling_function: the MODEL's pre-CFG functions, in patch order, on [cond, uncond] x0
+        predictions [B, C, h, w] (zeros for an uncond pass that did not run, as calc_cond_batch leaves it)."""
+        if not self._pre_cfg:
+            return cond_x0, uncond_x0
+        out = [cond_x0, torch.zeros_like(cond_x0) if uncond_x0 is None else uncond_x0]
+        for fn in self._pre_cfg:
+            out = fn({"conds_out": out, "cond_scale": self.cfg, "sigma": sigma, "timestep": sigma, "input": x})
+        return out[0], out[1]
 
     def _finish(self, x, sigma, cond_x0: torch.Tensor, uncond_x0: torch.Tensor | None, skip_x0,
                 cfg: float | None = None) -> torch.Tensor:
         """ComfyUI's cfg_function: uncond + (cond - uncond) * cfg (cond alone when the uncond pass is skipped),
         then the MODEL's post-CFG functions in the order they were patched in (sampler_post_cfg_function):
-        skip-layer guidance (skip_x0() runs the cond pass without the layers), CFGZeroStar, CFGNorm. Without an
-        uncond pass ComfyUI hands them zeros as the uncond prediction."""
+        skip-layer guidance (skip_x0() runs the cond pass without the layers), CFGZeroStar, CFGNorm, Mahiro. Without
+        an uncond pass ComfyUI hands them zeros as the uncond prediction. cond_x0 / uncond_x0 are the predictions
+        after the pre-CFG functions (_pre), as ComfyUI hands them on."""
         cfg = self.cfg if cfg is None else cfg
         rescale = self._cfg_fn.get("rescale_cfg")
         if rescale is not None:
@@ -471,6 +599,8 @@ class CFGDenoiser:
             elif entry[0] == "cfg_norm":  # the result's channel norm capped at the cond prediction's, times strength
                 scale = (cond_x0.norm(dim=1, keepdim=True) / (out.norm(dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
                 out = out * scale * entry[1]
+            elif entry[0] == "mahiro":
+                out = mahiro(out, cond_x0, uncond, cfg)
         if self._uncond_sink is not None:  # after the MODEL's post-CFG functions, as ComfyUI appends its hook
             self._uncond_sink[0] = torch.zeros_like(cond_x0) if uncond_x0 is None else uncond_x0
         self.calls += 1
@@ -486,7 +616,8 @@ class DualCFGDenoiser(CFGDenoiser):
                  (cfg2 = 1: no negative pass, zeros; cfg1 = 1 as well: no middle pass either)
         nested   negative + cfg2 * (cfg_function(positive, middle, cfg1) - negative)
 
-    cfg_function runs the MODEL's post-CFG functions (skip-layer guidance on that call's cond side)."""
+    cfg_function runs the MODEL's post-CFG functions (skip-layer guidance on that call's cond side); its pre-CFG
+    functions (APG, LatentApplyOperationCFG) do not run: Guider_DualCFG calls cfg_function without them."""
 
     def __init__(self, model: ModelFn, cond: Conditioning | CondSet, middle: Conditioning | CondSet,
                  uncond: Conditioning | CondSet, cfg_conds: float, cfg_cond2_negative: float, nested: bool = False,

@@ -94,6 +94,17 @@ def _conds(args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     return cond.context, cond.pooled, ucond.context, ucond.pooled  # [1, L, C], [1, P] each
 
 
+def _batch_coupled(model: Any) -> str | None:
+    """The MODEL's sampling patch whose arithmetic spans the batch (a mean or std over all rows, as ComfyUI's
+    node computes it), or None: Mahiro's similarity mean, SkipLayerGuidanceDiT's rescaling std."""
+    for entry in getattr(model, "post_cfg", ()):
+        if entry[0] == "mahiro":
+            return "Mahiro"
+        if entry[0] == "slg" and len(entry) > 1 and getattr(entry[1], "rescale", 0) != 0:
+            return "SkipLayerGuidanceDiT's rescaling_scale"
+    return None
+
+
 def check_batchable(calls: Sequence[dict]) -> None:
     """Raise NotBatchable unless the engine.sample arguments differ only in seed and conditioning."""
     first = calls[0]
@@ -108,6 +119,8 @@ def check_batchable(calls: Sequence[dict]) -> None:
             raise NotBatchable("ControlNet conditionings are not batched across prompts")
         if c["model"] is not first["model"]:
             raise NotBatchable("the prompts use different model objects")
+        if (coupled := _batch_coupled(c["model"])) is not None:
+            raise NotBatchable(f"{coupled} reads the whole batch: prompts batched together would change each other")
         for name in _SHARED_ARGS:
             if c.get(name) != first.get(name):
                 raise NotBatchable(f"sampler input {name} differs ({first.get(name)!r} vs {c.get(name)!r})")

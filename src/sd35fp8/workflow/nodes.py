@@ -29,9 +29,10 @@ from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
 from sd35fp8.workflow.nodes_latent import LATENT_NODES
 from sd35fp8.workflow.nodes_latent_files import LATENT_FILE_NODES
-from sd35fp8.workflow.nodes_latent_ops import LATENT_OPS_NODES
+from sd35fp8.workflow.nodes_latent_ops import LATENT_OPERATION_NODES, LATENT_OPS_NODES
 from sd35fp8.workflow.nodes_mask import MASK_NODES
 from sd35fp8.workflow.nodes_image_extra import IMAGE_EXTRA_NODES
+from sd35fp8.workflow.nodes_preview_any import PREVIEW_ANY_NODES
 from sd35fp8.workflow.nodes_merge import MERGE_NODES
 from sd35fp8.workflow.nodes_primitive import PRIMITIVE_NODES
 from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
@@ -718,7 +719,7 @@ class PreviewImage(SaveImage):
         return {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
     def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
-        prefix = "ComfyUI_temp_" + engine.random_suffix(5)
+        prefix = "ComfyUI_temp" + engine.random_suffix(5)  # ComfyUI: "ComfyUI" + "_temp_" + 5 letters
         saved = engine.save_images(images, self.ctx.folders.temp_dir, prefix, prompt, extra_pnginfo,
                                    folder_type="temp", compress_level=1)
         return {"ui": {"images": saved}}
@@ -770,6 +771,7 @@ NODE_CLASS_MAPPINGS.update(AREA_NODES)
 NODE_CLASS_MAPPINGS.update(UPSCALE_NODES)
 NODE_CLASS_MAPPINGS.update(IMAGE_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_OPS_NODES)
+NODE_CLASS_MAPPINGS.update(LATENT_OPERATION_NODES)
 NODE_CLASS_MAPPINGS.update(STRING_NODES)
 NODE_CLASS_MAPPINGS.update(GUIDANCE_NODES)
 NODE_CLASS_MAPPINGS.update(LATENT_FILE_NODES)
@@ -779,6 +781,7 @@ NODE_CLASS_MAPPINGS.update(PRIMITIVE_NODES)
 NODE_CLASS_MAPPINGS.update(MASK_NODES)
 NODE_CLASS_MAPPINGS.update(MERGE_NODES)
 NODE_CLASS_MAPPINGS.update(IMAGE_EXTRA_NODES)
+NODE_CLASS_MAPPINGS.update(PREVIEW_ANY_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,

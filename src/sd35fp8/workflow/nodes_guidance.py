@@ -4,17 +4,20 @@ rescaling; SkipLayerGuidanceDiTSimple, the uncond pass without them); RescaleCFG
 the CFG result's std rescaled to the cond prediction's, computed as ComfyUI does for every model); and the post-CFG
 patches (comfy_extras/nodes_cfg.py): CFGZeroStar (CFG-Zero*, arXiv 2503.18886,
 evaluated on SD3 / SD3.5: the uncond prediction rescaled by its projection onto the cond one) and CFGNorm (the
-guided prediction's channel norm capped at the cond prediction's). Each adds its function to the MODEL's
-post-CFG list, after the ones already there (SkipLayerGuidanceSD3 is one too); the denoiser runs them in that
-order (sampling/guidance.py CFGDenoiser._finish)."""
+guided prediction's channel norm capped at the cond prediction's); Mahiro (comfy_extras/nodes_mahiro.py, post-CFG)
+and APG (comfy_extras/nodes_apg.py, Adaptive Projected Guidance, a pre-CFG function). Each adds its function to
+the MODEL's patch list, after the ones already there (SkipLayerGuidanceSD3 is one too); the denoiser runs them in
+that order (sampling/guidance.py CFGDenoiser._pre, _finish)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
 
+from sd35fp8.sampling.guidance import APG as APGGuidance
 from sd35fp8.workflow import engine
 from sd35fp8.workflow.node_base import Node
+from sd35fp8.workflow.nodes_image import check_widgets
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,56 @@ class RescaleCFG(Node):
         return (replace(model, post_cfg=post),)
 
 
+class Mahiro(Node):
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("patched_model",)
+    FUNCTION = "patch"
+    CATEGORY = "_for_testing"
+    DESCRIPTION = ("Modify the guidance to scale more on the 'direction' of the positive prompt rather than the "
+                   "difference between the negative prompt.")
+    DISPLAY_NAME = "Mahiro is so cute that she deserves a better guidance function!! (。・ω・。)"
+    PYTHON_MODULE = "comfy_extras.nodes_mahiro"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"model": ("MODEL",)}}
+
+    def patch(self, model):
+        """A post-CFG function (set_model_sampler_post_cfg_function), after the ones already there."""
+        return (replace(model, post_cfg=model.post_cfg + (("mahiro",),)),)
+
+
+class APG(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "sampling/custom_sampling"
+    DISPLAY_NAME = "Adaptive Projected Guidance"
+    PYTHON_MODULE = "comfy_extras.nodes_apg"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "eta": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                              "tooltip": "Controls the scale of the parallel guidance vector. Default CFG behavior "
+                                         "at a setting of 1."}),
+            "norm_threshold": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 50.0, "step": 0.1,
+                                         "tooltip": "Normalize guidance vector to this value, normalization disable "
+                                                    "at a setting of 0."}),
+            "momentum": ("FLOAT", {"default": 0.0, "min": -5.0, "max": 1.0, "step": 0.01,
+                                   "tooltip": "Controls a running average of guidance during diffusion, disabled at a "
+                                              "setting of 0."}),
+        }}
+
+    def patch(self, model, eta, norm_threshold, momentum):
+        """A pre-CFG function (set_model_sampler_pre_cfg_function), after the ones already there. Its running
+        average lives in each sampling run (sampling.guidance.APG.start), so no state passes between runs."""
+        check_widgets(APG, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+        apg = APGGuidance(eta=float(eta), norm_threshold=float(norm_threshold), momentum=float(momentum))
+        return (replace(model, post_cfg=model.post_cfg + (("pre_cfg", apg),)),)
+
+
 GUIDANCE_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     CFGZeroStar, CFGNorm, TorchCompileModel, SkipLayerGuidanceDiT,
-    SkipLayerGuidanceDiTSimple, RescaleCFG)}
+    SkipLayerGuidanceDiTSimple, RescaleCFG, Mahiro, APG)}

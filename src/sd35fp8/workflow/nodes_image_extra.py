@@ -1,7 +1,7 @@
 """More of ComfyUI's image nodes, with their inputs, outputs and arithmetic: ImageSharpen, ImageQuantize
 (comfy_extras/nodes_post_processing.py), Morphology, ImageRGBToYUV, ImageYUVToRGB (comfy_extras/nodes_morphology.py),
 PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha (comfy_extras/nodes_compositing.py) and
-ImageStitch (comfy_extras/nodes_images.py).
+ImageStitch, ImageAddNoise (comfy_extras/nodes_images.py).
 
 RebatchLatents and RebatchImages (comfy_extras/nodes_rebatch.py, in LIST_NODES too) take lists (INPUT_IS_LIST) and
 give lists (OUTPUT_IS_LIST): the executor runs the nodes downstream once per item (workflow/lists.py).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from sd35fp8.errors import InputError
 from sd35fp8.image_ops import common_upscale, gaussian_kernel, repeat_to_batch_size
-from sd35fp8.workflow.node_base import Node
+from sd35fp8.workflow.node_base import SEED_MAX, Node
 from sd35fp8.workflow.nodes_image import check_canvas, check_image, check_widgets
 
 QUANTIZE_DITHERS = ["none", "floyd-steinberg", "bayer-2", "bayer-4", "bayer-8", "bayer-16"]
@@ -509,6 +509,33 @@ class ImageStitch(Node):
         return F.pad(x, pad, mode="constant", value=value)
 
 
+class ImageAddNoise(Node):
+    """The image plus strength x Gaussian noise, clipped to 0..1. ComfyUI draws the noise with torch.manual_seed(seed),
+    the global CPU generator; a CPU generator of our own seeded alike draws the same numbers and leaves the global
+    one alone."""
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "repeat"
+    CATEGORY = "image"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "image": ("IMAGE",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise."}),
+            "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }}
+
+    def repeat(self, image, seed, strength):
+        image = _image("ImageAddNoise", "image", image)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise InputError(f"ImageAddNoise: seed must be an integer in 0..{SEED_MAX}, got {seed!r}")
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(image.size(), generator=generator, device="cpu").to(image)  # [B, H, W, C]
+        return (torch.clip(image + strength * noise, min=0.0, max=1.0),)
+
+
 # ---- comfy_extras/nodes_rebatch.py (LIST_NODES: see the module docstring) ---------------------------------
 
 
@@ -636,7 +663,7 @@ class RebatchImages(Node):
 
 IMAGE_EXTRA_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     ImageSharpen, ImageQuantize, Morphology, ImageRGBToYUV, ImageYUVToRGB, PorterDuffImageComposite,
-    SplitImageWithAlpha, JoinImageWithAlpha, ImageStitch, RebatchLatents, RebatchImages,
+    SplitImageWithAlpha, JoinImageWithAlpha, ImageStitch, RebatchLatents, RebatchImages, ImageAddNoise,
 )}
 LIST_NODES = {name: IMAGE_EXTRA_NODES[name] for name in ("RebatchLatents", "RebatchImages")}
 
@@ -644,7 +671,7 @@ for _module, _classes in (
     ("comfy_extras.nodes_post_processing", (ImageSharpen, ImageQuantize)),
     ("comfy_extras.nodes_morphology", (Morphology, ImageRGBToYUV, ImageYUVToRGB)),
     ("comfy_extras.nodes_compositing", (PorterDuffImageComposite, SplitImageWithAlpha, JoinImageWithAlpha)),
-    ("comfy_extras.nodes_images", (ImageStitch,)),
+    ("comfy_extras.nodes_images", (ImageStitch, ImageAddNoise)),
     ("comfy_extras.nodes_rebatch", (RebatchLatents, RebatchImages)),
 ):
     for _cls in _classes:

@@ -1,6 +1,9 @@
 """ComfyUI's latent arithmetic and transform nodes: LatentComposite, LatentBlend, LatentCrop, LatentFlip,
 LatentRotate (nodes.py) and LatentAdd, LatentSubtract, LatentMultiply, LatentInterpolate, LatentBatch,
-LatentBatchSeedBehavior (comfy_extras/nodes_latent.py), with ComfyUI's inputs, outputs and arithmetic.
+LatentBatchSeedBehavior (comfy_extras/nodes_latent.py), with ComfyUI's inputs, outputs and arithmetic; and the
+LATENT_OPERATION nodes of comfy_extras/nodes_latent.py: LatentOperationTonemapReinhard and LatentOperationSharpen
+make an operation (a callable operation(latent=[B, C, h, w]) -> [B, C, h, w]), LatentApplyOperation runs it on a
+LATENT, LatentApplyOperationCFG on the guidance (cond - uncond) of every sampling step, as a pre-CFG function.
 
 LATENT is a dict {"samples": [B, C, h, w], optional "noise_mask", "batch_index", ...}; each node returns a
 shallow copy of its first latent with new samples, so the other keys ride along as in ComfyUI (LatentBatch
@@ -10,12 +13,15 @@ counts that differ, batches that do not broadcast) the node raises an InputError
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from sd35fp8.errors import InputError
-from sd35fp8.image_ops import common_upscale, repeat_to_batch_size
+from sd35fp8.image_ops import common_upscale, gaussian_kernel, repeat_to_batch_size
+from sd35fp8.sampling.guidance import LatentOperationCFG
 from sd35fp8.workflow.node_base import MAX_RESOLUTION, Node
 from sd35fp8.workflow.nodes_image import FLIP_METHODS, ROTATIONS, check_widgets, rotation_turns
 
@@ -337,9 +343,151 @@ class LatentBatchSeedBehavior(Node):
         return (out,)
 
 
+def _operation_latent(name: str, latent: Any) -> torch.Tensor:
+    if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
+        got = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        raise InputError(f"{name}: the operation takes a latent [B, C, h, w], got {got}")
+    return latent
+
+
+@dataclass(frozen=True)
+class TonemapReinhard:
+    """LatentOperationTonemapReinhard's operation: each position's channel vector keeps its direction while its
+    length m goes through Reinhard's curve m / (m + 1) scaled to top = (5 std + mean) * multiplier of the
+    image's lengths (m / top in, times top out)."""
+
+    multiplier: float
+
+    def __call__(self, latent: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        latent = _operation_latent("LatentOperationTonemapReinhard", latent)
+        magnitude = (torch.linalg.vector_norm(latent, dim=1) + 0.0000000001)[:, None]  # [B, 1, h, w]
+        normalized = latent / magnitude
+        dims = list(range(1, magnitude.ndim))
+        mean = torch.mean(magnitude, dim=dims, keepdim=True)  # [B, 1, 1, 1]
+        std = torch.std(magnitude, dim=dims, keepdim=True)
+        top = (std * 5 + mean) * self.multiplier
+        magnitude = magnitude * (1.0 / top)
+        new_magnitude = magnitude / (magnitude + 1.0)
+        new_magnitude = new_magnitude * top
+        return normalized * new_magnitude
+
+
+@dataclass(frozen=True)
+class Sharpen:
+    """LatentOperationSharpen's operation: an unsharp mask (Gaussian of `sigma` over a 2 * radius + 1 kernel, the
+    surround weighted by -10 * alpha, the centre making the kernel sum to 1) on the latent divided by its channel
+    norm (reflect padding), multiplied back by that norm."""
+
+    sharpen_radius: int
+    sigma: float
+    alpha: float
+
+    def __call__(self, latent: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        latent = _operation_latent("LatentOperationSharpen", latent)
+        r = self.sharpen_radius
+        if r >= latent.shape[2] or r >= latent.shape[3]:
+            raise InputError(f"LatentOperationSharpen: sharpen_radius {r} needs a latent larger than {r} x {r} "
+                             f"(reflect padding), got {latent.shape[3]} x {latent.shape[2]}")
+        luminance = (torch.linalg.vector_norm(latent, dim=1) + 1e-6)[:, None]  # [B, 1, h, w]
+        normalized = latent / luminance
+        channels = latent.shape[1]
+        kernel_size = r * 2 + 1
+        kernel = gaussian_kernel(kernel_size, self.sigma, device=luminance.device)
+        center = kernel_size // 2
+        kernel *= self.alpha * -10
+        kernel[center, center] = kernel[center, center] - kernel.sum() + 1.0
+        padded = F.pad(normalized, (r, r, r, r), "reflect")
+        sharpened = F.conv2d(padded, kernel.repeat(channels, 1, 1).unsqueeze(1), padding=kernel_size // 2,
+                             groups=channels)[:, :, r:-r, r:-r]
+        return luminance * sharpened
+
+
+def _operation(node: str, operation: Any) -> Any:
+    if not callable(operation):
+        raise InputError(f"{node}: operation must be a LATENT_OPERATION, got {type(operation).__name__}")
+    return operation
+
+
+class LatentApplyOperation(Node):
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced/operations"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"samples": ("LATENT",), "operation": ("LATENT_OPERATION",)}}
+
+    def op(self, samples, operation):
+        """operation(latent=samples); the LATENT's other keys ride along."""
+        z = _samples("LatentApplyOperation", "samples", samples)
+        out = dict(samples)
+        out["samples"] = _operation("LatentApplyOperation", operation)(latent=z)
+        return (out,)
+
+
+class LatentApplyOperationCFG(Node):
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "latent/advanced/operations"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"model": ("MODEL",), "operation": ("LATENT_OPERATION",)}}
+
+    def patch(self, model, operation):
+        """A pre-CFG function (set_model_sampler_pre_cfg_function), after the ones already there: every step
+        the cond prediction becomes operation(latent=cond - uncond) + uncond (sampling.guidance.LatentOperationCFG)."""
+        op = LatentOperationCFG(_operation("LatentApplyOperationCFG", operation))
+        return (replace(model, post_cfg=model.post_cfg + (("pre_cfg", op),)),)
+
+
+class LatentOperationTonemapReinhard(Node):
+    RETURN_TYPES = ("LATENT_OPERATION",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced/operations"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"multiplier": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01})}}
+
+    def op(self, multiplier):
+        check_widgets(LatentOperationTonemapReinhard, multiplier=multiplier)
+        if multiplier == 0:  # 1 / top = inf: ComfyUI's operation turns every latent into NaN
+            raise InputError("LatentOperationTonemapReinhard: multiplier 0 divides by zero (every value would be "
+                             "NaN); use a multiplier above 0")
+        return (TonemapReinhard(float(multiplier)),)
+
+
+class LatentOperationSharpen(Node):
+    RETURN_TYPES = ("LATENT_OPERATION",)
+    FUNCTION = "op"
+    CATEGORY = "latent/advanced/operations"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "sharpen_radius": ("INT", {"default": 9, "min": 1, "max": 31, "step": 1, "advanced": True}),
+            "sigma": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1, "advanced": True}),
+            "alpha": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 5.0, "step": 0.01, "advanced": True}),
+        }}
+
+    def op(self, sharpen_radius, sigma, alpha):
+        check_widgets(LatentOperationSharpen, sharpen_radius=sharpen_radius, sigma=sigma, alpha=alpha)
+        return (Sharpen(int(sharpen_radius), float(sigma), float(alpha)),)
+
+
 LATENT_OPS_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     LatentComposite, LatentBlend, LatentCrop, LatentFlip, LatentRotate, LatentAdd, LatentSubtract, LatentMultiply,
     LatentInterpolate, LatentBatch, LatentBatchSeedBehavior,
 )}
-for _cls in (LatentAdd, LatentSubtract, LatentMultiply, LatentInterpolate, LatentBatch, LatentBatchSeedBehavior):
+# the LATENT_OPERATION nodes (registered apart: the ones above are the plain latent-in, latent-out nodes)
+LATENT_OPERATION_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
+    LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard, LatentOperationSharpen,
+)}
+for _cls in (LatentAdd, LatentSubtract, LatentMultiply, LatentInterpolate, LatentBatch, LatentBatchSeedBehavior,
+             LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard, LatentOperationSharpen):
     _cls.PYTHON_MODULE = "comfy_extras.nodes_latent"

@@ -3,7 +3,8 @@ building blocks of shared inpainting and outpainting workflows.
 
 MASK is [B, H, W] in 0..1 (a 2-D mask is taken as one of a batch); IMAGE [B, H, W, C]; LATENT {"samples": [B, C,
 h, w]}. GrowMask's grey dilation / erosion over a 3x3 cross (tapered corners) or square is a max / min over the
-footprint's in-bounds neighbours, which is what scipy.ndimage's "reflect" border gives.
+footprint's in-bounds neighbours, which is what scipy.ndimage's "reflect" border gives. MaskPreview saves the mask as a
+grey PNG into the temp folder, as PreviewImage does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from sd35fp8.errors import InputError
 from sd35fp8.image_ops import repeat_to_batch_size
+from sd35fp8.workflow import engine
 from sd35fp8.workflow.node_base import MAX_RESOLUTION, Node
 
 CHANNELS = ["red", "green", "blue", "alpha"]
@@ -134,6 +136,29 @@ class ImageToMask(Node):
 
             raise InputError(f"ImageToMask: the image has {image.shape[-1]} channels, no {channel}")
         return (image[:, :, :, index],)
+
+
+class ImageColorToMask(Node):
+    """1.0 where a pixel's 8-bit RGB, as the integer (r << 16) + (g << 8) + b, equals `color`; 0.0 elsewhere (ComfyUI
+    rounds each channel of the clamped image times 255)."""
+
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "image_to_mask"
+    CATEGORY = "mask"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        color = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "number"})
+        return {"required": {"image": ("IMAGE",), "color": color}}
+
+    def image_to_mask(self, image, color):
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise InputError(f"ImageColorToMask: image must be an IMAGE [B, H, W, C] with 3 or 4 channels, got {got}")
+        rgb = (torch.clamp(image, 0, 1.0) * 255.0).round().to(torch.int)  # [B, H, W, C] in 0..255
+        packed = torch.bitwise_left_shift(rgb[:, :, :, 0], 16) + torch.bitwise_left_shift(rgb[:, :, :, 1], 8) \
+            + rgb[:, :, :, 2]  # [B, H, W]
+        return (torch.where(packed == color, 1.0, 0).float(),)
 
 
 class SolidMask(Node):
@@ -288,9 +313,36 @@ class ThresholdMask(Node):
         return ((mask > value).float(),)
 
 
+class MaskPreview(Node):
+    """The mask as a grey image [B, H, W, 3] saved into the temp folder (ComfyUI's UI.PreviewMask: PreviewImage's
+    "ComfyUI_temp_" + 5 random letters prefix, PNG compress level 1, the prompt and workflow as metadata)."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+    CATEGORY = "mask"
+    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    DISPLAY_NAME = "Preview Mask"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"mask": ("MASK",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def execute(self, mask, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        if not isinstance(mask, torch.Tensor) or mask.ndim < 2 or 0 in mask.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise InputError(f"MaskPreview: mask must be a MASK [B, H, W], got {got}")
+        preview = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).movedim(1, -1)  # [B, H, W, 1]
+        preview = preview.expand(-1, -1, -1, 3)  # [B, H, W, 3] grey
+        prefix = "ComfyUI_temp" + engine.random_suffix(5)
+        saved = engine.save_images(preview, self.ctx.folders.temp_dir, prefix, prompt, extra_pnginfo,
+                                   folder_type="temp", compress_level=1)
+        return {"ui": {"images": saved, "animated": (False,)}}
+
+
 MASK_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     LatentCompositeMasked, ImageCompositeMasked, MaskToImage, ImageToMask, SolidMask, InvertMask, CropMask,
-    MaskComposite, FeatherMask, GrowMask, ThresholdMask,
+    MaskComposite, FeatherMask, GrowMask, ThresholdMask, ImageColorToMask, MaskPreview,
 )}
 for _cls in MASK_NODES.values():
     _cls.PYTHON_MODULE = "comfy_extras.nodes_mask"

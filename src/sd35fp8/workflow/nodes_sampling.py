@@ -4,12 +4,15 @@ separate values, same names, inputs, defaults, outputs and categories.
     NOISE: Noise (a seed, or none)   GUIDER: Guider (model + conditionings + cfg)
     SAMPLER: Sampler (a sampler name and its options: eta, s_noise, ...)   SIGMAS: float32 [n+1]
 SamplerCustomAdvanced / SamplerCustom sample through the generation core as KSampler does (run_guider). The
-schedulers and the nodes that edit SIGMAS are in nodes_sigmas.py.
+schedulers and the nodes that edit SIGMAS are in nodes_sigmas.py. SamplerEulerCFGpp is ComfyUI's
+comfy_extras/nodes_advanced_samplers.py node; SamplerLCMUpscale (same file) is absent: its sampler resizes the latent
+between steps, which the generation core does not run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -210,6 +213,154 @@ class SamplerDPMPP_3M_SDE(_SamplerNode):
     def get_sampler(self, eta, s_noise, noise_device):
         name = "dpmpp_3m_sde" if noise_device == "cpu" else "dpmpp_3m_sde_gpu"
         return (Sampler(name, _options(eta=float(eta), s_noise=float(s_noise))),)
+
+
+class SamplerEulerAncestralCFGPP(_SamplerNode):
+    """euler_ancestral_cfg_pp with its eta and s_noise (CFG++: steps with the uncond prediction)."""
+
+    DISPLAY_NAME = "SamplerEulerAncestralCFG++"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "round": False}),
+            "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "round": False}),
+        }}
+
+    def get_sampler(self, eta, s_noise):
+        return (Sampler("euler_ancestral_cfg_pp", _options(eta=float(eta), s_noise=float(s_noise))),)
+
+
+ER_SDE_SOLVERS = ["ER-SDE", "Reverse-time SDE", "ODE"]
+
+
+def reverse_time_sde_noise_scaler(x: torch.Tensor, eta: float) -> torch.Tensor:
+    """SamplerER_SDE's noise scaler of the reverse-time SDE (and, at eta 0, of the ODE): x ** (eta + 1), on the
+    er_lambda = sigma / alpha values the sampler passes (a module function: the option stays picklable)."""
+    return x ** (eta + 1)
+
+
+def _choice(node: str, name: str, value: Any, choices: list[str]) -> str:
+    """A combo input's value, or InputError naming the node and the option (a linked value skips validation)."""
+    if value not in choices:
+        raise InputError(f"{node}: {name} {value!r} is not one of {choices}")
+    return value
+
+
+class SamplerER_SDE(_SamplerNode):  # noqa: N801 (ComfyUI's name)
+    """er_sde as ER-SDE (its own noise scaler), a reverse-time SDE of strength eta (noise scaler x^(eta+1)) or the
+    ODE (eta and s_noise 0); max_stage caps the solver's order (ComfyUI's SamplerER_SDE)."""
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "solver_type": (ER_SDE_SOLVERS,),
+            "max_stage": ("INT", {"default": 3, "min": 1, "max": 3}),
+            "eta": ("FLOAT", {"default": 1.0, **_NOISE_SCALE, "tooltip": (
+                "Stochastic strength of reverse-time SDE.\nWhen eta=0, it reduces to deterministic ODE. This setting "
+                "doesn't apply to ER-SDE solver type.")}),
+            "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+        }}
+
+    def get_sampler(self, solver_type, max_stage, eta, s_noise):
+        _choice("SamplerER_SDE", "solver_type", solver_type, ER_SDE_SOLVERS)
+        eta, s_noise = float(eta), float(s_noise)
+        if solver_type == "ODE" or (solver_type == "Reverse-time SDE" and eta == 0):
+            eta, s_noise = 0.0, 0.0
+        opts: dict[str, Any] = {"s_noise": s_noise, "max_stage": int(max_stage)}
+        if solver_type != "ER-SDE":  # ER-SDE: sample_er_sde's default scaler
+            opts["noise_scaler"] = partial(reverse_time_sde_noise_scaler, eta=eta)
+        return (Sampler("er_sde", _options(**opts)),)
+
+
+class SamplerSASolver(_SamplerNode):
+    """sa_solver with its orders, PECE mode and stochastic interval: tau = eta between the MODEL's sigmas at
+    sde_start_percent and sde_end_percent (its shift's percent_to_sigma), 0 (the ODE) elsewhere."""
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "model": ("MODEL",),
+            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "round": False}),
+            "sde_start_percent": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "sde_end_percent": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE}),
+            "predictor_order": ("INT", {"default": 3, "min": 1, "max": 6}),
+            "corrector_order": ("INT", {"default": 4, "min": 0, "max": 6}),
+            "use_pece": ("BOOLEAN", {}),
+            "simple_order_2": ("BOOLEAN", {}),
+        }}
+
+    def get_sampler(self, model, eta, sde_start_percent, sde_end_percent, s_noise, predictor_order, corrector_order,
+                    use_pece=False, simple_order_2=False):
+        from sd35fp8.sampling import FlowMatching
+        from sd35fp8.sampling.samplers import sa_tau_interval_func
+
+        shift = getattr(model, "shift", None)
+        if shift is None:
+            raise InputError(f"SamplerSASolver: model must be a MODEL, got {type(model).__name__}")
+        # below 1 the predictor stacks no prediction, below 0 the corrector none: ComfyUI fails inside the sampler
+        for name, value, low in (("predictor_order", predictor_order, 1), ("corrector_order", corrector_order, 0)):
+            if not low <= int(value) <= 6:
+                raise InputError(f"SamplerSASolver: {name} {value} is outside {low}..6")
+        ms = FlowMatching(shift)
+        tau_func = sa_tau_interval_func(ms.percent_to_sigma(sde_start_percent), ms.percent_to_sigma(sde_end_percent),
+                                        eta=float(eta))
+        return (Sampler("sa_solver", _options(
+            tau_func=tau_func, s_noise=float(s_noise), predictor_order=int(predictor_order),
+            corrector_order=int(corrector_order), use_pece=bool(use_pece), simple_order_2=bool(simple_order_2))),)
+
+
+SEEDS2_SOLVERS = ["phi_1", "phi_2"]
+
+
+class SamplerSEEDS2(_SamplerNode):
+    DESCRIPTION = ("This sampler node can represent multiple samplers:\n\n"
+                   "seeds_2\n"
+                   "- default setting\n\n"
+                   "exp_heun_2_x0\n"
+                   "- solver_type=phi_2, r=1.0, eta=0.0\n\n"
+                   "exp_heun_2_x0_sde\n"
+                   "- solver_type=phi_2, r=1.0, eta=1.0, s_noise=1.0")
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "solver_type": (SEEDS2_SOLVERS,),
+            "eta": ("FLOAT", {"default": 1.0, **_NOISE_SCALE, "tooltip": "Stochastic strength"}),
+            "s_noise": ("FLOAT", {"default": 1.0, **_NOISE_SCALE, "tooltip": "SDE noise multiplier"}),
+            "r": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01, "round": False,
+                            "tooltip": "Relative step size for the intermediate stage (c2 node)"}),
+        }}
+
+    def get_sampler(self, solver_type, eta, s_noise, r):
+        _choice("SamplerSEEDS2", "solver_type", solver_type, SEEDS2_SOLVERS)
+        return (Sampler("seeds_2", _options(eta=float(eta), s_noise=float(s_noise), r=float(r),
+                                             solver_type=solver_type)),)
+
+
+EULER_CFG_PP_VERSIONS = ["regular", "alternative"]
+
+
+class SamplerEulerCFGpp(_SamplerNode):
+    """euler_cfg_pp ("regular"). "alternative" is ComfyUI's sample_euler_pp, a sampler of that node's own that is
+    not among the KSampler names this codebase runs: an InputError naming the option."""
+
+    CATEGORY = "_for_testing"
+    DISPLAY_NAME = "SamplerEulerCFG++"
+    PYTHON_MODULE = "comfy_extras.nodes_advanced_samplers"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {"version": (EULER_CFG_PP_VERSIONS,)}}
+
+    def get_sampler(self, version):
+        _choice("SamplerEulerCFGpp", "version", version, EULER_CFG_PP_VERSIONS)
+        if version == "alternative":
+            raise InputError("SamplerEulerCFGpp: version 'alternative' (ComfyUI's sample_euler_pp) is not "
+                             "supported here; use version 'regular' (euler_cfg_pp)")
+        return (Sampler("euler_cfg_pp"),)
 
 
 class BasicScheduler(Node):
@@ -432,5 +583,6 @@ SAMPLING_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     KSamplerSelect, BasicScheduler, RandomNoise, DisableNoise, SetFirstSigma, SplitSigmas, BasicGuider, CFGGuider,
     SamplerCustomAdvanced, SamplerCustom, SamplerEulerAncestral, SamplerDPMPP_2S_Ancestral, SamplerLMS,
     SamplerDPMAdaptative, SamplerDPMPP_SDE,
-    SamplerDPMPP_2M_SDE, SamplerDPMPP_3M_SDE, AddNoise, DualCFGGuider,
+    SamplerDPMPP_2M_SDE, SamplerDPMPP_3M_SDE, AddNoise, DualCFGGuider, SamplerEulerAncestralCFGPP, SamplerER_SDE,
+    SamplerSASolver, SamplerSEEDS2, SamplerEulerCFGpp,
 )}
