@@ -412,7 +412,7 @@ def large(args) -> dict:
     print(f"adaln gemv: {res['adaln_gemv']}", flush=True)
     # where the graphed step's time goes between kernels (a CUDA-graph replay under the profiler)
     res["graph_gaps"] = {}
-    for name, on, off in (("fp8_attention", lambda: None, lambda: None),
+    for name, on, off in () if args.quick else (("fp8_attention", lambda: None, lambda: None),
                           ("fa3", lambda: attend_with("fa3_fp8"), lambda: attend_with("triton_fp8"))):
         if name == "fa3" and "fp8_attention_fa3" not in variants:
             continue
@@ -437,47 +437,48 @@ def large(args) -> dict:
                                   "fp8_vs_bf16_attention": float(sqnr(outs["bf16_attention"], outs["fp8_attention"]))}
     print(f"step SQNR: {res['step_sqnr_detail_db']}", flush=True)
 
-    # attention kernel alone vs an FP8 GEMM, Large shapes
-    H, D, L, B = 38, 64, 4096 + 154, 2
-    q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    flops = attention_flops(B, H, L, L, D)
-    att = {}
-    for name, fp8 in (("triton_bf16", False), ("triton_fp8", True)):
-        triton_attention(q, k, v, fp8=fp8)
-        ms = _median_ms(lambda: triton_attention(q, k, v, fp8=fp8), 50)
-        att[name] = {"ms": ms, "tflops": flops / ms / 1e9}
-    qkv8 = quantize_qkv(q, k, v)
-    attention_fp8(qkv8)
-    ms = _median_ms(lambda: attention_fp8(qkv8), 50)
-    att["triton_fp8_kernel_only"] = {"ms": ms, "tflops": flops / ms / 1e9, "note": "without the quantise pass"}
-    ms = _median_ms(lambda: quantize_qkv(q, k, v), 50)
-    att["fp8_quantize_pass"] = {"ms": ms}
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        ms = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), 50)
-    att["sdpa_cudnn_bf16"] = {"ms": ms, "tflops": flops / ms / 1e9}
-    M = N = K = 8192
-    a8 = torch.randn(M, K, device=dev).to(torch.float8_e4m3fn)
-    b8 = torch.randn(N, K, device=dev).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=dev)
-    gemm = lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,  # noqa: E731
-                                    use_fast_accum=True)
-    gemm()
-    gms = _median_ms(gemm, 30)
-    att["fp8_gemm_8192"] = {"ms": gms, "tflops": 2 * M * N * K / gms / 1e9}
-    att["fp8_attention_vs_gemm"] = att["triton_fp8_kernel_only"]["tflops"] / att["fp8_gemm_8192"]["tflops"]
-    res["attention_kernel"] = att
-    for kname, r in att.items():
-        print(f"{kname}: {r}", flush=True)
+    if not args.quick:  # --quick: the step timings and the image only
+        # attention kernel alone vs an FP8 GEMM, Large shapes
+        H, D, L, B = 38, 64, 4096 + 154, 2
+        q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        flops = attention_flops(B, H, L, L, D)
+        att = {}
+        for name, fp8 in (("triton_bf16", False), ("triton_fp8", True)):
+            triton_attention(q, k, v, fp8=fp8)
+            ms = _median_ms(lambda: triton_attention(q, k, v, fp8=fp8), 50)
+            att[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+        qkv8 = quantize_qkv(q, k, v)
+        attention_fp8(qkv8)
+        ms = _median_ms(lambda: attention_fp8(qkv8), 50)
+        att["triton_fp8_kernel_only"] = {"ms": ms, "tflops": flops / ms / 1e9, "note": "without the quantise pass"}
+        ms = _median_ms(lambda: quantize_qkv(q, k, v), 50)
+        att["fp8_quantize_pass"] = {"ms": ms}
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            ms = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), 50)
+        att["sdpa_cudnn_bf16"] = {"ms": ms, "tflops": flops / ms / 1e9}
+        M = N = K = 8192
+        a8 = torch.randn(M, K, device=dev).to(torch.float8_e4m3fn)
+        b8 = torch.randn(N, K, device=dev).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=dev)
+        gemm = lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,  # noqa: E731
+                                        use_fast_accum=True)
+        gemm()
+        gms = _median_ms(gemm, 30)
+        att["fp8_gemm_8192"] = {"ms": gms, "tflops": 2 * M * N * K / gms / 1e9}
+        att["fp8_attention_vs_gemm"] = att["triton_fp8_kernel_only"]["tflops"] / att["fp8_gemm_8192"]["tflops"]
+        res["attention_kernel"] = att
+        for kname, r in att.items():
+            print(f"{kname}: {r}", flush=True)
 
-    # where the FP8 step's time goes (eager fused step, kernels grouped by name); FA3's step too where it runs
-    for key, backend in (("profile_fp8_step_ms", "triton_fp8"), ("profile_fa3_step_ms", "fa3_fp8")):
-        if backend == "triton_fp8" or "fp8_attention_fa3" in variants:
-            attend_with(backend)
-            res[key] = profile_step(eng, (x, sigma, ctx, pooled))
-            print(f"{key}:", {k: round(v, 2) for k, v in res[key]["groups"].items()}, flush=True)
-    attend_with("triton_fp8")
+        # where the FP8 step's time goes (eager fused step, kernels grouped by name); FA3's step too where it runs
+        for key, backend in (("profile_fp8_step_ms", "triton_fp8"), ("profile_fa3_step_ms", "fa3_fp8")):
+            if backend == "triton_fp8" or "fp8_attention_fa3" in variants:
+                attend_with(backend)
+                res[key] = profile_step(eng, (x, sigma, ctx, pooled))
+                print(f"{key}:", {k: round(v, 2) for k, v in res[key]["groups"].items()}, flush=True)
+        attend_with("triton_fp8")
 
     # whole 20-step image (sampling, CFG batch 2, + VAE decode) without / with the cache
     from e2e import fill_random_  # noqa: E402  (benchmarks/ is on sys.path: random_large_mmdit)
@@ -493,7 +494,7 @@ def large(args) -> dict:
     # `run`, generate --compile); the image timings below decode with the compiled decoder
     z1 = torch.randn(1, 16, 128, 128, device=dev, generator=torch.Generator(device=dev).manual_seed(3)).bfloat16()
     vae_ms = {}
-    for name in ("eager", "compiled"):
+    for name in ("compiled",) if args.quick else ("eager", "compiled"):
         if name == "compiled":
             vae.compile_decoder()
         with torch.inference_mode():
@@ -613,6 +614,9 @@ def main() -> None:
     ta.add_argument("--out", default=None)
     g = sub.add_parser("large")
     g.add_argument("--reps", type=int, default=30)
+    g.add_argument("--quick", action="store_true",
+                   help="the step timings and the whole image only (no profiles, graph gaps, kernel-alone timings, "
+                        "eager VAE decode)")
     g.add_argument("--threshold", type=float, default=None)
     g.add_argument("--tiny-json", default=str(RESULTS / "faster_tiny_euler_cpu.json"))
     g.add_argument("--out", default=None)
