@@ -4,8 +4,9 @@ the fused adaLN's memo (fast/ada_memo.py) and the padded proj / fc2 rows (fast/w
     python benchmarks/ada_pad_step.py [--reps 10] [--out benchmarks/results/ada_pad_step_<device>.json]
 
 Random-weight SD3.5 Large MMDiT (fp8 dynamic, faster.py's setup), 1024², CFG batch 2, 154 context tokens, auto's
-attention (FlashAttention-3 where installed): step ms (CUDA graph replay, median) for the default road, the memo
-off, the padding off, both off, and the default again; each road's SQNR against the float32 forward; the adaLN
+attention (FlashAttention-3 where installed): step ms (CUDA graph replay, median) without either (today's default),
+with the memo (SD35FP8_ADA_MEMO=64), with the padding (SD35FP8_PAD_N=1), with both, and without either again;
+each road's SQNR against the float32 forward; the adaLN
 matmul alone (cuBLAS against the gemv kernel's tiles and the memo's hit: faster.py adaln_gemv_bench)."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from sd35fp8.fast import build_engine
+    from sd35fp8.fast import ada_memo, build_engine
     from sd35fp8.fast import weights as fast_weights
     from sd35fp8.fp8.scaling import sqnr
     from sd35fp8.models.mmdit import MMDiTConfig
@@ -41,7 +42,6 @@ def main() -> None:
     mmdit, ref32 = random_large_mmdit(dev, (x, sigma, ctx, pooled))
     torch.cuda.empty_cache()
     eng = build_engine(mmdit, dev)
-    memo = eng.ada_memo
     res: dict = {"device": device_slug(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                  "versions": versions(), "attention": eng.attention_backend,
                  "config": {"model": "Large", "weights": "random fp8 dynamic", "size": 1024, "cfg_batch": 2,
@@ -49,19 +49,17 @@ def main() -> None:
 
     def road(name: str, use_memo: bool, pad: bool) -> None:
         os.environ[fast_weights.PAD_ENV] = "1" if pad else "0"
-        eng.refresh_weights()  # the padding follows the variable; a new memo, the graphs dropped
-        if not use_memo:
-            eng.ada_memo = None
+        os.environ[ada_memo.MEMO_ENV] = str(ada_memo.SUGGESTED_SLOTS) if use_memo else "0"
+        eng.refresh_weights()  # the padding and the memo follow the variables; the graphs dropped
         eng.graphs.clear()
         out = eng(x, sigma, ctx, pooled).float().clone()  # capture
         ms = _median_ms(lambda: eng(x, sigma, ctx, pooled), args.reps)
         res["step_ms"][name], res["sqnr_db"][name] = ms, float(sqnr(ref32, out))
         print(f"step {name}: {ms:.2f} ms, SQNR {res['sqnr_db'][name]:.2f} dB", flush=True)
 
-    for name, use_memo, pad in (("default", True, True), ("no_memo", False, True), ("no_pad", True, False),
-                                ("neither", False, False), ("default_again", True, True)):
+    for name, use_memo, pad in (("neither", False, False), ("memo", True, False), ("pad", False, True),
+                                ("both", True, True), ("neither_again", False, False)):
         road(name, use_memo, pad)
-    del memo
     res["adaln_gemv"] = adaln_gemv_bench(eng, args.reps)
     print(f"adaln gemv: {res['adaln_gemv']}", flush=True)
     out = Path(args.out) if args.out else RESULTS / f"ada_pad_step_{res['device']}.json"

@@ -395,20 +395,21 @@ def large(args) -> dict:
         variants["fp8_attention_fa3_error"] = f"not available here ({attention_fa3.INSTALL}, sm_90)"
     # the default step again: the spread between two timings of one road in one process
     opt_in("fp8_attention_again", lambda: None, lambda: None)
-    # the fused adaLN computed every step (its memo off, fast/ada_memo.py), and the adaLN matmul alone
-    memo = eng.ada_memo
-    opt_in("fp8_attention_no_ada_memo", lambda: setattr(eng, "ada_memo", None), lambda: setattr(eng, "ada_memo", memo))
-    res["adaln_gemv"] = adaln_gemv_bench(eng, args.reps)
-    # the image stream's proj / fc2 at N = 2432 instead of padded to 2560 (fast/weights.py pad_output_rows)
+    # the opt-in adaLN memo (fast/ada_memo.py) and padded proj / fc2 rows (fast/weights.py pad_output_rows), and
+    # the adaLN matmul alone (benchmarks/ada_pad_step.py has them side by side without the rest)
     import os
 
+    from sd35fp8.fast import ada_memo
     from sd35fp8.fast import weights as fast_weights
 
-    def pad(on: bool):
-        os.environ[fast_weights.PAD_ENV] = "1" if on else "0"
+    def opt(memo: bool, pad: bool):
+        os.environ[ada_memo.MEMO_ENV] = str(ada_memo.SUGGESTED_SLOTS) if memo else "0"
+        os.environ[fast_weights.PAD_ENV] = "1" if pad else "0"
         eng.refresh_weights()
 
-    opt_in("fp8_attention_no_pad_n", lambda: pad(False), lambda: pad(True))
+    opt_in("fp8_attention_ada_memo", lambda: opt(True, False), lambda: opt(False, False))
+    opt_in("fp8_attention_pad_n", lambda: opt(False, True), lambda: opt(False, False))
+    res["adaln_gemv"] = adaln_gemv_bench(eng, args.reps)
     print(f"adaln gemv: {res['adaln_gemv']}", flush=True)
     # where the graphed step's time goes between kernels (a CUDA-graph replay under the profiler)
     res["graph_gaps"] = {}
@@ -521,7 +522,7 @@ def large(args) -> dict:
             decode(vae, sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16).to(torch.bfloat16))
             torch.cuda.synchronize()
             stats: dict = {}
-            if eng.ada_memo is not None:  # the warm-up run's adaLN rows: forgotten, as for a new prompt
+            if eng.ada_memo is not None:  # (opt-in memo) the warm-up run's rows: forgotten, as for a new prompt
                 eng.ada_memo.clear()
             t0 = time.perf_counter()
             z = sample(eng, cond, uncond, latent, st, seed=1, dtype=torch.bfloat16, cache_stats=stats)

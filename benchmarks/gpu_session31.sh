@@ -1,8 +1,8 @@
 #!/bin/bash
-# One GPU call (session 31): the fused adaLN's memo (fast/ada_memo.py), the gemv kernel and the padded proj / fc2
+# One GPU call (session 31): the opt-in adaLN memo (fast/ada_memo.py), the gemv kernel and the padded proj / fc2
 # rows (fast/weights.py pad_output_rows): their GPU tests, the
 # engine / ControlNet / pipeline GPU tests that run through them, then faster.py large (the issue-23 JSON, with the
-# step memo on and off and the adaLN matmul alone: cuBLAS against the gemv kernel's tiles and the memo's hit).
+# step with each opt-in and the adaLN matmul alone: cuBLAS against the gemv kernel's tiles and the memo's hit).
 # Carry carry/fa3 (benchmarks/fa3_carry.sh): FA3 is auto's attention on sm_90.
 #   bash benchmarks/gpu_session31.sh OUTDIR
 set -o pipefail

@@ -51,7 +51,9 @@ def test_lookup_is_bitwise_and_clear_forgets():
 
 def test_memo_slots_env(monkeypatch):
     monkeypatch.delenv(ada_memo.MEMO_ENV, raising=False)
-    assert ada_memo.memo_slots() == ada_memo.DEFAULT_SLOTS
+    assert ada_memo.memo_slots() == ada_memo.DEFAULT_SLOTS == 0  # opt-in until measured on a GPU
+    monkeypatch.setenv(ada_memo.MEMO_ENV, "64")
+    assert ada_memo.memo_slots() == 64
     monkeypatch.setenv(ada_memo.MEMO_ENV, "0")
     assert ada_memo.memo_slots() == 0
     for bad in ("-1", "x", "3"):
@@ -60,8 +62,9 @@ def test_memo_slots_env(monkeypatch):
             ada_memo.memo_slots()
 
 
-def test_no_memo_without_a_kernel_road():
+def test_no_memo_without_a_kernel_road(monkeypatch):
     """On the CPU (no interpreter checks) the engine keeps its torch matmul: no memo is built."""
+    monkeypatch.setenv(ada_memo.MEMO_ENV, "64")
     from sd35fp8.fast import MMDiTEngine
     from sd35fp8.fp8.quantize import quantize_model
     from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
@@ -130,11 +133,14 @@ for slots in ("16", "0"):
         out["memo_bytes"] = eng.ada_memo.nbytes()
     else:
         out["memo_off"] = eng.ada_memo is None
-out["same_bits"] = all(bool(torch.equal(p, q)) for p, q in zip(res["16"], res["0"]))
-out["repeat_bits"] = bool(torch.equal(res["16"][0], res["16"][2]))
-ada_memo._ALLOW_CPU = False
-eng = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False)  # the torch matmul road
-out["vs_torch_road"] = sqnr(eng(x, torch.tensor([0.9, 0.9]), ctx, pooled), res["16"][0])
+# memo off: the engine's own matmul (torch here, cuBLAS on CUDA): close, not the same bits
+out["vs_matmul_road"] = min(sqnr(q, p) for p, q in zip(res["16"], res["0"]))
+out["repeat_bits"] = bool(torch.equal(res["16"][0], res["16"][2]))  # a hit gives the miss's bits
+os.environ["SD35FP8_ADA_MEMO"] = "8"  # a memo too small for the rows: every call computes, the same bits again
+eng = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False)
+small = [eng(x, torch.tensor([s, s]), ctx, pooled) for s in (0.9, 0.5, 0.3, 0.2, 0.1, 0.9)]
+out["small_same_bits"] = bool(torch.equal(small[0], res["16"][0]) and torch.equal(small[5], res["16"][0]))
+out["small_stats"] = eng.ada_memo.stats()
 print(json.dumps(out))
 """
 
@@ -147,15 +153,16 @@ def test_gemv_kernel_and_engine_memo_in_the_interpreter():
     for name in ("dynamic", "weight_only", "none"):
         assert res[name] > 40, (name, res)
     assert res["memo_rows"] and res["memo_rest_zero"] and res["flag0_untouched"], res
-    assert res["memo_off"] and res["same_bits"] and res["repeat_bits"], res
+    assert res["memo_off"] and res["repeat_bits"] and res["small_same_bits"], res
     assert res["stats"] == {"calls": 5, "computed": 3}, res  # 0.9, 0.5 and 0.3 computed once each
-    assert res["vs_torch_road"] > 30, res
+    assert res["small_stats"] == {"calls": 6, "computed": 6}, res  # 8 slots, 2 rows a call: 0.9 gone by the 6th
+    assert res["vs_matmul_road"] > 30, res
 
 
 @pytest.mark.skipif(not CUDA or ada_memo.kernels.triton is None, reason="needs CUDA and Triton")
 def test_engine_memo_gpu_graphs(monkeypatch):
-    """On CUDA with graphs: the memo's rows replay bit for bit against computing every step, and a
-    LoRA-style weight rewrite (refresh_weights) forgets them."""
+    """On CUDA with graphs: a step whose rows the memo holds gives the bits of the step that computed them, close to
+    the memo-off (cuBLAS) step, and a LoRA-style weight rewrite (refresh_weights) forgets them."""
     import dataclasses
 
     from sd35fp8.fast import MMDiTEngine
@@ -180,5 +187,8 @@ def test_engine_memo_gpu_graphs(monkeypatch):
             assert eng.ada_memo.stats()["computed"] <= 3  # the graph's warm-up / capture may compute once more
             eng.refresh_weights()
             assert torch.equal(eng(x, torch.full((2,), 0.9, device=dev), ctx, pooled), outs["16"][0])
-    for p, q in zip(outs["16"], outs["0"]):
-        assert torch.equal(p, q)
+    from sd35fp8.fp8.scaling import sqnr
+
+    assert torch.equal(outs["16"][0], outs["16"][2]) and torch.equal(outs["16"][1], outs["16"][3])  # hits = misses
+    for p, q in zip(outs["16"], outs["0"]):  # memo off: cuBLAS's adaLN, the last places differ
+        assert sqnr(q.float(), p.float()) > 40

@@ -38,6 +38,8 @@ def test_padded_engine_equals_unpadded_on_cpu(monkeypatch):
         ref = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False)(*args)
         monkeypatch.setattr(fw, "_ALLOW_CPU", True)
         monkeypatch.setattr(fw, "PAD_MIN_N", 0)
+        assert "x.proj.n" not in MMDiTEngine(model, "dynamic").blocks[0]  # opt-in ($SD35FP8_PAD_N=1)
+        monkeypatch.setenv(fw.PAD_ENV, "1")
         eng = MMDiTEngine(model, "dynamic", compile=False, cuda_graphs=False)
         p = eng.blocks[0]
         C = CFG.hidden_size
@@ -59,6 +61,7 @@ def test_padded_engine_equals_unpadded_on_cpu(monkeypatch):
 def test_padding_off_by_env_and_for_narrow_layers(monkeypatch):
     model = _model()
     monkeypatch.setattr(fw, "_ALLOW_CPU", True)
+    monkeypatch.setenv(fw.PAD_ENV, "1")
     assert "x.proj.n" not in MMDiTEngine(model, "dynamic").blocks[0]  # N < PAD_MIN_N
     monkeypatch.setattr(fw, "PAD_MIN_N", 0)
     monkeypatch.setenv(fw.PAD_ENV, "0")

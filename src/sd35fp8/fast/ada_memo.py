@@ -12,13 +12,16 @@ Inside a CUDA graph there is no branch on the host, so the decision lives on the
 flag "some row missed"; the gemv kernel (fast/kernels.py `gemv`) reads the flag and, when it is 0,
 every program returns at once (the weight is not read). A missing row makes the call compute all of
 its rows into M fresh slots (round robin), so a row's value is always the kernel's for that input:
-with or without the memo, hit or miss, the same bits (row-independent kernel, fp32 sums).
+hit or miss, the same bits (row-independent kernel, fp32 sums). With the memo off the engine keeps
+its matmul (cuBLAS's _scaled_mm in the FP8 matmul modes), whose bits differ in the last places.
 
-The memo holds SLOTS rows of N (Large: 64 x 2.2 MB = 141 MB); SD35FP8_ADA_MEMO=<slots> sets it,
-0 turns it off (the kernel then computes every call). Weights rewritten in place (a LoRA fuse,
-calibration) clear it (MMDiTEngine._build_adaln / calibrate). Used where the Triton kernel runs:
-CUDA tensors (and CPU tensors under the interpreter, `_ALLOW_CPU`); elsewhere the engine keeps its
-torch matmul (fast/step.py).
+Opt-in for now: SD35FP8_ADA_MEMO=<slots> (at least 8; Large: 64 x 2.2 MB = 141 MB) turns it on,
+unset or 0 leaves it off. It has not run on a GPU yet (the kernel compiles for sm_90 offline,
+tests/test_kernels_compile_sm90.py; the engine's memo road is checked under the interpreter);
+`bash benchmarks/gpu_session31_short.sh OUT` measures the step with and without it, and the default
+follows from that. Weights rewritten in place (a LoRA fuse, calibration) clear it
+(MMDiTEngine._build_adaln / calibrate). Used where the Triton kernel runs: CUDA tensors (and CPU
+tensors under the interpreter, `_ALLOW_CPU`).
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from sd35fp8.fast import kernels
 from sd35fp8.fast.kernels import GEMV_MAX_ROWS, gemv, plain_act
 
 MEMO_ENV = "SD35FP8_ADA_MEMO"
-DEFAULT_SLOTS = 64  # a 20-step CFG image is 40 rows; 64 also hold a 28-step one's 56
+DEFAULT_SLOTS = 0  # off until measured on a GPU (module docstring)
+SUGGESTED_SLOTS = 64  # a 20-step CFG image is 40 rows; 64 also hold a 28-step one's 56
 # Interpreter checks only (TRITON_INTERPRET=1, CPU tensors): set True to take the kernel road on CPU.
 _ALLOW_CPU = False
 
 
 def memo_slots() -> int:
-    """Rows the memo keeps: $SD35FP8_ADA_MEMO, else DEFAULT_SLOTS; 0 = no memo."""
+    """Rows the memo keeps: $SD35FP8_ADA_MEMO, else DEFAULT_SLOTS; 0 = no memo (SUGGESTED_SLOTS to try it)."""
     raw = os.environ.get(MEMO_ENV, "").strip()
     if not raw:
         return DEFAULT_SLOTS

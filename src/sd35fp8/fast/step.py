@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35fp8.errors import InputError
-from sd35fp8.fast.ada_memo import adaln_gemv, build_memo, kernel_road
+from sd35fp8.fast.ada_memo import adaln_gemv, build_memo
 from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, LIBRARY_KINDS, TRITON_KINDS, attend, backend_context
 from sd35fp8.fast.graphs import GraphCache
 from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, pad_output_rows, put
@@ -539,7 +539,7 @@ class MMDiTEngine(nn.Module):
         w, b = self.ada["w"], self.ada.get("b")
         if self.ada_mode != self.fp8_mode:  # the adaLN group keeps its own mode (see _build_adaln)
             mode = self.ada_mode
-        if rec is None and kernel_road(a.device) and a.shape[0] <= GEMV_MAX_ROWS:  # the kernel, memo (ada_memo.py)
+        if rec is None and self.ada_memo is not None and a.shape[0] <= GEMV_MAX_ROWS:  # the memo (ada_memo.py)
             y = adaln_gemv(a, self.ada, mode, c.dtype, self.ada_memo)
         elif mode is None:
             y = F.linear(a, w, b)
