@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sd35fp8.errors import InputError
+from sd35fp8.fp8.dequant import e4m3_operand
 from sd35fp8.fp8.device import MATMUL_MODES
 from sd35fp8.fp8.scaling import E4M3_MAX, EPS, FP8_DTYPE
 
@@ -99,6 +100,7 @@ def _plain_torch(y, mode, static_scale):
 
 # ---------------------------------------------------------------------------------- Triton kernels
 if triton is not None:
+    from sd35fp8.fp8.dequant import e4m3_bits_to_f32  # a @triton.jit helper: a global of the kernels calling it
 
     @triton.jit
     def _e4m3(y, s):
@@ -219,7 +221,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(A, AS, W, WS, BIAS, OUT, IDX, FLAG, M, N, K, HAS_AS: tl.constexpr, HAS_WS: tl.constexpr,
                      HAS_BIAS: tl.constexpr, MEMO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, W_BITS: tl.constexpr = False):
         # OUT[row(m), n] = (sum_k A[m, k] * W[n, k]) * AS[m] * WS[n] + BIAS[n] for M <= BLOCK_M rows, W (fp8 or
         # 16-bit) read once, products and sums in fp32. MEMO (fast/ada_memo.py): row(m) = IDX[m], and the
         # program does nothing unless FLAG[0] != 0 (a row missed the memo); else row(m) = m.
@@ -236,8 +238,11 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 kmask = rk < K
-                w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)  # [BN, BK]
+                w_ptr, w_mask = W + rn[:, None].to(tl.int64) * K + rk[None, :], nmask[:, None] & kmask[None, :]
+                if W_BITS:  # e4m3 codes as uint8 (fp8/dequant.py e4m3_operand: GPUs before sm_89)
+                    w = e4m3_bits_to_f32(tl.load(w_ptr, mask=w_mask, other=0))  # [BN, BK]
+                else:
+                    w = tl.load(w_ptr, mask=w_mask, other=0.0).to(tl.float32)  # [BN, BK]
                 for m in tl.static_range(BLOCK_M):
                     a = tl.load(A + m * K + rk, mask=kmask & ((rk * 0 + m) < M), other=0.0).to(tl.float32)  # [BK]
                     part = tl.sum(w * a[None, :], axis=1)  # [BN]
@@ -566,13 +571,14 @@ def gemv(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale
     if M > GEMV_MAX_ROWS:
         raise ValueError(f"gemv: {M} rows, at most {GEMV_MAX_ROWS}")
     memo = idx is not None
+    w, bits = e4m3_operand(w)  # older GPUs: the e4m3 bytes, decoded in the kernel
     launch = dict(launch or GEMV_LAUNCH)
     block_n = launch.pop("BLOCK_N")
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         a.contiguous(), a_scale if a_scale is not None else out, w, w_scale_row if w_scale_row is not None else out,
         bias if bias is not None else out, out, idx if memo else out, flag if memo else out, M, N, K,
         HAS_AS=a_scale is not None, HAS_WS=w_scale_row is not None, HAS_BIAS=bias is not None, MEMO=memo,
-        BLOCK_N=block_n, BLOCK_M=triton.next_power_of_2(max(M, 2)), **launch)
+        BLOCK_N=block_n, BLOCK_M=triton.next_power_of_2(max(M, 2)), W_BITS=bits, **launch)
     return out
 
 
