@@ -497,8 +497,9 @@ def test_mask_and_preview_nodes_in_a_workflow(tmp_path):
         "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}},
         "8": {"class_type": "StringConcatenate", "inputs": {"string_a": ["7", 0], "string_b": "!", "delimiter": ""}},
         "9": {"class_type": "PreviewAny", "inputs": {"source": ["8", 0]}},
+        "10": {"class_type": "PreviewAny", "inputs": {"source": "typed in"}},  # ComfyUI takes a literal for "*"
     }
-    result = ex.execute(prompt, prompt_id="m", extra_data={}, execute_outputs=["3", "5", "7", "9"])
+    result = ex.execute(prompt, prompt_id="m", extra_data={}, execute_outputs=["3", "5", "7", "9", "10"])
     assert result.success, result.error
     (saved,) = result.outputs["3"]["images"]
     png = np.asarray(Image.open(folders.temp_dir / saved["subfolder"] / saved["filename"]))
@@ -506,6 +507,7 @@ def test_mask_and_preview_nodes_in_a_workflow(tmp_path):
     assert list(result.outputs["3"]["animated"]) == [False]
     assert list(result.outputs["7"]["text"]) == ["42"]
     assert list(result.outputs["9"]["text"]) == ["42!"]  # PreviewAny's STRING output
+    assert list(result.outputs["10"]["text"]) == ["typed in"]
 
 
 def c_preview_any(source=None):

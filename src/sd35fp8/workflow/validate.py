@@ -179,6 +179,8 @@ class _Validator:
         if isinstance(val, dict) and "__value__" in val:  # list widget values wrapped by the frontend
             val = val["__value__"]
             inputs[x] = val
+        if input_type == "*":  # an any-type input (PreviewAny's source): ComfyUI takes a typed-in value as it is
+            return None
         if isinstance(input_type, str) and input_type not in PRIMITIVE_TYPES:
             # ComfyUI lets this through and fails later; a literal can never be a MODEL, LATENT, ...
             return _error("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
