@@ -69,3 +69,23 @@ class RecordingExecutor(PromptExecutor):
                 on_result(i, result)
 
         return super().execute_batch(jobs, record)
+
+
+def tiny_checkpoint_folder(root: Path) -> Path:
+    """root/models/checkpoints holding the shipped model as tiny.safetensors with spiece.model beside it -> root."""
+    ckpts = root / "models" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copy(SHIPPED_CHECKPOINT, ckpts / "tiny.safetensors")
+    shutil.copy(SHIPPED_T5_TOKENIZER, ckpts / "spiece.model")
+    return root
+
+
+def tiny_base_prompt() -> dict:
+    """Nodes 1-4 of an API prompt on tiny_checkpoint_folder's model: the checkpoint, a positive and an empty
+    prompt, a 64x64 SD3 latent."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a brown circle"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }

@@ -7,7 +7,6 @@ pre-CFG patch, so each comparison is bit for bit. Then their object_info and a r
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -16,11 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sd35fp8.errors import InputError
-from sd35fp8.sampling import CFGDenoiser, Conditioning, DualCFGDenoiser, FlowMatching
+from sd35fp8.sampling import CFGDenoiser, Conditioning, DualCFGDenoiser
 from sd35fp8.sampling.guidance import APG, LatentOperationCFG
-from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.workflow.engine import SD3Model
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, node_info
+
+from comfy_models import tiny_base_prompt, tiny_checkpoint_folder  # tests/ helpers
 
 
 # ---- ComfyUI, written out -------------------------------------------------------------------------------------
@@ -404,20 +405,11 @@ def executor(tmp_path_factory):
     from sd35fp8.workflow.executor import PromptExecutor
     from sd35fp8.workflow.folders import ModelFolders
 
-    root = tmp_path_factory.mktemp("apg")
-    (root / "models" / "checkpoints").mkdir(parents=True)
-    shutil.copy(SHIPPED_CHECKPOINT, root / "models" / "checkpoints" / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, root / "models" / "checkpoints" / "spiece.model")
+    root = tiny_checkpoint_folder(tmp_path_factory.mktemp("apg"))
     return PromptExecutor(ModelFolders(root), device="cpu", dtype=torch.float32), root
 
 
-def _base() -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a brown circle"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
+_base = tiny_base_prompt
 
 
 def _ksampler(model, cfg=4.0, seed=5) -> dict:

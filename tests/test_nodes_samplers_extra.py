@@ -14,7 +14,6 @@ nodes are compared bit for bit with transcriptions of ComfyUI's bodies on toy te
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -24,12 +23,13 @@ from PIL import Image
 from sd35fp8 import generation
 from sd35fp8.errors import InputError
 from sd35fp8.sampling import Conditioning, get_sigmas, sample
-from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.workflow.executor import PromptExecutor
 from sd35fp8.workflow.folders import ModelFolders
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, NodeContext, node_info, object_info
 from sd35fp8.workflow.nodes_sampling import Sampler
 
+from comfy_models import tiny_base_prompt, tiny_checkpoint_folder
 from comfy_ksampling import Toy, c_sample_er_sde, sample_named, start, tiny_mmdit
 from test_samplers_cfg_pp import _ours as cfg_pp_ours, _ref as cfg_pp_ref
 from test_samplers_rest import CFlow, c_get_tau_interval_func, c_sample_sa_solver, c_sample_seeds_2
@@ -326,20 +326,11 @@ def test_generation_core_defaults_equal_ksampler_name(mmdit, name):
 def executor(tmp_path_factory):
     if not SHIPPED_CHECKPOINT.exists():
         pytest.skip("shipped model weights not built")
-    root = tmp_path_factory.mktemp("samplers_extra")
-    (root / "models" / "checkpoints").mkdir(parents=True)
-    shutil.copy(SHIPPED_CHECKPOINT, root / "models" / "checkpoints" / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, root / "models" / "checkpoints" / "spiece.model")
+    root = tiny_checkpoint_folder(tmp_path_factory.mktemp("samplers_extra"))
     return PromptExecutor(ModelFolders(root), device="cpu", dtype=torch.float32), root
 
 
-def _base() -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a brown circle"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
+_base = tiny_base_prompt
 
 
 def _ksampler(sampler: str) -> dict:
