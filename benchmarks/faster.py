@@ -253,7 +253,8 @@ def adaln_gemv_bench(eng, reps: int) -> dict:
     _scaled_mm (the road before the memo), the gemv kernel at a few tiles, and the memo's hit (lookup, a
     skipped gemv, the rows' copy). ms medians; GB/s of the weight read."""
     from sd35fp8.fast import kernels
-    from sd35fp8.fast.ada_memo import AdaMemo, adaln_gemv
+    from sd35fp8.fast.ada_memo import SUGGESTED_SLOTS, AdaMemo, adaln_gemv
+    from sd35fp8.fp8.scaling import sqnr
 
     ada, dev = eng.ada, eng.device
     w = ada["w"]
@@ -277,16 +278,13 @@ def adaln_gemv_bench(eng, reps: int) -> dict:
         fn = lambda: kernels.gemv(a8, s8.reshape(-1), w, ada["ws"], ada.get("b"), y, launch=launch)  # noqa: E731
         try:
             put(f"gemv_{bn}x{bk}_w{nw}", fn)
-            from sd35fp8.fp8.scaling import sqnr
             out[f"gemv_{bn}x{bk}_w{nw}"]["sqnr_vs_cublas_db"] = float(sqnr(ref, y.float()))
         except Exception as err:  # noqa: BLE001
             out[f"gemv_{bn}x{bk}_w{nw}"] = f"{type(err).__name__}: {str(err)[:200]}"
-    memo = AdaMemo(64, w.shape[1], w.shape[0], torch.bfloat16, torch.bfloat16, dev)
+    memo = AdaMemo(SUGGESTED_SLOTS, w.shape[1], w.shape[0], torch.bfloat16, torch.bfloat16, dev)
     adaln_gemv(a, ada, "dynamic", torch.bfloat16, memo)  # fills the rows: every later call hits
     put("memo_hit", lambda: adaln_gemv(a, ada, "dynamic", torch.bfloat16, memo))
     out["memo_stats"] = memo.stats()
-    del memo
-    torch.cuda.empty_cache()
     return out
 
 
