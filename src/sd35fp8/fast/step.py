@@ -47,7 +47,8 @@ from sd35fp8.errors import InputError
 from sd35fp8.fast.ada_memo import adaln_gemv, build_memo
 from sd35fp8.fast.attention import BACKENDS, EMULATED_KINDS, LIBRARY_KINDS, TRITON_KINDS, attend, backend_context
 from sd35fp8.fast.graphs import GraphCache
-from sd35fp8.fast.weights import HIGH_PRECISION, MM_OUT_DTYPE, auto_attention, linear_weights, pad_output_rows, put
+from sd35fp8.fast.weights import (HIGH_PRECISION, MM_OUT_DTYPE, PADDED_LINEARS, auto_attention, linear_weights,
+                                  pad_output_rows, put)
 from sd35fp8.fast.kernels import (GEMV_MAX_ROWS, IMPLS, fp8_weight_gemv, gelu_act, ln_modulate_act, plain_act,
                                    plain_act_window, residual_ln_modulate_act, static_row_scale)
 from sd35fp8.fp8.dequant import dequantize
@@ -430,8 +431,9 @@ class MMDiTEngine(nn.Module):
                 where = f"joint_blocks.{i}.{'context_block' if s == 'c' else 'x_block'}"
                 ada.append((i, s, *stream_weights(p, s, db, where, mode, dt, self.per_layer)))
             xb = jb.x_block  # the image stream's N = hidden GEMMs, padded for the GEMM's tiling (fast/weights.py)
-            for name, mod in (("x.proj", xb.attn.proj), ("x.fc2", None if xb.mlp is None else xb.mlp.fc2)):
-                pad_output_rows(p, name, mod, _lm(p, name, mode))
+            layers = {"x.proj": xb.attn.proj, "x.fc2": None if xb.mlp is None else xb.mlp.fc2}
+            for name in PADDED_LINEARS:
+                pad_output_rows(p, name, layers[name], _lm(p, name, mode))
             if self.fast_accum:
                 p["fast_accum"] = True  # a constant for the compiled block (read by _linear_on)
             self.blocks.append(p)

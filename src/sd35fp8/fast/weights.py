@@ -7,6 +7,8 @@ or dequantising an FP8Linear for a 16-bit engine). `auto_attention` picks the at
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -90,8 +92,6 @@ def auto_attention(device: torch.device, fp8_mode: str | None) -> str | None:
     return default_backend(device)
 
 
-
-
 # Output rows padded (pad_output_rows): the N = 2432 GEMMs of Large (x.proj, x.fc2: 1216 output tiles of 128 x 128,
 # 9.2 waves on 132 SMs) run faster at N = 2560 although they compute 5 % more: x.proj 84.3 -> 76.7 us, x.fc2 316.4 ->
 # 306.3 us on the H100 (benchmarks/gemm_pad.py, gemm_pad_nvidia-h100-80gb-hbm3.json; N = 2688 / 3072 slower).
@@ -100,20 +100,18 @@ PAD_MIN_N = 1024  # narrower layers (the tiny models) stay as they are
 # Opt-in for now: SD35FP8_PAD_N=1 pads. Measured as lone GEMMs (above), not yet in the step on a GPU;
 # `bash benchmarks/gpu_session31_short.sh OUT` times the step both ways, and the default follows from that.
 PAD_ENV = "SD35FP8_PAD_N"
-PADDED_LINEARS = ("x.proj", "x.fc2")
+PADDED_LINEARS = ("x.proj", "x.fc2")  # the image stream's N = hidden GEMMs (M = 2 x 4096 rows at 1024², CFG)
 _ALLOW_CPU = False  # tests only: pad CPU weights too (the engine's CPU road then reads the padded GEMMs)
-_PADDED_ATTR = "_sd35fp8_padded_weight"  # the padded buffer, kept on the layer (its weight is a view of it)  # the image stream's N = hidden GEMMs (M = 2 x 4096 rows at 1024², CFG)
+_PADDED_ATTR = "_sd35fp8_padded_weight"  # the padded buffer, kept on the layer (its weight is a view of it)
 
 
-def pad_output_rows(p: dict, name: str, mod: nn.Module, mode: str | None) -> None:
+def pad_output_rows(p: dict, name: str, mod: nn.Module | None, mode: str | None) -> None:
     """Give linear `name` of a block's weight dict `p` zero weight rows up to a multiple of PAD_ROWS_TO, for the
     FP8 GEMM's tiling: p[name + '.w'] [Np, K] (ws padded with ones, bias with zeros) and p[name + '.n'] = N, the
     columns the engine reads of its [M, Np] output (fast/step.py matmul: a view, rows Np apart; the row kernels
     take the stride). The layer's own weight becomes a view of the first N rows (one copy, as the fused adaLN's).
     Only with $SD35FP8_PAD_N=1, and where it pays: CUDA fp8 weights in a matmul mode (dynamic / static) with
     N >= PAD_MIN_N."""
-    import os
-
     w = p.get(name + ".w")
     if (os.environ.get(PAD_ENV, "0").strip() != "1" or w is None or not (w.is_cuda or _ALLOW_CPU)
             or w.dtype != torch.float8_e4m3fn
