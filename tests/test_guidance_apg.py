@@ -7,6 +7,7 @@ pre-CFG patch, so each comparison is bit for bit. Then their object_info and a r
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -232,26 +233,62 @@ def test_apg_matches_comfyui_step_by_step(eta, norm_threshold, momentum, cfg):
         assert torch.equal(den(x, sigma), want)
 
 
-def test_apg_state_is_per_run():
-    """Two runs of one patched MODEL (two denoisers, step by step side by side, as two samplers or two prompts
-    could) each keep their own running average: shared state would carry the first run's step into the second at
-    the same sigma (no rise, no reset); each equals ComfyUI's closure run alone."""
-    c, u = text(1.0), text(-0.5)
+def _apg_calls(c, u, cfg, sigmas, seed):
+    """(x, sigma, the denoiser's own [cond, uncond] predictions) for a sequence of calls."""
+    gen = torch.Generator().manual_seed(seed)
+    calls = []
+    for s in sigmas:
+        x, sigma = torch.randn(1, 4, 8, 8, generator=gen), torch.full((1,), s)
+        calls.append((x, sigma, *predictions(c, u, cfg, x, sigma)))
+    return calls
+
+
+def test_apg_state_lives_in_the_patched_model():
+    """ComfyUI keeps APG's running average and previous sigma in the closure of one APG.execute, i.e. in the
+    patched MODEL: every sampling run of it (a denoiser here) shares them. Two runs whose calls interleave are one
+    closure fed the calls in that order; a run that continues another's schedule (KSamplerAdvanced split at a step:
+    lower sigmas) carries the running average on; a run from the top of a schedule (sigma rises) restarts it;
+    another execution of the node (another MODEL) has its own."""
+    c, u, cfg = text(1.0), text(-0.5), 3.0
     m = model(("APG", 0.5, 3.0, 0.7))
-    first = CFGDenoiser(toy, c, u, cfg=3.0, post_cfg=m.post_cfg)
-    second = CFGDenoiser(toy, c, u, cfg=3.0, post_cfg=m.post_cfg)
+    first = CFGDenoiser(toy, c, u, cfg=cfg, post_cfg=m.post_cfg)
+    second = CFGDenoiser(toy, c, u, cfg=cfg, post_cfg=replace(m, post_cfg=m.post_cfg + (("mahiro",),)).post_cfg)
     ref = comfy_apg(0.5, 3.0, 0.7)
-    gen = torch.Generator().manual_seed(3)
-    for s in SIGMAS:
-        x = torch.randn(1, 4, 8, 8, generator=gen)
-        sigma = torch.full((1,), s)
-        cp, up = predictions(c, u, 3.0, x, sigma)
-        want = comfy_sampling_function(x, sigma, cp, up, 3.0, pre=[ref])
-        assert torch.equal(first(x, sigma), want) and torch.equal(second(x, sigma), want)
-    # the running average matters: without momentum a later step differs
-    x, sigma = torch.randn(1, 4, 8, 8, generator=gen), torch.full((1,), 0.1)
-    plain = CFGDenoiser(toy, c, u, cfg=3.0, post_cfg=model(("APG", 0.5, 3.0, 0.0)).post_cfg)
-    assert not torch.equal(plain(x, sigma), first(x, sigma))
+    # interleaved: first at 0.95, second at 0.95 (no rise: it carries first's average), first at 0.8, ...
+    for i, (x, sigma, cp, up) in enumerate(_apg_calls(c, u, cfg, [0.95, 0.95, 0.8, 0.8, 0.6, 0.6], 3)):
+        den = first if i % 2 == 0 else second
+        want = comfy_sampling_function(x, sigma, cp, up, cfg, pre=[ref],
+                                       post=[comfy_mahiro] if den is second else [])
+        assert torch.equal(den(x, sigma), want), i
+
+    # a split schedule: the second half's run carries the first half's average (one closure over both halves)
+    split = [0.95, 0.8, 0.6, 0.4, 0.25, 0.1]
+    calls = _apg_calls(c, u, cfg, split, 4)
+    m = model(("APG", 0.5, 3.0, 0.7))
+    ref = comfy_apg(0.5, 3.0, 0.7)
+    high, low = (CFGDenoiser(toy, c, u, cfg=cfg, post_cfg=m.post_cfg) for _ in range(2))
+    for i, (x, sigma, cp, up) in enumerate(calls):
+        assert torch.equal((high if i < 3 else low)(x, sigma),
+                           comfy_sampling_function(x, sigma, cp, up, cfg, pre=[ref])), i
+    # another execution of the node starts its own average: at the second half's first call it is not the carried one
+    fresh = CFGDenoiser(toy, c, u, cfg=cfg, post_cfg=model(("APG", 0.5, 3.0, 0.7)).post_cfg)
+    x, sigma, cp, up = calls[3]
+    got = fresh(x, sigma)
+    assert torch.equal(got, comfy_sampling_function(x, sigma, cp, up, cfg, pre=[comfy_apg(0.5, 3.0, 0.7)]))
+    assert not torch.allclose(got, _replay(calls, cfg, 3))
+    # a new run of the same MODEL from the top of the schedule: sigma rises, the average restarts
+    again = CFGDenoiser(toy, c, u, cfg=cfg, post_cfg=m.post_cfg)
+    restart = comfy_apg(0.5, 3.0, 0.7)
+    for x, sigma, cp, up in calls[:2]:
+        assert torch.equal(again(x, sigma), comfy_sampling_function(x, sigma, cp, up, cfg, pre=[restart]))
+
+
+def _replay(calls, cfg, upto):
+    """ComfyUI's closure fed calls[0..upto]: the prediction of the last one."""
+    ref = comfy_apg(0.5, 3.0, 0.7)
+    for x, sigma, cp, up in calls[:upto + 1]:
+        out = comfy_sampling_function(x, sigma, cp, up, cfg, pre=[ref])
+    return out
 
 
 @pytest.mark.parametrize("cfg", [4.5, 1.0])
@@ -448,8 +485,9 @@ def _diff(a, b) -> int:
 def test_nodes_in_workflows(executor):
     """APG (eta 1, no threshold, no momentum) at cfg 4 is plain CFG at cfg 5 (cond + 4 (cond - uncond)), up to
     rounding; with momentum it changes the image, the same through KSampler and SamplerCustomAdvanced, and its
-    cached MODEL sampled again after another prompt gives the same image (no state carried between runs). Mahiro,
-    LatentApplyOperationCFG and LatentApplyOperation each change the image."""
+    cached MODEL sampled again after another prompt gives the same image. Mahiro,
+    LatentApplyOperationCFG and LatentApplyOperation each change the image. (The cached MODEL's running average
+    restarts there because the new run's first sigma is above the last one's, as in ComfyUI.)"""
     ex, root = executor
     plain4, _ = _run(ex, root, {**_base(), "5": _ksampler(("1", 0))}, "5")
     plain5, _ = _run(ex, root, {**_base(), "5": _ksampler(("1", 0), cfg=5.0)}, "5")
@@ -477,3 +515,33 @@ def test_nodes_in_workflows(executor):
     tone, _ = _run(ex, root, {**_base(), **ops, "5": _ksampler(("41", 0))}, "5")
     sharp, _ = _run(ex, root, {**_base(), **ops, "5": _ksampler(("41", 0))}, "43")
     assert _diff(tone, plain4) > 2 and _diff(sharp, tone) > 2
+
+
+def _advanced(model, latent, start, end, add_noise, leftover) -> dict:
+    return {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": list(model), "add_noise": add_noise, "noise_seed": 5, "steps": 4, "cfg": 4.0, "sampler_name": "euler",
+        "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": list(latent),
+        "start_at_step": start, "end_at_step": end, "return_with_leftover_noise": leftover}}
+
+
+def test_split_samplers_share_the_running_average(executor):
+    """Two KSamplerAdvanced nodes splitting one euler schedule (0-2 with leftover noise, then 2-4 without noise) on
+    one APG MODEL with momentum: ComfyUI's closure carries the running average from the first into the second (its
+    sigmas are lower: no restart), so the split equals the single 4-step KSampler up to the latent's round trip
+    between the two. A second sampler on another APG node (after a ModelSamplingSD3 at the model's own shift, which
+    changes nothing else) starts its own average, and that shows in the image."""
+    ex, root = executor
+    apg = {"30": {"class_type": "APG", "inputs": {"model": ["1", 0], "eta": 0.5, "norm_threshold": 5.0,
+                                                  "momentum": 0.9}},
+           "31": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
+           "32": {"class_type": "APG", "inputs": {"model": ["31", 0], "eta": 0.5, "norm_threshold": 5.0,
+                                                  "momentum": 0.9}}}
+    whole, _ = _run(ex, root, {**_base(), **apg, "5": _ksampler(("30", 0))}, "5")
+    assert np.array_equal(_run(ex, root, {**_base(), **apg, "5": _ksampler(("32", 0))}, "5")[0], whole)
+    split = {"6": _advanced(("30", 0), ("4", 0), 0, 2, "enable", "enable"),
+             "7": _advanced(("30", 0), ("6", 0), 2, 10000, "disable", "disable")}
+    carried, _ = _run(ex, root, {**_base(), **apg, **split}, "7")
+    assert _diff(carried, whole) <= 2
+    fresh = {**split, "7": _advanced(("32", 0), ("6", 0), 2, 10000, "disable", "disable")}
+    restarted, _ = _run(ex, root, {**_base(), **apg, **fresh}, "7")
+    assert _diff(restarted, whole) > 2

@@ -175,7 +175,8 @@ class PreCFG(Protocol):
 
     start() gives the function one sampling run calls (ComfyUI's args dict: "conds_out" [cond_x0, uncond_x0],
     "cond_scale", "sigma" [B], "timestep", "input" x) -> the new conds_out list. A function with state across
-    steps (APG's running average) keeps it in what start() returned, so every run begins fresh."""
+    steps keeps it where ComfyUI's closure keeps it: APG's running average lives in the APG object, one per node
+    execution (the patched MODEL), and so passes from one sampling run to the next as ComfyUI's does."""
 
     def start(self) -> Callable[[dict], list[torch.Tensor]]: ...
 
@@ -187,30 +188,28 @@ def _project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return parallel, v0 - parallel
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class APG:
     """Adaptive Projected Guidance (comfy_extras/nodes_apg.py), a pre-CFG function on the x0 predictions.
 
     guidance = cond - uncond; with momentum != 0 a running average (momentum * avg + guidance) replaces it; with
     norm_threshold > 0 its norm per image is capped there; its part parallel to cond is scaled by eta. The cond
-    becomes uncond + guidance' + (cond - uncond) / cfg, so CFG gives cond + cfg * guidance'. The running average
-    restarts when sigma rises above the previous call's (ComfyUI's rule) and with every sampling run (start())."""
+    becomes uncond + guidance' + (cond - uncond) / cfg, so CFG gives cond + cfg * guidance'.
+
+    The running average and the previous call's sigma are this object's, as they are the closure's of one
+    APG.execute in ComfyUI: every sampling run of the patched MODEL (and of MODELs patched further from it) shares
+    them, and the average restarts only when sigma rises above the previous call's. So a second KSamplerAdvanced
+    that continues a first one's schedule (a lower sigma) carries its running average on, while a new run from the
+    top of a schedule starts afresh."""
 
     eta: float = 1.0
     norm_threshold: float = 5.0
     momentum: float = 0.0
+    running_avg: torch.Tensor | None = field(default=None, init=False, repr=False)
+    prev_sigma: float | None = field(default=None, init=False, repr=False)
 
     def start(self) -> Callable[[dict], list[torch.Tensor]]:
-        return _APGRun(self)
-
-
-class _APGRun:
-    """One sampling run of APG: the running average and the previous sigma."""
-
-    def __init__(self, apg: APG):
-        self.apg = apg
-        self.running_avg: torch.Tensor | None = None
-        self.prev_sigma: float | None = None
+        return self
 
     def __call__(self, args: dict) -> list[torch.Tensor]:
         conds_out = args["conds_out"]
@@ -225,16 +224,15 @@ class _APGRun:
         if self.prev_sigma is not None and sigma > self.prev_sigma:
             self.running_avg = None
         self.prev_sigma = sigma
-        a = self.apg
         guidance = cond - uncond
-        if a.momentum != 0:
-            self.running_avg = guidance if self.running_avg is None else a.momentum * self.running_avg + guidance
+        if self.momentum != 0:
+            self.running_avg = guidance if self.running_avg is None else self.momentum * self.running_avg + guidance
             guidance = self.running_avg
-        if a.norm_threshold > 0:
+        if self.norm_threshold > 0:
             norm = guidance.norm(p=2, dim=[-1, -2, -3], keepdim=True)  # [B, 1, 1, 1]
-            guidance = guidance * torch.minimum(torch.ones_like(norm), a.norm_threshold / norm)
+            guidance = guidance * torch.minimum(torch.ones_like(norm), self.norm_threshold / norm)
         parallel, orthogonal = _project(guidance, cond)
-        modified = orthogonal + a.eta * parallel
+        modified = orthogonal + self.eta * parallel
         return [(uncond + modified) + (cond - uncond) / cond_scale, uncond, *conds_out[2:]]
 
 
@@ -374,7 +372,7 @@ class CFGDenoiser:
         if bad:
             raise InputError(f"unknown post-CFG function(s) {bad}; known: {', '.join(POST_CFG)}")
         self._cfg_fn = {p[0]: p for p in post if p[0] in CFG_FUNCTIONS}  # the last of each kind
-        # pre-CFG functions in patch order, each started for this run (its own state: APG's running average)
+        # pre-CFG functions in patch order, each started for this run (APG's state is the patch's own, across runs)
         bad = [p for p in post if p[0] == "pre_cfg" and (len(p) != 2 or not callable(getattr(p[1], "start", None)))]
         if bad:
             raise InputError(f"a pre-CFG patch is ('pre_cfg', settings with start()), got {bad}")

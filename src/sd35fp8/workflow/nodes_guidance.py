@@ -191,7 +191,8 @@ class APG(Node):
 
     def patch(self, model, eta, norm_threshold, momentum):
         """A pre-CFG function (set_model_sampler_pre_cfg_function), after the ones already there. Its running
-        average lives in each sampling run (sampling.guidance.APG.start), so no state passes between runs."""
+        average and previous sigma live in the APG object made here, as in ComfyUI's closure: one per execution of
+        this node, shared by every sampling run of the MODEL it returns (sampling.guidance.APG)."""
         check_widgets(APG, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
         apg = APGGuidance(eta=float(eta), norm_threshold=float(norm_threshold), momentum=float(momentum))
         return (replace(model, post_cfg=model.post_cfg + (("pre_cfg", apg),)),)
