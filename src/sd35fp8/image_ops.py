@@ -45,9 +45,67 @@ def lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return torch.stack(out).to(samples.device, samples.dtype)
 
 
+def _slerp_rows(b1: torch.Tensor, b2: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """bislerp's blend of rows b1, b2 [N, C] at ratios r [N, 1]: the unit directions slerped (a zero row's direction
+    is zeros), the norms lerped; rows within 1e-5 of parallel keep b1, rows within 1e-5 of opposite are lerped.
+    Written as comfy.utils.bislerp's slerp computes it, so the float32 rounding is the same."""
+    c = b1.shape[-1]
+    n1 = torch.norm(b1, dim=-1, keepdim=True)
+    n2 = torch.norm(b2, dim=-1, keepdim=True)
+    u1 = b1 / n1
+    u2 = b2 / n2
+    u1[n1.expand(-1, c) == 0.0] = 0.0
+    u2[n2.expand(-1, c) == 0.0] = 0.0
+    dot = (u1 * u2).sum(1)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    out = ((torch.sin((1.0 - r.squeeze(1)) * omega) / so).unsqueeze(1) * u1
+           + (torch.sin(r.squeeze(1) * omega) / so).unsqueeze(1) * u2)
+    out *= (n1 * (1.0 - r) + n2 * r).expand(-1, c)
+    parallel, opposite = dot > 1 - 1e-5, dot < 1e-5 - 1
+    out[parallel] = b1[parallel]
+    out[opposite] = (b1 * (1.0 - r) + b2 * r)[opposite]
+    return out
+
+
+def _linear_taps(old: int, new: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For resampling `old` positions to `new`: (ratios, left index, right index), each [1, 1, 1, new] (indices int64,
+    the right one clamped at the last position), from a bilinear resize of the positions themselves."""
+    left = F.interpolate(torch.arange(old, dtype=torch.float32, device=device).reshape(1, 1, 1, -1), size=(1, new),
+                         mode="bilinear")
+    ratios = left - left.floor()
+    right = torch.arange(old, dtype=torch.float32, device=device).reshape(1, 1, 1, -1) + 1
+    right[:, :, :, -1] -= 1
+    right = F.interpolate(right, size=(1, new), mode="bilinear")
+    return ratios, left.to(torch.int64), right.to(torch.int64)
+
+
+def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """comfy.utils.bislerp: [B, C, H, W] -> [B, C, height, width], each pixel's channel vector slerped between its two
+    neighbours (_slerp_rows), along the width and then along the height; computed in float32, back in the input's
+    dtype."""
+    dtype = samples.dtype
+    samples = samples.float()
+    n, c, h, w = samples.shape
+    ratios, left, right = _linear_taps(w, width, samples.device)
+    left, right = left.expand(n, c, h, -1), right.expand(n, c, h, -1)
+    ratios = ratios.expand(n, 1, h, -1).movedim(1, -1).reshape(-1, 1)
+    rows = _slerp_rows(samples.gather(-1, left).movedim(1, -1).reshape(-1, c),
+                       samples.gather(-1, right).movedim(1, -1).reshape(-1, c), ratios)
+    across = rows.reshape(n, h, width, c).movedim(-1, 1)  # [B, C, H, width]
+    ratios, top, bottom = _linear_taps(h, height, samples.device)
+    top = top.reshape(1, 1, -1, 1).expand(n, c, -1, width)
+    bottom = bottom.reshape(1, 1, -1, 1).expand(n, c, -1, width)
+    ratios = ratios.reshape(1, 1, -1, 1).expand(n, 1, -1, width).movedim(1, -1).reshape(-1, 1)
+    rows = _slerp_rows(across.gather(-2, top).movedim(1, -1).reshape(-1, c),
+                       across.gather(-2, bottom).movedim(1, -1).reshape(-1, c), ratios)
+    return rows.reshape(n, height, width, c).movedim(-1, 1).to(dtype)
+
+
 def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C, height, width] (comfy.utils.common_upscale)."""
-    if method not in UPSCALE_METHODS:
+    """[B, C, H, W] -> [B, C, height, width] (comfy.utils.common_upscale). "bislerp" (not an image node's method:
+    ComfyUI offers it for latents) resamples with bislerp."""
+    if method not in UPSCALE_METHODS and method != "bislerp":
         raise InputError(f"upscale_method {method!r}: expected one of {UPSCALE_METHODS}")
     if crop not in CROP_METHODS:
         raise InputError(f"crop {crop!r}: expected one of {CROP_METHODS}")
@@ -56,6 +114,8 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, 
     s = center_crop_to(samples, width, height) if crop == "center" else samples
     if method == "lanczos":
         return lanczos(s, width, height)
+    if method == "bislerp":
+        return bislerp(s, width, height)
     return F.interpolate(s, size=(height, width), mode=method)
 
 

@@ -1,5 +1,5 @@
 """ComfyUI's latent resize nodes (nodes.py LatentUpscale, LatentUpscaleBy): comfy.utils.common_upscale on
-the latent. "bislerp" (ComfyUI's slerp resampler) is listed for compatibility and refused by name. And
+the latent, "bislerp" included (image_ops.bislerp, ComfyUI's slerp resampler). And
 RepeatLatentBatch (nodes.py): the batch repeated `amount` times, its noise mask and batch_index with it."""
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ LATENT_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bisle
 def _upscale(samples, width: int, height: int, method: str, crop: str, node: str):
     from sd35fp8.image_ops import common_upscale
 
-    if method == "bislerp":
-        raise InputError(f"{node}: upscale_method 'bislerp' is not supported here; use nearest-exact, bilinear, "
-                         "area or bicubic")
+    if method not in LATENT_UPSCALE_METHODS:  # a linked value skips validation
+        raise InputError(f"{node}: upscale_method {method!r} is not one of {LATENT_UPSCALE_METHODS}")
     return common_upscale(samples, width, height, method, crop)
 
 
