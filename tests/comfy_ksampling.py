@@ -2,12 +2,16 @@
 helpers of ComfyUI's comfy/k_diffusion/sampling.py (comfyanonymous/ComfyUI 02159d814dee609a) transcribed once, with
 the two samplers that have a CFG++ form (res_multistep, gradient_estimation: cfg_pp False is the plain sampler); a
 toy x0-predictor over the SD3 flow model_sampling; the noisy start latent; a tiny MMDiT and a run of a named sampler
-through the generation core. Also comfy.utils.bislerp / common_upscale on latents."""
+through the generation core. Also the samplers of comfy_extras/nodes_advanced_samplers.py (sample_euler_pp,
+sample_lcm_upscale, in that file's V3 form) with what they call: comfy.utils.common_upscale / bislerp and
+comfy/sample.py prepare_noise, which seeds torch's global generator (torch.manual_seed) that sample_lcm_upscale's
+torch.randn_like then draws from."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from sd35fp8 import generation
@@ -257,7 +261,24 @@ def c_sample_er_sde(model, x, sigmas, extra_args=None, ms=None, s_noise=1.0, noi
     return x
 
 
-# ------------------------------------------------------------------ comfy.utils (as ComfyUI writes them)
+# ------------------------------------------------------------------ comfy/sample.py, comfy.utils (as ComfyUI writes them)
+def c_prepare_noise(latent_image, seed, noise_inds=None):
+    """prepare_noise / prepare_noise_inner: the GLOBAL generator seeded (torch.manual_seed), float32 draws."""
+    generator = torch.manual_seed(seed)
+    if noise_inds is None:
+        return torch.randn(latent_image.size(), dtype=torch.float32, layout=latent_image.layout, generator=generator,
+                           device="cpu").to(dtype=latent_image.dtype)
+    unique_inds, inverse = np.unique(noise_inds, return_inverse=True)
+    noises = []
+    for i in range(unique_inds[-1] + 1):
+        noise = torch.randn([1] + list(latent_image.size())[1:], dtype=torch.float32, layout=latent_image.layout,
+                            generator=generator, device="cpu").to(dtype=latent_image.dtype)
+        if i in unique_inds:
+            noises.append(noise)
+    noises = [noises[i] for i in inverse]
+    return torch.cat(noises, axis=0)
+
+
 def c_bislerp(samples, width, height):
     def slerp(b1, b2, r):
         c = b1.shape[-1]
@@ -320,3 +341,57 @@ def c_common_upscale(samples, width, height, upscale_method, crop):
         return c_bislerp(samples, width, height)
     return torch.nn.functional.interpolate(samples, size=(height, width), mode=upscale_method)
 
+
+# ------------------------------------------------------------------ comfy_extras/nodes_advanced_samplers.py
+def c_sample_lcm_upscale(model, x, sigmas, extra_args=None, callback=None, disable=None, total_upscale=2.0,
+                         upscale_method="bislerp", upscale_steps=None):
+    extra_args = {} if extra_args is None else extra_args
+    if upscale_steps is None:
+        upscale_steps = max(len(sigmas) // 2 + 1, 2)
+    else:
+        upscale_steps += 1
+        upscale_steps = min(upscale_steps, len(sigmas) + 1)
+    upscales = np.linspace(1.0, total_upscale, upscale_steps)[1:]
+    orig_shape = x.size()
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        x = denoised
+        if i < len(upscales):
+            x = c_common_upscale(x, round(orig_shape[-1] * upscales[i]), round(orig_shape[-2] * upscales[i]),
+                                 upscale_method, "disabled")
+        if sigmas[i + 1] > 0:
+            x += sigmas[i + 1] * torch.randn_like(x)
+    return x
+
+
+def c_sampler_lcm_upscale_options(scale_ratio, scale_steps, upscale_method):
+    """SamplerLCMUpscale.execute: the extra_options of its KSAMPLER(sample_lcm_upscale)."""
+    if scale_steps < 0:
+        scale_steps = None
+    return {"total_upscale": scale_ratio, "upscale_steps": scale_steps, "upscale_method": upscale_method}
+
+
+def c_sample_euler_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    extra_args = {} if extra_args is None else extra_args
+    temp = [0]
+
+    def post_cfg_function(args):
+        temp[0] = args["uncond_denoised"]
+        return args["denoised"]
+
+    model_options = extra_args.get("model_options", {}).copy()
+    extra_args["model_options"] = c_set_model_options_post_cfg_function(model_options, post_cfg_function,
+                                                                        disable_cfg1_optimization=True)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma_hat = sigmas[i]
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = c_to_d(x - denoised + temp[0], sigmas[i], denoised)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        dt = sigmas[i + 1] - sigma_hat
+        x = x + d * dt
+    return x

@@ -1,5 +1,6 @@
 """ComfyUI's SamplerEulerAncestralCFGPP, SamplerER_SDE, SamplerSASolver, SamplerSEEDS2 (comfy_extras/
-nodes_custom_sampler.py), SamplerEulerCFGpp (nodes_advanced_samplers.py), ImageColorToMask, MaskPreview
+nodes_custom_sampler.py), SamplerEulerCFGpp and SamplerLCMUpscale (nodes_advanced_samplers.py; their samplers in
+tests/test_nodes_samplers_advanced.py), ImageColorToMask, MaskPreview
 (nodes_mask.py), ImageAddNoise (nodes_images.py) and PreviewAny (nodes_preview_any.py).
 
 The interface of each node is checked against ComfyUI's, written out below as its legacy INPUT_TYPES (the V3
@@ -82,6 +83,13 @@ COMFY = {
         input={"required": {"version": (["regular", "alternative"],)}},
         output=("SAMPLER",), category="_for_testing", display="SamplerEulerCFG++",
         module="comfy_extras.nodes_advanced_samplers", experimental=True),
+    "SamplerLCMUpscale": dict(
+        input={"required": {
+            "scale_ratio": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 20.0, "step": 0.01}),
+            "scale_steps": ("INT", {"default": -1, "min": -1, "max": 1000, "step": 1}),
+            "upscale_method": (["bislerp", "nearest-exact", "bilinear", "area", "bicubic"],)}},
+        output=("SAMPLER",), category="sampling/custom_sampling/samplers",
+        module="comfy_extras.nodes_advanced_samplers"),
     "ImageColorToMask": dict(
         input={"required": {
             "image": ("IMAGE",),
@@ -268,14 +276,14 @@ def test_euler_ancestral_cfg_pp_node_matches_comfyui():
 def test_euler_cfg_pp_node():
     (s,) = node("SamplerEulerCFGpp")("regular")
     assert s == Sampler("euler_cfg_pp")
-    with pytest.raises(InputError, match="version 'alternative'"):
-        node("SamplerEulerCFGpp")("alternative")
+    assert node("SamplerEulerCFGpp")("alternative") == (Sampler("euler_pp"),)  # tests/test_nodes_samplers_advanced.py
 
 
 @pytest.mark.parametrize("name, args, option", [
     ("SamplerER_SDE", ("SDE", 3, 1.0, 1.0), "solver_type"),
     ("SamplerSEEDS2", ("phi_3", 1.0, 1.0, 0.5), "solver_type"),
     ("SamplerEulerCFGpp", ("fast",), "version"),
+    ("SamplerLCMUpscale", (1.0, -1, "lanczos"), "upscale_method"),
 ])
 def test_unknown_choices_name_the_option(name, args, option):
     with pytest.raises(InputError, match=f"{name}: {option}"):
@@ -392,12 +400,14 @@ def test_workflow_sampler_nodes_equal_ksampler(executor, sampler, sampler_node, 
 
 
 def test_workflow_bad_option_is_an_input_error(executor):
+    """A linked value skips prompt validation: the node names the option itself."""
     ex, _ = executor
-    bad = {"class_type": "SamplerEulerCFGpp", "inputs": {"version": "alternative"}}
-    prompt = {**_base(), **_custom(bad), "90": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}}
+    bad = {"class_type": "SamplerEulerCFGpp", "inputs": {"version": ["30", 0]}}
+    prompt = {**_base(), **_custom(bad), "30": {"class_type": "PrimitiveString", "inputs": {"value": "fast"}},
+              "90": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}}
     result = ex.execute(prompt, prompt_id="b", extra_data={}, execute_outputs=["90"])
     assert not result.success and result.error["node_type"] == "SamplerEulerCFGpp", result.error
-    assert "version 'alternative'" in json.dumps(result.error)
+    assert "version 'fast'" in json.dumps(result.error)
 
 
 # ------------------------------------------------------------------ image and mask nodes against ComfyUI's bodies

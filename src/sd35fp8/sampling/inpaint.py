@@ -50,6 +50,10 @@ class MaskedDenoiser:
         return getattr(self.inner, name)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+        if x.shape != self.mask.shape:  # a sampler that resizes the latent (lcm_upscale): ComfyUI fails here too
+            raise InputError(f"the latent's noise mask is for a latent of {tuple(self.mask.shape)}, but the sampler "
+                             f"resized the latent to {tuple(x.shape)}: inpainting needs a sampler that keeps its "
+                             "size (SamplerLCMUpscale with scale_ratio 1 does)")
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # [B, 1, 1, 1]
         known = self.ms.noise_scaling(s, self.noise, self.latent)  # init latent at this sigma
         x = x * self.mask + known * self.keep

@@ -6,6 +6,9 @@
   a generator seeded with `seed + 1` when x lives on the CPU. ComfyUI on CUDA seeds a CUDA
   generator with `seed` instead; we always draw on the CPU with `seed + 1` and move the result
   to x's device, so our results equal ComfyUI-on-CPU on any device, not ComfyUI-on-CUDA.
+- torch.randn_like in a sampler (SamplerLCMUpscale's sample_lcm_upscale) draws from ComfyUI's global
+  generator, which prepare_noise seeded and advanced: `global_generator` is a private generator in that state
+  (ComfyUI-on-CPU's numbers; ComfyUI on CUDA draws from the CUDA generator, seeded with `seed` alone).
 - SDE samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde): torchsde Brownian tree on the CPU,
   seeded by `seed` (ComfyUI BrownianTreeNoiseSampler with cpu=True).
 """
@@ -38,6 +41,13 @@ def prepare_noise(
     noise is drawn one sample at a time up to max(index) and picked by index.
     """
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return _initial_draw(generator, shape, batch_index, dtype)
+
+
+def _initial_draw(generator: torch.Generator, shape: Sequence[int], batch_index: Sequence[int] | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """prepare_noise's draw from `generator` (seeded): the whole batch at once, or one sample at a time up to
+    max(batch_index) and picked by index."""
     shape = tuple(int(s) for s in shape)
     if batch_index is None:
         return torch.randn(shape, dtype=dtype, generator=generator, device="cpu")
@@ -50,6 +60,20 @@ def prepare_noise(
         if i in unique:
             kept.append(one)
     return torch.cat([kept[int(j)] for j in inverse.reshape(-1)], dim=0)
+
+
+def global_generator(seed: int, shape: Sequence[int] | None = None,
+                     batch_index: Sequence[int] | None = None) -> torch.Generator:
+    """A private CPU generator in the state ComfyUI's global one is in when its sampler starts: prepare_noise seeds
+    the global generator (torch.manual_seed(seed)) and draws the initial noise of `shape` from it (with
+    `batch_index` as it does); shape None: no draw (DisableNoise's zeros, which leave it unseeded in ComfyUI).
+    For the samplers that call torch.randn_like (SamplerLCMUpscale's sample_lcm_upscale): their noise on ComfyUI's
+    CPU. On CUDA ComfyUI draws it from the CUDA generator, which torch.manual_seed seeds too; not reproduced here
+    (see the module doc)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    if shape is not None:
+        _initial_draw(generator, shape, batch_index, torch.float32)
+    return generator
 
 
 def noise_scaling(sigma, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ euler heun heunpp2 dpm_2 lms dpmpp_2m ipndm ipndm_v deis res_multistep gradient_
 dpm_adaptive ddim uni_pc uni_pc_bh2 euler_cfg_pp dpmpp_2m_cfg_pp res_multistep_cfg_pp
 gradient_estimation_cfg_pp (dpm_adaptive's step control reads the whole batch, though); seeds_2 / seeds_3 with
 eta 0, sa_solver(_pece) with a tau_func that is 0 everywhere.
+NODE_SAMPLERS are not KSampler names: the samplers of comfy_extras/nodes_advanced_samplers.py, euler_pp
+(SamplerEulerCFGpp "alternative", no per-step noise) and lcm_upscale (SamplerLCMUpscale: its noise continues the
+initial noise's generator, see sample_lcm_upscale).
 """
 
 from __future__ import annotations
@@ -1331,6 +1334,69 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None):
     return sample_euler(model, x, sigmas, extra_args, callback, disable)
 
 
+@torch.no_grad()
+def sample_euler_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """ComfyUI's sample_euler_pp (comfy_extras/nodes_advanced_samplers.py, SamplerEulerCFGpp version "alternative"):
+    euler on the derivative of x - denoised + uncond_denoised, d = (x - 2 denoised + uncond) / sigma, with the uncond
+    prediction as the CFG++ samplers take it (the uncond pass runs at cfg 1 too; zeros without a negative). Unlike
+    euler_cfg_pp no first-sigma offset: sigma 1 is used as it is."""
+    extra_args = {} if extra_args is None else extra_args
+    holder = _capture_uncond(model, "euler_pp (SamplerEulerCFGpp 'alternative')")
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = to_d(x - denoised + holder[0], sigmas[i], denoised)
+        _report(callback, x, i, sigmas[i], denoised)
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+LCM_UPSCALE_METHODS = ["bislerp", "nearest-exact", "bilinear", "area", "bicubic"]
+
+
+@torch.no_grad()
+def sample_lcm_upscale(model, x, sigmas, extra_args=None, callback=None, disable=None, total_upscale=2.0,
+                       upscale_method="bislerp", upscale_steps=None, noise_inds=None, initial_noise=True):
+    """ComfyUI's sample_lcm_upscale (comfy_extras/nodes_advanced_samplers.py, SamplerLCMUpscale): lcm whose latent is
+    resized after each of its first steps, the scale rising linearly to total_upscale over upscale_steps steps (None:
+    half the schedule) -- the denoised prediction is resized (comfy.utils.common_upscale, no crop) and the noise of
+    the next sigma added at the new size. The result is larger than x (smaller below 1).
+
+    Its noise is torch.randn_like in ComfyUI: the global generator as prepare_noise left it (noise.global_generator:
+    seeded with extra_args["seed"], advanced by the initial noise of x's shape, drawn with the LATENT's batch_index
+    `noise_inds`; initial_noise False: not advanced, as DisableNoise draws nothing), drawn on the CPU: ComfyUI-on-CPU's
+    numbers, drawn as randn_like draws them: in x's memory layout (bislerp's result is channels-last). Without a
+    seed the global generator itself. As ComfyUI's, the noise is added in place to the resized prediction, or to the
+    prediction itself in a step without resizing (which the callback got)."""
+    from sd35fp8.image_ops import common_upscale
+
+    from .noise import global_generator
+
+    extra_args = {} if extra_args is None else extra_args
+    if upscale_method not in LCM_UPSCALE_METHODS:
+        raise InputError(f"lcm_upscale: upscale_method {upscale_method!r} is not one of {LCM_UPSCALE_METHODS}")
+    if upscale_steps is None:
+        upscale_steps = max(len(sigmas) // 2 + 1, 2)
+    else:
+        upscale_steps = min(upscale_steps + 1, len(sigmas) + 1)
+    upscales = np.linspace(1.0, total_upscale, upscale_steps)[1:]  # float64, as ComfyUI's
+    seed = extra_args.get("seed")
+    generator = None if seed is None else global_generator(seed, tuple(x.shape) if initial_noise else None,
+                                                           noise_inds)
+    h, w = x.shape[-2:]
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], denoised)
+        x = denoised
+        if i < len(upscales):
+            x = common_upscale(x, round(w * upscales[i]), round(h * upscales[i]), upscale_method, "disabled")
+        if sigmas[i + 1] > 0:
+            noise = torch.empty_like(x, device="cpu").normal_(generator=generator)
+            x += sigmas[i + 1] * noise.to(x.device)
+    return x
+
+
 SAMPLERS: dict[str, Callable] = {
     "euler": sample_euler,
     "euler_cfg_pp": sample_euler_cfg_pp,
@@ -1377,6 +1443,17 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
+# samplers only a node's SAMPLER runs (ComfyUI's comfy.samplers.KSAMPLER(function) of
+# comfy_extras/nodes_advanced_samplers.py), not KSampler names: SamplerEulerCFGpp "alternative", SamplerLCMUpscale
+NODE_SAMPLERS: dict[str, Callable] = {
+    "euler_pp": sample_euler_pp,
+    "lcm_upscale": sample_lcm_upscale,
+}
+# samplers whose per-step noise continues the initial noise's generator (ComfyUI's global one, torch.randn_like):
+# the workflow hands them the LATENT's batch_index (noise_inds) and whether noise was drawn (initial_noise)
+GLOBAL_RNG_SAMPLERS = frozenset({"lcm_upscale"})
+
+
 def get_sampler(name: str) -> Callable:
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
@@ -1386,7 +1463,7 @@ def get_sampler(name: str) -> Callable:
 def sample(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
            callback: Callback | None = None, disable: bool | None = None, **options) -> torch.Tensor:
     """Run sampler `name` (ComfyUI name) from the noise-scaled x [B, C, H, W] float32 along sigmas."""
-    fn = get_sampler(name)
+    fn = NODE_SAMPLERS[name] if name in NODE_SAMPLERS else get_sampler(name)
     if x.dtype != torch.float32 or sigmas.dtype != torch.float32:
         raise InputError(f"sampling runs in float32; got x {x.dtype}, sigmas {sigmas.dtype}")
     if sigmas.ndim != 1:

@@ -492,7 +492,9 @@ def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler
            force_full_denoise: bool = False) -> dict[str, torch.Tensor]:
     """KSampler / KSamplerAdvanced: the generation core's `sample` (ComfyUI's CONST flow sampling, float32)."""
     from sd35fp8 import generation
+    from sd35fp8.sampling import get_sampler
 
+    get_sampler(sampler_name)  # a KSampler name (a linked value skips validation), not a node's own (NODE_SAMPLERS)
     dev = torch.device(ctx.device)
     samples = fix_empty_latent_channels(latent["samples"]).to(dev, torch.float32)  # [B, 16, h, w] raw
     cond, ucond = conditioning_of(positive, "positive", dev), conditioning_of(negative, "negative", dev)

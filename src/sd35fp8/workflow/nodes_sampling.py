@@ -4,9 +4,9 @@ separate values, same names, inputs, defaults, outputs and categories.
     NOISE: Noise (a seed, or none)   GUIDER: Guider (model + conditionings + cfg)
     SAMPLER: Sampler (a sampler name and its options: eta, s_noise, ...)   SIGMAS: float32 [n+1]
 SamplerCustomAdvanced / SamplerCustom sample through the generation core as KSampler does (run_guider). The
-schedulers and the nodes that edit SIGMAS are in nodes_sigmas.py. SamplerEulerCFGpp is ComfyUI's
-comfy_extras/nodes_advanced_samplers.py node; SamplerLCMUpscale (same file) is absent: its sampler resizes the latent
-between steps, which the generation core does not run.
+schedulers and the nodes that edit SIGMAS are in nodes_sigmas.py. SamplerEulerCFGpp and SamplerLCMUpscale are
+ComfyUI's comfy_extras/nodes_advanced_samplers.py nodes; their samplers (euler_cfg_pp, or euler_pp for "alternative";
+lcm_upscale) run as the others do, lcm_upscale returning a larger latent than it was given.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     the latent's noise_mask (inpainting), the server's step cache."""
     from sd35fp8 import generation
     from sd35fp8.models.vae import to_vae_space
+    from sd35fp8.sampling.samplers import GLOBAL_RNG_SAMPLERS
     from sd35fp8.workflow.engine import (conditioning_of, fix_empty_latent_channels, lora_active, noise_mask_of,
                                          sample_settings)
 
@@ -76,10 +77,15 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
     uncond = None if guider.negative is None else conditioning_of(guider.negative, "negative", dev)
     middle = None if guider.middle is None else conditioning_of(guider.middle, "cond2", dev)
     model = guider.model
+    options = sampler.options
+    if sampler.name in GLOBAL_RNG_SAMPLERS:  # its noise continues the initial draw's generator (ComfyUI's global one)
+        batch_index = latent.get("batch_index")
+        options += (("initial_noise", noise.seed is not None),
+                    ("noise_inds", None if batch_index is None else tuple(int(i) for i in batch_index)))
     # the MODEL's patches (shift, SLG, post-CFG) as KSampler takes them; the schedule given whole
     settings = replace(sample_settings(model, len(sigmas) - 1, guider.cfg if uncond is not None else 1.0,
                                        sampler.name, "simple"),
-                       sigmas=tuple(float(v) for v in sigmas), sampler_options=sampler.options,
+                       sigmas=tuple(float(v) for v in sigmas), sampler_options=options,
                        cache_threshold=ctx.engine_options.cache_threshold,
                        dual_cfg=None if middle is None else (guider.cfg2, guider.nested))
     last: dict[str, torch.Tensor] = {}
@@ -343,8 +349,8 @@ EULER_CFG_PP_VERSIONS = ["regular", "alternative"]
 
 
 class SamplerEulerCFGpp(_SamplerNode):
-    """euler_cfg_pp ("regular"). "alternative" is ComfyUI's sample_euler_pp, a sampler of that node's own that is
-    not among the KSampler names this codebase runs: an InputError naming the option."""
+    """euler_cfg_pp ("regular"), or "alternative": ComfyUI's sample_euler_pp, a sampler of that node's own, not a
+    KSampler name (samplers.NODE_SAMPLERS "euler_pp")."""
 
     CATEGORY = "_for_testing"
     DISPLAY_NAME = "SamplerEulerCFG++"
@@ -357,10 +363,34 @@ class SamplerEulerCFGpp(_SamplerNode):
 
     def get_sampler(self, version):
         _choice("SamplerEulerCFGpp", "version", version, EULER_CFG_PP_VERSIONS)
-        if version == "alternative":
-            raise InputError("SamplerEulerCFGpp: version 'alternative' (ComfyUI's sample_euler_pp) is not "
-                             "supported here; use version 'regular' (euler_cfg_pp)")
-        return (Sampler("euler_cfg_pp"),)
+        return (Sampler("euler_pp" if version == "alternative" else "euler_cfg_pp"),)
+
+
+class SamplerLCMUpscale(_SamplerNode):
+    """lcm_upscale (samplers.sample_lcm_upscale): lcm resizing the latent after each of its first scale_steps steps
+    (-1: half the schedule) up to scale_ratio times its size."""
+
+    PYTHON_MODULE = "comfy_extras.nodes_advanced_samplers"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        from sd35fp8.sampling.samplers import LCM_UPSCALE_METHODS
+
+        return {"required": {
+            "scale_ratio": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 20.0, "step": 0.01}),
+            "scale_steps": ("INT", {"default": -1, "min": -1, "max": 1000, "step": 1}),
+            "upscale_method": (list(LCM_UPSCALE_METHODS),),
+        }}
+
+    def get_sampler(self, scale_ratio, scale_steps, upscale_method):
+        from sd35fp8.workflow.nodes_image import check_widgets
+
+        check_widgets(SamplerLCMUpscale, scale_ratio=scale_ratio, scale_steps=scale_steps,
+                      upscale_method=upscale_method)
+        steps = int(scale_steps)
+        return (Sampler("lcm_upscale", _options(total_upscale=float(scale_ratio),
+                                                 upscale_steps=None if steps < 0 else steps,
+                                                 upscale_method=upscale_method)),)
 
 
 class BasicScheduler(Node):
@@ -584,5 +614,5 @@ SAMPLING_NODES: dict[str, type[Node]] = {cls.__name__: cls for cls in (
     SamplerCustomAdvanced, SamplerCustom, SamplerEulerAncestral, SamplerDPMPP_2S_Ancestral, SamplerLMS,
     SamplerDPMAdaptative, SamplerDPMPP_SDE,
     SamplerDPMPP_2M_SDE, SamplerDPMPP_3M_SDE, AddNoise, DualCFGGuider, SamplerEulerAncestralCFGPP, SamplerER_SDE,
-    SamplerSASolver, SamplerSEEDS2, SamplerEulerCFGpp,
+    SamplerSASolver, SamplerSEEDS2, SamplerEulerCFGpp, SamplerLCMUpscale,
 )}
