@@ -1,7 +1,8 @@
 """APG, Mahiro and the LATENT_OPERATION nodes (LatentApplyOperation, LatentApplyOperationCFG,
 LatentOperationTonemapReinhard, LatentOperationSharpen) against ComfyUI's code written out here: comfy/samplers.py
 sampling_function + cfg_function (pre-CFG functions on conds_out, the CFG combination, post-CFG functions),
-comfy_extras/nodes_apg.py (its closure with nonlocal state), nodes_mahiro.py, nodes_latent.py and
+comfy_extras/nodes_apg.py (its closure with nonlocal state), nodes_mahiro.py, nodes_latent.py (LatentApplyOperationCFG
+with the start_percent / end_percent window of Comfy-Org/ComfyUI's newest one) and
 nodes_post_processing.gaussian_kernel. The denoiser's own cond / uncond predictions are captured with a recording
 pre-CFG patch, so each comparison is bit for bit. Then their object_info and a run through the executor."""
 
@@ -112,9 +113,27 @@ def comfy_cfg_zero_star(args):
     return out + uncond_p * (alpha - 1.0) + guidance_scale * uncond_p * (1.0 - alpha)
 
 
-def comfy_apply_operation_cfg(operation):
+def comfy_percent_to_sigma(shift, percent):
+    """ModelSamplingDiscreteFlow.percent_to_sigma with comfy.model_sampling.time_snr_shift."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    t = 1.0 - percent
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+def comfy_apply_operation_cfg(operation, start_percent=0.0, end_percent=1.0, shift=3.0):
+    """LatentApplyOperationCFG.execute's pre_cfg_function (Comfy-Org/ComfyUI's, with the optional start_percent /
+    end_percent window taken to sigmas by the MODEL's model_sampling when the node runs)."""
+    sigma_start = comfy_percent_to_sigma(shift, start_percent)
+    sigma_end = comfy_percent_to_sigma(shift, end_percent)
+
     def pre_cfg_function(args):
         conds_out = args["conds_out"]
+        sigma = args["sigma"][0].item()
+        if sigma > sigma_start or sigma < sigma_end:
+            return conds_out
         if len(conds_out) == 2:
             conds_out[0] = operation(latent=(conds_out[0] - conds_out[1])) + conds_out[1]
         else:
@@ -333,6 +352,29 @@ def test_latent_apply_operation_cfg_matches_comfyui(cfg):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("start, end, shift", [(0.0, 1.0, 3.0), (0.2, 0.7, 3.0), (0.5, 0.5, 3.0), (0.0, 0.35, 1.0),
+                                               (0.6, 1.0, 6.0), (0.8, 0.3, 3.0)])
+def test_latent_apply_operation_cfg_window_matches_comfyui(start, end, shift):
+    """The optional start_percent / end_percent: the operation only at the sigmas of that part of the MODEL's
+    schedule (its shift when the node ran: a ModelSamplingSD3 after it does not move the window), bounds included;
+    start after end: never."""
+    c, u, cfg = text(1.0), text(-0.5), 3.0
+    sharpen = op("LatentOperationSharpen", 3, 1.0, 0.8)
+    m = model(("ModelSamplingSD3", shift), ("LatentApplyOperationCFG", sharpen, start, end), ("ModelSamplingSD3", 2.0))
+    den = CFGDenoiser(toy, c, u, cfg=cfg, post_cfg=m.post_cfg)
+    ref = comfy_apply_operation_cfg(comfy_sharpen(3, 1.0, 0.8), start, end, shift)
+    bounds = [torch.tensor(comfy_percent_to_sigma(shift, p)).float().item() for p in (start, end)]
+    changed = 0
+    for s in [1.0, 0.97, 0.9, 0.8, 0.75, 0.6, 0.5, 0.45, 0.3, 0.2, 0.1, 0.02, *bounds]:
+        x = torch.randn(1, 16, 10, 12, generator=torch.Generator().manual_seed(int(s * 1000)))
+        sigma = torch.full((1,), s)
+        cp, up = predictions(c, u, cfg, x, sigma)
+        want = comfy_sampling_function(x, sigma, cp, up, cfg, pre=[ref])
+        assert torch.equal(den(x, sigma), want), s
+        changed += not torch.equal(want, comfy_sampling_function(x, sigma, cp, up, cfg))
+    assert (changed == 0) == (start > end)
+
+
 def test_patch_order_pre_then_cfg_then_post():
     """Pre-CFG functions run in patch order before the CFG combination, post-CFG ones in patch order after it,
     wherever the nodes sit in the chain (ComfyUI keeps two lists)."""
@@ -413,9 +455,16 @@ def test_object_info_matches_comfyui():
                                      "rather than the difference between the negative prompt.")
     assert mahiro["experimental"] is True
 
+    window_tips = ("Start applying the operation at this fraction of the model's denoising schedule. 0 is the "
+                   "beginning.",
+                   "Stop applying the operation at this fraction of the model's denoising schedule. 1 is the end.")
     want = {
         "LatentApplyOperation": ({"samples": ["LATENT"], "operation": ["LATENT_OPERATION"]}, ["LATENT"], "op"),
-        "LatentApplyOperationCFG": ({"model": ["MODEL"], "operation": ["LATENT_OPERATION"]}, ["MODEL"], "patch"),
+        "LatentApplyOperationCFG": ({"model": ["MODEL"], "operation": ["LATENT_OPERATION"]}, ["MODEL"], "patch",
+                                    {"start_percent": ["FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                                                 "tooltip": window_tips[0]}],
+                                     "end_percent": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                                               "tooltip": window_tips[1]}]}),
         "LatentOperationTonemapReinhard": (
             {"multiplier": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}]},
             ["LATENT_OPERATION"], "op"),
@@ -425,9 +474,13 @@ def test_object_info_matches_comfyui():
             "alpha": ["FLOAT", {"default": 0.1, "min": 0.0, "max": 5.0, "step": 0.01, "advanced": True}],
         }, ["LATENT_OPERATION"], "op"),
     }
-    for name, (inputs, output, function) in want.items():
+    for name, (inputs, output, function, *optional) in want.items():
         info = node_info(name, NODE_CLASS_MAPPINGS[name])
-        assert info["input"] == {"required": inputs} and info["input_order"] == {"required": list(inputs)}
+        if optional:  # LatentApplyOperationCFG's window (Comfy-Org/ComfyUI's newest nodes_latent.py)
+            assert info["input"] == {"required": inputs, "optional": optional[0]}
+            assert info["input_order"] == {"required": list(inputs), "optional": list(optional[0])}
+        else:
+            assert info["input"] == {"required": inputs} and info["input_order"] == {"required": list(inputs)}
         assert (info["output"], info["output_name"], info["category"], info["python_module"]) == (
             output, output, "latent/advanced/operations", "comfy_extras.nodes_latent")
         assert info["experimental"] is True and info["display_name"] == name
@@ -545,3 +598,18 @@ def test_split_samplers_share_the_running_average(executor):
     fresh = {**split, "7": _advanced(("32", 0), ("6", 0), 2, 10000, "disable", "disable")}
     restarted, _ = _run(ex, root, {**_base(), **apg, **fresh}, "7")
     assert _diff(restarted, whole) > 2
+
+
+def test_latent_apply_operation_cfg_window_in_a_workflow(executor):
+    """LatentApplyOperationCFG's optional start_percent / end_percent through the executor: 0 and 1 given are the
+    inputs left out; the later half of the schedule only is neither the whole of it nor none."""
+    ex, root = executor
+    ops = {"40": {"class_type": "LatentOperationSharpen", "inputs": {"sharpen_radius": 3, "sigma": 1.0, "alpha": 2.0}},
+           "41": {"class_type": "LatentApplyOperationCFG", "inputs": {"model": ["1", 0], "operation": ["40", 0]}}}
+    plain, _ = _run(ex, root, {**_base(), "5": _ksampler(("1", 0))}, "5")
+    whole, _ = _run(ex, root, {**_base(), **ops, "5": _ksampler(("41", 0))}, "5")
+    given = {**ops, "41": {**ops["41"], "inputs": {**ops["41"]["inputs"], "start_percent": 0.0, "end_percent": 1.0}}}
+    assert np.array_equal(_run(ex, root, {**_base(), **given, "5": _ksampler(("41", 0))}, "5")[0], whole)
+    late = {**ops, "41": {**ops["41"], "inputs": {**ops["41"]["inputs"], "start_percent": 0.5}}}
+    half, _ = _run(ex, root, {**_base(), **late, "5": _ksampler(("41", 0))}, "5")
+    assert _diff(half, whole) > 2 and _diff(half, plain) > 2

@@ -239,15 +239,22 @@ class APG:
 @dataclass(frozen=True)
 class LatentOperationCFG:
     """LatentApplyOperationCFG's pre-CFG function (comfy_extras/nodes_latent.py): a LATENT_OPERATION on the
-    guidance, cond = operation(latent=cond - uncond) + uncond (operation(latent=cond) with a lone prediction)."""
+    guidance, cond = operation(latent=cond - uncond) + uncond (operation(latent=cond) with a lone prediction),
+    at the sigmas sigma_end <= sigma <= sigma_start only (the node's start_percent / end_percent taken to sigmas
+    with the MODEL's shift when it patched it; the defaults 1 and 0 cover every sigma)."""
 
     operation: Callable[..., torch.Tensor]
+    sigma_start: float = 1.0
+    sigma_end: float = 0.0
 
     def start(self) -> Callable[[dict], list[torch.Tensor]]:
         return self
 
     def __call__(self, args: dict) -> list[torch.Tensor]:
         conds_out = list(args["conds_out"])
+        sigma = float(args["sigma"].reshape(-1)[0])  # ComfyUI: args["sigma"][0].item()
+        if sigma > self.sigma_start or sigma < self.sigma_end:
+            return conds_out
         if len(conds_out) == 2:
             conds_out[0] = self.operation(latent=(conds_out[0] - conds_out[1])) + conds_out[1]
         else:

@@ -3,7 +3,8 @@ LatentRotate (nodes.py) and LatentAdd, LatentSubtract, LatentMultiply, LatentInt
 LatentBatchSeedBehavior (comfy_extras/nodes_latent.py), with ComfyUI's inputs, outputs and arithmetic; and the
 LATENT_OPERATION nodes of comfy_extras/nodes_latent.py: LatentOperationTonemapReinhard and LatentOperationSharpen
 make an operation (a callable operation(latent=[B, C, h, w]) -> [B, C, h, w]), LatentApplyOperation runs it on a
-LATENT, LatentApplyOperationCFG on the guidance (cond - uncond) of every sampling step, as a pre-CFG function.
+LATENT, LatentApplyOperationCFG on the guidance (cond - uncond) of every sampling step, as a pre-CFG function, or
+of the steps inside its optional start_percent / end_percent (Comfy-Org/ComfyUI's newest form of the node).
 
 LATENT is a dict {"samples": [B, C, h, w], optional "noise_mask", "batch_index", ...}; each node returns a
 shallow copy of its first latent with new samples, so the other keys ride along as in ComfyUI (LatentBatch
@@ -434,12 +435,28 @@ class LatentApplyOperationCFG(Node):
 
     @classmethod
     def INPUT_TYPES(cls, folders):
-        return {"required": {"model": ("MODEL",), "operation": ("LATENT_OPERATION",)}}
+        return {"required": {"model": ("MODEL",), "operation": ("LATENT_OPERATION",)},
+                "optional": {
+                    "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": (
+                        "Start applying the operation at this fraction of the model's denoising schedule. 0 is the "
+                        "beginning.")}),
+                    "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": (
+                        "Stop applying the operation at this fraction of the model's denoising schedule. 1 is the "
+                        "end.")}),
+                }}
 
-    def patch(self, model, operation):
-        """A pre-CFG function (set_model_sampler_pre_cfg_function), after the ones already there: every step
-        the cond prediction becomes operation(latent=cond - uncond) + uncond (sampling.guidance.LatentOperationCFG)."""
-        op = LatentOperationCFG(_operation("LatentApplyOperationCFG", operation))
+    def patch(self, model, operation, start_percent=0.0, end_percent=1.0):
+        """A pre-CFG function (set_model_sampler_pre_cfg_function), after the ones already there: at the steps whose
+        sigma lies between the MODEL's sigmas at start_percent and end_percent (its shift now, as ComfyUI reads its
+        model_sampling when the node runs) the cond prediction becomes operation(latent=cond - uncond) + uncond
+        (sampling.guidance.LatentOperationCFG)."""
+        from sd35fp8.sampling import FlowMatching
+
+        check_widgets(LatentApplyOperationCFG, start_percent=start_percent, end_percent=end_percent)
+        ms = FlowMatching(model.shift)
+        op = LatentOperationCFG(_operation("LatentApplyOperationCFG", operation),
+                                sigma_start=ms.percent_to_sigma(float(start_percent)),
+                                sigma_end=ms.percent_to_sigma(float(end_percent)))
         return (replace(model, post_cfg=model.post_cfg + (("pre_cfg", op),)),)
 
 
