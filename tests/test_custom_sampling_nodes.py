@@ -337,3 +337,29 @@ def test_dual_cfg_guider_workflow(executor):
              **dual}
     other["21"] = {**dual["21"], "inputs": {**dual["21"]["inputs"], "cond2": ["6", 0], "style": "nested"}}
     assert np.abs(_pixels(ex, root, other, "24").astype(int) - plain).max() > 2
+
+
+def test_sampler_custom_without_noise_seeds_the_sampler(executor):
+    """SamplerCustom with add_noise off still hands noise_seed to the sampler (ComfyUI's sample_custom(...,
+    seed=noise_seed)): euler_ancestral's per-step noise equals KSamplerAdvanced's with add_noise "disable" and the
+    same seed, and another noise_seed changes it."""
+    ex, root = executor
+    m = ("1", 0)
+
+    def custom(seed: int) -> dict:
+        return {
+            "30": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}},
+            "31": {"class_type": "BasicScheduler", "inputs": {"model": list(m), "scheduler": "normal", "steps": 4,
+                                                              "denoise": 1.0}},
+            "32": {"class_type": "SamplerCustom", "inputs": {
+                "model": list(m), "add_noise": False, "noise_seed": seed, "cfg": 4.0, "positive": ["2", 0],
+                "negative": ["3", 0], "sampler": ["30", 0], "sigmas": ["31", 0], "latent_image": ["4", 0]}},
+        }
+
+    advanced = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": list(m), "add_noise": "disable", "noise_seed": 11, "steps": 4, "cfg": 4.0,
+        "sampler_name": "euler_ancestral", "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0],
+        "latent_image": ["4", 0], "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    seeded = _pixels(ex, root, {**_base(), **custom(11)}, "32")
+    assert np.array_equal(seeded, _pixels(ex, root, {**_base(), "5": advanced}, "5"))
+    assert not np.array_equal(seeded, _pixels(ex, root, {**_base(), **custom(12)}, "32"))

@@ -58,11 +58,13 @@ def _names(kind: str) -> list[str]:
 
 
 def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torch.Tensor,
-               latent: dict) -> tuple[dict, dict]:
+               latent: dict, sampler_seed: int | None = None) -> tuple[dict, dict]:
     """SamplerCustomAdvanced: -> (output, denoised_output) LATENTs (raw VAE space), through the generation core
     (generation.sample) as KSampler: ComfyUI's noise draw (by the LATENT's batch_index), an empty latent not
     shifted into model space, noise scaling at sigmas[0], CFG batched, the MODEL's LoRAs and SkipLayerGuidanceSD3,
-    the latent's noise_mask (inpainting), the server's step cache."""
+    the latent's noise_mask (inpainting), the server's step cache. sampler_seed: the seed the sampler's own noise
+    (ancestral / SDE samplers) takes, None: the NOISE's (ComfyUI's noise.seed, 0 for DisableNoise); SamplerCustom
+    passes its noise_seed even with add_noise off, as ComfyUI's sample_custom(seed=noise_seed) does."""
     from sd35fp8 import generation
     from sd35fp8.models.vae import to_vae_space
     from sd35fp8.sampling.samplers import GLOBAL_RNG_SAMPLERS
@@ -95,7 +97,7 @@ def run_guider(ctx, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torc
         ctx.progress(step, total, denoised)
 
     with lora_active(model):
-        out = generation.sample(model.mmdit, cond, uncond, samples, settings, seed=noise.seed or 0,
+        out = generation.sample(model.mmdit, cond, uncond, samples, settings, seed=(noise.seed or 0) if sampler_seed is None else sampler_seed,
                                 noise=noise.generate(samples, latent.get("batch_index")), dtype=ctx.dtype,
                                 callback=on_step, interrupt=ctx.check_interrupt, mask=noise_mask_of(latent, dev),
                                 middle=middle)
@@ -576,7 +578,7 @@ class SamplerCustom(Node):
     def sample(self, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image):
         noise = Noise(int(noise_seed) if add_noise else None)
         return run_guider(self.ctx, noise, Guider(model, positive, negative, float(cfg)), sampler, sigmas,
-                          latent_image)
+                          latent_image, sampler_seed=int(noise_seed))
 
 
 class AddNoise(Node):
