@@ -38,6 +38,7 @@ from .sampling import sample as run_sampler
 from .sampling.inpaint import MaskedDenoiser, prepare_mask
 from .step_cache import StepCache
 from .text.encoders import ContextBatchError
+from .work_budget import charge_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
         noise = prepare_noise(seed, tuple(latent.shape)) if add_noise else torch.zeros(latent.shape)
     elif tuple(noise.shape) != tuple(latent.shape):
         raise InputError(f"sample: noise shape {tuple(noise.shape)} does not match latent {tuple(latent.shape)}")
+    growth = dict(s.sampler_options).get("total_upscale", 1.0) if s.sampler == "lcm_upscale" else 1.0
+    charge_sampling(tuple(latent.shape), len(sigmas) - 1, growth, f"sampler {s.sampler}")  # the server's budget
     x0 = latent.float()
     if torch.count_nonzero(x0) > 0:  # ComfyUI: "Don't shift the empty latent image"
         x0 = to_model_space(x0)

@@ -169,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             input_dir=args.input, extra_model_paths=args.extra_model_paths, attention=args.attention,
                             cache_threshold=args.cache_threshold, preview_method=args.preview_method,
                             preview_size=args.preview_size, max_prompt_tokens=limits.max_prompt_tokens,
-                            max_text_chars=limits.max_text_chars, log_level=logging.getLogger().level)
+                            max_text_chars=limits.max_text_chars, max_pixel_steps=limits.max_pixel_steps,
+                            log_level=logging.getLogger().level)
         pending = serve_ranks(ranks, lambda executor: serve(**options, executor=executor), output_dir=args.output)
     if pending:
         print(f"sd35fp8 serve: stopped with {len(pending)} prompts not run: {', '.join(pending)}"

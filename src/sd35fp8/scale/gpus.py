@@ -76,6 +76,7 @@ class RankOptions:
     preview_size: int = 512
     max_prompt_tokens: int | None = None
     max_text_chars: int | None = None
+    max_pixel_steps: int | None = None  # the work meter's budget (sd35fp8.work_budget), as rank 0's executor has it
     log_level: int = logging.WARNING
 
 
@@ -297,6 +298,7 @@ def _follower(rank: int, options: RankOptions, init_method: str, local_rank: int
             executor = DistributedExecutor(folders, device, cfg=options.cfg, groups=groups, control=control,
                                            attention=options.attention, cache_threshold=options.cache_threshold)
             executor.text_limit = _text_limit(options, folders)  # as create_app sets rank 0's
+            executor.work_budget = options.max_pixel_steps  # a refused sampler stops every rank at the same node
             log.info("rank %d of %d on %s (pid %d): following rank 0", rank, options.world, device, os.getpid())
             follow(executor)
         finally:

@@ -182,6 +182,7 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
     redactor = Redactor([auth_token])
     text_budget = TextBudget(limits.max_prompt_tokens, folders, max_chars=limits.max_text_chars)
     executor.text_limit = text_budget.limit  # linked texts too: the encoder nodes cut what they receive
+    executor.work_budget = limits.max_pixel_steps  # what the samplers really do, after check_prompt_work's estimate
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -27,6 +27,7 @@ from sd35fp8.workflow.batch import execute_batch
 from sd35fp8.workflow.engine import EngineOptions
 from sd35fp8.workflow.folders import ModelFolders
 from sd35fp8.workflow.graph import is_link, parse_prompt
+from sd35fp8.work_budget import WorkMeter, metered
 from sd35fp8.workflow.lists import call_mapped
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS, Node, NodeContext
 from sd35fp8.workflow.previews import DEFAULT_PREVIEW_SIZE, TAESD_DECODER_NAME, StepPreview, check_method
@@ -88,6 +89,9 @@ class PromptExecutor:
         # (class_type, input_name, text, node_id) -> text within a token budget; the server sets it
         # (server.prompt_text.TextBudget.limit) so linked texts are bounded too. None: texts as given.
         self.text_limit: Callable[[str, str, str, str], str] | None = None
+        # pixel-steps (width x height x batch x steps) one prompt may sample, metered while it runs
+        # (sd35fp8.work_budget); the server sets it to its --max-pixel-steps. None: unmetered.
+        self.work_budget: int | None = None
 
     # ---- control ---------------------------------------------------------------------------
     def interrupt(self, prompt_id: str | None = None) -> None:
@@ -238,7 +242,7 @@ class PromptExecutor:
         run.begin()
         self.drop_cache_except(run.wanted)
         run.announce_cached()
-        with torch.inference_mode():
+        with torch.inference_mode(), metered(self._meter(1)):
             for nid in run.order:
                 if not run.step(nid):
                     break
@@ -246,8 +250,14 @@ class PromptExecutor:
 
     def execute_batch(self, jobs: Sequence[PromptJob],
                       on_result: Callable[[int, ExecutionResult], None] | None = None) -> list[ExecutionResult]:
-        """Run several prompts, sampling the compatible ones as one batch (workflow/batch.py)."""
-        return execute_batch(self, jobs, on_result)
+        """Run several prompts, sampling the compatible ones as one batch (workflow/batch.py): their sampling
+        runs share the sum of their budgets (a prompt run alone inside gets its own meter)."""
+        with metered(self._meter(len(jobs))):
+            return execute_batch(self, jobs, on_result)
+
+    def _meter(self, prompts: int) -> WorkMeter | None:
+        """A fresh meter of `prompts` x work_budget pixel-steps (sd35fp8.work_budget); None without a budget."""
+        return None if self.work_budget is None else WorkMeter(int(self.work_budget) * max(int(prompts), 1))
 
     def _gather_inputs(self, prompt: dict, nid: str, keys: dict[str, str], extra_data: dict) -> dict[str, Any]:
         node = prompt[nid]
