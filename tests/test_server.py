@@ -257,6 +257,26 @@ def test_queue_numbers_front_and_delete(client):
     assert client.get("/history").json() == {}
 
 
+def test_comfy_org_credentials_are_never_listed(client):
+    """ComfyUI execution.SENSITIVE_EXTRA_DATA_KEYS: a comfy.org key or token in extra_data (comfykit sends its
+    api key so) is taken out of the queue item: GET /queue, /api/jobs and /history never show it."""
+    HOLD.clear()
+    extra = {"api_key_comfy_org": "sk-secret-1", "auth_token_comfy_org": "token-secret-2", "extra_pnginfo": {"a": 1}}
+    pid = client.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED), "extra_data": extra,
+                                       "client_id": "c9"}).json()["prompt_id"]
+    pending = client.post("/prompt", json={"prompt": fake_prompt(seed=8), "extra_data": extra}).json()["prompt_id"]
+    wait_for(lambda: client.get("/queue").json()["queue_running"])
+    for url in ("/queue", "/api/jobs", f"/api/jobs/{pid}", f"/api/jobs/{pending}"):
+        text = client.get(url).text
+        assert "secret" not in text and "comfy_org" not in text, url
+    HOLD.set()
+    for prompt_id in (pid, pending):
+        extra_data = run_to_end(client, prompt_id)["prompt"][3]
+        assert extra_data["extra_pnginfo"] == {"a": 1} and not {"api_key_comfy_org", "auth_token_comfy_org"} & set(
+            extra_data)
+    assert "secret" not in client.get("/history").text
+
+
 def test_full_queue_then_good_prompt(client):
     HOLD.clear()
     running = client.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED)}).json()["prompt_id"]

@@ -56,6 +56,10 @@ from sd35fp8.workflow.run import load_workflow
 
 SERVER_VERSION = "0.1.0"
 DEFAULT_MAX_QUEUE = 100
+# ComfyUI execution.SENSITIVE_EXTRA_DATA_KEYS: comfy.org credentials a client puts in extra_data (comfykit sends its
+# api key so). ComfyUI moves them out of the queue item (GET /queue and /history never show them) for its API
+# nodes; this server has none, so they are dropped.
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 STATE_DIR_NAME = "sd35fp8-state"  # state_dir="auto": beside the output folder
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # ComfyUI's --max-upload-size default (100 MB)
 
@@ -260,6 +264,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
         extra_data = dict(body.extra_data or {})
         if body.client_id is not None:
             extra_data["client_id"] = body.client_id
+        for key in SENSITIVE_EXTRA_DATA_KEYS:  # never in /queue, /history, /api/jobs or the journal
+            extra_data.pop(key, None)
         extra_data["create_time"] = _now_ms()
         prompt_id = body.prompt_id or str(uuid.uuid4())
         if prompt_id in queue.history(prompt_id) or prompt_id in queue.running_ids() \
