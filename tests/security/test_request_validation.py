@@ -138,8 +138,12 @@ def test_duplicate_prompt_id_is_400(client):
     pid = str(uuid.uuid4())
     assert client.post("/prompt", json={"prompt": fake_prompt(), "prompt_id": pid}).json()["prompt_id"] == pid
     _shape(client.post("/prompt", json={"prompt": fake_prompt(seed=2), "prompt_id": pid}), 400, "duplicate_prompt_id")
+    # ComfyUI validate_job_id: another spelling of a UUID is refused, not rewritten to the canonical one
     _shape(client.post("/prompt", json={"prompt": fake_prompt(seed=2), "prompt_id": pid.upper()}), 400,
-           "duplicate_prompt_id")
+           "invalid_prompt_id")
+    for bad in ("abc", 5, "{" + pid + "}", pid.replace("-", "")):
+        _shape(client.post("/prompt", json={"prompt": fake_prompt(seed=2), "prompt_id": bad}), 400, "invalid_prompt_id")
+    assert client.post("/prompt", json={"prompt": fake_prompt(seed=3), "prompt_id": None}).status_code == 200
 
 
 def test_every_route_survives_garbage(client):

@@ -44,8 +44,9 @@ from sd35fp8.server.security import SecurityMiddleware
 from sd35fp8.server.templates import template_routes
 from sd35fp8.server.tokens import FailureThrottle, Redactor, install_log_redaction, remove_log_redaction
 from sd35fp8.server.validation import (
-    ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, check_prompt_size,
-    check_prompt_work, error_body, error_response, read_json, read_model, validate_model)
+    ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, canonical_uuid,
+    check_prompt_size, check_prompt_work, error_body, error_response, invalid_prompt_id, read_json, read_model,
+    validate_model)
 from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
@@ -258,6 +259,8 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
             return _error("no_prompt", "No prompt provided", "No prompt provided")
         if isinstance(data["prompt"], dict):
             check_prompt_size(data["prompt"], limits)
+        if data.get("prompt_id") is not None and not canonical_uuid(data["prompt_id"]):
+            raise invalid_prompt_id()  # ComfyUI's own error type, not the generic invalid_request
         body = validate_model(PromptRequest, data)
         number = queue.next_number(front=bool(body.front), number=body.number)  # ComfyUI: truthy
         prompt = parse_prompt(data["prompt"])
