@@ -412,6 +412,9 @@ def test_upload_image(client, tmp_path):
     r = client.post("/api/upload/image", files={"image": ("a.png", png_bytes(9), "image/png")},
                     data={"subfolder": "sub", "overwrite": "true"})
     assert r.json()["name"] == "a.png"
+    r = client.post("/upload/image", files={"image": ("a.png", png_bytes(10), "image/png")},
+                    data={"subfolder": "sub", "overwrite": "True"})  # comfy-ui-client sends str(True)
+    assert r.json()["name"] == "a (2).png"  # ComfyUI overwrites for exactly "true" or "1"
     assert client.get("/view", params={"filename": "a.png", "subfolder": "sub", "type": "input"}).status_code == 200
     # ComfyUI annotated names: the suffix picks the folder whatever `type` says
     assert client.get("/view", params={"filename": "a.png [input]", "subfolder": "sub"}).status_code == 200
@@ -427,6 +430,45 @@ def test_upload_image(client, tmp_path):
         r = client.post("/upload/image", files=files, data=form)
         assert r.status_code == status, (files["image" if "image" in files else "file"][0], r.text)
     assert not (tmp_path / "evil.png").exists() and not (tmp_path / "x").exists()
+
+
+def test_view_channels_and_preview(client, tmp_path):
+    """ComfyUI view_image's conversions: the web UI's mask editor loads an image as &channel=rgb (its colour) and
+    &channel=a (its alpha on black); &preview=webp|jpeg[;quality] (the Comfy.PreviewFormat setting) re-encodes it,
+    as webp where jpeg cannot hold it (a channel with 'a', another format)."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (8, 8), (10, 20, 30, 128)).save(buf, format="PNG")
+    assert client.post("/upload/image", files={"image": ("masked.png", buf.getvalue(), "image/png")}).status_code == 200
+
+    def view(query: str) -> tuple[str, Image.Image]:
+        r = client.get(f"/view?filename=masked.png&type=input{query}")
+        assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff", r.text
+        assert r.headers["content-disposition"].endswith('filename="masked.png"')
+        img = Image.open(io.BytesIO(r.content))
+        img.load()
+        return r.headers["content-type"], img
+
+    media, img = view("")
+    assert media == "image/png" and img.mode == "RGBA" and img.getpixel((0, 0)) == (10, 20, 30, 128)
+    media, img = view("&channel=rgb")
+    assert media == "image/png" and img.mode == "RGB" and img.getpixel((0, 0)) == (10, 20, 30)
+    media, img = view("&channel=a")
+    assert media == "image/png" and img.mode == "RGBA" and img.getpixel((0, 0)) == (0, 0, 0, 128)
+    media, img = view("&preview=jpeg;80")
+    assert media == "image/jpeg" and img.format == "JPEG" and img.mode == "RGB"
+    for query in ("&preview=webp", "&preview=jpeg&channel=a", "&preview=png"):
+        media, img = view(query)
+        assert media == "image/webp" and img.format == "WEBP" and img.mode == "RGBA", query
+    assert view("&preview=webp&channel=rgb")[1].mode == "RGB"
+    # a conversion decodes the image: not past the server's pixel cap for uploads (served as it is, it may be)
+    small = create_app(tmp_path / "b" / "models", executor=make_fake_executor(tmp_path / "b"), max_upload_pixels=100,
+                       allow_hosts=TESTCLIENT_HOSTS)
+    (tmp_path / "b" / "input").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "b" / "input" / "big.png")
+    with TestClient(small) as c:
+        assert c.get("/view?filename=big.png&type=input&channel=rgb").status_code == 400
+        assert c.get("/view?filename=big.png&type=input&preview=webp").status_code == 400
+        assert c.get("/view?filename=big.png&type=input").status_code == 200
 
 
 # ---- info routes ------------------------------------------------------------------------------
