@@ -82,6 +82,16 @@ def test_mistyped_prompt_bodies_are_400(client, body):
     assert queued(client) == 0
 
 
+def test_partial_targets_that_are_not_node_ids_select_nothing(client):
+    """ComfyUI tests `node_id in partial_execution_targets`: comfyui-skill-cli's [["3"]] selects no output."""
+    _shape(client.post("/prompt", json={"prompt": fake_prompt(), "partial_execution_targets": [["3"]]}), 400,
+           "prompt_no_outputs")
+    _shape(client.post("/prompt", json={"prompt": fake_prompt(), "partial_execution_targets": [3]}), 400,
+           "prompt_no_outputs")
+    assert queued(client) == 0
+    assert client.post("/prompt", json={"prompt": fake_prompt(), "partial_execution_targets": ["3"]}).status_code == 200
+
+
 @pytest.mark.parametrize("route, body", [
     ("/queue", {"delete": 5}), ("/queue", {"delete": [{"a": 1}]}), ("/queue", {"clear": "maybe"}),
     ("/history", {"delete": 5}), ("/queue", [1]), ("/free", {"unload_models": [1]}),

@@ -276,8 +276,10 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
             return _error("duplicate_prompt_id", "prompt_id is already in use",
                           f"a prompt with id {prompt_id} is queued, running or in the history; omit prompt_id "
                           "to let the server make one", prompt_id=prompt_id)
-        ok, error, outputs, node_errors = validate_prompt(prompt, executor.classes, folders,
-                                                          body.partial_execution_targets, limits.max_text_chars)
+        targets = body.partial_execution_targets
+        ok, error, outputs, node_errors = validate_prompt(
+            prompt, executor.classes, folders, None if targets is None else [t for t in targets if isinstance(t, str)],
+            limits.max_text_chars)
         if not ok:
             return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
         check_prompt_work(prompt, limits)

@@ -213,7 +213,9 @@ class PromptRequest(_Body):
     number: float | None = None
     front: Any = None  # ComfyUI: truthiness
     extra_data: dict[str, Any] | None = None
-    partial_execution_targets: list[str] | None = None
+    # ComfyUI: `node_id in partial_execution_targets`, so an entry that is not a node id string (comfyui-skill-cli
+    # sends [[id], ...]) selects nothing: prompt_no_outputs, not a malformed request
+    partial_execution_targets: list[Any] | None = None
 
     @field_validator("prompt_id")
     @classmethod
