@@ -495,6 +495,9 @@ def test_info_routes(client):
     assert client.post("/api/userdata/workflows%2Fa.json", content=b'{"nodes": []}').status_code == 200
     assert client.get("/api/userdata?dir=workflows&recurse=true&split=false&full_info=true").json()[0]["path"] \
         == "a.json"
+    # ComfyUI's default listing is bare relative paths (comfyui-skill-cli reads it so); split=true adds the parts
+    assert client.get("/api/userdata?dir=workflows").json() == ["a.json"]
+    assert client.get("/api/userdata?dir=workflows&split=true").json() == [["a.json", "a.json"]]
     assert client.get("/api/userdata/workflows%2Fa.json").json() == {"nodes": []}
     assert client.post("/api/userdata/..%2F..%2Fescape.json", content=b"x").status_code == 400
     # names no filesystem takes are a 400, not a 500 (schemathesis found the NUL one)

@@ -191,8 +191,9 @@ def frontend_routes(store: UserStore) -> APIRouter:
         if not dir:
             raise HTTPException(400, "dir is required")
         try:
+            # ComfyUI: bare relative paths unless split=true (comfyui-skill-cli lists ?dir=workflows so)
             return store.listing(dir, _flag(request, "recurse", False), _flag(request, "full_info", False),
-                                 _flag(request, "split", True))
+                                 _flag(request, "split", False))
         except InputError as e:
             raise HTTPException(400, str(e)) from e
         except FileNotFoundError:
