@@ -498,7 +498,15 @@ def test_info_routes(client):
     # ComfyUI's default listing is bare relative paths (comfyui-skill-cli reads it so); split=true adds the parts
     assert client.get("/api/userdata?dir=workflows").json() == ["a.json"]
     assert client.get("/api/userdata?dir=workflows&split=true").json() == [["a.json", "a.json"]]
-    assert client.get("/api/userdata/workflows%2Fa.json").json() == {"nodes": []}
+    got = client.get("/api/userdata/workflows%2Fa.json")
+    assert got.json() == {"nodes": []} and got.headers["content-type"] == "application/json"
+    # ComfyUI getuserdata: a user file is an attachment, not sniffed; one a browser would run is sent as bytes
+    assert got.headers["content-disposition"] == "attachment" and got.headers["x-content-type-options"] == "nosniff"
+    for name in ("evil.html", "evil.svg", "evil.js"):
+        assert client.post(f"/api/userdata/{name}", content=b"<script>alert(1)</script>").status_code == 200
+        got = client.get(f"/api/userdata/{name}")
+        assert got.headers["content-type"] == "application/octet-stream", name
+        assert got.headers["content-disposition"] == "attachment", name
     assert client.post("/api/userdata/..%2F..%2Fescape.json", content=b"x").status_code == 400
     # names no filesystem takes are a 400, not a 500 (schemathesis found the NUL one)
     for bad in ("Wf%00%40", "x" * 300, "a%2F" * 2100):
