@@ -272,7 +272,7 @@ def inline_disposition(name: str) -> str:
     """Content-Disposition naming `name` (ComfyUI: filename="name"); RFC 5987 for a name outside ASCII."""
     from urllib.parse import quote
 
-    if name.isascii() and '"' not in name and "\\" not in name:
+    if name.isascii() and name.isprintable() and '"' not in name and "\\" not in name:
         return f'inline; filename="{name}"'
     return f"inline; filename*=utf-8''{quote(name)}"
 
