@@ -257,6 +257,26 @@ def test_queue_numbers_front_and_delete(client):
     assert client.get("/history").json() == {}
 
 
+def test_comfy_org_credentials_are_never_listed(client):
+    """ComfyUI execution.SENSITIVE_EXTRA_DATA_KEYS: a comfy.org key or token in extra_data (comfykit sends its
+    api key so) is taken out of the queue item: GET /queue, /api/jobs and /history never show it."""
+    HOLD.clear()
+    extra = {"api_key_comfy_org": "sk-secret-1", "auth_token_comfy_org": "token-secret-2", "extra_pnginfo": {"a": 1}}
+    pid = client.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED), "extra_data": extra,
+                                       "client_id": "c9"}).json()["prompt_id"]
+    pending = client.post("/prompt", json={"prompt": fake_prompt(seed=8), "extra_data": extra}).json()["prompt_id"]
+    wait_for(lambda: client.get("/queue").json()["queue_running"])
+    for url in ("/queue", "/api/jobs", f"/api/jobs/{pid}", f"/api/jobs/{pending}"):
+        text = client.get(url).text
+        assert "secret" not in text and "comfy_org" not in text, url
+    HOLD.set()
+    for prompt_id in (pid, pending):
+        extra_data = run_to_end(client, prompt_id)["prompt"][3]
+        assert extra_data["extra_pnginfo"] == {"a": 1} and not {"api_key_comfy_org", "auth_token_comfy_org"} & set(
+            extra_data)
+    assert "secret" not in client.get("/history").text
+
+
 def test_full_queue_then_good_prompt(client):
     HOLD.clear()
     running = client.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED)}).json()["prompt_id"]
@@ -392,6 +412,9 @@ def test_upload_image(client, tmp_path):
     r = client.post("/api/upload/image", files={"image": ("a.png", png_bytes(9), "image/png")},
                     data={"subfolder": "sub", "overwrite": "true"})
     assert r.json()["name"] == "a.png"
+    r = client.post("/upload/image", files={"image": ("a.png", png_bytes(10), "image/png")},
+                    data={"subfolder": "sub", "overwrite": "True"})  # comfy-ui-client sends str(True)
+    assert r.json()["name"] == "a (2).png"  # ComfyUI overwrites for exactly "true" or "1"
     assert client.get("/view", params={"filename": "a.png", "subfolder": "sub", "type": "input"}).status_code == 200
     # ComfyUI annotated names: the suffix picks the folder whatever `type` says
     assert client.get("/view", params={"filename": "a.png [input]", "subfolder": "sub"}).status_code == 200
@@ -407,6 +430,45 @@ def test_upload_image(client, tmp_path):
         r = client.post("/upload/image", files=files, data=form)
         assert r.status_code == status, (files["image" if "image" in files else "file"][0], r.text)
     assert not (tmp_path / "evil.png").exists() and not (tmp_path / "x").exists()
+
+
+def test_view_channels_and_preview(client, tmp_path):
+    """ComfyUI view_image's conversions: the web UI's mask editor loads an image as &channel=rgb (its colour) and
+    &channel=a (its alpha on black); &preview=webp|jpeg[;quality] (the Comfy.PreviewFormat setting) re-encodes it,
+    as webp where jpeg cannot hold it (a channel with 'a', another format)."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (8, 8), (10, 20, 30, 128)).save(buf, format="PNG")
+    assert client.post("/upload/image", files={"image": ("masked.png", buf.getvalue(), "image/png")}).status_code == 200
+
+    def view(query: str) -> tuple[str, Image.Image]:
+        r = client.get(f"/view?filename=masked.png&type=input{query}")
+        assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff", r.text
+        assert r.headers["content-disposition"].endswith('filename="masked.png"')
+        img = Image.open(io.BytesIO(r.content))
+        img.load()
+        return r.headers["content-type"], img
+
+    media, img = view("")
+    assert media == "image/png" and img.mode == "RGBA" and img.getpixel((0, 0)) == (10, 20, 30, 128)
+    media, img = view("&channel=rgb")
+    assert media == "image/png" and img.mode == "RGB" and img.getpixel((0, 0)) == (10, 20, 30)
+    media, img = view("&channel=a")
+    assert media == "image/png" and img.mode == "RGBA" and img.getpixel((0, 0)) == (0, 0, 0, 128)
+    media, img = view("&preview=jpeg;80")
+    assert media == "image/jpeg" and img.format == "JPEG" and img.mode == "RGB"
+    for query in ("&preview=webp", "&preview=jpeg&channel=a", "&preview=png"):
+        media, img = view(query)
+        assert media == "image/webp" and img.format == "WEBP" and img.mode == "RGBA", query
+    assert view("&preview=webp&channel=rgb")[1].mode == "RGB"
+    # a conversion decodes the image: not past the server's pixel cap for uploads (served as it is, it may be)
+    small = create_app(tmp_path / "b" / "models", executor=make_fake_executor(tmp_path / "b"), max_upload_pixels=100,
+                       allow_hosts=TESTCLIENT_HOSTS)
+    (tmp_path / "b" / "input").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "b" / "input" / "big.png")
+    with TestClient(small) as c:
+        assert c.get("/view?filename=big.png&type=input&channel=rgb").status_code == 400
+        assert c.get("/view?filename=big.png&type=input&preview=webp").status_code == 400
+        assert c.get("/view?filename=big.png&type=input").status_code == 200
 
 
 # ---- info routes ------------------------------------------------------------------------------
@@ -433,7 +495,18 @@ def test_info_routes(client):
     assert client.post("/api/userdata/workflows%2Fa.json", content=b'{"nodes": []}').status_code == 200
     assert client.get("/api/userdata?dir=workflows&recurse=true&split=false&full_info=true").json()[0]["path"] \
         == "a.json"
-    assert client.get("/api/userdata/workflows%2Fa.json").json() == {"nodes": []}
+    # ComfyUI's default listing is bare relative paths (comfyui-skill-cli reads it so); split=true adds the parts
+    assert client.get("/api/userdata?dir=workflows").json() == ["a.json"]
+    assert client.get("/api/userdata?dir=workflows&split=true").json() == [["a.json", "a.json"]]
+    got = client.get("/api/userdata/workflows%2Fa.json")
+    assert got.json() == {"nodes": []} and got.headers["content-type"] == "application/json"
+    # ComfyUI getuserdata: a user file is an attachment, not sniffed; one a browser would run is sent as bytes
+    assert got.headers["content-disposition"] == "attachment" and got.headers["x-content-type-options"] == "nosniff"
+    for name in ("evil.html", "evil.svg", "evil.js"):
+        assert client.post(f"/api/userdata/{name}", content=b"<script>alert(1)</script>").status_code == 200
+        got = client.get(f"/api/userdata/{name}")
+        assert got.headers["content-type"] == "application/octet-stream", name
+        assert got.headers["content-disposition"] == "attachment", name
     assert client.post("/api/userdata/..%2F..%2Fescape.json", content=b"x").status_code == 400
     # names no filesystem takes are a 400, not a 500 (schemathesis found the NUL one)
     for bad in ("Wf%00%40", "x" * 300, "a%2F" * 2100):

@@ -82,6 +82,16 @@ def test_mistyped_prompt_bodies_are_400(client, body):
     assert queued(client) == 0
 
 
+def test_partial_targets_that_are_not_node_ids_select_nothing(client):
+    """ComfyUI tests `node_id in partial_execution_targets`: comfyui-skill-cli's [["3"]] selects no output."""
+    _shape(client.post("/prompt", json={"prompt": fake_prompt(), "partial_execution_targets": [["3"]]}), 400,
+           "prompt_no_outputs")
+    _shape(client.post("/prompt", json={"prompt": fake_prompt(), "partial_execution_targets": [3]}), 400,
+           "prompt_no_outputs")
+    assert queued(client) == 0
+    assert client.post("/prompt", json={"prompt": fake_prompt(), "partial_execution_targets": ["3"]}).status_code == 200
+
+
 @pytest.mark.parametrize("route, body", [
     ("/queue", {"delete": 5}), ("/queue", {"delete": [{"a": 1}]}), ("/queue", {"clear": "maybe"}),
     ("/history", {"delete": 5}), ("/queue", [1]), ("/free", {"unload_models": [1]}),
@@ -138,8 +148,12 @@ def test_duplicate_prompt_id_is_400(client):
     pid = str(uuid.uuid4())
     assert client.post("/prompt", json={"prompt": fake_prompt(), "prompt_id": pid}).json()["prompt_id"] == pid
     _shape(client.post("/prompt", json={"prompt": fake_prompt(seed=2), "prompt_id": pid}), 400, "duplicate_prompt_id")
+    # ComfyUI validate_job_id: another spelling of a UUID is refused, not rewritten to the canonical one
     _shape(client.post("/prompt", json={"prompt": fake_prompt(seed=2), "prompt_id": pid.upper()}), 400,
-           "duplicate_prompt_id")
+           "invalid_prompt_id")
+    for bad in ("abc", 5, "{" + pid + "}", pid.replace("-", "")):
+        _shape(client.post("/prompt", json={"prompt": fake_prompt(seed=2), "prompt_id": bad}), 400, "invalid_prompt_id")
+    assert client.post("/prompt", json={"prompt": fake_prompt(seed=3), "prompt_id": None}).status_code == 200
 
 
 def test_every_route_survives_garbage(client):

@@ -44,8 +44,9 @@ from sd35fp8.server.security import SecurityMiddleware
 from sd35fp8.server.templates import template_routes
 from sd35fp8.server.tokens import FailureThrottle, Redactor, install_log_redaction, remove_log_redaction
 from sd35fp8.server.validation import (
-    ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, check_prompt_size,
-    check_prompt_work, error_body, error_response, read_json, read_model, validate_model)
+    ClearOrDelete, FreeRequest, InterruptRequest, Limits, PromptRequest, RequestError, canonical_uuid,
+    check_prompt_size, check_prompt_work, error_body, error_response, invalid_prompt_id, read_json, read_model,
+    validate_model)
 from sd35fp8.server.worker import PromptWorker
 from sd35fp8.server.ws import WebSocketHub
 from sd35fp8.workflow import ModelFolders, PromptExecutor, object_info, parse_prompt, validate_prompt
@@ -56,6 +57,10 @@ from sd35fp8.workflow.run import load_workflow
 
 SERVER_VERSION = "0.1.0"
 DEFAULT_MAX_QUEUE = 100
+# ComfyUI execution.SENSITIVE_EXTRA_DATA_KEYS: comfy.org credentials a client puts in extra_data (comfykit sends its
+# api key so). ComfyUI moves them out of the queue item (GET /queue and /history never show them) for its API
+# nodes; this server has none, so they are dropped.
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 STATE_DIR_NAME = "sd35fp8-state"  # state_dir="auto": beside the output folder
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # ComfyUI's --max-upload-size default (100 MB)
 
@@ -255,12 +260,16 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
             return _error("no_prompt", "No prompt provided", "No prompt provided")
         if isinstance(data["prompt"], dict):
             check_prompt_size(data["prompt"], limits)
+        if data.get("prompt_id") is not None and not canonical_uuid(data["prompt_id"]):
+            raise invalid_prompt_id()  # ComfyUI's own error type, not the generic invalid_request
         body = validate_model(PromptRequest, data)
         number = queue.next_number(front=bool(body.front), number=body.number)  # ComfyUI: truthy
         prompt = parse_prompt(data["prompt"])
         extra_data = dict(body.extra_data or {})
         if body.client_id is not None:
             extra_data["client_id"] = body.client_id
+        for key in SENSITIVE_EXTRA_DATA_KEYS:  # never in /queue, /history, /api/jobs or the journal
+            extra_data.pop(key, None)
         extra_data["create_time"] = _now_ms()
         prompt_id = body.prompt_id or str(uuid.uuid4())
         if prompt_id in queue.history(prompt_id) or prompt_id in queue.running_ids() \
@@ -268,8 +277,10 @@ def create_app(models_dir: str | os.PathLike, output_dir: str | os.PathLike | No
             return _error("duplicate_prompt_id", "prompt_id is already in use",
                           f"a prompt with id {prompt_id} is queued, running or in the history; omit prompt_id "
                           "to let the server make one", prompt_id=prompt_id)
-        ok, error, outputs, node_errors = validate_prompt(prompt, executor.classes, folders,
-                                                          body.partial_execution_targets, limits.max_text_chars)
+        targets = body.partial_execution_targets
+        ok, error, outputs, node_errors = validate_prompt(
+            prompt, executor.classes, folders, None if targets is None else [t for t in targets if isinstance(t, str)],
+            limits.max_text_chars)
         if not ok:
             return JSONResponse({"error": error, "node_errors": node_errors}, status_code=400)
         check_prompt_work(prompt, limits)

@@ -6,6 +6,8 @@ separator or '..', a name or path longer than the file system allows, or a subfo
 format, never its name: a PNG, JPEG, WebP, GIF or BMP is served inline as that image type; anything
 else (a polyglot named .html, a .latent, ...) as application/octet-stream attachment. Every answer
 carries `X-Content-Type-Options: nosniff` and a CSP that runs nothing (`default-src 'none'; sandbox`).
+ComfyUI's conversions of an image: `preview=webp|jpeg[;quality]` (the UI's Comfy.PreviewFormat setting) and
+`channel=rgb|a` (the mask editor's colour and mask layers), within the upload pixel cap (view_converted).
 /upload/image (multipart: image, overwrite, type, subfolder): the body is read with a size bound,
 the image header must declare at most `max_pixels` pixels (no decompression bomb) and the file must
 verify as an image; an existing name gets ' (1)' ... unless overwrite is set (an identical existing
@@ -101,7 +103,8 @@ async def read_bounded(request: Request, limit: int) -> bytes | None:
 def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int,
                max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS) -> None:
     @r.get("/view")
-    async def view(filename: str = "", subfolder: str = "", type: str = "output") -> Response:  # noqa: A002
+    async def view(filename: str = "", subfolder: str = "", type: str = "output",  # noqa: A002
+                   preview: str | None = None, channel: str | None = None) -> Response:
         filename, type = split_annotation(filename, type)  # ComfyUI: 'x.png [input]' names its folder
         if not valid_filename(filename):
             return _fail(400, f"invalid filename {filename[:300]!r}")
@@ -114,6 +117,14 @@ def add_routes(r: APIRouter, folders: ModelFolders, max_upload_bytes: int,
         if not path.is_file():
             return _fail(404, f"file not found: {filename!r} in {type}/{subfolder}".rstrip("/"))
         media = image_type(path)
+        if media and (preview is not None or channel in ("rgb", "a")):
+            converted = await asyncio.to_thread(bounded_decode, view_converted, path, preview, channel,
+                                                max_upload_pixels)
+            if isinstance(converted, str):
+                return _fail(400, f"cannot convert {filename!r}: {converted}")
+            data, converted_media = converted
+            return Response(data, media_type=converted_media,
+                            headers={**VIEW_HEADERS, "Content-Disposition": inline_disposition(path.name)})
         disposition = "inline" if media else "attachment"
         return FileResponse(path, media_type=media or "application/octet-stream", filename=path.name,
                             content_disposition_type=disposition, headers=dict(VIEW_HEADERS))
@@ -148,7 +159,7 @@ async def _upload(request: Request, folders: ModelFolders, max_upload_bytes: int
         return _fail(413, f"upload larger than the limit of {max_upload_bytes} bytes")
     folder_type = str(form.get("type") or "input")
     subfolder = str(form.get("subfolder") or "")
-    overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
+    overwrite = form.get("overwrite") in ("true", "1")  # ComfyUI: exactly these strings ("True" does not overwrite)
     name = image.filename or ""
     if not valid_filename(name):
         return _fail(400, f"invalid filename {name[:300]!r} (no separators or '..', at most {NAME_MAX} bytes)")
@@ -220,6 +231,50 @@ def _masked_original(original_ref: object, folders: ModelFolders, mask_png: byte
     out = io.BytesIO()
     rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
     return out.getvalue()
+
+
+def view_converted(path: Path, preview: str | None, channel: str | None, max_pixels: int) -> tuple[bytes, str] | str:
+    """ComfyUI view_image's conversions of an image: `preview=webp|jpeg[;quality]` re-encodes it (webp when the
+    format is another or `channel` holds an 'a'; RGB for jpeg or channel=rgb; quality 90 unless given),
+    `channel=rgb` is its colour as PNG, `channel=a` its alpha (opaque without one) on black as RGBA PNG (the mask
+    editor's two layers). (bytes, media type), or why the image does not convert."""
+    from PIL import Image
+
+    channel = channel or ""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                return f"{w}x{h} is {w * h} pixels; the limit is {max_pixels}"
+            out = io.BytesIO()
+            if preview is not None:
+                parts = preview.split(";")
+                fmt = parts[0] if parts[0] in ("webp", "jpeg") and "a" not in channel else "webp"
+                quality = min(int(parts[-1]), 100) if parts[-1].isdigit() else 90
+                if fmt == "jpeg" or channel == "rgb":
+                    img = img.convert("RGB")
+                img.save(out, format=fmt, quality=quality)
+                return out.getvalue(), f"image/{fmt}"
+            if channel == "rgb":
+                rgb = Image.merge("RGB", img.split()[:3]) if img.mode == "RGBA" else img.convert("RGB")
+                rgb.save(out, format="PNG")
+            else:
+                alpha = img.getchannel("A") if img.mode == "RGBA" else Image.new("L", img.size, 255)
+                layer = Image.new("RGBA", img.size)
+                layer.putalpha(alpha)
+                layer.save(out, format="PNG")
+            return out.getvalue(), "image/png"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+
+
+def inline_disposition(name: str) -> str:
+    """Content-Disposition naming `name` (ComfyUI: filename="name"); RFC 5987 for a name outside ASCII."""
+    from urllib.parse import quote
+
+    if name.isascii() and name.isprintable() and '"' not in name and "\\" not in name:
+        return f'inline; filename="{name}"'
+    return f"inline; filename*=utf-8''{quote(name)}"
 
 
 def decode_rgba(data: bytes) -> tuple[Any, dict] | str:

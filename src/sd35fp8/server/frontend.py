@@ -13,6 +13,7 @@ server/templates.py's.
 from __future__ import annotations
 
 import json
+import mimetypes
 import os
 import time
 from pathlib import Path
@@ -34,6 +35,10 @@ MISSING_UI_PAGE = """<!doctype html><html><head><title>sd35fp8</title></head><bo
 <code>GET /object_info</code>, ...</p></body></html>"""
 
 MAX_USERDATA_BYTES = 32 * 1024 * 1024
+# types a browser runs or renders as a document: a user file of one of these is served as bytes
+ACTIVE_TYPES = {"text/html", "application/xhtml+xml", "text/javascript", "application/javascript",
+                "application/x-javascript", "application/ecmascript", "text/css", "image/svg+xml", "text/xml",
+                "application/xml", "message/rfc822"}
 
 
 def frontend_static_dir() -> Path | None:
@@ -191,8 +196,9 @@ def frontend_routes(store: UserStore) -> APIRouter:
         if not dir:
             raise HTTPException(400, "dir is required")
         try:
+            # ComfyUI: bare relative paths unless split=true (comfyui-skill-cli lists ?dir=workflows so)
             return store.listing(dir, _flag(request, "recurse", False), _flag(request, "full_info", False),
-                                 _flag(request, "split", True))
+                                 _flag(request, "split", False))
         except InputError as e:
             raise HTTPException(400, str(e)) from e
         except FileNotFoundError:
@@ -203,7 +209,16 @@ def frontend_routes(store: UserStore) -> APIRouter:
         path = _user_path(store, file)
         if not path.is_file():
             raise HTTPException(404, f"no user file {file!r}")
-        return FileResponse(path)
+        # ComfyUI getuserdata: user files never render in the app's origin (stored XSS): an attachment, not
+        # sniffed, a type that runs in a page (HTML, script, CSS, SVG, XML) sent as bytes; user.css is the exception
+        if path == store.root / "user.css":
+            return FileResponse(path, media_type="text/css", headers={"X-Content-Type-Options": "nosniff"},
+                                content_disposition_type="inline")
+        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if media.split(";")[0].strip().lower() in ACTIVE_TYPES or media.endswith(("+xml", "/xml")):
+            media = "application/octet-stream"
+        return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff",
+                                                             "Content-Disposition": "attachment"})
 
     @r.post("/userdata/{file:path}")
     async def post_userdata(file: str, request: Request) -> Any:

@@ -213,20 +213,36 @@ class PromptRequest(_Body):
     number: float | None = None
     front: Any = None  # ComfyUI: truthiness
     extra_data: dict[str, Any] | None = None
-    partial_execution_targets: list[str] | None = None
+    # ComfyUI: `node_id in partial_execution_targets`, so an entry that is not a node id string (comfyui-skill-cli
+    # sends [[id], ...]) selects nothing: prompt_no_outputs, not a malformed request
+    partial_execution_targets: list[Any] | None = None
 
     @field_validator("prompt_id")
     @classmethod
     def _uuid(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parsed = uuid.UUID(value)
-        except ValueError as e:
-            raise ValueError("prompt_id must be a UUID string; omit it to let the server make one") from e
-        if str(parsed) != value.lower():
-            raise ValueError("prompt_id must be a UUID in canonical hyphenated form")
-        return value.lower()
+        if value is not None and not canonical_uuid(value):
+            raise ValueError(PROMPT_ID_DETAILS)
+        return value
+
+
+PROMPT_ID_DETAILS = ("prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it to let the "
+                     "server generate one")
+
+
+def canonical_uuid(value: Any) -> bool:
+    """ComfyUI comfy_execution/jobs.validate_job_id: a string that is its own canonical UUID spelling (lowercase,
+    hyphenated). Another spelling is refused, not rewritten: the client would look for the id it sent."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def invalid_prompt_id() -> RequestError:
+    """ComfyUI post_prompt's answer to a client prompt_id that validate_job_id refuses."""
+    return RequestError(400, "invalid_prompt_id", "prompt_id must be a valid UUID", PROMPT_ID_DETAILS)
 
 
 class ClearOrDelete(_Body):
