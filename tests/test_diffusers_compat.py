@@ -166,6 +166,38 @@ def test_placement_and_tiling(pipe, caplog):
         pipe.to("mps" if torch.cuda.is_available() else "cuda")
 
 
+def test_memory_habits(pipe):
+    """enable_vae_slicing decodes one image at a time (the same images); the attention / xformers / qkv switches a
+    diffusers script calls are accepted and change nothing (diffusers' SD3 has no attention slicing either);
+    default_sample_size x vae_scale_factor is the model's default size."""
+    batch = dict(prompt=[PROMPT, "a blue circle"], num_inference_steps=STEPS, seed=4, output_type="np")
+    whole = pipe(**batch).images
+    pipe.enable_vae_slicing()
+    try:
+        sliced = pipe(**batch).images
+    finally:
+        pipe.disable_vae_slicing()
+    np.testing.assert_allclose(sliced, whole, atol=1 / 255)
+    pipe.vae.enable_slicing()  # diffusers' newer spelling, on the VAE
+    try:
+        np.testing.assert_array_equal(pipe(**batch).images, sliced)
+    finally:
+        pipe.vae.disable_slicing()
+    pipe.vae.enable_tiling()
+    try:
+        assert pipe._tiled_decode(128, 128)
+    finally:
+        pipe.vae.disable_tiling()
+    assert not pipe._tiled_decode(128, 128)
+    for switch in ("enable_attention_slicing", "disable_attention_slicing", "enable_xformers_memory_efficient_attention",
+                   "disable_xformers_memory_efficient_attention", "fuse_qkv_projections", "unfuse_qkv_projections",
+                   "maybe_free_model_hooks"):
+        getattr(pipe, switch)()
+    np.testing.assert_array_equal(pipe(**batch).images, whole)
+    assert pipe.default_sample_size * pipe.vae_scale_factor == pipe.defaults.width
+    assert pipe.patch_size == 2
+
+
 @pytest.mark.parametrize("name", ["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                                   "StableDiffusion3InpaintPipeline"])
 def test_every_diffusers_argument_and_method_is_known(name):
@@ -182,8 +214,21 @@ def test_every_diffusers_argument_and_method_is_known(name):
     ours = set(inspect.signature(DiffusersSurface.__call__).parameters) | set(UNSUPPORTED_CALL_ARGS)
     assert set(inspect.signature(theirs.__call__).parameters) - ours == set()
     for method in ("from_pretrained", "from_single_file", "from_pipe", "to", "enable_model_cpu_offload",
-                   "enable_sequential_cpu_offload", "set_progress_bar_config"):
-        assert hasattr(theirs, method) and callable(getattr(getattr(sd35fp8, name), method)), method
+                   "enable_sequential_cpu_offload", "set_progress_bar_config", "enable_vae_tiling",
+                   "disable_vae_tiling", "enable_vae_slicing", "disable_vae_slicing", "enable_attention_slicing",
+                   "disable_attention_slicing", "enable_xformers_memory_efficient_attention",
+                   "disable_xformers_memory_efficient_attention", "fuse_qkv_projections", "unfuse_qkv_projections",
+                   "maybe_free_model_hooks", "load_lora_weights", "set_adapters", "fuse_lora", "unfuse_lora",
+                   "unload_lora_weights", "delete_adapters", "get_active_adapters", "get_list_adapters",
+                   "enable_lora", "disable_lora"):
+        # newer diffusers dropped some (enable_vae_tiling: pipe.vae.enable_tiling()); older scripts still call them
+        assert callable(getattr(getattr(sd35fp8, name), method)), method
+    from diffusers import AutoencoderKL
+
+    from sd35fp8.models.vae import SD3VAE
+
+    for method in ("enable_tiling", "disable_tiling", "enable_slicing", "disable_slicing"):  # pipe.vae.enable_...()
+        assert hasattr(AutoencoderKL, method) and callable(getattr(SD3VAE, method)), method
 
 
 def test_clip_skip(pipe):

@@ -55,3 +55,27 @@ def test_joint_attention_kwargs_scale_is_the_lora_weight() -> None:
     assert np.array_equal(np.asarray(off.images[0]), np.asarray(base.images[0]))
     with pytest.raises(Exception, match="only 'scale'"):
         pipe(prompts, num_inference_steps=1, progress=False, joint_attention_kwargs={"attention_mask": 1})
+
+
+def test_disable_and_enable_lora() -> None:
+    """diffusers' disable_lora / enable_lora: off keeps the adapter loaded with its weight (the base model's pixels),
+    on gives the weighted adapter's pixels again; set_adapters while off turns the chosen adapters on."""
+    pipe = SD35Pipeline.from_pretrained(device="cpu")
+    prompts = ["a photo of a brown circle"]
+
+    def run():
+        return np.asarray(pipe(prompts, num_inference_steps=6, seed=1, progress=False).images[0])
+
+    base = run()
+    pipe.load_lora_weights(LORA, adapter_name="brown", weight=0.7)
+    lora = run()
+    assert not np.array_equal(lora, base)
+    pipe.disable_lora()
+    assert np.array_equal(run(), base) and pipe.get_list_adapters()["mmdit"] == ["brown"]
+    pipe.disable_lora()  # twice: still off, the weights still remembered
+    pipe.enable_lora()
+    assert pipe.loras.active == {"brown": 0.7} and np.array_equal(run(), lora)
+    pipe.disable_lora()
+    pipe.set_adapters("brown", 0.7)
+    pipe.enable_lora()  # nothing left to restore: set_adapters already chose
+    assert np.array_equal(run(), lora)

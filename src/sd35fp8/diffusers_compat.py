@@ -23,7 +23,12 @@ the native call (`SD35Pipeline.generate`, which runs the generation core) or ref
 - `.to(device, dtype)`, `enable_model_cpu_offload()` / `enable_sequential_cpu_offload()`: reload
   the same files through `from_pretrained` with the new device / dtype / offload mode (the loader
   decides FP8 layout and engine per device); no-op when nothing changes, a logged no-op for
-  offload without CUDA. `enable_vae_tiling()`: always decode in tiles.
+  offload without CUDA. `enable_vae_tiling()` (or `pipe.vae.enable_tiling()`): always decode in tiles;
+  `enable_vae_slicing()` (`pipe.vae.enable_slicing()`): one image at a time. `enable_attention_slicing()`,
+  `enable_xformers_memory_efficient_attention()`, `fuse_qkv_projections()` and their opposites are accepted and
+  change nothing (diffusers' SD3 has no attention slicing; our attention is SDPA / the FP8 kernel; qkv is fused).
+- LoRA (lora/pipeline.py): load_lora_weights, set_adapters, fuse_lora / unfuse_lora, disable_lora / enable_lora,
+  delete_adapters, unload_lora_weights, get_active_adapters, get_list_adapters.
 - Unset num_inference_steps / guidance_scale take the MODEL's defaults (defaults.py), not
   diffusers' fixed 28 / 7.0.
 - `prompt_embeds` + `pooled_prompt_embeds` (instead of `prompt`, diffusers' rule: both or neither) and
@@ -201,6 +206,7 @@ class DiffusersSurface:
     vae_scale_factor = 8
     _progress_disabled: bool = False
     _vae_tiling: bool = False
+    _vae_slicing: bool = False
     _scheduler: SchedulerInfo | None = None
     _guidance_scale: float | None = None
     _num_timesteps: int | None = None
@@ -226,8 +232,12 @@ class DiffusersSurface:
         if not args:
             raise InputError("this pipeline was not built by from_pretrained: it cannot be moved or offloaded")
         args.update(changes)
-        keep = {k: v for k, v in self.__dict__.items() if k in ("_progress_disabled", "_vae_tiling", "_scheduler")}
+        keep = {k: v for k, v in self.__dict__.items() if k in ("_progress_disabled", "_vae_tiling", "_vae_slicing",
+                                                                 "_scheduler")}
         fresh = type(self).from_pretrained(**args)
+        for switch in ("use_tiling", "use_slicing"):  # pipe.vae.enable_tiling() / enable_slicing() outlive the move
+            if getattr(getattr(self, "vae", None), switch, False):
+                setattr(fresh.vae, switch, True)
         self.__dict__.clear()
         self.__dict__.update(fresh.__dict__)
         self.__dict__.update(keep)
@@ -279,6 +289,49 @@ class DiffusersSurface:
 
     def disable_vae_tiling(self) -> None:
         self._vae_tiling = False
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time (the VAE's activations of one image at once; the same images)."""
+        self._vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self._vae_slicing = False
+
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Accepted, nothing changes: as in diffusers for SD3 (its transformer has no set_attention_slice), the
+        joint attention runs whole (SDPA / the FP8 kernel: memory linear in the sequence)."""
+        log.debug("enable_attention_slicing(%r): SD3's attention is not sliced (as in diffusers)", slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        log.debug("disable_attention_slicing: SD3's attention is not sliced")
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
+        """Accepted, nothing changes: the attention already is a memory-efficient kernel (torch SDPA, or the FP8
+        attention on sm_89+ GPUs: `attention=` of from_pretrained); xformers is not used."""
+        log.info("enable_xformers_memory_efficient_attention: sd35fp8 keeps its own attention (%s); xformers is "
+                 "not used", getattr(self, "attention", "auto"))
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        log.debug("disable_xformers_memory_efficient_attention: nothing to undo")
+
+    def fuse_qkv_projections(self) -> None:
+        """Accepted, nothing changes: the MMDiT's q, k and v projections are always one fused Linear (qkv)."""
+
+    def unfuse_qkv_projections(self) -> None:
+        """Accepted, nothing changes (see fuse_qkv_projections)."""
+
+    def maybe_free_model_hooks(self) -> None:
+        """diffusers' end-of-call hook reset: offload here needs no hooks, so nothing to do."""
+
+    @property
+    def default_sample_size(self) -> int:
+        """diffusers': the transformer's sample_size, the default height / width in latent cells (128 for
+        SD3.5: 1024 px = default_sample_size * vae_scale_factor)."""
+        return int(self.defaults.width) // self.vae_scale_factor
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.mmdit.config.patch_size)
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """disable=True hides the sampling progress bar; other tqdm options are not used (logged)."""

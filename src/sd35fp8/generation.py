@@ -315,6 +315,7 @@ class Components:
     stage: Callable[[str], ContextManager] = _no_stage  # "encode", "vae_encode", "sampling", "vae_decode"
     tiled_decode: Callable[[int, int, int], bool] = lambda width, height, batch: False
     batch_encode: bool = False  # prompts and negatives in one encoder batch (see `encode`)
+    decode_slices: bool = False  # the VAE decodes one image at a time (diffusers' enable_vae_slicing)
 
 
 @dataclass(frozen=True)
@@ -407,5 +408,7 @@ def generate(c: Components, r: GenerationRequest) -> Generated:
                                 interrupt=r.interrupt, progress=r.progress, cache_stats=cache_stats))
     z = torch.cat(parts) if len(parts) > 1 else parts[0]
     with _stage(c, "vae_decode"), c.on_device(c.vae) as vae:
-        pixels = decode(vae, z, c.tiled_decode(r.width, r.height, batch))
+        tiled = c.tiled_decode(r.width, r.height, 1 if c.decode_slices else batch)
+        pixels = torch.cat([decode(vae, one, tiled) for one in z.split(1)]) if c.decode_slices and len(z) > 1 \
+            else decode(vae, z, tiled)
     return Generated(latents=z, pixels=pixels, cache_stats=cache_stats)

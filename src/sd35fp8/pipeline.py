@@ -260,7 +260,8 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         swapped between calls, as the tiny evaluation does for each FP8 mode)."""
         return Components(mmdit=self.mmdit, vae=self.vae, text_encoder=self.text_encoder, device=self.device,
                           dtype=self.dtype, on_device=self._on_device, stage=self._stage,
-                          tiled_decode=self._tiled_decode, batch_encode=self.batch_encode)
+                          tiled_decode=self._tiled_decode, batch_encode=self.batch_encode,
+                          decode_slices=self._vae_slicing or bool(getattr(self.vae, "use_slicing", False)))
 
     def check_size(self, width: int, height: int) -> None:
         for name, value in (("width", width), ("height", height)):
@@ -284,7 +285,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         from .offload import (MODEL_OFFLOAD_BUDGET, SEQUENTIAL_OFFLOAD_BUDGET, free_device_bytes, use_tiled_decode,
                               vae_decode_bytes)
 
-        if self._vae_tiling:  # enable_vae_tiling()
+        if self._vae_tiling or getattr(self.vae, "use_tiling", False):  # enable_vae_tiling(), vae.enable_tiling()
             return True
         if self.offload != "none":  # the engine's resident weights plus a full decode within the card's budget
             budget = MODEL_OFFLOAD_BUDGET if self.offload == "model" else SEQUENTIAL_OFFLOAD_BUDGET

@@ -13,6 +13,7 @@ switching adapters per request means re-wrapping; here a switch is a list update
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,11 +24,14 @@ from sd35fp8.errors import InputError
 from .adapters import LoraSet
 from .files import parse_lora
 
+log = logging.getLogger(__name__)
+
 
 class LoraPipelineMixin:
     """Needs `self.mmdit` and `self.text_encoder` (SD3TextEncoder: clip_l, clip_g, t5)."""
 
     _loras: LoraSet | None = None
+    _lora_disabled: dict[str, float] | None = None  # disable_lora(): the active set that enable_lora() restores
 
     @property
     def loras(self) -> LoraSet:
@@ -60,6 +64,25 @@ class LoraPipelineMixin:
         if len(weights) != len(names):
             raise InputError(f"set_adapters: {len(names)} adapter names but {len(weights)} weights")
         self.loras.set_active(dict(zip(names, weights)))
+        self._lora_disabled = None  # an explicit choice of adapters turns them on, as peft's set_adapter does
+
+    def disable_lora(self) -> None:
+        """diffusers' disable_lora: the unfused adapters stop acting (loaded and weighted as they were, for
+        enable_lora); adapters merged by fuse_lora stay merged (unfuse_lora takes them out)."""
+        if self._loras is None or self._lora_disabled is not None:
+            return
+        self._lora_disabled = dict(self._loras.active)
+        self._loras.set_active({})
+        if self._loras.fused:
+            log.info("disable_lora: the fused adapters %s stay merged (unfuse_lora removes them)",
+                     ", ".join(self._loras.fused))
+
+    def enable_lora(self) -> None:
+        """diffusers' enable_lora: the adapters disable_lora turned off act again, with their weights."""
+        if self._lora_disabled is None:
+            return
+        active, self._lora_disabled = self._lora_disabled, None
+        self.loras.set_active({n: w for n, w in active.items() if n in self.loras.adapters})
 
     def get_active_adapters(self) -> list[str]:
         return [n for n, s in {**self.loras.fused, **self.loras.active}.items()]

@@ -256,11 +256,28 @@ class Decoder(nn.Module):
 class SD3VAE(nn.Module):
     """Pure module: no device moves. Inputs are cast to the parameters' dtype; outputs keep that dtype."""
 
+    # diffusers' AutoencoderKL switches (`pipe.vae.enable_tiling()`), read by SD35Pipeline's decode: always tiled /
+    # one image at a time. This module's own decode ignores them.
+    use_tiling: bool = False
+    use_slicing: bool = False
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+
+    def enable_tiling(self, *args, **kwargs) -> None:
+        self.use_tiling = True  # diffusers' tile sizes (arguments) are not used: decode_tiled picks its own
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
 
     @property
     def dtype(self) -> torch.dtype:
