@@ -72,6 +72,8 @@ class SampleSettings:
     post_cfg: tuple[tuple, ...] = ()
     # DualCFGGuider: (cfg_cond2_negative, nested) with `cfg` as its cfg_conds; sample() then takes `middle`
     dual_cfg: tuple[float, bool] | None = None
+    # the MODEL's EasyCache / LazyCache node (sampling.easycache.ComfyCache); it replaces cache_threshold's cache
+    comfy_cache: Any = None
 
     @property
     def use_cfg(self) -> bool:
@@ -212,7 +214,12 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
         denoiser = CFGDenoiser(model, cond, uncond, cfg=s.cfg, slg=s.slg, steps=total, post_cfg=s.post_cfg,
                                model_sampling=ms, dtype=dtype)
     cache = None
-    if s.cache_threshold > 0 and denoiser.regional:  # calls on crops and sides of equal shapes would share one
+    comfy_stats: dict[str, int] = {}
+    if s.comfy_cache is not None:  # the MODEL's EasyCache / LazyCache node (sampling/easycache.py)
+        if s.cache_threshold > 0:
+            logger.info("%s on the MODEL: the server's step cache is off for this run", s.comfy_cache.kind)
+        denoiser = s.comfy_cache.wrap(denoiser, ms, comfy_stats)
+    elif s.cache_threshold > 0 and denoiser.regional:  # calls on crops and sides of equal shapes would share one
         logger.info("step cache off for this run: area / mask conditioning or dual CFG")  # stream: no skipping
     elif s.cache_threshold > 0:
         cache = denoiser.model = StepCache(model, s.cache_threshold, sigmas)
@@ -228,11 +235,16 @@ def sample(model: ModelFn, cond: Conditioning, uncond: Conditioning | None, late
 
     out = run_sampler(s.sampler, denoiser, x, sigmas, extra_args={"seed": seed}, callback=on_step,
                       disable=not progress, **dict(s.sampler_options))
+    if comfy_stats:  # ComfyUI's closing line
+        skipped = comfy_stats.get("skipped", 0)
+        logger.info("%s - skipped %d/%d steps (%.2fx speedup).", s.comfy_cache.kind, skipped, total,
+                    total / (total - skipped) if total > skipped else 1.0)
+    stats = cache.stats if cache is not None else comfy_stats
     if cache is not None:
         logger.info("%s", cache.describe())
-        if cache_stats is not None:
-            for k, n in cache.stats.items():
-                cache_stats[k] = cache_stats.get(k, 0) + n
+    if cache_stats is not None:
+        for k, n in stats.items():
+            cache_stats[k] = cache_stats.get(k, 0) + n
     out = ms.inverse_noise_scaling(sigmas[-1], out)  # identity when the last sigma is 0
     return to_vae_space(out)
 

@@ -97,6 +97,8 @@ def _conds(args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 def _batch_coupled(model: Any) -> str | None:
     """The MODEL's sampling patch whose arithmetic spans the batch (a mean or std over all rows, as ComfyUI's
     node computes it), or None: Mahiro's similarity mean, SkipLayerGuidanceDiT's rescaling std."""
+    if getattr(model, "step_cache", None) is not None:  # its skips are decided on the batch's first rows
+        return model.step_cache.kind
     for entry in getattr(model, "post_cfg", ()):
         if entry[0] == "mahiro":
             return "Mahiro"

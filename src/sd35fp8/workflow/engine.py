@@ -48,6 +48,7 @@ class SD3Model:
     # sampling patches in the order the workflow applied them (sampling.guidance POST_CFG: skip-layer guidance,
     # CFGZeroStar, CFGNorm, RescaleCFG, SkipLayerGuidanceDiTSimple)
     post_cfg: tuple[tuple, ...] = ()
+    step_cache: Any = None  # EasyCache / LazyCache (sampling.easycache.ComfyCache): the last one patched
 
     def with_shift(self, shift: float) -> SD3Model:
         return replace(self, shift=float(shift))
@@ -483,7 +484,8 @@ def sample_settings(model: SD3Model, steps: int, cfg: float, sampler_name: str, 
 
     return SampleSettings(steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, shift=model.shift,
                           denoise=denoise, start_step=start_step, last_step=last_step,
-                          force_full_denoise=force_full_denoise, post_cfg=model.post_cfg)
+                          force_full_denoise=force_full_denoise, post_cfg=model.post_cfg,
+                          comfy_cache=model.step_cache)
 
 
 def sample(ctx: Any, model: SD3Model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,

@@ -24,6 +24,7 @@ from sd35fp8.workflow.node_base import (CLIP_TYPES, MAX_RESOLUTION, SEED_MAX, WE
                                          NodeContext, _file_stamps, _files, _tip)
 from sd35fp8.workflow.nodes_area import AREA_NODES
 from sd35fp8.workflow.nodes_control import CONTROL_NODES
+from sd35fp8.workflow.nodes_cache import CACHE_NODES
 from sd35fp8.workflow.nodes_guidance import GUIDANCE_NODES, SLG_LAYERS, SLG_WINDOW, SkipLayerGuidanceDiT
 from sd35fp8.workflow.nodes_image import IMAGE_NODES
 from sd35fp8.workflow.nodes_inpaint import INPAINT_NODES
@@ -782,6 +783,7 @@ NODE_CLASS_MAPPINGS.update(MASK_NODES)
 NODE_CLASS_MAPPINGS.update(MERGE_NODES)
 NODE_CLASS_MAPPINGS.update(IMAGE_EXTRA_NODES)
 NODE_CLASS_MAPPINGS.update(PREVIEW_ANY_NODES)
+NODE_CLASS_MAPPINGS.update(CACHE_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,
