@@ -9,11 +9,11 @@ import torch
 
 from comfy_models import tiny_base_prompt, tiny_checkpoint_folder
 from sd35fp8 import generation
-from sd35fp8.models.mmdit import MMDiT, MMDiTConfig, init_random_
 from sd35fp8.sampling import CFGDenoiser, Conditioning, FlowMatching, get_sigmas
 from sd35fp8.sampling import sample as run_sampler
 from sd35fp8.sampling.easycache import ComfyCache
 from sd35fp8.tiny import SHIPPED_CHECKPOINT
+from test_step_cache import Counting, mmdit  # noqa: F401 - the fixture
 
 
 # ---- ComfyUI's wrappers, transcribed (comfy_extras/nodes_easycache.py) -------------------------------------------
@@ -108,22 +108,7 @@ def ref_easy(holder: _RefHolder, executor, x, t, *args, uuids, **kw):
     return output
 
 
-# ---- a small MMDiT --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mmdit():
-    cfg = MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, context_dim=32, pooled_dim=48,
-                      qk_norm=True)
-    return init_random_(MMDiT(cfg).eval(), torch.Generator().manual_seed(0))
-
-
-class Counting:
-    def __init__(self, m):
-        self.model, self.config, self.calls = m, m.config, 0
-
-    def __call__(self, *a, **k):
-        self.calls += 1
-        with torch.no_grad():
-            return self.model(*a, **k)
+# ---- a small MMDiT: test_step_cache's (its `mmdit` fixture and Counting model) ----------------------------------
 
 
 def _conds(m):
