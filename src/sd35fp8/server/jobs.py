@@ -1,9 +1,12 @@
-"""GET /jobs, GET /jobs/{id}, POST /jobs/cancel: the newer ComfyUI jobs view of queue + history.
+"""GET /jobs, GET /jobs/{id}, POST /jobs/cancel, POST /jobs/{id}/cancel: ComfyUI's jobs view of queue + history.
 
-The current frontend (comfyui-frontend-package >= 1.3x) builds its queue and history panels from
-these (ComfyUI comfy_execution/jobs.py): a job is {id, status, priority, create_time, outputs_count,
-execution_start_time?, execution_end_time?, execution_error?, preview_output?}; status is one of
-pending, in_progress, completed, failed, cancelled.
+The current frontend (comfyui-frontend-package >= 1.3x) builds its queue and history panels and its Media
+Assets view from these (ComfyUI comfy_execution/jobs.py and the /api/jobs routes of its server.py). A job
+is {id, status, priority, create_time, execution_start_time, execution_end_time, execution_error,
+outputs_count, previewable_outputs_count, preview_output, workflow_id}, a key whose value would be None
+left out (ComfyUI prune_dict); status is one of pending, in_progress, completed, failed, cancelled.
+GET /jobs/{id} adds, for a finished job, its outputs (normalize_outputs), execution_status and workflow
+{prompt, extra_data}; for a running or pending job, its workflow.
 """
 
 from __future__ import annotations
@@ -20,45 +23,186 @@ from sd35fp8.server.history import join_wrapped
 from sd35fp8.server.queue import PromptQueue
 from sd35fp8.server.validation import CancelJobs, read_model
 
-STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
-PREVIEWABLE = ("images", "video", "audio", "3d")
+STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")  # ComfyUI JobStatus.ALL, in its order
+SORT_BY = ("created_at", "execution_duration")
+PREVIEWABLE_MEDIA_TYPES = frozenset(("images", "video", "audio", "3d", "text"))
+THREE_D_EXTENSIONS = (".obj", ".fbx", ".gltf", ".glb", ".usdz")  # no media type of their own
+TEXT_EXTENSIONS = (".txt", ".md", ".json")  # what SaveText writes
+TEXT_PREVIEW_MAX_LENGTH = 1024
+
+# what a cancel found the job to be (ComfyUI classify_job_for_cancel)
+CANCEL_RUNNING, CANCEL_PENDING, CANCEL_TERMINAL, CANCEL_UNKNOWN = "running", "pending", "terminal", "unknown"
 
 
-def queue_job(item: list, status: str) -> dict:
-    return {"id": item[1], "status": status, "priority": item[0],
-            "create_time": item[3].get("create_time", 0), "outputs_count": 0}
+# ---- one job ----------------------------------------------------------------------------------------
+def _pruned(job: dict) -> dict:
+    """ComfyUI prune_dict: the keys whose value is None left out."""
+    return {k: v for k, v in job.items() if v is not None}
+
+
+def _lower_name(item: dict) -> str:
+    name = item.get("filename")
+    return name.lower() if isinstance(name, str) else ""
+
+
+def has_3d_extension(filename: str) -> bool:
+    return filename.lower().endswith(THREE_D_EXTENSIONS)
+
+
+def normalize_output_item(item: Any) -> dict | None:
+    """A dict as it is; a string naming a 3D file (Preview3D's output) as a file output; anything else None."""
+    if isinstance(item, str):
+        return {"filename": item, "type": "output", "subfolder": "", "mediaType": "3d"} if has_3d_extension(item) \
+            else None
+    return item if isinstance(item, dict) else None
+
+
+def normalize_outputs(outputs: dict) -> dict:
+    """The outputs of GET /jobs/{id} (ComfyUI normalize_outputs): in each node's lists, None items dropped and
+    3D file names made file outputs; everything else (other strings, 'animated', non-list values) as it is."""
+    normalized: dict = {}
+    for node_id, node_outputs in outputs.items():
+        if not isinstance(node_outputs, dict):
+            normalized[node_id] = node_outputs
+            continue
+        node: dict = {}
+        for media_type, items in node_outputs.items():
+            if media_type == "animated" or not isinstance(items, list):
+                node[media_type] = items
+                continue
+            out = []
+            for item in items:
+                if item is not None:
+                    norm = normalize_output_item(item)
+                    out.append(norm if norm is not None else item)
+            node[media_type] = out
+        normalized[node_id] = node
+    return normalized
+
+
+def is_previewable(media_type: str, item: dict) -> bool:
+    """ComfyUI is_previewable (the frontend's rule): a previewable media type, a video/ or audio/ `format`,
+    or a 3D or text file name."""
+    if media_type in PREVIEWABLE_MEDIA_TYPES:
+        return True
+    fmt = item.get("format")
+    if isinstance(fmt, str) and fmt.startswith(("video/", "audio/")):
+        return True
+    return _lower_name(item).endswith(THREE_D_EXTENSIONS + TEXT_EXTENSIONS)
+
+
+def is_text_preview(media_type: str, item: dict) -> bool:
+    """Text rather than visual media: ranked below any image, video, audio or 3D output for the preview."""
+    return media_type == "text" or _lower_name(item).endswith(TEXT_EXTENSIONS)
+
+
+def _text_preview(value: str) -> dict:
+    if len(value) <= TEXT_PREVIEW_MAX_LENGTH:
+        return {"content": value}
+    return {"content": value[:TEXT_PREVIEW_MAX_LENGTH], "truncated": True}
+
+
+def outputs_summary(outputs: dict) -> tuple[int, int, dict | None]:
+    """(outputs_count, previewable_outputs_count, preview_output) in one walk (ComfyUI get_outputs_summary and
+    count_previewable_outputs).
+
+    Every output item is counted (a 3D file name as a file; 'animated' and non-list values are no items);
+    text content (the non-file strings under 'text') is not, and may only be the preview. The preview is the
+    first of, in this order: a type=output visual item (images, video, audio, 3D, or a file previewable by
+    `format` or extension), another previewable visual item, a saved text file, the first text content
+    (cut to TEXT_PREVIEW_MAX_LENGTH) - whatever order the nodes come in. An item's own mediaType is kept."""
+    count = previewable = 0
+    preview = fallback = text_file = text = None
+    for node_id, node_outputs in outputs.items():
+        if not isinstance(node_outputs, dict):
+            continue
+        for media_type, items in node_outputs.items():
+            if media_type == "animated" or not isinstance(items, list):
+                continue
+            for item in items:
+                if not isinstance(item, dict):
+                    normalized = normalize_output_item(item)
+                    if normalized is None:
+                        if media_type == "text" and text is None:
+                            value = (item[0] if item else "") if isinstance(item, tuple) else item
+                            text = {**_text_preview(value if isinstance(value, str) else str(value)),
+                                    "nodeId": node_id, "mediaType": media_type}
+                        continue
+                    item = normalized
+                count += 1
+                if not is_previewable(media_type, item):
+                    continue
+                previewable += 1
+                if preview is not None:
+                    continue
+                enriched = {**item, "nodeId": node_id}
+                if "mediaType" not in item:
+                    enriched["mediaType"] = media_type
+                if is_text_preview(media_type, item):
+                    if text_file is None:
+                        text_file = enriched
+                elif item.get("type") == "output":
+                    preview = enriched
+                elif fallback is None:
+                    fallback = enriched
+    return count, previewable, preview or fallback or text_file or text
+
+
+def job_metadata(extra_data: Any) -> tuple[Any, Any]:
+    """(create_time, workflow_id): extra_data.create_time and extra_data.extra_pnginfo.workflow.id (the UI's
+    workflow id), None where missing."""
+    if not isinstance(extra_data, dict):
+        return None, None
+    pnginfo = extra_data.get("extra_pnginfo")
+    workflow = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
+    return extra_data.get("create_time"), workflow.get("id") if isinstance(workflow, dict) else None
+
+
+def queue_job(item: list, status: str, include_workflow: bool = False) -> dict:
+    """A running or pending queue item as a job (ComfyUI normalize_queue_item); `include_workflow` (GET
+    /jobs/{id}) adds its workflow {prompt, extra_data}."""
+    create_time, workflow_id = job_metadata(item[3])
+    job = _pruned({"id": item[1], "status": status, "priority": item[0], "create_time": create_time,
+                   "outputs_count": 0, "previewable_outputs_count": 0, "workflow_id": workflow_id})
+    if include_workflow:
+        job["workflow"] = {"prompt": item[2], "extra_data": item[3]}
+    return job
 
 
 def history_job(prompt_id: str, entry: dict, include_outputs: bool = False) -> dict:
-    item, status_info, outputs = entry["prompt"], entry["status"], entry["outputs"]
-    job: dict[str, Any] = {"id": prompt_id, "priority": item[0], "create_time": item[3].get("create_time", 0)}
+    """A history entry as a job (ComfyUI normalize_history_item); `include_outputs` (GET /jobs/{id}) adds its
+    outputs, execution_status and workflow."""
+    item = entry["prompt"]
+    create_time, workflow_id = job_metadata(item[3])
+    status_info = entry.get("status", {})
+    status_str = status_info.get("status_str") if status_info else None
+    outputs = entry.get("outputs")
+    outputs = outputs if isinstance(outputs, dict) else {}
+    start = end = error = None
     interrupted = False
-    for event, data in status_info.get("messages", []):
+    for message in (status_info.get("messages") or []) if status_info else []:
+        if not isinstance(message, (list, tuple)) or len(message) < 2 or not isinstance(message[1], dict):
+            continue
+        event, data = message[0], message[1]
         if event == "execution_start":
-            job["execution_start_time"] = data.get("timestamp")
+            start = data.get("timestamp")
         elif event in ("execution_success", "execution_error", "execution_interrupted"):
-            job["execution_end_time"] = data.get("timestamp")
+            end = data.get("timestamp")
             if event == "execution_error":
-                job["execution_error"] = data
-            interrupted = interrupted or event == "execution_interrupted"
-    if status_info.get("status_str") == "success":
-        job["status"] = "completed"
-    else:
-        job["status"] = "cancelled" if interrupted else "failed"
-    count, preview = 0, None
-    for node_id, ui in outputs.items():
-        for media, items in ui.items():
-            if not isinstance(items, list):
-                continue
-            for it in items:
-                count += 1
-                if preview is None and isinstance(it, dict) and media in PREVIEWABLE:
-                    preview = {**it, "nodeId": node_id, "mediaType": media}
-    job["outputs_count"] = count
-    if preview is not None:
-        job["preview_output"] = preview
+                error = data
+            elif event == "execution_interrupted":
+                interrupted = True
+    if status_str == "error":
+        status = "cancelled" if interrupted else "failed"
+    else:  # success, or no status_str at all
+        status = "completed"
+    count, previewable, preview = outputs_summary(outputs)
+    job = _pruned({"id": prompt_id, "status": status, "priority": item[0], "create_time": create_time,
+                   "execution_start_time": start, "execution_end_time": end, "execution_error": error,
+                   "outputs_count": count, "previewable_outputs_count": previewable, "preview_output": preview,
+                   "workflow_id": workflow_id})
     if include_outputs:
-        job["outputs"] = outputs
+        job["outputs"] = normalize_outputs(outputs)
         job["execution_status"] = status_info
         job["workflow"] = {"prompt": item[2], "extra_data": item[3]}
     return job
@@ -238,15 +382,17 @@ def jobs_routes(queue: PromptQueue) -> APIRouter:
 
     @r.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> Any:
+        """ComfyUI get_job: the history first, then the running and the pending prompts (with their
+        workflow: the frontend caches this answer by id and never asks again); 404 {"error": "Job not found"}."""
         entry = queue.history(job_id).get(job_id)
         if entry is not None:
             return history_job(job_id, entry, include_outputs=True)
-        running, pending = queue.current_queue()
+        _, running, pending = queue.snapshot()  # pending items uncopied: only read here
         for items, status in ((running, "in_progress"), (pending, "pending")):
             for item in items:
                 if item[1] == job_id:
-                    return queue_job(item, status)
-        return JSONResponse({"error": f"no job {job_id!r}"}, status_code=404)
+                    return queue_job(item, status, include_workflow=True)
+        return JSONResponse({"error": "Job not found"}, status_code=404)
 
     @r.post("/jobs/cancel")
     async def cancel_jobs(request: Request) -> Response:
