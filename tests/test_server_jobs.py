@@ -173,7 +173,8 @@ def jobs_app(queue: PromptQueue) -> FastAPI:
 
 
 def finish(queue: PromptQueue, pid: str, created: int, extra: dict | None = None, **entry) -> None:
-    queue.put([created, pid, {"1": {}}, {"create_time": created, **(extra or {})}, ["1"]])
+    """A prompt through the queue into the history (first in line: taken before any waiting prompt)."""
+    queue.put([created - 10**6, pid, {"1": {}}, {"create_time": created, **(extra or {})}, ["1"]])
     task, _ = queue.get(timeout=1)
     e = done_entry(pid, created, extra=extra, **entry)
     queue.task_done(task, e["outputs"], e["status"])
@@ -199,3 +200,177 @@ def test_job_detail_route():
         assert wait["status"] == "pending" and wait["workflow"]["prompt"] == {"1": {"inputs": {"seed": 2}}}
         missing = c.get("/api/jobs/nope")
         assert missing.status_code == 404 and missing.json() == {"error": "Job not found"}
+
+
+# ---- GET /jobs: parameters, errors, envelope, order ------------------------------------------------------
+def test_list_parameter_errors_are_comfyuis():
+    """ComfyUI GET /api/jobs checks status, sort_by, sort_order, limit, offset in this order and answers a bad
+    one with 400 {"error": <its message>}; values are lower-cased, statuses stripped, a negative offset is 0."""
+    q = PromptQueue(max_queue=10)
+    finish(q, "a", 10)
+    valid = "Valid values: pending, in_progress, completed, failed, cancelled"
+    bad = {
+        "status=done": f"Invalid status value(s): done. {valid}",
+        "status=completed,Nope,%20x%20": f"Invalid status value(s): nope, x. {valid}",
+        "sort_by=create_time": "sort_by must be 'created_at' or 'execution_duration'",
+        "sort_by=": "sort_by must be 'created_at' or 'execution_duration'",
+        "sort_order=up": "sort_order must be 'asc' or 'desc'",
+        "limit=0": "limit must be a positive integer",
+        "limit=-3": "limit must be a positive integer",
+        "limit=x": "limit must be an integer",
+        "limit=": "limit must be an integer",
+        "limit=1.5": "limit must be an integer",
+        "offset=x": "offset must be an integer",
+        "status=bad&sort_by=bad&limit=0": f"Invalid status value(s): bad. {valid}",
+        "sort_order=bad&limit=0": "sort_order must be 'asc' or 'desc'",
+    }
+    with TestClient(jobs_app(q)) as c:
+        for query, message in bad.items():
+            for prefix in ("", "/api"):
+                r = c.get(f"{prefix}/jobs?{query}")
+                assert (r.status_code, r.json()) == (400, {"error": message}), query
+        ok = {"status=%20COMPLETED%20,failed": 1, "sort_by=EXECUTION_DURATION&sort_order=ASC": 1, "offset=-5": 1,
+              "limit=%205%20": 1, "status=": 1, "status=,": 0, "status=pending": 0, "limit=1&limit=x": 1,
+              "status=pending&status=completed": 0}
+        for query, total in ok.items():
+            r = c.get(f"/api/jobs?{query}")
+            assert r.status_code == 200 and r.json()["pagination"]["total"] == total, (query, r.text)
+        assert c.get("/jobs?offset=-5").json()["pagination"]["offset"] == 0
+
+
+def test_list_envelope():
+    """{"jobs": [...], "pagination": {offset, limit (null when not given), total, has_more}}."""
+    q = PromptQueue(max_queue=10)
+    for k in range(5):
+        finish(q, f"j{k}", 10 + k)
+    with TestClient(jobs_app(q)) as c:
+        every = c.get("/api/jobs").json()
+        assert list(every) == ["jobs", "pagination"] and [j["id"] for j in every["jobs"]] == ["j4", "j3", "j2", "j1",
+                                                                                            "j0"]
+        assert every["pagination"] == {"offset": 0, "limit": None, "total": 5, "has_more": False}
+        page = c.get("/api/jobs?limit=2&offset=1&sort_order=asc").json()
+        assert [j["id"] for j in page["jobs"]] == ["j1", "j2"]
+        assert page["pagination"] == {"offset": 1, "limit": 2, "total": 5, "has_more": True}
+        assert c.get("/api/jobs?offset=9").json() == {"jobs": [], "pagination": {
+            "offset": 9, "limit": None, "total": 5, "has_more": False}}
+
+
+def test_workflow_id_filter():
+    """workflow_id keeps the jobs whose extra_data.extra_pnginfo.workflow.id is it, queued or finished; an
+    empty one filters nothing."""
+    q = PromptQueue(max_queue=10)
+    finish(q, "a", 10, extra={"extra_pnginfo": {"workflow": {"id": "wf-1"}}})
+    finish(q, "b", 11, extra={"extra_pnginfo": {"workflow": {"id": "wf-2"}}})
+    finish(q, "c", 12)
+    q.put([5, "p", {}, {"create_time": 13, **WORKFLOW}, []])
+    with TestClient(jobs_app(q)) as c:
+        ids = lambda query: [j["id"] for j in c.get(f"/jobs?{query}").json()["jobs"]]  # noqa: E731
+        assert ids("workflow_id=wf-1") == ["p", "a"] and ids("workflow_id=wf-2") == ["b"]
+        assert ids("workflow_id=wf-1&status=completed") == ["a"] and ids("workflow_id=none") == []
+        assert ids("workflow_id=") == ["p", "c", "b", "a"]
+        assert c.get("/jobs?workflow_id=wf-1").json()["jobs"][0]["workflow_id"] == "wf-1"
+
+
+def test_equal_keys_keep_comfyuis_order():
+    """ComfyUI lists running, then pending, then the history in its order, and sorts that stably - both ways
+    (sorted(reverse=True) keeps equal keys in order): jobs of one create_time come in that order whether the
+    newest or the oldest come first; by execution_duration, every queued job is 0."""
+    q = PromptQueue(max_queue=10)
+    finish(q, "h1", 5, messages=[["execution_start", {"timestamp": 100}], ["execution_success", {"timestamp": 130}]])
+    finish(q, "h0", 1, messages=[["execution_start", {"timestamp": 100}], ["execution_success", {"timestamp": 110}]])
+    finish(q, "h2", 5)  # no times: duration 0
+    finish(q, "h3", 9, messages=[["execution_start", {"timestamp": 100}], ["execution_success", {"timestamp": 110}]])
+    q.put([1, "r", {}, {"create_time": 5}, []])
+    q.get(timeout=1)
+    q.put([3, "p2", {}, {"create_time": 5}, []])
+    q.put([2, "p1", {}, {"create_time": 5}, []])
+    q.put([4, "p3", {}, {"create_time": 7}, []])
+    with TestClient(jobs_app(q)) as c:
+        ids = lambda query: [j["id"] for j in c.get(f"/jobs?{query}").json()["jobs"]]  # noqa: E731
+        assert ids("sort_order=asc") == ["h0", "r", "p1", "p2", "h1", "h2", "p3", "h3"]
+        assert ids("") == ["h3", "p3", "r", "p1", "p2", "h1", "h2", "h0"]
+        assert ids("limit=3&offset=2") == ["r", "p1", "p2"] and ids("limit=2&offset=3") == ["p1", "p2"]
+        assert ids("sort_by=execution_duration&sort_order=asc") == ["r", "p1", "p2", "p3", "h2", "h0", "h3", "h1"]
+        assert ids("sort_by=execution_duration") == ["h1", "h0", "h3", "r", "p1", "p2", "p3", "h2"]
+        assert ids("sort_by=execution_duration&limit=3&offset=1") == ["h0", "h3", "r"]
+
+
+def test_desc_pages_equal_a_stable_reverse_sort():
+    """Ordered.page newest first, cut from the ascending rows (short pages) or from a reversed copy (long
+    ones), equals sorted(reverse=True)'s slice for rows with many equal keys."""
+    import random
+
+    from sd35fp8.server import jobs
+
+    rng = random.Random(1)
+    for n in (0, 1, 2, 7, 40, 600):
+        rows = sorted([(rng.randrange(max(n // 3, 1)), "s", str(k).encode(), k, rng.randrange(4), None)
+                       for k in range(n)], key=lambda r: r[0])
+        for k in (jobs.CREATED, jobs.DURATION):
+            asc = sorted(rows, key=lambda r: r[k])
+            want = sorted(asc, key=lambda r: r[k], reverse=True)
+            for offset, end in ((0, n), (0, 1), (1, 5), (3, 40), (n // 2, n), (5, 300), (0, 300), (n, n)):
+                end = min(end, n)
+                assert jobs.desc_slice(asc, k, offset, end) == want[offset:end], (n, k, offset, end)
+                assert jobs.Ordered(asc, k).page(True, offset, end) == want[offset:end]
+                assert jobs.Ordered(asc, k).page(False, offset, end) == asc[offset:end]
+
+
+def test_long_pages_match_comfyuis_sort():
+    """Pages longer than SMALL_PAGE newest first come from the maintained newest-first rows (merged, filtered):
+    the same as ComfyUI's get_all_jobs for every status filter, workflow_id and sort, through history and
+    queue changes, with many equal create_times between the queue and the history."""
+    import random
+
+    from sd35fp8.server import jobs
+
+    rng = random.Random(7)
+    q = PromptQueue(max_queue=400, max_history=350)
+
+    def add_done(k: int) -> None:
+        created = rng.randrange(60)
+        outcome = rng.choice(["execution_success", "execution_error", "execution_interrupted"])
+        finish(q, f"h{k}", created, extra={"extra_pnginfo": {"workflow": {"id": f"w{k % 3}"}}},
+               status_str="success" if outcome == "execution_success" else "error",
+               messages=[["execution_start", {"timestamp": 1000}], [outcome, {"timestamp": 1000 + rng.randrange(3)}]])
+
+    for k in range(330):
+        add_done(k)
+    for k in range(40):
+        q.put([k, f"q{k}", {}, {"create_time": 30 + rng.randrange(60), **({"extra_pnginfo": {"workflow": {
+            "id": "w1"}}} if k % 2 else {})}, []])
+    q.get(timeout=1)
+
+    def comfy(status: str, workflow: str, sort_by: str, order: str) -> list[str]:
+        wanted = status.split(",") if status else list(jobs.STATUSES)
+        running, pending = q.current_queue()
+        every = [queue_job(i, "in_progress") for i in running] + [queue_job(i, "pending") for i in pending]
+        every += [history_job(p, e) for p, e in q.history().items()]
+        every = [j for j in every if j["status"] in wanted and (not workflow or j.get("workflow_id") == workflow)]
+        if sort_by == "execution_duration":
+            def key(j):
+                start, end = j.get("execution_start_time", 0), j.get("execution_end_time", 0)
+                return end - start if end and start else 0
+        else:
+            def key(j):
+                return j.get("create_time", 0)
+        return [j["id"] for j in sorted(every, key=key, reverse=order == "desc")]
+
+    with TestClient(jobs_app(q)) as c:
+        for round_ in range(3):
+            for status in ("", "completed,failed,cancelled", "pending,in_progress,completed", "failed"):
+                for workflow in ("", "w1"):
+                    for sort_by in ("created_at", "execution_duration"):
+                        for order in ("desc", "asc"):
+                            query = {"status": status, "workflow_id": workflow, "sort_by": sort_by,
+                                     "sort_order": order}
+                            want = comfy(status, workflow, sort_by, order)
+                            got = c.get("/jobs", params=query).json()
+                            assert [j["id"] for j in got["jobs"]] == want, (round_, query)
+                            assert got["pagination"]["total"] == len(want)
+                            got = c.get("/jobs", params={**query, "offset": 3, "limit": 290}).json()
+                            assert [j["id"] for j in got["jobs"]] == want[3:293], (round_, query)
+            for k in range(5):  # a few more finished (the oldest dropped), one deleted, one more queued
+                add_done(1000 + 10 * round_ + k)
+            q.delete_history_item(next(iter(q.history())))
+            q.put([99, f"late{round_}", {}, {"create_time": 45}, []])

@@ -129,8 +129,10 @@ def test_scripts_may_send_any_content_type(client):
 
 
 def test_query_parameters_are_400(client):
-    for url in ("/history?max_items=abc", "/history?offset=1.5", "/jobs?limit=x", "/api/history?max_items=1e9999"):
+    for url in ("/history?max_items=abc", "/history?offset=1.5", "/api/history?max_items=1e9999"):
         _shape(client.get(url), 400)
+    # GET /jobs answers as ComfyUI's does: {"error": <message>} (tests/test_server_jobs.py)
+    assert client.get("/jobs?limit=x").json() == {"error": "limit must be an integer"}
 
 
 def test_node_count_and_text_length(client):

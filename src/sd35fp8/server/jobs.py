@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import json
+from operator import itemgetter
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -208,24 +209,108 @@ def history_job(prompt_id: str, entry: dict, include_outputs: bool = False) -> d
     return job
 
 
-Row = tuple  # (create_time, status, the job rendered as JSON[, the history entry's insertion number])
+# ---- the rows GET /jobs pages through ---------------------------------------------------------------------
+Row = tuple  # (create_time, status, the job rendered as JSON, history insertion number, duration, workflow_id)
+CREATED, STATUS, BODY, SEQ, DURATION, WORKFLOW = range(6)
+SMALL_PAGE = 256  # a newest-first page up to this long is cut from the ascending rows (no reversed copy)
+
+
+def _sort_created(job: dict) -> Any:
+    return job.get("create_time", 0)  # ComfyUI apply_sorting
+
+
+def _duration(job: dict) -> Any:
+    """ComfyUI apply_sorting's execution_duration: end - start, 0 unless both are there (queued jobs: 0)."""
+    start, end = job.get("execution_start_time", 0), job.get("execution_end_time", 0)
+    return end - start if end and start else 0
+
+
+def _row(job: dict, seq: int = 0) -> Row:
+    return _sort_created(job), job["status"], _dumps(job), seq, _duration(job), job.get("workflow_id")
+
+
+_created = itemgetter(CREATED)
+_seq = itemgetter(SEQ)
+
+
+def _row_key(row: Row) -> tuple[Any, int]:
+    """A history row's place oldest first: create_time, then the entry's insertion number (history order)."""
+    return row[CREATED], row[SEQ]
+
+
+def _row_key_desc(row: Row) -> tuple[Any, int]:
+    """A history row's place newest first (a stable descending sort of the history: equal create_times
+    keep history order). create_time is the server's int (POST /prompt)."""
+    return -row[CREATED], row[SEQ]
+
+
+def _dumps(value: Any) -> bytes:
+    """JSON bytes as Starlette's JSONResponse renders them (compact, UTF-8, no NaN)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def desc_slice(rows: list[Row], k: int, offset: int, end: int) -> list[Row]:
+    """Positions offset..end of sorted(rows, key=row[k], reverse=True) - Python's stable descending sort, as
+    ComfyUI's apply_sorting: equal keys keep their order - from `rows` sorted ascending by row[k], without
+    building it: a run of equal keys takes the same positions in both orders, mirrored, and keeps its order."""
+    total, key, out, i = len(rows), itemgetter(k), [], offset
+    while i < end:
+        j = total - 1 - i
+        v = rows[j][k]
+        if (j == 0 or rows[j - 1][k] != v) and (j + 1 == total or rows[j + 1][k] != v):  # no tie: the usual case
+            out.append(rows[j])
+            i += 1
+            continue
+        lo, hi = bisect.bisect_left(rows, v, 0, j, key=key), bisect.bisect_right(rows, v, j, total, key=key)
+        first, stop = total - hi, min(end, total - lo)  # the run's positions newest first: first..total - lo
+        out.extend(rows[lo + i - first: lo + stop - first])
+        i = stop
+    return out
+
+
+class Ordered:
+    """The rows of one view of GET /jobs (statuses, workflow_id, sort_by), ascending by the sort key, equal
+    keys in ComfyUI's order (running, pending, then history order), and pages of them in either order.
+    Newest first is a stable descending sort (ComfyUI: sorted(reverse=True)); a long page of it comes from
+    `newest()` (built once per view: the maintained newest-first rows, filtered), a short one is cut from
+    the ascending rows (desc_slice)."""
+
+    __slots__ = ("asc", "key", "_newest", "_desc")
+
+    def __init__(self, asc: list[Row], key: int, newest: Any = None):
+        self.asc, self.key, self._newest, self._desc = asc, key, newest, None
+
+    def __len__(self) -> int:
+        return len(self.asc)
+
+    def page(self, desc: bool, offset: int, end: int) -> list[Row]:
+        if offset >= end:
+            return []
+        if not desc:
+            return self.asc[offset:end]
+        if self._desc is None and end - offset > SMALL_PAGE:
+            self._desc = self._newest() if self._newest is not None else \
+                sorted(self.asc, key=itemgetter(self.key), reverse=True)
+        if self._desc is not None:
+            return self._desc[offset:end]
+        return desc_slice(self.asc, self.key, offset, end)
 
 
 class _Summaries:
     """history_job of each history entry, computed and rendered to JSON once (entries never change;
     ids that left are forgotten), and the rows GET /jobs pages through: the history's sorted by
     create_time once per history version, the queue's once per queue version (each pending item
-    rendered once), their merge per (versions, statuses). A page is then a slice and a join of
-    cached bytes: O(page) after the first read, ~1 ms for 10 000 jobs (benchmarks/history.py)."""
+    rendered once), their merge per (versions, statuses, workflow_id, sort_by). A page is then a slice
+    and a join of cached bytes: O(page) after the first read, ~1 ms for 10 000 jobs (benchmarks/history.py)."""
 
     def __init__(self) -> None:
         self._done: dict[str, tuple[dict, dict, bytes]] = {}  # id -> (history entry, job, JSON)
         self._sorted: tuple[int, list[dict]] | None = None
-        self._rows: tuple[int, list[Row]] | None = None
+        self._rows: tuple[int, list[Row], list[Row]] | None = None  # (version, oldest first, newest first)
         self._row_of: dict[str, Row] = {}  # history id -> its row in self._rows
-        self._live: tuple[int, list[Row]] | None = None
+        self._live: tuple[int, list[Row], list[Row], list[Row]] | None = None
         self._pending: dict[str, tuple[list, Row]] = {}  # id -> (pending item, its row)
-        self._merged: dict[tuple, list[Row]] = {}
+        self._views: dict[tuple, Ordered] = {}
 
     def _hit(self, pid: str, entry: dict) -> tuple[dict, dict, bytes]:
         hit = self._done.get(pid)
@@ -243,7 +328,7 @@ class _Summaries:
         version = queue.histories.version
         if self._sorted is None or self._sorted[0] != version:
             jobs = self.of(queue.history())
-            jobs.sort(key=_created)
+            jobs.sort(key=_sort_created)
             self._sorted = (version, jobs)
         return self._sorted[1]
 
@@ -252,39 +337,48 @@ class _Summaries:
         self._prune(history)
         return out
 
-    def done_rows(self, queue: PromptQueue) -> tuple[int, list[Row]]:
-        """(history version, the history's rows oldest create_time first, ties in history order).
-        After a few changes (the history's change log) the rows of the last version are updated in
-        place of a copy: a new or dropped entry is one bisect, not a walk and sort of every entry."""
+    def _done_row(self, hit: tuple[dict, dict, bytes], seq: int) -> Row:
+        job = hit[1]
+        return _sort_created(job), job["status"], hit[2], seq, _duration(job), job.get("workflow_id")
+
+    def done_rows(self, queue: PromptQueue) -> tuple[int, list[Row], list[Row]]:
+        """(history version, the history's rows oldest create_time first, the same newest first), equal
+        create_times in history order both ways. After a few changes (the history's change log) the rows
+        of the last version are updated in place of a copy: a new or dropped entry is one bisect, not a
+        walk and sort of every entry."""
         histories = queue.histories
         version = histories.version
         if self._rows is not None and self._rows[0] == version:
             return self._rows
         changes = histories.changes_since(self._rows[0]) if self._rows is not None else None
         if changes is not None and len(changes[1]) <= 256:
-            version, rows = changes[0], list(self._rows[1])
+            version, rows, newest = changes[0], list(self._rows[1]), list(self._rows[2])
             for op, pid, entry, seq in changes[1]:
                 old = self._row_of.pop(pid, None)
                 if old is not None:
                     del rows[bisect.bisect_left(rows, _row_key(old), key=_row_key)]
+                    del newest[bisect.bisect_left(newest, _row_key_desc(old), key=_row_key_desc)]
                 if op == "add":
-                    hit = self._hit(pid, entry)
-                    row = self._row_of[pid] = (hit[1].get("create_time", 0), hit[1]["status"], hit[2], seq)
+                    row = self._row_of[pid] = self._done_row(self._hit(pid, entry), seq)
                     rows.insert(bisect.bisect_left(rows, _row_key(row), key=_row_key), row)
+                    newest.insert(bisect.bisect_left(newest, _row_key_desc(row), key=_row_key_desc), row)
                 else:
                     self._done.pop(pid, None)
         else:
             version, history, seqs = histories.snapshot()
             hits = [self._hit(pid, entry) for pid, entry in history.items()]
             self._prune(history)
-            rows = [(h[1].get("create_time", 0), h[1]["status"], h[2], seqs[pid]) for pid, h in zip(history, hits)]
+            rows = [self._done_row(h, seqs[pid]) for pid, h in zip(history, hits)]
             self._row_of = dict(zip(history, rows))
             rows.sort(key=_row_key)
-        self._rows = (version, rows)
+            newest = sorted(rows, key=_row_key_desc)
+        self._rows = (version, rows, newest)
         return self._rows
 
-    def live_rows(self, queue: PromptQueue) -> tuple[int, list[Row]]:
-        """(queue version, the running and pending prompts' rows oldest create_time first)."""
+    def live_rows(self, queue: PromptQueue) -> tuple[int, list[Row], list[Row], list[Row]]:
+        """(queue version, the running and pending prompts' rows oldest create_time first, the same newest
+        first, the same in queue order: running, then pending in run order; equal create_times in queue
+        order every way)."""
         version, running, pending = queue.snapshot()
         if self._live is None or self._live[0] != version:
             rows = [_row(queue_job(item, "in_progress")) for item in running]
@@ -296,53 +390,54 @@ class _Summaries:
                 kept[item[1]] = hit
                 rows.append(hit[1])
             self._pending = kept
-            rows.sort(key=_row_created)
-            self._live = (version, rows)
+            self._live = (version, sorted(rows, key=_created), sorted(rows, key=_created, reverse=True), rows)
         return self._live
 
-    def rows(self, queue: PromptQueue, wanted: set[str]) -> list[Row]:
-        """Every job whose status is in `wanted`, oldest create_time first (a stable merge)."""
-        done_version, done = self.done_rows(queue)
-        live_version, live = self.live_rows(queue)
-        key = (done_version, live_version, frozenset(wanted))
-        merged = self._merged.get(key)
-        if merged is None:
-            if not wanted >= {"completed", "failed", "cancelled"}:
-                done = [r for r in done if r[1] in wanted]
-            if not wanted >= {"in_progress", "pending"}:
-                live = [r for r in live if r[1] in wanted]
-            if not live:
-                merged = done
-            elif not done or done[-1][0] <= live[0][0]:  # the usual case: the queue is newer
-                merged = done + live
-            else:
-                merged = list(heapq.merge(done, live, key=_row_created))
-            if len(self._merged) >= 8 or any(k[:2] != key[:2] for k in self._merged):
-                self._merged = {}
-            self._merged[key] = merged
-        return merged
+    def view(self, queue: PromptQueue, wanted: frozenset[str], workflow_id: str | None = None,
+             sort_by: str = "created_at") -> Ordered:
+        """The jobs whose status is in `wanted` (and whose workflow_id is `workflow_id`, when given), by
+        create_time or by execution duration, equal keys in the order ComfyUI lists them before its stable
+        sort (get_all_jobs: running, pending, then the history in its order). Cached per (history version,
+        queue version, wanted, workflow_id, sort_by)."""
+        done_version, done, done_newest = self.done_rows(queue)
+        live_version, live, live_newest, live_queued = self.live_rows(queue)
+        key = (done_version, live_version, wanted, workflow_id, sort_by)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        every_done, every_live = wanted >= {"completed", "failed", "cancelled"}, wanted >= {"in_progress", "pending"}
+
+        def keep(rows: list[Row], everything: bool) -> list[Row]:
+            if not everything:
+                rows = [r for r in rows if r[STATUS] in wanted]
+            if workflow_id:
+                rows = [r for r in rows if r[WORKFLOW] == workflow_id]
+            return rows
+
+        if sort_by == "execution_duration":
+            rows = keep(live_queued, every_live) + sorted(keep(done, every_done), key=_seq)
+            view = Ordered(sorted(rows, key=itemgetter(DURATION)), DURATION)
+        else:
+            view = Ordered(_merge(keep(live, every_live), keep(done, every_done), False), CREATED,
+                           lambda: _merge(keep(live_newest, every_live), keep(done_newest, every_done), True))
+        if len(self._views) >= 8 or any(k[:2] != key[:2] for k in self._views):
+            self._views = {}
+        self._views[key] = view
+        return view
 
 
-def _row(job: dict) -> Row:
-    return job.get("create_time", 0), job["status"], _dumps(job)
-
-
-def _row_created(row: Row) -> int:
-    return row[0]
-
-
-def _row_key(row: Row) -> tuple[int, int]:
-    """A history row's place: create_time, then the entry's insertion number (history order)."""
-    return row[0], row[3]
-
-
-def _dumps(value: Any) -> bytes:
-    """JSON bytes as Starlette's JSONResponse renders them (compact, UTF-8, no NaN)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-
-
-def _created(job: dict) -> int:
-    return job.get("create_time", 0)
+def _merge(live: list[Row], done: list[Row], newest_first: bool) -> list[Row]:
+    """The queue's and the history's rows, both sorted by create_time the same way, as one list: on equal
+    create_times the queue's come first (ComfyUI's stable sort of running + pending + history)."""
+    if not live:
+        return done
+    if not done:
+        return live
+    if (done[-1][CREATED] > live[0][CREATED]) if newest_first else (done[-1][CREATED] < live[0][CREATED]):
+        return done + live  # the usual case oldest first: the history is older than the queue
+    if (live[-1][CREATED] > done[0][CREATED]) if newest_first else (live[-1][CREATED] < done[0][CREATED]):
+        return live + done  # the usual case newest first
+    return list(heapq.merge(live, done, key=_created, reverse=newest_first))
 
 
 def all_jobs(queue: PromptQueue, summaries: _Summaries | None = None) -> list[dict]:
@@ -353,31 +448,70 @@ def all_jobs(queue: PromptQueue, summaries: _Summaries | None = None) -> list[di
     return jobs
 
 
+def _bad_query(message: str) -> JSONResponse:
+    """ComfyUI's answer to a bad GET /api/jobs parameter: 400 {"error": message}."""
+    return JSONResponse({"error": message}, status_code=400)
+
+
+def _first(request: Request, name: str, default: str | None = None) -> str | None:
+    """A query parameter's first value, as aiohttp's query.get answers (Starlette's .get takes the last)."""
+    values = request.query_params.getlist(name)
+    return values[0] if values else default
+
+
 def jobs_routes(queue: PromptQueue) -> APIRouter:
     r = APIRouter()
     summaries = _Summaries()
-    last_body: list[tuple | None] = [None]  # ((rows id, order, offset, limit), rows, body) of the last page
+    last_body: list[tuple | None] = [None]  # ((view id, order, offset, limit), view, body) of the last page
 
     @r.get("/jobs")
-    async def list_jobs(status: str = "", limit: int | None = None, offset: int = 0,
-                        sort_order: str = "desc") -> Response:
-        wanted = {s for s in status.split(",") if s} or set(STATUSES)
-        jobs = summaries.rows(queue, wanted)  # cached: rebuilt only when the queue or history changed
-        key = (id(jobs), sort_order == "asc", offset, limit)
-        if last_body[0] is not None and last_body[0][0] == key and last_body[0][1] is jobs:
+    async def list_jobs(request: Request) -> Response:
+        """ComfyUI GET /api/jobs: status (comma-separated, any case; none: all), workflow_id, sort_by
+        (created_at | execution_duration), sort_order (asc | desc, default desc), limit (> 0; none: all),
+        offset (>= 0; a negative one is 0); a bad value is 400 {"error": ...} with ComfyUI's message.
+        {"jobs": [...], "pagination": {"offset", "limit" (null when not given), "total", "has_more"}}."""
+        query = request.query_params
+        status_param = _first(request, "status")
+        workflow_id = _first(request, "workflow_id")
+        sort_by = (_first(request, "sort_by", "created_at") or "").lower()
+        sort_order = (_first(request, "sort_order", "desc") or "").lower()
+        wanted = frozenset(STATUSES)
+        if status_param:
+            statuses = [s.strip().lower() for s in status_param.split(",") if s.strip()]
+            invalid = [s for s in statuses if s not in STATUSES]
+            if invalid:
+                return _bad_query(f"Invalid status value(s): {', '.join(invalid)}. Valid values: {', '.join(STATUSES)}")
+            wanted = frozenset(statuses)  # "," names none: no job, as ComfyUI
+        if sort_by not in SORT_BY:
+            return _bad_query("sort_by must be 'created_at' or 'execution_duration'")
+        if sort_order not in ("asc", "desc"):
+            return _bad_query("sort_order must be 'asc' or 'desc'")
+        limit = None
+        if "limit" in query:
+            try:
+                limit = int(_first(request, "limit") or "")
+            except ValueError:
+                return _bad_query("limit must be an integer")
+            if limit <= 0:
+                return _bad_query("limit must be a positive integer")
+        offset = 0
+        if "offset" in query:
+            try:
+                offset = max(int(_first(request, "offset") or ""), 0)
+            except ValueError:
+                return _bad_query("offset must be an integer")
+
+        view = summaries.view(queue, wanted, workflow_id or None, sort_by)  # cached until the queue or history changes
+        desc = sort_order == "desc"
+        key = (id(view), desc, offset, limit)
+        if last_body[0] is not None and last_body[0][0] == key and last_body[0][1] is view:
             return Response(last_body[0][2], media_type="application/json")  # the same page again
-        total = len(jobs)
-        offset = max(offset, 0)
-        end = total if limit is None else min(offset + max(limit, 0), total)
-        if sort_order == "asc":
-            page = jobs[offset:end]
-        else:  # newest first: the same slice counted from the end
-            page = jobs[max(total - end, 0): max(total - offset, 0)][::-1]
-        pagination = {"offset": offset, "limit": limit if limit is not None else total, "total": total,
-                      "has_more": offset + len(page) < total}
+        total = len(view)
+        page = view.page(desc, offset, total if limit is None else min(offset + limit, total))
+        pagination = {"offset": offset, "limit": limit, "total": total, "has_more": offset + len(page) < total}
         tail = b'],"pagination":' + _dumps(pagination) + b"}"
-        body = join_wrapped(b'{"jobs":[', [row[2] for row in page], tail) if page else b'{"jobs":[' + tail
-        last_body[0] = (key, jobs, body)
+        body = join_wrapped(b'{"jobs":[', [row[BODY] for row in page], tail) if page else b'{"jobs":[' + tail
+        last_body[0] = (key, view, body)
         return Response(body, media_type="application/json")
 
     @r.get("/jobs/{job_id}")
