@@ -374,3 +374,103 @@ def test_long_pages_match_comfyuis_sort():
                 add_done(1000 + 10 * round_ + k)
             q.delete_history_item(next(iter(q.history())))
             q.put([99, f"late{round_}", {}, {"create_time": 45}, []])
+
+
+# ---- cancel ---------------------------------------------------------------------------------------------
+IDS = [f"00000000-0000-4000-8000-00000000000{k}" for k in range(6)]
+
+
+def cancel_queue() -> PromptQueue:
+    """IDS[0] finished, IDS[1] running, IDS[2] and IDS[3] pending; IDS[4] unknown."""
+    q = PromptQueue(max_queue=10)
+    finish(q, IDS[0], 10)
+    q.put([1, IDS[1], {}, {"create_time": 11}, []])
+    q.get(timeout=1)
+    q.put([2, IDS[2], {}, {"create_time": 12}, []])
+    q.put([3, IDS[3], {}, {"create_time": 13}, []])
+    return q
+
+
+def test_cancel_one_job():
+    """ComfyUI POST /api/jobs/{id}/cancel: 200 {"cancelled": true} for a running job (interrupted) or a pending
+    one (dequeued), {"cancelled": false} for a finished or unknown id - any id, no UUID check."""
+    q = cancel_queue()
+    app = jobs_app(q)
+    with TestClient(app) as c:
+        for job_id, cancelled in ((IDS[0], False), (IDS[4], False), ("not-a-uuid", False), (IDS[1], True),
+                                  (IDS[2], True)):
+            r = c.post(f"/api/jobs/{job_id}/cancel")
+            assert (r.status_code, r.json()) == (200, {"cancelled": cancelled}), job_id
+        assert app.state.worker.interrupted == [IDS[1]]
+        assert [i[1] for i in q.pending()] == [IDS[3]] and IDS[0] in q.history()
+        assert c.post(f"/jobs/{IDS[2]}/cancel").json() == {"cancelled": False}  # already dequeued
+
+
+def test_cancel_batch():
+    """ComfyUI POST /api/jobs/cancel: every id checked first (canonical UUID strings; a non-string shown as
+    its Python repr), then each running or pending one cancelled; {"cancelled": any was}."""
+    q = cancel_queue()
+    app = jobs_app(q)
+    with TestClient(app) as c:
+        upper = "A1B2C3D4-E5F6-7A89-B0C1-D2E3F4A5B6C7"  # uuid.UUID reads it; not its canonical spelling
+        bad = [IDS[2], 5, None, True, {"a": 1}, ["x"], 1.5, upper, "{" + IDS[3] + "}", "nope", ""]
+        r = c.post("/api/jobs/cancel", json={"job_ids": bad})
+        assert r.status_code == 400 and r.json() == {"error": "job_ids contains invalid id(s)", "invalid_ids": [
+            "5", "None", "True", "{'a': 1}", "['x']", "1.5", upper, "{" + IDS[3] + "}", "nope", ""]}
+        assert len(q.pending()) == 2  # nothing cancelled
+        for body in ({"job_ids": IDS[2]}, {"job_ids": None}, {"ids": [IDS[2]]}, [IDS[2]], "x", 3):
+            r = c.post("/jobs/cancel", json=body)
+            assert (r.status_code, r.json()) == (400, {"error": "job_ids must be a list"}), body
+        for raw in (b"", b"{nope", b"[1,", b'{"job_ids": [NaN]}'):
+            r = c.post("/jobs/cancel", content=raw, headers={"content-type": "application/json"})
+            assert (r.status_code, r.json()) == (400, {"error": "Request body must be valid JSON"}), raw
+        assert c.post("/jobs/cancel", json={"job_ids": []}).json() == {"cancelled": False}
+        assert c.post("/jobs/cancel", json={"job_ids": [IDS[0], IDS[4]]}).json() == {"cancelled": False}
+        r = c.post("/api/jobs/cancel", json={"job_ids": [IDS[0], IDS[2], IDS[4], IDS[1], IDS[2]], "other": 1})
+        assert (r.status_code, r.json()) == (200, {"cancelled": True})
+        assert [i[1] for i in q.pending()] == [IDS[3]] and app.state.worker.interrupted == [IDS[1]]
+
+
+def test_cancel_answers_what_happened():
+    """ComfyUI cancel_job around a stale classification: a 'running' job that has finished is unknown (no-op);
+    a 'pending' job that has started is interrupted instead (running), or unknown once it has finished too;
+    a finished job is terminal, an unknown id unknown."""
+    from sd35fp8.server.jobs import cancel_job, classify_job_for_cancel
+
+    q = cancel_queue()
+    worker = StubWorker(q)
+    assert [classify_job_for_cancel(q, i, {IDS[1]}, {IDS[2], IDS[3]}) for i in IDS[:5]] == [
+        "terminal", "running", "pending", "pending", "unknown"]
+    assert cancel_job(worker, q, IDS[1], set(), {IDS[1]}) == "running"  # seen pending, started since
+    assert cancel_job(worker, q, IDS[0], {IDS[0]}, set()) == "unknown"  # seen running, finished since
+    assert cancel_job(worker, q, IDS[0], set(), {IDS[0]}) == "unknown"  # seen pending, finished since
+    assert cancel_job(worker, q, IDS[0], set(), set()) == "terminal"
+    assert cancel_job(worker, q, IDS[3], set(), {IDS[3]}) == "pending" and len(q.pending()) == 1
+    assert worker.interrupted == [IDS[1]]
+
+
+def test_cancel_through_the_server(tmp_path):
+    """The real worker: a held running prompt cancelled by id ends in the history as cancelled; a pending one
+    cancelled by the batch route never runs."""
+    from test_server import HOLD, HOLD_SEED, TESTCLIENT_HOSTS, fake_prompt, make_fake_executor, run_to_end, wait_for
+
+    from sd35fp8.server import create_app
+
+    HOLD.clear()
+    app = create_app(tmp_path / "models", executor=make_fake_executor(tmp_path), max_queue=3,
+                     allow_hosts=TESTCLIENT_HOSTS)
+    try:
+        with TestClient(app) as c:
+            running = c.post("/prompt", json={"prompt": fake_prompt(seed=HOLD_SEED)}).json()["prompt_id"]
+            wait_for(lambda: c.get("/queue").json()["queue_running"])
+            pending = c.post("/prompt", json={"prompt": fake_prompt(seed=3)}).json()["prompt_id"]
+            assert c.get(f"/api/jobs/{pending}").json()["workflow"]["prompt"]["2"]["inputs"]["seed"] == 3
+            assert c.post("/api/jobs/cancel", json={"job_ids": [pending]}).json() == {"cancelled": True}
+            assert c.post(f"/api/jobs/{running}/cancel").json() == {"cancelled": True}
+            run_to_end(c, running)
+            assert c.get(f"/api/jobs/{running}").json()["status"] == "cancelled"
+            assert c.get(f"/api/jobs/{pending}").status_code == 404
+            assert c.post(f"/api/jobs/{running}/cancel").json() == {"cancelled": False}  # finished: a no-op
+            assert c.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+    finally:
+        HOLD.set()

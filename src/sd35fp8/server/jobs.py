@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import json
+import logging
 from operator import itemgetter
 from typing import Any
 
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sd35fp8.server.history import join_wrapped
 from sd35fp8.server.queue import PromptQueue
-from sd35fp8.server.validation import CancelJobs, read_model
+from sd35fp8.server.validation import RequestError, canonical_uuid, read_json
 
 STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")  # ComfyUI JobStatus.ALL, in its order
 SORT_BY = ("created_at", "execution_duration")
@@ -30,6 +31,8 @@ PREVIEWABLE_MEDIA_TYPES = frozenset(("images", "video", "audio", "3d", "text"))
 THREE_D_EXTENSIONS = (".obj", ".fbx", ".gltf", ".glb", ".usdz")  # no media type of their own
 TEXT_EXTENSIONS = (".txt", ".md", ".json")  # what SaveText writes
 TEXT_PREVIEW_MAX_LENGTH = 1024
+
+log = logging.getLogger(__name__)
 
 # what a cancel found the job to be (ComfyUI classify_job_for_cancel)
 CANCEL_RUNNING, CANCEL_PENDING, CANCEL_TERMINAL, CANCEL_UNKNOWN = "running", "pending", "terminal", "unknown"
@@ -530,20 +533,70 @@ def jobs_routes(queue: PromptQueue) -> APIRouter:
 
     @r.post("/jobs/cancel")
     async def cancel_jobs(request: Request) -> Response:
-        body = await read_model(request, CancelJobs)
-        for job_id in body.job_ids:
-            _cancel(request, job_id)
-        return Response(status_code=200)
+        """ComfyUI POST /api/jobs/cancel {"job_ids": [...]}: every id must be a canonical UUID string, else
+        400 {"error": "job_ids contains invalid id(s)", "invalid_ids": [...]} (a non-string as its Python
+        repr) and nothing is cancelled; then each running or pending job is cancelled, finished or unknown ids
+        are no-ops, and the answer is {"cancelled": whether any was}. A body that is no JSON: 400 {"error":
+        "Request body must be valid JSON"}; job_ids not a list: 400 {"error": "job_ids must be a list"}. (A
+        browser's non-JSON Content-Type stays 415 and an oversized body 413, in this server's error shape.)"""
+        try:
+            data = await read_json(request)
+        except RequestError as e:
+            if e.type != "invalid_json":
+                raise
+            return JSONResponse({"error": "Request body must be valid JSON"}, status_code=400)
+        job_ids = data.get("job_ids") if isinstance(data, dict) else None
+        if not isinstance(job_ids, list):
+            return JSONResponse({"error": "job_ids must be a list"}, status_code=400)
+        invalid = [j if isinstance(j, str) else repr(j) for j in job_ids if not canonical_uuid(j)]
+        if invalid:
+            return JSONResponse({"error": "job_ids contains invalid id(s)", "invalid_ids": invalid}, status_code=400)
+        worker, (running, pending) = request.app.state.worker, _queued_ids(queue)
+        cancelled = False
+        for job_id in job_ids:  # best effort: each id, whatever became of the others
+            result = cancel_job(worker, queue, job_id, running, pending)
+            cancelled = cancelled or result in (CANCEL_RUNNING, CANCEL_PENDING)
+        return JSONResponse({"cancelled": cancelled})
 
     @r.post("/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str, request: Request) -> Response:
-        _cancel(request, job_id)
-        return Response(status_code=200)
+    async def cancel_one(job_id: str, request: Request) -> Response:
+        """ComfyUI POST /api/jobs/{job_id}/cancel: any state, idempotent, no id check: 200 {"cancelled": true}
+        when a running job was interrupted or a pending one dequeued, {"cancelled": false} otherwise."""
+        result = cancel_job(request.app.state.worker, queue, job_id, *_queued_ids(queue))
+        return JSONResponse({"cancelled": result in (CANCEL_RUNNING, CANCEL_PENDING)})
 
     return r
 
 
-def _cancel(request: Request, job_id: str) -> None:
-    state = request.app.state
-    if not state.queue.delete_queue_item(job_id):
-        state.worker.interrupt(job_id)
+def _queued_ids(queue: PromptQueue) -> tuple[set[str], set[str]]:
+    """(running ids, pending ids) now: what a cancel classifies against (the actions check again)."""
+    _, running, pending = queue.snapshot()
+    return {item[1] for item in running}, {item[1] for item in pending}
+
+
+def classify_job_for_cancel(queue: PromptQueue, job_id: str, running: set[str], pending: set[str]) -> str:
+    """ComfyUI classify_job_for_cancel: running, pending, terminal (in the history) or unknown."""
+    if job_id in running:
+        return CANCEL_RUNNING
+    if job_id in pending:
+        return CANCEL_PENDING
+    return CANCEL_TERMINAL if queue.history(job_id) else CANCEL_UNKNOWN
+
+
+def cancel_job(worker: Any, queue: PromptQueue, job_id: str, running: set[str], pending: set[str]) -> str:
+    """ComfyUI cancel_job: a running job is interrupted (worker.interrupt: only while it still runs, so never
+    a prompt that started since), a pending one dequeued; a finished or unknown id is a no-op. Answers what
+    really happened, whatever changed since `running` and `pending` were read: a job that finished before
+    its interrupt is unknown; one that started before its dequeue is interrupted instead (running), or
+    unknown when it has finished too."""
+    kind = classify_job_for_cancel(queue, job_id, running, pending)
+    if kind == CANCEL_PENDING:
+        if queue.delete_queue_item(job_id):
+            log.info("Cancelling pending prompt %s", job_id)
+            return CANCEL_PENDING
+    elif kind != CANCEL_RUNNING:
+        return kind  # terminal and unknown: nothing to do
+    if worker.interrupt(job_id):
+        log.info("Cancelling running prompt %s", job_id)
+        return CANCEL_RUNNING
+    return CANCEL_UNKNOWN
