@@ -89,16 +89,18 @@ def _queue_with_history(done: int, pending: int, running: int = 1):
     q = PromptQueue(max_queue=done + pending + running + 1)
     for i in range(done):
         created = rng.randrange(1000)
-        q.put([i, f"d{i}", {"1": {"class_type": "X", "inputs": {"t": "é" * (i % 3)}}}, {"create_time": created}, ["1"]])
+        extra = {"create_time": created, "extra_pnginfo": {"workflow": {"id": f"w{i % 3}"}}}
+        q.put([i, f"d{i}", {"1": {"class_type": "X", "inputs": {"t": "é" * (i % 3)}}}, extra, ["1"]])
         task, _ = q.get(timeout=1)
         event = "execution_success" if i % 3 else "execution_error"
         event = "execution_interrupted" if i % 5 == 0 else event
         q.task_done(task, {"1": {"images": [{"filename": f"{i}.png", "subfolder": "", "type": "output"}]}},
                     {"status_str": "success" if event == "execution_success" else "error", "completed": True,
-                     "messages": [["execution_start", {"timestamp": created}], [event, {"timestamp": created + 1}]]})
+                     "messages": [["execution_start", {"timestamp": created}],
+                                  [event, {"timestamp": created + 1 + i % 4}]]})  # durations with ties
     for i in range(running + pending):
-        q.put([done + i, f"q{i}", {"1": {"class_type": "X", "inputs": {}}}, {"create_time": 500 + rng.randrange(1000)},
-               ["1"]])
+        extra = {"create_time": 500 + rng.randrange(1000), "extra_pnginfo": {"workflow": {"id": f"w{i % 2}"}}}
+        q.put([done + i, f"q{i}", {"1": {"class_type": "X", "inputs": {}}}, extra, ["1"]])
     for _ in range(running):
         q.get(timeout=1)
     return q
@@ -138,8 +140,10 @@ def test_queue_json_is_comfy_queue():
 
 
 def test_jobs_pages_match_a_full_sort():
-    """GET /jobs from cached rows gives what sorting every job on each request gives, for every status
-    filter, order, offset and limit, before and after the queue and the history change."""
+    """GET /jobs from cached rows gives what ComfyUI's get_all_jobs gives (every job normalized, filtered,
+    then a stable sort of running + pending + history by create_time or execution duration), for every
+    status filter, workflow_id, sort, order, offset and limit, before and after the queue and the history
+    change."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -149,31 +153,39 @@ def test_jobs_pages_match_a_full_sort():
     app = FastAPI()
     app.include_router(jobs_routes(q))
 
-    def naive(status: str, limit, offset: int, order: str) -> dict:
+    def duration(job: dict) -> int:
+        start, end = job.get("execution_start_time", 0), job.get("execution_end_time", 0)
+        return end - start if end and start else 0
+
+    def naive(status: str, workflow: str, sort_by: str, limit, offset: int, order: str) -> dict:
         wanted = {s for s in status.split(",") if s} or {"pending", "in_progress", "completed", "failed", "cancelled"}
         running, pending = q.current_queue()
-        live = sorted([queue_job(i, "in_progress") for i in running] + [queue_job(i, "pending") for i in pending],
-                      key=lambda j: j["create_time"])
-        done = sorted([history_job(p, e) for p, e in q.history().items()], key=lambda j: j["create_time"])
-        jobs = sorted([j for j in done if j["status"] in wanted] + [j for j in live if j["status"] in wanted],
-                      key=lambda j: j["create_time"])  # stable: history rows before queue rows on ties
-        if order != "asc":
-            jobs.reverse()
+        jobs = [queue_job(i, "in_progress") for i in running] + [queue_job(i, "pending") for i in pending]
+        jobs += [history_job(p, e) for p, e in q.history().items()]
+        jobs = [j for j in jobs if j["status"] in wanted and (not workflow or j.get("workflow_id") == workflow)]
+        key = duration if sort_by == "execution_duration" else (lambda j: j.get("create_time", 0))
+        jobs = sorted(jobs, key=key, reverse=order == "desc")  # stable both ways, as ComfyUI apply_sorting
         page = jobs[offset:] if limit is None else jobs[offset:offset + limit]
-        return {"jobs": page, "pagination": {"offset": offset, "limit": limit if limit is not None else len(jobs),
-                                             "total": len(jobs), "has_more": offset + len(page) < len(jobs)}}
+        return {"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": len(jobs),
+                                             "has_more": offset + len(page) < len(jobs)}}
 
+    pages = ((None, 0), (5, 0), (5, 3), (10, 44), (3, 100), (1, 2), (None, 7), (300, 1))
     with TestClient(app) as c:
         for round_ in range(2):
             for status in ("", "completed", "failed,cancelled", "pending,in_progress", "pending,completed"):
-                for order in ("desc", "asc"):
-                    for limit, offset in ((None, 0), (5, 0), (5, 3), (10, 44), (3, 100), (0, 2), (None, 7)):
-                        params = {"status": status, "sort_order": order, "offset": offset}
-                        if limit is not None:
-                            params["limit"] = limit
-                        got = c.get("/jobs", params=params)
-                        assert got.status_code == 200
-                        assert got.json() == naive(status, limit, offset, order), (round_, status, order, limit, offset)
+                for workflow, sort_by in (("", "created_at"), ("", "execution_duration"), ("w1", "created_at"),
+                                          ("w0", "execution_duration")):
+                    for order in ("desc", "asc"):
+                        for limit, offset in pages:
+                            params = {"status": status, "sort_order": order, "offset": offset, "sort_by": sort_by}
+                            if limit is not None:
+                                params["limit"] = limit
+                            if workflow:
+                                params["workflow_id"] = workflow
+                            got = c.get("/jobs", params=params)
+                            assert got.status_code == 200
+                            assert got.json() == naive(status, workflow, sort_by, limit, offset, order), (
+                                round_, status, workflow, sort_by, order, limit, offset)
             task, _ = q.get(timeout=1)  # the queue and the history change between rounds
             q.task_done(task, {}, {"status_str": "success", "completed": True, "messages": []})
             q.delete_history_item("d4")
@@ -236,7 +248,8 @@ def test_chunks_response_sends_the_joined_bytes():
 
 def test_jobs_rows_follow_the_history_change_by_change():
     """_Summaries.done_rows updated from the history's change log (adds, re-adds, deletes, the oldest
-    dropped when full, a wipe, a burst longer than the log) equals the rows rebuilt from scratch."""
+    dropped when full, a wipe, a burst longer than the log) equals the rows rebuilt from scratch, oldest
+    first and newest first."""
     import random
 
     from sd35fp8.server.history import CHANGE_LOG
@@ -257,6 +270,8 @@ def test_jobs_rows_follow_the_history_change_by_change():
         got = s.done_rows(q)
         want = _Summaries().done_rows(q)
         assert got[0] == want[0] and [r[:3] for r in got[1]] == [r[:3] for r in want[1]]
+        newest = sorted(want[1], key=lambda r: r[0], reverse=True)  # stable: equal times in history order
+        assert [r[:3] for r in got[2]] == [r[:3] for r in want[2]] == [r[:3] for r in newest]
 
     check()
     for step in range(400):

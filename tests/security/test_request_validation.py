@@ -95,7 +95,6 @@ def test_partial_targets_that_are_not_node_ids_select_nothing(client):
 @pytest.mark.parametrize("route, body", [
     ("/queue", {"delete": 5}), ("/queue", {"delete": [{"a": 1}]}), ("/queue", {"clear": "maybe"}),
     ("/history", {"delete": 5}), ("/queue", [1]), ("/free", {"unload_models": [1]}),
-    ("/jobs/cancel", {"job_ids": 5}), ("/jobs/cancel", [1]), ("/jobs/cancel", {}),
     ("/settings", [1, 2]), ("/settings", "x"),
 ])
 def test_mistyped_bodies_of_other_routes_are_400(client, route, body):
@@ -103,13 +102,26 @@ def test_mistyped_bodies_of_other_routes_are_400(client, route, body):
         _shape(client.post(prefix + route, json=body), 400)
 
 
+def test_mistyped_cancel_bodies_are_comfyuis_400(client):
+    """POST /jobs/cancel answers as ComfyUI's does, {"error": <message>} (tests/test_server_jobs.py)."""
+    for prefix in ("", "/api"):
+        for body in ({"job_ids": 5}, [1], {}):
+            r = client.post(prefix + "/jobs/cancel", json=body)
+            assert (r.status_code, r.json()) == (400, {"error": "job_ids must be a list"})
+        r = client.post(prefix + "/jobs/cancel", content=b"{nope", headers=JSON)
+        assert (r.status_code, r.json()) == (400, {"error": "Request body must be valid JSON"})
+
+
 @pytest.mark.parametrize("route", ["/prompt", "/queue", "/history", "/free", "/jobs/cancel", "/settings",
                                    "/settings/Comfy.X"])
 def test_non_json_bodies(client, route):
-    """Not JSON but labelled JSON: 400. From a browser (Origin / Sec-Fetch-*), labelled anything else
-    (text/plain, a form, no type: what a page may send without a CORS preflight): 415, and the route
-    never runs."""
-    _shape(client.post(route, content=b"{nope", headers=JSON), 400)
+    """Not JSON but labelled JSON: 400 (POST /jobs/cancel: ComfyUI's {"error": ...}). From a browser (Origin /
+    Sec-Fetch-*), labelled anything else (text/plain, a form, no type: what a page may send without a CORS
+    preflight): 415, and the route never runs."""
+    if route == "/jobs/cancel":
+        assert client.post(route, content=b"{nope", headers=JSON).status_code == 400
+    else:
+        _shape(client.post(route, content=b"{nope", headers=JSON), 400)
     for browser in ({"origin": "http://testserver"}, {"sec-fetch-site": "same-origin"}, {"sec-fetch-mode": "no-cors"}):
         for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
             headers = {**browser, "content-type": ctype} if ctype else browser
@@ -129,8 +141,10 @@ def test_scripts_may_send_any_content_type(client):
 
 
 def test_query_parameters_are_400(client):
-    for url in ("/history?max_items=abc", "/history?offset=1.5", "/jobs?limit=x", "/api/history?max_items=1e9999"):
+    for url in ("/history?max_items=abc", "/history?offset=1.5", "/api/history?max_items=1e9999"):
         _shape(client.get(url), 400)
+    # GET /jobs answers as ComfyUI's does: {"error": <message>} (tests/test_server_jobs.py)
+    assert client.get("/jobs?limit=x").json() == {"error": "limit must be an integer"}
 
 
 def test_node_count_and_text_length(client):

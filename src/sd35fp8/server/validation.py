@@ -261,10 +261,6 @@ class FreeRequest(_Body):
     free_memory: bool = False
 
 
-class CancelJobs(_Body):
-    job_ids: list[str]
-
-
 class LogsSubscribe(_Body):
     clientId: str  # noqa: N815 - ComfyUI's name
     enabled: bool
