@@ -285,7 +285,7 @@ class SD35Pipeline(LoraPipelineMixin, DiffusersSurface):
         from .offload import (MODEL_OFFLOAD_BUDGET, SEQUENTIAL_OFFLOAD_BUDGET, free_device_bytes, use_tiled_decode,
                               vae_decode_bytes)
 
-        if self._vae_tiling or getattr(self.vae, "use_tiling", False):  # enable_vae_tiling(), vae.enable_tiling()
+        if self._vae_tiling or getattr(getattr(self, "vae", None), "use_tiling", False):  # enable_vae_tiling(), vae.enable_tiling()
             return True
         if self.offload != "none":  # the engine's resident weights plus a full decode within the card's budget
             budget = MODEL_OFFLOAD_BUDGET if self.offload == "model" else SEQUENTIAL_OFFLOAD_BUDGET
