@@ -221,3 +221,17 @@ def test_unknown_node_type_named_by_class_type_and_id(tmp_path, capsys):
     wf.write_text(json.dumps(graph))
     rc, _, err = _run(["run", str(wf), "--models", str(tmp_path)], capsys)
     assert rc != 0 and "'FreeU_V2' not found; it is a ComfyUI core node that sd35fp8 does not implement" in err, err
+
+
+def test_serve_warns_about_a_models_folder_without_models(tmp_path):
+    """`sd35fp8 serve --models DIR` starts anyway (models may be added while it runs, as with ComfyUI), but says
+    when DIR is missing, a file, or holds no model file."""
+    from sd35fp8.cli.serve import models_folder_warning
+
+    assert "does not exist" in models_folder_warning(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in models_folder_warning(str(tmp_path / "file"))
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    assert "no model file" in models_folder_warning(str(tmp_path / "models"))
+    (tmp_path / "models" / "checkpoints" / "a.safetensors").write_bytes(b"")
+    assert models_folder_warning(str(tmp_path / "models")) is None

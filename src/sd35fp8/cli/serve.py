@@ -119,6 +119,24 @@ def add_parsers(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     return {"serve": cmd_serve}
 
 
+def models_folder_warning(models: str) -> str | None:
+    """What to tell a user whose --models folder cannot serve a prompt yet: missing, not a folder, or holding no
+    model file in any ComfyUI subfolder. None when it has models."""
+    from pathlib import Path
+
+    root = Path(models).expanduser()
+    if not root.exists():
+        return f"models folder {root} does not exist: no model can load until it does (checkpoints/, diffusion_models/," \
+               " text_encoders/, vae/ inside it; or pass --models DIR)"
+    if not root.is_dir():
+        return f"--models {root} is a file, not a folder (ComfyUI's models/ layout: checkpoints/, text_encoders/, ...)"
+    if not any(p.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".sft", ".bin", ".gguf")
+               for p in root.glob("*/**/*")):
+        return f"models folder {root} holds no model file yet (looked in its subfolders: checkpoints/, " \
+               "diffusion_models/, text_encoders/, vae/, loras/, controlnet/ ...)"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.auth_token:  # before the slow imports: the token shows in ps until the title is rewritten
         from ..server.tokens import TOKEN_ENV, mask_process_title
@@ -143,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if layout is not None:
         _check_gpus_per_image(args, device, scale)
     limits = Limits(**{k: getattr(args, k) for k in LIMITS_FIELDS if getattr(args, k) is not None})
+    if args.extra_model_paths is None and (warning := models_folder_warning(args.models)) is not None:
+        print(f"sd35fp8 serve: warning: {warning}", file=sys.stderr)
     given = {k: getattr(args, k) for k in ("max_upload_pixels", "header_timeout", "keep_alive", "max_connections")
              if getattr(args, k) is not None}  # the others keep the server's defaults
     options = dict(listen=args.listen, port=args.port, models_dir=args.models, output_dir=args.output,
