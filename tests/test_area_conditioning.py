@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from comfy_models import tiny_checkpoint_folder
 from sd35fp8.sampling import CFGDenoiser, FlowMatching
 from sd35fp8.workflow.engine import conditioning_of
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
@@ -176,20 +177,16 @@ def test_area_outside_the_image_is_refused():
 def test_area_workflow_on_the_shipped_model(tmp_path):
     """Two regional prompts (left / right half) through KSampler on the shipped model; the left half follows its
     own prompt more than the right half does."""
-    from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT
 
     if not SHIPPED_CHECKPOINT.exists():
         pytest.skip("shipped model weights not built")
-    import shutil
-
     from PIL import Image
 
     from sd35fp8.workflow.executor import PromptExecutor
     from sd35fp8.workflow.folders import ModelFolders
 
-    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
-    shutil.copy(SHIPPED_CHECKPOINT, tmp_path / "models" / "checkpoints" / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, tmp_path / "models" / "checkpoints" / "spiece.model")
+    tiny_checkpoint_folder(tmp_path)
     ex = PromptExecutor(ModelFolders(tmp_path), device="cpu", dtype=torch.float32)
 
     def run(positive) -> np.ndarray:
@@ -225,7 +222,7 @@ def test_area_workflow_on_the_shipped_model(tmp_path):
 def test_area_with_controlnet_and_odd_crop(tmp_path):
     """An area of odd latent size (72 px = 9 latents: padded to the patch size, as ComfyUI's MMDiT) whose
     conditioning carries the shipped ControlNet: the hint is taken at the crop's size and the step runs."""
-    from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_CONTROLNET, SHIPPED_T5_TOKENIZER
+    from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_CONTROLNET
 
     if not SHIPPED_CHECKPOINT.exists() or not SHIPPED_CONTROLNET.exists():
         pytest.skip("shipped weights not built")
@@ -236,11 +233,9 @@ def test_area_with_controlnet_and_odd_crop(tmp_path):
     from sd35fp8.workflow.executor import PromptExecutor
     from sd35fp8.workflow.folders import ModelFolders
 
-    for sub in ("checkpoints", "controlnet"):
-        (tmp_path / "models" / sub).mkdir(parents=True)
+    tiny_checkpoint_folder(tmp_path)
+    (tmp_path / "models" / "controlnet").mkdir()
     (tmp_path / "input").mkdir()
-    shutil.copy(SHIPPED_CHECKPOINT, tmp_path / "models" / "checkpoints" / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, tmp_path / "models" / "checkpoints" / "spiece.model")
     shutil.copy(SHIPPED_CONTROLNET, tmp_path / "models" / "controlnet" / "canny.safetensors")
     Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "input" / "hint.png")
     ex = PromptExecutor(ModelFolders(tmp_path), device="cpu", dtype=torch.float32)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+from comfy_models import tiny_checkpoint_folder
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.workflow.executor import PromptExecutor
 from sd35fp8.workflow.folders import ModelFolders
 from sd35fp8.workflow.nodes_sampling import SetFirstSigma, SplitSigmas
@@ -26,12 +27,7 @@ def _base(tmp) -> dict:
 
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cs")
-    (root / "models" / "checkpoints").mkdir(parents=True)
-    import shutil
-
-    shutil.copy(SHIPPED_CHECKPOINT, root / "models" / "checkpoints" / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, root / "models" / "checkpoints" / "spiece.model")
+    root = tiny_checkpoint_folder(tmp_path_factory.mktemp("cs"))
     return PromptExecutor(ModelFolders(root), device="cpu", dtype=torch.float32), root
 
 

@@ -21,7 +21,8 @@ from PIL import Image
 
 from sd35fp8.errors import InputError
 from sd35fp8.server.validation import prompt_work
-from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+from comfy_models import tiny_base_prompt, tiny_checkpoint_folder
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.tiny.train_lora import LORA_NAME
 from sd35fp8.workflow.executor import PromptExecutor
 from sd35fp8.workflow.folders import ModelFolders
@@ -119,24 +120,15 @@ def test_sampler_nodes_carry_their_options():
 def executor(tmp_path_factory):
     if not SHIPPED_CHECKPOINT.exists():
         pytest.skip("shipped model weights not built")
-    root = tmp_path_factory.mktemp("csn")
-    (root / "models" / "checkpoints").mkdir(parents=True)
+    root = tiny_checkpoint_folder(tmp_path_factory.mktemp("csn"))
     (root / "models" / "loras").mkdir(parents=True)
-    shutil.copy(SHIPPED_CHECKPOINT, root / "models" / "checkpoints" / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, root / "models" / "checkpoints" / "spiece.model")
     lora = SHIPPED_CHECKPOINT.parent / LORA_NAME
     if lora.exists():
         shutil.copy(lora, root / "models" / "loras" / "brown.safetensors")
     return PromptExecutor(ModelFolders(root), device="cpu", dtype=torch.float32), root
 
 
-def _base(model=("1", 0)) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a brown circle"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    }
+_base = tiny_base_prompt
 
 
 def _ksampler(model, sampler="euler", latent=("4", 0), seed=5) -> dict:

@@ -6,7 +6,6 @@ only the masked area (the KSampler's noise-mask blend, sampling/inpaint.py)."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd35fp8.tiny import SHIPPED_CHECKPOINT, SHIPPED_T5_TOKENIZER
+from comfy_models import tiny_checkpoint_folder
+from sd35fp8.tiny import SHIPPED_CHECKPOINT
 from sd35fp8.workflow import ModelFolders, PromptExecutor, engine
 from sd35fp8.workflow.node_base import NodeContext
 from sd35fp8.workflow.nodes import NODE_CLASS_MAPPINGS
@@ -97,10 +97,7 @@ def test_inpaint_model_conditioning_matches_comfyui(fake_vae):
 def test_inpaint_repaints_only_the_masked_area(tmp_path, node):
     """LoadImage (alpha 0 = the area to repaint, MASK = 1 - alpha) -> inpainting -> KSampler: pixels far
     from the mask stay as the VAE round trip of the original; the masked area changes."""
-    models = tmp_path / "models" / "checkpoints"
-    models.mkdir(parents=True)
-    shutil.copy(SHIPPED_CHECKPOINT, models / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, models / "spiece.model")
+    tiny_checkpoint_folder(tmp_path)
     (tmp_path / "input").mkdir()
     rgba = np.zeros((128, 128, 4), np.uint8)
     rgba[..., :3] = (40, 90, 200)
@@ -152,10 +149,7 @@ def test_inpaint_repaints_only_the_masked_area(tmp_path, node):
 def test_outpaint_workflow(tmp_path):
     """The outpainting graph people share: LoadImage -> ImagePadForOutpaint -> VAEEncodeForInpaint -> KSampler:
     the image grows by the margins, the middle (far from the feathered edge) stays the original's round trip."""
-    models = tmp_path / "models" / "checkpoints"
-    models.mkdir(parents=True)
-    shutil.copy(SHIPPED_CHECKPOINT, models / "tiny.safetensors")
-    shutil.copy(SHIPPED_T5_TOKENIZER, models / "spiece.model")
+    tiny_checkpoint_folder(tmp_path)
     (tmp_path / "input").mkdir()
     rgb = np.zeros((96, 96, 3), np.uint8)
     rgb[...] = (40, 90, 200)
