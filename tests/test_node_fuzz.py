@@ -20,6 +20,10 @@ SKIP = {"LoadImage", "LoadImageMask", "SaveImage", "PreviewImage", "SaveImageWeb
 
 
 def synthetic(kind: str, rng: random.Random):
+    if "," in kind:  # a union (ComfyMathExpression's values.*: "FLOAT,INT,BOOLEAN"): one of its types
+        return synthetic(rng.choice(kind.split(",")).strip(), rng)
+    if kind == "IMAGECOMPARE":  # ImageCompare's slider widget: the frontend's, its value unused
+        return None
     h, w = rng.choice([(64, 64), (48, 80), (8, 8)])
     if kind == "IMAGE":
         return torch.rand(rng.choice([1, 2]), h, w, rng.choice([3, 3, 4]))

@@ -40,6 +40,7 @@ from sd35fp8.workflow.nodes_sampling import SAMPLING_NODES
 from sd35fp8.workflow.nodes_sigmas import SIGMAS_NODES
 from sd35fp8.workflow.nodes_string import STRING_NODES
 from sd35fp8.workflow.nodes_upscale import UPSCALE_NODES
+from sd35fp8.workflow.nodes_utility import UTILITY_NODES
 
 if TYPE_CHECKING:
     from sd35fp8.workflow.folders import ModelFolders
@@ -784,6 +785,7 @@ NODE_CLASS_MAPPINGS.update(MERGE_NODES)
 NODE_CLASS_MAPPINGS.update(IMAGE_EXTRA_NODES)
 NODE_CLASS_MAPPINGS.update(PREVIEW_ANY_NODES)
 NODE_CLASS_MAPPINGS.update(CACHE_NODES)
+NODE_CLASS_MAPPINGS.update(UTILITY_NODES)
 
 
 def object_info(folders: ModelFolders | None = None,

@@ -165,8 +165,12 @@ class _Converter:
         elif values:
             i = 0
             for name, control in widget_inputs(spec):
-                if i >= len(values):
-                    break
+                if i >= len(values):  # a widget newer than the saved workflow: the frontend gives its default
+                    section = spec.get("required", {}) if name in spec.get("required", {}) else spec["optional"]
+                    opts = section[name][1] if len(section[name]) > 1 and isinstance(section[name][1], dict) else {}
+                    if "default" in opts:
+                        inputs[name] = opts["default"]
+                    continue
                 inputs[name] = values[i]
                 i += 2 if control else 1
         for inp in node.get("inputs") or []:
