@@ -395,3 +395,20 @@ def test_other_v1_urls_have_openai_shape(server, client):
     r = requests.get(f"{server.url}/v1/images/generations", timeout=30)
     assert r.status_code == 405 and r.headers["allow"] == "POST" and set(r.json()["error"]) == \
         {"message", "type", "param", "code"}
+
+
+def test_auth_token_with_the_openai_client(tmp_path):
+    """With --auth-token the openai client's api_key is the token (Authorization: Bearer); a wrong one is a 401 in
+    OpenAI's error shape (code invalid_api_key), which the client raises as AuthenticationError."""
+    app = create_app(build_models_folder(tmp_path), tmp_path / "output", device="cpu", serve_frontend=False,
+                     auth_token="s3cret-token")
+    with LiveServer(app) as srv:
+        good = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret-token", max_retries=0, timeout=60)
+        assert MODEL in [m.id for m in good.models.list()]
+        bad = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.body == {"message": "missing or wrong auth token", "type": "invalid_request_error",
+                                "param": None, "code": "invalid_api_key"}
+        r = requests.get(f"{srv.url}/queue", timeout=30)  # the ComfyUI routes keep ComfyUI's shape
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized" and "node_errors" in r.json()
