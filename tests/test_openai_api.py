@@ -227,7 +227,9 @@ def test_variations_and_newer_fields(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.create_variation(model=MODEL, image=("v.png", src, "image/png"),
                                        extra_body={**extra, "stream": "true"})
-    assert e.value.body["param"] == "stream"
+    assert e.value.body["param"] == "stream" and e.value.body["code"] == "unsupported_value"
+    assert len(client.images.create_variation(model=MODEL, image=("v.png", src, "image/png"),
+                                              extra_body={**extra, "stream": False}).data) == 1  # sent as "false"
 
 
 def test_input_error_while_running_is_400(tmp_path, monkeypatch):

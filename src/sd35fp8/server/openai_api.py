@@ -137,7 +137,6 @@ class VariationRequest(EditRequest):
     variations take none) and which does not stream."""
 
     prompt: str = ""
-    stream: Literal[False] | None = None
 
 
 def openai_error(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -358,6 +357,8 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         refused = unsupported(req)
         if refused is None and model is VariationRequest and "mask" in files:
             refused = ("mask", "a variation takes no mask (an edit does: /v1/images/edits)")
+        if refused is None and model is VariationRequest and req.stream:  # "false" (a form's False) is fine
+            refused = ("stream", "variations do not stream (OpenAI's neither): use /v1/images/edits or generations")
         if refused is not None:
             return openai_error(refused[1], param=refused[0], code="unsupported_value")
         try:
