@@ -227,7 +227,9 @@ def test_variations_and_newer_fields(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.create_variation(model=MODEL, image=("v.png", src, "image/png"),
                                        extra_body={**extra, "stream": "true"})
-    assert e.value.body["param"] == "stream"
+    assert e.value.body["param"] == "stream" and e.value.body["code"] == "unsupported_value"
+    assert len(client.images.create_variation(model=MODEL, image=("v.png", src, "image/png"),
+                                              extra_body={**extra, "stream": False}).data) == 1  # sent as "false"
 
 
 def test_input_error_while_running_is_400(tmp_path, monkeypatch):
@@ -284,3 +286,131 @@ def test_readme_curl_and_openai_examples(server, tmp_path):
     code = section.split("```python\n", 1)[1].split("```", 1)[0].replace("http://127.0.0.1:8188", server.url)
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=300)
     assert pixels((tmp_path / "cube.png").read_bytes()).shape == (128, 128, 3)
+
+
+TINY = {"steps": 2, "seed": 5, "sampler_name": "euler"}
+
+
+def test_client_nulls_and_response_fields(client):
+    """What the openai client sends for an explicit None (JSON null) means the default, as OpenAI reads it; the
+    response carries ImagesResponse's GPT-image fields (background, output_format, quality, size, usage with its
+    token details, safety_identifier), parsed by the client also through with_raw_response; OpenAI's value sets
+    for style and moderation."""
+    got = client.images.generate(model=MODEL, prompt="a red cube", size="32x32", n=None, response_format=None,
+                                 background=None, moderation=None, output_compression=None, output_format=None,
+                                 partial_images=None, quality=None, style=None, stream=None, complexity=None,
+                                 safety_identifier=None, extra_body=TINY)
+    assert isinstance(got, openai.types.ImagesResponse) and len(got.data) == 1 and got.data[0].b64_json
+    assert (got.background, got.output_format, got.quality, got.size) == ("opaque", "png", "medium", "32x32")
+    assert got.usage.input_tokens == got.usage.input_tokens_details.text_tokens == got.usage.total_tokens > 0
+    assert got.usage.output_tokens == 0 and got.usage.output_tokens_details.image_tokens == 0
+    assert got.safety_identifier is None
+
+    raw = client.images.with_raw_response.generate(model=MODEL, prompt="a red cube", size="32x32", quality="hd",
+                                                   output_format="jpeg", user="u-1", style="natural",
+                                                   moderation="low", extra_body=TINY)
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("application/json")
+    parsed = raw.parse()
+    assert (parsed.quality, parsed.output_format, parsed.safety_identifier) == ("high", "jpeg", "u-1")
+    assert base64.b64decode(parsed.data[0].b64_json).startswith(b"\xff\xd8")
+    # safety_identifier wins over user unless empty; a URL answer is the saved PNG
+    by_url = client.images.generate(model=MODEL, prompt="x", size="32x32", response_format="url", user="u-1",
+                                    safety_identifier="s-1", output_format="webp", extra_body=TINY)
+    assert (by_url.output_format, by_url.safety_identifier) == ("png", "s-1") and by_url.data[0].url
+    assert client.images.generate(model=MODEL, prompt="x", size="32x32", user="u-2", safety_identifier="",
+                                  extra_body=TINY).safety_identifier == "u-2"
+    done = list(client.images.generate(model=MODEL, prompt="x", size="32x32", stream=True, safety_identifier="s-2",
+                                       extra_body=TINY))[-1]
+    assert done.type == "image_generation.completed" and done.safety_identifier == "s-2"
+
+    for field, value in (("style", "bogus"), ("moderation", "high")):  # outside OpenAI's Literal: refused by name
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(model=MODEL, prompt="x", size="32x32", extra_body={**TINY, field: value})
+        assert e.value.body["param"] == field, field
+
+
+def test_edit_multipart_fields(client):
+    """client.images.edit's multipart forms: image=[one file] (sent as image[]) is an edit; several images, a
+    markup file and svg (sent as svg[model]) are refused by name with unsupported_value; None / stream=False /
+    input_fidelity are accepted; with_raw_response parses."""
+    src = ("a.png", _png(Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))),
+           "image/png")
+    one = client.images.edit(model=MODEL, image=[src], prompt="a red cube", n=None, stream=False,
+                             input_fidelity="high", quality="standard", output_format="webp", output_compression=80,
+                             extra_body=TINY)
+    assert (one.size, one.quality, one.output_format) == ("32x32", "medium", "webp")
+    assert base64.b64decode(one.data[0].b64_json).startswith(b"RIFF")
+    raw = client.images.with_raw_response.edit(model=MODEL, image=src, prompt="a red cube", extra_body=TINY)
+    assert raw.status_code == 200 and len(raw.parse().data) == 1
+    for kw, param in ((dict(image=[src, src]), "image"), (dict(image=[src] * 6), "image"),
+                      (dict(image=src, markup=src), "markup"), (dict(image=src, svg={"model": "m"}), "svg")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.edit(model=MODEL, prompt="x", extra_body=TINY, **kw)
+        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_value", (param, e.value.body)
+    assert "6 images" in client_error(lambda: client.images.edit(model=MODEL, prompt="x", image=[src] * 6))["message"]
+
+
+def client_error(call) -> dict:
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    return e.value.body
+
+
+def test_async_client(server):
+    """openai.AsyncOpenAI: models, generate (plain, raw, streamed), edit (plain, streamed), variation, errors."""
+    import asyncio
+
+    async def main() -> None:
+        ac = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        assert MODEL in [m.id async for m in ac.models.list()]
+        assert (await ac.models.retrieve(MODEL)).owned_by == "sd35fp8"
+        got = await ac.images.generate(model=MODEL, prompt="a", size="32x32", extra_body=TINY)
+        assert got.size == "32x32" and pixels(base64.b64decode(got.data[0].b64_json)).shape == (32, 32, 3)
+        raw = await ac.images.with_raw_response.generate(model=MODEL, prompt="a", size="32x32", extra_body=TINY)
+        assert isinstance(raw.parse(), openai.types.ImagesResponse)
+        stream = await ac.images.generate(model=MODEL, prompt="a", size="32x32", stream=True, extra_body=TINY)
+        assert [e.type async for e in stream] == ["image_generation.completed"]
+        src = ("a.png", base64.b64decode(got.data[0].b64_json), "image/png")
+        assert len((await ac.images.edit(model=MODEL, prompt="b", image=src, extra_body=TINY)).data) == 1
+        stream = await ac.images.edit(model=MODEL, prompt="b", image=src, stream=True, extra_body=TINY)
+        assert [e.type async for e in stream] == ["image_edit.completed"]
+        assert len((await ac.images.create_variation(model=MODEL, image=src, n=2, extra_body=TINY)).data) == 2
+        with pytest.raises(openai.BadRequestError) as e:
+            await ac.images.generate(model=MODEL, prompt="a", size="30x30")
+        assert e.value.body["param"] == "size"
+        with pytest.raises(openai.NotFoundError):
+            await ac.models.retrieve("dall-e-3")
+        await ac.close()
+
+    asyncio.run(main())
+
+
+def test_other_v1_urls_have_openai_shape(server, client):
+    """A /v1 URL the server does not serve answers 404 (a known one with another method 405, with Allow) in
+    OpenAI's error shape, not FastAPI's {"detail"}: the client raises its typed errors with a message."""
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["type"] == "invalid_request_error" and "/v1/chat/completions" in e.value.body["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.models.delete(MODEL)
+    assert e.value.status_code == 405 and e.value.body["code"] == "method_not_allowed"
+    r = requests.get(f"{server.url}/v1/images/generations", timeout=30)
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and set(r.json()["error"]) == \
+        {"message", "type", "param", "code"}
+
+
+def test_auth_token_with_the_openai_client(tmp_path):
+    """With --auth-token the openai client's api_key is the token (Authorization: Bearer); a wrong one is a 401 in
+    OpenAI's error shape (code invalid_api_key), which the client raises as AuthenticationError."""
+    app = create_app(build_models_folder(tmp_path), tmp_path / "output", device="cpu", serve_frontend=False,
+                     auth_token="s3cret-token")
+    with LiveServer(app) as srv:
+        good = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret-token", max_retries=0, timeout=60)
+        assert MODEL in [m.id for m in good.models.list()]
+        bad = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.body == {"message": "missing or wrong auth token", "type": "invalid_request_error",
+                                "param": None, "code": "invalid_api_key"}
+        r = requests.get(f"{srv.url}/queue", timeout=30)  # the ComfyUI routes keep ComfyUI's shape
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized" and "node_errors" in r.json()

@@ -15,13 +15,19 @@ the text encoders), `prompt`, `n` (the latent batch: n images from one seed, as 
 `output_format` (png, jpeg or webp for b64_json, at `output_compression` quality), `quality`
 (low/medium/standard/high/hd/auto: a fraction of the model's default steps, see QUALITY_STEPS),
 `steps` (wins over quality), `seed`, `negative_prompt`, and SD3.5's own fields under their own
-names: `cfg`, `sampler_name`, `scheduler`, `denoise`, `shift`. Unknown fields are an error.
+names: `cfg`, `sampler_name`, `scheduler`, `denoise`, `shift`. Unknown fields are an error; a field sent as
+null means its default (the openai client sends `n=None` so). `style`, `moderation`, `user`, `safety_identifier`,
+`complexity`, `input_fidelity` are OpenAI's advice, checked against OpenAI's values and otherwise ignored.
+The answer is OpenAI's ImagesResponse: `created`, `data` [{b64_json | url, revised_prompt}] and the GPT image
+fields `background` ("opaque"), `output_format`, `quality` (its OpenAI name), `size`, `usage` (the prompt's CLIP
+tokens as text tokens) and `safety_identifier` (echoed), plus our `prompt_id`. Other /v1 URLs answer 404 (405 for
+a known URL with another method) in the same error shape.
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for the request's
 fault (a size larger than the checkpoint's position table covers is refused before queueing; an
 InputError raised while the prompt runs is answered 400 too), 500 only for a failed generation.
 
 /v1/images/edits (multipart, as `client.images.edit(image=..., mask=..., prompt=...)` sends it): one `image`
-file and an optional `mask` file of the same size whose fully transparent pixels mark where to edit (OpenAI's
+file (or a list of one: `image[]`; several, or a `markup` file, are refused by name) and an optional `mask` file of the same size whose fully transparent pixels mark where to edit (OpenAI's
 rule; without a mask the image's own transparent pixels, if it has any). The image is stored under
 input/openai/ and the graph is LoadImage -> ImageScale (to `size`, or the image's size rounded down to a
 multiple of 16; stretched, so the mask stays aligned) -> VAEEncode [-> SetLatentNoiseMask] [-> RepeatLatentBatch
@@ -47,7 +53,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import safe_open
 
 from sd35fp8.defaults import GenerationDefaults, defaults_for
@@ -62,6 +68,8 @@ QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high"
                  "max": 2.5}
 # the quality named in stream events (OpenAI's event types know no dall-e-3 names)
 EVENT_QUALITY = {"standard": "medium", "hd": "high", None: "auto"}
+# ... and in a response body (ImagesResponse.quality: low/medium/high/xhigh/max; auto is QUALITY_STEPS' medium)
+RESPONSE_QUALITY = {**EVENT_QUALITY, None: "medium", "auto": "medium"}
 MAX_N = 10  # OpenAI's bound on n
 POLL_S = 0.02  # how often the route looks for its history entry
 OWNER = "sd35fp8"
@@ -70,6 +78,7 @@ INPUT_ERRORS = {"sd35fp8.errors.InputError"}  # execution errors answered 400 (i
 
 EDIT_DENOISE = {"masked": 1.0, "whole": 0.6}  # /v1/images/edits' default denoise (module docstring)
 EDIT_FIELDS = 32  # multipart fields an edit request may have
+EDIT_FILES = 18  # file parts: OpenAI's up to 16 images + mask + markup (so that more images are refused by name)
 EDIT_SUBFOLDER = "openai"  # the edits' images, under the input folder
 DEFAULT_EDIT_BYTES = 100 * 1024 * 1024  # without app.state.max_upload_bytes (the server sets it)
 
@@ -78,13 +87,21 @@ class ImageRequest(BaseModel):
     """The body of POST /v1/images/generations (OpenAI's fields + SD3.5's own)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_omitted(cls, data: Any) -> Any:
+        """A field sent as null means its default, as OpenAI reads it (the openai client sends `n=None` as
+        "n": null; every OpenAI field is Optional)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     quality: Literal["low", "medium", "standard", "high", "hd", "xhigh", "max", "auto"] | None = None
-    style: str | None = None  # dall-e-3's; accepted and ignored (SD3.5 has no such switch)
+    style: Literal["vivid", "natural"] | None = None  # dall-e-3's; accepted and ignored (SD3.5 has no such switch)
     user: str | None = None
     safety_identifier: str | None = None  # accepted and ignored, as `user`
     complexity: Literal["low", "medium", "high"] | None = None  # gpt-image's planning effort; accepted, no effect
@@ -94,7 +111,7 @@ class ImageRequest(BaseModel):
     frame_duration_ms: int | None = None
     svg: dict | None = None
     background: Literal["auto", "opaque", "transparent"] | None = None
-    moderation: str | None = None
+    moderation: Literal["low", "auto"] | None = None  # OpenAI's own content filter: accepted, no effect
     output_compression: int | None = Field(None, ge=0, le=100)  # jpeg / webp quality (default 100); png: no effect
     stream: bool | None = None  # True: server-sent events (partial images, then each image: see `stream_events`)
     partial_images: int | None = Field(None, ge=0, le=3)
@@ -120,7 +137,6 @@ class VariationRequest(EditRequest):
     variations take none) and which does not stream."""
 
     prompt: str = ""
-    stream: Literal[False] | None = None
 
 
 def openai_error(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -332,6 +348,8 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         try:
             fields, files = await _edit_form(request, body)
             req = model.model_validate(fields)
+        except FormError as e:
+            return openai_error(str(e), param=e.param, code=e.code)
         except InputError as e:
             return openai_error(str(e), code="invalid_value")
         except ValidationError as e:
@@ -339,6 +357,8 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         refused = unsupported(req)
         if refused is None and model is VariationRequest and "mask" in files:
             refused = ("mask", "a variation takes no mask (an edit does: /v1/images/edits)")
+        if refused is None and model is VariationRequest and req.stream:  # "false" (a form's False) is fine
+            refused = ("stream", "variations do not stream (OpenAI's neither): use /v1/images/edits or generations")
         if refused is not None:
             return openai_error(refused[1], param=refused[0], code="unsupported_value")
         try:
@@ -404,8 +424,8 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
             if hub is not None:
                 hub.unsubscribe(prompt_id)
             return openai_error(str(e), type_="rate_limit_exceeded", code="queue_full", status=429)
+        usage = _usage(budget, req.prompt)
         if req.stream:
-            usage = _usage(budget, req.prompt)
             events = stream_events(request, req, prompt_id, partials, kind, f"{width}x{height}", usage)
             return StreamingResponse(_unsubscribing(events, hub, queue, prompt_id), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -424,7 +444,14 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
                 raw = await asyncio.to_thread(encode_output, _output_path(img), req.output_format,
                                               req.output_compression)
                 data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": req.prompt})
-        return JSONResponse({"created": int(time.time()), "data": data, "prompt_id": prompt_id})
+        # the fields ImagesResponse declares for GPT image models: the image as made (SD3.5's are opaque; a URL
+        # is the saved PNG), the quality's OpenAI name, the token usage; safety_identifier echoed as OpenAI does
+        body = {"created": int(time.time()), "data": data, "background": "opaque",
+                "output_format": "png" if req.response_format == "url" else req.output_format or "png",
+                "quality": RESPONSE_QUALITY.get(req.quality, req.quality), "size": f"{width}x{height}",
+                "usage": {**usage, "output_tokens_details": {"image_tokens": 0, "text_tokens": 0}},
+                **_safety_identifier(req), "prompt_id": prompt_id}
+        return JSONResponse(body)
 
     async def stream_events(request: Request, req: ImageRequest, prompt_id: str, partials: asyncio.Queue | None,
                             kind: str, size: str, usage: dict) -> AsyncIterator[bytes]:
@@ -465,10 +492,26 @@ def openai_routes(queue: Any, executor: Any, folders: Any, validate_prompt: Any,
         for img in _output_images(entry):
             raw = await asyncio.to_thread(encode_output, _output_path(img), req.output_format, req.output_compression)
             yield _sse(f"{kind}.completed", {"type": f"{kind}.completed", "b64_json": base64.b64encode(raw).decode(
-                "ascii"), "created_at": int(time.time()), **common, "usage": usage})
+                "ascii"), "created_at": int(time.time()), **common, "usage": usage, **_safety_identifier(req)})
 
     def _output_path(img: dict) -> Path:
         return Path(folders.output_dir) / img["subfolder"] / img["filename"]
+
+    routes = list(r.routes)  # the API's own routes (the catch-all below is added after)
+
+    @r.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
+    async def invalid_url(request: Request, rest: str) -> JSONResponse:
+        """Any other /v1 request, answered in OpenAI's error shape (not FastAPI's {"detail"}): 405 for a known URL
+        asked with another method, else 404 "Invalid URL", as OpenAI answers them."""
+        asked = f"{request.method} {request.url.path}"
+        allowed = sorted({m for route in routes if route.path_regex.match(request.url.path)
+                          for m in getattr(route, "methods", ())})
+        if allowed:
+            response = openai_error(f"Invalid method for URL ({asked}); use {', '.join(allowed)}",
+                                    code="method_not_allowed", status=405)
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        return openai_error(f"Invalid URL ({asked})", code="invalid_url", status=404)
 
     return r
 
@@ -499,6 +542,13 @@ def _usage(budget: Any, prompt: str) -> dict:
         text = 0
     return {"input_tokens": text, "input_tokens_details": {"image_tokens": 0, "text_tokens": text},
             "output_tokens": 0, "total_tokens": text}
+
+
+def _safety_identifier(req: ImageRequest) -> dict:
+    """{"safety_identifier": ...} as OpenAI echoes it: the request's non-empty safety_identifier, else its non-empty
+    (deprecated) user; {} when neither."""
+    value = req.safety_identifier or req.user
+    return {"safety_identifier": value} if value else {}
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -554,9 +604,19 @@ def _validation_error(e: ValidationError) -> JSONResponse:
     return openai_error(f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value")
 
 
+class FormError(InputError):
+    """An edit's multipart body refused for one named field (`param`), with OpenAI's error `code`."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
 async def _edit_form(request: Request, body: bytes) -> tuple[dict, dict[str, bytes]]:
     """An edit's multipart body -> (its text fields, {"image": bytes, "mask": bytes}); InputError when it is not
-    multipart, has no image, more than one image, or a text field given twice."""
+    multipart or unreadable, FormError naming the field when it has no image, more than one image (OpenAI's
+    further reference images: SD3.5's img2img edits one), a `markup` file, another file, or a field given twice.
+    Bracketed fields, as the openai client sends a dict (`svg[model]`), nest: {"svg": {"model": ...}}."""
     from starlette.datastructures import UploadFile
     from starlette.requests import Request as StarletteRequest
 
@@ -566,25 +626,40 @@ async def _edit_form(request: Request, body: bytes) -> tuple[dict, dict[str, byt
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InputError("images/edits takes multipart/form-data (fields image, prompt, optional mask, ...)")
     try:
-        form = await StarletteRequest(request.scope, receive).form(max_files=4, max_fields=EDIT_FIELDS)
+        form = await StarletteRequest(request.scope, receive).form(max_files=EDIT_FILES, max_fields=EDIT_FIELDS)
     except Exception as e:  # noqa: BLE001  (starlette's MultiPartException / a malformed body)
         raise InputError(f"unreadable multipart body: {e}") from None
     fields: dict = {}
     files: dict[str, bytes] = {}
+    counts: dict[str, int] = {}
     for key, value in form.multi_items():
-        name = key.removesuffix("[]")  # gpt-image clients send image[]
+        name = key.removesuffix("[]")  # the openai client sends image=[...] as image[]
         if isinstance(value, UploadFile):
+            if name == "markup":
+                raise FormError("markup (GPT Image 2.5's drawn annotations) is not supported: give a mask, whose "
+                                "transparent pixels mark where to edit", "markup", "unsupported_value")
             if name not in ("image", "mask"):
-                raise InputError(f"unexpected file field {key!r} (image, mask)")
-            if name in files:
-                raise InputError(f"one {name} per request")
-            files[name] = await value.read()
-        elif name in fields:
-            raise InputError(f"field {key!r} given twice")
+                raise FormError(f"unexpected file field {key!r} (image, mask)", name)
+            counts[name] = counts.get(name, 0) + 1
+            if counts[name] == 1:
+                files[name] = await value.read()
         else:
-            fields[name] = value
+            path = [name.split("[", 1)[0], *(p.rstrip("]") for p in name.split("[")[1:])] if "[" in name else [name]
+            node = fields
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise FormError(f"field {path[0]!r} given twice", path[0])
+            if path[-1] in node:
+                raise FormError(f"field {key!r} given twice", path[0])
+            node[path[-1]] = value
+    if counts.get("mask", 0) > 1:
+        raise FormError("one mask per request", "mask")
+    if counts.get("image", 0) > 1:
+        raise FormError(f"{counts['image']} images were sent: SD3.5 edits one image (it has no use for OpenAI's "
+                        "further reference images); send one", "image", "unsupported_value")
     if "image" not in files:
-        raise InputError("multipart field 'image' (a file) is required")
+        raise FormError("multipart field 'image' (a file) is required", "image")
     return fields, files
 
 

@@ -230,6 +230,12 @@ async def _deny(scope: dict, send: Any, status: int, type_: str, reason: str,
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
         return
-    body = json.dumps({"error": {"type": type_, "message": reason, "details": details, "extra_info": {}},
-                       "node_errors": {}}).encode()
+    if scope.get("path", "").startswith("/v1/"):  # the OpenAI API's clients read OpenAI's error shape
+        message = f"{reason} ({details})" if details else reason
+        code = "invalid_api_key" if status == 401 else type_
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": code}}).encode()
+    else:
+        body = json.dumps({"error": {"type": type_, "message": reason, "details": details, "extra_info": {}},
+                           "node_errors": {}}).encode()
     await _respond(send, status, body, [(b"content-type", b"application/json"), *headers])
