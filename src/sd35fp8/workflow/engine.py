@@ -632,10 +632,8 @@ def save_image_path(prefix: str, output_dir: Path, width: int = 0, height: int =
         head = name[: plen + 1]
         if os.path.normcase(head[:-1]) != os.path.normcase(filename) or head[-1:] != "_":
             continue
-        try:
-            counter = max(counter, int(name[plen + 1:].split("_")[0]))
-        except ValueError:
-            counter = max(counter, 0)
+        digits = re.match(r"\d+", name[plen + 1:].split("_")[0])  # 00001 of name_00001_.png and name_00001.txt
+        counter = max(counter, int(digits.group()) if digits else 0)
     return Path(folder), filename, counter + 1, subfolder
 
 
@@ -647,8 +645,12 @@ def pixels_uint8(image: torch.Tensor) -> Any:
 
 
 def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any, extra_pnginfo: Any,
-                folder_type: str, compress_level: int) -> list[dict[str, str]]:
-    """SaveImage: `{prefix}_{counter:05}_.png` with tEXt `prompt` and each extra_pnginfo key as JSON."""
+                folder_type: str, compress_level: int, ext: str = ".png", sep: str = "_",
+                encode: Any = None) -> list[dict[str, str]]:
+    """SaveImage: `{prefix}_{counter:05}_.png` with tEXt `prompt` and each extra_pnginfo key as JSON.
+
+    SaveImageAdvanced names its files `{prefix}_{counter:05}{ext}` (sep "") and passes `encode(image, file,
+    texts)`, which writes one image [H, W, C] with the metadata texts (key -> JSON string) into the open file."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -659,22 +661,25 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
                           f"(check that it is a writable folder)") from e
     results = []
     for batch_number, image in enumerate(images):  # [H, W, C]
-        arr = pixels_uint8(image)
-        meta = PngInfo()
-        if prompt is not None:
-            meta.add_text("prompt", json.dumps(prompt))
-        for key, value in (extra_pnginfo or {}).items():
-            meta.add_text(key, json.dumps(value))
+        texts = {} if prompt is None else {"prompt": json.dumps(prompt)}
+        texts.update({key: json.dumps(value) for key, value in (extra_pnginfo or {}).items()})
         name = base.replace("%batch_num%", str(batch_number))
-        file = f"{name}_{counter:05}_.png"
+        file = f"{name}_{counter:05}{sep}{ext}"
         # written whole under a name of its own, then linked to the first free counter: never a partial image in
         # the folder, and never another writer's image replaced (two workers or replicas saving at once)
         tmp = folder / f".{name}_{uuid.uuid4().hex}.partial"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as f:
-                Image.fromarray(arr).save(f, format="PNG", pnginfo=meta, compress_level=compress_level)
-            counter, file = _claim_name(tmp, folder, name, counter)
+                if encode is not None:
+                    encode(image, f, texts)
+                else:
+                    meta = PngInfo()
+                    for key, text in texts.items():
+                        meta.add_text(key, text)
+                    Image.fromarray(pixels_uint8(image)).save(f, format="PNG", pnginfo=meta,
+                                                              compress_level=compress_level)
+            counter, file = _claim_name(tmp, folder, name, counter, ext, sep)
         except OSError as e:
             raise OutputError(f"cannot write {file} into the {folder_type} folder {folder}: {e.strerror or e} "
                               f"(free disk space or make the folder writable)") from e
@@ -685,7 +690,7 @@ def save_images(images: torch.Tensor, output_dir: Path, prefix: str, prompt: Any
     return results
 
 
-def _save_one(output_dir: Path, prefix: str, ext: str, what: str, write: Any) -> dict:
+def _save_one(output_dir: Path, prefix: str, ext: str, what: str, write: Any, sep: str = "_") -> dict:
     """One file `{prefix}_{counter:05}_{ext}` in the output folder: `write(tmp, base, counter)` writes it whole under a
     temporary name, then it takes the first free counter, as save_images names its images."""
     try:
@@ -695,7 +700,7 @@ def _save_one(output_dir: Path, prefix: str, ext: str, what: str, write: Any) ->
     tmp = folder / f".{base}_{uuid.uuid4().hex}.partial"
     try:
         write(tmp, base, counter)
-        counter, file = _claim_name(tmp, folder, base, counter, ext)
+        counter, file = _claim_name(tmp, folder, base, counter, ext, sep)
     except OSError as e:
         raise OutputError(f"cannot write {what} into the output folder {folder}: {e.strerror or e} (free disk "
                           "space or make the folder writable)") from e
@@ -728,11 +733,12 @@ def load_latent(path: Path) -> dict[str, torch.Tensor]:
     return {"samples": f.get("latent_tensor").float() * multiplier}
 
 
-def _claim_name(tmp: Path, folder: Path, name: str, counter: int, ext: str = ".png") -> tuple[int, str]:
-    """Give the finished file `tmp` the name {name}_{counter:05}_{ext}, counting up past names another writer took
-    meanwhile (os.link fails on an existing name); a filesystem without hard links gets os.replace."""
+def _claim_name(tmp: Path, folder: Path, name: str, counter: int, ext: str = ".png",
+                sep: str = "_") -> tuple[int, str]:
+    """Give the finished file `tmp` the name {name}_{counter:05}{sep}{ext}, counting up past names another writer
+    took meanwhile (os.link fails on an existing name); a filesystem without hard links gets os.replace."""
     while True:
-        file = f"{name}_{counter:05}_{ext}"
+        file = f"{name}_{counter:05}{sep}{ext}"
         try:
             os.link(tmp, folder / file)
             return counter, file

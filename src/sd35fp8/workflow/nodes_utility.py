@@ -402,7 +402,201 @@ class BatchImagesNode(Node):
         return (batch_images(given),)
 
 
+
+# --- SaveImageAdvanced -------------------------------------------------------------------------------------
+
+SAVE_FORMATS = ["png", "exr", "avif"]  # ComfyUI's DynamicCombo options, in its order
+# each format's sub-inputs (ComfyUI: format -> DynamicCombo.Option(name, [bit_depth, input_color_space, ...]))
+FORMAT_BIT_DEPTHS = {"png": ["8-bit", "16-bit"], "exr": ["32-bit float"],
+                     "avif": ["auto", "8-bit YUV420", "10-bit YUV420"]}
+FORMAT_COLOR_SPACES = {"png": ["sRGB"], "exr": ["sRGB", "HDR", "linear"], "avif": ["sRGB", "HDR", "HDR PQ"]}
+SUPPORTED_SAVE_FORMATS = ("png",)  # exr / avif: ComfyUI encodes them with PyAV (OpenEXR, SVT-AV1); not here
+
+
+def _union(per_format: dict[str, list[str]]) -> list[str]:
+    return list(dict.fromkeys(v for values in per_format.values() for v in values))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png16(image: torch.Tensor, f: Any, texts: dict[str, str]) -> None:
+    """One image [H, W, C] (C 1 / 3 / 4: gray / RGB / RGBA) as a 16-bit PNG (Pillow writes 16 bits only for
+    grayscale), values as ComfyUI's: (x * 65535).clamp(0, 65535) truncated; the texts as tEXt chunks."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    h, w, c = image.shape
+    arr = (image.float() * 65535.0).clamp(0, 65535).to(torch.int32).cpu().numpy().astype(">u2")
+    rows = arr.reshape(h, w * c).view(np.uint8)
+    raw = np.hstack([np.zeros((h, 1), np.uint8), rows]).tobytes()  # filter type 0 before each row
+    f.write(b"\x89PNG\r\n\x1a\n")
+    f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)))
+    for key, text in texts.items():
+        f.write(_png_chunk(b"tEXt", key.encode("latin-1", "replace")[:79] + b"\0" + text.encode("latin-1", "replace")))
+    f.write(_png_chunk(b"IDAT", zlib.compress(raw, 4)))
+    f.write(_png_chunk(b"IEND", b""))
+
+
+def encode_png8(image: torch.Tensor, f: Any, texts: dict[str, str]) -> None:
+    """One image [H, W, C] (C 1 / 3 / 4) as an 8-bit PNG, SaveImage's pixels and metadata."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    for key, text in texts.items():
+        meta.add_text(key, text)
+    arr = engine.pixels_uint8(image)
+    img = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr)
+    img.save(f, format="PNG", pnginfo=meta, compress_level=4)
+
+
+class SaveImageAdvanced(Node):
+    """ComfyUI's SaveImageAdvanced (comfy_extras/nodes_images.py, "Save Image (Advanced)"). Its `format` is a
+    DynamicCombo, flattened here as the frontend names it in the API prompt: "format" (png / exr / avif) and its
+    option's sub-inputs "format.bit_depth", "format.input_color_space" (declared as the union of every option's
+    values; the node checks the pair). Files `{prefix}_{counter:05}.{format}`, named and placed as SaveImage's
+    (engine.save_images: output-folder rules, counters, metadata tEXt prompt / workflow). The images pass through."""
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    CATEGORY = "image"
+    DISPLAY_NAME = "Save Image (Advanced)"
+    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    PYTHON_MODULE = "comfy_extras.nodes_images"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to save."}),
+                "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": (
+                    "The prefix for the file to save. May include formatting tokens such as %date:yyyy-MM-dd% "
+                    "or %Empty Latent Image.width%.")}),
+                "format": (list(SAVE_FORMATS), {"default": "png",
+                                                "tooltip": "The file format in which to save the image."}),
+            },
+            "optional": {
+                "format.bit_depth": (_union(FORMAT_BIT_DEPTHS), {"default": "8-bit", "advanced": True}),
+                "format.input_color_space": (_union(FORMAT_COLOR_SPACES), {"default": "sRGB", "advanced": True}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    def save_images(self, images, filename_prefix="ComfyUI", format="png", prompt=None, extra_pnginfo=None,
+                    **sub):
+        fmt = format
+        bit_depth = sub.get("format.bit_depth")
+        color_space = sub.get("format.input_color_space")
+        if fmt not in SAVE_FORMATS:
+            raise InputError(f"SaveImageAdvanced: format {fmt!r} is not one of {SAVE_FORMATS}")
+        bit_depth = FORMAT_BIT_DEPTHS[fmt][0] if bit_depth is None else bit_depth
+        color_space = "sRGB" if color_space is None else color_space
+        if bit_depth not in FORMAT_BIT_DEPTHS[fmt]:
+            raise InputError(f"SaveImageAdvanced: bit_depth {bit_depth!r} is not one of {fmt}'s "
+                             f"{FORMAT_BIT_DEPTHS[fmt]}")
+        if color_space not in FORMAT_COLOR_SPACES[fmt]:
+            raise InputError(f"SaveImageAdvanced: input_color_space {color_space!r} is not one of {fmt}'s "
+                             f"{FORMAT_COLOR_SPACES[fmt]}")
+        if fmt not in SUPPORTED_SAVE_FORMATS:
+            raise InputError(f"SaveImageAdvanced: format {fmt!r} is not supported here (ComfyUI encodes it with "
+                             f"PyAV); use 'png' (8-bit or 16-bit)")
+        if not isinstance(filename_prefix, str):
+            raise InputError(f"SaveImageAdvanced: filename_prefix must be a string, got {type(filename_prefix).__name__}")
+        if isinstance(images, torch.Tensor) and images.ndim == 3:
+            images = images.unsqueeze(-1)  # ComfyUI: a channel-less [H, W] image is grayscale
+        check_image("SaveImageAdvanced", "images", images)
+        if images.shape[0] == 0:
+            raise InputError("SaveImageAdvanced: images is an empty batch")
+        if images.shape[-1] not in (1, 3, 4):
+            raise InputError(f"SaveImageAdvanced: no {fmt}/{bit_depth} encoder for {images.shape[-1]}-channel "
+                             "images: supported channel counts are 1 (grayscale), 3 (RGB) and 4 (RGBA).")
+        encode = encode_png16 if bit_depth == "16-bit" else encode_png8
+        saved = engine.save_images(images, self.ctx.folders.output_dir, filename_prefix, prompt, extra_pnginfo,
+                                   folder_type="output", compress_level=4, ext=f".{fmt}", sep="",
+                                   encode=encode)
+        return {"ui": {"images": saved}, "result": (images,)}
+
+
+# --- SaveText ----------------------------------------------------------------------------------------------
+
+SAVE_TEXT_FORMATS = ["txt", "md", "json"]
+MAX_SAVE_TEXT_BYTES = 16 * 1024 * 1024  # what one SaveText writes at most (UTF-8); ComfyUI has no bound
+
+
+def _pretty_json(data: Any) -> str:
+    """json.dumps(data, indent=2, ensure_ascii=False), stopped once past MAX_SAVE_TEXT_BYTES characters: indenting
+    deep nesting multiplies the size (a big array 1000 levels down: every element after 2000 spaces)."""
+    import json
+
+    out, size = [], 0
+    for chunk in json.JSONEncoder(indent=2, ensure_ascii=False).iterencode(data):
+        size += len(chunk)
+        if size > MAX_SAVE_TEXT_BYTES:
+            raise InputError(f"SaveText: the pretty-printed JSON is over {MAX_SAVE_TEXT_BYTES} characters; at most "
+                             f"{MAX_SAVE_TEXT_BYTES} bytes are written")
+        out.append(chunk)
+    return "".join(out)
+
+
+class SaveText(Node):
+    """ComfyUI's SaveText (comfy_extras/nodes_text.py, SaveTextNode): the text into
+    `{prefix}_{counter:05}.{format}` in the output folder (json: pretty-printed when it parses, else as is),
+    named and placed as SaveImage's files (the prefix's subfolders inside the output folder, never outside);
+    at most MAX_SAVE_TEXT_BYTES. ui: the text and the file; the text passes through."""
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("text",)
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+    CATEGORY = "text"
+    DISPLAY_NAME = "Save Text"
+    DESCRIPTION = "Save text content to a file in the output directory."
+    PYTHON_MODULE = "comfy_extras.nodes_text"
+
+    @classmethod
+    def INPUT_TYPES(cls, folders):
+        return {"required": {
+            "text": ("STRING", {"forceInput": True}),
+            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+            "format": (list(SAVE_TEXT_FORMATS), {"default": "txt"}),
+        }}
+
+    def execute(self, text, filename_prefix="ComfyUI", format="txt"):
+        import json
+
+        if not isinstance(text, str):
+            raise InputError(f"SaveText: text must be a string, got {type(text).__name__}")
+        if not isinstance(filename_prefix, str):
+            raise InputError(f"SaveText: filename_prefix must be a string, got {type(filename_prefix).__name__}")
+        if format not in SAVE_TEXT_FORMATS:
+            raise InputError(f"SaveText: format {format!r} is not one of {SAVE_TEXT_FORMATS}")
+        if len(text) > MAX_SAVE_TEXT_BYTES:
+            raise InputError(f"SaveText: the text has {len(text)} characters; at most {MAX_SAVE_TEXT_BYTES} bytes "
+                             "are written")
+        content = text
+        if format == "json":  # ComfyUI: pretty-printed if it parses, otherwise written as is
+            try:
+                content = _pretty_json(json.loads(text))
+            except (ValueError, RecursionError):
+                content = text
+        data = content.encode("utf-8", "replace")  # a lone surrogate (JSON "\\ud800") as "?"
+        if len(data) > MAX_SAVE_TEXT_BYTES:
+            raise InputError(f"SaveText: the text is {len(data)} bytes (UTF-8); at most {MAX_SAVE_TEXT_BYTES}")
+        saved = engine._save_one(self.ctx.folders.output_dir, filename_prefix, f".{format}", "a text file",
+                                 lambda tmp, base, counter: tmp.write_bytes(data), sep="")
+        return {"ui": {"text": (text,), "files": [saved]}, "result": (text,)}
+
+
 UTILITY_NODES: dict[str, type[Node]] = {
     cls.__name__: cls for cls in (ResolutionSelector, ComfySwitchNode, ComfyMathExpression, ImageCompare,
-                                  BatchImagesNode)
+                                  BatchImagesNode, SaveImageAdvanced, SaveText)
 }
