@@ -585,9 +585,11 @@ class SaveText(Node):
         content = text
         if format == "json":  # ComfyUI: pretty-printed if it parses, otherwise written as is
             try:
-                content = _pretty_json(json.loads(text))
+                parsed = json.loads(text)
             except (ValueError, RecursionError):
-                content = text
+                pass
+            else:
+                content = _pretty_json(parsed)
         data = content.encode("utf-8", "replace")  # a lone surrogate (JSON "\\ud800") as "?"
         if len(data) > MAX_SAVE_TEXT_BYTES:
             raise InputError(f"SaveText: the text is {len(data)} bytes (UTF-8); at most {MAX_SAVE_TEXT_BYTES}")
