@@ -1,5 +1,6 @@
 """ComfyUI's generic utility nodes (workflow/nodes_utility.py): ResolutionSelector, ComfySwitchNode,
-ComfyMathExpression, ImageCompare, BatchImagesNode. Expectations worked out from ComfyUI's code
+ComfyMathExpression, ImageCompare, BatchImagesNode, SaveImageAdvanced, SaveText (their behaviour: test_save_nodes.py).
+Expectations worked out from ComfyUI's code
 (comfy_extras/nodes_resolution.py, nodes_logic.py, nodes_math.py, nodes_image_compare.py,
 nodes_post_processing.py), the math evaluator's bounds, object_info, and every official template that uses
 them converted (UI -> API) and validated at the level of these nodes."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 
 import pytest
@@ -250,8 +252,16 @@ def test_templates_use_them():
     assert len(USERS) >= 150
 
 
+def test_templates_use_the_save_nodes():
+    def count(t):
+        return sum(1 for tid in USERS for n in _template_nodes(json.loads(open(
+            templates.get_asset_path(tid, f"{tid}.json"), encoding="utf-8").read())) if n.get("type") == t)
+
+    assert count("SaveImageAdvanced") >= 60 and count("SaveText") >= 25
+
+
 @pytest.mark.parametrize("tid", USERS)
-def test_template_converts_and_validates(tid, monkeypatch):
+def test_template_converts_and_validates(tid, monkeypatch, tmp_path):
     wf = json.loads(open(templates.get_asset_path(tid, f"{tid}.json"), encoding="utf-8").read())
     monkeypatch.setattr(nodes_control, "UNAVAILABLE_NODES", {})
     monkeypatch.setattr("sd35fp8.workflow.validate.UNAVAILABLE_NODES", {})
@@ -281,3 +291,18 @@ def test_template_converts_and_validates(tid, monkeypatch):
                 assert "division" in str(e) or "domain" in str(e) or "is not defined" in str(e), e
         elif node["class_type"] == "ComfySwitchNode":
             assert "switch" in inputs
+        elif node["class_type"] in ("SaveImageAdvanced", "SaveText"):  # the template's widgets, run here
+            ctx = NodeContext(folders=ModelFolders(tmp_path / "models", output_dir=tmp_path / "out"))
+            widgets = {k: v for k, v in inputs.items() if not isinstance(v, list)}  # links: a sample value
+            if node["class_type"] == "SaveText":
+                assert set(inputs) == {"text", "filename_prefix", "format"}, inputs
+                out = run("SaveText", ctx, **{**widgets, "text": '{"a": 1}'})
+                ext = inputs["format"]
+            else:
+                assert set(inputs) == {"images", "filename_prefix", "format", "format.bit_depth",
+                                       "format.input_color_space"}, inputs
+                out = run("SaveImageAdvanced", ctx, **{**widgets, "images": torch.rand(1, 8, 8, 3)})
+                ext = inputs["format"]
+            saved = (out["ui"].get("files") or out["ui"].get("images"))[0]
+            assert re.fullmatch(rf".+_\d{{5}}\.{ext}", saved["filename"]), saved  # two share a prefix: 00002
+            assert (tmp_path / "out" / saved["subfolder"] / saved["filename"]).is_file()
