@@ -10,10 +10,19 @@
   frontend's compare slider (ui "a_images" / "b_images", temp files like PreviewImage).
 - BatchImagesNode (comfy_extras/nodes_post_processing.py, "Batch Images"): its images.image0 .. image49 into one
   batch, as ComfyUI's batch_images.
+- SaveImageAdvanced (comfy_extras/nodes_images.py, "Save Image (Advanced)"): png at 8 or 16 bits (Pillow / our
+  16-bit PNG writer), through SaveImage's engine.save_images (output-folder rules, counters, tEXt prompt /
+  workflow), files `{prefix}_{counter:05}.png`, the images passed on. ComfyUI's exr and avif (PyAV encoders)
+  are refused with an InputError naming the format.
+- SaveText (comfy_extras/nodes_text.py, "Save Text"): the text as `{prefix}_{counter:05}.txt|md|json` (json
+  pretty-printed when it parses), placed as SaveImage's files; at most MAX_SAVE_TEXT_BYTES written.
 
 V3 input kinds, as we declare them (our INPUT_TYPES has no v3 schema):
 - io.MatchType (Switch's on_false / on_true / output) is the any-type "*": a link of any type is taken, and
   the output links to any input. ComfyUI checks that both sides share one type; we do not.
+- io.DynamicCombo (SaveImageAdvanced's format) is its flattened inputs, as the frontend names them in the API
+  prompt: "format" and its option's "format.bit_depth", "format.input_color_space", declared optional with the
+  union of every option's values; the node checks that they belong to the chosen format.
 - io.Autogrow (Math's values, Batch's images) is its flattened inputs, as the frontend names them in the API
   prompt ("values.a" .. "values.z", "images.image0" .. "images.image49"), all optional; the node checks
   ComfyUI's minimum itself.
@@ -510,7 +519,8 @@ class SaveImageAdvanced(Node):
             raise InputError(f"SaveImageAdvanced: format {fmt!r} is not supported here (ComfyUI encodes it with "
                              f"PyAV); use 'png' (8-bit or 16-bit)")
         if not isinstance(filename_prefix, str):
-            raise InputError(f"SaveImageAdvanced: filename_prefix must be a string, got {type(filename_prefix).__name__}")
+            raise InputError("SaveImageAdvanced: filename_prefix must be a string, got "
+                             f"{type(filename_prefix).__name__}")
         if isinstance(images, torch.Tensor) and images.ndim == 3:
             images = images.unsqueeze(-1)  # ComfyUI: a channel-less [H, W] image is grayscale
         check_image("SaveImageAdvanced", "images", images)
