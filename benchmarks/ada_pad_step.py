@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 import torch
-from faster import RESULTS, _median_ms, adaln_gemv_bench, random_large_mmdit  # benchmarks/ is this script's folder
+from faster import RESULTS, _median_ms, adaln_gemv_bench, large_step_inputs, random_large_mmdit  # benchmarks/ is this script's folder
 from results_io import device_slug, versions
 
 
@@ -30,15 +30,9 @@ def main() -> None:
     from sd35fp8.fast import ada_memo, build_engine
     from sd35fp8.fast import weights as fast_weights
     from sd35fp8.fp8.scaling import sqnr
-    from sd35fp8.models.mmdit import MMDiTConfig
 
     dev = torch.device("cuda")
-    cfg = MMDiTConfig.large()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, 128, 128, generator=g).to(dev, torch.bfloat16)
-    sigma = torch.full((2,), 0.5, device=dev)
-    ctx = torch.randn(2, 154, cfg.context_dim, generator=g).to(dev, torch.bfloat16)
-    pooled = torch.randn(2, cfg.pooled_dim, generator=g).to(dev, torch.bfloat16)
+    x, sigma, ctx, pooled = large_step_inputs(dev)
     mmdit, ref32 = random_large_mmdit(dev, (x, sigma, ctx, pooled))
     torch.cuda.empty_cache()
     eng = build_engine(mmdit, dev)

@@ -288,6 +288,20 @@ def adaln_gemv_bench(eng, reps: int) -> dict:
     return out
 
 
+def large_step_inputs(device: torch.device):
+    """The Large step's inputs the benchmarks time: x [2, 16, 128, 128], sigma [2], context [2, 154, C], pooled
+    [2, P], bf16 on `device`, seed 0 (1024², CFG batch 2, 154 context tokens)."""
+    from sd35fp8.models.mmdit import MMDiTConfig
+
+    cfg = MMDiTConfig.large()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 128, 128, generator=g).to(device, torch.bfloat16)
+    sigma = torch.full((2,), 0.5, device=device)
+    ctx = torch.randn(2, 154, cfg.context_dim, generator=g).to(device, torch.bfloat16)
+    pooled = torch.randn(2, cfg.pooled_dim, generator=g).to(device, torch.bfloat16)
+    return x, sigma, ctx, pooled
+
+
 def random_large_mmdit(device: torch.device, reference_inputs: tuple | None = None):
     """Random SD3.5 Large MMDiT, quantised fp8 dynamic with the default policy (benchmarks/paths.py's
     build_file, without writing the file) -> (model, float32 forward of the unquantised weights on
@@ -322,14 +336,7 @@ def large(args) -> dict:
     from sd35fp8.step_cache import DEFAULT_CACHE_THRESHOLD
 
     dev = torch.device("cuda")
-    from sd35fp8.models.mmdit import MMDiTConfig
-
-    cfg = MMDiTConfig.large()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, 128, 128, generator=g).to(dev, torch.bfloat16)
-    sigma = torch.full((2,), 0.5, device=dev)
-    ctx = torch.randn(2, 154, cfg.context_dim, generator=g).to(dev, torch.bfloat16)
-    pooled = torch.randn(2, cfg.pooled_dim, generator=g).to(dev, torch.bfloat16)
+    x, sigma, ctx, pooled = large_step_inputs(dev)
     mmdit, ref32 = random_large_mmdit(dev, (x, sigma, ctx, pooled))
     torch.cuda.empty_cache()
     res: dict = {"device": device_slug(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
